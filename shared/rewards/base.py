@@ -1,0 +1,228 @@
+"""Reward model contract, registry and dispatcher.
+
+Conventions:
+    * Images are float tensors ``[B, 3, H, W]`` with values in ``[0, 1]`` (decoded VAE output).
+    * ``prompts`` is a list of ``B`` strings aligned with the images.
+    * Rewards are 1-D float tensors aligned with the inputs. A NaN means "abstain": the
+      reward does not apply to that sample (the advantage code leaves it out).
+    * Groups are identified by integer ``group_ids`` (one per sample), never by prompt text.
+
+Three kinds of reward model (class attribute ``kind``):
+    * ``pointwise``: ``score(images [B,3,H,W], prompts) -> [B]``, one sample at a time in
+      any batch.
+    * ``groupwise``: ``score_group(images [K,3,H,W], prompts) -> [K]``, called with exactly one
+      prompt group (e.g. rank-within-group rewards).
+    * ``pairwise``: ``compare(images_a [P,3,H,W], images_b [P,3,H,W], prompts) -> [P]``, the
+      probability in ``[0, 1]`` that ``a`` is better than ``b``. :func:`score_all` turns it into
+      a groupwise score: every sample's mean win probability against the rest of its group.
+
+Options: a subclass declares the options it accepts as keyword-only arguments of its own
+``__init__`` and forwards the rest to ``super().__init__(**options)``; the base class rejects
+whatever is left with a ``TypeError`` that names the bad option and lists the accepted ones::
+
+    class MyReward(RewardModel):
+        kind = "pointwise"
+        def __init__(self, *, scale: float = 1.0, **options):
+            super().__init__(**options)
+            self.scale = scale
+
+Register with ``@REWARDS.register("my_reward")`` (or ``REWARDS.register("my_reward",
+"pkg.module.MyReward")`` to import lazily); build with :func:`build_reward`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import ClassVar
+
+import torch
+
+from shared.registry import Registry, nearest
+
+KINDS = ("pointwise", "pairwise", "groupwise")
+
+REWARDS: Registry = Registry("reward")
+
+
+class RewardOutputError(ValueError):
+    """A reward model returned something of the wrong shape or with invalid values."""
+
+
+class RewardModel:
+    """Base class of every reward model (see the module docstring for the contract).
+
+    Args:
+        device: where the model runs; :func:`score_all` moves inputs there.
+        dtype: the model's compute dtype name (``"float32"``, ``"bfloat16"``, ...).
+        **options: must be empty here: options a subclass does not accept end up in this
+            catch-all and raise ``TypeError``.
+    """
+
+    kind: ClassVar[str] = "pointwise"
+    required_fields: ClassVar[tuple[str, ...]] = ("image", "prompt")
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.kind not in KINDS:
+            raise TypeError(f"{cls.__name__}.kind must be one of {', '.join(KINDS)}, got '{cls.kind}'")
+
+    def __init__(self, *, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32", **options) -> None:
+        if options:
+            accepted = self.accepted_options()
+            described = []
+            for bad in sorted(options):
+                hint = nearest(bad, accepted)
+                described.append(f"'{bad}'" + (f" (did you mean '{hint}'?)" if hint else ""))
+            raise TypeError(
+                f"{type(self).__name__} got unknown option(s) {', '.join(described)}. "
+                f"Accepted options: {', '.join(accepted)}."
+            )
+        self.device = torch.device(device)
+        if isinstance(dtype, str):
+            resolved = getattr(torch, dtype, None)
+            if not isinstance(resolved, torch.dtype):
+                raise TypeError(f"{type(self).__name__}: dtype '{dtype}' is not a torch dtype name (e.g. 'float32')")
+            dtype = resolved
+        self.dtype = dtype
+
+    @classmethod
+    def accepted_options(cls) -> list[str]:
+        """Names of the keyword-only ``__init__`` arguments along the class hierarchy."""
+        names: list[str] = []
+        for klass in cls.__mro__:
+            init = klass.__dict__.get("__init__")
+            if init is None or klass is object:
+                continue
+            for p in inspect.signature(init).parameters.values():
+                if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in names:
+                    names.append(p.name)
+        return sorted(names)
+
+    @property
+    def name(self) -> str:
+        """Used in error messages; defaults to the class name."""
+        return type(self).__name__
+
+    # --- the three interfaces; a subclass implements the one matching its kind ---
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """Pointwise: ``images [B,3,H,W]`` in [0,1], ``prompts`` (B) -> ``[B]`` rewards."""
+        raise NotImplementedError(f"{self.name} (kind '{self.kind}') does not implement score()")
+
+    def score_group(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """Groupwise: one prompt group, ``images [K,3,H,W]`` -> ``[K]`` rewards."""
+        raise NotImplementedError(f"{self.name} (kind '{self.kind}') does not implement score_group()")
+
+    def compare(self, images_a: torch.Tensor, images_b: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """Pairwise: ``images_a, images_b [P,3,H,W]`` -> ``[P]`` probability that ``a`` is better."""
+        raise NotImplementedError(f"{self.name} (kind '{self.kind}') does not implement compare()")
+
+
+def build_reward(name: str, **options) -> RewardModel:
+    """Look ``name`` up in :data:`REWARDS` (or import a dotted path) and construct it with ``options``."""
+    return REWARDS.get(name)(**options)
+
+
+def _checked(out: object, n: int, model: RewardModel, call: str, *, probability: bool = False) -> torch.Tensor:
+    """``out`` as a CPU float32 ``[n]`` tensor, or a :class:`RewardOutputError` naming the reward."""
+    if not isinstance(out, torch.Tensor):
+        raise RewardOutputError(f"reward '{model.name}': {call} returned {type(out).__name__}, expected a tensor of shape ({n},)")
+    if tuple(out.shape) != (n,):
+        raise RewardOutputError(
+            f"reward '{model.name}': {call} returned shape {tuple(out.shape)} for {n} inputs; expected ({n},)"
+        )
+    out = out.detach().to(device="cpu", dtype=torch.float32)
+    if bool(torch.isinf(out).any()):
+        raise RewardOutputError(f"reward '{model.name}': {call} returned inf; rewards must be finite or NaN (abstain)")
+    if probability and bool(((out < 0) | (out > 1)).any()):
+        raise RewardOutputError(f"reward '{model.name}': {call} must return probabilities in [0, 1]")
+    return out
+
+
+def _group_members(group_ids: torch.Tensor) -> list[torch.Tensor]:
+    """Index tensors of the members of each group, groups in ascending id order."""
+    _, inverse = torch.unique(group_ids, return_inverse=True)
+    return [torch.nonzero(inverse == g).flatten() for g in range(int(inverse.max()) + 1)] if inverse.numel() else []
+
+
+def _pairwise_group_scores(
+    model: RewardModel, images: torch.Tensor, prompts: list[str], batch_size: int
+) -> torch.Tensor:
+    """Mean win probability of each of the ``K`` members against the others (``[K]``).
+
+    All unordered pairs ``i < j`` are compared once, in chunks of ``batch_size`` pairs:
+    ``p = compare(i, j)`` counts ``p`` for ``i`` and ``1 - p`` for ``j``. NaN comparisons abstain;
+    a member with no valid comparison (e.g. a group of one) gets NaN.
+    """
+    k = images.shape[0]
+    wins = torch.zeros(k, dtype=torch.float64)
+    counts = torch.zeros(k, dtype=torch.float64)
+    pairs = torch.combinations(torch.arange(k), r=2)  # [P, 2], i < j
+    for start in range(0, pairs.shape[0], batch_size):
+        a, b = pairs[start : start + batch_size].unbind(1)
+        p = model.compare(
+            images[a].to(model.device), images[b].to(model.device), [prompts[int(i)] for i in a]
+        )
+        p = _checked(p, a.numel(), model, "compare()", probability=True).double()
+        ok = ~torch.isnan(p)
+        a, b, p = a[ok], b[ok], p[ok]
+        wins.index_add_(0, a, p).index_add_(0, b, 1.0 - p)
+        counts.index_add_(0, a, torch.ones_like(p)).index_add_(0, b, torch.ones_like(p))
+    return (wins / counts).float()  # 0/0 -> NaN for members never compared
+
+
+def score_all(
+    model: RewardModel,
+    images: torch.Tensor,
+    prompts: list[str],
+    group_ids: torch.Tensor,
+    batch_size: int,
+) -> torch.Tensor:
+    """Score ``N`` samples with any kind of reward model.
+
+    Args:
+        model: a :class:`RewardModel`.
+        images: ``[N, 3, H, W]`` float in ``[0, 1]``.
+        prompts: ``N`` prompts, aligned with ``images``.
+        group_ids: ``[N]`` int64 group ids (only groupwise/pairwise models use them; group
+            members need not be contiguous).
+        batch_size: images per ``score`` call (pointwise) or pairs per ``compare`` call
+            (pairwise). Groupwise models get one whole group per call.
+
+    Returns:
+        ``[N]`` float32 rewards on the CPU, aligned with ``images``; NaN where the model
+        abstained. Pairwise models yield each sample's mean win probability in its group.
+
+    Raises:
+        ValueError: inconsistent inputs. RewardOutputError: the model returned the wrong shape,
+        inf, or (pairwise) a value outside ``[0, 1]``; the message names the reward.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"images must be [N, 3, H, W], got shape {tuple(images.shape)}")
+    n = images.shape[0]
+    if len(prompts) != n:
+        raise ValueError(f"got {len(prompts)} prompts for {n} images")
+    if group_ids.ndim != 1 or group_ids.numel() != n:
+        raise ValueError(f"group_ids must have shape [{n}], got {tuple(group_ids.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    group_ids = group_ids.cpu()
+
+    if model.kind == "pointwise":
+        chunks = []
+        for s in range(0, n, batch_size):
+            e = min(s + batch_size, n)
+            out = model.score(images[s:e].to(model.device), list(prompts[s:e]))
+            chunks.append(_checked(out, e - s, model, "score()"))
+        return torch.cat(chunks) if chunks else torch.zeros(0)
+
+    result = torch.full((n,), float("nan"), dtype=torch.float32)
+    for idx in _group_members(group_ids):
+        group_images = images[idx.to(images.device)]
+        group_prompts = [prompts[int(i)] for i in idx]
+        if model.kind == "groupwise":
+            out = model.score_group(group_images.to(model.device), group_prompts)
+            result[idx] = _checked(out, idx.numel(), model, "score_group()")
+        else:  # pairwise
+            result[idx] = _pairwise_group_scores(model, group_images, group_prompts, batch_size)
+    return result

@@ -1,0 +1,110 @@
+"""Weight-free built-in rewards (no downloads; useful for toy runs and tests).
+
+All take images ``[B, 3, H, W]`` float in ``[0, 1]``.
+
+* ``jpeg_incompressibility`` (DDPO, ``algorithms.md`` §8): image -> uint8 -> PIL JPEG with
+  ``quality=95`` into memory; reward = file size in kB (``bytes / 1000``). Detail and noise
+  score high.
+* ``jpeg_compressibility``: minus that (flat, blurry images score high).
+* ``brightness``: mean luma ``0.299 R + 0.587 G + 0.114 B`` in ``[0, 1]``; with ``target``,
+  ``-|luma - target|``.
+* ``pairwise_brightness`` (pairwise example): ``P(a brighter) = sigmoid((luma_a - luma_b) / temperature)``.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+
+from shared.rewards.base import REWARDS, RewardModel
+
+
+def _check_rgb(images: torch.Tensor, who: str) -> None:
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"{who} expects RGB images [B, 3, H, W], got shape {tuple(images.shape)}")
+
+
+def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
+    """``[B, 3, H, W]`` float in [0, 1] -> ``[B, H, W, 3]`` uint8 (rounded, clamped), on the CPU."""
+    u8 = (images.detach().float() * 255).round().clamp(0, 255).to(torch.uint8)
+    return u8.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def luma(images: torch.Tensor) -> torch.Tensor:
+    """Mean Rec. 601 luma per image: ``[B, 3, H, W]`` -> ``[B]`` float32 in [0, 1]."""
+    weights = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float32, device=images.device)
+    return torch.einsum("bchw,c->b", images.float(), weights) / (images.shape[2] * images.shape[3])
+
+
+@REWARDS.register("jpeg_incompressibility")
+class JpegIncompressibility(RewardModel):
+    """JPEG file size in kB at ``quality`` (DDPO uses 95). Pointwise."""
+
+    kind = "pointwise"
+    required_fields = ("image",)
+    sign = 1.0
+
+    def __init__(self, *, quality: int = 95, **options) -> None:
+        super().__init__(**options)
+        if not 1 <= quality <= 100:
+            raise ValueError(f"{type(self).__name__}: quality must be in [1, 100], got {quality}")
+        self.quality = quality
+
+    def jpeg_kb(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B]`` float32 JPEG sizes in kB."""
+        _check_rgb(images, self.name)
+        sizes = []
+        for array in to_uint8_hwc(images):
+            buffer = io.BytesIO()
+            Image.fromarray(array).save(buffer, format="JPEG", quality=self.quality)
+            sizes.append(buffer.tell() / 1000.0)
+        return torch.tensor(sizes, dtype=torch.float32)
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return self.sign * self.jpeg_kb(images)
+
+
+@REWARDS.register("jpeg_compressibility")
+class JpegCompressibility(JpegIncompressibility):
+    """Minus the JPEG size in kB (flow_grpo additionally divides by 500; we do not). Pointwise."""
+
+    sign = -1.0
+
+
+@REWARDS.register("brightness")
+class Brightness(RewardModel):
+    """Mean luma in [0, 1], or ``-|luma - target|`` when ``target`` is set. Pointwise."""
+
+    kind = "pointwise"
+    required_fields = ("image",)
+
+    def __init__(self, *, target: float | None = None, **options) -> None:
+        super().__init__(**options)
+        self.target = None if target is None else float(target)
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        _check_rgb(images, self.name)
+        y = luma(images)
+        return y if self.target is None else -(y - self.target).abs()
+
+
+@REWARDS.register("pairwise_brightness")
+class PairwiseBrightness(RewardModel):
+    """``P(a brighter than b) = sigmoid((luma_a - luma_b) / temperature)``. Pairwise."""
+
+    kind = "pairwise"
+    required_fields = ("image",)
+
+    def __init__(self, *, temperature: float = 0.05, **options) -> None:
+        super().__init__(**options)
+        if temperature <= 0:
+            raise ValueError(f"{type(self).__name__}: temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+
+    def compare(self, images_a: torch.Tensor, images_b: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        _check_rgb(images_a, self.name)
+        _check_rgb(images_b, self.name)
+        return torch.sigmoid((luma(images_a) - luma(images_b)) / self.temperature)
