@@ -1,0 +1,468 @@
+"""Experiment config: YAML -> strict pydantic models, with errors that teach.
+
+Keys follow Flow-Factory / flow_grpo names (design.md §3) so users can bring their YAML.
+Everything is validated at start: unknown keys (with the nearest valid key), wrong types,
+and incompatible combinations (``ODE`` with ``grpo``, ``grpo-guard`` without Flow-SDE,
+batch sizes that do not tile into whole groups) raise :class:`ConfigError` with one
+paragraph naming the key, the value and the fix.
+
+Algorithm-dependent defaults (clip range, KL weight, rollout dynamics, timestep sampling,
+EMA schedule...) are ``None`` in the schema and filled from :data:`ALGORITHM_DEFAULTS`
+for the chosen ``train.trainer_type``; an explicit value always wins.
+
+Derived batch geometry is computed in exactly one place, :meth:`Config.geometry`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DYNAMICS = ("Flow-SDE", "Dance-SDE", "CPS", "ODE")
+TRAINER_TYPES = ("grpo", "grpo-guard", "nft", "awm")
+
+# Defaults per algorithm, from ../shared/reference/algorithms.md (official code values).
+ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
+    "grpo": dict(  # Flow-GRPO (flow_grpo config/grpo.py)
+        dynamics_type="Flow-SDE", clip_range=1e-4, adv_clip_range=5.0, kl_beta=0.0,
+        global_std=True, off_policy=False, ema_decay=0.9, ema_decay_schedule="power",
+        ema_update_interval=8,
+    ),
+    "grpo-guard": dict(  # GRPO-Guard (flow_grpo config/grpo_guard.py)
+        dynamics_type="Flow-SDE", clip_range=2e-6, adv_clip_range=5.0, kl_beta=0.0,
+        global_std=False, off_policy=False, ema_decay=0.9, ema_decay_schedule="power",
+        ema_update_interval=8,
+    ),
+    "nft": dict(  # DiffusionNFT (config/nft.py): ODE rollouts, off-policy EMA "old" model
+        dynamics_type="ODE", adv_clip_range=5.0, kl_beta=1e-4, global_std=True,
+        off_policy=True, ema_decay=0.5, ema_decay_schedule="piecewise_linear",
+        ema_update_interval=1, ramp_rate=0.001, flat_steps=0,
+        time_sampling_strategy="discrete", timestep_fraction=0.99,
+    ),
+    "awm": dict(  # Advantage Weighted Matching (config/dgx_awm.py)
+        dynamics_type="ODE", clip_range=1.0, adv_clip_range=5.0, kl_beta=1e-3,
+        ema_kl_beta=1.0, global_std=True, off_policy=False, ema_decay=0.3,
+        ema_decay_schedule="linear", ema_warmup_steps=300, ema_update_interval=1,
+        time_sampling_strategy="discrete_wo_init", timestep_fraction=0.9,
+        num_train_timesteps=6,
+    ),
+}
+NOISE_LEVEL_DEFAULTS = {"Flow-SDE": 0.7, "Dance-SDE": 0.3, "CPS": 0.8, "ODE": 0.0}
+SDE_TRAINERS = ("grpo", "grpo-guard")  # need per-step log-probs from a stochastic rollout
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased as: which key, what value, how to fix it."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+Resolution = int | tuple[int, int]
+
+
+class ModelConfig(_Strict):
+    """``model:`` — which generator, how it is fine-tuned."""
+
+    model_type: str = "tiny"  # registry key in shared.models (or a dotted plugin path)
+    model_name_or_path: str | None = None  # hub id or local dir; None builds the tiny model
+    finetune_type: Literal["lora", "full"] = "lora"
+    lora_rank: int = Field(8, gt=0)
+    lora_alpha: float | None = None  # None -> 2 * lora_rank
+    target_modules: str | list[str] = "default"  # "default" = the adapter's attention projections
+    attn_backend: str | None = None  # diffusers set_attention_backend name (e.g. "flash")
+    master_weight_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    scheduler_shift: float | None = Field(None, gt=0)  # None = the model's own shift
+    options: dict[str, Any] = Field(default_factory=dict)  # adapter-specific settings
+
+
+class DataConfig(_Strict):
+    """``data:`` — a folder with train.txt|train.jsonl and optional test.txt|test.jsonl."""
+
+    dataset_dir: str = "examples/data/tiny"
+    image_dir: str | None = None  # default {dataset_dir}/images
+    video_dir: str | None = None  # default {dataset_dir}/videos
+    max_dataset_size: int | None = Field(None, gt=0)
+
+
+class TrainConfig(_Strict):
+    """``train:`` — rollout, algorithm and optimizer settings. ``None`` = algorithm default."""
+
+    trainer_type: str = "grpo"
+    seed: int = 42
+    max_epochs: int = Field(100, gt=0)  # one epoch = one rollout + update round
+    resolution: Resolution = 512
+    num_inference_steps: int = Field(10, ge=1)
+    guidance_scale: float = Field(1.0, ge=0)  # > 1 enables CFG (the policy is the guided step)
+    # -- rollout dynamics and the SDE window (MixGRPO / Flow-GRPO-Fast style)
+    dynamics_type: Literal["Flow-SDE", "Dance-SDE", "CPS", "ODE"] | None = None
+    noise_level: float | None = Field(None, ge=0)
+    train_steps: list[int] | None = None  # candidate SDE step indices; None = all but the last
+    num_train_steps: int | None = Field(None, gt=0)  # how many of them per epoch; None = all
+    log_prob_reduction: Literal["mean", "sum"] = "mean"
+    # -- batch geometry
+    group_size: int = Field(8, ge=2)  # images per prompt (K)
+    unique_sample_num_per_epoch: int = Field(8, gt=0)  # prompts (groups) per epoch (M)
+    per_device_batch_size: int = Field(8, gt=0)  # rollout and train micro-batch (B)
+    gradient_step_per_epoch: int = Field(1, gt=0)  # optimizer steps per inner epoch (G)
+    num_inner_epochs: int = Field(1, gt=0)
+    # -- optimizer
+    learning_rate: float = Field(3e-4, gt=0)
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_weight_decay: float = Field(1e-4, ge=0)
+    adam_epsilon: float = Field(1e-8, gt=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    # -- advantages
+    advantage_aggregation: Literal["sum", "gdpo"] = "sum"
+    global_std: bool | None = None
+    adv_clip_range: float | None = Field(None, gt=0)
+    # -- GRPO / GRPO-Guard / AWM surrogate
+    clip_range: float | tuple[float, float] | None = None
+    kl_type: Literal["x-based", "v-based"] = "x-based"
+    kl_beta: float | None = Field(None, ge=0)  # 0 disables the reference model entirely
+    ref_param_device: Literal["same", "cpu"] = "same"  # full fine-tune: where the frozen copy lives
+    # -- DiffusionNFT
+    nft_beta: float = Field(1.0, gt=0)
+    off_policy: bool | None = None  # sample (and take v_old) from the EMA model
+    # -- AWM
+    awm_weighting: Literal["Uniform", "t", "t**2", "huber", "ghuber"] = "ghuber"
+    ghuber_power: float = Field(0.25, gt=0)
+    ema_kl_beta: float | None = Field(None, ge=0)
+    # -- training timesteps for nft / awm
+    time_sampling_strategy: Literal[
+        "uniform", "logit_normal", "discrete", "discrete_with_init", "discrete_wo_init"
+    ] | None = None
+    time_shift: float = Field(1.0, gt=0)
+    timestep_fraction: float | None = Field(None, gt=0, le=1)
+    num_train_timesteps: int | None = Field(None, gt=0)  # None = int(steps * fraction)
+    # -- EMA (eval weights; the "old"/sampling model for off-policy nft; the AWM anchor)
+    ema_decay: float | None = Field(None, ge=0, le=1)  # 0 disables EMA
+    ema_decay_schedule: Literal[
+        "constant", "power", "linear", "piecewise_linear", "cosine", "warmup_cosine"
+    ] | None = None
+    ema_update_interval: int | None = Field(None, gt=0)  # in optimizer steps
+    ema_device: Literal["same", "cpu"] = "same"
+    flat_steps: int = Field(0, ge=0)
+    ramp_rate: float = Field(0.001, ge=0)
+    ema_warmup_steps: int | None = Field(None, gt=0)  # None = algorithm default (10; awm 300)
+    initial_decay: float = Field(0.0, ge=0, le=1)
+    total_steps: int = Field(1000, gt=0)
+    # -- checkpoints
+    save_freq: int = Field(0, ge=0)  # epochs between checkpoints; 0 = only the final one
+
+    @field_validator("resolution")
+    @classmethod
+    def _positive_resolution(cls, v):
+        sizes = (v, v) if isinstance(v, int) else v
+        if min(sizes) <= 0:
+            raise ValueError("resolution must be positive")
+        return v
+
+
+class EvalConfig(_Strict):
+    """``eval:`` — periodic held-out evaluation with the deterministic ODE sampler."""
+
+    resolution: Resolution | None = None  # None = train.resolution
+    num_inference_steps: int = Field(20, ge=1)
+    guidance_scale: float | None = None  # None = train.guidance_scale
+    eval_freq: int = Field(10, ge=0)  # epochs; 0 = only before and after training
+    per_device_batch_size: int = Field(16, gt=0)
+    num_prompts: int | None = Field(None, gt=0)  # None = the whole test split
+    seed: int = 0
+
+
+class RewardSpec(BaseModel):
+    """One entry of ``rewards:``. Extra keys are that reward's own options."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str | None = None  # label in logs; defaults to reward_model
+    reward_model: str
+    weight: float = 1.0
+    batch_size: int = Field(16, gt=0)
+    device: str = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @property
+    def label(self) -> str:
+        return self.name or self.reward_model
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class Config(_Strict):
+    """The whole experiment."""
+
+    project: str = "flowrl"
+    run_name: str | None = None  # None -> {model_type}_{trainer_type}_{timestamp}
+    output_dir: str = "runs"
+    logging_backend: Literal["tensorboard", "wandb", "swanlab", "none"] = "tensorboard"
+    transport: Literal["local", "celery"] = "local"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    rewards: list[RewardSpec] = Field(..., min_length=1)
+    eval_rewards: list[RewardSpec] | None = None  # None = same as rewards
+
+    def geometry(self, world_size: int) -> "BatchGeometry":
+        return BatchGeometry.derive(self.train, world_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchGeometry:
+    """Batch sizes derived from the config and the world size (W processes).
+
+    Groups never straddle processes: each process owns ``groups_per_rank`` whole groups.
+    """
+
+    world_size: int
+    group_size: int  # K
+    groups_per_epoch: int  # M
+    groups_per_rank: int  # M / W
+    samples_per_rank: int  # M K / W
+    micro_batch: int  # B
+    batches_per_rank: int  # M K / (W B) rollout (and train) micro-batches per process
+    grad_steps_per_inner_epoch: int  # G
+    batches_per_grad_step: int  # batches_per_rank / G
+
+    @classmethod
+    def derive(cls, t: TrainConfig, world_size: int) -> "BatchGeometry":
+        K, M, B, G, W = (t.group_size, t.unique_sample_num_per_epoch, t.per_device_batch_size,
+                         t.gradient_step_per_epoch, world_size)
+        if M % W:
+            raise ConfigError(
+                f"train.unique_sample_num_per_epoch={M} is not divisible by the {W} processes, so "
+                f"prompt groups cannot stay whole on one process. Fix: use a multiple of {W}, "
+                f"e.g. {((M + W - 1) // W) * W}."
+            )
+        per_rank = M * K // W
+        if per_rank % B:
+            raise ConfigError(
+                f"train.per_device_batch_size={B} does not divide the {per_rank} samples each of "
+                f"the {W} processes rolls out per epoch (unique_sample_num_per_epoch={M} x "
+                f"group_size={K} / {W}). Fix: pick a per_device_batch_size that divides {per_rank}."
+            )
+        batches = per_rank // B
+        if batches % G:
+            raise ConfigError(
+                f"train.gradient_step_per_epoch={G} does not divide the {batches} micro-batches per "
+                f"process per epoch, so optimizer steps would see unequal data. Fix: choose a "
+                f"divisor of {batches}, or change unique_sample_num_per_epoch / per_device_batch_size."
+            )
+        return cls(W, K, M, M // W, per_rank, B, batches, G, batches // G)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _fill_algorithm_defaults(cfg: Config) -> Config:
+    t = cfg.train
+    defaults = ALGORITHM_DEFAULTS.get(t.trainer_type.lower(), ALGORITHM_DEFAULTS["grpo"])
+    for key, value in defaults.items():
+        if getattr(t, key) is None:
+            setattr(t, key, value)
+    if t.noise_level is None:
+        t.noise_level = NOISE_LEVEL_DEFAULTS[t.dynamics_type]
+    # keys that only some algorithms use still need a concrete value
+    for key, value in dict(clip_range=1e-4, ema_kl_beta=0.0, time_sampling_strategy="discrete",
+                           timestep_fraction=0.99, ema_decay_schedule="power",
+                           ema_update_interval=1, ema_warmup_steps=10).items():
+        if getattr(t, key) is None:
+            setattr(t, key, value)
+    if cfg.eval.resolution is None:
+        cfg.eval.resolution = t.resolution
+    if cfg.eval.guidance_scale is None:
+        cfg.eval.guidance_scale = t.guidance_scale
+    return cfg
+
+
+def check_combinations(cfg: Config) -> None:
+    """Reject settings that cannot work together, before any model is loaded."""
+    t = cfg.train
+    kind = t.trainer_type.lower()
+    if kind not in TRAINER_TYPES and "." not in kind:
+        hint = difflib.get_close_matches(kind, TRAINER_TYPES, n=1)
+        raise ConfigError(
+            f"train.trainer_type: '{t.trainer_type}' is not a known algorithm."
+            + (f" Did you mean '{hint[0]}'?" if hint else "")
+            + f" Fix: use one of {', '.join(TRAINER_TYPES)}, or a dotted path to your own class."
+        )
+    if kind in SDE_TRAINERS and (t.dynamics_type == "ODE" or t.noise_level == 0):
+        raise ConfigError(
+            f"train.dynamics_type: '{t.dynamics_type}' (noise_level={t.noise_level}) has no "
+            f"per-step log-probabilities, but train.trainer_type: '{t.trainer_type}' optimizes "
+            f"exactly those. Fix: set train.dynamics_type to Flow-SDE (Flow-GRPO), Dance-SDE or "
+            f"CPS with noise_level > 0, or use trainer_type nft or awm, which learn from ODE rollouts."
+        )
+    if kind == "grpo-guard" and t.dynamics_type != "Flow-SDE":
+        raise ConfigError(
+            f"train.dynamics_type: '{t.dynamics_type}' cannot be used with train.trainer_type: "
+            f"'grpo-guard': its ratio normalization and 1/dt reweighting are derived for Flow-SDE's "
+            f"noise schedule sigma_t = a*sqrt(t/(1-t)). Fix: set train.dynamics_type: Flow-SDE, or "
+            f"use trainer_type: grpo for {t.dynamics_type}."
+        )
+    if t.dynamics_type == "CPS" and t.noise_level > 1:
+        raise ConfigError(
+            f"train.noise_level: {t.noise_level} is out of range for CPS, whose injected std is "
+            f"sigma_next*sin(noise_level*pi/2). Fix: use a value in [0, 1]; 0.8 is the recommended one."
+        )
+    if kind in SDE_TRAINERS and t.num_inference_steps < 2:
+        raise ConfigError(
+            f"train.num_inference_steps: {t.num_inference_steps} leaves no trainable step (the last "
+            f"denoising step is never trained). Fix: use at least 2; Flow-GRPO uses 10."
+        )
+    n = t.num_inference_steps
+    for i in t.train_steps or []:
+        if not 0 <= i < n - 1:
+            raise ConfigError(
+                f"train.train_steps: step index {i} is outside [0, {n - 2}] for "
+                f"num_inference_steps={n} (the last step is never trained). Fix: list indices "
+                f"from 0 (noisiest) to {n - 2}."
+            )
+    if t.ema_kl_beta and not t.ema_decay:
+        raise ConfigError(
+            f"train.ema_kl_beta: {t.ema_kl_beta} pulls the policy toward its EMA, but "
+            f"train.ema_decay is 0 (EMA disabled). Fix: set ema_decay > 0 or ema_kl_beta: 0."
+        )
+    if t.off_policy and not t.ema_decay:
+        raise ConfigError(
+            "train.off_policy: true samples from the EMA model, but train.ema_decay is 0 (EMA "
+            "disabled). Fix: set ema_decay > 0, or off_policy: false."
+        )
+    labels = [r.label for r in cfg.rewards]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(
+            f"rewards: names {labels} repeat; each reward needs a unique name for logging and "
+            f"weighting. Fix: give duplicates a distinct `name:`."
+        )
+
+
+def _format_validation_error(err: ValidationError, raw: dict) -> str:
+    lines = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"]]
+        key = ".".join(loc)
+        if e["type"] == "extra_forbidden":
+            parent = _model_at(loc[:-1])
+            valid = sorted(parent.model_fields) if parent else []
+            hint = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
+            where = ".".join(loc[:-1]) or "top level"
+            lines.append(
+                f"unknown config key `{key}`."
+                + (f" Did you mean `{'.'.join(loc[:-1] + [hint[0]])}`?" if hint else "")
+                + f" Fix: rename or remove it (valid keys in {where}: {', '.join(valid)})."
+            )
+        elif e["type"] == "missing":
+            lines.append(f"config key `{key}` is required but missing. Fix: add it.")
+        else:
+            got = e.get("input")
+            lines.append(
+                f"config key `{key}`: got {got!r} ({type(got).__name__}); {e['msg'].lower()}. "
+                f"Fix: set `{key}` to a valid value."
+            )
+    return "\n".join(lines)
+
+
+def _model_at(loc: list[str]) -> type[BaseModel] | None:
+    model: type[BaseModel] = Config
+    for part in loc:
+        if part.isdigit():
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        for c in candidates:
+            for sub in [c, *getattr(c, "__args__", ())]:
+                if isinstance(sub, type) and issubclass(sub, BaseModel):
+                    model = sub
+                    break
+            else:
+                continue
+            break
+        else:
+            return None
+    return model
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-4`` (no dot) as a float, as YAML 1.2 does; plain
+    PyYAML returns the string '1e-4', which would reach ``dict[str, Any]`` options untyped."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``key.sub=value`` strings (values parsed as YAML) to a raw config dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(
+                f"--set {item!r}: expected key=value, e.g. --set train.learning_rate=1e-4."
+            )
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for depth, p in enumerate(parts):
+            if isinstance(node, list):
+                if not (p.isdigit() and int(p) < len(node)):
+                    raise ConfigError(f"--set {key}: `{p}` is not an index of that {len(node)}-item "
+                                      f"list. Fix: use 0 to {len(node) - 1}.")
+            elif not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: `{'.'.join(parts[:depth])}` is a value, not a section.")
+            if depth == len(parts) - 1:
+                break
+            node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})
+        try:
+            parsed = _yaml_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e}).") from None
+        node[int(parts[-1]) if isinstance(node, list) else parts[-1]] = parsed
+    return raw
+
+
+def parse_config(raw: dict) -> Config:
+    """Validate a raw dict into a :class:`Config` with defaults filled and combinations checked."""
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"the config must be a YAML mapping of sections (model, data, train, eval, rewards), "
+            f"got {type(raw).__name__}."
+        )
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, raw)) from None
+    cfg = _fill_algorithm_defaults(cfg)
+    check_combinations(cfg)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file, apply ``--set`` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist. Fix: check the path.")
+    try:
+        raw = _yaml_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    return parse_config(apply_overrides(raw, overrides or []))

@@ -1,0 +1,130 @@
+"""The model-adapter interface: what the rollout loop and the trainer need from a generator.
+
+An adapter wraps one diffusers model family. It encodes prompts, runs ONE velocity
+prediction (with classifier-free guidance when asked), and decodes latents to images.
+The denoising loop itself lives in :mod:`shared.sampling`, so sampler and trainer run the
+same code. Every method that runs the denoiser takes the module to call as an argument
+(``transformer=``) so the trainer can pass its DDP-wrapped copy, an EMA view
+(:class:`ParamView`) or the frozen reference, and the adapter stays stateless about which.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from shared.registry import Registry
+
+MODELS: Registry[type["FlowModelAdapter"]] = Registry("model_type")
+
+
+@dataclasses.dataclass
+class Conditioning:
+    """Encoded prompts for a batch: named tensors, each ``[B, ...]``.
+
+    ``negative`` holds the unconditional / negative-prompt encodings (same keys) and is
+    present only when classifier-free guidance is used.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    negative: dict[str, torch.Tensor] | None = None
+
+    def select(self, index: torch.Tensor | slice) -> "Conditioning":
+        pick = lambda d: None if d is None else {k: v[index] for k, v in d.items()}  # noqa: E731
+        return Conditioning(pick(self.tensors), pick(self.negative))
+
+    def to(self, device: torch.device | str) -> "Conditioning":
+        move = lambda d: None if d is None else {k: v.to(device) for k, v in d.items()}  # noqa: E731
+        return Conditioning(move(self.tensors), move(self.negative))
+
+    @staticmethod
+    def cat(parts: list["Conditioning"]) -> "Conditioning":
+        keys = parts[0].tensors.keys()
+        tensors = {k: torch.cat([p.tensors[k] for p in parts]) for k in keys}
+        negative = None
+        if parts[0].negative is not None:
+            negative = {k: torch.cat([p.negative[k] for p in parts]) for k in keys}  # type: ignore[index]
+        return Conditioning(tensors, negative)
+
+
+class ParamView(nn.Module):
+    """Call ``module`` with some parameters replaced (EMA or old-policy weights), no copies.
+
+    Uses :func:`torch.func.functional_call`; parameters not in ``params`` keep their live values.
+    """
+
+    def __init__(self, module: nn.Module, params: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        object.__setattr__(self, "_module", module)  # not registered: no double counting
+        self._params = params
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return torch.func.functional_call(self._module, self._params, args, kwargs, strict=False)
+
+
+class FlowModelAdapter(ABC):
+    """One generator family. Subclasses register with ``@MODELS.register("name")``."""
+
+    model_type: ClassVar[str]
+    #: LoRA targets used when ``model.target_modules: default``
+    default_lora_targets: ClassVar[list[str]] = ["to_q", "to_k", "to_v", "to_out.0"]
+
+    transformer: nn.Module  # the trainable denoiser
+    scheduler_shift: float = 1.0  # SD3-style sigma shift of the sampling grid
+
+    @classmethod
+    @abstractmethod
+    def load(cls, model_cfg: Any, *, device: torch.device, seed: int) -> "FlowModelAdapter":
+        """Build from ``model:`` config (``model_name_or_path`` hub id or local dir)."""
+
+    @abstractmethod
+    def encode_prompts(self, prompts: list[str], *, cfg: bool,
+                       negative_prompts: list[str] | None = None) -> Conditioning:
+        """Encode a batch of prompts (no grad). ``cfg`` also encodes the negatives."""
+
+    @abstractmethod
+    def latent_shape(self, resolution: tuple[int, int]) -> tuple[int, ...]:
+        """Per-sample latent shape for an image of ``(height, width)`` pixels."""
+
+    @abstractmethod
+    def predict(self, transformer: nn.Module, latents: torch.Tensor, sigma: torch.Tensor,
+                cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One denoiser call: velocity ``[B, ...]`` for ``latents`` at noise level ``sigma [B]``."""
+
+    @abstractmethod
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents ``[B, ...]`` -> images ``[B, 3, H, W]`` float in [0, 1] (no grad)."""
+
+    @abstractmethod
+    def save_pretrained(self, path: str) -> None:
+        """Write the whole model so that :meth:`load` can read it back."""
+
+    # ------------------------------------------------------------------ shared logic
+
+    def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, cond: Conditioning,
+                 guidance_scale: float, transformer: nn.Module | None = None) -> torch.Tensor:
+        """Velocity with classifier-free guidance ``v_u + w (v_c - v_u)`` when ``w > 1``.
+
+        Args:
+            latents: ``[B, ...]``; sigma: ``[B]`` in [0, 1] (1 = noise).
+        Returns:
+            float32 ``[B, ...]``.
+        """
+        module = transformer if transformer is not None else self.transformer
+        if guidance_scale > 1.0 and cond.negative is not None:
+            both = {k: torch.cat([cond.negative[k], cond.tensors[k]]) for k in cond.tensors}
+            v = self.predict(module, torch.cat([latents, latents]), torch.cat([sigma, sigma]), both)
+            v_uncond, v_cond = v.float().chunk(2)
+            return v_uncond + guidance_scale * (v_cond - v_uncond)
+        return self.predict(module, latents, sigma, cond.tensors).float()
+
+    def lora_targets(self, target_modules: str | list[str]) -> list[str] | str:
+        if target_modules == "default":
+            return list(self.default_lora_targets)
+        if target_modules == "all":
+            return "all-linear"
+        return [target_modules] if isinstance(target_modules, str) else list(target_modules)

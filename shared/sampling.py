@@ -1,0 +1,113 @@
+"""The rollout loop, used by the sampler service AND the embedded trainer.
+
+One call denoises a batch from pure noise (t = 1) to data (t = 0) on a sigma grid.
+Steps listed in ``sde_steps`` use the stochastic ``dynamics`` (Flow-SDE, Dance-SDE, CPS) and
+are recorded (input latent, realized next latent, log-prob, and optionally the Gaussian
+mean for GRPO-Guard); all other steps are deterministic Euler ODE steps (MixGRPO-style
+windows). The trainer recomputes log-probs with the very same :func:`shared.flow.sde_step`,
+which is what keeps train/inference consistent.
+
+Randomness is per sample: sample ``i`` draws its initial noise and every step's noise from
+its own ``torch.Generator(seed_i)``, so a sample does not depend on which batch or process
+it was generated in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from shared.flow import sde_step
+from shared.models.base import Conditioning, FlowModelAdapter
+
+
+@dataclasses.dataclass
+class Rollout:
+    """What a rollout keeps. ``S = len(sde_steps)``; latent dims ``...`` as the adapter's."""
+
+    final_latents: torch.Tensor  # [B, ...] x at t = 0
+    images: torch.Tensor | None  # [B, 3, H, W] float in [0, 1]
+    sigmas: torch.Tensor  # [N + 1] the grid, 1 -> 0
+    sde_steps: list[int]  # step indices that were stochastic (and are trainable)
+    latents: torch.Tensor  # [B, S, ...] x_i fed to each SDE step
+    next_latents: torch.Tensor  # [B, S, ...] realized x_{i+1}
+    log_probs: torch.Tensor  # [B, S] log pi(x_{i+1} | x_i)
+    stds: torch.Tensor  # [B, S] per-step Gaussian std
+    means: torch.Tensor | None  # [B, S, ...] Gaussian means (kept for GRPO-Guard)
+
+
+def per_sample_noise(generators: list[torch.Generator], shape: tuple[int, ...],
+                     device: torch.device) -> torch.Tensor:
+    """``[B, *shape]`` float32 standard normal noise, row ``i`` from ``generators[i]``."""
+    return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+
+
+@torch.no_grad()
+def rollout(
+    adapter: FlowModelAdapter,
+    cond: Conditioning,
+    seeds: list[int],
+    *,
+    resolution: tuple[int, int],
+    sigmas: torch.Tensor,
+    guidance_scale: float,
+    dynamics: str,
+    noise_level: float,
+    sde_steps: list[int],
+    keep_means: bool = False,
+    log_prob_reduction: str = "mean",
+    transformer: nn.Module | None = None,
+    decode: bool = True,
+) -> Rollout:
+    """Denoise ``len(seeds)`` samples; see the module docstring.
+
+    Args:
+        cond: encoded prompts, one row per sample (``[B, ...]`` tensors).
+        seeds: one integer seed per sample.
+        sigmas: ``[N + 1]`` descending grid from 1 to 0 (``shared.flow.flow_sigmas``).
+        sde_steps: indices in ``[0, N - 1)`` that use ``dynamics``; ignored for ``ODE``.
+        transformer: module to call instead of ``adapter.transformer`` (EMA view, DDP copy).
+    """
+    device = next(adapter.transformer.parameters()).device
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    shape = adapter.latent_shape(resolution)
+    x = per_sample_noise(generators, shape, device)
+    stochastic = set() if dynamics == "ODE" else set(sde_steps)
+    kept: dict[str, list[torch.Tensor]] = {k: [] for k in ("x", "next", "logp", "std", "mean")}
+    batch = len(seeds)
+    for i in range(len(sigmas) - 1):
+        sigma = sigmas[i].expand(batch).to(device)
+        sigma_next = sigmas[i + 1].expand(batch).to(device)
+        v = adapter.velocity(x, sigma, cond, guidance_scale, transformer=transformer)
+        if i in stochastic:
+            noise = per_sample_noise(generators, shape, device)
+            out = sde_step(x, v, sigma, sigma_next, dynamics=dynamics, noise_level=noise_level,
+                           noise=noise, log_prob_reduction=log_prob_reduction)
+            kept["x"].append(x)
+            kept["next"].append(out.prev_sample)
+            kept["logp"].append(out.log_prob)
+            kept["std"].append(out.std)
+            if keep_means:
+                kept["mean"].append(out.mean)
+        else:
+            out = sde_step(x, v, sigma, sigma_next, dynamics="ODE", noise_level=0.0)
+        x = out.prev_sample
+
+    def stack(key: str, empty_shape: tuple[int, ...]) -> torch.Tensor:
+        if kept[key]:
+            return torch.stack(kept[key], dim=1)
+        return torch.zeros((batch, 0, *empty_shape), device=device)
+
+    return Rollout(
+        final_latents=x,
+        images=adapter.decode(x) if decode else None,
+        sigmas=sigmas,
+        sde_steps=sorted(stochastic),
+        latents=stack("x", shape),
+        next_latents=stack("next", shape),
+        log_probs=stack("logp", ()),
+        stds=stack("std", ()),
+        means=stack("mean", shape) if keep_means else None,
+    )

@@ -1,0 +1,12 @@
+"""Algorithms, registered by ``train.trainer_type``: grpo, grpo-guard, nft, awm."""
+
+from trainer.algorithms.base import ALGORITHMS, Algorithm, TrainBatch
+
+for _name, _path in [("grpo", "trainer.algorithms.grpo.GRPO"),
+                     ("grpo-guard", "trainer.algorithms.grpo_guard.GRPOGuard"),
+                     ("nft", "trainer.algorithms.nft.NFT"),
+                     ("awm", "trainer.algorithms.awm.AWM")]:
+    if _name not in ALGORITHMS:
+        ALGORITHMS.register(_name, _path)
+
+__all__ = ["ALGORITHMS", "Algorithm", "TrainBatch"]

@@ -1,0 +1,73 @@
+"""The algorithm interface and registry (``train.trainer_type``).
+
+The loop hands an algorithm one micro-batch of scored rollouts at a time. ``prepare`` runs
+once per micro-batch without gradients (draw training timesteps, evaluate the old policy);
+``loss`` is then called for each of ``num_units`` units (a trained denoising step for
+GRPO-style methods, a training timestep for NFT/AWM), each followed by one backward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+
+from shared.config import Config
+from shared.models import Conditioning
+from shared.registry import Registry
+
+ALGORITHMS: Registry[type["Algorithm"]] = Registry("trainer_type")
+
+
+@dataclasses.dataclass
+class TrainBatch:
+    """One micro-batch of scored samples (``B`` rows; ``S`` recorded SDE steps)."""
+
+    cond: Conditioning
+    advantages: torch.Tensor  # [B]
+    final_latents: torch.Tensor  # [B, ...]
+    sigmas: torch.Tensor  # [N + 1] rollout grid
+    sde_steps: list[int]  # step indices recorded in the columns of the tensors below
+    latents: torch.Tensor  # [B, S, ...]
+    next_latents: torch.Tensor  # [B, S, ...]
+    log_probs: torch.Tensor  # [B, S]
+    stds: torch.Tensor  # [B, S]
+    means: torch.Tensor | None  # [B, S, ...]
+    seed: int  # for the training noise / timesteps of this micro-batch
+
+    @property
+    def size(self) -> int:
+        return self.advantages.shape[0]
+
+
+class Algorithm(ABC):
+    """Base class. Subclasses register with ``@ALGORITHMS.register("name")``."""
+
+    #: rollouts must be stochastic and record per-step log-probs
+    needs_log_probs: ClassVar[bool] = False
+    #: also record the per-step Gaussian means (GRPO-Guard)
+    keep_means: ClassVar[bool] = False
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.t = cfg.train
+
+    @abstractmethod
+    def num_units(self, num_sde_steps: int) -> int:
+        """Backward passes per micro-batch."""
+
+    def prepare(self, batch: TrainBatch, policy: Any) -> dict[str, Any]:
+        """No-grad per-micro-batch precompute (default: nothing)."""
+        return {}
+
+    @abstractmethod
+    def loss(self, batch: TrainBatch, unit: int, state: dict[str, Any],
+             policy: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        """Scalar loss for ``unit`` and detached metrics."""
+
+
+def expand(value: torch.Tensor, batch: int) -> torch.Tensor:
+    """A 0-d sigma -> ``[B]``."""
+    return value.reshape(()).expand(batch)

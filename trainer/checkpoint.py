@@ -1,0 +1,65 @@
+"""Checkpoints a user can load elsewhere.
+
+* LoRA: diffusers' ``save_lora_adapter`` (``pytorch_lora_weights.safetensors``), loadable with
+  ``transformer.load_lora_adapter(dir)`` or a pipeline's ``load_lora_weights``;
+* full fine-tune: ``transformer/`` via ``save_pretrained``;
+* ``ema.safetensors``: the EMA shadow of the trainable parameters (the eval weights);
+* ``trainer_state.json``: epoch, optimizer step, the config.
+Written by the main process only, into a temporary folder renamed into place (atomic).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from shared.config import Config
+
+
+def save_checkpoint(path: Path, cfg: Config, accelerator, adapter, policy, epoch: int,
+                    step: int) -> Path:
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        transformer = adapter.transformer
+        if cfg.model.finetune_type == "lora":
+            transformer.save_lora_adapter(str(tmp / "lora"), adapter_name="default")
+        else:
+            transformer.save_pretrained(tmp / "transformer")
+        if policy.ema is not None:
+            save_file({k: v.contiguous() for k, v in policy.ema.shadow.items()}, tmp / "ema.safetensors")
+        (tmp / "trainer_state.json").write_text(json.dumps(
+            {"epoch": epoch, "optimizer_step": step, "config": cfg.model_dump()}, indent=2))
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def load_checkpoint_weights(path: Path, cfg: Config, adapter, policy, *, use_ema: bool = True) -> None:
+    """Load a checkpoint's weights into a freshly built adapter/policy (for ``flowrl eval``)."""
+    path = Path(path)
+    if not (path / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"--checkpoint {str(path)!r} is not a flowrl checkpoint (no "
+                                f"trainer_state.json). Fix: pass runs/<run>/checkpoints/<name>.")
+    transformer = adapter.transformer
+    if cfg.model.finetune_type == "lora":
+        state = load_file(path / "lora" / "pytorch_lora_weights.safetensors")
+        from peft import set_peft_model_state_dict
+
+        state = {k.removeprefix("transformer."): v for k, v in state.items()}
+        set_peft_model_state_dict(transformer, state, adapter_name="default")
+    else:
+        from safetensors.torch import load_file as lf
+
+        shards = sorted((path / "transformer").glob("*.safetensors"))
+        for shard in shards:
+            transformer.load_state_dict(lf(shard), strict=False)
+    ema_file = path / "ema.safetensors"
+    if use_ema and ema_file.is_file() and policy.ema is not None:
+        policy.ema.load_state_dict(load_file(ema_file))

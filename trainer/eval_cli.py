@@ -1,0 +1,34 @@
+"""``flowrl eval CONFIG --checkpoint DIR``: rebuild the model, load the checkpoint, run eval."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from shared.config import Config
+from shared.models import load_adapter
+from trainer.checkpoint import load_checkpoint_weights
+from trainer.data import load_prompts
+from trainer.evaluate import evaluate
+from trainer.loop import build_rewards
+from trainer.policy import Policy, attach_trainable
+
+
+def eval_checkpoint(cfg: Config, checkpoint: str | Path) -> dict:
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
+                              cpu=not torch.cuda.is_available())
+    train_rows, test_rows = load_prompts(cfg.data.dataset_dir, cfg.data.max_dataset_size)
+    rows = (test_rows or train_rows)[: cfg.eval.num_prompts]
+    adapter = load_adapter(cfg.model, device=accelerator.device, seed=cfg.train.seed)
+    trainable = attach_trainable(adapter, cfg)
+    policy = Policy(adapter, adapter.transformer, cfg, trainable)
+    load_checkpoint_weights(Path(checkpoint), cfg, adapter, policy)
+    specs = cfg.eval_rewards or cfg.rewards
+    out_dir = Path(checkpoint) / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = evaluate(cfg, accelerator, adapter, policy, build_rewards(specs, accelerator.device),
+                      specs, rows, out_dir, epoch=0)
+    result["grid"] = str(out_dir / result["grid"]) if result.get("grid") else None
+    return result

@@ -1,0 +1,219 @@
+"""The embedded trainer (transport ``local``): one process, or several under ``accelerate launch``.
+
+Per epoch: sample (this rank's whole prompt groups) -> score -> advantages (global) ->
+optimize (``num_inner_epochs`` passes of micro-batches x algorithm units, gradient
+accumulation, AdamW, LR schedule) -> EMA -> periodic ODE eval -> checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from shared.config import Config
+from shared.models import load_adapter
+from shared.rewards import build_reward
+from trainer.algorithms import ALGORITHMS, Algorithm, TrainBatch
+from trainer.checkpoint import save_checkpoint
+from trainer.collect import SEED_STRIDE, EpochData, collect_epoch
+from trainer.data import load_prompts
+from trainer.evaluate import evaluate
+from trainer.policy import Policy, attach_trainable
+from trainer.reporting import MetricLogger, write_report
+
+
+def run_name(cfg: Config) -> str:
+    return cfg.run_name or (f"{cfg.model.model_type}_{cfg.train.trainer_type}_"
+                            f"{datetime.now().strftime('%Y%m%d_%H%M%S')}")
+
+
+def build_rewards(specs, device) -> dict:
+    return {s.label: build_reward(s.reward_model, device=str(device) if s.device == "auto" else s.device,
+                                  dtype=s.dtype, **s.options) for s in specs}
+
+
+def build_optimizer(cfg: Config, trainable: dict):
+    from diffusers.optimization import get_scheduler
+
+    t = cfg.train
+    optimizer = torch.optim.AdamW(list(trainable.values()), lr=t.learning_rate, betas=t.adam_betas,
+                                  weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
+    geo = cfg.geometry(1)
+    total = t.max_epochs * t.num_inner_epochs * geo.grad_steps_per_inner_epoch
+    schedule = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
+                             num_training_steps=total)
+    return optimizer, schedule
+
+
+def micro_batches(data: EpochData, batch_size: int, seed: int) -> list[TrainBatch]:
+    """Shuffle this rank's samples (seeded) and cut them into training micro-batches."""
+    n = data.advantages.shape[0]
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    r = data.rollout
+    out = []
+    for b, s in enumerate(range(0, n, batch_size)):
+        i = perm[s:s + batch_size]
+        dev = r.final_latents.device
+        out.append(TrainBatch(
+            cond=data.cond.select(i.to(dev)), advantages=data.advantages[i].to(dev),
+            final_latents=r.final_latents[i], sigmas=r.sigmas, sde_steps=r.sde_steps,
+            latents=r.latents[i], next_latents=r.next_latents[i], log_probs=r.log_probs[i],
+            stds=r.stds[i], means=None if r.means is None else r.means[i],
+            seed=seed * SEED_STRIDE + b))
+    return out
+
+
+def optimize(cfg: Config, accelerator: Accelerator, policy: Policy, algorithm: Algorithm,
+             optimizer, lr_schedule, data: EpochData, epoch: int, step: int) -> tuple[int, dict]:
+    """All inner epochs of one epoch. Returns (optimizer steps so far, mean metrics)."""
+    t = cfg.train
+    geo = cfg.geometry(accelerator.num_processes)
+    units = algorithm.num_units(len(data.rollout.sde_steps))
+    per_step = geo.batches_per_grad_step * units  # backward passes per optimizer step
+    sums: dict[str, float] = {}
+    count = 0
+    policy.model.train()
+    for inner in range(t.num_inner_epochs):
+        seed = (t.seed * SEED_STRIDE + epoch) * 131 + inner
+        for batch in micro_batches(data, t.per_device_batch_size, seed):
+            with torch.no_grad(), accelerator.autocast():
+                state = algorithm.prepare(batch, policy)
+            for unit in range(units):
+                count += 1
+                sync = count % per_step == 0
+                ctx = contextlib.nullcontext() if sync else accelerator.no_sync(policy.model)
+                with ctx, accelerator.autocast():
+                    loss, metrics = algorithm.loss(batch, unit, state, policy)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(
+                            f"epoch {epoch}: {t.trainer_type} loss is {float(loss)} at unit {unit}. "
+                            f"Lower train.learning_rate, check the rewards, or use mixed_precision: no.")
+                    accelerator.backward(loss / per_step)
+                for k, v in {"loss": loss.item(), **metrics}.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                if sync:
+                    if t.max_grad_norm:
+                        norm = accelerator.clip_grad_norm_(list(policy.trainable.values()),
+                                                           t.max_grad_norm)
+                        sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(norm) * per_step
+                    optimizer.step()
+                    lr_schedule.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    policy.update_ema(step)
+    policy.model.eval()
+    means = {f"train/{k}": v / count for k, v in sums.items()}
+    means["train/lr"] = lr_schedule.get_last_lr()[0]
+    return step, means
+
+
+def train(cfg: Config, *, quiet: bool = False) -> dict:
+    """Run the whole experiment; returns the summary written to ``summary.json``."""
+    t = cfg.train
+    accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=not torch.cuda.is_available())
+    geo = cfg.geometry(accelerator.num_processes)
+    main = accelerator.is_main_process
+    set_seed(t.seed)  # identical initial weights (and LoRA init) on every rank
+    train_rows, test_rows = load_prompts(cfg.data.dataset_dir, cfg.data.max_dataset_size)
+    eval_rows = (test_rows or train_rows)[: cfg.eval.num_prompts]
+
+    adapter = load_adapter(cfg.model, device=accelerator.device, seed=t.seed)
+    trainable = attach_trainable(adapter, cfg)
+    optimizer, lr_schedule = build_optimizer(cfg, trainable)
+    model, optimizer = accelerator.prepare(adapter.transformer, optimizer)
+    model.eval()
+    policy = Policy(adapter, model, cfg, trainable)
+    algorithm = ALGORITHMS.get(t.trainer_type)(cfg)
+    rewards = build_rewards(cfg.rewards, accelerator.device)
+    eval_rewards = build_rewards(cfg.eval_rewards, accelerator.device) if cfg.eval_rewards else rewards
+    eval_specs = cfg.eval_rewards or cfg.rewards
+
+    name = run_name(cfg)
+    run_dir = Path(cfg.output_dir) / name
+    logger = None
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+        logger = MetricLogger(cfg.logging_backend, run_dir, cfg.project, name, cfg.model_dump())
+        if not quiet:
+            print(f"flowrl: {t.trainer_type} on {cfg.model.model_type}, {geo.world_size} process(es), "
+                  f"{geo.groups_per_epoch} groups x {geo.group_size} samples per epoch -> {run_dir}")
+
+    def run_eval(epoch: int) -> dict:
+        ev = evaluate(cfg, accelerator, adapter, policy, eval_rewards, eval_specs, eval_rows,
+                      run_dir, epoch)
+        if main:
+            logger.log({k: v for k, v in ev.items() if k != "grid"}, step=epoch)
+            if ev.get("grid"):
+                logger.log_image("eval/images", run_dir / ev["grid"], epoch)
+        return ev
+
+    start, step = time.time(), 0
+    evals = [run_eval(0)]
+    history: list[dict] = []
+    bar = tqdm(range(t.max_epochs), desc="epochs", disable=not main or quiet, dynamic_ncols=True)
+    for epoch in bar:
+        t0 = time.time()
+        with accelerator.autocast():
+            data = collect_epoch(cfg, accelerator, adapter, policy, algorithm, rewards, train_rows, epoch)
+        step, opt_metrics = optimize(cfg, accelerator, policy, algorithm, optimizer, lr_schedule,
+                                     data, epoch, step)
+        metrics = {"epoch": epoch + 1, **data.metrics, **opt_metrics,
+                   "train/optimizer_step": step, "time/epoch_seconds": time.time() - t0}
+        history.append(metrics)
+        if main:
+            logger.log(metrics, step=epoch + 1)
+            first = eval_specs[0].label
+            bar.set_postfix(reward=f"{metrics.get(f'train/reward/{cfg.rewards[0].label}', 0):.4f}",
+                            eval=f"{evals[-1].get(f'eval/reward/{first}', float('nan')):.4f}")
+        last = epoch + 1 == t.max_epochs
+        if last or (cfg.eval.eval_freq and (epoch + 1) % cfg.eval.eval_freq == 0):
+            evals.append(run_eval(epoch + 1))
+        if t.save_freq and (epoch + 1) % t.save_freq == 0 and not last:
+            save_checkpoint(run_dir / "checkpoints" / f"checkpoint-{epoch + 1}", cfg, accelerator,
+                            adapter, policy, epoch + 1, step)
+    final_dir = save_checkpoint(run_dir / "checkpoints" / "final", cfg, accelerator, adapter, policy,
+                                t.max_epochs, step)
+    summary = {"run_name": name, "trainer_type": t.trainer_type, "model_type": cfg.model.model_type,
+               "epochs": t.max_epochs, "optimizer_steps": step, "seconds": time.time() - start,
+               "world_size": geo.world_size, "run_dir": str(run_dir), "checkpoint": str(final_dir)}
+    for spec in eval_specs:
+        summary[f"base/{spec.label}"] = evals[0][f"eval/reward/{spec.label}"]
+        summary[f"final/{spec.label}"] = evals[-1][f"eval/reward/{spec.label}"]
+    if main:
+        report = write_report(run_dir, history, evals, [s.label for s in eval_specs], summary)
+        summary["report"] = str(report)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        logger.close()
+        if not quiet:
+            for spec in eval_specs:
+                print(f"eval reward '{spec.label}': base {summary[f'base/{spec.label}']:.4f} -> "
+                      f"final {summary[f'final/{spec.label}']:.4f}")
+            print(f"report: {report}  (reward curve: {run_dir / 'reward_curve.png'})")
+    _write_rank_state(run_dir, accelerator, policy, data)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+def _write_rank_state(run_dir: Path, accelerator: Accelerator, policy: Policy, data: EpochData) -> None:
+    """Per-rank facts for multi-process checks: parameter checksum and the groups it owned."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checksum = float(sum(p.detach().double().sum() for p in policy.trainable.values()))
+    groups = data.group_ids.tolist()
+    (run_dir / f"rank{accelerator.process_index}_state.json").write_text(json.dumps({
+        "rank": accelerator.process_index, "param_checksum": checksum,
+        "param_abs_sum": float(sum(p.detach().double().abs().sum() for p in policy.trainable.values())),
+        "last_epoch_group_ids": groups}))
+
+
+__all__ = ["train", "optimize", "micro_batches", "dataclasses"]

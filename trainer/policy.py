@@ -1,0 +1,135 @@
+"""The trainable policy and the other weights an algorithm may evaluate.
+
+* current: the accelerate-prepared (DDP) transformer, the only forward with gradients;
+* reference: the frozen base model for KL terms. With LoRA it is the same module with the
+  adapters switched off (no extra memory); with full fine-tuning a frozen copy, kept only
+  when ``kl_beta > 0`` (on ``ref_param_device``);
+* EMA: a float32 shadow of the trainable parameters, evaluated through
+  :class:`shared.models.ParamView` (``functional_call``, no weight swapping). It provides
+  the eval weights, the off-policy sampling/"old" model (DiffusionNFT) and the AWM anchor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from shared.config import Config
+from shared.models import Conditioning, FlowModelAdapter, ParamView
+from trainer.ema import EMA, ema_decay
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def attach_trainable(adapter: FlowModelAdapter, cfg: Config) -> dict[str, nn.Parameter]:
+    """Freeze the model, add LoRA (peft) or unfreeze all; return the trainable parameters."""
+    m, transformer = cfg.model, adapter.transformer
+    transformer.requires_grad_(False)
+    if m.attn_backend:
+        transformer.set_attention_backend(m.attn_backend)
+    if m.finetune_type == "lora":
+        from peft import LoraConfig
+
+        lora = LoraConfig(r=m.lora_rank, lora_alpha=m.lora_alpha or 2 * m.lora_rank,
+                          init_lora_weights="gaussian",
+                          target_modules=adapter.lora_targets(m.target_modules))
+        transformer.add_adapter(lora)
+    else:
+        transformer.requires_grad_(True)
+    trainable = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
+    if not trainable:
+        raise ValueError(
+            f"model.target_modules={m.target_modules!r} matched no layer of "
+            f"{type(transformer).__name__}, so nothing would train. Fix: use 'default', 'all', "
+            f"or names of its linear layers."
+        )
+    master = DTYPES[m.master_weight_dtype]
+    for p in trainable.values():
+        p.data = p.data.to(master)
+    return trainable
+
+
+class Policy:
+    """Velocity evaluations under the weights each algorithm needs (see module docstring)."""
+
+    def __init__(self, adapter: FlowModelAdapter, model: nn.Module, cfg: Config,
+                 trainable: dict[str, nn.Parameter]) -> None:
+        self.adapter, self.model, self.cfg = adapter, model, cfg
+        self.trainable = trainable
+        self.guidance_scale = cfg.train.guidance_scale
+        t = cfg.train
+        self.ema = None
+        if t.ema_decay:
+            device = "cpu" if t.ema_device == "cpu" else None
+            self.ema = EMA({n: p.detach() for n, p in trainable.items()}, device=device)
+        self._ref: nn.Module | None = None
+        if t.kl_beta and cfg.model.finetune_type == "full":
+            ref_device = "cpu" if t.ref_param_device == "cpu" else next(model.parameters()).device
+            self._ref = copy.deepcopy(adapter.transformer).requires_grad_(False).to(ref_device)
+
+    # -------------------------------------------------------------- modules
+    def ema_view(self) -> nn.Module:
+        assert self.ema is not None
+        return ParamView(self.adapter.transformer, self.ema.as_params(self.trainable))
+
+    def sampling_module(self) -> nn.Module:
+        """Weights rollouts use: the EMA when ``train.off_policy``, else the current ones."""
+        if self.cfg.train.off_policy and self.ema is not None:
+            return self.ema_view()
+        return self.adapter.transformer
+
+    def eval_module(self) -> nn.Module:
+        return self.ema_view() if self.ema is not None else self.adapter.transformer
+
+    @contextlib.contextmanager
+    def _reference(self) -> Iterator[nn.Module]:
+        if self._ref is not None:
+            yield self._ref
+            return
+        transformer = self.adapter.transformer
+        transformer.disable_adapters()
+        try:
+            yield transformer
+        finally:
+            transformer.enable_adapters()
+
+    # -------------------------------------------------------------- velocities
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """Current policy, with gradients (through the DDP wrapper)."""
+        return self.adapter.velocity(x, sigma, cond, self.guidance_scale, transformer=self.model)
+
+    @torch.no_grad()
+    def ref_velocity(self, x, sigma, cond) -> torch.Tensor:
+        with self._reference() as module:
+            device = next(module.parameters()).device
+            v = self.adapter.velocity(x.to(device), sigma.to(device), cond.to(device),
+                                      self.guidance_scale, transformer=module)
+        return v.to(x.device)
+
+    @torch.no_grad()
+    def old_velocity(self, x, sigma, cond) -> torch.Tensor:
+        """The sampling ("old") policy: EMA if off-policy, else the current weights, no grad."""
+        return self.adapter.velocity(x, sigma, cond, self.guidance_scale,
+                                     transformer=self.sampling_module())
+
+    @torch.no_grad()
+    def ema_velocity(self, x, sigma, cond) -> torch.Tensor:
+        return self.adapter.velocity(x, sigma, cond, self.guidance_scale,
+                                     transformer=self.ema_view())
+
+    # -------------------------------------------------------------- EMA
+    def update_ema(self, optimizer_step: int) -> float | None:
+        """Called after each optimizer step; returns the decay used (None if skipped)."""
+        t = self.cfg.train
+        if self.ema is None or optimizer_step % t.ema_update_interval:
+            return None
+        decay = ema_decay(optimizer_step, t.ema_decay_schedule, t.ema_decay,
+                          initial_decay=t.initial_decay, warmup_steps=t.ema_warmup_steps,
+                          total_steps=t.total_steps, flat_steps=t.flat_steps,
+                          ramp_rate=t.ramp_rate)
+        self.ema.update({n: p.detach() for n, p in self.trainable.items()}, decay)
+        return decay

@@ -1,0 +1,139 @@
+"""Metrics logging (tensorboard / wandb / swanlab / none, plus always ``metrics.jsonl``),
+image grids and the end-of-run report with a reward curve."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+class MetricLogger:
+    """Writes every metric to ``{run_dir}/metrics.jsonl`` and to the chosen backend."""
+
+    def __init__(self, backend: str, run_dir: Path, project: str, run_name: str,
+                 config: dict[str, Any]) -> None:
+        self.run_dir = run_dir
+        self.jsonl = (run_dir / "metrics.jsonl").open("a")
+        self.backend = backend
+        self._tb = self._wandb = self._swan = None
+        if backend == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+        elif backend == "wandb":
+            self._wandb = _import_or_explain("wandb")
+            self._wandb.init(project=project, name=run_name, config=config, dir=str(run_dir))
+        elif backend == "swanlab":
+            self._swan = _import_or_explain("swanlab")
+            self._swan.init(project=project, experiment_name=run_name, config=config,
+                            logdir=str(run_dir))
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        clean = {k: float(v) for k, v in metrics.items()}
+        self.jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+        self.jsonl.flush()
+        if self._tb is not None:
+            for k, v in clean.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(clean, step=step)
+        if self._swan is not None:
+            self._swan.log(clean, step=step)
+
+    def log_image(self, tag: str, path: Path, step: int) -> None:
+        if self._tb is not None:
+            arr = np.asarray(Image.open(path).convert("RGB"))
+            self._tb.add_image(tag, arr, step, dataformats="HWC")
+        if self._wandb is not None:
+            self._wandb.log({tag: self._wandb.Image(str(path))}, step=step)
+        if self._swan is not None:
+            self._swan.log({tag: self._swan.Image(str(path))}, step=step)
+
+    def close(self) -> None:
+        self.jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+        if self._swan is not None:
+            self._swan.finish()
+
+
+def _import_or_explain(name: str):
+    try:
+        return __import__(name)
+    except ImportError:
+        raise ImportError(
+            f"logging_backend: {name} needs the '{name}' package. Fix: pip install 'flowrl[{name}]' "
+            f"or set logging_backend: tensorboard (offline) or none."
+        ) from None
+
+
+def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None, upscale: int = 4) -> Path:
+    """Save ``[N, 3, H, W]`` images in [0, 1] as one PNG grid (nearest upscaled for small images)."""
+    n, _, h, w = images.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    ncol = math.ceil(n / nrow)
+    pad = 2
+    grid = np.ones((ncol * (h + pad) + pad, nrow * (w + pad) + pad, 3), dtype=np.uint8) * 255
+    arr = (images.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    for i in range(n):
+        r, c = divmod(i, nrow)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = arr[i]
+    img = Image.fromarray(grid)
+    if upscale > 1 and max(h, w) < 128:
+        img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+def write_report(run_dir: Path, history: list[dict[str, float]], evals: list[dict[str, float]],
+                 reward_names: list[str], summary: dict[str, Any]) -> Path:
+    """Plot the train reward per epoch and eval reward points; write ``report.md``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    epochs = [h["epoch"] for h in history]
+    for name in reward_names:
+        key = f"train/reward/{name}"
+        if history and key in history[0]:
+            ax.plot(epochs, [h[key] for h in history], label=f"train {name} (rollouts)", alpha=0.7)
+        ekey = f"eval/reward/{name}"
+        if evals and ekey in evals[0]:
+            ax.plot([e["epoch"] for e in evals], [e[ekey] for e in evals], "o-",
+                    label=f"eval {name} (ODE, fixed seeds)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("reward")
+    ax.set_title(f"{summary.get('trainer_type')} on {summary.get('model_type')}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    curve = run_dir / "reward_curve.png"
+    fig.savefig(curve, dpi=120)
+    plt.close(fig)
+    lines = [f"# flowrl run `{summary.get('run_name')}`", "",
+             f"- algorithm: {summary.get('trainer_type')}, model: {summary.get('model_type')}",
+             f"- epochs: {summary.get('epochs')}, wall time: {summary.get('seconds', 0):.1f} s", ""]
+    for name in reward_names:
+        base, final = summary.get(f"base/{name}"), summary.get(f"final/{name}")
+        if base is not None and final is not None:
+            lines.append(f"- eval `{name}`: base {base:.4f} -> final {final:.4f} ({final - base:+.4f})")
+    lines += ["", "![reward curve](reward_curve.png)", ""]
+    for e in evals:
+        grid = e.get("grid")
+        if grid:
+            lines.append(f"epoch {int(e['epoch'])}: ![eval grid]({grid})")
+    report = run_dir / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return report
