@@ -1,7 +1,9 @@
 """Checkpoints a user can load elsewhere.
 
-* LoRA: diffusers' ``save_lora_adapter`` (``pytorch_lora_weights.safetensors``), loadable with
-  ``transformer.load_lora_adapter(dir)`` or a pipeline's ``load_lora_weights``;
+* LoRA: ``lora/pytorch_lora_weights.safetensors`` in diffusers' pipeline LoRA format (PEFT
+  ``lora_A``/``lora_B`` keys and the ``LoraConfig`` metadata, prefixed ``transformer.``),
+  loadable with a pipeline's ``load_lora_weights(dir)`` or
+  ``transformer.load_lora_adapter(dir, use_safetensors=True)``;
 * full fine-tune: ``transformer/`` via ``save_pretrained``;
 * ``ema.safetensors``: the EMA shadow of the trainable parameters (the eval weights);
 * ``trainer_state.json``: epoch, optimizer step, the config.
@@ -28,7 +30,7 @@ def save_checkpoint(path: Path, cfg: Config, accelerator, adapter, policy, epoch
         tmp.mkdir(parents=True)
         transformer = adapter.transformer
         if cfg.model.finetune_type == "lora":
-            transformer.save_lora_adapter(str(tmp / "lora"), adapter_name="default")
+            _save_lora(transformer, tmp / "lora")
         else:
             transformer.save_pretrained(tmp / "transformer")
         if policy.ema is not None:
@@ -39,6 +41,22 @@ def save_checkpoint(path: Path, cfg: Config, accelerator, adapter, policy, epoch
         tmp.rename(path)
     accelerator.wait_for_everyone()
     return path
+
+
+def _save_lora(transformer, directory: Path, prefix: str = "transformer") -> None:
+    """Like ``transformer.save_lora_adapter`` but with keys and metadata under ``prefix.``: the
+    unprefixed file it writes is skipped, with only a warning, by pipelines' ``load_lora_weights``
+    and by ``load_lora_adapter``'s default ``prefix="transformer"``."""
+    from diffusers.loaders.lora_base import LoraBaseMixin
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(transformer, adapter_name="default")
+    meta = transformer.peft_config["default"].to_dict()
+    LoraBaseMixin.write_lora_layers(
+        state_dict={f"{prefix}.{k}": v.contiguous() for k, v in state.items()},
+        save_directory=str(directory), is_main_process=True,
+        weight_name="pytorch_lora_weights.safetensors", save_function=None,
+        safe_serialization=True, lora_adapter_metadata={f"{prefix}.{k}": v for k, v in meta.items()})
 
 
 def load_checkpoint_weights(path: Path, cfg: Config, adapter, policy, *, use_ema: bool = True) -> None:

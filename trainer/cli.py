@@ -51,7 +51,12 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 from trainer.eval_cli import eval_checkpoint
 
-                print(json.dumps(eval_checkpoint(cfg, args.checkpoint), indent=2))
+                try:
+                    result = eval_checkpoint(cfg, args.checkpoint)
+                except FileNotFoundError as e:  # --checkpoint is not a flowrl checkpoint
+                    print(f"flowrl: {e}", file=sys.stderr)
+                    return 2
+                print(json.dumps(result, indent=2))
         except DatasetError as e:
             print(f"flowrl: dataset error: {e}", file=sys.stderr)
             return 2
