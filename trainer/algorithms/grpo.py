@@ -49,11 +49,15 @@ class GRPO(Algorithm):
                        noise_level=t.noise_level, prev_sample=batch.next_latents[:, unit])
         return kl_x_based(out.mean, ref.mean, out.std, sigma - sigma_next, t.dynamics_type)
 
-    def loss(self, batch, unit, state, policy):
-        out, v, x, sigma, sigma_next = self.replay(batch, unit, policy)
+    def surrogate(self, batch, unit, out, sigma, sigma_next):
+        """The clipped policy-gradient term and its metrics for one replayed step."""
         adv = clip_advantages(batch.advantages, self.t.adv_clip_range)
         ratio = policy_ratio(out.log_prob, batch.log_probs[:, unit])
-        loss, metrics = clipped_surrogate(ratio, adv, self.t.clip_range)
+        return clipped_surrogate(ratio, adv, self.t.clip_range)
+
+    def loss(self, batch, unit, state, policy):
+        out, v, x, sigma, sigma_next = self.replay(batch, unit, policy)
+        loss, metrics = self.surrogate(batch, unit, out, sigma, sigma_next)
         metrics = {k: float(v_) for k, v_ in metrics.items()}
         if self.t.kl_beta:
             kl = self.kl(batch, unit, policy, out, v, x, sigma, sigma_next).mean()

@@ -22,16 +22,9 @@ from trainer.algorithms.losses import (clip_advantages, clipped_surrogate, guard
 class GRPOGuard(GRPO):
     keep_means = True
 
-    def loss(self, batch, unit, state, policy):
-        out, v, x, sigma, sigma_next = self.replay(batch, unit, policy)
+    def surrogate(self, batch, unit, out, sigma, sigma_next):
         log_ratio = guard_log_ratio(out.mean, batch.means[:, unit], batch.next_latents[:, unit],
                                     batch.stds[:, unit])
         adv = clip_advantages(batch.advantages, self.t.adv_clip_range)
         loss, metrics = clipped_surrogate(log_ratio.exp(), adv, self.t.clip_range)
-        loss = loss * guard_loss_scale(sigma - sigma_next)
-        metrics = {k: float(v_) for k, v_ in metrics.items()}
-        if self.t.kl_beta:
-            kl = self.kl(batch, unit, policy, out, v, x, sigma, sigma_next).mean()
-            loss = loss + self.t.kl_beta * kl
-            metrics["kl"] = kl.item()
-        return loss, metrics
+        return loss * guard_loss_scale(sigma - sigma_next), metrics
