@@ -1,0 +1,67 @@
+"""``toy_geneval``: the programmatic GenEval-style reward of the toy world (:mod:`shared.toy`).
+
+Each image is checked against its prompt by :func:`shared.toy.verify.verify`; the reward is the
+fraction of the prompt's checks that pass (``strict=True``: 1.0 if all pass, else 0.0). Only
+toy-world prompts (the grammar of :mod:`shared.toy.scenes`) can be scored. Images of any size
+work; the verifier scales its area and distance thresholds with the image.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from shared.rewards.base import REWARDS, RewardModel
+from shared.rewards.builtin import _check_rgb, to_uint8_hwc
+from shared.toy.scenes import CATEGORIES, PromptSpec, parse_prompt
+from shared.toy.verify import Verdict, verify
+
+
+def _parse(prompt: str) -> PromptSpec:
+    try:
+        return parse_prompt(prompt)
+    except ValueError as e:
+        raise ValueError(
+            f"toy_geneval only scores toy-world prompts (shared.toy); cannot score prompt {prompt!r}: {e}"
+        ) from None
+
+
+@REWARDS.register("toy_geneval")
+class ToyGenEval(RewardModel):
+    """Toy GenEval verifier reward. Pointwise.
+
+    Args:
+        strict: score 1.0/0.0 (all checks pass or not) instead of the fraction of checks passed.
+    """
+
+    kind = "pointwise"
+
+    def __init__(self, *, strict: bool = False, **options) -> None:
+        super().__init__(**options)
+        self.strict = bool(strict)
+
+    def verdicts(self, images: torch.Tensor, prompts: list[str]) -> list[Verdict]:
+        """One :class:`~shared.toy.verify.Verdict` per image (``[B, 3, H, W]`` in [0, 1])."""
+        _check_rgb(images, self.name)
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"{self.name}: got {len(prompts)} prompts for {images.shape[0]} images")
+        for prompt in prompts:
+            _parse(prompt)  # fail early, with the reward's own message
+        return [verify(array, prompt) for array, prompt in zip(to_uint8_hwc(images), prompts)]
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """``[B]`` float32: fraction of checks passed (``strict``: 1.0/0.0 correctness)."""
+        verdicts = self.verdicts(images, prompts)
+        values = [float(v.correct) if self.strict else v.score for v in verdicts]
+        return torch.tensor(values, dtype=torch.float32)
+
+    def details(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Per-sample float32 ``[B]`` tensors: ``"accuracy"`` (1.0/0.0 correctness) and, for every
+        category ``c`` of ``CATEGORIES``, ``"accuracy/c"``: correctness for samples of that
+        category, NaN for the others (so ``nanmean`` gives the per-category accuracy)."""
+        verdicts = self.verdicts(images, prompts)
+        correct = torch.tensor([float(v.correct) for v in verdicts], dtype=torch.float32)
+        out = {"accuracy": correct}
+        for category in CATEGORIES:
+            mine = torch.tensor([v.category == category for v in verdicts], dtype=torch.bool)
+            out[f"accuracy/{category}"] = torch.where(mine, correct, torch.full_like(correct, float("nan")))
+        return out

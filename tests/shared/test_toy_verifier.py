@@ -1,0 +1,222 @@
+"""Toy world verifier (shared.toy.verify) and the ``toy_geneval`` reward."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from shared.rewards import REWARDS, build_reward, score_all
+from shared.toy import (
+    BACKGROUND,
+    CATEGORIES,
+    IMAGE_SIZE,
+    Obj,
+    Scene,
+    all_prompts,
+    detect,
+    parse_prompt,
+    prompt_text,
+    render,
+    sample_scene,
+    verify,
+)
+
+SEEDS_PER_CATEGORY = 120
+
+
+def degrade(image, seed, sigma=0.6, noise=6.0):
+    """Gaussian blur (``sigma`` px) plus Gaussian noise (std ``noise`` on the uint8 scale)."""
+    blurred = ndimage.gaussian_filter(image.astype(np.float32), sigma=(sigma, sigma, 0))
+    noisy = blurred + np.random.default_rng(seed).normal(0.0, noise, blurred.shape)
+    return np.clip(np.round(noisy), 0, 255).astype(np.uint8)
+
+
+def scenes(category, n=SEEDS_PER_CATEGORY):
+    """``n`` (prompt, scene) pairs of ``category``, cycling over its prompts, seeds 0..n-1."""
+    specs = [s for s in all_prompts() if s.category == category]
+    for seed in range(n):
+        spec = specs[(seed * 7) % len(specs)]
+        yield prompt_text(spec), sample_scene(spec, np.random.default_rng(seed))
+
+
+@pytest.fixture(scope="module")
+def accuracy():
+    """Per category: (fraction of clean renders scoring 1.0, fraction of degraded ones)."""
+    out = {}
+    for category in CATEGORIES:
+        clean = noisy = 0
+        for seed, (prompt, scene) in enumerate(scenes(category)):
+            image = render(scene)
+            clean += verify(image, prompt).score == 1.0
+            noisy += verify(degrade(image, seed), prompt).correct
+        out[category] = (clean / SEEDS_PER_CATEGORY, noisy / SEEDS_PER_CATEGORY)
+    return out
+
+
+@pytest.mark.parametrize("category", CATEGORIES)
+def test_ground_truth_scenes_verify(accuracy, category):
+    clean, noisy = accuracy[category]
+    assert clean >= 0.99, f"{category}: {clean:.1%} of {SEEDS_PER_CATEGORY} clean renders fully correct"
+    assert noisy >= 0.95, f"{category}: {noisy:.1%} of {SEEDS_PER_CATEGORY} blurred+noisy renders fully correct"
+
+
+def test_detect_reports_shapes_colours_and_centres():
+    scene = Scene(
+        [
+            Obj("circle", "red", 15.0, 15.0, 14.0),
+            Obj("square", "blue", 45.0, 20.0, 12.0),
+            Obj("triangle", "yellow", 30.0, 48.0, 16.0),
+        ]
+    )
+    found = sorted(detect(render(scene)), key=lambda d: d.shape)
+    assert [(d.shape, d.color) for d in found] == [("circle", "red"), ("square", "blue"), ("triangle", "yellow")]
+    for d, o in zip(found, scene.objects):
+        assert abs(d.cx - o.cx) < 1.0
+    assert abs(found[1].cy - 20.0) < 1.0 and found[1].area == 144
+    assert detect(render(Scene([]))) == []
+
+
+def test_empty_image_scores_zero_for_every_category():
+    empty = render(Scene([]))
+    for spec in all_prompts()[::5]:  # every category, many prompts
+        assert verify(empty, prompt_text(spec)).score == 0.0, prompt_text(spec)
+
+
+def grid_scene(k, shape="square"):
+    """``k`` (<= 9) objects of ``shape`` of size 12 on a 3 x 3 grid of pitch 20 px."""
+    cells = [(12 + 20 * (i % 3), 12 + 20 * (i // 3)) for i in range(k)]
+    return Scene([Obj(shape, "green", float(x), float(y), 12.0) for x, y in cells])
+
+
+def test_wrong_count():
+    for n in (1, 2, 3, 4):
+        prompt = f"a photo of {['one', 'two', 'three', 'four'][n - 1]} {'square' if n == 1 else 'squares'}"
+        assert verify(render(grid_scene(n)), prompt).correct
+        for wrong in (n - 1, n + 1):
+            verdict = verify(render(grid_scene(wrong)), prompt)
+            assert verdict.score < 1.0 and not verdict.checks[f"count square == {n}"], (prompt, wrong)
+    # n - 1 / n + 1 objects of a sampled scene
+    scene = sample_scene("a photo of three circles", np.random.default_rng(4))
+    scene.objects.pop()
+    assert not verify(render(scene), "a photo of three circles").correct
+    assert verify(render(scene), "a photo of two circles").correct
+
+
+def test_wrong_colour():
+    image = render(sample_scene("a photo of a blue circle", np.random.default_rng(0)))
+    verdict = verify(image, "a photo of a red circle")
+    assert verdict.checks == {"has circle": True, "circle is red": False} and verdict.score == 0.5
+    image = render(sample_scene("a photo of a blue square and a red circle", np.random.default_rng(0)))
+    verdict = verify(image, "a photo of a red square and a blue circle")  # colours swapped
+    assert verdict.score == 0.5 and not verdict.correct
+
+
+def test_wrong_side():
+    for seed, prompt in enumerate(
+        ["a photo of a circle left of a square", "a photo of a triangle above a circle", "a photo of a square below a triangle"]
+    ):
+        scene = sample_scene(prompt, np.random.default_rng(seed))
+        assert verify(render(scene), prompt).correct
+        a, b = scene.objects
+        a.cx, a.cy, b.cx, b.cy = b.cx, b.cy, a.cx, a.cy  # swap places
+        verdict = verify(render(scene), prompt)
+        assert verdict.score == pytest.approx(2 / 3) and not verdict.correct
+
+
+def test_missing_object():
+    scene = sample_scene("a photo of a circle and a triangle", np.random.default_rng(1))
+    scene.objects = [o for o in scene.objects if o.shape != "triangle"]
+    verdict = verify(render(scene), "a photo of a circle and a triangle")
+    assert verdict.checks == {"has circle": True, "has triangle": False}
+    scene = sample_scene("a photo of a red square and a blue circle", np.random.default_rng(1))
+    scene.objects = scene.objects[:1]
+    assert verify(render(scene), "a photo of a red square and a blue circle").score == 0.5
+
+
+def test_extra_objects_only_matter_for_counting():
+    scene = Scene([Obj("circle", "red", 15, 15, 12), Obj("square", "green", 45, 45, 12), Obj("triangle", "blue", 15, 45, 12)])
+    image = render(scene)
+    assert verify(image, "a photo of a circle").correct
+    assert verify(image, "a photo of a red circle and a green square").correct
+    assert verify(image, "a photo of one circle").correct
+    scene.objects.append(Obj("circle", "cyan", 45, 15, 12))
+    assert not verify(render(scene), "a photo of one circle").correct
+
+
+def test_verify_rejects_bad_inputs():
+    with pytest.raises(ValueError, match="a photo of a SHAPE"):
+        verify(render(Scene([])), "a photo of a cat")
+    with pytest.raises(ValueError, match="uint8"):
+        verify(np.zeros((8, 8, 3), dtype=np.float32), "a photo of a circle")
+
+
+# ----------------------------------------------------------------------------- reward
+
+
+def to_tensor(images):
+    """uint8 ``[B, H, W, 3]`` -> float ``[B, 3, H, W]`` in [0, 1]."""
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
+
+
+@pytest.fixture(scope="module")
+def batch():
+    prompts, images = [], []
+    for category in CATEGORIES:
+        for prompt, scene in scenes(category, n=2):
+            prompts.append(prompt)
+            images.append(render(scene))
+    prompts.append("a photo of a red circle")  # wrong colour: half right
+    images.append(render(sample_scene("a photo of a blue circle", np.random.default_rng(0))))
+    return prompts, images
+
+
+def test_reward_registered_and_built():
+    assert "toy_geneval" in REWARDS
+    reward = build_reward("toy_geneval")
+    assert reward.kind == "pointwise" and reward.accepted_options() == ["device", "dtype", "strict"]
+    with pytest.raises(TypeError, match="strict"):
+        build_reward("toy_geneval", strikt=True)
+
+
+def test_reward_scores_and_strict(batch):
+    prompts, images = batch
+    scores = build_reward("toy_geneval").score(to_tensor(images), prompts)
+    assert scores.shape == (len(prompts),) and scores.dtype == torch.float32
+    assert torch.all(scores[:-1] == 1.0) and scores[-1].item() == 0.5
+    strict = build_reward("toy_geneval", strict=True).score(to_tensor(images), prompts)
+    assert torch.all(strict[:-1] == 1.0) and strict[-1].item() == 0.0
+    via_dispatch = score_all(build_reward("toy_geneval"), to_tensor(images), prompts, torch.arange(len(prompts)), 4)
+    assert torch.equal(via_dispatch, scores)
+
+
+def test_reward_details(batch):
+    prompts, images = batch
+    details = build_reward("toy_geneval").details(to_tensor(images), prompts)
+    assert set(details) == {"accuracy"} | {f"accuracy/{c}" for c in CATEGORIES}
+    assert details["accuracy"].tolist() == [1.0] * (len(prompts) - 1) + [0.0]
+    categories = [parse_prompt(p).category for p in prompts]
+    for c in CATEGORIES:
+        values = details[f"accuracy/{c}"]
+        assert values.shape == (len(prompts),) and values.dtype == torch.float32
+        for value, category, correct in zip(values.tolist(), categories, details["accuracy"].tolist()):
+            assert (value == correct) if category == c else math.isnan(value)
+
+
+def test_reward_works_at_128px():
+    prompt = "a photo of a circle left of a square"
+    scene = sample_scene(prompt, np.random.default_rng(2))
+    big = render(scene, size=128)
+    upscaled = np.kron(render(scene), np.ones((2, 2, 1), dtype=np.uint8))
+    reward = build_reward("toy_geneval", strict=True)
+    assert reward.score(to_tensor([big, upscaled]), [prompt, prompt]).tolist() == [1.0, 1.0]
+    a, b = scene.objects
+    a.cx, b.cx = b.cx, a.cx
+    assert reward.score(to_tensor([render(scene, size=128)]), [prompt]).tolist() == [0.0]
+
+
+def test_reward_rejects_non_toy_prompts():
+    image = to_tensor([np.full((IMAGE_SIZE, IMAGE_SIZE, 3), BACKGROUND, dtype=np.uint8)])
+    with pytest.raises(ValueError, match=r"toy_geneval only scores toy-world prompts.*'a photo of a cat'"):
+        build_reward("toy_geneval").score(image, ["a photo of a cat"])
