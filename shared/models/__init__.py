@@ -2,7 +2,10 @@
 
 from shared.models.base import MODELS, Conditioning, FlowModelAdapter, ParamView
 
-MODELS.register("tiny", "shared.models.tiny.TinyAdapter") if "tiny" not in MODELS else None
+for _name, _path in (("tiny", "shared.models.tiny.TinyAdapter"),
+                     ("sd3-5", "shared.models.sd3.SD3Adapter")):
+    if _name not in MODELS:
+        MODELS.register(_name, _path)
 
 
 def load_adapter(model_cfg, *, device, seed: int) -> FlowModelAdapter:

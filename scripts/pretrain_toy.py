@@ -1,0 +1,250 @@
+"""Pretrain the toy SD3 pipeline on procedurally generated scenes (``shared.toy``).
+
+Reproducible from ``--seed`` (same torch build and thread count). Three stages:
+
+1. a CLIP-style BPE tokenizer on the toy prompt corpus, and a random toy
+   ``StableDiffusion3Pipeline`` (``shared.toy.pipeline``);
+2. the VAE as an autoencoder on rendered training scenes (MSE + L1 + a small KL), then its
+   ``shift_factor`` / ``scaling_factor`` set from the latent statistics, as SD3's are;
+3. the transformer and both text encoders jointly with the rectified-flow loss
+   (``x_t = (1 - t) x0 + t eps``, target ``eps - x0``, logit-normal ``t``, the prompt dropped
+   to "" 10% of the time so CFG works), EMA of the weights.
+
+Every ``--eval-every`` steps the EMA model samples the held-out test prompts (ODE, fixed
+seeds, ``--eval-steps``, ``--guidance``) and the ``toy_geneval`` verifier scores them. The run
+stops at the first evaluation whose held-out accuracy reaches ``--target`` (the toy must be
+decent but imperfect so RL has room) or after ``--dit-steps``, and saves the EMA pipeline with
+``save_pretrained`` plus ``pretrain.json`` (arguments, accuracy curve, timings).
+
+    python scripts/pretrain_toy.py --out assets/toy-sd3
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from shared.flow import flow_sigmas  # noqa: E402
+from shared.models.sd3 import SD3Adapter  # noqa: E402
+from shared.sampling import rollout  # noqa: E402
+from shared.toy.pipeline import TOY_SIZES, build_tokenizer, build_toy_pipeline, save_toy_pipeline  # noqa: E402
+from shared.toy.scenes import CATEGORIES, prompt_text, split, training_pairs  # noqa: E402
+from shared.toy.verify import verify  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="assets/toy-sd3")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-images", type=int, default=20000)
+    p.add_argument("--vae-steps", type=int, default=1500)
+    p.add_argument("--vae-batch", type=int, default=16)
+    p.add_argument("--dit-steps", type=int, default=4000)
+    p.add_argument("--dit-batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--text-lr", type=float, default=3e-4)
+    p.add_argument("--ema", type=float, default=0.995)
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--eval-steps", type=int, default=10)
+    p.add_argument("--guidance", type=float, default=1.0)
+    p.add_argument("--target", type=float, default=0.45)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    return p.parse_args(argv)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def make_data(n: int, seed: int) -> tuple[list[str], torch.Tensor]:
+    prompts, images = [], []
+    for prompt, image in training_pairs(n, seed):
+        prompts.append(prompt)
+        images.append(image)
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # uint8 [N,3,64,64]
+    return prompts, x
+
+
+def to_unit(x_u8: torch.Tensor, device) -> torch.Tensor:
+    """uint8 [B,3,H,W] -> float [-1, 1] on ``device``."""
+    return x_u8.to(device).float() / 127.5 - 1.0
+
+
+def train_vae(vae, images, args, g: torch.Generator) -> list[float]:
+    device = args.device
+    vae.train().requires_grad_(True)
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=args.vae_steps, pct_start=0.05)
+    losses = []
+    for step in range(args.vae_steps):
+        idx = torch.randint(len(images), (args.vae_batch,), generator=g)
+        x = to_unit(images[idx], device)
+        post = vae.encode(x).latent_dist
+        z = post.sample(generator=None)
+        rec = vae.decode(z).sample
+        kl = post.kl().mean() / x[0].numel()
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if step % 100 == 0 or step == args.vae_steps - 1:
+            log(f"vae step {step:5d} loss {np.mean(losses[-100:]):.4f}")
+    vae.eval().requires_grad_(False)
+    return losses
+
+
+@torch.no_grad()
+def encode_all(vae, images, device, batch=256) -> torch.Tensor:
+    out = [vae.encode(to_unit(images[i:i + batch], device)).latent_dist.mean
+           for i in range(0, len(images), batch)]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def held_out_accuracy(adapter, transformer, prompts, args) -> dict:
+    """ODE samples of every held-out prompt (seed = index), scored by the verifier."""
+    sigmas = flow_sigmas(args.eval_steps, adapter.scheduler_shift)
+    verdicts = []
+    for i in range(0, len(prompts), 64):
+        chunk = prompts[i:i + 64]
+        cond = adapter.encode_prompts(chunk, cfg=args.guidance > 1.0)
+        roll = rollout(adapter, cond, list(range(i, i + len(chunk))), resolution=(64, 64),
+                       sigmas=sigmas, guidance_scale=args.guidance, dynamics="ODE",
+                       noise_level=0.0, sde_steps=[], transformer=transformer)
+        u8 = (roll.images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        verdicts += [verify(img, p) for img, p in zip(u8, chunk)]
+    out = {"accuracy": float(np.mean([v.correct for v in verdicts])),
+           "score": float(np.mean([v.score for v in verdicts]))}
+    for c in CATEGORIES:
+        mine = [v.correct for v in verdicts if v.category == c]
+        if mine:
+            out[f"accuracy/{c}"] = float(np.mean(mine))
+    return out
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    g = torch.Generator().manual_seed(args.seed)
+    out = Path(args.out)
+    t_start = time.time()
+    timings = {}
+
+    tok_dir = out.parent / (out.name + ".tokenizer-tmp")
+    build_tokenizer(tok_dir)
+    pipe = build_toy_pipeline(TOY_SIZES, seed=args.seed, tokenizer_dir=tok_dir)
+    for f in tok_dir.iterdir():
+        f.unlink()
+    tok_dir.rmdir()
+    pipe.to(args.device)
+
+    t0 = time.time()
+    prompts, images = make_data(args.num_images, args.seed)
+    timings["data_s"] = time.time() - t0
+    log(f"{len(prompts)} training scenes in {timings['data_s']:.1f}s")
+
+    t0 = time.time()
+    vae_losses = train_vae(pipe.vae, images, args, g)
+    latents = encode_all(pipe.vae, images, args.device)
+    shift = latents.mean().item()
+    scale = 1.0 / (latents - shift).std().item()
+    pipe.vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    x0_all = ((latents - shift) * scale).cpu()
+    timings["vae_s"] = time.time() - t0
+    log(f"vae done in {timings['vae_s']:.0f}s; shift {shift:.4f} scale {scale:.4f}")
+
+    adapter = SD3Adapter.from_pipeline(pipe, {"max_sequence_length": 0}, args.device)
+    transformer, te1, te2 = pipe.transformer, pipe.text_encoder, pipe.text_encoder_2
+    trainables = [transformer, te1, te2]
+    for m in trainables:
+        m.train().requires_grad_(True)
+    opt = torch.optim.AdamW([
+        {"params": transformer.parameters(), "lr": args.lr},
+        {"params": list(te1.parameters()) + list(te2.parameters()), "lr": args.text_lr},
+    ], weight_decay=0.01)
+    warmup = 200
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    ema = [copy.deepcopy(m).requires_grad_(False).eval() for m in trainables]
+
+    _, test_specs = split()
+    test_prompts = [prompt_text(s) for s in test_specs]
+    curve, losses = [], []
+    t0 = time.time()
+    stopped_at = args.dit_steps
+    for step in range(1, args.dit_steps + 1):
+        idx = torch.randint(len(prompts), (args.dit_batch,), generator=g)
+        batch_prompts = [prompts[i] if torch.rand((), generator=g) > 0.1 else "" for i in idx.tolist()]
+        pe, _, pooled, _ = pipe.encode_prompt(batch_prompts, None, None, device=args.device,
+                                              do_classifier_free_guidance=False, max_sequence_length=0)
+        x0 = x0_all[idx].to(args.device)
+        eps = torch.randn(x0.shape, generator=g).to(args.device)
+        t = torch.sigmoid(torch.randn(len(idx), generator=g)).to(args.device)
+        xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
+        v = transformer(hidden_states=xt, timestep=t * 1000, encoder_hidden_states=pe,
+                        pooled_projections=pooled, return_dict=False)[0]
+        loss = F.mse_loss(v.float(), eps - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for m in trainables for p in m.parameters()], 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for live, shadow in zip(trainables, ema):
+                for p, q in zip(live.parameters(), shadow.parameters()):
+                    q.lerp_(p, 1 - decay)
+        if step % 50 == 0:
+            log(f"dit step {step:5d} loss {np.mean(losses[-50:]):.4f} ({(time.time() - t0) / step:.2f}s/step)")
+        if step % args.eval_every == 0 or step == args.dit_steps:
+            # evaluate the EMA weights through the pipeline's own modules
+            live_state = [m.state_dict() for m in trainables]
+            for live, shadow in zip(trainables, ema):
+                live.load_state_dict(shadow.state_dict())
+            acc = held_out_accuracy(adapter, transformer, test_prompts, args)
+            acc.update(step=step, seconds=round(time.time() - t0, 1), loss=float(np.mean(losses[-args.eval_every:])))
+            curve.append(acc)
+            log("eval " + json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in acc.items()}))
+            if acc["accuracy"] >= args.target or step == args.dit_steps:
+                stopped_at = step
+                break  # EMA weights stay loaded: they are what we save
+            for live, state in zip(trainables, live_state):
+                live.load_state_dict(state)
+    timings["dit_s"] = time.time() - t0
+
+    pipe.to("cpu")
+    for m in trainables:
+        m.eval().requires_grad_(False)
+    save_toy_pipeline(pipe, out)
+    report = {
+        "args": vars(args), "stopped_at_step": stopped_at, "final": curve[-1] if curve else None,
+        "curve": curve, "vae_final_loss": float(np.mean(vae_losses[-100:])),
+        "vae_shift_factor": shift, "vae_scaling_factor": scale,
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "total_s": round(time.time() - t_start, 1), "torch": torch.__version__,
+        "parameters": {k: sum(p.numel() for p in getattr(pipe, k).parameters())
+                       for k in ("transformer", "vae", "text_encoder", "text_encoder_2")},
+    }
+    (out / "pretrain.json").write_text(json.dumps(report, indent=2) + "\n")
+    log(f"saved {out} (held-out accuracy {report['final']['accuracy'] if curve else float('nan'):.3f}, "
+        f"{report['total_s']:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()
