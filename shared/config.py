@@ -98,6 +98,7 @@ class TrainConfig(_Strict):
     trainer_type: str = "grpo"
     seed: int = 42
     max_epochs: int = Field(100, gt=0)  # one epoch = one rollout + update round
+    max_train_seconds: float | None = Field(None, gt=0)  # wall-clock budget: stop after the epoch that exceeds it
     resolution: Resolution = 512
     num_inference_steps: int = Field(10, ge=1)
     guidance_scale: float = Field(1.0, ge=0)  # > 1 enables CFG (the policy is the guided step)

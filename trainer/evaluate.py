@@ -17,10 +17,12 @@ GRID_MAX = 16
 @torch.no_grad()
 def evaluate(cfg: Config, accelerator, adapter, policy, rewards: dict, specs, rows,
              run_dir: Path, epoch: int) -> dict:
-    """Mean eval reward per reward over all prompts (all processes); rank 0 writes the grid."""
+    """Mean eval reward per reward over all prompts (all processes), plus the NaN-ignoring mean
+    of each reward's ``details`` (``eval/{label}/{key}``); rank 0 writes the grid."""
     e, rank, world = cfg.eval, accelerator.process_index, accelerator.num_processes
     mine = list(range(rank, len(rows), world))  # prompt i is always evaluated with seed e.seed + i
     sums = torch.zeros(len(specs), 2, dtype=torch.float64)  # (sum, count) per reward
+    detail_sums: dict[str, torch.Tensor] = {}  # "label/key" -> (sum, count) of reward details
     grid_images = None
     if mine:
         prompts = [rows[i].prompt for i in mine]
@@ -36,11 +38,19 @@ def evaluate(cfg: Config, accelerator, adapter, policy, rewards: dict, specs, ro
             s = scores[spec.label].double()
             ok = ~torch.isnan(s)
             sums[j] = torch.stack([s[ok].sum(), ok.sum().double()])
+            for key, values in rewards[spec.label].details(roll.images, prompts).items():
+                d = values.detach().double().cpu()
+                ok = ~torch.isnan(d)
+                detail_sums[f"{spec.label}/{key}"] = torch.stack([d[ok].sum(), ok.sum().double()])
         grid_images = roll.images[:GRID_MAX]
     sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
     out: dict = {"epoch": epoch}
     for j, spec in enumerate(specs):
         out[f"eval/reward/{spec.label}"] = float(sums[j, 0] / sums[j, 1].clamp_min(1))
+    for name in sorted(detail_sums):  # every rank scores the same rewards, so the keys agree
+        total = accelerator.reduce(detail_sums[name].to(accelerator.device), reduction="sum").cpu()
+        if total[1] > 0:
+            out[f"eval/{name}"] = float(total[0] / total[1])
     if accelerator.is_main_process and grid_images is not None:
         name = f"eval_grid_epoch{epoch:04d}.png"
         save_grid(grid_images, run_dir / "images" / name)

@@ -28,7 +28,7 @@ from trainer.collect import SEED_STRIDE, EpochData, collect_epoch
 from trainer.data import load_prompts
 from trainer.evaluate import evaluate
 from trainer.policy import Policy, attach_trainable
-from trainer.reporting import MetricLogger, write_report
+from trainer.reporting import MetricLogger, detail_keys, write_report
 
 
 def run_name(cfg: Config) -> str:
@@ -148,16 +148,18 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
             print(f"flowrl: {t.trainer_type} on {cfg.model.model_type}, {geo.world_size} process(es), "
                   f"{geo.groups_per_epoch} groups x {geo.group_size} samples per epoch -> {run_dir}")
 
+    start, step, train_seconds = time.time(), 0, 0.0
+
     def run_eval(epoch: int) -> dict:
         ev = evaluate(cfg, accelerator, adapter, policy, eval_rewards, eval_specs, eval_rows,
                       run_dir, epoch)
+        ev["time/train_seconds"] = train_seconds
         if main:
             logger.log({k: v for k, v in ev.items() if k != "grid"}, step=epoch)
             if ev.get("grid"):
                 logger.log_image("eval/images", run_dir / ev["grid"], epoch)
         return ev
 
-    start, step = time.time(), 0
     evals = [run_eval(0)]
     history: list[dict] = []
     bar = tqdm(range(t.max_epochs), desc="epochs", disable=not main or quiet, dynamic_ncols=True)
@@ -167,28 +169,39 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
             data = collect_epoch(cfg, accelerator, adapter, policy, algorithm, rewards, train_rows, epoch)
         step, opt_metrics = optimize(cfg, accelerator, policy, algorithm, optimizer, lr_schedule,
                                      data, epoch, step)
+        train_seconds += time.time() - t0
         metrics = {"epoch": epoch + 1, **data.metrics, **opt_metrics,
-                   "train/optimizer_step": step, "time/epoch_seconds": time.time() - t0}
+                   "train/optimizer_step": step, "time/epoch_seconds": time.time() - t0,
+                   "time/train_seconds": train_seconds}
         history.append(metrics)
         if main:
             logger.log(metrics, step=epoch + 1)
             first = eval_specs[0].label
             bar.set_postfix(reward=f"{metrics.get(f'train/reward/{cfg.rewards[0].label}', 0):.4f}",
                             eval=f"{evals[-1].get(f'eval/reward/{first}', float('nan')):.4f}")
-        last = epoch + 1 == t.max_epochs
+        # the wall-clock budget is decided on rank 0 and broadcast, so every rank stops together
+        over = torch.tensor([float(t.max_train_seconds is not None and train_seconds >= t.max_train_seconds)],
+                            device=accelerator.device)
+        last = epoch + 1 == t.max_epochs or bool(accelerator.reduce(over, reduction="max").item())
         if last or (cfg.eval.eval_freq and (epoch + 1) % cfg.eval.eval_freq == 0):
             evals.append(run_eval(epoch + 1))
         if t.save_freq and (epoch + 1) % t.save_freq == 0 and not last:
             save_checkpoint(run_dir / "checkpoints" / f"checkpoint-{epoch + 1}", cfg, accelerator,
                             adapter, policy, epoch + 1, step)
+        if last:
+            break
+    epochs_done = len(history)
     final_dir = save_checkpoint(run_dir / "checkpoints" / "final", cfg, accelerator, adapter, policy,
-                                t.max_epochs, step)
+                                epochs_done, step)
     summary = {"run_name": name, "trainer_type": t.trainer_type, "model_type": cfg.model.model_type,
-               "epochs": t.max_epochs, "optimizer_steps": step, "seconds": time.time() - start,
+               "epochs": epochs_done, "optimizer_steps": step, "seconds": time.time() - start,
+               "train_seconds": train_seconds,
                "world_size": geo.world_size, "run_dir": str(run_dir), "checkpoint": str(final_dir)}
     for spec in eval_specs:
         summary[f"base/{spec.label}"] = evals[0][f"eval/reward/{spec.label}"]
         summary[f"final/{spec.label}"] = evals[-1][f"eval/reward/{spec.label}"]
+    for key in detail_keys(evals[-1]):  # e.g. eval/toy_geneval/accuracy/position
+        summary[f"base/{key}"], summary[f"final/{key}"] = evals[0].get(f"eval/{key}"), evals[-1][f"eval/{key}"]
     if main:
         report = write_report(run_dir, history, evals, [s.label for s in eval_specs], summary)
         summary["report"] = str(report)
@@ -198,6 +211,8 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
             for spec in eval_specs:
                 print(f"eval reward '{spec.label}': base {summary[f'base/{spec.label}']:.4f} -> "
                       f"final {summary[f'final/{spec.label}']:.4f}")
+            for key in detail_keys(evals[-1]):
+                print(f"  {key}: base {summary[f'base/{key}']:.4f} -> final {summary[f'final/{key}']:.4f}")
             print(f"report: {report}  (reward curve: {run_dir / 'reward_curve.png'})")
     _write_rank_state(run_dir, accelerator, policy, data)
     accelerator.wait_for_everyone()

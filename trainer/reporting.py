@@ -94,41 +94,77 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None, upscale
     return path
 
 
-def write_report(run_dir: Path, history: list[dict[str, float]], evals: list[dict[str, float]],
-                 reward_names: list[str], summary: dict[str, Any]) -> Path:
-    """Plot the train reward per epoch and eval reward points; write ``report.md``."""
+def detail_keys(ev: dict[str, Any]) -> list[str]:
+    """Reward-detail keys of an eval dict (``eval/{label}/{key}`` minus ``eval/``), sorted."""
+    return sorted(k[len("eval/"):] for k in ev if k.startswith("eval/") and not k.startswith("eval/reward/"))
+
+
+def plot_curves(path: Path, history: list[dict[str, float]], evals: list[dict[str, float]],
+                reward_names: list[str], title: str) -> Path:
+    """Reward vs training wall-clock time (train rollouts per epoch, eval points); a second panel
+    with the reward details (e.g. per-category accuracy) when the rewards report any."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    epochs = [h["epoch"] for h in history]
+    details = detail_keys(evals[-1]) if evals else []
+    fig, axes = plt.subplots(1, 2 if details else 1, figsize=(13 if details else 7, 4), squeeze=False)
+    ax = axes[0][0]
+    minutes = lambda rows: [r.get("time/train_seconds", 0.0) / 60 for r in rows]  # noqa: E731
     for name in reward_names:
         key = f"train/reward/{name}"
         if history and key in history[0]:
-            ax.plot(epochs, [h[key] for h in history], label=f"train {name} (rollouts)", alpha=0.7)
+            ax.plot(minutes(history), [h[key] for h in history], label=f"train {name} (rollouts)", alpha=0.7)
         ekey = f"eval/reward/{name}"
         if evals and ekey in evals[0]:
-            ax.plot([e["epoch"] for e in evals], [e[ekey] for e in evals], "o-",
-                    label=f"eval {name} (ODE, fixed seeds)")
-    ax.set_xlabel("epoch")
+            ax.plot(minutes(evals), [e[ekey] for e in evals], "o-", label=f"eval {name} (ODE, fixed seeds)")
+    ax.set_xlabel("training time (minutes)")
     ax.set_ylabel("reward")
-    ax.set_title(f"{summary.get('trainer_type')} on {summary.get('model_type')}")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+    if details:
+        ax = axes[0][1]
+        for key in details:
+            ax.plot(minutes(evals), [e.get(f"eval/{key}", float("nan")) for e in evals], "o-", label=key)
+        ax.set_xlabel("training time (minutes)")
+        ax.set_title("eval details (held-out prompts)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    curve = run_dir / "reward_curve.png"
-    fig.savefig(curve, dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
+    return path
+
+
+def write_report(run_dir: Path, history: list[dict[str, float]], evals: list[dict[str, float]],
+                 reward_names: list[str], summary: dict[str, Any]) -> Path:
+    """``report.md``: base vs final eval rewards and details, the reward-vs-time curve
+    (``reward_curve.png``), the before/after eval grids (same prompts and seeds) and every eval grid."""
+    plot_curves(run_dir / "reward_curve.png", history, evals, reward_names,
+                f"{summary.get('trainer_type')} on {summary.get('model_type')}")
     lines = [f"# flowrl run `{summary.get('run_name')}`", "",
              f"- algorithm: {summary.get('trainer_type')}, model: {summary.get('model_type')}",
-             f"- epochs: {summary.get('epochs')}, wall time: {summary.get('seconds', 0):.1f} s", ""]
+             f"- epochs: {summary.get('epochs')}, training time: {summary.get('train_seconds', 0):.1f} s, "
+             f"wall time: {summary.get('seconds', 0):.1f} s", ""]
     for name in reward_names:
         base, final = summary.get(f"base/{name}"), summary.get(f"final/{name}")
         if base is not None and final is not None:
             lines.append(f"- eval `{name}`: base {base:.4f} -> final {final:.4f} ({final - base:+.4f})")
-    lines += ["", "![reward curve](reward_curve.png)", ""]
+    details = detail_keys(evals[-1]) if evals else []
+    if details:
+        lines += ["", "| eval detail | base | final | change |", "|---|---|---|---|"]
+        for key in details:
+            base, final = summary.get(f"base/{key}"), summary.get(f"final/{key}")
+            if base is not None and final is not None:
+                lines.append(f"| {key} | {base:.3f} | {final:.3f} | {final - base:+.3f} |")
+    lines += ["", "![reward vs time](reward_curve.png)", ""]
+    if len(evals) > 1 and evals[0].get("grid") and evals[-1].get("grid"):
+        lines += ["## Before and after (same prompts, same seeds)", "",
+                  "| before (base model) | after |", "|---|---|",
+                  f"| ![before]({evals[0]['grid']}) | ![after]({evals[-1]['grid']}) |", ""]
+    lines += ["## Every evaluation", ""]
     for e in evals:
         grid = e.get("grid")
         if grid:

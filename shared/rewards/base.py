@@ -117,6 +117,12 @@ class RewardModel:
         """Pairwise: ``images_a, images_b [P,3,H,W]`` -> ``[P]`` probability that ``a`` is better."""
         raise NotImplementedError(f"{self.name} (kind '{self.kind}') does not implement compare()")
 
+    def details(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Optional per-sample diagnostics for evaluation reports: ``{name: [B] float}``, NaN
+        where a value does not apply to a sample (e.g. per-category accuracy). Evaluation
+        reports the NaN-ignoring mean of each. Default: none."""
+        return {}
+
 
 def build_reward(name: str, **options) -> RewardModel:
     """Look ``name`` up in :data:`REWARDS` (or import a dotted path) and construct it with ``options``."""
