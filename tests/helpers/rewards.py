@@ -1,0 +1,22 @@
+"""Rewards used only by tests (loaded by dotted path, as a user's custom reward would be)."""
+
+from __future__ import annotations
+
+import torch
+
+from shared.rewards.builtin import Brightness, luma
+
+
+class BrightnessByColor(Brightness):
+    """Brightness, plus ``details``: "bright" (luma > 0.5 as 1/0) and "bright/<color>" for prompts
+    naming that color (NaN for the others), like toy_geneval's per-category accuracy."""
+
+    COLORS = ("red", "blue")
+
+    def details(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        bright = (luma(images) > 0.5).float()
+        out = {"bright": bright}
+        for color in self.COLORS:
+            mine = torch.tensor([color in p for p in prompts])
+            out[f"bright/{color}"] = torch.where(mine, bright, torch.full_like(bright, float("nan")))
+        return out

@@ -1,0 +1,69 @@
+"""The loop's reporting: reward details in eval (NaN-ignoring means), the report's details table,
+before/after grids and reward-vs-time curve, and the wall-clock budget ``train.max_train_seconds``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers.tiny import tiny_config
+from trainer.loop import train
+
+FAST = ["train.num_inference_steps=4", "eval.num_inference_steps=4", "train.group_size=4",
+        "train.unique_sample_num_per_epoch=2", "train.per_device_batch_size=8",
+        "train.gradient_step_per_epoch=1", "rewards.0.reward_model=tests.helpers.rewards.BrightnessByColor"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    cfg = tiny_config(tmp_path_factory.mktemp("rep"), overrides=FAST + ["train.max_epochs=2"])
+    summary = train(cfg, quiet=True)
+    return cfg, summary, Path(summary["run_dir"])
+
+
+def test_details_are_nan_ignoring_means_over_the_eval_prompts(run):
+    from shared.rewards import build_reward
+
+    cfg, summary, run_dir = run
+    label = cfg.rewards[0].label
+    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in evals if f"eval/reward/{label}" in e]
+    keys = {f"eval/{label}/bright", f"eval/{label}/bright/red", f"eval/{label}/bright/blue"}
+    assert keys <= set(evals[0]) and keys <= set(evals[-1])
+    for e in (evals[0], evals[-1]):
+        for k in keys:
+            assert 0.0 <= e[k] <= 1.0
+    # the summary carries base and final of every detail
+    assert summary[f"base/{label}/bright/red"] == evals[0][f"eval/{label}/bright/red"]
+    assert summary[f"final/{label}/bright/red"] == evals[-1][f"eval/{label}/bright/red"]
+    # the per-color value is the mean over exactly the prompts naming that color
+    reward = build_reward("tests.helpers.rewards.BrightnessByColor")
+    images = torch.rand(4, 3, 8, 8)
+    prompts = ["a red x", "a blue y", "a red z", "a green w"]
+    d = reward.details(images, prompts)
+    assert torch.isnan(d["bright/red"][[1, 3]]).all() and not torch.isnan(d["bright/red"][[0, 2]]).any()
+
+
+def test_report_has_details_table_before_after_grids_and_curve(run):
+    cfg, _, run_dir = run
+    report = (run_dir / "report.md").read_text()
+    label = cfg.rewards[0].label
+    assert f"| {label}/bright/red |" in report
+    assert "## Before and after (same prompts, same seeds)" in report
+    assert "images/eval_grid_epoch0000.png" in report and "images/eval_grid_epoch0002.png" in report
+    assert "![reward vs time](reward_curve.png)" in report
+    assert (run_dir / "reward_curve.png").stat().st_size > 1000
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    times = [h["time/train_seconds"] for h in history if "train/loss" in h]
+    assert len(times) == 2 and 0 < times[0] < times[1]
+
+
+def test_wall_clock_budget_stops_after_the_epoch_that_exceeds_it(tmp_path):
+    cfg = tiny_config(tmp_path, overrides=FAST + ["train.max_epochs=50", "train.max_train_seconds=0.01"])
+    summary = train(cfg, quiet=True)
+    assert summary["epochs"] == 1 and summary["train_seconds"] >= 0.01
+    state = json.loads((Path(summary["checkpoint"]) / "trainer_state.json").read_text())
+    assert state["epoch"] == 1
