@@ -179,6 +179,7 @@ class EvalConfig(_Strict):
     eval_freq: int = Field(10, ge=0)  # epochs; 0 = only before and after training
     per_device_batch_size: int = Field(16, gt=0)
     num_prompts: int | None = Field(None, gt=0)  # None = the whole test split
+    images_per_prompt: int = Field(1, gt=0)  # seeds per prompt (GenEval uses 4)
     seed: int = 0
 
 

@@ -1,5 +1,6 @@
-"""Held-out evaluation: deterministic ODE sampling with fixed per-prompt seeds, EMA weights if
-enabled, at ``eval.resolution`` / ``eval.num_inference_steps``; writes an image grid."""
+"""Held-out evaluation: deterministic ODE sampling with fixed seeds (``eval.images_per_prompt``
+per prompt), EMA weights if enabled, at ``eval.resolution`` / ``eval.num_inference_steps``;
+writes an image grid."""
 
 from __future__ import annotations
 
@@ -14,25 +15,36 @@ from trainer.reporting import save_grid
 GRID_MAX = 16
 
 
+def grid_picks(samples: list[int], k: int) -> list[int]:
+    """Positions in ``samples`` for the eval grid: the first image of up to ``GRID_MAX`` prompts
+    spread evenly over the list (so every part of a category-ordered test split shows)."""
+    firsts = [pos for pos, j in enumerate(samples) if j % k == 0]
+    if len(firsts) <= GRID_MAX:
+        return firsts
+    return [firsts[round(i * (len(firsts) - 1) / (GRID_MAX - 1))] for i in range(GRID_MAX)]
+
+
 @torch.no_grad()
 def evaluate(cfg: Config, accelerator, adapter, policy, rewards: dict, specs, rows,
              run_dir: Path, epoch: int) -> dict:
     """Mean eval reward per reward over all prompts (all processes), plus the NaN-ignoring mean
     of each reward's ``details`` (``eval/{label}/{key}``); rank 0 writes the grid."""
     e, rank, world = cfg.eval, accelerator.process_index, accelerator.num_processes
-    mine = list(range(rank, len(rows), world))  # prompt i is always evaluated with seed e.seed + i
+    k = e.images_per_prompt
+    # sample j is prompt j // k with seed e.seed + j, whatever the number of processes
+    mine = list(range(rank, len(rows) * k, world))
     sums = torch.zeros(len(specs), 2, dtype=torch.float64)  # (sum, count) per reward
     detail_sums: dict[str, torch.Tensor] = {}  # "label/key" -> (sum, count) of reward details
     grid_images = None
     if mine:
-        prompts = [rows[i].prompt for i in mine]
+        prompts = [rows[j // k].prompt for j in mine]
         _, roll = rollout_batches(
-            adapter, prompts, [rows[i].negative_prompt for i in mine], [e.seed + i for i in mine],
+            adapter, prompts, [rows[j // k].negative_prompt for j in mine], [e.seed + j for j in mine],
             batch_size=e.per_device_batch_size, resolution=e.resolution,
             num_steps=e.num_inference_steps, guidance_scale=e.guidance_scale, dynamics="ODE",
             noise_level=0.0, sde_steps=[], keep_means=False, log_prob_reduction="mean",
             transformer=policy.eval_module())
-        group_ids = torch.tensor(mine, dtype=torch.long)  # each prompt its own group
+        group_ids = torch.tensor([j // k for j in mine], dtype=torch.long)  # a prompt's images
         scores = score(rewards, specs, roll.images, prompts, group_ids)
         for j, spec in enumerate(specs):
             s = scores[spec.label].double()
@@ -42,7 +54,7 @@ def evaluate(cfg: Config, accelerator, adapter, policy, rewards: dict, specs, ro
                 d = values.detach().double().cpu()
                 ok = ~torch.isnan(d)
                 detail_sums[f"{spec.label}/{key}"] = torch.stack([d[ok].sum(), ok.sum().double()])
-        grid_images = roll.images[:GRID_MAX]
+        grid_images = roll.images[grid_picks(mine, k)]
     sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
     out: dict = {"epoch": epoch}
     for j, spec in enumerate(specs):

@@ -20,3 +20,14 @@ class BrightnessByColor(Brightness):
             mine = torch.tensor([color in p for p in prompts])
             out[f"bright/{color}"] = torch.where(mine, bright, torch.full_like(bright, float("nan")))
         return out
+
+
+class RecordingBrightness(Brightness):
+    """Brightness that records the prompts passed to ``details`` (only evaluation asks for
+    details) in ``seen`` as ``("eval", prompt)``."""
+
+    seen: list[tuple[str, str]] = []
+
+    def details(self, images, prompts):
+        RecordingBrightness.seen.extend(("eval", p) for p in prompts)
+        return {}

@@ -67,3 +67,31 @@ def test_wall_clock_budget_stops_after_the_epoch_that_exceeds_it(tmp_path):
     assert summary["epochs"] == 1 and summary["train_seconds"] >= 0.01
     state = json.loads((Path(summary["checkpoint"]) / "trainer_state.json").read_text())
     assert state["epoch"] == 1
+
+
+def test_grid_shows_first_seed_of_prompts_spread_over_the_split():
+    from trainer.evaluate import GRID_MAX, grid_picks
+
+    assert grid_picks([0, 1, 2, 3, 4, 5], 2) == [0, 2, 4]  # first image of each of 3 prompts
+    picks = grid_picks(list(range(47 * 4)), 4)
+    assert len(picks) == GRID_MAX and picks[0] == 0 and picks[-1] == 46 * 4
+    assert all(p % 4 == 0 for p in picks) and picks == sorted(set(picks))
+    # rank 1 of 2 holds samples 1, 3, 5, ...: its positions point at samples j with j % k == 0
+    mine = list(range(1, 40, 2))
+    assert [mine[p] % 4 for p in grid_picks(mine, 4)] == [0] * len(grid_picks(mine, 4))
+
+
+def test_images_per_prompt_evaluates_every_prompt_k_times(tmp_path):
+    from collections import Counter
+
+    from tests.helpers.rewards import RecordingBrightness
+
+    RecordingBrightness.seen.clear()
+    cfg = tiny_config(tmp_path, overrides=FAST + [
+        "train.max_epochs=1", "eval.images_per_prompt=3", "train.unique_sample_num_per_epoch=2",
+        "rewards.0.reward_model=tests.helpers.rewards.RecordingBrightness"])
+    train(cfg, quiet=True)
+    eval_calls = [p for p in RecordingBrightness.seen if p[0] == "eval"]
+    test_prompts = (tmp_path / "data" / "test.txt").read_text().split("\n")[:-1]
+    # two evaluations (before and after), each scoring every test prompt exactly 3 times
+    assert Counter(p for _, p in eval_calls) == Counter({q: 6 for q in test_prompts})
