@@ -41,6 +41,7 @@ from shared.sampling import rollout  # noqa: E402
 from shared.toy.pipeline import TOY_SIZES, build_tokenizer, build_toy_pipeline, save_toy_pipeline  # noqa: E402
 from shared.toy.scenes import CATEGORIES, prompt_text, split, training_pairs  # noqa: E402
 from shared.toy.verify import verify  # noqa: E402
+from trainer.reporting import save_grid  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -57,8 +58,13 @@ def parse_args(argv=None):
     p.add_argument("--ema", type=float, default=0.995)
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--eval-steps", type=int, default=10)
-    p.add_argument("--guidance", type=float, default=1.0)
+    p.add_argument("--guidance", type=float, default=4.5)
     p.add_argument("--target", type=float, default=0.45)
+    p.add_argument("--init", default=None,
+                   help="continue from a pipeline this script saved (skips stage 1; its record is kept)")
+    p.add_argument("--lr-decay", action="store_true", help="decay the learning rates linearly to 0")
+    p.add_argument("--workdir", default="runs/pretrain_toy",
+                   help="stage-1 pipeline (tokenizer + VAE, reused when present), eval grids, snapshots")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     return p.parse_args(argv)
@@ -115,10 +121,10 @@ def encode_all(vae, images, device, batch=256) -> torch.Tensor:
 
 
 @torch.no_grad()
-def held_out_accuracy(adapter, transformer, prompts, args) -> dict:
-    """ODE samples of every held-out prompt (seed = index), scored by the verifier."""
+def held_out_accuracy(adapter, transformer, prompts, args, grid: Path | None = None) -> dict:
+    """ODE samples of every prompt (seed = index), scored by the verifier; optional image grid."""
     sigmas = flow_sigmas(args.eval_steps, adapter.scheduler_shift)
-    verdicts = []
+    verdicts, shown = [], []
     for i in range(0, len(prompts), 64):
         chunk = prompts[i:i + 64]
         cond = adapter.encode_prompts(chunk, cfg=args.guidance > 1.0)
@@ -127,6 +133,9 @@ def held_out_accuracy(adapter, transformer, prompts, args) -> dict:
                        noise_level=0.0, sde_steps=[], transformer=transformer)
         u8 = (roll.images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         verdicts += [verify(img, p) for img, p in zip(u8, chunk)]
+        shown.append(roll.images.cpu())
+    if grid is not None:
+        save_grid(torch.cat(shown)[:48], grid, nrow=8)
     out = {"accuracy": float(np.mean([v.correct for v in verdicts])),
            "score": float(np.mean([v.score for v in verdicts]))}
     for c in CATEGORIES:
@@ -146,13 +155,8 @@ def main(argv=None) -> None:
     t_start = time.time()
     timings = {}
 
-    tok_dir = out.parent / (out.name + ".tokenizer-tmp")
-    build_tokenizer(tok_dir)
-    pipe = build_toy_pipeline(TOY_SIZES, seed=args.seed, tokenizer_dir=tok_dir)
-    for f in tok_dir.iterdir():
-        f.unlink()
-    tok_dir.rmdir()
-    pipe.to(args.device)
+    work = Path(args.workdir)
+    stage1 = work / f"stage1-seed{args.seed}-n{args.num_images}-vae{args.vae_steps}x{args.vae_batch}"
 
     t0 = time.time()
     prompts, images = make_data(args.num_images, args.seed)
@@ -160,7 +164,26 @@ def main(argv=None) -> None:
     log(f"{len(prompts)} training scenes in {timings['data_s']:.1f}s")
 
     t0 = time.time()
-    vae_losses = train_vae(pipe.vae, images, args, g)
+    source = Path(args.init) if args.init else stage1
+    if (source / "model_index.json").is_file():  # tokenizer + VAE (+ more) of an earlier run
+        from diffusers import StableDiffusion3Pipeline
+
+        pipe = StableDiffusion3Pipeline.from_pretrained(source, text_encoder_3=None, tokenizer_3=None,
+                                                        image_encoder=None, feature_extractor=None)
+        pipe.to(args.device)
+        vae_losses = json.loads((stage1 / "vae_losses.json").read_text()) if not args.init else []
+        for _ in range(args.vae_steps):  # keep the generator where a full run would have it
+            torch.randint(len(images), (args.vae_batch,), generator=g)
+        log(f"stage 1 (tokenizer, VAE{', transformer, text encoders' if args.init else ''}) loaded from {source}")
+    else:
+        tok_dir = work / "tokenizer-tmp"
+        build_tokenizer(tok_dir)
+        pipe = build_toy_pipeline(TOY_SIZES, seed=args.seed, tokenizer_dir=tok_dir)
+        pipe.to(args.device)
+        vae_losses = train_vae(pipe.vae, images, args, g)
+        stage1.mkdir(parents=True, exist_ok=True)
+        pipe.save_pretrained(stage1)
+        (stage1 / "vae_losses.json").write_text(json.dumps(vae_losses))
     latents = encode_all(pipe.vae, images, args.device)
     shift = latents.mean().item()
     scale = 1.0 / (latents - shift).std().item()
@@ -179,11 +202,13 @@ def main(argv=None) -> None:
         {"params": list(te1.parameters()) + list(te2.parameters()), "lr": args.text_lr},
     ], weight_decay=0.01)
     warmup = 200
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    lr_factor = (lambda s: max(0.0, 1 - s / args.dit_steps)) if args.lr_decay else (lambda s: 1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * lr_factor(s))
     ema = [copy.deepcopy(m).requires_grad_(False).eval() for m in trainables]
 
-    _, test_specs = split()
+    train_specs, test_specs = split()
     test_prompts = [prompt_text(s) for s in test_specs]
+    train_probe = [prompt_text(s) for s in train_specs[::3]]  # seen prompts, for comparison
     curve, losses = [], []
     t0 = time.time()
     stopped_at = args.dit_steps
@@ -217,10 +242,13 @@ def main(argv=None) -> None:
             live_state = [m.state_dict() for m in trainables]
             for live, shadow in zip(trainables, ema):
                 live.load_state_dict(shadow.state_dict())
-            acc = held_out_accuracy(adapter, transformer, test_prompts, args)
+            acc = held_out_accuracy(adapter, transformer, test_prompts, args,
+                                    grid=work / f"eval_step{step:05d}.png")
+            acc["train_prompt_accuracy"] = held_out_accuracy(adapter, transformer, train_probe, args)["accuracy"]
             acc.update(step=step, seconds=round(time.time() - t0, 1), loss=float(np.mean(losses[-args.eval_every:])))
             curve.append(acc)
             log("eval " + json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in acc.items()}))
+            pipe.save_pretrained(work / "snapshot")  # the EMA weights, for inspection
             if acc["accuracy"] >= args.target or step == args.dit_steps:
                 stopped_at = step
                 break  # EMA weights stay loaded: they are what we save
@@ -234,7 +262,8 @@ def main(argv=None) -> None:
     save_toy_pipeline(pipe, out)
     report = {
         "args": vars(args), "stopped_at_step": stopped_at, "final": curve[-1] if curve else None,
-        "curve": curve, "vae_final_loss": float(np.mean(vae_losses[-100:])),
+        "curve": curve, "vae_final_loss": float(np.mean(vae_losses[-100:])) if vae_losses else None,
+        "init": json.loads((Path(args.init) / "pretrain.json").read_text()) if args.init else None,
         "vae_shift_factor": shift, "vae_scaling_factor": scale,
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "total_s": round(time.time() - t_start, 1), "torch": torch.__version__,
