@@ -15,6 +15,13 @@ from trainer.reporting import save_grid
 GRID_MAX = 16
 
 
+def nan_sum_count(values: torch.Tensor) -> torch.Tensor:
+    """``[2]`` float64 (sum, count) of the non-NaN entries of ``values`` (NaN = abstained)."""
+    v = values.detach().double().cpu()
+    ok = ~torch.isnan(v)
+    return torch.stack([v[ok].sum(), ok.sum().double()])
+
+
 def grid_picks(samples: list[int], k: int) -> list[int]:
     """Positions in ``samples`` for the eval grid: the first image of up to ``GRID_MAX`` prompts
     spread evenly over the list (so every part of a category-ordered test split shows)."""
@@ -47,13 +54,9 @@ def evaluate(cfg: Config, accelerator, adapter, policy, rewards: dict, specs, ro
         group_ids = torch.tensor([j // k for j in mine], dtype=torch.long)  # a prompt's images
         scores = score(rewards, specs, roll.images, prompts, group_ids)
         for j, spec in enumerate(specs):
-            s = scores[spec.label].double()
-            ok = ~torch.isnan(s)
-            sums[j] = torch.stack([s[ok].sum(), ok.sum().double()])
+            sums[j] = nan_sum_count(scores[spec.label])
             for key, values in rewards[spec.label].details(roll.images, prompts).items():
-                d = values.detach().double().cpu()
-                ok = ~torch.isnan(d)
-                detail_sums[f"{spec.label}/{key}"] = torch.stack([d[ok].sum(), ok.sum().double()])
+                detail_sums[f"{spec.label}/{key}"] = nan_sum_count(values)
         grid_images = roll.images[grid_picks(mine, k)]
     sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
     out: dict = {"epoch": epoch}
