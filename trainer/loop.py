@@ -179,7 +179,7 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
             first = eval_specs[0].label
             bar.set_postfix(reward=f"{metrics.get(f'train/reward/{cfg.rewards[0].label}', 0):.4f}",
                             eval=f"{evals[-1].get(f'eval/reward/{first}', float('nan')):.4f}")
-        # the wall-clock budget is decided on rank 0 and broadcast, so every rank stops together
+        # over budget on any rank (max over ranks) stops every rank after the same epoch
         over = torch.tensor([float(t.max_train_seconds is not None and train_seconds >= t.max_train_seconds)],
                             device=accelerator.device)
         last = epoch + 1 == t.max_epochs or bool(accelerator.reduce(over, reduction="max").item())
