@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 from shared.flow import flow_sigmas  # noqa: E402
 from shared.models.sd3 import SD3Adapter  # noqa: E402
+from shared.rewards.builtin import to_uint8_hwc  # noqa: E402
 from shared.sampling import rollout  # noqa: E402
 from shared.toy.pipeline import TOY_SIZES, build_tokenizer, build_toy_pipeline, save_toy_pipeline  # noqa: E402
 from shared.toy.scenes import CATEGORIES, prompt_text, split, training_pairs  # noqa: E402
@@ -141,8 +142,7 @@ def held_out_accuracy(adapter, transformer, prompts, args, grid: Path | None = N
         roll = rollout(adapter, cond, list(range(i, i + len(chunk))), resolution=(64, 64),
                        sigmas=sigmas, guidance_scale=args.guidance, dynamics="ODE",
                        noise_level=0.0, sde_steps=[], transformer=transformer)
-        u8 = (roll.images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        verdicts += [verify(img, p) for img, p in zip(u8, chunk)]
+        verdicts += [verify(img, p) for img, p in zip(to_uint8_hwc(roll.images), chunk)]
         shown.append(roll.images.cpu())
     if grid is not None:
         save_grid(torch.cat(shown)[:48], grid, nrow=8)

@@ -32,10 +32,20 @@ from shared.models.base import MODELS, Conditioning, FlowModelAdapter
 SD3_OPTIONS = {"max_sequence_length": 256, "drop_t5": False, "text_dtype": None, "vae_dtype": None}
 
 
+FOLDER_DEFAULTS = "flowrl.json"
+
+
 def folder_defaults(path: str | Path) -> dict[str, Any]:
     """``flowrl.json`` in a local pipeline folder (empty for hub ids and folders without one)."""
-    file = Path(path) / "flowrl.json"
+    file = Path(path) / FOLDER_DEFAULTS
     return json.loads(file.read_text()) if file.is_file() else {}
+
+
+def write_folder_defaults(path: str | Path, options: dict[str, Any]) -> None:
+    """Store the options that differ from :data:`SD3_OPTIONS` in ``path/flowrl.json`` (if any)."""
+    keep = {k: v for k, v in options.items() if v != SD3_OPTIONS[k]}
+    if keep:
+        (Path(path) / FOLDER_DEFAULTS).write_text(json.dumps(keep, indent=2) + "\n")
 
 
 def _dtype(name: str | None, device: torch.device) -> torch.dtype:
@@ -110,9 +120,7 @@ class SD3Adapter(FlowModelAdapter):
 
     def save_pretrained(self, path: str) -> None:
         self.pipeline.save_pretrained(path)
-        keep = {k: v for k, v in self.options.items() if v != SD3_OPTIONS[k]}
-        if keep:
-            (Path(path) / "flowrl.json").write_text(json.dumps(keep, indent=2))
+        write_folder_defaults(path, self.options)
 
     # ------------------------------------------------------------------ interface
     @property

@@ -145,8 +145,9 @@ def build_toy_pipeline(sizes: dict[str, Any] | None = None, seed: int = 0,
 
 def save_toy_pipeline(pipeline, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """``save_pretrained`` plus the ``flowrl.json`` the ``sd3-5`` adapter reads its defaults from."""
+    from shared.models.sd3 import write_folder_defaults
+
     directory = Path(directory)
     pipeline.save_pretrained(directory)
-    meta = {"max_sequence_length": 0, **(extra or {})}
-    (directory / "flowrl.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_folder_defaults(directory, {"max_sequence_length": 0, **(extra or {})})
     return directory
