@@ -24,6 +24,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from shared.queue import QueueSettings
+
 DYNAMICS = ("Flow-SDE", "Dance-SDE", "CPS", "ODE")
 TRAINER_TYPES = ("grpo", "grpo-guard", "nft", "awm")
 
@@ -158,6 +160,9 @@ class TrainConfig(_Strict):
     ema_warmup_steps: int | None = Field(None, gt=0)  # None = algorithm default (10; awm 300)
     initial_decay: float = Field(0.0, ge=0, le=1)
     total_steps: int = Field(1000, gt=0)
+    # -- asynchrony: how many policy versions a trained-on sample may lag (0 = on-policy,
+    # sample epoch k+1 only after training on k; 1 = sample k+1 while training on k)
+    max_staleness: int = Field(0, ge=0, le=1)
     # -- checkpoints
     save_freq: int = Field(0, ge=0)  # epochs between checkpoints; 0 = only the final one
 
@@ -211,6 +216,7 @@ class Config(_Strict):
     output_dir: str = "runs"
     logging_backend: Literal["tensorboard", "wandb", "swanlab", "none"] = "tensorboard"
     transport: Literal["local", "celery"] = "local"
+    queue: QueueSettings = Field(default_factory=QueueSettings)  # transport: celery only
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)

@@ -19,7 +19,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from shared.flow import sde_step
+from shared.flow import flow_sigmas, sde_step
 from shared.models.base import Conditioning, FlowModelAdapter
 
 
@@ -111,3 +111,48 @@ def rollout(
         stds=stack("std", ()),
         means=stack("mean", shape) if keep_means else None,
     )
+
+
+def as_hw(resolution: int | tuple[int, int]) -> tuple[int, int]:
+    return (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)  # type: ignore[return-value]
+
+
+def encode(adapter: FlowModelAdapter, prompts: list[str], negatives: list[str | None],
+           guidance_scale: float) -> Conditioning:
+    """Encode prompts as rollouts do: negatives (``None`` = empty prompt) only when CFG is on."""
+    return adapter.encode_prompts(prompts, cfg=guidance_scale > 1.0,
+                                  negative_prompts=[n or "" for n in negatives])
+
+
+def encode_batches(adapter: FlowModelAdapter, prompts: list[str], negatives: list[str | None],
+                   guidance_scale: float, batch_size: int) -> Conditioning:
+    """:func:`encode` in micro-batches of ``batch_size``, concatenated (the trainer's view of
+    prompts that a remote sampler rolled out)."""
+    return Conditioning.cat([encode(adapter, prompts[s:s + batch_size], negatives[s:s + batch_size],
+                                    guidance_scale) for s in range(0, len(prompts), batch_size)])
+
+
+def rollout_batches(adapter: FlowModelAdapter, prompts: list[str], negatives: list[str | None],
+                    seeds: list[int], *, batch_size: int, resolution, num_steps: int,
+                    guidance_scale: float, dynamics: str, noise_level: float,
+                    sde_steps: list[int], keep_means: bool, log_prob_reduction: str,
+                    transformer, progress=None) -> tuple[Conditioning, Rollout]:
+    """Roll out ``prompts`` in micro-batches and concatenate (conditioning and rollout)."""
+    sigmas = flow_sigmas(num_steps, adapter.scheduler_shift)
+    conds, outs = [], []
+    for s in range(0, len(prompts), batch_size):
+        sl = slice(s, s + batch_size)
+        cond = encode(adapter, prompts[sl], negatives[sl], guidance_scale)
+        outs.append(rollout(adapter, cond, seeds[sl], resolution=as_hw(resolution), sigmas=sigmas,
+                            guidance_scale=guidance_scale, dynamics=dynamics,
+                            noise_level=noise_level, sde_steps=sde_steps, keep_means=keep_means,
+                            log_prob_reduction=log_prob_reduction, transformer=transformer))
+        conds.append(cond)
+        if progress is not None:
+            progress(len(prompts[sl]))
+    cat = lambda f: None if getattr(outs[0], f) is None else torch.cat([getattr(o, f) for o in outs])  # noqa: E731
+    merged = Rollout(final_latents=cat("final_latents"), images=cat("images"), sigmas=sigmas,
+                     sde_steps=outs[0].sde_steps, latents=cat("latents"),
+                     next_latents=cat("next_latents"), log_probs=cat("log_probs"),
+                     stds=cat("stds"), means=cat("means"))
+    return Conditioning.cat(conds), merged

@@ -1,7 +1,8 @@
-"""One epoch's data on this process: pick prompt groups, roll out, score, compute advantages.
+"""One epoch's data on this process: plan the prompt groups, get them sampled and scored (by
+a transport: :mod:`trainer.transport`), compute advantages.
 
 Every process draws the same epoch plan (which prompts form which group, every sample's
-seed) from the run seed, then rolls out only its own whole groups. Rewards are gathered
+seed) from the run seed, then has only its own whole groups rolled out. Rewards are gathered
 across processes so advantages are computed once over the global batch, identically on
 every rank, and each rank keeps its own slice.
 """
@@ -14,10 +15,10 @@ import math
 import torch
 
 from shared.config import Config, BatchGeometry
-from shared.flow import flow_sigmas, select_sde_steps
-from shared.models import Conditioning, FlowModelAdapter
-from shared.rewards import score_all
-from shared.sampling import Rollout, rollout
+from shared.flow import select_sde_steps
+from shared.models import Conditioning
+from shared.rewards.multi import score_specs
+from shared.sampling import Rollout, rollout_batches
 from trainer.advantages import compute_advantages
 from trainer.data import PromptRow
 
@@ -35,10 +36,6 @@ class EpochData:
     rewards: dict[str, torch.Tensor]  # [n] per reward, this rank
     advantages: torch.Tensor  # [n]
     metrics: dict[str, float]
-
-
-def as_hw(resolution: int | tuple[int, int]) -> tuple[int, int]:
-    return (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)  # type: ignore[return-value]
 
 
 def epoch_plan(num_prompts: int, geo: BatchGeometry, seed: int, epoch: int, rank: int
@@ -60,57 +57,62 @@ def epoch_plan(num_prompts: int, geo: BatchGeometry, seed: int, epoch: int, rank
     return rows, groups, seeds
 
 
-def rollout_batches(adapter: FlowModelAdapter, prompts: list[str], negatives: list[str | None],
-                    seeds: list[int], *, batch_size: int, resolution, num_steps: int,
-                    guidance_scale: float, dynamics: str, noise_level: float,
-                    sde_steps: list[int], keep_means: bool, log_prob_reduction: str,
-                    transformer, progress=None) -> tuple[Conditioning, Rollout]:
-    """Roll out ``prompts`` in micro-batches and concatenate (conditioning and rollout)."""
-    sigmas = flow_sigmas(num_steps, adapter.scheduler_shift)
-    conds, outs = [], []
-    for s in range(0, len(prompts), batch_size):
-        sl = slice(s, s + batch_size)
-        neg = [n or "" for n in negatives[sl]]
-        cond = adapter.encode_prompts(prompts[sl], cfg=guidance_scale > 1.0, negative_prompts=neg)
-        outs.append(rollout(adapter, cond, seeds[sl], resolution=as_hw(resolution), sigmas=sigmas,
-                            guidance_scale=guidance_scale, dynamics=dynamics,
-                            noise_level=noise_level, sde_steps=sde_steps, keep_means=keep_means,
-                            log_prob_reduction=log_prob_reduction, transformer=transformer))
-        conds.append(cond)
-        if progress is not None:
-            progress(len(prompts[sl]))
-    cat = lambda f: None if getattr(outs[0], f) is None else torch.cat([getattr(o, f) for o in outs])  # noqa: E731
-    merged = Rollout(final_latents=cat("final_latents"), images=cat("images"), sigmas=sigmas,
-                     sde_steps=outs[0].sde_steps, latents=cat("latents"),
-                     next_latents=cat("next_latents"), log_probs=cat("log_probs"),
-                     stds=cat("stds"), means=cat("means"))
-    return Conditioning.cat(conds), merged
+@dataclasses.dataclass
+class EpochPlan:
+    """Everything about one epoch's samples on this process that is fixed before sampling."""
+
+    epoch: int
+    prompts: list[str]
+    negatives: list[str | None]
+    group_ids: list[int]  # global group id per sample
+    seeds: list[int]  # noise seed per sample
+    sde_steps: list[int]  # the stochastic (trainable) steps of this epoch
 
 
-def score(rewards: dict, specs, images, prompts, group_ids) -> dict[str, torch.Tensor]:
-    """Score with every configured reward -> {label: [n] float32}."""
-    return {spec.label: score_all(rewards[spec.label], images, prompts, group_ids,
-                                  spec.batch_size).float().cpu()
-            for spec in specs}
-
-
-def collect_epoch(cfg: Config, accelerator, adapter, policy, algorithm, rewards: dict,
-                  rows: list[PromptRow], epoch: int, progress=None) -> EpochData:
+def plan_epoch(cfg: Config, rows: list[PromptRow], epoch: int, rank: int, world_size: int) -> EpochPlan:
     t = cfg.train
-    geo = cfg.geometry(accelerator.num_processes)
-    idx, groups, seeds = epoch_plan(len(rows), geo, t.seed, epoch, accelerator.process_index)
-    prompts = [rows[i].prompt for i in idx]
-    negatives = [rows[i].negative_prompt for i in idx]
+    idx, groups, seeds = epoch_plan(len(rows), cfg.geometry(world_size), t.seed, epoch, rank)
     sde_steps = select_sde_steps(t.train_steps, t.num_train_steps, t.num_inference_steps,
                                  seed=t.seed * SEED_STRIDE + epoch)
+    return EpochPlan(epoch, [rows[i].prompt for i in idx], [rows[i].negative_prompt for i in idx],
+                     groups, seeds, sde_steps)
+
+
+@dataclasses.dataclass
+class Samples:
+    """A transport's answer to a plan: the scored rollouts, rows in plan order."""
+
+    cond: Conditioning
+    rollout: Rollout
+    rewards: dict[str, torch.Tensor]  # [n] per reward label, NaN = abstained
+    policy_versions: list[int]  # the policy version each sample was drawn with
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def sample_locally(cfg: Config, adapter, policy, algorithm, rewards: dict, plan: EpochPlan,
+                   progress=None) -> tuple[Conditioning, Rollout, dict[str, torch.Tensor]]:
+    """Roll out ``plan`` with this process's sampling weights and score it (the local transport)."""
+    t = cfg.train
     cond, roll = rollout_batches(
-        adapter, prompts, negatives, seeds, batch_size=t.per_device_batch_size,
+        adapter, plan.prompts, plan.negatives, plan.seeds, batch_size=t.per_device_batch_size,
         resolution=t.resolution, num_steps=t.num_inference_steps, guidance_scale=t.guidance_scale,
-        dynamics=t.dynamics_type, noise_level=t.noise_level, sde_steps=sde_steps,
+        dynamics=t.dynamics_type, noise_level=t.noise_level, sde_steps=plan.sde_steps,
         keep_means=algorithm.keep_means, log_prob_reduction=t.log_prob_reduction,
         transformer=policy.sampling_module(), progress=progress)
-    group_ids = torch.tensor(groups, dtype=torch.long)
-    local = score(rewards, cfg.rewards, roll.images, prompts, group_ids)
+    scores = score_specs(rewards, cfg.rewards, roll.images, plan.prompts,
+                         torch.tensor(plan.group_ids, dtype=torch.long))
+    return cond, roll, scores
+
+
+def finish_epoch(cfg: Config, accelerator, plan: EpochPlan, samples: Samples, version: int) -> EpochData:
+    """Advantages over the global batch (rewards gathered from every process), this rank's slice.
+
+    ``version`` is the policy version about to be trained; ``version - sample version`` is the
+    staleness each sample is trained with (reported as ``queue/policy_lag``).
+    """
+    t = cfg.train
+    group_ids = torch.tensor(plan.group_ids, dtype=torch.long)
+    local = samples.rewards
     # gather over processes: every rank computes the same global advantages
     gathered = {k: accelerator.gather(v.to(accelerator.device)).cpu() for k, v in local.items()}
     all_groups = accelerator.gather(group_ids.to(accelerator.device)).cpu()
@@ -118,8 +120,13 @@ def collect_epoch(cfg: Config, accelerator, adapter, policy, algorithm, rewards:
     adv, metrics = compute_advantages(gathered, weights, all_groups,
                                       aggregation=t.advantage_aggregation,
                                       global_std=bool(t.global_std))
-    n, r = len(idx), accelerator.process_index
+    n, r = len(plan.prompts), accelerator.process_index
     metrics = {f"train/{k}": float(v) for k, v in metrics.items()}
     for k, v in gathered.items():
         metrics[f"train/reward/{k}"] = float(torch.nanmean(v))
-    return EpochData(prompts, group_ids, cond, roll, local, adv[r * n:(r + 1) * n], metrics)
+    lags = [version - v for v in samples.policy_versions]
+    metrics["queue/policy_lag"] = sum(lags) / len(lags)
+    metrics["queue/policy_lag_max"] = float(max(lags))
+    metrics.update(samples.metrics)
+    return EpochData(plan.prompts, group_ids, samples.cond, samples.rollout, local,
+                     adv[r * n:(r + 1) * n], metrics)

@@ -12,7 +12,7 @@ from shared.models import load_adapter
 from trainer.checkpoint import load_checkpoint_weights
 from trainer.data import load_prompts
 from trainer.evaluate import evaluate
-from trainer.loop import build_rewards
+from shared.rewards.multi import build_rewards
 from trainer.policy import Policy, attach_trainable
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from shared.config import Config
-from trainer.collect import rollout_batches, score
+from shared.rewards.multi import score_specs
+from shared.sampling import rollout_batches
 from trainer.reporting import save_grid
 
 GRID_MAX = 16
@@ -52,7 +53,7 @@ def evaluate(cfg: Config, accelerator, adapter, policy, rewards: dict, specs, ro
             noise_level=0.0, sde_steps=[], keep_means=False, log_prob_reduction="mean",
             transformer=policy.eval_module())
         group_ids = torch.tensor([j // k for j in mine], dtype=torch.long)  # a prompt's images
-        scores = score(rewards, specs, roll.images, prompts, group_ids)
+        scores = score_specs(rewards, specs, roll.images, prompts, group_ids)
         for j, spec in enumerate(specs):
             sums[j] = nan_sum_count(scores[spec.label])
             for key, values in rewards[spec.label].details(roll.images, prompts).items():

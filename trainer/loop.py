@@ -1,8 +1,15 @@
-"""The embedded trainer (transport ``local``): one process, or several under ``accelerate launch``.
+"""The training loop, for both transports.
 
-Per epoch: sample (this rank's whole prompt groups) -> score -> advantages (global) ->
+``transport: local`` (embedded): one process, or several under ``accelerate launch``;
+``transport: celery`` (``flowrl trainer``): one controller process, samplers and reward
+workers behind the queues (:mod:`trainer.transport`).
+
+Per epoch: get the planned prompt groups sampled and scored -> advantages (global) ->
 optimize (``num_inner_epochs`` passes of micro-batches x algorithm units, gradient
-accumulation, AdamW, LR schedule) -> EMA -> periodic ODE eval -> checkpoint.
+accumulation, AdamW, LR schedule) -> EMA -> publish the new policy version -> periodic ODE
+eval -> checkpoint. With ``train.max_staleness: 1`` epoch k+1 is dispatched before epoch k
+is trained, so sampling overlaps training and every sample lags the trained policy by one
+version at most.
 """
 
 from __future__ import annotations
@@ -21,24 +28,20 @@ from tqdm.auto import tqdm
 
 from shared.config import Config
 from shared.models import load_adapter
-from shared.rewards import build_reward
+from shared.rewards.multi import build_rewards
 from trainer.algorithms import ALGORITHMS, Algorithm, TrainBatch
 from trainer.checkpoint import save_checkpoint
-from trainer.collect import SEED_STRIDE, EpochData, collect_epoch
+from trainer.collect import SEED_STRIDE, EpochData, finish_epoch, plan_epoch
 from trainer.data import load_prompts
 from trainer.evaluate import evaluate
 from trainer.policy import Policy, attach_trainable
 from trainer.reporting import MetricLogger, detail_keys, write_report
+from trainer.transport import CeleryTransport, LocalTransport
 
 
 def run_name(cfg: Config) -> str:
     return cfg.run_name or (f"{cfg.model.model_type}_{cfg.train.trainer_type}_"
                             f"{datetime.now().strftime('%Y%m%d_%H%M%S')}")
-
-
-def build_rewards(specs, device) -> dict:
-    return {s.label: build_reward(s.reward_model, device=str(device) if s.device == "auto" else s.device,
-                                  dtype=s.dtype, **s.options) for s in specs}
 
 
 def build_optimizer(cfg: Config, trainable: dict):
@@ -148,7 +151,14 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
             print(f"flowrl: {t.trainer_type} on {cfg.model.model_type}, {geo.world_size} process(es), "
                   f"{geo.groups_per_epoch} groups x {geo.group_size} samples per epoch -> {run_dir}")
 
-    start, step, train_seconds = time.time(), 0, 0.0
+    if cfg.transport == "celery":
+        transport = CeleryTransport(cfg, adapter, policy, algorithm, name,
+                                    world_size=accelerator.num_processes)
+        transport.state.clear()  # a fresh run: nothing of an earlier run with this name counts
+    else:
+        transport = LocalTransport(cfg, adapter, policy, algorithm, rewards)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    start, step, train_seconds, version, samples_used = time.time(), 0, 0.0, 0, 0
 
     def run_eval(epoch: int) -> dict:
         ev = evaluate(cfg, accelerator, adapter, policy, eval_rewards, eval_specs, eval_rows,
@@ -162,17 +172,31 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
 
     evals = [run_eval(0)]
     history: list[dict] = []
+    transport.publish(version)
+    plan = plan_epoch(cfg, train_rows, 0, rank, world)
+    pending = transport.dispatch(plan, version)
     bar = tqdm(range(t.max_epochs), desc="epochs", disable=not main or quiet, dynamic_ncols=True)
     for epoch in bar:
         t0 = time.time()
         with accelerator.autocast():
-            data = collect_epoch(cfg, accelerator, adapter, policy, algorithm, rewards, train_rows, epoch)
+            samples = transport.collect(pending)
+        data = finish_epoch(cfg, accelerator, plan, samples, version)
+        samples_used += data.advantages.shape[0] * world
+        more = epoch + 1 < t.max_epochs
+        if more and t.max_staleness >= 1:  # sample epoch k+1 while training on k
+            plan = plan_epoch(cfg, train_rows, epoch + 1, rank, world)
+            with accelerator.autocast():
+                pending = transport.dispatch(plan, version)
         step, opt_metrics = optimize(cfg, accelerator, policy, algorithm, optimizer, lr_schedule,
                                      data, epoch, step)
+        version += 1
+        transport.publish(version)
+        if isinstance(transport, CeleryTransport):
+            transport.gc_epoch(epoch)
         train_seconds += time.time() - t0
         metrics = {"epoch": epoch + 1, **data.metrics, **opt_metrics,
-                   "train/optimizer_step": step, "time/epoch_seconds": time.time() - t0,
-                   "time/train_seconds": train_seconds}
+                   "train/optimizer_step": step, "train/policy_version": version,
+                   "time/epoch_seconds": time.time() - t0, "time/train_seconds": train_seconds}
         history.append(metrics)
         if main:
             logger.log(metrics, step=epoch + 1)
@@ -182,7 +206,11 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
         # over budget on any rank (max over ranks) stops every rank after the same epoch
         over = torch.tensor([float(t.max_train_seconds is not None and train_seconds >= t.max_train_seconds)],
                             device=accelerator.device)
-        last = epoch + 1 == t.max_epochs or bool(accelerator.reduce(over, reduction="max").item())
+        last = not more or bool(accelerator.reduce(over, reduction="max").item())
+        if more and not last and t.max_staleness == 0:
+            plan = plan_epoch(cfg, train_rows, epoch + 1, rank, world)
+            with accelerator.autocast():
+                pending = transport.dispatch(plan, version)
         if last or (cfg.eval.eval_freq and (epoch + 1) % cfg.eval.eval_freq == 0):
             evals.append(run_eval(epoch + 1))
         if t.save_freq and (epoch + 1) % t.save_freq == 0 and not last:
@@ -190,11 +218,13 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
                             adapter, policy, epoch + 1, step)
         if last:
             break
+    transport.close()
     epochs_done = len(history)
     final_dir = save_checkpoint(run_dir / "checkpoints" / "final", cfg, accelerator, adapter, policy,
                                 epochs_done, step)
     summary = {"run_name": name, "trainer_type": t.trainer_type, "model_type": cfg.model.model_type,
-               "epochs": epochs_done, "optimizer_steps": step, "seconds": time.time() - start,
+               "transport": cfg.transport, "epochs": epochs_done, "policy_version": version,
+               "samples": samples_used, "optimizer_steps": step, "seconds": time.time() - start,
                "train_seconds": train_seconds,
                "world_size": geo.world_size, "run_dir": str(run_dir), "checkpoint": str(final_dir)}
     for spec in eval_specs:

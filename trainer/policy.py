@@ -20,25 +20,18 @@ from torch import nn
 
 from shared.config import Config
 from shared.models import Conditioning, FlowModelAdapter, ParamView
+from shared.models.lora import prepare_transformer
 from trainer.ema import EMA, ema_decay
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def attach_trainable(adapter: FlowModelAdapter, cfg: Config) -> dict[str, nn.Parameter]:
-    """Freeze the model, add LoRA (peft) or unfreeze all; return the trainable parameters."""
+    """Freeze the model, add LoRA (peft) or unfreeze all; return the trainable parameters
+    (their names are the ones published to samplers)."""
     m, transformer = cfg.model, adapter.transformer
-    transformer.requires_grad_(False)
-    if m.attn_backend:
-        transformer.set_attention_backend(m.attn_backend)
-    if m.finetune_type == "lora":
-        from peft import LoraConfig
-
-        lora = LoraConfig(r=m.lora_rank, lora_alpha=m.lora_alpha or 2 * m.lora_rank,
-                          init_lora_weights="gaussian",
-                          target_modules=adapter.lora_targets(m.target_modules))
-        transformer.add_adapter(lora)
-    else:
+    prepare_transformer(adapter, m)
+    if m.finetune_type == "full":
         transformer.requires_grad_(True)
     trainable = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
     if not trainable:

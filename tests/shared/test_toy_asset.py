@@ -52,7 +52,7 @@ def base_eval(tmp_path_factory):
     from shared.models import load_adapter
     from trainer.data import load_prompts
     from trainer.evaluate import evaluate
-    from trainer.loop import build_rewards
+    from shared.rewards.multi import build_rewards
     from trainer.policy import Policy, attach_trainable
 
     out = tmp_path_factory.mktemp("base_eval")

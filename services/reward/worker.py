@@ -1,0 +1,70 @@
+"""The reward service's Celery worker: task :data:`~shared.protocol.TASK_REWARD` on queue ``reward``.
+
+For each :class:`~shared.protocol.RewardJob` it fetches the trajectory's PNGs from the blob
+store, scores them with every reward of the job (built once per process and spec, on this
+process's device; a ``remote`` reward calls a reward server over HTTP), and pushes a
+:class:`~shared.protocol.ScoredBatch` onto the run's Redis list for the trainer.
+Failures follow :func:`shared.tasks.guarded_task` (retry transient errors, dead-letter the rest).
+A reward that returns NaN abstains (``None`` in the message); an infinite value is an error.
+
+    FLOWRL_QUEUE_BROKER_URL=redis://redis:6379/0 flowrl worker reward
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import time
+
+import torch
+
+from shared.config import RewardSpec
+from shared.protocol import TASK_REWARD, RewardJob, ScoredBatch
+from shared.queue import QueueSettings, make_celery
+from shared.tasks import guarded_task
+
+settings = QueueSettings()
+app = make_celery(settings, name="flowrl-reward")
+_models: dict[str, object] = {}
+_stores: dict[str, object] = {}
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def score_job(job: RewardJob, *, worker: str = "") -> ScoredBatch:
+    """Score one trajectory with the job's rewards (models cached per process)."""
+    from shared.rewards.multi import build_rewards, score_specs
+    from shared.store import BlobStore
+
+    t0 = time.perf_counter()
+    traj = job.trajectory
+    if traj.store_url not in _stores:
+        _stores[traj.store_url] = BlobStore(traj.store_url)
+    store = _stores[traj.store_url]
+    specs = [RewardSpec(**s) for s in job.rewards]
+    models = {}
+    for spec, raw in zip(specs, job.rewards):
+        key = json.dumps(raw, sort_keys=True)
+        if key not in _models:
+            _models[key] = build_rewards([spec], _device())[spec.label]
+        models[spec.label] = _models[key]
+    images = torch.stack([store.get_image(ref) for ref in traj.images])
+    scores = score_specs(models, specs, images, traj.prompts, torch.tensor(traj.group_ids))
+    as_list = lambda t: [None if math.isnan(x) else x for x in t.tolist()]  # noqa: E731
+    return ScoredBatch(trajectory=traj, rewards={k: as_list(v) for k, v in scores.items()},
+                       worker=worker, seconds=time.perf_counter() - t0)
+
+
+def _reward(task, job: RewardJob, state, attempt: int) -> None:
+    state.push_scored(score_job(job, worker=os.environ.get("FLOWRL_WORKER_NAME")
+                                or f"reward@{socket.gethostname()}"))
+
+
+reward = guarded_task(app, settings, TASK_REWARD, RewardJob, _reward,
+                      job_id=lambda j: j.trajectory.job_id,
+                      sample_ids=lambda j: j.trajectory.sample_ids,
+                      run_id=lambda j: (j.trajectory.run_id, j.key_prefix))

@@ -1,0 +1,57 @@
+"""Preparing an adapter's transformer for training or for receiving trained weights.
+
+Trainer and samplers call the same function, so a sampler's transformer has exactly the
+parameter names (``...lora_A.default.weight``) of the trainer's, and published weights copy
+over by name.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from shared.models.base import FlowModelAdapter
+
+
+def prepare_transformer(adapter: FlowModelAdapter, model_cfg: Any) -> None:
+    """Freeze the transformer, select the attention backend, and add LoRA (peft) when
+    ``model_cfg.finetune_type == "lora"`` (rank, alpha = ``2 * rank`` unless set, targets)."""
+    transformer = adapter.transformer
+    transformer.requires_grad_(False)
+    if model_cfg.attn_backend:
+        transformer.set_attention_backend(model_cfg.attn_backend)
+    if model_cfg.finetune_type == "lora":
+        from peft import LoraConfig
+
+        rank = model_cfg.lora_rank
+        lora = LoraConfig(r=rank, lora_alpha=model_cfg.lora_alpha or 2 * rank,
+                          init_lora_weights="gaussian",
+                          target_modules=adapter.lora_targets(model_cfg.target_modules))
+        transformer.add_adapter(lora)
+
+
+@torch.no_grad()
+def load_named_parameters(module: nn.Module, tensors: dict[str, torch.Tensor]) -> int:
+    """Copy ``tensors`` into ``module``'s parameters of the same names (in place, keeping each
+    parameter's dtype and device). Returns how many were copied.
+
+    Raises:
+        KeyError: a name the module does not have (the weights belong to another model or
+        another LoRA configuration), or a shape mismatch.
+    """
+    params = dict(module.named_parameters())
+    missing = sorted(set(tensors) - set(params))
+    if missing:
+        raise KeyError(f"{len(missing)} published parameter(s) are not in this "
+                       f"{type(module).__name__}, e.g. {missing[:3]}. Fix: give the sampler the "
+                       f"same model: section (model, finetune_type, lora_rank, target_modules) "
+                       f"as the trainer.")
+    for name, value in tensors.items():
+        p = params[name]
+        if p.shape != value.shape:
+            raise KeyError(f"parameter {name}: published shape {tuple(value.shape)} != "
+                           f"{tuple(p.shape)} here. Fix: the same model: section on both sides.")
+        p.copy_(value.to(device=p.device, dtype=p.dtype))
+    return len(tensors)

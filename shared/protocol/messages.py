@@ -1,0 +1,187 @@
+"""The wire messages of the distributed mode: pydantic models, JSON only (never pickle).
+
+Small facts travel in the message; bulky data (latents, per-step log-probs, images, weights)
+lives in the blob store (:mod:`shared.store`) and travels as a :class:`BlobRef`. Every
+message carries ``protocol`` (:data:`PROTOCOL_VERSION`); a peer speaking another version is
+rejected with an error that says so instead of being misread.
+
+Flow (see ``design.md`` §1)::
+
+    trainer --SampleJob--> sampler --RewardJob(Trajectory)--> reward --ScoredBatch--> trainer
+    trainer --PolicyPublished (Redis key)--> samplers
+
+Identities are deterministic: ``sample_id = "{run_id}/e{epoch}/g{group}/k{member}"``, so a
+redelivered task produces the same ids and the trainer can keep exactly one score per id.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from shared.protocol.names import PROTOCOL_VERSION
+
+
+class Message(BaseModel):
+    """Base of every wire message: strict (unknown fields are an error), immutable, versioned."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    protocol: int = PROTOCOL_VERSION
+
+    @field_validator("protocol")
+    @classmethod
+    def _same_version(cls, v: int) -> int:
+        if v != PROTOCOL_VERSION:
+            raise ValueError(f"message speaks flowrl protocol {v}, this process speaks "
+                             f"{PROTOCOL_VERSION}. Fix: run the same flowrl version on the trainer, "
+                             f"the samplers and the reward workers.")
+        return v
+
+
+class BlobRef(Message):
+    """Where a blob lives (an fsspec URL) and how to check it arrived intact."""
+
+    uri: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    nbytes: int = Field(ge=0)
+
+
+def sample_id(run_id: str, epoch: int, group: int, member: int) -> str:
+    return f"{run_id}/e{epoch}/g{group}/k{member}"
+
+
+class SampleItem(Message):
+    """One sample to roll out: its prompt, its group and its own noise seed."""
+
+    sample_id: str
+    prompt: str
+    negative_prompt: str | None = None
+    group_id: int
+    seed: int
+
+
+class SamplingParams(Message):
+    """How to roll out (mirrors ``train.*`` of the experiment config)."""
+
+    resolution: tuple[int, int]
+    num_inference_steps: int = Field(ge=1)
+    guidance_scale: float = Field(ge=0)
+    dynamics: Literal["Flow-SDE", "Dance-SDE", "CPS", "ODE"]
+    noise_level: float = Field(ge=0)
+    sde_steps: list[int]
+    keep_means: bool = False
+    log_prob_reduction: Literal["mean", "sum"] = "mean"
+    batch_size: int = Field(gt=0)
+
+
+class SampleJob(Message):
+    """A batch of whole prompt groups for one sampler task.
+
+    ``model`` is the experiment's ``model:`` section (a dict): a sampler loads that model once
+    and refuses jobs for another. ``min_policy_version``: the sampler must use published weights
+    of at least this version (it waits for them).
+    """
+
+    run_id: str
+    job_id: str
+    epoch: int = Field(ge=0)
+    min_policy_version: int = Field(ge=0)
+    items: list[SampleItem] = Field(min_length=1)
+    params: SamplingParams
+    model: dict[str, Any]
+    store_url: str  # blob store root for this run's outputs
+    rewards: list[dict[str, Any]] = Field(min_length=1)  # ``rewards:`` specs, passed on to scoring
+    key_prefix: str = "flowrl"
+
+
+class Trajectory(Message):
+    """What a sampler produced for one job (tensors and images are in the blob store).
+
+    ``tensors`` is one safetensors blob with ``final_latents [B, ...]``, ``latents [B, S, ...]``,
+    ``next_latents [B, S, ...]``, ``log_probs [B, S]``, ``stds [B, S]``, ``sigmas [N + 1]`` and,
+    when asked, ``means [B, S, ...]``; rows follow ``sample_ids``. ``images`` are PNGs, one per
+    sample in the same order.
+    """
+
+    run_id: str
+    job_id: str
+    epoch: int
+    policy_version: int = Field(ge=0)
+    sample_ids: list[str]
+    group_ids: list[int]
+    prompts: list[str]
+    sde_steps: list[int]
+    store_url: str  # the blob store the refs below live in
+    tensors: BlobRef
+    images: list[BlobRef]
+    worker: str = ""
+    seconds: float = 0.0
+
+    @field_validator("images")
+    @classmethod
+    def _aligned(cls, v: list[BlobRef], info) -> list[BlobRef]:
+        ids = info.data.get("sample_ids")
+        if ids is not None and len(v) != len(ids):
+            raise ValueError(f"{len(v)} images for {len(ids)} sample ids")
+        return v
+
+
+class RewardJob(Message):
+    """Score one trajectory with every reward in ``rewards`` (the experiment's specs)."""
+
+    trajectory: Trajectory
+    rewards: list[dict[str, Any]] = Field(min_length=1)
+    key_prefix: str = "flowrl"
+
+
+class ScoredBatch(Message):
+    """Rewards for one trajectory: ``rewards[label][i]`` scores ``trajectory.sample_ids[i]``.
+
+    ``None`` means the reward abstains for that sample (NaN in tensors); non-finite floats are
+    rejected at construction (a reward that produced NaN must say so with ``None`` or fail).
+    """
+
+    trajectory: Trajectory
+    rewards: dict[str, list[float | None]]
+    details: dict[str, list[float | None]] = Field(default_factory=dict)
+    worker: str = ""
+    seconds: float = 0.0
+
+    @field_validator("rewards", "details")
+    @classmethod
+    def _finite_and_aligned(cls, v: dict[str, list[float | None]], info) -> dict:
+        traj = info.data.get("trajectory")
+        for label, values in v.items():
+            if traj is not None and len(values) != len(traj.sample_ids):
+                raise ValueError(f"reward {label!r}: {len(values)} values for "
+                                 f"{len(traj.sample_ids)} samples")
+            for i, x in enumerate(values):
+                if x is not None and not math.isfinite(x):
+                    sid = traj.sample_ids[i] if traj is not None else i
+                    raise ValueError(f"reward {label!r} is {x} for sample {sid}: rewards must be "
+                                     f"finite (None = abstain)")
+        return v
+
+
+class PolicyPublished(Message):
+    """A new policy version: ``weights`` is a safetensors blob of parameter name -> tensor
+    (the LoRA or full trainable parameters, in the names of the adapter's transformer)."""
+
+    run_id: str
+    version: int = Field(ge=0)
+    weights: BlobRef
+    finetune_type: Literal["lora", "full"]
+    published_at: float
+
+
+class DeadLetter(Message):
+    """A task that gave up (redelivery cap or a permanent error): reported, never silent."""
+
+    run_id: str
+    task: str
+    job_id: str
+    sample_ids: list[str]
+    error: str
+    attempts: int

@@ -1,0 +1,48 @@
+"""Every task, queue and Redis key name of the distributed mode, in one place.
+
+Producers and consumers import these names instead of spelling strings, so a rename is one
+edit. Redis keys are namespaced ``{prefix}:{run_id}:...`` so several runs (and tests) share
+one Redis without touching each other's data.
+"""
+
+from __future__ import annotations
+
+PROTOCOL_VERSION = 1
+
+# Celery queues and task names
+QUEUE_SAMPLE = "sample"
+QUEUE_REWARD = "reward"
+TASK_SAMPLE = "flowrl.sample"
+TASK_REWARD = "flowrl.reward"
+
+DEFAULT_KEY_PREFIX = "flowrl"
+
+
+class RunKeys:
+    """Redis keys of one run.
+
+    * ``scored``: list of :class:`~shared.protocol.ScoredBatch` JSON, pushed by reward workers,
+      popped by the trainer;
+    * ``policy``: the latest :class:`~shared.protocol.PolicyPublished` JSON (one string, replaced
+      atomically: the version bump IS this write);
+    * ``dead``: list of :class:`~shared.protocol.DeadLetter` JSON (tasks that gave up);
+    * ``deliveries:{job_id}``: how many times a task for that job was started (redelivery cap).
+    """
+
+    def __init__(self, run_id: str, prefix: str = DEFAULT_KEY_PREFIX) -> None:
+        if not run_id or any(c in run_id for c in " :*?[]"):
+            raise ValueError(f"run id {run_id!r} must be non-empty and contain no spaces, ':' or "
+                             f"glob characters (it is part of Redis keys and blob paths).")
+        self.run_id, self.prefix = run_id, prefix
+        base = f"{prefix}:{run_id}"
+        self.scored = f"{base}:scored"
+        self.policy = f"{base}:policy"
+        self.dead = f"{base}:dead"
+        self.base = base
+
+    def deliveries(self, job_id: str) -> str:
+        return f"{self.base}:deliveries:{job_id}"
+
+    def pattern(self) -> str:
+        """Glob matching every key of this run (for cleanup of this run only)."""
+        return f"{self.base}:*"

@@ -1,0 +1,146 @@
+"""The Celery + Redis profile of the distributed mode, and the Redis-side run state.
+
+One function builds the Celery app every process uses (trainer, sampler workers, reward
+workers), so the reliability settings cannot drift apart:
+
+* JSON only (``task_serializer``/``accept_content``): no pickle on the wire;
+* ``task_acks_late`` + ``task_reject_on_worker_lost``: a task is acknowledged after it ran, and a
+  worker that dies mid-task gets it redelivered instead of losing it;
+* ``worker_prefetch_multiplier = 1``: a GPU worker holds one task at a time, so a dead worker
+  strands at most one task;
+* the Redis ``visibility_timeout`` is set above the longest task (``task_time_limit``): an
+  unacknowledged task is redelivered only when its worker is really gone;
+* no result backend: results travel as messages (:class:`~shared.protocol.ScoredBatch` pushed
+  to the run's Redis list), tasks are idempotent by deterministic sample id.
+
+:class:`RunState` wraps the run's Redis keys (:class:`~shared.protocol.RunKeys`): the scored
+list, the published policy and the dead letters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.protocol import (QUEUE_REWARD, QUEUE_SAMPLE, TASK_REWARD, TASK_SAMPLE, DeadLetter,
+                             PolicyPublished, RunKeys, ScoredBatch)
+
+
+class QueueSettings(BaseSettings):
+    """``queue:`` of the experiment config; every field also from ``FLOWRL_QUEUE_<NAME>``.
+
+    YAML values win over the environment, the environment over the defaults.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="FLOWRL_QUEUE_", extra="forbid")
+
+    broker_url: str = "redis://127.0.0.1:6379/0"  # Celery broker AND the run-state Redis
+    store_url: str | None = None  # blob store; None = file://{output_dir}/blobs
+    key_prefix: str = "flowrl"
+    task_time_limit_s: float = Field(1800.0, gt=0)  # hard limit of one sample / reward task
+    visibility_timeout_s: float | None = Field(None, gt=0)  # None = 2 x task_time_limit_s
+    max_retries: int = Field(3, ge=0)  # retries of a transient failure, with backoff
+    retry_backoff_s: float = Field(2.0, ge=0)  # first retry delay; doubles, capped at 60 s
+    max_deliveries: int = Field(3, ge=1)  # starts of one task (redeliveries after worker death)
+    collect_timeout_s: float = Field(3600.0, gt=0)  # trainer gives up waiting for an epoch
+    policy_wait_s: float = Field(600.0, gt=0)  # sampler gives up waiting for a policy version
+
+    @model_validator(mode="after")
+    def _visibility_above_time_limit(self) -> "QueueSettings":
+        if self.visibility_timeout_s is not None and self.visibility_timeout_s <= self.task_time_limit_s:
+            raise ValueError(
+                f"queue.visibility_timeout_s={self.visibility_timeout_s} must exceed "
+                f"queue.task_time_limit_s={self.task_time_limit_s}: otherwise Redis redelivers a "
+                f"task that is still running. Fix: raise it or leave it unset (2 x the limit).")
+        return self
+
+    @property
+    def visibility_timeout(self) -> float:
+        return self.visibility_timeout_s or 2 * self.task_time_limit_s
+
+
+def celery_config(settings: QueueSettings) -> dict[str, Any]:
+    """The Celery settings every flowrl process uses (see the module docstring)."""
+    return {
+        "broker_url": settings.broker_url,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout},
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "event_serializer": "json",
+        "accept_content": ["json"],
+        "task_ignore_result": True,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,  # failures are dead-lettered by the task itself
+        "worker_prefetch_multiplier": 1,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "task_time_limit": settings.task_time_limit_s,
+        "task_routes": {TASK_SAMPLE: {"queue": QUEUE_SAMPLE}, TASK_REWARD: {"queue": QUEUE_REWARD}},
+        "task_default_queue": QUEUE_SAMPLE,
+        "worker_hijack_root_logger": False,
+    }
+
+
+def make_celery(settings: QueueSettings, name: str = "flowrl"):
+    from celery import Celery
+
+    app = Celery(name)
+    app.conf.update(celery_config(settings))
+    return app
+
+
+def retry_delay(attempt: int, base: float) -> float:
+    """Exponential backoff: ``base * 2**attempt`` seconds, capped at 60."""
+    return min(60.0, base * (2 ** attempt))
+
+
+class RunState:
+    """The run's Redis keys: scored batches, the published policy, dead letters, deliveries."""
+
+    def __init__(self, redis_client, run_id: str, prefix: str = "flowrl") -> None:
+        self.redis = redis_client
+        self.keys = RunKeys(run_id, prefix)
+
+    @classmethod
+    def connect(cls, url: str, run_id: str, prefix: str = "flowrl") -> "RunState":
+        import redis
+
+        return cls(redis.Redis.from_url(url), run_id, prefix)
+
+    # -- scored batches (reward workers push, the trainer pops)
+    def push_scored(self, batch: ScoredBatch) -> None:
+        self.redis.rpush(self.keys.scored, batch.model_dump_json())
+
+    def pop_scored(self, timeout: float) -> ScoredBatch | None:
+        item = self.redis.blpop([self.keys.scored], timeout=max(timeout, 0.01))
+        return None if item is None else ScoredBatch.model_validate_json(item[1])
+
+    # -- policy versions (the trainer publishes, samplers read)
+    def publish(self, message: PolicyPublished) -> None:
+        self.redis.set(self.keys.policy, message.model_dump_json())
+
+    def policy(self) -> PolicyPublished | None:
+        raw = self.redis.get(self.keys.policy)
+        return None if raw is None else PolicyPublished.model_validate_json(raw)
+
+    # -- dead letters and deliveries
+    def dead_letter(self, letter: DeadLetter) -> None:
+        self.redis.rpush(self.keys.dead, letter.model_dump_json())
+
+    def dead_letters(self, start: int = 0) -> list[DeadLetter]:
+        return [DeadLetter.model_validate_json(x) for x in self.redis.lrange(self.keys.dead, start, -1)]
+
+    def count_delivery(self, job_id: str) -> int:
+        """Count one more start of the task for ``job_id``; returns the count (1 = first)."""
+        key = self.keys.deliveries(job_id)
+        n = int(self.redis.incr(key))
+        self.redis.expire(key, 7 * 24 * 3600)
+        return n
+
+    def clear(self) -> int:
+        """Delete this run's keys only (never anything else in the database)."""
+        keys = list(self.redis.scan_iter(match=self.keys.pattern(), count=500))
+        return int(self.redis.delete(*keys)) if keys else 0

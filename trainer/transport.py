@@ -1,0 +1,223 @@
+"""Transports: how the trainer gets an epoch plan sampled and scored, and publishes weights.
+
+Both carry the same plan in and the same :class:`~trainer.collect.Samples` out, so the
+training loop does not know which one it drives:
+
+* :class:`LocalTransport` (``transport: local``, the embedded default): this process rolls
+  out with its own sampling weights and scores with its own reward models;
+* :class:`CeleryTransport` (``transport: celery``): the plan becomes
+  :class:`~shared.protocol.SampleJob`s of whole prompt groups on the ``sample`` queue;
+  sampler workers roll out with the newest published policy, reward workers score, and the
+  trainer pops :class:`~shared.protocol.ScoredBatch`es from the run's Redis list, keeping
+  exactly one score per sample id. Weights are published as a safetensors blob (written
+  atomically) whose :class:`~shared.protocol.PolicyPublished` message then replaces the
+  run's policy key in Redis: that write is the version bump.
+
+``dispatch(plan, version)`` starts sampling an epoch (``version``: the oldest policy version
+the samples may use) and returns a handle; ``collect(handle)`` waits for the result. The
+loop dispatches epoch k+1 before training on epoch k when ``train.max_staleness`` is 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+
+from shared.config import Config
+from shared.protocol import (PolicyPublished, SampleItem, SampleJob, SamplingParams, TASK_SAMPLE,
+                             QUEUE_SAMPLE, sample_id)
+from shared.rewards.multi import spec_dicts
+from shared.sampling import Rollout, as_hw, encode_batches
+from trainer.collect import EpochPlan, Samples, sample_locally
+
+
+class LocalTransport:
+    """Sample and score in this process (see the module docstring)."""
+
+    def __init__(self, cfg: Config, adapter, policy, algorithm, rewards: dict) -> None:
+        self.cfg, self.adapter, self.policy, self.algorithm, self.rewards = (
+            cfg, adapter, policy, algorithm, rewards)
+
+    def publish(self, version: int) -> None:
+        """Nothing to send: local sampling uses the live weights."""
+
+    def dispatch(self, plan: EpochPlan, version: int) -> Samples:
+        t0 = time.perf_counter()
+        cond, roll, scores = sample_locally(self.cfg, self.adapter, self.policy, self.algorithm,
+                                            self.rewards, plan)
+        return Samples(cond, roll, scores, [version] * len(plan.prompts),
+                       {"time/sample_seconds": time.perf_counter() - t0})
+
+    def collect(self, handle: Samples) -> Samples:
+        return handle
+
+    def close(self) -> None:
+        pass
+
+
+@dataclasses.dataclass
+class _Pending:
+    plan: EpochPlan
+    ids: list[str]  # sample id per plan row
+    jobs: dict[str, list[str]]  # job id -> its sample ids
+    sent_at: float
+
+
+class CollectError(RuntimeError):
+    """Samples of an epoch could not be collected (dead-lettered tasks, or a timeout)."""
+
+
+class CeleryTransport:
+    """Sample and score through the Celery queues (see the module docstring).
+
+    One trainer process: the trainer is the single controller (several trainer processes
+    would each need their own scored list; not supported yet).
+    """
+
+    def __init__(self, cfg: Config, adapter, policy, algorithm, run_id: str, *, world_size: int = 1,
+                 state=None) -> None:
+        if world_size != 1:
+            raise ValueError(
+                f"transport: celery runs ONE trainer process (got {world_size}); scale the samplers "
+                f"and reward workers instead. Fix: start `flowrl trainer` without accelerate launch.")
+        from shared.queue import RunState, make_celery
+        from shared.store import BlobStore
+
+        q = cfg.queue
+        self.cfg, self.adapter, self.policy, self.algorithm, self.run_id = (
+            cfg, adapter, policy, algorithm, run_id)
+        self.app = make_celery(q, name="flowrl-trainer")
+        self.state = state or RunState.connect(q.broker_url, run_id, q.key_prefix)
+        store_url = q.store_url or f"file://{Path(cfg.output_dir).resolve()}/blobs"
+        self.store = BlobStore(store_url)
+        self.buffer: dict[str, tuple] = {}  # sample id -> (ScoredBatch, row) popped early
+        self.scored_ids: set[str] = set()  # every sample id already used (exactly once)
+        self.duplicates = 0
+        self.dead_seen = 0
+
+    # ------------------------------------------------------------------ weights
+    def publish(self, version: int) -> PolicyPublished:
+        """Write the sampling weights as a blob (atomic), then bump the version in Redis."""
+        policy, t = self.policy, self.cfg.train
+        if t.off_policy and policy.ema is not None:
+            weights = policy.ema.as_params(policy.trainable)
+        else:
+            weights = policy.trainable
+        ref = self.store.put_tensors(f"{self.run_id}/policy/v{version}.safetensors",
+                                     {k: v.detach().float() for k, v in weights.items()})
+        message = PolicyPublished(run_id=self.run_id, version=version, weights=ref,
+                                  finetune_type=self.cfg.model.finetune_type,
+                                  published_at=time.time())
+        self.state.publish(message)
+        if version >= 2:  # samplers may still be loading the previous one
+            old = f"{self.run_id}/policy/v{version - 2}.safetensors"
+            if self.store.exists(old):
+                self.store.delete_prefix(old)
+        return message
+
+    # ------------------------------------------------------------------ sampling
+    def dispatch(self, plan: EpochPlan, version: int) -> _Pending:
+        t, geo = self.cfg.train, self.cfg.geometry(1)
+        params = SamplingParams(
+            resolution=as_hw(t.resolution), num_inference_steps=t.num_inference_steps,
+            guidance_scale=t.guidance_scale, dynamics=t.dynamics_type, noise_level=t.noise_level,
+            sde_steps=plan.sde_steps, keep_means=self.algorithm.keep_means,
+            log_prob_reduction=t.log_prob_reduction, batch_size=t.per_device_batch_size)
+        K = geo.group_size
+        groups_per_job = max(1, t.per_device_batch_size // K)
+        ids = [sample_id(self.run_id, plan.epoch, g, k % K) for k, g in enumerate(plan.group_ids)]
+        jobs: dict[str, list[str]] = {}
+        rows_per_job = groups_per_job * K
+        for j, start in enumerate(range(0, len(ids), rows_per_job)):
+            rows = range(start, min(start + rows_per_job, len(ids)))
+            job = SampleJob(
+                run_id=self.run_id, job_id=f"{self.run_id}/e{plan.epoch}/j{j}", epoch=plan.epoch,
+                min_policy_version=version, params=params,
+                items=[SampleItem(sample_id=ids[r], prompt=plan.prompts[r],
+                                  negative_prompt=plan.negatives[r], group_id=plan.group_ids[r],
+                                  seed=plan.seeds[r]) for r in rows],
+                model=self.cfg.model.model_dump(mode="json"), store_url=self.store.url,
+                rewards=spec_dicts(self.cfg.rewards), key_prefix=self.cfg.queue.key_prefix)
+            self.app.send_task(TASK_SAMPLE, args=[job.model_dump_json()], queue=QUEUE_SAMPLE)
+            jobs[job.job_id] = [ids[r] for r in rows]
+        return _Pending(plan, ids, jobs, time.monotonic())
+
+    def collect(self, pending: _Pending) -> Samples:
+        """Wait for one score per sample id of ``pending`` (see :class:`CollectError`)."""
+        q = self.cfg.queue
+        need = set(pending.ids)
+        got: dict[str, tuple] = {sid: self.buffer.pop(sid) for sid in list(self.buffer) if sid in need}
+        deadline = time.monotonic() + q.collect_timeout_s
+        while len(got) < len(need):
+            self._check_dead_letters(pending, need - set(got))
+            batch = self.state.pop_scored(timeout=0.5)
+            if batch is None:
+                if time.monotonic() > deadline:
+                    raise CollectError(
+                        f"epoch {pending.plan.epoch}: {len(need) - len(got)} of {len(need)} samples "
+                        f"not scored after queue.collect_timeout_s={q.collect_timeout_s:.0f} s. Are "
+                        f"sampler workers consuming queue 'sample' and reward workers queue 'reward' "
+                        f"on {q.broker_url}?")
+                continue
+            for row, sid in enumerate(batch.trajectory.sample_ids):
+                if sid in got or sid in self.scored_ids or sid in self.buffer:
+                    self.duplicates += 1  # a redelivered task scored it again: keep the first
+                elif sid in need:
+                    got[sid] = (batch, row)
+                else:
+                    self.buffer[sid] = (batch, row)  # a later epoch (max_staleness 1)
+        self.scored_ids.update(need)
+        samples = self._assemble(pending, got)
+        samples.metrics.update({"queue/collect_seconds": time.monotonic() - pending.sent_at,
+                                "queue/duplicates_total": float(self.duplicates)})
+        return samples
+
+    def _check_dead_letters(self, pending: _Pending, missing: set[str]) -> None:
+        letters = self.state.dead_letters(self.dead_seen)
+        self.dead_seen += len(letters)
+        for letter in letters:
+            lost = missing.intersection(letter.sample_ids)
+            if lost or letter.job_id in pending.jobs:
+                raise CollectError(
+                    f"epoch {pending.plan.epoch}: task {letter.task} for job {letter.job_id} was "
+                    f"dead-lettered after {letter.attempts} attempt(s): {letter.error}. "
+                    f"{len(lost)} sample(s) of this epoch are lost, so the epoch cannot complete.")
+
+    def _assemble(self, pending: _Pending, got: dict[str, tuple]) -> Samples:
+        """Rows of every scored trajectory, in plan order, as one Rollout + reward tensors."""
+        t = self.cfg.train
+        cache: dict[str, dict[str, torch.Tensor]] = {}
+        rows: list[tuple[dict[str, torch.Tensor], int]] = []
+        for sid in pending.ids:
+            batch, row = got[sid]
+            uri = batch.trajectory.tensors.uri
+            if uri not in cache:
+                cache[uri] = self.store.get_tensors(batch.trajectory.tensors)
+            rows.append((cache[uri], row))
+        device = next(self.adapter.transformer.parameters()).device
+        stack = lambda key: torch.stack([tensors[key][r] for tensors, r in rows]).to(device)  # noqa: E731
+        first = rows[0][0]
+        roll = Rollout(final_latents=stack("final_latents"), images=None,
+                       sigmas=first["sigmas"], sde_steps=list(pending.plan.sde_steps),
+                       latents=stack("latents"), next_latents=stack("next_latents"),
+                       log_probs=stack("log_probs"), stds=stack("stds"),
+                       means=stack("means") if "means" in first else None)
+        labels = [s.label for s in self.cfg.rewards]
+        rewards = {label: torch.tensor([float("nan") if (v := got[sid][0].rewards[label][got[sid][1]]) is None
+                                        else v for sid in pending.ids], dtype=torch.float32)
+                   for label in labels}
+        versions = [got[sid][0].trajectory.policy_version for sid in pending.ids]
+        cond = encode_batches(self.adapter, pending.plan.prompts, pending.plan.negatives,
+                              t.guidance_scale, t.per_device_batch_size)
+        workers = {got[sid][0].trajectory.worker for sid in pending.ids}
+        return Samples(cond, roll, rewards, versions, {"queue/samplers": float(len(workers))})
+
+    def gc_epoch(self, epoch: int) -> int:
+        """Delete the blobs of a trained epoch."""
+        return self.store.delete_prefix(f"{self.run_id}/e{epoch}")
+
+    def close(self) -> None:
+        self.app.close()
