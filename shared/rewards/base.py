@@ -37,7 +37,7 @@ from typing import ClassVar
 
 import torch
 
-from shared.registry import Registry, nearest
+from shared.registry import Registry, RegistryError, nearest
 
 KINDS = ("pointwise", "pairwise", "groupwise")
 
@@ -125,8 +125,33 @@ class RewardModel:
 
 
 def build_reward(name: str, **options) -> RewardModel:
-    """Look ``name`` up in :data:`REWARDS` (or import a dotted path) and construct it with ``options``."""
-    return REWARDS.get(name)(**options)
+    """Look ``name`` up in :data:`REWARDS` and construct it with ``options``.
+
+    A ``name`` that is not registered but contains a dot is a custom reward given by its import
+    path, ``package.module.Class`` (e.g. ``reward_model: my_pkg.rewards.MyReward`` in a config):
+    the module is imported and the class must subclass :class:`RewardModel`.
+
+    Raises:
+        RegistryError: unknown name, or a dotted path whose module or class cannot be imported.
+        TypeError: the dotted path names something that is not a :class:`RewardModel` subclass.
+    """
+    custom = name not in REWARDS and "." in name
+    try:
+        cls = REWARDS.get(name)
+    except RegistryError as e:
+        if not custom:
+            raise
+        raise RegistryError(
+            f"{e}. Fix: check the spelling of '{name}' (package.module.Class) and that the module "
+            f"is importable where flowrl runs (installed, or its folder on PYTHONPATH)."
+        ) from e.__cause__
+    if custom and not (isinstance(cls, type) and issubclass(cls, RewardModel)):
+        raise TypeError(
+            f"reward_model '{name}' is {cls!r}, not a RewardModel subclass. Fix: define it as "
+            f"`class {name.rpartition('.')[2]}(shared.rewards.RewardModel)` with `kind` set and "
+            f"score() (pointwise), score_group() (groupwise) or compare() (pairwise) implemented."
+        )
+    return cls(**options)
 
 
 def _checked(out: object, n: int, model: RewardModel, call: str, *, probability: bool = False) -> torch.Tensor:
