@@ -439,3 +439,29 @@ def test_unknown_plain_name_still_suggests_registered_ones():
     with pytest.raises(RegistryError) as e:
         build_reward("pickscor")
     assert "pickscore" in str(e.value) and "Fix" not in str(e.value)
+
+
+# --- GPU ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype,atol", [("float32", 1e-4), ("bfloat16", 0.02)])
+def test_cuda_scores_match_cpu(clip_dir, clip768_dir, head_files, dtype, atol):
+    """On the GPU (inputs given on the CPU or on the GPU) in the configured dtype: the CPU float32
+    scores, up to bf16 rounding; outputs float32."""
+    paths = dict(model_name_or_path=str(clip_dir), processor_name_or_path=str(clip_dir))
+    builds = {"PickScore": paths, "CLIP": paths, "PickScore_Rank": paths,
+              "aesthetic": dict(model_name_or_path=str(clip768_dir), head_path=str(head_files[0]))}
+    x, prompts, ids = images(6, seed=9), ["a red circle", "a cat"] * 3, torch.tensor([0, 1] * 3)
+    for name, options in builds.items():
+        cpu = score_all(build_reward(name, **options), x, prompts, ids, batch_size=4)
+        gpu_model = build_reward(name, device="cuda", dtype=dtype, **options)
+        assert next(gpu_model.model.parameters()).device.type == "cuda"
+        for inputs in (x, x.cuda()):
+            got = score_all(gpu_model, inputs, prompts, ids, batch_size=4)
+            assert got.dtype == torch.float32 and got.device.type == "cpu"
+            if name == "PickScore_Rank" and dtype == "bfloat16":  # bf16 may swap near-equal scores
+                assert bool(((got >= 0) & (got <= 1)).all())
+                continue
+            assert torch.allclose(got, cpu, atol=atol), (name, got, cpu)
