@@ -1,0 +1,62 @@
+"""Flow-Factory's remote reward protocol (``rewards/my_reward_remote.py`` in Flow-Factory).
+
+``GET /health`` -> ``{"status": "ok"}`` once the model is ready (503 ``{"status": "loading"}``
+before). ``POST /compute`` with the JSON body::
+
+    {"prompt": [str, ...], "image": [base64 PNG, ...] | null, "video": ... | null,
+     "condition_images": ... | null, "condition_videos": ... | null}
+
+answers ``{"rewards": [float, ...]}`` (same order and length) or ``{"error": "..."}`` with a
+non-2xx status. Images are PNG (or JPEG) files, base64 without a data-URI prefix (one is
+tolerated). Videos and condition media are not served: a non-null value is refused with 422.
+A groupwise reward treats one request as one group, as Flow-Factory's groupwise client sends.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from services.reward.errors import RequestError
+
+
+class ComputeRequest(BaseModel):
+    """The ``/compute`` body. ``extra`` is accepted (Flow-Factory's server reads it) and ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: list[str]
+    image: list[str] | None = None
+    video: Any = None
+    condition_images: Any = None
+    condition_videos: Any = None
+    extra: dict[str, Any] | None = None
+
+
+def _empty(value: Any) -> bool:
+    """None, or nested lists holding nothing but None/empty lists."""
+    return value is None or (isinstance(value, list) and all(_empty(v) for v in value))
+
+
+def parse_compute(body: bytes) -> ComputeRequest:
+    """Parse and check a ``/compute`` body (400 for bad JSON, 422 for the wrong shape)."""
+    try:
+        raw = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(400, f"request body is not valid JSON: {e}") from None
+    try:
+        req = ComputeRequest.model_validate(raw)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in e.errors())
+        raise RequestError(
+            422, f"not a Flow-Factory /compute request ({problems}); expected "
+                 f"{{'prompt': [str], 'image': [base64 PNG]}}") from None
+    for name in ("video", "condition_images", "condition_videos"):
+        if not _empty(getattr(req, name)):
+            raise RequestError(422, f"'{name}' is not supported by this server: it scores images (field 'image')")
+    if req.image is None:
+        raise RequestError(422, "'image' is null: this server scores images; send base64 PNGs in 'image'")
+    if len(req.image) != len(req.prompt):
+        raise RequestError(422, f"got {len(req.image)} images and {len(req.prompt)} prompts; they must align")
+    return req

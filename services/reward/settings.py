@@ -1,0 +1,105 @@
+"""Deployment settings of the reward server (pydantic-settings, env prefix ``FLOWRL_REWARD_``).
+
+Every field can come from the environment, e.g.::
+
+    FLOWRL_REWARD_REWARDS=brightness,toy_geneval          # names (or dotted paths), comma separated
+    FLOWRL_REWARD_REWARDS='[{"name": "bright", "reward_model": "brightness", "target": 0.6}]'
+    FLOWRL_REWARD_PORT=8000  FLOWRL_REWARD_MAX_BATCH_SIZE=32  FLOWRL_REWARD_MAX_QUEUE_DELAY_MS=5
+    FLOWRL_API_TOKEN=...     (or FLOWRL_REWARD_TOKEN) requires ``Authorization: Bearer <token>``
+
+The host defaults to ``127.0.0.1``: nothing listens beyond the loopback unless configured.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class ServedReward(BaseModel):
+    """One served reward, shaped like an entry of the experiment's ``rewards:`` list.
+
+    Extra keys are the reward's own options (e.g. ``target`` for ``brightness``).
+    """
+
+    model_config = ConfigDict(extra="allow")
+    name: str | None = None  # the v2 model name; defaults to reward_model
+    reward_model: str  # registry name or dotted path 'package.module.Class'
+    batch_size: int | None = Field(None, gt=0)  # images per model call; None = max_batch_size
+    device: str | None = None  # None = the server's device
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @property
+    def label(self) -> str:
+        return self.name or self.reward_model
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+def _parse_rewards(value: Any) -> Any:
+    """``"a,b"`` or a JSON list (from the environment) -> list of entries."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"rewards looks like JSON but does not parse: {e}") from None
+        value = [part.strip() for part in text.split(",") if part.strip()]
+    if isinstance(value, (list, tuple)):
+        return [{"reward_model": v} if isinstance(v, str) else v for v in value]
+    return value
+
+
+class RewardServerSettings(BaseSettings):
+    """Settings of ``flowrl serve reward`` (see the module docstring for the environment)."""
+
+    model_config = SettingsConfigDict(env_prefix="FLOWRL_REWARD_", extra="forbid", populate_by_name=True)
+
+    rewards: Annotated[list[ServedReward], NoDecode] = Field(..., min_length=1)
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    device: str = "cpu"
+    max_batch_size: int = Field(32, gt=0, description="samples merged into one scoring call")
+    max_queue_delay_ms: float = Field(5.0, ge=0, description="longest wait for more requests to merge")
+    max_queue_size: int = Field(4096, gt=0, description="queued samples per model before 503")
+    max_request_bytes: int = Field(64 * 2**20, gt=0, description="largest request body (after decompression)")
+    max_image_pixels: int = Field(4096 * 4096, gt=0, description="largest decoded image (width x height)")
+    token: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("token", "FLOWRL_REWARD_TOKEN", "FLOWRL_API_TOKEN")
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    @field_validator("rewards", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        return _parse_rewards(value)
+
+    @field_validator("rewards")
+    @classmethod
+    def _unique_names(cls, value: list[ServedReward]) -> list[ServedReward]:
+        seen: set[str] = set()
+        for spec in value:
+            label = spec.label
+            if not MODEL_NAME.match(label):
+                raise ValueError(
+                    f"reward name {label!r} cannot be a v2 model name (letters, digits, '_', '.', '-'); "
+                    f"give the entry a 'name'"
+                )
+            if label in seen:
+                raise ValueError(f"reward name {label!r} is served twice; give each entry a unique 'name'")
+            seen.add(label)
+        return value
+
+    @field_validator("token")
+    @classmethod
+    def _non_empty(cls, value: SecretStr | None) -> SecretStr | None:
+        return value if value is not None and value.get_secret_value() else None

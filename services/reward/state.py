@@ -1,0 +1,88 @@
+"""Served models and their lifecycle: resolve at startup, load in the background, then batch.
+
+Each reward is resolved in the registry when the app is created (a misspelt name fails at
+once), built in a worker thread from the FastAPI lifespan (liveness answers meanwhile, and
+readiness turns true once every model has loaded), then gets its own :class:`DynamicBatcher`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from services.reward.batching import DynamicBatcher
+from services.reward.errors import RequestError
+from services.reward.metrics import Metrics
+from services.reward.settings import RewardServerSettings, ServedReward
+from shared.rewards import REWARDS, build_reward
+
+log = logging.getLogger("flowrl.reward")
+
+
+class Slot:
+    """One served model: its spec, load state and batcher."""
+
+    def __init__(self, spec: ServedReward) -> None:
+        self.spec = spec
+        self.name = spec.label
+        self.kind: str = REWARDS.get(spec.reward_model).kind  # RegistryError names the choices
+        self.state = "loading"  # loading | ready | failed
+        self.error: str | None = None
+        self.batcher: DynamicBatcher | None = None
+
+    def ready_batcher(self) -> DynamicBatcher:
+        """The batcher, or 503 saying why the model cannot score yet."""
+        if self.batcher is not None:
+            return self.batcher
+        if self.state == "failed":
+            raise RequestError(503, f"model '{self.name}' failed to load: {self.error}")
+        raise RequestError(503, f"model '{self.name}' is still loading; retry shortly", {"Retry-After": "1"})
+
+
+class Models:
+    """All served models, in the order of ``settings.rewards`` (the first is ``/compute``'s)."""
+
+    def __init__(self, settings: RewardServerSettings, metrics: Metrics) -> None:
+        self.settings, self.metrics = settings, metrics
+        self.slots = {spec.label: Slot(spec) for spec in settings.rewards}
+        self.default = next(iter(self.slots))
+        for name in self.slots:
+            metrics.model_ready.labels(name).set(0)
+
+    def get(self, name: str) -> Slot:
+        slot = self.slots.get(name)
+        if slot is None:
+            raise RequestError(404, f"unknown model '{name}'; this server serves: {', '.join(self.slots)}")
+        return slot
+
+    @property
+    def ready(self) -> bool:
+        return all(s.state == "ready" for s in self.slots.values())
+
+    async def load_all(self) -> None:
+        """Build every reward (in a thread) and start its batcher; failures are logged and kept."""
+        for slot in self.slots.values():
+            spec, start = slot.spec, time.perf_counter()
+            try:
+                model = await asyncio.to_thread(
+                    build_reward, spec.reward_model, device=spec.device or self.settings.device,
+                    dtype=spec.dtype, **spec.options)
+            except Exception as e:
+                slot.state, slot.error = "failed", f"{type(e).__name__}: {e}"
+                log.error("reward '%s' failed to load: %s", slot.name, slot.error)
+                continue
+            s = self.settings
+            slot.batcher = DynamicBatcher(
+                slot.name, model, batch_size=spec.batch_size or s.max_batch_size, max_batch_size=s.max_batch_size,
+                max_queue_delay_ms=s.max_queue_delay_ms, max_queue_size=s.max_queue_size, metrics=self.metrics)
+            slot.batcher.start()
+            slot.state = "ready"
+            self.metrics.model_ready.labels(slot.name).set(1)
+            log.info("reward '%s' (%s, %s) ready in %.2f s", slot.name, spec.reward_model, slot.kind,
+                     time.perf_counter() - start)
+
+    async def stop(self) -> None:
+        for slot in self.slots.values():
+            if slot.batcher is not None:
+                await slot.batcher.stop()

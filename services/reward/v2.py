@@ -1,0 +1,259 @@
+"""Open Inference Protocol v2 (KServe / Triton) for reward models: wire models and codecs.
+
+A served reward is a v2 model named after the reward, version ``"1"``:
+
+* inputs, in this order:
+    1. ``image``: BYTES ``[B]`` (or ``[B, 1]``), each element an encoded image file (PNG/JPEG);
+       raw bytes in the binary tensor extension, base64 text in JSON ``data``;
+    2. ``prompt``: BYTES ``[B]``, UTF-8 text;
+    3. ``group_id``: INT64 ``[B]``, only for groupwise/pairwise rewards and optional: samples with
+       the same id form one group (compared with each other); without it the whole request is
+       one group. Send every member of a group in the same request.
+* output ``score``: FP32 ``[B]``, aligned with the inputs.
+
+Binary tensor extension (what ``tritonclient.http`` sends by default): the body is the JSON
+header, then each binary input's raw bytes in input order; the header length is in the
+``Inference-Header-Content-Length`` HTTP header and each binary input has
+``parameters.binary_data_size``. BYTES elements are a 4-byte little-endian length followed by
+the payload. Outputs come back binary when the request asks (``parameters.binary_data_output``
+or the output's ``parameters.binary_data``), as raw little-endian float32.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from services.reward.errors import RequestError
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+IMAGE, PROMPT, GROUP_ID, SCORE = "image", "prompt", "group_id", "score"
+VERSION = "1"
+
+
+class InferInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: Any = None
+
+
+class RequestedOutput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    parameters: dict[str, Any] | None = None
+
+
+class InferRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[InferInput]
+    outputs: list[RequestedOutput] | None = None
+
+
+@dataclass
+class Inputs:
+    """A parsed infer request: per-sample elements, not yet decoded into images."""
+
+    images: list[bytes | str]
+    prompts: list[str]
+    group_ids: list[int] | None
+    request_id: str | None
+    binary_output: bool
+
+
+def model_metadata(name: str, kind: str, reward_model: str) -> dict[str, Any]:
+    """The ``GET /v2/models/{name}`` body. ``parameters`` (kind, reward_model) is our addition."""
+    inputs = [
+        {"name": IMAGE, "datatype": "BYTES", "shape": [-1]},
+        {"name": PROMPT, "datatype": "BYTES", "shape": [-1]},
+    ]
+    if kind != "pointwise":
+        inputs.append({"name": GROUP_ID, "datatype": "INT64", "shape": [-1]})
+    return {
+        "name": name,
+        "versions": [VERSION],
+        "platform": "flowrl_reward",
+        "inputs": inputs,
+        "outputs": [{"name": SCORE, "datatype": "FP32", "shape": [-1]}],
+        "parameters": {"kind": kind, "reward_model": reward_model},
+    }
+
+
+def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
+    if header_length is None:
+        return body, memoryview(b"")
+    try:
+        n = int(header_length)
+    except ValueError:
+        raise RequestError(400, f"{HEADER_LENGTH} must be an integer, got {header_length!r}") from None
+    if not 0 < n <= len(body):
+        raise RequestError(400, f"{HEADER_LENGTH} is {n} but the body has {len(body)} bytes")
+    return body[:n], memoryview(body)[n:]
+
+
+def parse_request(body: bytes, header_length: str | None) -> tuple[InferRequest, memoryview]:
+    """The JSON header as an :class:`InferRequest`, and the binary tail (possibly empty)."""
+    head, tail = _split_body(body, header_length)
+    try:
+        raw = json.loads(head)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        hint = "" if header_length else f" (binary tensor data needs the {HEADER_LENGTH} header)"
+        raise RequestError(400, f"request body is not valid JSON: {e}{hint}") from None
+    try:
+        return InferRequest.model_validate(raw), tail
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in e.errors())
+        raise RequestError(
+            422, f"not a v2 inference request ({problems}); expected {{'inputs': [{{'name', 'shape', 'datatype', 'data'}}]}}"
+        ) from None
+
+
+def _flatten(data: Any) -> list[Any]:
+    if not isinstance(data, list):
+        return [data]
+    out: list[Any] = []
+    for item in data:
+        out.extend(_flatten(item))
+    return out
+
+
+def _deserialize_bytes(raw: memoryview, count: int, where: str) -> list[bytes]:
+    """Triton's BYTES serialization: ``count`` times (uint32 LE length, payload)."""
+    out, pos = [], 0
+    for i in range(count):
+        if pos + 4 > len(raw):
+            raise RequestError(400, f"{where}: binary data ends before element {i} of {count}")
+        (n,) = struct.unpack_from("<I", raw, pos)
+        pos += 4
+        if pos + n > len(raw):
+            raise RequestError(400, f"{where}: element {i} claims {n} bytes but only {len(raw) - pos} remain")
+        out.append(bytes(raw[pos : pos + n]))
+        pos += n
+    if pos != len(raw):
+        raise RequestError(400, f"{where}: {len(raw) - pos} bytes left over after {count} BYTES elements")
+    return out
+
+
+def _count(shape: list[int], where: str) -> int:
+    if any(d < 0 for d in shape) or not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)):
+        raise RequestError(422, f"{where}: shape must be [B] (or [B, 1]), got {shape}")
+    return shape[0]
+
+
+def _elements(inp: InferInput, tail: memoryview, offset: int) -> tuple[list[Any], int]:
+    """The flat elements of one input and the new offset into the binary tail."""
+    where = f"input '{inp.name}'"
+    count = _count(inp.shape, where)
+    params = inp.parameters or {}
+    if "shared_memory_region" in params:
+        raise RequestError(422, f"{where}: shared memory is not supported; send the data in the request")
+    size = params.get("binary_data_size")
+    if size is not None:
+        if inp.data is not None:
+            raise RequestError(422, f"{where} has both 'data' and parameters.binary_data_size; send one")
+        if not isinstance(size, int) or size < 0 or offset + size > len(tail):
+            raise RequestError(
+                400, f"{where}: binary_data_size {size!r} does not fit the {len(tail) - offset} binary bytes left"
+            )
+        raw = tail[offset : offset + size]
+        if inp.datatype == "BYTES":
+            return _deserialize_bytes(raw, count, where), offset + size
+        if inp.datatype == "INT64":
+            if size != 8 * count:
+                raise RequestError(400, f"{where}: {size} binary bytes for {count} INT64 elements (need {8 * count})")
+            return np.frombuffer(raw, dtype="<i8").tolist(), offset + size
+        raise RequestError(422, f"{where}: binary data is supported for BYTES and INT64 only, got {inp.datatype}")
+    if inp.data is None:
+        raise RequestError(422, f"{where} has no 'data' (and no parameters.binary_data_size)")
+    flat = _flatten(inp.data)
+    if len(flat) != count:
+        raise RequestError(422, f"{where}: shape {inp.shape} means {count} elements but data has {len(flat)}")
+    return flat, offset
+
+
+def _expect(inp: InferInput, datatype: str) -> None:
+    if inp.datatype != datatype:
+        raise RequestError(422, f"input '{inp.name}' must have datatype {datatype}, got {inp.datatype}")
+
+
+def read_inputs(req: InferRequest, tail: memoryview, kind: str) -> Inputs:
+    """Check the inputs against the model's signature and return them per sample.
+
+    Raises:
+        RequestError: 400 for broken binary framing, 422 for anything else invalid; the message
+            names the input and what was expected.
+    """
+    accepted = [IMAGE, PROMPT] + ([GROUP_ID] if kind != "pointwise" else [])
+    signature = f"{IMAGE} (BYTES), {PROMPT} (BYTES)" + (f", optional {GROUP_ID} (INT64)" if kind != "pointwise" else "")
+    by_name: dict[str, list[Any]] = {}
+    offset = 0
+    for inp in req.inputs:
+        if inp.name not in accepted:
+            raise RequestError(422, f"unknown input '{inp.name}'; this model takes {signature}")
+        if inp.name in by_name:
+            raise RequestError(422, f"input '{inp.name}' appears twice")
+        _expect(inp, "INT64" if inp.name == GROUP_ID else "BYTES")
+        by_name[inp.name], offset = _elements(inp, tail, offset)
+    if offset != len(tail):
+        raise RequestError(400, f"{len(tail) - offset} bytes of binary data are not claimed by any input")
+    for required in (IMAGE, PROMPT):
+        if required not in by_name:
+            raise RequestError(422, f"missing input '{required}'; this model takes {signature}")
+    prompts = [_text(p, i) for i, p in enumerate(by_name[PROMPT])]
+    images = by_name[IMAGE]
+    if any(not isinstance(x, (str, bytes)) for x in images):
+        raise RequestError(422, f"input '{IMAGE}': elements must be strings (base64 of an encoded image)")
+    group_ids = by_name.get(GROUP_ID)
+    if group_ids is not None and any(isinstance(g, bool) or not isinstance(g, int) for g in group_ids):
+        raise RequestError(422, f"input '{GROUP_ID}': elements must be integers")
+    lengths = {IMAGE: len(images), PROMPT: len(prompts)} | ({GROUP_ID: len(group_ids)} if group_ids is not None else {})
+    if len(set(lengths.values())) > 1:
+        raise RequestError(422, "inputs have different batch sizes: " + ", ".join(f"{k} {v}" for k, v in lengths.items()))
+    return Inputs(images, prompts, group_ids, req.id, _binary_output(req))
+
+
+def _text(value: Any, index: int) -> str:
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise RequestError(422, f"input '{PROMPT}' element {index} is not UTF-8 text") from None
+    if not isinstance(value, str):
+        raise RequestError(422, f"input '{PROMPT}' element {index} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _binary_output(req: InferRequest) -> bool:
+    binary = bool((req.parameters or {}).get("binary_data_output", False))
+    for out in req.outputs or []:
+        if out.name != SCORE:
+            raise RequestError(422, f"unknown output '{out.name}'; this model has one output, '{SCORE}' (FP32)")
+        if out.parameters and "binary_data" in out.parameters:
+            binary = bool(out.parameters["binary_data"])
+    return binary
+
+
+def infer_response(model_name: str, inputs: Inputs, scores: np.ndarray) -> tuple[bytes, dict[str, str], str]:
+    """``(body, headers, media_type)`` of the infer response for ``scores`` ``[B]`` float32."""
+    scores = np.asarray(scores, dtype="<f4")
+    output: dict[str, Any] = {"name": SCORE, "datatype": "FP32", "shape": [int(scores.shape[0])]}
+    body: dict[str, Any] = {"model_name": model_name, "model_version": VERSION}
+    if inputs.request_id is not None:
+        body["id"] = inputs.request_id
+    body["outputs"] = [output]
+    if not inputs.binary_output:
+        output["data"] = [float(s) for s in scores]  # finite: the batcher rejects NaN/inf
+        return json.dumps(body).encode(), {}, "application/json"
+    raw = scores.tobytes()
+    output["parameters"] = {"binary_data_size": len(raw)}
+    head = json.dumps(body).encode()
+    return head + raw, {HEADER_LENGTH: str(len(head))}, "application/octet-stream"

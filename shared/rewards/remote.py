@@ -1,0 +1,252 @@
+"""``remote``: a reward scored by an HTTP reward server (``flowrl serve reward``, or any server
+speaking the same protocol).
+
+Config::
+
+    rewards:
+      - name: brightness
+        reward_model: remote
+        url: http://reward-svc:8000
+        protocol: v2            # or flow-factory (POST {url}/compute, Flow-Factory's JSON)
+        model: brightness       # v2 model name; default: the server's only model
+        kind: pointwise         # groupwise: send one prompt group per request (groupwise/pairwise servers)
+        timeout: 60             # seconds per attempt
+        retries: 3              # extra attempts after the first
+        backoff: 0.5            # seconds before the first retry, doubling each time (capped at 60)
+        token: null             # bearer token; default the FLOWRL_API_TOKEN environment variable
+
+Images are sent as PNG files of the uint8-quantized images (``round(x * 255)``, as Flow-Factory
+does), so scores equal local scores of the quantized images. v2 requests use the binary tensor
+extension (raw PNG bytes, no base64); Flow-Factory requests use base64 PNG in JSON.
+
+Failures: connection errors, timeouts, HTTP 429 and 5xx are retried with exponential backoff
+(each retry is logged); after the last attempt, or at once on another 4xx, a
+:class:`RemoteRewardError` names the URL and the cause. A failure never becomes a score.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import os
+import struct
+import time
+
+import httpx
+import numpy as np
+import torch
+from PIL import Image
+
+from shared.rewards.base import RewardModel
+from shared.rewards.builtin import _check_rgb, to_uint8_hwc
+
+log = logging.getLogger("flowrl.reward.remote")
+
+PROTOCOLS = ("v2", "flow-factory")
+HEADER_LENGTH = "Inference-Header-Content-Length"
+MAX_BACKOFF = 60.0
+
+
+class RemoteRewardError(RuntimeError):
+    """The reward server could not score a batch; the message names the URL and the cause."""
+
+
+def encode_png(images: torch.Tensor) -> list[bytes]:
+    """``[B, 3, H, W]`` in [0, 1] -> B PNG files of the uint8-quantized images."""
+    out = []
+    for array in to_uint8_hwc(images):
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="PNG", compress_level=1)
+        out.append(buffer.getvalue())
+    return out
+
+
+def _bytes_tensor(items: list[bytes]) -> bytes:
+    """Triton's BYTES serialization: each element as uint32 LE length + payload."""
+    return b"".join(struct.pack("<I", len(x)) + x for x in items)
+
+
+def v2_request(pngs: list[bytes], prompts: list[str]) -> tuple[bytes, dict[str, str]]:
+    """Body and headers of a v2 infer request using the binary tensor extension."""
+    image_raw = _bytes_tensor(pngs)
+    prompt_raw = _bytes_tensor([p.encode("utf-8") for p in prompts])
+    n = len(pngs)
+    header = {
+        "inputs": [
+            {"name": "image", "shape": [n], "datatype": "BYTES", "parameters": {"binary_data_size": len(image_raw)}},
+            {"name": "prompt", "shape": [n], "datatype": "BYTES", "parameters": {"binary_data_size": len(prompt_raw)}},
+        ],
+        "outputs": [{"name": "score", "parameters": {"binary_data": False}}],
+    }
+    head = json.dumps(header).encode()
+    return head + image_raw + prompt_raw, {HEADER_LENGTH: str(len(head)), "Content-Type": "application/octet-stream"}
+
+
+def v2_scores(response: httpx.Response) -> list[float]:
+    """The ``score`` output of a v2 infer response (JSON data or binary FP32)."""
+    body = response.content
+    head_len = response.headers.get(HEADER_LENGTH)
+    head = json.loads(body[: int(head_len)] if head_len else body)
+    tail, offset = body[int(head_len):] if head_len else b"", 0
+    for output in head.get("outputs", []):
+        size = (output.get("parameters") or {}).get("binary_data_size")
+        if output.get("name") == "score":
+            if size is None:
+                return [float(x) for x in np.asarray(output["data"], dtype=np.float64).ravel()]
+            if output.get("datatype") != "FP32":
+                raise ValueError(f"binary output 'score' has datatype {output.get('datatype')}, expected FP32")
+            return np.frombuffer(tail[offset : offset + size], dtype="<f4").astype(float).tolist()
+        offset += size or 0
+    raise ValueError(f"the response has no output 'score' (outputs: {[o.get('name') for o in head.get('outputs', [])]})")
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+        if isinstance(body, dict):
+            return str(body.get("error") or body.get("detail") or body)
+    except ValueError:
+        pass
+    return response.text[:500] or response.reason_phrase
+
+
+class RemoteReward(RewardModel):
+    """A reward computed by a reward server (see the module docstring for the options).
+
+    ``kind`` is an instance attribute here: ``pointwise`` (default) sends batches of
+    ``batch_size``; ``groupwise`` sends each prompt group in one request, for servers whose
+    reward is groupwise or pairwise.
+    """
+
+    kind = "pointwise"
+    required_fields = ("image", "prompt")
+
+    def __init__(self, *, url: str, protocol: str = "v2", model: str | None = None, kind: str = "pointwise",
+                 timeout: float = 60.0, retries: int = 3, backoff: float = 0.5, token: str | None = None,
+                 **options) -> None:
+        super().__init__(**options)
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise ValueError(f"remote reward: url must start with http:// or https://, got {url!r}")
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"remote reward: protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+        if kind not in ("pointwise", "groupwise"):
+            raise ValueError(f"remote reward: kind must be 'pointwise' or 'groupwise', got {kind!r}")
+        if protocol == "flow-factory" and model is not None:
+            raise ValueError("remote reward: 'model' applies to protocol v2; with flow-factory put the "
+                             "model in the url (e.g. http://host:8000/rewards/<name>)")
+        if timeout <= 0 or retries < 0 or backoff < 0:
+            raise ValueError(f"remote reward: need timeout > 0, retries >= 0, backoff >= 0; got "
+                             f"timeout={timeout}, retries={retries}, backoff={backoff}")
+        self.kind = kind
+        self.url = url.rstrip("/")
+        self.protocol = protocol
+        self.model = model
+        self.retries, self.backoff = int(retries), float(backoff)
+        self._timeout = float(timeout)
+        self._token = token or os.environ.get("FLOWRL_API_TOKEN") or None
+        self._client: httpx.Client | None = None
+
+    @property
+    def name(self) -> str:
+        return f"remote({self.model or self.url})"
+
+    def __repr__(self) -> str:  # never shows the token
+        return f"RemoteReward(url={self.url!r}, protocol={self.protocol!r}, model={self.model!r}, kind={self.kind!r})"
+
+    # --- RewardModel interface ---------------------------------------------------------------
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return self._score(images, prompts)
+
+    def score_group(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return self._score(images, prompts)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    # --- transport -----------------------------------------------------------------------------
+
+    def _score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        _check_rgb(images, self.name)
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"{self.name}: got {len(prompts)} prompts for {images.shape[0]} images")
+        pngs = encode_png(images)
+        if self.protocol == "v2":
+            body, headers = v2_request(pngs, list(prompts))
+            response = self._post(f"/v2/models/{self._model_name()}/infer", body, headers)
+            parse = v2_scores
+        else:
+            payload = {"prompt": list(prompts), "image": [base64.b64encode(p).decode("ascii") for p in pngs],
+                       "video": None, "condition_images": None, "condition_videos": None}
+            response = self._post("/compute", json.dumps(payload).encode(), {"Content-Type": "application/json"})
+            parse = _compute_scores
+        try:
+            scores = parse(response)
+        except (ValueError, KeyError, TypeError) as e:
+            raise RemoteRewardError(f"reward server at {response.request.url} sent an unreadable answer: {e}") from None
+        if len(scores) != len(prompts):
+            raise RemoteRewardError(
+                f"reward server at {response.request.url} returned {len(scores)} scores for {len(prompts)} samples")
+        return torch.tensor(scores, dtype=torch.float32)
+
+    def _http(self) -> httpx.Client:
+        if self._client is None:
+            headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
+            self._client = httpx.Client(timeout=self._timeout, headers=headers)
+        return self._client
+
+    def _model_name(self) -> str:
+        """``model``, or the server's only model (asked once with the v2 repository index)."""
+        if self.model is None:
+            index = self._post("/v2/repository/index", b"{}", {"Content-Type": "application/json"}).json()
+            names = [entry["name"] for entry in index]
+            if len(names) != 1:
+                raise RemoteRewardError(
+                    f"reward server at {self.url} serves {len(names)} models ({', '.join(names)}); "
+                    f"set the remote reward's 'model' option to one of them")
+            self.model = names[0]
+        return self.model
+
+    def _post(self, path: str, content: bytes, headers: dict[str, str]) -> httpx.Response:
+        """POST with retries on connection errors, timeouts, 429 and 5xx; raise after the last try."""
+        url = self.url + path
+        attempts = self.retries + 1
+        for attempt in range(1, attempts + 1):
+            retry_after = 0.0
+            try:
+                response = self._http().post(url, content=content, headers=headers)
+            except httpx.TransportError as e:  # connect/read/write errors and timeouts
+                cause = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            else:
+                if response.status_code < 400:
+                    return response
+                cause = f"HTTP {response.status_code}: {_error_text(response)}"
+                if response.status_code < 500 and response.status_code != 429:
+                    hint = " (set the remote reward's 'token' or FLOWRL_API_TOKEN)" if response.status_code == 401 else ""
+                    raise RemoteRewardError(f"reward server at {url} refused the request: {cause}{hint}")
+                retry_after = _seconds(response.headers.get("Retry-After"))
+            if attempt == attempts:
+                break
+            delay = min(max(self.backoff * 2 ** (attempt - 1), retry_after), MAX_BACKOFF)
+            log.warning("remote reward: attempt %d/%d to %s failed (%s); retrying in %.2f s",
+                        attempt, attempts, url, cause, delay)
+            time.sleep(delay)
+        raise RemoteRewardError(f"reward server at {url} failed after {attempts} attempt(s); last error: {cause}")
+
+
+def _compute_scores(response: httpx.Response) -> list[float]:
+    body = response.json()
+    if "error" in body:
+        raise RemoteRewardError(f"reward server at {response.request.url} answered an error: {body['error']}")
+    return [float(x) for x in body["rewards"]]
+
+
+def _seconds(value: str | None) -> float:
+    try:
+        return max(0.0, float(value)) if value else 0.0
+    except ValueError:
+        return 0.0
