@@ -110,7 +110,12 @@ class _Timed:
         return self
 
     def __exit__(self, kind, error, tb) -> None:
-        code = 200 if error is None else error.status if isinstance(error, RequestError) else 500
+        if error is None:
+            code = 200
+        elif isinstance(error, RequestError):
+            code = error.status
+        else:  # 499: the client went away before its answer (nginx's convention)
+            code = 499 if isinstance(error, asyncio.CancelledError) else 500
         self.metrics.requests.labels(self.model, self.protocol, str(code)).inc()
         self.metrics.request_seconds.labels(self.model, self.protocol).observe(time.perf_counter() - self.start)
 

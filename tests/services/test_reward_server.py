@@ -46,6 +46,13 @@ M = "tests.services.reward_models"
 # --- helpers ---------------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def _no_server_env(monkeypatch):
+    """Settings come from the test, not from a developer's FLOWRL_* environment."""
+    for key in [k for k in os.environ if k.startswith("FLOWRL_REWARD_")] + ["FLOWRL_API_TOKEN"]:
+        monkeypatch.delenv(key, raising=False)
+
+
 def png(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
@@ -522,7 +529,6 @@ def _free_port() -> int:
 def test_cli_bad_settings_exit_2_with_the_reason(capsys, monkeypatch):
     from trainer.cli import main as flowrl
 
-    monkeypatch.delenv("FLOWRL_REWARD_REWARDS", raising=False)
     assert flowrl(["serve", "reward", "--rewards", "brightnes"]) == 2
     assert "Did you mean 'brightness'" in capsys.readouterr().err
     assert flowrl(["serve", "reward", "--rewards", "brightness", "--max-batch-size", "0"]) == 2
