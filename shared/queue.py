@@ -39,6 +39,7 @@ class QueueSettings(BaseSettings):
     broker_url: str = "redis://127.0.0.1:6379/0"  # Celery broker AND the run-state Redis
     store_url: str | None = None  # blob store; None = file://{output_dir}/blobs
     key_prefix: str = "flowrl"
+    namespace: str = ""  # queue-name prefix: separate worker pools (or tests) on one Redis
     task_time_limit_s: float = Field(1800.0, gt=0)  # hard limit of one sample / reward task
     visibility_timeout_s: float | None = Field(None, gt=0)  # None = 2 x task_time_limit_s
     max_retries: int = Field(3, ge=0)  # retries of a transient failure, with backoff
@@ -60,6 +61,10 @@ class QueueSettings(BaseSettings):
     def visibility_timeout(self) -> float:
         return self.visibility_timeout_s or 2 * self.task_time_limit_s
 
+    def queue(self, name: str) -> str:
+        """The broker queue for ``name`` (``sample`` / ``reward``) in this namespace."""
+        return f"{self.namespace}.{name}" if self.namespace else name
+
 
 def celery_config(settings: QueueSettings) -> dict[str, Any]:
     """The Celery settings every flowrl process uses (see the module docstring)."""
@@ -78,8 +83,9 @@ def celery_config(settings: QueueSettings) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "task_time_limit": settings.task_time_limit_s,
-        "task_routes": {TASK_SAMPLE: {"queue": QUEUE_SAMPLE}, TASK_REWARD: {"queue": QUEUE_REWARD}},
-        "task_default_queue": QUEUE_SAMPLE,
+        "task_routes": {TASK_SAMPLE: {"queue": settings.queue(QUEUE_SAMPLE)},
+                        TASK_REWARD: {"queue": settings.queue(QUEUE_REWARD)}},
+        "task_default_queue": settings.queue(QUEUE_SAMPLE),
         "worker_hijack_root_logger": False,
     }
 
@@ -144,3 +150,20 @@ class RunState:
         """Delete this run's keys only (never anything else in the database)."""
         keys = list(self.redis.scan_iter(match=self.keys.pattern(), count=500))
         return int(self.redis.delete(*keys)) if keys else 0
+
+
+def export_settings(settings: QueueSettings) -> dict[str, str]:
+    """``FLOWRL_QUEUE_*`` environment variables that reproduce ``settings`` (for workers started
+    from a config file: the worker modules read their settings from the environment)."""
+    out = {}
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            out[f"FLOWRL_QUEUE_{name.upper()}"] = str(value)
+    return out
+
+
+def worker_argv(queue: str, name: str, loglevel: str = "INFO") -> list[str]:
+    """Celery worker arguments of the profile: one process that takes one task at a time
+    (one GPU per worker process; the pool's child initialises CUDA after the fork)."""
+    return ["worker", "--queues", queue, "--concurrency", "1", "--pool", "prefork",
+            "--hostname", name, "--loglevel", loglevel, "--without-gossip", "--without-mingle"]

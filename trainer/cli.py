@@ -4,6 +4,10 @@
                                                     several under `accelerate launch`)
     flowrl eval CONFIG --checkpoint DIR [--set ...] ODE evaluation of a saved checkpoint
     flowrl check CONFIG [--set ...]                 validate a config and print the derived batch geometry
+    flowrl serve reward --rewards a,b [...]         run the reward server (services/reward/cli.py)
+    flowrl trainer CONFIG [--set ...]               the distributed controller (transport: celery)
+    flowrl worker sampler|reward [--config CONFIG]  a Celery worker for the sample / reward queue
+                                                    (settings from FLOWRL_QUEUE_* or the config's queue:)
 
 Config problems exit with status 2 and one paragraph naming the key and the fix.
 """
@@ -20,7 +24,8 @@ from shared.config import ConfigError, load_config
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flowrl", description="Online RL for flow-matching generators.")
     sub = p.add_subparsers(dest="command", required=True)
-    for name, helptext in [("train", "train with the embedded (local) transport"),
+    for name, helptext in [("train", "train (transport from the config; default local, embedded)"),
+                           ("trainer", "the distributed trainer: train through the Celery queues"),
                            ("eval", "evaluate a checkpoint with the ODE sampler"),
                            ("check", "validate a config and print the derived batch geometry")]:
         s = sub.add_parser(name, help=helptext)
@@ -31,20 +36,56 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--checkpoint", required=True, help="runs/<run>/checkpoints/<name>")
         if name == "check":
             s.add_argument("--world-size", type=int, default=1)
+    w = sub.add_parser("worker", help="run a Celery worker (one process, one task at a time)")
+    w.add_argument("kind", choices=["sampler", "reward"])
+    w.add_argument("--config", help="experiment YAML whose queue: settings to use (else FLOWRL_QUEUE_* env)")
+    w.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    w.add_argument("--name", help="worker name (default {kind}-{pid}@{host})")
+    w.add_argument("--loglevel", default="INFO")
+    s = sub.add_parser("serve", help="run a service's HTTP server (see: flowrl serve reward --help)")
+    s.add_argument("service", choices=["reward"])
+    s.add_argument("args", nargs=argparse.REMAINDER, help="the service's own options")
     return p
+
+
+def _worker(args) -> int:
+    """Start a sampler or reward worker; settings from the config's ``queue:`` if given."""
+    import importlib
+    import os
+    import socket
+
+    from shared.protocol import QUEUE_REWARD, QUEUE_SAMPLE
+    from shared.queue import QueueSettings, export_settings, worker_argv
+
+    if args.config:
+        os.environ.update(export_settings(load_config(args.config, args.overrides).queue))
+    name = args.name or f"{args.kind}-{os.getpid()}@{socket.gethostname()}"
+    os.environ["FLOWRL_WORKER_NAME"] = name
+    module = importlib.import_module(f"services.{args.kind}.worker")  # reads FLOWRL_QUEUE_* now
+    queue = QueueSettings().queue(QUEUE_SAMPLE if args.kind == "sampler" else QUEUE_REWARD)
+    module.app.worker_main(worker_argv(queue, name, args.loglevel))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "serve":  # a console entry point into the service, not a trainer dependency
+        from services.reward.cli import main as serve_reward
+
+        return serve_reward(args.args)
     try:
+        if args.command == "worker":
+            return _worker(args)
         cfg = load_config(args.config, args.overrides)
+        if args.command == "trainer":
+            cfg.transport = "celery"
         if args.command == "check":
             print(json.dumps(cfg.geometry(args.world_size).__dict__, indent=2))
             return 0
         from trainer.data import DatasetError
 
         try:
-            if args.command == "train":
+            if args.command in ("train", "trainer"):
                 from trainer.loop import train
 
                 train(cfg)
@@ -61,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"flowrl: dataset error: {e}", file=sys.stderr)
             return 2
     except ConfigError as e:
-        print(f"flowrl: config error in {args.config}:\n{e}", file=sys.stderr)
+        print(f"flowrl: config error in {getattr(args, 'config', None)}:\n{e}", file=sys.stderr)
         return 2
     return 0
 

@@ -153,7 +153,7 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
 
     if cfg.transport == "celery":
         transport = CeleryTransport(cfg, adapter, policy, algorithm, name,
-                                    world_size=accelerator.num_processes)
+                                    world_size=accelerator.num_processes, run_dir=run_dir)
         transport.state.clear()  # a fresh run: nothing of an earlier run with this name counts
     else:
         transport = LocalTransport(cfg, adapter, policy, algorithm, rewards)
@@ -224,7 +224,8 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
                                 epochs_done, step)
     summary = {"run_name": name, "trainer_type": t.trainer_type, "model_type": cfg.model.model_type,
                "transport": cfg.transport, "epochs": epochs_done, "policy_version": version,
-               "samples": samples_used, "optimizer_steps": step, "seconds": time.time() - start,
+               "samples": samples_used, "duplicates_dropped": getattr(transport, "duplicates", 0),
+               "optimizer_steps": step, "seconds": time.time() - start,
                "train_seconds": train_seconds,
                "world_size": geo.world_size, "run_dir": str(run_dir), "checkpoint": str(final_dir)}
     for spec in eval_specs:

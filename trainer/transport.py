@@ -21,6 +21,7 @@ loop dispatches epoch k+1 before training on epoch k when ``train.max_staleness`
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -78,7 +79,7 @@ class CeleryTransport:
     """
 
     def __init__(self, cfg: Config, adapter, policy, algorithm, run_id: str, *, world_size: int = 1,
-                 state=None) -> None:
+                 run_dir: Path | None = None, state=None) -> None:
         if world_size != 1:
             raise ValueError(
                 f"transport: celery runs ONE trainer process (got {world_size}); scale the samplers "
@@ -97,6 +98,10 @@ class CeleryTransport:
         self.scored_ids: set[str] = set()  # every sample id already used (exactly once)
         self.duplicates = 0
         self.dead_seen = 0
+        # audit trail: one line per sample used for training (id, version, worker, rewards)
+        self.ledger = None if run_dir is None else Path(run_dir) / "scored_samples.jsonl"
+        if self.ledger is not None and self.ledger.exists():
+            self.ledger.unlink()  # a fresh run (the loop also clears the run's Redis keys)
 
     # ------------------------------------------------------------------ weights
     def publish(self, version: int) -> PolicyPublished:
@@ -139,9 +144,11 @@ class CeleryTransport:
                 items=[SampleItem(sample_id=ids[r], prompt=plan.prompts[r],
                                   negative_prompt=plan.negatives[r], group_id=plan.group_ids[r],
                                   seed=plan.seeds[r]) for r in rows],
-                model=self.cfg.model.model_dump(mode="json"), store_url=self.store.url,
+                model=self.cfg.model.model_dump(mode="json"), model_seed=t.seed,
+                store_url=self.store.url,
                 rewards=spec_dicts(self.cfg.rewards), key_prefix=self.cfg.queue.key_prefix)
-            self.app.send_task(TASK_SAMPLE, args=[job.model_dump_json()], queue=QUEUE_SAMPLE)
+            self.app.send_task(TASK_SAMPLE, args=[job.model_dump_json()],
+                               queue=self.cfg.queue.queue(QUEUE_SAMPLE))
             jobs[job.job_id] = [ids[r] for r in rows]
         return _Pending(plan, ids, jobs, time.monotonic())
 
@@ -170,10 +177,23 @@ class CeleryTransport:
                 else:
                     self.buffer[sid] = (batch, row)  # a later epoch (max_staleness 1)
         self.scored_ids.update(need)
+        self._record(pending, got)
         samples = self._assemble(pending, got)
         samples.metrics.update({"queue/collect_seconds": time.monotonic() - pending.sent_at,
                                 "queue/duplicates_total": float(self.duplicates)})
         return samples
+
+    def _record(self, pending: _Pending, got: dict[str, tuple]) -> None:
+        if self.ledger is None:
+            return
+        with self.ledger.open("a") as f:
+            for sid in pending.ids:
+                batch, row = got[sid]
+                f.write(json.dumps({
+                    "epoch": pending.plan.epoch, "sample_id": sid,
+                    "policy_version": batch.trajectory.policy_version,
+                    "sampler": batch.trajectory.worker, "scorer": batch.worker,
+                    "rewards": {k: v[row] for k, v in batch.rewards.items()}}) + "\n")
 
     def _check_dead_letters(self, pending: _Pending, missing: set[str]) -> None:
         letters = self.state.dead_letters(self.dead_seen)

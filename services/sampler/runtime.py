@@ -56,13 +56,13 @@ class SamplerRuntime:
             self._stores[url] = BlobStore(url)
         return self._stores[url]
 
-    def ensure_model(self, model: dict[str, Any]) -> None:
-        key = json.dumps(model, sort_keys=True)
+    def ensure_model(self, model: dict[str, Any], seed: int = 0) -> None:
+        key = json.dumps([model, seed], sort_keys=True)
         if key == self.model_key:
             return
         cfg = ModelConfig(**model)
         device = self.device or default_device()
-        adapter = load_adapter(cfg, device=device, seed=0)
+        adapter = load_adapter(cfg, device=device, seed=seed)
         prepare_transformer(adapter, cfg)
         adapter.transformer.eval()
         self.adapter, self.model_key, self.version = adapter, key, None
@@ -90,7 +90,7 @@ class SamplerRuntime:
     # ------------------------------------------------------------------ one job
     def run(self, job: SampleJob, state: RunState, attempt: int = 0) -> Trajectory:
         t0 = time.perf_counter()
-        self.ensure_model(job.model)
+        self.ensure_model(job.model, job.model_seed)
         published = self.ensure_policy(state, job)
         p = job.params
         items = job.items

@@ -43,7 +43,8 @@ def runtime():
 def _sample(task, job: SampleJob, state, attempt: int) -> None:
     trajectory = runtime().run(job, state, attempt=attempt)
     reward_job = RewardJob(trajectory=trajectory, rewards=job.rewards, key_prefix=job.key_prefix)
-    task.app.send_task(TASK_REWARD, args=[reward_job.model_dump_json()], queue=QUEUE_REWARD)
+    task.app.send_task(TASK_REWARD, args=[reward_job.model_dump_json()],
+                       queue=settings.queue(QUEUE_REWARD))
 
 
 sample = guarded_task(app, settings, TASK_SAMPLE, SampleJob, _sample,

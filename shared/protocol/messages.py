@@ -91,6 +91,7 @@ class SampleJob(Message):
     items: list[SampleItem] = Field(min_length=1)
     params: SamplingParams
     model: dict[str, Any]
+    model_seed: int = 0  # seed the trainer built the model with (random-init models need it)
     store_url: str  # blob store root for this run's outputs
     rewards: list[dict[str, Any]] = Field(min_length=1)  # ``rewards:`` specs, passed on to scoring
     key_prefix: str = "flowrl"
