@@ -1,8 +1,11 @@
 """Reward models: the contract (:mod:`shared.rewards.base`) and weight-free built-ins.
 
 Importing this package registers the built-ins in :data:`REWARDS`; ``toy_geneval`` (the
-toy-world verifier, :mod:`shared.rewards.toy_geneval`) is registered lazily by dotted path and
-imported on first lookup.
+toy-world verifier, :mod:`shared.rewards.toy_geneval`) and the learned models ``PickScore``,
+``PickScore_Rank``, ``CLIP`` (:mod:`shared.rewards.clip_rewards`) and ``aesthetic``
+(:mod:`shared.rewards.aesthetic`) are registered lazily by dotted path and imported on first
+lookup (names are case-insensitive). A ``reward_model`` that is a dotted path
+``package.module.Class`` builds a user's own :class:`RewardModel` subclass.
 """
 
 from shared.rewards.base import (
@@ -21,6 +24,11 @@ from shared.rewards.builtin import (
 )
 
 REWARDS.register("toy_geneval", "shared.rewards.toy_geneval.ToyGenEval")
+REWARDS.register("pickscore", "shared.rewards.clip_rewards.PickScore")
+REWARDS.register("pickscore_rank", "shared.rewards.clip_rewards.PickScoreRank")
+REWARDS.register("clip", "shared.rewards.clip_rewards.CLIPScore")
+REWARDS.register("aesthetic", "shared.rewards.aesthetic.Aesthetic")
+REWARDS.register("remote", "shared.rewards.remote.RemoteReward")
 
 __all__ = [
     "KINDS",

@@ -1,0 +1,198 @@
+"""Contract suite: every registered reward (weight-free built-ins, the toy verifier, the learned
+CLIP-family rewards on tiny random models saved locally, the remote client against a live local
+server) honours the RewardModel contract of ``shared/rewards/base.py``:
+
+* it is a RewardModel whose ``kind`` is one of KINDS and implements that kind's method;
+* through ``score_all`` it returns ``[N]`` float32 on the CPU, each value finite or NaN
+  (abstain), the same on a second call;
+* called directly, that method returns one value per input (pairwise: probabilities in [0, 1]);
+* pointwise: chunking does not change scores; groupwise/pairwise: reordering samples (groups
+  interleaved) reorders the scores the same way;
+* ``details`` returns ``{name: [B] tensor}``; unknown options raise TypeError naming them.
+
+A reward registered without a case here fails ``test_every_registered_reward_has_a_case``:
+add a case to CASES (a factory building it with tiny weights).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Callable
+
+import pytest
+import torch
+
+from shared.rewards import KINDS, REWARDS, RewardModel, build_reward, score_all
+
+METHOD = {"pointwise": "score", "groupwise": "score_group", "pairwise": "compare"}
+
+
+# --- assets: tiny models, built once per module ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from tests.helpers.tiny_clip import save_tiny_clip
+    from shared.rewards.aesthetic import AestheticMLP
+
+    root = tmp_path_factory.mktemp("reward_assets")
+    clip = save_tiny_clip(root / "clip")
+    clip768 = save_tiny_clip(root / "clip768", projection_dim=768, seed=1)
+    torch.manual_seed(0)
+    torch.save(AestheticMLP(768).state_dict(), root / "aesthetic_head.pth")
+    return {"clip": str(clip), "clip768": str(clip768), "head": str(root / "aesthetic_head.pth")}
+
+
+def _remote(assets, stack: contextlib.ExitStack, **extra) -> RewardModel:
+    """``remote`` scoring ``brightness`` on a real reward server on a loopback port."""
+    from services.reward import RewardServerSettings
+    from tests.services.live_server import running_server
+
+    settings = RewardServerSettings(rewards=[{"reward_model": "brightness"}], max_queue_delay_ms=0,
+                                    log_level="warning")
+    url = stack.enter_context(running_server(settings))
+    model = build_reward("remote", url=url, **extra)
+    stack.callback(model.close)
+    return model
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str  # the registry name
+    build: Callable[..., RewardModel]  # (assets, exit_stack, **extra_options) -> model
+    toy_prompts: bool = False  # needs prompts of the toy world (shared.toy)
+
+    @property
+    def id(self) -> str:
+        return self.name
+
+
+def _plain(name: str, **fixed):
+    return lambda assets, stack, **extra: build_reward(name, **fixed, **extra)
+
+
+def _clip(name: str, **fixed):
+    def build(assets, stack, **extra):
+        return build_reward(name, model_name_or_path=assets["clip"], processor_name_or_path=assets["clip"],
+                            **fixed, **extra)
+    return build
+
+
+CASES = [
+    Case("jpeg_incompressibility", _plain("jpeg_incompressibility")),
+    Case("jpeg_compressibility", _plain("jpeg_compressibility")),
+    Case("brightness", _plain("brightness")),
+    Case("pairwise_brightness", _plain("pairwise_brightness")),
+    Case("toy_geneval", _plain("toy_geneval"), toy_prompts=True),
+    Case("pickscore", _clip("pickscore")),
+    Case("pickscore_rank", _clip("pickscore_rank", chunk_size=2)),
+    Case("clip", _clip("clip")),
+    Case("aesthetic", lambda assets, stack, **extra: build_reward(
+        "aesthetic", model_name_or_path=assets["clip768"], head_path=assets["head"], **extra)),
+    Case("remote", _remote),
+]
+
+
+@pytest.fixture(scope="module")
+def built(assets):
+    """``built(case)``: the case's model, built once per module (servers stop at module end)."""
+    cache: dict[str, RewardModel] = {}
+    with contextlib.ExitStack() as stack:
+        def get(case: Case) -> RewardModel:
+            if case.name not in cache:
+                cache[case.name] = case.build(assets, stack, device="cpu", dtype="float32")
+            return cache[case.name]
+        yield get
+
+
+def inputs(case: Case, n: int = 6, size: int = 32):
+    """``n`` images ``[n, 3, size, size]`` in [0, 1] and prompts; groups of prompts alternate."""
+    g = torch.Generator().manual_seed(0)
+    if not case.toy_prompts:
+        prompts = [("a red circle", "two blue squares")[i % 2] for i in range(n)]
+        return torch.rand(n, 3, size, size, generator=g), prompts
+    from shared.toy.scenes import sample_pair
+
+    toy = ("a photo of a red circle", "a photo of two squares")
+    pairs = [sample_pair(toy[i % 2], seed=i) for i in range(n)]
+    images = torch.stack([torch.from_numpy(a).permute(2, 0, 1).float() / 255 for _, a in pairs])
+    images[::3] = torch.rand(len(images[::3]), *images.shape[1:], generator=g)  # some wrong images
+    return images, [p for p, _ in pairs]
+
+
+# --- the contract ------------------------------------------------------------------------------------
+
+
+def test_every_registered_reward_has_a_case():
+    missing = sorted(set(REWARDS.names()) - {c.name for c in CASES})
+    assert not missing, (f"registered rewards without a contract case: {missing}. Fix: add a Case to CASES "
+                         f"in tests/contract/test_reward_contract.py that builds each with tiny weights.")
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_kind_and_interface(built, case):
+    model = built(case)
+    assert isinstance(model, RewardModel) and model.kind in KINDS
+    method = METHOD[model.kind]
+    assert getattr(type(model), method) is not getattr(RewardModel, method), (
+        f"{case.name} is {model.kind} but does not implement {method}()")
+    assert isinstance(model.required_fields, tuple) and "image" in model.required_fields
+    assert isinstance(model.name, str) and model.name
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_score_all_shape_dtype_values(built, case):
+    model = built(case)
+    images, prompts = inputs(case)
+    ids = torch.tensor([0, 1, 0, 1, 0, 1])  # interleaved groups of 3
+    out = score_all(model, images, prompts, ids, batch_size=4)
+    assert out.shape == (6,) and out.dtype == torch.float32 and out.device.type == "cpu"
+    assert bool((torch.isfinite(out) | torch.isnan(out)).all())
+    assert not bool(torch.isnan(out).all()), f"{case.name} abstained on every sample"
+    again = score_all(model, images, prompts, ids, batch_size=4)
+    assert torch.allclose(out, again, atol=1e-6, equal_nan=True), f"{case.name} is not deterministic"
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_direct_call_returns_one_value_per_input(built, case):
+    model = built(case)
+    images, prompts = inputs(case)
+    a, pa = images[0::2], prompts[0::2]  # one prompt group of 3
+    if model.kind == "pairwise":
+        out = model.compare(a, images[1::2], pa)
+        assert bool(((out >= 0) & (out <= 1)).all())
+    else:
+        out = getattr(model, METHOD[model.kind])(a, pa)
+    assert isinstance(out, torch.Tensor) and out.shape == (3,) and out.dtype.is_floating_point
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_chunking_and_order(built, case):
+    model = built(case)
+    images, prompts = inputs(case)
+    ids = torch.tensor([0, 1, 0, 1, 0, 1])
+    out = score_all(model, images, prompts, ids, batch_size=6)
+    if model.kind == "pointwise":
+        for bs in (1, 4):
+            assert torch.allclose(score_all(model, images, prompts, ids, batch_size=bs), out, atol=1e-5,
+                                  equal_nan=True)
+    perm = torch.tensor([3, 0, 5, 2, 1, 4])
+    shuffled = score_all(model, images[perm], [prompts[i] for i in perm], ids[perm], batch_size=6)
+    assert torch.allclose(shuffled, out[perm], atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_details_are_per_sample(built, case):
+    model = built(case)
+    images, prompts = inputs(case)
+    details = model.details(images[:3], prompts[:3])
+    assert isinstance(details, dict)
+    for key, value in details.items():
+        assert isinstance(key, str) and isinstance(value, torch.Tensor) and value.shape == (3,)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_unknown_option_is_rejected_by_name(assets, case):
+    with contextlib.ExitStack() as stack, pytest.raises(TypeError, match="'no_such_option'"):
+        case.build(assets, stack, no_such_option=1)
