@@ -1,0 +1,132 @@
+"""The sampler outside Celery: a job sampled by a sampler process with published weights equals
+the trainer's own rollout with those weights; policy waiting; the task failure policy."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import torch
+
+from shared.config import parse_config
+from shared.models import load_adapter
+from shared.protocol import DeadLetter, PolicyPublished, SampleItem, SampleJob, SamplingParams
+from shared.queue import QueueSettings, RunState, make_celery
+from shared.sampling import rollout_batches
+from shared.store import BlobStore, decode_image, encode_png
+from shared.tasks import guarded_task
+from services.sampler.runtime import PolicyTimeout, SamplerRuntime
+from trainer.policy import attach_trainable
+
+CFG = parse_config({"model": {"model_type": "tiny", "lora_rank": 4},
+                    "train": {"resolution": 16, "num_inference_steps": 6},
+                    "rewards": [{"reward_model": "brightness"}]})
+PARAMS = SamplingParams(resolution=(16, 16), num_inference_steps=6, guidance_scale=1.0,
+                        dynamics="Flow-SDE", noise_level=0.7, sde_steps=[1, 3], keep_means=True,
+                        batch_size=3)
+
+
+@pytest.fixture
+def state(redis_url):
+    s = RunState.connect(redis_url, "samplerun", f"test-{uuid.uuid4().hex[:8]}")
+    s.url = redis_url
+    yield s
+    s.clear()
+
+
+def make_job(store_url: str, version: int = 1) -> SampleJob:
+    items = [SampleItem(sample_id=f"samplerun/e0/g{i // 2}/k{i % 2}", prompt=p, group_id=i // 2, seed=100 + i)
+             for i, p in enumerate(["a red circle", "a red circle", "two squares", "two squares"])]
+    return SampleJob(run_id="samplerun", job_id="samplerun/e0/j0", epoch=0, min_policy_version=version,
+                     items=items, params=PARAMS, model=CFG.model.model_dump(mode="json"), model_seed=0,
+                     store_url=store_url, rewards=[{"reward_model": "brightness"}])
+
+
+def test_sampler_with_published_weights_reproduces_the_trainers_rollout(state):
+    # the trainer side: LoRA attached and moved away from its zero-output init
+    adapter = load_adapter(CFG.model, device=torch.device("cpu"), seed=0)
+    trainable = attach_trainable(adapter, CFG)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in trainable.values():
+            p.add_(0.3 * torch.randn_like(p))
+    store = BlobStore(f"memory://sampler-{uuid.uuid4().hex}")
+    ref = store.put_tensors("samplerun/policy/v1.safetensors", {k: v.detach() for k, v in trainable.items()})
+    state.publish(PolicyPublished(run_id="samplerun", version=1, weights=ref, finetune_type="lora",
+                                  published_at=0.0))
+
+    job = make_job(store.url)
+    traj = SamplerRuntime(device=torch.device("cpu")).run(job, state, attempt=2)
+    assert traj.policy_version == 1 and traj.sample_ids == [i.sample_id for i in job.items]
+    assert traj.tensors.uri.startswith(f"{store.url}/samplerun/e0/j0/a2/")
+    got = store.get_tensors(traj.tensors)
+
+    _, expect = rollout_batches(
+        adapter, [i.prompt for i in job.items], [None] * 4, [i.seed for i in job.items], batch_size=3,
+        resolution=(16, 16), num_steps=6, guidance_scale=1.0, dynamics="Flow-SDE", noise_level=0.7,
+        sde_steps=[1, 3], keep_means=True, log_prob_reduction="mean", transformer=adapter.transformer)
+    for key in ("final_latents", "latents", "next_latents", "log_probs", "stds", "means", "sigmas"):
+        torch.testing.assert_close(got[key], getattr(expect, key).float(), rtol=0, atol=1e-6, msg=key)
+    assert traj.sde_steps == expect.sde_steps == [1, 3]
+    for ref, image in zip(traj.images, expect.images):
+        assert torch.equal(store.get_image(ref), decode_image(encode_png(image)))
+
+
+def test_sampler_waits_for_the_policy_version_then_says_why(state):
+    store = BlobStore(f"memory://sampler-{uuid.uuid4().hex}")
+    runtime = SamplerRuntime(device=torch.device("cpu"), policy_wait_s=0.2)
+    with pytest.raises(PolicyTimeout, match=r"needs policy version >= 1.*newest published one is None"):
+        runtime.run(make_job(store.url), state)
+
+
+def run_task(state, body, *, max_retries: int = 0, max_deliveries: int = 3):
+    """``body`` registered through :func:`guarded_task`, against the state's Redis."""
+    settings = QueueSettings(broker_url=state.url, max_retries=max_retries,
+                             max_deliveries=max_deliveries)
+    app = make_celery(settings, name=f"test-{uuid.uuid4().hex[:6]}")
+    task = guarded_task(app, settings, "flowrl.test", SampleJob, body, job_id=lambda j: j.job_id,
+                        sample_ids=lambda j: [i.sample_id for i in j.items],
+                        run_id=lambda j: (j.run_id, state.keys.prefix))
+    return task
+
+
+def test_failures_are_dead_lettered_with_the_error(state):
+    def broken(task, job, st, attempt):
+        raise ValueError("the model: section names no such model")
+
+    raw = make_job("memory://x").model_dump_json()
+    run_task(state, broken).apply(args=[raw])
+    (letter,) = state.dead_letters()
+    assert isinstance(letter, DeadLetter) and letter.job_id == "samplerun/e0/j0"
+    assert letter.sample_ids[0] == "samplerun/e0/g0/k0" and "no such model" in letter.error
+
+
+def test_a_task_that_keeps_killing_its_worker_is_dead_lettered(state):
+    ran = []
+    raw = make_job("memory://x").model_dump_json()
+    for _ in range(2):  # two earlier starts died with their worker
+        state.count_delivery("samplerun/e0/j0:r0")
+    run_task(state, lambda *a: ran.append(1), max_deliveries=2).apply(args=[raw])
+    assert not ran
+    (letter,) = state.dead_letters()
+    assert "started 3 times" in letter.error
+
+
+def test_transient_errors_are_retried_then_given_up(state):
+    calls = []
+
+    def flaky(task, job, st, attempt):
+        calls.append(attempt)
+        raise ConnectionError("reward server refused the connection")
+
+    raw = make_job("memory://x").model_dump_json()
+    run_task(state, flaky, max_retries=0).apply(args=[raw])
+    assert calls == [0]
+    assert "ConnectionError: reward server refused" in state.dead_letters()[0].error
+
+
+def test_an_unparsable_message_is_reported_to_its_run(state):
+    run_task(state, lambda *a: None).apply(args=['{"run_id": "samplerun", "key_prefix": "%s", "job_id": "j9"}'
+                                                 % state.keys.prefix])
+    (letter,) = state.dead_letters()
+    assert letter.job_id == "j9" and "does not parse" in letter.error
