@@ -3,7 +3,10 @@
 from shared.models.base import MODELS, Conditioning, FlowModelAdapter, ParamView
 
 for _name, _path in (("tiny", "shared.models.tiny.TinyAdapter"),
-                     ("sd3-5", "shared.models.sd3.SD3Adapter")):
+                     ("sd3-5", "shared.models.sd3.SD3Adapter"),
+                     ("flux1", "shared.models.flux1.Flux1Adapter"),
+                     ("z-image", "shared.models.z_image.ZImageAdapter"),
+                     ("qwen-image", "shared.models.qwen_image.QwenImageAdapter")):
     if _name not in MODELS:
         MODELS.register(_name, _path)
 

@@ -1,0 +1,264 @@
+"""Adapter contract suite: every model family in :data:`tests.helpers.tiny_pipelines.TINY_PIPELINES`
+(one tiny random-weight diffusers pipeline per ``model_type``, saved with ``save_pretrained`` and
+loaded back with the adapter's normal ``load``) must
+
+* load from a local pipeline folder, freeze everything but the transformer, and name the fix
+  for a bad folder, a missing path, an unknown option or a resolution that does not fit;
+* roll out (``shared.sampling.rollout``, Flow-SDE) latents and images of the right shape, with
+  log-probs that the trainer's replay (``adapter.velocity`` + ``shared.flow.sde_step`` with
+  ``prev_sample``) reproduces within 1e-5 in float32 -- with and without guidance;
+* guide: CFG families combine a negative branch (identical negatives = no guidance);
+  guidance-distilled families feed the scale to the transformer in one forward;
+* train LoRA on the adapter's default targets (``trainer.policy.attach_trainable``, one step of
+  the trainer's optimizer): every default target gets LoRA weights, they change, the base weights
+  stay frozen and bit-identical; the checkpoint written by ``trainer.checkpoint.save_checkpoint``
+  loads with the diffusers pipeline class's own ``load_lora_weights`` and reproduces the trained
+  transformer's output;
+* fine-tune fully: every transformer weight trainable, and every one that gets a gradient changes;
+* write itself with ``save_pretrained`` and load back to identical predictions.
+
+A newly registered adapter gets a builder in ``tests/helpers/tiny_pipelines.py`` and runs all of it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from shared.config import ModelConfig, parse_config
+from shared.flow import flow_sigmas, sde_step
+from shared.models import MODELS, Conditioning, load_adapter
+from shared.sampling import rollout
+from tests.helpers.tiny_pipelines import NEGATIVE, PROMPTS, TINY_PIPELINES
+
+CPU = torch.device("cpu")
+#: registered adapters without a diffusers pipeline (``tiny`` is built from options, no folder)
+NO_PIPELINE = {"tiny"}
+
+
+def test_every_registered_adapter_has_a_tiny_pipeline():
+    missing = set(MODELS.names()) - NO_PIPELINE - set(TINY_PIPELINES)
+    assert not missing, (f"model types {sorted(missing)} have no tiny pipeline builder; add one to "
+                         f"tests/helpers/tiny_pipelines.py so they run the adapter contract suite")
+
+
+@pytest.fixture(scope="module", params=sorted(TINY_PIPELINES))
+def spec(request):
+    return TINY_PIPELINES[request.param]
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(spec, tmp_path_factory) -> Path:
+    return spec.save(tmp_path_factory.mktemp(spec.model_type.replace("-", "_")) / "pipe")
+
+
+def load(spec, path: Path, **model):
+    cfg = ModelConfig(model_type=spec.model_type, model_name_or_path=str(path),
+                      options=dict(spec.options), **model)
+    return load_adapter(cfg, device=CPU, seed=0)
+
+
+@pytest.fixture(scope="module")
+def adapter(spec, pipeline_dir):
+    """Shared, never trained or modified (training tests load their own copy)."""
+    return load(spec, pipeline_dir)
+
+
+def inputs(spec, adapter, batch: int = 2, seed: int = 0):
+    shape = adapter.latent_shape(spec.resolution)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, *shape, generator=g), torch.tensor([0.8, 0.35][:batch])
+
+
+def conditioning(spec, adapter, batch: int = 2) -> Conditioning:
+    return adapter.encode_prompts(PROMPTS[:batch], cfg=spec.uses_cfg, negative_prompts=[NEGATIVE] * batch)
+
+
+def guidance(spec) -> float:
+    return 3.5 if not spec.uses_cfg else 3.0
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def test_loads_from_a_local_pipeline_folder(spec, adapter):
+    import diffusers
+
+    assert type(adapter) is MODELS.get(spec.model_type)
+    assert isinstance(adapter.pipeline, getattr(diffusers, spec.pipeline_class))
+    assert adapter.transformer is adapter.pipeline.transformer
+    for name, component in adapter.pipeline.components.items():
+        if isinstance(component, torch.nn.Module) and name != "transformer":
+            assert not any(p.requires_grad for p in component.parameters()), f"{name} is not frozen"
+    assert adapter.scheduler_shift > 0
+
+
+def test_load_errors_name_the_fix(spec, pipeline_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        load(spec, tmp_path)
+    with pytest.raises(ValueError, match="model_name_or_path is required"):
+        load_adapter(ModelConfig(model_type=spec.model_type), device=CPU, seed=0)
+    cfg = ModelConfig(model_type=spec.model_type, model_name_or_path=str(pipeline_dir),
+                      options={**spec.options, "no_such_option": 1})
+    with pytest.raises(ValueError, match="unknown .*option.*no_such_option"):
+        load_adapter(cfg, device=CPU, seed=0)
+
+
+def test_latent_shape_and_a_resolution_that_does_not_fit(spec, adapter):
+    h, w = spec.resolution
+    shape = adapter.latent_shape((h, w))
+    assert len(shape) == 3 and shape[1] * adapter.vae_scale_factor == h
+    with pytest.raises(ValueError, match="train.resolution"):
+        adapter.latent_shape((h + 2, w))
+
+
+# --------------------------------------------------------------------------- rollouts
+
+
+@pytest.mark.parametrize("guided", [False, True], ids=["no-guidance", "guidance"])
+def test_rollout_shapes_and_logprob_replay(spec, adapter, guided):
+    """Rollout log-probs equal the trainer's recomputation from the stored steps (float32)."""
+    w = guidance(spec) if guided else 1.0
+    cond = conditioning(spec, adapter)
+    sigmas = flow_sigmas(4, adapter.scheduler_shift)
+    roll = rollout(adapter, cond, [0, 1], resolution=spec.resolution, sigmas=sigmas, guidance_scale=w,
+                   dynamics="Flow-SDE", noise_level=0.7, sde_steps=[0, 2])
+    h, w_px = spec.resolution
+    assert roll.final_latents.shape == (2, *adapter.latent_shape(spec.resolution))
+    assert roll.images.shape == (2, 3, h, w_px)
+    assert torch.isfinite(roll.images).all() and 0.0 <= roll.images.min() and roll.images.max() <= 1.0
+    assert roll.log_probs.shape == (2, 2) and torch.isfinite(roll.log_probs).all()
+    for j, i in enumerate(roll.sde_steps):
+        x = roll.latents[:, j]
+        sigma, sigma_next = sigmas[i].expand(2), sigmas[i + 1].expand(2)
+        with torch.no_grad():
+            v = adapter.velocity(x, sigma, cond, w)
+        out = sde_step(x, v, sigma, sigma_next, dynamics="Flow-SDE", noise_level=0.7,
+                       prev_sample=roll.next_latents[:, j])
+        torch.testing.assert_close(out.log_prob, roll.log_probs[:, j], rtol=0, atol=1e-5)
+
+
+def test_guidance(spec, adapter):
+    x, sigma = inputs(spec, adapter)
+    cond = conditioning(spec, adapter)
+    with torch.no_grad():
+        v1 = adapter.velocity(x, sigma, cond, 1.0)
+        vw = adapter.velocity(x, sigma, cond, guidance(spec))
+    assert v1.shape == x.shape and v1.dtype == torch.float32
+    assert (vw - v1).abs().max() > 1e-4, "the guidance scale has no effect"
+    if spec.uses_cfg:
+        assert cond.negative is not None
+        same = Conditioning(cond.tensors, cond.tensors)  # negatives = positives: nothing to guide by
+        with torch.no_grad():
+            torch.testing.assert_close(adapter.velocity(x, sigma, same, guidance(spec)), v1,
+                                       rtol=1e-5, atol=1e-5)
+    else:  # guidance-distilled: no negative branch, one forward per step
+        assert cond.negative is None
+        calls = []
+        handle = adapter.transformer.register_forward_hook(lambda m, a, kw: calls.append(1))
+        try:
+            with torch.no_grad():
+                adapter.velocity(x, sigma, cond, guidance(spec))
+        finally:
+            handle.remove()
+        assert len(calls) == 1
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train_config(spec, pipeline_dir, tmp_path, **model):
+    return parse_config({
+        "output_dir": str(tmp_path / "runs"), "run_name": "contract", "logging_backend": "none",
+        "model": {"model_type": spec.model_type, "model_name_or_path": str(pipeline_dir),
+                  "options": dict(spec.options), "lora_rank": 4, **model},
+        "train": {"resolution": list(spec.resolution), "learning_rate": 1e-2, "adam_weight_decay": 0.0,
+                  "guidance_scale": guidance(spec)},
+        "rewards": [{"reward_model": "brightness"}],
+    })
+
+
+def one_step(spec, cfg, adapter, trainable) -> dict[str, bool]:
+    """One step of the trainer's AdamW on a loss through the guided velocity; returns which
+    trainable weights got a nonzero gradient."""
+    from trainer.loop import build_optimizer
+
+    optimizer, _ = build_optimizer(cfg, trainable)
+    x, sigma = inputs(spec, adapter)
+    cond = conditioning(spec, adapter)
+    v = adapter.velocity(x, sigma, cond, cfg.train.guidance_scale)
+    (v - x).square().mean().backward()
+    grads = {n: p.grad is not None and bool(p.grad.abs().sum() > 0) for n, p in trainable.items()}
+    optimizer.step()
+    optimizer.zero_grad()
+    return grads
+
+
+def test_lora_trains_saves_and_loads_with_the_pipelines_own_loader(spec, pipeline_dir, tmp_path):
+    from accelerate import Accelerator
+
+    from trainer.checkpoint import save_checkpoint
+    from trainer.policy import Policy, attach_trainable
+
+    cfg = train_config(spec, pipeline_dir, tmp_path)
+    adapter = load(spec, pipeline_dir)
+    base = {n: p.detach().clone() for n, p in adapter.transformer.named_parameters()}
+    trainable = attach_trainable(adapter, cfg)
+    assert trainable and all("lora_" in n for n in trainable)
+    for target in adapter.default_lora_targets:
+        assert any(f".{target}.lora_" in n for n in trainable), f"default target {target!r} got no LoRA"
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    got_grad = one_step(spec, cfg, adapter, trainable)
+    changed = {n for n, p in trainable.items() if not torch.equal(p, before[n])}
+    assert not [n for n in trainable if got_grad[n] and n not in changed], "LoRA weights with a gradient did not change"
+    for target in adapter.default_lora_targets:  # (a last block's text-stream outputs feed nothing)
+        assert any(f".{target}.lora_B" in n for n in changed), f"no LoRA weight of {target!r} changed"
+    for name, p in adapter.transformer.named_parameters():
+        if "lora_" not in name:
+            assert not p.requires_grad, f"base weight {name} is trainable"
+            key = name.replace(".base_layer", "")
+            assert torch.equal(p, base[key]), f"base weight {name} changed"
+
+    # the checkpoint a user gets loads with the diffusers pipeline's own load_lora_weights
+    ckpt = save_checkpoint(tmp_path / "ckpt", cfg, Accelerator(cpu=True), adapter,
+                           Policy(adapter, adapter.transformer, cfg, trainable), epoch=1, step=1)
+    pipe = spec.load_pipeline(pipeline_dir)
+    x, sigma = inputs(spec, adapter)
+    cond = conditioning(spec, adapter)
+    w = guidance(spec)
+    with torch.no_grad():
+        plain = adapter.velocity(x, sigma, cond, w, transformer=pipe.transformer)
+        pipe.load_lora_weights(str(ckpt / "lora"))
+        assert pipe.transformer.peft_config, "no LoRA adapter was attached"
+        loaded = adapter.velocity(x, sigma, cond, w, transformer=pipe.transformer)
+        trained = adapter.velocity(x, sigma, cond, w)
+    assert (loaded - plain).abs().max() > 1e-4, "the loaded LoRA does not change the output"
+    torch.testing.assert_close(loaded, trained, rtol=1e-5, atol=1e-5)
+
+
+def test_full_finetune_trains_every_transformer_weight(spec, pipeline_dir, tmp_path):
+    from trainer.policy import attach_trainable
+
+    cfg = train_config(spec, pipeline_dir, tmp_path, finetune_type="full")
+    adapter = load(spec, pipeline_dir)
+    trainable = attach_trainable(adapter, cfg)
+    assert set(trainable) == {n for n, _ in adapter.transformer.named_parameters()}
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    got_grad = one_step(spec, cfg, adapter, trainable)
+    unchanged = [n for n, p in trainable.items() if torch.equal(p, before[n])]
+    assert not [n for n in unchanged if got_grad[n]], "weights with a gradient did not change"
+    # only weights outside the computation may stay put: in 2-block MMDiTs the last block's
+    # text-stream output layers (Qwen-Image: 9 of 77 tensors), or a padding token no input needs
+    assert len(unchanged) < 0.2 * len(trainable), f"unchanged weights: {unchanged}"
+
+
+def test_save_pretrained_round_trip(spec, adapter, tmp_path):
+    adapter.save_pretrained(str(tmp_path / "copy"))
+    again = load(spec, tmp_path / "copy")
+    x, sigma = inputs(spec, adapter)
+    cond = conditioning(spec, adapter)
+    with torch.no_grad():
+        torch.testing.assert_close(again.velocity(x, sigma, cond, guidance(spec)),
+                                   adapter.velocity(x, sigma, cond, guidance(spec)), rtol=0, atol=0)

@@ -1,0 +1,273 @@
+"""Tiny random-weight diffusers pipelines, one builder per ``model_type``, built offline.
+
+Every pipeline uses the real diffusers / transformers classes of its family at miniature size
+(a few hundred thousand parameters), with tokenizers trained here on a small corpus by the
+``tokenizers`` library (no hub access):
+
+* ``sd3-5``: :func:`shared.toy.pipeline.build_toy_pipeline` with ``TEST_SIZES`` (CLIP BPE);
+* ``flux1``: ``FluxPipeline`` -- CLIP BPE + a Unigram ``T5Tokenizer``, ``CLIPTextModel`` +
+  ``T5EncoderModel``, ``FluxTransformer2DModel`` with a guidance embedding, FLUX.1-dev's
+  scheduler config (dynamic shifting);
+* ``z-image``: ``ZImagePipeline`` -- byte-level BPE ``Qwen2Tokenizer`` with a Qwen3-style chat
+  template, ``Qwen3Model``, ``ZImageTransformer2DModel``, ``AutoencoderKL`` with Z-Image's
+  scaling/shift factors, static shift 3;
+* ``qwen-image``: ``QwenImagePipeline`` -- the same BPE (its system-prompt prefix tokenizes to
+  exactly ``prompt_template_encode_start_idx = 34`` tokens, as with the real Qwen tokenizer),
+  ``Qwen2_5_VLForConditionalGeneration``, ``QwenImageTransformer2DModel``,
+  ``AutoencoderKLQwenImage`` with non-trivial ``latents_mean`` / ``latents_std``, Qwen-Image's
+  scheduler config (dynamic shifting, ``shift_terminal``).
+
+:data:`TINY_PIPELINES` maps each ``model_type`` to a :class:`TinyPipeline`: the builder plus what
+a generic test needs to run it (a valid resolution, adapter options, whether the family uses
+classifier-free guidance). The adapter contract suite parametrizes over it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+PROMPTS = ["a photo of a red circle", "two blue squares on a table", "a green cat",
+           "a yellow triangle left of a purple square"]
+NEGATIVE = "blurry, low quality"
+EXTRA_TEXT = "a an the of and with on in photo one two three big small dog car tree house sky"
+
+#: Qwen-Image's prompt template; its prefix must tokenize to 34 tokens (the pipeline drops them)
+QWEN_IMAGE_TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, "
+                       "texture, quantity, text, spatial relationships of the objects and "
+                       "background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n")
+QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>"]
+#: the Qwen3 chat template's output for one user turn (``enable_thinking`` as Qwen3's template)
+QWEN_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}"
+    "{% endif %}{% endif %}")
+
+
+def corpus() -> list[str]:
+    return PROMPTS + [NEGATIVE, EXTRA_TEXT, "system user assistant",
+                      QWEN_IMAGE_TEMPLATE.format(PROMPTS[0])]
+
+
+# --------------------------------------------------------------------------- tokenizers
+
+
+def build_clip_tokenizer(directory: Path):
+    from shared.toy.pipeline import build_tokenizer
+
+    return build_tokenizer(directory, corpus=corpus())
+
+
+def build_t5_tokenizer(directory: Path, vocab_size: int = 120):
+    """A Unigram (sentencepiece-style) ``T5Tokenizer`` trained on :func:`corpus`."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import T5Tokenizer
+
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
+                                      unk_token="<unk>", show_progress=False)
+    tok.train_from_iterator(corpus(), trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))])
+    T5Tokenizer(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                extra_ids=0, model_max_length=512).save_pretrained(directory)
+    return T5Tokenizer.from_pretrained(directory)
+
+
+def build_qwen_tokenizer(directory: Path, vocab_size: int = 600):
+    """A byte-level BPE ``Qwen2Tokenizer`` (Qwen2's pre-tokenizer regex) with the chat template."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=QWEN_SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    # the template's prefix is frequent enough that each of its words becomes one token, as in
+    # Qwen's real vocabulary (34 tokens: what QwenImagePipeline drops)
+    bpe.train_from_iterator(corpus() * 2 + [QWEN_IMAGE_TEMPLATE.format("")] * 20, trainer)
+    model = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    tok = Qwen2Tokenizer(vocab=model["vocab"], merges=merges, additional_special_tokens=QWEN_SPECIAL[1:])
+    tok.chat_template = QWEN_CHAT_TEMPLATE
+    tok.save_pretrained(directory)
+    return Qwen2Tokenizer.from_pretrained(directory)
+
+
+def _tiny_vae(latent_channels: int, **factors):
+    """``AutoencoderKL`` with a 4x downsampling (3 blocks)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
+                         up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[8, 8, 16],
+                         layers_per_block=1, norm_num_groups=4, latent_channels=latent_channels,
+                         sample_size=32, use_quant_conv=False, use_post_quant_conv=False,
+                         mid_block_add_attention=False, **factors)
+
+
+# --------------------------------------------------------------------------- pipelines
+
+
+def build_sd3(seed: int = 0):
+    from shared.toy.pipeline import TEST_SIZES, build_toy_pipeline
+
+    with tempfile.TemporaryDirectory() as tmp:
+        build_clip_tokenizer(Path(tmp))
+        return build_toy_pipeline(TEST_SIZES, seed=seed, tokenizer_dir=tmp)
+
+
+def build_flux1(seed: int = 0):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        clip_tok = build_clip_tokenizer(Path(tmp) / "clip")
+        t5_tok = build_t5_tokenizer(Path(tmp) / "t5")
+    torch.manual_seed(seed)
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(clip_tok), max_position_embeddings=clip_tok.model_max_length, hidden_size=16,
+        intermediate_size=32, num_attention_heads=2, num_hidden_layers=2, projection_dim=16,
+        bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id,
+        pad_token_id=clip_tok.pad_token_id, hidden_act="gelu"))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=16, d_kv=8, d_ff=32, num_layers=2,
+                                 num_heads=2, relative_attention_num_buckets=8,
+                                 pad_token_id=t5_tok.pad_token_id, eos_token_id=t5_tok.eos_token_id))
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16,
+        guidance_embeds=True, axes_dims_rope=[2, 2, 4])
+    vae = _tiny_vae(4, scaling_factor=1.5035, shift_factor=0.0609)  # FLUX.1's VAE factors
+    # FLUX.1-dev's scheduler_config.json
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                max_shift=1.15, base_image_seq_len=256,
+                                                max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=clip_tok,
+                        text_encoder_2=t5, tokenizer_2=t5_tok, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_z_image(seed: int = 0):
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = build_qwen_tokenizer(Path(tmp))
+    torch.manual_seed(seed)
+    text_encoder = Qwen3Model(Qwen3Config(
+        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+        pad_token_id=tok.pad_token_id))
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2,
+        n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=16, axes_dims=[8, 4, 4],
+        axes_lens=[256, 32, 32])
+    with torch.no_grad():  # created with torch.empty: give them defined values
+        transformer.x_pad_token.normal_()
+        transformer.cap_pad_token.normal_()
+    vae = _tiny_vae(4, scaling_factor=0.3611, shift_factor=0.1159)  # Z-Image's VAE factors
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)  # Z-Image's scheduler_config.json
+    pipe = ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok,
+                          transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_qwen_image(seed: int = 0):
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
+                           QwenImageTransformer2DModel)
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = build_qwen_tokenizer(Path(tmp))
+    ids = tok.convert_tokens_to_ids
+    torch.manual_seed(seed)
+    config = Qwen2_5_VLConfig(
+        text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": len(tok),
+                     "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+                     "rope_theta": 1000000.0, "bos_token_id": ids("<|endoftext|>"),
+                     "eos_token_id": ids("<|im_end|>"), "pad_token_id": tok.pad_token_id},
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2,
+                       "out_hidden_size": 16},
+        vocab_size=len(tok), hidden_size=16, bos_token_id=ids("<|endoftext|>"),
+        eos_token_id=ids("<|im_end|>"), vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"), image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"))
+    text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(2, 2, 4))
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1,
+                                 temperal_downsample=[False, True],
+                                 latents_mean=[0.1, -0.2, 0.05, 0.3], latents_std=[1.5, 0.8, 1.2, 2.0])
+    # Qwen-Image's scheduler_config.json
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
+        max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential")
+    pipe = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok,
+                             transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyPipeline:
+    """How to build and run one family's tiny pipeline in generic tests."""
+
+    model_type: str
+    pipeline_class: str  # the diffusers class (its own load_lora_weights is tested)
+    build: Callable[..., Any]
+    resolution: tuple[int, int]  # a small valid (height, width)
+    uses_cfg: bool  # classifier-free guidance with negative prompts (False: guidance-distilled)
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # model.options for the adapter
+
+    def save(self, directory: Path, seed: int = 0) -> Path:
+        """Build and ``save_pretrained`` into ``directory`` (the adapter loads it from there)."""
+        pipe = self.build(seed)
+        if self.model_type == "sd3-5":
+            from shared.toy.pipeline import save_toy_pipeline
+
+            return save_toy_pipeline(pipe, directory)
+        pipe.save_pretrained(directory)
+        return Path(directory)
+
+    def load_pipeline(self, directory: Path):
+        """The plain diffusers pipeline from ``directory`` (``from_pretrained``)."""
+        import diffusers
+
+        cls = getattr(diffusers, self.pipeline_class)
+        index = cls.load_config(directory)
+        none = {k: None for k, v in index.items() if isinstance(v, list) and v[0] is None}
+        pipe = cls.from_pretrained(directory, **none)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+
+TINY_PIPELINES: dict[str, TinyPipeline] = {
+    p.model_type: p for p in (
+        TinyPipeline("sd3-5", "StableDiffusion3Pipeline", build_sd3, (32, 32), uses_cfg=True),
+        TinyPipeline("flux1", "FluxPipeline", build_flux1, (32, 32), uses_cfg=False,
+                     options={"max_sequence_length": 16, "shift_resolution": 32}),
+        TinyPipeline("z-image", "ZImagePipeline", build_z_image, (32, 32), uses_cfg=True,
+                     options={"max_sequence_length": 32, "shift_resolution": 32}),
+        TinyPipeline("qwen-image", "QwenImagePipeline", build_qwen_image, (32, 32), uses_cfg=True,
+                     options={"max_sequence_length": 32, "shift_resolution": 32}),
+    )
+}
