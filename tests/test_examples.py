@@ -1,0 +1,32 @@
+"""Every shipped example config parses with the config loader, names a registered model type and
+registered rewards, and tiles its batches on one process (the multi-GPU recipes also on 8)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shared.config import load_config
+from shared.models import MODELS
+from shared.rewards import REWARDS
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((ROOT / "examples").rglob("*.yaml"))
+
+
+def test_there_are_examples():
+    assert len(EXAMPLES) >= 5
+    assert {"flux1.yaml", "z-image.yaml", "qwen-image.yaml", "sd3-5.yaml"} <= {
+        p.name for p in (ROOT / "examples" / "grpo" / "lora").glob("*.yaml")}
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[str(p.relative_to(ROOT / "examples")) for p in EXAMPLES])
+def test_example_config_is_valid(path):
+    cfg = load_config(path)
+    assert cfg.model.model_type in MODELS, f"{path.name}: unknown model_type {cfg.model.model_type!r}"
+    for spec in cfg.rewards + (cfg.eval_rewards or []):
+        assert spec.reward_model in REWARDS, f"{path.name}: unknown reward_model {spec.reward_model!r}"
+    cfg.geometry(1)
+    if "grpo" in path.parts or "nft" in path.parts or "awm" in path.parts:
+        cfg.geometry(8)  # written for 8 GPUs like the peers' recipes
