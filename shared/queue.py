@@ -19,6 +19,7 @@ list, the published policy and the dead letters.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from pydantic import Field, model_validator
@@ -121,8 +122,18 @@ class RunState:
         self.redis.rpush(self.keys.scored, batch.model_dump_json())
 
     def pop_scored(self, timeout: float) -> ScoredBatch | None:
-        item = self.redis.blpop([self.keys.scored], timeout=max(timeout, 0.01))
-        return None if item is None else ScoredBatch.model_validate_json(item[1])
+        """The oldest scored batch, waiting up to ``timeout`` seconds (None if none came).
+
+        Blocks in slices of at most 2 s: redis-py's socket timeout (5 s by default) would
+        otherwise cut a longer BLPOP short with an error."""
+        deadline = time.monotonic() + timeout
+        while True:
+            wait = min(2.0, max(deadline - time.monotonic(), 0.01))
+            item = self.redis.blpop([self.keys.scored], timeout=wait)
+            if item is not None:
+                return ScoredBatch.model_validate_json(item[1])
+            if time.monotonic() >= deadline:
+                return None
 
     # -- policy versions (the trainer publishes, samplers read)
     def publish(self, message: PolicyPublished) -> None:

@@ -156,3 +156,40 @@ def rollout_batches(adapter: FlowModelAdapter, prompts: list[str], negatives: li
                      next_latents=cat("next_latents"), log_probs=cat("log_probs"),
                      stds=cat("stds"), means=cat("means"))
     return Conditioning.cat(conds), merged
+
+
+def pack_trajectory(roll: Rollout) -> dict[str, torch.Tensor]:
+    """A rollout as flat float32 tensors for storage, each latent state stored ONCE.
+
+    The trainable transitions ``x_i -> x_{i+1}`` (``i`` in ``sde_steps``) share states when
+    steps are consecutive, so ``states [B, U, ...]`` holds the ``U`` distinct step indices in
+    ``state_steps [U]`` (a window of ``S`` consecutive steps needs ``S + 1`` states, not ``2 S``).
+    Also: ``final_latents [B, ...]``, ``log_probs [B, S]``, ``stds [B, S]``, ``sigmas [N + 1]``,
+    ``sde_steps [S]`` and, if kept, ``means [B, S, ...]``. Inverse: :func:`unpack_trajectory`.
+    """
+    steps = roll.sde_steps
+    state_steps = sorted(set(steps) | {i + 1 for i in steps})
+    where = {s: j for j, s in enumerate(state_steps)}
+    b = roll.final_latents.shape[0]
+    states = torch.empty((b, len(state_steps), *roll.final_latents.shape[1:]), dtype=torch.float32,
+                         device=roll.final_latents.device)
+    for k, i in enumerate(steps):
+        states[:, where[i]] = roll.latents[:, k]
+        states[:, where[i + 1]] = roll.next_latents[:, k]
+    out = {"states": states, "state_steps": torch.tensor(state_steps, dtype=torch.long),
+           "sde_steps": torch.tensor(steps, dtype=torch.long),
+           "final_latents": roll.final_latents.float(), "log_probs": roll.log_probs.float(),
+           "stds": roll.stds.float(), "sigmas": roll.sigmas.float()}
+    if roll.means is not None:
+        out["means"] = roll.means.float()
+    return out
+
+
+def unpack_trajectory(t: dict[str, torch.Tensor]) -> Rollout:
+    """Inverse of :func:`pack_trajectory` (``images`` is None: they travel separately)."""
+    where = {int(s): j for j, s in enumerate(t["state_steps"])}
+    steps = [int(i) for i in t["sde_steps"]]
+    pick = lambda offset: t["states"][:, [where[i + offset] for i in steps]]  # noqa: E731
+    return Rollout(final_latents=t["final_latents"], images=None, sigmas=t["sigmas"],
+                   sde_steps=steps, latents=pick(0), next_latents=pick(1), log_probs=t["log_probs"],
+                   stds=t["stds"], means=t.get("means"))

@@ -2,28 +2,28 @@
 
 ``file:///shared/volume/flowrl`` for one machine or a shared volume, ``memory://flowrl`` for
 tests (one process), ``s3://bucket/prefix`` for clusters (needs ``s3fs``). Tensors are stored
-as safetensors, images as PNG, never pickle. Every put returns a
+as safetensors, image batches as safetensors of 8-bit pixels (lossless like PNG, without its
+encode cost), never pickle. Every put returns a
 :class:`~shared.protocol.BlobRef` with the SHA-256 of the bytes; every get checks it, so a
 truncated or swapped blob is an error, not a silently wrong batch.
 
-Writes are atomic where the filesystem allows: bytes go to a temporary name, are flushed and
-fsynced (local files), then renamed, so a reader never sees half a blob.
+Writes are atomic where the filesystem allows: bytes go to a temporary name, then are renamed,
+so a reader never sees half a blob. ``durable=True`` (published weights) also fsyncs local files
+before the rename, so the blob survives a machine crash; rollouts, which can be redone, skip it.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import uuid
 
 import fsspec
-import numpy as np
 import torch
-from PIL import Image
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from shared.images import to_uint8_hwc
 from shared.protocol import BlobRef
 
 
@@ -52,7 +52,7 @@ class BlobStore:
                              f"sampler, reward worker and trainer the same store url.")
         return f"{self.root}/{uri[len(self.url) + 1:]}"
 
-    def put_bytes(self, key: str, data: bytes) -> BlobRef:
+    def put_bytes(self, key: str, data: bytes, *, durable: bool = False) -> BlobRef:
         path = self._path(self.uri(key))
         parent = path.rsplit("/", 1)[0]
         self.fs.makedirs(parent, exist_ok=True)
@@ -60,8 +60,9 @@ class BlobStore:
         if self._local:
             with open(tmp, "wb") as f:
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
             os.replace(tmp, path)
         else:
             with self.fs.open(tmp, "wb") as f:
@@ -92,32 +93,19 @@ class BlobStore:
         return len(files)
 
     # ------------------------------------------------------------------ typed
-    def put_tensors(self, key: str, tensors: dict[str, torch.Tensor]) -> BlobRef:
-        return self.put_bytes(key, st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+    def put_tensors(self, key: str, tensors: dict[str, torch.Tensor], *, durable: bool = False) -> BlobRef:
+        data = st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+        return self.put_bytes(key, data, durable=durable)
 
     def get_tensors(self, ref: BlobRef) -> dict[str, torch.Tensor]:
         return st_load(self.get_bytes(ref))
 
-    def put_image(self, key: str, image: torch.Tensor) -> BlobRef:
-        """``image [3, H, W]`` float in [0, 1] -> PNG (8-bit, lossless for what it keeps)."""
-        return self.put_bytes(key, encode_png(image))
+    def put_images(self, key: str, images: torch.Tensor) -> BlobRef:
+        """A batch ``[B, 3, H, W]`` float in [0, 1] as ONE safetensors blob of 8-bit pixels
+        (``images [B, H, W, 3] uint8``): the same pixels a PNG would keep, without the per-image
+        encode/decode cost on the rollout path. Inverse: :meth:`get_images`."""
+        return self.put_tensors(key, {"images": torch.from_numpy(to_uint8_hwc(images))})
 
-    def get_image(self, ref: BlobRef) -> torch.Tensor:
-        return decode_image(self.get_bytes(ref))
-
-
-def encode_png(image: torch.Tensor) -> bytes:
-    """``[3, H, W]`` float in [0, 1] -> PNG bytes (rounded to 8 bits)."""
-    if image.ndim != 3 or image.shape[0] != 3:
-        raise ValueError(f"expected one image [3, H, W], got shape {tuple(image.shape)}")
-    array = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def decode_image(data: bytes) -> torch.Tensor:
-    """PNG/JPEG/... bytes -> ``[3, H, W]`` float32 in [0, 1] (RGB)."""
-    with Image.open(io.BytesIO(data)) as im:
-        array = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255.0
+    def get_images(self, ref: BlobRef) -> torch.Tensor:
+        """``[B, 3, H, W]`` float32 in [0, 1] from :meth:`put_images`."""
+        return self.get_tensors(ref)["images"].permute(0, 3, 1, 2).float() / 255.0

@@ -46,12 +46,15 @@ def _transient(exc: BaseException) -> bool:
 
 
 def guarded_task(app, settings: QueueSettings, name: str, message_type, body: Callable, *,
-                 job_id: Callable, sample_ids: Callable, run_id: Callable):
+                 job_id: Callable, sample_ids: Callable, run_id: Callable,
+                 delivery_key: Callable | None = None):
     """Register ``body`` as task ``name`` with the failure policy of the module docstring.
 
     ``job_id`` / ``sample_ids`` / ``run_id`` read the job id, its sample ids and
-    ``(run_id, key_prefix)`` from a parsed message (for delivery counting and dead letters).
+    ``(run_id, key_prefix)`` from a parsed message (for dead letters); ``delivery_key`` (default
+    ``job_id``) names what one delivery is of, for the redelivery cap.
     """
+    delivery_key = delivery_key or job_id
     states: dict[tuple[str, str], RunState] = {}
 
     def state_for(message) -> RunState:
@@ -69,7 +72,7 @@ def guarded_task(app, settings: QueueSettings, name: str, message_type, body: Ca
             return
         state = state_for(message)
         attempt = self.request.retries
-        starts = state.count_delivery(f"{job_id(message)}:r{attempt}")
+        starts = state.count_delivery(f"{name}:{delivery_key(message)}:r{attempt}")
 
         def give_up(error: str) -> None:
             log.error("%s %s: giving up: %s", name, job_id(message), error)

@@ -31,7 +31,7 @@ from shared.config import Config
 from shared.protocol import (PolicyPublished, SampleItem, SampleJob, SamplingParams, TASK_SAMPLE,
                              QUEUE_SAMPLE, sample_id)
 from shared.rewards.multi import spec_dicts
-from shared.sampling import Rollout, as_hw, encode_batches
+from shared.sampling import Rollout, as_hw, encode_batches, unpack_trajectory
 from trainer.collect import EpochPlan, Samples, sample_locally
 
 
@@ -112,7 +112,8 @@ class CeleryTransport:
         else:
             weights = policy.trainable
         ref = self.store.put_tensors(f"{self.run_id}/policy/v{version}.safetensors",
-                                     {k: v.detach().float() for k, v in weights.items()})
+                                     {k: v.detach().float() for k, v in weights.items()},
+                                     durable=True)
         message = PolicyPublished(run_id=self.run_id, version=version, weights=ref,
                                   finetune_type=self.cfg.model.finetune_type,
                                   published_at=time.time())
@@ -209,22 +210,24 @@ class CeleryTransport:
     def _assemble(self, pending: _Pending, got: dict[str, tuple]) -> Samples:
         """Rows of every scored trajectory, in plan order, as one Rollout + reward tensors."""
         t = self.cfg.train
-        cache: dict[str, dict[str, torch.Tensor]] = {}
-        rows: list[tuple[dict[str, torch.Tensor], int]] = []
+        parts: dict[str, Rollout] = {}  # one unpacked trajectory per blob
+        picks: list[tuple[Rollout, int]] = []  # (trajectory, row) per sample, in plan order
         for sid in pending.ids:
             batch, row = got[sid]
-            uri = batch.trajectory.tensors.uri
-            if uri not in cache:
-                cache[uri] = self.store.get_tensors(batch.trajectory.tensors)
-            rows.append((cache[uri], row))
+            ref = batch.trajectory.tensors
+            if ref.uri not in parts:
+                parts[ref.uri] = unpack_trajectory(self.store.get_tensors(ref))
+            picks.append((parts[ref.uri], row))
         device = next(self.adapter.transformer.parameters()).device
-        stack = lambda key: torch.stack([tensors[key][r] for tensors, r in rows]).to(device)  # noqa: E731
-        first = rows[0][0]
-        roll = Rollout(final_latents=stack("final_latents"), images=None,
-                       sigmas=first["sigmas"], sde_steps=list(pending.plan.sde_steps),
-                       latents=stack("latents"), next_latents=stack("next_latents"),
-                       log_probs=stack("log_probs"), stds=stack("stds"),
-                       means=stack("means") if "means" in first else None)
+        stack = lambda f: torch.stack([getattr(p, f)[r] for p, r in picks]).to(device)  # noqa: E731
+        first = picks[0][0]
+        if first.sde_steps != list(pending.plan.sde_steps):
+            raise CollectError(f"epoch {pending.plan.epoch}: samplers rolled out SDE steps "
+                               f"{first.sde_steps}, the plan says {pending.plan.sde_steps}")
+        roll = Rollout(final_latents=stack("final_latents"), images=None, sigmas=first.sigmas,
+                       sde_steps=first.sde_steps, latents=stack("latents"),
+                       next_latents=stack("next_latents"), log_probs=stack("log_probs"),
+                       stds=stack("stds"), means=stack("means") if first.means is not None else None)
         labels = [s.label for s in self.cfg.rewards]
         rewards = {label: torch.tensor([float("nan") if (v := got[sid][0].rewards[label][got[sid][1]]) is None
                                         else v for sid in pending.ids], dtype=torch.float32)

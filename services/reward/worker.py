@@ -1,7 +1,7 @@
 """The reward service's Celery worker: task :data:`~shared.protocol.TASK_REWARD` on queue ``reward``.
 
-For each :class:`~shared.protocol.RewardJob` it fetches the trajectory's PNGs from the blob
-store, scores them with every reward of the job (built once per process and spec, on this
+For each :class:`~shared.protocol.RewardJob` it fetches the trajectory's 8-bit images from the
+blob store, scores them with every reward of the job (built once per process and spec, on this
 process's device; a ``remote`` reward calls a reward server over HTTP), and pushes a
 :class:`~shared.protocol.ScoredBatch` onto the run's Redis list for the trainer.
 Failures follow :func:`shared.tasks.guarded_task` (retry transient errors, dead-letter the rest).
@@ -52,7 +52,7 @@ def score_job(job: RewardJob, *, worker: str = "") -> ScoredBatch:
         if key not in _models:
             _models[key] = build_rewards([spec], _device())[spec.label]
         models[spec.label] = _models[key]
-    images = torch.stack([store.get_image(ref) for ref in traj.images])
+    images = store.get_images(traj.images)
     scores = score_specs(models, specs, images, traj.prompts, torch.tensor(traj.group_ids))
     as_list = lambda t: [None if math.isnan(x) else x for x in t.tolist()]  # noqa: E731
     return ScoredBatch(trajectory=traj, rewards={k: as_list(v) for k, v in scores.items()},
@@ -67,4 +67,6 @@ def _reward(task, job: RewardJob, state, attempt: int) -> None:
 reward = guarded_task(app, settings, TASK_REWARD, RewardJob, _reward,
                       job_id=lambda j: j.trajectory.job_id,
                       sample_ids=lambda j: j.trajectory.sample_ids,
-                      run_id=lambda j: (j.trajectory.run_id, j.key_prefix))
+                      run_id=lambda j: (j.trajectory.run_id, j.key_prefix),
+                      # a re-sampled job is a new trajectory: count deliveries per trajectory
+                      delivery_key=lambda j: j.trajectory.tensors.uri)

@@ -7,8 +7,8 @@ version that the job allows: it waits for ``min_policy_version`` to be published
 the published weights in by parameter name (LoRA hot-swap, or full weights).
 
 Outputs go to the blob store under ``{job_id}/a{attempt}/`` (a redelivered task never
-overwrites what an earlier attempt may already have handed on): one safetensors blob with the
-trajectory tensors and one PNG per sample.
+overwrites what an earlier attempt may already have handed on): the trajectory tensors
+(:func:`shared.sampling.pack_trajectory`) and the 8-bit images, one safetensors blob each.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -25,7 +26,7 @@ from shared.models import load_adapter
 from shared.models.lora import load_named_parameters, prepare_transformer
 from shared.protocol import PolicyPublished, SampleJob, Trajectory
 from shared.queue import RunState
-from shared.sampling import rollout_batches
+from shared.sampling import pack_trajectory, rollout_batches
 from shared.store import BlobStore
 
 
@@ -100,19 +101,21 @@ class SamplerRuntime:
             num_steps=p.num_inference_steps, guidance_scale=p.guidance_scale, dynamics=p.dynamics,
             noise_level=p.noise_level, sde_steps=p.sde_steps, keep_means=p.keep_means,
             log_prob_reduction=p.log_prob_reduction, transformer=self.adapter.transformer)
-        store = self.store(job.store_url)
-        base = f"{job.job_id}/a{attempt}"
-        tensors = {"final_latents": roll.final_latents, "latents": roll.latents,
-                   "next_latents": roll.next_latents, "log_probs": roll.log_probs,
-                   "stds": roll.stds, "sigmas": roll.sigmas}
-        if roll.means is not None:
-            tensors["means"] = roll.means
-        tensor_ref = store.put_tensors(f"{base}/trajectory.safetensors",
-                                       {k: v.float() for k, v in tensors.items()})
-        images = [store.put_image(f"{base}/{k:04d}.png", img) for k, img in enumerate(roll.images)]
-        return Trajectory(
-            run_id=job.run_id, job_id=job.job_id, epoch=job.epoch, policy_version=published.version,
-            sample_ids=[i.sample_id for i in items], group_ids=[i.group_id for i in items],
-            prompts=[i.prompt for i in items], sde_steps=roll.sde_steps, store_url=job.store_url,
-            tensors=tensor_ref,
-            images=images, worker=self.name, seconds=time.perf_counter() - t0)
+        return write_trajectory(self.store(job.store_url), job, roll, published.version,
+                                attempt=attempt, worker=self.name, seconds=time.perf_counter() - t0)
+
+
+def write_trajectory(store: BlobStore, job: SampleJob, roll, policy_version: int, *, attempt: int = 0,
+                     worker: str = "", seconds: float = 0.0) -> Trajectory:
+    """Store a job's rollout (tensors + 8-bit images) and describe it as a :class:`Trajectory`."""
+    base = f"{job.job_id}/a{attempt}"
+    with ThreadPoolExecutor(2) as pool:  # serialization, hashing and I/O release the GIL
+        images_f = pool.submit(store.put_images, f"{base}/images.safetensors", roll.images)
+        tensors = store.put_tensors(f"{base}/trajectory.safetensors", pack_trajectory(roll))
+        images = images_f.result()
+    items = job.items
+    return Trajectory(
+        run_id=job.run_id, job_id=job.job_id, epoch=job.epoch, policy_version=policy_version,
+        sample_ids=[i.sample_id for i in items], group_ids=[i.group_id for i in items],
+        prompts=[i.prompt for i in items], sde_steps=roll.sde_steps, store_url=job.store_url,
+        tensors=tensors, images=images, worker=worker, seconds=seconds)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from shared.protocol.names import PROTOCOL_VERSION
 
@@ -100,10 +100,10 @@ class SampleJob(Message):
 class Trajectory(Message):
     """What a sampler produced for one job (tensors and images are in the blob store).
 
-    ``tensors`` is one safetensors blob with ``final_latents [B, ...]``, ``latents [B, S, ...]``,
-    ``next_latents [B, S, ...]``, ``log_probs [B, S]``, ``stds [B, S]``, ``sigmas [N + 1]`` and,
-    when asked, ``means [B, S, ...]``; rows follow ``sample_ids``. ``images`` are PNGs, one per
-    sample in the same order.
+    ``tensors``: one safetensors blob written by :func:`shared.sampling.pack_trajectory` (every
+    latent state once, log-probs, stds, sigmas, optional means); ``images``: one safetensors
+    blob of 8-bit pixels ``[B, H, W, 3]`` (:meth:`shared.store.BlobStore.put_images`). Rows of
+    both follow ``sample_ids``. The trainer reads only ``tensors``, reward workers only ``images``.
     """
 
     run_id: str
@@ -116,17 +116,17 @@ class Trajectory(Message):
     sde_steps: list[int]
     store_url: str  # the blob store the refs below live in
     tensors: BlobRef
-    images: list[BlobRef]
+    images: BlobRef
     worker: str = ""
     seconds: float = 0.0
 
-    @field_validator("images")
-    @classmethod
-    def _aligned(cls, v: list[BlobRef], info) -> list[BlobRef]:
-        ids = info.data.get("sample_ids")
-        if ids is not None and len(v) != len(ids):
-            raise ValueError(f"{len(v)} images for {len(ids)} sample ids")
-        return v
+    @model_validator(mode="after")
+    def _aligned(self) -> "Trajectory":
+        n = len(self.sample_ids)
+        if not (len(self.group_ids) == len(self.prompts) == n):
+            raise ValueError(f"{n} sample ids, {len(self.group_ids)} group ids and "
+                             f"{len(self.prompts)} prompts: one of each per sample")
+        return self
 
 
 class RewardJob(Message):

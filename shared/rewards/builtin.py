@@ -15,22 +15,16 @@ from __future__ import annotations
 
 import io
 
-import numpy as np
 import torch
 from PIL import Image
 
+from shared.images import to_uint8_hwc  # noqa: F401  (also imported from here by other rewards)
 from shared.rewards.base import REWARDS, RewardModel
 
 
 def _check_rgb(images: torch.Tensor, who: str) -> None:
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"{who} expects RGB images [B, 3, H, W], got shape {tuple(images.shape)}")
-
-
-def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
-    """``[B, 3, H, W]`` float in [0, 1] -> ``[B, H, W, 3]`` uint8 (rounded, clamped), on the CPU."""
-    u8 = (images.detach().float() * 255).round().clamp(0, 255).to(torch.uint8)
-    return u8.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def luma(images: torch.Tensor) -> torch.Tensor:

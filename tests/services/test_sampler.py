@@ -12,8 +12,8 @@ from shared.config import parse_config
 from shared.models import load_adapter
 from shared.protocol import DeadLetter, PolicyPublished, SampleItem, SampleJob, SamplingParams
 from shared.queue import QueueSettings, RunState, make_celery
-from shared.sampling import rollout_batches
-from shared.store import BlobStore, decode_image, encode_png
+from shared.sampling import rollout_batches, unpack_trajectory
+from shared.store import BlobStore
 from shared.tasks import guarded_task
 from services.sampler.runtime import PolicyTimeout, SamplerRuntime
 from trainer.policy import attach_trainable
@@ -59,17 +59,17 @@ def test_sampler_with_published_weights_reproduces_the_trainers_rollout(state):
     traj = SamplerRuntime(device=torch.device("cpu")).run(job, state, attempt=2)
     assert traj.policy_version == 1 and traj.sample_ids == [i.sample_id for i in job.items]
     assert traj.tensors.uri.startswith(f"{store.url}/samplerun/e0/j0/a2/")
-    got = store.get_tensors(traj.tensors)
+    got = unpack_trajectory(store.get_tensors(traj.tensors))
 
     _, expect = rollout_batches(
         adapter, [i.prompt for i in job.items], [None] * 4, [i.seed for i in job.items], batch_size=3,
         resolution=(16, 16), num_steps=6, guidance_scale=1.0, dynamics="Flow-SDE", noise_level=0.7,
         sde_steps=[1, 3], keep_means=True, log_prob_reduction="mean", transformer=adapter.transformer)
     for key in ("final_latents", "latents", "next_latents", "log_probs", "stds", "means", "sigmas"):
-        torch.testing.assert_close(got[key], getattr(expect, key).float(), rtol=0, atol=1e-6, msg=key)
-    assert traj.sde_steps == expect.sde_steps == [1, 3]
-    for ref, image in zip(traj.images, expect.images):
-        assert torch.equal(store.get_image(ref), decode_image(encode_png(image)))
+        torch.testing.assert_close(getattr(got, key), getattr(expect, key).float(), rtol=0, atol=1e-6,
+                                   msg=key)
+    assert traj.sde_steps == got.sde_steps == expect.sde_steps == [1, 3]
+    assert torch.equal(store.get_images(traj.images), (expect.images * 255).round() / 255)
 
 
 def test_sampler_waits_for_the_policy_version_then_says_why(state):
@@ -105,7 +105,7 @@ def test_a_task_that_keeps_killing_its_worker_is_dead_lettered(state):
     ran = []
     raw = make_job("memory://x").model_dump_json()
     for _ in range(2):  # two earlier starts died with their worker
-        state.count_delivery("samplerun/e0/j0:r0")
+        state.count_delivery("flowrl.test:samplerun/e0/j0:r0")
     run_task(state, lambda *a: ran.append(1), max_deliveries=2).apply(args=[raw])
     assert not ran
     (letter,) = state.dead_letters()

@@ -18,7 +18,7 @@ def trajectory(n: int = 2) -> Trajectory:
     return Trajectory(run_id="r", job_id="r/e0/j0", epoch=0, policy_version=1,
                       sample_ids=[sample_id("r", 0, 0, k) for k in range(n)], group_ids=[0] * n,
                       prompts=["p"] * n, sde_steps=[0, 1], store_url="memory://s", tensors=REF,
-                      images=[REF] * n)
+                      images=REF)
 
 
 def job() -> SampleJob:
@@ -57,8 +57,8 @@ def test_scores_must_be_finite_and_aligned():
         ScoredBatch(trajectory=trajectory(), rewards={"b": [float("nan"), 0.1]})
     with pytest.raises(ValidationError, match="1 values for 2 samples"):
         ScoredBatch(trajectory=trajectory(), rewards={"b": [0.1]})
-    with pytest.raises(ValidationError, match="1 images for 2 sample ids"):
-        Trajectory(**{**trajectory().model_dump(), "images": [REF]})
+    with pytest.raises(ValidationError, match="2 sample ids, 2 group ids and 1 prompts"):
+        Trajectory(**{**trajectory().model_dump(), "prompts": ["p"]})
 
 
 def test_blob_ref_needs_a_sha256_and_job_needs_items():

@@ -52,7 +52,7 @@ def state(redis_url):
 def traj() -> Trajectory:
     return Trajectory(run_id="run1", job_id="run1/e0/j0", epoch=0, policy_version=0,
                       sample_ids=["a", "b"], group_ids=[0, 0], prompts=["p", "p"], sde_steps=[],
-                      store_url="memory://s", tensors=REF, images=[REF, REF])
+                      store_url="memory://s", tensors=REF, images=REF)
 
 
 def test_run_state_round_trips_in_redis(state):

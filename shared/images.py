@@ -1,0 +1,35 @@
+"""Image conversions shared by rewards, the blob store and the services.
+
+Convention: images in flowrl are float tensors ``[B, 3, H, W]`` in ``[0, 1]``; on the wire and
+on disk they are 8-bit (``round(x * 255)``), as PNG or as uint8 ``[B, H, W, 3]`` tensors.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
+    """``[B, 3, H, W]`` float in [0, 1] -> ``[B, H, W, 3]`` uint8 (rounded, clamped), on the CPU."""
+    u8 = (images.detach().float() * 255).round().clamp(0, 255).to(torch.uint8)
+    return u8.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def encode_png(image: torch.Tensor) -> bytes:
+    """One image ``[3, H, W]`` float in [0, 1] -> PNG bytes (8-bit)."""
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"expected one image [3, H, W], got shape {tuple(image.shape)}")
+    buf = io.BytesIO()
+    Image.fromarray(to_uint8_hwc(image[None])[0]).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decode_image(data: bytes) -> torch.Tensor:
+    """PNG/JPEG/... bytes -> ``[3, H, W]`` float32 in [0, 1] (RGB)."""
+    with Image.open(io.BytesIO(data)) as im:
+        array = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255.0
