@@ -27,11 +27,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from shared.config import ModelConfig, parse_config
+from shared.config import ModelConfig
 from shared.flow import flow_sigmas, sde_step
 from shared.models import MODELS, Conditioning, load_adapter
 from shared.sampling import rollout
-from tests.helpers.tiny_pipelines import NEGATIVE, PROMPTS, TINY_PIPELINES
+from tests.helpers.tiny_pipelines import NEGATIVE, PROMPTS, TINY_PIPELINES, tiny_train_config
 
 CPU = torch.device("cpu")
 #: registered adapters without a diffusers pipeline (``tiny`` is built from options, no folder)
@@ -76,10 +76,6 @@ def conditioning(spec, adapter, batch: int = 2) -> Conditioning:
     return adapter.encode_prompts(PROMPTS[:batch], cfg=spec.uses_cfg, negative_prompts=[NEGATIVE] * batch)
 
 
-def guidance(spec) -> float:
-    return 3.5 if not spec.uses_cfg else 3.0
-
-
 # --------------------------------------------------------------------------- loading
 
 
@@ -120,7 +116,7 @@ def test_latent_shape_and_a_resolution_that_does_not_fit(spec, adapter):
 @pytest.mark.parametrize("guided", [False, True], ids=["no-guidance", "guidance"])
 def test_rollout_shapes_and_logprob_replay(spec, adapter, guided):
     """Rollout log-probs equal the trainer's recomputation from the stored steps (float32)."""
-    w = guidance(spec) if guided else 1.0
+    w = spec.guidance_scale if guided else 1.0
     cond = conditioning(spec, adapter)
     sigmas = flow_sigmas(4, adapter.scheduler_shift)
     roll = rollout(adapter, cond, [0, 1], resolution=spec.resolution, sigmas=sigmas, guidance_scale=w,
@@ -145,14 +141,14 @@ def test_guidance(spec, adapter):
     cond = conditioning(spec, adapter)
     with torch.no_grad():
         v1 = adapter.velocity(x, sigma, cond, 1.0)
-        vw = adapter.velocity(x, sigma, cond, guidance(spec))
+        vw = adapter.velocity(x, sigma, cond, spec.guidance_scale)
     assert v1.shape == x.shape and v1.dtype == torch.float32
     assert (vw - v1).abs().max() > 1e-4, "the guidance scale has no effect"
     if spec.uses_cfg:
         assert cond.negative is not None
         same = Conditioning(cond.tensors, cond.tensors)  # negatives = positives: nothing to guide by
         with torch.no_grad():
-            torch.testing.assert_close(adapter.velocity(x, sigma, same, guidance(spec)), v1,
+            torch.testing.assert_close(adapter.velocity(x, sigma, same, spec.guidance_scale), v1,
                                        rtol=1e-5, atol=1e-5)
     else:  # guidance-distilled: no negative branch, one forward per step
         assert cond.negative is None
@@ -160,7 +156,7 @@ def test_guidance(spec, adapter):
         handle = adapter.transformer.register_forward_hook(lambda m, a, kw: calls.append(1))
         try:
             with torch.no_grad():
-                adapter.velocity(x, sigma, cond, guidance(spec))
+                adapter.velocity(x, sigma, cond, spec.guidance_scale)
         finally:
             handle.remove()
         assert len(calls) == 1
@@ -170,14 +166,7 @@ def test_guidance(spec, adapter):
 
 
 def train_config(spec, pipeline_dir, tmp_path, **model):
-    return parse_config({
-        "output_dir": str(tmp_path / "runs"), "run_name": "contract", "logging_backend": "none",
-        "model": {"model_type": spec.model_type, "model_name_or_path": str(pipeline_dir),
-                  "options": dict(spec.options), "lora_rank": 4, **model},
-        "train": {"resolution": list(spec.resolution), "learning_rate": 1e-2, "adam_weight_decay": 0.0,
-                  "guidance_scale": guidance(spec)},
-        "rewards": [{"reward_model": "brightness"}],
-    })
+    return tiny_train_config(spec, pipeline_dir, tmp_path, model=model)
 
 
 def one_step(spec, cfg, adapter, trainable) -> dict[str, bool]:
@@ -227,7 +216,7 @@ def test_lora_trains_saves_and_loads_with_the_pipelines_own_loader(spec, pipelin
     pipe = spec.load_pipeline(pipeline_dir)
     x, sigma = inputs(spec, adapter)
     cond = conditioning(spec, adapter)
-    w = guidance(spec)
+    w = spec.guidance_scale
     with torch.no_grad():
         plain = adapter.velocity(x, sigma, cond, w, transformer=pipe.transformer)
         pipe.load_lora_weights(str(ckpt / "lora"))
@@ -260,5 +249,5 @@ def test_save_pretrained_round_trip(spec, adapter, tmp_path):
     x, sigma = inputs(spec, adapter)
     cond = conditioning(spec, adapter)
     with torch.no_grad():
-        torch.testing.assert_close(again.velocity(x, sigma, cond, guidance(spec)),
-                                   adapter.velocity(x, sigma, cond, guidance(spec)), rtol=0, atol=0)
+        torch.testing.assert_close(again.velocity(x, sigma, cond, spec.guidance_scale),
+                                   adapter.velocity(x, sigma, cond, spec.guidance_scale), rtol=0, atol=0)

@@ -238,6 +238,11 @@ class TinyPipeline:
     uses_cfg: bool  # classifier-free guidance with negative prompts (False: guidance-distilled)
     options: dict[str, Any] = dataclasses.field(default_factory=dict)  # model.options for the adapter
 
+    @property
+    def guidance_scale(self) -> float:
+        """A guidance scale that acts: CFG weight 3 or FLUX.1-dev's embedded 3.5."""
+        return 3.0 if self.uses_cfg else 3.5
+
     def save(self, directory: Path, seed: int = 0) -> Path:
         """Build and ``save_pretrained`` into ``directory`` (the adapter loads it from there)."""
         pipe = self.build(seed)
@@ -271,3 +276,27 @@ TINY_PIPELINES: dict[str, TinyPipeline] = {
                      options={"max_sequence_length": 32, "shift_resolution": 32}),
     )
 }
+
+
+def tiny_train_config(spec: TinyPipeline, pipeline_dir: Path, root: Path, *, model: dict | None = None,
+                      train: dict | None = None):
+    """A validated config training ``spec``'s tiny pipeline for one small epoch under ``root``
+    (``train.txt`` with :data:`PROMPTS`, ``brightness`` reward, no logging backend)."""
+    from shared.config import parse_config
+
+    data = Path(root) / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    (data / "train.txt").write_text("\n".join(PROMPTS) + "\n")
+    return parse_config({
+        "output_dir": str(Path(root) / "runs"), "run_name": spec.model_type, "logging_backend": "none",
+        "model": {"model_type": spec.model_type, "model_name_or_path": str(pipeline_dir),
+                  "options": dict(spec.options), "lora_rank": 4, **(model or {})},
+        "data": {"dataset_dir": str(data)},
+        "train": {"resolution": list(spec.resolution), "num_inference_steps": 3, "group_size": 2,
+                  "unique_sample_num_per_epoch": 2, "per_device_batch_size": 4,
+                  "gradient_step_per_epoch": 1, "max_epochs": 1, "learning_rate": 1e-2,
+                  "adam_weight_decay": 0.0, "guidance_scale": spec.guidance_scale,
+                  **(train or {})},
+        "eval": {"num_inference_steps": 2, "eval_freq": 0, "num_prompts": 2},
+        "rewards": [{"reward_model": "brightness"}],
+    })

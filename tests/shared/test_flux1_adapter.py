@@ -11,6 +11,7 @@ VAE shift/scale or a wrong sigma shift. The generic checks (LoRA, replay, loadin
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from shared.config import ModelConfig
 from shared.flow import flow_sigmas
 from shared.models import load_adapter
 from shared.sampling import per_sample_noise, rollout
-from tests.helpers.tiny_pipelines import PROMPTS, TINY_PIPELINES
+from tests.helpers.tiny_pipelines import PROMPTS, TINY_PIPELINES, tiny_train_config
 
 SPEC = TINY_PIPELINES["flux1"]
 H, W = SPEC.resolution
@@ -97,3 +98,15 @@ def test_encodes_clip_pooled_and_t5_sequence(adapter, pipe):
     assert cond.tensors["prompt_embeds"].shape == (3, SPEC.options["max_sequence_length"],
                                                    pipe.text_encoder_2.config.d_model)
     assert cond.tensors["pooled"].shape == (3, pipe.text_encoder.config.hidden_size)
+
+
+@pytest.mark.parametrize("trainer_type", ["grpo", "nft"])
+def test_one_epoch_of_the_embedded_trainer(pipeline_dir, tmp_path, trainer_type):
+    """The adapter inside the real loop: rollouts, replay with gradients, the EMA view (nft samples
+    from it) and the LoRA-disabled reference (kl_beta), checkpoint."""
+    from trainer.loop import train
+
+    cfg = tiny_train_config(SPEC, pipeline_dir, tmp_path, train={"trainer_type": trainer_type, "kl_beta": 0.01})
+    summary = train(cfg, quiet=True)
+    assert summary["optimizer_steps"] == 1 and summary["samples"] == 4
+    assert (Path(summary["checkpoint"]) / "lora" / "pytorch_lora_weights.safetensors").is_file()

@@ -13,6 +13,7 @@ replay, loading) are in ``tests/contract/test_model_contract.py``.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +23,8 @@ from shared.config import ModelConfig
 from shared.flow import flow_sigmas
 from shared.models import load_adapter
 from shared.sampling import per_sample_noise, rollout
-from tests.helpers.tiny_pipelines import NEGATIVE, PROMPTS, QWEN_IMAGE_TEMPLATE, TINY_PIPELINES
+from tests.helpers.tiny_pipelines import (NEGATIVE, PROMPTS, QWEN_IMAGE_TEMPLATE, TINY_PIPELINES,
+                                         tiny_train_config)
 
 SPEC = TINY_PIPELINES["qwen-image"]
 H, W = SPEC.resolution
@@ -111,3 +113,15 @@ def test_max_sequence_length_limit(pipeline_dir):
                       options={"max_sequence_length": 2048})
     with pytest.raises(ValueError, match="limit of 1024"):
         load_adapter(cfg, device=torch.device("cpu"), seed=0)
+
+
+@pytest.mark.parametrize("trainer_type", ["grpo", "nft"])
+def test_one_epoch_of_the_embedded_trainer(pipeline_dir, tmp_path, trainer_type):
+    """The adapter inside the real loop: rollouts, replay with gradients, the EMA view (nft samples
+    from it) and the LoRA-disabled reference (kl_beta), checkpoint."""
+    from trainer.loop import train
+
+    cfg = tiny_train_config(SPEC, pipeline_dir, tmp_path, train={"trainer_type": trainer_type, "kl_beta": 0.01})
+    summary = train(cfg, quiet=True)
+    assert summary["optimizer_steps"] == 1 and summary["samples"] == 4
+    assert (Path(summary["checkpoint"]) / "lora" / "pytorch_lora_weights.safetensors").is_file()

@@ -10,6 +10,8 @@ time ``1 - sigma``, predicts ``x0 - eps`` (the pipeline negates it; flowrl's vel
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -17,7 +19,7 @@ from shared.config import ModelConfig
 from shared.flow import flow_sigmas
 from shared.models import load_adapter
 from shared.sampling import per_sample_noise, rollout
-from tests.helpers.tiny_pipelines import NEGATIVE, PROMPTS, TINY_PIPELINES
+from tests.helpers.tiny_pipelines import NEGATIVE, PROMPTS, TINY_PIPELINES, tiny_train_config
 
 SPEC = TINY_PIPELINES["z-image"]
 H, W = SPEC.resolution
@@ -100,3 +102,15 @@ def test_ragged_prompts_are_padded_with_a_mask_and_inputs_are_not_mutated(adapte
     assert bool((cond.tensors["prompt_embeds"][~mask] == 0).all())
     # valid tokens first, then padding
     assert torch.equal(mask, torch.arange(length).expand(3, -1) < lengths[:, None])
+
+
+@pytest.mark.parametrize("trainer_type", ["grpo", "nft"])
+def test_one_epoch_of_the_embedded_trainer(pipeline_dir, tmp_path, trainer_type):
+    """The adapter inside the real loop: rollouts, replay with gradients, the EMA view (nft samples
+    from it) and the LoRA-disabled reference (kl_beta), checkpoint."""
+    from trainer.loop import train
+
+    cfg = tiny_train_config(SPEC, pipeline_dir, tmp_path, train={"trainer_type": trainer_type, "kl_beta": 0.01})
+    summary = train(cfg, quiet=True)
+    assert summary["optimizer_steps"] == 1 and summary["samples"] == 4
+    assert (Path(summary["checkpoint"]) / "lora" / "pytorch_lora_weights.safetensors").is_file()
