@@ -74,7 +74,7 @@ class Flux1Adapter(FlowModelAdapter):
         for module in (pipeline.vae, pipeline.text_encoder, pipeline.text_encoder_2):
             if module is not None:
                 module.requires_grad_(False).eval()
-        self.scheduler_shift = self.shift_for_resolution(int(options["shift_resolution"]))
+        self.scheduler_shift = self.shift_for_resolution(options["shift_resolution"])
 
     # ------------------------------------------------------------------ loading
     @classmethod

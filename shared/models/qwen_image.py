@@ -78,7 +78,7 @@ class QwenImageAdapter(FlowModelAdapter):
         self.options = options
         for module in (pipeline.vae, pipeline.text_encoder):
             module.requires_grad_(False).eval()
-        self.scheduler_shift = self.shift_for_resolution(int(options["shift_resolution"]))
+        self.scheduler_shift = self.shift_for_resolution(options["shift_resolution"])
 
     # ------------------------------------------------------------------ loading
     @classmethod

@@ -77,7 +77,7 @@ class ZImageAdapter(FlowModelAdapter):
         self.options = options
         for module in (pipeline.vae, pipeline.text_encoder):
             module.requires_grad_(False).eval()
-        self.scheduler_shift = self.shift_for_resolution(int(options["shift_resolution"]))
+        self.scheduler_shift = self.shift_for_resolution(options["shift_resolution"])
 
     # ------------------------------------------------------------------ loading
     @classmethod
