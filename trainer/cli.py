@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     w.add_argument("--name", help="worker name (default {kind}-{pid}@{host})")
     w.add_argument("--loglevel", default="INFO")
+    w.add_argument("--http-port", type=int, help="sampler only: serve /health/live, /health/ready, "
+                   "/metrics on this port")
+    w.add_argument("--http-host", default="127.0.0.1", help="interface for --http-port (default loopback)")
     s = sub.add_parser("serve", help="run a service's HTTP server (see: flowrl serve reward --help)")
     s.add_argument("service", choices=["reward"])
     s.add_argument("args", nargs=argparse.REMAINDER, help="the service's own options")
@@ -61,6 +64,17 @@ def _worker(args) -> int:
         os.environ.update(export_settings(load_config(args.config, args.overrides).queue))
     name = args.name or f"{args.kind}-{os.getpid()}@{socket.gethostname()}"
     os.environ["FLOWRL_WORKER_NAME"] = name
+    if args.http_port is not None:
+        if args.kind != "sampler":
+            print("flowrl worker: --http-port is for sampler workers (the reward service has its "
+                  "own server: flowrl serve reward)", file=sys.stderr)
+            return 2
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # metrics of the pool child, too
+            import tempfile
+
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="flowrl-metrics-")
+        importlib.import_module("services.sampler.app").serve_in_thread(
+            QueueSettings().broker_url, args.http_host, args.http_port)
     module = importlib.import_module(f"services.{args.kind}.worker")  # reads FLOWRL_QUEUE_* now
     queue = QueueSettings().queue(QUEUE_SAMPLE if args.kind == "sampler" else QUEUE_REWARD)
     module.app.worker_main(worker_argv(queue, name, args.loglevel))

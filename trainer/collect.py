@@ -66,14 +66,14 @@ class EpochPlan:
     negatives: list[str | None]
     group_ids: list[int]  # global group id per sample
     seeds: list[int]  # noise seed per sample
-    sde_steps: list[int]  # the stochastic (trainable) steps of this epoch
+    sde_steps: list[int]  # the stochastic (trainable) steps of this epoch; [] for ODE rollouts
 
 
 def plan_epoch(cfg: Config, rows: list[PromptRow], epoch: int, rank: int, world_size: int) -> EpochPlan:
     t = cfg.train
     idx, groups, seeds = epoch_plan(len(rows), cfg.geometry(world_size), t.seed, epoch, rank)
-    sde_steps = select_sde_steps(t.train_steps, t.num_train_steps, t.num_inference_steps,
-                                 seed=t.seed * SEED_STRIDE + epoch)
+    sde_steps = [] if t.dynamics_type == "ODE" else select_sde_steps(
+        t.train_steps, t.num_train_steps, t.num_inference_steps, seed=t.seed * SEED_STRIDE + epoch)
     return EpochPlan(epoch, [rows[i].prompt for i in idx], [rows[i].negative_prompt for i in idx],
                      groups, seeds, sde_steps)
 

@@ -41,7 +41,10 @@ def runtime():
 
 
 def _sample(task, job: SampleJob, state, attempt: int) -> None:
+    from services.sampler.app import observe_job
+
     trajectory = runtime().run(job, state, attempt=attempt)
+    observe_job(len(trajectory.sample_ids), trajectory.seconds, trajectory.policy_version)
     reward_job = RewardJob(trajectory=trajectory, rewards=job.rewards, key_prefix=job.key_prefix)
     task.app.send_task(TASK_REWARD, args=[reward_job.model_dump_json()],
                        queue=settings.queue(QUEUE_REWARD))

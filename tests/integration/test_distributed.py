@@ -14,7 +14,9 @@ import sys
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from shared.config import RewardSpec, load_config
 from shared.queue import RunState
@@ -52,23 +54,26 @@ def test_trainer_samplers_reward_worker_and_server(tmp_path, redis_url):
                  "FLOWRL_QUEUE_KEY_PREFIX": ns, "FLOWRL_QUEUE_STORE_URL": f"file://{tmp_path}/blobs",
                  "FLOWRL_QUEUE_TASK_TIME_LIMIT_S": "300", "FLOWRL_QUEUE_COLLECT_TIMEOUT_S": "400",
                  "FLOWRL_QUEUE_POLICY_WAIT_S": "300", "OMP_NUM_THREADS": "1"}
-    port = free_port()
+    port, sampler_port = free_port(), free_port()
     config = tmp_path / "dist.yaml"
     config.write_text(CONFIG.replace("URL", f"http://127.0.0.1:{port}"))
     try:
         with ProcessGroup(tmp_path, queue_env) as procs:
             procs.start("reward-server", [sys.executable, "-m", "services.reward.cli", "--rewards",
                                           "brightness", "--port", str(port), "--log-level", "warning"])
-            procs.start("sampler-1", FLOWRL + ["worker", "sampler", "--name", f"s1-{ns}"])
+            procs.start("sampler-1", FLOWRL + ["worker", "sampler", "--name", f"s1-{ns}",
+                                               "--http-port", str(sampler_port)])
             procs.start("sampler-2", FLOWRL + ["worker", "sampler", "--name", f"s2-{ns}"])
             procs.start("reward-worker", FLOWRL + ["worker", "reward", "--name", f"r1-{ns}"])
             procs.wait_http("reward-server", f"http://127.0.0.1:{port}/v2/health/ready")
+            procs.wait_http("sampler-1", f"http://127.0.0.1:{sampler_port}/health/ready")
             for name in ("sampler-1", "sampler-2", "reward-worker"):
                 procs.wait_log(name, "ready.")
             trainer = procs.start("trainer", FLOWRL + ["trainer", str(config), "--set",
                                                        f"output_dir={tmp_path / 'runs'}"])
             assert trainer.wait(timeout=800) == 0, procs.logs()
             logs = procs.logs()
+            scrape = httpx.get(f"http://127.0.0.1:{sampler_port}/metrics").text
     finally:
         RunState.connect(redis_url, "dist", ns).clear()
 
@@ -87,6 +92,12 @@ def test_trainer_samplers_reward_worker_and_server(tmp_path, redis_url):
     # both samplers worked, scores came through the reward worker from the server
     assert {row["sampler"] for row in ledger} == {f"s1-{ns}", f"s2-{ns}"}, logs
     assert {row["scorer"] for row in ledger} == {f"r1-{ns}"}
+    # sampler-1's metrics endpoint counts what its pool process sampled
+    families = {f.name: f for f in text_string_to_metric_families(scrape)}
+    mine = sum(row["sampler"] == f"s1-{ns}" for row in ledger)
+    (total,) = [s.value for s in families["flowrl_sampler_samples"].samples if s.name.endswith("_total")]
+    assert total >= mine > 0
+    assert families["flowrl_sampler_policy_version"].samples[0].value >= EPOCHS - 2
     # the reward rises (brightness: mean of the last epoch above the first)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     rewards = [m["train/reward/brightness"] for m in metrics if "train/reward/brightness" in m]
