@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from shared.protocol import (QUEUE_REWARD, TASK_REWARD, RewardJob, SampleItem, SampleJob,  # noqa: E402
                              SamplingParams)
-from shared.queue import QueueSettings, RunState, make_celery  # noqa: E402
+from shared.queue import QueueSettings, RunState, delete_namespace_queues, make_celery  # noqa: E402
 from shared.rewards import build_reward  # noqa: E402
 from shared.sampling import Rollout, unpack_trajectory  # noqa: E402
 from shared.store import BlobStore  # noqa: E402
@@ -127,6 +127,7 @@ def main() -> None:
         worker.terminate()
         worker.wait(timeout=30)
         state.clear()
+        delete_namespace_queues(state.redis, ns)
         app.close()
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     med["transport_s"] = med["total_s"] - reward_compute

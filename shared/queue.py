@@ -173,6 +173,17 @@ def export_settings(settings: QueueSettings) -> dict[str, str]:
     return out
 
 
+def delete_namespace_queues(redis_client, namespace: str) -> int:
+    """Delete the Celery queues (and kombu's bindings) of ``namespace`` only: what a test or a
+    finished experiment created, never another namespace's keys. Returns keys deleted."""
+    if not namespace:
+        raise ValueError("refusing to delete the default (empty) namespace's queues")
+    keys = []
+    for pattern in (f"{namespace}.*", f"_kombu.binding.{namespace}.*", f"_kombu.binding_permanent.{namespace}.*"):
+        keys += list(redis_client.scan_iter(match=pattern, count=500))
+    return int(redis_client.delete(*keys)) if keys else 0
+
+
 def worker_argv(queue: str, name: str, loglevel: str = "INFO") -> list[str]:
     """Celery worker arguments of the profile: one process that takes one task at a time
     (one GPU per worker process; the pool's child initialises CUDA after the fork)."""

@@ -19,7 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from shared.config import RewardSpec, load_config
-from shared.queue import RunState
+from shared.queue import RunState, delete_namespace_queues
 from tests.helpers.procs import FLOWRL, ProcessGroup, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
@@ -75,7 +75,9 @@ def test_trainer_samplers_reward_worker_and_server(tmp_path, redis_url):
             logs = procs.logs()
             scrape = httpx.get(f"http://127.0.0.1:{sampler_port}/metrics").text
     finally:
-        RunState.connect(redis_url, "dist", ns).clear()
+        state = RunState.connect(redis_url, "dist", ns)
+        state.clear()
+        delete_namespace_queues(state.redis, ns)
 
     run = tmp_path / "runs" / "dist"
     summary = json.loads((run / "summary.json").read_text())

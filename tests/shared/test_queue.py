@@ -9,7 +9,8 @@ from pydantic import ValidationError
 
 from shared.config import parse_config
 from shared.protocol import BlobRef, DeadLetter, PolicyPublished, ScoredBatch, Trajectory
-from shared.queue import QueueSettings, RunState, celery_config, export_settings, retry_delay
+from shared.queue import (QueueSettings, RunState, celery_config, delete_namespace_queues, export_settings,
+                          retry_delay)
 
 REF = BlobRef(uri="memory://s/a", sha256="0" * 64, nbytes=3)
 
@@ -83,3 +84,17 @@ def test_clear_deletes_only_this_runs_keys(state):
     finally:
         other.clear()
         state.redis.delete("unrelated-key-" + state.keys.prefix)
+
+
+def test_namespace_cleanup_touches_only_that_namespace(state):
+    r, ns = state.redis, state.keys.prefix
+    r.rpush(f"{ns}.sample", "x")
+    r.set(f"_kombu.binding.{ns}.sample", "x")
+    r.set(f"{ns}x.sample", "keep")  # another namespace that merely starts the same
+    try:
+        assert delete_namespace_queues(r, ns) == 2
+        assert r.get(f"{ns}x.sample") == b"keep"
+        with pytest.raises(ValueError, match="empty"):
+            delete_namespace_queues(r, "")
+    finally:
+        r.delete(f"{ns}x.sample")
