@@ -10,11 +10,12 @@ loaded back with the adapter's normal ``load``) must
 * guide: CFG families combine a negative branch (identical negatives = no guidance);
   guidance-distilled families feed the scale to the transformer in one forward;
 * train LoRA on the adapter's default targets (``trainer.policy.attach_trainable``, one step of
-  the trainer's optimizer): every default target gets LoRA weights, they change, the base weights
-  stay frozen and bit-identical; the checkpoint written by ``trainer.checkpoint.save_checkpoint``
-  loads with the diffusers pipeline class's own ``load_lora_weights`` and reproduces the trained
-  transformer's output;
-* fine-tune fully: every transformer weight trainable, and every one that gets a gradient changes;
+  the trainer's optimizer): every default target gets LoRA weights, every LoRA weight with a
+  gradient changes (at least one per target), the base weights stay frozen and bit-identical;
+  the checkpoint written by ``trainer.checkpoint.save_checkpoint`` loads with the diffusers
+  pipeline class's own ``load_lora_weights`` and reproduces the trained transformer's output;
+* fine-tune fully: every transformer weight trainable, and every one that gets a gradient changes
+  (weights outside the computation, like a last block's text-stream outputs, stay under 20%);
 * write itself with ``save_pretrained`` and load back to identical predictions.
 
 A newly registered adapter gets a builder in ``tests/helpers/tiny_pipelines.py`` and runs all of it.
