@@ -28,7 +28,9 @@ TRANSIENT = (ConnectionError, TimeoutError, OSError)
 
 
 def _transient(exc: BaseException) -> bool:
-    if isinstance(exc, TRANSIENT):
+    """Worth retrying later: connection / I/O / timeout errors, or any error that says so with
+    ``retryable = True`` (e.g. a reward server that stayed unreachable for all its attempts)."""
+    if isinstance(exc, TRANSIENT) or getattr(exc, "retryable", False):
         return True
     try:  # redis / httpx connection problems are transient too
         import redis

@@ -201,7 +201,7 @@ class CeleryTransport:
         self.dead_seen += len(letters)
         for letter in letters:
             lost = missing.intersection(letter.sample_ids)
-            if lost or letter.job_id in pending.jobs:
+            if lost:  # (a dead copy of a job whose other delivery arrived loses nothing)
                 raise CollectError(
                     f"epoch {pending.plan.epoch}: task {letter.task} for job {letter.job_id} was "
                     f"dead-lettered after {letter.attempts} attempt(s): {letter.error}. "

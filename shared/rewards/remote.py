@@ -50,7 +50,15 @@ MAX_BACKOFF = 60.0
 
 
 class RemoteRewardError(RuntimeError):
-    """The reward server could not score a batch; the message names the URL and the cause."""
+    """The reward server could not score a batch; the message names the URL and the cause.
+
+    ``retryable``: the server was unreachable, timed out or overloaded (5xx / 429) on every
+    attempt, so trying again later may work (queue workers retry such tasks with backoff);
+    False for answers that will not change (4xx, unreadable responses)."""
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 def encode_png(images: torch.Tensor) -> list[bytes]:
@@ -235,7 +243,8 @@ class RemoteReward(RewardModel):
             log.warning("remote reward: attempt %d/%d to %s failed (%s); retrying in %.2f s",
                         attempt, attempts, url, cause, delay)
             time.sleep(delay)
-        raise RemoteRewardError(f"reward server at {url} failed after {attempts} attempt(s); last error: {cause}")
+        raise RemoteRewardError(f"reward server at {url} failed after {attempts} attempt(s); last error: {cause}",
+                                retryable=True)
 
 
 def _compute_scores(response: httpx.Response) -> list[float]:

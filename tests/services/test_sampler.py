@@ -130,3 +130,19 @@ def test_an_unparsable_message_is_reported_to_its_run(state):
                                                  % state.keys.prefix])
     (letter,) = state.dead_letters()
     assert letter.job_id == "j9" and "does not parse" in letter.error
+
+
+def test_errors_that_say_they_are_retryable_are_retried(state):
+    from shared.rewards.remote import RemoteRewardError
+
+    class Retried(Exception):
+        pass
+
+    def unreachable(task, job, st, attempt):
+        raise RemoteRewardError("reward server at http://x failed after 3 attempt(s)", retryable=True)
+
+    task = run_task(state, unreachable, max_retries=2)
+    task.retry = lambda exc, countdown: Retried(countdown)  # what Celery's retry would schedule
+    with pytest.raises(Retried) as e:
+        task.apply(args=[make_job("memory://x").model_dump_json()], throw=True)
+    assert e.value.args == (2.0,) and state.dead_letters() == []
