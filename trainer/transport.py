@@ -98,6 +98,7 @@ class CeleryTransport:
         self.scored_ids: set[str] = set()  # every sample id already used (exactly once)
         self.duplicates = 0
         self.dead_seen = 0
+        self.loaded: dict[str, Rollout] = {}  # trajectory blobs read ahead of their epoch's end
         # audit trail: one line per sample used for training (id, version, worker, rewards)
         self.ledger = None if run_dir is None else Path(run_dir) / "scored_samples.jsonl"
         if self.ledger is not None and self.ledger.exists():
@@ -170,13 +171,16 @@ class CeleryTransport:
                         f"sampler workers consuming queue 'sample' and reward workers queue 'reward' "
                         f"on {q.broker_url}?")
                 continue
+            kept = False
             for row, sid in enumerate(batch.trajectory.sample_ids):
                 if sid in got or sid in self.scored_ids or sid in self.buffer:
                     self.duplicates += 1  # a redelivered task scored it again: keep the first
                 elif sid in need:
-                    got[sid] = (batch, row)
+                    got[sid], kept = (batch, row), True
                 else:
-                    self.buffer[sid] = (batch, row)  # a later epoch (max_staleness 1)
+                    self.buffer[sid], kept = (batch, row), True  # a later epoch (max_staleness 1)
+            if kept:  # read its tensors now, while the other batches are still being sampled
+                self._trajectory(batch.trajectory.tensors)
         self.scored_ids.update(need)
         self._record(pending, got)
         samples = self._assemble(pending, got)
@@ -210,14 +214,9 @@ class CeleryTransport:
     def _assemble(self, pending: _Pending, got: dict[str, tuple]) -> Samples:
         """Rows of every scored trajectory, in plan order, as one Rollout + reward tensors."""
         t = self.cfg.train
-        parts: dict[str, Rollout] = {}  # one unpacked trajectory per blob
-        picks: list[tuple[Rollout, int]] = []  # (trajectory, row) per sample, in plan order
-        for sid in pending.ids:
-            batch, row = got[sid]
-            ref = batch.trajectory.tensors
-            if ref.uri not in parts:
-                parts[ref.uri] = unpack_trajectory(self.store.get_tensors(ref))
-            picks.append((parts[ref.uri], row))
+        picks = [(self._trajectory(got[sid][0].trajectory.tensors), got[sid][1])
+                 for sid in pending.ids]  # (trajectory, row) per sample, in plan order
+        uris = {got[sid][0].trajectory.tensors.uri for sid in pending.ids}
         device = next(self.adapter.transformer.parameters()).device
         stack = lambda f: torch.stack([getattr(p, f)[r] for p, r in picks]).to(device)  # noqa: E731
         first = picks[0][0]
@@ -236,7 +235,15 @@ class CeleryTransport:
         cond = encode_batches(self.adapter, pending.plan.prompts, pending.plan.negatives,
                               t.guidance_scale, t.per_device_batch_size)
         workers = {got[sid][0].trajectory.worker for sid in pending.ids}
+        for uri in uris:
+            self.loaded.pop(uri, None)
         return Samples(cond, roll, rewards, versions, {"queue/samplers": float(len(workers))})
+
+    def _trajectory(self, ref) -> Rollout:
+        """The unpacked trajectory blob ``ref`` (read once, kept until its epoch is assembled)."""
+        if ref.uri not in self.loaded:
+            self.loaded[ref.uri] = unpack_trajectory(self.store.get_tensors(ref))
+        return self.loaded[ref.uri]
 
     def gc_epoch(self, epoch: int) -> int:
         """Delete the blobs of a trained epoch."""
