@@ -85,6 +85,7 @@ def test_trainer_samplers_reward_worker_and_server(tmp_path, redis_url):
     # every sample id of every epoch used exactly once
     ids = [row["sample_id"] for row in ledger]
     assert len(ids) == len(set(ids)) == EPOCHS * GROUPS * K, logs
+    assert summary["duplicates_dropped"] == 0  # no task ran twice, so each id was scored once
     assert {row["epoch"] for row in ledger} == set(range(EPOCHS))
     # the policy version advances; every sample lags the trained version by at most 1
     assert summary["policy_version"] == EPOCHS
