@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from shared.flow import flow_sigmas
 from shared.registry import Registry
 
 MODELS: Registry[type["FlowModelAdapter"]] = Registry("model_type")
@@ -74,7 +75,7 @@ class FlowModelAdapter(ABC):
     default_lora_targets: ClassVar[list[str]] = ["to_q", "to_k", "to_v", "to_out.0"]
 
     transformer: nn.Module  # the trainable denoiser
-    scheduler_shift: float = 1.0  # SD3-style sigma shift of the sampling grid
+    scheduler_shift: float = 1.0  # SD3-style sigma shift of the default sampling grid (:meth:`sigmas`)
 
     @classmethod
     @abstractmethod
@@ -104,6 +105,18 @@ class FlowModelAdapter(ABC):
         """Write the whole model so that :meth:`load` can read it back."""
 
     # ------------------------------------------------------------------ shared logic
+
+    def sigmas(self, num_steps: int, resolution: tuple[int, int]) -> torch.Tensor:
+        """The rollout's sigma grid for ``num_steps`` steps at ``(height, width)`` pixels.
+
+        Returns ``[num_steps + 1]`` float32 on the CPU, descending from 1.0 (noise) to 0.0
+        (data); step ``i`` goes from ``sigmas[i]`` to ``sigmas[i + 1]``. Default:
+        ``shared.flow.flow_sigmas(num_steps, self.scheduler_shift)`` for any resolution. A family
+        whose pipeline shifts by resolution overrides it to return the pipeline's own grid.
+        Rollouts take their grid only from here (:func:`shared.sampling.rollout_batches`), and
+        the trainer replays on the grid stored with each rollout.
+        """
+        return flow_sigmas(num_steps, self.scheduler_shift)
 
     def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, cond: Conditioning,
                  guidance_scale: float, transformer: nn.Module | None = None) -> torch.Tensor:
