@@ -170,11 +170,16 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
                 logger.log_image("eval/images", run_dir / ev["grid"], epoch)
         return ev
 
+    def dispatch(epoch: int):
+        """Plan ``epoch`` and start its sampling with the current policy version."""
+        p = plan_epoch(cfg, train_rows, epoch, rank, world)
+        with accelerator.autocast():
+            return p, transport.dispatch(p, version)
+
     evals = [run_eval(0)]
     history: list[dict] = []
     transport.publish(version)
-    plan = plan_epoch(cfg, train_rows, 0, rank, world)
-    pending = transport.dispatch(plan, version)
+    plan, pending = dispatch(0)
     bar = tqdm(range(t.max_epochs), desc="epochs", disable=not main or quiet, dynamic_ncols=True)
     for epoch in bar:
         t0 = time.time()
@@ -184,15 +189,12 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
         samples_used += data.advantages.shape[0] * world
         more = epoch + 1 < t.max_epochs
         if more and t.max_staleness >= 1:  # sample epoch k+1 while training on k
-            plan = plan_epoch(cfg, train_rows, epoch + 1, rank, world)
-            with accelerator.autocast():
-                pending = transport.dispatch(plan, version)
+            plan, pending = dispatch(epoch + 1)
         step, opt_metrics = optimize(cfg, accelerator, policy, algorithm, optimizer, lr_schedule,
                                      data, epoch, step)
         version += 1
         transport.publish(version)
-        if isinstance(transport, CeleryTransport):
-            transport.gc_epoch(epoch)
+        transport.epoch_done(epoch)
         train_seconds += time.time() - t0
         metrics = {"epoch": epoch + 1, **data.metrics, **opt_metrics,
                    "train/optimizer_step": step, "train/policy_version": version,
@@ -208,9 +210,7 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
                             device=accelerator.device)
         last = not more or bool(accelerator.reduce(over, reduction="max").item())
         if more and not last and t.max_staleness == 0:
-            plan = plan_epoch(cfg, train_rows, epoch + 1, rank, world)
-            with accelerator.autocast():
-                pending = transport.dispatch(plan, version)
+            plan, pending = dispatch(epoch + 1)
         if last or (cfg.eval.eval_freq and (epoch + 1) % cfg.eval.eval_freq == 0):
             evals.append(run_eval(epoch + 1))
         if t.save_freq and (epoch + 1) % t.save_freq == 0 and not last:
@@ -224,7 +224,7 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
                                 epochs_done, step)
     summary = {"run_name": name, "trainer_type": t.trainer_type, "model_type": cfg.model.model_type,
                "transport": cfg.transport, "epochs": epochs_done, "policy_version": version,
-               "samples": samples_used, "duplicates_dropped": getattr(transport, "duplicates", 0),
+               "samples": samples_used, "duplicates_dropped": transport.duplicates,
                "optimizer_steps": step, "seconds": time.time() - start,
                "train_seconds": train_seconds,
                "world_size": geo.world_size, "run_dir": str(run_dir), "checkpoint": str(final_dir)}

@@ -14,7 +14,9 @@ training loop does not know which one it drives:
   run's policy key in Redis: that write is the version bump.
 
 ``dispatch(plan, version)`` starts sampling an epoch (``version``: the oldest policy version
-the samples may use) and returns a handle; ``collect(handle)`` waits for the result. The
+the samples may use) and returns a handle; ``collect(handle)`` waits for the result;
+``publish(version)`` makes new weights available to samplers; ``epoch_done(epoch)`` frees
+what a trained epoch left behind. The
 loop dispatches epoch k+1 before training on epoch k when ``train.max_staleness`` is 1.
 """
 
@@ -38,6 +40,8 @@ from trainer.collect import EpochPlan, Samples, sample_locally
 class LocalTransport:
     """Sample and score in this process (see the module docstring)."""
 
+    duplicates = 0  # nothing is ever delivered twice in-process
+
     def __init__(self, cfg: Config, adapter, policy, algorithm, rewards: dict) -> None:
         self.cfg, self.adapter, self.policy, self.algorithm, self.rewards = (
             cfg, adapter, policy, algorithm, rewards)
@@ -54,6 +58,9 @@ class LocalTransport:
 
     def collect(self, handle: Samples) -> Samples:
         return handle
+
+    def epoch_done(self, epoch: int) -> None:
+        """Nothing stored outside this process."""
 
     def close(self) -> None:
         pass
@@ -245,8 +252,8 @@ class CeleryTransport:
             self.loaded[ref.uri] = unpack_trajectory(self.store.get_tensors(ref))
         return self.loaded[ref.uri]
 
-    def gc_epoch(self, epoch: int) -> int:
-        """Delete the blobs of a trained epoch."""
+    def epoch_done(self, epoch: int) -> int:
+        """Delete the blobs of a trained epoch (garbage collection); returns how many."""
         return self.store.delete_prefix(f"{self.run_id}/e{epoch}")
 
     def close(self) -> None:
