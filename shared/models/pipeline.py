@@ -58,12 +58,6 @@ def read_folder_defaults(path: str | Path) -> dict[str, Any]:
     return json.loads(file.read_text()) if file.is_file() else {}
 
 
-def write_folder_defaults(path: str | Path, options: dict[str, Any], defaults: dict[str, Any]) -> None:
-    """Store the ``options`` that differ from ``defaults`` in ``path/flowrl.json`` (if any)."""
-    keep = {k: v for k, v in options.items() if v != defaults[k]}
-    if keep:
-        (Path(path) / FOLDER_DEFAULTS).write_text(json.dumps(keep, indent=2) + "\n")
-
 
 def _pair(resolution: int | tuple[int, int]) -> tuple[int, int]:
     return (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)  # type: ignore[return-value]
@@ -169,10 +163,19 @@ class PipelineAdapter(FlowModelAdapter):
             adapter.shift_override = adapter.scheduler_shift = float(model_cfg.scheduler_shift)
         return adapter
 
+    @classmethod
+    def write_folder_defaults(cls, path: str | Path, options: dict[str, Any]) -> None:
+        """Store the ``options`` that differ from :attr:`option_defaults` in ``path/flowrl.json``
+        (nothing when none does)."""
+        keep = {k: v for k, v in options.items() if v != cls.option_defaults[k]}
+        if keep:
+            (Path(path) / FOLDER_DEFAULTS).write_text(json.dumps(keep, indent=2) + "\n")
+
     def save_pretrained(self, path: str) -> None:
+        """``pipeline.save_pretrained`` (+ ``flowrl.json`` with :attr:`folder_defaults`)."""
         self.pipeline.save_pretrained(path)
         if self.folder_defaults:
-            write_folder_defaults(path, self.options, self.option_defaults)
+            self.write_folder_defaults(path, self.options)
 
     # ------------------------------------------------------------------ conventions
     @property

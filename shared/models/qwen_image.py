@@ -19,12 +19,13 @@ Everything runs through the pipeline's own components and helpers:
 * VAE (``AutoencoderKLQwenImage``, a video VAE run on one frame): latents normalized per channel
   as the pipeline does, ``(z - latents_mean) / latents_std``; ``decode`` inverts it.
 
-Sigma grid (a known difference): the pipeline shifts ``linspace(1, 1/N, N)`` by a
-resolution-dependent ``mu`` and then stretches it so the last nonzero sigma is the scheduler's
-``shift_terminal`` (0.02 for Qwen-Image). flowrl's grid (``shared.flow.flow_sigmas``) takes one
-shift per model: ``scheduler_shift = exp(mu)`` at ``options.shift_resolution`` (default 512), or
-``model.scheduler_shift``; it has no terminal stretch, so its last steps are coarser than the
-pipeline's. The model math is identical on any given grid (see the pinning test).
+Sigma grid: the pipeline shifts ``linspace(1, 1/N, N)`` by a resolution-dependent ``mu`` and
+then stretches it so the last nonzero sigma is the scheduler's ``shift_terminal`` (0.02 for
+Qwen-Image). Rollouts use exactly that grid for their resolution, stretch included
+(:meth:`~shared.models.pipeline.PipelineAdapter.sigmas`). Setting ``model.scheduler_shift``
+replaces it by flowrl's ``flow_sigmas(N, shift)`` (no stretch). ``scheduler_shift`` (the
+one-number summary) is ``exp(mu)`` at ``options.shift_resolution`` (default 512) and leaves the
+stretch out.
 
 Options (``model.options``): ``max_sequence_length`` (prompt tokens, default 512 as the
 pipeline's ``__call__``), ``shift_resolution``, ``text_dtype`` / ``vae_dtype`` (frozen parts'
@@ -33,24 +34,17 @@ dtype, default float32 on CPU and bfloat16 on CUDA).
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from shared.flow import resolution_shift_mu
-from shared.models.base import MODELS, Conditioning, FlowModelAdapter
+from shared.models.base import MODELS, Conditioning
+from shared.models.pipeline import DTYPE_OPTIONS, PipelineAdapter
 
-QWEN_IMAGE_OPTIONS: dict[str, Any] = {"max_sequence_length": 512, "shift_resolution": 512,
-                                      "text_dtype": None, "vae_dtype": None}
-
-
-def _dtype(name: str | None, device: torch.device) -> torch.dtype:
-    if name is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
+QWEN_IMAGE_OPTIONS: dict[str, Any] = {"max_sequence_length": 512, "shift_resolution": 512, **DTYPE_OPTIONS}
+#: QwenImagePipeline rejects longer prompts
+MAX_SEQUENCE_LENGTH = 1024
 
 
 def _token_norm(x: torch.Tensor) -> torch.Tensor:
@@ -63,8 +57,13 @@ def _token_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 @MODELS.register("qwen-image")
-class QwenImageAdapter(FlowModelAdapter):
+class QwenImageAdapter(PipelineAdapter):
     model_type = "qwen-image"
+    pipeline_class = "QwenImagePipeline"
+    option_defaults = QWEN_IMAGE_OPTIONS
+    hub_examples = "Qwen/Qwen-Image or Qwen/Qwen-Image-2512"
+    text_encoders = ("text_encoder",)  # Qwen2.5-VL
+    pipeline_grid = True
     # attention of both streams and both streams' feed-forwards (Flow-Factory lists the second
     # feed-forward layers as "img_mlp.net.2.proj", a name that matches no module; the Linear is
     # "img_mlp.net.2")
@@ -72,81 +71,12 @@ class QwenImageAdapter(FlowModelAdapter):
                             "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
                             "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2"]
 
-    def __init__(self, pipeline, options: dict[str, Any]) -> None:
-        self.pipeline = pipeline
-        self.transformer = pipeline.transformer
-        self.options = options
-        for module in (pipeline.vae, pipeline.text_encoder):
-            module.requires_grad_(False).eval()
-        self.scheduler_shift = self.shift_for_resolution(options["shift_resolution"])
-
-    # ------------------------------------------------------------------ loading
     @classmethod
-    def from_pipeline(cls, pipeline, options: dict[str, Any] | None = None,
-                      device: torch.device | str = "cpu") -> "QwenImageAdapter":
-        """Wrap an already built ``QwenImagePipeline`` (tests, scripts)."""
-        o = {**QWEN_IMAGE_OPTIONS, **(options or {})}
-        if int(o["max_sequence_length"]) > 1024:
-            raise ValueError(f"model.options.max_sequence_length={o['max_sequence_length']} exceeds "
-                             f"QwenImagePipeline's limit of 1024 prompt tokens. Fix: use at most 1024.")
-        device = torch.device(device)
-        pipeline.to(device)
-        for name, key in (("text_encoder", "text_dtype"), ("vae", "vae_dtype")):
-            module, dtype = getattr(pipeline, name), _dtype(o[key], device)
-            if module.dtype != dtype:
-                module.to(dtype)
-        pipeline.set_progress_bar_config(disable=True)
-        return cls(pipeline, o)
-
-    @classmethod
-    def load(cls, model_cfg: Any, *, device: torch.device, seed: int) -> "QwenImageAdapter":
-        from diffusers import QwenImagePipeline
-
-        path = model_cfg.model_name_or_path
-        if path is None:
-            raise ValueError(
-                "model.model_name_or_path is required for model_type 'qwen-image'. Fix: set it to a "
-                "hub id (e.g. Qwen/Qwen-Image or Qwen/Qwen-Image-2512) or a local QwenImagePipeline folder.")
-        unknown = set(model_cfg.options) - set(QWEN_IMAGE_OPTIONS)
-        if unknown:
-            raise ValueError(f"model.options: unknown qwen-image option(s) {sorted(unknown)}; "
-                             f"valid: {sorted(QWEN_IMAGE_OPTIONS)}.")
-        if Path(path).exists() and not (Path(path) / "model_index.json").is_file():
-            raise FileNotFoundError(
-                f"model.model_name_or_path: {path!r} is a local path without model_index.json, so "
-                f"it is not a diffusers pipeline folder. Fix: point it at a folder written by "
-                f"QwenImagePipeline.save_pretrained (or a hub id).")
-        pipeline = QwenImagePipeline.from_pretrained(path)
-        adapter = cls.from_pipeline(pipeline, dict(model_cfg.options), device)
-        if model_cfg.scheduler_shift is not None:
-            adapter.scheduler_shift = float(model_cfg.scheduler_shift)
-        return adapter
-
-    def save_pretrained(self, path: str) -> None:
-        self.pipeline.save_pretrained(path)
-
-    # ------------------------------------------------------------------ conventions
-    @property
-    def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return int(self.pipeline.vae_scale_factor)
-
-    def shift_for_resolution(self, resolution: int | tuple[int, int]) -> float:
-        """The SD3-style shift equal to the pipeline's ``mu`` shift at ``resolution`` (``exp(mu)``
-        for the exponential time shift, ``mu`` for the linear one; the static ``shift`` without
-        ``use_dynamic_shifting``). The pipeline's ``shift_terminal`` stretch is not included."""
-        config = self.pipeline.scheduler.config
-        if not config.get("use_dynamic_shifting", False):
-            return float(config.get("shift", 1.0))
-        h, w = (resolution, resolution) if isinstance(resolution, int) else resolution
-        step = 2 * self.vae_scale_factor
-        mu = resolution_shift_mu((h // step) * (w // step),
-                                 config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-                                 config.get("base_shift", 0.5), config.get("max_shift", 1.15))
-        return math.exp(mu) if config.get("time_shift_type", "exponential") == "exponential" else mu
+    def validate_options(cls, options: dict[str, Any]) -> None:
+        if int(options["max_sequence_length"]) > MAX_SEQUENCE_LENGTH:
+            raise ValueError(f"model.options.max_sequence_length={options['max_sequence_length']} exceeds "
+                             f"QwenImagePipeline's limit of {MAX_SEQUENCE_LENGTH} prompt tokens. Fix: use "
+                             f"at most {MAX_SEQUENCE_LENGTH}.")
 
     # ------------------------------------------------------------------ interface
     @torch.no_grad()
@@ -175,15 +105,10 @@ class QwenImageAdapter(FlowModelAdapter):
         return Conditioning(encode(prompts), negative)
 
     def latent_shape(self, resolution: tuple[int, int]) -> tuple[int, ...]:
-        h, w = resolution
-        step = 2 * self.vae_scale_factor  # VAE factor x the 2x2 packing
-        if h % step or w % step:
-            raise ValueError(
-                f"resolution {h}x{w} does not fit qwen-image: height and width must be multiples of "
-                f"{step} (VAE factor {self.vae_scale_factor} x 2x2 latent packing). Fix: change "
-                f"train.resolution / eval.resolution.")
-        channels = self.transformer.config.in_channels // 4
-        return (channels, h // self.vae_scale_factor, w // self.vae_scale_factor)
+        """``[C, H / f, W / f]`` spatial (``C`` = VAE latent channels, a quarter of the transformer's
+        packed input channels)."""
+        h, w = self.latent_hw(resolution, 2, "2x2 latent packing")
+        return (self.transformer.config.in_channels // 4, h, w)
 
     def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, cond: Conditioning,
                  guidance_scale: float, transformer: nn.Module | None = None) -> torch.Tensor:
@@ -223,6 +148,8 @@ class QwenImageAdapter(FlowModelAdapter):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents ``[B, C, H / f, W / f]`` normalized per channel, ``(z - latents_mean) /
+        latents_std`` -> images ``[B, 3, H, W]`` in [0, 1] (the video VAE on one frame)."""
         vae = self.pipeline.vae
         shape = (1, vae.config.z_dim, 1, 1, 1)
         mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, torch.float32)

@@ -21,9 +21,13 @@ Everything runs through the pipeline's own components:
 * latents: ``[C, H / f, W / f]`` normalized as the pipeline does
   (``(z - shift_factor) * scaling_factor``); ``decode`` inverts it and runs the VAE.
 
-Sigma grid: the pipeline shifts ``linspace(1, 1/N, N)`` with the scheduler's static ``shift``
-(3.0 in Z-Image's scheduler config) -- exactly ``shared.flow.flow_sigmas(N, shift)``. A scheduler
-config with ``use_dynamic_shifting`` gets ``exp(mu)`` at ``options.shift_resolution`` (as ``flux1``).
+Sigma grid: the pipeline shifts ``linspace(1, 1/N, N)`` (built in float32,
+``get_default_z_image_sigmas``) with the scheduler's static ``shift`` (3.0 in Z-Image's scheduler
+config); a scheduler config with ``use_dynamic_shifting`` shifts by the resolution's ``mu``
+instead (as ``flux1``). Rollouts use exactly the pipeline's grid for their resolution
+(:meth:`~shared.models.pipeline.PipelineAdapter.sigmas`) unless ``model.scheduler_shift`` is set
+(then flowrl's ``flow_sigmas(N, shift)``). ``scheduler_shift`` is the static shift (or ``exp(mu)``
+at ``options.shift_resolution``).
 
 Options (``model.options``): ``max_sequence_length`` (text tokens incl. the chat template,
 default 512 as the pipeline), ``cfg_truncation`` (default 1.0 = never), ``cfg_normalization``
@@ -33,25 +37,16 @@ dtype, default float32 on CPU and bfloat16 on CUDA).
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from shared.flow import resolution_shift_mu
-from shared.models.base import MODELS, Conditioning, FlowModelAdapter
+from shared.models.base import MODELS, Conditioning
+from shared.models.pipeline import DTYPE_OPTIONS, PipelineAdapter
 
 Z_IMAGE_OPTIONS: dict[str, Any] = {"max_sequence_length": 512, "cfg_truncation": 1.0,
-                                   "cfg_normalization": 0.0, "shift_resolution": 512,
-                                   "text_dtype": None, "vae_dtype": None}
-
-
-def _dtype(name: str | None, device: torch.device) -> torch.dtype:
-    if name is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
+                                   "cfg_normalization": 0.0, "shift_resolution": 512, **DTYPE_OPTIONS}
 
 
 def _pad(embeds: list[torch.Tensor], length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,83 +60,22 @@ def _pad(embeds: list[torch.Tensor], length: int) -> tuple[torch.Tensor, torch.T
 
 
 @MODELS.register("z-image")
-class ZImageAdapter(FlowModelAdapter):
+class ZImageAdapter(PipelineAdapter):
     model_type = "z-image"
+    pipeline_class = "ZImagePipeline"
+    option_defaults = Z_IMAGE_OPTIONS
+    hub_examples = "Tongyi-MAI/Z-Image or Tongyi-MAI/Z-Image-Turbo"
+    text_encoders = ("text_encoder",)  # Qwen3
+    pipeline_grid = True
     # Flow-Factory's Z-Image targets: the single-stream blocks' attention and SwiGLU feed-forward
     default_lora_targets = ["attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0",
                             "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]
 
-    def __init__(self, pipeline, options: dict[str, Any]) -> None:
-        self.pipeline = pipeline
-        self.transformer = pipeline.transformer
-        self.options = options
-        for module in (pipeline.vae, pipeline.text_encoder):
-            module.requires_grad_(False).eval()
-        self.scheduler_shift = self.shift_for_resolution(options["shift_resolution"])
+    def base_sigmas(self, num_steps: int) -> list[float]:
+        """ZImagePipeline's own ``linspace(1, 1/N, N)`` (float32, unlike FLUX's float64)."""
+        from diffusers.pipelines.z_image.pipeline_z_image import get_default_z_image_sigmas
 
-    # ------------------------------------------------------------------ loading
-    @classmethod
-    def from_pipeline(cls, pipeline, options: dict[str, Any] | None = None,
-                      device: torch.device | str = "cpu") -> "ZImageAdapter":
-        """Wrap an already built ``ZImagePipeline`` (tests, scripts)."""
-        o = {**Z_IMAGE_OPTIONS, **(options or {})}
-        device = torch.device(device)
-        pipeline.to(device)
-        for name, key in (("text_encoder", "text_dtype"), ("vae", "vae_dtype")):
-            module, dtype = getattr(pipeline, name), _dtype(o[key], device)
-            if module.dtype != dtype:
-                module.to(dtype)
-        pipeline.set_progress_bar_config(disable=True)
-        return cls(pipeline, o)
-
-    @classmethod
-    def load(cls, model_cfg: Any, *, device: torch.device, seed: int) -> "ZImageAdapter":
-        from diffusers import ZImagePipeline
-
-        path = model_cfg.model_name_or_path
-        if path is None:
-            raise ValueError(
-                "model.model_name_or_path is required for model_type 'z-image'. Fix: set it to a hub "
-                "id (e.g. Tongyi-MAI/Z-Image or Tongyi-MAI/Z-Image-Turbo) or a local ZImagePipeline folder.")
-        unknown = set(model_cfg.options) - set(Z_IMAGE_OPTIONS)
-        if unknown:
-            raise ValueError(f"model.options: unknown z-image option(s) {sorted(unknown)}; "
-                             f"valid: {sorted(Z_IMAGE_OPTIONS)}.")
-        if Path(path).exists() and not (Path(path) / "model_index.json").is_file():
-            raise FileNotFoundError(
-                f"model.model_name_or_path: {path!r} is a local path without model_index.json, so "
-                f"it is not a diffusers pipeline folder. Fix: point it at a folder written by "
-                f"ZImagePipeline.save_pretrained (or a hub id).")
-        pipeline = ZImagePipeline.from_pretrained(path)
-        adapter = cls.from_pipeline(pipeline, dict(model_cfg.options), device)
-        if model_cfg.scheduler_shift is not None:
-            adapter.scheduler_shift = float(model_cfg.scheduler_shift)
-        return adapter
-
-    def save_pretrained(self, path: str) -> None:
-        self.pipeline.save_pretrained(path)
-
-    # ------------------------------------------------------------------ conventions
-    @property
-    def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return int(self.pipeline.vae_scale_factor)
-
-    def shift_for_resolution(self, resolution: int | tuple[int, int]) -> float:
-        """The SD3-style shift equal to the pipeline's sigma schedule at ``resolution``: the
-        scheduler's static ``shift``, or ``exp(mu)`` / ``mu`` with ``use_dynamic_shifting``."""
-        config = self.pipeline.scheduler.config
-        if not config.get("use_dynamic_shifting", False):
-            return float(config.get("shift", 1.0))
-        h, w = (resolution, resolution) if isinstance(resolution, int) else resolution
-        step = 2 * self.vae_scale_factor
-        mu = resolution_shift_mu((h // step) * (w // step),
-                                 config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-                                 config.get("base_shift", 0.5), config.get("max_shift", 1.15))
-        return math.exp(mu) if config.get("time_shift_type", "exponential") == "exponential" else mu
+        return get_default_z_image_sigmas(num_steps)
 
     # ------------------------------------------------------------------ interface
     @torch.no_grad()
@@ -164,14 +98,9 @@ class ZImageAdapter(FlowModelAdapter):
         return Conditioning(pack(positive), pack(negative) if cfg else None)
 
     def latent_shape(self, resolution: tuple[int, int]) -> tuple[int, ...]:
-        h, w = resolution
-        step = 2 * self.vae_scale_factor  # VAE factor x the transformer's 2x2 patches
-        if h % step or w % step:
-            raise ValueError(
-                f"resolution {h}x{w} does not fit z-image: height and width must be multiples of "
-                f"{step} (VAE factor {self.vae_scale_factor} x patch size 2). Fix: change "
-                f"train.resolution / eval.resolution.")
-        return (self.transformer.config.in_channels, h // self.vae_scale_factor, w // self.vae_scale_factor)
+        """``[C, H / f, W / f]`` (the transformer's 2x2 patches need multiples of ``2 f``)."""
+        h, w = self.latent_hw(resolution, 2, "patch size 2")
+        return (self.transformer.config.in_channels, h, w)
 
     def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, cond: Conditioning,
                  guidance_scale: float, transformer: nn.Module | None = None) -> torch.Tensor:
@@ -208,10 +137,3 @@ class ZImageAdapter(FlowModelAdapter):
         t = (1000.0 - sigma.float() * 1000.0) / 1000.0  # the pipeline's (1000 - timestep) / 1000
         out = transformer(frames, t, captions, return_dict=False)[0]
         return -torch.stack(out).squeeze(2)  # the model predicts x0 - eps
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        vae = self.pipeline.vae
-        z = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-        images = vae.decode(z.to(vae.dtype), return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
