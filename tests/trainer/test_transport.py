@@ -1,0 +1,117 @@
+"""Transports without workers: the local transport's one-step staleness, and the Celery
+transport's collection logic (exactly one score per sample id, later-epoch batches kept for
+later, dead letters and timeouts that say what is missing) driven by hand-made messages."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+import torch
+
+from shared.models import load_adapter
+from services.sampler.runtime import write_trajectory
+from shared.protocol import DeadLetter, SampleJob, ScoredBatch
+from shared.queue import RunState, delete_namespace_queues
+from shared.sampling import rollout_batches
+from tests.helpers.tiny import tiny_config
+from trainer.algorithms import ALGORITHMS
+from trainer.collect import plan_epoch
+from trainer.data import load_prompts
+from trainer.loop import train
+from trainer.policy import Policy, attach_trainable
+from trainer.transport import CeleryTransport, CollectError
+
+FAST = ["train.num_inference_steps=4", "eval.num_inference_steps=4", "train.group_size=2",
+        "train.unique_sample_num_per_epoch=2", "train.per_device_batch_size=2",
+        "train.gradient_step_per_epoch=1"]
+
+
+def test_local_max_staleness_one_trains_on_samples_one_version_old(tmp_path):
+    cfg = tiny_config(tmp_path, overrides=FAST + ["train.max_epochs=3", "train.max_staleness=1"])
+    summary = train(cfg, quiet=True)
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "tiny_grpo" / "metrics.jsonl").read_text().splitlines()]
+    lags = [r["queue/policy_lag"] for r in rows if "queue/policy_lag" in r]
+    assert lags == [0.0, 1.0, 1.0]  # epoch 0 is sampled before any update
+    assert summary["policy_version"] == 3 and summary["samples"] == 3 * 2 * 2
+
+
+@pytest.fixture
+def celery_setup(tmp_path, redis_url):
+    ns = f"tt-{uuid.uuid4().hex[:8]}"
+    cfg = tiny_config(tmp_path, overrides=FAST + [f"queue.broker_url={redis_url}", f"queue.namespace={ns}",
+                                                  f"queue.key_prefix={ns}", f"queue.store_url=memory://{ns}",
+                                                  "queue.collect_timeout_s=1.5", "transport=celery"])
+    adapter = load_adapter(cfg.model, device=torch.device("cpu"), seed=0)
+    policy = Policy(adapter, adapter.transformer, cfg, attach_trainable(adapter, cfg))
+    transport = CeleryTransport(cfg, adapter, policy, ALGORITHMS.get("grpo")(cfg), "run1", run_dir=tmp_path)
+    rows, _ = load_prompts(cfg.data.dataset_dir, None)
+    yield cfg, adapter, transport, rows
+    transport.state.clear()
+    delete_namespace_queues(transport.state.redis, ns)
+    transport.close()
+
+
+def scored_for(cfg, adapter, transport, pending, job_id, reward=0.5) -> ScoredBatch:
+    """What samplers + a reward worker would return for one dispatched job (sampled here)."""
+    job = SampleJob.model_validate_json(
+        next(m for m in transport.sent if SampleJob.model_validate_json(m).job_id == job_id))
+    items = job.items
+    _, roll = rollout_batches(adapter, [i.prompt for i in items], [None] * len(items), [i.seed for i in items],
+                              batch_size=8, resolution=(16, 16), num_steps=4, guidance_scale=1.0,
+                              dynamics=job.params.dynamics, noise_level=job.params.noise_level,
+                              sde_steps=job.params.sde_steps, keep_means=False, log_prob_reduction="mean",
+                              transformer=adapter.transformer)
+    traj = write_trajectory(transport.store, job, roll, 0, worker="s")
+    return ScoredBatch(trajectory=traj, rewards={"brightness": [reward] * len(items)}, worker="r")
+
+
+@pytest.fixture
+def capture(monkeypatch):
+    def install(transport):
+        transport.sent = []
+        monkeypatch.setattr(transport.app, "send_task", lambda name, args, queue: transport.sent.append(args[0]))
+    return install
+
+
+def test_each_sample_id_is_used_once_and_later_epochs_wait(celery_setup, capture):
+    cfg, adapter, transport, rows = celery_setup
+    capture(transport)
+    p0, p1 = plan_epoch(cfg, rows, 0, 0, 1), plan_epoch(cfg, rows, 1, 0, 1)
+    pend0, pend1 = transport.dispatch(p0, 0), transport.dispatch(p1, 0)
+    assert sorted(pend0.jobs) == ["run1/e0/j0", "run1/e0/j1"] and len(transport.sent) == 4
+    b0 = [scored_for(cfg, adapter, transport, pend0, j, reward=r) for j, r in zip(pend0.jobs, (0.1, 0.2))]
+    b1 = [scored_for(cfg, adapter, transport, pend1, j) for j in pend1.jobs]
+    state: RunState = transport.state
+    # arrival order: an epoch-1 batch first, then epoch 0 with one batch delivered twice
+    for b in (b1[0], b0[1], b0[1], b0[0]):
+        state.push_scored(b)
+    s0 = transport.collect(pend0)
+    assert s0.rewards["brightness"].tolist() == pytest.approx([0.1, 0.1, 0.2, 0.2])
+    assert s0.rollout.latents.shape[0] == 4 and transport.duplicates == 2  # counted per sample
+    state.push_scored(b0[0])  # a late redelivery of an epoch already trained
+    state.push_scored(b1[1])
+    s1 = transport.collect(pend1)
+    assert len(s1.rewards["brightness"]) == 4 and transport.duplicates == 4
+    ledger = [json.loads(x) for x in (transport.ledger).read_text().splitlines()]
+    assert len({r["sample_id"] for r in ledger}) == len(ledger) == 8
+
+
+def test_a_dead_letter_for_missing_samples_stops_the_epoch_with_its_error(celery_setup, capture):
+    cfg, adapter, transport, rows = celery_setup
+    capture(transport)
+    pend = transport.dispatch(plan_epoch(cfg, rows, 0, 0, 1), 0)
+    transport.state.dead_letter(DeadLetter(run_id="run1", task="flowrl.sample", job_id="run1/e0/j1",
+                                           sample_ids=pend.jobs["run1/e0/j1"], attempts=3,
+                                           error="CUDA out of memory"))
+    with pytest.raises(CollectError, match=r"job run1/e0/j1 was dead-lettered after 3 .*CUDA out of memory"):
+        transport.collect(pend)
+
+
+def test_a_silent_queue_times_out_with_a_hint(celery_setup, capture):
+    cfg, adapter, transport, rows = celery_setup
+    capture(transport)
+    pend = transport.dispatch(plan_epoch(cfg, rows, 0, 0, 1), 0)
+    with pytest.raises(CollectError, match=r"4 of 4 samples not scored .* Are sampler workers consuming"):
+        transport.collect(pend)
