@@ -1,0 +1,45 @@
+"""Container health check: exit 0 when URL answers 2xx within the timeout, else 1.
+
+    python deploy/healthcheck.py http://127.0.0.1:8000/v2/health/ready [--timeout 3]
+
+Used by docker-compose.yml (sampler, reward server) and by the reward server's readiness
+probe in k8s/. Sends ``Authorization: Bearer $FLOWRL_API_TOKEN`` when that variable is set:
+the reward server protects /v2/health/ready with its token, and a probe cannot read a Secret
+into an HTTP header. Standard library only, so it runs in any image with Python and no curl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import urllib.error
+import urllib.request
+
+
+def check(url: str, timeout: float) -> tuple[bool, str]:
+    request = urllib.request.Request(url)
+    token = os.environ.get("FLOWRL_API_TOKEN")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (http only, from config)
+            return 200 <= response.status < 300, f"{url}: HTTP {response.status}"
+    except urllib.error.HTTPError as e:
+        return False, f"{url}: HTTP {e.code} {e.read(500).decode(errors='replace')}"
+    except (urllib.error.URLError, OSError) as e:
+        return False, f"{url}: {e}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("url")
+    p.add_argument("--timeout", type=float, default=3.0)
+    args = p.parse_args(argv)
+    ok, message = check(args.url, args.timeout)
+    print(message, file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
