@@ -1,0 +1,293 @@
+"""docker-compose.yml and docker-compose.cpu.yml, checked without a Docker engine.
+
+1. Both files (the main one alone, and merged with the CPU override) are valid against the
+   Compose Specification's JSON schema (``check-jsonschema --builtin-schema vendor.compose-spec``).
+2. Semantics the schema cannot see: healthchecks behind every ``service_healthy`` dependency,
+   one GPU per GPU service, nothing published beyond 127.0.0.1, environment names the code
+   reads (QueueSettings, RewardServerSettings), commands the CLI accepts, the trainer's
+   experiment is a valid config, healthcheck ports match the commands, secrets required.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.deploy.composefile import (ROOT, MissingVariable, environment, interpolate, load, merge,
+                                      sequence_paths)
+
+MAIN, CPU = "docker-compose.yml", "docker-compose.cpu.yml"
+# What an operator puts in .env; the values only need to be non-empty.
+SECRETS = {"REDIS_PASSWORD": "0123abcd", "FLOWRL_API_TOKEN": "token-123", "GRAFANA_ADMIN_PASSWORD": "admin-123"}
+GPU_SERVICES = {"reward", "sampler", "trainer"}  # one GPU each
+# Monitors every GPU of the box and computes nothing, so it is the one exception to "one GPU".
+GPU_MONITORS = {"dcgm-exporter"}
+PUBLISHED = {"prometheus", "grafana"}  # the only services that publish ports at all
+
+
+def _check_jsonschema() -> str:
+    exe = shutil.which("check-jsonschema") or str(Path(sys.executable).with_name("check-jsonschema"))
+    if not Path(exe).exists():
+        pytest.fail("check-jsonschema is not installed: `pip install -e '.[dev]'` (or `make venv`)")
+    return exe
+
+
+def _run_schema(*files: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([_check_jsonschema(), "--builtin-schema", "vendor.compose-spec", *map(str, files)],
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def main_raw() -> dict:
+    return load(MAIN)
+
+
+@pytest.fixture(scope="module")
+def cpu_raw() -> dict:
+    return load(CPU)
+
+
+@pytest.fixture(scope="module")
+def merged_raw(main_raw, cpu_raw) -> dict:
+    return merge(main_raw, cpu_raw)
+
+
+@pytest.fixture(scope="module")
+def variants(main_raw, merged_raw) -> dict[str, dict]:
+    """Both deployments after interpolation with only the required secrets set (defaults used)."""
+    return {"gpu": interpolate(main_raw, SECRETS), "cpu": interpolate(merged_raw, SECRETS)}
+
+
+def _flowrl_services(compose: dict) -> dict[str, dict]:
+    return {name: s for name, s in compose["services"].items() if (s.get("command") or [None])[0] == "flowrl"}
+
+
+def _gpu_devices(service: dict) -> list[dict]:
+    devices = (((service.get("deploy") or {}).get("resources") or {}).get("reservations") or {}).get("devices") or []
+    return [d for d in devices if "gpu" in (d.get("capabilities") or [])]
+
+
+# --- 1. schema ---------------------------------------------------------------------------------
+
+
+def test_schema_accepts_main_file_and_cpu_merge(tmp_path, merged_raw):
+    merged = tmp_path / "docker-compose.merged.json"
+    merged.write_text(json.dumps(merged_raw))
+    result = _run_schema(ROOT / MAIN, merged)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_schema_rejects_a_broken_gpu_reservation(tmp_path, main_raw):
+    """The validator really runs: a GPU reservation without `capabilities` (required by the
+    spec; compose would refuse it) fails."""
+    broken = json.loads(json.dumps(main_raw))
+    del broken["services"]["sampler"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"]
+    path = tmp_path / "broken.json"
+    path.write_text(json.dumps(broken))
+    result = _run_schema(path)
+    assert result.returncode != 0 and "capabilities" in result.stdout + result.stderr, result.stdout
+
+
+def test_cpu_override_only_overrides_mappings_and_scalars(cpu_raw):
+    """Compose appends some sequences when merging; the override sets none, so the merge in
+    composefile.py (key by key, replace the rest) is exactly compose's."""
+    assert sequence_paths(cpu_raw["services"]) == []
+
+
+# --- 2. semantics ------------------------------------------------------------------------------
+
+
+def test_secrets_are_required_not_defaulted(main_raw):
+    for name in SECRETS:
+        env = {k: v for k, v in SECRETS.items() if k != name}
+        with pytest.raises(MissingVariable, match=name):
+            interpolate(main_raw, env)
+
+
+@pytest.mark.parametrize("variant", ["gpu", "cpu"])
+def test_service_healthy_dependencies_have_healthchecks(variants, variant):
+    services = variants[variant]["services"]
+    for name, service in services.items():
+        for dep, spec in (service.get("depends_on") or {}).items():
+            assert dep in services, f"{name} depends on unknown service {dep}"
+            if spec.get("condition") == "service_healthy":
+                check = services[dep].get("healthcheck") or {}
+                assert check.get("test") and not check.get("disable"), \
+                    f"{name} waits for {dep} to be healthy, but {dep} has no healthcheck"
+
+
+def test_each_gpu_service_reserves_exactly_one_gpu(variants):
+    services = variants["gpu"]["services"]
+    for name, service in services.items():
+        devices = _gpu_devices(service)
+        if name in GPU_MONITORS:
+            continue
+        if name in GPU_SERVICES:
+            assert len(devices) == 1, f"{name}: expected one GPU reservation, got {devices}"
+            (device,) = devices
+            assert device.get("driver") == "nvidia" and "count" not in device, device
+            assert len(device.get("device_ids") or []) == 1, f"{name}: reserve one device id, got {device}"
+        else:
+            assert not devices, f"{name} reserves a GPU but is not a GPU service"
+    gpus = [_gpu_devices(services[s])[0]["device_ids"][0] for s in sorted(GPU_SERVICES)]
+    assert len(set(gpus)) == len(gpus), f"default device ids must differ (one GPU per process): {gpus}"
+
+
+def test_cpu_variant_reserves_no_gpu_and_uses_the_cpu_image(variants):
+    for name, service in variants["cpu"]["services"].items():
+        if name in GPU_MONITORS:
+            assert service.get("profiles"), f"{name} must stay behind a profile (it needs GPUs)"
+            continue
+        assert not _gpu_devices(service), f"{name} still reserves a GPU in the CPU variant"
+    for name, service in _flowrl_services(variants["cpu"]).items():
+        assert service["build"]["dockerfile"] == "deploy/Dockerfile.cpu", name
+        assert service["image"].endswith("-cpu"), name
+    assert variants["cpu"]["services"]["reward"]["environment"]["FLOWRL_REWARD_DEVICE"] == "cpu"
+
+
+@pytest.mark.parametrize("variant", ["gpu", "cpu"])
+def test_nothing_published_beyond_loopback(variants, variant):
+    for name, service in variants[variant]["services"].items():
+        ports = service.get("ports") or []
+        if name not in PUBLISHED:
+            assert not ports, f"{name} publishes {ports}; it should only `expose` on the compose network"
+        for port in ports:
+            if isinstance(port, dict):
+                host_ip = port.get("host_ip", "0.0.0.0")
+            else:
+                parts = str(port).rsplit(":", 2)
+                host_ip = parts[0] if len(parts) == 3 else "0.0.0.0"  # "8080:80" binds every interface
+            assert host_ip == "127.0.0.1", f"{name} publishes {port!r} on {host_ip}, not on 127.0.0.1"
+
+
+def test_environment_names_are_read_by_the_code(variants):
+    from services.reward.settings import RewardServerSettings
+    from shared.queue import QueueSettings
+
+    queue_keys = {f"FLOWRL_QUEUE_{k.upper()}" for k in QueueSettings.model_fields}
+    reward_keys = {f"FLOWRL_REWARD_{k.upper()}" for k in RewardServerSettings.model_fields} | {"FLOWRL_API_TOKEN"}
+    other = {"FLOWRL_API_TOKEN", "OMP_NUM_THREADS"}
+    for variant, compose in variants.items():
+        for name, service in _flowrl_services(compose).items():
+            env = environment(service)
+            for key in env:
+                if key.startswith("FLOWRL_QUEUE_"):
+                    assert key in queue_keys, f"{variant}/{name}: {key} is not a QueueSettings field"
+                elif key.startswith("FLOWRL_REWARD_"):
+                    assert key in reward_keys, f"{variant}/{name}: {key} is not a RewardServerSettings field"
+                else:
+                    assert key in other, f"{variant}/{name}: {key} is read by nothing in flowrl"
+            for key in ("FLOWRL_QUEUE_BROKER_URL", "FLOWRL_QUEUE_STORE_URL", "FLOWRL_QUEUE_NAMESPACE"):
+                assert key in env, f"{variant}/{name} lacks {key}"
+
+
+def test_queue_settings_parse_and_point_at_the_shared_volume(variants, monkeypatch):
+    from shared.queue import QueueSettings
+
+    for variant, compose in variants.items():
+        for name, service in _flowrl_services(compose).items():
+            env = environment(service)
+            for key, value in env.items():
+                monkeypatch.setenv(key, value)
+            settings = QueueSettings()  # from FLOWRL_QUEUE_* exactly as the container reads them
+            assert settings.broker_url == f"redis://:{SECRETS['REDIS_PASSWORD']}@redis:6379/0"
+            assert settings.store_url == "file:///data/blobs"
+            mounts = {v.split(":")[1] for v in service["volumes"] if isinstance(v, str)}
+            assert "/data" in mounts, f"{variant}/{name} does not mount the shared volume at /data"
+            for key in env:
+                monkeypatch.delenv(key)
+
+
+def test_commands_are_accepted_by_the_cli(variants):
+    from services.reward.cli import _parser as reward_parser
+    from trainer.cli import _parser
+
+    for variant, compose in variants.items():
+        for name, service in _flowrl_services(compose).items():
+            args = _parser().parse_args(service["command"][1:])  # SystemExit on an unknown command/flag
+            if args.command == "serve":
+                reward_parser().parse_args(args.args)
+
+
+def test_trainer_experiment_is_a_valid_config_scored_by_the_reward_server(variants):
+    from shared.config import load_config
+    from shared.rewards import REWARDS
+    from trainer.cli import _parser
+
+    compose = variants["gpu"]
+    args = _parser().parse_args(compose["services"]["trainer"]["command"][1:])
+    assert args.command == "trainer"
+    cfg = load_config(ROOT / args.config, args.overrides)
+    assert cfg.output_dir.startswith("/data/"), "runs and checkpoints belong on the shared volume"
+    (spec,) = cfg.rewards
+    assert spec.reward_model == "remote" and spec.url == "http://reward:8000"
+    served = environment(compose["services"]["reward"])["FLOWRL_REWARD_REWARDS"].split(",")
+    assert spec.model in served, f"the trainer asks the server for {spec.model}, it serves {served}"
+    for reward in served:
+        assert reward in REWARDS, f"the reward server would fail: {reward} is not a registered reward"
+
+
+def test_healthchecks_probe_the_ports_the_commands_open(variants):
+    from trainer.cli import _parser
+
+    for variant, compose in variants.items():
+        services = compose["services"]
+        sampler = _parser().parse_args(services["sampler"]["command"][1:])
+        assert f"127.0.0.1:{sampler.http_port}/health/ready" in " ".join(services["sampler"]["healthcheck"]["test"])
+        assert sampler.http_host == "0.0.0.0", "Prometheus scrapes the sampler from another container"
+        reward = services["reward"]["command"]
+        port = reward[reward.index("--port") + 1]
+        assert f"127.0.0.1:{port}/v2/health/ready" in " ".join(services["reward"]["healthcheck"]["test"])
+        for name in ("sampler", "reward"):
+            test = services[name]["healthcheck"]["test"]
+            assert (ROOT / test[test.index("python") + 1]).is_file(), f"{name}: healthcheck script missing"
+        assert "redis-cli ping" in " ".join(services["redis"]["healthcheck"]["test"])
+        assert "REDISCLI_AUTH" in services["redis"]["environment"], "redis-cli needs the password to PING"
+
+
+def test_redis_requires_the_password_the_services_use(variants):
+    redis = variants["gpu"]["services"]["redis"]
+    script = " ".join(redis["command"])
+    assert "requirepass" in script and "$REDIS_PASSWORD" in script  # `$$` in the file: the container's shell expands it
+    assert redis["environment"]["REDIS_PASSWORD"] == SECRETS["REDIS_PASSWORD"]
+    assert "noeviction" in script, "kombu bindings must never be evicted"
+
+
+def test_workers_get_time_to_finish_a_task_on_stop(variants):
+    def seconds(text: str) -> float:
+        units = {"s": 1, "m": 60, "h": 3600}
+        return float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
+
+    for name in ("sampler", "reward-worker"):
+        service = variants["gpu"]["services"][name]
+        limit = float(environment(service)["FLOWRL_QUEUE_TASK_TIME_LIMIT_S"])
+        assert seconds(service["stop_grace_period"]) > limit, \
+            f"{name}: stop_grace_period must exceed the task time limit ({limit} s)"
+    assert variants["gpu"]["services"]["trainer"]["restart"] == "no", "a finished run must not start again"
+
+
+def test_monitoring_mounts_and_secrets_line_up(variants):
+    import yaml
+
+    services = variants["gpu"]["services"]
+    for name in ("prometheus", "grafana"):
+        for volume in services[name]["volumes"]:
+            source = volume.split(":")[0]
+            if source.startswith("./"):
+                assert (ROOT / source).exists(), f"{name} mounts missing {source}"
+    prom = yaml.safe_load((ROOT / "deploy/prometheus.yml").read_text())
+    reward_job = next(j for j in prom["scrape_configs"] if j["job_name"] == "flowrl-reward")
+    secret = reward_job["authorization"]["credentials_file"]
+    assert secret == f"/run/secrets/{services['prometheus']['secrets'][0]}"
+    assert variants["gpu"]["secrets"]["flowrl_api_token"]["environment"] == "FLOWRL_API_TOKEN"
+    sampler_job = next(j for j in prom["scrape_configs"] if j["job_name"] == "flowrl-sampler")
+    assert sampler_job["dns_sd_configs"][0]["names"] == services["sampler"]["networks"]["default"]["aliases"]
+    assert reward_job["dns_sd_configs"][0]["names"] == ["reward"]
+    provider = yaml.safe_load((ROOT / "deploy/grafana/provisioning/dashboards/flowrl.yaml").read_text())
+    dashboards_mount = next(v for v in services["grafana"]["volumes"] if v.startswith("./deploy/grafana/dashboards"))
+    assert dashboards_mount.split(":")[1] == provider["providers"][0]["options"]["path"]
