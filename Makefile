@@ -7,7 +7,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 DEMO_CONFIG ?= examples/toy/tiny_grpo.yaml
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv tools clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -20,12 +20,25 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	@rm -f $(VENV)/.installed-*; touch $(STAMP)
 
-venv: $(STAMP)
+venv: $(STAMP) tools
+
+# promtool checks deploy/prometheus.yml (tests/deploy/test_prometheus.py, marked integration).
+# It ships in Debian's `prometheus` package; only the binary is unpacked into the venv, so no
+# Prometheus server gets installed or started. Where apt cannot fetch it, the test fails and
+# says how to get promtool (never a silent skip).
+tools: $(BIN)/python
+	@command -v promtool >/dev/null 2>&1 || [ -x $(BIN)/promtool ] || { \
+	  tmp=$$(mktemp -d); \
+	  ( cd $$tmp && { apt-get download prometheus || { apt-get update -qq && apt-get download prometheus; }; } \
+	    && dpkg-deb -x prometheus_*.deb unpacked ) >/dev/null 2>&1 \
+	    && cp $$tmp/unpacked/usr/bin/promtool $(BIN)/promtool \
+	    || echo "make: could not unpack promtool from Debian's prometheus package; tests/deploy will fail until it is installed" >&2; \
+	  rm -rf $$tmp; }
 
 demo: $(STAMP)
 	$(BIN)/flowrl train $(DEMO_CONFIG)
 
-test: $(STAMP)
+test: $(STAMP) tools
 	$(BIN)/python -m pytest -q
 
 clean:
