@@ -6,7 +6,9 @@ for _name, _path in (("tiny", "shared.models.tiny.TinyAdapter"),
                      ("sd3-5", "shared.models.sd3.SD3Adapter"),
                      ("flux1", "shared.models.flux1.Flux1Adapter"),
                      ("z-image", "shared.models.z_image.ZImageAdapter"),
-                     ("qwen-image", "shared.models.qwen_image.QwenImageAdapter")):
+                     ("qwen-image", "shared.models.qwen_image.QwenImageAdapter"),
+                     ("flux2", "shared.models.flux2.Flux2Adapter"),
+                     ("flux2-klein", "shared.models.flux2.Flux2KleinAdapter")):
     if _name not in MODELS:
         MODELS.register(_name, _path)
 

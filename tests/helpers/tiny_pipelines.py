@@ -15,7 +15,19 @@ Every pipeline uses the real diffusers / transformers classes of its family at m
   exactly ``prompt_template_encode_start_idx = 34`` tokens, as with the real Qwen tokenizer),
   ``Qwen2_5_VLForConditionalGeneration``, ``QwenImageTransformer2DModel``,
   ``AutoencoderKLQwenImage`` with non-trivial ``latents_mean`` / ``latents_std``, Qwen-Image's
-  scheduler config (dynamic shifting, ``shift_terminal``).
+  scheduler config (dynamic shifting, ``shift_terminal``);
+* ``flux2``: ``Flux2Pipeline`` -- a byte-level BPE with Mistral's control tokens (``[INST]``,
+  ``[SYSTEM_PROMPT]``, ``[IMG]`` at id 10, ...) and a Mistral-Small-3.1-style chat template,
+  ``Mistral3ForConditionalGeneration`` (Mistral text model + Pixtral vision tower),
+  ``Flux2Transformer2DModel`` with a guidance embedding, ``AutoencoderKLFlux2`` with non-trivial
+  batch-norm running statistics, FLUX.2's scheduler config (dynamic shifting). The tokenizer
+  component is the tokenizer itself, not FLUX.2-dev's ``PixtralProcessor``: in transformers 5.x
+  that class requires torchvision (``@requires(backends=("torchvision", "torch"))``), which is not
+  installed here; for text-only prompts the processor's ``apply_chat_template`` renders the same
+  template and tokenizes with this same tokenizer;
+* ``flux2-klein``: ``Flux2KleinPipeline`` (``is_distilled=False``: the -base variant, real CFG) --
+  the Qwen BPE with the Qwen3 chat template, ``Qwen3ForCausalLM``, ``Flux2Transformer2DModel``
+  without a guidance embedding, the same VAE and scheduler.
 
 :data:`TINY_PIPELINES` maps each ``model_type`` to a :class:`TinyPipeline`: the builder plus what
 a generic test needs to run it (a valid resolution, adapter options, whether the family uses
@@ -49,6 +61,35 @@ QWEN_CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
     "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}"
     "{% endif %}{% endif %}")
+
+
+#: Mistral's tekken control tokens in id order (``[IMG]`` = 10, Mistral3Config's image_token_index)
+MISTRAL_SPECIAL = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+                   "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]",
+                   "[IMG_END]", "[PREFIX]", "[MIDDLE]", "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"]
+#: Mistral-Small-3.1's chat template, trimmed to what FLUX.2 sends (system + user turns with text or
+#: image blocks, as ``diffusers.pipelines.flux2.pipeline_flux2.format_input`` builds them)
+MISTRAL_CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{%- if messages[0]['content'] is string %}{%- set system_message = messages[0]['content'] %}"
+    "{%- else %}{%- set system_message = messages[0]['content'][0]['text'] %}{%- endif %}"
+    "{%- set loop_messages = messages[1:] %}"
+    "{{- '[SYSTEM_PROMPT]' + system_message + '[/SYSTEM_PROMPT]' }}"
+    "{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+    "{%- for message in loop_messages %}"
+    "{%- if message['role'] == 'user' %}"
+    "{%- if message['content'] is string %}{{- '[INST]' + message['content'] + '[/INST]' }}"
+    "{%- else %}{{- '[INST]' }}{%- for block in message['content'] %}"
+    "{%- if block['type'] == 'text' %}{{- block['text'] }}"
+    "{%- elif block['type'] in ['image', 'image_url'] %}{{- '[IMG]' }}"
+    "{%- else %}{{- raise_exception('Only text and image blocks are supported in message content!') }}"
+    "{%- endif %}{%- endfor %}{{- '[/INST]' }}{%- endif %}"
+    "{%- elif message['role'] == 'assistant' %}"
+    "{%- if message['content'] is string %}{{- message['content'] + eos_token }}"
+    "{%- else %}{{- message['content'][0]['text'] + eos_token }}{%- endif %}"
+    "{%- else %}{{- raise_exception('Only user, system and assistant roles are supported!') }}{%- endif %}"
+    "{%- endfor %}")
 
 
 def corpus() -> list[str]:
@@ -105,6 +146,32 @@ def build_qwen_tokenizer(directory: Path, vocab_size: int = 600):
     tok.chat_template = QWEN_CHAT_TEMPLATE
     tok.save_pretrained(directory)
     return Qwen2Tokenizer.from_pretrained(directory)
+
+
+def build_mistral_tokenizer(directory: Path, vocab_size: int = 600):
+    """A byte-level BPE (as Mistral's tekken) with Mistral's control tokens and chat template.
+
+    FLUX.2's system message is in the training corpus often enough that its words become single
+    tokens (about 30 tokens, not a few hundred bytes), as with the real vocabulary.
+    """
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=MISTRAL_SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(corpus() * 2 + [SYSTEM_MESSAGE] * 20, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>",
+                                  unk_token="<unk>", pad_token="<pad>")
+    tok.chat_template = MISTRAL_CHAT_TEMPLATE
+    tok.save_pretrained(directory)
+    return AutoTokenizer.from_pretrained(directory)
 
 
 def _tiny_vae(latent_channels: int, **factors):
@@ -224,6 +291,73 @@ def build_qwen_image(seed: int = 0):
     return pipe
 
 
+def _tiny_flux2_parts(joint_attention_dim: int, guidance_embeds: bool):
+    """The parts FLUX.2 [dev] and [klein] share: transformer, VAE (batch-norm statistics set to
+    non-trivial values, so a missing latent normalisation shows), scheduler."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+
+    vae = AutoencoderKLFlux2(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
+                             up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[8, 8, 16],
+                             layers_per_block=1, norm_num_groups=4, latent_channels=4, sample_size=32,
+                             use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=False)
+    with torch.no_grad():  # the batch norm over 2x2-patchified latents: 4 x 4 = 16 channels
+        vae.bn.running_mean.copy_(torch.linspace(-0.5, 0.5, 16))
+        vae.bn.running_var.copy_(torch.linspace(0.5, 2.0, 16))
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=joint_attention_dim, timestep_guidance_channels=16,
+        axes_dims_rope=(2, 2, 2, 2), guidance_embeds=guidance_embeds)
+    # FLUX.2's scheduler_config.json: dynamic shifting, the pipelines pass mu (compute_empirical_mu)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                max_shift=1.15, base_image_seq_len=256,
+                                                max_image_seq_len=4096, time_shift_type="exponential")
+    return transformer, vae, scheduler
+
+
+def build_flux2(seed: int = 0):
+    from diffusers import Flux2Pipeline
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = build_mistral_tokenizer(Path(tmp))
+    torch.manual_seed(seed)
+    config = Mistral3Config(
+        text_config={"model_type": "mistral", "vocab_size": len(tok), "hidden_size": 16,
+                     "intermediate_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2,
+                     "num_key_value_heads": 2, "head_dim": 8, "max_position_embeddings": 256,
+                     "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+                     "pad_token_id": tok.pad_token_id},
+        vision_config={"model_type": "pixtral", "hidden_size": 16, "intermediate_size": 32,
+                       "num_hidden_layers": 1, "num_attention_heads": 2, "head_dim": 8,
+                       "image_size": 32, "patch_size": 8},
+        image_token_index=tok.convert_tokens_to_ids("[IMG]"), spatial_merge_size=2)
+    text_encoder = Mistral3ForConditionalGeneration(config).eval()
+    # the prompt embedding stacks 3 hidden states (options text_encoder_out_layers: [1, 2, 3])
+    transformer, vae, scheduler = _tiny_flux2_parts(joint_attention_dim=3 * 16, guidance_embeds=True)
+    pipe = Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok,
+                         transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_flux2_klein(seed: int = 0):
+    from diffusers import Flux2KleinPipeline
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = build_qwen_tokenizer(Path(tmp))
+    torch.manual_seed(seed)
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=2, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+        pad_token_id=tok.pad_token_id)).eval()
+    transformer, vae, scheduler = _tiny_flux2_parts(joint_attention_dim=3 * 16, guidance_embeds=False)
+    pipe = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok,
+                              transformer=transformer, is_distilled=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 # --------------------------------------------------------------------------- registry
 
 
@@ -274,6 +408,12 @@ TINY_PIPELINES: dict[str, TinyPipeline] = {
                      options={"max_sequence_length": 32, "shift_resolution": 32}),
         TinyPipeline("qwen-image", "QwenImagePipeline", build_qwen_image, (32, 32), uses_cfg=True,
                      options={"max_sequence_length": 32, "shift_resolution": 32}),
+        TinyPipeline("flux2", "Flux2Pipeline", build_flux2, (32, 32), uses_cfg=False,
+                     options={"max_sequence_length": 48, "text_encoder_out_layers": [1, 2, 3],
+                              "shift_resolution": 32}),
+        TinyPipeline("flux2-klein", "Flux2KleinPipeline", build_flux2_klein, (32, 32), uses_cfg=True,
+                     options={"max_sequence_length": 40, "text_encoder_out_layers": [1, 2, 3],
+                              "shift_resolution": 32}),
     )
 }
 
