@@ -1,0 +1,336 @@
+"""k8s/: the kustomize base and its overlays, checked without a cluster.
+
+1. ``kubectl kustomize k8s/overlays/{cpu,gpu}`` renders each overlay;
+2. ``kubernetes-validate`` (bundled OpenAPI schemas, strict: unknown fields fail) accepts every
+   built-in kind for the oldest and newest Kubernetes versions checked; KEDA's ScaledObject and
+   TriggerAuthentication (CRDs, no bundled schema) against tests/deploy/schemas/keda-v1alpha1.json,
+   a small hand-written schema of the documented fields (strict as well);
+3. semantics: GPUs, probes on the health endpoints, environment names the code reads,
+   commands the CLI accepts, the experiment ConfigMap is a valid config scored by the reward
+   Service, KEDA watches the sample queue's Redis list, grace periods cover a task, pods meet
+   Pod Security "restricted", every referenced ConfigMap/Secret/PVC/Service exists.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import jsonschema
+import pytest
+import yaml
+
+from tests.deploy.composefile import ROOT
+
+OVERLAYS = ["cpu", "gpu"]
+K8S_VERSIONS = ["1.30.0", "1.37.0"]  # oldest and newest Kubernetes minor the manifests are checked against
+GPU_WORKLOADS = {"flowrl-reward", "flowrl-sampler", "flowrl-trainer"}
+KEDA_SCHEMA = json.loads((ROOT / "tests/deploy/schemas/keda-v1alpha1.json").read_text())
+WORKLOAD_KINDS = {"Deployment", "Job", "StatefulSet"}
+
+
+def _kubectl() -> str:
+    found = shutil.which("kubectl")
+    if found is None:
+        pytest.fail("kubectl is not installed (it renders the kustomize overlays): install kubectl >= 1.27 "
+                    "(kustomize v5) from your distribution or the Kubernetes release")
+    return found
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict]]:
+    out = {}
+    for overlay in OVERLAYS:
+        result = subprocess.run([_kubectl(), "kustomize", str(ROOT / "k8s/overlays" / overlay)],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, f"kubectl kustomize k8s/overlays/{overlay} failed:\n{result.stderr}"
+        out[overlay] = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    return out
+
+
+def _by(docs: list[dict], kind: str) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+def _workloads(docs: list[dict]) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] in WORKLOAD_KINDS}
+
+
+def _pod(workload: dict) -> dict:
+    return workload["spec"]["template"]["spec"]
+
+
+def _flowrl_containers(docs: list[dict]):
+    for name, workload in _workloads(docs).items():
+        for container in _pod(workload)["containers"]:
+            if container["image"].split(":")[0].rsplit("/", 1)[-1] == "flowrl":
+                yield name, workload, container
+
+
+def _env(container: dict, docs: list[dict]) -> dict[str, str]:
+    """The container's environment: envFrom ConfigMaps, then env (values, or secret:NAME/KEY)."""
+    configmaps = _by(docs, "ConfigMap")
+    env = {}
+    for source in container.get("envFrom", []):
+        env.update(configmaps[source["configMapRef"]["name"]]["data"])
+    for item in container.get("env", []):
+        if "value" in item:
+            env[item["name"]] = item["value"]
+        else:
+            ref = item["valueFrom"]["secretKeyRef"]
+            env[item["name"]] = f"secret:{ref['name']}/{ref['key']}"
+    return env
+
+
+# --- 1 + 2: render and validate --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_resource_is_valid(rendered, overlay):
+    import kubernetes_validate
+
+    kinds = set()
+    for doc in rendered[overlay]:
+        kinds.add(doc["kind"])
+        if doc["apiVersion"].startswith("keda.sh/"):
+            jsonschema.validate(doc, {**KEDA_SCHEMA, "$ref": f"#/$defs/{doc['kind']}"})
+            continue
+        for version in K8S_VERSIONS:
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                pytest.fail(f"{overlay}: {doc['kind']}/{doc['metadata']['name']} invalid for Kubernetes "
+                            f"{version}: {e.message} at {'/'.join(map(str, e.path))}")
+    assert {"Deployment", "Job", "Service", "ConfigMap", "Secret", "PersistentVolumeClaim", "NetworkPolicy"} <= kinds
+    assert ("ScaledObject" in kinds) == (overlay == "gpu"), "KEDA scales the samplers of the gpu overlay only"
+
+
+def test_keda_schema_rejects_a_typo(rendered):
+    """The vendored schema really constrains: a misspelt field fails."""
+    scaled = json.loads(json.dumps(_by(rendered["gpu"], "ScaledObject")["flowrl-sampler"]))
+    scaled["spec"]["triggers"][0]["metadata"]["listname"] = scaled["spec"]["triggers"][0]["metadata"].pop("listName")
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(scaled, {**KEDA_SCHEMA, "$ref": "#/$defs/ScaledObject"})
+
+
+def test_kubernetes_validate_is_strict(rendered):
+    import kubernetes_validate
+
+    deployment = json.loads(json.dumps(_by(rendered["gpu"], "Deployment")["flowrl-sampler"]))
+    deployment["spec"]["template"]["spec"]["terminationGracePeriod"] = 660  # should be ...Seconds
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, K8S_VERSIONS[-1], strict=True)
+
+
+# --- 3: semantics ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_gpu_requests(rendered, overlay):
+    for name, workload in _workloads(rendered[overlay]).items():
+        for container in _pod(workload)["containers"]:
+            limits = (container.get("resources") or {}).get("limits") or {}
+            gpus = limits.get("nvidia.com/gpu")
+            if overlay == "gpu" and name in GPU_WORKLOADS:
+                assert gpus == 1, f"{name}: expected one nvidia.com/gpu, got {gpus}"
+                tolerations = _pod(workload).get("tolerations") or []
+                assert any(t.get("key") == "nvidia.com/gpu" for t in tolerations), f"{name}: no GPU toleration"
+            else:
+                assert gpus is None, f"{overlay}/{name} requests a GPU"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_probes_use_the_health_endpoints(rendered, overlay):
+    from trainer.cli import _parser
+
+    workloads = _workloads(rendered[overlay])
+    sampler = _pod(workloads["flowrl-sampler"])["containers"][0]
+    args = _parser().parse_args(sampler["args"][1:])
+    ports = {p["name"]: p["containerPort"] for p in sampler["ports"]}
+    assert ports["http"] == args.http_port and args.http_host == "0.0.0.0"
+    assert sampler["startupProbe"]["httpGet"]["path"] == "/health/live"
+    assert sampler["readinessProbe"]["httpGet"]["path"] == "/health/ready"
+    assert sampler["livenessProbe"]["httpGet"]["path"] == "/health/live"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert sampler[probe]["httpGet"]["port"] == "http"
+
+    reward = _pod(workloads["flowrl-reward"])["containers"][0]
+    port = reward["args"][reward["args"].index("--port") + 1]
+    assert {p["name"]: p["containerPort"] for p in reward["ports"]}["http"] == int(port)
+    assert reward["startupProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert reward["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    ready = reward["readinessProbe"]["exec"]["command"]
+    assert ready[-1] == f"http://127.0.0.1:{port}/v2/health/ready" and (ROOT / ready[1]).is_file()
+    assert "FLOWRL_API_TOKEN" in _env(reward, rendered[overlay]), "the readiness check needs the token"
+    for container in (sampler, reward):  # a slow model load must not restart the pod
+        startup = container["startupProbe"]
+        assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_commands_and_environment_match_the_code(rendered, overlay):
+    from services.reward.cli import _parser as reward_parser
+    from services.reward.settings import RewardServerSettings
+    from shared.queue import QueueSettings
+    from trainer.cli import _parser
+
+    docs = rendered[overlay]
+    queue_keys = {f"FLOWRL_QUEUE_{k.upper()}" for k in QueueSettings.model_fields}
+    reward_keys = {f"FLOWRL_REWARD_{k.upper()}" for k in RewardServerSettings.model_fields}
+    redis = _by(docs, "Service")["flowrl-redis"]
+    for name, workload, container in _flowrl_containers(docs):
+        assert "command" not in container, f"{name}: `command` would replace the image's tini entrypoint; use args"
+        assert container["args"][0] == "flowrl"
+        args = _parser().parse_args(container["args"][1:])
+        if args.command == "serve":
+            reward_parser().parse_args(args.args)
+        env = _env(container, docs)
+        for key in env:
+            if key.startswith("FLOWRL_QUEUE_"):
+                assert key in queue_keys, f"{name}: {key} is not a QueueSettings field"
+            elif key.startswith("FLOWRL_REWARD_"):
+                assert key in reward_keys, f"{name}: {key} is not a RewardServerSettings field"
+            else:
+                assert key in {"FLOWRL_API_TOKEN", "REDIS_PASSWORD"}, f"{name}: {key} is read by nothing"
+        assert _pod(workload).get("enableServiceLinks") is False, \
+            f"{name}: service links would inject FLOWRL_REWARD_PORT=tcp://... into the reward server's settings"
+        if args.command == "serve":
+            continue  # the reward server needs no queue
+        names = [item["name"] for item in container["env"]]
+        assert names.index("REDIS_PASSWORD") < names.index("FLOWRL_QUEUE_BROKER_URL"), "$(REDIS_PASSWORD) must be defined first"
+        assert env["REDIS_PASSWORD"] == "secret:flowrl-secrets/redis-password"
+        port = redis["spec"]["ports"][0]["port"]
+        assert env["FLOWRL_QUEUE_BROKER_URL"] == f"redis://:$(REDIS_PASSWORD)@{redis['metadata']['name']}:{port}/0"
+        settings = QueueSettings(**{k.removeprefix("FLOWRL_QUEUE_").lower(): v for k, v in env.items()
+                                    if k.startswith("FLOWRL_QUEUE_")})
+        assert settings.store_url == "file:///data/blobs"
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in _pod(workload)["volumes"]}
+        assert volumes[mounts["/data"]]["persistentVolumeClaim"]["claimName"] == "flowrl-data"
+    reward = next(c for n, _, c in _flowrl_containers(docs) if n == "flowrl-reward")
+    expected = "cpu" if overlay == "cpu" else "cuda"
+    assert _env(reward, docs)["FLOWRL_REWARD_DEVICE"] == expected
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_experiment_configmap_is_a_valid_config_scored_by_the_reward_service(rendered, overlay):
+    from shared.config import apply_overrides, parse_config
+    from trainer.cli import _parser
+
+    docs = rendered[overlay]
+    trainer = _workloads(docs)["flowrl-trainer"]
+    container = _pod(trainer)["containers"][0]
+    args = _parser().parse_args(container["args"][1:])
+    mount = next(m for m in container["volumeMounts"] if args.config.startswith(m["mountPath"] + "/"))
+    volume = next(v for v in _pod(trainer)["volumes"] if v["name"] == mount["name"])
+    data = _by(docs, "ConfigMap")[volume["configMap"]["name"]]["data"]
+    raw = yaml.safe_load(data[args.config.removeprefix(mount["mountPath"] + "/")])
+    cfg = parse_config(apply_overrides(raw, args.overrides))
+    assert cfg.output_dir.startswith("/data/")
+    (spec,) = cfg.rewards
+    service = _by(docs, "Service")["flowrl-reward"]
+    assert spec.reward_model == "remote" and spec.url == f"http://flowrl-reward:{service['spec']['ports'][0]['port']}"
+    reward = next(c for n, _, c in _flowrl_containers(docs) if n == "flowrl-reward")
+    assert spec.model in _env(reward, docs)["FLOWRL_REWARD_REWARDS"].split(",")
+    # The copy in k8s/base stays the toy experiment: only the reward and the output folder differ.
+    toy = yaml.safe_load((ROOT / "examples/toy/nft.yaml").read_text())
+    assert {k: v for k, v in raw.items() if k not in ("rewards", "output_dir")} == \
+           {k: v for k, v in toy.items() if k not in ("rewards", "output_dir")}
+
+
+def test_keda_scales_samplers_on_the_sample_queue(rendered):
+    from shared.protocol import QUEUE_SAMPLE
+    from shared.queue import QueueSettings
+
+    docs = rendered["gpu"]
+    scaled = _by(docs, "ScaledObject")["flowrl-sampler"]
+    target = scaled["spec"]["scaleTargetRef"]
+    assert target["name"] in _by(docs, "Deployment") and target.get("kind", "Deployment") == "Deployment"
+    sampler = _pod(_workloads(docs)[target["name"]])["containers"][0]
+    assert sampler["args"][:3] == ["flowrl", "worker", "sampler"]
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "redis"
+    meta = trigger["metadata"]
+    namespace = _env(sampler, docs)["FLOWRL_QUEUE_NAMESPACE"]
+    assert meta["listName"] == QueueSettings(namespace=namespace).queue(QUEUE_SAMPLE)
+    redis = _by(docs, "Service")["flowrl-redis"]
+    host, port = meta["address"].split(":")
+    assert host in (f"{redis['metadata']['name']}.{redis['metadata']['namespace']}.svc.cluster.local",
+                    f"{redis['metadata']['name']}.{redis['metadata']['namespace']}.svc"), \
+        "KEDA's operator lives in another namespace: the address must be fully qualified"
+    assert int(port) == redis["spec"]["ports"][0]["port"]
+    assert meta.get("databaseIndex", "0") == "0"  # the broker URL's /0
+    auth = _by(docs, "TriggerAuthentication")[trigger["authenticationRef"]["name"]]
+    (ref,) = auth["spec"]["secretTargetRef"]
+    assert ref["parameter"] == "password" and ref["key"] in _by(docs, "Secret")[ref["name"]]["stringData"]
+    assert scaled["spec"]["minReplicaCount"] >= 1, "scale-to-zero would add a model load to every idle period"
+    policies = {n: p for n, p in _by(docs, "NetworkPolicy").items() if p["spec"]["podSelector"].get("matchLabels", {}).get(
+        "app.kubernetes.io/component") == "redis"}
+    sources = [s for p in policies.values() for rule in p["spec"].get("ingress", []) for s in rule["from"]]
+    assert any(s.get("namespaceSelector", {}).get("matchLabels", {}).get("kubernetes.io/metadata.name") == "keda"
+               for s in sources), "the NetworkPolicy must let KEDA's operator reach Redis"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_workers_finish_a_task_before_being_killed(rendered, overlay):
+    docs = rendered[overlay]
+    for name in ("flowrl-sampler", "flowrl-reward-worker"):
+        workload = _workloads(docs)[name]
+        limit = float(_env(_pod(workload)["containers"][0], docs)["FLOWRL_QUEUE_TASK_TIME_LIMIT_S"])
+        assert _pod(workload)["terminationGracePeriodSeconds"] > limit, name
+    trainer = _workloads(docs)["flowrl-trainer"]
+    assert trainer["kind"] == "Job" and trainer["spec"]["backoffLimit"] == 0 and _pod(trainer)["restartPolicy"] == "Never"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pods_meet_pod_security_restricted(rendered, overlay):
+    docs = rendered[overlay]
+    (namespace,) = _by(docs, "Namespace").values()
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    for name, workload in _workloads(docs).items():
+        pod = _pod(workload)
+        assert workload["metadata"]["namespace"] == namespace["metadata"]["name"]
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0, name
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", name
+        assert pod.get("automountServiceAccountToken") is False, f"{name} needs no Kubernetes API token"
+        for container in pod["containers"]:
+            ctx = container["securityContext"]
+            assert ctx["allowPrivilegeEscalation"] is False and ctx["capabilities"]["drop"] == ["ALL"], name
+            assert ctx.get("readOnlyRootFilesystem") is True, name
+            assert "memory" in container["resources"]["limits"], f"{name}: no memory limit"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_references_resolve(rendered, overlay):
+    docs = rendered[overlay]
+    configmaps, secrets = _by(docs, "ConfigMap"), _by(docs, "Secret")
+    claims = _by(docs, "PersistentVolumeClaim")
+    for name, workload in _workloads(docs).items():
+        pod = _pod(workload)
+        for volume in pod.get("volumes", []):
+            if "configMap" in volume:
+                assert volume["configMap"]["name"] in configmaps, f"{name}: {volume}"
+            if "persistentVolumeClaim" in volume:
+                assert volume["persistentVolumeClaim"]["claimName"] in claims, f"{name}: {volume}"
+        for container in pod["containers"]:
+            for source in container.get("envFrom", []):
+                assert source["configMapRef"]["name"] in configmaps, f"{name}: {source}"
+            for item in container.get("env", []):
+                ref = item.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    assert ref["key"] in secrets[ref["name"]]["stringData"], f"{name}: {ref}"
+                for var in re.findall(r"\$\((\w+)\)", item.get("value", "")):
+                    assert var in [e["name"] for e in container["env"]], f"{name}: $({var}) is not defined"
+    workloads = _workloads(docs)
+    for name, service in _by(docs, "Service").items():
+        selector = service["spec"]["selector"]
+        pods = [w for w in workloads.values()
+                if selector.items() <= w["spec"]["template"]["metadata"]["labels"].items()]
+        assert len(pods) == 1, f"Service {name} selects {len(pods)} workloads"
+        ports = {p["name"] for c in _pod(pods[0])["containers"] for p in c.get("ports", [])}
+        for port in service["spec"]["ports"]:
+            assert port["targetPort"] in ports, f"Service {name}: no container port named {port['targetPort']}"
+    for name, secret in secrets.items():  # placeholders are recognisable, so Redis can refuse them
+        assert all(v.startswith("CHANGE-ME") for v in secret["stringData"].values()), name
