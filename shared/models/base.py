@@ -129,11 +129,20 @@ class FlowModelAdapter(ABC):
         """
         module = transformer if transformer is not None else self.transformer
         if guidance_scale > 1.0 and cond.negative is not None:
-            both = {k: torch.cat([cond.negative[k], cond.tensors[k]]) for k in cond.tensors}
-            v = self.predict(module, torch.cat([latents, latents]), torch.cat([sigma, sigma]), both)
-            v_uncond, v_cond = v.float().chunk(2)
+            v_cond, v_uncond = self.cfg_velocities(module, latents, sigma, cond)
             return v_uncond + guidance_scale * (v_cond - v_uncond)
         return self.predict(module, latents, sigma, cond.tensors).float()
+
+    def cfg_velocities(self, module: nn.Module, latents: torch.Tensor, sigma: torch.Tensor,
+                       cond: Conditioning, *, negatives_first: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(v_cond, v_uncond)``, float32 ``[B, ...]`` each, from ONE forward of ``module`` on the
+        batch ``[negatives; positives]`` (``negatives_first=False``: positives first, for
+        pipelines that batch that way; the order can change the result in the last bits)."""
+        first, second = (cond.negative, cond.tensors) if negatives_first else (cond.tensors, cond.negative)
+        both = {k: torch.cat([first[k], second[k]]) for k in cond.tensors}  # type: ignore[index]
+        v = self.predict(module, torch.cat([latents, latents]), torch.cat([sigma, sigma]), both)
+        a, b = v.float().chunk(2)
+        return (b, a) if negatives_first else (a, b)
 
     def lora_targets(self, target_modules: str | list[str]) -> list[str] | str:
         if target_modules == "default":

@@ -72,10 +72,7 @@ class Flux1Adapter(PipelineAdapter):
         return Conditioning({"prompt_embeds": prompt_embeds.to(dtype), "pooled": pooled.to(dtype)})
 
     def latent_shape(self, resolution: tuple[int, int]) -> tuple[int, ...]:
-        """``[C, H / f, W / f]`` spatial (``C`` = VAE latent channels, a quarter of the transformer's
-        packed input channels)."""
-        h, w = self.latent_hw(resolution, 2, "2x2 latent packing")
-        return (self.transformer.config.in_channels // 4, h, w)
+        return self.packed_latent_shape(resolution)  # spatial; predict packs 2x2 patches
 
     def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, cond: Conditioning,
                  guidance_scale: float, transformer: nn.Module | None = None) -> torch.Tensor:

@@ -199,6 +199,13 @@ class PipelineAdapter(FlowModelAdapter):
                 f"eval.resolution.")
         return h // f, w // f
 
+    def packed_latent_shape(self, resolution: tuple[int, int]) -> tuple[int, ...]:
+        """``[C, H / f, W / f]`` for a transformer on 2x2-packed latent tokens (FLUX.1, Qwen-Image):
+        flowrl keeps latents spatial; ``C`` (VAE latent channels) is a quarter of the transformer's
+        packed input channels."""
+        h, w = self.latent_hw(resolution, 2, "2x2 latent packing")
+        return (self.transformer.config.in_channels // 4, h, w)
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents ``[B, C, H / f, W / f]`` normalized as ``(z - shift_factor) * scaling_factor``

@@ -105,10 +105,7 @@ class QwenImageAdapter(PipelineAdapter):
         return Conditioning(encode(prompts), negative)
 
     def latent_shape(self, resolution: tuple[int, int]) -> tuple[int, ...]:
-        """``[C, H / f, W / f]`` spatial (``C`` = VAE latent channels, a quarter of the transformer's
-        packed input channels)."""
-        h, w = self.latent_hw(resolution, 2, "2x2 latent packing")
-        return (self.transformer.config.in_channels // 4, h, w)
+        return self.packed_latent_shape(resolution)  # spatial; predict packs 2x2 patches
 
     def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, cond: Conditioning,
                  guidance_scale: float, transformer: nn.Module | None = None) -> torch.Tensor:
@@ -123,9 +120,7 @@ class QwenImageAdapter(PipelineAdapter):
         module = transformer if transformer is not None else self.transformer
         if guidance_scale <= 1.0 or cond.negative is None:
             return self.predict(module, latents, sigma, cond.tensors).float()
-        both = {k: torch.cat([cond.negative[k], cond.tensors[k]]) for k in cond.tensors}
-        v = self.predict(module, torch.cat([latents, latents]), torch.cat([sigma, sigma]), both)
-        v_uncond, v_cond = v.float().chunk(2)
+        v_cond, v_uncond = self.cfg_velocities(module, latents, sigma, cond)
         guided = v_uncond + guidance_scale * (v_cond - v_uncond)
         return guided * (_token_norm(v_cond) / _token_norm(guided))
 

@@ -115,9 +115,7 @@ class ZImageAdapter(PipelineAdapter):
         module = transformer if transformer is not None else self.transformer
         if guidance_scale <= 1.0 or cond.negative is None:
             return self.predict(module, latents, sigma, cond.tensors).float()
-        both = {k: torch.cat([cond.tensors[k], cond.negative[k]]) for k in cond.tensors}
-        v = self.predict(module, torch.cat([latents, latents]), torch.cat([sigma, sigma]), both)
-        v_cond, v_uncond = v.float().chunk(2)
+        v_cond, v_uncond = self.cfg_velocities(module, latents, sigma, cond, negatives_first=False)
         guided = v_uncond + guidance_scale * (v_cond - v_uncond)
         c = float(self.options["cfg_normalization"])
         if c > 0:  # per sample: |guided| <= c |v_cond| (the pipeline's norms are over the whole latent)
