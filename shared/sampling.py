@@ -19,7 +19,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from shared.flow import flow_sigmas, sde_step
+from shared.flow import sde_step
 from shared.models.base import Conditioning, FlowModelAdapter
 
 
@@ -66,7 +66,7 @@ def rollout(
     Args:
         cond: encoded prompts, one row per sample (``[B, ...]`` tensors).
         seeds: one integer seed per sample.
-        sigmas: ``[N + 1]`` descending grid from 1 to 0 (``shared.flow.flow_sigmas``).
+        sigmas: ``[N + 1]`` descending grid from 1 to 0 (``adapter.sigmas(N, resolution)``).
         sde_steps: indices in ``[0, N - 1)`` that use ``dynamics``; ignored for ``ODE``.
         transformer: module to call instead of ``adapter.transformer`` (EMA view, DDP copy).
     """
@@ -138,7 +138,7 @@ def rollout_batches(adapter: FlowModelAdapter, prompts: list[str], negatives: li
                     sde_steps: list[int], keep_means: bool, log_prob_reduction: str,
                     transformer, progress=None) -> tuple[Conditioning, Rollout]:
     """Roll out ``prompts`` in micro-batches and concatenate (conditioning and rollout)."""
-    sigmas = flow_sigmas(num_steps, adapter.scheduler_shift)
+    sigmas = adapter.sigmas(num_steps, as_hw(resolution))  # [N + 1], the family's grid
     conds, outs = [], []
     for s in range(0, len(prompts), batch_size):
         sl = slice(s, s + batch_size)

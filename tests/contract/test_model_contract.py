@@ -4,6 +4,9 @@ loaded back with the adapter's normal ``load``) must
 
 * load from a local pipeline folder, freeze everything but the transformer, and name the fix
   for a bad folder, a missing path, an unknown option or a resolution that does not fit;
+* give the rollout sigma grid (``adapter.sigmas``): ``[N + 1]`` float32 from 1 to 0 at any
+  resolution, the one ``shared.sampling.rollout_batches`` rolls out on, and ``flow_sigmas(N, shift)``
+  when ``model.scheduler_shift`` is set;
 * roll out (``shared.sampling.rollout``, Flow-SDE) latents and images of the right shape, with
   log-probs that the trainer's replay (``adapter.velocity`` + ``shared.flow.sde_step`` with
   ``prev_sample``) reproduces within 1e-5 in float32 -- with and without guidance;
@@ -31,10 +34,10 @@ import torch
 from shared.config import ModelConfig
 from shared.flow import flow_sigmas, sde_step
 from shared.models import MODELS, Conditioning, load_adapter
-from shared.sampling import rollout
+from shared.sampling import rollout, rollout_batches
+from tests.helpers.pipeline_tests import CPU, load_tiny
 from tests.helpers.tiny_pipelines import NEGATIVE, PROMPTS, TINY_PIPELINES, tiny_train_config
 
-CPU = torch.device("cpu")
 #: registered adapters without a diffusers pipeline (``tiny`` is built from options, no folder)
 NO_PIPELINE = {"tiny"}
 
@@ -55,16 +58,10 @@ def pipeline_dir(spec, tmp_path_factory) -> Path:
     return spec.save(tmp_path_factory.mktemp(spec.model_type.replace("-", "_")) / "pipe")
 
 
-def load(spec, path: Path, **model):
-    cfg = ModelConfig(model_type=spec.model_type, model_name_or_path=str(path),
-                      options=dict(spec.options), **model)
-    return load_adapter(cfg, device=CPU, seed=0)
-
-
 @pytest.fixture(scope="module")
 def adapter(spec, pipeline_dir):
     """Shared, never trained or modified (training tests load their own copy)."""
-    return load(spec, pipeline_dir)
+    return load_tiny(spec, pipeline_dir)
 
 
 def inputs(spec, adapter, batch: int = 2, seed: int = 0):
@@ -94,7 +91,7 @@ def test_loads_from_a_local_pipeline_folder(spec, adapter):
 
 def test_load_errors_name_the_fix(spec, pipeline_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="model_index.json"):
-        load(spec, tmp_path)
+        load_tiny(spec, tmp_path)
     with pytest.raises(ValueError, match="model_name_or_path is required"):
         load_adapter(ModelConfig(model_type=spec.model_type), device=CPU, seed=0)
     cfg = ModelConfig(model_type=spec.model_type, model_name_or_path=str(pipeline_dir),
@@ -114,12 +111,30 @@ def test_latent_shape_and_a_resolution_that_does_not_fit(spec, adapter):
 # --------------------------------------------------------------------------- rollouts
 
 
+def test_sigma_grid_and_its_override(spec, adapter, pipeline_dir):
+    """``adapter.sigmas`` at the spec's resolution and at twice it: ``[N + 1]`` float32 from exactly
+    1 down to exactly 0; rollouts (``rollout_batches``, the path of training, evaluation and the
+    sampler service) run on it; ``model.scheduler_shift`` replaces it by ``flow_sigmas(N, shift)``."""
+    h, w = spec.resolution
+    fixed = load_tiny(spec, pipeline_dir, scheduler_shift=2.0)
+    assert fixed.scheduler_shift == 2.0
+    for res in ((h, w), (2 * h, 2 * w)):
+        sigmas = adapter.sigmas(5, res)
+        assert sigmas.shape == (6,) and sigmas.dtype == torch.float32
+        assert sigmas[0] == 1.0 and sigmas[-1] == 0.0 and bool((sigmas[1:] < sigmas[:-1]).all())
+        _, roll = rollout_batches(adapter, PROMPTS[:1], [None], [0], batch_size=1, resolution=res,
+                                  num_steps=2, guidance_scale=1.0, dynamics="ODE", noise_level=0.0,
+                                  sde_steps=[], keep_means=False, log_prob_reduction="mean", transformer=None)
+        assert torch.equal(roll.sigmas, adapter.sigmas(2, res))
+        assert torch.equal(fixed.sigmas(5, res), flow_sigmas(5, 2.0))
+
+
 @pytest.mark.parametrize("guided", [False, True], ids=["no-guidance", "guidance"])
 def test_rollout_shapes_and_logprob_replay(spec, adapter, guided):
     """Rollout log-probs equal the trainer's recomputation from the stored steps (float32)."""
     w = spec.guidance_scale if guided else 1.0
     cond = conditioning(spec, adapter)
-    sigmas = flow_sigmas(4, adapter.scheduler_shift)
+    sigmas = adapter.sigmas(4, spec.resolution)  # the grid rollouts use
     roll = rollout(adapter, cond, [0, 1], resolution=spec.resolution, sigmas=sigmas, guidance_scale=w,
                    dynamics="Flow-SDE", noise_level=0.7, sde_steps=[0, 2])
     h, w_px = spec.resolution
@@ -193,7 +208,7 @@ def test_lora_trains_saves_and_loads_with_the_pipelines_own_loader(spec, pipelin
     from trainer.policy import Policy, attach_trainable
 
     cfg = train_config(spec, pipeline_dir, tmp_path)
-    adapter = load(spec, pipeline_dir)
+    adapter = load_tiny(spec, pipeline_dir)
     base = {n: p.detach().clone() for n, p in adapter.transformer.named_parameters()}
     trainable = attach_trainable(adapter, cfg)
     assert trainable and all("lora_" in n for n in trainable)
@@ -232,7 +247,7 @@ def test_full_finetune_trains_every_transformer_weight(spec, pipeline_dir, tmp_p
     from trainer.policy import attach_trainable
 
     cfg = train_config(spec, pipeline_dir, tmp_path, finetune_type="full")
-    adapter = load(spec, pipeline_dir)
+    adapter = load_tiny(spec, pipeline_dir)
     trainable = attach_trainable(adapter, cfg)
     assert set(trainable) == {n for n, _ in adapter.transformer.named_parameters()}
     before = {n: p.detach().clone() for n, p in trainable.items()}
@@ -246,7 +261,7 @@ def test_full_finetune_trains_every_transformer_weight(spec, pipeline_dir, tmp_p
 
 def test_save_pretrained_round_trip(spec, adapter, tmp_path):
     adapter.save_pretrained(str(tmp_path / "copy"))
-    again = load(spec, tmp_path / "copy")
+    again = load_tiny(spec, tmp_path / "copy")
     x, sigma = inputs(spec, adapter)
     cond = conditioning(spec, adapter)
     with torch.no_grad():

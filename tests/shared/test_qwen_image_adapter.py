@@ -5,15 +5,14 @@ The pinning test is the proof of the conventions: from the same initial noise an
 sigma grid, the adapter's ODE rollout reproduces the pipeline's latents and images -- with and
 without true CFG (``true_cfg_scale`` with a negative prompt, including Qwen-Image's per-token norm
 rescaling), which fails for a wrong timestep scale, velocity sign, packing, mask/padding handling,
-CFG combination or VAE normalization. flowrl's own grid differs from the pipeline's only by the
-scheduler's ``shift_terminal`` stretch, which is pinned separately. The generic checks (LoRA,
-replay, loading) are in ``tests/contract/test_model_contract.py``.
+CFG combination or VAE normalization. The grid is the adapter's own (``adapter.sigmas``), equal
+to the pipeline's, ``shift_terminal`` stretch included, at two resolutions. The generic checks
+(LoRA, replay, loading) are in ``tests/contract/test_model_contract.py``.
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,28 +21,15 @@ import torch
 from shared.config import ModelConfig
 from shared.flow import flow_sigmas
 from shared.models import load_adapter
-from shared.sampling import per_sample_noise, rollout
-from tests.helpers.tiny_pipelines import (NEGATIVE, PROMPTS, QWEN_IMAGE_TEMPLATE, TINY_PIPELINES,
-                                         tiny_train_config)
+from tests.helpers.pipeline_tests import (assert_ode_rollout_matches, embedded_trainer_test, initial_noise,
+                                         pipeline_fixtures, pipeline_grid)
+from tests.helpers.tiny_pipelines import NEGATIVE, PROMPTS, QWEN_IMAGE_TEMPLATE, TINY_PIPELINES
 
 SPEC = TINY_PIPELINES["qwen-image"]
 H, W = SPEC.resolution
 
-
-@pytest.fixture(scope="module")
-def pipeline_dir(tmp_path_factory):
-    return SPEC.save(tmp_path_factory.mktemp("qwen_image") / "pipe")
-
-
-@pytest.fixture(scope="module")
-def adapter(pipeline_dir):
-    cfg = ModelConfig(model_type="qwen-image", model_name_or_path=str(pipeline_dir), options=SPEC.options)
-    return load_adapter(cfg, device=torch.device("cpu"), seed=0)
-
-
-@pytest.fixture(scope="module")
-def pipe(pipeline_dir):
-    return SPEC.load_pipeline(pipeline_dir)
+pipeline_dir, adapter, pipe = pipeline_fixtures(SPEC)
+test_one_epoch_of_the_embedded_trainer = embedded_trainer_test(SPEC)
 
 
 def test_the_tiny_tokenizer_drops_exactly_the_system_prompt(pipe):
@@ -56,8 +42,7 @@ def test_the_tiny_tokenizer_drops_exactly_the_system_prompt(pipe):
 @pytest.mark.parametrize("w", [1.0, 4.0], ids=["no-cfg", "true-cfg"])
 def test_ode_rollout_matches_the_pipeline(adapter, pipe, w):
     seeds, steps = [0, 1], 3
-    noise = per_sample_noise([torch.Generator().manual_seed(s) for s in seeds],
-                             adapter.latent_shape((H, W)), torch.device("cpu"))
+    noise = initial_noise(adapter, seeds, (H, W))
     b, c, h, wl = noise.shape
     kwargs = dict(prompt=PROMPTS[:2], height=H, width=W, num_inference_steps=steps, true_cfg_scale=w,
                   negative_prompt=[NEGATIVE] * 2 if w > 1 else None,
@@ -67,17 +52,25 @@ def test_ode_rollout_matches_the_pipeline(adapter, pipe, w):
     images = pipe(output_type="pt", **kwargs).images
     expected = pipe._unpack_latents(packed, H, W, pipe.vae_scale_factor).squeeze(2)
 
-    sigmas = pipe.scheduler.sigmas.clone()  # the pipeline's grid, shift_terminal included
     cond = adapter.encode_prompts(PROMPTS[:2], cfg=w > 1, negative_prompts=[NEGATIVE] * 2)
-    roll = rollout(adapter, cond, seeds, resolution=(H, W), sigmas=sigmas, guidance_scale=w,
-                   dynamics="ODE", noise_level=0.0, sde_steps=[])
-    torch.testing.assert_close(roll.final_latents, expected, rtol=0, atol=1e-4)
-    torch.testing.assert_close(roll.images, images, rtol=0, atol=1e-4)
+    # on the adapter's grid: the pipeline's, shift_terminal stretch included
+    assert_ode_rollout_matches(adapter, pipe, cond, seeds, (H, W), steps, w, expected, images)
 
 
-def test_flowrl_grid_is_the_pipelines_grid_without_the_terminal_stretch(adapter, pipe):
-    """``scheduler_shift`` = exp(mu) at ``shift_resolution``: flowrl's grid equals the pipeline's
-    mu-shifted grid; the pipeline then stretches it to end at ``shift_terminal`` (not in flowrl)."""
+@pytest.mark.parametrize("resolution", [(32, 32), (64, 96)])
+def test_rollout_grid_is_the_pipelines_grid(adapter, pipe, resolution):
+    """Rollouts (``adapter.sigmas``) denoise on the grid of the pipeline's own ``__call__`` at their
+    resolution: its ``mu`` and its ``shift_terminal`` stretch (the last nonzero sigma is 0.02)."""
+    expected = pipeline_grid(pipe, SPEC, resolution, 10)
+    assert expected[-2] == pytest.approx(0.02)
+    torch.testing.assert_close(adapter.sigmas(10, resolution), expected, rtol=0, atol=0)
+
+
+def test_scheduler_shift_is_the_pipelines_mu_shift_without_the_terminal_stretch(adapter, pipe):
+    """``scheduler_shift`` = exp(mu) at ``shift_resolution`` (what ``model.scheduler_shift``
+    replaces): ``flow_sigmas`` of it is the pipeline's mu-shifted grid before the pipeline stretches
+    it to end at ``shift_terminal``. Rollouts without ``model.scheduler_shift`` have the stretch
+    (``test_rollout_grid_is_the_pipelines_grid``)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 
@@ -92,7 +85,7 @@ def test_flowrl_grid_is_the_pipelines_grid_without_the_terminal_stretch(adapter,
     torch.testing.assert_close(flow_sigmas(10, adapter.scheduler_shift), unstretched.sigmas,
                                rtol=0, atol=1e-6)
     pipe.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / 10, 10), mu=mu)
-    assert pipe.scheduler.sigmas[-2] == pytest.approx(0.02)  # what flowrl does not do
+    assert pipe.scheduler.sigmas[-2] == pytest.approx(0.02)  # the stretch flow_sigmas does not do
 
 
 def test_prompts_padded_to_max_sequence_length(adapter, pipe):
@@ -113,15 +106,3 @@ def test_max_sequence_length_limit(pipeline_dir):
                       options={"max_sequence_length": 2048})
     with pytest.raises(ValueError, match="limit of 1024"):
         load_adapter(cfg, device=torch.device("cpu"), seed=0)
-
-
-@pytest.mark.parametrize("trainer_type", ["grpo", "nft"])
-def test_one_epoch_of_the_embedded_trainer(pipeline_dir, tmp_path, trainer_type):
-    """The adapter inside the real loop: rollouts, replay with gradients, the EMA view (nft samples
-    from it) and the LoRA-disabled reference (kl_beta), checkpoint."""
-    from trainer.loop import train
-
-    cfg = tiny_train_config(SPEC, pipeline_dir, tmp_path, train={"trainer_type": trainer_type, "kl_beta": 0.01})
-    summary = train(cfg, quiet=True)
-    assert summary["optimizer_steps"] == 1 and summary["samples"] == 4
-    assert (Path(summary["checkpoint"]) / "lora" / "pytorch_lora_weights.safetensors").is_file()
