@@ -245,7 +245,9 @@ def test_healthchecks_probe_the_ports_the_commands_open(variants):
         assert f"127.0.0.1:{port}/v2/health/ready" in " ".join(services["reward"]["healthcheck"]["test"])
         for name in ("sampler", "reward"):
             test = services[name]["healthcheck"]["test"]
-            assert (ROOT / test[test.index("python") + 1]).is_file(), f"{name}: healthcheck script missing"
+            script = test[test.index("python") + 1]
+            assert script.startswith("/app/") and (ROOT / script.removeprefix("/app/")).is_file(), \
+                f"{name}: {script} is not the image's copy of deploy/healthcheck.py (WORKDIR /app)"
         assert "redis-cli ping" in " ".join(services["redis"]["healthcheck"]["test"])
         assert "REDISCLI_AUTH" in services["redis"]["environment"], "redis-cli needs the password to PING"
 

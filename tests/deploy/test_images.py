@@ -115,6 +115,9 @@ def test_both_images_install_the_same_project():
         return [args for op, args in _instructions(path) if op in ("COPY", "WORKDIR", "USER", "ENTRYPOINT", "CMD")]
 
     assert copies(DOCKERFILES[0]) == copies(DOCKERFILES[1])
+    # compose healthchecks and the k8s readiness probe run /app/deploy/healthcheck.py
+    assert ("WORKDIR", "/app") in copies(DOCKERFILES[0])
+    assert "deploy/healthcheck.py deploy/healthcheck.py" in copies(DOCKERFILES[0])
 
 
 def test_dockerignore_keeps_secrets_environments_and_caches_out():

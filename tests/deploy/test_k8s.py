@@ -162,7 +162,9 @@ def test_probes_use_the_health_endpoints(rendered, overlay):
     assert reward["startupProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert reward["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     ready = reward["readinessProbe"]["exec"]["command"]
-    assert ready[-1] == f"http://127.0.0.1:{port}/v2/health/ready" and (ROOT / ready[1]).is_file()
+    assert ready[-1] == f"http://127.0.0.1:{port}/v2/health/ready"
+    assert ready[1].startswith("/app/") and (ROOT / ready[1].removeprefix("/app/")).is_file(), \
+        "the probe runs the image's copy of deploy/healthcheck.py (WORKDIR /app)"
     assert "FLOWRL_API_TOKEN" in _env(reward, rendered[overlay]), "the readiness check needs the token"
     for container in (sampler, reward):  # a slow model load must not restart the pod
         startup = container["startupProbe"]
