@@ -71,13 +71,13 @@ class PipelineAdapter(FlowModelAdapter):
     ``model.scheduler_shift`` it was loaded with, or ``None``).
     """
 
-    pipeline_class: ClassVar[str]
-    option_defaults: ClassVar[dict[str, Any]]
-    hub_examples: ClassVar[str]
-    local_example: ClassVar[str | None] = None
-    text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)
-    pipeline_grid: ClassVar[bool] = False
-    folder_defaults: ClassVar[bool] = False
+    pipeline_class: ClassVar[str]  # diffusers class name, e.g. "FluxPipeline"
+    option_defaults: ClassVar[dict[str, Any]]  # every valid model.options key -> default
+    hub_examples: ClassVar[str]  # hub ids the missing-path error suggests
+    local_example: ClassVar[str | None] = None  # a local folder it suggests too
+    text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)  # frozen, cast to text_dtype
+    pipeline_grid: ClassVar[bool] = False  # rollouts on the pipeline's own sigma grid
+    folder_defaults: ClassVar[bool] = False  # read/write option defaults in flowrl.json
 
     def __init__(self, pipeline, options: dict[str, Any]) -> None:
         self.pipeline = pipeline
