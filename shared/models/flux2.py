@@ -184,8 +184,7 @@ class Flux2BaseAdapter(PipelineAdapter):
     def latent_shape(self, resolution: tuple[int, int]) -> tuple[int, ...]:
         """``[C, H / f, W / f]`` spatial (``C`` = VAE latent channels, a quarter of the transformer's
         patchified input channels)."""
-        h, w = self.latent_hw(resolution, 2, "2x2 latent patches")
-        return (self.transformer.config.in_channels // 4, h, w)
+        return self.packed_latent_shape(resolution)
 
     def predict(self, transformer: nn.Module, latents: torch.Tensor, sigma: torch.Tensor,
                 cond: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -26,9 +26,9 @@ from shared.config import ModelConfig
 from shared.flow import flow_sigmas
 from shared.models import Conditioning, load_adapter
 from shared.sampling import per_sample_noise, rollout
+from tests.helpers.pipeline_tests import CPU, assert_ode_rollout_matches, load_tiny, pipeline_grid
 from tests.helpers.tiny_pipelines import NEGATIVE, PROMPTS, TINY_PIPELINES, tiny_train_config
 
-CPU = torch.device("cpu")
 STEPS = 3
 TOL = 1e-4
 
@@ -43,14 +43,9 @@ def pipeline_dir(spec, tmp_path_factory):
     return spec.save(tmp_path_factory.mktemp(spec.model_type.replace("-", "_")) / "pipe")
 
 
-def load(spec, path, **model):
-    cfg = ModelConfig(model_type=spec.model_type, model_name_or_path=str(path), options=spec.options, **model)
-    return load_adapter(cfg, device=CPU, seed=0)
-
-
 @pytest.fixture(scope="module")
 def adapter(spec, pipeline_dir):
-    return load(spec, pipeline_dir)
+    return load_tiny(spec, pipeline_dir)
 
 
 @pytest.fixture(scope="module")
@@ -106,11 +101,9 @@ def gap(roll, expected) -> float:
 def test_ode_rollout_matches_the_pipeline(spec, adapter, pipe, guided):
     """[dev]: guidance 1 vs 3.5 embedded; [klein]: no CFG vs CFG with the pipeline's "" negative."""
     w = spec.guidance_scale if guided else 1.0
-    expected = pipeline_rollout(spec, pipe, [0, 1], w)
-    torch.testing.assert_close(adapter.sigmas(STEPS, spec.resolution), pipe.scheduler.sigmas, rtol=0, atol=0)
-    roll = adapter_rollout(adapter, [0, 1], w)
-    torch.testing.assert_close(roll.final_latents, expected[0], rtol=0, atol=TOL)
-    torch.testing.assert_close(roll.images, expected[1], rtol=0, atol=TOL)
+    latents, images = pipeline_rollout(spec, pipe, [0, 1], w)
+    cond = adapter.encode_prompts(PROMPTS[:2], cfg=guided)
+    assert_ode_rollout_matches(adapter, pipe, cond, [0, 1], spec.resolution, STEPS, w, latents, images)
 
 
 @pytest.mark.parametrize("spec", ["flux2-klein"], indirect=True)
@@ -126,7 +119,7 @@ def test_the_pin_catches_broken_conventions(spec, pipeline_dir, pipe, monkeypatc
     """Each convention, broken on purpose in a fresh adapter, moves the rollout off the pipeline."""
     w, negative = spec.guidance_scale, (NEGATIVE if spec.model_type == "flux2-klein" else None)
     expected = pipeline_rollout(spec, pipe, [0], w, negative)
-    adapter = load(spec, pipeline_dir)
+    adapter = load_tiny(spec, pipeline_dir)
     assert gap(adapter_rollout(adapter, [0], w, negative), expected) < TOL
     predict, patchify = adapter.predict, adapter.pipeline._patchify_latents
 
@@ -187,12 +180,9 @@ def test_shift_for_resolution_is_the_pipelines_empirical_mu(adapter, pipe, resol
 def test_rollout_grid_is_the_pipelines_grid(spec, adapter, pipe, resolution, steps):
     """Rollouts (``adapter.sigmas``) denoise on the grid of the pipeline's own ``__call__`` at their
     resolution and step count (``mu`` differs between all four)."""
-    h, w = resolution
-    pipe(prompt=[PROMPTS[0]], height=h, width=w, num_inference_steps=steps, output_type="latent",
-         max_sequence_length=spec.options["max_sequence_length"],
-         text_encoder_out_layers=tuple(spec.options["text_encoder_out_layers"]),
-         generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(adapter.sigmas(steps, resolution), pipe.scheduler.sigmas, rtol=0, atol=0)
+    expected = pipeline_grid(pipe, spec, resolution, steps,
+                             text_encoder_out_layers=tuple(spec.options["text_encoder_out_layers"]))
+    torch.testing.assert_close(adapter.sigmas(steps, resolution), expected, rtol=0, atol=0)
 
 
 def test_shift_options(spec, pipeline_dir, adapter):
@@ -200,7 +190,7 @@ def test_shift_options(spec, pipeline_dir, adapter):
                                        options={"text_encoder_out_layers": [1, 2, 3]}), device=CPU, seed=0)
     assert default.options["shift_resolution"] == 512
     assert default.scheduler_shift == pytest.approx(adapter.shift_for_resolution(512, 50))
-    fixed = load(spec, pipeline_dir, scheduler_shift=3.0)
+    fixed = load_tiny(spec, pipeline_dir, scheduler_shift=3.0)
     assert fixed.scheduler_shift == 3.0
     torch.testing.assert_close(fixed.sigmas(5, spec.resolution), flow_sigmas(5, 3.0), rtol=0, atol=0)
 
@@ -221,10 +211,8 @@ def test_encodes_stacked_text_encoder_layers(spec, adapter, pipe):
 
 
 def test_text_encoder_layers_that_do_not_exist_name_the_fix(spec, pipeline_dir):
-    cfg = ModelConfig(model_type=spec.model_type, model_name_or_path=str(pipeline_dir),
-                      options={**spec.options, "text_encoder_out_layers": [1, 2, 9]})
     with pytest.raises(ValueError, match=r"text encoder has 3 layers.*0\.\.3"):
-        load_adapter(cfg, device=CPU, seed=0)
+        load_tiny(spec, pipeline_dir, options={"text_encoder_out_layers": [1, 2, 9]})
     # the pipeline's default layers need a deeper text encoder than the tiny one
     cfg = ModelConfig(model_type=spec.model_type, model_name_or_path=str(pipeline_dir),
                       options={k: v for k, v in spec.options.items() if k != "text_encoder_out_layers"})
@@ -234,7 +222,7 @@ def test_text_encoder_layers_that_do_not_exist_name_the_fix(spec, pipeline_dir):
 
 @pytest.mark.parametrize("spec", ["flux2-klein"], indirect=True)
 def test_distilled_klein_ignores_guidance_like_the_pipeline(spec, pipeline_dir, pipe):
-    adapter = load(spec, pipeline_dir)
+    adapter = load_tiny(spec, pipeline_dir)
     adapter.pipeline.register_to_config(is_distilled=True)
     pipe.register_to_config(is_distilled=True)
     try:
@@ -261,7 +249,7 @@ def test_a_pixtral_tokenizer_without_torchvision_names_the_fix(spec, pipeline_di
     index["tokenizer"] = ["transformers", "PixtralProcessor"]
     (copy / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ImportError, match="pip install torchvision"):
-        load(spec, copy)
+        load_tiny(spec, copy)
 
 
 # --------------------------------------------------------------------------- training
