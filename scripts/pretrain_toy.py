@@ -45,7 +45,6 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from shared.flow import flow_sigmas  # noqa: E402
 from shared.models.sd3 import SD3Adapter  # noqa: E402
 from shared.rewards.builtin import to_uint8_hwc  # noqa: E402
 from shared.sampling import rollout  # noqa: E402
@@ -134,7 +133,7 @@ def encode_all(vae, images, device, batch=256) -> torch.Tensor:
 @torch.no_grad()
 def held_out_accuracy(adapter, transformer, prompts, args, grid: Path | None = None) -> dict:
     """ODE samples of every prompt (seed = index), scored by the verifier; optional image grid."""
-    sigmas = flow_sigmas(args.eval_steps, adapter.scheduler_shift)
+    sigmas = adapter.sigmas(args.eval_steps, (64, 64))  # the grid rollouts use
     verdicts, shown = [], []
     for i in range(0, len(prompts), 64):
         chunk = prompts[i:i + 64]
