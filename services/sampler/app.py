@@ -51,6 +51,17 @@ def _registry() -> CollectorRegistry:
     return REGISTRY
 
 
+def redact(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (what a health answer may show)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def create_app(broker_url: str) -> FastAPI:
     app = FastAPI(title="flowrl sampler", docs_url=None, redoc_url=None)
 
@@ -65,7 +76,7 @@ def create_app(broker_url: str) -> FastAPI:
         try:
             redis.Redis.from_url(broker_url, socket_connect_timeout=2, socket_timeout=2).ping()
         except redis.RedisError as e:
-            return JSONResponse({"ready": False, "reason": f"broker {broker_url} does not answer: {e}"},
+            return JSONResponse({"ready": False, "reason": f"broker {redact(broker_url)} does not answer: {e}"},
                                 status_code=503)
         return {"ready": True}
 

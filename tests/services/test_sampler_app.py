@@ -16,6 +16,9 @@ def test_ready_only_when_the_broker_answers(redis_url):
     assert client.get("/health/live").status_code == 200
     r = client.get("/health/ready")
     assert r.status_code == 503 and dead in r.json()["reason"]
+    secret = f"redis://:s3cret@127.0.0.1:{free_port()}/0"
+    r = TestClient(create_app(secret)).get("/health/ready")
+    assert r.status_code == 503 and "s3cret" not in r.text and ":***@127.0.0.1" in r.text
 
 
 def test_metrics_count_jobs_and_samples(redis_url):
