@@ -188,15 +188,13 @@ class EvalConfig(_Strict):
     seed: int = 0
 
 
-class RewardSpec(BaseModel):
-    """One entry of ``rewards:``. Extra keys are that reward's own options."""
+class RewardEntry(BaseModel):
+    """What names a reward anywhere (experiment ``rewards:``, the reward server's list): the
+    reward, its label and, as extra keys, the reward's own options."""
 
     model_config = ConfigDict(extra="allow")
-    name: str | None = None  # label in logs; defaults to reward_model
-    reward_model: str
-    weight: float = 1.0
-    batch_size: int = Field(16, gt=0)
-    device: str = "auto"
+    name: str | None = None  # label in logs / v2 model name; defaults to reward_model
+    reward_model: str  # registry name or dotted path 'package.module.Class'
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
     @property
@@ -206,6 +204,14 @@ class RewardSpec(BaseModel):
     @property
     def options(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+
+class RewardSpec(RewardEntry):
+    """One entry of ``rewards:``. Extra keys are that reward's own options."""
+
+    weight: float = 1.0
+    batch_size: int = Field(16, gt=0)
+    device: str = "auto"
 
 
 class Config(_Strict):

@@ -16,32 +16,21 @@ import json
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from shared.config import RewardEntry
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
-class ServedReward(BaseModel):
-    """One served reward, shaped like an entry of the experiment's ``rewards:`` list.
+class ServedReward(RewardEntry):
+    """One served reward, shaped like an entry of the experiment's ``rewards:`` list (``name``
+    is the v2 model name). Extra keys are the reward's own options (e.g. ``target`` for
+    ``brightness``)."""
 
-    Extra keys are the reward's own options (e.g. ``target`` for ``brightness``).
-    """
-
-    model_config = ConfigDict(extra="allow")
-    name: str | None = None  # the v2 model name; defaults to reward_model
-    reward_model: str  # registry name or dotted path 'package.module.Class'
     batch_size: int | None = Field(None, gt=0)  # images per model call; None = max_batch_size
     device: str | None = None  # None = the server's device
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-
-    @property
-    def label(self) -> str:
-        return self.name or self.reward_model
-
-    @property
-    def options(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
 
 
 def _parse_rewards(value: Any) -> Any:

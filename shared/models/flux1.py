@@ -40,13 +40,13 @@ import torch
 from torch import nn
 
 from shared.models.base import MODELS, Conditioning
-from shared.models.pipeline import DTYPE_OPTIONS, PipelineAdapter
+from shared.models.pipeline import DTYPE_OPTIONS, EmbeddedGuidance, PipelineAdapter
 
 FLUX1_OPTIONS: dict[str, Any] = {"max_sequence_length": 512, "shift_resolution": 512, **DTYPE_OPTIONS}
 
 
 @MODELS.register("flux1")
-class Flux1Adapter(PipelineAdapter):
+class Flux1Adapter(EmbeddedGuidance, PipelineAdapter):
     model_type = "flux1"
     pipeline_class = "FluxPipeline"
     option_defaults = FLUX1_OPTIONS
@@ -73,17 +73,6 @@ class Flux1Adapter(PipelineAdapter):
 
     def latent_shape(self, resolution: tuple[int, int]) -> tuple[int, ...]:
         return self.packed_latent_shape(resolution)  # spatial; predict packs 2x2 patches
-
-    def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, cond: Conditioning,
-                 guidance_scale: float, transformer: nn.Module | None = None) -> torch.Tensor:
-        """One forward with ``guidance_scale`` as the embedded guidance (FLUX.1 [dev] is
-        guidance-distilled; no negative prompt). Returns float32 ``[B, C, H, W]``."""
-        module = transformer if transformer is not None else self.transformer
-        tensors = dict(cond.tensors)
-        if self.transformer.config.guidance_embeds:
-            tensors["guidance"] = torch.full((latents.shape[0],), float(guidance_scale),
-                                             device=latents.device, dtype=torch.float32)
-        return self.predict(module, latents, sigma, tensors).float()
 
     def predict(self, transformer: nn.Module, latents: torch.Tensor, sigma: torch.Tensor,
                 cond: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -69,7 +69,7 @@ import torch
 from torch import nn
 
 from shared.models.base import MODELS, Conditioning
-from shared.models.pipeline import DTYPE_OPTIONS, PipelineAdapter
+from shared.models.pipeline import DTYPE_OPTIONS, EmbeddedGuidance, PipelineAdapter
 
 FLUX2_OPTIONS: dict[str, Any] = {"max_sequence_length": 512, "text_encoder_out_layers": None,
                                  "shift_resolution": 512, **DTYPE_OPTIONS}
@@ -219,7 +219,7 @@ class Flux2BaseAdapter(PipelineAdapter):
 
 
 @MODELS.register("flux2")
-class Flux2Adapter(Flux2BaseAdapter):
+class Flux2Adapter(EmbeddedGuidance, Flux2BaseAdapter):
     """FLUX.2 [dev]: Mistral-3 prompts, guidance-distilled (embedded guidance, no negatives)."""
 
     model_type = "flux2"
@@ -233,17 +233,6 @@ class Flux2Adapter(Flux2BaseAdapter):
         """``prompt_embeds [B, L, 3 D]``. Guidance-distilled: ``cfg`` and ``negative_prompts`` are
         ignored (no negative branch, see :meth:`velocity`)."""
         return Conditioning({"prompt_embeds": self._encode(prompts)})
-
-    def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, cond: Conditioning,
-                 guidance_scale: float, transformer: nn.Module | None = None) -> torch.Tensor:
-        """One forward with ``guidance_scale`` as the embedded guidance. Returns float32
-        ``[B, C, H, W]``. (A transformer without a guidance embedding ignores it, as in the pipeline.)"""
-        module = transformer if transformer is not None else self.transformer
-        tensors = dict(cond.tensors)
-        if self.transformer.config.guidance_embeds:
-            tensors["guidance"] = torch.full((latents.shape[0],), float(guidance_scale),
-                                             device=latents.device, dtype=torch.float32)
-        return self.predict(module, latents, sigma, tensors).float()
 
 
 @MODELS.register("flux2-klein")

@@ -266,3 +266,20 @@ class PipelineAdapter(FlowModelAdapter):
         if self.pipeline_grid and self.shift_override is None:
             return self.pipeline_sigmas(num_steps, resolution)
         return super().sigmas(num_steps, resolution)
+
+
+class EmbeddedGuidance:
+    """Mixin for guidance-distilled transformers (FLUX.1 [dev], FLUX.2 [dev]): the guidance
+    scale is an input of ONE forward (``guidance`` tensor ``[B]``), not a CFG combination of two;
+    there is no negative prompt. A transformer without a guidance embedding ignores the scale,
+    as its pipeline does."""
+
+    def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, cond, guidance_scale: float,
+                 transformer=None) -> torch.Tensor:
+        """Float32 velocity ``[B, ...]`` for ``latents`` at ``sigma [B]`` with embedded guidance."""
+        module = transformer if transformer is not None else self.transformer
+        tensors = dict(cond.tensors)
+        if self.transformer.config.guidance_embeds:
+            tensors["guidance"] = torch.full((latents.shape[0],), float(guidance_scale),
+                                             device=latents.device, dtype=torch.float32)
+        return self.predict(module, latents, sigma, tensors).float()
