@@ -126,10 +126,8 @@ class CeleryTransport:
                                   finetune_type=self.cfg.model.finetune_type,
                                   published_at=time.time())
         self.state.publish(message)
-        if version >= 2:  # samplers may still be loading the previous one
-            old = f"{self.run_id}/policy/v{version - 2}.safetensors"
-            if self.store.exists(old):
-                self.store.delete_prefix(old)
+        if version >= 2:  # keep the previous version: samplers may still be loading it
+            self.store.delete_prefix(f"{self.run_id}/policy/v{version - 2}.safetensors")
         return message
 
     # ------------------------------------------------------------------ sampling
