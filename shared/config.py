@@ -222,6 +222,8 @@ class Config(_Strict):
     output_dir: str = "runs"
     logging_backend: Literal["tensorboard", "wandb", "swanlab", "none"] = "tensorboard"
     transport: Literal["local", "celery"] = "local"
+    metrics_port: int | None = Field(None, ge=0, le=65535)  # serve the trainer's Prometheus /metrics
+    metrics_host: str = "127.0.0.1"  # interface for metrics_port (loopback unless opened on purpose)
     queue: QueueSettings = Field(default_factory=QueueSettings)  # transport: celery only
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)

@@ -36,6 +36,7 @@ from trainer.data import load_prompts
 from trainer.evaluate import evaluate
 from trainer.policy import Policy, attach_trainable
 from trainer.reporting import MetricLogger, detail_keys, write_report
+from trainer.metrics import TrainerMetrics
 from trainer.transport import CeleryTransport, LocalTransport
 
 
@@ -159,6 +160,10 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
         transport = LocalTransport(cfg, adapter, policy, algorithm, rewards)
     rank, world = accelerator.process_index, accelerator.num_processes
     start, step, train_seconds, version, samples_used = time.time(), 0, 0.0, 0, 0
+    prom = None
+    if main and cfg.metrics_port is not None:
+        prom = TrainerMetrics()
+        prom_server = prom.serve(cfg.metrics_host, cfg.metrics_port)
 
     def run_eval(epoch: int) -> dict:
         ev = evaluate(cfg, accelerator, adapter, policy, eval_rewards, eval_specs, eval_rows,
@@ -200,6 +205,8 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
                    "train/optimizer_step": step, "train/policy_version": version,
                    "time/epoch_seconds": time.time() - t0, "time/train_seconds": train_seconds}
         history.append(metrics)
+        if prom is not None:
+            prom.observe_epoch(metrics, data.advantages.shape[0] * world, transport)
         if main:
             logger.log(metrics, step=epoch + 1)
             first = eval_specs[0].label
@@ -219,6 +226,8 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
         if last:
             break
     transport.close()
+    if prom is not None:
+        prom_server.shutdown()
     epochs_done = len(history)
     final_dir = save_checkpoint(run_dir / "checkpoints" / "final", cfg, accelerator, adapter, policy,
                                 epochs_done, step)

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 from shared.config import Config
-from shared.protocol import (PolicyPublished, SampleItem, SampleJob, SamplingParams, TASK_SAMPLE,
-                             QUEUE_SAMPLE, sample_id)
+from shared.protocol import (QUEUE_REWARD, QUEUE_SAMPLE, TASK_SAMPLE, PolicyPublished, SampleItem,
+                             SampleJob, SamplingParams, sample_id)
 from shared.rewards.multi import spec_dicts
 from shared.sampling import Rollout, as_hw, encode_batches, unpack_trajectory
 from trainer.collect import EpochPlan, Samples, sample_locally
@@ -41,6 +41,7 @@ class LocalTransport:
     """Sample and score in this process (see the module docstring)."""
 
     duplicates = 0  # nothing is ever delivered twice in-process
+    dead_letters_seen = 0
 
     def __init__(self, cfg: Config, adapter, policy, algorithm, rewards: dict) -> None:
         self.cfg, self.adapter, self.policy, self.algorithm, self.rewards = (
@@ -61,6 +62,9 @@ class LocalTransport:
 
     def epoch_done(self, epoch: int) -> None:
         """Nothing stored outside this process."""
+
+    def queue_depths(self) -> dict[str, int]:
+        return {}
 
     def close(self) -> None:
         pass
@@ -104,7 +108,7 @@ class CeleryTransport:
         self.buffer: dict[str, tuple] = {}  # sample id -> (ScoredBatch, row) popped early
         self.scored_ids: set[str] = set()  # every sample id already used (exactly once)
         self.duplicates = 0
-        self.dead_seen = 0
+        self.dead_letters_seen = 0
         self.loaded: dict[str, Rollout] = {}  # trajectory blobs read ahead of their epoch's end
         # audit trail: one line per sample used for training (id, version, worker, rewards)
         self.ledger = None if run_dir is None else Path(run_dir) / "scored_samples.jsonl"
@@ -206,8 +210,8 @@ class CeleryTransport:
                     "rewards": {k: v[row] for k, v in batch.rewards.items()}}) + "\n")
 
     def _check_dead_letters(self, pending: _Pending, missing: set[str]) -> None:
-        letters = self.state.dead_letters(self.dead_seen)
-        self.dead_seen += len(letters)
+        letters = self.state.dead_letters(self.dead_letters_seen)
+        self.dead_letters_seen += len(letters)
         for letter in letters:
             lost = missing.intersection(letter.sample_ids)
             if lost:  # (a dead copy of a job whose other delivery arrived loses nothing)
@@ -249,6 +253,11 @@ class CeleryTransport:
         if ref.uri not in self.loaded:
             self.loaded[ref.uri] = unpack_trajectory(self.store.get_tensors(ref))
         return self.loaded[ref.uri]
+
+    def queue_depths(self) -> dict[str, int]:
+        """Tasks waiting in the sample and reward queues (Redis list lengths)."""
+        q = self.cfg.queue
+        return {name: int(self.state.redis.llen(q.queue(name))) for name in (QUEUE_SAMPLE, QUEUE_REWARD)}
 
     def epoch_done(self, epoch: int) -> int:
         """Delete the blobs of a trained epoch (garbage collection); returns how many."""

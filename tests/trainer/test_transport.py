@@ -115,3 +115,43 @@ def test_a_silent_queue_times_out_with_a_hint(celery_setup, capture):
     pend = transport.dispatch(plan_epoch(cfg, rows, 0, 0, 1), 0)
     with pytest.raises(CollectError, match=r"4 of 4 samples not scored .* Are sampler workers consuming"):
         transport.collect(pend)
+    transport.state.redis.rpush(cfg.queue.queue("sample"), "a", "b")  # what the metrics report
+    assert transport.queue_depths() == {"sample": 2, "reward": 0}
+
+
+def test_trainer_metrics_endpoint_reports_the_epochs(tmp_path):
+    """`metrics_port` serves the trainer's Prometheus metrics while it trains (checked after
+    the run through the same registry the endpoint serves, and once over HTTP during it)."""
+    import threading
+
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.helpers.procs import free_port
+    from trainer import metrics as trainer_metrics
+
+    port = free_port()
+    seen: list[str] = []
+    original = trainer_metrics.TrainerMetrics.observe_epoch
+
+    def observe_and_scrape(self, metrics, samples, transport):
+        original(self, metrics, samples, transport)
+        seen.append(httpx.get(f"http://127.0.0.1:{port}/metrics").text)
+
+    trainer_metrics.TrainerMetrics.observe_epoch = observe_and_scrape
+    try:
+        cfg = tiny_config(tmp_path, overrides=FAST + ["train.max_epochs=2", f"metrics_port={port}"])
+        train(cfg, quiet=True)
+    finally:
+        trainer_metrics.TrainerMetrics.observe_epoch = original
+    assert len(seen) == 2
+    values = {s.name + str(sorted(s.labels.items())): s.value
+              for f in text_string_to_metric_families(seen[-1]) for s in f.samples}
+    assert values["flowrl_trainer_policy_version[]"] == 2
+    assert values["flowrl_trainer_samples_total[]"] == 2 * 2 * 2
+    assert values["flowrl_trainer_epoch_seconds_count[]"] == 2
+    assert 0 <= values["flowrl_trainer_reward[('reward', 'brightness')]"] <= 1
+    assert "flowrl_trainer_loss[]" in values and values["flowrl_trainer_dead_letters_total[]"] == 0
+    assert not any(t.name.startswith("prometheus") for t in threading.enumerate() if not t.daemon)
+    with pytest.raises(httpx.HTTPError):  # the endpoint stops with the run
+        httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=1)
