@@ -193,3 +193,15 @@ def unpack_trajectory(t: dict[str, torch.Tensor]) -> Rollout:
     return Rollout(final_latents=t["final_latents"], images=None, sigmas=t["sigmas"],
                    sde_steps=steps, latents=pick(0), next_latents=pick(1), log_probs=t["log_probs"],
                    stds=t["stds"], means=t.get("means"))
+
+
+def rollout_with(adapter: FlowModelAdapter, prompts: list[str], negatives: list[str | None],
+                 seeds: list[int], params, *, transformer, progress=None) -> tuple[Conditioning, Rollout]:
+    """:func:`rollout_batches` with the settings of a :class:`shared.protocol.SamplingParams`
+    (what the embedded trainer and the sampler service both roll out from)."""
+    return rollout_batches(
+        adapter, prompts, negatives, seeds, batch_size=params.batch_size, resolution=params.resolution,
+        num_steps=params.num_inference_steps, guidance_scale=params.guidance_scale,
+        dynamics=params.dynamics, noise_level=params.noise_level, sde_steps=params.sde_steps,
+        keep_means=params.keep_means, log_prob_reduction=params.log_prob_reduction,
+        transformer=transformer, progress=progress)

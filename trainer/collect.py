@@ -18,7 +18,8 @@ from shared.config import Config, BatchGeometry
 from shared.flow import select_sde_steps
 from shared.models import Conditioning
 from shared.rewards.multi import score_specs
-from shared.sampling import Rollout, rollout_batches
+from shared.protocol import SamplingParams
+from shared.sampling import Rollout, as_hw, rollout_with
 from trainer.advantages import compute_advantages
 from trainer.data import PromptRow
 
@@ -89,16 +90,22 @@ class Samples:
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
+def sampling_params(cfg: Config, plan: EpochPlan, keep_means: bool) -> SamplingParams:
+    """How ``plan`` is rolled out (``train.*``), as the message samplers receive it."""
+    t = cfg.train
+    return SamplingParams(
+        resolution=as_hw(t.resolution), num_inference_steps=t.num_inference_steps,
+        guidance_scale=t.guidance_scale, dynamics=t.dynamics_type, noise_level=t.noise_level,
+        sde_steps=plan.sde_steps, keep_means=keep_means, log_prob_reduction=t.log_prob_reduction,
+        batch_size=t.per_device_batch_size)
+
+
 def sample_locally(cfg: Config, adapter, policy, algorithm, rewards: dict, plan: EpochPlan,
                    progress=None) -> tuple[Conditioning, Rollout, dict[str, torch.Tensor]]:
     """Roll out ``plan`` with this process's sampling weights and score it (the local transport)."""
-    t = cfg.train
-    cond, roll = rollout_batches(
-        adapter, plan.prompts, plan.negatives, plan.seeds, batch_size=t.per_device_batch_size,
-        resolution=t.resolution, num_steps=t.num_inference_steps, guidance_scale=t.guidance_scale,
-        dynamics=t.dynamics_type, noise_level=t.noise_level, sde_steps=plan.sde_steps,
-        keep_means=algorithm.keep_means, log_prob_reduction=t.log_prob_reduction,
-        transformer=policy.sampling_module(), progress=progress)
+    cond, roll = rollout_with(adapter, plan.prompts, plan.negatives, plan.seeds,
+                              sampling_params(cfg, plan, algorithm.keep_means),
+                              transformer=policy.sampling_module(), progress=progress)
     scores = score_specs(rewards, cfg.rewards, roll.images, plan.prompts,
                          torch.tensor(plan.group_ids, dtype=torch.long))
     return cond, roll, scores

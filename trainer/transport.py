@@ -31,10 +31,10 @@ import torch
 
 from shared.config import Config
 from shared.protocol import (QUEUE_REWARD, QUEUE_SAMPLE, TASK_SAMPLE, PolicyPublished, SampleItem,
-                             SampleJob, SamplingParams, sample_id)
+                             SampleJob, sample_id)
 from shared.rewards.multi import spec_dicts
-from shared.sampling import Rollout, as_hw, encode_batches, unpack_trajectory
-from trainer.collect import EpochPlan, Samples, sample_locally
+from shared.sampling import Rollout, encode_batches, unpack_trajectory
+from trainer.collect import EpochPlan, Samples, sample_locally, sampling_params
 
 
 class LocalTransport:
@@ -137,11 +137,7 @@ class CeleryTransport:
     # ------------------------------------------------------------------ sampling
     def dispatch(self, plan: EpochPlan, version: int) -> _Pending:
         t, geo = self.cfg.train, self.cfg.geometry(1)
-        params = SamplingParams(
-            resolution=as_hw(t.resolution), num_inference_steps=t.num_inference_steps,
-            guidance_scale=t.guidance_scale, dynamics=t.dynamics_type, noise_level=t.noise_level,
-            sde_steps=plan.sde_steps, keep_means=self.algorithm.keep_means,
-            log_prob_reduction=t.log_prob_reduction, batch_size=t.per_device_batch_size)
+        params = sampling_params(self.cfg, plan, self.algorithm.keep_means)
         K = geo.group_size
         groups_per_job = max(1, t.per_device_batch_size // K)
         ids = [sample_id(self.run_id, plan.epoch, g, k % K) for k, g in enumerate(plan.group_ids)]

@@ -26,7 +26,7 @@ from shared.models import load_adapter
 from shared.models.lora import load_named_parameters, prepare_transformer
 from shared.protocol import PolicyPublished, SampleJob, Trajectory
 from shared.queue import RunState
-from shared.sampling import pack_trajectory, rollout_batches
+from shared.sampling import pack_trajectory, rollout_with
 from shared.store import BlobStore
 
 
@@ -93,14 +93,9 @@ class SamplerRuntime:
         t0 = time.perf_counter()
         self.ensure_model(job.model, job.model_seed)
         published = self.ensure_policy(state, job)
-        p = job.params
         items = job.items
-        _, roll = rollout_batches(
-            self.adapter, [i.prompt for i in items], [i.negative_prompt for i in items],
-            [i.seed for i in items], batch_size=p.batch_size, resolution=p.resolution,
-            num_steps=p.num_inference_steps, guidance_scale=p.guidance_scale, dynamics=p.dynamics,
-            noise_level=p.noise_level, sde_steps=p.sde_steps, keep_means=p.keep_means,
-            log_prob_reduction=p.log_prob_reduction, transformer=self.adapter.transformer)
+        _, roll = rollout_with(self.adapter, [i.prompt for i in items], [i.negative_prompt for i in items],
+                               [i.seed for i in items], job.params, transformer=self.adapter.transformer)
         return write_trajectory(self.store(job.store_url), job, roll, published.version,
                                 attempt=attempt, worker=self.name, seconds=time.perf_counter() - t0)
 
