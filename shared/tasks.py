@@ -9,6 +9,8 @@ that takes the message as a JSON string and:
 3. runs the body; transient errors are retried with exponential backoff
    (:func:`~shared.queue.retry_delay`), at most ``max_retries`` times; the last failure, and
    any non-transient error at once, becomes a :class:`~shared.protocol.DeadLetter`.
+
+Every dead letter also calls ``on_dead_letter()`` (the worker's Prometheus counter).
 """
 
 from __future__ import annotations
@@ -49,14 +51,16 @@ def _transient(exc: BaseException) -> bool:
 
 def guarded_task(app, settings: QueueSettings, name: str, message_type, body: Callable, *,
                  job_id: Callable, sample_ids: Callable, run_id: Callable,
-                 delivery_key: Callable | None = None):
+                 delivery_key: Callable | None = None, on_dead_letter: Callable[[], None] | None = None):
     """Register ``body`` as task ``name`` with the failure policy of the module docstring.
 
     ``job_id`` / ``sample_ids`` / ``run_id`` read the job id, its sample ids and
     ``(run_id, key_prefix)`` from a parsed message (for dead letters); ``delivery_key`` (default
-    ``job_id``) names what one delivery is of, for the redelivery cap.
+    ``job_id``) names what one delivery is of, for the redelivery cap; ``on_dead_letter()`` runs
+    after every dead letter written.
     """
     delivery_key = delivery_key or job_id
+    counted = on_dead_letter or (lambda: None)
     states: dict[tuple[str, str], RunState] = {}
 
     def state_for(message) -> RunState:
@@ -71,6 +75,7 @@ def guarded_task(app, settings: QueueSettings, name: str, message_type, body: Ca
             message = message_type.model_validate_json(raw)
         except ValidationError as e:
             _dead_letter_unparsed(settings, name, raw, e)
+            counted()
             return
         state = state_for(message)
         attempt = self.request.retries
@@ -81,6 +86,7 @@ def guarded_task(app, settings: QueueSettings, name: str, message_type, body: Ca
             state.dead_letter(DeadLetter(run_id=run_id(message)[0], task=name,
                                          job_id=job_id(message), sample_ids=sample_ids(message),
                                          error=error, attempts=attempt + starts))
+            counted()
 
         if starts > settings.max_deliveries:
             give_up(f"started {starts} times without finishing (the worker died each time; "

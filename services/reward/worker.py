@@ -5,6 +5,7 @@ blob store, scores them with every reward of the job (built once per process and
 process's device; a ``remote`` reward calls a reward server over HTTP), and pushes a
 :class:`~shared.protocol.ScoredBatch` onto the run's Redis list for the trainer.
 Failures follow :func:`shared.tasks.guarded_task` (retry transient errors, dead-letter the rest).
+Metrics: :mod:`services.reward.worker_app` (served with ``flowrl worker reward --http-port``).
 A reward that returns NaN abstains (``None`` in the message); an infinite value is an error.
 
     FLOWRL_QUEUE_BROKER_URL=redis://redis:6379/0 flowrl worker reward
@@ -60,8 +61,17 @@ def score_job(job: RewardJob, *, worker: str = "") -> ScoredBatch:
 
 
 def _reward(task, job: RewardJob, state, attempt: int) -> None:
-    state.push_scored(score_job(job, worker=os.environ.get("FLOWRL_WORKER_NAME")
-                                or f"reward@{socket.gethostname()}"))
+    from services.reward.worker_app import observe_batch
+
+    scored = score_job(job, worker=os.environ.get("FLOWRL_WORKER_NAME") or f"reward@{socket.gethostname()}")
+    state.push_scored(scored)
+    observe_batch(scored.rewards, scored.seconds)
+
+
+def _dead_letter() -> None:
+    from services.reward.worker_app import observe_dead_letter
+
+    observe_dead_letter()
 
 
 reward = guarded_task(app, settings, TASK_REWARD, RewardJob, _reward,
@@ -69,4 +79,5 @@ reward = guarded_task(app, settings, TASK_REWARD, RewardJob, _reward,
                       sample_ids=lambda j: j.trajectory.sample_ids,
                       run_id=lambda j: (j.trajectory.run_id, j.key_prefix),
                       # a re-sampled job is a new trajectory: count deliveries per trajectory
-                      delivery_key=lambda j: j.trajectory.tensors.uri)
+                      delivery_key=lambda j: j.trajectory.tensors.uri,
+                      on_dead_letter=_dead_letter)

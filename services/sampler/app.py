@@ -1,26 +1,21 @@
-"""The sampler worker's small HTTP side: liveness, readiness and Prometheus metrics.
+"""The sampler worker's metrics and its small HTTP side (:mod:`shared.worker_http`).
 
-``flowrl worker sampler --http-port 9101`` serves it from a thread of the worker's main
-process, next to the Celery consumer:
-
-* ``GET /health/live``: 200 while the process runs;
-* ``GET /health/ready``: 200 when the broker answers a ping, else 503 with the reason (a
-  sampler that cannot reach Redis should not receive traffic or count as up);
-* ``GET /metrics``: the metrics below, collected across the worker's processes (the pool child
-  that runs tasks writes them to ``PROMETHEUS_MULTIPROC_DIR``; the CLI sets one up).
+``flowrl worker sampler --http-port 9101`` serves ``/health/live``, ``/health/ready`` and
+``/metrics`` from a thread of the worker's main process; the pool child that runs tasks writes
+the metrics below to ``PROMETHEUS_MULTIPROC_DIR`` (the CLI sets one up).
 
 Metrics (Prometheus naming): ``flowrl_sampler_rollouts_total``, ``flowrl_sampler_samples_total``,
 ``flowrl_sampler_batch_seconds`` (histogram: one job, model call to stored blobs),
-``flowrl_sampler_policy_version`` (the version the last job used).
+``flowrl_sampler_policy_version`` (the version the last job used),
+``flowrl_sampler_gpu_memory_bytes`` (CUDA memory the task process holds after its last job),
+``flowrl_sampler_dead_letters_total`` (sample tasks this worker gave up on).
 """
 
 from __future__ import annotations
 
-import os
+from prometheus_client import Counter, Gauge, Histogram
 
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from shared import worker_http
 
 BATCH_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
 
@@ -30,6 +25,9 @@ BATCH_SECONDS = Histogram("flowrl_sampler_batch_seconds", "Seconds per sample jo
                           buckets=BATCH_BUCKETS)
 POLICY_VERSION = Gauge("flowrl_sampler_policy_version", "Policy version used by the last job.",
                        multiprocess_mode="max")
+GPU_MEMORY = Gauge("flowrl_sampler_gpu_memory_bytes", "CUDA memory allocated by the task process after its last job.",
+                   multiprocess_mode="mostrecent")
+DEAD_LETTERS = Counter("flowrl_sampler_dead_letters", "Sample tasks dead-lettered by this worker.")
 
 
 def observe_job(samples: int, seconds: float, policy_version: int) -> None:
@@ -37,63 +35,17 @@ def observe_job(samples: int, seconds: float, policy_version: int) -> None:
     SAMPLES.inc(samples)
     BATCH_SECONDS.observe(seconds)
     POLICY_VERSION.set(policy_version)
+    GPU_MEMORY.set(worker_http.gpu_memory_bytes())
 
 
-def _registry() -> CollectorRegistry:
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from prometheus_client import multiprocess
-
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
-        return registry
-    from prometheus_client import REGISTRY
-
-    return REGISTRY
+def observe_dead_letter() -> None:
+    DEAD_LETTERS.inc()
 
 
-def redact(url: str) -> str:
-    """``url`` with its password replaced by ``***`` (what a health answer may show)."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
-def create_app(broker_url: str) -> FastAPI:
-    app = FastAPI(title="flowrl sampler", docs_url=None, redoc_url=None)
-
-    @app.get("/health/live")
-    def live() -> dict:
-        return {"live": True}
-
-    @app.get("/health/ready")
-    def ready():
-        import redis
-
-        try:
-            redis.Redis.from_url(broker_url, socket_connect_timeout=2, socket_timeout=2).ping()
-        except redis.RedisError as e:
-            return JSONResponse({"ready": False, "reason": f"broker {redact(broker_url)} does not answer: {e}"},
-                                status_code=503)
-        return {"ready": True}
-
-    @app.get("/metrics")
-    def metrics() -> Response:
-        return Response(generate_latest(_registry()), media_type=CONTENT_TYPE_LATEST)
-
-    return app
+def create_app(broker_url: str):
+    return worker_http.create_app(broker_url, title="flowrl sampler")
 
 
 def serve_in_thread(broker_url: str, host: str, port: int):
     """Start the app under uvicorn in a daemon thread; returns the uvicorn server."""
-    import threading
-
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(create_app(broker_url), host=host, port=port,
-                                           log_level="warning"))
-    threading.Thread(target=server.run, name="sampler-http", daemon=True).start()
-    return server
+    return worker_http.serve_in_thread(create_app(broker_url), host, port, name="sampler-http")

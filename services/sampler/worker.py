@@ -50,6 +50,12 @@ def _sample(task, job: SampleJob, state, attempt: int) -> None:
                        queue=settings.queue(QUEUE_REWARD))
 
 
+def _dead_letter() -> None:
+    from services.sampler.app import observe_dead_letter
+
+    observe_dead_letter()
+
+
 sample = guarded_task(app, settings, TASK_SAMPLE, SampleJob, _sample,
                       job_id=lambda j: j.job_id, sample_ids=lambda j: [i.sample_id for i in j.items],
-                      run_id=lambda j: (j.run_id, j.key_prefix))
+                      run_id=lambda j: (j.run_id, j.key_prefix), on_dead_letter=_dead_letter)

@@ -79,15 +79,36 @@ def test_sampler_waits_for_the_policy_version_then_says_why(state):
         runtime.run(make_job(store.url), state)
 
 
-def run_task(state, body, *, max_retries: int = 0, max_deliveries: int = 3):
+def run_task(state, body, *, max_retries: int = 0, max_deliveries: int = 3, on_dead_letter=None):
     """``body`` registered through :func:`guarded_task`, against the state's Redis."""
     settings = QueueSettings(broker_url=state.url, max_retries=max_retries,
                              max_deliveries=max_deliveries)
     app = make_celery(settings, name=f"test-{uuid.uuid4().hex[:6]}")
     task = guarded_task(app, settings, "flowrl.test", SampleJob, body, job_id=lambda j: j.job_id,
                         sample_ids=lambda j: [i.sample_id for i in j.items],
-                        run_id=lambda j: (j.run_id, state.keys.prefix))
+                        run_id=lambda j: (j.run_id, state.keys.prefix), on_dead_letter=on_dead_letter)
     return task
+
+
+def test_every_dead_letter_calls_the_hook(state):
+    """The workers count dead letters in Prometheus through ``on_dead_letter``: once per letter,
+    on each path (failure, redelivery cap, unparsable message), never on success."""
+    counted = []
+    hook = lambda: counted.append(len(state.dead_letters()))  # noqa: E731 (called after the write)
+    raw = make_job("memory://x").model_dump_json()
+    run_task(state, lambda *a: None, on_dead_letter=hook).apply(args=[raw])
+    assert counted == []
+
+    def broken(task, job, st, attempt):
+        raise ValueError("no such model")
+
+    run_task(state, broken, on_dead_letter=hook).apply(args=[raw])
+    for _ in range(3):
+        state.count_delivery("flowrl.test:samplerun/e0/j0:r0")
+    run_task(state, lambda *a: None, max_deliveries=2, on_dead_letter=hook).apply(args=[raw])
+    run_task(state, lambda *a: None, on_dead_letter=hook).apply(
+        args=['{"run_id": "samplerun", "key_prefix": "%s", "job_id": "j9"}' % state.keys.prefix])
+    assert counted == [1, 2, 3]
 
 
 def test_failures_are_dead_lettered_with_the_error(state):
