@@ -195,15 +195,18 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
         more = epoch + 1 < t.max_epochs
         if more and t.max_staleness >= 1:  # sample epoch k+1 while training on k
             plan, pending = dispatch(epoch + 1)
+        t_opt = time.time()
         step, opt_metrics = optimize(cfg, accelerator, policy, algorithm, optimizer, lr_schedule,
                                      data, epoch, step)
+        optimize_seconds = time.time() - t_opt
         version += 1
         transport.publish(version)
         transport.epoch_done(epoch)
         train_seconds += time.time() - t0
         metrics = {"epoch": epoch + 1, **data.metrics, **opt_metrics,
                    "train/optimizer_step": step, "train/policy_version": version,
-                   "time/epoch_seconds": time.time() - t0, "time/train_seconds": train_seconds}
+                   "time/epoch_seconds": time.time() - t0, "time/optimize_seconds": optimize_seconds,
+                   "time/train_seconds": train_seconds}
         history.append(metrics)
         if prom is not None:
             prom.observe_epoch(metrics, data.advantages.shape[0] * world, transport)

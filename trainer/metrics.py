@@ -6,6 +6,9 @@ Updated once per epoch from the same dict that goes to ``metrics.jsonl``:
 * ``flowrl_trainer_policy_version``: versions published so far;
 * ``flowrl_trainer_policy_lag`` / ``_lag_max``: how many versions the trained samples lagged;
 * ``flowrl_trainer_epoch_seconds`` (histogram): wall time of one epoch (collect + optimize);
+* ``flowrl_trainer_optimize_seconds`` (histogram): the optimization phase of one epoch, and
+  ``flowrl_trainer_optimizer_steps_total``: seconds per train step =
+  ``rate(flowrl_trainer_optimize_seconds_sum) / rate(flowrl_trainer_optimizer_steps_total)``;
 * ``flowrl_trainer_loss``, ``flowrl_trainer_reward{reward=...}``: last epoch's means;
 * ``flowrl_trainer_samples_total``, ``flowrl_trainer_duplicate_scores_total``,
   ``flowrl_trainer_dead_letters_total``;
@@ -31,6 +34,10 @@ class TrainerMetrics:
                              registry=r)
         self.epoch_seconds = Histogram("flowrl_trainer_epoch_seconds", "Seconds per epoch (collect + optimize).",
                                        buckets=EPOCH_BUCKETS, registry=r)
+        self.optimize_seconds = Histogram("flowrl_trainer_optimize_seconds",
+                                          "Seconds per epoch spent in optimizer steps (forward, backward, update).",
+                                          buckets=EPOCH_BUCKETS, registry=r)
+        self.optimizer_steps = Counter("flowrl_trainer_optimizer_steps", "Optimizer steps taken.", registry=r)
         self.loss = Gauge("flowrl_trainer_loss", "Mean training loss of the last epoch.", registry=r)
         self.reward = Gauge("flowrl_trainer_reward", "Mean training reward of the last epoch.", ["reward"],
                             registry=r)
@@ -41,7 +48,7 @@ class TrainerMetrics:
         self.queue_depth = Gauge("flowrl_queue_depth", "Tasks waiting in a queue.", ["queue"], registry=r)
         self.gpu_memory = Gauge("flowrl_trainer_gpu_memory_bytes", "CUDA memory allocated by the trainer.",
                                 registry=r)
-        self._counted = {"duplicates": 0, "dead": 0}  # transport totals already added
+        self._counted = {"duplicates": 0, "dead": 0, "steps": 0}  # running totals already added
 
     def serve(self, host: str, port: int):
         """Serve ``/metrics`` from a background thread; returns the HTTP server."""
@@ -54,6 +61,9 @@ class TrainerMetrics:
         self.lag.set(metrics.get("queue/policy_lag", 0.0))
         self.lag_max.set(metrics.get("queue/policy_lag_max", 0.0))
         self.epoch_seconds.observe(metrics["time/epoch_seconds"])
+        self.optimize_seconds.observe(metrics["time/optimize_seconds"])
+        self.optimizer_steps.inc(metrics["train/optimizer_step"] - self._counted["steps"])
+        self._counted["steps"] = metrics["train/optimizer_step"]
         if "train/loss" in metrics:
             self.loss.set(metrics["train/loss"])
         for key, value in metrics.items():

@@ -150,6 +150,10 @@ def test_trainer_metrics_endpoint_reports_the_epochs(tmp_path):
     assert values["flowrl_trainer_policy_version[]"] == 2
     assert values["flowrl_trainer_samples_total[]"] == 2 * 2 * 2
     assert values["flowrl_trainer_epoch_seconds_count[]"] == 2
+    assert values["flowrl_trainer_optimize_seconds_count[]"] == 2
+    assert 0 < values["flowrl_trainer_optimize_seconds_sum[]"] <= values["flowrl_trainer_epoch_seconds_sum[]"]
+    assert values["flowrl_trainer_optimizer_steps_total[]"] == json.loads(
+        (tmp_path / "runs" / "tiny_grpo" / "summary.json").read_text())["optimizer_steps"] > 0
     assert 0 <= values["flowrl_trainer_reward[('reward', 'brightness')]"] <= 1
     assert "flowrl_trainer_loss[]" in values and values["flowrl_trainer_dead_letters_total[]"] == 0
     assert not any(t.name.startswith("prometheus") for t in threading.enumerate() if not t.daemon)
