@@ -42,13 +42,17 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     w.add_argument("--name", help="worker name (default {kind}-{pid}@{host})")
     w.add_argument("--loglevel", default="INFO")
-    w.add_argument("--http-port", type=int, help="sampler only: serve /health/live, /health/ready, "
-                   "/metrics on this port")
+    w.add_argument("--http-port", type=int, help="serve /health/live, /health/ready and /metrics on this port "
+                   "(conventionally 9101 for samplers, 9102 for reward workers)")
     w.add_argument("--http-host", default="127.0.0.1", help="interface for --http-port (default loopback)")
     s = sub.add_parser("serve", help="run a service's HTTP server (see: flowrl serve reward --help)")
     s.add_argument("service", choices=["reward"])
     s.add_argument("args", nargs=argparse.REMAINDER, help="the service's own options")
     return p
+
+
+# The module holding each worker kind's metrics and its serve_in_thread (health + /metrics).
+WORKER_HTTP = {"sampler": "services.sampler.app", "reward": "services.reward.worker_app"}
 
 
 def _worker(args) -> int:
@@ -65,15 +69,10 @@ def _worker(args) -> int:
     name = args.name or f"{args.kind}-{os.getpid()}@{socket.gethostname()}"
     os.environ["FLOWRL_WORKER_NAME"] = name
     if args.http_port is not None:
-        if args.kind != "sampler":
-            print("flowrl worker: --http-port is for sampler workers (the reward service has its "
-                  "own server: flowrl serve reward)", file=sys.stderr)
-            return 2
-        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # metrics of the pool child, too
-            import tempfile
+        from shared.worker_http import prepare_multiprocess_dir
 
-            os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="flowrl-metrics-")
-        importlib.import_module("services.sampler.app").serve_in_thread(
+        prepare_multiprocess_dir()  # before prometheus_client is imported: the pool child's metrics, too
+        importlib.import_module(WORKER_HTTP[args.kind]).serve_in_thread(
             QueueSettings().broker_url, args.http_host, args.http_port)
     module = importlib.import_module(f"services.{args.kind}.worker")  # reads FLOWRL_QUEUE_* now
     queue = QueueSettings().queue(QUEUE_SAMPLE if args.kind == "sampler" else QUEUE_REWARD)
