@@ -22,17 +22,22 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 venv: $(STAMP) tools
 
-# promtool checks deploy/prometheus.yml (tests/deploy/test_prometheus.py, marked integration).
-# It ships in Debian's `prometheus` package; only the binary is unpacked into the venv, so no
-# Prometheus server gets installed or started. Where apt cannot fetch it, the test fails and
-# says how to get promtool (never a silent skip).
+# promtool checks deploy/prometheus.yml and the Prometheus server scrapes a live run
+# (tests/deploy/test_prometheus.py, tests/integration/test_prometheus_live.py; both marked
+# integration). Both binaries ship in Debian's `prometheus` package; only they are unpacked
+# into the venv, so no Prometheus service gets installed or started. Where apt cannot fetch the
+# package, the tests fail and say how to get the binaries (never a silent skip).
+PROM_TOOLS := promtool prometheus
+
 tools: $(BIN)/python
-	@command -v promtool >/dev/null 2>&1 || [ -x $(BIN)/promtool ] || { \
+	@missing=""; for t in $(PROM_TOOLS); do \
+	  command -v $$t >/dev/null 2>&1 || [ -x $(BIN)/$$t ] || missing="$$missing $$t"; done; \
+	[ -z "$$missing" ] || { \
 	  tmp=$$(mktemp -d); \
 	  ( cd $$tmp && { apt-get download prometheus || { apt-get update -qq && apt-get download prometheus; }; } \
 	    && dpkg-deb -x prometheus_*.deb unpacked ) >/dev/null 2>&1 \
-	    && cp $$tmp/unpacked/usr/bin/promtool $(BIN)/promtool \
-	    || echo "make: could not unpack promtool from Debian's prometheus package; tests/deploy will fail until it is installed" >&2; \
+	    && ( for t in $$missing; do cp $$tmp/unpacked/usr/bin/$$t $(BIN)/$$t || exit 1; done ) \
+	    || echo "make: could not unpack$$missing from Debian's prometheus package; the Prometheus tests will fail until they are installed" >&2; \
 	  rm -rf $$tmp; }
 
 demo: $(STAMP)

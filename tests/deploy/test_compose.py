@@ -243,7 +243,10 @@ def test_healthchecks_probe_the_ports_the_commands_open(variants):
         reward = services["reward"]["command"]
         port = reward[reward.index("--port") + 1]
         assert f"127.0.0.1:{port}/v2/health/ready" in " ".join(services["reward"]["healthcheck"]["test"])
-        for name in ("sampler", "reward"):
+        worker = _parser().parse_args(services["reward-worker"]["command"][1:])
+        assert f"127.0.0.1:{worker.http_port}/health/ready" in " ".join(services["reward-worker"]["healthcheck"]["test"])
+        assert worker.http_host == "0.0.0.0", "Prometheus scrapes the reward worker from another container"
+        for name in ("sampler", "reward", "reward-worker"):
             test = services[name]["healthcheck"]["test"]
             script = test[test.index("python") + 1]
             assert script.startswith("/app/") and (ROOT / script.removeprefix("/app/")).is_file(), \
@@ -293,3 +296,40 @@ def test_monitoring_mounts_and_secrets_line_up(variants):
     provider = yaml.safe_load((ROOT / "deploy/grafana/provisioning/dashboards/flowrl.yaml").read_text())
     dashboards_mount = next(v for v in services["grafana"]["volumes"] if v.startswith("./deploy/grafana/dashboards"))
     assert dashboards_mount.split(":")[1] == provider["providers"][0]["options"]["path"]
+
+
+def test_every_metrics_port_is_exposed_and_scraped_by_its_job(variants):
+    """deploy/prometheus.yml's job for each flowrl service finds it by a compose DNS name and
+    scrapes the port its command opens (and exposes) on all interfaces of the container."""
+    import yaml
+
+    from shared.config import load_config
+    from trainer.cli import _parser
+
+    prom = yaml.safe_load((ROOT / "deploy/prometheus.yml").read_text())
+    jobs = {j["job_name"]: j["dns_sd_configs"][0] for j in prom["scrape_configs"] if "dns_sd_configs" in j}
+    for variant, compose in variants.items():
+        services = compose["services"]
+
+        def names_of(service: str) -> set[str]:
+            return {service, *services[service].get("networks", {}).get("default", {}).get("aliases", [])}
+
+        ports = {}
+        for service in ("sampler", "reward-worker"):
+            args = _parser().parse_args(services[service]["command"][1:])
+            assert args.http_host == "0.0.0.0", f"{variant}/{service}: Prometheus scrapes from another container"
+            ports[service] = args.http_port
+        args = _parser().parse_args(services["trainer"]["command"][1:])
+        cfg = load_config(ROOT / args.config, args.overrides)
+        assert cfg.metrics_host == "0.0.0.0", f"{variant}/trainer: metrics_host must listen beyond loopback"
+        ports["trainer"] = cfg.metrics_port
+        reward = services["reward"]["command"]
+        ports["reward"] = int(reward[reward.index("--port") + 1])
+        for service, job in [("sampler", "flowrl-sampler"), ("reward-worker", "flowrl-reward-worker"),
+                             ("trainer", "flowrl-trainer"), ("reward", "flowrl-reward")]:
+            assert jobs[job]["port"] == ports[service], f"{variant}: job {job} scrapes {jobs[job]['port']}, " \
+                f"{service} listens on {ports[service]}"
+            assert set(jobs[job]["names"]) <= names_of(service), \
+                f"{variant}: job {job} looks up {jobs[job]['names']}, which do not name {service}"
+            assert str(ports[service]) in [str(p) for p in services[service].get("expose", [])], \
+                f"{variant}/{service}: expose its metrics port {ports[service]}"

@@ -156,6 +156,14 @@ def test_probes_use_the_health_endpoints(rendered, overlay):
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert sampler[probe]["httpGet"]["port"] == "http"
 
+    worker = _pod(workloads["flowrl-reward-worker"])["containers"][0]
+    args = _parser().parse_args(worker["args"][1:])
+    assert {p["name"]: p["containerPort"] for p in worker["ports"]}["http"] == args.http_port
+    assert args.http_host == "0.0.0.0"
+    for probe, path in [("startupProbe", "/health/live"), ("readinessProbe", "/health/ready"),
+                        ("livenessProbe", "/health/live")]:
+        assert worker[probe]["httpGet"] == {"path": path, "port": "http"}, probe
+
     reward = _pod(workloads["flowrl-reward"])["containers"][0]
     port = reward["args"][reward["args"].index("--port") + 1]
     assert {p["name"]: p["containerPort"] for p in reward["ports"]}["http"] == int(port)
@@ -229,7 +237,7 @@ def test_experiment_configmap_is_a_valid_config_scored_by_the_reward_service(ren
     volume = next(v for v in _pod(trainer)["volumes"] if v["name"] == mount["name"])
     data = _by(docs, "ConfigMap")[volume["configMap"]["name"]]["data"]
     raw = yaml.safe_load(data[args.config.removeprefix(mount["mountPath"] + "/")])
-    cfg = parse_config(apply_overrides(raw, args.overrides))
+    cfg = parse_config(apply_overrides(json.loads(json.dumps(raw)), args.overrides))  # (it edits in place)
     assert cfg.output_dir.startswith("/data/")
     (spec,) = cfg.rewards
     service = _by(docs, "Service")["flowrl-reward"]
@@ -336,3 +344,60 @@ def test_references_resolve(rendered, overlay):
             assert port["targetPort"] in ports, f"Service {name}: no container port named {port['targetPort']}"
     for name, secret in secrets.items():  # placeholders are recognisable, so Redis can refuse them
         assert all(v.startswith("CHANGE-ME") for v in secret["stringData"].values()), name
+
+
+def _trainer_config(docs: list[dict]):
+    """The trainer Job's experiment as the container parses it (ConfigMap + --set overrides)."""
+    from shared.config import apply_overrides, parse_config
+    from trainer.cli import _parser
+
+    trainer = _workloads(docs)["flowrl-trainer"]
+    container = _pod(trainer)["containers"][0]
+    args = _parser().parse_args(container["args"][1:])
+    mount = next(m for m in container["volumeMounts"] if args.config.startswith(m["mountPath"] + "/"))
+    volume = next(v for v in _pod(trainer)["volumes"] if v["name"] == mount["name"])
+    data = _by(docs, "ConfigMap")[volume["configMap"]["name"]]["data"]
+    raw = yaml.safe_load(data[args.config.removeprefix(mount["mountPath"] + "/")])
+    return parse_config(apply_overrides(raw, args.overrides))
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_metrics_endpoint_is_annotated_opened_and_admitted(rendered, overlay):
+    """Each flowrl pod with /metrics carries prometheus.io annotations naming the port its
+    command opens on all interfaces, and the NetworkPolicies admit Prometheus to that port."""
+    from trainer.cli import _parser
+
+    docs = rendered[overlay]
+    workloads = _workloads(docs)
+    opened = {}
+    for name in ("flowrl-sampler", "flowrl-reward-worker"):
+        args = _parser().parse_args(_pod(workloads[name])["containers"][0]["args"][1:])
+        assert args.http_host == "0.0.0.0", name
+        opened[name] = args.http_port
+    cfg = _trainer_config(docs)
+    assert cfg.metrics_host == "0.0.0.0", "the trainer's metrics_host must listen beyond loopback"
+    opened["flowrl-trainer"] = cfg.metrics_port
+    reward = _pod(workloads["flowrl-reward"])["containers"][0]["args"]
+    opened["flowrl-reward"] = int(reward[reward.index("--port") + 1])
+    policies = [p["spec"] for p in _by(docs, "NetworkPolicy").values()]
+    for name, port in opened.items():
+        template = workloads[name]["spec"]["template"]
+        notes = template["metadata"].get("annotations", {})
+        assert notes.get("prometheus.io/scrape") == "true" and notes.get("prometheus.io/path") == "/metrics", name
+        assert notes["prometheus.io/port"] == str(port), f"{name}: annotated {notes['prometheus.io/port']}, opens {port}"
+        container_ports = [p["containerPort"] for c in _pod(workloads[name])["containers"] for p in c.get("ports", [])]
+        assert port in container_ports, f"{name}: declare containerPort {port}"
+        labels = template["metadata"]["labels"]
+
+        def selects(selector: dict) -> bool:
+            if not selector.get("matchLabels", {}).items() <= labels.items():
+                return False
+            return all(labels.get(e["key"]) in e["values"] if e["operator"] == "In" else False
+                       for e in selector.get("matchExpressions", []))
+
+        admitted = any(
+            selects(spec["podSelector"]) and port in [p["port"] for p in rule.get("ports", [])]
+            and any(s.get("namespaceSelector", {}).get("matchLabels", {}).get("kubernetes.io/metadata.name")
+                    == "monitoring" for s in rule["from"])
+            for spec in policies for rule in spec.get("ingress", []))
+        assert admitted, f"{name}: no NetworkPolicy admits Prometheus (namespace monitoring) to port {port}"

@@ -4,7 +4,7 @@
   the venv when it is missing) accepts the config, and rejects a broken copy;
 * every flowrl service with a /metrics endpoint has a scrape job;
 * every panel of the dashboard queries only metric names the code defines (grepped from
-  services/: ``Counter("name"``, ``Histogram(``, ``Gauge(`` ...), plus an explicit short list
+  services/ and trainer/: ``Counter("name"``, ``Histogram(``, ``Gauge(`` ...), plus an explicit short list
   of metrics that other programs export (Prometheus' ``up``, the DCGM exporter's GPU gauges);
 * the dashboard refers to the provisioned datasource by its fixed uid.
 """
@@ -47,10 +47,10 @@ def _promtool() -> str:
 
 
 def defined_metrics() -> dict[str, str]:
-    """``{name: type}`` of every metric constructed in services/ (the name as passed to the
-    constructor, i.e. without the ``_total`` prometheus_client adds to counters)."""
+    """``{name: type}`` of every metric constructed in services/ and trainer/ (the name as passed
+    to the constructor, i.e. without the ``_total`` prometheus_client adds to counters)."""
     found = {}
-    for path in sorted((ROOT / "services").rglob("*.py")):
+    for path in sorted([*(ROOT / "services").rglob("*.py"), *(ROOT / "trainer").rglob("*.py")]):
         for kind, name in DEFINITION.findall(path.read_text()):
             found[name.removesuffix("_total") if kind == "Counter" else name] = kind.lower()
     return found
@@ -82,7 +82,7 @@ def metric_names(expr: str) -> set[str]:
     return names
 
 
-def _exprs(dashboard: dict):
+def dashboard_exprs(dashboard: dict):
     for panel in dashboard["panels"]:
         for inner in [panel, *panel.get("panels", [])]:
             for target in inner.get("targets", []):
@@ -112,7 +112,8 @@ def test_every_metrics_endpoint_has_a_scrape_job():
     config = yaml.safe_load(PROMETHEUS.read_text())
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     assert len(jobs) == len(config["scrape_configs"]), "duplicate job names"
-    for name, port in [("flowrl-sampler", 9101), ("flowrl-reward", 8000), ("dcgm", 9400)]:
+    for name, port in [("flowrl-sampler", 9101), ("flowrl-reward-worker", 9102), ("flowrl-trainer", 9200),
+                       ("flowrl-reward", 8000), ("dcgm", 9400)]:
         job = jobs[name]
         assert job.get("metrics_path", "/metrics") == "/metrics"
         assert [sd["port"] for sd in job["dns_sd_configs"]] == [port], name
@@ -127,10 +128,13 @@ def test_metric_grep_matches_what_the_registries_expose():
     slip past it): compare with the families the two registries really collect."""
     from prometheus_client import REGISTRY
 
+    import services.reward.worker_app  # noqa: F401  (registers the reward worker metrics)
     import services.sampler.app  # noqa: F401  (registers the sampler metrics)
     from services.reward.metrics import Metrics
+    from trainer.metrics import TrainerMetrics
 
     live = {(f.name, f.type) for f in Metrics().registry.collect()}
+    live |= {(f.name, f.type) for f in TrainerMetrics().registry.collect()}
     live |= {(f.name, f.type) for f in REGISTRY.collect() if f.name.startswith("flowrl_")}
     assert live == set(defined_metrics().items())
 
@@ -144,13 +148,13 @@ def test_promql_name_extraction():
 def test_dashboard_queries_only_defined_metrics(path):
     dashboard = json.loads(path.read_text())
     known = series_names() | set(EXTERNAL)
-    exprs = list(_exprs(dashboard))
+    exprs = list(dashboard_exprs(dashboard))
     assert exprs, "a dashboard without queries"
     for title, expr in exprs:
         unknown = metric_names(expr) - known
         assert not unknown, f"panel {title!r} queries {sorted(unknown)}, which nothing exports ({expr})"
     used = set().union(*(metric_names(e) for _, e in exprs))
-    missing = {n for n in defined_metrics() if not any(u.startswith(n) for u in used)}
+    missing = {n for n, kind in defined_metrics().items() if not any(n + x in used for x in SUFFIXES[kind])}
     assert not missing, f"metrics the services export but no panel shows: {sorted(missing)}"
 
 
