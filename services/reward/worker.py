@@ -54,7 +54,8 @@ def score_job(job: RewardJob, *, worker: str = "") -> ScoredBatch:
             _models[key] = build_rewards([spec], _device())[spec.label]
         models[spec.label] = _models[key]
     images = store.get_images(traj.images)
-    scores = score_specs(models, specs, images, traj.prompts, torch.tensor(traj.group_ids))
+    scores = score_specs(models, specs, images, traj.prompts, torch.tensor(traj.group_ids),
+                         sample_ids=traj.sample_ids)  # an inf reward's error names the sample id
     as_list = lambda t: [None if math.isnan(x) else x for x in t.tolist()]  # noqa: E731
     return ScoredBatch(trajectory=traj, rewards={k: as_list(v) for k, v in scores.items()},
                        worker=worker, seconds=time.perf_counter() - t0)

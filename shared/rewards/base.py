@@ -45,7 +45,15 @@ REWARDS: Registry = Registry("reward")
 
 
 class RewardOutputError(ValueError):
-    """A reward model returned something of the wrong shape or with invalid values."""
+    """A reward model returned something of the wrong shape or with invalid values.
+
+    ``index``: the first offending sample's position in the scored batch (None when the error
+    is not about one sample, e.g. a wrong shape); callers that know sample ids name it.
+    """
+
+    def __init__(self, message: str, index: int | None = None) -> None:
+        super().__init__(message)
+        self.index = index
 
 
 class RewardModel:
@@ -154,8 +162,11 @@ def build_reward(name: str, **options) -> RewardModel:
     return cls(**options)
 
 
-def _checked(out: object, n: int, model: RewardModel, call: str, *, probability: bool = False) -> torch.Tensor:
-    """``out`` as a CPU float32 ``[n]`` tensor, or a :class:`RewardOutputError` naming the reward."""
+def _checked(out: object, n: int, model: RewardModel, call: str, *, probability: bool = False,
+             indices: list[int] | None = None, prompts: list[str] | None = None) -> torch.Tensor:
+    """``out`` as a CPU float32 ``[n]`` tensor, or a :class:`RewardOutputError` naming the reward
+    (and, for an invalid value, the sample: ``indices`` maps positions in ``out`` to positions in
+    the whole batch, ``prompts`` are the prompts of ``out``'s samples)."""
     if not isinstance(out, torch.Tensor):
         raise RewardOutputError(f"reward '{model.name}': {call} returned {type(out).__name__}, expected a tensor of shape ({n},)")
     if tuple(out.shape) != (n,):
@@ -163,10 +174,15 @@ def _checked(out: object, n: int, model: RewardModel, call: str, *, probability:
             f"reward '{model.name}': {call} returned shape {tuple(out.shape)} for {n} inputs; expected ({n},)"
         )
     out = out.detach().to(device="cpu", dtype=torch.float32)
-    if bool(torch.isinf(out).any()):
-        raise RewardOutputError(f"reward '{model.name}': {call} returned inf; rewards must be finite or NaN (abstain)")
-    if probability and bool(((out < 0) | (out > 1)).any()):
-        raise RewardOutputError(f"reward '{model.name}': {call} must return probabilities in [0, 1]")
+    bad = torch.isinf(out) | (((out < 0) | (out > 1)) if probability else torch.zeros_like(out, dtype=torch.bool))
+    if bool(bad.any()):
+        j = int(torch.nonzero(bad).flatten()[0])
+        index = indices[j] if indices is not None else j
+        prompt = f", prompt {prompts[j]!r}" if prompts is not None else ""
+        rule = ("must return probabilities in [0, 1]" if probability and not torch.isinf(out[j])
+                else "must return finite values, or NaN to abstain for a sample")
+        raise RewardOutputError(f"reward '{model.name}': {call} returned {float(out[j])} for sample {index}{prompt}; "
+                                f"it {rule}", index=index)
     return out
 
 
@@ -177,13 +193,15 @@ def _group_members(group_ids: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _pairwise_group_scores(
-    model: RewardModel, images: torch.Tensor, prompts: list[str], batch_size: int
+    model: RewardModel, images: torch.Tensor, prompts: list[str], batch_size: int,
+    members: list[int] | None = None,
 ) -> torch.Tensor:
     """Mean win probability of each of the ``K`` members against the others (``[K]``).
 
     All unordered pairs ``i < j`` are compared once, in chunks of ``batch_size`` pairs:
     ``p = compare(i, j)`` counts ``p`` for ``i`` and ``1 - p`` for ``j``. NaN comparisons abstain;
-    a member with no valid comparison (e.g. a group of one) gets NaN.
+    a member with no valid comparison (e.g. a group of one) gets NaN. ``members``: the members'
+    positions in the whole batch (for error messages).
     """
     k = images.shape[0]
     wins = torch.zeros(k, dtype=torch.float64)
@@ -194,7 +212,8 @@ def _pairwise_group_scores(
         p = model.compare(
             images[a].to(model.device), images[b].to(model.device), [prompts[int(i)] for i in a]
         )
-        p = _checked(p, a.numel(), model, "compare()", probability=True).double()
+        p = _checked(p, a.numel(), model, "compare()", probability=True, prompts=[prompts[int(i)] for i in a],
+                     indices=[members[int(i)] if members is not None else int(i) for i in a]).double()
         ok = ~torch.isnan(p)
         a, b, p = a[ok], b[ok], p[ok]
         wins.index_add_(0, a, p).index_add_(0, b, 1.0 - p)
@@ -244,7 +263,7 @@ def score_all(
         for s in range(0, n, batch_size):
             e = min(s + batch_size, n)
             out = model.score(images[s:e].to(model.device), list(prompts[s:e]))
-            chunks.append(_checked(out, e - s, model, "score()"))
+            chunks.append(_checked(out, e - s, model, "score()", indices=list(range(s, e)), prompts=prompts[s:e]))
         return torch.cat(chunks) if chunks else torch.zeros(0)
 
     result = torch.full((n,), float("nan"), dtype=torch.float32)
@@ -253,7 +272,8 @@ def score_all(
         group_prompts = [prompts[int(i)] for i in idx]
         if model.kind == "groupwise":
             out = model.score_group(group_images.to(model.device), group_prompts)
-            result[idx] = _checked(out, idx.numel(), model, "score_group()")
+            result[idx] = _checked(out, idx.numel(), model, "score_group()", indices=idx.tolist(),
+                                   prompts=group_prompts)
         else:  # pairwise
-            result[idx] = _pairwise_group_scores(model, group_images, group_prompts, batch_size)
+            result[idx] = _pairwise_group_scores(model, group_images, group_prompts, batch_size, idx.tolist())
     return result

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from shared.rewards.base import RewardModel, build_reward, score_all
+from shared.rewards.base import RewardModel, RewardOutputError, build_reward, score_all
 
 
 def resolve_device(device: str, default: str | torch.device) -> str:
@@ -25,11 +25,28 @@ def build_rewards(specs, device: str | torch.device) -> dict[str, RewardModel]:
 
 
 def score_specs(rewards: dict[str, RewardModel], specs, images: torch.Tensor, prompts: list[str],
-                group_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Score with every configured reward -> ``{label: [N] float32 CPU}`` (NaN = abstain)."""
-    return {spec.label: score_all(rewards[spec.label], images, prompts, group_ids,
-                                  spec.batch_size).float().cpu()
-            for spec in specs}
+                group_ids: torch.Tensor, sample_ids: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Score with every configured reward -> ``{label: [N] float32 CPU}`` (NaN = abstain).
+
+    Raises:
+        RewardOutputError: a reward returned inf (or a bad shape); the message names the reward's
+            label and the sample: its id (``sample_ids``, the distributed mode's ids) or else its
+            position and group id, and its prompt.
+    """
+    out = {}
+    for spec in specs:
+        try:
+            out[spec.label] = score_all(rewards[spec.label], images, prompts, group_ids, spec.batch_size).float().cpu()
+        except RewardOutputError as e:
+            if e.index is None:
+                raise RewardOutputError(f"rewards['{spec.label}'] ({spec.reward_model}): {e}") from None
+            who = (f"sample id '{sample_ids[e.index]}'" if sample_ids is not None
+                   else f"sample {e.index} of the batch (group {int(group_ids[e.index])})")
+            raise RewardOutputError(
+                f"rewards['{spec.label}'] ({spec.reward_model}) gave an invalid reward to {who}, prompt "
+                f"{prompts[e.index]!r}: {e}. Fix the reward model (e.g. clamp its output), or return NaN "
+                f"for samples it should abstain on", index=e.index) from None
+    return out
 
 
 def spec_dicts(specs) -> list[dict[str, Any]]:

@@ -1,0 +1,110 @@
+"""Invalid reward values are refused with the reward's name and the sample (id or position and
+group, and its prompt), on every path that scores: ``score_all``, the experiment's reward set
+(``score_specs``: embedded trainer and evaluation) and the distributed reward worker.
+
+Policy (docs/reliability.md): +inf / -inf (and, for pairwise rewards, probabilities outside
+[0, 1]) are errors; NaN is the documented "abstain" value (the advantage code leaves the sample
+out of that reward's statistics) and passes; over HTTP, where NaN cannot travel, the reward
+server refuses NaN too (tests/services/test_reward_server.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from services.reward.worker import score_job
+from shared.config import RewardSpec
+from shared.protocol import RewardJob, Trajectory
+from shared.rewards import RewardModel, RewardOutputError, score_all
+from shared.rewards.multi import build_rewards, score_specs
+from shared.store import BlobStore
+
+PROMPTS = [f"prompt {i}" for i in range(6)]
+
+
+class InfAt(RewardModel):
+    """Pointwise 0.5, except ``value`` for the sample whose prompt is ``prompt``."""
+
+    kind = "pointwise"
+
+    def __init__(self, *, prompt: str = "prompt 4", value: float = float("inf"), **options) -> None:
+        super().__init__(**options)
+        self.prompt, self.value = prompt, value
+
+    def score(self, images, prompts):
+        return torch.tensor([self.value if p == self.prompt else 0.5 for p in prompts])
+
+
+class GroupInfAt(InfAt):
+    kind = "groupwise"
+
+    def score_group(self, images, prompts):
+        return self.score(images, prompts)
+
+
+class PairOutOfRange(InfAt):
+    kind = "pairwise"
+
+    def compare(self, a, b, prompts):
+        return torch.tensor([1.5 if p == self.prompt else 0.5 for p in prompts])
+
+
+def images(n: int) -> torch.Tensor:
+    return torch.rand(n, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf")])
+def test_score_all_names_the_sample_position_and_prompt(value):
+    with pytest.raises(RewardOutputError) as info:  # batch_size 2: the bad sample is in the third chunk
+        score_all(InfAt(value=value), images(6), PROMPTS, torch.zeros(6, dtype=torch.long), batch_size=2)
+    assert info.value.index == 4
+    assert f"returned {value} for sample 4, prompt 'prompt 4'" in str(info.value) and "InfAt" in str(info.value)
+
+
+def test_groupwise_and_pairwise_name_the_position_in_the_whole_batch():
+    groups = torch.tensor([0, 1, 0, 1, 0, 1])  # members not contiguous: sample 4 is member 2 of group 0
+    with pytest.raises(RewardOutputError) as info:
+        score_all(GroupInfAt(), images(6), PROMPTS, groups, batch_size=2)
+    assert info.value.index == 4 and "prompt 'prompt 4'" in str(info.value)
+    with pytest.raises(RewardOutputError) as info:  # group 0 = samples 0, 2, 4: the pair (2, 4) is out of range
+        score_all(PairOutOfRange(prompt="prompt 2"), images(6), PROMPTS, groups, batch_size=1)
+    assert info.value.index == 2 and "probabilities in [0, 1]" in str(info.value)
+
+
+def test_nan_abstains_and_is_not_an_error():
+    out = score_all(InfAt(value=float("nan")), images(6), PROMPTS, torch.zeros(6, dtype=torch.long), batch_size=4)
+    assert torch.isnan(out[4]) and not torch.isnan(out[[0, 1, 2, 3, 5]]).any()
+
+
+def _specs() -> list[RewardSpec]:
+    return [RewardSpec(reward_model="brightness"),
+            RewardSpec(name="aesthetic_v2", reward_model=f"{__name__}.InfAt", batch_size=4)]
+
+
+def test_reward_set_names_label_and_sample_id_or_group():
+    specs = _specs()
+    models = build_rewards(specs, "cpu")
+    groups = torch.tensor([10, 10, 11, 11, 12, 12])
+    with pytest.raises(RewardOutputError) as info:
+        score_specs(models, specs, images(6), PROMPTS, groups, sample_ids=[f"run/e0/g{g}/k{i % 2}" for i, g in
+                                                                            enumerate(groups.tolist())])
+    msg = str(info.value)
+    assert f"rewards['aesthetic_v2'] ({__name__}.InfAt)" in msg
+    assert "sample id 'run/e0/g12/k0'" in msg and "prompt 'prompt 4'" in msg and "Fix" in msg
+    with pytest.raises(RewardOutputError, match=r"sample 4 of the batch \(group 12\), prompt 'prompt 4'"):
+        score_specs(models, specs, images(6), PROMPTS, groups)  # embedded: no ids, position and group
+
+
+def test_reward_worker_error_names_the_sample_id():
+    """The distributed reward worker scores a job whose reward returns inf: the error (which the
+    task turns into a dead letter, tests/integration) names the reward and the sample id."""
+    store = BlobStore("memory://flowrl-test-bad-rewards")
+    ref = store.put_images("run/e0/j0/images", images(6))
+    ids = [f"run/e0/g{i // 2}/k{i % 2}" for i in range(6)]
+    traj = Trajectory(run_id="run", job_id="run/e0/j0", epoch=0, policy_version=0, sample_ids=ids,
+                      group_ids=[i // 2 for i in range(6)], prompts=PROMPTS, sde_steps=[],
+                      store_url="memory://flowrl-test-bad-rewards", tensors=ref, images=ref)
+    job = RewardJob(trajectory=traj, rewards=[s.model_dump(mode="json") for s in _specs()])
+    with pytest.raises(RewardOutputError, match=r"rewards\['aesthetic_v2'\].*sample id 'run/e0/g2/k0'"):
+        score_job(job)
