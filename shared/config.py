@@ -165,6 +165,9 @@ class TrainConfig(_Strict):
     max_staleness: int = Field(0, ge=0, le=1)
     # -- checkpoints
     save_freq: int = Field(0, ge=0)  # epochs between checkpoints; 0 = only the final one
+    # continue a run exactly: a checkpoint folder, or "latest" (the newest checkpoint of the
+    # run named run_name); see trainer/resume.py
+    resume_from: str | None = None
 
     @field_validator("resolution")
     @classmethod

@@ -6,8 +6,11 @@
   ``transformer.load_lora_adapter(dir, use_safetensors=True)``;
 * full fine-tune: ``transformer/`` via ``save_pretrained``;
 * ``ema.safetensors``: the EMA shadow of the trainable parameters (the eval weights);
-* ``trainer_state.json``: epoch, optimizer step, the config.
-Written by the main process only, into a temporary folder renamed into place (atomic).
+* ``trainer_state.json``: epoch, optimizer step, the config;
+* ``resume/``: optimizer, LR schedule, RNG, counters, pending samples (:mod:`trainer.resume`),
+  when the loop asks for it (every checkpoint it writes).
+Written into a temporary folder renamed into place by the main process (atomic); with several
+processes each writes its own ``resume/*-rank<r>*`` files into it first (shared filesystem).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Callable
 
 from safetensors.torch import load_file, save_file
 
@@ -22,12 +26,22 @@ from shared.config import Config
 
 
 def save_checkpoint(path: Path, cfg: Config, accelerator, adapter, policy, epoch: int,
-                    step: int) -> Path:
+                    step: int, *, main_extra: Callable[[Path], None] | None = None,
+                    rank_extra: Callable[[Path], None] | None = None) -> Path:
+    """Write the checkpoint; ``rank_extra(tmp)`` runs on every process and ``main_extra(tmp)``
+    on the main one, both before the rename (for :mod:`trainer.resume`'s files)."""
+    tmp = path.with_name(path.name + ".tmp")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    if rank_extra is not None:
+        rank_extra(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if main_extra is not None:
+            main_extra(tmp)
         transformer = adapter.transformer
         if cfg.model.finetune_type == "lora":
             _save_lora(transformer, tmp / "lora")

@@ -1,7 +1,7 @@
 """``flowrl`` command line.
 
     flowrl train CONFIG [--set key=value ...]       embedded training (one process, or
-                                                    several under `accelerate launch`)
+                  [--resume CHECKPOINT|latest]      several under `accelerate launch`)
     flowrl eval CONFIG --checkpoint DIR [--set ...] ODE evaluation of a saved checkpoint
     flowrl check CONFIG [--set ...]                 validate a config and print the derived batch geometry
     flowrl serve reward --rewards a,b [...]         run the reward server (services/reward/cli.py)
@@ -34,6 +34,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="override a config key, e.g. --set train.learning_rate=1e-4 (repeatable)")
         if name == "eval":
             s.add_argument("--checkpoint", required=True, help="runs/<run>/checkpoints/<name>")
+        if name in ("train", "trainer"):
+            s.add_argument("--resume", metavar="CHECKPOINT", help="continue a run exactly from "
+                           "runs/<run>/checkpoints/checkpoint-<N>, or 'latest' (with --set run_name=<run>); "
+                           "same as --set train.resume_from=...")
         if name == "check":
             s.add_argument("--world-size", type=int, default=1)
     w = sub.add_parser("worker", help="run a Celery worker (one process, one task at a time)")
@@ -89,13 +93,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "worker":
             return _worker(args)
-        cfg = load_config(args.config, args.overrides)
+        overrides = list(args.overrides)
+        if getattr(args, "resume", None):
+            overrides.append(f"train.resume_from={args.resume}")
+        cfg = load_config(args.config, overrides)
         if args.command == "trainer":
             cfg.transport = "celery"
         if args.command == "check":
             print(json.dumps(cfg.geometry(args.world_size).__dict__, indent=2))
             return 0
         from trainer.data import DatasetError
+        from trainer.resume import ResumeError
 
         try:
             if args.command in ("train", "trainer"):
@@ -113,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(result, indent=2))
         except DatasetError as e:
             print(f"flowrl: dataset error: {e}", file=sys.stderr)
+            return 2
+        except ResumeError as e:
+            print(f"flowrl: cannot resume: {e}", file=sys.stderr)
             return 2
     except ConfigError as e:
         print(f"flowrl: config error in {getattr(args, 'config', None)}:\n{e}", file=sys.stderr)

@@ -30,19 +30,39 @@ from shared.config import Config
 from shared.models import load_adapter
 from shared.rewards.multi import build_rewards
 from trainer.algorithms import ALGORITHMS, Algorithm, TrainBatch
-from trainer.checkpoint import save_checkpoint
+from trainer.checkpoint import load_checkpoint_weights, save_checkpoint
 from trainer.collect import SEED_STRIDE, EpochData, finish_epoch, plan_epoch
 from trainer.data import load_prompts
 from trainer.evaluate import evaluate
 from trainer.policy import Policy, attach_trainable
 from trainer.reporting import MetricLogger, detail_keys, write_report
 from trainer.metrics import TrainerMetrics
+from trainer.resume import (RESUME_DIR, Progress, ResumeError, check_same_experiment, find_checkpoint,
+                            load_rank_state, load_resume, run_dir_of, save_rank_state, save_resume,
+                            truncate_jsonl)
 from trainer.transport import CeleryTransport, LocalTransport
 
 
 def run_name(cfg: Config) -> str:
     return cfg.run_name or (f"{cfg.model.model_type}_{cfg.train.trainer_type}_"
                             f"{datetime.now().strftime('%Y%m%d_%H%M%S')}")
+
+
+def _locate_run(cfg: Config) -> tuple[str, Path, Path | None]:
+    """(run name, run folder, checkpoint to resume from or None)."""
+    spec = cfg.train.resume_from
+    if spec is None:
+        name = run_name(cfg)
+        return name, Path(cfg.output_dir) / name, None
+    if spec == "latest":
+        if not cfg.run_name:
+            raise ResumeError("train.resume_from=latest needs run_name (the run to continue). "
+                              "Fix: --set run_name=<the run's folder name under output_dir>.")
+        run_dir = Path(cfg.output_dir) / cfg.run_name
+        return cfg.run_name, run_dir, find_checkpoint(spec, run_dir)
+    ckpt = find_checkpoint(spec, Path(cfg.output_dir))
+    run_dir = run_dir_of(ckpt)
+    return run_dir.name, run_dir, ckpt
 
 
 def build_optimizer(cfg: Config, trainable: dict):
@@ -141,25 +161,37 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
     eval_rewards = build_rewards(cfg.eval_rewards, accelerator.device) if cfg.eval_rewards else rewards
     eval_specs = cfg.eval_rewards or cfg.rewards
 
-    name = run_name(cfg)
-    run_dir = Path(cfg.output_dir) / name
+    name, run_dir, ckpt = _locate_run(cfg)
+    progress = Progress()
+    if ckpt is not None:  # exact resume: weights, EMA, optimizer, LR schedule, counters
+        check_same_experiment(ckpt, cfg)
+        load_checkpoint_weights(ckpt, cfg, adapter, policy)
+        progress = load_resume(ckpt, optimizer, lr_schedule, accelerator.scaler)
+        if progress.epoch >= t.max_epochs:
+            raise ResumeError(f"{ckpt} is already at epoch {progress.epoch} >= train.max_epochs="
+                              f"{t.max_epochs}. Fix: raise train.max_epochs to train further.")
     logger = None
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+        if ckpt is not None:  # forget what a crashed run logged after its checkpoint
+            truncate_jsonl(run_dir / "metrics.jsonl", lambda r: r.get("step", 0) <= progress.epoch)
         logger = MetricLogger(cfg.logging_backend, run_dir, cfg.project, name, cfg.model_dump())
         if not quiet:
             print(f"flowrl: {t.trainer_type} on {cfg.model.model_type}, {geo.world_size} process(es), "
-                  f"{geo.groups_per_epoch} groups x {geo.group_size} samples per epoch -> {run_dir}")
+                  f"{geo.groups_per_epoch} groups x {geo.group_size} samples per epoch -> {run_dir}"
+                  + (f" (resumed from {ckpt}, epoch {progress.epoch})" if ckpt is not None else ""))
 
     if cfg.transport == "celery":
         transport = CeleryTransport(cfg, adapter, policy, algorithm, name,
-                                    world_size=accelerator.num_processes, run_dir=run_dir)
-        transport.state.clear()  # a fresh run: nothing of an earlier run with this name counts
+                                    world_size=accelerator.num_processes, run_dir=run_dir,
+                                    resume_epoch=None if ckpt is None else progress.epoch)
     else:
         transport = LocalTransport(cfg, adapter, policy, algorithm, rewards)
     rank, world = accelerator.process_index, accelerator.num_processes
-    start, step, train_seconds, version, samples_used = time.time(), 0, 0.0, 0, 0
+    start = time.time()
+    step, version, samples_used = progress.step, progress.version, progress.samples_used
+    train_seconds, history, evals = progress.train_seconds, progress.history, progress.evals
     prom = None
     if main and cfg.metrics_port is not None:
         prom = TrainerMetrics()
@@ -175,17 +207,41 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
                 logger.log_image("eval/images", run_dir / ev["grid"], epoch)
         return ev
 
-    def dispatch(epoch: int):
-        """Plan ``epoch`` and start its sampling with the current policy version."""
+    dispatched_with = version  # the policy version the pending epoch was dispatched with
+
+    def dispatch(epoch: int, with_version: int | None = None):
+        """Plan ``epoch`` and start its sampling with the current (or the given) policy version."""
+        nonlocal dispatched_with
+        dispatched_with = version if with_version is None else with_version
         p = plan_epoch(cfg, train_rows, epoch, rank, world)
         with accelerator.autocast():
-            return p, transport.dispatch(p, version)
+            return p, transport.dispatch(p, dispatched_with)
 
-    evals = [run_eval(0)]
-    history: list[dict] = []
+    def checkpoint(epoch: int, pending_samples) -> None:
+        """A resumable checkpoint after ``epoch + 1`` trained epochs (atomic)."""
+        staged = epoch + 1 if t.max_staleness >= 1 else None
+        state = Progress(epoch + 1, step, version, samples_used, train_seconds, history, evals,
+                         staged, dispatched_with if staged is not None else None)
+        local = pending_samples if cfg.transport == "local" and staged is not None else None
+        save_checkpoint(run_dir / "checkpoints" / f"checkpoint-{epoch + 1}", cfg, accelerator,
+                        adapter, policy, epoch + 1, step,
+                        main_extra=lambda d: save_resume(d / RESUME_DIR, state, optimizer,
+                                                         lr_schedule, accelerator.scaler),
+                        rank_extra=lambda d: save_rank_state(d / RESUME_DIR, rank, local))
+
     transport.publish(version)
-    plan, pending = dispatch(0)
-    bar = tqdm(range(t.max_epochs), desc="epochs", disable=not main or quiet, dynamic_ncols=True)
+    if ckpt is None:
+        evals.append(run_eval(0))
+        plan, pending = dispatch(0)
+    else:  # the checkpoint's pending epoch: its saved samples (local) or dispatched again
+        plan = plan_epoch(cfg, train_rows, progress.epoch, rank, world)
+        pending = load_rank_state(ckpt, rank, adapter, plan, cfg)  # also restores the RNG
+        if pending is None:
+            plan, pending = dispatch(progress.epoch, progress.pending_version)
+        else:
+            dispatched_with = progress.pending_version
+    bar = tqdm(range(progress.epoch, t.max_epochs), desc="epochs", initial=progress.epoch,
+               total=t.max_epochs, disable=not main or quiet, dynamic_ncols=True)
     for epoch in bar:
         t0 = time.time()
         with accelerator.autocast():
@@ -219,19 +275,18 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
         over = torch.tensor([float(t.max_train_seconds is not None and train_seconds >= t.max_train_seconds)],
                             device=accelerator.device)
         last = not more or bool(accelerator.reduce(over, reduction="max").item())
-        if more and not last and t.max_staleness == 0:
-            plan, pending = dispatch(epoch + 1)
         if last or (cfg.eval.eval_freq and (epoch + 1) % cfg.eval.eval_freq == 0):
             evals.append(run_eval(epoch + 1))
         if t.save_freq and (epoch + 1) % t.save_freq == 0 and not last:
-            save_checkpoint(run_dir / "checkpoints" / f"checkpoint-{epoch + 1}", cfg, accelerator,
-                            adapter, policy, epoch + 1, step)
+            checkpoint(epoch, pending if t.max_staleness >= 1 else None)
+        if more and not last and t.max_staleness == 0:  # after the checkpoint: nothing in flight
+            plan, pending = dispatch(epoch + 1)
         if last:
             break
     transport.close()
     if prom is not None:
         prom_server.shutdown()
-    epochs_done = len(history)
+    epochs_done = len(history)  # the whole run's, a resumed one included
     final_dir = save_checkpoint(run_dir / "checkpoints" / "final", cfg, accelerator, adapter, policy,
                                 epochs_done, step)
     summary = {"run_name": name, "trainer_type": t.trainer_type, "model_type": cfg.model.model_type,

@@ -90,7 +90,10 @@ class CeleryTransport:
     """
 
     def __init__(self, cfg: Config, adapter, policy, algorithm, run_id: str, *, world_size: int = 1,
-                 run_dir: Path | None = None, state=None) -> None:
+                 run_dir: Path | None = None, state=None, resume_epoch: int | None = None) -> None:
+        """``resume_epoch``: None for a fresh run (the run's Redis keys and ledger are cleared);
+        else the first epoch a resumed run trains (what the ledger says about later epochs is
+        dropped, and scores still queued for earlier epochs count as duplicates)."""
         if world_size != 1:
             raise ValueError(
                 f"transport: celery runs ONE trainer process (got {world_size}); scale the samplers "
@@ -112,8 +115,15 @@ class CeleryTransport:
         self.loaded: dict[str, Rollout] = {}  # trajectory blobs read ahead of their epoch's end
         # audit trail: one line per sample used for training (id, version, worker, rewards)
         self.ledger = None if run_dir is None else Path(run_dir) / "scored_samples.jsonl"
-        if self.ledger is not None and self.ledger.exists():
-            self.ledger.unlink()  # a fresh run (the loop also clears the run's Redis keys)
+        self.first_epoch = resume_epoch or 0
+        if resume_epoch is None:  # a fresh run: nothing of an earlier run with this name counts
+            self.state.clear()
+            if self.ledger is not None and self.ledger.exists():
+                self.ledger.unlink()
+        elif self.ledger is not None:
+            from trainer.resume import truncate_jsonl
+
+            truncate_jsonl(self.ledger, lambda r: r["epoch"] < resume_epoch)
 
     # ------------------------------------------------------------------ weights
     def publish(self, version: int) -> PolicyPublished:
@@ -177,8 +187,9 @@ class CeleryTransport:
                         f"on {q.broker_url}?")
                 continue
             kept = False
+            stale = batch.trajectory.epoch < self.first_epoch  # trained before a resume
             for row, sid in enumerate(batch.trajectory.sample_ids):
-                if sid in got or sid in self.scored_ids or sid in self.buffer:
+                if stale or sid in got or sid in self.scored_ids or sid in self.buffer:
                     self.duplicates += 1  # a redelivered task scored it again: keep the first
                 elif sid in need:
                     got[sid], kept = (batch, row), True

@@ -49,6 +49,7 @@ class SamplerRuntime:
         self.adapter = None
         self.model_key: str | None = None
         self.version: int | None = None
+        self.weights_sha: str | None = None
         self._stores: dict[str, BlobStore] = {}
 
     # ------------------------------------------------------------------ state
@@ -82,10 +83,12 @@ class SamplerRuntime:
                     f"{self.policy_wait_s:.0f} s the newest published one is {have}. Is the trainer "
                     f"of run {job.run_id!r} alive and using the same Redis ({state.keys.policy})?")
             time.sleep(0.05)
-        if published.version != self.version:
+        # compare the blob, not only the number: a trainer resumed from a checkpoint publishes
+        # the same version numbers again, with the checkpoint's weights
+        if (published.version, published.weights.sha256) != (self.version, self.weights_sha):
             weights = self.store(job.store_url).get_tensors(published.weights)
             load_named_parameters(self.adapter.transformer, weights)
-            self.version = published.version
+            self.version, self.weights_sha = published.version, published.weights.sha256
         return published
 
     # ------------------------------------------------------------------ one job

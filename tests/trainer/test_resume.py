@@ -1,0 +1,148 @@
+"""Exact resume (embedded): a run continued from its epoch-k checkpoint ends with bit-identical
+parameters, EMA, optimizer moments and metric history to the same run trained without a stop.
+
+The "stopped" run is the uninterrupted run's own folder copied as it was at the checkpoint
+(its later checkpoints and final weights removed), then resumed; a real SIGKILL of
+``flowrl train`` mid-epoch is in :func:`test_killed_cli_run_resumes_to_the_same_weights`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tests.helpers.tiny import tiny_config, tiny_raw
+from trainer.loop import train
+from trainer.resume import ResumeError, find_checkpoint
+
+FAST = ["train.num_inference_steps=4", "eval.num_inference_steps=4", "train.group_size=4",
+        "train.unique_sample_num_per_epoch=2", "train.per_device_batch_size=4",
+        "train.gradient_step_per_epoch=2", "train.max_epochs=4", "train.save_freq=2",
+        "train.lr_scheduler=cosine", "train.lr_warmup_steps=2"]
+
+
+def weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Everything a checkpoint holds as tensors: LoRA, EMA, optimizer moments."""
+    out = {f"lora/{k}": v for k, v in load_file(ckpt / "lora" / "pytorch_lora_weights.safetensors").items()}
+    out.update({f"ema/{k}": v for k, v in load_file(ckpt / "ema.safetensors").items()})
+    return out
+
+
+def stop_at(run_dir: Path, epoch: int, to: Path) -> Path:
+    """A copy of ``run_dir`` as a run killed just after writing checkpoint-``epoch`` leaves it."""
+    shutil.copytree(run_dir, to)
+    for ckpt in (to / "checkpoints").iterdir():
+        if ckpt.name != f"checkpoint-{epoch}":
+            shutil.rmtree(ckpt)
+    (to / "summary.json").unlink()
+    return to / "checkpoints" / f"checkpoint-{epoch}"
+
+
+def same_tensors(a: dict, b: dict) -> list[str]:
+    assert a.keys() == b.keys()
+    return [k for k in a if not torch.equal(a[k], b[k])]
+
+
+@pytest.mark.parametrize("trainer_type,extra", [
+    ("grpo", []),
+    ("grpo", ["train.max_staleness=1"]),  # an epoch sampled before the checkpoint travels in it
+    ("nft", []),  # off-policy: samples drawn with the EMA
+])
+def test_resumed_run_is_bit_identical(tmp_path, trainer_type, extra):
+    cfg = tiny_config(tmp_path / "a", trainer_type, FAST + extra)
+    full = train(cfg, quiet=True)
+    run_a = Path(full["run_dir"])
+    assert (run_a / "checkpoints" / "checkpoint-2" / "resume" / "state.json").is_file()
+    if "train.max_staleness=1" in extra:  # the pending epoch's samples are in the checkpoint
+        assert (run_a / "checkpoints" / "checkpoint-2" / "resume" / "pending-rank0.safetensors").is_file()
+
+    ckpt = stop_at(run_a, 2, tmp_path / "b" / "runs" / run_a.name)
+    resumed = train(tiny_config(tmp_path / "b", trainer_type, FAST + extra + [f"train.resume_from={ckpt}"]),
+                    quiet=True)
+    run_b = Path(resumed["run_dir"])
+    assert run_b == ckpt.parent.parent.resolve()
+    assert same_tensors(weights(run_a / "checkpoints" / "final"), weights(run_b / "checkpoints" / "final")) == []
+    # counters and the whole history continue: the summary is the uninterrupted one's
+    for key in ("epochs", "optimizer_steps", "policy_version", "samples"):
+        assert resumed[key] == full[key], key
+    hist = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    drop_time = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]  # noqa: E731
+    assert drop_time(hist(run_b)) == drop_time(hist(run_a))
+    assert resumed["final/brightness"] == full["final/brightness"]
+
+
+def test_resume_refuses_another_experiment(tmp_path):
+    cfg = tiny_config(tmp_path, "grpo", FAST + ["train.max_epochs=2", "train.save_freq=1"])
+    run = Path(train(cfg, quiet=True)["run_dir"])
+    ckpt = run / "checkpoints" / "checkpoint-1"
+    bad = tiny_config(tmp_path, "grpo", FAST + ["train.learning_rate=1e-2",
+                                                f"train.resume_from={ckpt}"])
+    with pytest.raises(ResumeError, match=r"train\.learning_rate: checkpoint 0\.003, now 0\.01"):
+        train(bad, quiet=True)
+    with pytest.raises(ResumeError, match="raise train.max_epochs"):
+        train(tiny_config(tmp_path, "grpo", FAST + ["train.max_epochs=1", f"train.resume_from={ckpt}"]),
+              quiet=True)
+
+
+def test_resume_latest_needs_a_run_and_finds_its_newest_checkpoint(tmp_path):
+    with pytest.raises(ResumeError, match="no resumable checkpoint"):
+        find_checkpoint("latest", tmp_path / "runs" / "nothing")
+    with pytest.raises(ResumeError, match="not a resumable checkpoint"):
+        find_checkpoint(str(tmp_path), tmp_path)
+    for n in (2, 10, 4):
+        (tmp_path / "checkpoints" / f"checkpoint-{n}" / "resume").mkdir(parents=True)
+        (tmp_path / "checkpoints" / f"checkpoint-{n}" / "resume" / "state.json").write_text("{}")
+    (tmp_path / "checkpoints" / "checkpoint-12").mkdir()  # no resume state: not a candidate
+    assert find_checkpoint("latest", tmp_path).name == "checkpoint-10"
+
+
+def test_killed_cli_run_resumes_to_the_same_weights(tmp_path):
+    """SIGKILL ``flowrl train`` after its epoch-2 checkpoint, mid-run; ``--resume latest``."""
+    slow = FAST + ["train.max_epochs=6", "train.save_freq=2"]
+
+    def write_config(root: Path) -> Path:
+        from shared.config import apply_overrides
+
+        raw = apply_overrides(tiny_raw(root), slow)
+        path = root / "config.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        return path
+
+    flowrl = [sys.executable, "-m", "trainer.cli"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    ref = subprocess.run(flowrl + ["train", str(write_config(tmp_path / "ref"))], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+
+    config = write_config(tmp_path / "killed")
+    proc = subprocess.Popen(flowrl + ["train", str(config)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "killed" / "runs" / "tiny_grpo" / "checkpoints" / "checkpoint-2"
+    deadline = time.monotonic() + 240
+    while not ckpt.is_dir() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ckpt.is_dir(), "the run never wrote checkpoint-2"
+    time.sleep(0.3)  # into epoch 3
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (ckpt.parent / "final").exists(), "the run finished before it could be killed"
+
+    again = subprocess.run(flowrl + ["train", str(config), "--resume", "latest"], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    a = weights(tmp_path / "ref" / "runs" / "tiny_grpo" / "checkpoints" / "final")
+    b = weights(ckpt.parent / "final")
+    assert same_tensors(a, b) == []
+    summary = json.loads((ckpt.parent.parent / "summary.json").read_text())
+    assert summary["epochs"] == 6

@@ -1,0 +1,248 @@
+"""Exact resume: what a checkpoint holds beyond the weights, and how a run picks it up.
+
+A checkpoint folder (``runs/<run>/checkpoints/checkpoint-<epochs>``, see
+:mod:`trainer.checkpoint`) gets a ``resume/`` subfolder, written inside the same temporary
+folder that is renamed into place, so a crash never leaves half a checkpoint:
+
+* ``state.json``: epochs done, optimizer steps, policy version, samples used, training
+  seconds, the metric history and evaluations (so the final report covers the whole run),
+  the LR schedule's ``state_dict``, the optimizer's hyper-parameters (``param_groups``), the
+  grad scaler's state (fp16), and the epoch already dispatched but not yet trained, if any;
+* ``optimizer.safetensors``: the optimizer's per-parameter tensors (AdamW moments, step),
+  keys ``"<param index>/<name>"`` -- no pickle;
+* ``rng-rank<r>.json``: every random generator of process ``r`` (python, numpy, torch CPU,
+  every CUDA device);
+* ``pending-rank<r>.safetensors`` + ``pending-rank<r>.json`` (local transport, only when an
+  epoch was sampled before the checkpoint, i.e. ``train.max_staleness: 1``): that epoch's
+  scored rollouts, so resuming neither loses nor re-draws them.
+
+The data-loader position is the epoch number: an epoch's prompt groups and seeds are a pure
+function of (run seed, epoch) (:func:`trainer.collect.epoch_plan`). Model/LoRA weights and
+the EMA are the checkpoint's own files (:func:`trainer.checkpoint.load_checkpoint_weights`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+RESUME_DIR = "resume"
+
+
+@dataclasses.dataclass
+class Progress:
+    """The loop's counters: everything besides tensors that a resumed run continues from."""
+
+    epoch: int = 0  # epochs done (the next epoch to train)
+    step: int = 0  # optimizer steps done
+    version: int = 0  # policy version (one per trained epoch)
+    samples_used: int = 0
+    train_seconds: float = 0.0
+    history: list[dict] = dataclasses.field(default_factory=list)  # per-epoch metrics
+    evals: list[dict] = dataclasses.field(default_factory=list)  # evaluation results
+    pending_epoch: int | None = None  # dispatched before the checkpoint, not yet trained
+    pending_version: int | None = None  # the policy version it was dispatched with
+
+
+class ResumeError(ValueError):
+    """A checkpoint cannot be resumed from (missing, incomplete, or from another experiment)."""
+
+
+# ---------------------------------------------------------------------------- locate
+
+def find_checkpoint(spec: str, run_dir: Path) -> Path:
+    """``spec``: a checkpoint folder, or ``latest`` (the newest ``checkpoint-N`` of ``run_dir``)."""
+    if spec != "latest":
+        path = Path(spec)
+        if not (path / RESUME_DIR / "state.json").is_file():
+            raise ResumeError(
+                f"train.resume_from={spec!r} is not a resumable checkpoint (no {RESUME_DIR}/state.json). "
+                f"Fix: pass runs/<run>/checkpoints/checkpoint-<N> of a run with train.save_freq > 0, "
+                f"or 'latest' together with the run's run_name.")
+        return path
+    found = sorted((p for p in (run_dir / "checkpoints").glob("checkpoint-*")
+                    if (p / RESUME_DIR / "state.json").is_file()),
+                   key=lambda p: int(p.name.rsplit("-", 1)[1]))
+    if not found:
+        raise ResumeError(
+            f"train.resume_from=latest: no resumable checkpoint under {run_dir / 'checkpoints'}. "
+            f"Fix: set run_name to the run to resume (it names the folder) and train.save_freq > 0 "
+            f"so checkpoints are written; or start without resume_from.")
+    return found[-1]
+
+
+def run_dir_of(checkpoint: Path) -> Path:
+    """``runs/<run>/checkpoints/checkpoint-N`` -> ``runs/<run>``."""
+    return Path(checkpoint).resolve().parent.parent
+
+
+# ---------------------------------------------------------------------------- optimizer
+
+def optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer ``state_dict`` as (flat tensors, JSON-able rest).
+
+    Tensor keys are ``"<param index>/<state name>"``; the rest holds the non-tensor per-param
+    state entries and ``param_groups`` (learning rates, betas, ... and param indices).
+    """
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, entries in sd["state"].items():
+        for name, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}/{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{index}/{name}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def load_optimizer(optimizer, tensors: dict[str, torch.Tensor], rest: dict) -> None:
+    """Inverse of :func:`optimizer_tensors` (moments are moved to their parameters' devices
+    by the optimizer's own ``load_state_dict``)."""
+    state: dict[int, dict] = {}
+    for key, value in list(tensors.items()) + list(rest["scalars"].items()):
+        index, name = key.split("/", 1)
+        state.setdefault(int(index), {})[name] = value
+    groups = [{**g, **({"betas": tuple(g["betas"])} if "betas" in g else {})} for g in rest["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+# ---------------------------------------------------------------------------- RNG
+
+def rng_state() -> dict:
+    """Every random generator of this process, as JSON-able values."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state = {"python": [py[0], list(py[1]), py[2]],
+             "numpy": [np_state[0], np_state[1].tolist(), *[float(x) if isinstance(x, float) else int(x)
+                                                            for x in np_state[2:]]],
+             "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Inverse of :func:`rng_state`."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+# ---------------------------------------------------------------------------- save / load
+
+def save_resume(directory: Path, progress: Progress, optimizer, lr_schedule, scaler=None) -> None:
+    """Write ``state.json`` and ``optimizer.safetensors`` into ``directory`` (main process)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors, rest = optimizer_tensors(optimizer)
+    save_file(tensors, directory / "optimizer.safetensors")
+    state = {"progress": dataclasses.asdict(progress), "optimizer": rest,
+             "lr_schedule": lr_schedule.state_dict(),
+             "scaler": None if scaler is None else scaler.state_dict()}
+    (directory / "state.json").write_text(json.dumps(state, indent=1))
+
+
+def save_rank_state(directory: Path, rank: int, pending=None) -> None:
+    """This process's RNG and, if given, its dispatched-but-untrained ``Samples``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"rng-rank{rank}.json").write_text(json.dumps(rng_state()))
+    if pending is not None:
+        from shared.sampling import pack_trajectory
+
+        tensors = {f"rollout/{k}": v.contiguous().cpu() for k, v in pack_trajectory(pending.rollout).items()}
+        tensors.update({f"reward/{k}": v.contiguous().cpu() for k, v in pending.rewards.items()})
+        save_file(tensors, directory / f"pending-rank{rank}.safetensors")
+        (directory / f"pending-rank{rank}.json").write_text(json.dumps(
+            {"policy_versions": pending.policy_versions, "metrics": pending.metrics}))
+
+
+def load_resume(checkpoint: Path, optimizer, lr_schedule, scaler=None) -> Progress:
+    """Restore optimizer, LR schedule and scaler from ``checkpoint``; return its progress."""
+    directory = Path(checkpoint) / RESUME_DIR
+    state = json.loads((directory / "state.json").read_text())
+    load_optimizer(optimizer, load_file(directory / "optimizer.safetensors"), state["optimizer"])
+    lr_schedule.load_state_dict(state["lr_schedule"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    return Progress(**state["progress"])
+
+
+def load_rank_state(checkpoint: Path, rank: int, adapter=None, plan=None, cfg=None):
+    """Return this process's saved pending ``Samples`` (or None), then restore its RNG (last,
+    so the generators continue exactly where the checkpoint left them).
+
+    Rebuilding the samples needs ``adapter``/``plan``/``cfg``: the conditioning is re-encoded
+    from the plan's prompts (deterministic) instead of being stored.
+    """
+    directory = Path(checkpoint) / RESUME_DIR
+    rng = directory / f"rng-rank{rank}.json"
+    if not rng.is_file():
+        raise ResumeError(f"{rng} is missing: the checkpoint was written by a run with fewer "
+                          f"processes. Fix: resume with the same number of processes.")
+    pending_file = directory / f"pending-rank{rank}.safetensors"
+    samples = None
+    if pending_file.is_file() and adapter is not None:
+        from shared.sampling import encode_batches, unpack_trajectory
+        from trainer.collect import Samples
+
+        flat = load_file(pending_file)
+        meta = json.loads((directory / f"pending-rank{rank}.json").read_text())
+        device = next(adapter.transformer.parameters()).device
+        roll = unpack_trajectory({k.removeprefix("rollout/"): v.to(device)
+                                  for k, v in flat.items() if k.startswith("rollout/")})
+        rewards = {k.removeprefix("reward/"): v for k, v in flat.items() if k.startswith("reward/")}
+        cond = encode_batches(adapter, plan.prompts, plan.negatives, cfg.train.guidance_scale,
+                              cfg.train.per_device_batch_size)
+        samples = Samples(cond, roll, rewards, meta["policy_versions"], meta["metrics"])
+    set_rng_state(json.loads(rng.read_text()))
+    return samples
+
+
+def truncate_jsonl(path: Path, keep) -> int:
+    """Drop the lines of a JSON-lines file for which ``keep(record)`` is false (what a crashed
+    run wrote after the checkpoint being resumed); atomic. Returns how many were dropped."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and keep(json.loads(line))]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+    return len(lines) - len(kept)
+
+
+# settings a resumed run may change; any other difference means another experiment
+# (the dataset may move between machines; its rows must stay the same for an exact resume)
+MAY_CHANGE = {"train": {"resume_from", "max_epochs", "max_train_seconds", "save_freq"},
+              "data": {"dataset_dir"}}
+CHECKED = ("model", "train", "rewards", "data")
+
+
+def check_same_experiment(checkpoint: Path, cfg) -> None:
+    """Raise :class:`ResumeError` naming the keys where ``cfg`` differs from the checkpoint's run."""
+    saved = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["config"]
+    now = json.loads(json.dumps(cfg.model_dump()))  # as trainer_state.json stores it
+    diffs = []
+    for section in CHECKED:
+        a, b = saved.get(section), now.get(section)
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                if key not in MAY_CHANGE.get(section, set()) and a.get(key) != b.get(key):
+                    diffs.append(f"{section}.{key}: checkpoint {a.get(key)!r}, now {b.get(key)!r}")
+        elif a != b:
+            diffs.append(f"{section}: checkpoint {a!r}, now {b!r}")
+    if diffs:
+        raise ResumeError(
+            f"cannot resume from {checkpoint}: the config differs from the run that wrote it in "
+            f"{len(diffs)} setting(s): " + "; ".join(diffs[:6]) + (" ..." if len(diffs) > 6 else "")
+            + ". Only train.max_epochs, train.max_train_seconds, train.save_freq, data.dataset_dir "
+            "(and eval, logging, queue settings) may change. Fix: use the run's config, or start a new run.")
