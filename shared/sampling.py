@@ -21,6 +21,7 @@ from torch import nn
 
 from shared.flow import sde_step
 from shared.models.base import Conditioning, FlowModelAdapter
+from shared.models.prompt_length import check_prompt_lengths
 
 
 @dataclasses.dataclass
@@ -119,7 +120,9 @@ def as_hw(resolution: int | tuple[int, int]) -> tuple[int, int]:
 
 def encode(adapter: FlowModelAdapter, prompts: list[str], negatives: list[str | None],
            guidance_scale: float) -> Conditioning:
-    """Encode prompts as rollouts do: negatives (``None`` = empty prompt) only when CFG is on."""
+    """Encode prompts as rollouts do: negatives (``None`` = empty prompt) only when CFG is on.
+    Prompts longer than a text encoder takes are truncated with one warning per model."""
+    check_prompt_lengths(adapter, prompts + [n for n in negatives if n] if guidance_scale > 1.0 else prompts)
     return adapter.encode_prompts(prompts, cfg=guidance_scale > 1.0,
                                   negative_prompts=[n or "" for n in negatives])
 

@@ -106,6 +106,12 @@ class FlowModelAdapter(ABC):
 
     # ------------------------------------------------------------------ shared logic
 
+    def prompt_token_limits(self) -> list:
+        """The text encoders' prompt limits (:class:`shared.models.prompt_length.TokenLimit`, one per
+        tokenizer); a prompt over one is truncated with one warning per model
+        (:func:`shared.models.prompt_length.check_prompt_lengths`). Default: none known."""
+        return []
+
     def sigmas(self, num_steps: int, resolution: tuple[int, int]) -> torch.Tensor:
         """The rollout's sigma grid for ``num_steps`` steps at ``(height, width)`` pixels.
 

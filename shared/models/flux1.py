@@ -41,6 +41,7 @@ from torch import nn
 
 from shared.models.base import MODELS, Conditioning
 from shared.models.pipeline import DTYPE_OPTIONS, EmbeddedGuidance, PipelineAdapter
+from shared.models.prompt_length import CLIP_FIX, MAX_SEQUENCE_FIX
 
 FLUX1_OPTIONS: dict[str, Any] = {"max_sequence_length": 512, "shift_resolution": 512, **DTYPE_OPTIONS}
 
@@ -58,6 +59,10 @@ class Flux1Adapter(EmbeddedGuidance, PipelineAdapter):
     default_lora_targets = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                             "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
                             "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
+
+    def prompt_token_limits(self) -> list:
+        return self.tokenizer_limits(("tokenizer", "CLIP-L", self.pipeline.tokenizer_max_length, CLIP_FIX),
+                                     ("tokenizer_2", "T5", self.options["max_sequence_length"], MAX_SEQUENCE_FIX))
 
     # ------------------------------------------------------------------ interface
     @torch.no_grad()

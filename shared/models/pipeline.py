@@ -38,6 +38,7 @@ import torch
 
 from shared.flow import resolution_shift_mu
 from shared.models.base import FlowModelAdapter
+from shared.models.prompt_length import TokenLimit, tokens
 
 #: the options every pipeline family has: the frozen parts' dtypes (None = by device)
 DTYPE_OPTIONS: dict[str, Any] = {"text_dtype": None, "vae_dtype": None}
@@ -178,6 +179,18 @@ class PipelineAdapter(FlowModelAdapter):
             self.write_folder_defaults(path, self.options)
 
     # ------------------------------------------------------------------ conventions
+    def tokenizer_limits(self, *entries: tuple[str, str, int, str], render=None) -> list[TokenLimit]:
+        """:class:`TokenLimit` for each ``(tokenizer attribute, encoder name, limit, fix)`` whose
+        tokenizer the pipeline has (a skipped encoder's is ``None``); ``render`` turns a prompt into
+        the text the tokenizer sees (a chat template), default the prompt itself."""
+        out = []
+        for attr, encoder, limit, fix in entries:
+            tokenizer = getattr(self.pipeline, attr, None)
+            if tokenizer is not None:
+                out.append(TokenLimit(f"{encoder} ({attr})", int(limit),
+                                      lambda p, t=tokenizer: tokens(t, render(p) if render else p), fix))
+        return out
+
     @property
     def device(self) -> torch.device:
         return next(self.transformer.parameters()).device

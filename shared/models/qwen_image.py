@@ -41,6 +41,7 @@ from torch import nn
 
 from shared.models.base import MODELS, Conditioning
 from shared.models.pipeline import DTYPE_OPTIONS, PipelineAdapter
+from shared.models.prompt_length import MAX_SEQUENCE_FIX, TokenLimit, tokens
 
 QWEN_IMAGE_OPTIONS: dict[str, Any] = {"max_sequence_length": 512, "shift_resolution": 512, **DTYPE_OPTIONS}
 #: QwenImagePipeline rejects longer prompts
@@ -77,6 +78,18 @@ class QwenImageAdapter(PipelineAdapter):
             raise ValueError(f"model.options.max_sequence_length={options['max_sequence_length']} exceeds "
                              f"QwenImagePipeline's limit of {MAX_SEQUENCE_LENGTH} prompt tokens. Fix: use "
                              f"at most {MAX_SEQUENCE_LENGTH}.")
+
+    def prompt_token_limits(self) -> list:
+        """QwenImagePipeline wraps the prompt in its template, drops the template's first
+        ``prompt_template_encode_start_idx`` tokens and keeps ``max_sequence_length`` of the rest."""
+        pipe = self.pipeline
+        if getattr(pipe, "tokenizer", None) is None:
+            return []
+        limit = min(int(self.options["max_sequence_length"]), pipe.tokenizer_max_length)
+        drop = pipe.prompt_template_encode_start_idx
+        return [TokenLimit("Qwen2.5-VL (tokenizer)", limit,
+                           lambda p: tokens(pipe.tokenizer, pipe.prompt_template_encode.format(p)) - drop,
+                           MAX_SEQUENCE_FIX)]
 
     # ------------------------------------------------------------------ interface
     @torch.no_grad()

@@ -28,6 +28,7 @@ from torch import nn
 
 from shared.models.base import MODELS, Conditioning
 from shared.models.pipeline import DTYPE_OPTIONS, PipelineAdapter
+from shared.models.prompt_length import CLIP_FIX, MAX_SEQUENCE_FIX
 
 SD3_OPTIONS = {"max_sequence_length": 256, "drop_t5": False, **DTYPE_OPTIONS}
 
@@ -48,6 +49,11 @@ class SD3Adapter(PipelineAdapter):
     @classmethod
     def skipped_components(cls, options: dict[str, Any]) -> list[str]:
         return ["text_encoder_3", "tokenizer_3"] if options["drop_t5"] else []
+
+    def prompt_token_limits(self) -> list:
+        clip = self.pipeline.tokenizer_max_length  # 77
+        return self.tokenizer_limits(("tokenizer", "CLIP-L", clip, CLIP_FIX), ("tokenizer_2", "CLIP-G", clip, CLIP_FIX),
+                                     ("tokenizer_3", "T5", self.options["max_sequence_length"], MAX_SEQUENCE_FIX))
 
     # ------------------------------------------------------------------ interface
     @torch.no_grad()

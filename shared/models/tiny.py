@@ -99,6 +99,12 @@ class TinyAdapter(FlowModelAdapter):
         save_file(self.text_table.state_dict(), root / "text_encoder.safetensors")
         (root / "tiny_config.json").write_text(json.dumps(self.options, indent=2))
 
+    def prompt_token_limits(self) -> list:
+        from shared.models.prompt_length import TokenLimit
+
+        return [TokenLimit("the tiny word tokenizer", int(self.options["max_tokens"]), lambda p: len(p.split()),
+                           "shorten the prompts, or build the tiny model with a larger model.options.max_tokens")]
+
     # ------------------------------------------------------------------ interface
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], *, cfg: bool,

@@ -44,6 +44,7 @@ from torch import nn
 
 from shared.models.base import MODELS, Conditioning
 from shared.models.pipeline import DTYPE_OPTIONS, PipelineAdapter
+from shared.models.prompt_length import MAX_SEQUENCE_FIX
 
 Z_IMAGE_OPTIONS: dict[str, Any] = {"max_sequence_length": 512, "cfg_truncation": 1.0,
                                    "cfg_normalization": 0.0, "shift_resolution": 512, **DTYPE_OPTIONS}
@@ -76,6 +77,16 @@ class ZImageAdapter(PipelineAdapter):
         from diffusers.pipelines.z_image.pipeline_z_image import get_default_z_image_sigmas
 
         return get_default_z_image_sigmas(num_steps)
+
+    def prompt_token_limits(self) -> list:
+        """Counted on the chat-templated text, as ZImagePipeline tokenizes it."""
+        def render(prompt: str) -> str:
+            return self.pipeline.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True,
+                enable_thinking=True)
+
+        return self.tokenizer_limits(("tokenizer", "Qwen3", self.options["max_sequence_length"], MAX_SEQUENCE_FIX),
+                                     render=render)
 
     # ------------------------------------------------------------------ interface
     @torch.no_grad()
