@@ -34,7 +34,8 @@ def _parse_jsonl_line(line: str, where: str) -> PromptRow:
         raise DatasetError(f"{where}: not valid JSON ({e.msg}). Fix: one JSON object per line, "
                            f'e.g. {{"prompt": "a red cube"}}.') from None
     if not isinstance(obj, dict):
-        raise DatasetError(f"{where}: expected a JSON object, got {type(obj).__name__}.")
+        raise DatasetError(f"{where}: expected a JSON object, got {type(obj).__name__}. Fix: write the row "
+                           f'as {{"prompt": "..."}} (a plain-text prompt list belongs in train.txt).')
     unknown = set(obj) - ALLOWED_KEYS
     if unknown:
         raise DatasetError(f"{where}: unknown key(s) {sorted(unknown)}. Fix: use only "
@@ -61,16 +62,28 @@ def _parse_jsonl_line(line: str, where: str) -> PromptRow:
     return PromptRow(prompt.strip(), negative, listed("image", "images"), listed("video", "videos"))
 
 
+def _lines(path: Path) -> list[str]:
+    """The file's lines as text; a line that is not UTF-8 is an error naming its number."""
+    lines = []
+    for n, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+        try:
+            lines.append(raw.decode("utf-8").rstrip("\r"))
+        except UnicodeDecodeError as e:
+            raise DatasetError(f"{path}:{n}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}). "
+                               f"Fix: save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8).") from None
+    if lines and lines[0].startswith("\ufeff"):  # a byte-order mark some editors write
+        lines[0] = lines[0][1:]
+    return lines
+
+
 def read_split(dataset_dir: str | Path, split: str, max_size: int | None = None) -> list[PromptRow] | None:
     """Rows of ``{split}.jsonl`` or ``{split}.txt``; None if neither file exists."""
     root = Path(dataset_dir)
     jsonl, txt = root / f"{split}.jsonl", root / f"{split}.txt"
     if jsonl.is_file():
-        lines = jsonl.read_text(encoding="utf-8").splitlines()
-        rows = [_parse_jsonl_line(ln, f"{jsonl}:{n}") for n, ln in enumerate(lines, 1) if ln.strip()]
+        rows = [_parse_jsonl_line(ln, f"{jsonl}:{n}") for n, ln in enumerate(_lines(jsonl), 1) if ln.strip()]
     elif txt.is_file():
-        rows = [PromptRow(ln.strip()) for ln in txt.read_text(encoding="utf-8").splitlines()
-                if ln.strip()]
+        rows = [PromptRow(ln.strip()) for ln in _lines(txt) if ln.strip()]
     else:
         return None
     if not rows:
