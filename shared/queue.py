@@ -21,12 +21,43 @@ from __future__ import annotations
 
 import time
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.protocol import (QUEUE_REWARD, QUEUE_SAMPLE, TASK_REWARD, TASK_SAMPLE, DeadLetter,
                              PolicyPublished, RunKeys, ScoredBatch)
+
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+CERT_REQS = ("required", "optional", "none")
+
+
+def check_redis_url(url: str) -> str:
+    """A broker URL both redis-py (the run state) and Celery read the same way, or a ValueError.
+
+    ``redis://[[user]:password@]host:port/db`` (password: Redis AUTH / ACL), ``rediss://`` for TLS,
+    ``unix:///path/redis.sock``. A ``rediss://`` URL without ``ssl_cert_reqs`` gets
+    ``ssl_cert_reqs=required``: Celery (kombu) would otherwise skip certificate verification
+    while redis-py enforces it. Add ``ssl_ca_certs=/path/ca.pem`` for a private CA.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in REDIS_SCHEMES:
+        raise ValueError(
+            f"queue.broker_url must be a Redis URL, got scheme {parts.scheme!r}. Fix: "
+            f"redis://[:PASSWORD@]HOST:6379/0, or rediss://...  for TLS (flowrl's queue and run state are Redis)")
+    if parts.scheme != "rediss":
+        return url
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
+    reqs = query.get("ssl_cert_reqs")
+    if reqs is None:
+        return urlunsplit(parts._replace(query="&".join(filter(None, [parts.query, "ssl_cert_reqs=required"]))))
+    if reqs not in CERT_REQS:
+        raise ValueError(
+            f"queue.broker_url: ssl_cert_reqs={reqs!r} is not understood by redis-py. Fix: use one of "
+            f"{', '.join(CERT_REQS)} (lower case); 'required' verifies the server certificate")
+    return url
 
 
 class QueueSettings(BaseSettings):
@@ -48,6 +79,11 @@ class QueueSettings(BaseSettings):
     max_deliveries: int = Field(3, ge=1)  # starts of one task (redeliveries after worker death)
     collect_timeout_s: float = Field(3600.0, gt=0)  # trainer gives up waiting for an epoch
     policy_wait_s: float = Field(600.0, gt=0)  # sampler gives up waiting for a policy version
+
+    @field_validator("broker_url")
+    @classmethod
+    def _redis_url(cls, url: str) -> str:
+        return check_redis_url(url)
 
     @model_validator(mode="after")
     def _visibility_above_time_limit(self) -> "QueueSettings":
