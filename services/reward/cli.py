@@ -11,6 +11,7 @@ are visible to other users of the machine. Bad settings exit with status 2 and t
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import sys
 
@@ -35,6 +36,13 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: assume it is reachable from elsewhere
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv``, build the app and serve until interrupted. Returns the exit status."""
     args = _parser().parse_args(argv)
@@ -51,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     except (RegistryError, ImportError) as e:
         print(f"flowrl serve reward: {e}", file=sys.stderr)
         return 2
+    if settings.token is None and not _loopback(settings.host):
+        print(f"flowrl serve reward: warning: listening on {settings.host}:{settings.port} without a bearer token; "
+              f"anyone who can reach it can use the rewards. Fix: set FLOWRL_API_TOKEN (clients send "
+              f"'Authorization: Bearer <token>'), or listen on 127.0.0.1 behind a proxy.", file=sys.stderr)
     import uvicorn
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
