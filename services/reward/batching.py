@@ -171,12 +171,19 @@ class DynamicBatcher:
 
     def _check_group_sizes(self, images: list[torch.Tensor], group_ids: list[int] | None) -> None:
         sizes: dict[int, tuple[int, ...]] = {}
+        members: dict[int, int] = {}
         for i, (im, g) in enumerate(zip(images, group_ids or [0] * len(images))):
+            members[g] = members.get(g, 0) + 1
             if sizes.setdefault(g, tuple(im.shape)) != tuple(im.shape):
                 raise RequestError(
                     422, f"group {g} mixes image sizes {sizes[g][1]}x{sizes[g][2]} and {im.shape[1]}x{im.shape[2]} "
                          f"(element {i}); a {self.model.kind} reward compares a group's images together, so they "
                          f"must have one size")
+        lonely = [g for g, n in members.items() if n < 2]
+        if self.model.kind == "pairwise" and lonely:
+            raise RequestError(
+                422, f"group {lonely[0]} has one member; a pairwise reward scores a sample by comparing it with the "
+                     f"other members of its group, so send at least two per group (all of a group in one request)")
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

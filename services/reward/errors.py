@@ -15,6 +15,9 @@ what Flow-Factory's client turns into a ``RuntimeError``). Status codes:
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 
 class RequestError(Exception):
     """An HTTP error with a teaching message.
@@ -30,3 +33,16 @@ class RequestError(Exception):
         self.status = status
         self.message = message
         self.headers = headers or {}
+
+
+def parse_json(body: bytes, hint: str = "") -> Any:
+    """``body`` as JSON, or a 400 naming the problem (``hint`` is appended to the message).
+
+    Nesting deeper than Python's recursion limit is a 400 too, not a RecursionError (500)."""
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(400, f"request body is not valid JSON: {e}{hint}") from None
+    except RecursionError:
+        raise RequestError(400, "request body is JSON nested too deeply to parse; send the documented "
+                                "shape (lists of strings / integers)") from None

@@ -14,12 +14,11 @@ A groupwise reward treats one request as one group, as Flow-Factory's groupwise 
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from services.reward.errors import RequestError
+from services.reward.errors import RequestError, parse_json
 
 
 class ComputeRequest(BaseModel):
@@ -41,10 +40,7 @@ def _empty(value: Any) -> bool:
 
 def parse_compute(body: bytes) -> ComputeRequest:
     """Parse and check a ``/compute`` body (400 for bad JSON, 422 for the wrong shape)."""
-    try:
-        raw = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RequestError(400, f"request body is not valid JSON: {e}") from None
+    raw = parse_json(body)
     try:
         req = ComputeRequest.model_validate(raw)
     except ValidationError as e:

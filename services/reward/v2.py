@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from services.reward.errors import RequestError
+from services.reward.errors import RequestError, parse_json
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 IMAGE, PROMPT, GROUP_ID, SCORE = "image", "prompt", "group_id", "score"
@@ -103,11 +103,7 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryvi
 def parse_request(body: bytes, header_length: str | None) -> tuple[InferRequest, memoryview]:
     """The JSON header as an :class:`InferRequest`, and the binary tail (possibly empty)."""
     head, tail = _split_body(body, header_length)
-    try:
-        raw = json.loads(head)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        hint = "" if header_length else f" (binary tensor data needs the {HEADER_LENGTH} header)"
-        raise RequestError(400, f"request body is not valid JSON: {e}{hint}") from None
+    raw = parse_json(head, "" if header_length else f" (binary tensor data needs the {HEADER_LENGTH} header)")
     try:
         return InferRequest.model_validate(raw), tail
     except ValidationError as e:
@@ -117,12 +113,19 @@ def parse_request(body: bytes, header_length: str | None) -> tuple[InferRequest,
         ) from None
 
 
-def _flatten(data: Any) -> list[Any]:
-    if not isinstance(data, list):
-        return [data]
+def _flatten(data: Any, where: str) -> list[Any]:
+    """``data`` as a flat list (row-major). Shapes are ``[B]`` or ``[B, 1]``, so lists nested
+    more than two deep are refused (and never recursed into)."""
     out: list[Any] = []
-    for item in data:
-        out.extend(_flatten(item))
+    stack: list[tuple[Any, int]] = [(data, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if not isinstance(item, list):
+            out.append(item)
+        elif depth >= 2:
+            raise RequestError(422, f"{where}: 'data' is nested more than two lists deep; send [B] or [[x], ...] ([B, 1])")
+        else:
+            stack.extend((x, depth + 1) for x in reversed(item))
     return out
 
 
@@ -174,7 +177,7 @@ def _elements(inp: InferInput, tail: memoryview, offset: int) -> tuple[list[Any]
         raise RequestError(422, f"{where}: binary data is supported for BYTES and INT64 only, got {inp.datatype}")
     if inp.data is None:
         raise RequestError(422, f"{where} has no 'data' (and no parameters.binary_data_size)")
-    flat = _flatten(inp.data)
+    flat = _flatten(inp.data, where)
     if len(flat) != count:
         raise RequestError(422, f"{where}: shape {inp.shape} means {count} elements but data has {len(flat)}")
     return flat, offset
@@ -213,8 +216,9 @@ def read_inputs(req: InferRequest, tail: memoryview, kind: str) -> Inputs:
     if any(not isinstance(x, (str, bytes)) for x in images):
         raise RequestError(422, f"input '{IMAGE}': elements must be strings (base64 of an encoded image)")
     group_ids = by_name.get(GROUP_ID)
-    if group_ids is not None and any(isinstance(g, bool) or not isinstance(g, int) for g in group_ids):
-        raise RequestError(422, f"input '{GROUP_ID}': elements must be integers")
+    if group_ids is not None and any(isinstance(g, bool) or not isinstance(g, int) or not -2**63 <= g < 2**63
+                                     for g in group_ids):
+        raise RequestError(422, f"input '{GROUP_ID}': elements must be integers that fit INT64")
     lengths = {IMAGE: len(images), PROMPT: len(prompts)} | ({GROUP_ID: len(group_ids)} if group_ids is not None else {})
     if len(set(lengths.values())) > 1:
         raise RequestError(422, "inputs have different batch sizes: " + ", ".join(f"{k} {v}" for k, v in lengths.items()))

@@ -123,6 +123,64 @@ def test_mutated_image_bytes_get_200_or_4xx(server):
     _mutated_images(server)
 
 
+@st.composite
+def _valid_requests(draw):
+    """A well-formed v2 request: 1-6 real PNGs (two sizes), prompts, and for the pairwise model
+    optional group ids; what varies is what a reward can still refuse (groups, sizes, text)."""
+    model = draw(st.sampled_from(MODELS))
+    n = draw(st.integers(1, 6))
+    sizes = [draw(st.sampled_from([4, 8])) for _ in range(n)]
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    pngs = []
+    for size in sizes:
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buffer, "PNG")
+        pngs.append(base64.b64encode(buffer.getvalue()).decode())
+    prompts = draw(st.lists(st.text(max_size=30), min_size=n, max_size=n))
+    inputs = [{"name": "image", "shape": [n], "datatype": "BYTES", "data": pngs},
+              {"name": "prompt", "shape": [n], "datatype": "BYTES", "data": prompts}]
+    if model == "pairwise_brightness" and draw(st.booleans()):
+        ids = draw(st.lists(st.integers(-3, 3), min_size=n, max_size=n))
+        inputs.append({"name": "group_id", "shape": [n], "datatype": "INT64", "data": ids})
+    return model, {"inputs": inputs}
+
+
+@FUZZ
+@given(request=_valid_requests())
+def _valid(server, request):
+    model, body = request
+    r = httpx.post(f"{server}/v2/models/{model}/infer", headers=AUTH, json=body, timeout=30)
+    assert r.status_code in (200, 422), r.text
+    if r.status_code == 200:
+        assert len(r.json()["outputs"][0]["data"]) == len(body["inputs"][0]["data"])
+
+
+def test_well_formed_requests_get_scores_or_422(server):
+    _valid(server)
+
+
+def test_inputs_the_fuzzing_found_are_4xx(server):
+    """Each of these answered 500 before: JSON nested past the recursion limit (both protocols),
+    v2 data nested deeper than [B, 1], a group id beyond INT64, a pairwise group of one (NaN)."""
+    infer = f"{server}/v2/models/brightness/infer"
+    deep = b"[" * 20_000 + b"]" * 20_000  # 40 kB: under max_request_bytes, far past the recursion limit
+    for url, body in ((infer, deep), (f"{server}/compute", b'{"prompt": ' + deep + b"}")):
+        r = httpx.post(url, headers=AUTH, content=body)
+        assert r.status_code == 400 and "nested too deeply" in r.json()["error"]
+    pngs = [base64.b64encode(_png()).decode()] * 2
+    nested = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [[[pngs[0]]]]},
+                         {"name": "prompt", "shape": [1], "datatype": "BYTES", "data": ["p"]}]}
+    r = httpx.post(infer, headers=AUTH, json=nested)
+    assert r.status_code == 422 and "nested more than two lists deep" in r.json()["error"]
+    pair = f"{server}/v2/models/pairwise_brightness/infer"
+    for ids, message in (([2**70, 1], "fit INT64"), ([0, 1], "group 0 has one member")):
+        body = {"inputs": [{"name": "image", "shape": [2], "datatype": "BYTES", "data": pngs},
+                           {"name": "prompt", "shape": [2], "datatype": "BYTES", "data": ["p", "q"]},
+                           {"name": "group_id", "shape": [2], "datatype": "INT64", "data": ids}]}
+        r = httpx.post(pair, headers=AUTH, json=body)
+        assert r.status_code == 422 and message in r.json()["error"], r.text
+
+
 def test_schema_of_a_fresh_app_matches_the_served_one():
     """The document comes from the app, not from a file that could drift."""
     app = create_app(_settings())
