@@ -20,7 +20,7 @@ list, the published policy and the dead letters.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Literal, Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from pydantic import Field, field_validator, model_validator
@@ -79,6 +79,9 @@ class QueueSettings(BaseSettings):
     max_deliveries: int = Field(3, ge=1)  # starts of one task (redeliveries after worker death)
     collect_timeout_s: float = Field(3600.0, gt=0)  # trainer gives up waiting for an epoch
     policy_wait_s: float = Field(600.0, gt=0)  # sampler gives up waiting for a policy version
+    # a dead-lettered task's samples: drop their whole prompt groups from the epoch and train
+    # on the rest (logged with the sample ids, kept in dead_letters.jsonl), or stop the run
+    on_dead_letter: Literal["drop_groups", "stop"] = "drop_groups"
 
     @field_validator("broker_url")
     @classmethod

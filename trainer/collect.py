@@ -69,6 +69,12 @@ class EpochPlan:
     seeds: list[int]  # noise seed per sample
     sde_steps: list[int]  # the stochastic (trainable) steps of this epoch; [] for ODE rollouts
 
+    def subset(self, rows: list[int]) -> "EpochPlan":
+        """The plan restricted to ``rows`` (whole groups dropped after dead-lettered tasks)."""
+        pick = lambda xs: [xs[r] for r in rows]  # noqa: E731
+        return EpochPlan(self.epoch, pick(self.prompts), pick(self.negatives), pick(self.group_ids),
+                         pick(self.seeds), self.sde_steps)
+
 
 def plan_epoch(cfg: Config, rows: list[PromptRow], epoch: int, rank: int, world_size: int) -> EpochPlan:
     t = cfg.train
@@ -88,6 +94,7 @@ class Samples:
     rewards: dict[str, torch.Tensor]  # [n] per reward label, NaN = abstained
     policy_versions: list[int]  # the policy version each sample was drawn with
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    rows: list[int] | None = None  # plan rows these are (None = all; fewer when groups were dropped)
 
 
 def sampling_params(cfg: Config, plan: EpochPlan, keep_means: bool) -> SamplingParams:

@@ -125,19 +125,28 @@ def optimize(cfg: Config, accelerator: Accelerator, policy: Policy, algorithm: A
                 for k, v in {"loss": loss.item(), **metrics}.items():
                     sums[k] = sums.get(k, 0.0) + v
                 if sync:
-                    if t.max_grad_norm:
-                        norm = accelerator.clip_grad_norm_(list(policy.trainable.values()),
-                                                           t.max_grad_norm)
-                        sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(norm) * per_step
-                    optimizer.step()
-                    lr_schedule.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    step += 1
-                    policy.update_ema(step)
+                    step = _optimizer_step(t, accelerator, policy, optimizer, lr_schedule, step,
+                                           sums, per_step)
+    if count % per_step:  # fewer micro-batches than planned (groups dropped): apply what is there
+        step = _optimizer_step(t, accelerator, policy, optimizer, lr_schedule, step, sums, per_step)
     policy.model.eval()
     means = {f"train/{k}": v / count for k, v in sums.items()}
     means["train/lr"] = lr_schedule.get_last_lr()[0]
     return step, means
+
+
+def _optimizer_step(t, accelerator, policy, optimizer, lr_schedule, step: int, sums: dict,
+                    per_step: int) -> int:
+    """Clip, step, schedule, zero, EMA; returns the new optimizer step count."""
+    if t.max_grad_norm:
+        norm = accelerator.clip_grad_norm_(list(policy.trainable.values()), t.max_grad_norm)
+        sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(norm) * per_step
+    optimizer.step()
+    lr_schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    step += 1
+    policy.update_ema(step)
+    return step
 
 
 def train(cfg: Config, *, quiet: bool = False) -> dict:
@@ -246,6 +255,8 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
         t0 = time.time()
         with accelerator.autocast():
             samples = transport.collect(pending)
+        if samples.rows is not None:  # prompt groups dropped after dead-lettered tasks
+            plan = plan.subset(samples.rows)
         data = finish_epoch(cfg, accelerator, plan, samples, version)
         samples_used += data.advantages.shape[0] * world
         more = epoch + 1 < t.max_epochs

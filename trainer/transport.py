@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -35,6 +36,8 @@ from shared.protocol import (QUEUE_REWARD, QUEUE_SAMPLE, TASK_SAMPLE, PolicyPubl
 from shared.rewards.multi import spec_dicts
 from shared.sampling import Rollout, encode_batches, unpack_trajectory
 from trainer.collect import EpochPlan, Samples, sample_locally, sampling_params
+
+log = logging.getLogger("flowrl.trainer")
 
 
 class LocalTransport:
@@ -116,6 +119,8 @@ class CeleryTransport:
         # audit trail: one line per sample used for training (id, version, worker, rewards)
         self.ledger = None if run_dir is None else Path(run_dir) / "scored_samples.jsonl"
         self.first_epoch = resume_epoch or 0
+        self.dead_letter_log = None if run_dir is None else Path(run_dir) / "dead_letters.jsonl"
+        self.letters: list = []  # every dead letter of this run seen so far
         if resume_epoch is None:  # a fresh run: nothing of an earlier run with this name counts
             self.state.clear()
             if self.ledger is not None and self.ledger.exists():
@@ -170,13 +175,24 @@ class CeleryTransport:
         return _Pending(plan, ids, jobs, time.monotonic())
 
     def collect(self, pending: _Pending) -> Samples:
-        """Wait for one score per sample id of ``pending`` (see :class:`CollectError`)."""
+        """Wait for one score per sample id of ``pending`` (see :class:`CollectError`).
+
+        A dead-lettered task's samples cannot arrive: with ``queue.on_dead_letter:
+        drop_groups`` their whole prompt groups leave the epoch (reported, kept in
+        ``dead_letters.jsonl``) and the rest is trained; with ``stop`` the run stops.
+        """
         q = self.cfg.queue
         need = set(pending.ids)
         got: dict[str, tuple] = {sid: self.buffer.pop(sid) for sid in list(self.buffer) if sid in need}
         deadline = time.monotonic() + q.collect_timeout_s
+        dropped: list[str] = []
         while len(got) < len(need):
-            self._check_dead_letters(pending, need - set(got))
+            for sid in self._check_dead_letters(pending, need - set(got)):
+                need.discard(sid)
+                got.pop(sid, None)
+                dropped.append(sid)
+            if len(got) >= len(need):
+                break
             batch = self.state.pop_scored(timeout=0.5)
             if batch is None:
                 if time.monotonic() > deadline:
@@ -193,22 +209,29 @@ class CeleryTransport:
                     self.duplicates += 1  # a redelivered task scored it again: keep the first
                 elif sid in need:
                     got[sid], kept = (batch, row), True
-                else:
+                elif sid not in pending.ids:
                     self.buffer[sid], kept = (batch, row), True  # a later epoch (max_staleness 1)
             if kept:  # read its tensors now, while the other batches are still being sampled
                 self._trajectory(batch.trajectory.tensors)
-        self.scored_ids.update(need)
-        self._record(pending, got)
-        samples = self._assemble(pending, got)
+        if not need:
+            raise CollectError(f"epoch {pending.plan.epoch}: every prompt group was dropped after "
+                               f"dead-lettered tasks (see {self.dead_letter_log}); nothing to train on.")
+        self.scored_ids.update(pending.ids)
+        rows = [r for r, sid in enumerate(pending.ids) if sid in need]
+        self._record(pending, got, rows)
+        samples = self._assemble(pending, got, rows)
         samples.metrics.update({"queue/collect_seconds": time.monotonic() - pending.sent_at,
-                                "queue/duplicates_total": float(self.duplicates)})
+                                "queue/duplicates_total": float(self.duplicates),
+                                "queue/dropped_samples": float(len(dropped))})
+        if dropped:
+            samples.rows = rows
         return samples
 
-    def _record(self, pending: _Pending, got: dict[str, tuple]) -> None:
+    def _record(self, pending: _Pending, got: dict[str, tuple], rows: list[int]) -> None:
         if self.ledger is None:
             return
         with self.ledger.open("a") as f:
-            for sid in pending.ids:
+            for sid in (pending.ids[r] for r in rows):
                 batch, row = got[sid]
                 f.write(json.dumps({
                     "epoch": pending.plan.epoch, "sample_id": sid,
@@ -216,23 +239,42 @@ class CeleryTransport:
                     "sampler": batch.trajectory.worker, "scorer": batch.worker,
                     "rewards": {k: v[row] for k, v in batch.rewards.items()}}) + "\n")
 
-    def _check_dead_letters(self, pending: _Pending, missing: set[str]) -> None:
-        letters = self.state.dead_letters(self.dead_letters_seen)
-        self.dead_letters_seen += len(letters)
-        for letter in letters:
-            lost = missing.intersection(letter.sample_ids)
-            if lost:  # (a dead copy of a job whose other delivery arrived loses nothing)
-                raise CollectError(
-                    f"epoch {pending.plan.epoch}: task {letter.task} for job {letter.job_id} was "
-                    f"dead-lettered after {letter.attempts} attempt(s): {letter.error}. "
-                    f"{len(lost)} sample(s) of this epoch are lost, so the epoch cannot complete.")
+    def _check_dead_letters(self, pending: _Pending, missing: set[str]) -> list[str]:
+        """Sample ids of ``pending`` to drop: every member of each prompt group that lost a
+        sample to a dead-lettered task (or raise, with ``queue.on_dead_letter: stop``)."""
+        new = self.state.dead_letters(self.dead_letters_seen)
+        self.dead_letters_seen += len(new)
+        self.letters.extend(new)  # kept: a letter may concern an epoch collected later
+        drop: list[str] = []
+        group_of = dict(zip(pending.ids, pending.plan.group_ids))
+        for letter in self.letters:
+            lost = missing.intersection(letter.sample_ids) - set(drop)
+            if not lost:  # (a dead copy of a job whose other delivery arrived loses nothing)
+                continue
+            what = (f"epoch {pending.plan.epoch}: task {letter.task} for job {letter.job_id} was "
+                    f"dead-lettered after {letter.attempts} attempt(s): {letter.error}. Samples lost: "
+                    f"{', '.join(sorted(lost))}.")
+            if self.cfg.queue.on_dead_letter == "stop":
+                raise CollectError(what + " The epoch cannot complete (queue.on_dead_letter: stop).")
+            groups = {group_of[sid] for sid in lost}
+            ids = [sid for sid in pending.ids if group_of[sid] in groups]
+            drop.extend(sid for sid in ids if sid not in drop)
+            log.warning("%s Dropping prompt group(s) %s (%d samples) from this epoch "
+                        "(queue.on_dead_letter: drop_groups).", what, sorted(groups), len(ids))
+            if self.dead_letter_log is not None:
+                with self.dead_letter_log.open("a") as f:
+                    f.write(json.dumps({**letter.model_dump(mode="json"), "epoch": pending.plan.epoch,
+                                        "lost": sorted(lost), "dropped_groups": sorted(groups),
+                                        "dropped_samples": ids}) + "\n")
+        return drop
 
-    def _assemble(self, pending: _Pending, got: dict[str, tuple]) -> Samples:
-        """Rows of every scored trajectory, in plan order, as one Rollout + reward tensors."""
+    def _assemble(self, pending: _Pending, got: dict[str, tuple], rows: list[int]) -> Samples:
+        """The scored trajectories of plan ``rows``, in plan order, as one Rollout + rewards."""
         t = self.cfg.train
+        ids = [pending.ids[r] for r in rows]
         picks = [(self._trajectory(got[sid][0].trajectory.tensors), got[sid][1])
-                 for sid in pending.ids]  # (trajectory, row) per sample, in plan order
-        uris = {got[sid][0].trajectory.tensors.uri for sid in pending.ids}
+                 for sid in ids]  # (trajectory, row) per sample, in plan order
+        uris = {got[sid][0].trajectory.tensors.uri for sid in ids}
         device = next(self.adapter.transformer.parameters()).device
         stack = lambda f: torch.stack([getattr(p, f)[r] for p, r in picks]).to(device)  # noqa: E731
         first = picks[0][0]
@@ -245,12 +287,13 @@ class CeleryTransport:
                        stds=stack("stds"), means=stack("means") if first.means is not None else None)
         labels = [s.label for s in self.cfg.rewards]
         rewards = {label: torch.tensor([float("nan") if (v := got[sid][0].rewards[label][got[sid][1]]) is None
-                                        else v for sid in pending.ids], dtype=torch.float32)
+                                        else v for sid in ids], dtype=torch.float32)
                    for label in labels}
-        versions = [got[sid][0].trajectory.policy_version for sid in pending.ids]
-        cond = encode_batches(self.adapter, pending.plan.prompts, pending.plan.negatives,
+        versions = [got[sid][0].trajectory.policy_version for sid in ids]
+        plan = pending.plan.subset(rows)
+        cond = encode_batches(self.adapter, plan.prompts, plan.negatives,
                               t.guidance_scale, t.per_device_batch_size)
-        workers = {got[sid][0].trajectory.worker for sid in pending.ids}
+        workers = {got[sid][0].trajectory.worker for sid in ids}
         for uri in uris:
             self.loaded.pop(uri, None)
         return Samples(cond, roll, rewards, versions, {"queue/samplers": float(len(workers))})

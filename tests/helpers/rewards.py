@@ -31,3 +31,25 @@ class RecordingBrightness(Brightness):
     def details(self, images, prompts):
         RecordingBrightness.seen.extend(("eval", p) for p in prompts)
         return {}
+
+
+class PoisonError(RuntimeError):
+    """What :class:`PoisonedBrightness` raises; ``retryable`` so the worker retries it (as it
+    would a flaky GPU error) before dead-lettering."""
+
+    retryable = True
+
+
+class PoisonedBrightness(Brightness):
+    """Brightness that always fails on a batch with a prompt containing ``poison`` (a sample
+    that crashes a reward model every time it is scored)."""
+
+    def __init__(self, *, poison: str = "triangle", **options) -> None:
+        super().__init__(**options)
+        self.poison = poison
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        bad = [p for p in prompts if self.poison in p]
+        if bad:
+            raise PoisonError(f"poisoned prompt {bad[0]!r}")
+        return super().score(images, prompts)

@@ -1,8 +1,20 @@
-"""Faults injected for real into the distributed mode (tiny model, real Redis and workers).
+"""Faults injected for real into the distributed mode (tiny model, real Redis, real workers,
+a real reward server under uvicorn), each run compared with what must hold afterwards:
 
-* a sampler's pool process is SIGKILLed while it runs a task: the task is requeued (late ack +
-  reject on worker lost), another process samples it, and the run completes with every sample
-  id used exactly once.
+* a sampler's pool process SIGKILLed mid-task: requeued (late ack + reject on worker lost),
+  sampled again, every sample id used exactly once, final weights = the unfaulted run's;
+* the reward server stopped for a while and restarted: the reward worker retries with
+  backoff (logged), no score is invented, final weights = the unfaulted run's;
+* a reward that always fails on one prompt (a poisoned sample): its task is retried, then
+  dead-lettered with its sample ids; the trainer drops that prompt group from the epoch
+  (``queue.on_dead_letter: drop_groups``), records it in ``dead_letters.jsonl`` and trains on
+  the rest;
+* the trainer SIGKILLed mid-epoch and restarted with ``--resume latest``: final weights = the
+  unfaulted run's, every sample id in the ledger once.
+
+One set of workers serves every test (module fixture); each test has its own run name. The
+unfaulted reference is a distributed run of the same config without a fault. (The embedded run
+differs slightly: reward workers score 8-bit images, the embedded trainer float ones.)
 """
 
 from __future__ import annotations
@@ -12,17 +24,36 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from shared.queue import RunState, delete_namespace_queues
-from tests.helpers.procs import FLOWRL, ProcessGroup
+from tests.helpers.procs import FLOWRL, ProcessGroup, free_port
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 EPOCHS, GROUPS, K = 3, 4, 4
+CONFIG = "examples/toy/tiny_grpo.yaml"
+
+
+def overrides(tmp_path: Path, run: str, reward_url: str, extra: list[str] = ()) -> list[str]:
+    return [f"output_dir={tmp_path / 'runs'}", f"run_name={run}", "logging_backend=none",
+            f"train.max_epochs={EPOCHS}", f"train.unique_sample_num_per_epoch={GROUPS}",
+            f"train.group_size={K}", f"train.per_device_batch_size={K}",  # one group per job
+            "train.gradient_step_per_epoch=1", "train.save_freq=1",
+            "eval.eval_freq=0", "eval.num_prompts=2",
+            f'rewards=[{{"name": "brightness", "reward_model": "remote", "url": "{reward_url}", '
+            f'"protocol": "v2", "timeout": 5, "retries": 2, "backoff": 0.2}}]', *extra]
+
+
+def as_args(items: list[str]) -> list[str]:
+    return sum((["--set", o] for o in items), [])
 
 
 def children(pid: int) -> list[int]:
@@ -30,45 +61,164 @@ def children(pid: int) -> list[int]:
     return [int(x) for x in out.split()]
 
 
-def test_sampler_process_killed_mid_task_loses_nothing(tmp_path, redis_url):
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "checkpoints" / "final" / "lora" / "pytorch_lora_weights.safetensors")
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def ledger(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "scored_samples.jsonl").read_text().splitlines()]
+
+
+class Cluster:
+    """Reward server, two samplers, a reward worker on a private queue namespace."""
+
+    def __init__(self, procs: ProcessGroup, tmp_path: Path, ns: str, port: int) -> None:
+        self.procs, self.tmp_path, self.ns, self.port = procs, tmp_path, ns, port
+        self.url = f"http://127.0.0.1:{port}"
+
+    def start_reward_server(self) -> None:
+        self.procs.start("reward-server", [sys.executable, "-m", "services.reward.cli", "--rewards",
+                                           "brightness", "--port", str(self.port), "--log-level", "warning"])
+        self.procs.wait_http("reward-server", f"{self.url}/v2/health/ready")
+
+    def trainer(self, name: str, run: str, extra: list[str] = (), resume: bool = False):
+        args = FLOWRL + ["trainer", CONFIG, *as_args(overrides(self.tmp_path, run, self.url, extra))]
+        return self.procs.start(name, args + (["--resume", "latest"] if resume else []))
+
+    def run_dir(self, run: str) -> Path:
+        return self.tmp_path / "runs" / run
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, redis_url):
+    tmp_path = tmp_path_factory.mktemp("faults")
     ns = f"fault-{uuid.uuid4().hex[:8]}"
     env = {"FLOWRL_QUEUE_BROKER_URL": redis_url, "FLOWRL_QUEUE_NAMESPACE": ns, "FLOWRL_QUEUE_KEY_PREFIX": ns,
            "FLOWRL_QUEUE_STORE_URL": f"file://{tmp_path}/blobs", "FLOWRL_QUEUE_TASK_TIME_LIMIT_S": "200",
-           "FLOWRL_QUEUE_COLLECT_TIMEOUT_S": "300", "OMP_NUM_THREADS": "1"}
-    overrides = [f"output_dir={tmp_path / 'runs'}", "run_name=fault", "logging_backend=none",
-                 f"train.max_epochs={EPOCHS}", f"train.unique_sample_num_per_epoch={GROUPS}",
-                 f"train.group_size={K}", "train.per_device_batch_size=8", "train.gradient_step_per_epoch=1",
-                 "eval.eval_freq=0", "eval.num_prompts=2"]
-    try:
-        with ProcessGroup(tmp_path, env) as procs:
-            victim = procs.start("sampler-1", FLOWRL + ["worker", "sampler", "--name", f"s1-{ns}"])
-            procs.start("sampler-2", FLOWRL + ["worker", "sampler", "--name", f"s2-{ns}"])
-            procs.start("reward-worker", FLOWRL + ["worker", "reward", "--name", f"r1-{ns}"])
-            for name in ("sampler-1", "sampler-2", "reward-worker"):
-                procs.wait_log(name, "ready.")
-            trainer = procs.start("trainer", FLOWRL + ["trainer", "examples/toy/tiny_grpo.yaml",
-                                                       *sum((["--set", o] for o in overrides), [])])
-            # kill sampler-1's pool process as soon as it has taken its first task
-            procs.wait_log("sampler-1", "Task flowrl.sample[", timeout=300)
-            (child,) = children(victim.pid)
-            os.kill(child, signal.SIGKILL)
-            killed_at = time.monotonic()
-            assert trainer.wait(timeout=500) == 0, procs.logs()
-            logs = procs.log("sampler-1") + procs.log("sampler-2")
-    finally:
-        state = RunState.connect(redis_url, "fault", ns)
-        state.clear()
-        delete_namespace_queues(state.redis, ns)
+           "FLOWRL_QUEUE_COLLECT_TIMEOUT_S": "300", "FLOWRL_QUEUE_MAX_RETRIES": "4",
+           "FLOWRL_QUEUE_RETRY_BACKOFF_S": "1", "OMP_NUM_THREADS": "1"}
+    with ProcessGroup(tmp_path, env) as procs:
+        c = Cluster(procs, tmp_path, ns, free_port())
+        c.start_reward_server()
+        procs.start("sampler-1", FLOWRL + ["worker", "sampler", "--name", f"s1-{ns}"])
+        procs.start("sampler-2", FLOWRL + ["worker", "sampler", "--name", f"s2-{ns}"])
+        procs.start("reward-worker", FLOWRL + ["worker", "reward", "--name", f"r1-{ns}"])
+        for name in ("sampler-1", "sampler-2", "reward-worker"):
+            procs.wait_log(name, "ready.")
+        try:
+            yield c
+        finally:
+            state = RunState.connect(redis_url, "x", ns)
+            for run in ("clean", "sampler_kill", "reward_outage", "poison", "trainer_kill"):
+                RunState(state.redis, run, ns).clear()
+            delete_namespace_queues(state.redis, ns)
 
-    # the killed task was lost by its process, requeued, and then done (by either sampler)
+
+@pytest.fixture(scope="module")
+def reference(cluster):
+    """The unfaulted distributed run of the same config: its final LoRA."""
+    trainer = cluster.trainer("trainer-clean", "clean")
+    assert trainer.wait(timeout=400) == 0, cluster.procs.logs()
+    check_complete(cluster.run_dir("clean"))
+    return final_weights(cluster.run_dir("clean"))
+
+
+def check_complete(run_dir: Path, expect_samples: int = EPOCHS * GROUPS * K) -> list[dict]:
+    rows = ledger(run_dir)
+    ids = [r["sample_id"] for r in rows]
+    assert len(ids) == len(set(ids)) == expect_samples  # every sample id used exactly once
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["epochs"] == EPOCHS and summary["policy_version"] == EPOCHS
+    assert summary["samples"] == expect_samples
+    return rows
+
+
+def test_sampler_process_killed_mid_task(cluster, reference):
+    procs = cluster.procs
+    received = lambda: re.findall(r"Task flowrl\.sample\[([0-9a-f-]+)\] received", procs.log("sampler-1"))  # noqa: E731
+    before = len(received())
+    trainer = cluster.trainer("trainer-sampler-kill", "sampler_kill")
+    deadline = time.monotonic() + 300
+    while len(received()) == before:  # its first task of this run
+        assert time.monotonic() < deadline and trainer.poll() is None, procs.logs()
+        time.sleep(0.05)
+    (child,) = children(procs.procs["sampler-1"].pid)  # the pool process running the task
+    os.kill(child, signal.SIGKILL)
+    assert trainer.wait(timeout=400) == 0, procs.logs()
+
+    logs = procs.log("sampler-1") + procs.log("sampler-2")
     assert "WorkerLostError" in logs, logs[-3000:]
-    task = re.search(r"Task flowrl\.sample\[([0-9a-f-]+)\] received", logs).group(1)
-    assert logs.count(f"Task flowrl.sample[{task}] received") == 2, logs[-3000:]
-    assert f"Task flowrl.sample[{task}] succeeded" in logs
-    run = tmp_path / "runs" / "fault"
-    ledger = [json.loads(line) for line in (run / "scored_samples.jsonl").read_text().splitlines()]
-    ids = [row["sample_id"] for row in ledger]
-    assert len(ids) == len(set(ids)) == EPOCHS * GROUPS * K
+    lost = received()[before]
+    assert logs.count(f"Task flowrl.sample[{lost}] received") == 2  # redelivered ...
+    assert f"Task flowrl.sample[{lost}] succeeded" in logs  # ... and done
+    check_complete(cluster.run_dir("sampler_kill"))
+    assert max_diff(final_weights(cluster.run_dir("sampler_kill")), reference) < 1e-6
+
+
+def test_reward_server_down_then_back(cluster, reference):
+    procs = cluster.procs
+    before = procs.log("reward-worker").count("] received")
+    trainer = cluster.trainer("trainer-reward-outage", "reward_outage")
+    deadline = time.monotonic() + 300
+    while procs.log("reward-worker").count("] received") == before:
+        assert time.monotonic() < deadline and trainer.poll() is None, procs.logs()
+        time.sleep(0.05)
+    procs.stop("reward-server")  # down while the worker is scoring
+    time.sleep(6)
+    cluster.start_reward_server()
+    assert trainer.wait(timeout=400) == 0, procs.logs()
+
+    worker_log = procs.log("reward-worker")
+    assert re.search(r"flowrl\.reward .*(unreachable|connect|Connect).*; retry 1/4", worker_log), worker_log[-3000:]
+    rows = check_complete(cluster.run_dir("reward_outage"))
+    assert all(r["rewards"]["brightness"] is not None for r in rows)  # nothing silently scored
+    assert max_diff(final_weights(cluster.run_dir("reward_outage")), reference) < 1e-6
+
+
+def test_poisoned_sample_is_dead_lettered_and_its_group_dropped(cluster):
+    poisoned = ('rewards=[{"name": "brightness", "reward_model": '
+                '"tests.helpers.rewards.PoisonedBrightness", "poison": "triangle"}]')
+    trainer = cluster.trainer("trainer-poison", "poison", [poisoned])
+    assert trainer.wait(timeout=400) == 0, cluster.procs.logs()
+
+    run = cluster.run_dir("poison")
+    letters = [json.loads(x) for x in (run / "dead_letters.jsonl").read_text().splitlines()]
+    assert letters, "no group was poisoned: pick a poison word that the run's prompts contain"
+    rows = ledger(run)
+    used = {r["sample_id"] for r in rows}
+    dropped = {sid for letter in letters for sid in letter["dropped_samples"]}
+    for letter in letters:
+        assert letter["task"] == "flowrl.reward" and letter["attempts"] == 5  # 1 + max_retries 4
+        assert "poisoned prompt" in letter["error"] and "triangle" in letter["error"]
+        assert letter["lost"] and set(letter["lost"]) <= set(letter["dropped_samples"])
+    assert not used & dropped  # dropped samples were not trained on
+    assert len(used) == len(rows) == EPOCHS * GROUPS * K - len(dropped)
+    log = cluster.procs.log("trainer-poison")
+    assert "dead-lettered after 5 attempt(s)" in log and "Dropping prompt group(s)" in log
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["samples"] == EPOCHS * GROUPS * K and summary["policy_version"] == EPOCHS
-    assert time.monotonic() - killed_at < 400
+    assert summary["epochs"] == EPOCHS and summary["samples"] == len(used)
+
+
+def test_trainer_killed_mid_epoch_resumes_from_checkpoint(cluster, reference):
+    procs = cluster.procs
+    trainer = cluster.trainer("trainer-kill-1", "trainer_kill")
+    ckpt = cluster.run_dir("trainer_kill") / "checkpoints" / "checkpoint-1"
+    deadline = time.monotonic() + 300
+    while not ckpt.is_dir():
+        assert time.monotonic() < deadline and trainer.poll() is None, procs.logs()
+        time.sleep(0.05)
+    time.sleep(1.0)  # epoch 2 is being sampled
+    procs.stop("trainer-kill-1", signal.SIGKILL)
+    assert not (ckpt.parent / "final").exists(), "the run ended before it could be killed"
+
+    again = cluster.trainer("trainer-kill-2", "trainer_kill", resume=True)
+    assert again.wait(timeout=400) == 0, procs.logs()
+    assert "resumed from" in procs.log("trainer-kill-2")
+    rows = check_complete(cluster.run_dir("trainer_kill"))
+    assert sorted({r["epoch"] for r in rows}) == list(range(EPOCHS))
+    assert max_diff(final_weights(cluster.run_dir("trainer_kill")), reference) < 1e-6

@@ -98,14 +98,46 @@ def test_each_sample_id_is_used_once_and_later_epochs_wait(celery_setup, capture
     assert len({r["sample_id"] for r in ledger}) == len(ledger) == 8
 
 
-def test_a_dead_letter_for_missing_samples_stops_the_epoch_with_its_error(celery_setup, capture):
+def dead_letter(transport, pend, job: str, error: str = "CUDA out of memory") -> None:
+    transport.state.dead_letter(DeadLetter(run_id="run1", task="flowrl.sample", job_id=job,
+                                           sample_ids=pend.jobs[job], attempts=3, error=error))
+
+
+def test_a_dead_letter_drops_its_prompt_groups_and_the_rest_trains(celery_setup, capture):
     cfg, adapter, transport, rows = celery_setup
     capture(transport)
     pend = transport.dispatch(plan_epoch(cfg, rows, 0, 0, 1), 0)
-    transport.state.dead_letter(DeadLetter(run_id="run1", task="flowrl.sample", job_id="run1/e0/j1",
-                                           sample_ids=pend.jobs["run1/e0/j1"], attempts=3,
-                                           error="CUDA out of memory"))
-    with pytest.raises(CollectError, match=r"job run1/e0/j1 was dead-lettered after 3 .*CUDA out of memory"):
+    dead_letter(transport, pend, "run1/e0/j1")
+    transport.state.push_scored(scored_for(cfg, adapter, transport, pend, "run1/e0/j0", reward=0.3))
+    samples = transport.collect(pend)
+    assert samples.rows == [0, 1]  # group 0 kept, group 1 (the dead job's) dropped
+    assert samples.rewards["brightness"].tolist() == pytest.approx([0.3, 0.3])
+    assert samples.rollout.latents.shape[0] == 2 and samples.metrics["queue/dropped_samples"] == 2
+    (letter,) = [json.loads(x) for x in (transport.dead_letter_log).read_text().splitlines()]
+    assert letter["dropped_samples"] == pend.jobs["run1/e0/j1"] and letter["dropped_groups"] == [1]
+    assert letter["error"] == "CUDA out of memory" and letter["epoch"] == 0
+    ledger = [json.loads(x)["sample_id"] for x in transport.ledger.read_text().splitlines()]
+    assert ledger == pend.jobs["run1/e0/j0"]
+
+
+def test_every_group_dead_lettered_stops_the_epoch(celery_setup, capture):
+    cfg, adapter, transport, rows = celery_setup
+    capture(transport)
+    pend = transport.dispatch(plan_epoch(cfg, rows, 0, 0, 1), 0)
+    for job in pend.jobs:
+        dead_letter(transport, pend, job)
+    with pytest.raises(CollectError, match="every prompt group was dropped"):
+        transport.collect(pend)
+
+
+def test_on_dead_letter_stop_raises_with_the_tasks_error(celery_setup, capture):
+    cfg, adapter, transport, rows = celery_setup
+    capture(transport)
+    transport.cfg.queue.on_dead_letter = "stop"
+    pend = transport.dispatch(plan_epoch(cfg, rows, 0, 0, 1), 0)
+    dead_letter(transport, pend, "run1/e0/j1")
+    with pytest.raises(CollectError, match=r"job run1/e0/j1 was dead-lettered after 3 .*CUDA out of "
+                                           r"memory. Samples lost: run1/e0/g1/k0, run1/e0/g1/k1"):
         transport.collect(pend)
 
 
