@@ -82,6 +82,8 @@ class QueueSettings(BaseSettings):
     # a dead-lettered task's samples: drop their whole prompt groups from the epoch and train
     # on the rest (logged with the sample ids, kept in dead_letters.jsonl), or stop the run
     on_dead_letter: Literal["drop_groups", "stop"] = "drop_groups"
+    # how long the trainer waits for an unreachable Redis (logged) before it stops the run
+    redis_outage_s: float = Field(300.0, gt=0)
 
     @field_validator("broker_url")
     @classmethod
@@ -136,6 +138,17 @@ def make_celery(settings: QueueSettings, name: str = "flowrl"):
     app = Celery(name)
     app.conf.update(celery_config(settings))
     return app
+
+
+def redact(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (what a health answer may show)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def retry_delay(attempt: int, base: float) -> float:
@@ -195,6 +208,14 @@ class RunState:
         n = int(self.redis.incr(key))
         self.redis.expire(key, 7 * 24 * 3600)
         return n
+
+    # -- data-loss detection (see RunKeys.alive)
+    def mark(self, token: str) -> None:
+        self.redis.set(self.keys.alive, token)
+
+    def marked(self, token: str) -> bool:
+        value = self.redis.get(self.keys.alive)
+        return value is not None and value.decode() == token
 
     def clear(self) -> int:
         """Delete this run's keys only (never anything else in the database)."""

@@ -20,6 +20,8 @@ from __future__ import annotations
 import os
 import tempfile
 
+from shared.queue import redact  # noqa: F401  (health answers show the broker URL redacted)
+
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
@@ -62,15 +64,6 @@ def gpu_memory_bytes() -> int:
     return int(torch.cuda.memory_allocated())
 
 
-def redact(url: str) -> str:
-    """``url`` with its password replaced by ``***`` (what a health answer may show)."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def create_app(broker_url: str, title: str):

@@ -26,6 +26,7 @@ import dataclasses
 import json
 import logging
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -33,6 +34,7 @@ import torch
 from shared.config import Config
 from shared.protocol import (QUEUE_REWARD, QUEUE_SAMPLE, TASK_SAMPLE, PolicyPublished, SampleItem,
                              SampleJob, sample_id)
+from shared.queue import redact
 from shared.rewards.multi import spec_dicts
 from shared.sampling import Rollout, encode_batches, unpack_trajectory
 from trainer.collect import EpochPlan, Samples, sample_locally, sampling_params
@@ -79,6 +81,7 @@ class _Pending:
     ids: list[str]  # sample id per plan row
     jobs: dict[str, list[str]]  # job id -> its sample ids
     sent_at: float
+    messages: dict[str, str] = dataclasses.field(default_factory=dict)  # job id -> SampleJob JSON
 
 
 class CollectError(RuntimeError):
@@ -121,6 +124,10 @@ class CeleryTransport:
         self.first_epoch = resume_epoch or 0
         self.dead_letter_log = None if run_dir is None else Path(run_dir) / "dead_letters.jsonl"
         self.letters: list = []  # every dead letter of this run seen so far
+        self.outstanding: dict[int, _Pending] = {}  # dispatched epochs not yet collected
+        self.received: set[str] = set()  # sample ids popped and not yet trained
+        self.published: PolicyPublished | None = None
+        self.token = uuid.uuid4().hex  # this trainer's mark in Redis (see _recover)
         if resume_epoch is None:  # a fresh run: nothing of an earlier run with this name counts
             self.state.clear()
             if self.ledger is not None and self.ledger.exists():
@@ -129,6 +136,7 @@ class CeleryTransport:
             from trainer.resume import truncate_jsonl
 
             truncate_jsonl(self.ledger, lambda r: r["epoch"] < resume_epoch)
+        self._redis(lambda: self.state.mark(self.token), "marking the run alive")
 
     # ------------------------------------------------------------------ weights
     def publish(self, version: int) -> PolicyPublished:
@@ -144,7 +152,8 @@ class CeleryTransport:
         message = PolicyPublished(run_id=self.run_id, version=version, weights=ref,
                                   finetune_type=self.cfg.model.finetune_type,
                                   published_at=time.time())
-        self.state.publish(message)
+        self.published = message
+        self._redis(lambda: self.state.publish(message), f"publishing policy v{version}")
         if version >= 2:  # keep the previous version: samplers may still be loading it
             self.store.delete_prefix(f"{self.run_id}/policy/v{version - 2}.safetensors")
         return message
@@ -157,6 +166,7 @@ class CeleryTransport:
         groups_per_job = max(1, t.per_device_batch_size // K)
         ids = [sample_id(self.run_id, plan.epoch, g, k % K) for k, g in enumerate(plan.group_ids)]
         jobs: dict[str, list[str]] = {}
+        pending_messages: dict[str, str] = {}
         rows_per_job = groups_per_job * K
         for j, start in enumerate(range(0, len(ids), rows_per_job)):
             rows = range(start, min(start + rows_per_job, len(ids)))
@@ -169,10 +179,68 @@ class CeleryTransport:
                 model=self.cfg.model.model_dump(mode="json"), model_seed=t.seed,
                 store_url=self.store.url,
                 rewards=spec_dicts(self.cfg.rewards), key_prefix=self.cfg.queue.key_prefix)
-            self.app.send_task(TASK_SAMPLE, args=[job.model_dump_json()],
-                               queue=self.cfg.queue.queue(QUEUE_SAMPLE))
+            pending_messages[job.job_id] = job.model_dump_json()
             jobs[job.job_id] = [ids[r] for r in rows]
-        return _Pending(plan, ids, jobs, time.monotonic())
+        pending = _Pending(plan, ids, jobs, time.monotonic(), pending_messages)
+        for job_id in jobs:
+            self._send(pending, job_id)
+        self.outstanding[plan.epoch] = pending
+        return pending
+
+    def _send(self, pending: _Pending, job_id: str) -> None:
+        self._redis(lambda: self.app.send_task(TASK_SAMPLE, args=[pending.messages[job_id]],
+                                               queue=self.cfg.queue.queue(QUEUE_SAMPLE)),
+                    f"sending job {job_id}")
+
+    # ------------------------------------------------------------------ Redis outages
+    def _redis(self, call, what: str):
+        """``call()``, waiting through a Redis outage (logged, backoff up to 5 s) for at most
+        ``queue.redis_outage_s``; after an outage, :meth:`_recover` what Redis lost."""
+        from kombu.exceptions import OperationalError
+        from redis.exceptions import ConnectionError, TimeoutError
+
+        q, down_since, delay = self.cfg.queue, None, 0.5
+        while True:
+            try:
+                result = call()
+            except (ConnectionError, TimeoutError, OperationalError, OSError) as e:
+                now = time.monotonic()
+                if down_since is None:
+                    down_since = now
+                    log.warning("Redis at %s unreachable while %s (%s); waiting up to "
+                                "queue.redis_outage_s=%.0f s", redact(q.broker_url), what, e,
+                                q.redis_outage_s)
+                if now - down_since > q.redis_outage_s:
+                    raise CollectError(
+                        f"Redis at {redact(q.broker_url)} was unreachable for more than "
+                        f"queue.redis_outage_s={q.redis_outage_s:.0f} s while {what}: {e}. Fix: bring "
+                        f"Redis back, then continue with `flowrl trainer CONFIG --resume latest`.") from e
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            if down_since is not None:
+                log.warning("Redis is back after %.1f s", time.monotonic() - down_since)
+                self._recover()
+            return result
+
+    def _recover(self) -> None:
+        """If Redis lost this run's keys (restart without persistence), put back what the run
+        needs: the alive token, the current policy, and every dispatched job some of whose
+        samples have not arrived (duplicates of jobs that did survive are dropped by id)."""
+        if self.state.marked(self.token):
+            return  # the data survived (persistence, or only the connection dropped)
+        self.state.mark(self.token)
+        if self.published is not None:
+            self.state.publish(self.published)
+        resent = 0
+        for pending in self.outstanding.values():
+            for job_id, sids in pending.jobs.items():
+                if not self.received.issuperset(sids):
+                    self._send(pending, job_id)
+                    resent += 1
+        log.warning("Redis lost run %s's data (restarted without persistence?): re-published "
+                    "policy v%s and re-dispatched %d job(s) whose samples had not all arrived",
+                    self.run_id, None if self.published is None else self.published.version, resent)
 
     def collect(self, pending: _Pending) -> Samples:
         """Wait for one score per sample id of ``pending`` (see :class:`CollectError`).
@@ -187,14 +255,16 @@ class CeleryTransport:
         deadline = time.monotonic() + q.collect_timeout_s
         dropped: list[str] = []
         while len(got) < len(need):
-            for sid in self._check_dead_letters(pending, need - set(got)):
+            for sid in self._redis(lambda: self._check_dead_letters(pending, need - set(got)),
+                                   "reading dead letters"):
                 need.discard(sid)
                 got.pop(sid, None)
                 dropped.append(sid)
             if len(got) >= len(need):
                 break
-            batch = self.state.pop_scored(timeout=0.5)
+            batch = self._redis(lambda: self.state.pop_scored(timeout=0.5), "waiting for scores")
             if batch is None:
+                self._redis(self._recover, "checking the run's keys")  # a restart between calls
                 if time.monotonic() > deadline:
                     raise CollectError(
                         f"epoch {pending.plan.epoch}: {len(need) - len(got)} of {len(need)} samples "
@@ -209,14 +279,18 @@ class CeleryTransport:
                     self.duplicates += 1  # a redelivered task scored it again: keep the first
                 elif sid in need:
                     got[sid], kept = (batch, row), True
+                    self.received.add(sid)
                 elif sid not in pending.ids:
                     self.buffer[sid], kept = (batch, row), True  # a later epoch (max_staleness 1)
+                    self.received.add(sid)
             if kept:  # read its tensors now, while the other batches are still being sampled
                 self._trajectory(batch.trajectory.tensors)
         if not need:
             raise CollectError(f"epoch {pending.plan.epoch}: every prompt group was dropped after "
                                f"dead-lettered tasks (see {self.dead_letter_log}); nothing to train on.")
         self.scored_ids.update(pending.ids)
+        self.received.difference_update(pending.ids)
+        self.outstanding.pop(pending.plan.epoch, None)
         rows = [r for r, sid in enumerate(pending.ids) if sid in need]
         self._record(pending, got, rows)
         samples = self._assemble(pending, got, rows)
@@ -315,3 +389,4 @@ class CeleryTransport:
 
     def close(self) -> None:
         self.app.close()
+

@@ -26,7 +26,9 @@ class RunKeys:
     * ``policy``: the latest :class:`~shared.protocol.PolicyPublished` JSON (one string, replaced
       atomically: the version bump IS this write);
     * ``dead``: list of :class:`~shared.protocol.DeadLetter` JSON (tasks that gave up);
-    * ``deliveries:{job_id}``: how many times a task for that job was started (redelivery cap).
+    * ``deliveries:{job_id}``: how many times a task for that job was started (redelivery cap);
+    * ``alive``: a token the trainer writes at start; its absence later means Redis lost the
+      run's data (restarted without persistence), so the trainer re-publishes and re-dispatches.
     """
 
     def __init__(self, run_id: str, prefix: str = DEFAULT_KEY_PREFIX) -> None:
@@ -38,6 +40,7 @@ class RunKeys:
         self.scored = f"{base}:scored"
         self.policy = f"{base}:policy"
         self.dead = f"{base}:dead"
+        self.alive = f"{base}:alive"
         self.base = base
 
     def deliveries(self, job_id: str) -> str:

@@ -222,3 +222,59 @@ def test_trainer_killed_mid_epoch_resumes_from_checkpoint(cluster, reference):
     rows = check_complete(cluster.run_dir("trainer_kill"))
     assert sorted({r["epoch"] for r in rows}) == list(range(EPOCHS))
     assert max_diff(final_weights(cluster.run_dir("trainer_kill")), reference) < 1e-6
+
+
+def start_redis(port: int, workdir: Path) -> subprocess.Popen:
+    """A private redis-server without persistence: a restart loses everything in it."""
+    import redis
+
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(workdir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            if redis.Redis(port=port, socket_connect_timeout=1).ping():
+                return proc
+        except redis.RedisError:
+            assert time.monotonic() < deadline and proc.poll() is None, "redis-server did not start"
+            time.sleep(0.05)
+
+
+def test_redis_restarted_without_persistence_is_detected_and_recovered(cluster, reference, tmp_path):
+    """Redis SIGKILLed and restarted empty mid-run: the trainer waits (logged), sees its alive
+    mark gone, re-publishes the policy and re-dispatches the jobs not fully scored; duplicates
+    of tasks that did survive are dropped by sample id, so the run equals the unfaulted one."""
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    server = start_redis(port, tmp_path)
+    env = {"FLOWRL_QUEUE_BROKER_URL": url, "FLOWRL_QUEUE_NAMESPACE": "r", "FLOWRL_QUEUE_KEY_PREFIX": "r",
+           "FLOWRL_QUEUE_STORE_URL": f"file://{tmp_path}/blobs", "FLOWRL_QUEUE_TASK_TIME_LIMIT_S": "200",
+           "FLOWRL_QUEUE_COLLECT_TIMEOUT_S": "300", "FLOWRL_QUEUE_POLICY_WAIT_S": "300",
+           "OMP_NUM_THREADS": "1"}
+    try:
+        with ProcessGroup(tmp_path, env) as procs:
+            procs.start("sampler", FLOWRL + ["worker", "sampler", "--name", "s-redis"])
+            procs.start("reward-worker", FLOWRL + ["worker", "reward", "--name", "r-redis"])
+            for name in ("sampler", "reward-worker"):
+                procs.wait_log(name, "ready.")
+            args = overrides(tmp_path, "redis_restart", cluster.url)
+            trainer = procs.start("trainer", FLOWRL + ["trainer", CONFIG, *as_args(args)])
+            ckpt = tmp_path / "runs" / "redis_restart" / "checkpoints" / "checkpoint-1"
+            deadline = time.monotonic() + 300
+            while not ckpt.is_dir():
+                assert time.monotonic() < deadline and trainer.poll() is None, procs.logs()
+                time.sleep(0.05)
+            server.kill()  # epoch 2 in flight
+            server.wait(timeout=10)
+            time.sleep(3)
+            server = start_redis(port, tmp_path)
+            assert trainer.wait(timeout=400) == 0, procs.logs()
+            log = procs.log("trainer")
+    finally:
+        server.kill()
+        server.wait(timeout=10)
+    assert "unreachable" in log and "Redis is back" in log, log[-3000:]
+    assert re.search(r"Redis lost run redis_restart's data .* re-dispatched [1-9]\d* job", log), log[-3000:]
+    check_complete(tmp_path / "runs" / "redis_restart")
+    assert max_diff(final_weights(tmp_path / "runs" / "redis_restart"), reference) < 1e-6
