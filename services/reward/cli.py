@@ -2,6 +2,7 @@
 
     flowrl serve reward --rewards brightness,toy_geneval [--host 127.0.0.1] [--port 8000]
                         [--max-batch-size N] [--max-queue-delay-ms MS] [--device cpu] [--token T]
+                        [--torch-threads N]
 
 Options left out come from the environment (``FLOWRL_REWARD_*``, see
 :mod:`services.reward.settings`). Prefer ``FLOWRL_API_TOKEN`` over ``--token``: command lines
@@ -33,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-request-bytes", type=int, help="largest accepted request body (default 64 MiB)")
     p.add_argument("--token", help="require 'Authorization: Bearer TOKEN' (prefer the FLOWRL_API_TOKEN env var)")
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: half the CPUs)")
     return p
 
 
@@ -63,8 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flowrl serve reward: warning: listening on {settings.host}:{settings.port} without a bearer token; "
               f"anyone who can reach it can use the rewards. Fix: set FLOWRL_API_TOKEN (clients send "
               f"'Authorization: Bearer <token>'), or listen on 127.0.0.1 behind a proxy.", file=sys.stderr)
+    import torch
     import uvicorn
 
+    torch.set_num_threads(settings.intra_op_threads())  # this process only serves: set before any model runs
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                 timeout_graceful_shutdown=10)

@@ -13,6 +13,7 @@ The host defaults to ``127.0.0.1``: nothing listens beyond the loopback unless c
 from __future__ import annotations
 
 import json
+import os
 import re
 from typing import Annotated, Any, Literal
 
@@ -66,6 +67,20 @@ class RewardServerSettings(BaseSettings):
         None, validation_alias=AliasChoices("token", "FLOWRL_REWARD_TOKEN", "FLOWRL_API_TOKEN")
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads of `flowrl serve reward`; None = half the CPUs (at least 1)")
+
+    def intra_op_threads(self) -> int:
+        """``torch_threads``, or half the CPUs this process may use (at least 1).
+
+        Not all of them: the server decodes images, parses JSON and answers HTTP on other threads
+        meanwhile, and an intra-op team that wants every core stalls whenever one of its threads
+        is descheduled (measured with bench/reward_load.py on 2 CPUs: the tiny CLIP's batches took
+        70-560 ms with 2 threads, 16-25 ms with 1)."""
+        if self.torch_threads is not None:
+            return self.torch_threads
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+        return max(1, cpus // 2)
 
     @field_validator("rewards", mode="before")
     @classmethod

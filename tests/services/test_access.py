@@ -98,10 +98,13 @@ def test_unicode_and_odd_headers_get_401_not_500():
 
 @pytest.fixture
 def uvicorn_run(monkeypatch):
+    """Record ``uvicorn.run``'s options instead of serving (and keep this process's torch threads)."""
     calls = []
+    import torch
     import uvicorn
 
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(kw))
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append({"torch_threads": n}))
     return calls
 
 
@@ -113,7 +116,8 @@ def test_reward_server_listens_on_loopback_unless_told(uvicorn_run, monkeypatch,
     assert serve(["--rewards", "brightness", "--host", "10.1.2.3", "--port", "9001", "--token", "t"]) == 0
     monkeypatch.setenv("FLOWRL_REWARD_HOST", "::1")
     assert serve(["--rewards", "brightness"]) == 0
-    assert [(c["host"], c["port"]) for c in uvicorn_run] == [("127.0.0.1", 8000), ("10.1.2.3", 9001), ("::1", 8000)]
+    served = [(c["host"], c["port"]) for c in uvicorn_run if "host" in c]
+    assert served == [("127.0.0.1", 8000), ("10.1.2.3", 9001), ("::1", 8000)]
     assert "without a bearer token" not in capsys.readouterr().err  # loopback, or a token set
 
 
@@ -123,6 +127,15 @@ def test_reward_server_warns_when_exposed_without_a_token(uvicorn_run, capsys):
     assert serve(["--rewards", "brightness", "--host", "0.0.0.0"]) == 0
     err = capsys.readouterr().err
     assert "listening on 0.0.0.0:8000 without a bearer token" in err and "FLOWRL_API_TOKEN" in err
+
+
+def test_reward_server_sets_torch_threads(uvicorn_run, monkeypatch):
+    from services.reward.cli import main as serve
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert serve(["--rewards", "brightness"]) == 0
+    assert serve(["--rewards", "brightness", "--torch-threads", "3"]) == 0
+    assert [c["torch_threads"] for c in uvicorn_run if "torch_threads" in c] == [4, 3]  # default: half the CPUs
 
 
 @pytest.mark.parametrize("kind", ["sampler", "reward"])
