@@ -17,7 +17,9 @@ p99 < 4 x p50.
     python bench/reward_load.py                       # 64 clients, 60 s per reward
     python bench/reward_load.py --duration 10 --rewards brightness
 
-Writes ``bench/results/reward_load_cpu.json`` (``--out``) and prints one JSON line per reward.
+Writes ``bench/results/reward_load_cpu.json`` (``--out``) and the table in ``docs/reliability.md``
+(``--no-doc`` to skip; ``--doc-from FILE`` rewrites the table from a results file), and prints one
+JSON line per reward.
 The clients share the machine with the server: on a small CPU box the figures include the
 clients' own CPU use (JSON, base64), so they are a floor for the server on its own.
 """
@@ -233,6 +235,41 @@ def summarize(model: str, raw: dict, *, images: int, max_batch_size: int) -> dic
     }
 
 
+DOC = ROOT / "docs" / "reliability.md"
+START, END = "<!-- reward_load_cpu:start -->", "<!-- reward_load_cpu:end -->"
+
+
+def write_doc(report: dict, doc: Path = DOC) -> None:
+    """Put the results table between the markers in ``docs/reliability.md`` (or append it)."""
+    st = report["settings"]
+    rows = ["| reward | req/s | images/s | p50 ms | p90 ms | p99 ms | p99/p50 | mean batch fill | "
+            "server: request / queue ms, model ms per batch | errors | target |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        lat, srv = r["latency_ms"], r["server_mean_ms"]
+        rows.append(f"| {r['reward']} | {r['requests_per_s']} | {r['images_per_s']} | {lat['p50']} | {lat['p90']} | "
+                    f"{lat['p99']} | {r['p99_over_p50']} | {r['mean_batch_fill']} of {st['max_batch_size']} | "
+                    f"{srv['request']} / {srv['queue']}, {srv['model_per_batch']} | {r['errors']} | "
+                    f"{'met' if r['target_met'] else '**not met**'} |")
+    table = "\n".join([
+        START,
+        f"Measured by `{report['command'].strip()}` (`bench/results/reward_load_cpu.json`): "
+        f"{st['clients']} clients, {st['duration_s']:g} s timed per reward after {st['warmup_s']:g} s of warm-up, "
+        f"{st['images_per_request']} {st['image_size']}x{st['image_size']} PNG per request, max_batch_size "
+        f"{st['max_batch_size']}, max_queue_delay_ms {st['max_queue_delay_ms']:g}; server and clients on the same "
+        f"{report['cpus']}-CPU machine with other jobs running (1-minute load average {report['loadavg_1m_before']} "
+        f"before the run, then after each reward: "
+        + ", ".join(f"{r['reward']} {r['loadavg_1m_after']}" for r in report["results"])
+        + f"), torch {report['torch']}.",
+        "", *rows, END])
+    text = doc.read_text() if doc.exists() else "# Reliability\n"
+    if START in text:
+        text = text[:text.index(START)] + table + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip() + "\n\n## Load\n\n" + table + "\n"
+    doc.write_text(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rewards", default="brightness,clip", help="comma-separated: brightness, clip (tiny random)")
@@ -244,7 +281,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-queue-delay-ms", type=float, default=5.0)
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "reward_load_cpu.json"))
+    p.add_argument("--no-doc", action="store_true", help="do not update the table in docs/reliability.md")
+    p.add_argument("--doc-from", metavar="JSON", help="only rewrite the docs table from an earlier results file")
     args = p.parse_args(argv)
+    if args.doc_from:
+        write_doc(json.loads(Path(args.doc_from).read_text()))
+        return 0
 
     import torch
 
@@ -275,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
+    if not args.no_doc:
+        write_doc(report)
     return 0 if all(r["target_met"] for r in results) else 1
 
 

@@ -185,3 +185,19 @@ def test_schema_of_a_fresh_app_matches_the_served_one():
     """The document comes from the app, not from a file that could drift."""
     app = create_app(_settings())
     assert "/v2/models/{name}/infer" in app.openapi()["paths"]
+
+
+def test_encodings_and_image_formats_the_server_does_not_take(server):
+    """Unsupported Content-Encoding -> 415; broken gzip -> 400; a GIF (not PNG/JPEG/WEBP/BMP) -> 422."""
+    import gzip
+
+    body = json.dumps({"prompt": ["p"], "image": [base64.b64encode(_png()).decode()]}).encode()
+    url = f"{server}/compute"
+    r = httpx.post(url, headers=AUTH | {"Content-Encoding": "br"}, content=body)
+    assert r.status_code == 415 and "use gzip, deflate or none" in r.json()["error"]
+    for broken, message in ((gzip.compress(body)[:-12], "truncated"), (b"\x1f\x8b" + b"x" * 20, "not valid gzip")):
+        r = httpx.post(url, headers=AUTH | {"Content-Encoding": "gzip"}, content=broken)
+        assert r.status_code == 400 and message in r.json()["error"], r.text
+    gif = "R0lGODlhAQABAIAAAP///wAAACH5BAEAAAAALAAAAAABAAEAAAICRAEAOw=="
+    r = httpx.post(url, headers=AUTH, json={"prompt": ["p"], "image": [gif]})
+    assert r.status_code == 422 and "not a PNG/JPEG/WEBP/BMP file (first bytes b'GIF89a" in r.json()["error"]
