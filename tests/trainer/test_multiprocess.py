@@ -77,3 +77,33 @@ def test_two_processes_match_one(tmp_path):
     assert abs(e2[0] - e1[0]) < 1e-5 and abs(e2[-1] - e1[-1]) < 1e-3
     ones = json.loads((one / "rank0_state.json").read_text())
     assert abs(ones["param_abs_sum"] - ranks[0]["param_abs_sum"]) < 1e-3 * ones["param_abs_sum"]
+
+
+def test_two_processes_resume_exactly(tmp_path):
+    """A 2-process run resumed (2 processes) from its epoch-1 checkpoint ends with the weights
+    of the uninterrupted 2-process run; each rank restored its own RNG file."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    raw = tiny_raw(tmp_path, "grpo")
+    raw["train"].update(max_epochs=3, save_freq=1, clip_range=1e-3, per_device_batch_size=8,
+                        gradient_step_per_epoch=1)
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    run(launch + ["--main_process_port", str(free_port()), "-m", "trainer.cli", "train", str(cfg_path),
+                  "--set", "run_name=full"])
+    full = tmp_path / "runs" / "full"
+    ckpt = full / "checkpoints" / "checkpoint-1"
+    assert sorted(p.name for p in (ckpt / "resume").glob("rng-rank*.json")) == ["rng-rank0.json", "rng-rank1.json"]
+    stopped = tmp_path / "runs" / "stopped"
+    shutil.copytree(full, stopped)
+    for extra in ("checkpoint-2", "final"):
+        shutil.rmtree(stopped / "checkpoints" / extra)
+    run(launch + ["--main_process_port", str(free_port()), "-m", "trainer.cli", "train", str(cfg_path),
+                  "--set", "run_name=stopped", "--resume", "latest"])
+    lora = "checkpoints/final/lora/pytorch_lora_weights.safetensors"
+    a, b = load_file(full / lora), load_file(stopped / lora)
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
