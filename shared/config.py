@@ -102,6 +102,9 @@ class TrainConfig(_Strict):
     max_epochs: int = Field(100, gt=0)  # one epoch = one rollout + update round
     max_train_seconds: float | None = Field(None, gt=0)  # wall-clock budget: stop after the epoch that exceeds it
     resolution: Resolution = 512
+    # video models: frames per rollout (Wan: 4k + 1, e.g. 5, 17, 81); None = the model's default
+    # (model.options.num_frames); image models take None or 1
+    num_frames: int | None = Field(None, ge=1)
     num_inference_steps: int = Field(10, ge=1)
     guidance_scale: float = Field(1.0, ge=0)  # > 1 enables CFG (the policy is the guided step)
     # -- rollout dynamics and the SDE window (MixGRPO / Flow-GRPO-Fast style)
@@ -182,6 +185,7 @@ class EvalConfig(_Strict):
     """``eval:`` — periodic held-out evaluation with the deterministic ODE sampler."""
 
     resolution: Resolution | None = None  # None = train.resolution
+    num_frames: int | None = Field(None, ge=1)  # video models; None = train.num_frames
     num_inference_steps: int = Field(20, ge=1)
     guidance_scale: float | None = None  # None = train.guidance_scale
     eval_freq: int = Field(10, ge=0)  # epochs; 0 = only before and after training
@@ -302,6 +306,8 @@ def _fill_algorithm_defaults(cfg: Config) -> Config:
             setattr(t, key, value)
     if cfg.eval.resolution is None:
         cfg.eval.resolution = t.resolution
+    if cfg.eval.num_frames is None:
+        cfg.eval.num_frames = t.num_frames
     if cfg.eval.guidance_scale is None:
         cfg.eval.guidance_scale = t.guidance_scale
     return cfg

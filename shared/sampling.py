@@ -29,7 +29,7 @@ class Rollout:
     """What a rollout keeps. ``S = len(sde_steps)``; latent dims ``...`` as the adapter's."""
 
     final_latents: torch.Tensor  # [B, ...] x at t = 0
-    images: torch.Tensor | None  # [B, 3, H, W] float in [0, 1]
+    images: torch.Tensor | None  # [B, 3, H, W] float in [0, 1]; video families: [B, F, 3, H, W]
     sigmas: torch.Tensor  # [N + 1] the grid, 1 -> 0
     sde_steps: list[int]  # step indices that were stochastic (and are trainable)
     latents: torch.Tensor  # [B, S, ...] x_i fed to each SDE step
@@ -61,6 +61,7 @@ def rollout(
     log_prob_reduction: str = "mean",
     transformer: nn.Module | None = None,
     decode: bool = True,
+    num_frames: int | None = None,
 ) -> Rollout:
     """Denoise ``len(seeds)`` samples; see the module docstring.
 
@@ -70,10 +71,12 @@ def rollout(
         sigmas: ``[N + 1]`` descending grid from 1 to 0 (``adapter.sigmas(N, resolution)``).
         sde_steps: indices in ``[0, N - 1)`` that use ``dynamics``; ignored for ``ODE``.
         transformer: module to call instead of ``adapter.transformer`` (EMA view, DDP copy).
+        num_frames: frames per video for video families (``None`` = the family's default); image
+            families take ``None`` or 1 (``adapter.sample_shape``).
     """
     device = next(adapter.transformer.parameters()).device
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    shape = adapter.latent_shape(resolution)
+    shape = adapter.sample_shape(resolution, num_frames)
     x = per_sample_noise(generators, shape, device)
     stochastic = set() if dynamics == "ODE" else set(sde_steps)
     kept: dict[str, list[torch.Tensor]] = {k: [] for k in ("x", "next", "logp", "std", "mean")}
@@ -139,7 +142,7 @@ def rollout_batches(adapter: FlowModelAdapter, prompts: list[str], negatives: li
                     seeds: list[int], *, batch_size: int, resolution, num_steps: int,
                     guidance_scale: float, dynamics: str, noise_level: float,
                     sde_steps: list[int], keep_means: bool, log_prob_reduction: str,
-                    transformer, progress=None) -> tuple[Conditioning, Rollout]:
+                    transformer, progress=None, num_frames: int | None = None) -> tuple[Conditioning, Rollout]:
     """Roll out ``prompts`` in micro-batches and concatenate (conditioning and rollout)."""
     sigmas = adapter.sigmas(num_steps, as_hw(resolution))  # [N + 1], the family's grid
     conds, outs = [], []
@@ -149,7 +152,8 @@ def rollout_batches(adapter: FlowModelAdapter, prompts: list[str], negatives: li
         outs.append(rollout(adapter, cond, seeds[sl], resolution=as_hw(resolution), sigmas=sigmas,
                             guidance_scale=guidance_scale, dynamics=dynamics,
                             noise_level=noise_level, sde_steps=sde_steps, keep_means=keep_means,
-                            log_prob_reduction=log_prob_reduction, transformer=transformer))
+                            log_prob_reduction=log_prob_reduction, transformer=transformer,
+                            num_frames=num_frames))
         conds.append(cond)
         if progress is not None:
             progress(len(prompts[sl]))
@@ -207,4 +211,4 @@ def rollout_with(adapter: FlowModelAdapter, prompts: list[str], negatives: list[
         num_steps=params.num_inference_steps, guidance_scale=params.guidance_scale,
         dynamics=params.dynamics, noise_level=params.noise_level, sde_steps=params.sde_steps,
         keep_means=params.keep_means, log_prob_reduction=params.log_prob_reduction,
-        transformer=transformer, progress=progress)
+        transformer=transformer, progress=progress, num_frames=params.num_frames)

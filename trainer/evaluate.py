@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from shared.config import Config
+from shared.rewards.base import details_all
 from shared.rewards.multi import score_specs
 from shared.sampling import rollout_batches
 from trainer.reporting import save_grid
@@ -51,12 +52,12 @@ def evaluate(cfg: Config, accelerator, adapter, policy, rewards: dict, specs, ro
             batch_size=e.per_device_batch_size, resolution=e.resolution,
             num_steps=e.num_inference_steps, guidance_scale=e.guidance_scale, dynamics="ODE",
             noise_level=0.0, sde_steps=[], keep_means=False, log_prob_reduction="mean",
-            transformer=policy.eval_module())
+            transformer=policy.eval_module(), num_frames=e.num_frames)
         group_ids = torch.tensor([j // k for j in mine], dtype=torch.long)  # a prompt's images
         scores = score_specs(rewards, specs, roll.images, prompts, group_ids)
         for j, spec in enumerate(specs):
             sums[j] = nan_sum_count(scores[spec.label])
-            for key, values in rewards[spec.label].details(roll.images, prompts).items():
+            for key, values in details_all(rewards[spec.label], roll.images, prompts).items():
                 detail_sums[f"{spec.label}/{key}"] = nan_sum_count(values)
         grid_images = roll.images[grid_picks(mine, k)]
     sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()

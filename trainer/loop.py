@@ -65,6 +65,15 @@ def _locate_run(cfg: Config) -> tuple[str, Path, Path | None]:
     return run_dir.name, run_dir, ckpt
 
 
+def check_media_geometry(cfg: Config, adapter) -> None:
+    """Fail before any rollout when ``train`` / ``eval`` resolution or ``num_frames`` does not fit
+    the model (the adapter's error names the key and the fix)."""
+    from shared.sampling import as_hw
+
+    adapter.sample_shape(as_hw(cfg.train.resolution), cfg.train.num_frames)
+    adapter.sample_shape(as_hw(cfg.eval.resolution), cfg.eval.num_frames)
+
+
 def build_optimizer(cfg: Config, trainable: dict):
     from diffusers.optimization import get_scheduler
 
@@ -160,6 +169,7 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
     eval_rows = (test_rows or train_rows)[: cfg.eval.num_prompts]
 
     adapter = load_adapter(cfg.model, device=accelerator.device, seed=t.seed)
+    check_media_geometry(cfg, adapter)
     trainable = attach_trainable(adapter, cfg)
     optimizer, lr_schedule = build_optimizer(cfg, trainable)
     model, optimizer = accelerator.prepare(adapter.transformer, optimizer)

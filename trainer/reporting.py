@@ -75,8 +75,17 @@ def _import_or_explain(name: str):
         ) from None
 
 
+#: frames of a video an eval grid shows (evenly spaced, first and last included)
+GRID_FRAMES = 8
+
+
 def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None, upscale: int = 4) -> Path:
-    """Save ``[N, 3, H, W]`` images in [0, 1] as one PNG grid (nearest upscaled for small images)."""
+    """Save ``[N, 3, H, W]`` images in [0, 1] as one PNG grid (nearest upscaled for small images).
+    Videos ``[N, F, 3, H, W]``: one row per video, up to :data:`GRID_FRAMES` of its frames."""
+    if images.ndim == 5:
+        f = images.shape[1]
+        picks = sorted({round(i * (f - 1) / max(GRID_FRAMES - 1, 1)) for i in range(min(f, GRID_FRAMES))})
+        images, nrow = images[:, picks].flatten(0, 1), len(picks)
     n, _, h, w = images.shape
     nrow = nrow or math.ceil(math.sqrt(n))
     ncol = math.ceil(n / nrow)

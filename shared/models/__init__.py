@@ -8,7 +8,8 @@ for _name, _path in (("tiny", "shared.models.tiny.TinyAdapter"),
                      ("z-image", "shared.models.z_image.ZImageAdapter"),
                      ("qwen-image", "shared.models.qwen_image.QwenImageAdapter"),
                      ("flux2", "shared.models.flux2.Flux2Adapter"),
-                     ("flux2-klein", "shared.models.flux2.Flux2KleinAdapter")):
+                     ("flux2-klein", "shared.models.flux2.Flux2KleinAdapter"),
+                     ("wan2_t2v", "shared.models.wan.WanT2VAdapter")):
     if _name not in MODELS:
         MODELS.register(_name, _path)
 

@@ -74,6 +74,9 @@ class FlowModelAdapter(ABC):
     #: LoRA targets used when ``model.target_modules: default``
     default_lora_targets: ClassVar[list[str]] = ["to_q", "to_k", "to_v", "to_out.0"]
 
+    #: True for video families: rollouts have a frame axis and decode to ``[B, F, 3, H, W]``
+    video: ClassVar[bool] = False
+
     transformer: nn.Module  # the trainable denoiser
     scheduler_shift: float = 1.0  # SD3-style sigma shift of the default sampling grid (:meth:`sigmas`)
 
@@ -91,6 +94,20 @@ class FlowModelAdapter(ABC):
     def latent_shape(self, resolution: tuple[int, int]) -> tuple[int, ...]:
         """Per-sample latent shape for an image of ``(height, width)`` pixels."""
 
+    def sample_shape(self, resolution: tuple[int, int], num_frames: int | None = None) -> tuple[int, ...]:
+        """Per-sample latent shape of one rollout at ``(height, width)`` pixels and ``num_frames``.
+
+        Image families (this default): :meth:`latent_shape`; ``num_frames`` must be ``None`` or 1.
+        Video families (``video = True``) override it: ``[C, F', H / f, W / f]`` with ``F'`` latent
+        frames for ``num_frames`` frames (``None`` = the family's default).
+        """
+        if num_frames not in (None, 1):
+            raise ValueError(
+                f"model_type {self.model_type} generates images, but {num_frames} frames were asked for "
+                f"(train.num_frames / eval.num_frames). Fix: remove num_frames, or use a video model "
+                f"(e.g. wan2_t2v).")
+        return self.latent_shape(resolution)
+
     @abstractmethod
     def predict(self, transformer: nn.Module, latents: torch.Tensor, sigma: torch.Tensor,
                 cond: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -98,7 +115,8 @@ class FlowModelAdapter(ABC):
 
     @abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents ``[B, ...]`` -> images ``[B, 3, H, W]`` float in [0, 1] (no grad)."""
+        """Latents ``[B, ...]`` -> images ``[B, 3, H, W]`` (video families: frames ``[B, F, 3, H, W]``)
+        float in [0, 1] (no grad)."""
 
     @abstractmethod
     def save_pretrained(self, path: str) -> None:

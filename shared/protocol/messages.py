@@ -74,6 +74,7 @@ class SamplingParams(Message):
     keep_means: bool = False
     log_prob_reduction: Literal["mean", "sum"] = "mean"
     batch_size: int = Field(gt=0)
+    num_frames: int | None = Field(None, ge=1)  # video models: frames per video (None = the model's default)
 
 
 class SampleJob(Message):

@@ -6,6 +6,13 @@ Conventions:
     * Rewards are 1-D float tensors aligned with the inputs. A NaN means "abstain": the
       reward does not apply to that sample (the advantage code leaves it out).
     * Groups are identified by integer ``group_ids`` (one per sample), never by prompt text.
+    * Videos (video model families) are ``[B, F, 3, H, W]`` frames in ``[0, 1]``. A reward's
+      ``video`` attribute says how it takes them: ``"frames"`` (the default: an image reward)
+      scores every frame as an image and a video's reward is the NaN-ignoring mean over its
+      frames (pointwise, groupwise and pairwise alike: frame ``f`` of a group is scored with
+      frame ``f`` of the others; Flow-Factory's PickScore convention for video); ``"native"``
+      gets the ``[B, F, 3, H, W]`` tensor itself in ``score`` / ``score_group`` / ``compare``.
+      :func:`score_all` and :func:`details_all` apply this; call them, not the methods.
 
 Three kinds of reward model (class attribute ``kind``):
     * ``pointwise``: ``score(images [B,3,H,W], prompts) -> [B]``, one sample at a time in
@@ -40,6 +47,7 @@ import torch
 from shared.registry import Registry, RegistryError, nearest
 
 KINDS = ("pointwise", "pairwise", "groupwise")
+VIDEO_MODES = ("frames", "native")
 
 REWARDS: Registry = Registry("reward")
 
@@ -68,11 +76,15 @@ class RewardModel:
 
     kind: ClassVar[str] = "pointwise"
     required_fields: ClassVar[tuple[str, ...]] = ("image", "prompt")
+    #: how videos ``[B, F, 3, H, W]`` are scored: "frames" (per frame, averaged) or "native"
+    video: ClassVar[str] = "frames"
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
         if cls.kind not in KINDS:
             raise TypeError(f"{cls.__name__}.kind must be one of {', '.join(KINDS)}, got '{cls.kind}'")
+        if cls.video not in VIDEO_MODES:
+            raise TypeError(f"{cls.__name__}.video must be one of {', '.join(VIDEO_MODES)}, got '{cls.video}'")
 
     def __init__(self, *, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32", **options) -> None:
         if options:
@@ -232,7 +244,8 @@ def score_all(
 
     Args:
         model: a :class:`RewardModel`.
-        images: ``[N, 3, H, W]`` float in ``[0, 1]``.
+        images: ``[N, 3, H, W]`` float in ``[0, 1]``, or videos ``[N, F, 3, H, W]`` (scored as the
+            model's ``video`` attribute says: per frame and averaged, or whole).
         prompts: ``N`` prompts, aligned with ``images``.
         group_ids: ``[N]`` int64 group ids (only groupwise/pairwise models use them; group
             members need not be contiguous).
@@ -247,8 +260,11 @@ def score_all(
         ValueError: inconsistent inputs. RewardOutputError: the model returned the wrong shape,
         inf, or (pairwise) a value outside ``[0, 1]``; the message names the reward.
     """
-    if images.ndim != 4:
-        raise ValueError(f"images must be [N, 3, H, W], got shape {tuple(images.shape)}")
+    if images.ndim not in (4, 5):
+        raise ValueError(f"images must be [N, 3, H, W] (videos: [N, F, 3, H, W]), got shape {tuple(images.shape)}")
+    if images.ndim == 5 and model.video == "frames":
+        return _frame_mean([score_all(model, images[:, f], prompts, group_ids, batch_size)
+                            for f in range(images.shape[1])])
     n = images.shape[0]
     if len(prompts) != n:
         raise ValueError(f"got {len(prompts)} prompts for {n} images")
@@ -277,3 +293,18 @@ def score_all(
         else:  # pairwise
             result[idx] = _pairwise_group_scores(model, group_images, group_prompts, batch_size, idx.tolist())
     return result
+
+
+def _frame_mean(per_frame: list[torch.Tensor]) -> torch.Tensor:
+    """``F`` tensors ``[N]`` (one per frame) -> their NaN-ignoring mean ``[N]`` (NaN where every
+    frame abstained)."""
+    return torch.nanmean(torch.stack(per_frame, dim=1), dim=1)
+
+
+def details_all(model: RewardModel, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """``model.details`` for images ``[N, 3, H, W]`` or videos ``[N, F, 3, H, W]`` (a ``"frames"``
+    reward: each key's NaN-ignoring mean over the frames), ``{name: [N]}``."""
+    if images.ndim != 5 or model.video == "native":
+        return model.details(images, prompts)
+    frames = [model.details(images[:, f], prompts) for f in range(images.shape[1])]
+    return {k: _frame_mean([d[k].float().cpu() for d in frames]) for k in frames[0]}

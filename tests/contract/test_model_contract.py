@@ -7,6 +7,8 @@ loaded back with the adapter's normal ``load``) must
 * give the rollout sigma grid (``adapter.sigmas``): ``[N + 1]`` float32 from 1 to 0 at any
   resolution, the one ``shared.sampling.rollout_batches`` rolls out on, and ``flow_sigmas(N, shift)``
   when ``model.scheduler_shift`` is set;
+* roll out ``num_frames`` frames (video families, ``[B, F, 3, H, W]``; a count the VAE cannot make
+  names the fix) or refuse frames (image families);
 * roll out (``shared.sampling.rollout``, Flow-SDE) latents and images of the right shape, with
   log-probs that the trainer's replay (``adapter.velocity`` + ``shared.flow.sde_step`` with
   ``prev_sample``) reproduces within 1e-5 in float32 -- with and without guidance;
@@ -102,10 +104,31 @@ def test_load_errors_name_the_fix(spec, pipeline_dir, tmp_path):
 
 def test_latent_shape_and_a_resolution_that_does_not_fit(spec, adapter):
     h, w = spec.resolution
-    shape = adapter.latent_shape((h, w))
-    assert len(shape) == 3 and shape[1] * adapter.vae_scale_factor == h
+    shape = adapter.latent_shape((h, w))  # video families: [C, F', h, w]
+    assert len(shape) == (4 if adapter.video else 3) and shape[-2] * adapter.vae_scale_factor == h
     with pytest.raises(ValueError, match="train.resolution"):
         adapter.latent_shape((h + 2, w))
+
+
+def test_num_frames(spec, adapter):
+    """Video families roll out ``num_frames`` frames (``[B, F, 3, H, W]``) and name the fix for a
+    count their VAE cannot make; image families refuse frames with a fix."""
+    if not adapter.video:
+        assert adapter.sample_shape(spec.resolution, 1) == adapter.latent_shape(spec.resolution)
+        with pytest.raises(ValueError, match="generates images.*num_frames"):
+            adapter.sample_shape(spec.resolution, 5)
+        return
+    t = adapter.temporal_factor
+    frames = 2 * t + 1
+    shape = adapter.sample_shape(spec.resolution, frames)
+    assert shape[1] == 3 and shape[2:] == adapter.latent_shape(spec.resolution)[2:]
+    with pytest.raises(ValueError, match=r"train.num_frames / eval.num_frames=6 .*Fix: set .* to 5 or 9"):
+        adapter.sample_shape(spec.resolution, 6)
+    _, roll = rollout_batches(adapter, PROMPTS[:1], [None], [0], batch_size=1, resolution=spec.resolution,
+                              num_steps=2, guidance_scale=1.0, dynamics="ODE", noise_level=0.0, sde_steps=[],
+                              keep_means=False, log_prob_reduction="mean", transformer=None, num_frames=frames)
+    assert roll.final_latents.shape == (1, *shape)
+    assert roll.images.shape == (1, frames, 3, *spec.resolution)
 
 
 # --------------------------------------------------------------------------- rollouts
@@ -139,7 +162,8 @@ def test_rollout_shapes_and_logprob_replay(spec, adapter, guided):
                    dynamics="Flow-SDE", noise_level=0.7, sde_steps=[0, 2])
     h, w_px = spec.resolution
     assert roll.final_latents.shape == (2, *adapter.latent_shape(spec.resolution))
-    assert roll.images.shape == (2, 3, h, w_px)
+    frames = (spec.options["num_frames"],) if adapter.video else ()  # videos: [B, F, 3, H, W]
+    assert roll.images.shape == (2, *frames, 3, h, w_px)
     assert torch.isfinite(roll.images).all() and 0.0 <= roll.images.min() and roll.images.max() <= 1.0
     assert roll.log_probs.shape == (2, 2) and torch.isfinite(roll.log_probs).all()
     for j, i in enumerate(roll.sde_steps):

@@ -28,6 +28,9 @@ Every pipeline uses the real diffusers / transformers classes of its family at m
 * ``flux2-klein``: ``Flux2KleinPipeline`` (``is_distilled=False``: the -base variant, real CFG) --
   the Qwen BPE with the Qwen3 chat template, ``Qwen3ForCausalLM``, ``Flux2Transformer2DModel``
   without a guidance embedding, the same VAE and scheduler.
+* ``wan2_t2v``: ``WanPipeline`` -- the Unigram ``T5Tokenizer``, ``UMT5EncoderModel``,
+  ``WanTransformer3DModel``, ``AutoencoderKLWan`` (4x space, 4x time), Wan2.1's UniPC scheduler
+  config; videos of 5 frames (:func:`build_wan_t2v`).
 
 :data:`TINY_PIPELINES` maps each ``model_type`` to a :class:`TinyPipeline`: the builder plus what
 a generic test needs to run it (a valid resolution, adapter options, whether the family uses
@@ -358,6 +361,43 @@ def build_flux2_klein(seed: int = 0):
     return pipe
 
 
+def build_wan_t2v(seed: int = 0, *, euler: bool = False):
+    """``WanPipeline`` -- the Unigram ``T5Tokenizer`` (UMT5's tokenizer is a sentencepiece Unigram
+    too), ``UMT5EncoderModel``, ``WanTransformer3DModel`` (patch (1, 2, 2)), ``AutoencoderKLWan``
+    with 4x spatial and 4x temporal compression (so ``num_frames = 4k + 1``, as Wan's 8x / 4x VAE)
+    and non-trivial ``latents_mean`` / ``latents_std``, Wan2.1's scheduler config
+    (``UniPCMultistepScheduler``, flow sigmas, ``flow_shift`` 3.0). ``euler=True``: a
+    ``FlowMatchEulerDiscreteScheduler(shift=3.0)`` instead, whose ``__call__`` steps are Euler
+    steps (the pinning test compares the adapter's Euler rollout with it)."""
+    from diffusers import (AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler,
+                           WanPipeline, WanTransformer3DModel)
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = build_t5_tokenizer(Path(tmp))
+    torch.manual_seed(seed)
+    text_encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=len(tok), d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
+        relative_attention_num_buckets=8, pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id)).eval()
+    # head dim 12: Wan's 3-axis RoPE splits it 4 (frames) + 4 (height) + 4 (width)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=32, ffn_dim=32, num_layers=2, rope_max_seq_len=32)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1,
+                           temperal_downsample=[True, True], latents_mean=[0.1, -0.2, 0.05, 0.3],
+                           latents_std=[1.5, 0.8, 1.2, 2.0], scale_factor_temporal=4, scale_factor_spatial=4)
+    if euler:
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    else:  # Wan2.1-T2V's scheduler_config.json
+        scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                            flow_shift=3.0, num_train_timesteps=1000)
+    pipe = WanPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
+                       transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 # --------------------------------------------------------------------------- registry
 
 
@@ -414,6 +454,8 @@ TINY_PIPELINES: dict[str, TinyPipeline] = {
         TinyPipeline("flux2-klein", "Flux2KleinPipeline", build_flux2_klein, (32, 32), uses_cfg=True,
                      options={"max_sequence_length": 40, "text_encoder_out_layers": [1, 2, 3],
                               "shift_resolution": 32}),
+        TinyPipeline("wan2_t2v", "WanPipeline", build_wan_t2v, (32, 32), uses_cfg=True,
+                     options={"max_sequence_length": 16, "num_frames": 5}),
     )
 }
 
