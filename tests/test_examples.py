@@ -17,7 +17,7 @@ EXAMPLES = sorted((ROOT / "examples").rglob("*.yaml"))
 
 def test_there_are_examples():
     assert len(EXAMPLES) >= 5
-    assert {"flux1.yaml", "z-image.yaml", "qwen-image.yaml", "sd3-5.yaml"} <= {
+    assert {"flux1.yaml", "z-image.yaml", "qwen-image.yaml", "sd3-5.yaml", "wan2_t2v.yaml"} <= {
         p.name for p in (ROOT / "examples" / "grpo" / "lora").glob("*.yaml")}
 
 
@@ -30,3 +30,9 @@ def test_example_config_is_valid(path):
     cfg.geometry(1)
     if "grpo" in path.parts or "nft" in path.parts or "awm" in path.parts:
         cfg.geometry(8)  # written for 8 GPUs like the peers' recipes
+    if MODELS.get(cfg.model.model_type).video:  # Wan: 4k + 1 frames, (height, width) multiples of 16
+        for frames, resolution in ((cfg.train.num_frames, cfg.train.resolution),
+                                   (cfg.eval.num_frames, cfg.eval.resolution)):
+            assert frames is not None and (frames - 1) % 4 == 0, f"{path.name}: num_frames {frames} is not 4k + 1"
+            hw = (resolution, resolution) if isinstance(resolution, int) else resolution
+            assert all(x % 16 == 0 for x in hw), f"{path.name}: resolution {resolution} not a multiple of 16"

@@ -93,7 +93,8 @@ def test_frames_option_and_errors(pipeline_dir):
     assert valid_frames_near(6, 4) == [5, 9] and valid_frames_near(5, 4) == [5] and valid_frames_near(1, 4) == [1]
     nine = load_tiny(SPEC, pipeline_dir, options={"num_frames": 9})
     assert nine.latent_shape((H, W))[1] == 3
-    with pytest.raises(ValueError, match=r"model.options.num_frames=8 .*4k \+ 1.*Fix: set model.options.num_frames to 5 or 9"):
+    fix = r"model.options.num_frames=8 .*4k \+ 1.*Fix: set model.options.num_frames to 5 or 9"
+    with pytest.raises(ValueError, match=fix):
         load_tiny(SPEC, pipeline_dir, options={"num_frames": 8})
 
 
