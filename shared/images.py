@@ -1,7 +1,8 @@
 """Image conversions shared by rewards, the blob store and the services.
 
 Convention: images in flowrl are float tensors ``[B, 3, H, W]`` in ``[0, 1]``; on the wire and
-on disk they are 8-bit (``round(x * 255)``), as PNG or as uint8 ``[B, H, W, 3]`` tensors.
+on disk they are 8-bit (``round(x * 255)``), as PNG or as uint8 tensors ``[..., 3, H, W]``
+(:meth:`shared.store.BlobStore.put_images`).
 """
 
 from __future__ import annotations

@@ -107,9 +107,11 @@ def write_trajectory(store: BlobStore, job: SampleJob, roll, policy_version: int
                      worker: str = "", seconds: float = 0.0) -> Trajectory:
     """Store a job's rollout (tensors + 8-bit images) and describe it as a :class:`Trajectory`."""
     base = f"{job.job_id}/a{attempt}"
-    with ThreadPoolExecutor(2) as pool:  # serialization, hashing and I/O release the GIL
-        images_f = pool.submit(store.put_images, f"{base}/images.safetensors", roll.images)
-        tensors = store.put_tensors(f"{base}/trajectory.safetensors", pack_trajectory(roll))
+    with ThreadPoolExecutor(1) as pool:  # conversion, hashing and I/O release the GIL
+        images_f = pool.submit(store.put_images, f"{base}/images.safetensors", roll.images,
+                               digest="xxh3_128")  # rollout blobs: fast digest (shared.store)
+        tensors = store.put_tensors(f"{base}/trajectory.safetensors", pack_trajectory(roll),
+                                    digest="xxh3_128")
         images = images_f.result()
     items = job.items
     return Trajectory(

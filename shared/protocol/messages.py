@@ -41,11 +41,21 @@ class Message(BaseModel):
 
 
 class BlobRef(Message):
-    """Where a blob lives (an fsspec URL) and how to check it arrived intact."""
+    """Where a blob lives (an fsspec URL) and how to check it arrived intact: its size and a
+    digest of its bytes, SHA-256 (published weights) or XXH3-128 (rollout blobs, which a sampler
+    can produce again; :mod:`shared.store`). At least one digest; a reader checks each given."""
 
     uri: str
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    xxh3_128: str | None = Field(None, pattern=r"^[0-9a-f]{32}$")
     nbytes: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _has_digest(self) -> "BlobRef":
+        if self.sha256 is None and self.xxh3_128 is None:
+            raise ValueError(f"blob reference {self.uri!r} has no digest. Fix: give sha256 or "
+                             f"xxh3_128 (what shared.store.BlobStore.put_* returns).")
+        return self
 
 
 def sample_id(run_id: str, epoch: int, group: int, member: int) -> str:
@@ -103,8 +113,9 @@ class Trajectory(Message):
 
     ``tensors``: one safetensors blob written by :func:`shared.sampling.pack_trajectory` (every
     latent state once, log-probs, stds, sigmas, optional means); ``images``: one safetensors
-    blob of 8-bit pixels ``[B, H, W, 3]`` (:meth:`shared.store.BlobStore.put_images`). Rows of
-    both follow ``sample_ids``. The trainer reads only ``tensors``, reward workers only ``images``.
+    blob of 8-bit pixels ``[B, 3, H, W]``, or video frames ``[B, F, 3, H, W]``
+    (:meth:`shared.store.BlobStore.put_images`). Rows of both follow ``sample_ids``. The
+    trainer reads only ``tensors``, reward workers only ``images``.
     """
 
     run_id: str

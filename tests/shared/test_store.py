@@ -79,3 +79,74 @@ def test_image_batches_travel_as_8_bit_pixels(store):
     ref = store.put_images("run/e0/j0/images.safetensors", images)
     assert ref.nbytes < 5 * 3 * 6 * 7 + 200  # one byte per channel value (+ header)
     assert torch.equal(store.get_images(ref), (images * 255).round() / 255)
+
+
+@pytest.mark.parametrize("digest", ["sha256", "xxh3_128"])
+def test_both_digests_round_trip_and_catch_changes(store, digest):
+    tensors = {"states": torch.randn(3, 5, 4, 4).bfloat16(), "steps": torch.arange(3),
+               "flags": torch.tensor([True, False, True]), "empty": torch.zeros(0, 4),
+               "odd": torch.arange(7, dtype=torch.int8)}
+    ref = store.put_tensors("run/e0/t.safetensors", tensors, digest=digest)
+    assert getattr(ref, digest) is not None and ref.model_dump()["sha256" if digest == "xxh3_128" else "xxh3_128"] is None
+    back = store.get_tensors(ref)
+    for k, v in tensors.items():
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape and torch.equal(back[k], v), k
+    corrupt = bytearray(store.get_bytes(ref))
+    corrupt[-3] ^= 1  # one flipped bit in the data, same size
+    store.put_bytes("run/e0/t.safetensors", bytes(corrupt))
+    with pytest.raises(BlobIntegrityError, match=f"{digest}.*must run again"):
+        store.get_tensors(ref)
+    store.put_bytes("run/e0/t.safetensors", bytes(corrupt) + b"x")  # longer than promised
+    with pytest.raises(BlobIntegrityError, match="more than"):
+        store.get_tensors(ref)
+
+
+def test_blob_refs_need_a_digest():
+    with pytest.raises(ValueError, match="no digest"):
+        BlobRef(uri="memory://s/a", nbytes=3)
+    with pytest.raises(ValueError):
+        BlobRef(uri="memory://s/a", xxh3_128="0" * 64, nbytes=3)  # that is a SHA-256's length
+
+
+def test_files_are_standard_safetensors_both_ways(tmp_path):
+    """What put_tensors writes, the safetensors library reads (and the reverse), bit-exact,
+    including tensors whose data is not aligned to their element size in the other writer's file."""
+    from safetensors.torch import load as st_load, save as st_save
+
+    s = BlobStore(f"file://{tmp_path}")
+    tensors = {"a": torch.randn(2, 3), "b": torch.arange(5, dtype=torch.int8), "c": torch.randn(3).double(),
+               "d": torch.randn(2, 2).half()}
+    ref = s.put_tensors("x.safetensors", tensors, digest="xxh3_128")
+    back = st_load((tmp_path / "x.safetensors").read_bytes())
+    assert all(torch.equal(back[k], v) for k, v in tensors.items())
+    theirs = s.put_bytes("y.safetensors", st_save(tensors), digest="xxh3_128")
+    mine = s.get_tensors(theirs)
+    assert all(mine[k].dtype == v.dtype and torch.equal(mine[k], v) for k, v in tensors.items())
+
+
+def test_not_safetensors_says_so(store):
+    ref = store.put_bytes("run/junk.bin", b"\xff" * 20, digest="xxh3_128")
+    with pytest.raises(ValueError, match="not a safetensors file.*Fix"):
+        store.get_tensors(ref)
+
+
+def test_images_8_bit_exact_for_batches_and_video_and_old_blobs(store):
+    """put_images keeps round(x * 255) of every pixel (the PNG convention of shared.images),
+    in the input's layout, also for video frames; get_images still reads the older HWC blobs."""
+    from shared.images import to_uint8_hwc
+
+    images = torch.rand(4, 3, 5, 6)
+    images[0, 0, 0, :3] = torch.tensor([0.0, 1.0, 0.5 / 255])  # the ends and a tie
+    ref = store.put_images("run/i.safetensors", images, digest="xxh3_128")
+    u8 = store.get_tensors(ref)["images_chw"]
+    assert torch.equal(u8.permute(0, 2, 3, 1), torch.from_numpy(to_uint8_hwc(images)))
+    assert torch.equal(store.get_images(ref), torch.from_numpy(to_uint8_hwc(images)).permute(0, 3, 1, 2).float() / 255)
+    video = torch.rand(2, 3, 3, 4, 4)  # [B, F, 3, H, W]
+    back = store.get_images(store.put_images("run/v.safetensors", video))
+    assert back.shape == video.shape and torch.equal(back, (video * 255).round() / 255)
+    old = store.put_tensors("run/old.safetensors", {"images": torch.from_numpy(to_uint8_hwc(images))})
+    assert torch.equal(store.get_images(old), store.get_images(ref))
+    with pytest.raises(ValueError, match=r"\[\.\.\., 3, H, W\]"):
+        store.put_images("run/bad.safetensors", torch.rand(2, 4, 4, 3))
+    with pytest.raises(KeyError, match="not images"):
+        store.get_images(store.put_tensors("run/t.safetensors", {"x": torch.zeros(1)}))
