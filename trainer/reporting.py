@@ -84,7 +84,8 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None, upscale
     Videos ``[N, F, 3, H, W]``: one row per video, up to :data:`GRID_FRAMES` of its frames."""
     if images.ndim == 5:
         f = images.shape[1]
-        picks = sorted({round(i * (f - 1) / max(GRID_FRAMES - 1, 1)) for i in range(min(f, GRID_FRAMES))})
+        k = min(f, GRID_FRAMES)
+        picks = sorted({round(i * (f - 1) / max(k - 1, 1)) for i in range(k)})
         images, nrow = images[:, picks].flatten(0, 1), len(picks)
     n, _, h, w = images.shape
     nrow = nrow or math.ceil(math.sqrt(n))

@@ -1,0 +1,105 @@
+"""Video plumbing outside the model adapters: ``train.num_frames`` / ``eval.num_frames``, rewards on
+videos ``[B, F, 3, H, W]`` (per frame and averaged, or native), eval grids of videos, and the trainer's
+start-up check that the frames fit the model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from shared.config import parse_config
+from shared.rewards import build_reward
+from shared.rewards.base import RewardModel, details_all, score_all
+from shared.rewards.builtin import luma
+from trainer.reporting import GRID_FRAMES, save_grid
+
+
+def videos(b: int = 4, f: int = 3, seed: int = 0) -> torch.Tensor:
+    return torch.rand(b, f, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_num_frames_config_keys():
+    raw = {"rewards": [{"reward_model": "brightness"}], "train": {"num_frames": 5}}
+    cfg = parse_config(raw)
+    assert cfg.train.num_frames == 5 and cfg.eval.num_frames == 5  # eval defaults to train's
+    cfg = parse_config({**raw, "eval": {"num_frames": 21}})
+    assert cfg.eval.num_frames == 21
+    assert parse_config({"rewards": raw["rewards"]}).train.num_frames is None
+    with pytest.raises(ValueError, match="train.num_frames"):
+        parse_config({**raw, "train": {"num_frames": 0}})
+
+
+@pytest.mark.parametrize("name,kind", [("brightness", "pointwise"), ("pairwise_brightness", "pairwise")])
+def test_image_rewards_score_videos_per_frame(name, kind):
+    model = build_reward(name)
+    assert model.kind == kind and model.video == "frames"
+    v = videos()
+    groups = torch.tensor([0, 0, 1, 1])
+    got = score_all(model, v, ["p"] * 4, groups, batch_size=3)
+    per_frame = torch.stack([score_all(model, v[:, f], ["p"] * 4, groups, batch_size=3) for f in range(3)], 1)
+    torch.testing.assert_close(got, per_frame.mean(1))
+    if kind == "pointwise":
+        torch.testing.assert_close(got, torch.stack([luma(x).mean() for x in v]))
+
+
+class FirstFrameOnly(RewardModel):
+    """Abstains (NaN) on every frame but the first (marked by a white pixel)."""
+
+    kind = "pointwise"
+
+    def score(self, images, prompts):
+        first = images[:, 0, 0, 0] == 1.0
+        return torch.where(first, luma(images), torch.full_like(first, float("nan"), dtype=torch.float32))
+
+    def details(self, images, prompts):
+        return {"luma": luma(images)}
+
+
+class NativeVideo(RewardModel):
+    """Gets the whole video: the luma change from the first to the last frame."""
+
+    kind = "pointwise"
+    video = "native"
+
+    def score(self, images, prompts):
+        assert images.ndim == 5
+        return luma(images[:, -1]) - luma(images[:, 0])
+
+
+def test_frame_mean_ignores_abstaining_frames_and_native_rewards_get_the_video():
+    v = videos()
+    v[:, 0, 0, 0, 0] = 1.0
+    v[2] = v[2].clone()
+    v[2, 0, 0, 0, 0] = 0.5  # sample 2: every frame abstains
+    got = score_all(FirstFrameOnly(), v, ["p"] * 4, torch.arange(4), batch_size=2)
+    expected = luma(v[:, 0])
+    expected[2] = float("nan")
+    torch.testing.assert_close(got, expected, equal_nan=True)
+    torch.testing.assert_close(details_all(FirstFrameOnly(), v, ["p"] * 4)["luma"],
+                               torch.stack([luma(x).mean() for x in v]))
+    torch.testing.assert_close(score_all(NativeVideo(), v, ["p"] * 4, torch.arange(4), batch_size=3),
+                               luma(v[:, -1]) - luma(v[:, 0]))
+    with pytest.raises(TypeError, match="video must be one of"):
+        type("Bad", (RewardModel,), {"video": "whole"})
+
+
+def test_eval_grid_of_videos_is_a_row_of_frames_per_video(tmp_path):
+    save_grid(videos(2, 20), tmp_path / "grid.png", upscale=1)
+    with Image.open(tmp_path / "grid.png") as im:  # 2 rows of GRID_FRAMES frames, 8 px + 2 px padding
+        assert im.size == (GRID_FRAMES * 10 + 2, 2 * 10 + 2)
+    save_grid(videos(3, 2), tmp_path / "short.png", upscale=1)
+    with Image.open(tmp_path / "short.png") as im:
+        assert im.size == (2 * 10 + 2, 3 * 10 + 2)
+
+
+def test_trainer_refuses_frames_for_an_image_model(tmp_path):
+    from trainer.loop import train
+
+    (tmp_path / "train.txt").write_text("a red circle\n")
+    cfg = parse_config({"rewards": [{"reward_model": "brightness"}], "logging_backend": "none",
+                        "output_dir": str(tmp_path / "runs"), "data": {"dataset_dir": str(tmp_path)},
+                        "train": {"num_frames": 5, "resolution": 32, "group_size": 2,
+                                  "unique_sample_num_per_epoch": 1, "per_device_batch_size": 2}})
+    with pytest.raises(ValueError, match="generates images.*num_frames"):
+        train(cfg, quiet=True)
