@@ -105,6 +105,10 @@ class TrainConfig(_Strict):
     # video models: frames per rollout (Wan: 4k + 1, e.g. 5, 17, 81); None = the model's default
     # (model.options.num_frames); image models take None or 1
     num_frames: int | None = Field(None, ge=1)
+    # precision of the rollout's latent chain and stored states: bfloat16 (with a bf16 model,
+    # e.g. mixed_precision: bf16) halves what samplers write; the chain continues from the
+    # rounded state, so the recorded log-probs are exactly what training replays
+    rollout_state_dtype: Literal["float32", "bfloat16"] = "float32"
     num_inference_steps: int = Field(10, ge=1)
     guidance_scale: float = Field(1.0, ge=0)  # > 1 enables CFG (the policy is the guided step)
     # -- rollout dynamics and the SDE window (MixGRPO / Flow-GRPO-Fast style)

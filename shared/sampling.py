@@ -10,6 +10,13 @@ which is what keeps train/inference consistent.
 Randomness is per sample: sample ``i`` draws its initial noise and every step's noise from
 its own ``torch.Generator(seed_i)``, so a sample does not depend on which batch or process
 it was generated in.
+
+``state_dtype`` (``SamplingParams.state_dtype``, ``train.rollout_state_dtype``): the precision
+of the latent chain. ``"bfloat16"`` rounds every state to bfloat16 and continues the chain
+from the rounded state, and each log-prob is taken of the rounded next state, so storing the
+states in bfloat16 (half the bytes of a trajectory blob) loses nothing the trainer replays.
+The step math still runs in float32 (:func:`shared.flow.sde_step`); the Rollout's tensors
+are float32 either way.
 """
 
 from __future__ import annotations
@@ -62,6 +69,7 @@ def rollout(
     transformer: nn.Module | None = None,
     decode: bool = True,
     num_frames: int | None = None,
+    state_dtype: str = "float32",
 ) -> Rollout:
     """Denoise ``len(seeds)`` samples; see the module docstring.
 
@@ -71,20 +79,21 @@ def rollout(
         sigmas: ``[N + 1]`` descending grid from 1 to 0 (``adapter.sigmas(N, resolution)``).
         sde_steps: indices in ``[0, N - 1)`` that use ``dynamics``; ignored for ``ODE``.
         transformer: module to call instead of ``adapter.transformer`` (EMA view, DDP copy).
+        state_dtype: ``"float32"`` or ``"bfloat16"``: the chain's precision (module docstring).
         num_frames: frames per video for video families (``None`` = the family's default); image
             families take ``None`` or 1 (``adapter.sample_shape``).
     """
     device = next(adapter.transformer.parameters()).device
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     shape = adapter.sample_shape(resolution, num_frames)
-    x = per_sample_noise(generators, shape, device)
+    x = per_sample_noise(generators, shape, device).to(state_torch_dtype(state_dtype))
     stochastic = set() if dynamics == "ODE" else set(sde_steps)
     kept: dict[str, list[torch.Tensor]] = {k: [] for k in ("x", "next", "logp", "std", "mean")}
     batch = len(seeds)
     for i in range(len(sigmas) - 1):
         sigma = sigmas[i].expand(batch).to(device)
         sigma_next = sigmas[i + 1].expand(batch).to(device)
-        v = adapter.velocity(x, sigma, cond, guidance_scale, transformer=transformer)
+        v = adapter.velocity(x.float(), sigma, cond, guidance_scale, transformer=transformer)
         if i in stochastic:
             noise = per_sample_noise(generators, shape, device)
             out = sde_step(x, v, sigma, sigma_next, dynamics=dynamics, noise_level=noise_level,
@@ -101,9 +110,10 @@ def rollout(
 
     def stack(key: str, empty_shape: tuple[int, ...]) -> torch.Tensor:
         if kept[key]:
-            return torch.stack(kept[key], dim=1)
+            return torch.stack(kept[key], dim=1).float()
         return torch.zeros((batch, 0, *empty_shape), device=device)
 
+    x = x.float()
     return Rollout(
         final_latents=x,
         images=adapter.decode(x) if decode else None,
@@ -142,6 +152,7 @@ def rollout_batches(adapter: FlowModelAdapter, prompts: list[str], negatives: li
                     seeds: list[int], *, batch_size: int, resolution, num_steps: int,
                     guidance_scale: float, dynamics: str, noise_level: float,
                     sde_steps: list[int], keep_means: bool, log_prob_reduction: str,
+                    state_dtype: str = "float32",
                     transformer, progress=None, num_frames: int | None = None) -> tuple[Conditioning, Rollout]:
     """Roll out ``prompts`` in micro-batches and concatenate (conditioning and rollout)."""
     sigmas = adapter.sigmas(num_steps, as_hw(resolution))  # [N + 1], the family's grid
@@ -152,7 +163,8 @@ def rollout_batches(adapter: FlowModelAdapter, prompts: list[str], negatives: li
         outs.append(rollout(adapter, cond, seeds[sl], resolution=as_hw(resolution), sigmas=sigmas,
                             guidance_scale=guidance_scale, dynamics=dynamics,
                             noise_level=noise_level, sde_steps=sde_steps, keep_means=keep_means,
-                            log_prob_reduction=log_prob_reduction, transformer=transformer,
+                            log_prob_reduction=log_prob_reduction, state_dtype=state_dtype,
+                            transformer=transformer,
                             num_frames=num_frames))
         conds.append(cond)
         if progress is not None:
@@ -165,24 +177,57 @@ def rollout_batches(adapter: FlowModelAdapter, prompts: list[str], negatives: li
     return Conditioning.cat(conds), merged
 
 
-def pack_trajectory(roll: Rollout) -> dict[str, torch.Tensor]:
-    """A rollout as flat float32 tensors for storage, each latent state stored ONCE.
+STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def state_torch_dtype(name: str) -> torch.dtype:
+    if name not in STATE_DTYPES:
+        raise ValueError(f"state dtype {name!r} is not one of {sorted(STATE_DTYPES)}. Fix: set "
+                         f"train.rollout_state_dtype to float32 or bfloat16.")
+    return STATE_DTYPES[name]
+
+
+def _consecutive(steps: list[int]) -> bool:
+    return bool(steps) and steps == list(range(steps[0], steps[0] + len(steps)))
+
+
+def _empty_like_host(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if device.type == "cpu":
+        from shared.store import empty  # numpy-allocated: cheaper first touch of big buffers
+
+        return empty(shape, dtype)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def pack_trajectory(roll: Rollout, state_dtype: str = "float32") -> dict[str, torch.Tensor]:
+    """A rollout as flat tensors for storage, each latent state stored ONCE.
 
     The trainable transitions ``x_i -> x_{i+1}`` (``i`` in ``sde_steps``) share states when
     steps are consecutive, so ``states [B, U, ...]`` holds the ``U`` distinct step indices in
     ``state_steps [U]`` (a window of ``S`` consecutive steps needs ``S + 1`` states, not ``2 S``).
-    Also: ``final_latents [B, ...]``, ``log_probs [B, S]``, ``stds [B, S]``, ``sigmas [N + 1]``,
+    ``states`` are in ``state_dtype``: ``"bfloat16"`` only for a rollout made with that state
+    dtype (its states are exact in bfloat16; checked on the first state). Also, float32:
+    ``final_latents [B, ...]``, ``log_probs [B, S]``, ``stds [B, S]``, ``sigmas [N + 1]``,
     ``sde_steps [S]`` and, if kept, ``means [B, S, ...]``. Inverse: :func:`unpack_trajectory`.
     """
+    dtype = state_torch_dtype(state_dtype)
     steps = roll.sde_steps
     state_steps = sorted(set(steps) | {i + 1 for i in steps})
     where = {s: j for j, s in enumerate(state_steps)}
     b = roll.final_latents.shape[0]
-    states = torch.empty((b, len(state_steps), *roll.final_latents.shape[1:]), dtype=torch.float32,
-                         device=roll.final_latents.device)
-    for k, i in enumerate(steps):
-        states[:, where[i]] = roll.latents[:, k]
-        states[:, where[i + 1]] = roll.next_latents[:, k]
+    states = _empty_like_host((b, len(state_steps), *roll.final_latents.shape[1:]), dtype,
+                              roll.final_latents.device)
+    if _consecutive(steps):  # the common window: two whole-tensor copies
+        states[:, :len(steps)].copy_(roll.latents)
+        states[:, len(steps)].copy_(roll.next_latents[:, -1])
+    else:
+        for k, i in enumerate(steps):
+            states[:, where[i]] = roll.latents[:, k]
+            states[:, where[i + 1]] = roll.next_latents[:, k]
+    if dtype != torch.float32 and steps and not torch.equal(states[:1, :1].float(), roll.latents[:1, :1].float()):
+        raise ValueError(f"this rollout's latent states are not exact in {state_dtype}: storing them so "
+                         f"would change what the trainer replays. Fix: roll out with state_dtype="
+                         f"{state_dtype!r} (train.rollout_state_dtype), or store float32.")
     out = {"states": states, "state_steps": torch.tensor(state_steps, dtype=torch.long),
            "sde_steps": torch.tensor(steps, dtype=torch.long),
            "final_latents": roll.final_latents.float(), "log_probs": roll.log_probs.float(),
@@ -193,12 +238,24 @@ def pack_trajectory(roll: Rollout) -> dict[str, torch.Tensor]:
 
 
 def unpack_trajectory(t: dict[str, torch.Tensor]) -> Rollout:
-    """Inverse of :func:`pack_trajectory` (``images`` is None: they travel separately)."""
+    """Inverse of :func:`pack_trajectory` (``images`` is None: they travel separately).
+
+    The Rollout's tensors are float32 (bfloat16 states converted once). With consecutive SDE
+    steps, ``latents`` and ``next_latents`` are overlapping views of the one state tensor (no
+    copy): treat them as read-only."""
+    states = t["states"]
+    if states.dtype != torch.float32:
+        states = _empty_like_host(tuple(states.shape), torch.float32, states.device).copy_(states)
     where = {int(s): j for j, s in enumerate(t["state_steps"])}
     steps = [int(i) for i in t["sde_steps"]]
-    pick = lambda offset: t["states"][:, [where[i + offset] for i in steps]]  # noqa: E731
+    if _consecutive(steps) and all(where[i] == where[steps[0]] + k for k, i in enumerate(steps + [steps[-1] + 1])):
+        a, n = where[steps[0]], len(steps)
+        latents, next_latents = states[:, a:a + n], states[:, a + 1:a + n + 1]
+    else:
+        latents = states[:, [where[i] for i in steps]]
+        next_latents = states[:, [where[i + 1] for i in steps]]
     return Rollout(final_latents=t["final_latents"], images=None, sigmas=t["sigmas"],
-                   sde_steps=steps, latents=pick(0), next_latents=pick(1), log_probs=t["log_probs"],
+                   sde_steps=steps, latents=latents, next_latents=next_latents, log_probs=t["log_probs"],
                    stds=t["stds"], means=t.get("means"))
 
 
@@ -211,4 +268,5 @@ def rollout_with(adapter: FlowModelAdapter, prompts: list[str], negatives: list[
         num_steps=params.num_inference_steps, guidance_scale=params.guidance_scale,
         dynamics=params.dynamics, noise_level=params.noise_level, sde_steps=params.sde_steps,
         keep_means=params.keep_means, log_prob_reduction=params.log_prob_reduction,
+        state_dtype=params.state_dtype,
         transformer=transformer, progress=progress, num_frames=params.num_frames)

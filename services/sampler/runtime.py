@@ -110,7 +110,8 @@ def write_trajectory(store: BlobStore, job: SampleJob, roll, policy_version: int
     with ThreadPoolExecutor(1) as pool:  # conversion, hashing and I/O release the GIL
         images_f = pool.submit(store.put_images, f"{base}/images.safetensors", roll.images,
                                digest="xxh3_128")  # rollout blobs: fast digest (shared.store)
-        tensors = store.put_tensors(f"{base}/trajectory.safetensors", pack_trajectory(roll),
+        tensors = store.put_tensors(f"{base}/trajectory.safetensors",
+                                    pack_trajectory(roll, job.params.state_dtype),
                                     digest="xxh3_128")
         images = images_f.result()
     items = job.items

@@ -85,6 +85,9 @@ class SamplingParams(Message):
     log_prob_reduction: Literal["mean", "sum"] = "mean"
     batch_size: int = Field(gt=0)
     num_frames: int | None = Field(None, ge=1)  # video models: frames per video (None = the model's default)
+    # precision of the latent chain and of the stored states (shared.sampling); bfloat16 halves
+    # the trajectory blob and keeps log-probs exact (the chain continues from the rounded state)
+    state_dtype: Literal["float32", "bfloat16"] = "float32"
 
 
 class SampleJob(Message):

@@ -32,3 +32,22 @@ def test_round_trip_and_storage(steps, stored, keep_means):
         assert (a is None) == (b is None)
         if a is not None:
             assert torch.equal(a, b), key
+
+
+@pytest.mark.parametrize("steps", [[0, 1, 2, 3], [1, 5], [2, 3, 6]])
+def test_bfloat16_states_are_stored_exactly_and_unpack_to_float32(steps):
+    roll = fake_rollout(steps, keep_means=False)
+    roll.latents, roll.next_latents = roll.latents.bfloat16().float(), roll.next_latents.bfloat16().float()
+    packed = pack_trajectory(roll, "bfloat16")
+    assert packed["states"].dtype == torch.bfloat16 and packed["log_probs"].dtype == torch.float32
+    back = unpack_trajectory(packed)
+    assert back.latents.dtype == torch.float32
+    assert torch.equal(back.latents, roll.latents) and torch.equal(back.next_latents, roll.next_latents)
+
+
+def test_bfloat16_packing_refuses_states_that_are_not_bfloat16():
+    roll = fake_rollout([0, 1], keep_means=False)  # float32 states, not rounded
+    with pytest.raises(ValueError, match="not exact in bfloat16.*Fix: roll out with state_dtype"):
+        pack_trajectory(roll, "bfloat16")
+    with pytest.raises(ValueError, match="Fix: set train.rollout_state_dtype"):
+        pack_trajectory(roll, "float16")
