@@ -22,10 +22,12 @@ are float32 either way.
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 import torch
 from torch import nn
 
+from shared.condition_images import ImageSource, condition_count_error, open_rows
 from shared.flow import sde_step
 from shared.models.base import Conditioning, FlowModelAdapter
 from shared.models.prompt_length import check_prompt_lengths
@@ -132,20 +134,33 @@ def as_hw(resolution: int | tuple[int, int]) -> tuple[int, int]:
 
 
 def encode(adapter: FlowModelAdapter, prompts: list[str], negatives: list[str | None],
-           guidance_scale: float) -> Conditioning:
+           guidance_scale: float, images: Sequence[Sequence[ImageSource]] | None = None,
+           resolution: int | tuple[int, int] | None = None) -> Conditioning:
     """Encode prompts as rollouts do: negatives (``None`` = empty prompt) only when CFG is on.
-    Prompts longer than a text encoder takes are truncated with one warning per model."""
+    Prompts longer than a text encoder takes are truncated with one warning per model.
+
+    ``images``: per prompt, its condition images (paths, bytes or PIL images;
+    :mod:`shared.condition_images`), for image-conditioned families (``adapter.condition_images``),
+    which also get the rollout ``resolution``. Text-only families refuse condition images."""
     check_prompt_lengths(adapter, prompts + [n for n in negatives if n] if guidance_scale > 1.0 else prompts)
+    extra = {}
+    if adapter.condition_images != (0, 0):
+        extra = {"images": None if images is None else open_rows(images),
+                 "resolution": None if resolution is None else as_hw(resolution)}
+    elif images is not None and any(len(row) for row in images):
+        raise ValueError(condition_count_error(adapter.model_type, (0, 0), max(len(row) for row in images)))
     return adapter.encode_prompts(prompts, cfg=guidance_scale > 1.0,
-                                  negative_prompts=[n or "" for n in negatives])
+                                  negative_prompts=[n or "" for n in negatives], **extra)
 
 
 def encode_batches(adapter: FlowModelAdapter, prompts: list[str], negatives: list[str | None],
-                   guidance_scale: float, batch_size: int) -> Conditioning:
+                   guidance_scale: float, batch_size: int, images: Sequence[Sequence[ImageSource]] | None = None,
+                   resolution: int | tuple[int, int] | None = None) -> Conditioning:
     """:func:`encode` in micro-batches of ``batch_size``, concatenated (the trainer's view of
-    prompts that a remote sampler rolled out)."""
+    prompts that a remote sampler rolled out; ``images`` and ``resolution`` as the rollout's)."""
     return Conditioning.cat([encode(adapter, prompts[s:s + batch_size], negatives[s:s + batch_size],
-                                    guidance_scale) for s in range(0, len(prompts), batch_size)])
+                                    guidance_scale, None if images is None else images[s:s + batch_size],
+                                    resolution) for s in range(0, len(prompts), batch_size)])
 
 
 def rollout_batches(adapter: FlowModelAdapter, prompts: list[str], negatives: list[str | None],
@@ -153,13 +168,16 @@ def rollout_batches(adapter: FlowModelAdapter, prompts: list[str], negatives: li
                     guidance_scale: float, dynamics: str, noise_level: float,
                     sde_steps: list[int], keep_means: bool, log_prob_reduction: str,
                     state_dtype: str = "float32",
-                    transformer, progress=None, num_frames: int | None = None) -> tuple[Conditioning, Rollout]:
-    """Roll out ``prompts`` in micro-batches and concatenate (conditioning and rollout)."""
+                    transformer, progress=None, num_frames: int | None = None,
+                    images: Sequence[Sequence[ImageSource]] | None = None) -> tuple[Conditioning, Rollout]:
+    """Roll out ``prompts`` in micro-batches and concatenate (conditioning and rollout).
+    ``images``: per prompt, its condition images (image-conditioned families, :func:`encode`)."""
     sigmas = adapter.sigmas(num_steps, as_hw(resolution))  # [N + 1], the family's grid
     conds, outs = [], []
     for s in range(0, len(prompts), batch_size):
         sl = slice(s, s + batch_size)
-        cond = encode(adapter, prompts[sl], negatives[sl], guidance_scale)
+        cond = encode(adapter, prompts[sl], negatives[sl], guidance_scale,
+                      None if images is None else images[sl], resolution)
         outs.append(rollout(adapter, cond, seeds[sl], resolution=as_hw(resolution), sigmas=sigmas,
                             guidance_scale=guidance_scale, dynamics=dynamics,
                             noise_level=noise_level, sde_steps=sde_steps, keep_means=keep_means,
@@ -260,13 +278,15 @@ def unpack_trajectory(t: dict[str, torch.Tensor]) -> Rollout:
 
 
 def rollout_with(adapter: FlowModelAdapter, prompts: list[str], negatives: list[str | None],
-                 seeds: list[int], params, *, transformer, progress=None) -> tuple[Conditioning, Rollout]:
+                 seeds: list[int], params, *, transformer, progress=None,
+                 images: Sequence[Sequence[ImageSource]] | None = None) -> tuple[Conditioning, Rollout]:
     """:func:`rollout_batches` with the settings of a :class:`shared.protocol.SamplingParams`
-    (what the embedded trainer and the sampler service both roll out from)."""
+    (what the embedded trainer and the sampler service both roll out from); ``images``: per
+    prompt, its condition images (image-conditioned families)."""
     return rollout_batches(
         adapter, prompts, negatives, seeds, batch_size=params.batch_size, resolution=params.resolution,
         num_steps=params.num_inference_steps, guidance_scale=params.guidance_scale,
         dynamics=params.dynamics, noise_level=params.noise_level, sde_steps=params.sde_steps,
         keep_means=params.keep_means, log_prob_reduction=params.log_prob_reduction,
         state_dtype=params.state_dtype,
-        transformer=transformer, progress=progress, num_frames=params.num_frames)
+        transformer=transformer, progress=progress, num_frames=params.num_frames, images=images)

@@ -45,11 +45,23 @@ class Conditioning:
     @staticmethod
     def cat(parts: list["Conditioning"]) -> "Conditioning":
         keys = parts[0].tensors.keys()
-        tensors = {k: torch.cat([p.tensors[k] for p in parts]) for k in keys}
+        tensors = {k: _cat_key(k, [p.tensors[k] for p in parts]) for k in keys}
         negative = None
         if parts[0].negative is not None:
-            negative = {k: torch.cat([p.negative[k] for p in parts]) for k in keys}  # type: ignore[index]
+            negative = {k: _cat_key(k, [p.negative[k] for p in parts]) for k in keys}  # type: ignore[index]
         return Conditioning(tensors, negative)
+
+
+def _cat_key(key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat`` of one conditioning entry over micro-batches; shapes that differ beyond the
+    batch axis (condition images of other sizes or counts) are an error naming the fix."""
+    shapes = sorted({tuple(t.shape[1:]) for t in tensors})
+    if len(shapes) > 1:
+        raise ValueError(f"conditioning {key!r} has per-sample shapes {shapes} in different micro-batches; "
+                         f"conditioning is batched, so every sample needs one shape. For condition images: "
+                         f"give every row the same number of images and use model.options.condition_size: "
+                         f"output (or images of one aspect ratio).")
+    return torch.cat(tensors)
 
 
 class ParamView(nn.Module):
@@ -76,6 +88,10 @@ class FlowModelAdapter(ABC):
 
     #: True for video families: rollouts have a frame axis and decode to ``[B, F, 3, H, W]``
     video: ClassVar[bool] = False
+    #: condition images per sample, ``(min, max)`` (max ``None`` = any); ``(0, 0)``: text only.
+    #: Image-conditioned families take ``images=`` (per sample, RGB PIL images) and
+    #: ``resolution=`` (the rollout's ``(H, W)``) in :meth:`encode_prompts` (:mod:`shared.models.edit`)
+    condition_images: ClassVar[tuple[int, int | None]] = (0, 0)
 
     transformer: nn.Module  # the trainable denoiser
     scheduler_shift: float = 1.0  # SD3-style sigma shift of the default sampling grid (:meth:`sigmas`)

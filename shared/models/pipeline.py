@@ -110,6 +110,12 @@ class PipelineAdapter(FlowModelAdapter):
         return []
 
     @classmethod
+    def preloaded_components(cls, path: str, options: dict[str, Any]) -> dict[str, Any]:
+        """Components the family builds itself from ``path`` and hands to ``from_pretrained``
+        (name -> object; e.g. a processor transformers cannot load here)."""
+        return {}
+
+    @classmethod
     def from_pipeline(cls, pipeline, options: dict[str, Any] | None = None,
                       device: torch.device | str = "cpu") -> "PipelineAdapter":
         """Wrap an already built pipeline of :attr:`pipeline_class` (tests, scripts): ``options``
@@ -158,6 +164,7 @@ class PipelineAdapter(FlowModelAdapter):
         index = pipeline_type.load_config(path)
         extra = {k: None for k, v in index.items() if isinstance(v, list) and v[0] is None}
         extra.update({k: None for k in cls.skipped_components({**cls.option_defaults, **options})})
+        extra.update(cls.preloaded_components(path, {**cls.option_defaults, **options}))
         pipeline = pipeline_type.from_pretrained(path, **extra)
         adapter = cls.from_pipeline(pipeline, options, device)
         if model_cfg.scheduler_shift is not None:

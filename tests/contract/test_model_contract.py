@@ -12,6 +12,8 @@ loaded back with the adapter's normal ``load``) must
 * roll out (``shared.sampling.rollout``, Flow-SDE) latents and images of the right shape, with
   log-probs that the trainer's replay (``adapter.velocity`` + ``shared.flow.sde_step`` with
   ``prev_sample``) reproduces within 1e-5 in float32 -- with and without guidance;
+* condition on images (edit families: ``spec.condition_images`` per sample change the velocity; a
+  wrong number names the fix) or refuse them (text-only families);
 * guide: CFG families combine a negative branch (identical negatives = no guidance);
   guidance-distilled families feed the scale to the transformer in one forward;
 * train LoRA on the adapter's default targets (``trainer.policy.attach_trainable``, one step of
@@ -72,8 +74,10 @@ def inputs(spec, adapter, batch: int = 2, seed: int = 0):
     return torch.randn(batch, *shape, generator=g), torch.tensor([0.8, 0.35][:batch])
 
 
-def conditioning(spec, adapter, batch: int = 2) -> Conditioning:
-    return adapter.encode_prompts(PROMPTS[:batch], cfg=spec.uses_cfg, negative_prompts=[NEGATIVE] * batch)
+def conditioning(spec, adapter, batch: int = 2, seed: int = 0) -> Conditioning:
+    """Prompts (and, for edit families, ``spec.condition_images`` test images per sample)."""
+    return adapter.encode_prompts(PROMPTS[:batch], cfg=spec.uses_cfg, negative_prompts=[NEGATIVE] * batch,
+                                  **spec.encode_kwargs(batch, seed))
 
 
 # --------------------------------------------------------------------------- loading
@@ -147,7 +151,8 @@ def test_sigma_grid_and_its_override(spec, adapter, pipeline_dir):
         assert sigmas[0] == 1.0 and sigmas[-1] == 0.0 and bool((sigmas[1:] < sigmas[:-1]).all())
         _, roll = rollout_batches(adapter, PROMPTS[:1], [None], [0], batch_size=1, resolution=res,
                                   num_steps=2, guidance_scale=1.0, dynamics="ODE", noise_level=0.0,
-                                  sde_steps=[], keep_means=False, log_prob_reduction="mean", transformer=None)
+                                  sde_steps=[], keep_means=False, log_prob_reduction="mean", transformer=None,
+                                  images=spec.encode_kwargs(1).get("images"))
         assert torch.equal(roll.sigmas, adapter.sigmas(2, res))
         assert torch.equal(fixed.sigmas(5, res), flow_sigmas(5, 2.0))
 
@@ -174,6 +179,35 @@ def test_rollout_shapes_and_logprob_replay(spec, adapter, guided):
         out = sde_step(x, v, sigma, sigma_next, dynamics="Flow-SDE", noise_level=0.7,
                        prev_sample=roll.next_latents[:, j])
         torch.testing.assert_close(out.log_prob, roll.log_probs[:, j], rtol=0, atol=1e-5)
+
+
+def test_condition_images(spec, adapter):
+    """Edit families: the condition images condition the step (other images, another velocity) and
+    a row with a wrong number of them names the fix; text-only families refuse condition images."""
+    from shared.sampling import encode
+    from tests.helpers.tiny_edit_pipelines import condition_rows
+
+    if not spec.condition_images:
+        assert adapter.condition_images == (0, 0)
+        with pytest.raises(ValueError, match="takes no condition images.*Fix"):
+            encode(adapter, PROMPTS[:1], [None], 1.0, images=condition_rows(1, 1), resolution=spec.resolution)
+        return
+    lo, hi = adapter.condition_images
+    assert lo <= spec.condition_images and (hi is None or spec.condition_images <= hi)
+    x, sigma = inputs(spec, adapter)
+    with torch.no_grad():
+        v = adapter.velocity(x, sigma, conditioning(spec, adapter), 1.0)
+        other = adapter.velocity(x, sigma, conditioning(spec, adapter, seed=100), 1.0)
+    assert (v - other).abs().max() > 1e-4, "the condition images do not change the velocity"
+    with pytest.raises(ValueError, match="condition image.*Fix"):
+        encode(adapter, PROMPTS[:1], [None], 1.0, images=[[]], resolution=spec.resolution)
+    if hi is not None:
+        with pytest.raises(ValueError, match="condition image.*Fix"):
+            encode(adapter, PROMPTS[:1], [None], 1.0, images=condition_rows(1, hi + 1), resolution=spec.resolution)
+    else:  # condition latents are batched: one count per batch
+        with pytest.raises(ValueError, match="same number.*Fix"):
+            encode(adapter, PROMPTS[:2], [None] * 2, 1.0, resolution=spec.resolution,
+                   images=condition_rows(1, lo) + condition_rows(1, lo + 1))
 
 
 def test_guidance(spec, adapter):

@@ -128,8 +128,10 @@ def build_t5_tokenizer(directory: Path, vocab_size: int = 120):
     return T5Tokenizer.from_pretrained(directory)
 
 
-def build_qwen_tokenizer(directory: Path, vocab_size: int = 600):
-    """A byte-level BPE ``Qwen2Tokenizer`` (Qwen2's pre-tokenizer regex) with the chat template."""
+def build_qwen_tokenizer(directory: Path, vocab_size: int = 600, templates: tuple[str, ...] = (QWEN_IMAGE_TEMPLATE,)):
+    """A byte-level BPE ``Qwen2Tokenizer`` (Qwen2's pre-tokenizer regex) with the chat template.
+    Each of ``templates`` (prompt templates with one ``{}``) is frequent enough in the training text
+    that its words become single tokens, as in Qwen's real vocabulary."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
@@ -142,7 +144,7 @@ def build_qwen_tokenizer(directory: Path, vocab_size: int = 600):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     # the template's prefix is frequent enough that each of its words becomes one token, as in
     # Qwen's real vocabulary (34 tokens: what QwenImagePipeline drops)
-    bpe.train_from_iterator(corpus() * 2 + [QWEN_IMAGE_TEMPLATE.format("")] * 20, trainer)
+    bpe.train_from_iterator(corpus() * 2 + [t.format("") for t in templates] * 20, trainer)
     model = json.loads(bpe.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
     tok = Qwen2Tokenizer(vocab=model["vocab"], merges=merges, additional_special_tokens=QWEN_SPECIAL[1:])
@@ -259,25 +261,11 @@ def build_z_image(seed: int = 0):
 def build_qwen_image(seed: int = 0):
     from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
                            QwenImageTransformer2DModel)
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     with tempfile.TemporaryDirectory() as tmp:
         tok = build_qwen_tokenizer(Path(tmp))
-    ids = tok.convert_tokens_to_ids
     torch.manual_seed(seed)
-    config = Qwen2_5_VLConfig(
-        text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
-                     "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": len(tok),
-                     "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
-                     "rope_theta": 1000000.0, "bos_token_id": ids("<|endoftext|>"),
-                     "eos_token_id": ids("<|im_end|>"), "pad_token_id": tok.pad_token_id},
-        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2,
-                       "out_hidden_size": 16},
-        vocab_size=len(tok), hidden_size=16, bos_token_id=ids("<|endoftext|>"),
-        eos_token_id=ids("<|im_end|>"), vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"), image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"))
-    text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
+    text_encoder = build_qwen_vl(tok)
     transformer = QwenImageTransformer2DModel(
         patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=8,
         num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(2, 2, 4))
@@ -292,6 +280,26 @@ def build_qwen_image(seed: int = 0):
                              transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def build_qwen_vl(tok):
+    """A tiny ``Qwen2_5_VLForConditionalGeneration`` (text model + vision tower, eval mode) for ``tok``."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    ids = tok.convert_tokens_to_ids
+    config = Qwen2_5_VLConfig(
+        text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": len(tok),
+                     "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+                     "rope_theta": 1000000.0, "bos_token_id": ids("<|endoftext|>"),
+                     "eos_token_id": ids("<|im_end|>"), "pad_token_id": tok.pad_token_id},
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2,
+                       "out_hidden_size": 16},
+        vocab_size=len(tok), hidden_size=16, bos_token_id=ids("<|endoftext|>"),
+        eos_token_id=ids("<|im_end|>"), vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"), image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"))
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
 
 
 def _tiny_flux2_parts(joint_attention_dim: int, guidance_embeds: bool):
@@ -398,6 +406,20 @@ def build_wan_t2v(seed: int = 0, *, euler: bool = False):
     return pipe
 
 
+def build_flux1_kontext(seed: int = 0):
+    """:func:`tests.helpers.tiny_edit_pipelines.build_flux1_kontext`."""
+    from tests.helpers.tiny_edit_pipelines import build_flux1_kontext as build
+
+    return build(seed)
+
+
+def build_qwen_image_edit_plus(seed: int = 0):
+    """:func:`tests.helpers.tiny_edit_pipelines.build_qwen_image_edit_plus`."""
+    from tests.helpers.tiny_edit_pipelines import build_qwen_image_edit_plus as build
+
+    return build(seed)
+
+
 # --------------------------------------------------------------------------- registry
 
 
@@ -411,6 +433,17 @@ class TinyPipeline:
     resolution: tuple[int, int]  # a small valid (height, width)
     uses_cfg: bool  # classifier-free guidance with negative prompts (False: guidance-distilled)
     options: dict[str, Any] = dataclasses.field(default_factory=dict)  # model.options for the adapter
+    condition_images: int = 0  # condition images per sample in generic tests (edit families)
+
+    def encode_kwargs(self, batch: int, seed: int = 0) -> dict[str, Any]:
+        """What ``encode_prompts`` takes besides prompts for ``batch`` samples: for edit families
+        ``images`` (distinct test images per sample, :mod:`tests.helpers.tiny_edit_pipelines`) and
+        ``resolution``; nothing for text-only families."""
+        if not self.condition_images:
+            return {}
+        from tests.helpers.tiny_edit_pipelines import condition_rows
+
+        return {"images": condition_rows(batch, self.condition_images, seed), "resolution": self.resolution}
 
     @property
     def guidance_scale(self) -> float:
@@ -431,9 +464,13 @@ class TinyPipeline:
         """The plain diffusers pipeline from ``directory`` (``from_pretrained``)."""
         import diffusers
 
+        from shared.models import MODELS
+
         cls = getattr(diffusers, self.pipeline_class)
         index = cls.load_config(directory)
         none = {k: None for k, v in index.items() if isinstance(v, list) and v[0] is None}
+        adapter = MODELS.get(self.model_type)  # components it builds itself (a processor without torchvision)
+        none.update(adapter.preloaded_components(str(directory), {**adapter.option_defaults, **self.options}))
         pipe = cls.from_pretrained(directory, **none)
         pipe.set_progress_bar_config(disable=True)
         return pipe
@@ -456,6 +493,11 @@ TINY_PIPELINES: dict[str, TinyPipeline] = {
                               "shift_resolution": 32}),
         TinyPipeline("wan2_t2v", "WanPipeline", build_wan_t2v, (32, 32), uses_cfg=True,
                      options={"max_sequence_length": 16, "num_frames": 5}),
+        TinyPipeline("flux1-kontext", "FluxKontextPipeline", build_flux1_kontext, (32, 32), uses_cfg=False,
+                     options={"max_sequence_length": 16, "shift_resolution": 32}, condition_images=1),
+        TinyPipeline("qwen-image-edit-plus", "QwenImageEditPlusPipeline", build_qwen_image_edit_plus, (32, 32),
+                     uses_cfg=True, options={"max_sequence_length": 96, "shift_resolution": 32},
+                     condition_images=2),
     )
 }
 
@@ -463,12 +505,18 @@ TINY_PIPELINES: dict[str, TinyPipeline] = {
 def tiny_train_config(spec: TinyPipeline, pipeline_dir: Path, root: Path, *, model: dict | None = None,
                       train: dict | None = None):
     """A validated config training ``spec``'s tiny pipeline for one small epoch under ``root``
-    (``train.txt`` with :data:`PROMPTS`, ``brightness`` reward, no logging backend)."""
+    (``train.txt`` with :data:`PROMPTS`, or for edit families ``train.jsonl`` with
+    ``spec.condition_images`` PNGs per row in ``images/``; ``brightness`` reward, no logging backend)."""
     from shared.config import parse_config
 
     data = Path(root) / "data"
     data.mkdir(parents=True, exist_ok=True)
-    (data / "train.txt").write_text("\n".join(PROMPTS) + "\n")
+    if spec.condition_images:
+        from tests.helpers.tiny_edit_pipelines import write_edit_dataset
+
+        write_edit_dataset(data, PROMPTS, spec.condition_images)
+    else:
+        (data / "train.txt").write_text("\n".join(PROMPTS) + "\n")
     return parse_config({
         "output_dir": str(Path(root) / "runs"), "run_name": spec.model_type, "logging_backend": "none",
         "model": {"model_type": spec.model_type, "model_name_or_path": str(pipeline_dir),
