@@ -58,7 +58,7 @@ class _Capture(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-@pytest.mark.parametrize("model_type", ["sd3-5", "flux1", "z-image", "qwen-image"])
+@pytest.mark.parametrize("model_type", ["sd3-5", "flux1", "z-image", "qwen-image", "wan2_t2v"])
 def test_pipeline_families_warn_once_and_silence_diffusers(model_type):
     spec = TINY_PIPELINES[model_type]
     adapter = MODELS.get(model_type).from_pipeline(spec.build(0), spec.options)
