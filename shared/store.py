@@ -75,8 +75,10 @@ def _bytes_of(t: torch.Tensor) -> np.ndarray:
     return t.reshape(-1).view(torch.uint8).numpy()
 
 
-class _Entry:
-    """One tensor of a safetensors file: its dtype, shape and a source of its bytes in order."""
+class Entry:
+    """One tensor of a safetensors file: its dtype, shape and ``chunks()``, which yields its
+    bytes in order as CPU tensors / arrays / bytes (it may wait for them: a streaming writer
+    hands a generator that blocks until the producer has the next part)."""
 
     def __init__(self, dtype: torch.dtype, shape: tuple[int, ...], chunks: Callable[[], Iterable]):
         if dtype not in _DTYPES:
@@ -86,15 +88,17 @@ class _Entry:
         self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
 
     @classmethod
-    def of(cls, t: torch.Tensor) -> "_Entry":
+    def of(cls, t: torch.Tensor) -> "Entry":
         return cls(t.dtype, tuple(t.shape), lambda: (t,))
 
 
-def _layout(entries: dict[str, _Entry], metadata: dict[str, str] | None) -> tuple[bytes, list[str]]:
+def _layout(entries: dict[str, Entry], metadata: dict[str, str] | None,
+            keep_order: bool = False) -> tuple[bytes, list[str]]:
     """The safetensors header (8-byte length + JSON padded to 8 bytes) and the tensor order:
-    largest element size first, so every tensor's data starts aligned to its element size."""
+    largest element size first, so every tensor's data starts aligned to its element size
+    (``keep_order``: the dict's order, for bytes that arrive in that order)."""
     size = lambda n: torch.empty((), dtype=entries[n].dtype).element_size()  # noqa: E731
-    order = sorted(entries, key=lambda n: (-size(n), n))
+    order = list(entries) if keep_order else sorted(entries, key=lambda n: (-size(n), n))
     header: dict = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for name in order:
@@ -107,7 +111,7 @@ def _layout(entries: dict[str, _Entry], metadata: dict[str, str] | None) -> tupl
     return struct.pack("<Q", len(raw)) + raw, order
 
 
-def _pieces(header: bytes, entries: dict[str, _Entry], order: list[str]) -> Iterator[memoryview]:
+def _pieces(header: bytes, entries: dict[str, Entry], order: list[str]) -> Iterator[memoryview]:
     """The file's bytes in order, in pieces of at most :data:`CHUNK` bytes (views, not copies)."""
     yield memoryview(header)
     for name in order:
@@ -246,15 +250,18 @@ class BlobStore:
         return len(files)
 
     # ------------------------------------------------------------------ typed
-    def _put_entries(self, key: str, entries: dict[str, _Entry], *, durable: bool = False,
-                     digest: Digest = "sha256", metadata: dict[str, str] | None = None) -> BlobRef:
-        header, order = _layout(entries, metadata)
+    def put_entries(self, key: str, entries: dict[str, Entry], *, durable: bool = False,
+                    digest: Digest = "sha256", keep_order: bool = False,
+                    metadata: dict[str, str] | None = None) -> BlobRef:
+        """One safetensors blob whose tensors' bytes come from each :class:`Entry`'s chunks,
+        written as they arrive (``keep_order``: in the dict's order; see :func:`_layout`)."""
+        header, order = _layout(entries, metadata, keep_order)
         return self._put_pieces(key, _pieces(header, entries, order), durable=durable, digest=digest)
 
     def put_tensors(self, key: str, tensors: dict[str, torch.Tensor], *, durable: bool = False,
                     digest: Digest = "sha256") -> BlobRef:
         """``tensors`` as one safetensors blob, written from the tensors' own memory."""
-        return self._put_entries(key, {k: _Entry.of(v) for k, v in tensors.items()},
+        return self.put_entries(key, {k: Entry.of(v) for k, v in tensors.items()},
                                  durable=durable, digest=digest)
 
     def get_tensors(self, ref: BlobRef) -> dict[str, torch.Tensor]:
@@ -270,20 +277,8 @@ class BlobStore:
         if images.ndim < 3 or images.shape[-3] != 3:
             raise ValueError(f"images must be [..., 3, H, W] float in [0, 1], got shape "
                              f"{tuple(images.shape)}")
-        flat = images.detach().reshape(-1, *images.shape[-3:])
-
-        def chunks():
-            if flat.device.type != "cpu":  # convert on the device, move the 8-bit pixels once
-                yield to_uint8(flat).cpu()
-                return
-            tmp = torch.empty(flat.shape[1:], dtype=torch.float32)
-            out = torch.empty(flat.shape[1:], dtype=torch.uint8)
-            for img in flat:
-                torch.mul(img, 255, out=tmp)
-                out.copy_(tmp.round_().clamp_(0, 255))
-                yield out
-
-        return self._put_entries(key, {"images_chw": _Entry(torch.uint8, tuple(images.shape), chunks)},
+        return self.put_entries(key, {"images_chw": Entry(torch.uint8, tuple(images.shape),
+                                                          lambda: uint8_chunks(images))},
                                  digest=digest)
 
     def get_images(self, ref: BlobRef) -> torch.Tensor:
@@ -311,6 +306,24 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype)
     t = torch.from_numpy(np.empty(shape, dtype=np_dtype))
     return t.view(dtype) if t.dtype != dtype else t
+
+
+def uint8_chunks(images: torch.Tensor) -> Iterator:
+    """The 8-bit pixels (``round(x * 255)``, clamped) of float ``images [..., 3, H, W]`` in
+    order: converted on the device where they live (then moved once), on the CPU one image at a
+    time with numpy (single-threaded small ops stay in cache and do not wait on a busy
+    intra-op thread pool; ``rint`` rounds half to even like ``torch.round``)."""
+    flat = images.detach().reshape(-1, *images.shape[-3:])
+    if flat.device.type != "cpu":
+        yield to_uint8(flat).cpu()
+        return
+    tmp = np.empty(flat.shape[1:], dtype=np.float32)
+    out = np.empty(flat.shape[1:], dtype=np.uint8)
+    for img in flat:
+        np.multiply(img.float().numpy(), np.float32(255), out=tmp)
+        np.clip(np.rint(tmp, out=tmp), 0, 255, out=tmp)
+        out[...] = tmp
+        yield out  # (reused: the writer consumes it before asking for the next)
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

@@ -167,3 +167,62 @@ def test_errors_that_say_they_are_retryable_are_retried(state):
     with pytest.raises(Retried) as e:
         task.apply(args=[make_job("memory://x").model_dump_json()], throw=True)
     assert e.value.args == (2.0,) and state.dead_letters() == []
+
+
+def _fake_roll(b: int, steps: list[int], seed: int, bf16: bool = False):
+    from shared.sampling import Rollout
+
+    g = torch.Generator().manual_seed(seed)
+    chain = torch.randn(b, 7, 4, 2, 2, generator=g)
+    if bf16:
+        chain = chain.bfloat16().float()
+    return Rollout(final_latents=chain[:, -1], images=torch.rand(b, 3, 5, 4, generator=g),
+                   sigmas=torch.linspace(1, 0, 7), sde_steps=steps, latents=chain[:, steps],
+                   next_latents=chain[:, [i + 1 for i in steps]], log_probs=torch.randn(b, len(steps), generator=g),
+                   stds=torch.rand(b, len(steps), generator=g), means=None)
+
+
+@pytest.mark.parametrize("state_dtype", ["float32", "bfloat16"])
+def test_streamed_micro_batches_equal_the_whole_rollout_written_at_once(tmp_path, state_dtype):
+    """TrajectoryWriter: micro-batches handed over one by one give the blobs' content of the
+    whole rollout (rows in job order), for consecutive windows and bf16 states."""
+    from shared.sampling import Rollout, pack_trajectory
+    from services.sampler.runtime import TrajectoryWriter, write_trajectory
+
+    store = BlobStore(f"file://{tmp_path}")
+    job = make_job(store.url).model_copy(update={"params": PARAMS.model_copy(update={"state_dtype": state_dtype})})
+    parts = [_fake_roll(3, [1, 2, 3], 1, state_dtype == "bfloat16"), _fake_roll(1, [1, 2, 3], 2, state_dtype == "bfloat16")]
+    writer = TrajectoryWriter(store, job, attempt=0)
+    for p in parts:
+        writer.add(p)
+    traj = writer.finish(3, worker="w", seconds=1.0)
+    cat = lambda f: torch.cat([getattr(p, f) for p in parts])  # noqa: E731
+    whole = Rollout(final_latents=cat("final_latents"), images=cat("images"), sigmas=parts[0].sigmas,
+                    sde_steps=[1, 2, 3], latents=cat("latents"), next_latents=cat("next_latents"),
+                    log_probs=cat("log_probs"), stds=cat("stds"), means=None)
+    once = write_trajectory(store, job.model_copy(update={"job_id": "samplerun/e0/j1"}), whole, 3)
+    a, b = store.get_tensors(traj.tensors), store.get_tensors(once.tensors)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert a["states"].dtype == getattr(torch, state_dtype)
+    assert all(torch.equal(v, pack_trajectory(whole, state_dtype)[k]) for k, v in a.items())
+    assert torch.equal(store.get_images(traj.images), store.get_images(once.images))
+    assert traj.policy_version == 3 and traj.sde_steps == [1, 2, 3] and traj.tensors.xxh3_128
+
+
+def test_a_failed_job_leaves_no_blob_and_writer_errors_reach_the_caller(tmp_path):
+    from services.sampler.runtime import TrajectoryWriter
+
+    store = BlobStore(f"file://{tmp_path}")
+    job = make_job(store.url)
+    writer = TrajectoryWriter(store, job)
+    writer.add(_fake_roll(3, [1, 3], 1))
+    writer.abort()  # sampling of the next micro-batch failed
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+    writer = TrajectoryWriter(store, job)
+    writer.add(_fake_roll(3, [1, 3], 1))
+    writer.add(_fake_roll(3, [1, 3], 2))  # 6 rows for a job of 4
+    with pytest.raises(ValueError, match="parts hold .* need"):
+        writer.finish(1)
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+    with pytest.raises(ValueError, match="at least one micro-batch"):
+        TrajectoryWriter(store, job).finish(1)
