@@ -68,12 +68,20 @@ class EpochPlan:
     group_ids: list[int]  # global group id per sample
     seeds: list[int]  # noise seed per sample
     sde_steps: list[int]  # the stochastic (trainable) steps of this epoch; [] for ODE rollouts
+    # condition image paths per sample (edit models; () for text-only rows); [] = none at all
+    images: list[tuple[str, ...]] = dataclasses.field(default_factory=list)
 
     def subset(self, rows: list[int]) -> "EpochPlan":
         """The plan restricted to ``rows`` (whole groups dropped after dead-lettered tasks)."""
         pick = lambda xs: [xs[r] for r in rows]  # noqa: E731
         return EpochPlan(self.epoch, pick(self.prompts), pick(self.negatives), pick(self.group_ids),
-                         pick(self.seeds), self.sde_steps)
+                         pick(self.seeds), self.sde_steps, pick(self.images) if self.images else [])
+
+    @property
+    def condition_images(self) -> list[tuple[str, ...]] | None:
+        """Per sample its condition image paths, or ``None`` when no sample has any (what
+        :func:`shared.sampling.encode` takes)."""
+        return self.images if any(self.images) else None
 
 
 def plan_epoch(cfg: Config, rows: list[PromptRow], epoch: int, rank: int, world_size: int) -> EpochPlan:
@@ -82,7 +90,7 @@ def plan_epoch(cfg: Config, rows: list[PromptRow], epoch: int, rank: int, world_
     sde_steps = [] if t.dynamics_type == "ODE" else select_sde_steps(
         t.train_steps, t.num_train_steps, t.num_inference_steps, seed=t.seed * SEED_STRIDE + epoch)
     return EpochPlan(epoch, [rows[i].prompt for i in idx], [rows[i].negative_prompt for i in idx],
-                     groups, seeds, sde_steps)
+                     groups, seeds, sde_steps, [rows[i].images for i in idx])
 
 
 @dataclasses.dataclass
@@ -113,7 +121,8 @@ def sample_locally(cfg: Config, adapter, policy, algorithm, rewards: dict, plan:
     """Roll out ``plan`` with this process's sampling weights and score it (the local transport)."""
     cond, roll = rollout_with(adapter, plan.prompts, plan.negatives, plan.seeds,
                               sampling_params(cfg, plan, algorithm.keep_means),
-                              transformer=policy.sampling_module(), progress=progress)
+                              transformer=policy.sampling_module(), progress=progress,
+                              images=plan.condition_images)
     scores = score_specs(rewards, cfg.rewards, roll.images, plan.prompts,
                          torch.tensor(plan.group_ids, dtype=torch.long))
     return cond, roll, scores

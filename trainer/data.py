@@ -2,8 +2,12 @@
 
 ``.txt``: one prompt per non-empty line. ``.jsonl``: one JSON object per line with a
 ``prompt`` string and optionally ``negative_prompt``, ``image``/``images``,
-``video``/``videos`` (paths relative to ``data.image_dir`` / ``data.video_dir``).
-A bad row raises an error naming the file, the line and the fix; nothing is skipped silently.
+``video``/``videos`` (paths relative to ``data.image_dir`` / ``data.video_dir``, by default
+``{dataset_dir}/images`` and ``{dataset_dir}/videos``; absolute paths are kept). At load every
+image of the rows used is checked to exist and decode (videos: to exist), and the rows carry the
+resolved paths. A bad row raises an error naming the file, the line and the fix; nothing is
+skipped silently. :func:`check_condition_images` checks the rows against a model's number of
+condition images.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+
+from shared.condition_images import condition_count_error, unreadable_reason
 
 ALLOWED_KEYS = {"prompt", "negative_prompt", "image", "images", "video", "videos", "metadata"}
 
@@ -23,8 +29,9 @@ class DatasetError(ValueError):
 class PromptRow:
     prompt: str
     negative_prompt: str | None = None
-    images: tuple[str, ...] = ()
+    images: tuple[str, ...] = ()  # condition images; resolved paths after load_prompts / read_split
     videos: tuple[str, ...] = ()
+    source: str = dataclasses.field(default="", compare=False)  # "file:line" for error messages
 
 
 def _parse_jsonl_line(line: str, where: str) -> PromptRow:
@@ -59,7 +66,57 @@ def _parse_jsonl_line(line: str, where: str) -> PromptRow:
                                f'"{many}": ["a.png"], or "{one}": "a.png" for one.')
         return tuple(([obj[one]] if one in obj else []) + paths)
 
-    return PromptRow(prompt.strip(), negative, listed("image", "images"), listed("video", "videos"))
+    return PromptRow(prompt.strip(), negative, listed("image", "images"), listed("video", "videos"), where)
+
+
+def _resolve_media(rows: list[PromptRow], image_dir: Path, video_dir: Path) -> list[PromptRow]:
+    """Rows with their image / video paths resolved against the folders and checked (images must
+    decode, videos exist); the first bad one is an error naming file:line, the path and the fix."""
+    checked: dict[Path, str | None] = {}
+
+    def resolve(row: PromptRow, rel: str, folder: Path, key: str, check) -> str:
+        path = Path(rel) if Path(rel).is_absolute() else folder / rel
+        if path not in checked:
+            checked[path] = check(path)
+        reason = checked[path]
+        if reason is None:
+            return str(path)
+        if reason in ("no such file", "not a file"):
+            fix = (f"put the file at {path}, or set data.{key}_dir to the folder that holds it "
+                   f"(default: {{dataset_dir}}/{key}s; it is now {folder})")
+        else:
+            fix = f"replace {path} with a valid image (PNG, JPEG, WebP, ...)"
+        raise DatasetError(f"{row.source}: {key} {rel!r} -> {path}: {reason}. Fix: {fix}.")
+
+    def exists(path: Path) -> str | None:
+        return None if path.is_file() else "no such file" if not path.exists() else "not a file"
+
+    out = []
+    for row in rows:
+        if not (row.images or row.videos):
+            out.append(row)
+            continue
+        images = tuple(resolve(row, p, image_dir, "image", unreadable_reason) for p in row.images)
+        videos = tuple(resolve(row, p, video_dir, "video", exists) for p in row.videos)
+        out.append(dataclasses.replace(row, images=images, videos=videos))
+    return out
+
+
+def check_condition_images(rows: list[PromptRow], model_type: str, allowed: tuple[int, int | None]) -> None:
+    """Every row has a number of condition images ``model_type`` takes (``allowed = (min, max)``,
+    the adapter's ``condition_images``) and, for image-conditioned models, all rows the same
+    number (condition latents are batched). Errors name the row's file:line and the fix."""
+    for row in rows:
+        if (error := condition_count_error(model_type, allowed, len(row.images))) is not None:
+            raise DatasetError(f"{row.source or 'a dataset row'}: {error}")
+    counts = {len(row.images) for row in rows}
+    if allowed != (0, 0) and len(counts) > 1:
+        first = rows[0]
+        other = next(r for r in rows if len(r.images) != len(first.images))
+        raise DatasetError(
+            f"{other.source}: {len(other.images)} condition image(s), but {first.source} has "
+            f"{len(first.images)}; {model_type} batches condition latents, so every row needs the same "
+            f"number. Fix: give every row the same number of images (or split the dataset).")
 
 
 def _lines(path: Path) -> list[str]:
@@ -76,30 +133,45 @@ def _lines(path: Path) -> list[str]:
     return lines
 
 
-def read_split(dataset_dir: str | Path, split: str, max_size: int | None = None) -> list[PromptRow] | None:
-    """Rows of ``{split}.jsonl`` or ``{split}.txt``; None if neither file exists."""
+def read_split(dataset_dir: str | Path, split: str, max_size: int | None = None, *,
+               image_dir: str | Path | None = None, video_dir: str | Path | None = None
+               ) -> list[PromptRow] | None:
+    """Rows of ``{split}.jsonl`` or ``{split}.txt``; None if neither file exists. Image and video
+    paths of the rows kept are resolved against ``image_dir`` / ``video_dir`` (default
+    ``{dataset_dir}/images`` / ``videos``) and checked."""
     root = Path(dataset_dir)
     jsonl, txt = root / f"{split}.jsonl", root / f"{split}.txt"
     if jsonl.is_file():
         rows = [_parse_jsonl_line(ln, f"{jsonl}:{n}") for n, ln in enumerate(_lines(jsonl), 1) if ln.strip()]
     elif txt.is_file():
-        rows = [PromptRow(ln.strip()) for ln in _lines(txt) if ln.strip()]
+        rows = [PromptRow(ln.strip(), source=f"{txt}:{n}") for n, ln in enumerate(_lines(txt), 1) if ln.strip()]
     else:
         return None
     if not rows:
         raise DatasetError(f"{jsonl if jsonl.is_file() else txt} has no prompts. Fix: add at "
                            f"least one prompt.")
-    return rows[:max_size] if max_size else rows
+    rows = rows[:max_size] if max_size else rows
+    return _resolve_media(rows, Path(image_dir) if image_dir is not None else root / "images",
+                          Path(video_dir) if video_dir is not None else root / "videos")
 
 
-def load_prompts(dataset_dir: str | Path, max_size: int | None = None
+def load_prompts(dataset_dir: str | Path, max_size: int | None = None, *,
+                 image_dir: str | Path | None = None, video_dir: str | Path | None = None
                  ) -> tuple[list[PromptRow], list[PromptRow] | None]:
-    """(train rows, test rows or None)."""
+    """(train rows, test rows or None); ``image_dir`` / ``video_dir``: ``data.image_dir`` /
+    ``data.video_dir`` (``None`` = ``{dataset_dir}/images`` / ``videos``)."""
     if not Path(dataset_dir).is_dir():
         raise DatasetError(f"data.dataset_dir: {str(dataset_dir)!r} is not a folder. Fix: point it "
                            f"at a folder holding train.txt or train.jsonl.")
-    train = read_split(dataset_dir, "train", max_size)
+    media = {"image_dir": image_dir, "video_dir": video_dir}
+    train = read_split(dataset_dir, "train", max_size, **media)
     if train is None:
         raise DatasetError(f"data.dataset_dir: {str(dataset_dir)!r} has no train.txt or "
                            f"train.jsonl. Fix: add one (one prompt per line).")
-    return train, read_split(dataset_dir, "test")
+    return train, read_split(dataset_dir, "test", **media)
+
+
+def load_dataset(data_cfg) -> tuple[list[PromptRow], list[PromptRow] | None]:
+    """:func:`load_prompts` for a ``data:`` config section (``shared.config.DataConfig``)."""
+    return load_prompts(data_cfg.dataset_dir, data_cfg.max_dataset_size, image_dir=data_cfg.image_dir,
+                        video_dir=data_cfg.video_dir)

@@ -10,7 +10,7 @@ from accelerate import Accelerator
 from shared.config import Config
 from shared.models import load_adapter
 from trainer.checkpoint import load_checkpoint_weights
-from trainer.data import load_prompts
+from trainer.data import check_condition_images, load_dataset
 from trainer.evaluate import evaluate
 from shared.rewards.multi import build_rewards
 from trainer.policy import Policy, attach_trainable
@@ -19,9 +19,10 @@ from trainer.policy import Policy, attach_trainable
 def eval_checkpoint(cfg: Config, checkpoint: str | Path) -> dict:
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
                               cpu=not torch.cuda.is_available())
-    train_rows, test_rows = load_prompts(cfg.data.dataset_dir, cfg.data.max_dataset_size)
+    train_rows, test_rows = load_dataset(cfg.data)
     rows = (test_rows or train_rows)[: cfg.eval.num_prompts]
     adapter = load_adapter(cfg.model, device=accelerator.device, seed=cfg.train.seed)
+    check_condition_images(rows, adapter.model_type, adapter.condition_images)
     trainable = attach_trainable(adapter, cfg)
     policy = Policy(adapter, adapter.transformer, cfg, trainable)
     load_checkpoint_weights(Path(checkpoint), cfg, adapter, policy)

@@ -52,7 +52,8 @@ def evaluate(cfg: Config, accelerator, adapter, policy, rewards: dict, specs, ro
             batch_size=e.per_device_batch_size, resolution=e.resolution,
             num_steps=e.num_inference_steps, guidance_scale=e.guidance_scale, dynamics="ODE",
             noise_level=0.0, sde_steps=[], keep_means=False, log_prob_reduction="mean",
-            transformer=policy.eval_module(), num_frames=e.num_frames)
+            transformer=policy.eval_module(), num_frames=e.num_frames,
+            images=[rows[j // k].images for j in mine] if any(r.images for r in rows) else None)
         group_ids = torch.tensor([j // k for j in mine], dtype=torch.long)  # a prompt's images
         scores = score_specs(rewards, specs, roll.images, prompts, group_ids)
         for j, spec in enumerate(specs):

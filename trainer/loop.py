@@ -32,7 +32,7 @@ from shared.rewards.multi import build_rewards
 from trainer.algorithms import ALGORITHMS, Algorithm, TrainBatch
 from trainer.checkpoint import load_checkpoint_weights, save_checkpoint
 from trainer.collect import SEED_STRIDE, EpochData, finish_epoch, plan_epoch
-from trainer.data import load_prompts
+from trainer.data import check_condition_images, load_dataset
 from trainer.evaluate import evaluate
 from trainer.policy import Policy, attach_trainable
 from trainer.reporting import MetricLogger, detail_keys, write_report
@@ -72,6 +72,14 @@ def check_media_geometry(cfg: Config, adapter) -> None:
 
     adapter.sample_shape(as_hw(cfg.train.resolution), cfg.train.num_frames)
     adapter.sample_shape(as_hw(cfg.eval.resolution), cfg.eval.num_frames)
+
+
+def check_rows(adapter, *row_lists) -> None:
+    """Fail before any rollout when dataset rows do not have the number of condition images the
+    model takes (none for text-only models; the error names the row's file:line and the fix)."""
+    for rows in row_lists:
+        if rows:
+            check_condition_images(rows, adapter.model_type, adapter.condition_images)
 
 
 def build_optimizer(cfg: Config, trainable: dict):
@@ -165,11 +173,12 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
     geo = cfg.geometry(accelerator.num_processes)
     main = accelerator.is_main_process
     set_seed(t.seed)  # identical initial weights (and LoRA init) on every rank
-    train_rows, test_rows = load_prompts(cfg.data.dataset_dir, cfg.data.max_dataset_size)
+    train_rows, test_rows = load_dataset(cfg.data)
     eval_rows = (test_rows or train_rows)[: cfg.eval.num_prompts]
 
     adapter = load_adapter(cfg.model, device=accelerator.device, seed=t.seed)
     check_media_geometry(cfg, adapter)
+    check_rows(adapter, train_rows, eval_rows)
     trainable = attach_trainable(adapter, cfg)
     optimizer, lr_schedule = build_optimizer(cfg, trainable)
     model, optimizer = accelerator.prepare(adapter.transformer, optimizer)

@@ -23,6 +23,7 @@ loop dispatches epoch k+1 before training on epoch k when ``train.max_staleness`
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import time
@@ -119,6 +120,7 @@ class CeleryTransport:
         self.duplicates = 0
         self.dead_letters_seen = 0
         self.loaded: dict[str, Rollout] = {}  # trajectory blobs read ahead of their epoch's end
+        self.condition_refs: dict[str, object] = {}  # dataset image path -> its BlobRef (uploaded once)
         # audit trail: one line per sample used for training (id, version, worker, rewards)
         self.ledger = None if run_dir is None else Path(run_dir) / "scored_samples.jsonl"
         self.first_epoch = resume_epoch or 0
@@ -175,7 +177,9 @@ class CeleryTransport:
                 min_policy_version=version, params=params,
                 items=[SampleItem(sample_id=ids[r], prompt=plan.prompts[r],
                                   negative_prompt=plan.negatives[r], group_id=plan.group_ids[r],
-                                  seed=plan.seeds[r]) for r in rows],
+                                  seed=plan.seeds[r],
+                                  images=[self._condition_ref(p) for p in (plan.images[r] if plan.images else ())])
+                       for r in rows],
                 model=self.cfg.model.model_dump(mode="json"), model_seed=t.seed,
                 store_url=self.store.url,
                 rewards=spec_dicts(self.cfg.rewards), key_prefix=self.cfg.queue.key_prefix)
@@ -186,6 +190,15 @@ class CeleryTransport:
             self._send(pending, job_id)
         self.outstanding[plan.epoch] = pending
         return pending
+
+    def _condition_ref(self, path: str):
+        """The blob of a dataset condition image (its file's bytes, unchanged), uploaded once per run
+        under ``{run_id}/conditions/`` (kept across epochs)."""
+        if path not in self.condition_refs:
+            data = Path(path).read_bytes()
+            key = f"{self.run_id}/conditions/{hashlib.sha256(data).hexdigest()}{Path(path).suffix}"
+            self.condition_refs[path] = self.store.put_bytes(key, data)
+        return self.condition_refs[path]
 
     def _send(self, pending: _Pending, job_id: str) -> None:
         self._redis(lambda: self.app.send_task(TASK_SAMPLE, args=[pending.messages[job_id]],
@@ -366,7 +379,8 @@ class CeleryTransport:
         versions = [got[sid][0].trajectory.policy_version for sid in ids]
         plan = pending.plan.subset(rows)
         cond = encode_batches(self.adapter, plan.prompts, plan.negatives,
-                              t.guidance_scale, t.per_device_batch_size)
+                              t.guidance_scale, t.per_device_batch_size,
+                              images=plan.condition_images, resolution=t.resolution)
         workers = {got[sid][0].trajectory.worker for sid in ids}
         for uri in uris:
             self.loaded.pop(uri, None)

@@ -63,13 +63,16 @@ def sample_id(run_id: str, epoch: int, group: int, member: int) -> str:
 
 
 class SampleItem(Message):
-    """One sample to roll out: its prompt, its group and its own noise seed."""
+    """One sample to roll out: its prompt, its group, its own noise seed and, for image-conditioned
+    (edit) models, its condition images: the dataset's files, uploaded once per run unchanged
+    (PNG, JPEG, ...) to the blob store, in the row's order."""
 
     sample_id: str
     prompt: str
     negative_prompt: str | None = None
     group_id: int
     seed: int
+    images: list[BlobRef] = Field(default_factory=list)
 
 
 class SamplingParams(Message):
