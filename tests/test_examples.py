@@ -1,5 +1,6 @@
 """Every shipped example config parses with the config loader, names a registered model type and
-registered rewards, and tiles its batches on one process (the multi-GPU recipes also on 8)."""
+registered rewards, and tiles its batches on one process (the multi-GPU recipes also on 8); the
+image-conditioned (edit) examples' shipped datasets load with images the model takes."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ EXAMPLES = sorted((ROOT / "examples").rglob("*.yaml"))
 
 def test_there_are_examples():
     assert len(EXAMPLES) >= 5
-    assert {"flux1.yaml", "z-image.yaml", "qwen-image.yaml", "sd3-5.yaml", "wan2_t2v.yaml"} <= {
+    assert {"flux1.yaml", "z-image.yaml", "qwen-image.yaml", "sd3-5.yaml", "wan2_t2v.yaml",
+            "flux1-kontext.yaml", "qwen-image-edit-plus.yaml"} <= {
         p.name for p in (ROOT / "examples" / "grpo" / "lora").glob("*.yaml")}
 
 
@@ -36,3 +38,19 @@ def test_example_config_is_valid(path):
             assert frames is not None and (frames - 1) % 4 == 0, f"{path.name}: num_frames {frames} is not 4k + 1"
             hw = (resolution, resolution) if isinstance(resolution, int) else resolution
             assert all(x % 16 == 0 for x in hw), f"{path.name}: resolution {resolution} not a multiple of 16"
+    adapter = MODELS.get(cfg.model.model_type)
+    if adapter.condition_images != (0, 0):  # edit models: the shipped dataset loads, its images fit
+        assert (ROOT / cfg.data.dataset_dir).is_dir(), f"{path.name}: ship {cfg.data.dataset_dir}"
+        check_example_dataset(cfg, adapter)
+
+
+def check_example_dataset(cfg, adapter) -> None:
+    """The example's dataset (relative to the repository root) loads, every image decodes, and every
+    row has a number of condition images the model takes (one number for all rows)."""
+    from trainer.data import check_condition_images, load_dataset
+
+    data = cfg.data.model_copy(update={"dataset_dir": str(ROOT / cfg.data.dataset_dir)})
+    train, test = load_dataset(data)
+    for rows in (train, test or []):
+        check_condition_images(rows, adapter.model_type, adapter.condition_images)
+    assert all(row.images for row in train)
