@@ -22,8 +22,10 @@ are float32 either way.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -209,6 +211,15 @@ def _consecutive(steps: list[int]) -> bool:
     return bool(steps) and steps == list(range(steps[0], steps[0] + len(steps)))
 
 
+_LITTLE = sys.byteorder == "little"
+
+
+def _bf16_bits(x: torch.Tensor) -> np.ndarray:
+    """The bfloat16 bits of float32 CPU values that are exact in bfloat16: the high half of
+    each float32 (a strided view, no arithmetic; little-endian hosts)."""
+    return x.detach().numpy().view(np.uint16)[..., 1::2]
+
+
 def _empty_like_host(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if device.type == "cpu":
         from shared.store import empty  # numpy-allocated: cheaper first touch of big buffers
@@ -235,7 +246,13 @@ def pack_trajectory(roll: Rollout, state_dtype: str = "float32") -> dict[str, to
     b = roll.final_latents.shape[0]
     states = _empty_like_host((b, len(state_steps), *roll.final_latents.shape[1:]), dtype,
                               roll.final_latents.device)
-    if _consecutive(steps):  # the common window: two whole-tensor copies
+    bits = (dtype == torch.bfloat16 and _LITTLE and states.device.type == "cpu"
+            and roll.latents.dtype == roll.next_latents.dtype == torch.float32)
+    if _consecutive(steps) and bits:  # bf16-exact float32 -> bf16 on the CPU: copy the high halves
+        dst = states.view(torch.int16).numpy().view(np.uint16)
+        np.copyto(dst[:, :len(steps)], _bf16_bits(roll.latents))
+        np.copyto(dst[:, len(steps)], _bf16_bits(roll.next_latents[:, -1]))
+    elif _consecutive(steps):  # the common window: two whole-tensor copies
         states[:, :len(steps)].copy_(roll.latents)
         states[:, len(steps)].copy_(roll.next_latents[:, -1])
     else:
@@ -262,7 +279,12 @@ def unpack_trajectory(t: dict[str, torch.Tensor]) -> Rollout:
     steps, ``latents`` and ``next_latents`` are overlapping views of the one state tensor (no
     copy): treat them as read-only."""
     states = t["states"]
-    if states.dtype != torch.float32:
+    if states.dtype == torch.bfloat16 and _LITTLE and states.device.type == "cpu":
+        out = _empty_like_host(tuple(states.shape), torch.float32, states.device)  # bits << 16: exact
+        np.left_shift(states.view(torch.int16).numpy().view(np.uint16), 16,
+                      out=out.numpy().view(np.uint32), dtype=np.uint32)
+        states = out
+    elif states.dtype != torch.float32:
         states = _empty_like_host(tuple(states.shape), torch.float32, states.device).copy_(states)
     where = {int(s): j for j, s in enumerate(t["state_steps"])}
     steps = [int(i) for i in t["sde_steps"]]

@@ -37,8 +37,14 @@ def test_round_trip_and_storage(steps, stored, keep_means):
 @pytest.mark.parametrize("steps", [[0, 1, 2, 3], [1, 5], [2, 3, 6]])
 def test_bfloat16_states_are_stored_exactly_and_unpack_to_float32(steps):
     roll = fake_rollout(steps, keep_means=False)
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-40, -3.5])
+    roll.latents.view(-1)[-6:] = special  # not in the first state, which pack checks
+    if steps == [0, 1, 2, 3]:
+        roll.next_latents[:, :-1] = roll.latents[:, 1:]
     roll.latents, roll.next_latents = roll.latents.bfloat16().float(), roll.next_latents.bfloat16().float()
     packed = pack_trajectory(roll, "bfloat16")
+    assert torch.equal(packed["states"].view(torch.int16),
+                       pack_trajectory(roll)["states"].bfloat16().view(torch.int16))  # = torch's rounding
     assert packed["states"].dtype == torch.bfloat16 and packed["log_probs"].dtype == torch.float32
     back = unpack_trajectory(packed)
     assert back.latents.dtype == torch.float32
