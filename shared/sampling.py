@@ -137,18 +137,21 @@ def as_hw(resolution: int | tuple[int, int]) -> tuple[int, int]:
 
 def encode(adapter: FlowModelAdapter, prompts: list[str], negatives: list[str | None],
            guidance_scale: float, images: Sequence[Sequence[ImageSource]] | None = None,
-           resolution: int | tuple[int, int] | None = None) -> Conditioning:
+           resolution: int | tuple[int, int] | None = None, num_frames: int | None = None) -> Conditioning:
     """Encode prompts as rollouts do: negatives (``None`` = empty prompt) only when CFG is on.
     Prompts longer than a text encoder takes are truncated with one warning per model.
 
     ``images``: per prompt, its condition images (paths, bytes or PIL images;
     :mod:`shared.condition_images`), for image-conditioned families (``adapter.condition_images``),
-    which also get the rollout ``resolution``. Text-only families refuse condition images."""
+    which also get the rollout ``resolution`` (and, video families, ``num_frames``: image-to-video
+    condition latents span the video). Text-only families refuse condition images."""
     check_prompt_lengths(adapter, prompts + [n for n in negatives if n] if guidance_scale > 1.0 else prompts)
     extra = {}
     if adapter.condition_images != (0, 0):
         extra = {"images": None if images is None else open_rows(images),
                  "resolution": None if resolution is None else as_hw(resolution)}
+        if adapter.video:
+            extra["num_frames"] = num_frames
     elif images is not None and any(len(row) for row in images):
         raise ValueError(condition_count_error(adapter.model_type, (0, 0), max(len(row) for row in images)))
     return adapter.encode_prompts(prompts, cfg=guidance_scale > 1.0,
@@ -157,12 +160,13 @@ def encode(adapter: FlowModelAdapter, prompts: list[str], negatives: list[str | 
 
 def encode_batches(adapter: FlowModelAdapter, prompts: list[str], negatives: list[str | None],
                    guidance_scale: float, batch_size: int, images: Sequence[Sequence[ImageSource]] | None = None,
-                   resolution: int | tuple[int, int] | None = None) -> Conditioning:
+                   resolution: int | tuple[int, int] | None = None, num_frames: int | None = None) -> Conditioning:
     """:func:`encode` in micro-batches of ``batch_size``, concatenated (the trainer's view of
-    prompts that a remote sampler rolled out; ``images`` and ``resolution`` as the rollout's)."""
+    prompts that a remote sampler rolled out; ``images``, ``resolution`` and ``num_frames`` as the
+    rollout's)."""
     return Conditioning.cat([encode(adapter, prompts[s:s + batch_size], negatives[s:s + batch_size],
                                     guidance_scale, None if images is None else images[s:s + batch_size],
-                                    resolution) for s in range(0, len(prompts), batch_size)])
+                                    resolution, num_frames) for s in range(0, len(prompts), batch_size)])
 
 
 def rollout_batches(adapter: FlowModelAdapter, prompts: list[str], negatives: list[str | None],
@@ -179,7 +183,7 @@ def rollout_batches(adapter: FlowModelAdapter, prompts: list[str], negatives: li
     for s in range(0, len(prompts), batch_size):
         sl = slice(s, s + batch_size)
         cond = encode(adapter, prompts[sl], negatives[sl], guidance_scale,
-                      None if images is None else images[sl], resolution)
+                      None if images is None else images[sl], resolution, num_frames)
         outs.append(rollout(adapter, cond, seeds[sl], resolution=as_hw(resolution), sigmas=sigmas,
                             guidance_scale=guidance_scale, dynamics=dynamics,
                             noise_level=noise_level, sde_steps=sde_steps, keep_means=keep_means,

@@ -11,7 +11,8 @@ for _name, _path in (("tiny", "shared.models.tiny.TinyAdapter"),
                      ("flux2-klein", "shared.models.flux2.Flux2KleinAdapter"),
                      ("flux1-kontext", "shared.models.flux1_kontext.Flux1KontextAdapter"),
                      ("qwen-image-edit-plus", "shared.models.qwen_image_edit.QwenImageEditPlusAdapter"),
-                     ("wan2_t2v", "shared.models.wan.WanT2VAdapter")):
+                     ("wan2_t2v", "shared.models.wan.WanT2VAdapter"),
+                     ("wan2_i2v", "shared.models.wan_i2v.WanI2VAdapter")):
     if _name not in MODELS:
         MODELS.register(_name, _path)
 

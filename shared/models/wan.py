@@ -118,7 +118,7 @@ class WanT2VAdapter(PipelineAdapter):
             frames = self.check_frames(int(num_frames), "train.num_frames / eval.num_frames")
         patch = self.transformer.config.patch_size  # (frames, height, width): (1, 2, 2)
         h, w = self.latent_hw(resolution, int(patch[1]), f"patch size {patch[1]}")
-        return (self.transformer.config.in_channels, (frames - 1) // self.temporal_factor + 1, h, w)
+        return (self.pipeline.vae.config.z_dim, (frames - 1) // self.temporal_factor + 1, h, w)
 
     def latent_shape(self, resolution: tuple[int, int]) -> tuple[int, ...]:
         """:meth:`sample_shape` at the default ``options.num_frames``."""
@@ -150,12 +150,24 @@ class WanT2VAdapter(PipelineAdapter):
         """``prompt_embeds [B, L, D]`` (``L = max_sequence_length``, zero-padded); with ``cfg`` also
         the negatives (default: empty prompts)."""
         negatives = list(negative_prompts) if negative_prompts is not None else [""] * len(prompts)
-        embeds, negative = self.pipeline.encode_prompt(
-            prompt=list(prompts), negative_prompt=negatives if cfg else None, do_classifier_free_guidance=cfg,
-            max_sequence_length=int(self.options["max_sequence_length"]), device=self.device)
+        embeds, negative = self.encode_text(list(prompts), negatives if cfg else None)
         dtype = self.transformer.dtype
         return Conditioning({"prompt_embeds": embeds.to(dtype)},
                             {"prompt_embeds": negative.to(dtype)} if cfg else None)
+
+    def encode_text(self, prompts: list[str], negatives: list[str] | None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """UMT5 embeddings ``[B, L, D]`` of ``prompts`` and of ``negatives`` (``None``: no negative
+        branch) as ``WanPipeline.encode_prompt``."""
+        from diffusers import WanPipeline
+
+        # WanPipeline's own function also for WanImageToVideoPipeline, whose copy of it calls ftfy
+        # unconditionally (a NameError where ftfy is not installed); the code is otherwise the same
+        def encode(texts: list[str]) -> torch.Tensor:
+            return WanPipeline._get_t5_prompt_embeds(self.pipeline, prompt=texts, device=self.device,
+                                                     max_sequence_length=int(self.options["max_sequence_length"]))
+
+        return encode(prompts), None if negatives is None else encode(negatives)
 
     def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, cond: Conditioning,
                  guidance_scale: float, transformer: nn.Module | None = None) -> torch.Tensor:

@@ -130,7 +130,8 @@ def test_num_frames(spec, adapter):
         adapter.sample_shape(spec.resolution, 6)
     _, roll = rollout_batches(adapter, PROMPTS[:1], [None], [0], batch_size=1, resolution=spec.resolution,
                               num_steps=2, guidance_scale=1.0, dynamics="ODE", noise_level=0.0, sde_steps=[],
-                              keep_means=False, log_prob_reduction="mean", transformer=None, num_frames=frames)
+                              keep_means=False, log_prob_reduction="mean", transformer=None, num_frames=frames,
+                              images=spec.encode_kwargs(1).get("images"))
     assert roll.final_latents.shape == (1, *shape)
     assert roll.images.shape == (1, frames, 3, *spec.resolution)
 

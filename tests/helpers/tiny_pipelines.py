@@ -31,6 +31,8 @@ Every pipeline uses the real diffusers / transformers classes of its family at m
 * ``wan2_t2v``: ``WanPipeline`` -- the Unigram ``T5Tokenizer``, ``UMT5EncoderModel``,
   ``WanTransformer3DModel``, ``AutoencoderKLWan`` (4x space, 4x time), Wan2.1's UniPC scheduler
   config; videos of 5 frames (:func:`build_wan_t2v`).
+* ``wan2_i2v``: ``WanImageToVideoPipeline`` on those parts with a tiny ``CLIPVisionModel`` and a
+  transformer taking the first-frame condition (:mod:`tests.helpers.tiny_video_pipelines`).
 
 :data:`TINY_PIPELINES` maps each ``model_type`` to a :class:`TinyPipeline`: the builder plus what
 a generic test needs to run it (a valid resolution, adapter options, whether the family uses
@@ -420,6 +422,13 @@ def build_qwen_image_edit_plus(seed: int = 0):
     return build(seed)
 
 
+def build_wan_i2v(seed: int = 0):
+    """:func:`tests.helpers.tiny_video_pipelines.build_wan_i2v` (Wan2.1-I2V style)."""
+    from tests.helpers.tiny_video_pipelines import build_wan_i2v as build
+
+    return build(seed)
+
+
 # --------------------------------------------------------------------------- registry
 
 
@@ -493,6 +502,8 @@ TINY_PIPELINES: dict[str, TinyPipeline] = {
                               "shift_resolution": 32}),
         TinyPipeline("wan2_t2v", "WanPipeline", build_wan_t2v, (32, 32), uses_cfg=True,
                      options={"max_sequence_length": 16, "num_frames": 5}),
+        TinyPipeline("wan2_i2v", "WanImageToVideoPipeline", build_wan_i2v, (32, 32), uses_cfg=True,
+                     options={"max_sequence_length": 16, "num_frames": 5}, condition_images=1),
         TinyPipeline("flux1-kontext", "FluxKontextPipeline", build_flux1_kontext, (32, 32), uses_cfg=False,
                      options={"max_sequence_length": 16, "shift_resolution": 32}, condition_images=1),
         TinyPipeline("qwen-image-edit-plus", "QwenImageEditPlusPipeline", build_qwen_image_edit_plus, (32, 32),
