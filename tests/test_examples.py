@@ -19,7 +19,7 @@ EXAMPLES = sorted((ROOT / "examples").rglob("*.yaml"))
 def test_there_are_examples():
     assert len(EXAMPLES) >= 5
     assert {"flux1.yaml", "z-image.yaml", "qwen-image.yaml", "sd3-5.yaml", "wan2_t2v.yaml",
-            "flux1-kontext.yaml", "qwen-image-edit-plus.yaml"} <= {
+            "flux1-kontext.yaml", "qwen-image-edit-plus.yaml", "wan2_i2v.yaml"} <= {
         p.name for p in (ROOT / "examples" / "grpo" / "lora").glob("*.yaml")}
 
 

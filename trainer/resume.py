@@ -202,7 +202,8 @@ def load_rank_state(checkpoint: Path, rank: int, adapter=None, plan=None, cfg=No
         rewards = {k.removeprefix("reward/"): v for k, v in flat.items() if k.startswith("reward/")}
         cond = encode_batches(adapter, plan.prompts, plan.negatives, cfg.train.guidance_scale,
                               cfg.train.per_device_batch_size,
-                              images=plan.condition_images, resolution=cfg.train.resolution)
+                              images=plan.condition_images, resolution=cfg.train.resolution,
+                              num_frames=cfg.train.num_frames)
         samples = Samples(cond, roll, rewards, meta["policy_versions"], meta["metrics"])
     set_rng_state(json.loads(rng.read_text()))
     return samples

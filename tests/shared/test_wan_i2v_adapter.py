@@ -18,7 +18,8 @@ from unittest import mock
 import pytest
 import torch
 
-from tests.helpers.pipeline_tests import assert_ode_rollout_matches, initial_noise, load_tiny
+from tests.helpers.pipeline_tests import (assert_ode_rollout_matches, embedded_trainer_test, initial_noise, load_tiny,
+                                         pipeline_fixtures)
 from tests.helpers.tiny_edit_pipelines import condition_image
 from tests.helpers.tiny_pipelines import NEGATIVE, PROMPTS, TINY_PIPELINES
 from tests.helpers.tiny_video_pipelines import build_wan_i2v
@@ -27,6 +28,9 @@ SPEC = TINY_PIPELINES["wan2_i2v"]
 H, W = SPEC.resolution
 FRAMES = SPEC.options["num_frames"]
 VARIANTS = {"wan2.1-i2v": False, "wan2.2-ti2v": True}
+
+pipeline_dir, _, _ = pipeline_fixtures(SPEC)  # the contract suite's pipeline (UniPC, Wan2.1-I2V)
+test_one_epoch_of_the_embedded_trainer = embedded_trainer_test(SPEC)  # jsonl rows with an image each
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
