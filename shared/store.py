@@ -281,9 +281,11 @@ class BlobStore:
                                                           lambda: uint8_chunks(images))},
                                  digest=digest)
 
-    def get_images(self, ref: BlobRef) -> torch.Tensor:
+    def get_images(self, ref: BlobRef, out: torch.Tensor | None = None) -> torch.Tensor:
         """``[..., 3, H, W]`` float32 in [0, 1] from :meth:`put_images` (also reads the older
-        ``images`` blobs of 8-bit ``[B, H, W, 3]`` pixels)."""
+        ``images`` blobs of 8-bit ``[B, H, W, 3]`` pixels). ``out``: a float32 CPU tensor to
+        fill and return when its shape fits (a long-lived process reusing one buffer skips
+        first-touching fresh memory for every batch)."""
         t = self.get_tensors(ref)
         if "images_chw" in t:
             u8 = t["images_chw"]
@@ -292,7 +294,9 @@ class BlobStore:
         else:
             raise KeyError(f"blob {ref.uri} holds {sorted(t)}, not images. Fix: pass the "
                            f"trajectory's `images` reference, not its `tensors`.")
-        return empty(u8.shape, torch.float32).copy_(u8).div_(255.0)  # = u8.float() / 255
+        if out is None or out.shape != u8.shape or out.dtype != torch.float32 or out.device.type != "cpu":
+            out = empty(u8.shape, torch.float32)
+        return out.copy_(u8).div_(255.0)  # = u8.float() / 255
 
 
 def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

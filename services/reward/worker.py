@@ -17,6 +17,7 @@ import json
 import math
 import os
 import socket
+import threading
 import time
 
 import torch
@@ -30,6 +31,7 @@ settings = QueueSettings()
 app = make_celery(settings, name="flowrl-reward")
 _models: dict[str, object] = {}
 _stores: dict[str, object] = {}
+_pixels = threading.local()  # each thread's float image buffer, refilled by its next job
 
 
 def _device() -> str:
@@ -53,7 +55,8 @@ def score_job(job: RewardJob, *, worker: str = "") -> ScoredBatch:
         if key not in _models:
             _models[key] = build_rewards([spec], _device())[spec.label]
         models[spec.label] = _models[key]
-    images = store.get_images(traj.images)
+    # rewards score synchronously and keep no reference, so the next job may refill the buffer
+    images = _pixels.buf = store.get_images(traj.images, out=getattr(_pixels, "buf", None))
     scores = score_specs(models, specs, images, traj.prompts, torch.tensor(traj.group_ids),
                          sample_ids=traj.sample_ids)  # an inf reward's error names the sample id
     as_list = lambda t: [None if math.isnan(x) else x for x in t.tolist()]  # noqa: E731

@@ -150,3 +150,13 @@ def test_images_8_bit_exact_for_batches_and_video_and_old_blobs(store):
         store.put_images("run/bad.safetensors", torch.rand(2, 4, 4, 3))
     with pytest.raises(KeyError, match="not images"):
         store.get_images(store.put_tensors("run/t.safetensors", {"x": torch.zeros(1)}))
+
+
+def test_get_images_refills_a_buffer_that_fits(store):
+    a, b = torch.rand(2, 3, 4, 5), torch.rand(2, 3, 4, 5)
+    ra, rb = store.put_images("run/a.safetensors", a), store.put_images("run/b.safetensors", b)
+    buf = store.get_images(ra)
+    again = store.get_images(rb, out=buf)
+    assert again is buf and torch.equal(buf, (b * 255).round() / 255)
+    other = store.get_images(store.put_images("run/c.safetensors", torch.rand(1, 3, 4, 5)), out=buf)
+    assert other is not buf and other.shape == (1, 3, 4, 5)
