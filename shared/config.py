@@ -79,7 +79,20 @@ class ModelConfig(_Strict):
     lora_rank: int = Field(8, gt=0)
     lora_alpha: float | None = None  # None -> 2 * lora_rank
     target_modules: str | list[str] = "default"  # "default" = the adapter's attention projections
-    attn_backend: str | None = None  # diffusers set_attention_backend name (e.g. "flash")
+    # -- memory and speed (README "Memory and speed options")
+    # diffusers attention backend: native, flash, flash_hub, _flash_3_hub, xformers, sage, ...
+    # (shared.models.attention); None = the model as diffusers builds it
+    attn_backend: str | None = None
+    gradient_checkpointing: bool = False  # recompute transformer activations in backward
+    # prompt / condition embeddings are computed once per distinct (prompt, negative prompt,
+    # condition images, settings) and reused (shared.embedding_cache): an in-memory LRU of this
+    # many MiB (CPU memory; 0 = none), and on disk under embedding_cache_dir (safetensors files
+    # named by a fingerprint of the model and the encode settings; shared by trainer and samplers)
+    embedding_cache_mb: float = Field(1024, ge=0)
+    embedding_cache_dir: str | None = None
+    # true / "cpu": the trainer encodes every train and eval prompt up front, then the text
+    # encoders live on the CPU (brought back only for a prompt not seen before); "drop": freed
+    offload_text_encoders: bool | Literal["cpu", "drop"] = False
     master_weight_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     scheduler_shift: float | None = Field(None, gt=0)  # None = the model's own shift
     options: dict[str, Any] = Field(default_factory=dict)  # adapter-specific settings

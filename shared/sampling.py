@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from shared.condition_images import ImageSource, condition_count_error, open_rows
+from shared.condition_images import ImageSource, condition_count_error
+from shared.embedding_cache import encode_cached
 from shared.flow import sde_step
 from shared.models.base import Conditioning, FlowModelAdapter
 from shared.models.prompt_length import check_prompt_lengths
@@ -144,18 +145,20 @@ def encode(adapter: FlowModelAdapter, prompts: list[str], negatives: list[str | 
     ``images``: per prompt, its condition images (paths, bytes or PIL images;
     :mod:`shared.condition_images`), for image-conditioned families (``adapter.condition_images``),
     which also get the rollout ``resolution`` (and, video families, ``num_frames``: image-to-video
-    condition latents span the video). Text-only families refuse condition images."""
+    condition latents span the video). Text-only families refuse condition images.
+
+    Each distinct (prompt, negative, images, settings) is encoded once, on its own, and kept in the
+    adapter's embedding cache (:func:`shared.embedding_cache.encode_cached`): a sample's
+    conditioning does not depend on its batch mates, and is the same to the bit with or without
+    the cache."""
     check_prompt_lengths(adapter, prompts + [n for n in negatives if n] if guidance_scale > 1.0 else prompts)
-    extra = {}
-    if adapter.condition_images != (0, 0):
-        extra = {"images": None if images is None else open_rows(images),
-                 "resolution": None if resolution is None else as_hw(resolution)}
-        if adapter.video:
-            extra["num_frames"] = num_frames
-    elif images is not None and any(len(row) for row in images):
-        raise ValueError(condition_count_error(adapter.model_type, (0, 0), max(len(row) for row in images)))
-    return adapter.encode_prompts(prompts, cfg=guidance_scale > 1.0,
-                                  negative_prompts=[n or "" for n in negatives], **extra)
+    if adapter.condition_images == (0, 0):
+        if images is not None and any(len(row) for row in images):
+            raise ValueError(condition_count_error(adapter.model_type, (0, 0), max(len(row) for row in images)))
+        images, resolution, num_frames = None, None, None
+    return encode_cached(adapter, prompts, negatives, cfg=guidance_scale > 1.0, images=images,
+                         resolution=None if resolution is None else as_hw(resolution),
+                         num_frames=num_frames if adapter.video else None)
 
 
 def encode_batches(adapter: FlowModelAdapter, prompts: list[str], negatives: list[str | None],

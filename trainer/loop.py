@@ -33,6 +33,7 @@ from trainer.algorithms import ALGORITHMS, Algorithm, TrainBatch
 from trainer.checkpoint import load_checkpoint_weights, save_checkpoint
 from trainer.collect import SEED_STRIDE, EpochData, finish_epoch, plan_epoch
 from trainer.data import check_condition_images, load_dataset
+from trainer.embeddings import offload_mode, warm_embeddings
 from trainer.evaluate import evaluate
 from trainer.policy import Policy, attach_trainable
 from trainer.reporting import MetricLogger, detail_keys, write_report
@@ -180,6 +181,11 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
     check_media_geometry(cfg, adapter)
     check_rows(adapter, train_rows, eval_rows)
     trainable = attach_trainable(adapter, cfg)
+    warmed = warm_embeddings(cfg, adapter, train_rows, eval_rows)  # offload_text_encoders only
+    if warmed and main and not quiet:
+        print(f"flowrl: {warmed['encoded']} prompt embeddings encoded in {warmed['seconds']:.1f} s "
+              f"({warmed['disk_hits']} from {cfg.model.embedding_cache_dir}); text encoders offloaded "
+              f"({offload_mode(cfg)})")
     optimizer, lr_schedule = build_optimizer(cfg, trainable)
     model, optimizer = accelerator.prepare(adapter.transformer, optimizer)
     model.eval()

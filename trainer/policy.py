@@ -27,12 +27,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def attach_trainable(adapter: FlowModelAdapter, cfg: Config) -> dict[str, nn.Parameter]:
-    """Freeze the model, add LoRA (peft) or unfreeze all; return the trainable parameters
-    (their names are the ones published to samplers)."""
+    """Freeze the model, add LoRA (peft) or unfreeze all, turn on gradient checkpointing when
+    ``model.gradient_checkpointing``; return the trainable parameters (their names are the ones
+    published to samplers)."""
     m, transformer = cfg.model, adapter.transformer
     prepare_transformer(adapter, m)
     if m.finetune_type == "full":
         transformer.requires_grad_(True)
+    if m.gradient_checkpointing:
+        enable_gradient_checkpointing(transformer)
     trainable = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
     if not trainable:
         raise ValueError(
@@ -44,6 +47,18 @@ def attach_trainable(adapter: FlowModelAdapter, cfg: Config) -> dict[str, nn.Par
     for p in trainable.values():
         p.data = p.data.to(master)
     return trainable
+
+
+def enable_gradient_checkpointing(transformer: nn.Module) -> None:
+    """Recompute the transformer blocks' activations in the backward pass (diffusers'
+    ``enable_gradient_checkpointing``, non-reentrant ``torch.utils.checkpoint``): less activation
+    memory for one more forward per block; gradients are unchanged. It acts only while gradients
+    are on, so rollouts and no-grad replays run as before."""
+    if not getattr(transformer, "_supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"model.gradient_checkpointing: {type(transformer).__name__} does not support gradient "
+            f"checkpointing in this diffusers version. Fix: set model.gradient_checkpointing: false.")
+    transformer.enable_gradient_checkpointing()
 
 
 class Policy:

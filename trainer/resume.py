@@ -225,7 +225,10 @@ def truncate_jsonl(path: Path, keep) -> int:
 # settings a resumed run may change; any other difference means another experiment
 # (the dataset may move between machines; its rows must stay the same for an exact resume)
 MAY_CHANGE = {"train": {"resume_from", "max_epochs", "max_train_seconds", "save_freq"},
-              "data": {"dataset_dir"}}
+              "data": {"dataset_dir"},
+              # memory / speed options (same math; attn_backend may differ in the last bits)
+              "model": {"attn_backend", "gradient_checkpointing", "embedding_cache_mb", "embedding_cache_dir",
+                        "offload_text_encoders"}}
 CHECKED = ("model", "train", "rewards", "data")
 
 
@@ -246,5 +249,5 @@ def check_same_experiment(checkpoint: Path, cfg) -> None:
         raise ResumeError(
             f"cannot resume from {checkpoint}: the config differs from the run that wrote it in "
             f"{len(diffs)} setting(s): " + "; ".join(diffs[:6]) + (" ..." if len(diffs) > 6 else "")
-            + ". Only train.max_epochs, train.max_train_seconds, train.save_freq, data.dataset_dir "
-            "(and eval, logging, queue settings) may change. Fix: use the run's config, or start a new run.")
+            + ". Only train.max_epochs, train.max_train_seconds, train.save_freq, data.dataset_dir, the "
+            "model's memory and speed options (and eval, logging, queue settings) may change. Fix: use the run's config, or start a new run.")

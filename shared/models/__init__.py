@@ -18,8 +18,16 @@ for _name, _path in (("tiny", "shared.models.tiny.TinyAdapter"),
 
 
 def load_adapter(model_cfg, *, device, seed: int) -> FlowModelAdapter:
-    """Build the adapter named by ``model_cfg.model_type``."""
-    return MODELS.get(model_cfg.model_type).load(model_cfg, device=device, seed=seed)
+    """Build the adapter named by ``model_cfg.model_type``, with its embedding cache
+    (``model.embedding_cache_mb`` / ``embedding_cache_dir`` / ``offload_text_encoders``,
+    :mod:`shared.embedding_cache`) and ``source_path`` (the model folder the cache fingerprints)."""
+    from shared.embedding_cache import EmbeddingCache
+
+    adapter = MODELS.get(model_cfg.model_type).load(model_cfg, device=device, seed=seed)
+    if getattr(adapter, "source_path", None) is None:
+        adapter.source_path = getattr(model_cfg, "model_name_or_path", None)
+    adapter.embedding_cache = EmbeddingCache.from_config(model_cfg)
+    return adapter
 
 
 __all__ = ["MODELS", "Conditioning", "FlowModelAdapter", "ParamView", "load_adapter"]

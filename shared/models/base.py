@@ -140,6 +140,12 @@ class FlowModelAdapter(ABC):
 
     # ------------------------------------------------------------------ shared logic
 
+    def encoder_modules(self) -> dict[str, nn.Module]:
+        """The modules only prompt / condition encoding uses (text encoders; what
+        ``model.offload_text_encoders`` moves off the GPU once the embeddings are cached,
+        :mod:`shared.embedding_cache`). Default: every ``nn.Module`` attribute but the transformer."""
+        return {k: v for k, v in vars(self).items() if isinstance(v, nn.Module) and k != "transformer"}
+
     def prompt_token_limits(self) -> list:
         """The text encoders' prompt limits (:class:`shared.models.prompt_length.TokenLimit`, one per
         tokenizer); a prompt over one is truncated with one warning per model

@@ -16,12 +16,14 @@ from shared.models.base import FlowModelAdapter
 
 
 def prepare_transformer(adapter: FlowModelAdapter, model_cfg: Any) -> None:
-    """Freeze the transformer, select the attention backend, and add LoRA (peft) when
-    ``model_cfg.finetune_type == "lora"`` (rank, alpha = ``2 * rank`` unless set, targets)."""
+    """Freeze the transformer, select the attention backend (``model.attn_backend``,
+    :func:`shared.models.attention.apply_attention_backend`: errors name the fix), and add LoRA
+    (peft) when ``model_cfg.finetune_type == "lora"`` (rank, alpha = ``2 * rank`` unless set, targets)."""
+    from shared.models.attention import apply_attention_backend
+
     transformer = adapter.transformer
     transformer.requires_grad_(False)
-    if model_cfg.attn_backend:
-        transformer.set_attention_backend(model_cfg.attn_backend)
+    apply_attention_backend(transformer, getattr(model_cfg, "attn_backend", None))
     if model_cfg.finetune_type == "lora":
         from peft import LoraConfig
 

@@ -185,6 +185,10 @@ class PipelineAdapter(FlowModelAdapter):
         if self.folder_defaults:
             self.write_folder_defaults(path, self.options)
 
+    def encoder_modules(self) -> dict[str, torch.nn.Module]:
+        """The pipeline's :attr:`text_encoders` that are loaded (``None`` ones skipped)."""
+        return {name: m for name in self.text_encoders if (m := getattr(self.pipeline, name, None)) is not None}
+
     # ------------------------------------------------------------------ conventions
     def tokenizer_limits(self, *entries: tuple[str, str, int, str], render=None) -> list[TokenLimit]:
         """:class:`TokenLimit` for each ``(tokenizer attribute, encoder name, limit, fix)`` whose

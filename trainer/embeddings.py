@@ -1,0 +1,44 @@
+"""The trainer's embedding warm-up (``model.offload_text_encoders``): every train and eval prompt
+is encoded before the first rollout, then the text encoders leave the accelerator
+(:mod:`shared.embedding_cache`)."""
+
+from __future__ import annotations
+
+import time
+
+from shared.config import Config
+from shared.embedding_cache import cache_of, offload_encoders, warm_up
+
+
+def offload_mode(cfg: Config) -> str | None:
+    """``model.offload_text_encoders`` as ``None``, ``"cpu"`` or ``"drop"``."""
+    value = cfg.model.offload_text_encoders
+    return "cpu" if value is True else (None if value is False else value)
+
+
+def warm_embeddings(cfg: Config, adapter, train_rows: list, eval_rows: list) -> dict[str, float]:
+    """With ``model.offload_text_encoders``: encode every train row with the ``train.*`` settings
+    and every eval row with the ``eval.*`` ones (guidance scale, resolution and frames, as rollouts
+    and evaluation encode them), then offload the encoders. Returns what it did (empty without
+    offloading): ``encoded`` keys, ``seconds``, and the cache's counters.
+
+    Raises:
+        shared.embedding_cache.CacheTooSmall: the embeddings do not fit ``embedding_cache_mb`` and
+            there is no ``embedding_cache_dir``.
+    """
+    mode = offload_mode(cfg)
+    if mode is None:
+        return {}
+    t0 = time.perf_counter()
+    t, e = cfg.train, cfg.eval
+    encoded = 0
+    for rows, guidance, resolution, frames, batch in (
+            (train_rows, t.guidance_scale, t.resolution, t.num_frames, t.per_device_batch_size),
+            (eval_rows, e.guidance_scale, e.resolution, e.num_frames, e.per_device_batch_size)):
+        if not rows:
+            continue
+        images = [r.images for r in rows] if any(r.images for r in rows) else None
+        encoded += warm_up(adapter, [r.prompt for r in rows], [r.negative_prompt for r in rows], guidance,
+                           images=images, resolution=resolution, num_frames=frames, batch_size=batch)
+    offload_encoders(adapter, mode)
+    return {"encoded": encoded, "seconds": time.perf_counter() - t0, **cache_of(adapter).stats()}
