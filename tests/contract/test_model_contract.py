@@ -21,6 +21,8 @@ loaded back with the adapter's normal ``load``) must
   gradient changes (at least one per target), the base weights stay frozen and bit-identical;
   the checkpoint written by ``trainer.checkpoint.save_checkpoint`` loads with the diffusers
   pipeline class's own ``load_lora_weights`` and reproduces the trained transformer's output;
+* honour ``model.attn_backend: native`` (every attention processor dispatches, same velocities) and
+  ``model.gradient_checkpointing`` (one LoRA step: the loss and gradients of the step without it);
 * fine-tune fully: every transformer weight trainable, and every one that gets a gradient changes
   (weights outside the computation, like a last block's text-stream outputs, stay under 20%);
 * write itself with ``save_pretrained`` and load back to identical predictions.
@@ -300,6 +302,58 @@ def test_lora_trains_saves_and_loads_with_the_pipelines_own_loader(spec, pipelin
         trained = adapter.velocity(x, sigma, cond, w)
     assert (loaded - plain).abs().max() > 1e-4, "the loaded LoRA does not change the output"
     torch.testing.assert_close(loaded, trained, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_backend_native(spec, adapter, pipeline_dir):
+    """``model.attn_backend: native`` reaches every attention processor (through diffusers'
+    dispatcher) and changes nothing on the CPU."""
+    from shared.models.attention import attention_backend_of
+    from shared.models.lora import prepare_transformer
+
+    cfg = ModelConfig(model_type=spec.model_type, model_name_or_path=str(pipeline_dir), options=spec.options,
+                      finetune_type="full", attn_backend="native")
+    native = load_tiny(spec, pipeline_dir)
+    prepare_transformer(native, cfg)
+    assert attention_backend_of(native.transformer) == {"native"}
+    x, sigma = inputs(spec, adapter)
+    cond = conditioning(spec, adapter)
+    with torch.no_grad():
+        torch.testing.assert_close(native.velocity(x, sigma, cond, spec.guidance_scale),
+                                   adapter.velocity(x, sigma, cond, spec.guidance_scale), rtol=0, atol=1e-6)
+
+
+def test_lora_step_with_gradient_checkpointing(spec, pipeline_dir, tmp_path):
+    """``model.gradient_checkpointing``: the blocks are recomputed in backward (the checkpoint
+    function runs) and the loss and LoRA gradients equal those without it."""
+    from trainer.policy import attach_trainable
+
+    def step(checkpointing: bool):
+        cfg = train_config(spec, pipeline_dir, tmp_path, gradient_checkpointing=checkpointing)
+        adapter = load_tiny(spec, pipeline_dir)
+        torch.manual_seed(0)  # the same LoRA initialisation
+        trainable = attach_trainable(adapter, cfg)
+        with torch.no_grad():  # LoRA B starts at zero: make the LoRA path matter
+            for name, p in trainable.items():
+                if "lora_B" in name:
+                    p.normal_(0, 0.02)
+        calls = []
+        if checkpointing:
+            inner = adapter.transformer._gradient_checkpointing_func
+            adapter.transformer._gradient_checkpointing_func = lambda *a, **k: calls.append(1) or inner(*a, **k)
+        adapter.transformer.train()
+        x, sigma = inputs(spec, adapter)
+        v = adapter.velocity(x, sigma, conditioning(spec, adapter), cfg.train.guidance_scale)
+        loss = (v - x).square().mean()
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in trainable.items() if p.grad is not None}, len(calls)
+
+    loss, grads, _ = step(False)
+    loss_ckpt, grads_ckpt, calls = step(True)
+    assert calls > 0, "gradient checkpointing was not used"
+    assert grads and grads.keys() == grads_ckpt.keys()
+    torch.testing.assert_close(loss_ckpt, loss, rtol=1e-6, atol=0)
+    for name in grads:
+        torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-4, atol=1e-7)
 
 
 def test_full_finetune_trains_every_transformer_weight(spec, pipeline_dir, tmp_path):
