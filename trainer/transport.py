@@ -83,6 +83,7 @@ class _Pending:
     jobs: dict[str, list[str]]  # job id -> its sample ids
     sent_at: float
     messages: dict[str, str] = dataclasses.field(default_factory=dict)  # job id -> SampleJob JSON
+    sent: set[str] = dataclasses.field(default_factory=set)  # job ids handed to the broker
 
 
 class CollectError(RuntimeError):
@@ -186,9 +187,9 @@ class CeleryTransport:
             pending_messages[job.job_id] = job.model_dump_json()
             jobs[job.job_id] = [ids[r] for r in rows]
         pending = _Pending(plan, ids, jobs, time.monotonic(), pending_messages)
+        self.outstanding[plan.epoch] = pending  # before sending: an outage mid-epoch resends
         for job_id in jobs:
             self._send(pending, job_id)
-        self.outstanding[plan.epoch] = pending
         return pending
 
     def _condition_ref(self, path: str):
@@ -204,6 +205,7 @@ class CeleryTransport:
         self._redis(lambda: self.app.send_task(TASK_SAMPLE, args=[pending.messages[job_id]],
                                                queue=self.cfg.queue.queue(QUEUE_SAMPLE)),
                     f"sending job {job_id}")
+        pending.sent.add(job_id)  # (a recovery inside this call resends only earlier jobs)
 
     # ------------------------------------------------------------------ Redis outages
     def _redis(self, call, what: str):
@@ -248,7 +250,7 @@ class CeleryTransport:
         resent = 0
         for pending in self.outstanding.values():
             for job_id, sids in pending.jobs.items():
-                if not self.received.issuperset(sids):
+                if job_id in pending.sent and not self.received.issuperset(sids):
                     self._send(pending, job_id)
                     resent += 1
         log.warning("Redis lost run %s's data (restarted without persistence?): re-published "

@@ -191,3 +191,29 @@ def test_trainer_metrics_endpoint_reports_the_epochs(tmp_path):
     assert not any(t.name.startswith("prometheus") for t in threading.enumerate() if not t.daemon)
     with pytest.raises(httpx.HTTPError):  # the endpoint stops with the run
         httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=1)
+
+
+def test_redis_lost_mid_dispatch_resends_the_jobs_it_had_already_sent(celery_setup, monkeypatch):
+    """Redis restarts empty while job 1 of an epoch is being sent: job 0 (sent before, now lost
+    with Redis) is sent again once Redis is back; job 1 is sent once (after the outage)."""
+    import redis
+
+    cfg, adapter, transport, rows = celery_setup
+    cfg.queue.redis_outage_s = 30
+    sent: list[str] = []
+    outage = {"left": 2}  # the first two attempts at job 1 fail
+
+    def send_task(name, args, queue):
+        job = SampleJob.model_validate_json(args[0]).job_id
+        if job.endswith("/j1") and outage["left"]:
+            outage["left"] -= 1
+            transport.state.redis.delete(transport.state.keys.alive)  # Redis came back empty
+            raise redis.exceptions.ConnectionError("Connection refused")
+        sent.append(job)
+
+    monkeypatch.setattr(transport.app, "send_task", send_task)
+    monkeypatch.setattr("trainer.transport.time.sleep", lambda s: None)
+    transport.publish(0)
+    transport.dispatch(plan_epoch(cfg, rows, 0, 0, 1), 0)
+    assert sent == ["run1/e0/j0", "run1/e0/j1", "run1/e0/j0"]  # j1 sent, then the recovery resent j0
+    assert transport.state.marked(transport.token) and transport.state.policy().version == 0
