@@ -264,20 +264,27 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
                         rank_extra=lambda d: save_rank_state(d / RESUME_DIR, rank, local))
 
     transport.publish(version)
+    # the local transport samples inside dispatch(): when that runs between epochs (max_staleness
+    # 0, and the first epoch) its seconds are billed to the next epoch's time and budget
+    unbilled = 0.0
     if ckpt is None:
         evals.append(run_eval(0))
+        t_dispatch = time.time()
         plan, pending = dispatch(0)
+        unbilled = time.time() - t_dispatch
     else:  # the checkpoint's pending epoch: its saved samples (local) or dispatched again
         plan = plan_epoch(cfg, train_rows, progress.epoch, rank, world)
         pending = load_rank_state(ckpt, rank, adapter, plan, cfg)  # also restores the RNG
         if pending is None:
+            t_dispatch = time.time()
             plan, pending = dispatch(progress.epoch, progress.pending_version)
+            unbilled = time.time() - t_dispatch
         else:
             dispatched_with = progress.pending_version
     bar = tqdm(range(progress.epoch, t.max_epochs), desc="epochs", initial=progress.epoch,
                total=t.max_epochs, disable=not main or quiet, dynamic_ncols=True)
     for epoch in bar:
-        t0 = time.time()
+        t0, unbilled = time.time() - unbilled, 0.0
         with accelerator.autocast():
             samples = transport.collect(pending)
         if samples.rows is not None:  # prompt groups dropped after dead-lettered tasks
@@ -316,7 +323,9 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
         if t.save_freq and (epoch + 1) % t.save_freq == 0 and not last:
             checkpoint(epoch, pending if t.max_staleness >= 1 else None)
         if more and not last and t.max_staleness == 0:  # after the checkpoint: nothing in flight
+            t_dispatch = time.time()
             plan, pending = dispatch(epoch + 1)
+            unbilled = time.time() - t_dispatch
         if last:
             break
     transport.close()

@@ -57,8 +57,13 @@ def test_report_has_details_table_before_after_grids_and_curve(run):
     assert "![reward vs time](reward_curve.png)" in report
     assert (run_dir / "reward_curve.png").stat().st_size > 1000
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    times = [h["time/train_seconds"] for h in history if "train/loss" in h]
+    epochs = [h for h in history if "train/loss" in h]
+    times = [h["time/train_seconds"] for h in epochs]
     assert len(times) == 2 and 0 < times[0] < times[1]
+    # the embedded (local) transport samples between epochs; that time counts as training time
+    for h in epochs:
+        assert h["time/epoch_seconds"] >= h["time/sample_seconds"] + h["time/optimize_seconds"] - 1e-3
+    assert times[1] >= sum(h["time/sample_seconds"] + h["time/optimize_seconds"] for h in epochs) - 1e-3
 
 
 def test_wall_clock_budget_stops_after_the_epoch_that_exceeds_it(tmp_path):
