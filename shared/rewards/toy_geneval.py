@@ -31,33 +31,39 @@ class ToyGenEval(RewardModel):
 
     Args:
         strict: score 1.0/0.0 (all checks pass or not) instead of the fraction of checks passed.
+        exact_objects: add the check that the image holds exactly the named number of objects
+            (:func:`shared.toy.verify.verify`); a training-reward option: the held-out accuracy
+            (``details``, GenEval's rule) never uses it, so ``details`` ignores it.
     """
 
     kind = "pointwise"
 
-    def __init__(self, *, strict: bool = False, **options) -> None:
+    def __init__(self, *, strict: bool = False, exact_objects: bool = False, **options) -> None:
         super().__init__(**options)
         self.strict = bool(strict)
+        self.exact_objects = bool(exact_objects)
 
-    def verdicts(self, images: torch.Tensor, prompts: list[str]) -> list[Verdict]:
+    def verdicts(self, images: torch.Tensor, prompts: list[str], exact_objects: bool = False) -> list[Verdict]:
         """One :class:`~shared.toy.verify.Verdict` per image (``[B, 3, H, W]`` in [0, 1])."""
         _check_rgb(images, self.name)
         if len(prompts) != images.shape[0]:
             raise ValueError(f"{self.name}: got {len(prompts)} prompts for {images.shape[0]} images")
         for prompt in prompts:
             _parse(prompt)  # fail early, with the reward's own message
-        return [verify(array, prompt) for array, prompt in zip(to_uint8_hwc(images), prompts)]
+        return [verify(array, prompt, exact_objects=exact_objects)
+                for array, prompt in zip(to_uint8_hwc(images), prompts)]
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """``[B]`` float32: fraction of checks passed (``strict``: 1.0/0.0 correctness)."""
-        verdicts = self.verdicts(images, prompts)
+        verdicts = self.verdicts(images, prompts, self.exact_objects)
         values = [float(v.correct) if self.strict else v.score for v in verdicts]
         return torch.tensor(values, dtype=torch.float32)
 
     def details(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Per-sample float32 ``[B]`` tensors: ``"accuracy"`` (1.0/0.0 correctness) and, for every
         category ``c`` of ``CATEGORIES``, ``"accuracy/c"``: correctness for samples of that
-        category, NaN for the others (so ``nanmean`` gives the per-category accuracy)."""
+        category, NaN for the others (so ``nanmean`` gives the per-category accuracy). Always
+        GenEval's rule (``exact_objects`` does not apply)."""
         verdicts = self.verdicts(images, prompts)
         correct = torch.tensor([float(v.correct) for v in verdicts], dtype=torch.float32)
         out = {"accuracy": correct}

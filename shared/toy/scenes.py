@@ -426,12 +426,24 @@ def training_pairs(n: int | None, seed: int) -> Iterator[tuple[str, np.ndarray]]
         i += 1
 
 
-def write_dataset(directory: str | Path) -> None:
+def balanced(specs: list[PromptSpec]) -> list[PromptSpec]:
+    """``specs`` with each category's prompts repeated (in order, cycling) up to the size of the
+    largest category, categories in ``CATEGORIES`` order: every category is drawn equally often
+    by a trainer that samples prompts uniformly (the train split is 2/3 color_attr)."""
+    by_category = {c: [s for s in specs if s.category == c] for c in CATEGORIES}
+    size = max(len(v) for v in by_category.values())
+    return [v[i % len(v)] for v in by_category.values() if v for i in range(size)]
+
+
+def write_dataset(directory: str | Path, *, balance: bool = False) -> None:
     """Write ``train.jsonl`` and ``test.jsonl`` to ``directory`` (created if needed): each split's
-    prompts once, one ``{"prompt": ..., "metadata": {"category": ...}}`` object per line."""
+    prompts once, one ``{"prompt": ..., "metadata": {"category": ...}}`` object per line.
+    ``balance=True`` writes the train prompts category-balanced (:func:`balanced`, 6 x 84
+    lines); the test split is unchanged."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    for name, specs in zip(("train", "test"), split()):
+    train, test = split()
+    for name, specs in (("train", balanced(train) if balance else train), ("test", test)):
         with open(directory / f"{name}.jsonl", "w", encoding="utf-8") as f:
             for spec in specs:
                 f.write(json.dumps({"prompt": prompt_text(spec), "metadata": {"category": spec.category}}) + "\n")

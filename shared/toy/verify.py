@@ -159,7 +159,7 @@ def detect(image: np.ndarray) -> list[Detection]:
     return found
 
 
-def verify(image: np.ndarray, prompt: str) -> Verdict:
+def verify(image: np.ndarray, prompt: str, *, exact_objects: bool = False) -> Verdict:
     """Check ``image`` (``uint8 [H, W, 3]``) against a toy-world ``prompt``.
 
     Checks per category (extra objects of other shapes are not penalized, except that
@@ -170,6 +170,13 @@ def verify(image: np.ndarray, prompt: str) -> Verdict:
     * position: ``has S1``, ``has S2``, ``S1 REL S2`` (largest detection of each shape, centres
       more than ``POSITION_MARGIN_64`` apart, scaled to the image size);
     * color_attr: ``has S1``, ``has S2``, ``S1 is C1``, ``S2 is C2`` (some object of the shape).
+
+    ``exact_objects=True`` adds one check, ``N objects``: the image holds exactly as many objects
+    (detections of any shape or colour) as the prompt names (1, 2, or the count). The toy
+    scenes never have distractors, so this is what the prompt means; it is off by default
+    because GenEval (and the held-out accuracy) does not penalize extra objects. As a training
+    reward it removes the cheap way to raise the partial score: drawing many objects so that
+    some of them pass the shape and colour checks.
 
     Raises ``ValueError`` for a prompt outside the toy-world grammar.
     """
@@ -197,5 +204,8 @@ def verify(image: np.ndarray, prompt: str) -> Verdict:
             margin = POSITION_MARGIN_64 * axis / IMAGE_SIZE
             holds = relation_holds((a.cx, a.cy), (b.cx, b.cy), spec.relation, margin)
         checks[f"{spec.objects[0].shape} {spec.relation} {spec.objects[1].shape}"] = holds
+    if exact_objects:
+        expected = spec.count if spec.category == "counting" else len(spec.objects)
+        checks[f"{expected} object{'s' if expected > 1 else ''}"] = len(detections) == expected
     passed = sum(checks.values())
     return Verdict(score=passed / len(checks), correct=passed == len(checks), category=spec.category, checks=checks)

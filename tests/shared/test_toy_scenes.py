@@ -225,6 +225,17 @@ def test_training_pairs_use_train_prompts_over_all_categories():
     assert set(counts) == set(CATEGORIES) and min(counts.values()) >= 30
 
 
+def test_write_dataset_balanced(tmp_path):
+    write_dataset(tmp_path / "toy", balance=True)
+    train, test = split()
+    rows = [json.loads(line) for line in (tmp_path / "toy" / "train.jsonl").read_text().splitlines()]
+    counts = Counter(r["metadata"]["category"] for r in rows)
+    assert counts == {c: 84 for c in CATEGORIES}
+    assert {r["prompt"] for r in rows} == {prompt_text(s) for s in train}  # every train prompt, nothing else
+    assert (tmp_path / "toy" / "test.jsonl").read_text().splitlines() == [
+        json.dumps({"prompt": prompt_text(s), "metadata": {"category": s.category}}) for s in test]
+
+
 def test_write_dataset(tmp_path):
     write_dataset(tmp_path / "toy")
     train, test = split()

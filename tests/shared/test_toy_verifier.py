@@ -145,6 +145,21 @@ def test_extra_objects_only_matter_for_counting():
     assert not verify(render(scene), "a photo of one circle").correct
 
 
+def test_exact_objects_counts_every_detection():
+    scene = Scene([Obj("circle", "red", 15, 15, 12), Obj("square", "green", 45, 45, 12)])
+    image = render(scene)
+    verdict = verify(image, "a photo of a red circle and a green square", exact_objects=True)
+    assert verdict.correct and verdict.checks["2 objects"]
+    scene.objects.append(Obj("triangle", "blue", 15, 45, 12))  # an extra object
+    image = render(scene)
+    assert verify(image, "a photo of a red circle and a green square").correct
+    verdict = verify(image, "a photo of a red circle and a green square", exact_objects=True)
+    assert not verdict.correct and verdict.checks == {
+        "has circle": True, "has square": True, "circle is red": True, "square is green": True, "2 objects": False}
+    assert verify(image, "a photo of a circle", exact_objects=True).score == 0.5  # "1 object" fails
+    assert verify(image, "a photo of three circles", exact_objects=True).checks["3 objects"]
+
+
 def test_verify_rejects_bad_inputs():
     with pytest.raises(ValueError, match="a photo of a SHAPE"):
         verify(render(Scene([])), "a photo of a cat")
@@ -175,7 +190,7 @@ def batch():
 def test_reward_registered_and_built():
     assert "toy_geneval" in REWARDS
     reward = build_reward("toy_geneval")
-    assert reward.kind == "pointwise" and reward.accepted_options() == ["device", "dtype", "strict"]
+    assert reward.kind == "pointwise" and reward.accepted_options() == ["device", "dtype", "exact_objects", "strict"]
     with pytest.raises(TypeError, match="strict"):
         build_reward("toy_geneval", strikt=True)
 
@@ -189,6 +204,15 @@ def test_reward_scores_and_strict(batch):
     assert torch.all(strict[:-1] == 1.0) and strict[-1].item() == 0.0
     via_dispatch = score_all(build_reward("toy_geneval"), to_tensor(images), prompts, torch.arange(len(prompts)), 4)
     assert torch.equal(via_dispatch, scores)
+
+
+def test_reward_exact_objects_scores_but_details_keep_genevals_rule():
+    scene = Scene([Obj("circle", "red", 15, 15, 12), Obj("circle", "blue", 45, 45, 12)])
+    images, prompts = to_tensor([render(scene)]), ["a photo of a red circle"]
+    assert build_reward("toy_geneval").score(images, prompts).tolist() == [1.0]
+    exact = build_reward("toy_geneval", exact_objects=True)
+    assert exact.score(images, prompts).tolist() == [pytest.approx(2 / 3)]
+    assert exact.details(images, prompts)["accuracy"].tolist() == [1.0]
 
 
 def test_reward_details(batch):
