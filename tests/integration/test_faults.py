@@ -278,7 +278,7 @@ def test_redis_restarted_without_persistence_is_detected_and_recovered(cluster, 
             deadline = time.monotonic() + 300
             while not ckpt.is_dir():
                 assert time.monotonic() < deadline and trainer.poll() is None, procs.logs()
-                time.sleep(0.05)
+                time.sleep(0.005)
             server.kill()  # epoch 2 in flight
             server.wait(timeout=10)
             time.sleep(3)
