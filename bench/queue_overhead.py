@@ -267,7 +267,8 @@ def write_doc(r: dict) -> None:
         "<!-- queue_overhead_cpu:start -->",
         f"Measured by `python bench/queue_overhead.py --repeats {r['repeats']}` "
         f"(`bench/results/queue_overhead_cpu.json`) on {r['cpus']} CPU cores (1-minute load "
-        f"{ld['median']:.2f}, {ld['min']:.2f}-{ld['max']:.2f}, while other jobs shared the machine), "
+        f"{ld['median']:.2f}, {ld['min']:.2f}-{ld['max']:.2f}"
+        f"{', while other jobs shared the machine' if ld['median'] > r['cpus'] / 2 else ', otherwise quiet'}), "
         f"{r['store']}:// store in {where}, local Redis. One batch = `{bt['config']}`: "
         f"{bt['samples']} samples at {bt['resolution']} px in micro-batches of {bt['micro_batch']}, "
         f"{bt['sde_steps']} SDE steps recorded, {bt['state_dtype']} states "
