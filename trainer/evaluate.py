@@ -37,13 +37,15 @@ def grid_picks(samples: list[int], k: int) -> list[int]:
 def evaluate(cfg: Config, accelerator, adapter, policy, rewards: dict, specs, rows,
              run_dir: Path, epoch: int) -> dict:
     """Mean eval reward per reward over all prompts (all processes), plus the NaN-ignoring mean
-    of each reward's ``details`` (``eval/{label}/{key}``); rank 0 writes the grid."""
+    of each reward's ``details`` (``eval/{label}/{key}``) and the reward's aggregates of those
+    means (``summarize_details``, e.g. toy_geneval's GenEval overall accuracy); rank 0 writes
+    the grid."""
     e, rank, world = cfg.eval, accelerator.process_index, accelerator.num_processes
     k = e.images_per_prompt
     # sample j is prompt j // k with seed e.seed + j, whatever the number of processes
     mine = list(range(rank, len(rows) * k, world))
     sums = torch.zeros(len(specs), 2, dtype=torch.float64)  # (sum, count) per reward
-    detail_sums: dict[str, torch.Tensor] = {}  # "label/key" -> (sum, count) of reward details
+    detail_sums: dict[tuple[str, str], torch.Tensor] = {}  # (label, key) -> (sum, count) of reward details
     grid_images = None
     if mine:
         prompts = [rows[j // k].prompt for j in mine]
@@ -59,16 +61,21 @@ def evaluate(cfg: Config, accelerator, adapter, policy, rewards: dict, specs, ro
         for j, spec in enumerate(specs):
             sums[j] = nan_sum_count(scores[spec.label])
             for key, values in details_all(rewards[spec.label], roll.images, prompts).items():
-                detail_sums[f"{spec.label}/{key}"] = nan_sum_count(values)
+                detail_sums[(spec.label, key)] = nan_sum_count(values)
         grid_images = roll.images[grid_picks(mine, k)]
     sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
     out: dict = {"epoch": epoch}
     for j, spec in enumerate(specs):
         out[f"eval/reward/{spec.label}"] = float(sums[j, 0] / sums[j, 1].clamp_min(1))
-    for name in sorted(detail_sums):  # every rank scores the same rewards, so the keys agree
-        total = accelerator.reduce(detail_sums[name].to(accelerator.device), reduction="sum").cpu()
+    means: dict[str, dict[str, float]] = {spec.label: {} for spec in specs}
+    for label, key in sorted(detail_sums):  # every rank scores the same rewards, so the keys agree
+        total = accelerator.reduce(detail_sums[(label, key)].to(accelerator.device), reduction="sum").cpu()
         if total[1] > 0:
-            out[f"eval/{name}"] = float(total[0] / total[1])
+            means[label][key] = out[f"eval/{label}/{key}"] = float(total[0] / total[1])
+    for spec in specs:
+        if means[spec.label]:
+            for key, value in rewards[spec.label].summarize_details(dict(means[spec.label])).items():
+                out[f"eval/{spec.label}/{key}"] = float(value)
     if accelerator.is_main_process and grid_images is not None:
         name = f"eval_grid_epoch{epoch:04d}.png"
         save_grid(grid_images, run_dir / "images" / name)

@@ -140,7 +140,13 @@ class RewardModel:
     def details(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Optional per-sample diagnostics for evaluation reports: ``{name: [B] float}``, NaN
         where a value does not apply to a sample (e.g. per-category accuracy). Evaluation
-        reports the NaN-ignoring mean of each. Default: none."""
+        reports the NaN-ignoring mean of each (then :meth:`summarize_details`). Default: none."""
+        return {}
+
+    def summarize_details(self, means: dict[str, float]) -> dict[str, float]:
+        """Aggregates computed from the eval-wide means of :meth:`details` (``{name: mean}``, only
+        names some sample had a value for), e.g. a benchmark's overall score as the mean of its
+        per-category accuracies; merged over ``means`` in the eval report. Default: none."""
         return {}
 
 

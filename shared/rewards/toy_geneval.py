@@ -4,6 +4,15 @@ Each image is checked against its prompt by :func:`shared.toy.verify.verify`; th
 fraction of the prompt's checks that pass (``strict=True``: 1.0 if all pass, else 0.0). Only
 toy-world prompts (the grammar of :mod:`shared.toy.scenes`) can be scored. Images of any size
 work; the verifier scales its area and distance thresholds with the image.
+
+Held-out accuracy (``details`` + ``summarize_details``, what evaluation reports as
+``eval/toy_geneval/...``) follows GenEval's rule for the overall score:
+
+- ``accuracy/{category}``: the fraction of that category's images that pass every check;
+- ``accuracy``: GenEval's overall score, the UNWEIGHTED mean of the category accuracies (of the
+  categories present in the eval), so each of the six tasks counts 1/6 whatever its number of
+  prompts (the held-out split has 3 to 24 prompts per category);
+- ``accuracy/per_image``: the plain mean over all images (weights categories by their size).
 """
 
 from __future__ import annotations
@@ -60,14 +69,21 @@ class ToyGenEval(RewardModel):
         return torch.tensor(values, dtype=torch.float32)
 
     def details(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """Per-sample float32 ``[B]`` tensors: ``"accuracy"`` (1.0/0.0 correctness) and, for every
-        category ``c`` of ``CATEGORIES``, ``"accuracy/c"``: correctness for samples of that
-        category, NaN for the others (so ``nanmean`` gives the per-category accuracy). Always
-        GenEval's rule (``exact_objects`` does not apply)."""
+        """Per-sample float32 ``[B]`` tensors: ``"accuracy/per_image"`` (1.0/0.0 correctness) and,
+        for every category ``c`` of ``CATEGORIES``, ``"accuracy/c"``: correctness for samples of
+        that category, NaN for the others (so ``nanmean`` gives the per-category accuracy). Always
+        GenEval's checks (``exact_objects`` does not apply). The overall ``"accuracy"`` is an
+        aggregate of the category means: :meth:`summarize_details`."""
         verdicts = self.verdicts(images, prompts)
         correct = torch.tensor([float(v.correct) for v in verdicts], dtype=torch.float32)
-        out = {"accuracy": correct}
+        out = {"accuracy/per_image": correct}
         for category in CATEGORIES:
             mine = torch.tensor([v.category == category for v in verdicts], dtype=torch.bool)
             out[f"accuracy/{category}"] = torch.where(mine, correct, torch.full_like(correct, float("nan")))
         return out
+
+    def summarize_details(self, means: dict[str, float]) -> dict[str, float]:
+        """GenEval's overall score: ``{"accuracy": unweighted mean of the accuracy/{category}
+        means present}`` (empty when no category is)."""
+        cats = [means[f"accuracy/{c}"] for c in CATEGORIES if f"accuracy/{c}" in means]
+        return {"accuracy": sum(cats) / len(cats)} if cats else {}

@@ -21,6 +21,12 @@ class BrightnessByColor(Brightness):
             out[f"bright/{color}"] = torch.where(mine, bright, torch.full_like(bright, float("nan")))
         return out
 
+    def summarize_details(self, means):
+        """``bright/by_color``: the unweighted mean of the per-color means present (like
+        toy_geneval's GenEval overall accuracy)."""
+        colors = [means[f"bright/{c}"] for c in self.COLORS if f"bright/{c}" in means]
+        return {"bright/by_color": sum(colors) / len(colors)} if colors else {}
+
 
 class RecordingBrightness(Brightness):
     """Brightness that records the prompts passed to ``details`` (only evaluation asks for

@@ -212,20 +212,37 @@ def test_reward_exact_objects_scores_but_details_keep_genevals_rule():
     assert build_reward("toy_geneval").score(images, prompts).tolist() == [1.0]
     exact = build_reward("toy_geneval", exact_objects=True)
     assert exact.score(images, prompts).tolist() == [pytest.approx(2 / 3)]
-    assert exact.details(images, prompts)["accuracy"].tolist() == [1.0]
+    assert exact.details(images, prompts)["accuracy/per_image"].tolist() == [1.0]
 
 
 def test_reward_details(batch):
     prompts, images = batch
     details = build_reward("toy_geneval").details(to_tensor(images), prompts)
-    assert set(details) == {"accuracy"} | {f"accuracy/{c}" for c in CATEGORIES}
-    assert details["accuracy"].tolist() == [1.0] * (len(prompts) - 1) + [0.0]
+    assert set(details) == {"accuracy/per_image"} | {f"accuracy/{c}" for c in CATEGORIES}
+    assert details["accuracy/per_image"].tolist() == [1.0] * (len(prompts) - 1) + [0.0]
     categories = [parse_prompt(p).category for p in prompts]
     for c in CATEGORIES:
         values = details[f"accuracy/{c}"]
         assert values.shape == (len(prompts),) and values.dtype == torch.float32
-        for value, category, correct in zip(values.tolist(), categories, details["accuracy"].tolist()):
+        for value, category, correct in zip(values.tolist(), categories, details["accuracy/per_image"].tolist()):
             assert (value == correct) if category == c else math.isnan(value)
+
+
+def test_overall_accuracy_is_genevals_unweighted_mean_of_the_categories(batch):
+    """GenEval's overall score: the mean of the six category accuracies, not of the images. The
+    batch has 2 correct images in each category plus one wrong ``colors`` image (13 images):
+    per image 12/13, per category five 1.0s and colors 2/3, so overall (5 + 2/3) / 6 = 17/18."""
+    prompts, images = batch
+    reward = build_reward("toy_geneval")
+    details = reward.details(to_tensor(images), prompts)
+    means = {k: float(torch.nanmean(v)) for k, v in details.items()}  # what evaluation reduces to
+    assert means["accuracy/per_image"] == pytest.approx(12 / 13)
+    assert means["accuracy/colors"] == pytest.approx(2 / 3)
+    assert reward.summarize_details(means) == {"accuracy": pytest.approx(17 / 18)}
+    # only the categories present count; none present, no overall score
+    assert reward.summarize_details({"accuracy/counting": 0.5, "accuracy/position": 0.25,
+                                     "accuracy/per_image": 0.9}) == {"accuracy": pytest.approx(0.375)}
+    assert reward.summarize_details({}) == {}
 
 
 def test_reward_works_at_128px():

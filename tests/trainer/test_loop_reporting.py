@@ -36,6 +36,10 @@ def test_details_are_nan_ignoring_means_over_the_eval_prompts(run):
     for e in (evals[0], evals[-1]):
         for k in keys:
             assert 0.0 <= e[k] <= 1.0
+    # the reward's aggregate of the reduced means (summarize_details) is merged in
+    for e in (evals[0], evals[-1]):
+        assert e[f"eval/{label}/bright/by_color"] == pytest.approx(
+            (e[f"eval/{label}/bright/red"] + e[f"eval/{label}/bright/blue"]) / 2)
     # the summary carries base and final of every detail
     assert summary[f"base/{label}/bright/red"] == evals[0][f"eval/{label}/bright/red"]
     assert summary[f"final/{label}/bright/red"] == evals[-1][f"eval/{label}/bright/red"]
