@@ -5,6 +5,9 @@
   loadable with a pipeline's ``load_lora_weights(dir)`` or
   ``transformer.load_lora_adapter(dir, use_safetensors=True)``;
 * full fine-tune: ``transformer/`` via ``save_pretrained``;
+* two experts (Wan2.2-A14B, :mod:`shared.models.experts`): the low-noise expert's LoRA in
+  ``lora_2/`` (same format, loaded with ``load_lora_weights(dir, load_into_transformer_2=True)``),
+  or its full weights in ``transformer_2/``;
 * ``ema.safetensors``: the EMA shadow of the trainable parameters (the eval weights);
 * ``trainer_state.json``: epoch, optimizer step, the config;
 * ``resume/``: optimizer, LR schedule, RNG, counters, pending samples (:mod:`trainer.resume`),
@@ -23,6 +26,7 @@ from typing import Callable
 from safetensors.torch import load_file, save_file
 
 from shared.config import Config
+from shared.models.experts import denoiser_parts, lora_dir_name
 
 
 def save_checkpoint(path: Path, cfg: Config, accelerator, adapter, policy, epoch: int,
@@ -42,11 +46,11 @@ def save_checkpoint(path: Path, cfg: Config, accelerator, adapter, policy, epoch
     if accelerator.is_main_process:
         if main_extra is not None:
             main_extra(tmp)
-        transformer = adapter.transformer
-        if cfg.model.finetune_type == "lora":
-            _save_lora(transformer, tmp / "lora")
-        else:
-            transformer.save_pretrained(tmp / "transformer")
+        for name, transformer in denoiser_parts(adapter.transformer):
+            if cfg.model.finetune_type == "lora":
+                _save_lora(transformer, tmp / lora_dir_name(name))
+            else:
+                transformer.save_pretrained(tmp / name)
         if policy.ema is not None:
             save_file({k: v.contiguous() for k, v in policy.ema.shadow.items()}, tmp / "ema.safetensors")
         (tmp / "trainer_state.json").write_text(json.dumps(
@@ -79,19 +83,16 @@ def load_checkpoint_weights(path: Path, cfg: Config, adapter, policy, *, use_ema
     if not (path / "trainer_state.json").is_file():
         raise FileNotFoundError(f"--checkpoint {str(path)!r} is not a flowrl checkpoint (no "
                                 f"trainer_state.json). Fix: pass runs/<run>/checkpoints/<name>.")
-    transformer = adapter.transformer
-    if cfg.model.finetune_type == "lora":
-        state = load_file(path / "lora" / "pytorch_lora_weights.safetensors")
-        from peft import set_peft_model_state_dict
+    for name, transformer in denoiser_parts(adapter.transformer):
+        if cfg.model.finetune_type == "lora":
+            state = load_file(path / lora_dir_name(name) / "pytorch_lora_weights.safetensors")
+            from peft import set_peft_model_state_dict
 
-        state = {k.removeprefix("transformer."): v for k, v in state.items()}
-        set_peft_model_state_dict(transformer, state, adapter_name="default")
-    else:
-        from safetensors.torch import load_file as lf
-
-        shards = sorted((path / "transformer").glob("*.safetensors"))
-        for shard in shards:
-            transformer.load_state_dict(lf(shard), strict=False)
+            state = {k.removeprefix("transformer."): v for k, v in state.items()}
+            set_peft_model_state_dict(transformer, state, adapter_name="default")
+        else:
+            for shard in sorted((path / name).glob("*.safetensors")):
+                transformer.load_state_dict(load_file(shard), strict=False)
     ema_file = path / "ema.safetensors"
     if use_ema and ema_file.is_file() and policy.ema is not None:
         policy.ema.load_state_dict(load_file(ema_file))

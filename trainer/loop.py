@@ -23,11 +23,12 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
 
 from shared.config import Config
 from shared.models import load_adapter
+from shared.models.experts import TwoExperts
 from shared.rewards.multi import build_rewards
 from trainer.algorithms import ALGORITHMS, Algorithm, TrainBatch
 from trainer.checkpoint import load_checkpoint_weights, save_checkpoint
@@ -187,6 +188,8 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
               f"({warmed['disk_hits']} from {cfg.model.embedding_cache_dir}); text encoders offloaded "
               f"({offload_mode(cfg)})")
     optimizer, lr_schedule = build_optimizer(cfg, trainable)
+    if isinstance(adapter.transformer, TwoExperts):  # a micro-batch may use only one expert
+        accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
     model, optimizer = accelerator.prepare(adapter.transformer, optimizer)
     model.eval()
     policy = Policy(adapter, model, cfg, trainable)

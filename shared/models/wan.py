@@ -27,12 +27,18 @@ Flow-matching RL on video, through the pipeline's own components and conventions
   (``int(1000 sigma)``); flowrl feeds ``1000 sigma`` unrounded, the same as with
   ``FlowMatchEulerDiscreteScheduler``.
 
-Not supported here: Wan2.2-A14B's two experts (``transformer_2`` with ``boundary_ratio``); loading
-such a folder raises with that message.
+Wan2.2-A14B (``transformer_2`` with ``boundary_ratio`` in the pipeline config): the two experts are
+one :class:`shared.models.experts.TwoExperts` module (``adapter.transformer``): the high-noise
+``transformer`` takes ``1000 sigma >= boundary_ratio * num_train_timesteps``, ``transformer_2`` the
+rest (the pipeline compares its integer UniPC timesteps; flowrl its unrounded ``1000 sigma``), each
+with its CFG weight (``model.options.guidance_scale_2`` for the low-noise expert, default: the same
+as ``guidance_scale``, as WanPipeline's ``guidance_scale_2``). LoRA trains both experts; a
+checkpoint has ``lora/`` and ``lora_2/`` (``load_lora_weights(..., load_into_transformer_2=True)``).
 
 Options (``model.options``): ``num_frames`` (default frames per video, 81), ``max_sequence_length``
 (UMT5 tokens, default 512 like the pipeline's ``__call__``), ``text_dtype`` / ``vae_dtype``
-(frozen parts' dtype, default float32 on CPU and bfloat16 on CUDA).
+(frozen parts' dtype, default float32 on CPU and bfloat16 on CUDA), ``guidance_scale_2`` (two-expert
+pipelines only: the low-noise expert's CFG weight; ``None`` = ``train.guidance_scale``).
 """
 
 from __future__ import annotations
@@ -44,10 +50,12 @@ from torch import nn
 
 from shared.flow import flow_sigmas
 from shared.models.base import MODELS, Conditioning
+from shared.models.experts import TwoExperts, pipeline_denoiser
 from shared.models.pipeline import DTYPE_OPTIONS, PipelineAdapter
 from shared.models.prompt_length import MAX_SEQUENCE_FIX
 
-WAN_OPTIONS: dict[str, Any] = {"num_frames": 81, "max_sequence_length": 512, **DTYPE_OPTIONS}
+WAN_OPTIONS: dict[str, Any] = {"num_frames": 81, "max_sequence_length": 512, "guidance_scale_2": None,
+                               **DTYPE_OPTIONS}
 
 
 def valid_frames_near(num_frames: int, factor: int) -> list[int]:
@@ -61,7 +69,8 @@ class WanT2VAdapter(PipelineAdapter):
     model_type = "wan2_t2v"
     pipeline_class = "WanPipeline"
     option_defaults = WAN_OPTIONS
-    hub_examples = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers or Wan-AI/Wan2.2-TI2V-5B-Diffusers"
+    hub_examples = ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers, Wan-AI/Wan2.2-TI2V-5B-Diffusers or "
+                    "Wan-AI/Wan2.2-T2V-A14B-Diffusers")
     text_encoders = ("text_encoder",)  # UMT5-XXL
     video = True
     # Flow-Factory's Wan targets: self- and cross-attention projections and the feed-forward
@@ -70,15 +79,15 @@ class WanT2VAdapter(PipelineAdapter):
                             "ffn.net.0.proj", "ffn.net.2"]
 
     def __init__(self, pipeline, options: dict[str, Any]) -> None:
-        if getattr(pipeline, "transformer_2", None) is not None or pipeline.config.get("boundary_ratio") is not None:
-            raise NotImplementedError(
-                "this Wan pipeline has two experts (transformer_2 with boundary_ratio: Wan2.2-A14B), which "
-                f"{self.model_type} does not support yet. Fix: use a single-transformer Wan "
-                "(Wan2.1-T2V-1.3B/14B, Wan2.2-TI2V-5B).")
-        if pipeline.transformer is None:
+        denoiser = pipeline_denoiser(pipeline)  # the transformer, or both experts of Wan2.2-A14B
+        if denoiser is None:
             raise ValueError(f"the {self.pipeline_class} folder has no transformer. Fix: point "
                              f"model.model_name_or_path at a complete Wan pipeline folder.")
+        if options.get("guidance_scale_2") is not None and not isinstance(denoiser, TwoExperts):
+            raise ValueError(f"model.options.guidance_scale_2 is the low-noise expert's CFG weight of a two-expert "
+                             f"Wan (Wan2.2-A14B); this pipeline has one transformer. Fix: remove the option.")
         super().__init__(pipeline, options)
+        self.transformer = denoiser
         config = pipeline.scheduler.config
         self.scheduler_shift = float(config.get("flow_shift", config.get("shift", 1.0)))
         self.check_frames(int(options["num_frames"]), "model.options.num_frames")
@@ -183,8 +192,19 @@ class WanT2VAdapter(PipelineAdapter):
         v = self.predict(module, latents, sigma, cond.tensors).float()
         if guidance_scale > 1.0 and cond.negative is not None:
             v_uncond = self.predict(module, latents, sigma, cond.negative).float()
-            v = v_uncond + guidance_scale * (v - v_uncond)
+            v = v_uncond + self.guidance_weights(sigma, guidance_scale) * (v - v_uncond)
         return v
+
+    def guidance_weights(self, sigma: torch.Tensor, guidance_scale: float) -> float | torch.Tensor:
+        """The CFG weight: ``guidance_scale``, or with two experts and ``options.guidance_scale_2``
+        per sample ``[B, 1, 1, 1, 1]``: ``guidance_scale`` where the high-noise expert denoises,
+        ``guidance_scale_2`` where the low-noise one does (WanPipeline's rule)."""
+        low_scale = self.options.get("guidance_scale_2")
+        if low_scale is None or not isinstance(self.transformer, TwoExperts):
+            return guidance_scale
+        high = self.transformer.high_noise(sigma.float() * 1000.0)
+        w = torch.full(high.shape, float(low_scale), device=sigma.device).masked_fill(high, float(guidance_scale))
+        return w.view(-1, 1, 1, 1, 1)
 
     def predict(self, transformer: nn.Module, latents: torch.Tensor, sigma: torch.Tensor,
                 cond: dict[str, torch.Tensor]) -> torch.Tensor:

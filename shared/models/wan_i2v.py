@@ -1,5 +1,6 @@
-"""``wan2_i2v``: Wan image-to-video (Wan2.1-I2V-14B-480P/720P, Wan2.2-TI2V-5B) on diffusers'
-``WanImageToVideoPipeline``: everything of ``wan2_t2v`` (:mod:`shared.models.wan`), plus ONE
+"""``wan2_i2v``: Wan image-to-video (Wan2.1-I2V-14B-480P/720P, Wan2.2-TI2V-5B, Wan2.2-I2V-A14B) on
+diffusers' ``WanImageToVideoPipeline``: everything of ``wan2_t2v`` (:mod:`shared.models.wan`, also its
+two experts for Wan2.2-I2V-A14B, which conditions like Wan2.1-I2V without an image encoder), plus ONE
 condition image per sample, the video's first frame, encoded as the pipeline's ``__call__`` does:
 
 * the image is resized to the rollout's ``(H, W)`` (``video_processor.preprocess``, as the
@@ -38,7 +39,8 @@ from shared.models.wan import WanT2VAdapter
 class WanI2VAdapter(ImageConditioned, WanT2VAdapter):
     model_type = "wan2_i2v"
     pipeline_class = "WanImageToVideoPipeline"
-    hub_examples = "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers or Wan-AI/Wan2.2-TI2V-5B-Diffusers"
+    hub_examples = ("Wan-AI/Wan2.1-I2V-14B-480P-Diffusers, Wan-AI/Wan2.2-TI2V-5B-Diffusers or "
+                    "Wan-AI/Wan2.2-I2V-A14B-Diffusers")
     text_encoders = ("text_encoder", "image_encoder")  # UMT5, CLIP ViT-H (Wan2.1 only)
     condition_images = (1, 1)
 

@@ -40,6 +40,7 @@ import torch
 from shared.config import ModelConfig
 from shared.flow import flow_sigmas, sde_step
 from shared.models import MODELS, Conditioning, load_adapter
+from shared.models.experts import denoiser_parts, pipeline_denoiser
 from shared.sampling import rollout, rollout_batches
 from tests.helpers.pipeline_tests import CPU, load_tiny
 from tests.helpers.tiny_pipelines import NEGATIVE, PROMPTS, TINY_PIPELINES, tiny_train_config
@@ -49,7 +50,7 @@ NO_PIPELINE = {"tiny"}
 
 
 def test_every_registered_adapter_has_a_tiny_pipeline():
-    missing = set(MODELS.names()) - NO_PIPELINE - set(TINY_PIPELINES)
+    missing = set(MODELS.names()) - NO_PIPELINE - {p.model_type for p in TINY_PIPELINES.values()}
     assert not missing, (f"model types {sorted(missing)} have no tiny pipeline builder; add one to "
                          f"tests/helpers/tiny_pipelines.py so they run the adapter contract suite")
 
@@ -90,9 +91,10 @@ def test_loads_from_a_local_pipeline_folder(spec, adapter):
 
     assert type(adapter) is MODELS.get(spec.model_type)
     assert isinstance(adapter.pipeline, getattr(diffusers, spec.pipeline_class))
-    assert adapter.transformer is adapter.pipeline.transformer
+    parts = dict(denoiser_parts(adapter.transformer))  # the transformer (Wan2.2-A14B: both experts)
+    assert all(module is getattr(adapter.pipeline, name) for name, module in parts.items())
     for name, component in adapter.pipeline.components.items():
-        if isinstance(component, torch.nn.Module) and name != "transformer":
+        if isinstance(component, torch.nn.Module) and name not in parts:
             assert not any(p.requires_grad for p in component.parameters()), f"{name} is not frozen"
     assert adapter.scheduler_shift > 0
 
@@ -295,10 +297,13 @@ def test_lora_trains_saves_and_loads_with_the_pipelines_own_loader(spec, pipelin
     cond = conditioning(spec, adapter)
     w = spec.guidance_scale
     with torch.no_grad():
-        plain = adapter.velocity(x, sigma, cond, w, transformer=pipe.transformer)
+        plain = adapter.velocity(x, sigma, cond, w, transformer=pipeline_denoiser(pipe))
         pipe.load_lora_weights(str(ckpt / "lora"))
         assert pipe.transformer.peft_config, "no LoRA adapter was attached"
-        loaded = adapter.velocity(x, sigma, cond, w, transformer=pipe.transformer)
+        if getattr(pipe, "transformer_2", None) is not None:  # Wan2.2-A14B: the low-noise expert's LoRA
+            pipe.load_lora_weights(str(ckpt / "lora_2"), load_into_transformer_2=True)
+            assert pipe.transformer_2.peft_config, "no LoRA adapter was attached to transformer_2"
+        loaded = adapter.velocity(x, sigma, cond, w, transformer=pipeline_denoiser(pipe))
         trained = adapter.velocity(x, sigma, cond, w)
     assert (loaded - plain).abs().max() > 1e-4, "the loaded LoRA does not change the output"
     torch.testing.assert_close(loaded, trained, rtol=1e-5, atol=1e-5)
@@ -338,8 +343,9 @@ def test_lora_step_with_gradient_checkpointing(spec, pipeline_dir, tmp_path):
                     p.normal_(0, 0.02)
         calls = []
         if checkpointing:
-            inner = adapter.transformer._gradient_checkpointing_func
-            adapter.transformer._gradient_checkpointing_func = lambda *a, **k: calls.append(1) or inner(*a, **k)
+            for _, part in denoiser_parts(adapter.transformer):  # (both experts of Wan2.2-A14B)
+                inner = part._gradient_checkpointing_func
+                part._gradient_checkpointing_func = (lambda f: lambda *a, **k: calls.append(1) or f(*a, **k))(inner)
         adapter.transformer.train()
         x, sigma = inputs(spec, adapter)
         v = adapter.velocity(x, sigma, conditioning(spec, adapter), cfg.train.guidance_scale)

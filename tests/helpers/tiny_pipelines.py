@@ -422,6 +422,20 @@ def build_qwen_image_edit_plus(seed: int = 0):
     return build(seed)
 
 
+def build_wan_t2v_a14b(seed: int = 0, *, boundary_ratio: float = 0.5, euler: bool = False):
+    """Wan2.2-A14B's layout on :func:`build_wan_t2v`'s parts: a second, differently initialised
+    ``transformer_2`` (the low-noise expert) and ``boundary_ratio`` (0.5 here, so the generic tests'
+    sigmas 0.8 / 0.35 straddle it; the real T2V-A14B has 0.875, I2V-A14B 0.9)."""
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    pipe = build_wan_t2v(seed, euler=euler)
+    torch.manual_seed(seed + 7)
+    low = WanTransformer3DModel(**pipe.transformer.config)
+    two = WanPipeline(**{**pipe.components, "transformer_2": low}, boundary_ratio=boundary_ratio)
+    two.set_progress_bar_config(disable=True)
+    return two
+
+
 def build_wan_i2v(seed: int = 0):
     """:func:`tests.helpers.tiny_video_pipelines.build_wan_i2v` (Wan2.1-I2V style)."""
     from tests.helpers.tiny_video_pipelines import build_wan_i2v as build
@@ -443,6 +457,11 @@ class TinyPipeline:
     uses_cfg: bool  # classifier-free guidance with negative prompts (False: guidance-distilled)
     options: dict[str, Any] = dataclasses.field(default_factory=dict)  # model.options for the adapter
     condition_images: int = 0  # condition images per sample in generic tests (edit families)
+    variant: str = ""  # a second layout of the same model_type (key "model_type-variant")
+
+    @property
+    def name(self) -> str:
+        return f"{self.model_type}-{self.variant}" if self.variant else self.model_type
 
     def encode_kwargs(self, batch: int, seed: int = 0) -> dict[str, Any]:
         """What ``encode_prompts`` takes besides prompts for ``batch`` samples: for edit families
@@ -486,7 +505,7 @@ class TinyPipeline:
 
 
 TINY_PIPELINES: dict[str, TinyPipeline] = {
-    p.model_type: p for p in (
+    p.name: p for p in (
         TinyPipeline("sd3-5", "StableDiffusion3Pipeline", build_sd3, (32, 32), uses_cfg=True),
         TinyPipeline("flux1", "FluxPipeline", build_flux1, (32, 32), uses_cfg=False,
                      options={"max_sequence_length": 16, "shift_resolution": 32}),
@@ -502,6 +521,8 @@ TINY_PIPELINES: dict[str, TinyPipeline] = {
                               "shift_resolution": 32}),
         TinyPipeline("wan2_t2v", "WanPipeline", build_wan_t2v, (32, 32), uses_cfg=True,
                      options={"max_sequence_length": 16, "num_frames": 5}),
+        TinyPipeline("wan2_t2v", "WanPipeline", build_wan_t2v_a14b, (32, 32), uses_cfg=True,
+                     options={"max_sequence_length": 16, "num_frames": 5}, variant="a14b"),
         TinyPipeline("wan2_i2v", "WanImageToVideoPipeline", build_wan_i2v, (32, 32), uses_cfg=True,
                      options={"max_sequence_length": 16, "num_frames": 5}, condition_images=1),
         TinyPipeline("flux1-kontext", "FluxKontextPipeline", build_flux1_kontext, (32, 32), uses_cfg=False,

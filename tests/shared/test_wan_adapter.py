@@ -23,7 +23,7 @@ from shared.models.wan import valid_frames_near
 from shared.sampling import rollout
 from tests.helpers.pipeline_tests import (assert_ode_rollout_matches, embedded_trainer_test, initial_noise,
                                          load_tiny, pipeline_fixtures)
-from tests.helpers.tiny_pipelines import NEGATIVE, PROMPTS, TINY_PIPELINES, build_wan_t2v
+from tests.helpers.tiny_pipelines import NEGATIVE, PROMPTS, TINY_PIPELINES, build_wan_t2v, build_wan_t2v_a14b
 
 SPEC = TINY_PIPELINES["wan2_t2v"]
 EULER = dataclasses.replace(SPEC, build=lambda seed=0: build_wan_t2v(seed, euler=True))
@@ -98,14 +98,81 @@ def test_frames_option_and_errors(pipeline_dir):
         load_tiny(SPEC, pipeline_dir, options={"num_frames": 8})
 
 
-def test_two_experts_are_refused_with_the_reason(pipe):
+A14B = TINY_PIPELINES["wan2_t2v-a14b"]
+
+
+@pytest.fixture(scope="module")
+def a14b_euler_dir(tmp_path_factory):
+    # Euler steps in __call__; boundary 0.7 on the 3-step shift-3 grid (1, 0.857, 0.6): two
+    # high-noise steps, then one low-noise step
+    spec = dataclasses.replace(A14B, build=lambda seed=0: build_wan_t2v_a14b(seed, boundary_ratio=0.7, euler=True))
+    return spec.save(tmp_path_factory.mktemp("wan_a14b") / "pipe")
+
+
+def test_two_experts_match_the_pipeline(a14b_euler_dir):
+    """Wan2.2-A14B: the adapter's ODE rollout with both experts, each with its own CFG weight
+    (``guidance_scale`` / ``options.guidance_scale_2``), reproduces ``WanPipeline.__call__``'s
+    latents and frames; the high-noise expert takes exactly the steps at or above the boundary."""
+    from shared.models.experts import TwoExperts
+
+    spec = dataclasses.replace(A14B, options={**A14B.options, "guidance_scale_2": 2.0})
+    adapter = load_tiny(spec, a14b_euler_dir)
+    pipe = A14B.load_pipeline(a14b_euler_dir)
+    assert isinstance(adapter.transformer, TwoExperts) and adapter.transformer.boundary == pytest.approx(700.0)
+    seeds, steps, w = [0, 1], 3, 4.0
+    calls = {"transformer": 0, "transformer_2": 0}
+    hooks = [module.register_forward_hook(lambda m, a, kw, name=name: calls.__setitem__(name, calls[name] + 1))
+             for name, module in adapter.transformer.parts()]
+    noise = initial_noise(adapter, seeds, (H, W))
+    kwargs = dict(prompt=PROMPTS[:2], negative_prompt=[NEGATIVE] * 2, height=H, width=W, num_frames=FRAMES,
+                  num_inference_steps=steps, guidance_scale=w, guidance_scale_2=2.0,
+                  max_sequence_length=SPEC.options["max_sequence_length"])
+    latents = pipe(output_type="latent", latents=noise.clone(), **kwargs).frames
+    frames = pipe(output_type="pt", latents=noise.clone(), **kwargs).frames
+    cond = adapter.encode_prompts(PROMPTS[:2], cfg=True, negative_prompts=[NEGATIVE] * 2)
+    try:
+        assert_ode_rollout_matches(adapter, pipe, cond, seeds, (H, W), steps, w, latents, frames)
+    finally:
+        for h in hooks:
+            h.remove()
+    sigmas = adapter.sigmas(steps, (H, W))
+    high = int((sigmas[:-1] * 1000 >= 700).sum())
+    assert 0 < high < steps  # the grid crosses the boundary
+    assert calls["transformer"] > 0 and calls["transformer_2"] > 0
+    assert calls["transformer"] * (steps - high) == calls["transformer_2"] * high  # same calls per step
+
+
+def test_two_experts_split_a_batch_at_the_boundary(a14b_euler_dir):
+    """A batch whose samples straddle the boundary (training replays) gives each sample its own
+    expert's output, and its own CFG weight: the same as calling the experts one sample at a time."""
+    spec = dataclasses.replace(A14B, options={**A14B.options, "guidance_scale_2": 2.0})
+    adapter = load_tiny(spec, a14b_euler_dir)
+    shape = adapter.latent_shape((H, W))
+    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.9, 0.4])
+    cond = adapter.encode_prompts(PROMPTS[:2], cfg=True, negative_prompts=[NEGATIVE] * 2)
+    with torch.no_grad():
+        both = adapter.velocity(x, sigma, cond, 4.0)
+        one = [adapter.velocity(x[i:i + 1], sigma[i:i + 1], cond.select(slice(i, i + 1)), 4.0) for i in range(2)]
+        high = adapter.velocity(x[:1], sigma[:1], cond.select(slice(0, 1)), 4.0,
+                                transformer=adapter.transformer.transformer)
+        low = adapter.velocity(x[1:], sigma[1:], cond.select(slice(1, 2)), 2.0,
+                               transformer=adapter.transformer.transformer_2)
+    torch.testing.assert_close(both, torch.cat(one), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(one[0], high, rtol=1e-5, atol=1e-6)  # sigma 0.9: transformer, CFG 4
+    torch.testing.assert_close(one[1], low, rtol=1e-5, atol=1e-6)  # sigma 0.4: transformer_2, CFG 2
+
+
+def test_two_expert_errors_name_the_fix(pipe):
     from diffusers import WanPipeline
 
     from shared.models.wan import WanT2VAdapter
 
-    two = WanPipeline(**{**pipe.components, "transformer_2": pipe.transformer}, boundary_ratio=0.875)
-    with pytest.raises(NotImplementedError, match="two experts.*Wan2.2-A14B"):
-        WanT2VAdapter.from_pipeline(two)
+    half = WanPipeline(**pipe.components, boundary_ratio=0.875)  # no transformer_2
+    with pytest.raises(ValueError, match="needs transformer, transformer_2 and boundary_ratio.*Fix"):
+        WanT2VAdapter.from_pipeline(half)
+    with pytest.raises(ValueError, match="guidance_scale_2 is the low-noise expert.*Fix: remove"):
+        WanT2VAdapter.from_pipeline(pipe, {"guidance_scale_2": 3.0})
 
 
 def test_video_rewards_are_frame_means(adapter):
