@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from shared.condition_images import open_rows
 from shared.config import Config, BatchGeometry
 from shared.flow import select_sde_steps
 from shared.models import Conditioning
@@ -124,7 +125,8 @@ def sample_locally(cfg: Config, adapter, policy, algorithm, rewards: dict, plan:
                               transformer=policy.sampling_module(), progress=progress,
                               images=plan.condition_images)
     scores = score_specs(rewards, cfg.rewards, roll.images, plan.prompts,
-                         torch.tensor(plan.group_ids, dtype=torch.long))
+                         torch.tensor(plan.group_ids, dtype=torch.long),
+                         condition_images=lambda: open_rows(plan.condition_images or [[]] * len(plan.prompts)))
     return cond, roll, scores
 
 

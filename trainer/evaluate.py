@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from shared.condition_images import open_rows
 from shared.config import Config
 from shared.rewards.base import details_all
 from shared.rewards.multi import score_specs
@@ -57,7 +58,8 @@ def evaluate(cfg: Config, accelerator, adapter, policy, rewards: dict, specs, ro
             transformer=policy.eval_module(), num_frames=e.num_frames,
             images=[rows[j // k].images for j in mine] if any(r.images for r in rows) else None)
         group_ids = torch.tensor([j // k for j in mine], dtype=torch.long)  # a prompt's images
-        scores = score_specs(rewards, specs, roll.images, prompts, group_ids)
+        scores = score_specs(rewards, specs, roll.images, prompts, group_ids,
+                             condition_images=lambda: open_rows([rows[j // k].images or [] for j in mine]))
         for j, spec in enumerate(specs):
             sums[j] = nan_sum_count(scores[spec.label])
             for key, values in details_all(rewards[spec.label], roll.images, prompts).items():

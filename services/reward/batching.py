@@ -19,6 +19,7 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -38,6 +39,7 @@ class Work:
     group_ids: list[int] | None  # None = the request is one group (groupwise/pairwise)
     future: asyncio.Future
     enqueued: float = field(default_factory=time.monotonic)
+    conditions: list[list[Any]] | None = None  # per sample its condition images (RGB PIL), if sent
 
     @property
     def n(self) -> int:
@@ -58,11 +60,14 @@ def score_requests(model: RewardModel, works: list[Work], batch_size: int) -> li
     buckets: dict[tuple[int, ...], list[int]] = {}
     for i, im in enumerate(images):
         buckets.setdefault(tuple(im.shape), []).append(i)
+    conditions = ([c for w in works for c in (w.conditions or [[]] * w.n)]
+                  if any(w.conditions for w in works) else None)
     out = torch.empty(len(images), dtype=torch.float32)
     for members in buckets.values():
         idx = torch.tensor(members)
         batch = torch.stack([images[i] for i in members])
-        out[idx] = score_all(model, batch, [prompts[i] for i in members], group_ids[idx], batch_size)
+        out[idx] = score_all(model, batch, [prompts[i] for i in members], group_ids[idx], batch_size,
+                             None if conditions is None else [conditions[i] for i in members])
     return list(out.split([w.n for w in works]))
 
 
@@ -71,7 +76,8 @@ def _first_bad_sample(model: RewardModel, work: Work, batch_size: int, limit: in
     if model.kind != "pointwise" or work.n > limit:
         return None
     for i in range(work.n):
-        single = Work([work.images[i]], [work.prompts[i]], None, work.future)
+        single = Work([work.images[i]], [work.prompts[i]], None, work.future,
+                      conditions=None if work.conditions is None else [work.conditions[i]])
         try:
             score = score_requests(model, [single], batch_size)[0]
         except RewardOutputError:
@@ -148,21 +154,29 @@ class DynamicBatcher:
         self._pending.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def submit(self, images: list[torch.Tensor], prompts: list[str], group_ids: list[int] | None) -> torch.Tensor:
-        """Queue one request and wait for its ``[n]`` float32 scores.
+    async def submit(self, images: list[torch.Tensor], prompts: list[str], group_ids: list[int] | None,
+                     conditions: list[list[Any]] | None = None) -> torch.Tensor:
+        """Queue one request and wait for its ``[n]`` float32 scores. ``conditions``: per sample
+        its condition images (RGB PIL), required by a reward that reads them and refused by others.
 
         Raises:
             RequestError: 503 when the queue is full, 422 for inputs the model cannot take,
                 500 when the model fails or returns NaN/inf.
         """
         n = len(prompts)
+        if self.model.condition_images and not (conditions and all(conditions)):
+            raise RequestError(422, f"reward '{self.name}' compares each image with its condition (source) images: "
+                                    f"send them (v2 input 'condition_images' BYTES [B, M]; /compute "
+                                    f"'condition_images': [[base64 PNG, ...], ...]), at least one per sample")
+        if conditions is not None and not self.model.condition_images:
+            raise RequestError(422, f"reward '{self.name}' does not read condition images; do not send them")
         if self._queued and self._queued + n > self.max_queue_size:
             raise RequestError(
                 503, f"reward '{self.name}': queue full ({self._queued} samples waiting, max_queue_size "
                      f"{self.max_queue_size}); retry later", {"Retry-After": "1"})
         if self.model.kind != "pointwise":
             self._check_group_sizes(images, group_ids)
-        work = Work(images, prompts, group_ids, asyncio.get_running_loop().create_future())
+        work = Work(images, prompts, group_ids, asyncio.get_running_loop().create_future(), conditions=conditions)
         self._pending.append(work)
         self._queued += n
         self.metrics.queue_samples.labels(self.name).set(self._queued)

@@ -8,7 +8,9 @@ before). ``POST /compute`` with the JSON body::
 
 answers ``{"rewards": [float, ...]}`` (same order and length) or ``{"error": "..."}`` with a
 non-2xx status. Images are PNG (or JPEG) files, base64 without a data-URI prefix (one is
-tolerated). Videos and condition media are not served: a non-null value is refused with 422.
+tolerated). ``condition_images`` (per sample a list of base64 images: the sources of an edit)
+go to rewards that read them (``RewardModel.condition_images``); videos and condition videos are
+not served: a non-null value is refused with 422.
 A groupwise reward treats one request as one group, as Flow-Factory's groupwise client sends.
 """
 
@@ -48,9 +50,15 @@ def parse_compute(body: bytes) -> ComputeRequest:
         raise RequestError(
             422, f"not a Flow-Factory /compute request ({problems}); expected "
                  f"{{'prompt': [str], 'image': [base64 PNG]}}") from None
-    for name in ("video", "condition_images", "condition_videos"):
+    for name in ("video", "condition_videos"):
         if not _empty(getattr(req, name)):
             raise RequestError(422, f"'{name}' is not supported by this server: it scores images (field 'image')")
+    if _empty(req.condition_images):
+        req.condition_images = None
+    elif not (isinstance(req.condition_images, list) and len(req.condition_images) == len(req.prompt)
+              and all(isinstance(row, list) and all(isinstance(x, str) for x in row) for row in req.condition_images)):
+        raise RequestError(422, "'condition_images' must be one list of base64 images per prompt "
+                                "([[base64 PNG, ...], ...], aligned with 'prompt')")
     if req.image is None:
         raise RequestError(422, "'image' is null: this server scores images; send base64 PNGs in 'image'")
     if len(req.image) != len(req.prompt):

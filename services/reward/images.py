@@ -67,6 +67,17 @@ def decode_image(element: bytes | str, where: str, *, max_pixels: int) -> torch.
         where: how error messages name the element, e.g. ``"input 'image' element 3"``.
         max_pixels: refuse images larger than this (decompression bombs) with :class:`ImageTooLarge`.
     """
+    array = decode_rgb(element, where, max_pixels=max_pixels)
+    return torch.from_numpy(array).permute(2, 0, 1).float().div(255.0).contiguous()
+
+
+def decode_pil(element: bytes | str, where: str, *, max_pixels: int) -> Image.Image:
+    """One encoded image -> an RGB PIL image (condition images), checked as :func:`decode_image`."""
+    return Image.fromarray(decode_rgb(element, where, max_pixels=max_pixels))
+
+
+def decode_rgb(element: bytes | str, where: str, *, max_pixels: int) -> np.ndarray:
+    """One encoded image -> ``[H, W, 3]`` uint8 RGB (see :func:`decode_image`)."""
     data = image_bytes(element, where)
     try:
         with warnings.catch_warnings():
@@ -82,4 +93,4 @@ def decode_image(element: bytes | str, where: str, *, max_pixels: int) -> torch.
         raise
     except Exception as e:  # PIL raises many types for corrupt files
         raise ImageDecodeError(f"{where} could not be decoded as an image: {type(e).__name__}: {e}") from None
-    return torch.from_numpy(array).permute(2, 0, 1).float().div(255.0).contiguous()
+    return array

@@ -39,7 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.reward import flow_factory, v2
 from services.reward.errors import RequestError
-from services.reward.images import ImageDecodeError, ImageTooLarge, decode_image
+from services.reward.images import ImageDecodeError, ImageTooLarge, decode_image, decode_pil
 from services.reward.metrics import Metrics
 from services.reward.openapi import json_body
 from services.reward.settings import RewardServerSettings
@@ -104,6 +104,28 @@ def _decode_images(elements: list, name: str, max_pixels: int) -> list[torch.Ten
         raise RequestError(422, str(e)) from None
 
 
+def _decode_conditions(rows: list | None, name: str, max_pixels: int) -> list[list] | None:
+    """Per sample its condition images as RGB PIL (``None`` when none were sent); each distinct
+    element is decoded once (group members share their source)."""
+    if rows is None:
+        return None
+    cache: dict = {}
+    try:
+        out = []
+        for i, row in enumerate(rows):
+            decoded = []
+            for j, e in enumerate(row):
+                if e not in cache:
+                    cache[e] = decode_pil(e, f"{name} element [{i}][{j}]", max_pixels=max_pixels)
+                decoded.append(cache[e])
+            out.append(decoded)
+        return out
+    except ImageTooLarge as e:
+        raise RequestError(413, str(e)) from None
+    except ImageDecodeError as e:
+        raise RequestError(422, str(e)) from None
+
+
 class _Timed:
     """Counts and times one scoring request under the model's labels."""
 
@@ -160,7 +182,7 @@ def _slot(request: Request, name: str, version: str | None = None) -> Slot:
 
 async def model_metadata(request: Request, name: str, version: str | None = None) -> dict:
     slot = _slot(request, name, version)
-    return v2.model_metadata(slot.name, slot.kind, slot.spec.reward_model)
+    return v2.model_metadata(slot.name, slot.kind, slot.spec.reward_model, slot.conditions)
 
 
 async def model_ready(request: Request, name: str, version: str | None = None) -> JSONResponse:
@@ -178,11 +200,14 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
 
         def decode():
             req, tail = v2.parse_request(body, request.headers.get(v2.HEADER_LENGTH))
-            inputs = v2.read_inputs(req, tail, slot.kind)
-            return inputs, _decode_images(inputs.images, f"input '{v2.IMAGE}'", settings.max_image_pixels)
+            inputs = v2.read_inputs(req, tail, slot.kind, slot.conditions)
+            return (inputs, _decode_images(inputs.images, f"input '{v2.IMAGE}'", settings.max_image_pixels),
+                    _decode_conditions(inputs.condition_images, f"input '{v2.CONDITION_IMAGES}'",
+                                       settings.max_image_pixels))
 
-        inputs, images = await asyncio.to_thread(decode)
-        scores = await batcher.submit(images, inputs.prompts, inputs.group_ids) if images else torch.zeros(0)
+        inputs, images, conditions = await asyncio.to_thread(decode)
+        scores = (await batcher.submit(images, inputs.prompts, inputs.group_ids, conditions) if images
+                  else torch.zeros(0))
         payload, headers, media_type = v2.infer_response(slot.name, inputs, scores.numpy())
         return Response(payload, headers=headers, media_type=media_type)
 
@@ -205,10 +230,11 @@ def _flow_factory_routes(router: APIRouter) -> None:
 
             def decode():
                 req = flow_factory.parse_compute(body)
-                return req, _decode_images(req.image or [], "'image'", settings.max_image_pixels)
+                return (req, _decode_images(req.image or [], "'image'", settings.max_image_pixels),
+                        _decode_conditions(req.condition_images, "'condition_images'", settings.max_image_pixels))
 
-            req, images = await asyncio.to_thread(decode)
-            scores = await batcher.submit(images, req.prompt, None) if images else torch.zeros(0)
+            req, images, conditions = await asyncio.to_thread(decode)
+            scores = await batcher.submit(images, req.prompt, None, conditions) if images else torch.zeros(0)
             return JSONResponse({"rewards": [float(s) for s in scores]})
 
     router.add_api_route("/health", health, methods=["GET"])

@@ -27,6 +27,7 @@ class Slot:
         self.spec = spec
         self.name = spec.label
         self.kind: str = REWARDS.get(spec.reward_model).kind  # RegistryError names the choices
+        self.conditions: bool = bool(REWARDS.get(spec.reward_model).condition_images)  # reads source images
         self.state = "loading"  # loading | ready | failed
         self.error: str | None = None
         self.batcher: DynamicBatcher | None = None

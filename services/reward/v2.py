@@ -9,6 +9,9 @@ A served reward is a v2 model named after the reward, version ``"1"``:
     3. ``group_id``: INT64 ``[B]``, only for groupwise/pairwise rewards and optional: samples with
        the same id form one group (compared with each other); without it the whole request is
        one group. Send every member of a group in the same request.
+    4. ``condition_images``: BYTES ``[B, M]``, only for rewards that compare an image with its
+       condition (source) images (``RewardModel.condition_images``), and required by them: row
+       ``i`` holds sample ``i``'s ``M`` encoded source images (edit / image-to-video models).
 * output ``score``: FP32 ``[B]``, aligned with the inputs.
 
 Binary tensor extension (what ``tritonclient.http`` sends by default): the body is the JSON
@@ -33,6 +36,7 @@ from services.reward.errors import RequestError, parse_json
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 IMAGE, PROMPT, GROUP_ID, SCORE = "image", "prompt", "group_id", "score"
+CONDITION_IMAGES = "condition_images"
 VERSION = "1"
 
 
@@ -68,16 +72,20 @@ class Inputs:
     group_ids: list[int] | None
     request_id: str | None
     binary_output: bool
+    condition_images: list[list[bytes | str]] | None = None  # [B][M] encoded source images
 
 
-def model_metadata(name: str, kind: str, reward_model: str) -> dict[str, Any]:
-    """The ``GET /v2/models/{name}`` body. ``parameters`` (kind, reward_model) is our addition."""
+def model_metadata(name: str, kind: str, reward_model: str, conditions: bool = False) -> dict[str, Any]:
+    """The ``GET /v2/models/{name}`` body. ``parameters`` (kind, reward_model) is our addition;
+    ``conditions``: the reward reads condition images (input ``condition_images``)."""
     inputs = [
         {"name": IMAGE, "datatype": "BYTES", "shape": [-1]},
         {"name": PROMPT, "datatype": "BYTES", "shape": [-1]},
     ]
     if kind != "pointwise":
         inputs.append({"name": GROUP_ID, "datatype": "INT64", "shape": [-1]})
+    if conditions:
+        inputs.append({"name": CONDITION_IMAGES, "datatype": "BYTES", "shape": [-1, -1]})
     return {
         "name": name,
         "versions": [VERSION],
@@ -146,7 +154,12 @@ def _deserialize_bytes(raw: memoryview, count: int, where: str) -> list[bytes]:
     return out
 
 
-def _count(shape: list[int], where: str) -> int:
+def _count(shape: list[int], where: str, matrix: bool = False) -> int:
+    """Elements of a ``[B]`` / ``[B, 1]`` input (``matrix``: any ``[B, M]``, M >= 1)."""
+    if matrix:
+        if len(shape) != 2 or shape[0] < 0 or shape[1] < 1:
+            raise RequestError(422, f"{where}: shape must be [B, M] (M >= 1 images per sample), got {shape}")
+        return shape[0] * shape[1]
     if any(d < 0 for d in shape) or not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)):
         raise RequestError(422, f"{where}: shape must be [B] (or [B, 1]), got {shape}")
     return shape[0]
@@ -155,7 +168,7 @@ def _count(shape: list[int], where: str) -> int:
 def _elements(inp: InferInput, tail: memoryview, offset: int) -> tuple[list[Any], int]:
     """The flat elements of one input and the new offset into the binary tail."""
     where = f"input '{inp.name}'"
-    count = _count(inp.shape, where)
+    count = _count(inp.shape, where, matrix=inp.name == CONDITION_IMAGES)
     params = inp.parameters or {}
     if "shared_memory_region" in params:
         raise RequestError(422, f"{where}: shared memory is not supported; send the data in the request")
@@ -188,15 +201,17 @@ def _expect(inp: InferInput, datatype: str) -> None:
         raise RequestError(422, f"input '{inp.name}' must have datatype {datatype}, got {inp.datatype}")
 
 
-def read_inputs(req: InferRequest, tail: memoryview, kind: str) -> Inputs:
-    """Check the inputs against the model's signature and return them per sample.
+def read_inputs(req: InferRequest, tail: memoryview, kind: str, conditions: bool = False) -> Inputs:
+    """Check the inputs against the model's signature and return them per sample (``conditions``:
+    the model reads condition images, input ``condition_images`` ``[B, M]``).
 
     Raises:
         RequestError: 400 for broken binary framing, 422 for anything else invalid; the message
             names the input and what was expected.
     """
-    accepted = [IMAGE, PROMPT] + ([GROUP_ID] if kind != "pointwise" else [])
-    signature = f"{IMAGE} (BYTES), {PROMPT} (BYTES)" + (f", optional {GROUP_ID} (INT64)" if kind != "pointwise" else "")
+    accepted = [IMAGE, PROMPT] + ([GROUP_ID] if kind != "pointwise" else []) + ([CONDITION_IMAGES] if conditions else [])
+    signature = (f"{IMAGE} (BYTES), {PROMPT} (BYTES)" + (f", optional {GROUP_ID} (INT64)" if kind != "pointwise" else "")
+                 + (f", {CONDITION_IMAGES} (BYTES [B, M])" if conditions else ""))
     by_name: dict[str, list[Any]] = {}
     offset = 0
     for inp in req.inputs:
@@ -208,7 +223,7 @@ def read_inputs(req: InferRequest, tail: memoryview, kind: str) -> Inputs:
         by_name[inp.name], offset = _elements(inp, tail, offset)
     if offset != len(tail):
         raise RequestError(400, f"{len(tail) - offset} bytes of binary data are not claimed by any input")
-    for required in (IMAGE, PROMPT):
+    for required in (IMAGE, PROMPT) + ((CONDITION_IMAGES,) if conditions else ()):
         if required not in by_name:
             raise RequestError(422, f"missing input '{required}'; this model takes {signature}")
     prompts = [_text(p, i) for i, p in enumerate(by_name[PROMPT])]
@@ -220,9 +235,17 @@ def read_inputs(req: InferRequest, tail: memoryview, kind: str) -> Inputs:
                                      for g in group_ids):
         raise RequestError(422, f"input '{GROUP_ID}': elements must be integers that fit INT64")
     lengths = {IMAGE: len(images), PROMPT: len(prompts)} | ({GROUP_ID: len(group_ids)} if group_ids is not None else {})
+    rows = None
+    if conditions:
+        shape = next(i.shape for i in req.inputs if i.name == CONDITION_IMAGES)
+        flat = by_name[CONDITION_IMAGES]
+        if any(not isinstance(x, (str, bytes)) for x in flat):
+            raise RequestError(422, f"input '{CONDITION_IMAGES}': elements must be strings (base64 of an encoded image)")
+        rows = [flat[i * shape[1]:(i + 1) * shape[1]] for i in range(shape[0])]
+        lengths[CONDITION_IMAGES] = len(rows)
     if len(set(lengths.values())) > 1:
         raise RequestError(422, "inputs have different batch sizes: " + ", ".join(f"{k} {v}" for k, v in lengths.items()))
-    return Inputs(images, prompts, group_ids, req.id, _binary_output(req))
+    return Inputs(images, prompts, group_ids, req.id, _binary_output(req), rows)
 
 
 def _text(value: Any, index: int) -> str:

@@ -58,10 +58,22 @@ def score_job(job: RewardJob, *, worker: str = "") -> ScoredBatch:
     # rewards score synchronously and keep no reference, so the next job may refill the buffer
     images = _pixels.buf = store.get_images(traj.images, out=getattr(_pixels, "buf", None))
     scores = score_specs(models, specs, images, traj.prompts, torch.tensor(traj.group_ids),
-                         sample_ids=traj.sample_ids)  # an inf reward's error names the sample id
+                         sample_ids=traj.sample_ids,  # an inf reward's error names the sample id
+                         condition_images=lambda: condition_images(store, traj))
     as_list = lambda t: [None if math.isnan(x) else x for x in t.tolist()]  # noqa: E731
     return ScoredBatch(trajectory=traj, rewards={k: as_list(v) for k, v in scores.items()},
                        worker=worker, seconds=time.perf_counter() - t0)
+
+
+def condition_images(store, traj) -> list[list]:
+    """Per sample, its condition images (RGB PIL) from the blob store, each blob read once; empty
+    lists for a trajectory without any (text-only models)."""
+    from shared.condition_images import open_rows
+
+    if not traj.condition_images:
+        return [[] for _ in traj.sample_ids]
+    fetched = {ref.uri: store.get_bytes(ref) for row in traj.condition_images for ref in row}
+    return open_rows([[fetched[ref.uri] for ref in row] for row in traj.condition_images])
 
 
 def _reward(task, job: RewardJob, state, attempt: int) -> None:

@@ -121,7 +121,8 @@ class Trajectory(Message):
     latent state once, log-probs, stds, sigmas, optional means); ``images``: one safetensors
     blob of 8-bit pixels ``[B, 3, H, W]``, or video frames ``[B, F, 3, H, W]``
     (:meth:`shared.store.BlobStore.put_images`). Rows of both follow ``sample_ids``. The
-    trainer reads only ``tensors``, reward workers only ``images``.
+    trainer reads only ``tensors``, reward workers ``images`` (and, for rewards that compare an
+    output with its source, ``condition_images``: per sample its :attr:`SampleItem.images`).
     """
 
     run_id: str
@@ -135,6 +136,7 @@ class Trajectory(Message):
     store_url: str  # the blob store the refs below live in
     tensors: BlobRef
     images: BlobRef
+    condition_images: list[list[BlobRef]] = Field(default_factory=list)  # [] or one list per sample
     worker: str = ""
     seconds: float = 0.0
 
@@ -144,6 +146,9 @@ class Trajectory(Message):
         if not (len(self.group_ids) == len(self.prompts) == n):
             raise ValueError(f"{n} sample ids, {len(self.group_ids)} group ids and "
                              f"{len(self.prompts)} prompts: one of each per sample")
+        if self.condition_images and len(self.condition_images) != n:
+            raise ValueError(f"{n} sample ids but condition images for {len(self.condition_images)} samples: "
+                             f"none, or one list per sample")
         return self
 
 

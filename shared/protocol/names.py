@@ -7,7 +7,7 @@ one Redis without touching each other's data.
 
 from __future__ import annotations
 
-PROTOCOL_VERSION = 3  # 2: BlobRef digests may be xxh3_128 instead of sha256; 3: SampleItem.images
+PROTOCOL_VERSION = 4  # 2: BlobRef digests may be xxh3_128 instead of sha256; 3: SampleItem.images; 4: Trajectory.condition_images
 
 # Celery queues and task names
 QUEUE_SAMPLE = "sample"

@@ -13,6 +13,12 @@ Conventions:
       frame ``f`` of the others; Flow-Factory's PickScore convention for video); ``"native"``
       gets the ``[B, F, 3, H, W]`` tensor itself in ``score`` / ``score_group`` / ``compare``.
       :func:`score_all` and :func:`details_all` apply this; call them, not the methods.
+    * Condition images (edit and image-to-video families): a reward whose ``condition_images``
+      attribute is True also gets the samples' condition images as the keyword argument
+      ``condition_images`` of ``score`` / ``score_group`` / ``compare``: a list (one entry per
+      sample, aligned with the images; ``compare``: the ``a`` samples') of lists of RGB PIL images
+      in their own sizes -- the source image(s) a sample was generated from, as Flow-Factory's
+      reward call passes ``condition_images``. A video's frames share their sample's images.
 
 Three kinds of reward model (class attribute ``kind``):
     * ``pointwise``: ``score(images [B,3,H,W], prompts) -> [B]``, one sample at a time in
@@ -40,7 +46,7 @@ Register with ``@REWARDS.register("my_reward")`` (or ``REWARDS.register("my_rewa
 from __future__ import annotations
 
 import inspect
-from typing import ClassVar
+from typing import Any, ClassVar, Sequence
 
 import torch
 
@@ -78,6 +84,8 @@ class RewardModel:
     required_fields: ClassVar[tuple[str, ...]] = ("image", "prompt")
     #: how videos ``[B, F, 3, H, W]`` are scored: "frames" (per frame, averaged) or "native"
     video: ClassVar[str] = "frames"
+    #: True: score / score_group / compare also get ``condition_images=`` (see the module docstring)
+    condition_images: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -212,14 +220,15 @@ def _group_members(group_ids: torch.Tensor) -> list[torch.Tensor]:
 
 def _pairwise_group_scores(
     model: RewardModel, images: torch.Tensor, prompts: list[str], batch_size: int,
-    members: list[int] | None = None,
+    members: list[int] | None = None, conditions=None,
 ) -> torch.Tensor:
     """Mean win probability of each of the ``K`` members against the others (``[K]``).
 
     All unordered pairs ``i < j`` are compared once, in chunks of ``batch_size`` pairs:
     ``p = compare(i, j)`` counts ``p`` for ``i`` and ``1 - p`` for ``j``. NaN comparisons abstain;
     a member with no valid comparison (e.g. a group of one) gets NaN. ``members``: the members'
-    positions in the whole batch (for error messages).
+    positions in the whole batch (for error messages). ``conditions``: batch positions ->
+    ``compare``'s extra keyword arguments (the ``a`` samples' condition images), see :func:`score_all`.
     """
     k = images.shape[0]
     wins = torch.zeros(k, dtype=torch.float64)
@@ -227,8 +236,9 @@ def _pairwise_group_scores(
     pairs = torch.combinations(torch.arange(k), r=2)  # [P, 2], i < j
     for start in range(0, pairs.shape[0], batch_size):
         a, b = pairs[start : start + batch_size].unbind(1)
+        extra = conditions([members[int(i)] if members is not None else int(i) for i in a]) if conditions else {}
         p = model.compare(
-            images[a].to(model.device), images[b].to(model.device), [prompts[int(i)] for i in a]
+            images[a].to(model.device), images[b].to(model.device), [prompts[int(i)] for i in a], **extra
         )
         p = _checked(p, a.numel(), model, "compare()", probability=True, prompts=[prompts[int(i)] for i in a],
                      indices=[members[int(i)] if members is not None else int(i) for i in a]).double()
@@ -245,6 +255,7 @@ def score_all(
     prompts: list[str],
     group_ids: torch.Tensor,
     batch_size: int,
+    condition_images: Sequence[Sequence[Any]] | None = None,
 ) -> torch.Tensor:
     """Score ``N`` samples with any kind of reward model.
 
@@ -257,6 +268,8 @@ def score_all(
             members need not be contiguous).
         batch_size: images per ``score`` call (pointwise) or pairs per ``compare`` call
             (pairwise). Groupwise models get one whole group per call.
+        condition_images: per sample, its condition images (RGB PIL); passed on, sliced like
+            the images, to a model with ``condition_images = True`` (which then requires them).
 
     Returns:
         ``[N]`` float32 rewards on the CPU, aligned with ``images``; NaN where the model
@@ -269,11 +282,12 @@ def score_all(
     if images.ndim not in (4, 5):
         raise ValueError(f"images must be [N, 3, H, W] (videos: [N, F, 3, H, W]), got shape {tuple(images.shape)}")
     if images.ndim == 5 and model.video == "frames":
-        return _frame_mean([score_all(model, images[:, f], prompts, group_ids, batch_size)
+        return _frame_mean([score_all(model, images[:, f], prompts, group_ids, batch_size, condition_images)
                             for f in range(images.shape[1])])
     n = images.shape[0]
     if len(prompts) != n:
         raise ValueError(f"got {len(prompts)} prompts for {n} images")
+    conditions = _conditions_for(model, condition_images, n)
     if group_ids.ndim != 1 or group_ids.numel() != n:
         raise ValueError(f"group_ids must have shape [{n}], got {tuple(group_ids.shape)}")
     if batch_size < 1:
@@ -284,7 +298,7 @@ def score_all(
         chunks = []
         for s in range(0, n, batch_size):
             e = min(s + batch_size, n)
-            out = model.score(images[s:e].to(model.device), list(prompts[s:e]))
+            out = model.score(images[s:e].to(model.device), list(prompts[s:e]), **conditions(range(s, e)))
             chunks.append(_checked(out, e - s, model, "score()", indices=list(range(s, e)), prompts=prompts[s:e]))
         return torch.cat(chunks) if chunks else torch.zeros(0)
 
@@ -293,12 +307,29 @@ def score_all(
         group_images = images[idx.to(images.device)]
         group_prompts = [prompts[int(i)] for i in idx]
         if model.kind == "groupwise":
-            out = model.score_group(group_images.to(model.device), group_prompts)
+            out = model.score_group(group_images.to(model.device), group_prompts, **conditions(idx.tolist()))
             result[idx] = _checked(out, idx.numel(), model, "score_group()", indices=idx.tolist(),
                                    prompts=group_prompts)
         else:  # pairwise
-            result[idx] = _pairwise_group_scores(model, group_images, group_prompts, batch_size, idx.tolist())
+            result[idx] = _pairwise_group_scores(model, group_images, group_prompts, batch_size, idx.tolist(),
+                                                 conditions)
     return result
+
+
+def _conditions_for(model: RewardModel, condition_images: Sequence[Sequence[Any]] | None, n: int):
+    """``positions -> {"condition_images": [...]}`` for a model that reads condition images, else
+    ``positions -> {}``; a model that needs them and got none (or a misaligned list) is an error
+    naming the fix."""
+    if not model.condition_images:
+        return lambda positions: {}
+    if condition_images is None or not any(len(row) for row in condition_images):
+        raise ValueError(
+            f"reward '{model.name}' scores an output against its condition (source) images, but these samples "
+            f"have none. Fix: use it with an image-conditioned model (edit / image-to-video) whose dataset rows "
+            f"have `image` / `images`, or remove it from rewards:.")
+    if len(condition_images) != n:
+        raise ValueError(f"got condition images for {len(condition_images)} samples, expected {n} (one list per sample)")
+    return lambda positions: {"condition_images": [list(condition_images[int(i)]) for i in positions]}
 
 
 def _frame_mean(per_frame: list[torch.Tensor]) -> torch.Tensor:

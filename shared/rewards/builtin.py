@@ -102,3 +102,37 @@ class PairwiseBrightness(RewardModel):
         _check_rgb(images_a, self.name)
         _check_rgb(images_b, self.name)
         return torch.sigmoid((luma(images_a) - luma(images_b)) / self.temperature)
+
+
+@REWARDS.register("source_similarity")
+class SourceSimilarity(RewardModel):
+    """How close an output stays to its condition (source) image: ``1 - mean |x - s|`` over
+    pixels and channels, in ``[0, 1]`` (1 = identical), ``s`` the sample's first condition image
+    resized (bilinear, antialiased) to the output's size. Weight-free; for edit models, the
+    "change only what the instruction asks" term next to an instruction-following reward. Pointwise.
+    """
+
+    kind = "pointwise"
+    required_fields = ("image", "condition_images")
+    condition_images = True
+
+    def score(self, images: torch.Tensor, prompts: list[str], condition_images=None) -> torch.Tensor:
+        _check_rgb(images, self.name)
+        if condition_images is None or len(condition_images) != images.shape[0] or not all(condition_images):
+            raise ValueError(f"{self.name}: needs one or more condition images per sample (score_all passes them)")
+        h, w = images.shape[-2:]
+        sources = torch.stack([source_tensor(row[0], (h, w)) for row in condition_images]).to(images.device)
+        return 1.0 - (images.float() - sources).abs().mean(dim=(1, 2, 3))
+
+
+def source_tensor(image, size: tuple[int, int]) -> torch.Tensor:
+    """An RGB PIL image as ``[3, H, W]`` float32 in ``[0, 1]`` at ``size = (H, W)`` (PIL bilinear
+    resize when the size differs)."""
+    import numpy as np
+    from PIL import Image
+
+    rgb = image.convert("RGB")
+    if rgb.size != (size[1], size[0]):
+        rgb = rgb.resize((size[1], size[0]), Image.BILINEAR)
+    return torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+

@@ -25,8 +25,11 @@ def build_rewards(specs, device: str | torch.device) -> dict[str, RewardModel]:
 
 
 def score_specs(rewards: dict[str, RewardModel], specs, images: torch.Tensor, prompts: list[str],
-                group_ids: torch.Tensor, sample_ids: list[str] | None = None) -> dict[str, torch.Tensor]:
+                group_ids: torch.Tensor, sample_ids: list[str] | None = None,
+                condition_images=None) -> dict[str, torch.Tensor]:
     """Score with every configured reward -> ``{label: [N] float32 CPU}`` (NaN = abstain).
+    ``condition_images``: per sample its condition images (RGB PIL), or a callable returning
+    them, called only when some reward reads them (``RewardModel.condition_images``).
 
     Raises:
         RewardOutputError: a reward returned inf (or a bad shape); the message names the reward's
@@ -34,9 +37,12 @@ def score_specs(rewards: dict[str, RewardModel], specs, images: torch.Tensor, pr
             position and group id, and its prompt.
     """
     out = {}
+    if callable(condition_images):
+        condition_images = condition_images() if any(r.condition_images for r in rewards.values()) else None
     for spec in specs:
         try:
-            out[spec.label] = score_all(rewards[spec.label], images, prompts, group_ids, spec.batch_size).float().cpu()
+            out[spec.label] = score_all(rewards[spec.label], images, prompts, group_ids, spec.batch_size,
+                                        condition_images).float().cpu()
         except RewardOutputError as e:
             if e.index is None:
                 raise RewardOutputError(f"rewards['{spec.label}'] ({spec.reward_model}): {e}") from None

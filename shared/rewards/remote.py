@@ -14,6 +14,12 @@ Config::
         retries: 3              # extra attempts after the first
         backoff: 0.5            # seconds before the first retry, doubling each time (capped at 60)
         token: null             # bearer token; default the FLOWRL_API_TOKEN environment variable
+        condition_images: false # true: also send each sample's condition (source) images, for a
+                                # served reward that compares an edit with its source
+
+With ``condition_images: true``, v2 requests carry the input ``condition_images`` (BYTES
+``[B, M]``, PNG; every sample of a request needs the same number ``M``) and Flow-Factory
+requests the field ``condition_images`` (per prompt a list of base64 PNGs).
 
 Images are sent as PNG files of the uint8-quantized images (``round(x * 255)``, as Flow-Factory
 does), so scores equal local scores of the quantized images. v2 requests use the binary tensor
@@ -76,20 +82,39 @@ def _bytes_tensor(items: list[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(x)) + x for x in items)
 
 
-def v2_request(pngs: list[bytes], prompts: list[str]) -> tuple[bytes, dict[str, str]]:
-    """Body and headers of a v2 infer request using the binary tensor extension."""
+def v2_request(pngs: list[bytes], prompts: list[str],
+               conditions: list[list[bytes]] | None = None) -> tuple[bytes, dict[str, str]]:
+    """Body and headers of a v2 infer request using the binary tensor extension; ``conditions``:
+    per sample its encoded condition images (the same number for every sample), sent as the
+    input ``condition_images`` ``[B, M]``."""
     image_raw = _bytes_tensor(pngs)
     prompt_raw = _bytes_tensor([p.encode("utf-8") for p in prompts])
     n = len(pngs)
-    header = {
-        "inputs": [
-            {"name": "image", "shape": [n], "datatype": "BYTES", "parameters": {"binary_data_size": len(image_raw)}},
-            {"name": "prompt", "shape": [n], "datatype": "BYTES", "parameters": {"binary_data_size": len(prompt_raw)}},
-        ],
-        "outputs": [{"name": "score", "parameters": {"binary_data": False}}],
-    }
+    inputs = [
+        {"name": "image", "shape": [n], "datatype": "BYTES", "parameters": {"binary_data_size": len(image_raw)}},
+        {"name": "prompt", "shape": [n], "datatype": "BYTES", "parameters": {"binary_data_size": len(prompt_raw)}},
+    ]
+    raws = [image_raw, prompt_raw]
+    if conditions is not None:
+        counts = sorted({len(row) for row in conditions})
+        if len(counts) != 1 or counts[0] < 1:
+            raise ValueError(f"remote reward: v2 sends condition images as a [B, M] tensor, but these samples have "
+                             f"{counts} images each. Fix: give every row the same number of images, or use "
+                             f"protocol: flow-factory (a list per sample).")
+        cond_raw = _bytes_tensor([x for row in conditions for x in row])
+        inputs.append({"name": "condition_images", "shape": [n, counts[0]], "datatype": "BYTES",
+                       "parameters": {"binary_data_size": len(cond_raw)}})
+        raws.append(cond_raw)
+    header = {"inputs": inputs, "outputs": [{"name": "score", "parameters": {"binary_data": False}}]}
     head = json.dumps(header).encode()
-    return head + image_raw + prompt_raw, {HEADER_LENGTH: str(len(head)), "Content-Type": "application/octet-stream"}
+    return head + b"".join(raws), {HEADER_LENGTH: str(len(head)), "Content-Type": "application/octet-stream"}
+
+
+def encode_pil_png(image) -> bytes:
+    """One PIL image as a PNG file (RGB)."""
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
 
 
 def v2_scores(response: httpx.Response) -> list[float]:
@@ -133,8 +158,9 @@ class RemoteReward(RewardModel):
 
     def __init__(self, *, url: str, protocol: str = "v2", model: str | None = None, kind: str = "pointwise",
                  timeout: float = 60.0, retries: int = 3, backoff: float = 0.5, token: str | None = None,
-                 **options) -> None:
+                 condition_images: bool = False, **options) -> None:
         super().__init__(**options)
+        self.condition_images = bool(condition_images)  # instance attribute over the class default
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise ValueError(f"remote reward: url must start with http:// or https://, got {url!r}")
         if protocol not in PROTOCOLS:
@@ -165,11 +191,11 @@ class RemoteReward(RewardModel):
 
     # --- RewardModel interface ---------------------------------------------------------------
 
-    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        return self._score(images, prompts)
+    def score(self, images: torch.Tensor, prompts: list[str], condition_images=None) -> torch.Tensor:
+        return self._score(images, prompts, condition_images)
 
-    def score_group(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        return self._score(images, prompts)
+    def score_group(self, images: torch.Tensor, prompts: list[str], condition_images=None) -> torch.Tensor:
+        return self._score(images, prompts, condition_images)
 
     def close(self) -> None:
         if self._client is not None:
@@ -178,18 +204,24 @@ class RemoteReward(RewardModel):
 
     # --- transport -----------------------------------------------------------------------------
 
-    def _score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def _score(self, images: torch.Tensor, prompts: list[str], condition_images=None) -> torch.Tensor:
         _check_rgb(images, self.name)
         if len(prompts) != images.shape[0]:
             raise ValueError(f"{self.name}: got {len(prompts)} prompts for {images.shape[0]} images")
         pngs = encode_png(images)
+        conditions = None
+        if condition_images is not None:  # each distinct source encoded once
+            cache: dict[int, bytes] = {}
+            conditions = [[cache.setdefault(id(im), encode_pil_png(im)) for im in row] for row in condition_images]
         if self.protocol == "v2":
-            body, headers = v2_request(pngs, list(prompts))
+            body, headers = v2_request(pngs, list(prompts), conditions)
             response = self._post(f"/v2/models/{self._model_name()}/infer", body, headers)
             parse = v2_scores
         else:
-            payload = {"prompt": list(prompts), "image": [base64.b64encode(p).decode("ascii") for p in pngs],
-                       "video": None, "condition_images": None, "condition_videos": None}
+            b64 = lambda x: base64.b64encode(x).decode("ascii")  # noqa: E731
+            payload = {"prompt": list(prompts), "image": [b64(p) for p in pngs], "video": None,
+                       "condition_images": None if conditions is None else [[b64(x) for x in row] for row in conditions],
+                       "condition_videos": None}
             response = self._post("/compute", json.dumps(payload).encode(), {"Content-Type": "application/json"})
             parse = _compute_scores
         try:

@@ -8,7 +8,9 @@ server) honours the RewardModel contract of ``shared/rewards/base.py``:
 * called directly, that method returns one value per input (pairwise: probabilities in [0, 1]);
 * pointwise: chunking does not change scores; groupwise/pairwise: reordering samples (groups
   interleaved) reorders the scores the same way;
-* ``details`` returns ``{name: [B] tensor}``; unknown options raise TypeError naming them.
+* ``details`` returns ``{name: [B] tensor}``; unknown options raise TypeError naming them;
+* a reward that reads condition images (``condition_images = True``) gets them through
+  ``score_all`` (sliced and reordered with the samples) and refuses to score without them.
 
 A reward registered without a case here fails ``test_every_registered_reward_has_a_case``:
 add a case to CASES (a factory building it with tiny weights).
@@ -91,7 +93,32 @@ CASES = [
     Case("aesthetic", lambda assets, stack, **extra: build_reward(
         "aesthetic", model_name_or_path=assets["clip768"], head_path=assets["head"], **extra)),
     Case("remote", _remote),
+    Case("source_similarity", _plain("source_similarity")),
+    Case("remote+condition_images", lambda assets, stack, **extra: _remote_sources(assets, stack, **extra)),
 ]
+
+
+def _remote_sources(assets, stack: contextlib.ExitStack, **extra) -> RewardModel:
+    """``remote`` with ``condition_images: true`` scoring ``source_similarity`` on a live server."""
+    from services.reward import RewardServerSettings
+    from tests.services.live_server import running_server
+
+    settings = RewardServerSettings(rewards=[{"reward_model": "source_similarity"}], max_queue_delay_ms=0,
+                                    log_level="warning")
+    url = stack.enter_context(running_server(settings))
+    model = build_reward("remote", url=url, condition_images=True, **extra)
+    stack.callback(model.close)
+    return model
+
+
+def conditions(model: RewardModel, n: int = 6) -> dict:
+    """``{"condition_images": rows}`` for a model that reads condition images (distinct images of
+    another size than the outputs), else ``{}``."""
+    if not model.condition_images:
+        return {}
+    from tests.helpers.tiny_edit_pipelines import condition_rows
+
+    return {"condition_images": condition_rows(n, 1)}
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +152,7 @@ def inputs(case: Case, n: int = 6, size: int = 32):
 
 
 def test_every_registered_reward_has_a_case():
-    missing = sorted(set(REWARDS.names()) - {c.name for c in CASES})
+    missing = sorted(set(REWARDS.names()) - {c.name.split("+")[0] for c in CASES})
     assert not missing, (f"registered rewards without a contract case: {missing}. Fix: add a Case to CASES "
                          f"in tests/contract/test_reward_contract.py that builds each with tiny weights.")
 
@@ -146,11 +173,11 @@ def test_score_all_shape_dtype_values(built, case):
     model = built(case)
     images, prompts = inputs(case)
     ids = torch.tensor([0, 1, 0, 1, 0, 1])  # interleaved groups of 3
-    out = score_all(model, images, prompts, ids, batch_size=4)
+    out = score_all(model, images, prompts, ids, batch_size=4, **conditions(model))
     assert out.shape == (6,) and out.dtype == torch.float32 and out.device.type == "cpu"
     assert bool((torch.isfinite(out) | torch.isnan(out)).all())
     assert not bool(torch.isnan(out).all()), f"{case.name} abstained on every sample"
-    again = score_all(model, images, prompts, ids, batch_size=4)
+    again = score_all(model, images, prompts, ids, batch_size=4, **conditions(model))
     assert torch.allclose(out, again, atol=1e-6, equal_nan=True), f"{case.name} is not deterministic"
 
 
@@ -159,11 +186,12 @@ def test_direct_call_returns_one_value_per_input(built, case):
     model = built(case)
     images, prompts = inputs(case)
     a, pa = images[0::2], prompts[0::2]  # one prompt group of 3
+    extra = {k: v[0::2] for k, v in conditions(model).items()}
     if model.kind == "pairwise":
-        out = model.compare(a, images[1::2], pa)
+        out = model.compare(a, images[1::2], pa, **extra)
         assert bool(((out >= 0) & (out <= 1)).all())
     else:
-        out = getattr(model, METHOD[model.kind])(a, pa)
+        out = getattr(model, METHOD[model.kind])(a, pa, **extra)
     assert isinstance(out, torch.Tensor) and out.shape == (3,) and out.dtype.is_floating_point
 
 
@@ -172,14 +200,19 @@ def test_chunking_and_order(built, case):
     model = built(case)
     images, prompts = inputs(case)
     ids = torch.tensor([0, 1, 0, 1, 0, 1])
-    out = score_all(model, images, prompts, ids, batch_size=6)
+    extra = conditions(model)
+    out = score_all(model, images, prompts, ids, batch_size=6, **extra)
     if model.kind == "pointwise":
         for bs in (1, 4):
-            assert torch.allclose(score_all(model, images, prompts, ids, batch_size=bs), out, atol=1e-5,
+            assert torch.allclose(score_all(model, images, prompts, ids, batch_size=bs, **extra), out, atol=1e-5,
                                   equal_nan=True)
     perm = torch.tensor([3, 0, 5, 2, 1, 4])
-    shuffled = score_all(model, images[perm], [prompts[i] for i in perm], ids[perm], batch_size=6)
+    moved = {k: [v[int(i)] for i in perm] for k, v in extra.items()}  # conditions move with their samples
+    shuffled = score_all(model, images[perm], [prompts[i] for i in perm], ids[perm], batch_size=6, **moved)
     assert torch.allclose(shuffled, out[perm], atol=1e-5, equal_nan=True)
+    if extra:
+        with pytest.raises(ValueError, match="condition.*Fix"):
+            score_all(model, images, prompts, ids, batch_size=6)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)

@@ -83,3 +83,19 @@ def test_condition_images_travel_as_blobs_and_roll_out_as_locally(setup):
     for key, value in cond.tensors.items():
         assert torch.equal(again.tensors[key], value), key
     assert pending.plan is plan
+
+    # the trajectory names each sample's condition images, so a reward worker scores an edit
+    # against its source exactly as the embedded trainer does with the dataset files
+    from services.reward.worker import score_job
+    from shared.condition_images import open_rows
+    from shared.protocol import RewardJob
+    from shared.rewards import build_reward, score_all
+
+    assert traj.condition_images == [i.images for i in job.items]
+    spec = {"name": "keep", "reward_model": "source_similarity"}
+    scored = score_job(RewardJob(trajectory=traj, rewards=[spec]))
+    images = transport.store.get_images(traj.images)
+    local = score_all(build_reward("source_similarity"), images, plan.prompts[:n], torch.arange(n), 8,
+                      open_rows(plan.images[:n]))
+    assert torch.allclose(torch.tensor(scored.rewards["keep"]), local, atol=1e-6)
+    assert len(set(scored.rewards["keep"])) > 1  # the score depends on the image
