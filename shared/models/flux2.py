@@ -70,6 +70,7 @@ from torch import nn
 
 from shared.models.base import MODELS, Conditioning
 from shared.models.pipeline import DTYPE_OPTIONS, EmbeddedGuidance, PipelineAdapter
+from shared.models.prompt_length import MAX_SEQUENCE_FIX, TokenLimit
 
 FLUX2_OPTIONS: dict[str, Any] = {"max_sequence_length": 512, "text_encoder_out_layers": None,
                                  "shift_resolution": 512, **DTYPE_OPTIONS}
@@ -227,6 +228,23 @@ class Flux2Adapter(EmbeddedGuidance, Flux2BaseAdapter):
     hub_examples = "black-forest-labs/FLUX.2-dev"
     default_text_encoder_out_layers = (10, 20, 30)
 
+    def prompt_token_limits(self) -> list:
+        """Counted as Flux2Pipeline tokenizes: the system message and the prompt through the
+        Mistral-3 chat template, truncated at ``max_sequence_length``."""
+        from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+
+        tokenizer = self.pipeline.tokenizer
+        if tokenizer is None:
+            return []
+
+        def count(prompt: str) -> int:
+            ids = tokenizer.apply_chat_template(
+                format_input([prompt], system_message=self.pipeline.system_message), add_generation_prompt=False,
+                tokenize=True, return_dict=True, truncation=False)["input_ids"]
+            return len(ids[0]) if ids and isinstance(ids[0], list) else len(ids)
+
+        return [TokenLimit("Mistral-3 (tokenizer)", int(self.options["max_sequence_length"]), count, MAX_SEQUENCE_FIX)]
+
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], *, cfg: bool,
                        negative_prompts: list[str] | None = None) -> Conditioning:
@@ -244,6 +262,17 @@ class Flux2KleinAdapter(Flux2BaseAdapter):
     pipeline_class = "Flux2KleinPipeline"
     hub_examples = "black-forest-labs/FLUX.2-klein-base-4B or -9B"
     default_text_encoder_out_layers = (9, 18, 27)
+
+    def prompt_token_limits(self) -> list:
+        """Counted as Flux2KleinPipeline tokenizes: the Qwen3 chat template (thinking off, the
+        generation prompt added), truncated at ``max_sequence_length``."""
+        def render(prompt: str) -> str:
+            return self.pipeline.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True,
+                enable_thinking=False)
+
+        return self.tokenizer_limits(("tokenizer", "Qwen3", self.options["max_sequence_length"], MAX_SEQUENCE_FIX),
+                                     render=render)
 
     @property
     def is_distilled(self) -> bool:

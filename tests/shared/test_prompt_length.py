@@ -58,7 +58,7 @@ class _Capture(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-@pytest.mark.parametrize("model_type", ["sd3-5", "flux1", "z-image", "qwen-image", "wan2_t2v"])
+@pytest.mark.parametrize("model_type", ["sd3-5", "flux1", "z-image", "qwen-image", "wan2_t2v", "flux2", "flux2-klein"])
 def test_pipeline_families_warn_once_and_silence_diffusers(model_type):
     spec = TINY_PIPELINES[model_type]
     adapter = MODELS.get(model_type).from_pipeline(spec.build(0), spec.options)
@@ -93,3 +93,27 @@ def test_chat_template_counts_match_the_encoded_length(model_type):
     for prompt in (SHORT, "two green triangles"):
         mask = adapter.encode_prompts([prompt], cfg=False).tensors["prompt_mask"]
         assert limit.count(prompt) == int(mask.sum()), prompt
+
+
+@pytest.mark.parametrize("model_type", ["flux2", "flux2-klein"])
+def test_flux2_counts_are_the_pipelines_unpadded_tokens(model_type):
+    """FLUX.2's counts: the tokens its chat template gives a prompt, which the pipeline pads to
+    ``max_sequence_length`` (so the count is the attention mask's sum there)."""
+    from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+
+    spec = TINY_PIPELINES[model_type]
+    adapter = MODELS.get(model_type).from_pipeline(spec.build(0), spec.options)
+    (limit,) = adapter.prompt_token_limits()
+    tok, length = adapter.pipeline.tokenizer, limit.limit
+    for prompt in (SHORT, "two green triangles left of a cube"):
+        if model_type == "flux2":
+            mask = tok.apply_chat_template(format_input([prompt], system_message=adapter.pipeline.system_message),
+                                           add_generation_prompt=False, tokenize=True, return_dict=True,
+                                           return_tensors="pt", padding="max_length", truncation=True,
+                                           max_length=length)["attention_mask"]
+        else:
+            text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                           add_generation_prompt=True, enable_thinking=False)
+            mask = tok(text, return_tensors="pt", padding="max_length", truncation=True,
+                       max_length=length)["attention_mask"]
+        assert limit.count(prompt) == int(mask.sum()) < length, prompt
