@@ -34,7 +34,7 @@ log = logging.getLogger("flowrl.reward")
 class Work:
     """One request's samples waiting to be scored."""
 
-    images: list[torch.Tensor]  # each [3, H, W] in [0, 1]
+    images: list[torch.Tensor]  # each [3, H, W] (videos: [F, 3, H, W]) in [0, 1]
     prompts: list[str]
     group_ids: list[int] | None  # None = the request is one group (groupwise/pairwise)
     future: asyncio.Future
@@ -69,6 +69,11 @@ def score_requests(model: RewardModel, works: list[Work], batch_size: int) -> li
         out[idx] = score_all(model, batch, [prompts[i] for i in members], group_ids[idx], batch_size,
                              None if conditions is None else [conditions[i] for i in members])
     return list(out.split([w.n for w in works]))
+
+
+def _size(shape: tuple[int, ...]) -> str:
+    """``HxW`` of an image shape ``[3, H, W]`` (videos ``[F, 3, H, W]``: ``HxW x F frames``)."""
+    return f"{shape[-2]}x{shape[-1]}" + (f" x {shape[0]} frames" if len(shape) == 4 else "")
 
 
 def _first_bad_sample(model: RewardModel, work: Work, batch_size: int, limit: int = 256) -> int | None:
@@ -190,7 +195,7 @@ class DynamicBatcher:
             members[g] = members.get(g, 0) + 1
             if sizes.setdefault(g, tuple(im.shape)) != tuple(im.shape):
                 raise RequestError(
-                    422, f"group {g} mixes image sizes {sizes[g][1]}x{sizes[g][2]} and {im.shape[1]}x{im.shape[2]} "
+                    422, f"group {g} mixes image sizes {_size(sizes[g])} and {_size(tuple(im.shape))} "
                          f"(element {i}); a {self.model.kind} reward compares a group's images together, so they "
                          f"must have one size")
         lonely = [g for g, n in members.items() if n < 2]

@@ -8,9 +8,11 @@ before). ``POST /compute`` with the JSON body::
 
 answers ``{"rewards": [float, ...]}`` (same order and length) or ``{"error": "..."}`` with a
 non-2xx status. Images are PNG (or JPEG) files, base64 without a data-URI prefix (one is
-tolerated). ``condition_images`` (per sample a list of base64 images: the sources of an edit)
-go to rewards that read them (``RewardModel.condition_images``); videos and condition videos are
-not served: a non-null value is refused with 422.
+tolerated). ``video`` (per sample a list of base64 frames, one size per video) replaces
+``image`` for videos: a reward that scores whole videos (``RewardModel.video == "native"``) needs
+it, an image reward scores the frames and averages. ``condition_images`` (per sample a list of
+base64 images: the sources of an edit) go to rewards that read them
+(``RewardModel.condition_images``); condition videos are refused with 422.
 A groupwise reward treats one request as one group, as Flow-Factory's groupwise client sends.
 """
 
@@ -40,8 +42,14 @@ def _empty(value: Any) -> bool:
     return value is None or (isinstance(value, list) and all(_empty(v) for v in value))
 
 
-def parse_compute(body: bytes) -> ComputeRequest:
-    """Parse and check a ``/compute`` body (400 for bad JSON, 422 for the wrong shape)."""
+def _rows_of_strings(value: Any, n: int) -> bool:
+    return (isinstance(value, list) and len(value) == n
+            and all(isinstance(row, list) and row and all(isinstance(x, str) for x in row) for row in value))
+
+
+def parse_compute(body: bytes, video: bool = False) -> ComputeRequest:
+    """Parse and check a ``/compute`` body (400 for bad JSON, 422 for the wrong shape); ``video``:
+    the reward scores whole videos (field ``video`` required)."""
     raw = parse_json(body)
     try:
         req = ComputeRequest.model_validate(raw)
@@ -50,17 +58,32 @@ def parse_compute(body: bytes) -> ComputeRequest:
         raise RequestError(
             422, f"not a Flow-Factory /compute request ({problems}); expected "
                  f"{{'prompt': [str], 'image': [base64 PNG]}}") from None
-    for name in ("video", "condition_videos"):
-        if not _empty(getattr(req, name)):
-            raise RequestError(422, f"'{name}' is not supported by this server: it scores images (field 'image')")
-    if _empty(req.condition_images):
-        req.condition_images = None
-    elif not (isinstance(req.condition_images, list) and len(req.condition_images) == len(req.prompt)
-              and all(isinstance(row, list) and all(isinstance(x, str) for x in row) for row in req.condition_images)):
-        raise RequestError(422, "'condition_images' must be one list of base64 images per prompt "
-                                "([[base64 PNG, ...], ...], aligned with 'prompt')")
+    if not _empty(req.condition_videos):
+        raise RequestError(422, "'condition_videos' is not supported by this server")
+    if _empty(req.video):
+        req.video = None
+        if video:
+            raise RequestError(422, "this reward scores whole videos: send 'video' (per prompt a list of base64 "
+                                    "frames), not 'image'")
+    else:
+        if req.image is not None and not _empty(req.image):
+            raise RequestError(422, "'image' and 'video' both given; send one")
+        if not _rows_of_strings(req.video, len(req.prompt)):
+            raise RequestError(422, "'video' must be one non-empty list of base64 frames per prompt "
+                                    "([[base64 PNG, ...], ...], aligned with 'prompt')")
+        return _check_conditions(req)
+    _check_conditions(req)
     if req.image is None:
         raise RequestError(422, "'image' is null: this server scores images; send base64 PNGs in 'image'")
     if len(req.image) != len(req.prompt):
         raise RequestError(422, f"got {len(req.image)} images and {len(req.prompt)} prompts; they must align")
+    return req
+
+
+def _check_conditions(req: ComputeRequest) -> ComputeRequest:
+    if _empty(req.condition_images):
+        req.condition_images = None
+    elif not _rows_of_strings(req.condition_images, len(req.prompt)):
+        raise RequestError(422, "'condition_images' must be one list of base64 images per prompt "
+                                "([[base64 PNG, ...], ...], aligned with 'prompt')")
     return req

@@ -104,6 +104,18 @@ def _decode_images(elements: list, name: str, max_pixels: int) -> list[torch.Ten
         raise RequestError(422, str(e)) from None
 
 
+def _decode_videos(rows: list, name: str, max_pixels: int) -> list[torch.Tensor]:
+    """Per sample its frames as one ``[F, 3, H, W]`` tensor (every frame of a video one size)."""
+    out = []
+    for i, row in enumerate(rows):
+        frames = _decode_images(row, f"{name} video {i} frame", max_pixels)
+        if len({tuple(f.shape) for f in frames}) > 1:
+            raise RequestError(422, f"{name} video {i} has frames of different sizes "
+                                    f"{sorted({(f.shape[1], f.shape[2]) for f in frames})}; one size per video")
+        out.append(torch.stack(frames))
+    return out
+
+
 def _decode_conditions(rows: list | None, name: str, max_pixels: int) -> list[list] | None:
     """Per sample its condition images as RGB PIL (``None`` when none were sent); each distinct
     element is decoded once (group members share their source)."""
@@ -182,7 +194,7 @@ def _slot(request: Request, name: str, version: str | None = None) -> Slot:
 
 async def model_metadata(request: Request, name: str, version: str | None = None) -> dict:
     slot = _slot(request, name, version)
-    return v2.model_metadata(slot.name, slot.kind, slot.spec.reward_model, slot.conditions)
+    return v2.model_metadata(slot.name, slot.kind, slot.spec.reward_model, slot.conditions, slot.video)
 
 
 async def model_ready(request: Request, name: str, version: str | None = None) -> JSONResponse:
@@ -200,8 +212,11 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
 
         def decode():
             req, tail = v2.parse_request(body, request.headers.get(v2.HEADER_LENGTH))
-            inputs = v2.read_inputs(req, tail, slot.kind, slot.conditions)
-            return (inputs, _decode_images(inputs.images, f"input '{v2.IMAGE}'", settings.max_image_pixels),
+            inputs = v2.read_inputs(req, tail, slot.kind, slot.conditions, slot.video)
+            media = (_decode_videos(inputs.videos, f"input '{v2.VIDEO}'", settings.max_image_pixels)
+                     if inputs.videos is not None
+                     else _decode_images(inputs.images, f"input '{v2.IMAGE}'", settings.max_image_pixels))
+            return (inputs, media,
                     _decode_conditions(inputs.condition_images, f"input '{v2.CONDITION_IMAGES}'",
                                        settings.max_image_pixels))
 
@@ -229,8 +244,10 @@ def _flow_factory_routes(router: APIRouter) -> None:
             body = await read_body(request, settings.max_request_bytes)
 
             def decode():
-                req = flow_factory.parse_compute(body)
-                return (req, _decode_images(req.image or [], "'image'", settings.max_image_pixels),
+                req = flow_factory.parse_compute(body, video=slot.video)
+                media = (_decode_videos(req.video, "'video'", settings.max_image_pixels) if req.video is not None
+                         else _decode_images(req.image or [], "'image'", settings.max_image_pixels))
+                return (req, media,
                         _decode_conditions(req.condition_images, "'condition_images'", settings.max_image_pixels))
 
             req, images, conditions = await asyncio.to_thread(decode)

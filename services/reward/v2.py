@@ -9,6 +9,9 @@ A served reward is a v2 model named after the reward, version ``"1"``:
     3. ``group_id``: INT64 ``[B]``, only for groupwise/pairwise rewards and optional: samples with
        the same id form one group (compared with each other); without it the whole request is
        one group. Send every member of a group in the same request.
+       Videos instead: ``video``: BYTES ``[B, F]``, row ``i`` sample ``i``'s ``F`` encoded frames (one
+       size per video). A reward that scores whole videos (``RewardModel.video == "native"``) takes
+       only ``video``; an image reward takes either (a video's score = the mean over its frames).
     4. ``condition_images``: BYTES ``[B, M]``, only for rewards that compare an image with its
        condition (source) images (``RewardModel.condition_images``), and required by them: row
        ``i`` holds sample ``i``'s ``M`` encoded source images (edit / image-to-video models).
@@ -36,7 +39,7 @@ from services.reward.errors import RequestError, parse_json
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 IMAGE, PROMPT, GROUP_ID, SCORE = "image", "prompt", "group_id", "score"
-CONDITION_IMAGES = "condition_images"
+CONDITION_IMAGES, VIDEO = "condition_images", "video"
 VERSION = "1"
 
 
@@ -73,13 +76,16 @@ class Inputs:
     request_id: str | None
     binary_output: bool
     condition_images: list[list[bytes | str]] | None = None  # [B][M] encoded source images
+    videos: list[list[bytes | str]] | None = None  # [B][F] encoded frames (then ``images`` is empty)
 
 
-def model_metadata(name: str, kind: str, reward_model: str, conditions: bool = False) -> dict[str, Any]:
+def model_metadata(name: str, kind: str, reward_model: str, conditions: bool = False,
+                   video: bool = False) -> dict[str, Any]:
     """The ``GET /v2/models/{name}`` body. ``parameters`` (kind, reward_model) is our addition;
-    ``conditions``: the reward reads condition images (input ``condition_images``)."""
+    ``conditions``: the reward reads condition images (input ``condition_images``); ``video``: it
+    scores whole videos (input ``video`` in place of ``image``)."""
     inputs = [
-        {"name": IMAGE, "datatype": "BYTES", "shape": [-1]},
+        {"name": VIDEO, "datatype": "BYTES", "shape": [-1, -1]} if video else {"name": IMAGE, "datatype": "BYTES", "shape": [-1]},
         {"name": PROMPT, "datatype": "BYTES", "shape": [-1]},
     ]
     if kind != "pointwise":
@@ -168,7 +174,7 @@ def _count(shape: list[int], where: str, matrix: bool = False) -> int:
 def _elements(inp: InferInput, tail: memoryview, offset: int) -> tuple[list[Any], int]:
     """The flat elements of one input and the new offset into the binary tail."""
     where = f"input '{inp.name}'"
-    count = _count(inp.shape, where, matrix=inp.name == CONDITION_IMAGES)
+    count = _count(inp.shape, where, matrix=inp.name in (CONDITION_IMAGES, VIDEO))
     params = inp.parameters or {}
     if "shared_memory_region" in params:
         raise RequestError(422, f"{where}: shared memory is not supported; send the data in the request")
@@ -201,16 +207,20 @@ def _expect(inp: InferInput, datatype: str) -> None:
         raise RequestError(422, f"input '{inp.name}' must have datatype {datatype}, got {inp.datatype}")
 
 
-def read_inputs(req: InferRequest, tail: memoryview, kind: str, conditions: bool = False) -> Inputs:
+def read_inputs(req: InferRequest, tail: memoryview, kind: str, conditions: bool = False,
+                video: bool = False) -> Inputs:
     """Check the inputs against the model's signature and return them per sample (``conditions``:
-    the model reads condition images, input ``condition_images`` ``[B, M]``).
+    the model reads condition images, input ``condition_images`` ``[B, M]``; ``video``: it scores
+    whole videos, input ``video`` ``[B, F]`` only).
 
     Raises:
         RequestError: 400 for broken binary framing, 422 for anything else invalid; the message
             names the input and what was expected.
     """
-    accepted = [IMAGE, PROMPT] + ([GROUP_ID] if kind != "pointwise" else []) + ([CONDITION_IMAGES] if conditions else [])
-    signature = (f"{IMAGE} (BYTES), {PROMPT} (BYTES)" + (f", optional {GROUP_ID} (INT64)" if kind != "pointwise" else "")
+    media = [VIDEO] if video else [IMAGE, VIDEO]
+    accepted = media + [PROMPT] + ([GROUP_ID] if kind != "pointwise" else []) + ([CONDITION_IMAGES] if conditions else [])
+    signature = ((f"{VIDEO} (BYTES [B, F])" if video else f"{IMAGE} (BYTES) or {VIDEO} (BYTES [B, F])")
+                 + f", {PROMPT} (BYTES)" + (f", optional {GROUP_ID} (INT64)" if kind != "pointwise" else "")
                  + (f", {CONDITION_IMAGES} (BYTES [B, M])" if conditions else ""))
     by_name: dict[str, list[Any]] = {}
     offset = 0
@@ -223,18 +233,26 @@ def read_inputs(req: InferRequest, tail: memoryview, kind: str, conditions: bool
         by_name[inp.name], offset = _elements(inp, tail, offset)
     if offset != len(tail):
         raise RequestError(400, f"{len(tail) - offset} bytes of binary data are not claimed by any input")
-    for required in (IMAGE, PROMPT) + ((CONDITION_IMAGES,) if conditions else ()):
+    if IMAGE in by_name and VIDEO in by_name:
+        raise RequestError(422, f"inputs '{IMAGE}' and '{VIDEO}' both given; send one; this model takes {signature}")
+    medium = VIDEO if VIDEO in by_name else IMAGE
+    for required in (medium, PROMPT) + ((CONDITION_IMAGES,) if conditions else ()):
         if required not in by_name:
             raise RequestError(422, f"missing input '{required}'; this model takes {signature}")
     prompts = [_text(p, i) for i, p in enumerate(by_name[PROMPT])]
-    images = by_name[IMAGE]
+    images = by_name[medium]
     if any(not isinstance(x, (str, bytes)) for x in images):
-        raise RequestError(422, f"input '{IMAGE}': elements must be strings (base64 of an encoded image)")
+        raise RequestError(422, f"input '{medium}': elements must be strings (base64 of an encoded image)")
+    videos = None
+    if medium == VIDEO:
+        shape = next(i.shape for i in req.inputs if i.name == VIDEO)
+        videos, images = [images[i * shape[1]:(i + 1) * shape[1]] for i in range(shape[0])], []
     group_ids = by_name.get(GROUP_ID)
     if group_ids is not None and any(isinstance(g, bool) or not isinstance(g, int) or not -2**63 <= g < 2**63
                                      for g in group_ids):
         raise RequestError(422, f"input '{GROUP_ID}': elements must be integers that fit INT64")
-    lengths = {IMAGE: len(images), PROMPT: len(prompts)} | ({GROUP_ID: len(group_ids)} if group_ids is not None else {})
+    lengths = ({medium: len(videos if videos is not None else images), PROMPT: len(prompts)}
+               | ({GROUP_ID: len(group_ids)} if group_ids is not None else {}))
     rows = None
     if conditions:
         shape = next(i.shape for i in req.inputs if i.name == CONDITION_IMAGES)
@@ -245,7 +263,7 @@ def read_inputs(req: InferRequest, tail: memoryview, kind: str, conditions: bool
         lengths[CONDITION_IMAGES] = len(rows)
     if len(set(lengths.values())) > 1:
         raise RequestError(422, "inputs have different batch sizes: " + ", ".join(f"{k} {v}" for k, v in lengths.items()))
-    return Inputs(images, prompts, group_ids, req.id, _binary_output(req), rows)
+    return Inputs(images, prompts, group_ids, req.id, _binary_output(req), rows, videos)
 
 
 def _text(value: Any, index: int) -> str:

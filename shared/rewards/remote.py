@@ -16,10 +16,14 @@ Config::
         token: null             # bearer token; default the FLOWRL_API_TOKEN environment variable
         condition_images: false # true: also send each sample's condition (source) images, for a
                                 # served reward that compares an edit with its source
+        video: frames           # videos: frames = score each frame remotely and average here;
+                                # native = send whole videos (a served reward that scores videos)
 
 With ``condition_images: true``, v2 requests carry the input ``condition_images`` (BYTES
 ``[B, M]``, PNG; every sample of a request needs the same number ``M``) and Flow-Factory
-requests the field ``condition_images`` (per prompt a list of base64 PNGs).
+requests the field ``condition_images`` (per prompt a list of base64 PNGs). With ``video: native``
+videos ``[B, F, 3, H, W]`` go whole: v2 input ``video`` (BYTES ``[B, F]``, PNG frames) in place of
+``image``, Flow-Factory field ``video`` (per prompt a list of base64 PNG frames).
 
 Images are sent as PNG files of the uint8-quantized images (``round(x * 255)``, as Flow-Factory
 does), so scores equal local scores of the quantized images. v2 requests use the binary tensor
@@ -82,16 +86,20 @@ def _bytes_tensor(items: list[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(x)) + x for x in items)
 
 
-def v2_request(pngs: list[bytes], prompts: list[str],
+def v2_request(pngs: list[bytes] | list[list[bytes]], prompts: list[str],
                conditions: list[list[bytes]] | None = None) -> tuple[bytes, dict[str, str]]:
-    """Body and headers of a v2 infer request using the binary tensor extension; ``conditions``:
-    per sample its encoded condition images (the same number for every sample), sent as the
-    input ``condition_images`` ``[B, M]``."""
-    image_raw = _bytes_tensor(pngs)
-    prompt_raw = _bytes_tensor([p.encode("utf-8") for p in prompts])
+    """Body and headers of a v2 infer request using the binary tensor extension. ``pngs``: one
+    encoded image per sample (input ``image`` ``[B]``), or per sample a video's encoded frames
+    (input ``video`` ``[B, F]``); ``conditions``: per sample its encoded condition images (the same
+    number for every sample), sent as the input ``condition_images`` ``[B, M]``."""
     n = len(pngs)
+    videos = n > 0 and isinstance(pngs[0], list)
+    image_raw = _bytes_tensor([f for video in pngs for f in video] if videos else pngs)  # type: ignore[union-attr]
+    prompt_raw = _bytes_tensor([p.encode("utf-8") for p in prompts])
+    media = ({"name": "video", "shape": [n, len(pngs[0])], "datatype": "BYTES"} if videos
+             else {"name": "image", "shape": [n], "datatype": "BYTES"})
     inputs = [
-        {"name": "image", "shape": [n], "datatype": "BYTES", "parameters": {"binary_data_size": len(image_raw)}},
+        {**media, "parameters": {"binary_data_size": len(image_raw)}},
         {"name": "prompt", "shape": [n], "datatype": "BYTES", "parameters": {"binary_data_size": len(prompt_raw)}},
     ]
     raws = [image_raw, prompt_raw]
@@ -158,9 +166,12 @@ class RemoteReward(RewardModel):
 
     def __init__(self, *, url: str, protocol: str = "v2", model: str | None = None, kind: str = "pointwise",
                  timeout: float = 60.0, retries: int = 3, backoff: float = 0.5, token: str | None = None,
-                 condition_images: bool = False, **options) -> None:
+                 condition_images: bool = False, video: str = "frames", **options) -> None:
         super().__init__(**options)
-        self.condition_images = bool(condition_images)  # instance attribute over the class default
+        if video not in ("frames", "native"):
+            raise ValueError(f"remote reward: video must be 'frames' or 'native', got {video!r}")
+        self.condition_images = bool(condition_images)  # instance attributes over the class defaults
+        self.video = video
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise ValueError(f"remote reward: url must start with http:// or https://, got {url!r}")
         if protocol not in PROTOCOLS:
@@ -205,21 +216,31 @@ class RemoteReward(RewardModel):
     # --- transport -----------------------------------------------------------------------------
 
     def _score(self, images: torch.Tensor, prompts: list[str], condition_images=None) -> torch.Tensor:
-        _check_rgb(images, self.name)
         if len(prompts) != images.shape[0]:
             raise ValueError(f"{self.name}: got {len(prompts)} prompts for {images.shape[0]} images")
-        pngs = encode_png(images)
+        if images.ndim == 5:  # whole videos (video: native): per sample its PNG frames
+            _check_rgb(images.flatten(0, 1), self.name)
+            pngs = [encode_png(video) for video in images]
+        else:
+            _check_rgb(images, self.name)
+            pngs = encode_png(images)
         conditions = None
         if condition_images is not None:  # each distinct source encoded once
             cache: dict[int, bytes] = {}
-            conditions = [[cache.setdefault(id(im), encode_pil_png(im)) for im in row] for row in condition_images]
+            for row in condition_images:
+                for im in row:
+                    if id(im) not in cache:
+                        cache[id(im)] = encode_pil_png(im)
+            conditions = [[cache[id(im)] for im in row] for row in condition_images]
         if self.protocol == "v2":
             body, headers = v2_request(pngs, list(prompts), conditions)
             response = self._post(f"/v2/models/{self._model_name()}/infer", body, headers)
             parse = v2_scores
         else:
             b64 = lambda x: base64.b64encode(x).decode("ascii")  # noqa: E731
-            payload = {"prompt": list(prompts), "image": [b64(p) for p in pngs], "video": None,
+            videos = images.ndim == 5
+            payload = {"prompt": list(prompts), "image": None if videos else [b64(p) for p in pngs],
+                       "video": [[b64(f) for f in video] for video in pngs] if videos else None,
                        "condition_images": None if conditions is None else [[b64(x) for x in row] for row in conditions],
                        "condition_videos": None}
             response = self._post("/compute", json.dumps(payload).encode(), {"Content-Type": "application/json"})

@@ -59,3 +59,15 @@ class PoisonedBrightness(Brightness):
         if bad:
             raise PoisonError(f"poisoned prompt {bad[0]!r}")
         return super().score(images, prompts)
+
+
+class FrameChange(Brightness):
+    """A whole-video reward (``video = "native"``): the mean absolute change between consecutive
+    frames of ``[B, F, 3, H, W]`` videos (0 for a still video). Pointwise."""
+
+    video = "native"
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        if images.ndim != 5:
+            raise ValueError(f"FrameChange scores videos [B, F, 3, H, W], got {tuple(images.shape)}")
+        return (images[:, 1:] - images[:, :-1]).abs().mean(dim=(1, 2, 3, 4))

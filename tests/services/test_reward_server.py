@@ -353,7 +353,8 @@ def test_flow_factory_health_and_compute():
             (b"[", 400, "not valid JSON"),
             (json.dumps({"prompt": ["a"]}).encode(), 422, "'image' is null"),
             (json.dumps(body | {"prompt": ["a"]}).encode(), 422, "got 3 images and 1 prompts"),
-            (json.dumps(body | {"video": [[b64[0]]]}).encode(), 422, "'video' is not supported"),
+            (json.dumps(body | {"video": [[b64[0]]]}).encode(), 422, "'image' and 'video' both given"),
+            (json.dumps(body | {"condition_videos": [[b64[0]]]}).encode(), 422, "'condition_videos' is not supported"),
             (json.dumps(body | {"images": b64}).encode(), 422, "images: Extra inputs are not permitted"),
             (json.dumps(body | {"image": ["@@"] * 3}).encode(), 422, "'image' element 0 is neither"),
         ]:
