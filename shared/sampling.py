@@ -57,6 +57,20 @@ def per_sample_noise(generators: list[torch.Generator], shape: tuple[int, ...],
     return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
 
 
+def step_noise(generators: list[torch.Generator], shape: tuple[int, ...], steps: int,
+               device: torch.device) -> torch.Tensor:
+    """``[steps, B, *shape]`` float32 standard normal noise for ``steps`` SDE steps, row ``b`` of
+    step ``k`` the ``k``-th draw of ``generators[b]`` after its initial noise (the values
+    :func:`per_sample_noise` would give step by step), moved to ``device`` in one copy."""
+    if steps == 0:
+        return torch.zeros((0, len(generators), *shape), device=device)
+    host = torch.stack([torch.stack([torch.randn(shape, generator=g) for _ in range(steps)]) for g in generators],
+                       dim=1)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
 @torch.no_grad()
 def rollout(
     adapter: FlowModelAdapter,
@@ -95,12 +109,16 @@ def rollout(
     stochastic = set() if dynamics == "ODE" else set(sde_steps)
     kept: dict[str, list[torch.Tensor]] = {k: [] for k in ("x", "next", "logp", "std", "mean")}
     batch = len(seeds)
+    # everything the loop reads from the host goes to the device once, before it: no copy (and
+    # so no host sync) between steps. Each sample's SDE noise is drawn in its generator's order.
+    noises = step_noise(generators, shape, sum(1 for i in range(len(sigmas) - 1) if i in stochastic), device)
+    grid = sigmas.to(device)
     for i in range(len(sigmas) - 1):
-        sigma = sigmas[i].expand(batch).to(device)
-        sigma_next = sigmas[i + 1].expand(batch).to(device)
+        sigma = grid[i].expand(batch)
+        sigma_next = grid[i + 1].expand(batch)
         v = adapter.velocity(x.float(), sigma, cond, guidance_scale, transformer=transformer)
         if i in stochastic:
-            noise = per_sample_noise(generators, shape, device)
+            noise = noises[len(kept["x"])]
             out = sde_step(x, v, sigma, sigma_next, dynamics=dynamics, noise_level=noise_level,
                            noise=noise, log_prob_reduction=log_prob_reduction)
             kept["x"].append(x)
