@@ -84,6 +84,9 @@ class ModelConfig(_Strict):
     # (shared.models.attention); None = the model as diffusers builds it
     attn_backend: str | None = None
     gradient_checkpointing: bool = False  # recompute transformer activations in backward
+    # torch.compile the transformer (trainer and samplers; in place, so parameter names, LoRA files
+    # and published weights are unchanged): true = the default mode, or a torch.compile mode name
+    compile: bool | Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = False
     # prompt / condition embeddings are computed once per distinct (prompt, negative prompt,
     # condition images, settings) and reused (shared.embedding_cache): an in-memory LRU of this
     # many MiB (CPU memory; 0 = none), and on disk under embedding_cache_dir (safetensors files

@@ -20,7 +20,7 @@ from torch import nn
 
 from shared.config import Config
 from shared.models import Conditioning, FlowModelAdapter, ParamView
-from shared.models.lora import prepare_transformer
+from shared.models.lora import compile_transformer, prepare_transformer
 from trainer.ema import EMA, ema_decay
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -28,8 +28,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def attach_trainable(adapter: FlowModelAdapter, cfg: Config) -> dict[str, nn.Parameter]:
     """Freeze the model, add LoRA (peft) or unfreeze all, turn on gradient checkpointing when
-    ``model.gradient_checkpointing``; return the trainable parameters (their names are the ones
-    published to samplers)."""
+    ``model.gradient_checkpointing``, ``torch.compile`` it when ``model.compile``; return the
+    trainable parameters (their names are the ones published to samplers)."""
     m, transformer = cfg.model, adapter.transformer
     prepare_transformer(adapter, m)
     if m.finetune_type == "full":
@@ -46,6 +46,7 @@ def attach_trainable(adapter: FlowModelAdapter, cfg: Config) -> dict[str, nn.Par
     master = DTYPES[m.master_weight_dtype]
     for p in trainable.values():
         p.data = p.data.to(master)
+    compile_transformer(adapter, m)  # model.compile: last, on the module as it will train
     return trainable
 
 

@@ -31,7 +31,7 @@ import torch
 
 from shared.config import ModelConfig
 from shared.models import load_adapter
-from shared.models.lora import load_named_parameters, prepare_transformer
+from shared.models.lora import compile_transformer, load_named_parameters, prepare_transformer
 from shared.protocol import PolicyPublished, SampleJob, Trajectory
 from shared.queue import RunState
 from shared.sampling import pack_trajectory, rollout_with
@@ -74,6 +74,7 @@ class SamplerRuntime:
         device = self.device or default_device()
         adapter = load_adapter(cfg, device=device, seed=seed)
         prepare_transformer(adapter, cfg)
+        compile_transformer(adapter, cfg)  # model.compile, as the trainer does
         adapter.transformer.eval()
         self.adapter, self.model_key, self.version = adapter, key, None
 

@@ -34,6 +34,22 @@ def prepare_transformer(adapter: FlowModelAdapter, model_cfg: Any) -> None:
         transformer.add_adapter(lora)
 
 
+def compile_transformer(adapter: FlowModelAdapter, model_cfg: Any) -> bool:
+    """``model.compile``: ``torch.compile`` each denoiser module of ``adapter`` in place
+    (``nn.Module.compile``: the module keeps its parameters and their names, so LoRA checkpoints,
+    EMA views and published weights are untouched; both experts of a two-expert model). The first
+    calls compile (minutes for a real-size model; logged by the caller's timing). Returns whether
+    it compiled."""
+    from shared.models.experts import denoiser_parts
+
+    mode = getattr(model_cfg, "compile", False)
+    if not mode:
+        return False
+    for _, module in denoiser_parts(adapter.transformer):
+        module.compile(mode=None if mode is True or mode == "default" else mode)
+    return True
+
+
 @torch.no_grad()
 def load_named_parameters(module: nn.Module, tensors: dict[str, torch.Tensor]) -> int:
     """Copy ``tensors`` into ``module``'s parameters of the same names (in place, keeping each

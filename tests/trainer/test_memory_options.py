@@ -216,3 +216,43 @@ def test_train_and_eval_resolution_and_frames_are_decoupled(tmp_path, monkeypatc
     assert ((32, 32), 5, (5, 3, 32, 32)) in seen  # training rollouts
     assert ((48, 32), 9, (9, 3, 48, 32)) in seen  # evaluation
     assert {s[:2] for s in seen} == {((32, 32), 5), ((48, 32), 9)}
+
+
+# --------------------------------------------------------------------------- torch.compile
+
+
+def test_compile_trains_through_the_compiled_transformer_like_eager(tmp_path, monkeypatch):
+    """``model.compile``: the transformer is compiled in place (parameter names, hence LoRA files,
+    unchanged), the trainer's forwards go through dynamo, and one epoch lands on the weights of the
+    uncompiled run. Dynamo's ``eager`` backend stands in for inductor here (no C++ toolchain on
+    CI; inductor's speed is measured by bench/gpu/sampler.py --compile)."""
+    from safetensors.torch import load_file
+    from torch._dynamo.utils import counters
+
+    import trainer.loop as loop
+
+    real = torch.compile
+    modes = []
+
+    def eager_compile(model=None, **kwargs):
+        modes.append(kwargs.pop("mode", None))
+        return real(model, backend="eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    common = ["train.max_epochs=1", "train.unique_sample_num_per_epoch=2", "train.group_size=4",
+              "train.per_device_batch_size=8", "train.gradient_step_per_epoch=1", "eval.eval_freq=0",
+              "eval.num_prompts=2", "eval.num_inference_steps=2"]
+    weights = {}
+    for compiled in (False, True):
+        cfg = tiny_config(tmp_path / str(compiled), "grpo", common + [f"model.compile={str(compiled).lower()}"])
+        torch._dynamo.reset()
+        before = counters["stats"]["calls_captured"]
+        summary = loop.train(cfg, quiet=True)
+        captured = counters["stats"]["calls_captured"] - before
+        assert (captured > 0) == compiled, captured
+        weights[compiled] = load_file(f"{summary['checkpoint']}/lora/pytorch_lora_weights.safetensors")
+    torch._dynamo.reset()
+    assert modes == [None]  # model.compile: true = torch.compile's default mode
+    assert weights[True].keys() == weights[False].keys()
+    for k in weights[True]:
+        torch.testing.assert_close(weights[True][k], weights[False][k], rtol=1e-5, atol=1e-6)
