@@ -3,6 +3,7 @@ forward + backward of the same batch, measured in the same run.
 
     python bench/gpu/train_step.py --model sd3-5 --algorithm grpo                    # eager
     python bench/gpu/train_step.py --model sd3-5 --algorithm grpo --gradient-checkpointing
+    python bench/gpu/train_step.py --model sd3-5 --algorithm grpo --compile default  # model.compile
 
 The group: ``--batch`` samples of one prompt group rolled out by flowrl (Flow-SDE, the recipe's
 trained SDE steps recorded, CFG), random advantages. flowrl's step = ``trainer.loop.optimize``
@@ -63,7 +64,8 @@ def main(argv=None) -> dict:
         train.update(num_train_timesteps=args.train_steps)
     cfg = parse_config({"model": {"model_type": args.model, "model_name_or_path": "random-weights", "lora_rank": args.lora_rank,
                                   "lora_alpha": 2 * args.lora_rank, "target_modules": SD3_TARGETS,
-                                  "gradient_checkpointing": args.gradient_checkpointing},
+                                  "gradient_checkpointing": args.gradient_checkpointing,
+                                  "compile": args.compile or False},  # in place: raw uses it too
                         "train": train, "logging_backend": "none", "rewards": [{"reward_model": "brightness"}]})
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not cuda)
     trainable = attach_trainable(adapter, cfg)
@@ -110,6 +112,7 @@ def main(argv=None) -> dict:
     with peak_memory(device) as raw_mem:
         raw_s = timed(raw, device, iters=args.iters, warmup=args.warmup)
     row = {"algorithm": args.algorithm, "batch": b, "forward_rows": 2 * b if cfg_guidance else b, "units": units,
+           "compile": args.compile,
            "gradient_checkpointing": args.gradient_checkpointing, "ours_s": ours_s, "raw_s": raw_s,
            "train_step_vs_raw": ours_s / raw_s, "ours_peak_gib": ours_mem["peak_gib"],
            "raw_peak_gib": raw_mem["peak_gib"], "trainable_params_M": sum(t.numel() for t in trainable.values()) / 1e6}
@@ -118,7 +121,7 @@ def main(argv=None) -> dict:
     payload = {"bench": "gpu_train_step", "model": args.model, "smoke": args.smoke, "resolution": args.resolution,
                "steps": args.steps, "guidance": guidance, "lora_rank": args.lora_rank, "targets": SD3_TARGETS,
                "mixed_precision": cfg.train.mixed_precision, "rows": [row], **environment(device)}
-    suffix = f"{args.algorithm}{'_ckpt' if args.gradient_checkpointing else ''}"
+    suffix = f"{args.algorithm}{'_ckpt' if args.gradient_checkpointing else ''}{'_compiled' if args.compile else ''}"
     write_result(f"train_step_{suffix}", args, payload)
     return payload
 
