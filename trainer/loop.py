@@ -122,7 +122,8 @@ def optimize(cfg: Config, accelerator: Accelerator, policy: Policy, algorithm: A
     geo = cfg.geometry(accelerator.num_processes)
     units = algorithm.num_units(len(data.rollout.sde_steps))
     per_step = geo.batches_per_grad_step * units  # backward passes per optimizer step
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor | float] = {}  # metric sums, kept on the device: no host sync per unit
+    losses: list[tuple[int, torch.Tensor]] = []  # (unit, loss) since the last optimizer step
     count = 0
     policy.model.train()
     for inner in range(t.num_inner_epochs):
@@ -136,22 +137,33 @@ def optimize(cfg: Config, accelerator: Accelerator, policy: Policy, algorithm: A
                 ctx = contextlib.nullcontext() if sync else accelerator.no_sync(policy.model)
                 with ctx, accelerator.autocast():
                     loss, metrics = algorithm.loss(batch, unit, state, policy)
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(
-                            f"epoch {epoch}: {t.trainer_type} loss is {float(loss)} at unit {unit}. "
-                            f"Lower train.learning_rate, check the rewards, or use mixed_precision: no.")
                     accelerator.backward(loss / per_step)
-                for k, v in {"loss": loss.item(), **metrics}.items():
-                    sums[k] = sums.get(k, 0.0) + v
+                losses.append((unit, loss.detach()))
+                for k, v in {"loss": loss.detach(), **metrics}.items():
+                    sums[k] = sums.get(k, 0.0) + (v.detach() if isinstance(v, torch.Tensor) else v)
                 if sync:
+                    _check_finite(t, epoch, losses)
                     step = _optimizer_step(t, accelerator, policy, optimizer, lr_schedule, step,
                                            sums, per_step)
     if count % per_step:  # fewer micro-batches than planned (groups dropped): apply what is there
+        _check_finite(t, epoch, losses)
         step = _optimizer_step(t, accelerator, policy, optimizer, lr_schedule, step, sums, per_step)
     policy.model.eval()
-    means = {f"train/{k}": v / count for k, v in sums.items()}
+    means = {f"train/{k}": float(v) / count for k, v in sums.items()}  # the epoch's one read-back
     means["train/lr"] = lr_schedule.get_last_lr()[0]
     return step, means
+
+
+def _check_finite(t, epoch: int, losses: list[tuple[int, torch.Tensor]]) -> None:
+    """Before an optimizer step: every loss accumulated into it is finite (one host sync for all),
+    else a FloatingPointError naming the first bad unit; the weights are not touched."""
+    finite = torch.isfinite(torch.stack([loss.float() for _, loss in losses]))
+    if not bool(finite.all()):
+        unit, loss = losses[int((~finite).nonzero()[0])]
+        raise FloatingPointError(
+            f"epoch {epoch}: {t.trainer_type} loss is {float(loss)} at unit {unit}; the optimizer step was not "
+            f"applied. Lower train.learning_rate, check the rewards, or use mixed_precision: no.")
+    losses.clear()
 
 
 def _optimizer_step(t, accelerator, policy, optimizer, lr_schedule, step: int, sums: dict,
@@ -159,7 +171,7 @@ def _optimizer_step(t, accelerator, policy, optimizer, lr_schedule, step: int, s
     """Clip, step, schedule, zero, EMA; returns the new optimizer step count."""
     if t.max_grad_norm:
         norm = accelerator.clip_grad_norm_(list(policy.trainable.values()), t.max_grad_norm)
-        sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(norm) * per_step
+        sums["grad_norm"] = sums.get("grad_norm", 0.0) + norm.detach() * per_step
     optimizer.step()
     lr_schedule.step()
     optimizer.zero_grad(set_to_none=True)

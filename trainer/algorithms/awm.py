@@ -48,13 +48,13 @@ class AWM(Decoupled):
         adv = clip_advantages(batch.advantages, t.adv_clip_range)
         loss, metrics = clipped_surrogate(policy_ratio(logp, state["logp_old"][unit]).float(),
                                           adv, t.clip_range)
-        metrics = {k: float(m) for k, m in metrics.items()}
+        metrics = {k: m.detach() for k, m in metrics.items()}
         if t.kl_beta:
             kl = kl_v_based(v, policy.ref_velocity(x_t, sigma, batch.cond)).mean()
             loss = loss + t.kl_beta * kl
-            metrics["kl"] = kl.item()
+            metrics["kl"] = kl.detach()
         if t.ema_kl_beta and policy.ema is not None:
             ema_kl = kl_v_based(v, policy.ema_velocity(x_t, sigma, batch.cond)).mean()
             loss = loss + t.ema_kl_beta * ema_kl
-            metrics["ema_kl"] = ema_kl.item()
+            metrics["ema_kl"] = ema_kl.detach()
         return loss, metrics

@@ -65,7 +65,8 @@ class Algorithm(ABC):
     @abstractmethod
     def loss(self, batch: TrainBatch, unit: int, state: dict[str, Any],
              policy: Any) -> tuple[torch.Tensor, dict[str, float]]:
-        """Scalar loss for ``unit`` and detached metrics."""
+        """Scalar loss for ``unit`` and its metrics (detached 0-d tensors or floats; the loop sums them on
+        the device and reads them back once per epoch)."""
 
 
 def expand(value: torch.Tensor, batch: int) -> torch.Tensor:

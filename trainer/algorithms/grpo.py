@@ -58,9 +58,9 @@ class GRPO(Algorithm):
     def loss(self, batch, unit, state, policy):
         out, v, x, sigma, sigma_next = self.replay(batch, unit, policy)
         loss, metrics = self.surrogate(batch, unit, out, sigma, sigma_next)
-        metrics = {k: float(v_) for k, v_ in metrics.items()}
+        metrics = {k: v_.detach() for k, v_ in metrics.items()}
         if self.t.kl_beta:
             kl = self.kl(batch, unit, policy, out, v, x, sigma, sigma_next).mean()
             loss = loss + self.t.kl_beta * kl
-            metrics["kl"] = kl.item()
+            metrics["kl"] = kl.detach()
         return loss, metrics

@@ -34,9 +34,9 @@ class NFT(Decoupled):
         r = nft_optimality(batch.advantages, t.adv_clip_range)
         loss, metrics = nft_loss(v, state["v_old"][unit], x_t, batch.final_latents.float(), sigma,
                                  r, t.nft_beta, t.adv_clip_range)
-        metrics = {k: float(m) for k, m in metrics.items()}
+        metrics = {k: m.detach() for k, m in metrics.items()}
         if t.kl_beta:
             kl = kl_v_based(v, policy.ref_velocity(x_t, sigma, batch.cond)).mean()
             loss = loss + t.kl_beta * kl
-            metrics["kl"] = kl.item()
+            metrics["kl"] = kl.detach()
         return loss, metrics
