@@ -6,6 +6,7 @@ nothing; the real runs need the device (``bench/gpu/run_device.sh``)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ def run(script: str, tmp_path: Path, *args: str) -> dict:
     out = tmp_path / f"{script}.json"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu" / f"{script}.py"), "--smoke", "--device", "cpu",
                            "--out", str(out), *args], capture_output=True, text=True, timeout=600,
-                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())
 
