@@ -93,3 +93,42 @@ def test_ti2v_first_frame_is_the_image(euler):
     roll = rollout(adapter, cond, [0, 1], resolution=(H, W), sigmas=adapter.sigmas(3, (H, W)), guidance_scale=1.0,
                    dynamics="Flow-SDE", noise_level=0.7, sde_steps=[0, 1])
     torch.testing.assert_close(roll.final_latents[:, :, :1], cond.tensors["image_latents"], rtol=0, atol=1e-5)
+
+
+def test_wan22_i2v_a14b_two_experts_roll_out():
+    """Wan2.2-I2V-A14B's layout (two experts, ``boundary_ratio`` 0.9, first-frame conditioning on
+    the channel axis, no image encoder): the rollout runs, each expert takes its steps."""
+    from diffusers import WanImageToVideoPipeline, WanTransformer3DModel
+
+    from shared.models.experts import TwoExperts
+    from shared.models.wan_i2v import WanI2VAdapter
+    from shared.sampling import rollout_batches
+    from tests.helpers.tiny_edit_pipelines import condition_rows
+    from tests.helpers.tiny_pipelines import build_wan_t2v
+
+    t2v = build_wan_t2v(0)
+    z = t2v.vae.config.z_dim
+
+    def expert(seed: int):
+        torch.manual_seed(seed)
+        return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                     in_channels=2 * z + t2v.vae.config.scale_factor_temporal, out_channels=z,
+                                     text_dim=16, freq_dim=32, ffn_dim=32, num_layers=2, rope_max_seq_len=32)
+
+    pipe = WanImageToVideoPipeline(tokenizer=t2v.tokenizer, text_encoder=t2v.text_encoder, vae=t2v.vae,
+                                   scheduler=t2v.scheduler, image_processor=None, image_encoder=None,
+                                   transformer=expert(1), transformer_2=expert(2), boundary_ratio=0.9)
+    adapter = WanI2VAdapter.from_pipeline(pipe, {**SPEC.options, "guidance_scale_2": 2.0})
+    assert isinstance(adapter.transformer, TwoExperts)
+    calls = {"transformer": 0, "transformer_2": 0}
+    for name, module in adapter.transformer.parts():
+        module.register_forward_hook(lambda m, a, o, name=name: calls.__setitem__(name, calls[name] + 1))
+    _, roll = rollout_batches(adapter, PROMPTS[:2], [None, None], [0, 1], batch_size=2, resolution=(H, W),
+                              num_steps=4, guidance_scale=3.0, dynamics="Flow-SDE", noise_level=0.7, sde_steps=[0, 2],
+                              keep_means=False, log_prob_reduction="mean", transformer=adapter.transformer,
+                              images=condition_rows(2, 1))
+    assert roll.images.shape == (2, SPEC.options["num_frames"], 3, H, W)
+    assert torch.isfinite(roll.log_probs).all()
+    high = int((adapter.sigmas(4, (H, W))[:-1] >= 0.9).sum())
+    # two calls a step (CFG: conditional, then unconditional, as WanPipeline)
+    assert calls == {"transformer": 2 * high, "transformer_2": 2 * (4 - high)} and 0 < high < 4
