@@ -3,6 +3,8 @@
 # the rest). Results: bench/results/gpu_*.json, copied to $OUT (the device tool brings them back).
 #   bash bench/gpu/run_device.sh            # everything (~10 min on one H100/H200)
 #   STEPS="sampler train" bash bench/gpu/run_device.sh
+#   STEPS=models bash bench/gpu/run_device.sh   # issue 4: every model family, one rollout + one LoRA step
+#                                               # (~5 min; not in the default list, which fills a 10-min call)
 set -u
 cd "$(dirname "$0")"
 PY=${PY:-python}
@@ -26,6 +28,7 @@ for s in $STEPS; do
     nft)      step epoch_nft 420 $PY epoch.py --algorithm nft --epochs 3 ;;
     awm)      step epoch_awm 420 $PY epoch.py --algorithm awm --epochs 3 ;;
     flux)     step sampler_flux 240 $PY sampler.py --model flux1 --batch 8 ;;
+    models)   step models 540 $PY models.py ;;  # rewrites gpu_models.json after each family
   esac
 done
 cp ../results/gpu_*.json "$OUT"/ 2>/dev/null
