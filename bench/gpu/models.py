@@ -6,6 +6,8 @@ reduced resolution; time and peak memory per family.
     python bench/gpu/models.py --families flux2 wan2_i2v         # some of them
     python bench/gpu/models.py --doc --from bench/results/gpu_models.json   # rewrite docs/models.md's table
     python bench/gpu/models.py --smoke --device cpu              # tiny pipelines, any machine (tests)
+    python bench/gpu/models.py --device cpu --max-layers 1 --resolution 64 --steps 2 --sde-steps 1 \
+        [--dtype bfloat16]      # CPU check of the real widths / VAEs / text side, one block per stack
 
 Per family (:data:`FAMILIES`): the diffusers pipeline of the family with
 
@@ -385,7 +387,7 @@ def run_family(fam: Family, args: argparse.Namespace, device: torch.device) -> d
 
     spec = TINY_PIPELINES[fam.model_type]
     cuda = device.type == "cuda"
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
     res = tuple(spec.resolution) if args.smoke else (args.resolution, args.resolution)
     frames = (spec.options.get("num_frames") if args.smoke else args.frames) if fam.video else None
     row: dict[str, Any] = {"model_type": fam.model_type, "checkpoint": "tiny" if args.smoke else fam.checkpoint,
@@ -398,6 +400,8 @@ def run_family(fam: Family, args: argparse.Namespace, device: torch.device) -> d
     else:
         pipe = build_real(fam.model_type, device, dtype, args.max_layers)
     options = adapter_options(fam.model_type, args.smoke, frames or 1)
+    if not args.smoke and args.dtype:  # the frozen parts too (default: bf16 on CUDA, float32 elsewhere)
+        options.update(text_dtype=args.dtype, vae_dtype=args.dtype)
     adapter = MODELS.get(fam.model_type).from_pipeline(pipe, options, device)
     synchronize(device)
     row["build_s"] = time.perf_counter() - t0
@@ -451,7 +455,7 @@ def run_family(fam: Family, args: argparse.Namespace, device: torch.device) -> d
         for _ in range(args.repeats):
             synchronize(device)
             t = time.perf_counter()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
                 v = adapter.velocity(x, sigma, cond, guidance)
             loss = (v.float() - x).square().mean()
             loss.backward()
@@ -539,6 +543,8 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=None, help="rollouts / steps per family (default 2; smoke 1)")
     p.add_argument("--lora-rank", type=int, default=32)
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
+                   help="transformer (and frozen parts) dtype; default bfloat16 on CUDA, float32 elsewhere")
     p.add_argument("--max-layers", type=int, default=None,
                    help="cap the transformer's block counts: a CPU check of the real widths, not a measurement")
     p.add_argument("--out", default=None, help="result JSON (default bench/results/gpu_models.json)")
@@ -558,8 +564,8 @@ def main(argv=None) -> dict:
     payload = {"bench": "gpu_models", "smoke": args.smoke, "batch": args.batch, "steps": args.steps,
                "sde_steps": args.sde_steps, "lora_rank": args.lora_rank, "repeats": args.repeats,
                "gradient_checkpointing": args.gradient_checkpointing, "max_layers": args.max_layers,
-               "date": time.strftime("%Y-%m-%d"),
-               "rows": [], **environment(device)}
+               "dtype": args.dtype or ("bfloat16" if device.type == "cuda" else "float32"),
+               "date": time.strftime("%Y-%m-%d"), "rows": [], **environment(device)}
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / "gpu_models.json"
     for name in args.families:
         print(f"=== {name}", flush=True)
