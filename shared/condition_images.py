@@ -39,6 +39,17 @@ def _key(source: ImageSource):
     return ("path", str(source))
 
 
+def fetch_rows(store, rows: Sequence[Sequence]) -> list[list[bytes]]:
+    """Per sample, the bytes of its condition images' blobs (``BlobRef`` rows) from ``store``
+    (:class:`shared.store.BlobStore`), each distinct blob read once (a group's members share theirs)."""
+    fetched: dict[str, bytes] = {}
+    for row in rows:
+        for ref in row:
+            if ref.uri not in fetched:
+                fetched[ref.uri] = store.get_bytes(ref)
+    return [[fetched[ref.uri] for ref in row] for row in rows]
+
+
 def open_rows(rows: Sequence[Sequence[ImageSource]]) -> list[list[Image.Image]]:
     """Per sample, its condition images as RGB PIL images; a source repeated across samples (the
     members of a group) is opened once and the SAME object is returned for each."""

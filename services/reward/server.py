@@ -25,6 +25,7 @@ The v2 routes also answer under ``/v2/models/{name}/versions/1/...``. Errors are
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import time
@@ -95,13 +96,20 @@ async def read_body(request: Request, limit: int) -> bytes:
     return out
 
 
-def _decode_images(elements: list, name: str, max_pixels: int) -> list[torch.Tensor]:
+@contextlib.contextmanager
+def _as_request_errors():
+    """Image decoding failures as the HTTP errors they are: too large 413, undecodable 422."""
     try:
-        return [decode_image(e, f"{name} element {i}", max_pixels=max_pixels) for i, e in enumerate(elements)]
+        yield
     except ImageTooLarge as e:
         raise RequestError(413, str(e)) from None
     except ImageDecodeError as e:
         raise RequestError(422, str(e)) from None
+
+
+def _decode_images(elements: list, name: str, max_pixels: int) -> list[torch.Tensor]:
+    with _as_request_errors():
+        return [decode_image(e, f"{name} element {i}", max_pixels=max_pixels) for i, e in enumerate(elements)]
 
 
 def _decode_videos(rows: list, name: str, max_pixels: int) -> list[torch.Tensor]:
@@ -122,20 +130,12 @@ def _decode_conditions(rows: list | None, name: str, max_pixels: int) -> list[li
     if rows is None:
         return None
     cache: dict = {}
-    try:
-        out = []
+    with _as_request_errors():
         for i, row in enumerate(rows):
-            decoded = []
             for j, e in enumerate(row):
                 if e not in cache:
                     cache[e] = decode_pil(e, f"{name} element [{i}][{j}]", max_pixels=max_pixels)
-                decoded.append(cache[e])
-            out.append(decoded)
-        return out
-    except ImageTooLarge as e:
-        raise RequestError(413, str(e)) from None
-    except ImageDecodeError as e:
-        raise RequestError(422, str(e)) from None
+    return [[cache[e] for e in row] for row in rows]
 
 
 class _Timed:

@@ -240,30 +240,31 @@ def read_inputs(req: InferRequest, tail: memoryview, kind: str, conditions: bool
         if required not in by_name:
             raise RequestError(422, f"missing input '{required}'; this model takes {signature}")
     prompts = [_text(p, i) for i, p in enumerate(by_name[PROMPT])]
-    images = by_name[medium]
+    images, videos = (by_name[IMAGE], None) if medium == IMAGE else ([], _encoded_rows(req, by_name, VIDEO))
     if any(not isinstance(x, (str, bytes)) for x in images):
-        raise RequestError(422, f"input '{medium}': elements must be strings (base64 of an encoded image)")
-    videos = None
-    if medium == VIDEO:
-        shape = next(i.shape for i in req.inputs if i.name == VIDEO)
-        videos, images = [images[i * shape[1]:(i + 1) * shape[1]] for i in range(shape[0])], []
+        raise RequestError(422, f"input '{IMAGE}': elements must be strings (base64 of an encoded image)")
     group_ids = by_name.get(GROUP_ID)
     if group_ids is not None and any(isinstance(g, bool) or not isinstance(g, int) or not -2**63 <= g < 2**63
                                      for g in group_ids):
         raise RequestError(422, f"input '{GROUP_ID}': elements must be integers that fit INT64")
     lengths = ({medium: len(videos if videos is not None else images), PROMPT: len(prompts)}
                | ({GROUP_ID: len(group_ids)} if group_ids is not None else {}))
-    rows = None
-    if conditions:
-        shape = next(i.shape for i in req.inputs if i.name == CONDITION_IMAGES)
-        flat = by_name[CONDITION_IMAGES]
-        if any(not isinstance(x, (str, bytes)) for x in flat):
-            raise RequestError(422, f"input '{CONDITION_IMAGES}': elements must be strings (base64 of an encoded image)")
-        rows = [flat[i * shape[1]:(i + 1) * shape[1]] for i in range(shape[0])]
+    rows = _encoded_rows(req, by_name, CONDITION_IMAGES) if conditions else None
+    if rows is not None:
         lengths[CONDITION_IMAGES] = len(rows)
     if len(set(lengths.values())) > 1:
         raise RequestError(422, "inputs have different batch sizes: " + ", ".join(f"{k} {v}" for k, v in lengths.items()))
     return Inputs(images, prompts, group_ids, req.id, _binary_output(req), rows, videos)
+
+
+def _encoded_rows(req: InferRequest, by_name: dict[str, list[Any]], name: str) -> list[list[bytes | str]]:
+    """The ``[B, M]`` input ``name`` (``video`` frames, ``condition_images``) as ``B`` rows of ``M``
+    encoded images (each raw bytes or base64 text)."""
+    flat = by_name[name]
+    if any(not isinstance(x, (str, bytes)) for x in flat):
+        raise RequestError(422, f"input '{name}': elements must be strings (base64 of an encoded image)")
+    b, m = next(i.shape for i in req.inputs if i.name == name)
+    return [flat[i * m:(i + 1) * m] for i in range(b)]
 
 
 def _text(value: Any, index: int) -> str:

@@ -68,12 +68,11 @@ def score_job(job: RewardJob, *, worker: str = "") -> ScoredBatch:
 def condition_images(store, traj) -> list[list]:
     """Per sample, its condition images (RGB PIL) from the blob store, each blob read once; empty
     lists for a trajectory without any (text-only models)."""
-    from shared.condition_images import open_rows
+    from shared.condition_images import fetch_rows, open_rows
 
     if not traj.condition_images:
         return [[] for _ in traj.sample_ids]
-    fetched = {ref.uri: store.get_bytes(ref) for row in traj.condition_images for ref in row}
-    return open_rows([[fetched[ref.uri] for ref in row] for row in traj.condition_images])
+    return open_rows(fetch_rows(store, traj.condition_images))
 
 
 def _reward(task, job: RewardJob, state, attempt: int) -> None:

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from shared.condition_images import fetch_rows
 from shared.config import ModelConfig
 from shared.models import load_adapter
 from shared.models.lora import compile_transformer, load_named_parameters, prepare_transformer
@@ -106,10 +107,7 @@ class SamplerRuntime:
         read once), or ``None`` when no item has any."""
         if not any(i.images for i in items):
             return None
-        store, fetched = self.store(store_url), {}
-        for ref in {ref.uri: ref for i in items for ref in i.images}.values():
-            fetched[ref.uri] = store.get_bytes(ref)
-        return [[fetched[ref.uri] for ref in i.images] for i in items]
+        return fetch_rows(self.store(store_url), [i.images for i in items])
 
     def run(self, job: SampleJob, state: RunState, attempt: int = 0) -> Trajectory:
         t0 = time.perf_counter()
