@@ -108,8 +108,10 @@ def test_resume_latest_needs_a_run_and_finds_its_newest_checkpoint(tmp_path):
 
 
 def test_killed_cli_run_resumes_to_the_same_weights(tmp_path):
-    """SIGKILL ``flowrl train`` after its epoch-2 checkpoint, mid-run; ``--resume latest``."""
-    slow = FAST + ["train.max_epochs=6", "train.save_freq=2"]
+    """SIGKILL ``flowrl train`` after its epoch-2 checkpoint, mid-run; ``--resume latest``. A quiet
+    machine runs a tiny epoch in ~0.25 s, so the run is long enough (20 epochs) that the kill lands
+    well before its end."""
+    slow = FAST + ["train.max_epochs=20", "train.save_freq=2"]
 
     def write_config(root: Path) -> Path:
         from shared.config import apply_overrides
@@ -131,9 +133,9 @@ def test_killed_cli_run_resumes_to_the_same_weights(tmp_path):
     ckpt = tmp_path / "killed" / "runs" / "tiny_grpo" / "checkpoints" / "checkpoint-2"
     deadline = time.monotonic() + 240
     while not ckpt.is_dir() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.005)
     assert ckpt.is_dir(), "the run never wrote checkpoint-2"
-    time.sleep(0.3)  # into epoch 3
+    time.sleep(0.05)  # into epoch 3
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert not (ckpt.parent / "final").exists(), "the run finished before it could be killed"
@@ -145,4 +147,4 @@ def test_killed_cli_run_resumes_to_the_same_weights(tmp_path):
     b = weights(ckpt.parent / "final")
     assert same_tensors(a, b) == []
     summary = json.loads((ckpt.parent.parent / "summary.json").read_text())
-    assert summary["epochs"] == 6
+    assert summary["epochs"] == 20
