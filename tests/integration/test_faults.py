@@ -279,6 +279,10 @@ def test_redis_restarted_without_persistence_is_detected_and_recovered(cluster, 
             while not ckpt.is_dir():
                 assert time.monotonic() < deadline and trainer.poll() is None, procs.logs()
                 time.sleep(0.005)
+            dispatched = procs.log("sampler").count("received")
+            while procs.log("sampler").count("received") == dispatched:  # epoch 2's job is out (a fast
+                assert time.monotonic() < deadline and trainer.poll() is None, procs.logs()  # machine
+                time.sleep(0.005)  # sends it ~0.3 s after checkpoint-1; a kill before that loses no job)
             server.kill()  # epoch 2 in flight
             server.wait(timeout=10)
             time.sleep(3)
