@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -196,9 +196,12 @@ def rollout_batches(adapter: FlowModelAdapter, prompts: list[str], negatives: li
                     sde_steps: list[int], keep_means: bool, log_prob_reduction: str,
                     state_dtype: str = "float32",
                     transformer, progress=None, num_frames: int | None = None,
-                    images: Sequence[Sequence[ImageSource]] | None = None) -> tuple[Conditioning, Rollout]:
+                    images: Sequence[Sequence[ImageSource]] | None = None,
+                    on_batch: Callable[[slice, Rollout], None] | None = None) -> tuple[Conditioning, Rollout]:
     """Roll out ``prompts`` in micro-batches and concatenate (conditioning and rollout).
-    ``images``: per prompt, its condition images (image-conditioned families, :func:`encode`)."""
+    ``images``: per prompt, its condition images (image-conditioned families, :func:`encode`).
+    ``on_batch(rows, rollout)``: called with each micro-batch as soon as it is rolled out (e.g.
+    :class:`shared.rewards.overlap.BackgroundScorer` scores it while the next one samples)."""
     sigmas = adapter.sigmas(num_steps, as_hw(resolution))  # [N + 1], the family's grid
     conds, outs = [], []
     for s in range(0, len(prompts), batch_size):
@@ -212,6 +215,8 @@ def rollout_batches(adapter: FlowModelAdapter, prompts: list[str], negatives: li
                             transformer=transformer,
                             num_frames=num_frames))
         conds.append(cond)
+        if on_batch is not None:
+            on_batch(slice(s, s + len(prompts[sl])), outs[-1])
         if progress is not None:
             progress(len(prompts[sl]))
     cat = lambda f: None if getattr(outs[0], f) is None else torch.cat([getattr(o, f) for o in outs])  # noqa: E731
@@ -326,14 +331,16 @@ def unpack_trajectory(t: dict[str, torch.Tensor]) -> Rollout:
 
 def rollout_with(adapter: FlowModelAdapter, prompts: list[str], negatives: list[str | None],
                  seeds: list[int], params, *, transformer, progress=None,
-                 images: Sequence[Sequence[ImageSource]] | None = None) -> tuple[Conditioning, Rollout]:
+                 images: Sequence[Sequence[ImageSource]] | None = None,
+                 on_batch: Callable[[slice, Rollout], None] | None = None) -> tuple[Conditioning, Rollout]:
     """:func:`rollout_batches` with the settings of a :class:`shared.protocol.SamplingParams`
     (what the embedded trainer and the sampler service both roll out from); ``images``: per
-    prompt, its condition images (image-conditioned families)."""
+    prompt, its condition images (image-conditioned families); ``on_batch``: as there."""
     return rollout_batches(
         adapter, prompts, negatives, seeds, batch_size=params.batch_size, resolution=params.resolution,
         num_steps=params.num_inference_steps, guidance_scale=params.guidance_scale,
         dynamics=params.dynamics, noise_level=params.noise_level, sde_steps=params.sde_steps,
         keep_means=params.keep_means, log_prob_reduction=params.log_prob_reduction,
         state_dtype=params.state_dtype,
-        transformer=transformer, progress=progress, num_frames=params.num_frames, images=images)
+        transformer=transformer, progress=progress, num_frames=params.num_frames, images=images,
+        on_batch=on_batch)

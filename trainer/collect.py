@@ -19,6 +19,7 @@ from shared.config import Config, BatchGeometry
 from shared.flow import select_sde_steps
 from shared.models import Conditioning
 from shared.rewards.multi import score_specs
+from shared.rewards.overlap import BackgroundScorer, can_overlap
 from shared.protocol import SamplingParams
 from shared.sampling import Rollout, as_hw, rollout_with
 from trainer.advantages import compute_advantages
@@ -119,15 +120,29 @@ def sampling_params(cfg: Config, plan: EpochPlan, keep_means: bool) -> SamplingP
 
 def sample_locally(cfg: Config, adapter, policy, algorithm, rewards: dict, plan: EpochPlan,
                    progress=None) -> tuple[Conditioning, Rollout, dict[str, torch.Tensor]]:
-    """Roll out ``plan`` with this process's sampling weights and score it (the local transport)."""
-    cond, roll = rollout_with(adapter, plan.prompts, plan.negatives, plan.seeds,
-                              sampling_params(cfg, plan, algorithm.keep_means),
-                              transformer=policy.sampling_module(), progress=progress,
-                              images=plan.condition_images)
-    scores = score_specs(rewards, cfg.rewards, roll.images, plan.prompts,
-                         torch.tensor(plan.group_ids, dtype=torch.long),
-                         condition_images=lambda: open_rows(plan.condition_images or [[]] * len(plan.prompts)))
-    return cond, roll, scores
+    """Roll out ``plan`` with this process's sampling weights and score it (the local transport).
+
+    With ``train.overlap_scoring`` (default) and only pointwise rewards, each micro-batch is
+    scored in a background thread while the next one samples (:mod:`shared.rewards.overlap`);
+    the scores are the same as scoring the whole epoch afterwards."""
+    group_ids = torch.tensor(plan.group_ids, dtype=torch.long)
+
+    def conditions(rows: slice = slice(None)) -> list:  # read only if a reward wants them
+        return open_rows((plan.condition_images or [[]] * len(plan.prompts))[rows])
+
+    def roll_out(on_batch=None) -> tuple[Conditioning, Rollout]:
+        return rollout_with(adapter, plan.prompts, plan.negatives, plan.seeds,
+                            sampling_params(cfg, plan, algorithm.keep_means),
+                            transformer=policy.sampling_module(), progress=progress,
+                            images=plan.condition_images, on_batch=on_batch)
+
+    if cfg.train.overlap_scoring and can_overlap(rewards):
+        with BackgroundScorer(rewards, cfg.rewards, plan.prompts, group_ids, conditions) as scorer:
+            cond, roll = roll_out(scorer.submit)
+            return cond, roll, scorer.result()
+    cond, roll = roll_out()
+    return cond, roll, score_specs(rewards, cfg.rewards, roll.images, plan.prompts, group_ids,
+                                   condition_images=conditions)
 
 
 def finish_epoch(cfg: Config, accelerator, plan: EpochPlan, samples: Samples, version: int) -> EpochData:

@@ -26,10 +26,12 @@ def build_rewards(specs, device: str | torch.device) -> dict[str, RewardModel]:
 
 def score_specs(rewards: dict[str, RewardModel], specs, images: torch.Tensor, prompts: list[str],
                 group_ids: torch.Tensor, sample_ids: list[str] | None = None,
-                condition_images=None) -> dict[str, torch.Tensor]:
+                condition_images=None, first_index: int = 0) -> dict[str, torch.Tensor]:
     """Score with every configured reward -> ``{label: [N] float32 CPU}`` (NaN = abstain).
     ``condition_images``: per sample its condition images (RGB PIL), or a callable returning
     them, called only when some reward reads them (``RewardModel.condition_images``).
+    ``first_index``: the position of ``images[0]`` in the whole batch, when these are a slice of
+    it (:class:`shared.rewards.overlap.BackgroundScorer`): errors name positions in the batch.
 
     Raises:
         RewardOutputError: a reward returned inf (or a bad shape); the message names the reward's
@@ -47,11 +49,11 @@ def score_specs(rewards: dict[str, RewardModel], specs, images: torch.Tensor, pr
             if e.index is None:
                 raise RewardOutputError(f"rewards['{spec.label}'] ({spec.reward_model}): {e}") from None
             who = (f"sample id '{sample_ids[e.index]}'" if sample_ids is not None
-                   else f"sample {e.index} of the batch (group {int(group_ids[e.index])})")
+                   else f"sample {first_index + e.index} of the batch (group {int(group_ids[e.index])})")
             raise RewardOutputError(
                 f"rewards['{spec.label}'] ({spec.reward_model}) gave an invalid reward to {who}, prompt "
                 f"{prompts[e.index]!r}: {e}. Fix the reward model (e.g. clamp its output), or return NaN "
-                f"for samples it should abstain on", index=e.index) from None
+                f"for samples it should abstain on", index=first_index + e.index) from None
     return out
 
 
