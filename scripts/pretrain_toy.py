@@ -59,6 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="assets/toy-sd3")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-images", type=int, default=20000)
+    p.add_argument("--caption-noise", type=float, default=0.0,
+                   help="fraction of training images that show a miscaptioned scene (shared.toy.scenes.miscaptioned)")
     p.add_argument("--vae-steps", type=int, default=1500)
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--dit-steps", type=int, default=4000)
@@ -84,9 +86,9 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def make_data(n: int, seed: int) -> tuple[list[str], torch.Tensor]:
+def make_data(n: int, seed: int, caption_noise: float = 0.0) -> tuple[list[str], torch.Tensor]:
     prompts, images = [], []
-    for prompt, image in training_pairs(n, seed):
+    for prompt, image in training_pairs(n, seed, caption_noise):
         prompts.append(prompt)
         images.append(image)
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # uint8 [N,3,64,64]
@@ -168,7 +170,7 @@ def main(argv=None) -> None:
     stage1 = work / f"stage1-seed{args.seed}-n{args.num_images}-vae{args.vae_steps}x{args.vae_batch}"
 
     t0 = time.time()
-    prompts, images = make_data(args.num_images, args.seed)
+    prompts, images = make_data(args.num_images, args.seed, args.caption_noise)
     timings["data_s"] = time.time() - t0
     log(f"{len(prompts)} training scenes in {timings['data_s']:.1f}s")
 

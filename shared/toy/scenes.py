@@ -409,20 +409,50 @@ def sample_pair(spec: PromptSpec | str, seed: int) -> tuple[str, np.ndarray]:
     return prompt_text(spec), render(sample_scene(spec, np.random.default_rng(seed)))
 
 
-def training_pairs(n: int | None, seed: int) -> Iterator[tuple[str, np.ndarray]]:
+def miscaptioned(spec: PromptSpec, rng: np.random.Generator) -> PromptSpec:
+    """A scene spec that ``spec``'s caption describes WRONGLY in its category's one respect, as
+    web captions get compositions wrong: single_object / two_object: one shape replaced (by
+    a shape the prompt does not name); counting: the count one off (within 1-4); colors: another
+    colour; position: the relation reversed; color_attr: the two colours swapped. A render of it
+    never verifies against ``prompt_text(spec)``."""
+    o = spec.objects
+    if spec.category in ("single_object", "two_object"):
+        k = int(rng.integers(len(o)))
+        others = [s for s in SHAPES if s not in {x.shape for x in o}]
+        new = ObjectSpec(others[int(rng.integers(len(others)))], o[k].color)
+        return PromptSpec(spec.category, o[:k] + (new,) + o[k + 1:])
+    if spec.category == "counting":
+        counts = [c for c in (spec.count - 1, spec.count + 1) if 1 <= c <= 4]
+        return PromptSpec("counting", o, count=counts[int(rng.integers(len(counts)))])
+    if spec.category == "colors":
+        colors = [c for c in COLORS if c != o[0].color]
+        return PromptSpec("colors", (ObjectSpec(o[0].shape, colors[int(rng.integers(len(colors)))]),))
+    if spec.category == "position":
+        return PromptSpec("position", o, relation=_INVERSE[spec.relation])
+    return PromptSpec("color_attr", (ObjectSpec(o[0].shape, o[1].color), ObjectSpec(o[1].shape, o[0].color)))
+
+
+def training_pairs(n: int | None, seed: int, caption_noise: float = 0.0) -> Iterator[tuple[str, np.ndarray]]:
     """``n`` (``None``: endless) ``(prompt, uint8 [64, 64, 3] image)`` pretraining pairs.
 
     Each pair draws a category uniformly, then a train-split prompt of it uniformly, then a
-    random scene; the whole stream is deterministic from ``seed``.
+    random scene; the whole stream is deterministic from ``seed``. With ``caption_noise`` ``p``
+    > 0, a fraction ``p`` of the images show a :func:`miscaptioned` scene instead (the prompt is
+    unchanged): a model pretrained on them puts that much mass on wrong compositions, the error
+    RL from a verifier removes. ``caption_noise=0`` draws exactly the stream it always did.
     """
+    if not 0.0 <= caption_noise < 1.0:
+        raise ValueError(f"caption_noise must be in [0, 1), got {caption_noise}")
     train, _ = split()
     by_category = {c: [s for s in train if s.category == c] for c in CATEGORIES}
     rng = np.random.default_rng(seed)
+    noise = np.random.default_rng([seed, 1])  # its own stream: p = 0 leaves the scenes as they were
     i = 0
     while n is None or i < n:
         prompts = by_category[CATEGORIES[int(rng.integers(len(CATEGORIES)))]]
         spec = prompts[int(rng.integers(len(prompts)))]
-        yield prompt_text(spec), render(sample_scene(spec, rng))
+        drawn = miscaptioned(spec, noise) if caption_noise and noise.random() < caption_noise else spec
+        yield prompt_text(spec), render(sample_scene(drawn, rng))
         i += 1
 
 

@@ -245,3 +245,34 @@ def test_write_dataset(tmp_path):
         for row in rows:
             assert set(row) == {"prompt", "metadata"}
             assert row["metadata"] == {"category": parse_prompt(row["prompt"]).category}
+
+
+def test_miscaptioned_scenes_are_valid_and_never_verify_against_the_caption():
+    from shared.toy.scenes import miscaptioned
+    from shared.toy.verify import verify
+
+    rng = np.random.default_rng(0)
+    train, _ = split()
+    seen = Counter()
+    for spec in train[::2]:
+        wrong = miscaptioned(spec, rng)
+        prompt_text(wrong)  # valid
+        assert wrong.category == spec.category and wrong != spec
+        image = render(sample_scene(wrong, rng))
+        verdict = verify(image, prompt_text(spec))
+        assert not verdict.correct and verdict.score < 1.0, (prompt_text(spec), wrong)
+        seen[spec.category] += 1
+    assert set(seen) == set(CATEGORIES)
+
+
+def test_caption_noise_draws_that_fraction_of_miscaptioned_images():
+    from shared.toy.verify import verify
+
+    clean = list(training_pairs(40, seed=3))
+    assert [p for p, _ in clean] == [p for p, _ in training_pairs(40, seed=3, caption_noise=0.0)]
+    noisy = list(training_pairs(400, seed=3, caption_noise=0.4))
+    wrong = sum(not verify(image, prompt).correct for prompt, image in noisy)
+    assert 0.3 < wrong / 400 < 0.5  # 0.4 +- 4 binomial s.e.
+    assert all(verify(image, prompt).correct for prompt, image in clean)
+    with pytest.raises(ValueError, match="caption_noise"):
+        next(training_pairs(1, seed=0, caption_noise=1.0))
