@@ -126,8 +126,9 @@ class TrainConfig(_Strict):
     # rounded state, so the recorded log-probs are exactly what training replays
     rollout_state_dtype: Literal["float32", "bfloat16"] = "float32"
     # embedded mode: score each rolled-out micro-batch in a background thread while the next one
-    # samples (pointwise rewards only; groupwise/pairwise ones are scored after the rollout)
-    overlap_scoring: bool = True
+    # samples (pointwise rewards only; groupwise/pairwise ones are scored after the rollout).
+    # None = when sampling on a GPU; on a CPU the two threads contend (bench/overlap_scoring.py)
+    overlap_scoring: bool | None = None
     num_inference_steps: int = Field(10, ge=1)
     guidance_scale: float = Field(1.0, ge=0)  # > 1 enables CFG (the policy is the guided step)
     # -- rollout dynamics and the SDE window (MixGRPO / Flow-GRPO-Fast style)

@@ -122,9 +122,9 @@ def sample_locally(cfg: Config, adapter, policy, algorithm, rewards: dict, plan:
                    progress=None) -> tuple[Conditioning, Rollout, dict[str, torch.Tensor]]:
     """Roll out ``plan`` with this process's sampling weights and score it (the local transport).
 
-    With ``train.overlap_scoring`` (default) and only pointwise rewards, each micro-batch is
-    scored in a background thread while the next one samples (:mod:`shared.rewards.overlap`);
-    the scores are the same as scoring the whole epoch afterwards."""
+    With ``train.overlap_scoring`` (default: when sampling on a GPU) and only pointwise rewards,
+    each micro-batch is scored in a background thread while the next one samples
+    (:mod:`shared.rewards.overlap`); the scores are the same as scoring the whole epoch afterwards."""
     group_ids = torch.tensor(plan.group_ids, dtype=torch.long)
 
     def conditions(rows: slice = slice(None)) -> list:  # read only if a reward wants them
@@ -136,7 +136,10 @@ def sample_locally(cfg: Config, adapter, policy, algorithm, rewards: dict, plan:
                             transformer=policy.sampling_module(), progress=progress,
                             images=plan.condition_images, on_batch=on_batch)
 
-    if cfg.train.overlap_scoring and can_overlap(rewards):
+    overlap = cfg.train.overlap_scoring
+    if overlap is None:  # on a CPU the scoring thread slows sampling down more than it hides
+        overlap = next(policy.sampling_module().parameters()).device.type == "cuda"
+    if overlap and can_overlap(rewards):
         with BackgroundScorer(rewards, cfg.rewards, plan.prompts, group_ids, conditions) as scorer:
             cond, roll = roll_out(scorer.submit)
             return cond, roll, scorer.result()

@@ -1,4 +1,4 @@
-"""Reward scoring overlapped with sampling (``train.overlap_scoring``, the embedded default):
+"""Reward scoring overlapped with sampling (``train.overlap_scoring``; by default on a GPU only):
 each rolled-out micro-batch is scored in a background thread while the next one samples, with
 exactly the scores of scoring the epoch afterwards; groupwise/pairwise rewards (which need whole
 groups) are still scored after the rollout; errors name the sample's position in the epoch."""
@@ -69,7 +69,7 @@ class GroupRecording(RewardModel):
 
 
 def setup(tmp_path, *overrides):
-    cfg = tiny_config(tmp_path, overrides=GEOMETRY + list(overrides))
+    cfg = tiny_config(tmp_path, overrides=GEOMETRY + ["train.overlap_scoring=true"] + list(overrides))
     adapter = load_adapter(cfg.model, device=torch.device("cpu"), seed=0)
     policy = Policy(adapter, adapter.transformer, cfg, attach_trainable(adapter, cfg))
     rows, _ = load_prompts(cfg.data.dataset_dir, None)
@@ -78,7 +78,6 @@ def setup(tmp_path, *overrides):
 
 def test_overlapped_scores_equal_scoring_after_the_rollout_and_run_off_the_main_thread(tmp_path):
     cfg, adapter, policy, algorithm, plan = setup(tmp_path)
-    assert cfg.train.overlap_scoring  # the default
     recording = Recording()
     _, roll, scores = sample_locally(cfg, adapter, policy, algorithm, {"brightness": recording}, plan)
     off = cfg.model_copy(update={"train": cfg.train.model_copy(update={"overlap_scoring": False})})
@@ -141,3 +140,29 @@ def test_the_scoring_thread_keeps_the_callers_grad_and_autocast_modes(tmp_path):
         expected = Brightness().score(images, ["p"] * 6)  # in this thread, same modes (bf16 here)
     assert torch.equal(out["brightness"], expected.float())
     assert [(c["grad"], c["autocast"]) for c in recording.calls] == [(False, True), (False, True)]
+
+
+def test_by_default_a_cpu_rollout_scores_after_sampling(tmp_path):
+    """On a CPU the scoring thread contends with sampling (bench/overlap_scoring.py measured it
+    slower), so the default (None) overlaps only when the policy samples on a GPU."""
+    cfg, adapter, policy, algorithm, plan = setup(tmp_path, "train.overlap_scoring=null")
+    assert cfg.train.overlap_scoring is None
+    recording = Recording()
+    sample_locally(cfg, adapter, policy, algorithm, {"brightness": recording}, plan)
+    assert [c["n"] for c in recording.calls] == [16]
+    assert all(c["thread"] is threading.main_thread() for c in recording.calls)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_the_default_overlaps_on_a_side_stream_with_the_same_scores(tmp_path):
+    cfg = tiny_config(tmp_path, overrides=GEOMETRY)
+    adapter = load_adapter(cfg.model, device=torch.device("cuda"), seed=0)
+    policy = Policy(adapter, adapter.transformer, cfg, attach_trainable(adapter, cfg))
+    rows, _ = load_prompts(cfg.data.dataset_dir, None)
+    algorithm, plan = ALGORITHMS.get("grpo")(cfg), plan_epoch(cfg, rows, 0, 0, 1)
+    recording = Recording()
+    _, roll, scores = sample_locally(cfg, adapter, policy, algorithm, {"brightness": recording}, plan)
+    assert [c["n"] for c in recording.calls] == [4, 4, 4, 4]  # overlapped: one call per micro-batch
+    expected = Brightness().score(roll.images, plan.prompts).float().cpu()
+    assert torch.allclose(scores["brightness"], expected, atol=1e-6)
