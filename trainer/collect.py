@@ -138,7 +138,8 @@ def sample_locally(cfg: Config, adapter, policy, algorithm, rewards: dict, plan:
 
     overlap = cfg.train.overlap_scoring
     if overlap is None:  # on a CPU the scoring thread slows sampling down more than it hides
-        overlap = next(policy.sampling_module().parameters()).device.type == "cuda"
+        first = next(adapter.transformer.parameters(), None)  # (not the sampling module: an EMA
+        overlap = first is not None and first.device.type == "cuda"  # view may hold no parameters)
     if overlap and can_overlap(rewards):
         with BackgroundScorer(rewards, cfg.rewards, plan.prompts, group_ids, conditions) as scorer:
             cond, roll = roll_out(scorer.submit)

@@ -166,3 +166,17 @@ def test_on_a_gpu_the_default_overlaps_on_a_side_stream_with_the_same_scores(tmp
     assert [c["n"] for c in recording.calls] == [4, 4, 4, 4]  # overlapped: one call per micro-batch
     expected = Brightness().score(roll.images, plan.prompts).float().cpu()
     assert torch.allclose(scores["brightness"], expected, atol=1e-6)
+
+
+def test_the_default_works_for_nft_whose_sampling_module_holds_no_parameters(tmp_path):
+    """NFT samples with the EMA weights through a view that owns no parameters; the default's
+    device check must not need any (it raised StopIteration once)."""
+    cfg = tiny_config(tmp_path, "nft", overrides=GEOMETRY)
+    assert cfg.train.overlap_scoring is None
+    adapter = load_adapter(cfg.model, device=torch.device("cpu"), seed=0)
+    policy = Policy(adapter, adapter.transformer, cfg, attach_trainable(adapter, cfg))
+    rows, _ = load_prompts(cfg.data.dataset_dir, None)
+    recording = Recording()
+    _, _, scores = sample_locally(cfg, adapter, policy, ALGORITHMS.get("nft")(cfg), {"brightness": recording},
+                                  plan_epoch(cfg, rows, 0, 0, 1))
+    assert scores["brightness"].shape == (16,) and [c["n"] for c in recording.calls] == [16]
