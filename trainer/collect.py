@@ -9,6 +9,7 @@ every rank, and each rank keeps its own slice.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -130,23 +131,20 @@ def sample_locally(cfg: Config, adapter, policy, algorithm, rewards: dict, plan:
     def conditions(rows: slice = slice(None)) -> list:  # read only if a reward wants them
         return open_rows((plan.condition_images or [[]] * len(plan.prompts))[rows])
 
-    def roll_out(on_batch=None) -> tuple[Conditioning, Rollout]:
-        return rollout_with(adapter, plan.prompts, plan.negatives, plan.seeds,
-                            sampling_params(cfg, plan, algorithm.keep_means),
-                            transformer=policy.sampling_module(), progress=progress,
-                            images=plan.condition_images, on_batch=on_batch)
-
     overlap = cfg.train.overlap_scoring
     if overlap is None:  # on a CPU the scoring thread slows sampling down more than it hides
         first = next(adapter.transformer.parameters(), None)  # (not the sampling module: an EMA
         overlap = first is not None and first.device.type == "cuda"  # view may hold no parameters)
-    if overlap and can_overlap(rewards):
-        with BackgroundScorer(rewards, cfg.rewards, plan.prompts, group_ids, conditions) as scorer:
-            cond, roll = roll_out(scorer.submit)
-            return cond, roll, scorer.result()
-    cond, roll = roll_out()
-    return cond, roll, score_specs(rewards, cfg.rewards, roll.images, plan.prompts, group_ids,
-                                   condition_images=conditions)
+    scorer = (BackgroundScorer(rewards, cfg.rewards, plan.prompts, group_ids, conditions)
+              if overlap and can_overlap(rewards) else None)
+    with scorer or contextlib.nullcontext():
+        cond, roll = rollout_with(adapter, plan.prompts, plan.negatives, plan.seeds,
+                                  sampling_params(cfg, plan, algorithm.keep_means),
+                                  transformer=policy.sampling_module(), progress=progress,
+                                  images=plan.condition_images, on_batch=scorer.submit if scorer else None)
+        scores = scorer.result() if scorer else score_specs(
+            rewards, cfg.rewards, roll.images, plan.prompts, group_ids, condition_images=conditions)
+    return cond, roll, scores
 
 
 def finish_epoch(cfg: Config, accelerator, plan: EpochPlan, samples: Samples, version: int) -> EpochData:
