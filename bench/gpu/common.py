@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
 import time
@@ -75,6 +76,27 @@ def vae_config(smoke: bool, model: str) -> dict[str, Any]:
                 up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=2, norm_num_groups=32)
 
 
+def materialize(cls_name: str, config: dict[str, Any], device: torch.device, dtype: torch.dtype):
+    """``cls(**config)`` with its parameters created on the meta device and then allocated on
+    ``device`` in ``dtype`` with random values (norm weights 1, biases 0, others N(0, 1/fan_in));
+    buffers (RoPE tables) are computed as usual, then moved and cast like ``from_pretrained`` does."""
+    import diffusers
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        model = getattr(diffusers, cls_name)(**config)
+    g = torch.Generator(device=device).manual_seed(0)
+    for module_name, module in model.named_modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            t = torch.empty(p.shape, device=device, dtype=dtype)
+            if p.ndim <= 1:
+                t.fill_(0.0 if name == "bias" else 1.0)
+            else:
+                t.normal_(0.0, 1.0 / math.sqrt(max(1, math.prod(p.shape[1:]))), generator=g)
+            setattr(module, name, torch.nn.Parameter(t, requires_grad=False))
+    return model.to(device=device, dtype=dtype).eval()
+
+
 def build_adapter(model: str, *, smoke: bool, device: torch.device, dtype: torch.dtype):
     """flowrl's adapter (``sd3-5`` or ``flux1``) over a diffusers pipeline with the real-size
     random-weight transformer and VAE and no text encoders (prompts come as embeddings)."""
@@ -85,14 +107,14 @@ def build_adapter(model: str, *, smoke: bool, device: torch.device, dtype: torch
     torch.manual_seed(0)
     vae = diffusers.AutoencoderKL(**vae_config(smoke, model))
     if model == "sd3-5":
-        transformer = diffusers.SD3Transformer2DModel(**sd35m_transformer_config(smoke))
+        transformer = materialize("SD3Transformer2DModel", sd35m_transformer_config(smoke), device, dtype)
         scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
         pipe = diffusers.StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae,
                                                   text_encoder=None, tokenizer=None, text_encoder_2=None,
                                                   tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
         options = {"max_sequence_length": 256}
     elif model == "flux1":
-        transformer = diffusers.FluxTransformer2DModel(**flux1_transformer_config(smoke))
+        transformer = materialize("FluxTransformer2DModel", flux1_transformer_config(smoke), device, dtype)
         scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
             shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
             max_image_seq_len=4096)

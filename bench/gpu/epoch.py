@@ -78,7 +78,8 @@ def recipe(args, pipe: Path, data: Path, out: Path) -> dict:
     smoke_model = {"lora_rank": 4, "lora_alpha": 8} if args.smoke else {"lora_rank": 32, "lora_alpha": 64}
     return {"output_dir": str(out), "run_name": f"bench_{args.algorithm}", "logging_backend": "none",
             "model": {"model_type": "sd3-5", "model_name_or_path": str(pipe), "target_modules": TARGETS,
-                      "options": {"max_sequence_length": 256 if not args.smoke else 8}, **smoke_model},
+                      "options": {"max_sequence_length": 256 if not args.smoke else 8}, **smoke_model,
+                      **({"compile": args.compile} if args.compile else {})},
             "data": {"dataset_dir": str(data)}, "train": train,
             "eval": {"eval_freq": 0, "num_prompts": 1, "num_inference_steps": 2},
             "rewards": [{"reward_model": "brightness"}]}
@@ -121,6 +122,7 @@ def main(argv=None) -> dict:
     med = lambda key: statistics.median(r[key] for r in steady) if steady and key in steady[0] else None  # noqa: E731
     epoch_s, sample_s, train_s = med("time/epoch_seconds"), med("time/sample_seconds"), med("time/optimize_seconds")
     payload = {"bench": "gpu_epoch", "model": "sd3-5", "algorithm": args.algorithm, "smoke": args.smoke,
+               "compile": args.compile,
                "images_per_epoch": args.prompts * args.group_size, "resolution": args.resolution, "steps": args.steps,
                "batch": args.batch, "epochs": len(epochs), "epoch_s": epoch_s, "sample_s": sample_s, "train_s": train_s,
                "other_s": None if epoch_s is None else epoch_s - (sample_s or 0) - (train_s or 0),
@@ -129,7 +131,7 @@ def main(argv=None) -> dict:
                "samples": summary["samples"], **environment(device)}
     print(f"{args.algorithm}: epoch {epoch_s:.2f} s (sample {sample_s:.2f}, train {train_s:.2f}), "
           f"peak {peak:.1f} GiB", flush=True)
-    write_result(f"epoch_{args.algorithm}", args, payload)
+    write_result(f"epoch_{args.algorithm}{'_compiled' if args.compile else ''}", args, payload)
     return payload
 
 

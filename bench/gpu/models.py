@@ -51,7 +51,6 @@ import argparse
 import dataclasses
 import gc
 import json
-import math
 import tempfile
 import time
 import traceback
@@ -61,7 +60,7 @@ from typing import Any
 import torch
 
 from common import ROOT, environment, peak_memory, synchronize, vae_config, write_result  # noqa: I001
-from common import flux1_transformer_config, sd35m_transformer_config  # noqa: E402
+from common import flux1_transformer_config, materialize, sd35m_transformer_config  # noqa: E402
 
 DOC = ROOT / "docs" / "models.md"
 START, END = "<!-- gpu_models:start -->", "<!-- gpu_models:end -->"
@@ -186,27 +185,6 @@ def build_vae(model_type: str):
         # the class defaults, not compared value by value with the hub file here
         return diffusers.AutoencoderKLWan()
     raise ValueError(model_type)
-
-
-def materialize(cls_name: str, config: dict[str, Any], device: torch.device, dtype: torch.dtype):
-    """``cls(**config)`` with its parameters created on the meta device and then allocated on
-    ``device`` in ``dtype`` with random values (norm weights 1, biases 0, others N(0, 1/fan_in));
-    buffers (RoPE tables) are computed as usual, then moved and cast like ``from_pretrained`` does."""
-    import diffusers
-    from accelerate import init_empty_weights
-
-    with init_empty_weights(include_buffers=False):
-        model = getattr(diffusers, cls_name)(**config)
-    g = torch.Generator(device=device).manual_seed(0)
-    for module_name, module in model.named_modules():
-        for name, p in list(module.named_parameters(recurse=False)):
-            t = torch.empty(p.shape, device=device, dtype=dtype)
-            if p.ndim <= 1:
-                t.fill_(0.0 if name == "bias" else 1.0)
-            else:
-                t.normal_(0.0, 1.0 / math.sqrt(max(1, math.prod(p.shape[1:]))), generator=g)
-            setattr(module, name, torch.nn.Parameter(t, requires_grad=False))
-    return model.to(device=device, dtype=dtype).eval()
 
 
 # --------------------------------------------------------------------------- text side

@@ -1,35 +1,57 @@
 #!/usr/bin/env bash
-# Issue 8's GPU measurements in one device call (each step time-boxed; a failing step does not stop
-# the rest). Results: bench/results/gpu_*.json, copied to $OUT (the device tool brings them back).
-#   bash bench/gpu/run_device.sh            # everything (~10 min on one H100/H200)
+# The GPU measurements of issues 8 and 4 in one device call. Every step is time-boxed by its own cap
+# and by one deadline for the whole script (DEADLINE seconds after it starts), so the call ends
+# inside the device tool's 10-minute limit with what it measured; a failing step does not stop the
+# rest. Results: bench/results/gpu_*.json; they and the logs are packed into $OUT/gpu_results.tgz
+# after every step (the device tool brings back at most 8 files).
+#   bash bench/gpu/run_device.sh                       # the default list, in this order
 #   STEPS="sampler train" bash bench/gpu/run_device.sh
-#   STEPS=models bash bench/gpu/run_device.sh   # issue 4: every model family, one rollout + one LoRA step
-#                                               # (~5 min; not in the default list, which fills a 10-min call)
+# Wheels the device lacks (diffusers, pydantic, ...) are installed from .whl/ when it exists
+# (docs/performance.md says how to fetch them).
 set -u
+START=$(date +%s)
+DEADLINE=${DEADLINE:-570}
 cd "$(dirname "$0")"
-PY=${PY:-python}
-STEPS=${STEPS:-"sampler compiled train epoch flux"}
+WHEELS=${WHEELS:-../../.whl}
+if [ -d "$WHEELS" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "$WHEELS"/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || exit 1
+fi
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1  # nothing outside the device is reachable
+PY=${PY:-python3}
+STEPS=${STEPS:-"sampler train models epoch flux awm nft gputests"}
 OUT=${OUT:-/tmp/flowrl-gpu-bench}
-mkdir -p "$OUT"
-step() {  # name, seconds, command...
-  local name=$1 limit=$2; shift 2
-  echo "=== $name (limit ${limit}s): $*"
-  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log" | grep -v "Casting directly\|^Loading\|it/s\]" | tail -20
+LOGS=/tmp/flowrl-gpu-logs
+mkdir -p "$OUT" "$LOGS"
+pack() { tar czf "$OUT/gpu_results.tgz" -C .. results/ -C /tmp flowrl-gpu-logs 2>/dev/null; }
+step() {  # name, cap in seconds, command...
+  local name=$1 cap=$2; shift 2
+  local left=$((DEADLINE - ($(date +%s) - START)))
+  [ "$left" -lt "$cap" ] && cap=$left
+  if [ "$cap" -lt 30 ]; then echo "=== $name: skipped, ${left}s left"; return; fi
+  echo "=== $name (limit ${cap}s, t=$(($(date +%s) - START))s): $*"
+  timeout "$cap" "$@" > "$LOGS/$name.log" 2>&1
+  echo "    rc=$? after $(($(date +%s) - START))s"
+  grep -v "Casting directly\|^Loading\|it/s\]\|s/it\]" "$LOGS/$name.log" | tail -6
+  pack
 }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.csv" 2>&1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$LOGS/gpu.csv" 2>&1
+$PY -c "import torch, diffusers, transformers, peft; print(torch.__version__, diffusers.__version__, transformers.__version__, peft.__version__)"
 for s in $STEPS; do
   case $s in
-    sampler)  step sampler 180 $PY sampler.py --model sd3-5 --batch 8 16 32 ;;
-    compiled) step sampler_compiled 300 $PY sampler.py --model sd3-5 --batch 16 --compile default \
-                --out ../results/gpu_sampler_compiled_sd3-5.json ;;
-    train)    step train_step 180 $PY train_step.py --model sd3-5 --algorithm grpo --batch 8
-              step train_step_ckpt 180 $PY train_step.py --model sd3-5 --algorithm grpo --batch 8 --gradient-checkpointing ;;
-    epoch)    step epoch_grpo 420 $PY epoch.py --algorithm grpo --epochs 3 ;;
-    nft)      step epoch_nft 420 $PY epoch.py --algorithm nft --epochs 3 ;;
-    awm)      step epoch_awm 420 $PY epoch.py --algorithm awm --epochs 3 ;;
-    flux)     step sampler_flux 240 $PY sampler.py --model flux1 --batch 8 ;;
-    models)   step models 540 $PY models.py ;;  # rewrites gpu_models.json after each family
+    sampler)  step sampler 200 $PY sampler.py --model sd3-5 --eager-batch 8 16 32 --batch 16 --compile default \
+                --iters 3 --warmup 1 ;;
+    train)    step train_step 90 $PY train_step.py --model sd3-5 --algorithm grpo --batch 8 --iters 3 --warmup 1 ;;
+    ckpt)     step train_step_ckpt 90 $PY train_step.py --model sd3-5 --algorithm grpo --batch 8 \
+                --gradient-checkpointing --iters 3 --warmup 1 ;;
+    models)   step models 200 $PY models.py ;;  # rewrites gpu_models.json after each family
+    epoch)    step epoch_grpo 170 $PY epoch.py --algorithm grpo --epochs 2 ;;
+    compiled_epoch) step epoch_grpo_compiled 420 $PY epoch.py --algorithm grpo --epochs 3 --compile default ;;
+    flux)     step sampler_flux 90 $PY sampler.py --model flux1 --batch 8 --iters 3 --warmup 1 ;;
+    nft)      step epoch_nft 150 $PY epoch.py --algorithm nft --epochs 2 ;;
+    gputests) step gpu_tests 120 $PY -m pytest -q -m gpu -p no:cacheprovider --rootdir ../.. ../../tests/shared/test_learned_rewards.py ../../tests/trainer/test_overlap_scoring.py ../../tests/trainer/test_memory_options.py ;;
+    awm)      step epoch_awm 150 $PY epoch.py --algorithm awm --epochs 2 ;;
   esac
 done
-cp ../results/gpu_*.json "$OUT"/ 2>/dev/null
+pack
 ls -la "$OUT"
