@@ -108,7 +108,7 @@ def micro_batches(data: EpochData, batch_size: int, seed: int) -> list[TrainBatc
         dev = r.final_latents.device
         out.append(TrainBatch(
             cond=data.cond.select(i.to(dev)), advantages=data.advantages[i].to(dev),
-            final_latents=r.final_latents[i], sigmas=r.sigmas, sde_steps=r.sde_steps,
+            final_latents=r.final_latents[i], sigmas=r.sigmas.to(dev), sde_steps=r.sde_steps,
             latents=r.latents[i], next_latents=r.next_latents[i], log_probs=r.log_probs[i],
             stds=r.stds[i], means=None if r.means is None else r.means[i],
             seed=seed * SEED_STRIDE + b))

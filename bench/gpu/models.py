@@ -381,6 +381,11 @@ def run_family(fam: Family, args: argparse.Namespace, device: torch.device) -> d
     if not args.smoke and args.dtype:  # the frozen parts too (default: bf16 on CUDA, float32 elsewhere)
         options.update(text_dtype=args.dtype, vae_dtype=args.dtype)
     adapter = MODELS.get(fam.model_type).from_pipeline(pipe, options, device)
+    if args.attn_backend:
+        from shared.models.attention import apply_attention_backend
+
+        apply_attention_backend(adapter.transformer, args.attn_backend)
+        row["attn_backend"] = args.attn_backend
     synchronize(device)
     row["build_s"] = time.perf_counter() - t0
     row["pipeline_class"] = type(pipe).__name__
@@ -448,6 +453,35 @@ def run_family(fam: Family, args: argparse.Namespace, device: torch.device) -> d
     row["peak_gib"] = mem["peak_gib"]
     row["status"] = "ok"
     return row
+
+
+def run_isolated(name: str, argv: list[str] | None, out: Path) -> dict[str, Any]:
+    """``name``'s row measured by a child process (this script, ``--families name --no-isolate``,
+    the other arguments as given); a child that dies without a row raises with its output's tail."""
+    import subprocess
+    import sys
+
+    given = list(sys.argv[1:] if argv is None else argv)
+    if "--families" in given:  # drop the list that follows it
+        i = given.index("--families")
+        j = i + 1
+        while j < len(given) and not given[j].startswith("--"):
+            j += 1
+        given = given[:i] + given[j:]
+    given = [a for a in given if a != "--doc"]  # the parent writes the docs
+    child_out = out.with_name(f"{out.stem}.{name}.json")
+    child_out.unlink(missing_ok=True)
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *given, "--families", name,
+                           "--no-isolate", "--out", str(child_out)], capture_output=True, text=True)
+    print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n", flush=True)
+    if not child_out.exists():
+        raise RuntimeError(f"the child process for {name} exited with {proc.returncode} before writing a row: "
+                           + (proc.stdout + proc.stderr)[-1500:])
+    rows = json.loads(child_out.read_text())["rows"]
+    child_out.unlink()
+    if proc.returncode != 0 and rows and rows[0].get("status") == "ok":
+        rows[0]["status"], rows[0]["error"] = "error", f"child exited with {proc.returncode} after the row"
+    return rows[0]
 
 
 def free(device: torch.device) -> None:
@@ -525,6 +559,10 @@ def main(argv=None) -> dict:
                    help="transformer (and frozen parts) dtype; default bfloat16 on CUDA, float32 elsewhere")
     p.add_argument("--max-layers", type=int, default=None,
                    help="cap the transformer's block counts: a CPU check of the real widths, not a measurement")
+    p.add_argument("--attn-backend", default=None, help="model.attn_backend for every family (default: PyTorch's SDPA)")
+    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                   help="each family in its own process (default on CUDA: a CUDA error such as an illegal memory "
+                        "access poisons the whole process, and the other families must still run)")
     p.add_argument("--out", default=None, help="result JSON (default bench/results/gpu_models.json)")
     p.add_argument("--doc", action="store_true", help="rewrite docs/models.md's table from the results (device only)")
     p.add_argument("--from", dest="from_file", default=None, help="with --doc: an existing result JSON, run nothing")
@@ -545,10 +583,11 @@ def main(argv=None) -> dict:
                "dtype": args.dtype or ("bfloat16" if device.type == "cuda" else "float32"),
                "date": time.strftime("%Y-%m-%d"), "rows": [], **environment(device)}
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / "gpu_models.json"
+    isolate = (device.type == "cuda") if args.isolate is None else args.isolate
     for name in args.families:
         print(f"=== {name}", flush=True)
         try:
-            row = run_family(FAMILIES[name], args, device)
+            row = run_isolated(name, argv, out) if isolate else run_family(FAMILIES[name], args, device)
         except Exception as e:  # noqa: BLE001 -- one family failing must not stop the others
             row = {"model_type": name, "checkpoint": FAMILIES[name].checkpoint, "status": "error",
                    "error": f"{type(e).__name__}: {e}"[:2000], "traceback": traceback.format_exc()[-4000:]}

@@ -44,7 +44,12 @@ for s in $STEPS; do
     train)    step train_step 90 $PY train_step.py --model sd3-5 --algorithm grpo --batch 8 --iters 3 --warmup 1 ;;
     ckpt)     step train_step_ckpt 90 $PY train_step.py --model sd3-5 --algorithm grpo --batch 8 \
                 --gradient-checkpointing --iters 3 --warmup 1 ;;
-    models)   step models 200 $PY models.py ;;  # rewrites gpu_models.json after each family
+    models)   step models 200 $PY models.py ;;
+    fluxdiag) # FLUX.1's LoRA backward: where the illegal memory access comes from, and whether another kernel avoids it
+              step models_flux1_blocking 50 env CUDA_LAUNCH_BLOCKING=1 $PY models.py --families flux1 --no-isolate \
+                --repeats 1 --out ../results/gpu_models_flux1_blocking.json
+              step models_flux1_flash 45 $PY models.py --families flux1 --no-isolate --repeats 1 \
+                --attn-backend _native_flash --out ../results/gpu_models_flux1_flash.json ;;  # rewrites gpu_models.json after each family
     epoch)    step epoch_grpo 170 $PY epoch.py --algorithm grpo --epochs 2 ;;
     compiled_epoch) step epoch_grpo_compiled 420 $PY epoch.py --algorithm grpo --epochs 3 --compile default ;;
     flux)     step sampler_flux 90 $PY sampler.py --model flux1 --batch 8 --iters 3 --warmup 1 ;;
