@@ -6,7 +6,9 @@ Names are diffusers' :class:`~diffusers.models.attention_dispatch.AttentionBacke
 ``_native_flash`` / ``_native_efficient`` / ``_native_cudnn`` (one SDPA kernel forced), ``flash``
 (the ``flash-attn`` package), ``flash_hub`` / ``_flash_3_hub`` / ``sage_hub`` (kernels fetched
 from the Hub with the ``kernels`` package), ``_flash_3`` (FlashAttention-3 built from source),
-``xformers``, ``sage``, ``flex``... ``None`` (the default) leaves the model as diffusers built it.
+``xformers``, ``sage``, ``flex``... ``None`` (the default) leaves the model as diffusers built it,
+except that on CUDA PyTorch's cuDNN SDPA kernel is turned off (:func:`avoid_cudnn_attention`: its
+backward crashed FLUX.1 LoRA training on an H200).
 
 :func:`apply_attention_backend` checks everything at load, before any step runs: an unknown name
 (with the nearest valid one), a backend whose package is not installed (what is missing and how to
@@ -160,11 +162,38 @@ def route_through_dispatcher(transformer: nn.Module) -> None:
             f"model.attn_backend (PyTorch picks its fastest SDPA kernel itself), or update diffusers.")
 
 
+def avoid_cudnn_attention(transformer: nn.Module) -> bool:
+    """``model.attn_backend`` unset on a CUDA model: turn PyTorch's cuDNN SDPA kernel off
+    (``torch.backends.cuda.enable_cudnn_sdp(False)``, process-wide), so PyTorch picks among its
+    flash, memory-efficient and math kernels. Returns whether the model is on CUDA.
+
+    Why: on an H200 (torch 2.11.0+cu130) PyTorch chose the cuDNN kernel for FLUX.1-dev's attention
+    and its backward failed (``mha_graph.execute(...).is_good()``), leaving the CUDA context broken
+    (illegal memory access), so a LoRA step of ``flux1`` / ``flux1-kontext`` could not run;
+    ``_native_flash`` ran the same step (``bench/results/gpu_models*.json``,
+    ``bench/results/logs/gpu_models_flux1_cudnn_backward.txt``). PyTorch's issue #190321 reports the
+    same failure on H200 and the same mitigation. ``attn_backend: native`` (or ``_native_cudnn``)
+    keeps PyTorch's own choice, cuDNN included."""
+    params = next(transformer.parameters(), None)
+    if params is None or params.device.type != "cuda":
+        return False
+    if torch.backends.cuda.cudnn_sdp_enabled():
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        import logging
+
+        logging.getLogger(__name__).info(
+            "model.attn_backend unset on CUDA: PyTorch's cuDNN attention kernel is turned off (its backward "
+            "failed on Hopper GPUs, see shared/models/attention.py); set model.attn_backend: native to keep it")
+    return True
+
+
 def apply_attention_backend(transformer: nn.Module, backend: str | None) -> None:
     """Set ``transformer``'s attention backend to ``backend`` (``model.attn_backend``; ``None``:
-    leave it). Raises :class:`ValueError` naming the backend, what is wrong and the fix (module
-    docstring)."""
+    diffusers' default, with PyTorch's cuDNN SDPA kernel turned off on CUDA,
+    :func:`avoid_cudnn_attention`). Raises :class:`ValueError` naming the backend, what is wrong
+    and the fix (module docstring)."""
     if backend is None:
+        avoid_cudnn_attention(transformer)
         return
     from diffusers.models.attention_dispatch import (AttentionBackendName, _AttentionBackendRegistry,
                                                      _check_attention_backend_requirements)

@@ -1,0 +1,86 @@
+"""Where training tensors and kernels live on a GPU: every tensor of a training micro-batch on the
+latents' device (a sigma grid left on the CPU broke GRPO's replay on CUDA), PyTorch's cuDNN
+attention kernel off by default on CUDA (its backward crashed FLUX.1 LoRA training on an H200;
+``shared/models/attention.py``), and whole tiny epochs of every algorithm on CUDA (``gpu``: run on
+the device machine, skipped elsewhere)."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from shared.models import Conditioning
+from shared.models.attention import apply_attention_backend, avoid_cudnn_attention
+from shared.sampling import Rollout
+from tests.helpers.tiny import tiny_config
+from trainer.collect import EpochData
+from trainer.loop import micro_batches, train
+
+
+def _epoch_on(device: str, n: int = 4, steps: int = 2) -> EpochData:
+    dev = torch.device(device)
+    roll = Rollout(final_latents=torch.zeros(n, 4, 8, 8, device=dev), images=None,
+                   sigmas=torch.linspace(1, 0, 5),  # the grid stays where adapter.sigmas made it: the CPU
+                   sde_steps=list(range(steps)), latents=torch.zeros(n, steps, 4, 8, 8, device=dev),
+                   next_latents=torch.zeros(n, steps, 4, 8, 8, device=dev),
+                   log_probs=torch.zeros(n, steps, device=dev), stds=torch.ones(n, steps, device=dev), means=None)
+    cond = Conditioning({"prompt_embeds": torch.zeros(n, 3, 8, device=dev)})
+    return EpochData(prompts=["p"] * n, group_ids=torch.zeros(n, dtype=torch.long), cond=cond, rollout=roll,
+                     rewards={}, advantages=torch.zeros(n), metrics={})
+
+
+def test_every_tensor_of_a_training_batch_is_on_the_latents_device():
+    # the meta device stands in for a GPU: a tensor left behind on the CPU shows up as "cpu"
+    for batch in micro_batches(_epoch_on("meta"), batch_size=2, seed=0):
+        tensors = {"sigmas": batch.sigmas, "advantages": batch.advantages, "latents": batch.latents,
+                   "next_latents": batch.next_latents, "log_probs": batch.log_probs, "stds": batch.stds,
+                   **{f"cond.{k}": v for k, v in batch.cond.tensors.items()}}
+        assert {k: v.device.type for k, v in tensors.items()} == {k: "meta" for k in tensors}
+
+
+class _OnCuda(nn.Module):
+    """A module that reports its parameters on CUDA without a GPU (only the device is looked at)."""
+
+    def parameters(self, recurse: bool = True):
+        yield types.SimpleNamespace(device=torch.device("cuda", 0))
+
+
+def test_cudnn_attention_is_turned_off_only_for_cuda_models_with_no_backend_chosen(monkeypatch):
+    state = {"enabled": True}
+    monkeypatch.setattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: state["enabled"])
+    monkeypatch.setattr(torch.backends.cuda, "enable_cudnn_sdp", lambda on: state.update(enabled=on))
+
+    assert avoid_cudnn_attention(nn.Linear(2, 2)) is False  # a CPU model changes nothing
+    assert state["enabled"] is True
+    apply_attention_backend(nn.Linear(2, 2), None)
+    assert state["enabled"] is True
+
+    apply_attention_backend(_OnCuda(), None)  # model.attn_backend unset, model on CUDA
+    assert state["enabled"] is False
+
+
+def test_a_chosen_backend_keeps_pytorchs_cudnn_setting(monkeypatch, tmp_path):
+    from shared.models import load_adapter
+    from trainer.policy import attach_trainable
+
+    calls = []
+    monkeypatch.setattr(torch.backends.cuda, "enable_cudnn_sdp", lambda on: calls.append(on))
+    cfg = tiny_config(tmp_path, "grpo", ["model.attn_backend=native"])
+    attach_trainable(load_adapter(cfg.model, device="cpu", seed=0), cfg)
+    assert calls == []
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("algorithm", ["grpo", "grpo-guard", "nft", "awm"])
+def test_two_tiny_epochs_train_on_cuda(tmp_path, algorithm):
+    cfg = tiny_config(tmp_path, algorithm, ["train.max_epochs=2", "train.mixed_precision=bf16"])
+    summary = train(cfg, quiet=True)
+    assert summary["samples"] > 0
+    assert not torch.backends.cuda.cudnn_sdp_enabled()  # the default on CUDA (module docstring)
