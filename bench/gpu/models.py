@@ -51,6 +51,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import re
 import tempfile
 import time
 import traceback
@@ -475,8 +476,9 @@ def run_isolated(name: str, argv: list[str] | None, out: Path) -> dict[str, Any]
                            "--no-isolate", "--out", str(child_out)], capture_output=True, text=True)
     print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n", flush=True)
     if not child_out.exists():
-        raise RuntimeError(f"the child process for {name} exited with {proc.returncode} before writing a row: "
-                           + (proc.stdout + proc.stderr)[-1500:])
+        output = proc.stdout + proc.stderr
+        raise RuntimeError(f"the child process for {name} exited with {proc.returncode} before writing a row; "
+                           f"first error: {error_line(output)}\n... {output[-1200:]}")
     rows = json.loads(child_out.read_text())["rows"]
     child_out.unlink()
     if proc.returncode != 0 and rows and rows[0].get("status") == "ok":
@@ -497,36 +499,52 @@ def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-def doc_table(payload: dict[str, Any]) -> str:
-    """The markdown between the markers: a row per family from a (device) result payload."""
-    env = payload.get("gpu") or payload.get("device", "?")
-    lines = [f"Measured on {env} (torch {payload.get('torch')}, diffusers {payload.get('diffusers')}), "
-             f"{payload.get('date', '')}: batch {payload.get('batch')}, {payload.get('steps')} steps "
-             f"({payload.get('sde_steps')} Flow-SDE), LoRA rank {payload.get('lora_rank')}, bf16, "
-             f"`bench/gpu/models.py`.", "",
+def error_line(text: str) -> str:
+    """The first ``SomeError: message`` line of ``text`` (the root cause, before the errors it led
+    to), else its last non-empty line."""
+    named = re.search(r"first error: (.+)", text)  # a child's error (run_isolated) names it
+    if named:
+        return named.group(1).strip()
+    lines = [x.strip() for x in text.splitlines() if x.strip()]
+    causes = [x for x in lines if re.match(r"^[\w.]+(Error|Exception): ", x) and "child process" not in x]
+    return causes[0] if causes else (lines[-1] if lines else "")
+
+
+def doc_table(payloads: list[dict[str, Any]]) -> str:
+    """The markdown between the markers: a row per family and result file (device runs), in the
+    order of :data:`FAMILIES`; a family no file has is listed as not run."""
+    first = payloads[0]
+    env = first.get("gpu") or first.get("device", "?")
+    lines = [f"Measured on {env} (torch {first.get('torch')}, diffusers {first.get('diffusers')}), "
+             f"{first.get('date', '')}: batch {first.get('batch')}, {first.get('steps')} steps "
+             f"({first.get('sde_steps')} Flow-SDE), LoRA rank {first.get('lora_rank')}, bf16, "
+             f"`bench/gpu/models.py`; rollout and step seconds are the last of each run's repeats.", "",
              "| model type | checkpoint architecture | transformer params | text encoders | resolution / frames "
              "| rollout s | train step s | peak GiB | status |",
              "|---|---|---|---|---|---|---|---|---|"]
-    rows = {r["model_type"]: r for r in payload.get("rows", [])}
     for name, fam in FAMILIES.items():
-        r = rows.get(name)
-        if r is None:
+        found = [(p, r) for p in payloads for r in p.get("rows", []) if r.get("model_type") == name]
+        if not found:
             lines.append(f"| `{name}` | {fam.checkpoint} | - | {fam.text} | - | - | - | - | not run |")
-            continue
-        h, w = r.get("resolution", ["?", "?"])
-        rf = f"{h}x{w}" + (f"x{r['frames']}" if r.get("frames") else "")
-        status = "ok" if r.get("status") == "ok" else "error: " + str(r.get("error", "")).splitlines()[-1][:120]
-        params = r.get("transformer_params_B")
-        lines.append(f"| `{name}` | {r.get('checkpoint', fam.checkpoint)} | "
-                     f"{'-' if params is None else f'{params:.2f} B'} | {r.get('text_encoders', fam.text)} | {rf} | "
-                     f"{_fmt(r.get('rollout_s'), '.2f')} | {_fmt(r.get('train_step_s'), '.2f')} | "
-                     f"{_fmt(r.get('peak_gib'), '.1f')} | {status.replace('|', '/')} |")
+        for payload, r in found:
+            h, w = r.get("resolution", ["?", "?"])
+            rf = f"{h}x{w}" + (f"x{r['frames']}" if r.get("frames") else "") if "resolution" in r else "-"
+            status = "ok" if r.get("status") == "ok" else "error: " + error_line(str(r.get("error", "")))[:160]
+            notes = ([f"attention `{r['attn_backend']}`"] if r.get("attn_backend") else []) + (
+                ["1 repeat (includes CUDA warm-up)"] if payload.get("repeats") == 1 else [])
+            status += f" ({'; '.join(notes)})" if notes else ""
+            params = r.get("transformer_params_B")
+            lines.append(f"| `{name}` | {r.get('checkpoint', fam.checkpoint)} | "
+                         f"{'-' if params is None else f'{params:.2f} B'} | {r.get('text_encoders', fam.text)} | "
+                         f"{rf} | {_fmt(r.get('rollout_s'), '.2f')} | {_fmt(r.get('train_step_s'), '.2f')} | "
+                         f"{_fmt(r.get('peak_gib'), '.1f')} | {status.replace('|', '/')} |")
     return "\n".join(lines)
 
 
-def write_doc(payload: dict[str, Any], path: Path = DOC) -> Path:
+def write_doc(payloads: dict[str, Any] | list[dict[str, Any]], path: Path = DOC) -> Path:
     """Rewrite the table between the markers of ``docs/models.md`` (device results only)."""
-    if payload.get("smoke") or payload.get("device") != "cuda" or payload.get("max_layers"):
+    payloads = payloads if isinstance(payloads, list) else [payloads]
+    if any(p.get("smoke") or p.get("device") != "cuda" or p.get("max_layers") for p in payloads):
         raise SystemExit("--doc takes full-size device results only (this payload is a smoke, CPU or "
                          "--max-layers run); "
                          "docs/models.md keeps its table")
@@ -535,7 +553,7 @@ def write_doc(payload: dict[str, Any], path: Path = DOC) -> Path:
         raise SystemExit(f"{path} has no {START} / {END} markers")
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    path.write_text(head + START + "\n" + doc_table(payload) + "\n" + END + tail)
+    path.write_text(head + START + "\n" + doc_table(payloads) + "\n" + END + tail)
     return path
 
 
@@ -565,13 +583,14 @@ def main(argv=None) -> dict:
                         "access poisons the whole process, and the other families must still run)")
     p.add_argument("--out", default=None, help="result JSON (default bench/results/gpu_models.json)")
     p.add_argument("--doc", action="store_true", help="rewrite docs/models.md's table from the results (device only)")
-    p.add_argument("--from", dest="from_file", default=None, help="with --doc: an existing result JSON, run nothing")
+    p.add_argument("--from", dest="from_file", nargs="+", default=None,
+                   help="with --doc: existing result JSON file(s), run nothing (rows of all of them)")
     args = p.parse_args(argv)
     if args.from_file:
-        payload = json.loads(Path(args.from_file).read_text())
+        payloads = [json.loads(Path(f).read_text()) for f in args.from_file]
         if args.doc:
-            print(f"wrote {write_doc(payload)}")
-        return payload
+            print(f"wrote {write_doc(payloads)}")
+        return payloads[0]
     if args.smoke:
         args.steps, args.sde_steps = 3, 2
     args.repeats = args.repeats or (1 if args.smoke else 2)

@@ -70,7 +70,7 @@ def test_doc_refuses_smoke_results_and_fills_the_table_from_device_results(smoke
     doc.write_text(f"intro\n{models.START}\nno numbers yet\n{models.END}\ntail\n")
     with pytest.raises(SystemExit, match="device results only"):
         models.write_doc(smoke, doc)
-    device = {**smoke, "smoke": False, "device": "cuda", "gpu": "NVIDIA H200", "max_layers": None}
+    device = {**smoke, "smoke": False, "device": "cuda", "gpu": "NVIDIA H200", "max_layers": None, "repeats": 2}
     device["rows"] = [dict(r, rollout_s=1.25, train_step_s=0.5, peak_gib=42.0) for r in smoke["rows"]]
     device["rows"][-1] = {"model_type": "wan2_i2v", "status": "error", "error": "OutOfMemoryError: CUDA out of memory"}
     models.write_doc(device, doc)
@@ -80,3 +80,16 @@ def test_doc_refuses_smoke_results_and_fills_the_table_from_device_results(smoke
     assert len(table) == len(MODEL_TYPES)
     assert "| 1.25 | 0.50 | 42.0 | ok |" in table[0]
     assert "error: OutOfMemoryError" in table[-1]
+
+    # rows of several result files: a family can have several (a failing run, a rerun with another
+    # attention kernel); an error row shows its root cause, not the errors it led to
+    crash = ("RuntimeError: the child process for sd3-5 exited with 1 before writing a row; first error: "
+             "RuntimeError: Expected mha_graph.execute(handle).is_good() to be true\n... Traceback\n"
+             "torch.AcceleratorError: CUDA error: an illegal memory access was encountered\n\n")
+    device["rows"][0] = {"model_type": "sd3-5", "status": "error", "error": crash}
+    rerun = {**device, "repeats": 1, "rows": [dict(smoke["rows"][0], attn_backend="_native_flash", rollout_s=2.0)]}
+    models.write_doc([device, rerun], doc)
+    table = [line for line in doc.read_text().splitlines() if line.startswith("| `sd3-5`")]
+    assert len(table) == 2
+    assert "error: RuntimeError: Expected mha_graph.execute" in table[0] and "AcceleratorError" not in table[0]
+    assert "| 2.00 |" in table[1] and "ok (attention `_native_flash`; 1 repeat (includes CUDA warm-up))" in table[1]
