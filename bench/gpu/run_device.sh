@@ -19,7 +19,7 @@ if [ -d "$WHEELS" ]; then
 fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1  # nothing outside the device is reachable
 PY=${PY:-python3}
-STEPS=${STEPS:-"sampler train models epoch flux awm nft gputests"}
+STEPS=${STEPS:-"sampler train epoch models flux ckpt awm nft gputests"}
 OUT=${OUT:-/tmp/flowrl-gpu-bench}
 LOGS=/tmp/flowrl-gpu-logs
 mkdir -p "$OUT" "$LOGS"
@@ -54,7 +54,8 @@ for s in $STEPS; do
     compiled_epoch) step epoch_grpo_compiled 420 $PY epoch.py --algorithm grpo --epochs 3 --compile default ;;
     flux)     step sampler_flux 90 $PY sampler.py --model flux1 --batch 8 --iters 3 --warmup 1 ;;
     nft)      step epoch_nft 150 $PY epoch.py --algorithm nft --epochs 2 ;;
-    gputests) step gpu_tests 120 $PY -m pytest -q -m gpu -p no:cacheprovider --rootdir ../.. ../../tests/shared/test_learned_rewards.py ../../tests/trainer/test_overlap_scoring.py ../../tests/trainer/test_memory_options.py ;;
+    gputests) step gpu_tests 120 $PY -m pytest -q -m gpu -p no:cacheprovider --rootdir ../.. ../../tests/shared/test_learned_rewards.py ../../tests/trainer/test_overlap_scoring.py ../../tests/trainer/test_memory_options.py \
+                ../../tests/trainer/test_device_placement.py ;;
     awm)      step epoch_awm 150 $PY epoch.py --algorithm awm --epochs 2 ;;
   esac
 done
