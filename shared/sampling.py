@@ -32,6 +32,7 @@ from torch import nn
 from shared.condition_images import ImageSource, condition_count_error
 from shared.embedding_cache import encode_cached
 from shared.flow import sde_step
+from shared.flow.sde import check_sigma_grid
 from shared.models.base import Conditioning, FlowModelAdapter
 from shared.models.prompt_length import check_prompt_lengths
 
@@ -112,6 +113,7 @@ def rollout(
     # everything the loop reads from the host goes to the device once, before it: no copy (and
     # so no host sync) between steps. Each sample's SDE noise is drawn in its generator's order.
     noises = step_noise(generators, shape, sum(1 for i in range(len(sigmas) - 1) if i in stochastic), device)
+    check_sigma_grid(sigmas, stochastic, dynamics)  # on the host, once: the steps below check nothing
     grid = sigmas.to(device)
     for i in range(len(sigmas) - 1):
         sigma = grid[i].expand(batch)
@@ -120,7 +122,7 @@ def rollout(
         if i in stochastic:
             noise = noises[len(kept["x"])]
             out = sde_step(x, v, sigma, sigma_next, dynamics=dynamics, noise_level=noise_level,
-                           noise=noise, log_prob_reduction=log_prob_reduction)
+                           noise=noise, log_prob_reduction=log_prob_reduction, check_sigmas=False)
             kept["x"].append(x)
             kept["next"].append(out.prev_sample)
             kept["logp"].append(out.log_prob)
@@ -128,7 +130,7 @@ def rollout(
             if keep_means:
                 kept["mean"].append(out.mean)
         else:
-            out = sde_step(x, v, sigma, sigma_next, dynamics="ODE", noise_level=0.0)
+            out = sde_step(x, v, sigma, sigma_next, dynamics="ODE", noise_level=0.0, check_sigmas=False)
         x = out.prev_sample
 
     def stack(key: str, empty_shape: tuple[int, ...]) -> torch.Tensor:

@@ -108,7 +108,7 @@ def _sigma_vector(value, name: str, x: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"{name} must be a float, a 0-d tensor or a [B]={batch} tensor, got shape {tuple(t.shape)}")
 
 
-def _check_args(x, v, sigma, sigma_next, dynamics, noise_level, log_prob_reduction, cps_log_prob):
+def _check_args(x, v, sigma, sigma_next, dynamics, noise_level, log_prob_reduction, cps_log_prob, check_sigmas=True):
     if dynamics not in DYNAMICS:
         raise ValueError(f"dynamics must be one of {DYNAMICS}, got {dynamics!r}")
     if log_prob_reduction not in LOG_PROB_REDUCTIONS:
@@ -125,10 +125,24 @@ def _check_args(x, v, sigma, sigma_next, dynamics, noise_level, log_prob_reducti
         raise ValueError(f"x must be a floating tensor of shape [B, ...], got {x.dtype} {tuple(x.shape)}")
     if v.shape != x.shape:
         raise ValueError(f"v must have the shape of x {tuple(x.shape)}, got {tuple(v.shape)}")
+    if not check_sigmas:
+        return
     if bool((sigma_next > sigma).any()):
         raise ValueError(f"sigma_next must be <= sigma (sampling goes 1 -> 0), got sigma={sigma}, sigma_next={sigma_next}")
     if bool((sigma > 1).any()) or bool((sigma_next < 0).any()):
         raise ValueError(f"sigma and sigma_next must lie in [0, 1], got sigma={sigma}, sigma_next={sigma_next}")
+
+
+def check_sigma_grid(sigmas: torch.Tensor, steps, dynamics: str) -> None:
+    """Check once, on the host, what :func:`sde_step` checks per call: ``sigmas`` (``[N + 1]``)
+    descends within [0, 1], and each step ``i`` in ``steps`` taken with ``dynamics`` can be (Flow-SDE /
+    Dance-SDE: ``sigmas[i] > 0``; Flow-SDE: ``sigma_next < 1`` where ``sigma = 1``). Raises the
+    :class:`ValueError` that :func:`sde_step` would raise at that step."""
+    grid = sigmas.detach().to("cpu", torch.float32)
+    x = torch.zeros(1)
+    for i in range(len(grid) - 1):
+        sde_step(x, x, grid[i], grid[i + 1], dynamics=dynamics if i in steps else "ODE",
+                 noise_level=1.0 if i in steps and dynamics != "ODE" else 0.0)
 
 
 def _sde_mean(x, v, sigma, dt, g):
@@ -153,6 +167,7 @@ def sde_step(
     generator: torch.Generator | None = None,
     log_prob_reduction: str = "mean",
     cps_log_prob: str = "unnormalized",
+    check_sigmas: bool = True,
 ) -> StepOutput:
     """Take one step from ``sigma`` to ``sigma_next`` (see the module docstring for the dynamics).
 
@@ -168,15 +183,19 @@ def sde_step(
         generator: ``torch.Generator`` for the noise draw when ``noise`` is None.
         log_prob_reduction: ``"mean"`` (default) or ``"sum"`` over the non-batch dims.
         cps_log_prob: ``"unnormalized"`` (default, FlowCPS) or ``"gaussian"``; only used by CPS.
+        check_sigmas: check the sigma values (order, range, ``sigma > 0`` for the SDEs). Per-sample
+            sigma tensors on a GPU are read back to the host for it (a sync per call), so loops pass
+            ``False`` after checking their whole grid once on the host (:func:`check_sigma_grid`).
 
     In rollout mode the sample ``mean + std * noise`` is cast to ``x.dtype`` *before* its log-prob is taken,
     so replaying the stored (cast) latent later reproduces the same log-prob.
 
-    Note: validating per-sample sigma tensors reads them back to the host (one small sync per call).
+    Note: with ``check_sigmas`` (the default), validating per-sample sigma tensors reads them back to
+    the host (one small sync per call).
     """
     sigma_b = _sigma_vector(sigma, "sigma", x)
     sigma_next_b = _sigma_vector(sigma_next, "sigma_next", x)
-    _check_args(x, v, sigma_b, sigma_next_b, dynamics, noise_level, log_prob_reduction, cps_log_prob)
+    _check_args(x, v, sigma_b, sigma_next_b, dynamics, noise_level, log_prob_reduction, cps_log_prob, check_sigmas)
     if prev_sample is not None and prev_sample.shape != x.shape:
         raise ValueError(f"prev_sample must have the shape of x {tuple(x.shape)}, got {tuple(prev_sample.shape)}")
     if noise is not None and noise.shape != x.shape:
@@ -192,12 +211,12 @@ def sde_step(
         return StepOutput(out, mean, torch.zeros_like(sigma_b), None, None)
 
     if dynamics in ("Flow-SDE", "Dance-SDE"):
-        if bool((sigma_b <= 0).any()):
+        if check_sigmas and bool((sigma_b <= 0).any()):
             raise ValueError(f"sigma must be > 0 for {dynamics} (the score divides by sigma), got {sigma}")
         if dynamics == "Flow-SDE":
             # flow_grpo: at sigma = 1 use the next grid point in 1 / (1 - sigma) to avoid dividing by zero.
             sigma_hat = torch.where(sigma_b >= 1, sigma_next_b, sigma_b)
-            if bool((sigma_hat >= 1).any()):
+            if check_sigmas and bool((sigma_hat >= 1).any()):
                 raise ValueError("Flow-SDE cannot take a zero-length step at sigma = 1 (sigma_next must be < 1)")
             g_b = noise_level * torch.sqrt(sigma_b / (1 - sigma_hat))
         else:

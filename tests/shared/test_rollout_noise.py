@@ -3,6 +3,7 @@ between steps); the chain is the one drawing it step by step gives, to the bit."
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from shared.config import ModelConfig
@@ -45,3 +46,63 @@ def test_rollout_equals_the_step_by_step_chain():
             x = out.prev_sample
     assert torch.equal(roll.final_latents, x.float())
     assert torch.equal(roll.log_probs, torch.stack(log_probs, 1).float())
+
+
+class _HostReads:
+    """Counts reads of tensor values back to the host (``bool``, ``item``, ``tolist``, ...: each a
+    device sync on a GPU) while ``armed``."""
+
+    NAMES = ("__bool__", "item", "tolist", "__int__", "__float__", "cpu", "numpy")
+
+    def __init__(self, monkeypatch):
+        self.armed, self.where = False, []
+        for name in self.NAMES:
+            original = getattr(torch.Tensor, name)
+
+            def counted(t, *args, _name=name, _original=original, **kwargs):
+                if self.armed:
+                    import traceback
+
+                    frame = traceback.extract_stack()[-2]
+                    self.where.append(f"{_name} at {frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}")
+                return _original(t, *args, **kwargs)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+def test_the_denoising_loop_reads_nothing_back_to_the_host(monkeypatch):
+    # a GPU rollout must not wait for the device between steps (issue 8): the sigma checks run once
+    # on the host grid before the loop, sde_step is told not to repeat them
+    adapter = load_adapter(ModelConfig(model_type="tiny"), device=CPU, seed=0)
+    cond = adapter.encode_prompts(["a red cube", "two blue spheres"], cfg=True)
+    reads = _HostReads(monkeypatch)
+    velocity, decode = adapter.velocity, adapter.decode
+
+    def first_step_arms(*args, **kwargs):
+        reads.armed = True
+        return velocity(*args, **kwargs)
+
+    def decode_disarms(*args, **kwargs):
+        reads.armed = False
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(adapter, "velocity", first_step_arms)
+    monkeypatch.setattr(adapter, "decode", decode_disarms)
+    for dynamics in ("Flow-SDE", "Dance-SDE", "CPS", "ODE"):
+        rollout(adapter, cond, [3, 4], resolution=(16, 16), sigmas=adapter.sigmas(6, (16, 16)), guidance_scale=3.0,
+                dynamics=dynamics, noise_level=0.7, sde_steps=[0, 1, 2, 4])
+        assert reads.where == [], f"{dynamics}: the loop read tensors back to the host: {reads.where}"
+
+
+def test_a_bad_grid_fails_before_the_first_step():
+    adapter = load_adapter(ModelConfig(model_type="tiny"), device=CPU, seed=0)
+    cond = adapter.encode_prompts(["a"], cfg=False)
+    calls = []
+    adapter.velocity = lambda *a, **k: calls.append(1)  # never reached
+    for sigmas, match in ((torch.tensor([1.0, 0.5, 0.6, 0.0]), "sigma_next must be <= sigma"),
+                          (torch.tensor([1.0, 0.5, 0.0, 0.0]), "sigma must be > 0 for Flow-SDE"),
+                          (torch.tensor([1.0, 1.0, 0.5, 0.0]), "zero-length step at sigma = 1")):
+        with pytest.raises(ValueError, match=match):
+            rollout(adapter, cond, [0], resolution=(16, 16), sigmas=sigmas, guidance_scale=1.0, dynamics="Flow-SDE",
+                    noise_level=0.7, sde_steps=[0, 1, 2])
+    assert calls == []
