@@ -125,6 +125,10 @@ class TrainConfig(_Strict):
     # e.g. mixed_precision: bf16) halves what samplers write; the chain continues from the
     # rounded state, so the recorded log-probs are exactly what training replays
     rollout_state_dtype: Literal["float32", "bfloat16"] = "float32"
+    # where each sample's noise generator draws (shared/sampling.py): "cpu" = the same images for a
+    # seed on every machine; "model" = on the model's device (a GPU draws it itself: no CPU work and
+    # no host-to-device copy before the first step; other numbers than the CPU's for the same seed)
+    rollout_noise_device: Literal["cpu", "model"] = "cpu"
     # embedded mode: score each rolled-out micro-batch in a background thread while the next one
     # samples (pointwise rewards only; groupwise/pairwise ones are scored after the rollout).
     # None = when sampling on a GPU; on a CPU the two threads contend (bench/overlap_scoring.py)

@@ -9,7 +9,11 @@ which is what keeps train/inference consistent.
 
 Randomness is per sample: sample ``i`` draws its initial noise and every step's noise from
 its own ``torch.Generator(seed_i)``, so a sample does not depend on which batch or process
-it was generated in.
+it was generated in. ``noise_device`` (``SamplingParams.noise_device``,
+``train.rollout_noise_device``): ``"cpu"`` (default) draws with CPU generators, the same numbers
+on every machine; ``"model"`` draws with generators on the model's device (on a GPU: no CPU work
+and no host-to-device copy before the first step; the same seed then gives other numbers than on
+the CPU, and the same ones on the same kind of GPU).
 
 ``state_dtype`` (``SamplingParams.state_dtype``, ``train.rollout_state_dtype``): the precision
 of the latent chain. ``"bfloat16"`` rounds every state to bfloat16 and continues the chain
@@ -54,8 +58,19 @@ class Rollout:
 
 def per_sample_noise(generators: list[torch.Generator], shape: tuple[int, ...],
                      device: torch.device) -> torch.Tensor:
-    """``[B, *shape]`` float32 standard normal noise, row ``i`` from ``generators[i]``."""
-    return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+    """``[B, *shape]`` float32 standard normal noise, row ``i`` from ``generators[i]`` (drawn on the
+    generators' device, then moved to ``device``)."""
+    return torch.stack([torch.randn(shape, generator=g, device=g.device) for g in generators]).to(device)
+
+
+def noise_generator_device(noise_device: str, model_device: torch.device) -> torch.device:
+    """The device the rollout's generators draw on: ``"cpu"`` or ``"model"`` (``model_device``)."""
+    if noise_device == "cpu":
+        return torch.device("cpu")
+    if noise_device == "model":
+        return model_device
+    raise ValueError(f"noise_device must be 'cpu' or 'model', got {noise_device!r} "
+                     f"(train.rollout_noise_device)")
 
 
 def step_noise(generators: list[torch.Generator], shape: tuple[int, ...], steps: int,
@@ -65,8 +80,10 @@ def step_noise(generators: list[torch.Generator], shape: tuple[int, ...], steps:
     :func:`per_sample_noise` would give step by step), moved to ``device`` in one copy."""
     if steps == 0:
         return torch.zeros((0, len(generators), *shape), device=device)
-    host = torch.stack([torch.stack([torch.randn(shape, generator=g) for _ in range(steps)]) for g in generators],
-                       dim=1)
+    host = torch.stack([torch.stack([torch.randn(shape, generator=g, device=g.device) for _ in range(steps)])
+                        for g in generators], dim=1)
+    if host.device == device:
+        return host
     if device.type == "cuda":
         return host.pin_memory().to(device, non_blocking=True)
     return host.to(device)
@@ -90,6 +107,7 @@ def rollout(
     decode: bool = True,
     num_frames: int | None = None,
     state_dtype: str = "float32",
+    noise_device: str = "cpu",
 ) -> Rollout:
     """Denoise ``len(seeds)`` samples; see the module docstring.
 
@@ -102,9 +120,11 @@ def rollout(
         state_dtype: ``"float32"`` or ``"bfloat16"``: the chain's precision (module docstring).
         num_frames: frames per video for video families (``None`` = the family's default); image
             families take ``None`` or 1 (``adapter.sample_shape``).
+        noise_device: ``"cpu"`` or ``"model"``: where the per-sample generators draw (module docstring).
     """
     device = next(adapter.transformer.parameters()).device
-    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    generators = [torch.Generator(device=noise_generator_device(noise_device, device)).manual_seed(int(s))
+                  for s in seeds]
     shape = adapter.sample_shape(resolution, num_frames)
     x = per_sample_noise(generators, shape, device).to(state_torch_dtype(state_dtype))
     stochastic = set() if dynamics == "ODE" else set(sde_steps)
@@ -196,7 +216,7 @@ def rollout_batches(adapter: FlowModelAdapter, prompts: list[str], negatives: li
                     seeds: list[int], *, batch_size: int, resolution, num_steps: int,
                     guidance_scale: float, dynamics: str, noise_level: float,
                     sde_steps: list[int], keep_means: bool, log_prob_reduction: str,
-                    state_dtype: str = "float32",
+                    state_dtype: str = "float32", noise_device: str = "cpu",
                     transformer, progress=None, num_frames: int | None = None,
                     images: Sequence[Sequence[ImageSource]] | None = None,
                     on_batch: Callable[[slice, Rollout], None] | None = None) -> tuple[Conditioning, Rollout]:
@@ -214,7 +234,7 @@ def rollout_batches(adapter: FlowModelAdapter, prompts: list[str], negatives: li
                             guidance_scale=guidance_scale, dynamics=dynamics,
                             noise_level=noise_level, sde_steps=sde_steps, keep_means=keep_means,
                             log_prob_reduction=log_prob_reduction, state_dtype=state_dtype,
-                            transformer=transformer,
+                            noise_device=noise_device, transformer=transformer,
                             num_frames=num_frames))
         conds.append(cond)
         if on_batch is not None:
@@ -343,6 +363,6 @@ def rollout_with(adapter: FlowModelAdapter, prompts: list[str], negatives: list[
         num_steps=params.num_inference_steps, guidance_scale=params.guidance_scale,
         dynamics=params.dynamics, noise_level=params.noise_level, sde_steps=params.sde_steps,
         keep_means=params.keep_means, log_prob_reduction=params.log_prob_reduction,
-        state_dtype=params.state_dtype,
+        state_dtype=params.state_dtype, noise_device=params.noise_device,
         transformer=transformer, progress=progress, num_frames=params.num_frames, images=images,
         on_batch=on_batch)

@@ -91,6 +91,9 @@ class SamplingParams(Message):
     # precision of the latent chain and of the stored states (shared.sampling); bfloat16 halves
     # the trajectory blob and keeps log-probs exact (the chain continues from the rounded state)
     state_dtype: Literal["float32", "bfloat16"] = "float32"
+    # where each sample's noise generator draws: "cpu" (the same numbers on every machine) or
+    # "model" (the sampler's device: no CPU work before the first step on a GPU)
+    noise_device: Literal["cpu", "model"] = "cpu"
 
 
 class SampleJob(Message):

@@ -106,3 +106,42 @@ def test_a_bad_grid_fails_before_the_first_step():
             rollout(adapter, cond, [0], resolution=(16, 16), sigmas=sigmas, guidance_scale=1.0, dynamics="Flow-SDE",
                     noise_level=0.7, sde_steps=[0, 1, 2])
     assert calls == []
+
+
+def test_noise_device_is_checked_and_reaches_the_sampling_params(tmp_path):
+    from types import SimpleNamespace
+
+    from tests.helpers.tiny import tiny_config
+    from trainer.collect import sampling_params
+
+    adapter = load_adapter(ModelConfig(model_type="tiny"), device=CPU, seed=0)
+    cond = adapter.encode_prompts(["a"], cfg=False)
+    with pytest.raises(ValueError, match="noise_device must be 'cpu' or 'model', got 'gpu'"):
+        rollout(adapter, cond, [0], resolution=(16, 16), sigmas=adapter.sigmas(3, (16, 16)), guidance_scale=1.0,
+                dynamics="Flow-SDE", noise_level=0.7, sde_steps=[0], noise_device="gpu")
+    # on a CPU model both draw on the CPU: the same chain
+    a, b = (rollout(adapter, cond, [7], resolution=(16, 16), sigmas=adapter.sigmas(3, (16, 16)), guidance_scale=1.0,
+                    dynamics="Flow-SDE", noise_level=0.7, sde_steps=[0, 1], noise_device=d, decode=False)
+            for d in ("cpu", "model"))
+    assert torch.equal(a.final_latents, b.final_latents)
+
+    cfg = tiny_config(tmp_path, "grpo", ["train.rollout_noise_device=model"])
+    plan = SimpleNamespace(sde_steps=[0, 1])
+    assert sampling_params(cfg, plan, keep_means=False).noise_device == "model"
+    assert sampling_params(tiny_config(tmp_path, "grpo"), plan, keep_means=False).noise_device == "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_noise_drawn_on_the_gpu_is_per_sample_and_reproducible():
+    adapter = load_adapter(ModelConfig(model_type="tiny"), device=torch.device("cuda"), seed=0)
+    cond = adapter.encode_prompts(["a red cube", "two blue spheres"], cfg=False)
+
+    def run(c, seeds):
+        return rollout(adapter, c, seeds, resolution=(16, 16), sigmas=adapter.sigmas(4, (16, 16)), guidance_scale=1.0,
+                       dynamics="Flow-SDE", noise_level=0.7, sde_steps=[0, 1, 2], noise_device="model", decode=False)
+
+    pair, again, alone = run(cond, [3, 4]), run(cond, [3, 4]), run(cond.select(slice(1, 2)), [4])
+    assert torch.equal(pair.final_latents, again.final_latents)
+    torch.testing.assert_close(pair.final_latents[1:], alone.final_latents, rtol=1e-4, atol=1e-4)
+    assert pair.final_latents.device.type == "cuda"
