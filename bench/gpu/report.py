@@ -51,7 +51,9 @@ def sampler_table(results: Path = RESULTS) -> list[str]:
     notes = []
     for name, p in files:
         for r in p["rows"]:
-            lines.append(f"| {p['model']} | {r.get('mode', 'compiled' if p.get('compile') else 'eager')} | "
+            mode = r.get("mode", "compiled" if p.get("compile") else "eager")
+            mode += f" + `{r['variant']}`" if r.get("variant") else ""
+            lines.append(f"| {p['model']} | {mode} | "
                          f"{r['batch']} | {r['forward_rows']} | {r['limit_img_s']:.2f} | {r['img_s']:.2f} | "
                          f"**{r['sampler_vs_limit']:.3f}** | {r['decode_s']:.3f} | {r['peak_gib']:.1f} | `{name}` |")
         guidance = f"CFG {p['guidance']} as one batched forward" if p.get("cfg_batched") else \
@@ -60,6 +62,9 @@ def sampler_table(results: Path = RESULTS) -> list[str]:
                      f"log-probs on steps {p['sde_steps'][0]}-{p['sde_steps'][-1]}, bf16"
                      + (f"; `torch.compile` ({p['compile']}) took {p['compile_s']:.0f} s the first call, outside "
                         "the timings" if p.get("compile_s") else "") + ".")
+        if p.get("variants"):
+            notes.append("  Rows with `+ variant`: the same rollout with each option added on top of the ones "
+                         "above it: " + "; ".join(f"`{k}`: {v}" for k, v in p["variants"].items()) + ".")
     return lines + [""] + notes + ["", f"Target: `sampler_vs_limit` >= {SAMPLER_TARGET} against the COMPILED limit "
                                        "(SD3.5-M, 16 images per batch).", ""]
 

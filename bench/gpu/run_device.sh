@@ -19,7 +19,7 @@ if [ -d "$WHEELS" ]; then
 fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1  # nothing outside the device is reachable
 PY=${PY:-python3}
-STEPS=${STEPS:-"sampler train epoch models flux ckpt awm nft gputests"}
+STEPS=${STEPS:-"sampler epoch compiled_epoch models train flux ckpt awm nft gputests"}
 OUT=${OUT:-/tmp/flowrl-gpu-bench}
 LOGS=/tmp/flowrl-gpu-logs
 mkdir -p "$OUT" "$LOGS"
@@ -39,8 +39,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$LOGS/gp
 $PY -c "import torch, diffusers, transformers, peft; print(torch.__version__, diffusers.__version__, transformers.__version__, peft.__version__)"
 for s in $STEPS; do
   case $s in
-    sampler)  step sampler 200 $PY sampler.py --model sd3-5 --eager-batch 8 16 32 --batch 16 --compile default \
-                --iters 3 --warmup 1 ;;
+    sampler)  step sampler 240 $PY sampler.py --model sd3-5 --eager-batch ${EAGER_BATCH:-8 16 32} --batch 16 \
+                --compile default --iters 3 --warmup 1 --variants noise_on_device cudnn_benchmark compiled_vae \
+                --profile ../results/gpu_sampler_profile_sd3-5.txt ;;
     train)    step train_step 90 $PY train_step.py --model sd3-5 --algorithm grpo --batch 8 --iters 3 --warmup 1 ;;
     ckpt)     step train_step_ckpt 90 $PY train_step.py --model sd3-5 --algorithm grpo --batch 8 \
                 --gradient-checkpointing --iters 3 --warmup 1 ;;

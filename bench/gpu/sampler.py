@@ -17,6 +17,7 @@ With ``--compile`` the eager rows are measured first, then the same for the comp
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
@@ -53,7 +54,11 @@ def measure(adapter, module, b: int, args, *, device, dtype, cfg: bool, guidance
 
     def sample():
         return rollout(adapter, cond, list(range(b)), resolution=res, sigmas=sigmas, guidance_scale=guidance,
-                       dynamics="Flow-SDE", noise_level=0.7, sde_steps=sde, transformer=module)
+                       dynamics="Flow-SDE", noise_level=0.7, sde_steps=sde, transformer=module,
+                       noise_device=getattr(args, "noise_device", "cpu"))
+
+    if getattr(args, "profile_to", None):
+        profile(sample, device, args.profile_to)
 
     with peak_memory(device) as mem:
         rollout_s = timed(sample, device, iters=args.iters, warmup=args.warmup)
@@ -66,11 +71,54 @@ def measure(adapter, module, b: int, args, *, device, dtype, cfg: bool, guidance
             "peak_gib": mem["peak_gib"]}, first_s
 
 
+#: the sampler options measured one after the other, each on top of the ones before it (``--variants``)
+VARIANTS = {
+    "noise_on_device": "train.rollout_noise_device: model (per-sample generators on the GPU)",
+    "cudnn_benchmark": "torch.backends.cudnn.benchmark = True (cuDNN picks the VAE's conv algorithms by timing)",
+    "compiled_vae": "torch.compile of the VAE decoder (in place)",
+}
+
+
+def apply_variant(name: str, adapter, args) -> None:
+    if name == "noise_on_device":
+        args.noise_device = "model"
+    elif name == "cudnn_benchmark":
+        torch.backends.cudnn.benchmark = True
+    elif name == "compiled_vae":
+        adapter.pipeline.vae.decoder.compile()
+    else:
+        raise SystemExit(f"--variants: unknown {name!r}; known: {', '.join(VARIANTS)}")
+
+
+def profile(sample, device, path: str) -> None:
+    """One rollout under ``torch.profiler``: the ops that took the most device and host time, as a
+    text table at ``path`` (what the rest of the rollout besides the transformer is made of)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    sample()  # warm
+    synchronize(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        sample()
+        synchronize(device)
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=60)
+    by_cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)
+    Path(path).write_text(f"sorted by {sort}\n{table}\n\nsorted by self_cpu_time_total\n{by_cpu}\n")
+    print(f"profile: {path}", flush=True)
+
+
 def main(argv=None) -> dict:
     p = base_parser(__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, nargs="+", default=[8, 16, 32])
     p.add_argument("--eager-batch", type=int, nargs="+", default=None,
                    help="with --compile: the eager rows' batch sizes (default: --batch)")
+    p.add_argument("--variants", nargs="*", default=[], choices=list(VARIANTS),
+                   help="after the rows above, the last mode's last batch size again with each of these options "
+                        "added on top of the ones before it (before/after of each, same run)")
+    p.add_argument("--profile", default=None, help="write a torch.profiler table of one rollout (the last "
+                                                   "mode's last batch size, all variants on) to this file")
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--sde-steps", default="all", help="'all' (every step stochastic, log-probs on) or a count "
@@ -101,9 +149,24 @@ def main(argv=None) -> dict:
             print(f"{mode} B={b}: {row['img_s']:.2f} img/s vs limit {row['limit_img_s']:.2f} "
                   f"({row['sampler_vs_limit']:.1%}), decode {row['decode_s']:.3f} s, peak {row['peak_gib']:.1f} GiB",
                   flush=True)
+    mode, module = modes[-1]
+    b = (args.eager_batch or args.batch)[-1] if mode == "eager" else args.batch[-1]
+    for name in args.variants:
+        apply_variant(name, adapter, args)
+        t0 = time.perf_counter()
+        row, _ = measure(adapter, module, b, args, device=device, dtype=dtype, cfg=cfg, guidance=guidance, res=res,
+                         sigmas=sigmas, sde=sde)
+        rows.append({"mode": mode, "variant": name, "variant_s": time.perf_counter() - t0, **row})
+        print(f"{mode} B={b} +{name}: {row['img_s']:.2f} img/s vs limit {row['limit_img_s']:.2f} "
+              f"({row['sampler_vs_limit']:.1%}), decode {row['decode_s']:.3f} s", flush=True)
+    if args.profile:
+        args.profile_to = args.profile
+        measure(adapter, module, b, args, device=device, dtype=dtype, cfg=cfg, guidance=guidance, res=res,
+                sigmas=sigmas, sde=sde)
     payload = {"bench": "gpu_sampler", "model": args.model, "smoke": args.smoke, "resolution": args.resolution,
                "steps": args.steps, "sde_steps": sde, "guidance": guidance, "cfg_batched": cfg,
                "compile": args.compile, "compile_s": compile_s, "dtype": "bfloat16", "rows": rows,
+               "variants": {k: VARIANTS[k] for k in args.variants},
                **environment(device)}
     write_result("sampler", args, payload)
     return payload

@@ -35,6 +35,17 @@ def test_sampler_bench(tmp_path, model):
     assert row["sampler_vs_limit"] == pytest.approx(row["img_s"] / row["limit_img_s"])
 
 
+def test_sampler_variants_and_profile(tmp_path):
+    # each option measured on top of the ones before it, in one run; the profile is a readable table
+    profile = tmp_path / "profile.txt"
+    r = run("sampler", tmp_path, "--batch", "2", "--variants", "noise_on_device", "cudnn_benchmark",
+            "--profile", str(profile))
+    assert [row.get("variant") for row in r["rows"]] == [None, "noise_on_device", "cudnn_benchmark"]
+    assert list(r["variants"]) == ["noise_on_device", "cudnn_benchmark"]
+    assert all(row["batch"] == 2 and row["img_s"] > 0 for row in r["rows"])
+    assert "aten::" in profile.read_text()
+
+
 def test_train_step_bench(tmp_path):
     r = run("train_step", tmp_path, "--batch", "2", "--gradient-checkpointing")
     (row,) = r["rows"]
