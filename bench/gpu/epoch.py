@@ -67,7 +67,8 @@ def save_pipeline(directory: Path, *, smoke: bool, device: torch.device) -> Path
 def recipe(args, pipe: Path, data: Path, out: Path) -> dict:
     train = {"trainer_type": args.algorithm, "resolution": args.resolution, "num_inference_steps": args.steps,
              "guidance_scale": 4.5, "group_size": args.group_size, "unique_sample_num_per_epoch": args.prompts,
-             "per_device_batch_size": args.batch, "gradient_step_per_epoch": 2, "learning_rate": 3e-4,
+             "per_device_batch_size": args.batch, "rollout_batch_size": args.rollout_batch,
+             "gradient_step_per_epoch": 2, "learning_rate": 3e-4,
              "mixed_precision": "bf16" if args.device == "cuda" else "no", "max_epochs": args.epochs, "seed": 42}
     if args.algorithm == "grpo":
         window = [0, 1] if args.smoke else [1, 2, 3, 4, 5]  # 2 of the window's steps per epoch
@@ -96,6 +97,8 @@ def main(argv=None) -> dict:
     p.add_argument("--prompts", type=int, default=6)
     p.add_argument("--group-size", type=int, default=24)
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--rollout-batch", type=int, default=None,
+                   help="train.rollout_batch_size (default: the micro-batch --batch, as the recipe)")
     p.add_argument("--workdir", default=None, help="where the pipeline and the run go (default: a temp dir)")
     args = p.parse_args(argv)
     if args.model != "sd3-5":
@@ -124,14 +127,16 @@ def main(argv=None) -> dict:
     payload = {"bench": "gpu_epoch", "model": "sd3-5", "algorithm": args.algorithm, "smoke": args.smoke,
                "compile": args.compile,
                "images_per_epoch": args.prompts * args.group_size, "resolution": args.resolution, "steps": args.steps,
-               "batch": args.batch, "epochs": len(epochs), "epoch_s": epoch_s, "sample_s": sample_s, "train_s": train_s,
+               "batch": args.batch, "rollout_batch": args.rollout_batch or args.batch, "epochs": len(epochs),
+               "epoch_s": epoch_s, "sample_s": sample_s, "train_s": train_s,
                "other_s": None if epoch_s is None else epoch_s - (sample_s or 0) - (train_s or 0),
                "first_epoch_s": epochs[0]["time/epoch_seconds"] if epochs else None, "peak_gib": peak,
                "per_epoch": [{k: r[k] for k in r if k.startswith("time/")} for r in epochs],
                "samples": summary["samples"], **environment(device)}
     print(f"{args.algorithm}: epoch {epoch_s:.2f} s (sample {sample_s:.2f}, train {train_s:.2f}), "
           f"peak {peak:.1f} GiB", flush=True)
-    write_result(f"epoch_{args.algorithm}{'_compiled' if args.compile else ''}", args, payload)
+    suffix = ("_compiled" if args.compile else "") + (f"_rb{args.rollout_batch}" if args.rollout_batch else "")
+    write_result(f"epoch_{args.algorithm}{suffix}", args, payload)
     return payload
 
 

@@ -96,10 +96,11 @@ def epoch_table(results: Path = RESULTS) -> list[str]:
     if not files:
         return lines + ["Not measured on a GPU yet (`bench/gpu/epoch.py`): the first device runs ended before an "
                         "epoch finished (see the status above).", ""]
-    lines += ["| algorithm | compile | images / epoch | `epoch_s` (steady) | sample (s) | train (s) | other (s) "
-              "| first epoch (s) | `peak_gib` | file |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| algorithm | compile | rollout batch | images / epoch | `epoch_s` (steady) | sample (s) | train (s) | other (s) "
+              "| first epoch (s) | `peak_gib` | file |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, p in files:
-        lines.append(f"| {p['algorithm']} | {p.get('compile') or 'no'} | {p['images_per_epoch']} | "
+        lines.append(f"| {p['algorithm']} | {p.get('compile') or 'no'} | {p.get('rollout_batch', p['batch'])} | "
+                     f"{p['images_per_epoch']} | "
                      f"**{_f(p['epoch_s'], '.1f')}** | {_f(p['sample_s'], '.1f')} | {_f(p['train_s'], '.1f')} | "
                      f"{_f(p['other_s'], '.1f')} | {_f(p['first_epoch_s'], '.1f')} | {p['peak_gib']:.1f} | `{name}` |")
     return lines + ["", f"Target (GRPO): `epoch_s` <= {EPOCH_TARGET_S:.0f} s, `peak_gib` <= {EPOCH_TARGET_GIB}.", ""]

@@ -145,3 +145,32 @@ def test_noise_drawn_on_the_gpu_is_per_sample_and_reproducible():
     assert torch.equal(pair.final_latents, again.final_latents)
     torch.testing.assert_close(pair.final_latents[1:], alone.final_latents, rtol=1e-4, atol=1e-4)
     assert pair.final_latents.device.type == "cuda"
+
+
+def test_rollout_batch_size_sets_the_rollout_micro_batch_only(tmp_path):
+    from types import SimpleNamespace
+
+    from tests.helpers.tiny import tiny_config
+    from trainer.collect import sampling_params
+    from trainer.loop import train
+
+    plan = SimpleNamespace(sde_steps=[0, 1])
+    base = tiny_config(tmp_path, "grpo", ["train.per_device_batch_size=2"])
+    assert sampling_params(base, plan, keep_means=False).batch_size == 2
+    big = tiny_config(tmp_path, "grpo", ["train.per_device_batch_size=2", "train.rollout_batch_size=4",
+                                         "train.max_epochs=1"])
+    assert sampling_params(big, plan, keep_means=False).batch_size == 4
+    assert train(big, quiet=True)["samples"] > 0
+
+    # per-sample generators: a sample's chain does not depend on its rollout batch
+    adapter = load_adapter(ModelConfig(model_type="tiny"), device=CPU, seed=0)
+    from shared.sampling import rollout_batches
+
+    def chains(batch_size):
+        _, roll = rollout_batches(adapter, ["a", "b", "c", "d"], [None] * 4, [1, 2, 3, 4], batch_size=batch_size,
+                                  resolution=16, num_steps=4, guidance_scale=1.0, dynamics="Flow-SDE",
+                                  noise_level=0.7, sde_steps=[0, 1], keep_means=False, log_prob_reduction="mean",
+                                  transformer=None)
+        return roll.final_latents
+
+    torch.testing.assert_close(chains(4), chains(2), rtol=1e-5, atol=1e-5)
