@@ -23,6 +23,7 @@ the CUDA allocator's peak over the run.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import tempfile
 from pathlib import Path
@@ -99,7 +100,8 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--rollout-batch", type=int, default=None,
                    help="train.rollout_batch_size (default: the micro-batch --batch, as the recipe)")
-    p.add_argument("--workdir", default=None, help="where the pipeline and the run go (default: a temp dir)")
+    p.add_argument("--workdir", default=None, help="where the pipeline and the run go (default: a temp dir); "
+                                                   "a pipeline saved there by an earlier run is reused")
     args = p.parse_args(argv)
     if args.model != "sd3-5":
         raise SystemExit("epoch.py runs the SD3.5-M recipe (--model sd3-5)")
@@ -109,17 +111,20 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
-        pipe = save_pipeline(work, smoke=args.smoke, device=device)
+        pipe = work / "pipe"
+        if not (pipe / "model_index.json").exists():  # a --workdir kept from an earlier run is reused
+            pipe = save_pipeline(work, smoke=args.smoke, device=device)
         data = work / "data"
         data.mkdir(parents=True, exist_ok=True)
         (data / "train.txt").write_text("\n".join(PROMPTS) + "\n")
-        cfg = parse_config(recipe(args, pipe, data, work / "runs"))
+        runs = work / f"runs-{os.getpid()}"  # never an earlier run's directory (no resuming)
+        cfg = parse_config(recipe(args, pipe, data, runs))
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         summary = train(cfg, quiet=True)
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-        rows = [json.loads(x) for x in (work / "runs" / f"bench_{args.algorithm}" / "metrics.jsonl").read_text().splitlines()]
+        rows = [json.loads(x) for x in (runs / f"bench_{args.algorithm}" / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in rows if "time/epoch_seconds" in r]
     steady = epochs[1:] or epochs
     med = lambda key: statistics.median(r[key] for r in steady) if steady and key in steady[0] else None  # noqa: E731

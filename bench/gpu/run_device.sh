@@ -51,14 +51,14 @@ for s in $STEPS; do
                 --repeats 1 --out ../results/gpu_models_flux1_blocking.json
               step models_flux1_flash 45 $PY models.py --families flux1 --no-isolate --repeats 1 \
                 --attn-backend _native_flash --out ../results/gpu_models_flux1_flash.json ;;  # rewrites gpu_models.json after each family
-    epoch)    step epoch_grpo 170 $PY epoch.py --algorithm grpo --epochs 2 ;;
-    compiled_epoch) step epoch_grpo_compiled 420 $PY epoch.py --algorithm grpo --epochs 3 --compile default \
+    epoch)    step epoch_grpo 170 $PY epoch.py --workdir /tmp/flowrl-epoch --algorithm grpo --epochs 2 ;;
+    compiled_epoch) step epoch_grpo_compiled 420 $PY epoch.py --workdir /tmp/flowrl-epoch --algorithm grpo --epochs 3 --compile default \
                 ${ROLLOUT_BATCH:+--rollout-batch $ROLLOUT_BATCH} ;;
     flux)     step sampler_flux 90 $PY sampler.py --model flux1 --batch 8 --iters 3 --warmup 1 ;;
-    nft)      step epoch_nft 150 $PY epoch.py --algorithm nft --epochs 2 ;;
+    nft)      step epoch_nft 150 $PY epoch.py --workdir /tmp/flowrl-epoch --algorithm nft --epochs 2 ;;
     gputests) step gpu_tests 120 $PY -m pytest -q -m gpu -p no:cacheprovider --rootdir ../.. ../../tests/shared/test_learned_rewards.py ../../tests/trainer/test_overlap_scoring.py ../../tests/trainer/test_memory_options.py \
                 ../../tests/trainer/test_device_placement.py ;;
-    awm)      step epoch_awm 150 $PY epoch.py --algorithm awm --epochs 2 ;;
+    awm)      step epoch_awm 150 $PY epoch.py --workdir /tmp/flowrl-epoch --algorithm awm --epochs 2 ;;
   esac
 done
 pack
