@@ -190,7 +190,7 @@ def environment(device: torch.device) -> dict[str, Any]:
     import diffusers
 
     env = {"torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version(),
-           "device": device.type}
+           "device": device.type, "cudnn_attention": torch.backends.cuda.cudnn_sdp_enabled()}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     return env
@@ -203,6 +203,8 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", default=None, choices=[None, "default", "max-autotune-no-cudagraphs"],
                    help="torch.compile the transformer (both for the limit and for flowrl)")
+    p.add_argument("--attn-backend", default=None,
+                   help="model.attn_backend (default: flowrl's, PyTorch's SDPA with its cuDNN kernel off on CUDA)")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", default=None, help="result JSON (default bench/results/gpu_<name>_<model>.json)")

@@ -81,7 +81,7 @@ def recipe(args, pipe: Path, data: Path, out: Path) -> dict:
     return {"output_dir": str(out), "run_name": f"bench_{args.algorithm}", "logging_backend": "none",
             "model": {"model_type": "sd3-5", "model_name_or_path": str(pipe), "target_modules": TARGETS,
                       "options": {"max_sequence_length": 256 if not args.smoke else 8}, **smoke_model,
-                      **({"compile": args.compile} if args.compile else {})},
+                      **({"compile": args.compile} if args.compile else {}), "attn_backend": args.attn_backend},
             "data": {"dataset_dir": str(data)}, "train": train,
             "eval": {"eval_freq": 0, "num_prompts": 1, "num_inference_steps": 2},
             "rewards": [{"reward_model": "brightness"}]}

@@ -382,11 +382,12 @@ def run_family(fam: Family, args: argparse.Namespace, device: torch.device) -> d
     if not args.smoke and args.dtype:  # the frozen parts too (default: bf16 on CUDA, float32 elsewhere)
         options.update(text_dtype=args.dtype, vae_dtype=args.dtype)
     adapter = MODELS.get(fam.model_type).from_pipeline(pipe, options, device)
-    if args.attn_backend:
-        from shared.models.attention import apply_attention_backend
+    from shared.models.attention import apply_attention_backend
 
-        apply_attention_backend(adapter.transformer, args.attn_backend)
+    apply_attention_backend(adapter.transformer, args.attn_backend)  # None: flowrl's default, as trainer and sampler
+    if args.attn_backend:
         row["attn_backend"] = args.attn_backend
+    row["cudnn_attention"] = torch.backends.cuda.cudnn_sdp_enabled()
     synchronize(device)
     row["build_s"] = time.perf_counter() - t0
     row["pipeline_class"] = type(pipe).__name__
@@ -577,7 +578,9 @@ def main(argv=None) -> dict:
                    help="transformer (and frozen parts) dtype; default bfloat16 on CUDA, float32 elsewhere")
     p.add_argument("--max-layers", type=int, default=None,
                    help="cap the transformer's block counts: a CPU check of the real widths, not a measurement")
-    p.add_argument("--attn-backend", default=None, help="model.attn_backend for every family (default: PyTorch's SDPA)")
+    p.add_argument("--attn-backend", default=None,
+                   help="model.attn_backend for every family (default: flowrl's: PyTorch's SDPA, its cuDNN kernel "
+                        "off on CUDA)")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                    help="each family in its own process (default on CUDA: a CUDA error such as an illegal memory "
                         "access poisons the whole process, and the other families must still run)")

@@ -38,7 +38,9 @@ def _f(v: Any, spec: str) -> str:
 
 
 def _env(payload: dict[str, Any]) -> str:
-    return f"{payload.get('gpu', '?')}, torch {payload.get('torch')}, diffusers {payload.get('diffusers')}"
+    cudnn = payload.get("cudnn_attention")
+    return (f"{payload.get('gpu', '?')}, torch {payload.get('torch')}, diffusers {payload.get('diffusers')}"
+            + ("" if cudnn is None else f", cuDNN attention kernel {'allowed' if cudnn else 'off'}"))
 
 
 def sampler_table(results: Path = RESULTS) -> list[str]:
@@ -96,7 +98,8 @@ def epoch_table(results: Path = RESULTS) -> list[str]:
     if not files:
         return lines + ["Not measured on a GPU yet (`bench/gpu/epoch.py`): the first device runs ended before an "
                         "epoch finished (see the status above).", ""]
-    lines += ["| algorithm | compile | rollout batch | images / epoch | `epoch_s` (steady) | sample (s) | train (s) | other (s) "
+    lines += ["| algorithm | compile | rollout batch | images / epoch | `epoch_s` (steady) | sample (s) | train (s) "
+              "| other (s) "
               "| first epoch (s) | `peak_gib` | file |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, p in files:
         lines.append(f"| {p['algorithm']} | {p.get('compile') or 'no'} | {p.get('rollout_batch', p['batch'])} | "

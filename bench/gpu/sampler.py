@@ -24,6 +24,7 @@ import torch
 from common import (base_parser, build_adapter, captured_call, conditioning, environment, peak_memory,  # noqa: I001
                     synchronize, timed, write_result)
 
+from shared.models.attention import apply_attention_backend  # noqa: E402
 from shared.sampling import rollout  # noqa: E402
 
 
@@ -129,6 +130,7 @@ def main(argv=None) -> dict:
     if args.smoke:
         args.resolution, args.steps, args.iters, args.warmup = 64, 3, 1, 1
     adapter = build_adapter(args.model, smoke=args.smoke, device=device, dtype=dtype)
+    apply_attention_backend(adapter.transformer, args.attn_backend)  # flowrl's default when None
     cfg = args.model == "sd3-5"
     guidance = args.guidance if args.guidance is not None else (4.5 if cfg else 3.5)
     res = (args.resolution, args.resolution)

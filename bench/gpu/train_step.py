@@ -65,7 +65,8 @@ def main(argv=None) -> dict:
     cfg = parse_config({"model": {"model_type": args.model, "model_name_or_path": "random-weights", "lora_rank": args.lora_rank,
                                   "lora_alpha": 2 * args.lora_rank, "target_modules": SD3_TARGETS,
                                   "gradient_checkpointing": args.gradient_checkpointing,
-                                  "compile": args.compile or False},  # in place: raw uses it too
+                                  "compile": args.compile or False,  # in place: raw uses it too
+                                  "attn_backend": args.attn_backend},
                         "train": train, "logging_backend": "none", "rewards": [{"reward_model": "brightness"}]})
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not cuda)
     trainable = attach_trainable(adapter, cfg)
