@@ -6,6 +6,8 @@
 # after every step (the device tool brings back at most 8 files).
 #   bash bench/gpu/run_device.sh                       # the default list, in this order
 #   STEPS="sampler train" bash bench/gpu/run_device.sh
+#   EAGER_BATCH= SAMPLER_TAG=variants STEPS="compiled_epoch sampler" bash bench/gpu/run_device.sh
+#       # no eager sampler rows (they are in gpu_sampler_sd3-5.json), the rest to gpu_sampler_sd3-5_variants.json
 # Wheels the device lacks (diffusers, pydantic, ...) are installed from .whl/ when it exists
 # (docs/performance.md says how to fetch them).
 set -u
@@ -39,9 +41,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$LOGS/gp
 $PY -c "import torch, diffusers, transformers, peft; print(torch.__version__, diffusers.__version__, transformers.__version__, peft.__version__)"
 for s in $STEPS; do
   case $s in
-    sampler)  step sampler 240 $PY sampler.py --model sd3-5 --eager-batch ${EAGER_BATCH:-8 16 32} --batch 16 \
+    sampler)  step sampler 240 $PY sampler.py --model sd3-5 --eager-batch ${EAGER_BATCH-8 16 32} --batch 16 \
                 --compile default --iters 3 --warmup 1 --variants noise_on_device cudnn_benchmark compiled_vae \
-                --profile ../results/gpu_sampler_profile_sd3-5.txt ;;
+                --profile ../results/gpu_sampler_profile_sd3-5.txt \
+                --out ../results/gpu_sampler_sd3-5${SAMPLER_TAG:+_$SAMPLER_TAG}.json ;;
     train)    step train_step 90 $PY train_step.py --model sd3-5 --algorithm grpo --batch 8 --iters 3 --warmup 1 ;;
     ckpt)     step train_step_ckpt 90 $PY train_step.py --model sd3-5 --algorithm grpo --batch 8 \
                 --gradient-checkpointing --iters 3 --warmup 1 ;;

@@ -113,8 +113,8 @@ def profile(sample, device, path: str) -> None:
 def main(argv=None) -> dict:
     p = base_parser(__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, nargs="+", default=[8, 16, 32])
-    p.add_argument("--eager-batch", type=int, nargs="+", default=None,
-                   help="with --compile: the eager rows' batch sizes (default: --batch)")
+    p.add_argument("--eager-batch", type=int, nargs="*", default=None,
+                   help="with --compile: the eager rows' batch sizes (default: --batch; none given: no eager rows)")
     p.add_argument("--variants", nargs="*", default=[], choices=list(VARIANTS),
                    help="after the rows above, the last mode's last batch size again with each of these options "
                         "added on top of the ones before it (before/after of each, same run)")
@@ -136,13 +136,14 @@ def main(argv=None) -> dict:
     res = (args.resolution, args.resolution)
     sigmas = adapter.sigmas(args.steps, res)
     sde = list(range(args.steps - 1)) if args.sde_steps == "all" else list(range(int(args.sde_steps)))
-    modes = [("eager", adapter.transformer)]
+    eager = args.batch if args.eager_batch is None or not args.compile else args.eager_batch
+    modes = [("eager", adapter.transformer)] if eager else []
     if args.compile:  # eager rows first, then the compiled module: both ratios from the same run
         modes.append(("compiled", torch.compile(adapter.transformer,
                                                 mode=None if args.compile == "default" else args.compile)))
     rows, compile_s = [], None
     for mode, module in modes:
-        for b in (args.eager_batch or args.batch) if mode == "eager" else args.batch:
+        for b in eager if mode == "eager" else args.batch:
             row, first_s = measure(adapter, module, b, args, device=device, dtype=dtype, cfg=cfg,
                                    guidance=guidance, res=res, sigmas=sigmas, sde=sde)
             if mode == "compiled" and compile_s is None:
@@ -152,7 +153,7 @@ def main(argv=None) -> dict:
                   f"({row['sampler_vs_limit']:.1%}), decode {row['decode_s']:.3f} s, peak {row['peak_gib']:.1f} GiB",
                   flush=True)
     mode, module = modes[-1]
-    b = (args.eager_batch or args.batch)[-1] if mode == "eager" else args.batch[-1]
+    b = eager[-1] if mode == "eager" else args.batch[-1]
     for name in args.variants:
         apply_variant(name, adapter, args)
         t0 = time.perf_counter()
