@@ -9,7 +9,7 @@
 #   EAGER_BATCH= SAMPLER_TAG=variants STEPS="compiled_epoch sampler" bash bench/gpu/run_device.sh
 #       # no eager sampler rows (they are in gpu_sampler_sd3-5.json), the rest to gpu_sampler_sd3-5_variants.json
 # Wheels the device lacks (diffusers, pydantic, ...) are installed from .whl/ when it exists
-# (docs/performance.md says how to fetch them).
+# (fetch them here with bench/gpu/fetch_wheels.sh).
 set -u
 START=$(date +%s)
 DEADLINE=${DEADLINE:-570}
