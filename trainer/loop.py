@@ -102,13 +102,14 @@ def micro_batches(data: EpochData, batch_size: int, seed: int) -> list[TrainBatc
     n = data.advantages.shape[0]
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     r = data.rollout
+    dev = r.final_latents.device
+    grid = r.sigmas.to(dev)  # one copy for all micro-batches (the algorithms check it once)
     out = []
     for b, s in enumerate(range(0, n, batch_size)):
         i = perm[s:s + batch_size]
-        dev = r.final_latents.device
         out.append(TrainBatch(
             cond=data.cond.select(i.to(dev)), advantages=data.advantages[i].to(dev),
-            final_latents=r.final_latents[i], sigmas=r.sigmas.to(dev), sde_steps=r.sde_steps,
+            final_latents=r.final_latents[i], sigmas=grid, sde_steps=r.sde_steps,
             latents=r.latents[i], next_latents=r.next_latents[i], log_probs=r.log_probs[i],
             stds=r.stds[i], means=None if r.means is None else r.means[i],
             seed=seed * SEED_STRIDE + b))

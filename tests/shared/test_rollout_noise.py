@@ -10,6 +10,7 @@ from shared.config import ModelConfig
 from shared.flow import sde_step
 from shared.models import load_adapter
 from shared.sampling import per_sample_noise, rollout, step_noise
+from tests.helpers.host_reads import HostReads
 
 CPU = torch.device("cpu")
 
@@ -48,34 +49,12 @@ def test_rollout_equals_the_step_by_step_chain():
     assert torch.equal(roll.log_probs, torch.stack(log_probs, 1).float())
 
 
-class _HostReads:
-    """Counts reads of tensor values back to the host (``bool``, ``item``, ``tolist``, ...: each a
-    device sync on a GPU) while ``armed``."""
-
-    NAMES = ("__bool__", "item", "tolist", "__int__", "__float__", "cpu", "numpy")
-
-    def __init__(self, monkeypatch):
-        self.armed, self.where = False, []
-        for name in self.NAMES:
-            original = getattr(torch.Tensor, name)
-
-            def counted(t, *args, _name=name, _original=original, **kwargs):
-                if self.armed:
-                    import traceback
-
-                    frame = traceback.extract_stack()[-2]
-                    self.where.append(f"{_name} at {frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}")
-                return _original(t, *args, **kwargs)
-
-            monkeypatch.setattr(torch.Tensor, name, counted)
-
-
 def test_the_denoising_loop_reads_nothing_back_to_the_host(monkeypatch):
     # a GPU rollout must not wait for the device between steps (issue 8): the sigma checks run once
     # on the host grid before the loop, sde_step is told not to repeat them
     adapter = load_adapter(ModelConfig(model_type="tiny"), device=CPU, seed=0)
     cond = adapter.encode_prompts(["a red cube", "two blue spheres"], cfg=True)
-    reads = _HostReads(monkeypatch)
+    reads = HostReads(monkeypatch)
     velocity, decode = adapter.velocity, adapter.decode
 
     def first_step_arms(*args, **kwargs):

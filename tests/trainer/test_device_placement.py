@@ -73,6 +73,40 @@ def test_a_chosen_backend_keeps_pytorchs_cudnn_setting(monkeypatch, tmp_path):
     assert calls == []
 
 
+@pytest.mark.parametrize("algorithm", ["grpo", "grpo-guard"])
+def test_replayed_steps_read_nothing_back_to_the_host(tmp_path, monkeypatch, algorithm):
+    # the rollout's sigma grid is checked once per epoch (prepare), not by every replayed step
+    from tests.helpers.host_reads import HostReads
+    from trainer.algorithms import ALGORITHMS
+
+    reads = HostReads(monkeypatch)
+    cls = ALGORITHMS.get(algorithm)
+    real = cls.loss
+
+    def armed_loss(self, *args, **kwargs):
+        reads.armed = True
+        try:
+            return real(self, *args, **kwargs)
+        finally:
+            reads.armed = False
+
+    monkeypatch.setattr(cls, "loss", armed_loss)
+    train(tiny_config(tmp_path, algorithm, ["train.max_epochs=1", "train.kl_beta=0.01"]), quiet=True)
+    assert reads.where == []
+
+
+def test_a_bad_grid_still_fails_in_training():
+    from trainer.algorithms import ALGORITHMS
+
+    grpo = ALGORITHMS.get("grpo").__new__(ALGORITHMS.get("grpo"))
+    grpo.t = types.SimpleNamespace(dynamics_type="Flow-SDE")
+    epoch = _epoch_on("cpu")
+    epoch.rollout.sigmas = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0])  # sigma 0 at recorded SDE step 1
+    (batch, *_) = micro_batches(epoch, batch_size=2, seed=0)
+    with pytest.raises(ValueError, match="sigma must be > 0 for Flow-SDE"):
+        grpo.prepare(batch, policy=None)
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 

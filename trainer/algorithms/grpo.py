@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from shared.flow import sde_step
+from shared.flow.sde import check_sigma_grid
 from trainer.algorithms.base import ALGORITHMS, Algorithm, TrainBatch, expand
 from trainer.algorithms.losses import (clip_advantages, clipped_surrogate, kl_v_based,
                                        kl_x_based, policy_ratio)
@@ -28,6 +29,15 @@ class GRPO(Algorithm):
     def num_units(self, num_sde_steps: int) -> int:
         return num_sde_steps
 
+    def prepare(self, batch: TrainBatch, policy) -> dict:
+        """Check the rollout's sigma grid once on the host (a grid tensor is shared by an epoch's
+        micro-batches, so once per epoch): the replayed steps then read nothing back per unit."""
+        key = (batch.sigmas.data_ptr(), tuple(batch.sde_steps))
+        if getattr(self, "_checked_grid", None) != key:
+            check_sigma_grid(batch.sigmas, batch.sde_steps, self.t.dynamics_type)
+            self._checked_grid = key
+        return {}
+
     def replay(self, batch: TrainBatch, unit: int, policy):
         """Recompute step ``unit`` under the current weights: (StepOutput, v, x, sigma, sigma_next)."""
         t, B = self.t, batch.size
@@ -37,7 +47,7 @@ class GRPO(Algorithm):
         v = policy.velocity(x, sigma, batch.cond)
         out = sde_step(x, v, sigma, sigma_next, dynamics=t.dynamics_type,
                        noise_level=t.noise_level, prev_sample=batch.next_latents[:, unit],
-                       log_prob_reduction=t.log_prob_reduction)
+                       log_prob_reduction=t.log_prob_reduction, check_sigmas=False)  # prepare() checked
         return out, v, x, sigma, sigma_next
 
     def kl(self, batch, unit, policy, out, v, x, sigma, sigma_next) -> torch.Tensor:
@@ -46,7 +56,7 @@ class GRPO(Algorithm):
         if t.kl_type == "v-based":
             return kl_v_based(v, v_ref)
         ref = sde_step(x, v_ref, sigma, sigma_next, dynamics=t.dynamics_type,
-                       noise_level=t.noise_level, prev_sample=batch.next_latents[:, unit])
+                       noise_level=t.noise_level, prev_sample=batch.next_latents[:, unit], check_sigmas=False)
         return kl_x_based(out.mean, ref.mean, out.std, sigma - sigma_next, t.dynamics_type)
 
     def surrogate(self, batch, unit, out, sigma, sigma_next):
