@@ -42,7 +42,7 @@ $PY -c "import torch, diffusers, transformers, peft; print(torch.__version__, di
 for s in $STEPS; do
   case $s in
     sampler)  step sampler 240 $PY sampler.py --model sd3-5 --eager-batch ${EAGER_BATCH-8 16 32} --batch 16 \
-                --compile default --iters 3 --warmup 1 --variants noise_on_device cudnn_benchmark compiled_vae \
+                --compile default --iters 3 --warmup 1 --variants noise_on_device cudnn_benchmark channels_last_vae compiled_vae \
                 --profile ../results/gpu_sampler_profile_sd3-5.txt \
                 --out ../results/gpu_sampler_sd3-5${SAMPLER_TAG:+_$SAMPLER_TAG}.json ;;
     train)    step train_step 90 $PY train_step.py --model sd3-5 --algorithm grpo --batch 8 --iters 3 --warmup 1 ;;

@@ -76,6 +76,7 @@ def measure(adapter, module, b: int, args, *, device, dtype, cfg: bool, guidance
 VARIANTS = {
     "noise_on_device": "train.rollout_noise_device: model (per-sample generators on the GPU)",
     "cudnn_benchmark": "torch.backends.cudnn.benchmark = True (cuDNN picks the VAE's conv algorithms by timing)",
+    "channels_last_vae": "the VAE in channels-last memory format (NHWC convolutions)",
     "compiled_vae": "torch.compile of the VAE decoder (in place)",
 }
 
@@ -85,6 +86,8 @@ def apply_variant(name: str, adapter, args) -> None:
         args.noise_device = "model"
     elif name == "cudnn_benchmark":
         torch.backends.cudnn.benchmark = True
+    elif name == "channels_last_vae":
+        adapter.pipeline.vae.to(memory_format=torch.channels_last)
     elif name == "compiled_vae":
         adapter.pipeline.vae.decoder.compile()
     else:
