@@ -28,6 +28,7 @@ processor of this transformer carries its backend explicitly).
 from __future__ import annotations
 
 import difflib
+import logging
 
 import torch
 from torch import nn
@@ -179,8 +180,6 @@ def avoid_cudnn_attention(transformer: nn.Module) -> bool:
         return False
     if torch.backends.cuda.cudnn_sdp_enabled():
         torch.backends.cuda.enable_cudnn_sdp(False)
-        import logging
-
         logging.getLogger(__name__).info(
             "model.attn_backend unset on CUDA: PyTorch's cuDNN attention kernel is turned off (its backward "
             "failed on Hopper GPUs, see shared/models/attention.py); set model.attn_backend: native to keep it")

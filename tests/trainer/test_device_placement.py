@@ -73,8 +73,8 @@ def test_a_chosen_backend_keeps_pytorchs_cudnn_setting(monkeypatch, tmp_path):
     assert calls == []
 
 
-@pytest.mark.parametrize("algorithm", ["grpo", "grpo-guard"])
-def test_replayed_steps_read_nothing_back_to_the_host(tmp_path, monkeypatch, algorithm):
+@pytest.mark.parametrize("algorithm", ["grpo", "grpo-guard", "nft", "awm"])
+def test_training_losses_read_nothing_back_to_the_host(tmp_path, monkeypatch, algorithm):
     # the rollout's sigma grid is checked once per epoch (prepare), not by every replayed step
     from tests.helpers.host_reads import HostReads
     from trainer.algorithms import ALGORITHMS
@@ -93,6 +93,18 @@ def test_replayed_steps_read_nothing_back_to_the_host(tmp_path, monkeypatch, alg
     monkeypatch.setattr(cls, "loss", armed_loss)
     train(tiny_config(tmp_path, algorithm, ["train.max_epochs=1", "train.kl_beta=0.01"]), quiet=True)
     assert reads.where == []
+
+
+def test_the_grid_is_read_back_once_per_epoch():
+    from trainer.algorithms import ALGORITHMS
+
+    algo = ALGORITHMS.get("nft").__new__(ALGORITHMS.get("nft"))
+    first, second = micro_batches(_epoch_on("cpu"), batch_size=2, seed=0)
+    assert first.sigmas is second.sigmas  # one grid tensor per epoch
+    host = algo.host_sigmas(first)
+    assert algo.host_sigmas(second) is host and host.device.type == "cpu"
+    (next_epoch, _) = micro_batches(_epoch_on("cpu"), batch_size=2, seed=1)
+    assert algo.host_sigmas(next_epoch) is not host
 
 
 def test_a_bad_grid_still_fails_in_training():

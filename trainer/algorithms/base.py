@@ -62,6 +62,13 @@ class Algorithm(ABC):
         """No-grad per-micro-batch precompute (default: nothing)."""
         return {}
 
+    def host_sigmas(self, batch: TrainBatch) -> torch.Tensor:
+        """``batch.sigmas`` on the host. An epoch's micro-batches share one grid tensor (on the
+        model's device), so it is read back once per epoch, not per micro-batch."""
+        if getattr(self, "_grid", None) is not batch.sigmas:  # holding it keeps its identity unique
+            self._grid, self._host_grid = batch.sigmas, batch.sigmas.detach().to("cpu", torch.float32)
+        return self._host_grid
+
     @abstractmethod
     def loss(self, batch: TrainBatch, unit: int, state: dict[str, Any],
              policy: Any) -> tuple[torch.Tensor, dict[str, float]]:

@@ -23,7 +23,7 @@ class Decoupled(Algorithm):
         t = self.t
         g = torch.Generator().manual_seed(batch.seed)
         T, x0 = self.num_units(0), batch.final_latents.float()
-        sig = sample_train_sigmas(t.time_sampling_strategy, T, batch.size, grid=batch.sigmas.cpu(),
+        sig = sample_train_sigmas(t.time_sampling_strategy, T, batch.size, grid=self.host_sigmas(batch),
                                   time_shift=t.time_shift, timestep_fraction=t.timestep_fraction,
                                   generator=g).to(x0.device)  # [T, B]
         eps = torch.randn((T, *x0.shape), generator=g).to(x0.device)

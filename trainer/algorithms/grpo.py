@@ -30,12 +30,9 @@ class GRPO(Algorithm):
         return num_sde_steps
 
     def prepare(self, batch: TrainBatch, policy) -> dict:
-        """Check the rollout's sigma grid once on the host (a grid tensor is shared by an epoch's
-        micro-batches, so once per epoch): the replayed steps then read nothing back per unit."""
-        key = (batch.sigmas.data_ptr(), tuple(batch.sde_steps))
-        if getattr(self, "_checked_grid", None) != key:
-            check_sigma_grid(batch.sigmas, batch.sde_steps, self.t.dynamics_type)
-            self._checked_grid = key
+        """Check the rollout's sigma grid on the host copy (read back once per epoch): the replayed
+        steps then read nothing back per unit."""
+        check_sigma_grid(self.host_sigmas(batch), batch.sde_steps, self.t.dynamics_type)
         return {}
 
     def replay(self, batch: TrainBatch, unit: int, policy):
