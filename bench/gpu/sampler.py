@@ -28,10 +28,11 @@ from shared.models.attention import apply_attention_backend  # noqa: E402
 from shared.sampling import rollout  # noqa: E402
 
 
-def measure(adapter, module, b: int, args, *, device, dtype, cfg: bool, guidance: float, res, sigmas, sde):
+def measure(adapter, module, b: int, args, *, device, dtype, cfg: bool, guidance: float, res, sigmas, sde,
+            noise_device: str = "cpu", profile_to: str | None = None):
     """One row: the bare ``module`` call with the adapter's arguments (the limit) and whole rollouts of
     ``b`` images through ``module``; also the first velocity call's seconds (compile time when
-    ``module`` is a fresh ``torch.compile``)."""
+    ``module`` is a fresh ``torch.compile``). ``profile_to``: also write a profile of one rollout there."""
     cond = conditioning(args.model, b, cfg=cfg, smoke=args.smoke, device=device, dtype=dtype)
     x = torch.randn(b, *adapter.latent_shape(res), device=device)
     sigma = sigmas[1].expand(b).to(device)
@@ -56,10 +57,10 @@ def measure(adapter, module, b: int, args, *, device, dtype, cfg: bool, guidance
     def sample():
         return rollout(adapter, cond, list(range(b)), resolution=res, sigmas=sigmas, guidance_scale=guidance,
                        dynamics="Flow-SDE", noise_level=0.7, sde_steps=sde, transformer=module,
-                       noise_device=getattr(args, "noise_device", "cpu"))
+                       noise_device=noise_device)
 
-    if getattr(args, "profile_to", None):
-        profile(sample, device, args.profile_to)
+    if profile_to:
+        profile(sample, device, profile_to)
 
     with peak_memory(device) as mem:
         rollout_s = timed(sample, device, iters=args.iters, warmup=args.warmup)
@@ -81,10 +82,11 @@ VARIANTS = {
 }
 
 
-def apply_variant(name: str, adapter, args) -> None:
+def apply_variant(name: str, adapter) -> str | None:
+    """Turn option ``name`` on; returns the rollout's ``noise_device`` when the option is that."""
     if name == "noise_on_device":
-        args.noise_device = "model"
-    elif name == "cudnn_benchmark":
+        return "model"
+    if name == "cudnn_benchmark":
         torch.backends.cudnn.benchmark = True
     elif name == "channels_last_vae":
         adapter.pipeline.vae.to(memory_format=torch.channels_last)
@@ -92,6 +94,7 @@ def apply_variant(name: str, adapter, args) -> None:
         adapter.pipeline.vae.decoder.compile()
     else:
         raise SystemExit(f"--variants: unknown {name!r}; known: {', '.join(VARIANTS)}")
+    return None
 
 
 def profile(sample, device, path: str) -> None:
@@ -157,18 +160,18 @@ def main(argv=None) -> dict:
                   flush=True)
     mode, module = modes[-1]
     b = eager[-1] if mode == "eager" else args.batch[-1]
+    noise_device = "cpu"
     for name in args.variants:
-        apply_variant(name, adapter, args)
+        noise_device = apply_variant(name, adapter) or noise_device
         t0 = time.perf_counter()
         row, _ = measure(adapter, module, b, args, device=device, dtype=dtype, cfg=cfg, guidance=guidance, res=res,
-                         sigmas=sigmas, sde=sde)
+                         sigmas=sigmas, sde=sde, noise_device=noise_device)
         rows.append({"mode": mode, "variant": name, "variant_s": time.perf_counter() - t0, **row})
         print(f"{mode} B={b} +{name}: {row['img_s']:.2f} img/s vs limit {row['limit_img_s']:.2f} "
               f"({row['sampler_vs_limit']:.1%}), decode {row['decode_s']:.3f} s", flush=True)
     if args.profile:
-        args.profile_to = args.profile
         measure(adapter, module, b, args, device=device, dtype=dtype, cfg=cfg, guidance=guidance, res=res,
-                sigmas=sigmas, sde=sde)
+                sigmas=sigmas, sde=sde, noise_device=noise_device, profile_to=args.profile)
     payload = {"bench": "gpu_sampler", "model": args.model, "smoke": args.smoke, "resolution": args.resolution,
                "steps": args.steps, "sde_steps": sde, "guidance": guidance, "cfg_batched": cfg,
                "compile": args.compile, "compile_s": compile_s, "dtype": "bfloat16", "rows": rows,
