@@ -457,24 +457,24 @@ def run_family(fam: Family, args: argparse.Namespace, device: torch.device) -> d
     return row
 
 
-def run_isolated(name: str, argv: list[str] | None, out: Path) -> dict[str, Any]:
+def run_isolated(name: str, argv: list[str] | None, out: Path, timeout: float) -> dict[str, Any]:
     """``name``'s row measured by a child process (this script, ``--families name --no-isolate``,
-    the other arguments as given); a child that dies without a row raises with its output's tail."""
+    the other arguments as given); a child that dies without a row, or runs past ``timeout`` seconds,
+    raises with the reason."""
     import subprocess
     import sys
 
-    given = list(sys.argv[1:] if argv is None else argv)
-    if "--families" in given:  # drop the list that follows it
-        i = given.index("--families")
-        j = i + 1
-        while j < len(given) and not given[j].startswith("--"):
-            j += 1
-        given = given[:i] + given[j:]
-    given = [a for a in given if a != "--doc"]  # the parent writes the docs
+    # the child's --families / --out come last and override the given ones; the parent writes the docs
+    given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--doc"]
     child_out = out.with_name(f"{out.stem}.{name}.json")
     child_out.unlink(missing_ok=True)
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *given, "--families", name,
-                           "--no-isolate", "--out", str(child_out)], capture_output=True, text=True)
+    try:
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *given, "--families", name,
+                               "--no-isolate", "--out", str(child_out)], capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        raise RuntimeError(f"the child process for {name} ran past {timeout} s; first error: "
+                           f"TimeoutError: no row after {timeout} s") from e
     print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n", flush=True)
     if not child_out.exists():
         output = proc.stdout + proc.stderr
@@ -584,6 +584,7 @@ def main(argv=None) -> dict:
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                    help="each family in its own process (default on CUDA: a CUDA error such as an illegal memory "
                         "access poisons the whole process, and the other families must still run)")
+    p.add_argument("--family-timeout", type=float, default=240, help="with --isolate: seconds per family")
     p.add_argument("--out", default=None, help="result JSON (default bench/results/gpu_models.json)")
     p.add_argument("--doc", action="store_true", help="rewrite docs/models.md's table from the results (device only)")
     p.add_argument("--from", dest="from_file", nargs="+", default=None,
@@ -609,7 +610,7 @@ def main(argv=None) -> dict:
     for name in args.families:
         print(f"=== {name}", flush=True)
         try:
-            row = run_isolated(name, argv, out) if isolate else run_family(FAMILIES[name], args, device)
+            row = run_isolated(name, argv, out, args.family_timeout) if isolate else run_family(FAMILIES[name], args, device)
         except Exception as e:  # noqa: BLE001 -- one family failing must not stop the others
             row = {"model_type": name, "checkpoint": FAMILIES[name].checkpoint, "status": "error",
                    "error": f"{type(e).__name__}: {e}"[:2000], "traceback": traceback.format_exc()[-4000:]}

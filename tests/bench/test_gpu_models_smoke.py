@@ -93,3 +93,19 @@ def test_doc_refuses_smoke_results_and_fills_the_table_from_device_results(smoke
     assert len(table) == 2
     assert "error: RuntimeError: Expected mha_graph.execute" in table[0] and "AcceleratorError" not in table[0]
     assert "| 2.00 |" in table[1] and "ok (attention `_native_flash`; 1 repeat (includes CUDA warm-up))" in table[1]
+
+
+def test_isolated_families_each_run_in_their_own_process_and_a_dead_one_is_a_row(tmp_path):
+    # on CUDA each family runs in a child process (a CUDA error poisons a whole process); a child
+    # that dies is recorded as that family's error row and the others still run
+    out = tmp_path / "gpu_models.json"
+    proc = run("--smoke", "--device", "cpu", "--isolate", "--families", "sd3-5", "flux1", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model_type"], r["status"]) for r in rows] == [("sd3-5", "ok"), ("flux1", "ok")]
+    assert not list(tmp_path.glob("gpu_models.*.json"))  # the children's files are cleaned up
+
+    models = _module()
+    with pytest.raises(RuntimeError, match=r"child process for flux1 exited with 2 before writing a row; "
+                                           r"first error: .*"):
+        models.run_isolated("flux1", ["--smoke", "--device", "cpu", "--no-such-option"], out, timeout=120)
