@@ -37,16 +37,20 @@ def prepare_transformer(adapter: FlowModelAdapter, model_cfg: Any) -> None:
 def compile_transformer(adapter: FlowModelAdapter, model_cfg: Any) -> bool:
     """``model.compile``: ``torch.compile`` each denoiser module of ``adapter`` in place
     (``nn.Module.compile``: the module keeps its parameters and their names, so LoRA checkpoints,
-    EMA views and published weights are untouched; both experts of a two-expert model). The first
-    calls compile (minutes for a real-size model; logged by the caller's timing). Returns whether
-    it compiled."""
+    EMA views and published weights are untouched; both experts of a two-expert model), with static
+    shapes. The first calls compile (minutes for a real-size model; logged by the caller's timing).
+    Returns whether it compiled."""
     from shared.models.experts import denoiser_parts
 
     mode = getattr(model_cfg, "compile", False)
     if not mode:
         return False
     for _, module in denoiser_parts(adapter.transformer):
-        module.compile(mode=None if mode is True or mode == "default" else mode)
+        # static shapes: a run has a few fixed batch shapes (rollout, training, evaluation), each
+        # gets its own specialised graph; with automatic dynamic shapes the second shape seen would
+        # turn the batch dimension symbolic for every later graph (e.g. a small evaluation batch
+        # first, then the rollout's)
+        module.compile(mode=None if mode is True or mode == "default" else mode, dynamic=False)
     return True
 
 
