@@ -43,13 +43,23 @@ def _env(payload: dict[str, Any]) -> str:
             + ("" if cudnn is None else f", cuDNN attention kernel {'allowed' if cudnn else 'off'}"))
 
 
-def sampler_table(results: Path = RESULTS) -> list[str]:
-    lines = ["### Sampler throughput (a)", ""]
-    files = load("gpu_sampler_*.json", results)
+def section(title: str, pattern: str, script: str, columns: list[str], results: Path,
+            missing: str = "") -> tuple[list[str], list[tuple[str, dict[str, Any]]]]:
+    """(the section's first lines: its title, then the table header, or a not-measured line when
+    no device result matches ``pattern``; the matching results)."""
+    lines = [title, ""]
+    files = load(pattern, results)
     if not files:
-        return lines + ["Not measured on a GPU yet (`bench/gpu/sampler.py`).", ""]
-    lines += ["| model | mode | images / batch | forward rows | transformer-only limit (img/s) | flowrl (img/s) "
-              "| `sampler_vs_limit` | VAE decode (s) | peak GiB | file |", "|---|---|---|---|---|---|---|---|---|---|"]
+        return lines + [f"Not measured on a GPU yet (`bench/gpu/{script}`){missing}.", ""], []
+    return lines + ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)], files
+
+
+def sampler_table(results: Path = RESULTS) -> list[str]:
+    lines, files = section("### Sampler throughput (a)", "gpu_sampler_*.json", "sampler.py", [
+        "model", "mode", "images / batch", "forward rows", "transformer-only limit (img/s)", "flowrl (img/s)",
+        "`sampler_vs_limit`", "VAE decode (s)", "peak GiB", "file"], results)
+    if not files:
+        return lines
     notes = []
     for name, p in files:
         for r in p["rows"]:
@@ -72,13 +82,12 @@ def sampler_table(results: Path = RESULTS) -> list[str]:
 
 
 def step_table(results: Path = RESULTS) -> list[str]:
-    lines = ["### One GRPO optimization step over a group (b)", ""]
-    files = load("gpu_train_step_*.json", results)
+    title = "### One GRPO optimization step over a group (b)"
+    lines, files = section(title, "gpu_train_step_*.json", "train_step.py", [
+        "model", "algorithm", "batch", "forward rows", "trained steps", "grad. checkpointing", "compile", "flowrl (s)",
+        "raw fwd+bwd+AdamW (s)", "`train_step_vs_raw`", "peak GiB (flowrl / raw)", "file"], results)
     if not files:
-        return lines + ["Not measured on a GPU yet (`bench/gpu/train_step.py`).", ""]
-    lines += ["| model | algorithm | batch | forward rows | trained steps | grad. checkpointing | compile | flowrl (s) "
-              "| raw fwd+bwd+AdamW (s) | `train_step_vs_raw` | peak GiB (flowrl / raw) | file |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        return lines
     notes = []
     for name, p in files:
         for r in p["rows"]:
@@ -93,14 +102,12 @@ def step_table(results: Path = RESULTS) -> list[str]:
 
 
 def epoch_table(results: Path = RESULTS) -> list[str]:
-    lines = ["### Whole epochs of the peer's recipe (c, d)", ""]
-    files = load("gpu_epoch_*.json", results)
+    lines, files = section("### Whole epochs of the peer's recipe (c, d)", "gpu_epoch_*.json", "epoch.py", [
+        "algorithm", "compile", "rollout batch", "images / epoch", "`epoch_s` (steady)", "sample (s)", "train (s)",
+        "other (s)", "first epoch (s)", "`peak_gib`", "file"], results,
+        missing=": the first device runs ended before an epoch finished (see the status above)")
     if not files:
-        return lines + ["Not measured on a GPU yet (`bench/gpu/epoch.py`): the first device runs ended before an "
-                        "epoch finished (see the status above).", ""]
-    lines += ["| algorithm | compile | rollout batch | images / epoch | `epoch_s` (steady) | sample (s) | train (s) "
-              "| other (s) "
-              "| first epoch (s) | `peak_gib` | file |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        return lines
     for name, p in files:
         lines.append(f"| {p['algorithm']} | {p.get('compile') or 'no'} | {p.get('rollout_batch', p['batch'])} | "
                      f"{p['images_per_epoch']} | "
