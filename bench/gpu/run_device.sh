@@ -42,24 +42,28 @@ $PY -c "import torch, diffusers, transformers, peft; print(torch.__version__, di
 for s in $STEPS; do
   case $s in
     sampler)  step sampler 240 $PY sampler.py --model sd3-5 --eager-batch ${EAGER_BATCH-8 16 32} --batch 16 \
-                --compile default --iters 3 --warmup 1 --variants noise_on_device cudnn_benchmark channels_last_vae compiled_vae \
+                --compile default --iters 3 --warmup 1 \
+                --variants noise_on_device cudnn_benchmark channels_last_vae compiled_vae \
                 --profile ../results/gpu_sampler_profile_sd3-5.txt \
                 --out ../results/gpu_sampler_sd3-5${SAMPLER_TAG:+_$SAMPLER_TAG}.json ;;
     train)    step train_step 90 $PY train_step.py --model sd3-5 --algorithm grpo --batch 8 --iters 3 --warmup 1 ;;
     ckpt)     step train_step_ckpt 90 $PY train_step.py --model sd3-5 --algorithm grpo --batch 8 \
                 --gradient-checkpointing --iters 3 --warmup 1 ;;
-    models)   step models 200 $PY models.py ;;
+    models)   # FAMILIES="flux2 wan2_t2v" MODELS_OUT=../results/gpu_models_2.json: some families, another file
+              step models 200 $PY models.py ${FAMILIES:+--families $FAMILIES} ${MODELS_OUT:+--out $MODELS_OUT} ;;
     fluxdiag) # FLUX.1's LoRA backward: where the illegal memory access comes from, and whether another kernel avoids it
               step models_flux1_blocking 50 env CUDA_LAUNCH_BLOCKING=1 $PY models.py --families flux1 --no-isolate \
                 --repeats 1 --out ../results/gpu_models_flux1_blocking.json
               step models_flux1_flash 45 $PY models.py --families flux1 --no-isolate --repeats 1 \
-                --attn-backend _native_flash --out ../results/gpu_models_flux1_flash.json ;;  # rewrites gpu_models.json after each family
+                --attn-backend _native_flash --out ../results/gpu_models_flux1_flash.json ;;
     epoch)    step epoch_grpo 170 $PY epoch.py --workdir /tmp/flowrl-epoch --algorithm grpo --epochs 2 ;;
-    compiled_epoch) step epoch_grpo_compiled 420 $PY epoch.py --workdir /tmp/flowrl-epoch --algorithm grpo --epochs 3 --compile default \
-                ${ROLLOUT_BATCH:+--rollout-batch $ROLLOUT_BATCH} ;;
+    compiled_epoch) step epoch_grpo_compiled 420 $PY epoch.py --workdir /tmp/flowrl-epoch --algorithm grpo \
+                --epochs 3 --compile default ${ROLLOUT_BATCH:+--rollout-batch $ROLLOUT_BATCH} ;;
     flux)     step sampler_flux 90 $PY sampler.py --model flux1 --batch 8 --iters 3 --warmup 1 ;;
     nft)      step epoch_nft 150 $PY epoch.py --workdir /tmp/flowrl-epoch --algorithm nft --epochs 2 ;;
-    gputests) step gpu_tests 120 $PY -m pytest -q -m gpu -p no:cacheprovider --rootdir ../.. ../../tests/shared/test_learned_rewards.py ../../tests/trainer/test_overlap_scoring.py ../../tests/trainer/test_memory_options.py \
+    gputests) step gpu_tests 120 $PY -m pytest -q -m gpu -p no:cacheprovider --rootdir ../.. \
+                ../../tests/shared/test_learned_rewards.py ../../tests/shared/test_rollout_noise.py \
+                ../../tests/trainer/test_overlap_scoring.py ../../tests/trainer/test_memory_options.py \
                 ../../tests/trainer/test_device_placement.py ;;
     awm)      step epoch_awm 150 $PY epoch.py --workdir /tmp/flowrl-epoch --algorithm awm --epochs 2 ;;
   esac
