@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import statistics
 import tempfile
 from pathlib import Path
@@ -87,6 +88,14 @@ def recipe(args, pipe: Path, data: Path, out: Path) -> dict:
             "rewards": [{"reward_model": "brightness"}]}
 
 
+class _Stopped(Exception):
+    """SIGTERM (a time limit) arrived during training."""
+
+
+def _stop(signum, frame):
+    raise _Stopped()
+
+
 def main(argv=None) -> dict:
     from trainer.loop import train
 
@@ -122,9 +131,14 @@ def main(argv=None) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        summary = train(cfg, quiet=True)
+        signal.signal(signal.SIGTERM, _stop)  # `timeout` (run_device.sh): keep the epochs that finished
+        try:
+            summary, stopped = train(cfg, quiet=True), False
+        except _Stopped:
+            summary, stopped = {"samples": None}, True
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-        rows = [json.loads(x) for x in (runs / f"bench_{args.algorithm}" / "metrics.jsonl").read_text().splitlines()]
+        metrics = runs / f"bench_{args.algorithm}" / "metrics.jsonl"
+        rows = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
     epochs = [r for r in rows if "time/epoch_seconds" in r]
     steady = epochs[1:] or epochs
     med = lambda key: statistics.median(r[key] for r in steady) if steady and key in steady[0] else None  # noqa: E731
@@ -137,9 +151,9 @@ def main(argv=None) -> dict:
                "other_s": None if epoch_s is None else epoch_s - (sample_s or 0) - (train_s or 0),
                "first_epoch_s": epochs[0]["time/epoch_seconds"] if epochs else None, "peak_gib": peak,
                "per_epoch": [{k: r[k] for k in r if k.startswith("time/")} for r in epochs],
-               "samples": summary["samples"], **environment(device)}
-    print(f"{args.algorithm}: epoch {epoch_s:.2f} s (sample {sample_s:.2f}, train {train_s:.2f}), "
-          f"peak {peak:.1f} GiB", flush=True)
+               "samples": summary["samples"], "stopped_by_time_limit": stopped, **environment(device)}
+    print(f"{args.algorithm}: {len(epochs)} epochs{' (stopped by the time limit)' if stopped else ''}, steady epoch "
+          f"{epoch_s} s (sample {sample_s}, train {train_s}), peak {peak:.1f} GiB", flush=True)
     suffix = ("_compiled" if args.compile else "") + (f"_rb{args.rollout_batch}" if args.rollout_batch else "")
     write_result(f"epoch_{args.algorithm}{suffix}", args, payload)
     return payload

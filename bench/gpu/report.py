@@ -101,6 +101,14 @@ def step_table(results: Path = RESULTS) -> list[str]:
     return lines + [""] + notes + ["", f"Target: `train_step_vs_raw` <= {STEP_TARGET} in the same mode.", ""]
 
 
+def steady_note(p: dict[str, Any]) -> str:
+    """An epoch result whose median is not of steady epochs says so (one epoch: it includes warm-up
+    and compilation; a run stopped by its time limit)."""
+    notes = (["first epoch only, not steady"] if p.get("epochs", 0) < 2 else []) + (
+        ["stopped by the time limit"] if p.get("stopped_by_time_limit") else [])
+    return f" ({'; '.join(notes)})" if notes else ""
+
+
 def epoch_table(results: Path = RESULTS) -> list[str]:
     lines, files = section("### Whole epochs of the peer's recipe (c, d)", "gpu_epoch_*.json", "epoch.py", [
         "algorithm", "compile", "rollout batch", "images / epoch", "`epoch_s` (steady)", "sample (s)", "train (s)",
@@ -111,7 +119,8 @@ def epoch_table(results: Path = RESULTS) -> list[str]:
     for name, p in files:
         lines.append(f"| {p['algorithm']} | {p.get('compile') or 'no'} | {p.get('rollout_batch', p['batch'])} | "
                      f"{p['images_per_epoch']} | "
-                     f"**{_f(p['epoch_s'], '.1f')}** | {_f(p['sample_s'], '.1f')} | {_f(p['train_s'], '.1f')} | "
+                     f"**{_f(p['epoch_s'], '.1f')}**{steady_note(p)} | {_f(p['sample_s'], '.1f')} | "
+                     f"{_f(p['train_s'], '.1f')} | "
                      f"{_f(p['other_s'], '.1f')} | {_f(p['first_epoch_s'], '.1f')} | {p['peak_gib']:.1f} | `{name}` |")
     return lines + ["", f"Target (GRPO): `epoch_s` <= {EPOCH_TARGET_S:.0f} s, `peak_gib` <= {EPOCH_TARGET_GIB}.", ""]
 

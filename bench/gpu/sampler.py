@@ -16,13 +16,14 @@ With ``--compile`` the eager rows are measured first, then the same for the comp
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import torch
 
-from common import (base_parser, build_adapter, captured_call, conditioning, environment, peak_memory,  # noqa: I001
-                    synchronize, timed, write_result)
+from common import (ROOT, base_parser, build_adapter, captured_call, conditioning, environment,  # noqa: I001
+                    peak_memory, synchronize, timed, write_result)
 
 from shared.models.attention import apply_attention_backend  # noqa: E402
 from shared.sampling import rollout  # noqa: E402
@@ -147,7 +148,19 @@ def main(argv=None) -> dict:
     if args.compile:  # eager rows first, then the compiled module: both ratios from the same run
         modes.append(("compiled", torch.compile(adapter.transformer,
                                                 mode=None if args.compile == "default" else args.compile)))
-    rows, compile_s = [], None
+    rows, compile_s, applied = [], None, []
+
+    def payload() -> dict:
+        return {"bench": "gpu_sampler", "model": args.model, "smoke": args.smoke, "resolution": args.resolution,
+                "steps": args.steps, "sde_steps": sde, "guidance": guidance, "cfg_batched": cfg,
+                "compile": args.compile, "compile_s": compile_s, "dtype": "bfloat16", "rows": rows,
+                "variants": {k: VARIANTS[k] for k in applied}, **environment(device)}
+
+    def save_partial() -> None:  # after every row: a run cut by a time limit keeps what it measured
+        out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"gpu_sampler_{args.model}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(payload(), indent=2) + "\n")
+
     for mode, module in modes:
         for b in eager if mode == "eager" else args.batch:
             row, first_s = measure(adapter, module, b, args, device=device, dtype=dtype, cfg=cfg,
@@ -155,6 +168,7 @@ def main(argv=None) -> dict:
             if mode == "compiled" and compile_s is None:
                 compile_s = first_s
             rows.append({"mode": mode, **row})
+            save_partial()
             print(f"{mode} B={b}: {row['img_s']:.2f} img/s vs limit {row['limit_img_s']:.2f} "
                   f"({row['sampler_vs_limit']:.1%}), decode {row['decode_s']:.3f} s, peak {row['peak_gib']:.1f} GiB",
                   flush=True)
@@ -167,18 +181,15 @@ def main(argv=None) -> dict:
         row, _ = measure(adapter, module, b, args, device=device, dtype=dtype, cfg=cfg, guidance=guidance, res=res,
                          sigmas=sigmas, sde=sde, noise_device=noise_device)
         rows.append({"mode": mode, "variant": name, "variant_s": time.perf_counter() - t0, **row})
+        applied.append(name)
+        save_partial()
         print(f"{mode} B={b} +{name}: {row['img_s']:.2f} img/s vs limit {row['limit_img_s']:.2f} "
               f"({row['sampler_vs_limit']:.1%}), decode {row['decode_s']:.3f} s", flush=True)
     if args.profile:
         measure(adapter, module, b, args, device=device, dtype=dtype, cfg=cfg, guidance=guidance, res=res,
                 sigmas=sigmas, sde=sde, noise_device=noise_device, profile_to=args.profile)
-    payload = {"bench": "gpu_sampler", "model": args.model, "smoke": args.smoke, "resolution": args.resolution,
-               "steps": args.steps, "sde_steps": sde, "guidance": guidance, "cfg_batched": cfg,
-               "compile": args.compile, "compile_s": compile_s, "dtype": "bfloat16", "rows": rows,
-               "variants": {k: VARIANTS[k] for k in args.variants},
-               **environment(device)}
-    write_result("sampler", args, payload)
-    return payload
+    write_result("sampler", args, payload())
+    return payload()
 
 
 if __name__ == "__main__":

@@ -46,11 +46,15 @@ def test_tables_use_device_results_only_and_name_their_files(tmp_path):
 def test_epoch_and_step_tables(tmp_path):
     report = _report()
     epoch = {"bench": "gpu_epoch", "model": "sd3-5", "algorithm": "grpo", "smoke": False, "device": "cuda",
-             "compile": "default", "images_per_epoch": 144, "batch": 8, "rollout_batch": 16, "epoch_s": 28.44,
+             "compile": "default", "images_per_epoch": 144, "batch": 8, "rollout_batch": 16, "epochs": 3,
+             "epoch_s": 28.44,
              "sample_s": 17.0, "train_s": 11.0, "other_s": 0.44, "first_epoch_s": 190.0, "peak_gib": 40.0}
     (tmp_path / "gpu_epoch_grpo_compiled_sd3-5.json").write_text(json.dumps(epoch))
     text = report.tables(tmp_path)
     assert "| grpo | default | 16 | 144 | **28.4** | 17.0 | 11.0 | 0.4 | 190.0 | 40.0 |" in text
+    (tmp_path / "gpu_epoch_grpo_compiled_sd3-5.json").write_text(json.dumps(
+        {**epoch, "epochs": 1, "stopped_by_time_limit": True, "epoch_s": 190.0}))
+    assert "**190.0** (first epoch only, not steady; stopped by the time limit) |" in report.tables(tmp_path)
 
 
 def test_committed_doc_matches_the_committed_results():
