@@ -123,7 +123,6 @@ def build_adapter(model: str, *, smoke: bool, device: torch.device, dtype: torch
         options = {"shift_resolution": 64 if smoke else 512}
     else:
         raise ValueError(f"--model {model!r}: the GPU benchmarks cover sd3-5 and flux1")
-    transformer.to(device=device, dtype=dtype)
     vae.to(device=device, dtype=dtype if device.type == "cuda" else torch.float32)
     return MODELS.get(model).from_pipeline(pipe, {**options, "vae_dtype": "bfloat16" if device.type == "cuda"
                                                   else "float32"}, device=device)
@@ -211,9 +210,12 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def write_result(name: str, args: argparse.Namespace, payload: dict[str, Any]) -> Path:
+def write_result(name: str, args: argparse.Namespace, payload: dict[str, Any], *, quiet: bool = False) -> Path:
+    """Write ``payload`` to ``--out`` (default ``bench/results/gpu_<name>_<model>.json``) and print it
+    (``quiet``: a partial result written along the way, not printed)."""
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"gpu_{name}_{args.model}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2) + "\n")
-    print(json.dumps(payload))
+    if not quiet:
+        print(json.dumps(payload))
     return out

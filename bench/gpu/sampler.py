@@ -16,14 +16,13 @@ With ``--compile`` the eager rows are measured first, then the same for the comp
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import torch
 
-from common import (ROOT, base_parser, build_adapter, captured_call, conditioning, environment,  # noqa: I001
-                    peak_memory, synchronize, timed, write_result)
+from common import (base_parser, build_adapter, captured_call, conditioning, environment, peak_memory,  # noqa: I001
+                    synchronize, timed, write_result)
 
 from shared.models.attention import apply_attention_backend  # noqa: E402
 from shared.sampling import rollout  # noqa: E402
@@ -157,9 +156,7 @@ def main(argv=None) -> dict:
                 "variants": {k: VARIANTS[k] for k in applied}, **environment(device)}
 
     def save_partial() -> None:  # after every row: a run cut by a time limit keeps what it measured
-        out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"gpu_sampler_{args.model}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(payload(), indent=2) + "\n")
+        write_result("sampler", args, payload(), quiet=True)
 
     for mode, module in modes:
         for b in eager if mode == "eager" else args.batch:
@@ -188,8 +185,9 @@ def main(argv=None) -> dict:
     if args.profile:
         measure(adapter, module, b, args, device=device, dtype=dtype, cfg=cfg, guidance=guidance, res=res,
                 sigmas=sigmas, sde=sde, noise_device=noise_device, profile_to=args.profile)
-    write_result("sampler", args, payload())
-    return payload()
+    result = payload()
+    write_result("sampler", args, result)
+    return result
 
 
 if __name__ == "__main__":
