@@ -276,3 +276,32 @@ def test_caption_noise_draws_that_fraction_of_miscaptioned_images():
     assert all(verify(image, prompt).correct for prompt, image in clean)
     with pytest.raises(ValueError, match="caption_noise"):
         next(training_pairs(1, seed=0, caption_noise=1.0))
+
+
+def test_shipped_balanced_dataset_is_what_write_dataset_writes(tmp_path):
+    """examples/data/toy-balanced (the `make demo` data) is write_dataset(balance=True)'s output."""
+    from pathlib import Path
+
+    shipped = Path(__file__).parents[2] / "examples" / "data" / "toy-balanced"
+    write_dataset(tmp_path / "toy", balance=True)
+    for name in ("train.jsonl", "test.jsonl"):
+        assert (shipped / name).read_text() == (tmp_path / "toy" / name).read_text(), name
+
+
+def test_demo_config_trains_the_toy_pipeline_on_balanced_data():
+    """`make demo` runs examples/toy/demo.yaml: the shipped toy pipeline, the balanced train
+    split, the toy_geneval verifier, a training budget of at most 10 minutes."""
+    import re
+    from pathlib import Path
+
+    from shared.config import load_config
+
+    root = Path(__file__).parents[2]
+    demo = re.search(r"^DEMO_CONFIG \?= (\S+)$", (root / "Makefile").read_text(), re.M).group(1)
+    assert demo == "examples/toy/demo.yaml"
+    cfg = load_config(root / demo)
+    assert cfg.model.model_type == "sd3-5" and cfg.model.model_name_or_path == "assets/toy-sd3"
+    assert cfg.data.dataset_dir == "examples/data/toy-balanced"
+    assert [r.reward_model for r in cfg.rewards] == ["toy_geneval"]
+    assert cfg.train.max_train_seconds is not None and cfg.train.max_train_seconds <= 600
+    cfg.geometry(1)
