@@ -5,7 +5,7 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
-DEMO_CONFIG ?= examples/toy/demo.yaml
+DEMO_CONFIG ?= examples/toy/tiny_grpo.yaml
 
 .PHONY: demo test venv tools clean
 

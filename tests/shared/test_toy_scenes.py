@@ -279,7 +279,7 @@ def test_caption_noise_draws_that_fraction_of_miscaptioned_images():
 
 
 def test_shipped_balanced_dataset_is_what_write_dataset_writes(tmp_path):
-    """examples/data/toy-balanced (the `make demo` data) is write_dataset(balance=True)'s output."""
+    """examples/data/toy-balanced (the 10-minute recipe's data) is write_dataset(balance=True)'s output."""
     from pathlib import Path
 
     shipped = Path(__file__).parents[2] / "examples" / "data" / "toy-balanced"
@@ -288,18 +288,15 @@ def test_shipped_balanced_dataset_is_what_write_dataset_writes(tmp_path):
         assert (shipped / name).read_text() == (tmp_path / "toy" / name).read_text(), name
 
 
-def test_demo_config_trains_the_toy_pipeline_on_balanced_data():
-    """`make demo` runs examples/toy/demo.yaml: the shipped toy pipeline, the balanced train
-    split, the toy_geneval verifier, a training budget of at most 10 minutes."""
-    import re
+def test_ten_minute_config_trains_the_toy_pipeline_on_balanced_data():
+    """examples/toy/nft_10min.yaml: the shipped toy pipeline, the balanced train split, the
+    toy_geneval verifier, a training budget of at most 10 minutes."""
     from pathlib import Path
 
     from shared.config import load_config
 
     root = Path(__file__).parents[2]
-    demo = re.search(r"^DEMO_CONFIG \?= (\S+)$", (root / "Makefile").read_text(), re.M).group(1)
-    assert demo == "examples/toy/demo.yaml"
-    cfg = load_config(root / demo)
+    cfg = load_config(root / "examples" / "toy" / "nft_10min.yaml")
     assert cfg.model.model_type == "sd3-5" and cfg.model.model_name_or_path == "assets/toy-sd3"
     assert cfg.data.dataset_dir == "examples/data/toy-balanced"
     assert [r.reward_model for r in cfg.rewards] == ["toy_geneval"]
