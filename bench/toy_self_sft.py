@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import random
 import sys
 import time
-from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,51 +34,48 @@ sys.path.insert(0, str(ROOT))
 
 from shared.config import load_config  # noqa: E402
 from shared.models import load_adapter  # noqa: E402
+from shared.rewards.toy_geneval import ToyGenEval  # noqa: E402
 from shared.sampling import rollout_batches  # noqa: E402
 from shared.toy.scenes import CATEGORIES, balanced, prompt_text, split  # noqa: E402
-from shared.toy.verify import verify  # noqa: E402
 from trainer.policy import attach_trainable  # noqa: E402
 
 
 def sample(adapter, transformer, prompts: list[str], seeds: list[int], steps: int):
-    """ODE rollout at guidance 1: (conditioning, rollout, uint8 [B, H, W, 3] images)."""
+    """ODE rollout at guidance 1: (conditioning, rollout); ``rollout.images`` in [0, 1]."""
     transformer.eval()
     with torch.no_grad():
-        cond, roll = rollout_batches(
+        return rollout_batches(
             adapter, prompts, [None] * len(prompts), seeds, batch_size=128, resolution=64,
             num_steps=steps, guidance_scale=1.0, dynamics="ODE", noise_level=0.0, sde_steps=[],
             keep_means=False, log_prob_reduction="mean", transformer=transformer)
-    images = (roll.images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return cond, roll, images
 
 
 def heldout(adapter, transformer, seeds: int) -> dict:
-    """GenEval's overall held-out accuracy (mean of the category accuracies) and each category's."""
-    _, test = split()
-    prompts = [prompt_text(s) for s in test for _ in range(seeds)]
-    _, _, images = sample(adapter, transformer, prompts, list(range(len(prompts))), 10)
-    by_category = defaultdict(list)
-    for image, prompt in zip(images, prompts):
-        v = verify(image, prompt)
-        by_category[v.category].append(v.correct)
-    categories = {c: round(float(np.mean(by_category[c])), 4) for c in CATEGORIES if by_category[c]}
-    return {"accuracy": round(float(np.mean(list(categories.values()))), 4), "categories": categories}
+    """GenEval's overall held-out accuracy and each category's, as ``flowrl eval`` reports them
+    (the ``toy_geneval`` reward's ``details`` and ``summarize_details``)."""
+    prompts = [prompt_text(s) for s in split()[1] for _ in range(seeds)]
+    _, roll = sample(adapter, transformer, prompts, list(range(len(prompts))), 10)
+    reward = ToyGenEval()
+    details = reward.details(roll.images, prompts)
+    means = {c: float(details[f"accuracy/{c}"].nanmean()) for c in CATEGORIES}
+    means = {c: v for c, v in means.items() if not math.isnan(v)}
+    overall = reward.summarize_details({f"accuracy/{c}": v for c, v in means.items()})["accuracy"]
+    return {"accuracy": round(overall, 4), "categories": {c: round(v, 4) for c, v in means.items()}}
 
 
+@contextmanager
 def swapped(params: dict, values: dict):
-    """Context: ``params`` hold ``values`` inside, their own values again after."""
-    class _Swap:
-        def __enter__(self):
-            self.saved = {n: p.detach().clone() for n, p in params.items()}
-            with torch.no_grad():
-                for n, p in params.items():
-                    p.copy_(values[n])
-
-        def __exit__(self, *exc):
-            with torch.no_grad():
-                for n, p in params.items():
-                    p.copy_(self.saved[n])
-    return _Swap()
+    """``params`` hold ``values`` inside the block, their own values again after it."""
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(values[n])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(saved[n])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -117,8 +114,9 @@ def main(argv: list[str] | None = None) -> dict:
         prompts = [prompt_text(s) for s in rng.sample(train_specs, args.prompts)
                    for _ in range(args.samples_per_prompt)]
         seeds = [100_000 * (r + 1) + i for i in range(len(prompts))]
-        cond, roll, images = sample(adapter, transformer, prompts, seeds, args.sample_steps)
-        kept = [i for i, (im, p) in enumerate(zip(images, prompts)) if verify(im, p, exact_objects=True).correct]
+        cond, roll = sample(adapter, transformer, prompts, seeds, args.sample_steps)
+        passed = ToyGenEval(strict=True, exact_objects=True).score(roll.images, prompts)
+        kept = passed.nonzero().flatten().tolist()
         if not kept:
             raise RuntimeError(f"round {r}: no sample passed the verifier; nothing to fine-tune on")
         x0 = roll.final_latents[kept]
