@@ -37,6 +37,7 @@ from shared.models import load_adapter  # noqa: E402
 from shared.rewards.toy_geneval import ToyGenEval  # noqa: E402
 from shared.sampling import rollout_batches  # noqa: E402
 from shared.toy.scenes import CATEGORIES, balanced, prompt_text, split  # noqa: E402
+from trainer.ema import EMA  # noqa: E402
 from trainer.policy import attach_trainable  # noqa: E402
 
 
@@ -64,12 +65,10 @@ def heldout(adapter, transformer, seeds: int) -> dict:
 
 
 @contextmanager
-def swapped(params: dict, values: dict):
-    """``params`` hold ``values`` inside the block, their own values again after it."""
+def swapped(params: dict, ema: EMA):
+    """``params`` hold the EMA's shadow inside the block, their own values again after it."""
     saved = {n: p.detach().clone() for n, p in params.items()}
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(values[n])
+    ema.copy_to(params)
     try:
         yield
     finally:
@@ -102,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     params = attach_trainable(adapter, cfg)
     transformer = adapter.transformer
     optimizer = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=1e-4)
-    ema = {n: p.detach().clone() for n, p in params.items()}
+    ema = EMA(params)
     train_specs = balanced(split()[0])
 
     result = {"args": vars(args), "platform": platform.machine(), "torch": torch.__version__,
@@ -137,9 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
             optimizer.step()
             losses.append(loss.item())
             if args.ema:
-                with torch.no_grad():
-                    for n, p in params.items():
-                        ema[n].mul_(args.ema).add_(p.detach(), alpha=1 - args.ema)
+                ema.update(params, args.ema)
         train_seconds += time.time() - t0
         row = {"round": r, "kept": len(kept), "sampled": len(prompts), "loss_first": round(losses[0], 4),
                "loss_last": round(losses[-1], 4), "train_seconds": round(train_seconds, 1),
