@@ -37,7 +37,7 @@ from trainer.data import check_condition_images, load_dataset
 from trainer.embeddings import offload_mode, warm_embeddings
 from trainer.evaluate import evaluate
 from trainer.policy import Policy, attach_trainable
-from trainer.reporting import MetricLogger, detail_keys, write_report
+from trainer.reporting import MetricLogger, detail_keys, progress_postfix, write_report
 from trainer.metrics import TrainerMetrics
 from trainer.resume import (RESUME_DIR, Progress, ResumeError, check_same_experiment, find_checkpoint,
                             load_rank_state, load_resume, run_dir_of, save_rank_state, save_resume,
@@ -327,9 +327,7 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
             prom.observe_epoch(metrics, data.advantages.shape[0] * world, transport)
         if main:
             logger.log(metrics, step=epoch + 1)
-            first = eval_specs[0].label
-            bar.set_postfix(reward=f"{metrics.get(f'train/reward/{cfg.rewards[0].label}', 0):.4f}",
-                            eval=f"{evals[-1].get(f'eval/reward/{first}', float('nan')):.4f}")
+            bar.set_postfix(progress_postfix(metrics, evals[-1], cfg.rewards[0].label, eval_specs[0].label))
         # over budget on any rank (max over ranks) stops every rank after the same epoch
         over = torch.tensor([float(t.max_train_seconds is not None and train_seconds >= t.max_train_seconds)],
                             device=accelerator.device)

@@ -104,6 +104,19 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None, upscale
     return path
 
 
+def progress_postfix(metrics: dict[str, float], last_eval: dict[str, float], train_label: str,
+                     eval_label: str) -> dict[str, str]:
+    """The progress bar's fields: the epoch's mean training reward (``reward``), the last
+    evaluation's mean reward (``eval``) and, when that reward summarizes its details into an
+    ``accuracy`` (toy_geneval's GenEval overall score), that accuracy (``acc``)."""
+    out = {"reward": f"{metrics.get(f'train/reward/{train_label}', 0.0):.4f}",
+           "eval": f"{last_eval.get(f'eval/reward/{eval_label}', float('nan')):.4f}"}
+    accuracy = last_eval.get(f"eval/{eval_label}/accuracy")
+    if accuracy is not None:
+        out["acc"] = f"{accuracy:.4f}"
+    return out
+
+
 def detail_keys(ev: dict[str, Any]) -> list[str]:
     """Reward-detail keys of an eval dict (``eval/{label}/{key}`` minus ``eval/``), sorted."""
     return sorted(k[len("eval/"):] for k in ev if k.startswith("eval/") and not k.startswith("eval/reward/"))

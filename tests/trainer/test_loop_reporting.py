@@ -104,3 +104,15 @@ def test_images_per_prompt_evaluates_every_prompt_k_times(tmp_path):
     test_prompts = (tmp_path / "data" / "test.txt").read_text().split("\n")[:-1]
     # two evaluations (before and after), each scoring every test prompt exactly 3 times
     assert Counter(p for _, p in eval_calls) == Counter({q: 6 for q in test_prompts})
+
+
+def test_progress_bar_shows_geneval_accuracy_when_the_reward_reports_one():
+    from trainer.reporting import progress_postfix
+
+    metrics = {"train/reward/toy_geneval": 0.61234}
+    ev = {"eval/reward/toy_geneval": 0.5154, "eval/toy_geneval/accuracy": 0.35594}
+    assert progress_postfix(metrics, ev, "toy_geneval", "toy_geneval") == {
+        "reward": "0.6123", "eval": "0.5154", "acc": "0.3559"}
+    # a reward without an accuracy aggregate (brightness): no acc field; no eval yet: nan
+    assert progress_postfix({}, {"eval/reward/b": 0.4}, "b", "b") == {"reward": "0.0000", "eval": "0.4000"}
+    assert progress_postfix({}, {}, "b", "b")["eval"] == "nan"
