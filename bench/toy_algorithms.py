@@ -2,9 +2,10 @@
 
 Each algorithm trains ``examples/toy/{algorithm}.yaml`` for ``--budget`` seconds of training
 time (``train.max_train_seconds``; evaluation time is not counted), evaluating the held-out
-test prompts every ``--eval-freq`` epochs. Writes ``bench/results/toy_algorithms_{device}.json``
+test prompts every ``--eval-freq`` epochs. Writes ``bench/results/toy_algorithms_{device}[_{tag}].json``
 (every eval point: training seconds, accuracy overall and per category) and rewrites the
-section of ``docs/results.md`` between the ``toy_algorithms_{device}`` markers with a table.
+section of ``docs/results.md`` between the markers of that name with a table (``--from JSON``
+rewrites it from a saved run, e.g. one made on the device machine).
 
     python bench/toy_algorithms.py --budget 240            # CPU, ~20 min for all four
     python bench/toy_algorithms.py --budget 900 --device gpu  # on the device machine
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -97,27 +99,49 @@ def main(argv=None) -> None:
     p.add_argument("--device", choices=["cpu", "gpu"], default="gpu" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out-dir", default="runs/bench_toy")
     p.add_argument("--set", action="append", default=[], help="extra key=value overrides for every run")
+    p.add_argument("--tag", default="", help="suffix of the JSON and docs section names (toy_algorithms_{device}_{tag})")
+    p.add_argument("--from", dest="from_json", default=None,
+                   help="run nothing: rewrite docs/results.md's table from this JSON (e.g. a device run's)")
     args = p.parse_args(argv)
+    if args.from_json:
+        result = json.loads(Path(args.from_json).read_text())
+        print(f"wrote {write_section(result)}")
+        return
+    out_dir = Path(args.out_dir).resolve()
+    os.chdir(ROOT)  # the toy configs name the shipped asset and data relative to the repository root
     runs = []
     for algorithm in args.algorithms:
-        r = run_one(algorithm, args.budget, args.eval_freq, Path(args.out_dir), args.set)
+        r = run_one(algorithm, args.budget, args.eval_freq, out_dir, args.set)
         print(json.dumps({k: v for k, v in r.items() if k != "points"}), flush=True)
         runs.append(r)
-    result = {"benchmark": "toy_algorithms", "device": args.device, "budget_train_seconds": args.budget,
+    result = {"benchmark": "toy_algorithms", "device": args.device, "tag": args.tag, "budget_train_seconds": args.budget,
               "eval_freq": args.eval_freq, "overrides": args.set, "torch": torch.__version__,
               "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
               "command": "python bench/toy_algorithms.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "runs": runs}
-    out = ROOT / "bench" / "results" / f"toy_algorithms_{args.device}.json"
+    out = ROOT / "bench" / "results" / f"{section_name(result)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    body = (f"### Toy world, four algorithms, {args.budget:.0f} s of training each ({args.device})\n\n"
+    print(f"wrote {out} and {write_section(result)}")
+
+
+def section_name(result: dict) -> str:
+    """``toy_algorithms_{device}`` or, with a tag, ``toy_algorithms_{device}_{tag}``: the JSON's
+    file name and the docs section's markers."""
+    return f"toy_algorithms_{result['device']}" + (f"_{result['tag']}" if result.get("tag") else "")
+
+
+def write_section(result: dict) -> Path:
+    """``docs/results.md``'s section for ``result``'s device: heading, command, tables."""
+    names = ", ".join(r["algorithm"] for r in result["runs"])
+    body = (f"### Toy world, {names}: {result['budget_train_seconds']:.0f} s of training each "
+            f"({result['device']})\n\n"
             f"`{result['command']}` ({result['machine']}, {result['threads']} threads"
             + (f", {result['gpu']}" if result["gpu"] else "") + "). Held-out test-prompt accuracy "
             "(ODE, fixed seeds) of the toy_geneval verifier, GenEval's overall score (the unweighted mean of "
             "the six category accuracies); seconds count training only.\n\n" + markdown(result))
-    print(f"wrote {out} and {update_results_md(f'toy_algorithms_{args.device}', body)}")
+    return update_results_md(section_name(result), body)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@
 #   STEPS="sampler train" bash bench/gpu/run_device.sh
 #   EAGER_BATCH= SAMPLER_TAG=variants STEPS="compiled_epoch sampler" bash bench/gpu/run_device.sh
 #       # no eager sampler rows (they are in gpu_sampler_sd3-5.json), the rest to gpu_sampler_sd3-5_variants.json
+#   STEPS=toy bash bench/gpu/run_device.sh             # issue 3: toy_algorithms_gpu.json (then, here:
+#       # python bench/toy_algorithms.py --from bench/results/toy_algorithms_gpu.json); STEPS=toylong likewise
 # Wheels the device lacks (diffusers, pydantic, ...) are installed from .whl/ when it exists
 # (fetch them here with bench/gpu/fetch_wheels.sh).
 set -u
@@ -39,6 +41,9 @@ step() {  # name, cap in seconds, command...
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$LOGS/gpu.csv" 2>&1
 $PY -c "import torch, diffusers, transformers, peft; print(torch.__version__, diffusers.__version__, transformers.__version__, peft.__version__)"
+# the toy steps' batches: 16 prompts x 16 samples an epoch, micro-batches of 64, 2 optimizer steps
+TOY_GPU_BATCH="--set train.unique_sample_num_per_epoch=16 --set train.group_size=16 --set train.per_device_batch_size=64
+  --set train.gradient_step_per_epoch=2 --set eval.per_device_batch_size=376"
 for s in $STEPS; do
   case $s in
     sampler)  step sampler 240 $PY sampler.py --model sd3-5 --eager-batch ${EAGER_BATCH-8 16 32} --batch 16 \
@@ -65,6 +70,12 @@ for s in $STEPS; do
                 ../../tests/shared/test_learned_rewards.py ../../tests/shared/test_rollout_noise.py \
                 ../../tests/trainer/test_overlap_scoring.py ../../tests/trainer/test_memory_options.py \
                 ../../tests/trainer/test_device_placement.py ;;
+    toy)      # issue 3: the four algorithms on the toy world, equal budgets, GPU-sized batches (TOY_SET replaces them)
+              step toy_algorithms 560 $PY ../toy_algorithms.py --device gpu --budget ${TOY_BUDGET:-90} --eval-freq 10 \
+                --out-dir /tmp/flowrl-toy ${TOY_SET-$TOY_GPU_BATCH} ;;
+    toylong)  # issue 3: one algorithm for most of a call (the 0.90 held-out target), its own JSON and docs section
+              step toy_long 570 $PY ../toy_algorithms.py --device gpu --tag long --algorithms ${TOY_ALGORITHM:-nft} \
+                --budget ${TOY_LONG_BUDGET:-420} --eval-freq 20 --out-dir /tmp/flowrl-toy ${TOY_SET-$TOY_GPU_BATCH} ;;
     awm)      step epoch_awm 150 $PY epoch.py --workdir /tmp/flowrl-epoch --algorithm awm --epochs 2 ;;
   esac
 done
