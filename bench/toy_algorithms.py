@@ -95,7 +95,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--budget", type=float, default=240.0, help="training seconds per algorithm")
     p.add_argument("--eval-freq", type=int, default=10)
-    p.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS))
+    p.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS),
+                   help="names of examples/toy/<name>.yaml (any toy recipe, e.g. nft_10min)")
     p.add_argument("--device", choices=["cpu", "gpu"], default="gpu" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out-dir", default="runs/bench_toy")
     p.add_argument("--set", action="append", default=[], help="extra key=value overrides for every run")

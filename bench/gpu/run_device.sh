@@ -73,8 +73,9 @@ for s in $STEPS; do
     toy)      # issue 3: the four algorithms on the toy world, equal budgets, GPU-sized batches (TOY_SET replaces them)
               step toy_algorithms 560 $PY ../toy_algorithms.py --device gpu --budget ${TOY_BUDGET:-90} --eval-freq 10 \
                 --out-dir /tmp/flowrl-toy ${TOY_SET-$TOY_GPU_BATCH} ;;
-    toylong)  # issue 3: one algorithm for most of a call (the 0.90 held-out target), its own JSON and docs section
-              step toy_long 570 $PY ../toy_algorithms.py --device gpu --tag long --algorithms ${TOY_ALGORITHM:-nft} \
+    toylong)  # issue 3: one recipe for most of a call (the 0.90 held-out target), its own JSON and docs section;
+              # default examples/toy/nft_10min.yaml (CFG-free NFT with a KL anchor, the best CPU recipe, e22)
+              step toy_long 570 $PY ../toy_algorithms.py --device gpu --tag long --algorithms ${TOY_ALGORITHM:-nft_10min} \
                 --budget ${TOY_LONG_BUDGET:-420} --eval-freq 20 --out-dir /tmp/flowrl-toy ${TOY_SET-$TOY_GPU_BATCH} ;;
     awm)      step epoch_awm 150 $PY epoch.py --workdir /tmp/flowrl-epoch --algorithm awm --epochs 2 ;;
   esac
