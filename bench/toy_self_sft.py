@@ -64,6 +64,26 @@ def heldout(adapter, transformer, seeds: int) -> dict:
     return {"accuracy": round(overall, 4), "categories": {c: round(v, 4) for c, v in means.items()}}
 
 
+def fm_loss(adapter, transformer, x0: torch.Tensor, cond: dict[str, torch.Tensor],
+            generator: torch.Generator | None = None) -> torch.Tensor:
+    """Plain flow-matching loss on clean latents ``x0 [B, ...]``: uniform ``sigma [B]``,
+    ``x_t = (1 - sigma) x0 + sigma eps``, target ``eps - x0``; ``cond`` holds ``B`` rows."""
+    sigma = torch.rand(x0.shape[0], generator=generator)
+    eps = torch.randn(x0.shape, generator=generator)
+    s = sigma.view(-1, *[1] * (x0.dim() - 1))
+    v = adapter.predict(transformer, (1 - s) * x0 + s * eps, sigma, cond).float()
+    return ((v - (eps - x0)) ** 2).mean()
+
+
+def write_json(path: str | Path, result: dict) -> Path:
+    """``result`` as indented JSON at ``path`` (folders made); prints where it went."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+    return out
+
+
 @contextmanager
 def swapped(params: dict, ema: EMA):
     """``params`` hold the EMA's shadow inside the block, their own values again after it."""
@@ -124,12 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
         losses = []
         for _ in range(args.steps):
             idx = torch.randint(len(kept), (args.batch,))
-            sigma = torch.rand(args.batch)
-            eps = torch.randn_like(x0[idx])
-            s = sigma.view(-1, *[1] * (x0.dim() - 1))
-            x_t = (1 - s) * x0[idx] + s * eps
-            v = adapter.predict(transformer, x_t, sigma, {k: t[idx] for k, t in tensors.items()}).float()
-            loss = ((v - (eps - x0[idx])) ** 2).mean()
+            loss = fm_loss(adapter, transformer, x0[idx], {k: t[idx] for k, t in tensors.items()})
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
@@ -146,10 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
                 row["heldout_ema"] = heldout(adapter, transformer, args.eval_seeds)
         result["rounds"].append(row)
         print(json.dumps(row), flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    write_json(args.out, result)
     return result
 
 

@@ -40,7 +40,7 @@ from shared.config import load_config  # noqa: E402
 from shared.models import load_adapter  # noqa: E402
 from shared.rewards.toy_geneval import ToyGenEval  # noqa: E402
 from shared.toy.scenes import prompt_text, split  # noqa: E402
-from toy_self_sft import sample  # noqa: E402
+from toy_self_sft import fm_loss, sample, write_json  # noqa: E402
 from trainer.policy import attach_trainable  # noqa: E402
 
 
@@ -80,11 +80,7 @@ def memorization(adapter, cfg, prompt: str, steps: int, lr: float, gen: torch.Ge
     optimizer = torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.0)
     transformer.train()
     for _ in range(steps):
-        sigma = torch.rand(32, generator=gen)
-        eps = torch.randn(x0.shape, generator=gen)
-        s = sigma.view(-1, 1, 1, 1)
-        v = adapter.predict(transformer, (1 - s) * x0 + s * eps, sigma, tensors).float()
-        loss = ((v - (eps - x0)) ** 2).mean()
+        loss = fm_loss(adapter, transformer, x0, tensors, gen)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -118,10 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["memorization"] = memorization(adapter, cfg, args.memorize_prompt, args.memorize_steps,
                                           args.memorize_lr, gen)
     print(json.dumps(result["memorization"]), flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    write_json(args.out, result)
     return result
 
 
