@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "toy_verifier_margin_cpu.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    torch.manual_seed(0)  # the LoRA's initialization (peft draws it from the global generator)
     gen = torch.Generator().manual_seed(0)
     cfg = load_config(ROOT / "examples" / "toy" / "nft_10min.yaml",
                       [f"model.model_name_or_path={args.model}"])
