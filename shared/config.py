@@ -183,6 +183,9 @@ class TrainConfig(_Strict):
     time_shift: float = Field(1.0, gt=0)
     timestep_fraction: float | None = Field(None, gt=0, le=1)
     num_train_timesteps: int | None = Field(None, gt=0)  # None = int(steps * fraction)
+    # every sample of a group re-noised with the group's timesteps and noise (common random
+    # numbers: the same loss in expectation, the group's samples compared at equal (t, eps))
+    group_shared_noise: bool = False
     # -- EMA (eval weights; the "old"/sampling model for off-policy nft; the AWM anchor)
     ema_decay: float | None = Field(None, ge=0, le=1)  # 0 disables EMA
     ema_decay_schedule: Literal[

@@ -36,6 +36,8 @@ class TrainBatch:
     stds: torch.Tensor  # [B, S]
     means: torch.Tensor | None  # [B, S, ...]
     seed: int  # for the training noise / timesteps of this micro-batch
+    group_ids: torch.Tensor | None = None  # [B] CPU int64 global group ids (group_shared_noise)
+    epoch_seed: int = 0  # shared by the micro-batches of one inner epoch (group_shared_noise)
 
     @property
     def size(self) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from trainer.algorithms.base import Algorithm, TrainBatch
+from trainer.collect import SEED_STRIDE
 from trainer.timesteps import sample_train_sigmas
 
 
@@ -21,12 +22,43 @@ class Decoupled(Algorithm):
     def noised(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         """Timesteps ``[T, B]``, noise ``eps [T, B, ...]`` and ``x_t [T, B, ...]`` (seeded)."""
         t = self.t
-        g = torch.Generator().manual_seed(batch.seed)
         T, x0 = self.num_units(0), batch.final_latents.float()
-        sig = sample_train_sigmas(t.time_sampling_strategy, T, batch.size, grid=self.host_sigmas(batch),
-                                  time_shift=t.time_shift, timestep_fraction=t.timestep_fraction,
-                                  generator=g).to(x0.device)  # [T, B]
-        eps = torch.randn((T, *x0.shape), generator=g).to(x0.device)
+        if t.group_shared_noise:
+            sig, eps = self.group_noise(batch, T, tuple(x0.shape[1:]))
+        else:
+            g = torch.Generator().manual_seed(batch.seed)
+            sig = self.draw_sigmas(batch, T, batch.size, g)
+            eps = torch.randn((T, *x0.shape), generator=g)
+        sig, eps = sig.to(x0.device), eps.to(x0.device)
         view = sig.view(T, x0.shape[0], *[1] * (x0.dim() - 1))
         x_t = (1 - view) * x0 + view * eps
         return {"sigma": sig, "eps": eps, "x_t": x_t}
+
+    def draw_sigmas(self, batch: TrainBatch, num: int, size: int, generator: torch.Generator) -> torch.Tensor:
+        """``[num, size]`` training sigmas from the configured strategy (on the host)."""
+        t = self.t
+        return sample_train_sigmas(t.time_sampling_strategy, num, size, grid=self.host_sigmas(batch),
+                                   time_shift=t.time_shift, timestep_fraction=t.timestep_fraction,
+                                   generator=generator)
+
+    def group_noise(self, batch: TrainBatch, num: int, shape: tuple[int, ...]
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``train.group_shared_noise``: sigmas ``[num, B]`` and noise ``[num, B, *shape]`` (host)
+        that every sample of a group shares: column ``b`` is drawn from a generator seeded by
+        ``(batch.epoch_seed, group id)``, so a group split across micro-batches still shares it.
+
+        Each sample's own ``(sigma, eps)`` has the same distribution as without sharing, so the
+        loss's expectation is unchanged; with advantages that sum to zero over a group, the part
+        of each sample's gradient that only depends on ``(sigma, eps)`` cancels (a paired
+        comparison, as Diffusion-DPO noises its winner and loser alike).
+        """
+        if batch.group_ids is None:
+            raise ValueError("train.group_shared_noise needs the micro-batch's group ids (TrainBatch.group_ids); "
+                             "build TrainBatch with them or set train.group_shared_noise: false")
+        drawn: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for gid in batch.group_ids.tolist():
+            if gid not in drawn:
+                g = torch.Generator().manual_seed((batch.epoch_seed * SEED_STRIDE + gid) % (2 ** 63))
+                drawn[gid] = (self.draw_sigmas(batch, num, 1, g), torch.randn((num, 1, *shape), generator=g))
+        cols = [drawn[gid] for gid in batch.group_ids.tolist()]
+        return torch.cat([c[0] for c in cols], 1), torch.cat([c[1] for c in cols], 1)
