@@ -122,6 +122,17 @@ def detail_keys(ev: dict[str, Any]) -> list[str]:
     return sorted(k[len("eval/"):] for k in ev if k.startswith("eval/") and not k.startswith("eval/reward/"))
 
 
+def detail_styles(keys: list[str]) -> list[tuple[str, str, str]]:
+    """``(key, colour, line style)`` per detail key: keys ending in the same name share a colour
+    and each family (the part before it) has its own style, so e.g. ``toy_geneval/accuracy/position``
+    (solid) and ``toy_geneval/present/position`` (dashed) are told apart and paired at a glance."""
+    names = sorted({k.rsplit("/", 1)[-1] for k in keys})
+    families = sorted({k.rsplit("/", 1)[0] for k in keys})
+    styles = ["-", "--", ":", "-."]
+    return [(k, f"C{names.index(k.rsplit('/', 1)[-1]) % 10}", styles[families.index(k.rsplit('/', 1)[0]) % 4])
+            for k in keys]
+
+
 def plot_curves(path: Path, history: list[dict[str, float]], evals: list[dict[str, float]],
                 reward_names: list[str], title: str) -> Path:
     """Reward vs training wall-clock time (train rollouts per epoch, eval points); a second panel
@@ -149,8 +160,9 @@ def plot_curves(path: Path, history: list[dict[str, float]], evals: list[dict[st
     ax.legend()
     if details:
         ax = axes[0][1]
-        for key in details:
-            ax.plot(minutes(evals), [e.get(f"eval/{key}", float("nan")) for e in evals], "o-", label=key)
+        for key, color, style in detail_styles(details):
+            ax.plot(minutes(evals), [e.get(f"eval/{key}", float("nan")) for e in evals], marker="o",
+                    linestyle=style, color=color, label=key)
         ax.set_xlabel("training time (minutes)")
         ax.set_title("eval details (held-out prompts)")
         ax.grid(alpha=0.3)

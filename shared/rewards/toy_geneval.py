@@ -12,7 +12,11 @@ Held-out accuracy (``details`` + ``summarize_details``, what evaluation reports 
 - ``accuracy``: GenEval's overall score, the UNWEIGHTED mean of the category accuracies (of the
   categories present in the eval), so each of the six tasks counts 1/6 whatever its number of
   prompts (the held-out split has 3 to 24 prompts per category);
-- ``accuracy/per_image``: the plain mean over all images (weights categories by their size).
+- ``accuracy/per_image``: the plain mean over all images (weights categories by their size);
+- ``present/{category}``: the fraction of that category's images in which every shape the prompt
+  names is detected. With ``accuracy`` it separates the two ways to fail: a missing object, or
+  a wrong count, colour or relation on the objects drawn (``accuracy / present`` is the
+  accuracy given presence; at chance level, the model ignores that part of the prompt).
 """
 
 from __future__ import annotations
@@ -71,15 +75,19 @@ class ToyGenEval(RewardModel):
     def details(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Per-sample float32 ``[B]`` tensors: ``"accuracy/per_image"`` (1.0/0.0 correctness) and,
         for every category ``c`` of ``CATEGORIES``, ``"accuracy/c"``: correctness for samples of
-        that category, NaN for the others (so ``nanmean`` gives the per-category accuracy). Always
+        that category, NaN for the others (so ``nanmean`` gives the per-category accuracy), and likewise
+        ``"present/c"``: every named shape detected (1.0/0.0). Always
         GenEval's checks (``exact_objects`` does not apply). The overall ``"accuracy"`` is an
         aggregate of the category means: :meth:`summarize_details`."""
         verdicts = self.verdicts(images, prompts)
         correct = torch.tensor([float(v.correct) for v in verdicts], dtype=torch.float32)
+        present = torch.tensor([float(v.present) for v in verdicts], dtype=torch.float32)
+        nan = torch.full_like(correct, float("nan"))
         out = {"accuracy/per_image": correct}
         for category in CATEGORIES:
             mine = torch.tensor([v.category == category for v in verdicts], dtype=torch.bool)
-            out[f"accuracy/{category}"] = torch.where(mine, correct, torch.full_like(correct, float("nan")))
+            out[f"accuracy/{category}"] = torch.where(mine, correct, nan)
+            out[f"present/{category}"] = torch.where(mine, present, nan)
         return out
 
     def summarize_details(self, means: dict[str, float]) -> dict[str, float]:

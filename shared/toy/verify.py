@@ -64,12 +64,14 @@ class Detection:
 
 @dataclass
 class Verdict:
-    """``score`` = fraction of ``checks`` passed; ``correct`` = all passed."""
+    """``score`` = fraction of ``checks`` passed; ``correct`` = all passed; ``present`` = every
+    shape the prompt names was detected (what the counts, colours and relations are checked on)."""
 
     score: float
     correct: bool
     category: str
     checks: dict[str, bool]
+    present: bool = False
 
 
 def _check_image(image: np.ndarray) -> np.ndarray:
@@ -208,4 +210,5 @@ def verify(image: np.ndarray, prompt: str, *, exact_objects: bool = False) -> Ve
         expected = spec.count if spec.category == "counting" else len(spec.objects)
         checks[f"{expected} object{'s' if expected > 1 else ''}"] = len(detections) == expected
     passed = sum(checks.values())
-    return Verdict(score=passed / len(checks), correct=passed == len(checks), category=spec.category, checks=checks)
+    return Verdict(score=passed / len(checks), correct=passed == len(checks), category=spec.category, checks=checks,
+                   present=all(o.shape in by_shape for o in spec.objects))

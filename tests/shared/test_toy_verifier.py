@@ -218,7 +218,8 @@ def test_reward_exact_objects_scores_but_details_keep_genevals_rule():
 def test_reward_details(batch):
     prompts, images = batch
     details = build_reward("toy_geneval").details(to_tensor(images), prompts)
-    assert set(details) == {"accuracy/per_image"} | {f"accuracy/{c}" for c in CATEGORIES}
+    assert set(details) == ({"accuracy/per_image"} | {f"accuracy/{c}" for c in CATEGORIES}
+                            | {f"present/{c}" for c in CATEGORIES})
     assert details["accuracy/per_image"].tolist() == [1.0] * (len(prompts) - 1) + [0.0]
     categories = [parse_prompt(p).category for p in prompts]
     for c in CATEGORIES:
@@ -226,6 +227,23 @@ def test_reward_details(batch):
         assert values.shape == (len(prompts),) and values.dtype == torch.float32
         for value, category, correct in zip(values.tolist(), categories, details["accuracy/per_image"].tolist()):
             assert (value == correct) if category == c else math.isnan(value)
+        # every image draws its prompt's shapes (the last one in the wrong colour)
+        for value, category in zip(details[f"present/{c}"].tolist(), categories):
+            assert (value == 1.0) if category == c else math.isnan(value)
+
+
+def test_reward_details_presence_separates_missing_objects_from_wrong_relations():
+    """``present/{category}``: the named shapes are there (a reversed relation is present but
+    wrong); a missing shape is neither."""
+    prompt = "a photo of a circle left of a square"
+    scene = sample_scene(prompt, np.random.default_rng(2))
+    a, b = scene.objects
+    swapped = Scene([Obj(a.shape, a.color, b.cx, a.cy, a.size), Obj(b.shape, b.color, a.cx, b.cy, b.size)])
+    lone = Scene([a])
+    details = build_reward("toy_geneval").details(to_tensor([render(scene), render(swapped), render(lone)]),
+                                                  [prompt] * 3)
+    assert details["accuracy/position"].tolist() == [1.0, 0.0, 0.0]
+    assert details["present/position"].tolist() == [1.0, 1.0, 0.0]
 
 
 def test_overall_accuracy_is_genevals_unweighted_mean_of_the_categories(batch):

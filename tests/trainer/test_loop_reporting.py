@@ -11,6 +11,7 @@ import torch
 
 from tests.helpers.tiny import tiny_config
 from trainer.loop import train
+from trainer.reporting import detail_styles
 
 FAST = ["train.num_inference_steps=4", "eval.num_inference_steps=4", "train.group_size=4",
         "train.unique_sample_num_per_epoch=2", "train.per_device_batch_size=8",
@@ -116,3 +117,14 @@ def test_progress_bar_shows_geneval_accuracy_when_the_reward_reports_one():
     # a reward without an accuracy aggregate (brightness): no acc field; no eval yet: nan
     assert progress_postfix({}, {"eval/reward/b": 0.4}, "b", "b") == {"reward": "0.0000", "eval": "0.4000"}
     assert progress_postfix({}, {}, "b", "b")["eval"] == "nan"
+
+
+def test_detail_styles_pair_families_by_name():
+    keys = ["toy_geneval/accuracy", "toy_geneval/accuracy/position", "toy_geneval/accuracy/colors",
+            "toy_geneval/present/position", "toy_geneval/present/colors"]
+    styles = {k: (c, s) for k, c, s in detail_styles(keys)}
+    assert styles["toy_geneval/accuracy/position"][0] == styles["toy_geneval/present/position"][0]
+    assert styles["toy_geneval/accuracy/colors"][0] != styles["toy_geneval/accuracy/position"][0]
+    assert styles["toy_geneval/accuracy/colors"][1] == styles["toy_geneval/accuracy/position"][1]
+    assert styles["toy_geneval/accuracy/colors"][1] != styles["toy_geneval/present/colors"][1]
+    assert len({c for c, _ in styles.values()}) == 3  # accuracy (overall), colors, position
