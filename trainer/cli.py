@@ -3,6 +3,7 @@
     flowrl train CONFIG [--set key=value ...]       embedded training (one process, or
                   [--resume CHECKPOINT|latest]      several under `accelerate launch`)
     flowrl eval CONFIG --checkpoint DIR [--set ...] ODE evaluation of a saved checkpoint
+    flowrl eval CONFIG --base [--set ...]            the same evaluation of the untrained model
     flowrl check CONFIG [--set ...]                 validate a config and print the derived batch geometry
     flowrl serve reward --rewards a,b [...]         run the reward server (services/reward/cli.py)
     flowrl trainer CONFIG [--set ...]               the distributed controller (transport: celery)
@@ -33,7 +34,11 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set train.learning_rate=1e-4 (repeatable)")
         if name == "eval":
-            s.add_argument("--checkpoint", required=True, help="runs/<run>/checkpoints/<name>")
+            which = s.add_mutually_exclusive_group(required=True)
+            which.add_argument("--checkpoint", help="runs/<run>/checkpoints/<name>")
+            which.add_argument("--base", action="store_true",
+                               help="evaluate the untrained model (model.model_name_or_path), as training's "
+                                    "base evaluation: same prompts and seeds; written to runs/<run>/base_eval")
         if name in ("train", "trainer"):
             s.add_argument("--resume", metavar="CHECKPOINT", help="continue a run exactly from "
                            "runs/<run>/checkpoints/checkpoint-<N>, or 'latest' (with --set run_name=<run>); "
@@ -114,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                 from trainer.eval_cli import eval_checkpoint
 
                 try:
-                    result = eval_checkpoint(cfg, args.checkpoint)
+                    result = eval_checkpoint(cfg, None if args.base else args.checkpoint)
                 except FileNotFoundError as e:  # --checkpoint is not a flowrl checkpoint
                     print(f"flowrl: {e}", file=sys.stderr)
                     return 2

@@ -1,4 +1,6 @@
-"""``flowrl eval CONFIG --checkpoint DIR``: rebuild the model, load the checkpoint, run eval."""
+"""``flowrl eval CONFIG --checkpoint DIR``: rebuild the model, load the checkpoint, run eval.
+``flowrl eval CONFIG --base``: the same evaluation of the untrained model (what training's base
+evaluation measures), so a before/after pair can be measured outside a training run."""
 
 from __future__ import annotations
 
@@ -16,7 +18,9 @@ from shared.rewards.multi import build_rewards
 from trainer.policy import Policy, attach_trainable
 
 
-def eval_checkpoint(cfg: Config, checkpoint: str | Path) -> dict:
+def eval_checkpoint(cfg: Config, checkpoint: str | Path | None) -> dict:
+    """Evaluate ``checkpoint`` (``None``: the untrained model); eval grids go to
+    ``<checkpoint>/eval`` (``None``: ``<output_dir>/<run_name>/base_eval``)."""
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
                               cpu=not torch.cuda.is_available())
     train_rows, test_rows = load_dataset(cfg.data)
@@ -25,9 +29,12 @@ def eval_checkpoint(cfg: Config, checkpoint: str | Path) -> dict:
     check_condition_images(rows, adapter.model_type, adapter.condition_images)
     trainable = attach_trainable(adapter, cfg)
     policy = Policy(adapter, adapter.transformer, cfg, trainable)
-    load_checkpoint_weights(Path(checkpoint), cfg, adapter, policy)
+    if checkpoint is None:
+        out_dir = Path(cfg.output_dir) / cfg.run_name / "base_eval"
+    else:
+        load_checkpoint_weights(Path(checkpoint), cfg, adapter, policy)
+        out_dir = Path(checkpoint) / "eval"
     specs = cfg.eval_rewards or cfg.rewards
-    out_dir = Path(checkpoint) / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
     result = evaluate(cfg, accelerator, adapter, policy, build_rewards(specs, accelerator.device),
                       specs, rows, out_dir, epoch=0)

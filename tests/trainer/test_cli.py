@@ -166,6 +166,15 @@ def test_eval_checkpoint_prints_json(trained):
     assert reward == pytest.approx(summary["final/brightness"], abs=1e-5)
     assert result["grid"] and Path(result["grid"]).is_file()
 
+    # --base: the untrained model, as training's base evaluation
+    base = flowrl("eval", EXAMPLE, "--base", *sets(FAST + [f"output_dir={out_dir}"]))
+    assert base.returncode == 0, base.stderr
+    result = json.loads(base.stdout)
+    assert result["eval/reward/brightness"] == pytest.approx(summary["base/brightness"], abs=1e-5)
+    assert Path(result["grid"]).is_relative_to(run / "base_eval") and Path(result["grid"]).is_file()
+    both = flowrl("eval", EXAMPLE, "--base", "--checkpoint", ckpt, *sets(FAST))
+    assert both.returncode == 2 and "not allowed with" in both.stderr
+
 
 def test_eval_of_a_non_checkpoint_dir_exits_2(tmp_path, capsys):
     # in-process (the model load is cheap once imported): the point is the message and status
