@@ -124,8 +124,8 @@ def detail_keys(ev: dict[str, Any]) -> list[str]:
 
 def detail_styles(keys: list[str]) -> list[tuple[str, str, str]]:
     """``(key, colour, line style)`` per detail key: keys ending in the same name share a colour
-    and each family (the part before it) has its own style, so e.g. ``toy_geneval/accuracy/position``
-    (solid) and ``toy_geneval/present/position`` (dashed) are told apart and paired at a glance."""
+    and each family (the part before it) has its own line style, so e.g.
+    ``toy_geneval/accuracy/position`` and ``toy_geneval/present/position`` are paired at a glance."""
     names = sorted({k.rsplit("/", 1)[-1] for k in keys})
     families = sorted({k.rsplit("/", 1)[0] for k in keys})
     styles = ["-", "--", ":", "-."]
@@ -149,7 +149,12 @@ def plot_curves(path: Path, history: list[dict[str, float]], evals: list[dict[st
     for name in reward_names:
         key = f"train/reward/{name}"
         if history and key in history[0]:
-            ax.plot(minutes(history), [h[key] for h in history], label=f"train {name} (rollouts)", alpha=0.7)
+            values = [h[key] for h in history]
+            line, = ax.plot(minutes(history), values, label=f"train {name} (rollouts)", alpha=0.35)
+            if len(values) >= 20:  # a noisy per-epoch curve: its trend, a trailing mean of 10 epochs
+                trend = [sum(values[max(0, i - 9):i + 1]) / len(values[max(0, i - 9):i + 1])
+                         for i in range(len(values))]
+                ax.plot(minutes(history), trend, color=line.get_color(), label=f"train {name}, mean of 10 epochs")
         ekey = f"eval/reward/{name}"
         if evals and ekey in evals[0]:
             ax.plot(minutes(evals), [e[ekey] for e in evals], "o-", label=f"eval {name} (ODE, fixed seeds)")
@@ -166,7 +171,7 @@ def plot_curves(path: Path, history: list[dict[str, float]], evals: list[dict[st
         ax.set_xlabel("training time (minutes)")
         ax.set_title("eval details (held-out prompts)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

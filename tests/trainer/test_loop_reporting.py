@@ -128,3 +128,21 @@ def test_detail_styles_pair_families_by_name():
     assert styles["toy_geneval/accuracy/colors"][1] == styles["toy_geneval/accuracy/position"][1]
     assert styles["toy_geneval/accuracy/colors"][1] != styles["toy_geneval/present/colors"][1]
     assert len({c for c, _ in styles.values()}) == 3  # accuracy (overall), colors, position
+
+
+def test_curve_of_a_long_run_draws_the_trend_and_every_detail(tmp_path):
+    """Past 20 epochs the train reward also gets its 10-epoch trailing mean; every detail key is
+    drawn (here one accuracy/present pair sharing a colour)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from PIL import Image
+
+    from trainer.reporting import plot_curves
+
+    history = [{"train/reward/r": 0.5 + 0.01 * (i % 7), "time/train_seconds": 3.0 * i} for i in range(30)]
+    evals = [{"time/train_seconds": s, "eval/reward/r": v, "eval/r/accuracy/a": v, "eval/r/present/a": v + 0.1}
+             for s, v in ((0.0, 0.4), (90.0, 0.6))]
+    path = plot_curves(tmp_path / "curve.png", history, evals, ["r"], "t")
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size[0] > im.size[1]
