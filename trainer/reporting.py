@@ -151,10 +151,10 @@ def plot_curves(path: Path, history: list[dict[str, float]], evals: list[dict[st
         if history and key in history[0]:
             values = [h[key] for h in history]
             line, = ax.plot(minutes(history), values, label=f"train {name} (rollouts)", alpha=0.35)
-            if len(values) >= 20:  # a noisy per-epoch curve: its trend, a trailing mean of 10 epochs
-                trend = [sum(values[max(0, i - 9):i + 1]) / len(values[max(0, i - 9):i + 1])
-                         for i in range(len(values))]
-                ax.plot(minutes(history), trend, color=line.get_color(), label=f"train {name}, mean of 10 epochs")
+            if len(values) >= 20:  # a noisy per-epoch curve: its trend, a centred mean of 10 epochs
+                window = [values[max(0, i - 5):i + 5] for i in range(len(values))]
+                ax.plot(minutes(history), [sum(w) / len(w) for w in window], color=line.get_color(),
+                        label=f"train {name}, mean of 10 epochs")
         ekey = f"eval/reward/{name}"
         if evals and ekey in evals[0]:
             ax.plot(minutes(evals), [e[ekey] for e in evals], "o-", label=f"eval {name} (ODE, fixed seeds)")
