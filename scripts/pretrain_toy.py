@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 from shared.models.sd3 import SD3Adapter  # noqa: E402
 from shared.rewards.builtin import to_uint8_hwc  # noqa: E402
 from shared.sampling import rollout  # noqa: E402
-from shared.toy.pipeline import TOY_SIZES, build_tokenizer, build_toy_pipeline, save_toy_pipeline  # noqa: E402
+from shared.toy.pipeline import build_tokenizer, build_toy_pipeline, save_toy_pipeline, toy_sizes  # noqa: E402
 from shared.toy.scenes import CATEGORIES, prompt_text, split, training_pairs  # noqa: E402
 from shared.toy.verify import verify  # noqa: E402
 from trainer.reporting import save_grid  # noqa: E402
@@ -77,6 +77,10 @@ def parse_args(argv=None):
     p.add_argument("--lr-decay", action="store_true", help="decay the learning rates linearly to 0")
     p.add_argument("--workdir", default="runs/pretrain_toy",
                    help="stage-1 pipeline (tokenizer + VAE, reused when present), eval grids, snapshots")
+    p.add_argument("--text-width", type=int, default=64,
+                   help="width of both text encoders (multiple of 32; the shipped toy: 64); a fresh run only")
+    p.add_argument("--text-layers", type=int, default=2,
+                   help="layers of both text encoders (the shipped toy: 2); a fresh run only")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     return p.parse_args(argv)
@@ -158,6 +162,11 @@ def held_out_accuracy(adapter, transformer, prompts, args, grid: Path | None = N
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    sizes = toy_sizes(args.text_width, args.text_layers)
+    custom_text = (args.text_width, args.text_layers) != (64, 2)
+    if args.init and custom_text:
+        raise SystemExit("pretrain_toy: --text-width/--text-layers size a fresh pipeline; --init continues one "
+                         "whose text encoders are already sized. Drop one of them.")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -168,6 +177,8 @@ def main(argv=None) -> None:
 
     work = Path(args.workdir)
     stage1 = work / f"stage1-seed{args.seed}-n{args.num_images}-vae{args.vae_steps}x{args.vae_batch}"
+    if custom_text:  # the stage-1 pipeline holds the (untrained) text encoders too
+        stage1 = stage1.with_name(f"{stage1.name}-text{args.text_width}x{args.text_layers}")
 
     t0 = time.time()
     prompts, images = make_data(args.num_images, args.seed, args.caption_noise)
@@ -189,7 +200,7 @@ def main(argv=None) -> None:
     else:
         tok_dir = work / "tokenizer-tmp"
         build_tokenizer(tok_dir)
-        pipe = build_toy_pipeline(TOY_SIZES, seed=args.seed, tokenizer_dir=tok_dir)
+        pipe = build_toy_pipeline(sizes, seed=args.seed, tokenizer_dir=tok_dir)
         pipe.to(args.device)
         vae_losses = train_vae(pipe.vae, images, args, g)
         stage1.mkdir(parents=True, exist_ok=True)

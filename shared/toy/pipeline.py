@@ -39,6 +39,24 @@ TOY_SIZES: dict[str, Any] = {
                  projection_dim=64),
 }
 
+
+
+def toy_sizes(text_width: int = 64, text_layers: int = 2) -> dict[str, Any]:
+    """:data:`TOY_SIZES` with text encoders of width ``text_width`` and ``text_layers`` layers
+    (heads of width 32, MLP 2x wide, projection = width); the transformer's ``joint_attention_dim``
+    and ``pooled_projection_dim`` follow (SD3 concatenates the two CLIPs' features). The defaults
+    give :data:`TOY_SIZES` itself."""
+    if text_width < 32 or text_width % 32 or text_layers < 1:
+        raise ValueError(f"text_width must be a multiple of 32 (>= 32) and text_layers >= 1, "
+                         f"got {text_width} and {text_layers}")
+    sizes = {k: dict(v) for k, v in TOY_SIZES.items()}
+    sizes["text"].update(hidden_size=text_width, intermediate_size=2 * text_width,
+                         num_attention_heads=max(2, text_width // 32), num_hidden_layers=text_layers,
+                         projection_dim=text_width)
+    sizes["transformer"].update(joint_attention_dim=2 * text_width, pooled_projection_dim=2 * text_width)
+    return sizes
+
+
 #: a much smaller variant for unit tests (builds and runs in well under a second)
 TEST_SIZES: dict[str, Any] = {
     "transformer": dict(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,

@@ -200,3 +200,24 @@ def test_full_finetune_trains_every_transformer_weight(pipeline_dir, tmp_path):
     base = SD3Transformer2DModel.from_pretrained(pipeline_dir / "transformer")
     changed = [n for (n, p), q in zip(saved.named_parameters(), base.parameters()) if not torch.equal(p, q)]
     assert changed and any("attn.to_q" in n for n in changed)
+
+
+def test_toy_sizes_default_is_the_shipped_shape_and_wider_text_encoders_build(tmp_path):
+    """``toy_sizes`` (``scripts/pretrain_toy.py --text-width/--text-layers``): the defaults are
+    TOY_SIZES; wider, deeper text encoders give a pipeline whose transformer reads them."""
+    from shared.toy.pipeline import TOY_SIZES, toy_sizes
+
+    assert toy_sizes() == TOY_SIZES
+    sizes = toy_sizes(text_width=96, text_layers=3)
+    assert sizes["text"]["num_hidden_layers"] == 3 and sizes["transformer"]["joint_attention_dim"] == 192
+    assert TOY_SIZES["text"]["hidden_size"] == 64  # the shared default is not modified
+    pipe = build_toy_pipeline(sizes, seed=0, tokenizer_dir=None)
+    assert pipe.text_encoder.config.hidden_size == 96 and pipe.text_encoder_2.config.num_hidden_layers == 3
+    with torch.no_grad():
+        pe, _, pooled, _ = pipe.encode_prompt(["a photo of a red circle"], None, None, device="cpu",
+                                              do_classifier_free_guidance=False, max_sequence_length=0)
+        out = pipe.transformer(hidden_states=torch.randn(1, 4, 16, 16), timestep=torch.tensor([500.0]),
+                               encoder_hidden_states=pe, pooled_projections=pooled, return_dict=False)[0]
+    assert pe.shape[-1] == 192 and pooled.shape == (1, 192) and out.shape == (1, 4, 16, 16)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        toy_sizes(text_width=80)
