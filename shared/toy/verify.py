@@ -44,6 +44,12 @@ POSITION_MARGIN_64 = 3.0  # position: centres must differ by more than this (64-
 # 20), circles >= 0.62, squares >= 0.86.
 TRIANGLE_TAPER = 0.5  # taper below which a component is a triangle
 MIN_SHAPE_IOU = 0.6  # below this IoU with its best template a component's shape is "unknown"
+# Clutter: an image with at least this many "unknown" components, covering more area than the
+# recognized shapes, is not read as a scene (every check fails), as a detector's confidence
+# threshold finds nothing in noise. Measured (47 held-out prompts x 4 seeds, guidance 1): the
+# shipped toy base, 0 of 188 images; a pipeline after 3 pretraining steps (coloured noise, 5-16
+# components each, 60% unknown), 186 of 188, which without the rule scored 0.34 by GenEval's rule.
+CLUTTER_MIN_UNKNOWN = 3
 
 _BACKGROUND = np.array(BACKGROUND, dtype=np.float32)  # [3]
 _DIRECTIONS = np.array(list(COLORS.values()), dtype=np.float32) - _BACKGROUND  # [K, 3]
@@ -72,6 +78,7 @@ class Verdict:
     category: str
     checks: dict[str, bool]
     present: bool = False
+    clutter: bool = False  # not read as a scene (:func:`is_clutter`): every check failed
 
 
 def _check_image(image: np.ndarray) -> np.ndarray:
@@ -161,11 +168,20 @@ def detect(image: np.ndarray) -> list[Detection]:
     return found
 
 
+def is_clutter(detections: list[Detection]) -> bool:
+    """An image that is not a scene: at least ``CLUTTER_MIN_UNKNOWN`` components of no known
+    shape, together larger than the recognized shapes (noise, scribbles; see the constant)."""
+    unknown = [d.area for d in detections if d.shape == "unknown"]
+    known = [d.area for d in detections if d.shape != "unknown"]
+    return len(unknown) >= CLUTTER_MIN_UNKNOWN and sum(unknown) > sum(known)
+
+
 def verify(image: np.ndarray, prompt: str, *, exact_objects: bool = False) -> Verdict:
     """Check ``image`` (``uint8 [H, W, 3]``) against a toy-world ``prompt``.
 
     Checks per category (extra objects of other shapes are not penalized, except that
-    counting needs the exact count of the named shape):
+    counting needs the exact count of the named shape; an image that :func:`is_clutter` fails
+    every check):
 
     * single_object: ``has S``;  two_object: ``has S1``, ``has S2``;
     * counting: ``has S``, ``count S == n``;  colors: ``has S``, ``S is C``;
@@ -185,6 +201,9 @@ def verify(image: np.ndarray, prompt: str, *, exact_objects: bool = False) -> Ve
     spec = parse_prompt(prompt)
     image = _check_image(image)
     detections = detect(image)
+    clutter = is_clutter(detections)
+    if clutter:
+        detections = []  # nothing is read from it: every check below fails
     by_shape: dict[str, list[Detection]] = {}
     for d in detections:
         by_shape.setdefault(d.shape, []).append(d)
@@ -211,4 +230,4 @@ def verify(image: np.ndarray, prompt: str, *, exact_objects: bool = False) -> Ve
         checks[f"{expected} object{'s' if expected > 1 else ''}"] = len(detections) == expected
     passed = sum(checks.values())
     return Verdict(score=passed / len(checks), correct=passed == len(checks), category=spec.category, checks=checks,
-                   present=all(o.shape in by_shape for o in spec.objects))
+                   present=all(o.shape in by_shape for o in spec.objects), clutter=clutter)

@@ -10,6 +10,7 @@ from scipy import ndimage
 from shared.rewards import REWARDS, build_reward, score_all
 from shared.toy import (
     BACKGROUND,
+    COLORS,
     CATEGORIES,
     IMAGE_SIZE,
     Obj,
@@ -279,3 +280,32 @@ def test_reward_rejects_non_toy_prompts():
     image = to_tensor([np.full((IMAGE_SIZE, IMAGE_SIZE, 3), BACKGROUND, dtype=np.uint8)])
     with pytest.raises(ValueError, match=r"toy_geneval only scores toy-world prompts.*'a photo of a cat'"):
         build_reward("toy_geneval").score(image, ["a photo of a cat"])
+
+
+def _blob_l(image: np.ndarray, x: int, y: int, color) -> None:
+    """An L of two 4-px bars (14 x 4 and 4 x 14): a component of no known shape."""
+    image[y:y + 4, x:x + 14] = color
+    image[y:y + 14, x:x + 4] = color
+
+
+def test_clutter_is_not_read_as_a_scene():
+    """A correct scene buried in larger unknown blobs fails every check (noise and scribbles pass
+    GenEval's no-penalty-for-extras rule otherwise); one stray blob does not make clutter."""
+    from shared.toy.verify import classify_shape
+
+    prompt = "a photo of a red circle"
+    scene = Scene([Obj("circle", "red", 14, 14, 8)])
+    clean = render(scene)
+    assert verify(clean, prompt).correct
+    one = clean.copy()
+    _blob_l(one, 40, 40, COLORS["blue"])
+    assert [d.shape for d in detect(one) if d.color == "blue"] == ["unknown"]  # the blob is unknown
+    l_mask = np.zeros((14, 14), dtype=bool)
+    l_mask[:4, :], l_mask[:, :4] = True, True
+    assert classify_shape(l_mask) == "unknown"
+    assert verify(one, prompt).correct and not verify(one, prompt).clutter
+    noisy = clean.copy()
+    for x, y, c in ((40, 4, "blue"), (4, 40, "green"), (40, 40, "yellow")):
+        _blob_l(noisy, x, y, COLORS[c])
+    v = verify(noisy, prompt)
+    assert v.clutter and not v.correct and v.score == 0.0 and not v.present
