@@ -40,7 +40,6 @@ TOY_SIZES: dict[str, Any] = {
 }
 
 
-
 def toy_sizes(text_width: int = 64, text_layers: int = 2) -> dict[str, Any]:
     """:data:`TOY_SIZES` with text encoders of width ``text_width`` and ``text_layers`` layers
     (heads of width 32, MLP 2x wide, projection = width); the transformer's ``joint_attention_dim``
