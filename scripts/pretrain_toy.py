@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 from shared.models.sd3 import SD3Adapter  # noqa: E402
 from shared.rewards.builtin import to_uint8_hwc  # noqa: E402
 from shared.sampling import rollout  # noqa: E402
-from shared.toy.pipeline import build_tokenizer, build_toy_pipeline, save_toy_pipeline, toy_sizes  # noqa: E402
+from shared.toy.pipeline import TOY_SIZES, build_tokenizer, build_toy_pipeline, save_toy_pipeline, toy_sizes  # noqa: E402
 from shared.toy.scenes import CATEGORIES, prompt_text, split, training_pairs  # noqa: E402
 from shared.toy.verify import verify  # noqa: E402
 from trainer.reporting import save_grid  # noqa: E402
@@ -163,7 +163,7 @@ def held_out_accuracy(adapter, transformer, prompts, args, grid: Path | None = N
 def main(argv=None) -> None:
     args = parse_args(argv)
     sizes = toy_sizes(args.text_width, args.text_layers)
-    custom_text = (args.text_width, args.text_layers) != (64, 2)
+    custom_text = sizes != TOY_SIZES
     if args.init and custom_text:
         raise SystemExit("pretrain_toy: --text-width/--text-layers size a fresh pipeline; --init continues one "
                          "whose text encoders are already sized. Drop one of them.")

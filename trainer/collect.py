@@ -34,7 +34,7 @@ class EpochData:
     """This process's samples for one epoch (``n = samples_per_rank`` rows)."""
 
     prompts: list[str]
-    group_ids: torch.Tensor  # [n] global group id (epoch * M + g), never the prompt text
+    group_ids: torch.Tensor  # [n] CPU int64 global group id (epoch * M + g), never the prompt text
     cond: Conditioning
     rollout: Rollout
     rewards: dict[str, torch.Tensor]  # [n] per reward, this rank

@@ -112,7 +112,7 @@ def micro_batches(data: EpochData, batch_size: int, seed: int) -> list[TrainBatc
             final_latents=r.final_latents[i], sigmas=grid, sde_steps=r.sde_steps,
             latents=r.latents[i], next_latents=r.next_latents[i], log_probs=r.log_probs[i],
             stds=r.stds[i], means=None if r.means is None else r.means[i],
-            seed=seed * SEED_STRIDE + b, group_ids=data.group_ids[i.to(data.group_ids.device)].cpu(),
+            seed=seed * SEED_STRIDE + b, group_ids=data.group_ids[i],
             epoch_seed=seed))
     return out
 

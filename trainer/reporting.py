@@ -126,11 +126,11 @@ def detail_styles(keys: list[str]) -> list[tuple[str, str, str]]:
     """``(key, colour, line style)`` per detail key: keys ending in the same name share a colour
     and each family (the part before it) has its own line style, so e.g.
     ``toy_geneval/accuracy/position`` and ``toy_geneval/present/position`` are paired at a glance."""
-    names = sorted({k.rsplit("/", 1)[-1] for k in keys})
-    families = sorted({k.rsplit("/", 1)[0] for k in keys})
+    parts = [k.rsplit("/", 1) for k in keys]  # [family, name] ([key] when it has no "/")
+    names = sorted({p[-1] for p in parts})
+    families = sorted({p[0] for p in parts})
     styles = ["-", "--", ":", "-."]
-    return [(k, f"C{names.index(k.rsplit('/', 1)[-1]) % 10}", styles[families.index(k.rsplit('/', 1)[0]) % 4])
-            for k in keys]
+    return [(k, f"C{names.index(p[-1]) % 10}", styles[families.index(p[0]) % 4]) for k, p in zip(keys, parts)]
 
 
 def plot_curves(path: Path, history: list[dict[str, float]], evals: list[dict[str, float]],

@@ -55,10 +55,11 @@ class Decoupled(Algorithm):
         if batch.group_ids is None:
             raise ValueError("train.group_shared_noise needs the micro-batch's group ids (TrainBatch.group_ids); "
                              "build TrainBatch with them or set train.group_shared_noise: false")
+        gids = batch.group_ids.tolist()
         drawn: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for gid in batch.group_ids.tolist():
+        for gid in gids:
             if gid not in drawn:
                 g = torch.Generator().manual_seed((batch.epoch_seed * SEED_STRIDE + gid) % (2 ** 63))
                 drawn[gid] = (self.draw_sigmas(batch, num, 1, g), torch.randn((num, 1, *shape), generator=g))
-        cols = [drawn[gid] for gid in batch.group_ids.tolist()]
+        cols = [drawn[gid] for gid in gids]
         return torch.cat([c[0] for c in cols], 1), torch.cat([c[1] for c in cols], 1)
