@@ -155,6 +155,10 @@ class TrainConfig(_Strict):
     learning_rate: float = Field(3e-4, gt=0)
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
     lr_warmup_steps: int = Field(0, ge=0)
+    # what the schedule's length is measured in: "steps" = max_epochs' optimizer steps; "budget" =
+    # whichever runs out first of those and max_train_seconds (trainer/schedule.py): a cosine over
+    # a 10-minute budget still ends at 0 on a machine too slow for max_epochs in that time
+    lr_schedule_clock: Literal["steps", "budget"] = "steps"
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_weight_decay: float = Field(1e-4, ge=0)
     adam_epsilon: float = Field(1e-8, gt=0)
@@ -400,6 +404,12 @@ def check_combinations(cfg: Config) -> None:
         raise ConfigError(
             "train.off_policy: true samples from the EMA model, but train.ema_decay is 0 (EMA "
             "disabled). Fix: set ema_decay > 0, or off_policy: false."
+        )
+    if t.lr_schedule_clock == "budget" and t.max_train_seconds is None:
+        raise ConfigError(
+            "train.lr_schedule_clock: budget runs the learning-rate schedule over the wall-clock "
+            "budget, but train.max_train_seconds is not set. Fix: set train.max_train_seconds, or "
+            "lr_schedule_clock: steps."
         )
     labels = [r.label for r in cfg.rewards]
     if len(set(labels)) != len(labels):

@@ -39,6 +39,7 @@ from trainer.evaluate import evaluate
 from trainer.policy import Policy, attach_trainable
 from trainer.reporting import MetricLogger, detail_keys, progress_postfix, write_report
 from trainer.metrics import TrainerMetrics
+from trainer.schedule import follow_budget, set_budget_fraction
 from trainer.resume import (RESUME_DIR, Progress, ResumeError, check_same_experiment, find_checkpoint,
                             load_rank_state, load_resume, run_dir_of, save_rank_state, save_resume,
                             truncate_jsonl)
@@ -90,11 +91,18 @@ def build_optimizer(cfg: Config, trainable: dict):
     t = cfg.train
     optimizer = torch.optim.AdamW(list(trainable.values()), lr=t.learning_rate, betas=t.adam_betas,
                                   weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
-    geo = cfg.geometry(1)
-    total = t.max_epochs * t.num_inner_epochs * geo.grad_steps_per_inner_epoch
+    total = schedule_steps(cfg)
     schedule = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
                              num_training_steps=total)
+    if t.lr_schedule_clock == "budget":
+        follow_budget(schedule)
     return optimizer, schedule
+
+
+def schedule_steps(cfg: Config) -> int:
+    """Optimizer steps the LR schedule spans: every epoch's inner epochs' gradient steps."""
+    t = cfg.train
+    return t.max_epochs * t.num_inner_epochs * cfg.geometry(1).grad_steps_per_inner_epoch
 
 
 def micro_batches(data: EpochData, batch_size: int, seed: int) -> list[TrainBatch]:
@@ -243,6 +251,7 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
     start = time.time()
     step, version, samples_used = progress.step, progress.version, progress.samples_used
     train_seconds, history, evals = progress.train_seconds, progress.history, progress.evals
+    agreed_seconds = train_seconds  # the same on every rank: one saved Progress
     prom = None
     if main and cfg.metrics_port is not None:
         prom = TrainerMetrics()
@@ -311,6 +320,8 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
         more = epoch + 1 < t.max_epochs
         if more and t.max_staleness >= 1:  # sample epoch k+1 while training on k
             plan, pending = dispatch(epoch + 1)
+        if t.lr_schedule_clock == "budget":  # the clock every rank agreed on after the last epoch
+            set_budget_fraction(lr_schedule, agreed_seconds / t.max_train_seconds, schedule_steps(cfg))
         t_opt = time.time()
         step, opt_metrics = optimize(cfg, accelerator, policy, algorithm, optimizer, lr_schedule,
                                      data, epoch, step)
@@ -329,10 +340,13 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
         if main:
             logger.log(metrics, step=epoch + 1)
             bar.set_postfix(progress_postfix(metrics, evals[-1], cfg.rewards[0].label, eval_specs[0].label))
-        # over budget on any rank (max over ranks) stops every rank after the same epoch
-        over = torch.tensor([float(t.max_train_seconds is not None and train_seconds >= t.max_train_seconds)],
-                            device=accelerator.device)
-        last = not more or bool(accelerator.reduce(over, reduction="max").item())
+        # the slowest rank's clock: over budget on any rank stops every rank after the same epoch,
+        # and a budget-clocked LR schedule reads the same time on every rank
+        agreed_seconds = float(accelerator.reduce(torch.tensor([train_seconds], dtype=torch.float64,
+                                                               device=accelerator.device),
+                                                  reduction="max").item())
+        over = t.max_train_seconds is not None and agreed_seconds >= t.max_train_seconds
+        last = not more or over
         if last or (cfg.eval.eval_freq and (epoch + 1) % cfg.eval.eval_freq == 0):
             evals.append(run_eval(epoch + 1))
         if t.save_freq and (epoch + 1) % t.save_freq == 0 and not last:
