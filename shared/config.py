@@ -135,6 +135,10 @@ class TrainConfig(_Strict):
     overlap_scoring: bool | None = None
     num_inference_steps: int = Field(10, ge=1)
     guidance_scale: float = Field(1.0, ge=0)  # > 1 enables CFG (the policy is the guided step)
+    # nft / awm: the CFG scale the rollouts are sampled with when it should differ from the policy's
+    # (None = guidance_scale). These trainers learn from any sampler's clean images, so a CFG-free
+    # policy can be trained on guided rollouts (behaviour policy = the guided model)
+    rollout_guidance_scale: float | None = Field(None, ge=0)
     # -- rollout dynamics and the SDE window (MixGRPO / Flow-GRPO-Fast style)
     dynamics_type: Literal["Flow-SDE", "Dance-SDE", "CPS", "ODE"] | None = None
     noise_level: float | None = Field(None, ge=0)
@@ -218,6 +222,11 @@ class TrainConfig(_Strict):
         if min(sizes) <= 0:
             raise ValueError("resolution must be positive")
         return v
+
+    @property
+    def sampling_guidance_scale(self) -> float:
+        """The CFG scale rollouts are sampled with: ``rollout_guidance_scale``, else the policy's."""
+        return self.guidance_scale if self.rollout_guidance_scale is None else self.rollout_guidance_scale
 
 
 class EvalConfig(_Strict):
@@ -369,6 +378,15 @@ def check_combinations(cfg: Config) -> None:
             f"per-step log-probabilities, but train.trainer_type: '{t.trainer_type}' optimizes "
             f"exactly those. Fix: set train.dynamics_type to Flow-SDE (Flow-GRPO), Dance-SDE or "
             f"CPS with noise_level > 0, or use trainer_type nft or awm, which learn from ODE rollouts."
+        )
+    if (kind in SDE_TRAINERS and t.rollout_guidance_scale is not None
+            and t.rollout_guidance_scale != t.guidance_scale):
+        raise ConfigError(
+            f"train.rollout_guidance_scale: {t.rollout_guidance_scale} differs from "
+            f"train.guidance_scale: {t.guidance_scale}, but train.trainer_type: '{t.trainer_type}' "
+            f"replays the rollout's own log-probabilities, which exist only for the policy that "
+            f"sampled them. Fix: leave rollout_guidance_scale unset, or use trainer_type nft or awm, "
+            f"which learn from any sampler's images."
         )
     if kind == "grpo-guard" and t.dynamics_type != "Flow-SDE":
         raise ConfigError(
