@@ -195,10 +195,15 @@ def write_report(run_dir: Path, history: list[dict[str, float]], evals: list[dic
     details = detail_keys(evals[-1]) if evals else []
     if details:
         lines += ["", "| eval detail | base | final | change |", "|---|---|---|---|"]
+        fell = []
         for key in details:
             base, final = summary.get(f"base/{key}"), summary.get(f"final/{key}")
             if base is not None and final is not None:
                 lines.append(f"| {key} | {base:.3f} | {final:.3f} | {final - base:+.3f} |")
+                if final < base:
+                    fell.append(f"{key} ({final - base:+.3f})")
+        # a gain in the overall score bought with a loss elsewhere (reward hacking of one part)
+        lines += ["", "Below their base value: " + (", ".join(fell) if fell else "none") + "."]
     lines += ["", "![reward vs time](reward_curve.png)", ""]
     if len(evals) > 1 and evals[0].get("grid") and evals[-1].get("grid"):
         lines += ["## Before and after (same prompts, same seeds)", "",

@@ -53,10 +53,15 @@ def test_details_are_nan_ignoring_means_over_the_eval_prompts(run):
 
 
 def test_report_has_details_table_before_after_grids_and_curve(run):
-    cfg, _, run_dir = run
+    cfg, summary, run_dir = run
     report = (run_dir / "report.md").read_text()
     label = cfg.rewards[0].label
     assert f"| {label}/bright/red |" in report
+    # the details that fell below their base are named under the table (or "none")
+    fell = [k for k in (f"{label}/bright/red", f"{label}/bright/blue", f"{label}/bright")
+            if summary[f"final/{k}"] < summary[f"base/{k}"]]
+    line = next(x for x in report.splitlines() if x.startswith("Below their base value: "))
+    assert all(k in line for k in fell) and (fell or line == "Below their base value: none.")
     assert "## Before and after (same prompts, same seeds)" in report
     assert "images/eval_grid_epoch0000.png" in report and "images/eval_grid_epoch0002.png" in report
     assert "![reward vs time](reward_curve.png)" in report
