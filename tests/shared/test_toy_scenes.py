@@ -301,4 +301,8 @@ def test_ten_minute_config_trains_the_toy_pipeline_on_balanced_data():
     assert cfg.data.dataset_dir == "examples/data/toy-balanced"
     assert [r.reward_model for r in cfg.rewards] == ["toy_geneval"]
     assert cfg.train.max_train_seconds is not None and cfg.train.max_train_seconds <= 600
+    assert cfg.train.lr_schedule_clock == "budget"  # the cosine ends inside the budget on any machine
     cfg.geometry(1)
+    # it is what `make demo` trains
+    demo = [line for line in (root / "Makefile").read_text().splitlines() if line.startswith("DEMO_CONFIG ?=")]
+    assert demo == ["DEMO_CONFIG ?= examples/toy/nft_10min.yaml"]
