@@ -73,7 +73,7 @@ def autoencoder(adapter, seeds: int) -> dict:
             renders.append(image)
     x = torch.from_numpy(np.stack(renders)).permute(0, 3, 1, 2).float() / 255.0  # [N, 3, 64, 64]
     with torch.no_grad():
-        decoded = adapter.decode(adapter.encode_images(x))
+        decoded = adapter.decode(adapter.encode_images(x.to(adapter.device)))
     rt = to_uint8_hwc(decoded)
     return {"scenes": len(prompts),
             "render_pass": float(np.mean([verify(i, p).correct for i, p in zip(renders, prompts)])),
@@ -120,11 +120,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--prompts", type=int, default=12, help="prompts per category and split")
     ap.add_argument("--guidance", type=float, default=1.0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, ... (the verifier runs on the CPU)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "toy_binding_cpu.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = load_config(ROOT / "examples" / "toy" / "nft_10min.yaml", [f"model.model_name_or_path={args.model}"])
-    adapter = load_adapter(cfg.model, device=torch.device("cpu"), seed=0)
+    adapter = load_adapter(cfg.model, device=torch.device(args.device), seed=0)
     adapter.transformer.eval()
     result = {"args": vars(args), "platform": platform.machine(), "torch": torch.__version__,
               "autoencoder": autoencoder(adapter, args.seeds), "text": text(adapter),

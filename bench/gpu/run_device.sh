@@ -10,6 +10,8 @@
 #       # no eager sampler rows (they are in gpu_sampler_sd3-5.json), the rest to gpu_sampler_sd3-5_variants.json
 #   STEPS=toy bash bench/gpu/run_device.sh             # issue 3: toy_algorithms_gpu.json (then, here:
 #       # python bench/toy_algorithms.py --from bench/results/toy_algorithms_gpu.json); STEPS=toylong likewise
+#   STEPS="pretrain binding" bash bench/gpu/run_device.sh  # issue 3: a base with wider text encoders, and
+#       # whether it binds (bench/results/toy_binding_gpu.json; the pipeline comes back as $OUT/toy_sd3_bind.tgz)
 # Wheels the device lacks (diffusers, pydantic, ...) are installed from .whl/ when it exists
 # (fetch them here with bench/gpu/fetch_wheels.sh).
 set -u
@@ -77,6 +79,16 @@ for s in $STEPS; do
               # default examples/toy/nft_10min.yaml (CFG-free NFT with a KL anchor, the best CPU recipe, e22)
               step toy_long 570 $PY ../toy_algorithms.py --device gpu --tag long --algorithms ${TOY_ALGORITHM:-nft_10min} \
                 --budget ${TOY_LONG_BUDGET:-420} --eval-freq 20 --out-dir /tmp/flowrl-toy ${TOY_SET-$TOY_GPU_BATCH} ;;
+    pretrain) # issue 3: a base with wider text encoders, pretrained on the GPU (saved only at the end: keep
+              # PT_STEPS inside the cap), brought back as $OUT/toy_sd3_bind.tgz; then STEPS=binding checks it binds
+              step pretrain_toy 400 $PY ../../scripts/pretrain_toy.py --device cuda --text-width ${PT_WIDTH:-128} \
+                --text-layers ${PT_LAYERS:-4} --num-images 100000 --dit-steps ${PT_STEPS:-8000} --dit-batch 256 \
+                --eval-every 2000 --guidance 1.0 --target 1.1 --lr-decay --out /tmp/flowrl-toy/toy-sd3-bind \
+                --workdir /tmp/flowrl-toy/pretrain
+              [ -f /tmp/flowrl-toy/toy-sd3-bind/pretrain.json ] && tar czf "$OUT/toy_sd3_bind.tgz" -C /tmp/flowrl-toy toy-sd3-bind ;;
+    binding)  # issue 3: where the pretrained base fails (bench/toy_binding.py): binding given presence above chance?
+              step toy_binding 120 $PY ../toy_binding.py --model ${BIND_MODEL:-/tmp/flowrl-toy/toy-sd3-bind} \
+                --device cuda --threads 8 --prompts 24 --seeds 16 --out ../results/toy_binding_gpu.json ;;
     awm)      step epoch_awm 150 $PY epoch.py --workdir /tmp/flowrl-epoch --algorithm awm --epochs 2 ;;
   esac
 done
