@@ -197,6 +197,9 @@ def main(argv=None) -> None:
         for _ in range(args.vae_steps):  # keep the generator where a full run would have it
             torch.randint(len(images), (args.vae_batch,), generator=g)
         log(f"stage 1 (tokenizer, VAE{', transformer, text encoders' if args.init else ''}) loaded from {source}")
+        if args.init:  # the record names the text encoders the continued pipeline has
+            args.text_width = pipe.text_encoder.config.hidden_size
+            args.text_layers = pipe.text_encoder.config.num_hidden_layers
     else:
         tok_dir = work / "tokenizer-tmp"
         build_tokenizer(tok_dir)

@@ -1,0 +1,42 @@
+"""``scripts/pretrain_toy.py`` end to end at a tiny size: a fresh pipeline with custom text
+encoders, continued with ``--init``; both records name the text encoders the pipeline has, and
+``--init`` with ``--text-width`` is refused. Two steps measure nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["--num-images", "64", "--vae-steps", "2", "--dit-batch", "8", "--eval-every", "1000", "--threads", "1"]
+
+
+def pretrain(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "pretrain_toy.py"), *TINY, *args],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_fresh_run_and_continuation_record_the_text_encoder_sizes(tmp_path):
+    work = str(tmp_path / "work")
+    first = pretrain("--out", str(tmp_path / "a"), "--workdir", work, "--dit-steps", "2",
+                     "--text-width", "96", "--text-layers", "3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    record = json.loads((tmp_path / "a" / "pretrain.json").read_text())
+    assert record["args"]["text_width"] == 96 and record["args"]["text_layers"] == 3
+    assert record["stopped_at_step"] == 2 and record["init"] is None
+    config = json.loads((tmp_path / "a" / "text_encoder" / "config.json").read_text())
+    assert config["hidden_size"] == 96 and config["num_hidden_layers"] == 3
+
+    again = pretrain("--init", str(tmp_path / "a"), "--out", str(tmp_path / "b"), "--workdir", work,
+                     "--dit-steps", "1")
+    assert again.returncode == 0, again.stderr[-3000:]
+    record = json.loads((tmp_path / "b" / "pretrain.json").read_text())
+    assert record["args"]["text_width"] == 96 and record["args"]["text_layers"] == 3  # not the flags' defaults
+    assert record["init"]["args"]["text_width"] == 96 and record["stopped_at_step"] == 1
+
+    refused = pretrain("--init", str(tmp_path / "a"), "--out", str(tmp_path / "c"), "--workdir", work,
+                       "--dit-steps", "1", "--text-width", "128")
+    assert refused.returncode != 0 and "--init continues one" in refused.stderr
