@@ -95,7 +95,7 @@ def build_optimizer(cfg: Config, trainable: dict):
     schedule = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
                              num_training_steps=total)
     if t.lr_schedule_clock == "budget":
-        follow_budget(schedule)
+        follow_budget(schedule, t.lr_warmup_steps)
     return optimizer, schedule
 
 

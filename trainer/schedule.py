@@ -23,17 +23,19 @@ def budget_step(fraction: float, total_steps: int) -> int:
     return int(min(max(fraction, 0.0), 1.0) * total_steps)
 
 
-def follow_budget(schedule):
+def follow_budget(schedule, warmup_steps: int = 0):
     """Wrap ``schedule`` (a ``torch.optim.lr_scheduler.LambdaLR`` with one lambda per param group)
-    in place so each lambda is evaluated at ``max(step, schedule.budget_step)``; returns it.
-    ``budget_step`` starts at 0 (the schedule unchanged until :func:`set_budget_fraction`)."""
+    in place so each lambda is evaluated at ``max(step, schedule.budget_step)``; returns it. The
+    first ``warmup_steps`` optimizer steps are read at ``step`` itself: a warm-up is counted in
+    steps, however fast the clock runs. ``budget_step`` starts at 0 (the schedule unchanged until
+    :func:`set_budget_fraction`)."""
     setattr(schedule, BUDGET_STEP, 0)
-    schedule.lr_lambdas = [_at_budget(f, schedule) for f in schedule.lr_lambdas]
+    schedule.lr_lambdas = [_at_budget(f, schedule, warmup_steps) for f in schedule.lr_lambdas]
     return schedule
 
 
-def _at_budget(f, schedule):
-    return lambda step: f(max(step, getattr(schedule, BUDGET_STEP)))
+def _at_budget(f, schedule, warmup_steps: int):
+    return lambda step: f(step if step < warmup_steps else max(step, getattr(schedule, BUDGET_STEP)))
 
 
 def set_budget_fraction(schedule, fraction: float, total_steps: int) -> None:

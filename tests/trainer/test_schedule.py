@@ -55,6 +55,19 @@ def test_follow_budget_reads_the_schedule_at_the_later_of_step_and_budget():
     assert clocked.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
 
 
+def test_the_warmup_counts_in_steps_then_the_later_clock_rules():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    clocked = follow_budget(get_scheduler("cosine", opt, num_warmup_steps=4, num_training_steps=100), 4)
+    set_budget_fraction(clocked, 0.5, 100)  # the clock is far ahead from the start
+    lrs = []
+    for _ in range(6):
+        opt.step(), clocked.step()
+        lrs.append(clocked.get_last_lr()[0])
+    assert lrs[:3] == pytest.approx([0.25, 0.5, 0.75])  # the warm-up, step by step (steps 1-3 of 4)
+    # from step 4 on: diffusers' cosine after warm-up, read at the budget's step 50
+    assert lrs[3:] == pytest.approx([0.5 * (1 + math.cos(math.pi * (50 - 4) / 96))] * 3)
+
+
 def test_a_clocked_schedule_state_is_json_and_restores_its_budget_step():
     opt, clocked = _schedule()
     follow_budget(clocked)
