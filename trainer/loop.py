@@ -95,7 +95,7 @@ def build_optimizer(cfg: Config, trainable: dict):
     schedule = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
                              num_training_steps=total)
     if t.lr_schedule_clock == "budget":
-        follow_budget(schedule, t.lr_warmup_steps)
+        follow_budget(schedule, total, t.lr_warmup_steps)
     return optimizer, schedule
 
 
@@ -321,7 +321,7 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
         if more and t.max_staleness >= 1:  # sample epoch k+1 while training on k
             plan, pending = dispatch(epoch + 1)
         if t.lr_schedule_clock == "budget":  # the clock every rank agreed on after the last epoch
-            set_budget_fraction(lr_schedule, agreed_seconds / t.max_train_seconds, schedule_steps(cfg))
+            set_budget_fraction(lr_schedule, agreed_seconds / t.max_train_seconds)
         t_opt = time.time()
         step, opt_metrics = optimize(cfg, accelerator, policy, algorithm, optimizer, lr_schedule,
                                      data, epoch, step)

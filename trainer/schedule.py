@@ -14,7 +14,7 @@ schedule; on one half as fast it is the same curve over the time budget.
 
 from __future__ import annotations
 
-BUDGET_STEP = "budget_step"  # LambdaLR attribute: the step the time budget has reached (saved in its state_dict)
+BUDGET_FRACTION = "budget_fraction"  # LambdaLR attribute: the share of the time budget spent (in its state_dict)
 
 
 def budget_step(fraction: float, total_steps: int) -> int:
@@ -23,22 +23,28 @@ def budget_step(fraction: float, total_steps: int) -> int:
     return int(min(max(fraction, 0.0), 1.0) * total_steps)
 
 
-def follow_budget(schedule, warmup_steps: int = 0):
-    """Wrap ``schedule`` (a ``torch.optim.lr_scheduler.LambdaLR`` with one lambda per param group)
-    in place so each lambda is evaluated at ``max(step, schedule.budget_step)``; returns it. The
-    first ``warmup_steps`` optimizer steps are read at ``step`` itself: a warm-up is counted in
-    steps, however fast the clock runs. ``budget_step`` starts at 0 (the schedule unchanged until
-    :func:`set_budget_fraction`)."""
-    setattr(schedule, BUDGET_STEP, 0)
-    schedule.lr_lambdas = [_at_budget(f, schedule, warmup_steps) for f in schedule.lr_lambdas]
+def follow_budget(schedule, total_steps: int, warmup_steps: int = 0):
+    """Wrap ``schedule`` (a ``torch.optim.lr_scheduler.LambdaLR`` of ``total_steps`` steps, one
+    lambda per param group) in place so each lambda is evaluated at
+    ``max(step, budget_step(schedule.budget_fraction, total_steps))``; returns it. The first
+    ``warmup_steps`` optimizer steps are read at ``step`` itself: a warm-up is counted in steps,
+    however fast the clock runs. ``budget_fraction`` starts at 0 (the schedule unchanged until
+    :func:`set_budget_fraction`); the state keeps the fraction, so a resumed run whose
+    ``max_epochs`` changed reads it against its own ``total_steps``."""
+    setattr(schedule, BUDGET_FRACTION, 0.0)
+    schedule.lr_lambdas = [_at_budget(f, schedule, total_steps, warmup_steps) for f in schedule.lr_lambdas]
     return schedule
 
 
-def _at_budget(f, schedule, warmup_steps: int):
-    return lambda step: f(step if step < warmup_steps else max(step, getattr(schedule, BUDGET_STEP)))
+def _at_budget(f, schedule, total_steps: int, warmup_steps: int):
+    def at(step: int) -> float:
+        if step < warmup_steps:
+            return f(step)
+        return f(max(step, budget_step(getattr(schedule, BUDGET_FRACTION), total_steps)))
+    return at
 
 
-def set_budget_fraction(schedule, fraction: float, total_steps: int) -> None:
+def set_budget_fraction(schedule, fraction: float) -> None:
     """Tell a :func:`follow_budget` schedule that ``fraction`` of the time budget is spent; the
     next optimizer step's rate is read at ``max(step, budget_step(fraction, total_steps))``."""
-    setattr(schedule, BUDGET_STEP, budget_step(fraction, total_steps))
+    setattr(schedule, BUDGET_FRACTION, float(fraction))

@@ -40,25 +40,25 @@ def test_budget_step_is_the_clipped_share_of_the_steps():
 def test_follow_budget_reads_the_schedule_at_the_later_of_step_and_budget():
     opt, plain = _schedule()
     opt2, clocked = _schedule()
-    follow_budget(clocked)
+    follow_budget(clocked, 100)
     for _ in range(10):  # no time spent: the step schedule itself
         opt.step(), plain.step(), opt2.step(), clocked.step()
         assert clocked.get_last_lr() == plain.get_last_lr()
-    set_budget_fraction(clocked, 0.6, 100)  # 60% of the time gone at step 10
+    set_budget_fraction(clocked, 0.6)  # 60% of the time gone at step 10
     opt2.step(), clocked.step()
     assert clocked.get_last_lr()[0] == pytest.approx(cosine(60, 100))
-    set_budget_fraction(clocked, 0.05, 100)  # behind the steps: the steps count
+    set_budget_fraction(clocked, 0.05)  # behind the steps: the steps count
     opt2.step(), clocked.step()
     assert clocked.get_last_lr()[0] == pytest.approx(cosine(12, 100))
-    set_budget_fraction(clocked, 1.3, 100)  # over budget: the schedule's end
+    set_budget_fraction(clocked, 1.3)  # over budget: the schedule's end
     opt2.step(), clocked.step()
     assert clocked.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_the_warmup_counts_in_steps_then_the_later_clock_rules():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    clocked = follow_budget(get_scheduler("cosine", opt, num_warmup_steps=4, num_training_steps=100), 4)
-    set_budget_fraction(clocked, 0.5, 100)  # the clock is far ahead from the start
+    clocked = follow_budget(get_scheduler("cosine", opt, num_warmup_steps=4, num_training_steps=100), 100, 4)
+    set_budget_fraction(clocked, 0.5)  # the clock is far ahead from the start
     lrs = []
     for _ in range(6):
         opt.step(), clocked.step()
@@ -68,16 +68,16 @@ def test_the_warmup_counts_in_steps_then_the_later_clock_rules():
     assert lrs[3:] == pytest.approx([0.5 * (1 + math.cos(math.pi * (50 - 4) / 96))] * 3)
 
 
-def test_a_clocked_schedule_state_is_json_and_restores_its_budget_step():
+def test_a_clocked_schedule_state_is_json_and_restores_its_budget_fraction():
     opt, clocked = _schedule()
-    follow_budget(clocked)
-    set_budget_fraction(clocked, 0.25, 100)
+    follow_budget(clocked, 100)
+    set_budget_fraction(clocked, 0.25)
     opt.step(), clocked.step()
     state = json.loads(json.dumps(clocked.state_dict()))  # resume writes it into state.json
     opt2, again = _schedule()
-    follow_budget(again)
+    follow_budget(again, 100)
     again.load_state_dict(state)
-    assert again.budget_step == 25 and again.last_epoch == 1
+    assert again.budget_fraction == 0.25 and again.last_epoch == 1
     opt2.step(), again.step()
     assert again.get_last_lr()[0] == pytest.approx(cosine(25, 100))
 
