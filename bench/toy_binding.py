@@ -40,11 +40,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from shared.config import load_config  # noqa: E402
 from shared.models import load_adapter  # noqa: E402
-from shared.sampling import rollout_batches  # noqa: E402
 from shared.toy.scenes import prompt_text, sample_pair, split  # noqa: E402
 from shared.toy.verify import verify  # noqa: E402
 from shared.rewards.builtin import to_uint8_hwc  # noqa: E402
-from toy_self_sft import write_json  # noqa: E402
+from toy_self_sft import sample, write_json  # noqa: E402
 
 BINDING_CATEGORIES = ("two_object", "counting", "colors", "position", "color_attr")
 # (name, a, b): prompts differing in binding only, then in content, for the text measurement
@@ -88,11 +87,7 @@ def binding(adapter, which: str, per_category: int, seeds: int, guidance: float)
         mine = [s for s in specs if s.category == category]
         rng.shuffle(mine)
         prompts = [prompt_text(s) for s in mine[:per_category] for _ in range(seeds)]
-        with torch.no_grad():
-            _, roll = rollout_batches(
-                adapter, prompts, [None] * len(prompts), list(range(len(prompts))), batch_size=128,
-                resolution=64, num_steps=10, guidance_scale=guidance, dynamics="ODE", noise_level=0.0,
-                sde_steps=[], keep_means=False, log_prob_reduction="mean", transformer=adapter.transformer)
+        _, roll = sample(adapter, adapter.transformer, prompts, list(range(len(prompts))), 10, guidance)
         verdicts = [verify(i, p) for i, p in zip(to_uint8_hwc(roll.images), prompts)]
         correct = sum(v.correct for v in verdicts)
         present = sum(v.present for v in verdicts)
@@ -126,7 +121,6 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     cfg = load_config(ROOT / "examples" / "toy" / "nft_10min.yaml", [f"model.model_name_or_path={args.model}"])
     adapter = load_adapter(cfg.model, device=torch.device(args.device), seed=0)
-    adapter.transformer.eval()
     result = {"args": vars(args), "platform": platform.machine(), "torch": torch.__version__,
               "autoencoder": autoencoder(adapter, args.seeds), "text": text(adapter),
               "binding": {w: binding(adapter, w, args.prompts, args.seeds, args.guidance)

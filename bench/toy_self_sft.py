@@ -41,13 +41,13 @@ from trainer.ema import EMA  # noqa: E402
 from trainer.policy import attach_trainable  # noqa: E402
 
 
-def sample(adapter, transformer, prompts: list[str], seeds: list[int], steps: int):
-    """ODE rollout at guidance 1: (conditioning, rollout); ``rollout.images`` in [0, 1]."""
+def sample(adapter, transformer, prompts: list[str], seeds: list[int], steps: int, guidance: float = 1.0):
+    """ODE rollout (guidance 1 unless given): (conditioning, rollout); ``rollout.images`` in [0, 1]."""
     transformer.eval()
     with torch.no_grad():
         return rollout_batches(
             adapter, prompts, [None] * len(prompts), seeds, batch_size=128, resolution=64,
-            num_steps=steps, guidance_scale=1.0, dynamics="ODE", noise_level=0.0, sde_steps=[],
+            num_steps=steps, guidance_scale=guidance, dynamics="ODE", noise_level=0.0, sde_steps=[],
             keep_means=False, log_prob_reduction="mean", transformer=transformer)
 
 
