@@ -47,28 +47,37 @@ class ToyGenEval(RewardModel):
         exact_objects: add the check that the image holds exactly the named number of objects
             (:func:`shared.toy.verify.verify`); a training-reward option: the held-out accuracy
             (``details``, GenEval's rule) never uses it, so ``details`` ignores it.
+        soft_shapes: a named shape no detection has earns partial credit from the detection most
+            like it (:func:`shared.toy.verify.verify`); a training-reward option like
+            ``exact_objects`` (``details`` ignores it; ``strict`` scores correctness only).
     """
 
     kind = "pointwise"
 
-    def __init__(self, *, strict: bool = False, exact_objects: bool = False, **options) -> None:
+    def __init__(self, *, strict: bool = False, exact_objects: bool = False, soft_shapes: bool = False,
+                 **options) -> None:
         super().__init__(**options)
         self.strict = bool(strict)
         self.exact_objects = bool(exact_objects)
+        self.soft_shapes = bool(soft_shapes)
+        if self.strict and self.soft_shapes:
+            raise ValueError(f"{self.name}: soft_shapes gives partial credit, strict scores only full "
+                             f"correctness; they cannot both apply. Fix: drop one of them.")
 
-    def verdicts(self, images: torch.Tensor, prompts: list[str], exact_objects: bool = False) -> list[Verdict]:
+    def verdicts(self, images: torch.Tensor, prompts: list[str], exact_objects: bool = False,
+                 soft_shapes: bool = False) -> list[Verdict]:
         """One :class:`~shared.toy.verify.Verdict` per image (``[B, 3, H, W]`` in [0, 1])."""
         _check_rgb(images, self.name)
         if len(prompts) != images.shape[0]:
             raise ValueError(f"{self.name}: got {len(prompts)} prompts for {images.shape[0]} images")
         for prompt in prompts:
             _parse(prompt)  # fail early, with the reward's own message
-        return [verify(array, prompt, exact_objects=exact_objects)
+        return [verify(array, prompt, exact_objects=exact_objects, soft_shapes=soft_shapes)
                 for array, prompt in zip(to_uint8_hwc(images), prompts)]
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """``[B]`` float32: fraction of checks passed (``strict``: 1.0/0.0 correctness)."""
-        verdicts = self.verdicts(images, prompts, self.exact_objects)
+        verdicts = self.verdicts(images, prompts, self.exact_objects, self.soft_shapes)
         values = [float(v.correct) if self.strict else v.score for v in verdicts]
         return torch.tensor(values, dtype=torch.float32)
 

@@ -27,7 +27,7 @@ in pixels of the given image (not rescaled to 64).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
@@ -50,6 +50,11 @@ MIN_SHAPE_IOU = 0.6  # below this IoU with its best template a component's shape
 # shipped toy base, 0 of 188 images; a pipeline after 3 pretraining steps (coloured noise, 5-16
 # components each, 60% unknown), 186 of 188, which without the rule scored 0.34 by GenEval's rule.
 CLUTTER_MIN_UNKNOWN = 3
+# Training-reward option ``soft_shapes``: a named shape that no detection has still earns up to
+# SOFT_SHAPE_CREDIT of its check from the detection that most resembles it, by the softmax of the
+# template IoUs at this temperature (IoUs 0.05 apart are odds e:1).
+SOFT_SHAPE_TEMPERATURE = 0.05
+SOFT_SHAPE_CREDIT = 0.5
 
 _BACKGROUND = np.array(BACKGROUND, dtype=np.float32)  # [3]
 _DIRECTIONS = np.array(list(COLORS.values()), dtype=np.float32) - _BACKGROUND  # [K, 3]
@@ -66,6 +71,7 @@ class Detection:
     cx: float
     cy: float
     area: int
+    ious: dict[str, float] = field(default_factory=dict)  # template IoU of each of ``SHAPES``
 
 
 @dataclass
@@ -113,12 +119,28 @@ def template_ious(mask: np.ndarray) -> dict[str, float]:
 def classify_shape(mask: np.ndarray) -> str:
     """Shape (one of ``SHAPES`` or ``"unknown"``) of one component given its boolean mask
     cropped to its bounding box ``[h, w]``."""
+    return _classify(mask)[0]
+
+
+def _classify(mask: np.ndarray) -> tuple[str, dict[str, float]]:
+    """:func:`classify_shape` and the :func:`template_ious` it decided from."""
     rows = mask.sum(axis=1).astype(np.float64)
     third = max(1, mask.shape[0] // 3)
     taper = rows[:third].mean() / max(rows[-third:].mean(), 1.0)
     ious = template_ious(mask)
     shape = "triangle" if taper < TRIANGLE_TAPER else max(ious, key=ious.get)
-    return shape if ious[shape] >= MIN_SHAPE_IOU else "unknown"
+    return (shape if ious[shape] >= MIN_SHAPE_IOU else "unknown"), ious
+
+
+def shape_likeness(ious: dict[str, float], shape: str, temperature: float = SOFT_SHAPE_TEMPERATURE) -> float:
+    """How much a component resembles ``shape`` among ``SHAPES``: the softmax of its template
+    IoUs (``ious``, :func:`template_ious`) divided by ``temperature``, at ``shape``; in (0, 1),
+    1/3 for a blob equally like all three. 0.0 without IoUs."""
+    if not ious:
+        return 0.0
+    logits = np.array([ious[s] for s in SHAPES]) / temperature
+    weights = np.exp(logits - logits.max())
+    return float(weights[SHAPES.index(shape)] / weights.sum())
 
 
 def color_map(image: np.ndarray) -> np.ndarray:
@@ -156,13 +178,15 @@ def detect(image: np.ndarray) -> list[Detection]:
             if area < min_area:
                 continue
             ys, xs = np.nonzero(component)
+            shape, ious = _classify(component)
             found.append(
                 Detection(
-                    shape=classify_shape(component),
+                    shape=shape,
                     color=color,
                     cx=float(xs.mean() + box[1].start + 0.5),
                     cy=float(ys.mean() + box[0].start + 0.5),
                     area=area,
+                    ious=ious,
                 )
             )
     return found
@@ -176,7 +200,7 @@ def is_clutter(detections: list[Detection]) -> bool:
     return len(unknown) >= CLUTTER_MIN_UNKNOWN and sum(unknown) > sum(known)
 
 
-def verify(image: np.ndarray, prompt: str, *, exact_objects: bool = False) -> Verdict:
+def verify(image: np.ndarray, prompt: str, *, exact_objects: bool = False, soft_shapes: bool = False) -> Verdict:
     """Check ``image`` (``uint8 [H, W, 3]``) against a toy-world ``prompt``.
 
     Checks per category (extra objects of other shapes are not penalized, except that
@@ -195,6 +219,12 @@ def verify(image: np.ndarray, prompt: str, *, exact_objects: bool = False) -> Ve
     because GenEval (and the held-out accuracy) does not penalize extra objects. As a training
     reward it removes the cheap way to raise the partial score: drawing many objects so that
     some of them pass the shape and colour checks.
+
+    ``soft_shapes=True`` (a training-reward option; ``checks``, ``correct`` and ``present`` are
+    unchanged) scores a failed ``has S`` check as ``SOFT_SHAPE_CREDIT`` times the largest
+    :func:`shape_likeness` of ``S`` among the detections, instead of 0: an image that draws the
+    second object as a rounded square where the prompt names a circle and a square ranks above
+    one that draws a second clean circle. A passed check still counts 1.
 
     Raises ``ValueError`` for a prompt outside the toy-world grammar.
     """
@@ -229,5 +259,9 @@ def verify(image: np.ndarray, prompt: str, *, exact_objects: bool = False) -> Ve
         expected = spec.count if spec.category == "counting" else len(spec.objects)
         checks[f"{expected} object{'s' if expected > 1 else ''}"] = len(detections) == expected
     passed = sum(checks.values())
-    return Verdict(score=passed / len(checks), correct=passed == len(checks), category=spec.category, checks=checks,
+    credit = float(passed)
+    if soft_shapes:
+        credit += sum(SOFT_SHAPE_CREDIT * max((shape_likeness(d.ious, o.shape) for d in detections), default=0.0)
+                      for o in spec.objects if not checks[f"has {o.shape}"])
+    return Verdict(score=credit / len(checks), correct=passed == len(checks), category=spec.category, checks=checks,
                    present=all(o.shape in by_shape for o in spec.objects), clutter=clutter)

@@ -161,6 +161,66 @@ def test_exact_objects_counts_every_detection():
     assert verify(image, "a photo of three circles", exact_objects=True).checks["3 objects"]
 
 
+def _superellipse_beside_a_circle(power):
+    """A red circle at (16, 16) and a blue ``|x|^p + |y|^p <= 1`` blob of side 14 at (44, 44):
+    p = 2 is a circle, larger p rounds towards a square (p = 3 is still classified a circle)."""
+    image = render(Scene([Obj("circle", "red", 16, 16, 14)]))
+    ys, xs = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE] + 0.5
+    image[(np.abs(xs - 44) / 7) ** power + (np.abs(ys - 44) / 7) ** power <= 1] = COLORS["blue"]
+    return image
+
+
+def test_shape_likeness_is_a_softmax_of_template_ious():
+    from shared.toy.verify import SHAPES, shape_likeness
+
+    ious = {"circle": 0.85, "square": 0.80, "triangle": 0.60}
+    z = sum(math.exp(ious[s] / 0.05) for s in SHAPES)
+    for shape in SHAPES:
+        assert shape_likeness(ious, shape) == pytest.approx(math.exp(ious[shape] / 0.05) / z)
+    assert shape_likeness(dict.fromkeys(SHAPES, 0.7), "square") == pytest.approx(1 / 3)
+    assert shape_likeness({}, "circle") == 0.0  # no IoUs (e.g. a detection built by hand)
+
+
+def test_soft_shapes_ranks_a_near_miss_above_a_wrong_shape_and_changes_no_check():
+    from shared.toy.verify import SOFT_SHAPE_CREDIT, shape_likeness
+
+    prompt = "a photo of a circle and a square"
+    scores = {}
+    for power in (2.0, 3.0):
+        image = _superellipse_beside_a_circle(power)
+        hard, soft = verify(image, prompt), verify(image, prompt, soft_shapes=True)
+        assert [d.shape for d in detect(image)] == ["circle", "circle"]  # the square is missing
+        assert soft.checks == hard.checks == {"has circle": True, "has square": False}
+        assert (soft.correct, soft.present) == (hard.correct, hard.present) == (False, False)
+        assert hard.score == 0.5
+        blob = [d for d in detect(image) if d.color == "blue"][0]
+        assert soft.score == pytest.approx((1 + SOFT_SHAPE_CREDIT * shape_likeness(blob.ious, "square")) / 2)
+        scores[power] = soft.score
+    assert 0.5 < scores[2.0] < 0.51 < scores[3.0] < 0.5 + SOFT_SHAPE_CREDIT / 2
+    # a drawn square passes its check whole, soft or not; a passing image scores 1
+    image = _superellipse_beside_a_circle(6.0)
+    assert verify(image, prompt).correct and verify(image, prompt, soft_shapes=True).score == 1.0
+
+
+def test_soft_shapes_gives_nothing_for_clutter():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    verdict = verify(image, "a photo of a circle and a square", soft_shapes=True)
+    assert verdict.score == verify(image, "a photo of a circle and a square").score == 0.0
+
+
+def test_toy_geneval_soft_shapes_option():
+    image = torch.from_numpy(_superellipse_beside_a_circle(3.0)).permute(2, 0, 1)[None].float() / 255
+    prompt = ["a photo of a circle and a square"]
+    soft = build_reward("toy_geneval", soft_shapes=True, exact_objects=True)
+    expected = verify(_superellipse_beside_a_circle(3.0), prompt[0], soft_shapes=True, exact_objects=True).score
+    assert soft.score(image, prompt).item() == pytest.approx(expected)
+    assert 2 / 3 < expected < 2 / 3 + 0.5 / 3  # "2 objects" passes, "has square" earns part
+    assert soft.details(image, prompt)["accuracy/two_object"].item() == 0.0  # held-out metric: GenEval's
+    with pytest.raises(ValueError, match="cannot both apply"):
+        build_reward("toy_geneval", soft_shapes=True, strict=True)
+
+
 def test_verify_rejects_bad_inputs():
     with pytest.raises(ValueError, match="a photo of a SHAPE"):
         verify(render(Scene([])), "a photo of a cat")
@@ -191,7 +251,7 @@ def batch():
 def test_reward_registered_and_built():
     assert "toy_geneval" in REWARDS
     reward = build_reward("toy_geneval")
-    assert reward.kind == "pointwise" and reward.accepted_options() == ["device", "dtype", "exact_objects", "strict"]
+    assert reward.kind == "pointwise" and reward.accepted_options() == ["device", "dtype", "exact_objects", "soft_shapes", "strict"]
     with pytest.raises(TypeError, match="strict"):
         build_reward("toy_geneval", strikt=True)
 
