@@ -76,7 +76,7 @@ class Detection:
 
 @dataclass
 class Verdict:
-    """``score`` = fraction of ``checks`` passed; ``correct`` = all passed; ``present`` = every
+    """``score`` = fraction of ``checks`` passed (plus partial credit with ``soft_shapes``); ``correct`` = all passed; ``present`` = every
     shape the prompt names was detected (what the counts, colours and relations are checked on)."""
 
     score: float
