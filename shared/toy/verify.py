@@ -76,8 +76,9 @@ class Detection:
 
 @dataclass
 class Verdict:
-    """``score`` = fraction of ``checks`` passed (plus partial credit with ``soft_shapes``); ``correct`` = all passed; ``present`` = every
-    shape the prompt names was detected (what the counts, colours and relations are checked on)."""
+    """``score`` = fraction of ``checks`` passed (plus partial credit with ``soft_shapes``);
+    ``correct`` = all passed; ``present`` = every shape the prompt names was detected (what the
+    counts, colours and relations are checked on)."""
 
     score: float
     correct: bool
