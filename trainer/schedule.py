@@ -46,5 +46,6 @@ def _at_budget(f, schedule, total_steps: int, warmup_steps: int):
 
 def set_budget_fraction(schedule, fraction: float) -> None:
     """Tell a :func:`follow_budget` schedule that ``fraction`` of the time budget is spent; the
-    next optimizer step's rate is read at ``max(step, budget_step(fraction, total_steps))``."""
+    next optimizer step's rate is read at ``max(step, budget_step(fraction, total_steps))``, with
+    the ``total_steps`` given to :func:`follow_budget`."""
     setattr(schedule, BUDGET_FRACTION, float(fraction))

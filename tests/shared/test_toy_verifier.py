@@ -210,10 +210,11 @@ def test_soft_shapes_gives_nothing_for_clutter():
 
 
 def test_toy_geneval_soft_shapes_option():
-    image = torch.from_numpy(_superellipse_beside_a_circle(3.0)).permute(2, 0, 1)[None].float() / 255
+    array = _superellipse_beside_a_circle(3.0)
+    image = torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255
     prompt = ["a photo of a circle and a square"]
     soft = build_reward("toy_geneval", soft_shapes=True, exact_objects=True)
-    expected = verify(_superellipse_beside_a_circle(3.0), prompt[0], soft_shapes=True, exact_objects=True).score
+    expected = verify(array, prompt[0], soft_shapes=True, exact_objects=True).score
     assert soft.score(image, prompt).item() == pytest.approx(expected)
     assert 2 / 3 < expected < 2 / 3 + 0.5 / 3  # "2 objects" passes, "has square" earns part
     assert soft.details(image, prompt)["accuracy/two_object"].item() == 0.0  # held-out metric: GenEval's
