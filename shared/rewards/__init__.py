@@ -24,6 +24,7 @@ from shared.rewards.builtin import (
 )
 
 REWARDS.register("toy_geneval", "shared.rewards.toy_geneval.ToyGenEval")
+REWARDS.register("toy_shape_quality", "shared.rewards.toy_geneval.ToyShapeQuality")
 REWARDS.register("pickscore", "shared.rewards.clip_rewards.PickScore")
 REWARDS.register("pickscore_rank", "shared.rewards.clip_rewards.PickScoreRank")
 REWARDS.register("clip", "shared.rewards.clip_rewards.CLIPScore")

@@ -26,7 +26,7 @@ import torch
 from shared.rewards.base import REWARDS, RewardModel
 from shared.rewards.builtin import _check_rgb, to_uint8_hwc
 from shared.toy.scenes import CATEGORIES, PromptSpec, parse_prompt
-from shared.toy.verify import Verdict, verify
+from shared.toy.verify import Verdict, shape_quality, verify
 
 
 def _parse(prompt: str) -> PromptSpec:
@@ -104,3 +104,18 @@ class ToyGenEval(RewardModel):
         means present}`` (empty when no category is)."""
         cats = [means[f"accuracy/{c}"] for c in CATEGORIES if f"accuracy/{c}" in means]
         return {"accuracy": sum(cats) / len(cats)} if cats else {}
+
+
+@REWARDS.register("toy_shape_quality")
+class ToyShapeQuality(RewardModel):
+    """How cleanly each toy-world image draws its shapes (:func:`shared.toy.verify.shape_quality`:
+    the mean template IoU of its detections, 0 for none or clutter). Pointwise, prompt-free: a
+    dense auxiliary training reward next to ``toy_geneval``, whose checks are all-or-nothing per
+    object; it says nothing about what the prompt asks, so it is never a metric of its own."""
+
+    kind = "pointwise"
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """``[B]`` float32 in [0, 1] for ``images`` ``[B, 3, H, W]`` in [0, 1]."""
+        _check_rgb(images, self.name)
+        return torch.tensor([shape_quality(array) for array in to_uint8_hwc(images)], dtype=torch.float32)

@@ -201,6 +201,18 @@ def is_clutter(detections: list[Detection]) -> bool:
     return len(unknown) >= CLUTTER_MIN_UNKNOWN and sum(unknown) > sum(known)
 
 
+def shape_quality(image: np.ndarray) -> float:
+    """How cleanly ``image`` (``uint8 [H, W, 3]``) draws its shapes: the mean, over its
+    detections, of each one's IoU with its best-matching template (:func:`template_ious`), in
+    [0, 1]; 0.0 for an image with no detection or one that :func:`is_clutter`. Clean renders
+    score >= 0.96 (see the constants above); the in-between blobs of an undertrained model ~0.8.
+    Prompt-free: it scores rendering, not what the prompt asks (the ``toy_shape_quality`` reward)."""
+    detections = detect(image)
+    if not detections or is_clutter(detections):
+        return 0.0
+    return float(np.mean([max(d.ious.values()) for d in detections]))
+
+
 def verify(image: np.ndarray, prompt: str, *, exact_objects: bool = False, soft_shapes: bool = False) -> Verdict:
     """Check ``image`` (``uint8 [H, W, 3]``) against a toy-world ``prompt``.
 

@@ -23,6 +23,7 @@ from shared.toy import (
     sample_scene,
     verify,
 )
+from shared.toy.verify import shape_quality
 
 SEEDS_PER_CATEGORY = 120
 
@@ -220,6 +221,34 @@ def test_toy_geneval_soft_shapes_option():
     assert soft.details(image, prompt)["accuracy/two_object"].item() == 0.0  # held-out metric: GenEval's
     with pytest.raises(ValueError, match="cannot both apply"):
         build_reward("toy_geneval", soft_shapes=True, strict=True)
+
+
+def test_shape_quality_scores_clean_shapes_above_blurred_ones_and_nothing_for_no_scene():
+    clean, blurred = [], []
+    for category in CATEGORIES:
+        for prompt, scene in scenes(category, n=4):
+            image = render(scene)
+            clean.append(shape_quality(image))
+            soft = ndimage.gaussian_filter(image.astype(np.float32), sigma=(2.0, 2.0, 0))
+            blurred.append(shape_quality(np.round(soft).astype(np.uint8)))
+    assert min(clean) >= 0.96  # the verifier's measured clean-template IoU
+    assert np.mean(blurred) < np.mean(clean) - 0.03
+    assert sum(b < c for b, c in zip(blurred, clean)) >= 0.9 * len(clean)
+    assert shape_quality(render(Scene([]))) == 0.0  # nothing drawn
+    noise = np.random.default_rng(0).integers(0, 256, size=(IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    assert shape_quality(noise) == 0.0  # clutter is no scene
+
+
+def test_toy_shape_quality_reward():
+    images = [render(sample_scene("a photo of a red circle and a blue square", np.random.default_rng(0))),
+              render(Scene([]))]
+    reward = build_reward("toy_shape_quality")
+    assert "toy_shape_quality" in REWARDS and reward.kind == "pointwise"
+    scores = reward.score(to_tensor(images), ["a photo of a cat", "anything"])  # prompt-free
+    assert scores.dtype == torch.float32
+    assert scores.tolist() == pytest.approx([shape_quality(images[0]), 0.0])
+    with pytest.raises(ValueError, match="RGB"):
+        reward.score(torch.zeros(1, 1, 8, 8), ["x"])
 
 
 def test_verify_rejects_bad_inputs():
