@@ -215,6 +215,12 @@ class TrainConfig(_Strict):
     # run named run_name); see trainer/resume.py
     resume_from: str | None = None
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, v):
+        # YAML 1.1 (and so `--set train.mixed_precision=no`) reads a bare `no` as false
+        return "no" if v is False else v
+
     @field_validator("resolution")
     @classmethod
     def _positive_resolution(cls, v):

@@ -76,6 +76,14 @@ def test_wrong_type_names_key_and_value():
     assert "'abc'" in msg
 
 
+def test_mixed_precision_no_survives_yaml_reading_it_as_false():
+    # `mixed_precision: no` in YAML and `--set train.mixed_precision=no` both arrive as False
+    cfg = parse_config(apply_overrides(raw(), ["train.mixed_precision=no"]))
+    assert cfg.train.mixed_precision == "no"
+    assert parse_config(raw(train={"mixed_precision": "bf16"})).train.mixed_precision == "bf16"
+    assert "train.mixed_precision" in error(raw(train={"mixed_precision": True}))
+
+
 def test_missing_rewards():
     r = raw()
     del r["rewards"]
