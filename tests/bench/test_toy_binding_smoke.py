@@ -43,4 +43,8 @@ def test_toy_binding_runs_and_writes_json(tmp_path):
         assert set(cats) == {"two_object", "counting", "colors", "position", "color_attr"}
         for r in cats.values():
             assert r["images"] == 1 and r["accuracy"] <= r["present"]  # correct implies every shape detected
-    assert "acc|present" in proc.stdout and "autoencoder" in proc.stdout
+            assert 0.0 <= r["shape_quality"] <= 1.0
+            # the one image is either correct or wrong: its quality sits in exactly one of the two
+            assert (r["shape_quality_correct"] is None) != (r["shape_quality_wrong"] is None)
+            assert r["shape_quality"] in (r["shape_quality_correct"], r["shape_quality_wrong"])
+    assert "acc|present" in proc.stdout and "shape_quality" in proc.stdout and "autoencoder" in proc.stdout
