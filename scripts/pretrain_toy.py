@@ -81,6 +81,9 @@ def parse_args(argv=None):
                    help="width of both text encoders (multiple of 32; the shipped toy: 64); a fresh run only")
     p.add_argument("--text-layers", type=int, default=2,
                    help="layers of both text encoders (the shipped toy: 2); a fresh run only")
+    p.add_argument("--dit-layers", type=int, default=4,
+                   help="joint blocks of the MMDiT (the shipped toy: 4; ~2.4 MB each in float32, and the "
+                        "saved pipeline must stay under 25 MB); a fresh run only")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     return p.parse_args(argv)
@@ -162,11 +165,11 @@ def held_out_accuracy(adapter, transformer, prompts, args, grid: Path | None = N
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    sizes = toy_sizes(args.text_width, args.text_layers)
+    sizes = toy_sizes(args.text_width, args.text_layers, args.dit_layers)
     custom_text = sizes != TOY_SIZES
     if args.init and custom_text:
-        raise SystemExit("pretrain_toy: --text-width/--text-layers size a fresh pipeline; --init continues one "
-                         "whose text encoders are already sized. Drop one of them.")
+        raise SystemExit("pretrain_toy: --text-width/--text-layers/--dit-layers size a fresh pipeline; --init "
+                         "continues one whose text encoders and transformer are already sized. Drop one of them.")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -178,7 +181,8 @@ def main(argv=None) -> None:
     work = Path(args.workdir)
     stage1 = work / f"stage1-seed{args.seed}-n{args.num_images}-vae{args.vae_steps}x{args.vae_batch}"
     if custom_text:  # the stage-1 pipeline holds the (untrained) text encoders too
-        stage1 = stage1.with_name(f"{stage1.name}-text{args.text_width}x{args.text_layers}")
+        stage1 = stage1.with_name(f"{stage1.name}-text{args.text_width}x{args.text_layers}"
+                                  + (f"-dit{args.dit_layers}" if args.dit_layers != 4 else ""))
 
     t0 = time.time()
     prompts, images = make_data(args.num_images, args.seed, args.caption_noise)
@@ -200,6 +204,7 @@ def main(argv=None) -> None:
         if args.init:  # the record names the text encoders the continued pipeline has
             args.text_width = pipe.text_encoder.config.hidden_size
             args.text_layers = pipe.text_encoder.config.num_hidden_layers
+            args.dit_layers = pipe.transformer.config.num_layers
     else:
         tok_dir = work / "tokenizer-tmp"
         build_tokenizer(tok_dir)

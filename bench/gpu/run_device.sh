@@ -11,7 +11,8 @@
 #   STEPS=toy bash bench/gpu/run_device.sh             # issue 3: toy_algorithms_gpu.json (then, here:
 #       # python bench/toy_algorithms.py --from bench/results/toy_algorithms_gpu.json); STEPS=toylong likewise
 #   STEPS="pretrain binding" bash bench/gpu/run_device.sh  # issue 3: a base with wider text encoders, and
-#       # whether it binds (bench/results/toy_binding_gpu.json; the pipeline comes back as $OUT/toy_sd3_bind.tgz)
+#       # whether it binds (bench/results/toy_binding_gpu.json; the pipeline comes back as $OUT/toy_sd3_bind.tgz);
+#       # PT_WIDTH / PT_LAYERS size the text encoders, PT_DIT_LAYERS the MMDiT, PT_STEPS the run
 # Wheels the device lacks (diffusers, pydantic, ...) are installed from .whl/ when it exists
 # (fetch them here with bench/gpu/fetch_wheels.sh).
 set -u
@@ -82,7 +83,7 @@ for s in $STEPS; do
     pretrain) # issue 3: a base with wider text encoders, pretrained on the GPU (saved only at the end: keep
               # PT_STEPS inside the cap), brought back as $OUT/toy_sd3_bind.tgz; then STEPS=binding checks it binds
               step pretrain_toy 400 $PY ../../scripts/pretrain_toy.py --device cuda --text-width ${PT_WIDTH:-128} \
-                --text-layers ${PT_LAYERS:-4} --num-images 100000 --dit-steps ${PT_STEPS:-8000} --dit-batch 256 \
+                --text-layers ${PT_LAYERS:-4} --dit-layers ${PT_DIT_LAYERS:-4} --num-images 100000 --dit-steps ${PT_STEPS:-8000} --dit-batch 256 \
                 --eval-every 2000 --guidance 1.0 --target 1.1 --lr-decay --out /tmp/flowrl-toy/toy-sd3-bind \
                 --workdir /tmp/flowrl-toy/pretrain
               [ -f /tmp/flowrl-toy/toy-sd3-bind/pretrain.json ] && tar czf "$OUT/toy_sd3_bind.tgz" -C /tmp/flowrl-toy toy-sd3-bind ;;

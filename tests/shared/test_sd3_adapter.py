@@ -221,3 +221,7 @@ def test_toy_sizes_default_is_the_shipped_shape_and_wider_text_encoders_build(tm
     assert pe.shape[-1] == 192 and pooled.shape == (1, 192) and out.shape == (1, 4, 16, 16)
     with pytest.raises(ValueError, match="multiple of 32"):
         toy_sizes(text_width=80)
+    deeper = build_toy_pipeline(toy_sizes(dit_layers=6), seed=0, tokenizer_dir=None).transformer
+    assert len(deeper.transformer_blocks) == 6 and TOY_SIZES["transformer"]["num_layers"] == 4
+    with pytest.raises(ValueError, match="dit_layers"):
+        toy_sizes(dit_layers=0)
