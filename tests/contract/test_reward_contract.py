@@ -87,6 +87,7 @@ CASES = [
     Case("brightness", _plain("brightness")),
     Case("pairwise_brightness", _plain("pairwise_brightness")),
     Case("toy_geneval", _plain("toy_geneval"), toy_prompts=True),
+    Case("toy_shape_quality", _plain("toy_shape_quality"), toy_prompts=True),
     Case("pickscore", _clip("pickscore")),
     Case("pickscore_rank", _clip("pickscore_rank", chunk_size=2)),
     Case("clip", _clip("clip")),
