@@ -166,8 +166,8 @@ def held_out_accuracy(adapter, transformer, prompts, args, grid: Path | None = N
 def main(argv=None) -> None:
     args = parse_args(argv)
     sizes = toy_sizes(args.text_width, args.text_layers, args.dit_layers)
-    custom_text = sizes != TOY_SIZES
-    if args.init and custom_text:
+    custom_sizes = sizes != TOY_SIZES
+    if args.init and custom_sizes:
         raise SystemExit("pretrain_toy: --text-width/--text-layers/--dit-layers size a fresh pipeline; --init "
                          "continues one whose text encoders and transformer are already sized. Drop one of them.")
     if args.threads:
@@ -180,7 +180,7 @@ def main(argv=None) -> None:
 
     work = Path(args.workdir)
     stage1 = work / f"stage1-seed{args.seed}-n{args.num_images}-vae{args.vae_steps}x{args.vae_batch}"
-    if custom_text:  # the stage-1 pipeline holds the (untrained) text encoders too
+    if custom_sizes:  # the stage-1 pipeline holds the (untrained) text encoders and transformer too
         stage1 = stage1.with_name(f"{stage1.name}-text{args.text_width}x{args.text_layers}"
                                   + (f"-dit{args.dit_layers}" if args.dit_layers != 4 else ""))
 
