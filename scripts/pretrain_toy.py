@@ -182,7 +182,8 @@ def main(argv=None) -> None:
     stage1 = work / f"stage1-seed{args.seed}-n{args.num_images}-vae{args.vae_steps}x{args.vae_batch}"
     if custom_sizes:  # the stage-1 pipeline holds the (untrained) text encoders and transformer too
         stage1 = stage1.with_name(f"{stage1.name}-text{args.text_width}x{args.text_layers}"
-                                  + (f"-dit{args.dit_layers}" if args.dit_layers != 4 else ""))
+                                  + (f"-dit{args.dit_layers}"
+                                     if args.dit_layers != TOY_SIZES["transformer"]["num_layers"] else ""))
 
     t0 = time.time()
     prompts, images = make_data(args.num_images, args.seed, args.caption_noise)
