@@ -75,6 +75,10 @@ def parse_args(argv=None):
     p.add_argument("--init", default=None,
                    help="continue from a pipeline this script saved (skips stage 1; its record is kept)")
     p.add_argument("--lr-decay", action="store_true", help="decay the learning rates linearly to 0")
+    p.add_argument("--t-logit-mean", type=float, default=0.0,
+                   help="training noise levels t = sigmoid(N(mean, std)) (SD3's logit-normal); a positive "
+                        "mean trains the noisier levels, where the layout is decided, more often")
+    p.add_argument("--t-logit-std", type=float, default=1.0)
     p.add_argument("--workdir", default="runs/pretrain_toy",
                    help="stage-1 pipeline (tokenizer + VAE, reused when present), eval grids, snapshots")
     p.add_argument("--text-width", type=int, default=64,
@@ -100,6 +104,13 @@ def make_data(n: int, seed: int, caption_noise: float = 0.0) -> tuple[list[str],
         images.append(image)
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # uint8 [N,3,64,64]
     return prompts, x
+
+
+def noise_levels(n: int, generator: torch.Generator, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
+    """``[n]`` rectified-flow training times ``t = sigmoid(mean + std * z)``, ``z ~ N(0, 1)`` from
+    ``generator`` (t = 1 is pure noise). The defaults are SD3's logit-normal and draw exactly the
+    stream this script always drew; ``median(t) = sigmoid(mean)``."""
+    return torch.sigmoid(mean + std * torch.randn(n, generator=generator))
 
 
 def to_unit(x_u8: torch.Tensor, device) -> torch.Tensor:
@@ -250,7 +261,7 @@ def main(argv=None) -> None:
                                               do_classifier_free_guidance=False, max_sequence_length=0)
         x0 = x0_all[idx].to(args.device)
         eps = torch.randn(x0.shape, generator=g).to(args.device)
-        t = torch.sigmoid(torch.randn(len(idx), generator=g)).to(args.device)
+        t = noise_levels(len(idx), g, args.t_logit_mean, args.t_logit_std).to(args.device)
         xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
         v = transformer(hidden_states=xt, timestep=t * 1000, encoder_hidden_states=pe,
                         pooled_projections=pooled, return_dict=False)[0]

@@ -40,3 +40,19 @@ def test_fresh_run_and_continuation_record_the_text_encoder_sizes(tmp_path):
     refused = pretrain("--init", str(tmp_path / "a"), "--out", str(tmp_path / "c"), "--workdir", work,
                        "--dit-steps", "1", "--text-width", "128")
     assert refused.returncode != 0 and "--init continues one" in refused.stderr
+
+
+def test_noise_levels_default_to_the_logit_normal_stream_and_shift_with_the_mean():
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("pretrain_toy", ROOT / "scripts" / "pretrain_toy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    plain = torch.sigmoid(torch.randn(4096, generator=torch.Generator().manual_seed(3)))
+    assert torch.equal(module.noise_levels(4096, torch.Generator().manual_seed(3)), plain)
+    shifted = module.noise_levels(4096, torch.Generator().manual_seed(3), mean=1.0, std=0.5)
+    assert abs(shifted.median().item() - torch.sigmoid(torch.tensor(1.0)).item()) < 0.02
+    assert shifted.min() > 0 and shifted.max() < 1
+    assert (shifted > 0.8).float().mean() > 2 * (plain > 0.8).float().mean()  # the noisier levels, more often
