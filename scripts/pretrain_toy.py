@@ -90,7 +90,10 @@ def parse_args(argv=None):
                         "saved pipeline must stay under 25 MB); a fresh run only")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.t_logit_std > 0:
+        p.error(f"--t-logit-std must be > 0 (the spread of logit(t); SD3 uses 1.0), got {args.t_logit_std}")
+    return args
 
 
 def log(msg: str) -> None:
