@@ -194,6 +194,12 @@ class TrainConfig(_Strict):
     # every sample of a group re-noised with the group's timesteps and noise (common random
     # numbers: the same loss in expectation, the group's samples compared at equal (t, eps))
     group_shared_noise: bool = False
+    # -- pretraining-data mix (PPO-ptx / ReFL's pretraining loss; trainer/ptx.py): every
+    # micro-batch also regresses the velocity on ptx_batch_size (caption, image) pairs of
+    # ptx_dataset (a folder with train.jsonl rows {"prompt", "image"}), weighted by ptx_coef
+    ptx_coef: float = Field(0.0, ge=0)
+    ptx_dataset: str | None = None
+    ptx_batch_size: int = Field(16, gt=0)
     # -- EMA (eval weights; the "old"/sampling model for off-policy nft; the AWM anchor)
     ema_decay: float | None = Field(None, ge=0, le=1)  # 0 disables EMA
     ema_decay_schedule: Literal[
@@ -428,6 +434,12 @@ def check_combinations(cfg: Config) -> None:
         raise ConfigError(
             "train.off_policy: true samples from the EMA model, but train.ema_decay is 0 (EMA "
             "disabled). Fix: set ema_decay > 0, or off_policy: false."
+        )
+    if t.ptx_coef and not t.ptx_dataset:
+        raise ConfigError(
+            f"train.ptx_coef: {t.ptx_coef} mixes a pretraining-data loss into training, but "
+            f"train.ptx_dataset is not set. Fix: point train.ptx_dataset at a folder whose train.jsonl "
+            f'has {{"prompt": ..., "image": ...}} rows (images under its images/), or set ptx_coef: 0.'
         )
     if t.lr_schedule_clock == "budget" and t.max_train_seconds is None:
         raise ConfigError(

@@ -37,6 +37,7 @@ from trainer.data import check_condition_images, load_dataset
 from trainer.embeddings import offload_mode, warm_embeddings
 from trainer.evaluate import evaluate
 from trainer.policy import Policy, attach_trainable
+from trainer.ptx import PretrainMix
 from trainer.reporting import MetricLogger, detail_keys, progress_postfix, write_report
 from trainer.metrics import TrainerMetrics
 from trainer.schedule import follow_budget, set_budget_fraction
@@ -126,8 +127,10 @@ def micro_batches(data: EpochData, batch_size: int, seed: int) -> list[TrainBatc
 
 
 def optimize(cfg: Config, accelerator: Accelerator, policy: Policy, algorithm: Algorithm,
-             optimizer, lr_schedule, data: EpochData, epoch: int, step: int) -> tuple[int, dict]:
-    """All inner epochs of one epoch. Returns (optimizer steps so far, mean metrics)."""
+             optimizer, lr_schedule, data: EpochData, epoch: int, step: int,
+             ptx: PretrainMix | None = None) -> tuple[int, dict]:
+    """All inner epochs of one epoch. Returns (optimizer steps so far, mean metrics). With
+    ``ptx`` (``train.ptx_coef``) each micro-batch's first unit also carries its pretraining loss."""
     t = cfg.train
     geo = cfg.geometry(accelerator.num_processes)
     units = algorithm.num_units(len(data.rollout.sde_steps))
@@ -147,6 +150,11 @@ def optimize(cfg: Config, accelerator: Accelerator, policy: Policy, algorithm: A
                 ctx = contextlib.nullcontext() if sync else accelerator.no_sync(policy.model)
                 with ctx, accelerator.autocast():
                     loss, metrics = algorithm.loss(batch, unit, state, policy)
+                    if ptx is not None and unit == 0:
+                        ptx_loss = ptx.loss(policy, batch.seed)
+                        loss = loss + ptx_loss
+                        # the epoch mean divides by every unit
+                        metrics = {**metrics, "ptx_loss": ptx_loss.detach() / ptx.coef * units}
                     accelerator.backward(loss / per_step)
                 losses.append((unit, loss.detach()))
                 for k, v in {"loss": loss.detach(), **metrics}.items():
@@ -216,6 +224,7 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
     model.eval()
     policy = Policy(adapter, model, cfg, trainable)
     algorithm = ALGORITHMS.get(t.trainer_type)(cfg)
+    ptx = PretrainMix(cfg, adapter) if t.ptx_coef else None
     rewards = build_rewards(cfg.rewards, accelerator.device)
     eval_rewards = build_rewards(cfg.eval_rewards, accelerator.device) if cfg.eval_rewards else rewards
     eval_specs = cfg.eval_rewards or cfg.rewards
@@ -324,7 +333,7 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
             set_budget_fraction(lr_schedule, agreed_seconds / t.max_train_seconds)
         t_opt = time.time()
         step, opt_metrics = optimize(cfg, accelerator, policy, algorithm, optimizer, lr_schedule,
-                                     data, epoch, step)
+                                     data, epoch, step, ptx)
         optimize_seconds = time.time() - t_opt
         version += 1
         transport.publish(version)

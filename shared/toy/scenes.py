@@ -477,3 +477,19 @@ def write_dataset(directory: str | Path, *, balance: bool = False) -> None:
         with open(directory / f"{name}.jsonl", "w", encoding="utf-8") as f:
             for spec in specs:
                 f.write(json.dumps({"prompt": prompt_text(spec), "metadata": {"category": spec.category}}) + "\n")
+
+
+def write_pretraining_set(directory: str | Path, n: int, seed: int = 1) -> None:
+    """Write ``n`` :func:`training_pairs` (train-split prompts only) to ``directory`` as a
+    ``train.ptx_dataset`` folder: ``images/00000.png ...`` and ``train.jsonl`` rows
+    ``{"prompt": ..., "image": "00000.png", "metadata": {"category": ...}}``."""
+    from PIL import Image
+
+    directory = Path(directory)
+    (directory / "images").mkdir(parents=True, exist_ok=True)
+    with open(directory / "train.jsonl", "w", encoding="utf-8") as f:
+        for i, (prompt, image) in enumerate(training_pairs(n, seed)):
+            name = f"{i:05d}.png"
+            Image.fromarray(image).save(directory / "images" / name)
+            f.write(json.dumps({"prompt": prompt, "image": name,
+                                "metadata": {"category": parse_prompt(prompt).category}}) + "\n")

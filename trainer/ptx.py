@@ -1,0 +1,81 @@
+"""Pretraining-data mix (``train.ptx_coef``): the flow-matching loss on (caption, image) pairs
+added to the RL loss, as InstructGPT's PPO-ptx mixes the pretraining objective into PPO and
+ImageReward's ReFL adds the pretraining loss to its reward loss, to keep the policy close to
+the data distribution while the reward moves it.
+
+``train.ptx_dataset`` is a folder whose ``train.jsonl`` rows are ``{"prompt": ..., "image":
+...}`` (images under its ``images/``, as any dataset folder; :mod:`trainer.data`). At start the
+images are resized to ``train.resolution`` and encoded to latents once (kept on the host); every
+micro-batch then draws ``train.ptx_batch_size`` of them (seeded), noises them at logit-normal
+times (SD3's pretraining distribution) and regresses the conditional velocity (no CFG) on the
+rectified-flow target ``eps - x0``. Captions go through the embedding cache like rollout prompts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from shared.condition_images import open_image
+from shared.sampling import as_hw, encode
+from trainer.data import DatasetError, read_split
+
+
+def logit_normal_sigmas(n: int, generator: torch.Generator, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
+    """``[n]`` rectified-flow times ``sigma = sigmoid(mean + std * z)``, ``z ~ N(0, 1)``
+    (``sigma = 1`` is pure noise), clamped to ``[1e-3, 1 - 1e-3]``."""
+    return torch.sigmoid(mean + std * torch.randn(n, generator=generator)).clamp(1e-3, 1 - 1e-3)
+
+
+def flow_matching_loss(v: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of the velocity ``v [B, ...]`` to the rectified-flow target ``eps - x0``
+    (for ``x_t = (1 - sigma) x0 + sigma eps``); a scalar."""
+    return F.mse_loss(v.float(), (eps - x0).float())
+
+
+class PretrainMix:
+    """The pretraining pairs of ``train.ptx_dataset`` as latents, and their loss for a policy."""
+
+    def __init__(self, cfg, adapter) -> None:
+        t = cfg.train
+        if not hasattr(adapter, "encode_images") or adapter.condition_images != (0, 0):
+            raise ValueError(
+                f"train.ptx_coef: model_type {adapter.model_type} has no image encoder for pretraining "
+                f"targets in this version (text-to-image sd3-5 has). Fix: set train.ptx_coef: 0.")
+        rows = read_split(t.ptx_dataset, "train")
+        if rows is None:
+            raise DatasetError(f"train.ptx_dataset: {t.ptx_dataset!r} has no train.jsonl. Fix: write one with "
+                               f'{{"prompt": ..., "image": ...}} rows.')
+        for row in rows:
+            if len(row.images) != 1:
+                raise DatasetError(f"{row.source}: a pretraining row needs exactly one \"image\" (the target), "
+                                   f"got {len(row.images)}. Fix: give every row of train.ptx_dataset one image.")
+        self.coef, self.batch_size, self.adapter = t.ptx_coef, t.ptx_batch_size, adapter
+        self.prompts = [r.prompt for r in rows]
+        h, w = as_hw(t.resolution)
+        latents = []
+        for s in range(0, len(rows), 64):
+            pixels = np.stack([np.asarray(open_image(r.images[0]).resize((w, h))) for r in rows[s:s + 64]])
+            x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(255).to(adapter.device)
+            latents.append(adapter.encode_images(x).cpu())
+        self.latents = torch.cat(latents)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def loss(self, policy, seed: int) -> torch.Tensor:
+        """``ptx_coef`` x the flow-matching loss of the current policy on ``ptx_batch_size`` pairs
+        drawn with ``seed`` (with gradients)."""
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randint(len(self), (self.batch_size,), generator=g)
+        x0 = self.latents[idx]
+        sigma = logit_normal_sigmas(self.batch_size, g)
+        eps = torch.randn(x0.shape, generator=g)
+        view = sigma.view(-1, *[1] * (x0.dim() - 1))
+        device = self.adapter.device
+        x0, eps, sigma = x0.to(device), eps.to(device), sigma.to(device)
+        cond = encode(self.adapter, [self.prompts[i] for i in idx.tolist()], [None] * self.batch_size, 1.0)
+        v = self.adapter.velocity((1 - view.to(device)) * x0 + view.to(device) * eps, sigma, cond, 1.0,
+                                  transformer=policy.model)
+        return self.coef * flow_matching_loss(v, x0, eps)
