@@ -78,7 +78,7 @@ def autoencoder(adapter, seeds: int) -> dict:
             renders.append(image)
     x = torch.from_numpy(np.stack(renders)).permute(0, 3, 1, 2).float() / 255.0  # [N, 3, 64, 64]
     with torch.no_grad():
-        decoded = adapter.decode(adapter.encode_images(x.to(adapter.device)))
+        decoded = adapter.decode(adapter.encode_latents(x.to(adapter.device)))
     rt = to_uint8_hwc(decoded)
     return {"scenes": len(prompts),
             "render_pass": float(np.mean([verify(i, p).correct for i, p in zip(renders, prompts)])),

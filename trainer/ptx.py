@@ -5,7 +5,8 @@ the data distribution while the reward moves it.
 
 ``train.ptx_dataset`` is a folder whose ``train.jsonl`` rows are ``{"prompt": ..., "image":
 ...}`` (images under its ``images/``, as any dataset folder; :mod:`trainer.data`). At start the
-images are resized to ``train.resolution`` and encoded to latents once (kept on the host); every
+images are resized to ``train.resolution`` and encoded to latents once (``adapter.encode_latents``,
+the inverse of ``decode``'s normalization; image families without condition images), kept on the host; every
 micro-batch then draws ``train.ptx_batch_size`` of them (seeded), noises them at logit-normal
 times (SD3's pretraining distribution) and regresses the conditional velocity (no CFG) on the
 rectified-flow target ``eps - x0``. Captions go through the embedding cache like rollout prompts.
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from shared.condition_images import open_image
+from shared.embedding_cache import adapter_device
 from shared.sampling import as_hw, encode
 from trainer.data import DatasetError, read_split
 
@@ -39,10 +41,10 @@ class PretrainMix:
 
     def __init__(self, cfg, adapter) -> None:
         t = cfg.train
-        if not hasattr(adapter, "encode_images") or adapter.condition_images != (0, 0):
+        if adapter.condition_images[0] > 0:
             raise ValueError(
-                f"train.ptx_coef: model_type {adapter.model_type} has no image encoder for pretraining "
-                f"targets in this version (text-to-image sd3-5 has). Fix: set train.ptx_coef: 0.")
+                f"train.ptx_coef: model_type {adapter.model_type} needs condition images, and pretraining "
+                f"pairs are (caption, target image) only in this version. Fix: set train.ptx_coef: 0.")
         rows = read_split(t.ptx_dataset, "train")
         if rows is None:
             raise DatasetError(f"train.ptx_dataset: {t.ptx_dataset!r} has no train.jsonl. Fix: write one with "
@@ -57,8 +59,8 @@ class PretrainMix:
         latents = []
         for s in range(0, len(rows), 64):
             pixels = np.stack([np.asarray(open_image(r.images[0]).resize((w, h))) for r in rows[s:s + 64]])
-            x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(255).to(adapter.device)
-            latents.append(adapter.encode_images(x).cpu())
+            x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(255).to(adapter_device(adapter))
+            latents.append(adapter.encode_latents(x).cpu())
         self.latents = torch.cat(latents)
 
     def __len__(self) -> int:
@@ -73,7 +75,7 @@ class PretrainMix:
         sigma = logit_normal_sigmas(self.batch_size, g)
         eps = torch.randn(x0.shape, generator=g)
         view = sigma.view(-1, *[1] * (x0.dim() - 1))
-        device = self.adapter.device
+        device = adapter_device(self.adapter)
         x0, eps, sigma = x0.to(device), eps.to(device), sigma.to(device)
         cond = encode(self.adapter, [self.prompts[i] for i in idx.tolist()], [None] * self.batch_size, 1.0)
         v = self.adapter.velocity((1 - view.to(device)) * x0 + view.to(device) * eps, sigma, cond, 1.0,

@@ -129,6 +129,15 @@ class FlowModelAdapter(ABC):
                 cond: dict[str, torch.Tensor]) -> torch.Tensor:
         """One denoiser call: velocity ``[B, ...]`` for ``latents`` at noise level ``sigma [B]``."""
 
+    def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, 3, H, W]`` in [0, 1] -> latents ``[B, ...]`` normalized as :meth:`decode`
+        expects them (the VAE posterior mean): the inverse of :meth:`decode`'s normalization, for
+        training targets from data (``train.ptx_coef``). Families without it raise."""
+        raise NotImplementedError(
+            f"model_type {self.model_type} cannot encode images into training latents in this version "
+            f"(train.ptx_coef needs it). Fix: set train.ptx_coef: 0, or use a text-to-image family such "
+            f"as sd3-5, flux1, z-image, qwen-image or flux2.")
+
     @abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents ``[B, ...]`` -> images ``[B, 3, H, W]`` (video families: frames ``[B, F, 3, H, W]``)

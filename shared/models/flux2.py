@@ -208,6 +208,16 @@ class Flux2BaseAdapter(PipelineAdapter):
         return self.pipeline._unpatchify_latents(out)
 
     @torch.no_grad()
+    def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, 3, H, W]`` in [0, 1] -> spatial latents normalized by the VAE batch norm in
+        patchified space (the VAE posterior mean): what :meth:`decode` inverts."""
+        vae = self.pipeline.vae
+        mean, std = self._patch_stats()
+        z = vae.encode((images * 2 - 1).to(self.device, vae.dtype)).latent_dist.mean.float()
+        patches = self.pipeline._patchify_latents(z)
+        return self.pipeline._unpatchify_latents((patches - mean.float()) / std.float())
+
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised spatial latents ``[B, C, H / f, W / f]`` -> images ``[B, 3, H, W]`` in [0, 1]:
         patchify, undo the batch norm, unpatchify, VAE decode (the pipelines' order)."""

@@ -231,6 +231,14 @@ class PipelineAdapter(FlowModelAdapter):
         return (self.transformer.config.in_channels // 4, h, w)
 
     @torch.no_grad()
+    def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, 3, H, W]`` in [0, 1] -> ``(z - shift_factor) * scaling_factor`` with ``z`` the
+        ``AutoencoderKL`` posterior mean (SD3, FLUX.1, Z-Image): what :meth:`decode` inverts."""
+        vae = self.pipeline.vae
+        z = vae.encode((images * 2 - 1).to(self.device, vae.dtype)).latent_dist.mean
+        return (z.float() - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents ``[B, C, H / f, W / f]`` normalized as ``(z - shift_factor) * scaling_factor``
         (``AutoencoderKL``: SD3, FLUX.1, Z-Image) -> images ``[B, 3, H, W]`` in [0, 1]. Families

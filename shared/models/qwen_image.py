@@ -155,6 +155,17 @@ class QwenImageAdapter(PipelineAdapter):
         return self.pipeline._unpack_latents(out, h * f, w * f, f).squeeze(2)
 
     @torch.no_grad()
+    def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, 3, H, W]`` in [0, 1] -> ``(z - latents_mean) / latents_std`` (the video VAE's
+        posterior mean on one frame): what :meth:`decode` inverts."""
+        vae = self.pipeline.vae
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean).view(shape).to(self.device, torch.float32)
+        std = torch.tensor(vae.config.latents_std).view(shape).to(self.device, torch.float32)
+        z = vae.encode((images * 2 - 1).unsqueeze(2).to(self.device, vae.dtype)).latent_dist.mean
+        return ((z.float() - mean) / std)[:, :, 0]
+
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents ``[B, C, H / f, W / f]`` normalized per channel, ``(z - latents_mean) /
         latents_std`` -> images ``[B, 3, H, W]`` in [0, 1] (the video VAE on one frame)."""

@@ -81,13 +81,6 @@ class SD3Adapter(PipelineAdapter):
             encoder_hidden_states=cond["prompt_embeds"], pooled_projections=cond["pooled"],
             return_dict=False)[0]
 
-    @torch.no_grad()
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Images ``[B, 3, H, W]`` in [0, 1] -> normalized latents (posterior mean)."""
-        vae = self.pipeline.vae
-        z = vae.encode((images * 2 - 1).to(vae.dtype)).latent_dist.mean
-        return (z.float() - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
-
 
 def write_folder_defaults(path: str | Path, options: dict[str, Any]) -> None:
     """Store the options that differ from :data:`SD3_OPTIONS` in ``path/flowrl.json`` (if any);

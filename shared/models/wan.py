@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from shared.flow import flow_sigmas
-from shared.models.base import MODELS, Conditioning
+from shared.models.base import MODELS, Conditioning, FlowModelAdapter
 from shared.models.experts import TwoExperts, pipeline_denoiser
 from shared.models.pipeline import DTYPE_OPTIONS, PipelineAdapter
 from shared.models.prompt_length import MAX_SEQUENCE_FIX
@@ -72,6 +72,8 @@ class WanT2VAdapter(PipelineAdapter):
     hub_examples = ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers, Wan-AI/Wan2.2-TI2V-5B-Diffusers or "
                     "Wan-AI/Wan2.2-T2V-A14B-Diffusers")
     text_encoders = ("text_encoder",)  # UMT5-XXL
+    # videos are not encoded into training latents in this version: the base class raises
+    encode_latents = FlowModelAdapter.encode_latents
     video = True
     # Flow-Factory's Wan targets: self- and cross-attention projections and the feed-forward
     default_lora_targets = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",

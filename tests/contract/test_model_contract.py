@@ -25,7 +25,10 @@ loaded back with the adapter's normal ``load``) must
   ``model.gradient_checkpointing`` (one LoRA step: the loss and gradients of the step without it);
 * fine-tune fully: every transformer weight trainable, and every one that gets a gradient changes
   (weights outside the computation, like a last block's text-stream outputs, stay under 20%);
-* write itself with ``save_pretrained`` and load back to identical predictions.
+* write itself with ``save_pretrained`` and load back to identical predictions;
+* encode images into latents (``encode_latents``, image families; the ``train.ptx_coef`` targets):
+  the latent shape, and the exact inverse of :meth:`decode`'s normalization (what ``decode`` hands
+  the VAE is the VAE's own posterior mean); video families refuse, naming the fix.
 
 A newly registered adapter gets a builder in ``tests/helpers/tiny_pipelines.py`` and runs all of it.
 """
@@ -386,3 +389,33 @@ def test_save_pretrained_round_trip(spec, adapter, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(again.velocity(x, sigma, cond, spec.guidance_scale),
                                    adapter.velocity(x, sigma, cond, spec.guidance_scale), rtol=0, atol=0)
+
+
+def test_encode_latents_inverts_decode_normalization(spec, adapter):
+    vae = adapter.pipeline.vae
+    if adapter.video:
+        with pytest.raises(NotImplementedError, match="ptx_coef"):
+            adapter.encode_latents(torch.rand(1, 3, *spec.resolution))
+        return
+    seen: dict[str, torch.Tensor] = {}
+    encode, decode = vae.encode, vae.decode
+
+    def recording_encode(x, *a, **k):
+        out = encode(x, *a, **k)
+        seen["posterior_mean"] = out.latent_dist.mean.detach().clone()
+        return out
+
+    def recording_decode(z, *a, **k):
+        seen["decoded"] = z.detach().clone()
+        return decode(z, *a, **k)
+
+    images = torch.rand(2, 3, *spec.resolution, generator=torch.Generator().manual_seed(0))
+    vae.encode, vae.decode = recording_encode, recording_decode
+    try:
+        z = adapter.encode_latents(images)
+        out = adapter.decode(z)
+    finally:
+        del vae.encode, vae.decode  # back to the class's methods
+    assert z.shape == (2, *adapter.latent_shape(spec.resolution)) and z.dtype == torch.float32
+    assert out.shape == images.shape
+    torch.testing.assert_close(seen["decoded"].float(), seen["posterior_mean"].float(), rtol=1e-5, atol=1e-5)

@@ -113,7 +113,7 @@ def test_cfg_velocity_is_one_batched_call(adapter):
 
 def test_decode_inverts_encode_normalization(adapter):
     images = torch.rand(2, 3, 32, 32)
-    z = adapter.encode_images(images)
+    z = adapter.encode_latents(images)
     assert z.shape == (2, 4, 8, 8)
     assert adapter.decode(z).shape == (2, 3, 32, 32)
 

@@ -62,14 +62,14 @@ def test_pretraining_set_is_train_split_pairs(tmp_path):
 def test_ptx_needs_a_dataset_and_one_image_per_row(tmp_path):
     with pytest.raises(ConfigError, match="ptx_dataset"):
         tiny_config(tmp_path, "nft", ["train.ptx_coef=1.0"])
-    # the tiny test model has no image encoder: a clear error, not a crash mid-epoch
-    cfg = tiny_config(tmp_path, "nft", ["train.ptx_coef=1.0", f"train.ptx_dataset={tmp_path}"])
-    adapter = load_adapter(cfg.model, device=torch.device("cpu"), seed=0)
-    with pytest.raises(ValueError, match="ptx_coef: 0"):
-        PretrainMix(cfg, adapter)
-
     folder = tmp_path / "bad"
     write_pretraining_set(folder, 3)
+    # the tiny test model has no VAE to encode targets with: a clear error at start, not mid-epoch
+    cfg = tiny_config(tmp_path, "nft", ["train.ptx_coef=1.0", f"train.ptx_dataset={folder}"])
+    adapter = load_adapter(cfg.model, device=torch.device("cpu"), seed=0)
+    with pytest.raises(NotImplementedError, match="ptx_coef: 0"):
+        PretrainMix(cfg, adapter)
+
     lines = (folder / "train.jsonl").read_text().splitlines()
     lines[1] = json.dumps({"prompt": "a photo of a circle"})  # no target image
     (folder / "train.jsonl").write_text("\n".join(lines) + "\n")
