@@ -151,7 +151,9 @@ def optimize(cfg: Config, accelerator: Accelerator, policy: Policy, algorithm: A
                 with ctx, accelerator.autocast():
                     loss, metrics = algorithm.loss(batch, unit, state, policy)
                     if ptx is not None and unit == 0:
-                        ptx_loss = ptx.loss(policy, batch.seed)
+                        # each rank draws its own pairs
+                        ptx_loss = ptx.loss(policy, batch.seed * accelerator.num_processes
+                                            + accelerator.process_index)
                         loss = loss + ptx_loss
                         # the epoch mean divides by every unit
                         metrics = {**metrics, "ptx_loss": ptx_loss.detach() / ptx.coef * units}

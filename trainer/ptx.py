@@ -6,7 +6,8 @@ the data distribution while the reward moves it.
 ``train.ptx_dataset`` is a folder whose ``train.jsonl`` rows are ``{"prompt": ..., "image":
 ...}`` (images under its ``images/``, as any dataset folder; :mod:`trainer.data`). At start the
 images are resized to ``train.resolution`` and encoded to latents once (``adapter.encode_latents``,
-the inverse of ``decode``'s normalization; image families without condition images), kept on the host; every
+the inverse of ``decode``'s normalization; image families without condition images) and kept on
+the host (``N`` float32 latents: 1 MiB each for 16 x 128 x 128, 1024 px with an 8x VAE); every
 micro-batch then draws ``train.ptx_batch_size`` of them (seeded), noises them at logit-normal
 times (SD3's pretraining distribution) and regresses the conditional velocity (no CFG) on the
 rectified-flow target ``eps - x0``. Captions go through the embedding cache like rollout prompts.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from shared.condition_images import open_image
 from shared.embedding_cache import adapter_device
@@ -57,7 +59,8 @@ class PretrainMix:
         self.prompts = [r.prompt for r in rows]
         h, w = as_hw(t.resolution)
         latents = []
-        for s in range(0, len(rows), 64):
+        for s in tqdm(range(0, len(rows), 64), desc="ptx: encoding images", unit="batch", leave=False,
+                      disable=len(rows) <= 256):
             pixels = np.stack([np.asarray(open_image(r.images[0]).resize((w, h))) for r in rows[s:s + 64]])
             x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(255).to(adapter_device(adapter))
             latents.append(adapter.encode_latents(x).cpu())
