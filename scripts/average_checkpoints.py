@@ -18,7 +18,6 @@ import argparse
 import shutil
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -71,5 +70,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    torch.set_grad_enabled(False)
     main()

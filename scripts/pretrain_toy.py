@@ -52,6 +52,7 @@ from shared.toy.pipeline import TOY_SIZES, build_tokenizer, build_toy_pipeline, 
 from shared.toy.scenes import CATEGORIES, prompt_text, split, training_pairs  # noqa: E402
 from shared.toy.verify import verify  # noqa: E402
 from trainer.reporting import save_grid  # noqa: E402
+from trainer.timesteps import logit_normal_draws  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -113,7 +114,7 @@ def noise_levels(n: int, generator: torch.Generator, mean: float = 0.0, std: flo
     """``[n]`` rectified-flow training times ``t = sigmoid(mean + std * z)``, ``z ~ N(0, 1)`` from
     ``generator`` (t = 1 is pure noise). The defaults are SD3's logit-normal and draw exactly the
     stream this script always drew; ``median(t) = sigmoid(mean)``."""
-    return torch.sigmoid(mean + std * torch.randn(n, generator=generator))
+    return logit_normal_draws(n, generator, mean, std)
 
 
 def to_unit(x_u8: torch.Tensor, device) -> torch.Tensor:

@@ -24,12 +24,12 @@ from shared.condition_images import open_image
 from shared.embedding_cache import adapter_device
 from shared.sampling import as_hw, encode
 from trainer.data import DatasetError, read_split
+from trainer.timesteps import SIGMA_MIN, logit_normal_draws
 
 
 def logit_normal_sigmas(n: int, generator: torch.Generator, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
-    """``[n]`` rectified-flow times ``sigma = sigmoid(mean + std * z)``, ``z ~ N(0, 1)``
-    (``sigma = 1`` is pure noise), clamped to ``[1e-3, 1 - 1e-3]``."""
-    return torch.sigmoid(mean + std * torch.randn(n, generator=generator)).clamp(1e-3, 1 - 1e-3)
+    """:func:`trainer.timesteps.logit_normal_draws` clamped to ``[SIGMA_MIN, 1 - SIGMA_MIN]``."""
+    return logit_normal_draws(n, generator, mean, std).clamp(SIGMA_MIN, 1 - SIGMA_MIN)
 
 
 def flow_matching_loss(v: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -77,10 +77,9 @@ class PretrainMix:
         x0 = self.latents[idx]
         sigma = logit_normal_sigmas(self.batch_size, g)
         eps = torch.randn(x0.shape, generator=g)
-        view = sigma.view(-1, *[1] * (x0.dim() - 1))
         device = adapter_device(self.adapter)
         x0, eps, sigma = x0.to(device), eps.to(device), sigma.to(device)
+        view = sigma.view(-1, *[1] * (x0.dim() - 1))
         cond = encode(self.adapter, [self.prompts[i] for i in idx.tolist()], [None] * self.batch_size, 1.0)
-        v = self.adapter.velocity((1 - view.to(device)) * x0 + view.to(device) * eps, sigma, cond, 1.0,
-                                  transformer=policy.model)
+        v = self.adapter.velocity((1 - view) * x0 + view * eps, sigma, cond, 1.0, transformer=policy.model)
         return self.coef * flow_matching_loss(v, x0, eps)

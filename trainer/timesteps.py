@@ -26,6 +26,14 @@ STRATEGIES = ("uniform", "logit_normal", "discrete", "discrete_with_init", "disc
 SIGMA_MIN = 1e-3  # continuous strategies never return sigma below this (the velocity target is ill-posed at 0)
 
 
+def logit_normal_draws(n: int, generator: torch.Generator | None, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
+    """``[n]`` rectified-flow times ``sigmoid(mean + std * z)``, ``z ~ N(0, 1)`` drawn from ``generator``
+    (1 = pure noise; unclamped): SD3's logit-normal at the defaults, ``median = sigmoid(mean)``.
+    Used where whole batches are drawn i.i.d. (pretraining, ``train.ptx_coef``); the trainers'
+    per-sample stratified strategy is :func:`sample_train_sigmas`."""
+    return torch.sigmoid(mean + std * torch.randn(n, generator=generator))
+
+
 def sd3_time_shift(sigma: torch.Tensor, shift: float) -> torch.Tensor:
     """SD3 resolution shift ``s * t / (1 + (s - 1) * t)``; ``shift > 1`` moves sigmas toward noise."""
     return shift * sigma / (1.0 + (shift - 1.0) * sigma)
