@@ -177,6 +177,10 @@ class TrainConfig(_Strict):
     kl_type: Literal["x-based", "v-based"] = "x-based"
     kl_beta: float | None = Field(None, ge=0)  # 0 disables the reference model entirely
     ref_param_device: Literal["same", "cpu"] = "same"  # full fine-tune: where the frozen copy lives
+    # the CFG scale of the KL reference (None = guidance_scale). A CFG-free policy (guidance_scale 1)
+    # anchored to the base's guided velocity (e.g. 4.5) is pulled towards the guided model while the
+    # reward tilts it: guidance distillation as the KL anchor, so it needs no CFG at inference
+    ref_guidance_scale: float | None = Field(None, ge=0)
     # -- DiffusionNFT
     nft_beta: float = Field(1.0, gt=0)
     off_policy: bool | None = None  # sample (and take v_old) from the EMA model
@@ -239,6 +243,17 @@ class TrainConfig(_Strict):
     def sampling_guidance_scale(self) -> float:
         """The CFG scale rollouts are sampled with: ``rollout_guidance_scale``, else the policy's."""
         return self.guidance_scale if self.rollout_guidance_scale is None else self.rollout_guidance_scale
+
+    @property
+    def reference_guidance_scale(self) -> float:
+        """The CFG scale of the KL reference's velocity: ``ref_guidance_scale``, else the policy's."""
+        return self.guidance_scale if self.ref_guidance_scale is None else self.ref_guidance_scale
+
+    @property
+    def encode_guidance_scale(self) -> float:
+        """The largest CFG scale any forward on the training conditioning uses (policy, rollouts,
+        KL reference): the trainer encodes negative prompts when it is above 1."""
+        return max(self.guidance_scale, self.sampling_guidance_scale, self.reference_guidance_scale)
 
 
 class EvalConfig(_Strict):
@@ -400,6 +415,11 @@ def check_combinations(cfg: Config) -> None:
             f"sampled them. Fix: leave rollout_guidance_scale unset, or use trainer_type nft or awm, "
             f"which learn from any sampler's images."
         )
+    if t.ref_guidance_scale is not None and t.ref_guidance_scale != t.guidance_scale and not t.kl_beta:
+        raise ConfigError(
+            f"train.ref_guidance_scale: {t.ref_guidance_scale} sets the CFG scale of the KL reference, "
+            f"but train.kl_beta is {t.kl_beta!r}, so no reference is evaluated and it would do nothing. "
+            f"Fix: set train.kl_beta > 0 (e.g. 0.1), or leave ref_guidance_scale unset.")
     if kind == "grpo-guard" and t.dynamics_type != "Flow-SDE":
         raise ConfigError(
             f"train.dynamics_type: '{t.dynamics_type}' cannot be used with train.trainer_type: "

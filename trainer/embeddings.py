@@ -33,7 +33,7 @@ def warm_embeddings(cfg: Config, adapter, train_rows: list, eval_rows: list) -> 
     t, e = cfg.train, cfg.eval
     encoded = 0
     for rows, guidance, resolution, frames, batch in (
-            (train_rows, max(t.guidance_scale, t.sampling_guidance_scale), t.resolution, t.num_frames,
+            (train_rows, t.encode_guidance_scale, t.resolution, t.num_frames,
              t.per_device_batch_size),
             (eval_rows, e.guidance_scale, e.resolution, e.num_frames, e.per_device_batch_size)):
         if not rows:

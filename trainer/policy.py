@@ -70,6 +70,7 @@ class Policy:
         self.adapter, self.model, self.cfg = adapter, model, cfg
         self.trainable = trainable
         self.guidance_scale = cfg.train.guidance_scale
+        self.ref_guidance_scale = cfg.train.reference_guidance_scale
         t = cfg.train
         self.ema = None
         if t.ema_decay:
@@ -113,10 +114,11 @@ class Policy:
 
     @torch.no_grad()
     def ref_velocity(self, x, sigma, cond) -> torch.Tensor:
+        """The frozen base's velocity at ``train.ref_guidance_scale`` (default: the policy's CFG)."""
         with self._reference() as module:
             device = next(module.parameters()).device
             v = self.adapter.velocity(x.to(device), sigma.to(device), cond.to(device),
-                                      self.guidance_scale, transformer=module)
+                                      self.ref_guidance_scale, transformer=module)
         return v.to(x.device)
 
     @torch.no_grad()

@@ -200,7 +200,7 @@ def load_rank_state(checkpoint: Path, rank: int, adapter=None, plan=None, cfg=No
         roll = unpack_trajectory({k.removeprefix("rollout/"): v.to(device)
                                   for k, v in flat.items() if k.startswith("rollout/")})
         rewards = {k.removeprefix("reward/"): v for k, v in flat.items() if k.startswith("reward/")}
-        cond = encode_batches(adapter, plan.prompts, plan.negatives, cfg.train.guidance_scale,
+        cond = encode_batches(adapter, plan.prompts, plan.negatives, cfg.train.encode_guidance_scale,
                               cfg.train.per_device_batch_size,
                               images=plan.condition_images, resolution=cfg.train.resolution,
                               num_frames=cfg.train.num_frames)

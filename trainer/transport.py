@@ -381,7 +381,7 @@ class CeleryTransport:
         versions = [got[sid][0].trajectory.policy_version for sid in ids]
         plan = pending.plan.subset(rows)
         cond = encode_batches(self.adapter, plan.prompts, plan.negatives,
-                              t.guidance_scale, t.per_device_batch_size,
+                              t.encode_guidance_scale, t.per_device_batch_size,
                               images=plan.condition_images, resolution=t.resolution, num_frames=t.num_frames)
         workers = {got[sid][0].trajectory.worker for sid in ids}
         for uri in uris:
