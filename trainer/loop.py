@@ -154,9 +154,9 @@ def optimize(cfg: Config, accelerator: Accelerator, policy: Policy, algorithm: A
                         # each rank draws its own pairs
                         ptx_loss = ptx.loss(policy, batch.seed * accelerator.num_processes
                                             + accelerator.process_index)
-                        loss = loss + ptx_loss
+                        loss = loss + ptx.coef * ptx_loss
                         # the epoch mean divides by every unit
-                        metrics = {**metrics, "ptx_loss": ptx_loss.detach() / ptx.coef * units}
+                        metrics = {**metrics, "ptx_loss": ptx_loss.detach() * units}
                     accelerator.backward(loss / per_step)
                 losses.append((unit, loss.detach()))
                 for k, v in {"loss": loss.detach(), **metrics}.items():

@@ -70,8 +70,8 @@ class PretrainMix:
         return len(self.prompts)
 
     def loss(self, policy, seed: int) -> torch.Tensor:
-        """``ptx_coef`` x the flow-matching loss of the current policy on ``ptx_batch_size`` pairs
-        drawn with ``seed`` (with gradients)."""
+        """The flow-matching loss of the current policy on ``ptx_batch_size`` pairs drawn with
+        ``seed`` (with gradients; the training loop weights it by ``ptx_coef``)."""
         g = torch.Generator().manual_seed(seed)
         idx = torch.randint(len(self), (self.batch_size,), generator=g)
         x0 = self.latents[idx]
@@ -82,4 +82,4 @@ class PretrainMix:
         view = sigma.view(-1, *[1] * (x0.dim() - 1))
         cond = encode(self.adapter, [self.prompts[i] for i in idx.tolist()], [None] * self.batch_size, 1.0)
         v = self.adapter.velocity((1 - view) * x0 + view * eps, sigma, cond, 1.0, transformer=policy.model)
-        return self.coef * flow_matching_loss(v, x0, eps)
+        return flow_matching_loss(v, x0, eps)

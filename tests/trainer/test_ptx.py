@@ -103,19 +103,28 @@ def test_ptx_loss_trains_the_lora_toward_the_pairs(tmp_path):
         after = float(mix.loss(policy, 5))
     assert after < before  # it fits the eight pairs
     assert all(torch.equal(p, frozen[n]) for n, p in adapter.transformer.named_parameters() if n in frozen)
-    # ptx_coef scales it
+    # the loss is the plain flow-matching loss: ptx_coef weights it in the training loop
     half = PretrainMix(toy_config(tmp_path, ["train.ptx_coef=1.0", f"train.ptx_dataset={tmp_path / 'ptx'}",
                                              "train.ptx_batch_size=8"]), adapter)
-    torch.testing.assert_close(half.loss(policy, 5) * 2, mix.loss(policy, 5))
+    torch.testing.assert_close(half.loss(policy, 5), mix.loss(policy, 5))
 
 
-def test_training_with_ptx_logs_its_loss(tmp_path):
+def test_training_with_ptx_logs_its_loss_and_weights_it_by_the_coefficient(tmp_path):
     from trainer.loop import train
 
     write_pretraining_set(tmp_path / "ptx", 6)
-    cfg = toy_config(tmp_path, ["train.ptx_coef=1.0", f"train.ptx_dataset={tmp_path / 'ptx'}",
-                                "train.ptx_batch_size=4"])
-    train(cfg, quiet=True)
-    rows = [json.loads(x) for x in (tmp_path / "runs" / "tiny_nft" / "metrics.jsonl").read_text().splitlines()]
-    logged = [r["train/ptx_loss"] for r in rows if "train/ptx_loss" in r]
-    assert len(logged) == 1 and 0 < logged[0] < 10
+    logged = {}
+    for coef in (1.0, 3.0):
+        cfg = toy_config(tmp_path, [f"train.ptx_coef={coef}", f"train.ptx_dataset={tmp_path / 'ptx'}",
+                                    "train.ptx_batch_size=4", f"run_name=ptx{coef:g}"])
+        train(cfg, quiet=True)
+        rows = [json.loads(x) for x in (tmp_path / "runs" / f"ptx{coef:g}" / "metrics.jsonl").read_text().splitlines()]
+        logged[coef] = [r for r in rows if "train/ptx_loss" in r]
+        assert len(logged[coef]) == 1 and 0 < logged[coef][0]["train/ptx_loss"] < 10
+    one, three = logged[1.0][0], logged[3.0][0]
+    # the same rollouts and pairs before the first update: the same unweighted ptx loss ...
+    assert one["train/ptx_loss"] == pytest.approx(three["train/ptx_loss"], rel=1e-6)
+    # ... and the training loss carries coef x it (ptx rides on one of the micro-batch's units)
+    from trainer.algorithms import ALGORITHMS
+    units = ALGORITHMS.get("nft")(cfg).num_units(0)
+    assert three["train/loss"] - one["train/loss"] == pytest.approx(2 * one["train/ptx_loss"] / units, rel=1e-4)
