@@ -219,16 +219,21 @@ def rollout_batches(adapter: FlowModelAdapter, prompts: list[str], negatives: li
                     state_dtype: str = "float32", noise_device: str = "cpu",
                     transformer, progress=None, num_frames: int | None = None,
                     images: Sequence[Sequence[ImageSource]] | None = None,
-                    on_batch: Callable[[slice, Rollout], None] | None = None) -> tuple[Conditioning, Rollout]:
+                    on_batch: Callable[[slice, Rollout], None] | None = None,
+                    encode_guidance_scale: float | None = None) -> tuple[Conditioning, Rollout]:
     """Roll out ``prompts`` in micro-batches and concatenate (conditioning and rollout).
     ``images``: per prompt, its condition images (image-conditioned families, :func:`encode`).
     ``on_batch(rows, rollout)``: called with each micro-batch as soon as it is rolled out (e.g.
-    :class:`shared.rewards.overlap.BackgroundScorer` scores it while the next one samples)."""
+    :class:`shared.rewards.overlap.BackgroundScorer` scores it while the next one samples).
+    ``encode_guidance_scale``: the CFG scale the returned conditioning is encoded for (``None`` =
+    ``guidance_scale``); a larger one keeps negatives that a later forward needs (the trainer's
+    guided KL reference) without changing the rollout."""
+    encode_scale = guidance_scale if encode_guidance_scale is None else max(guidance_scale, encode_guidance_scale)
     sigmas = adapter.sigmas(num_steps, as_hw(resolution))  # [N + 1], the family's grid
     conds, outs = [], []
     for s in range(0, len(prompts), batch_size):
         sl = slice(s, s + batch_size)
-        cond = encode(adapter, prompts[sl], negatives[sl], guidance_scale,
+        cond = encode(adapter, prompts[sl], negatives[sl], encode_scale,
                       None if images is None else images[sl], resolution, num_frames)
         outs.append(rollout(adapter, cond, seeds[sl], resolution=as_hw(resolution), sigmas=sigmas,
                             guidance_scale=guidance_scale, dynamics=dynamics,
@@ -354,10 +359,12 @@ def unpack_trajectory(t: dict[str, torch.Tensor]) -> Rollout:
 def rollout_with(adapter: FlowModelAdapter, prompts: list[str], negatives: list[str | None],
                  seeds: list[int], params, *, transformer, progress=None,
                  images: Sequence[Sequence[ImageSource]] | None = None,
-                 on_batch: Callable[[slice, Rollout], None] | None = None) -> tuple[Conditioning, Rollout]:
+                 on_batch: Callable[[slice, Rollout], None] | None = None,
+                 encode_guidance_scale: float | None = None) -> tuple[Conditioning, Rollout]:
     """:func:`rollout_batches` with the settings of a :class:`shared.protocol.SamplingParams`
     (what the embedded trainer and the sampler service both roll out from); ``images``: per
-    prompt, its condition images (image-conditioned families); ``on_batch``: as there."""
+    prompt, its condition images (image-conditioned families); ``on_batch``,
+    ``encode_guidance_scale``: as there."""
     return rollout_batches(
         adapter, prompts, negatives, seeds, batch_size=params.batch_size, resolution=params.resolution,
         num_steps=params.num_inference_steps, guidance_scale=params.guidance_scale,
@@ -365,4 +372,4 @@ def rollout_with(adapter: FlowModelAdapter, prompts: list[str], negatives: list[
         keep_means=params.keep_means, log_prob_reduction=params.log_prob_reduction,
         state_dtype=params.state_dtype, noise_device=params.noise_device,
         transformer=transformer, progress=progress, num_frames=params.num_frames, images=images,
-        on_batch=on_batch)
+        on_batch=on_batch, encode_guidance_scale=encode_guidance_scale)

@@ -22,7 +22,7 @@ from shared.models import Conditioning
 from shared.rewards.multi import score_specs
 from shared.rewards.overlap import BackgroundScorer, can_overlap
 from shared.protocol import SamplingParams
-from shared.sampling import Rollout, as_hw, encode_batches, rollout_with
+from shared.sampling import Rollout, as_hw, rollout_with
 from trainer.advantages import compute_advantages
 from trainer.data import PromptRow
 
@@ -141,15 +141,11 @@ def sample_locally(cfg: Config, adapter, policy, algorithm, rewards: dict, plan:
         cond, roll = rollout_with(adapter, plan.prompts, plan.negatives, plan.seeds,
                                   sampling_params(cfg, plan, algorithm.keep_means),
                                   transformer=policy.sampling_module(), progress=progress,
-                                  images=plan.condition_images, on_batch=scorer.submit if scorer else None)
+                                  images=plan.condition_images, on_batch=scorer.submit if scorer else None,
+                                  # with the negatives a guided KL reference (train.ref_guidance_scale) needs
+                                  encode_guidance_scale=cfg.train.encode_guidance_scale)
         scores = scorer.result() if scorer else score_specs(
             rewards, cfg.rewards, roll.images, plan.prompts, group_ids, condition_images=conditions)
-    t = cfg.train
-    if t.encode_guidance_scale > 1.0 and cond.negative is None:
-        # a guided KL reference (train.ref_guidance_scale) needs the negatives a CFG-free rollout skipped
-        cond = encode_batches(adapter, plan.prompts, plan.negatives, t.encode_guidance_scale,
-                              t.per_device_batch_size, images=plan.condition_images,
-                              resolution=t.resolution, num_frames=t.num_frames)
     return cond, roll, scores
 
 

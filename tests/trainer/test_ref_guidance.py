@@ -37,7 +37,7 @@ def test_the_reference_is_the_guided_base_and_the_policy_stays_cfg_free(tmp_path
     plan = plan_epoch(cfg, rows, 0, 0, 1)
     cond, roll, _ = sample_locally(cfg, adapter, policy, ALGORITHMS.get("nft")(cfg),
                                    {"brightness": Brightness()}, plan)
-    assert cond.negative is not None  # re-encoded with the negatives the reference needs
+    assert cond.negative is not None  # encoded with the negatives the reference needs
 
     # the rollout itself is CFG-free: the same latents as without the option
     plain_cfg, _, _ = _setup(tmp_path, [])
@@ -70,9 +70,13 @@ def test_the_reference_is_the_guided_base_and_the_policy_stays_cfg_free(tmp_path
     assert not torch.allclose(v_policy, v_ref, atol=1e-4)  # ... and the policy is not guided
 
 
-def test_nft_trains_towards_the_guided_reference(tmp_path):
+def test_nft_trains_towards_the_guided_reference_with_the_encoders_dropped(tmp_path):
+    """The warm-up encodes the train prompts with their negatives, and the CFG-free rollout takes
+    exactly those entries: after it, no prompt is encoded again (a dropped encoder would raise)."""
     cfg = tiny_config(tmp_path, "nft", GEOMETRY + ["train.ref_guidance_scale=3.0", "train.max_epochs=1",
-                                                  "eval.num_inference_steps=4"])
+                                                  "eval.num_inference_steps=4", "model.offload_text_encoders=drop"])
+    # held-out prompts that are not train prompts, so no CFG-free eval entry can serve a rollout
+    (tmp_path / "data" / "test.txt").write_text("a held-out prompt\nanother held-out prompt\n")
     summary = train(cfg, quiet=True)
     assert summary["epochs"] == 1 and summary["optimizer_steps"] == 1
 
