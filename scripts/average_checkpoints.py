@@ -10,6 +10,13 @@ epochs, ``train.save_freq=25``)::
 
     python scripts/average_checkpoints.py runs/avg runs/r/checkpoints/checkpoint-200 \
         runs/r/checkpoints/checkpoint-225 runs/r/checkpoints/final
+
+``--scale S`` then multiplies every LoRA update ``B A`` by ``S`` (its ``lora_B`` tensors; one
+checkpoint is enough): ``S > 1`` extrapolates away from the base model along what training
+changed (ExPO, Zheng et al. 2024, "Model Extrapolation Expedites Alignment"), ``S < 1``
+interpolates back towards the base, ``S = 0`` is the base::
+
+    python scripts/average_checkpoints.py runs/x1.25 runs/r/checkpoints/final --scale 1.25
 """
 
 from __future__ import annotations
@@ -22,9 +29,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 
-def average_files(files: list[Path], out: Path) -> None:
+def average_files(files: list[Path], out: Path, scale: float = 1.0) -> None:
     """Write the tensor-wise float32 mean of ``files`` (safetensors with the same keys and shapes)
-    to ``out``, keeping the last file's metadata."""
+    to ``out``, keeping the last file's metadata; the ``lora_B`` tensors are multiplied by ``scale``
+    (so each LoRA update ``B A`` is)."""
     states = [load_file(str(f)) for f in files]
     keys = set(states[0])
     for f, state in zip(files, states):
@@ -34,13 +42,16 @@ def average_files(files: list[Path], out: Path) -> None:
     with safe_open(str(files[-1]), "pt") as handle:
         metadata = handle.metadata()
     mean = {k: (sum(s[k].float() for s in states) / len(states)).contiguous() for k in sorted(keys)}
+    if scale != 1.0:
+        mean = {k: v * scale if ".lora_B." in k else v for k, v in mean.items()}
     save_file(mean, str(out), metadata=metadata)
 
 
-def average_checkpoints(checkpoints: list[Path], out: Path) -> Path:
-    """Average ``checkpoints`` (LoRA runs) into ``out`` (replaced if present); returns ``out``."""
-    if len(checkpoints) < 2:
-        raise ValueError("give at least two checkpoints to average")
+def average_checkpoints(checkpoints: list[Path], out: Path, scale: float = 1.0) -> Path:
+    """Average ``checkpoints`` (LoRA runs) into ``out`` (replaced if present) and multiply the
+    LoRA updates by ``scale``; returns ``out``."""
+    if len(checkpoints) < 2 and scale == 1.0:
+        raise ValueError("give at least two checkpoints to average (or one with --scale)")
     for c in checkpoints:
         if not (c / "trainer_state.json").is_file():
             raise FileNotFoundError(f"{c} is not a flowrl checkpoint (no trainer_state.json). Fix: pass "
@@ -57,7 +68,7 @@ def average_checkpoints(checkpoints: list[Path], out: Path) -> Path:
         missing = [c for c in checkpoints if not (c / rel).is_file()]
         if missing:
             raise FileNotFoundError(f"{missing[0] / rel} is missing: the checkpoints must hold the same files.")
-        average_files([c / rel for c in checkpoints], out / rel)
+        average_files([c / rel for c in checkpoints], out / rel, scale)
     return out
 
 
@@ -65,8 +76,11 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("out", type=Path, help="the averaged checkpoint folder to write")
     p.add_argument("checkpoints", type=Path, nargs="+", help="checkpoint folders of one run, last one last")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="multiply each LoRA update by this (>1 extrapolates from the base, 0 is the base)")
     args = p.parse_args(argv)
-    print(f"averaged {len(args.checkpoints)} checkpoints -> {average_checkpoints(args.checkpoints, args.out)}")
+    out = average_checkpoints(args.checkpoints, args.out, args.scale)
+    print(f"averaged {len(args.checkpoints)} checkpoint(s), LoRA x {args.scale} -> {out}")
 
 
 if __name__ == "__main__":
