@@ -91,10 +91,10 @@ def guidance_interval(threshold: float):
         model_base.FlowModelAdapter.velocity = original
 
 
-def run_variant(config: Path, variant: str, work: Path, extra: list[str]) -> dict:
+def run_variant(config: Path, variant: str, index: int, work: Path, extra: list[str]) -> dict:
     kind, scale, *rest = variant.split()
     overrides = [f"eval.guidance_scale={scale}", f"output_dir={work}", "logging_backend=none",
-                 f"run_name=teacher_{len(list(work.iterdir()))}"] + extra
+                 f"run_name=teacher_{index}"] + extra
     cfg = load_config(config, overrides)
     ctx = contextlib.nullcontext()
     if kind == "interval":
@@ -120,7 +120,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "toy_teacher_cpu.json")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [run_variant(args.config, v, Path(tmp), args.set) for v in args.variants]
+        rows = [run_variant(args.config, v, i, Path(tmp), args.set) for i, v in enumerate(args.variants)]
     result = {"config": str(args.config.relative_to(ROOT)) if args.config.is_relative_to(ROOT) else str(args.config),
               "machine": platform.machine(), "threads": torch.get_num_threads(), "overrides": args.set,
               "rows": rows}
