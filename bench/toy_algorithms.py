@@ -8,6 +8,7 @@ section of ``docs/results.md`` between the markers of that name with a table (``
 rewrites it from a saved run, e.g. one made on the device machine).
 
     python bench/toy_algorithms.py --budget 240            # CPU, ~20 min for all four
+    python bench/toy_algorithms.py --budget 570 --set-file bench/toy_cfgfree.set  # make demo's protocol, ~45 min
     python bench/toy_algorithms.py --budget 900 --device gpu  # on the device machine
 """
 
@@ -100,6 +101,9 @@ def main(argv=None) -> None:
     p.add_argument("--device", choices=["cpu", "gpu"], default="gpu" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out-dir", default="runs/bench_toy")
     p.add_argument("--set", action="append", default=[], help="extra key=value overrides for every run")
+    p.add_argument("--set-file", default=None,
+                   help="a file of key=value overrides, one a line (# comments), applied before --set: "
+                        "e.g. bench/toy_cfgfree.set, make demo's protocol for every algorithm")
     p.add_argument("--tag", default="", help="suffix of the JSON and docs section names (toy_algorithms_{device}_{tag})")
     p.add_argument("--from", dest="from_json", default=None,
                    help="run nothing: rewrite docs/results.md's table from this JSON (e.g. a device run's)")
@@ -108,6 +112,8 @@ def main(argv=None) -> None:
         result = json.loads(Path(args.from_json).read_text())
         print(f"wrote {write_section(result)}")
         return
+    if args.set_file:
+        args.set = read_set_file(Path(args.set_file)) + args.set
     out_dir = Path(args.out_dir).resolve()
     os.chdir(ROOT)  # the toy configs name the shipped asset and data relative to the repository root
     runs = []
@@ -127,6 +133,18 @@ def main(argv=None) -> None:
     print(f"wrote {out} and {write_section(result)}")
 
 
+def read_set_file(path: Path) -> list[str]:
+    """The ``key=value`` lines of ``path`` (blank lines and ``#`` comments skipped), in order."""
+    if not path.is_file():
+        raise SystemExit(f"--set-file {path}: no such file. Fix: give the path of a file of key=value lines.")
+    lines = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
+    bad = [line for line in lines if line and "=" not in line]
+    if bad:
+        raise SystemExit(f"--set-file {path}: {bad[0]!r} is not key=value. Fix: one override a line, "
+                         f"e.g. train.kl_beta=10.")
+    return [line for line in lines if line]
+
+
 def section_name(result: dict) -> str:
     """``toy_algorithms_{device}`` or, with a tag, ``toy_algorithms_{device}_{tag}``: the JSON's
     file name and the docs section's markers."""
@@ -137,11 +155,13 @@ def write_section(result: dict) -> Path:
     """``docs/results.md``'s section for ``result``'s device: heading, command, tables."""
     names = ", ".join(r["algorithm"] for r in result["runs"])
     body = (f"### Toy world, {names}: {result['budget_train_seconds']:.0f} s of training each "
-            f"({result['device']})\n\n"
+            f"({result['device']}" + (f", {result['tag']}" if result.get("tag") else "") + ")\n\n"
             f"`{result['command']}` ({result['machine']}, {result['threads']} threads"
             + (f", {result['gpu']}" if result["gpu"] else "") + "). Held-out test-prompt accuracy "
             "(ODE, fixed seeds) of the toy_geneval verifier, GenEval's overall score (the unweighted mean of "
-            "the six category accuracies); seconds count training only.\n\n" + markdown(result))
+            "the six category accuracies); seconds count training only. \"s to X\" is the training time of the "
+            f"first evaluation (every {result['eval_freq']} epochs, and the last) at or above X, so it is only as "
+            "fine as that grid.\n\n" + markdown(result))
     return update_results_md(section_name(result), body)
 
 

@@ -73,9 +73,10 @@ for s in $STEPS; do
                 ../../tests/shared/test_learned_rewards.py ../../tests/shared/test_rollout_noise.py \
                 ../../tests/trainer/test_overlap_scoring.py ../../tests/trainer/test_memory_options.py \
                 ../../tests/trainer/test_device_placement.py ;;
-    toy)      # issue 3: the four algorithms on the toy world, equal budgets, GPU-sized batches (TOY_SET replaces them)
+    toy)      # issue 3: the four algorithms on the toy world, equal budgets, make demo's CFG-free protocol
+              # (bench/toy_cfgfree.set, as the CPU table), GPU-sized batches (TOY_SET replaces them)
               step toy_algorithms 560 $PY ../toy_algorithms.py --device gpu --budget ${TOY_BUDGET:-90} --eval-freq 10 \
-                --out-dir /tmp/flowrl-toy ${TOY_SET-$TOY_GPU_BATCH} ;;
+                --out-dir /tmp/flowrl-toy --set-file ../toy_cfgfree.set ${TOY_SET-$TOY_GPU_BATCH} ;;
     toylong)  # issue 3: one recipe for most of a call (the 0.90 held-out target), its own JSON and docs section;
               # default examples/toy/nft_10min.yaml (CFG-free NFT with a KL anchor, the best CPU recipe, e22)
               step toy_long 570 $PY ../toy_algorithms.py --device gpu --tag long --algorithms ${TOY_ALGORITHM:-nft_10min} \

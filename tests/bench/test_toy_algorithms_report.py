@@ -7,6 +7,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -56,6 +58,62 @@ def test_from_json_adds_a_gpu_section_with_its_numbers(tmp_path, monkeypatch):
 
 
 def test_a_tagged_run_has_its_own_section(tmp_path, monkeypatch):
-    runs = json.loads((ROOT / "bench" / "results" / "toy_algorithms_cpu.json").read_text())["runs"]
-    text = gpu_section(tmp_path, monkeypatch, tag="long", runs=runs[2:3])
-    assert "<!-- toy_algorithms_gpu_long:start -->" in text and "### Toy world, nft: 150 s" in text
+    saved = json.loads((ROOT / "bench" / "results" / "toy_algorithms_cpu.json").read_text())
+    nft = [r for r in saved["runs"] if r["algorithm"] == "nft"]
+    text = gpu_section(tmp_path, monkeypatch, tag="long", runs=nft)
+    assert "<!-- toy_algorithms_gpu_long:start -->" in text
+    assert f"### Toy world, nft: {saved['budget_train_seconds']:.0f} s of training each (gpu, long)" in text
+    assert f"first evaluation (every {saved['eval_freq']} epochs, and the last)" in text
+
+
+def test_set_file_lines_come_before_the_command_lines_set_flags(tmp_path, monkeypatch):
+    """``--set-file``: key=value lines (comments and blanks skipped) reach every run, and a later
+    ``--set`` of the same key wins because it is applied after them."""
+    bench = load_bench()
+    f = tmp_path / "protocol.set"
+    f.write_text("# a protocol\n\ntrain.kl_beta=10  # the anchor\ntrain.guidance_scale=1.0\n")
+    seen = []
+
+    def fake_run_one(algorithm, budget, eval_freq, out_dir, extra):
+        seen.append(list(extra))
+        return {"algorithm": algorithm, "epochs": 1, "base_accuracy": 0.3, "final_accuracy": 0.4,
+                "best_accuracy": 0.4, "points": [{"train_seconds": 0.0, "accuracy": 0.3}]}
+
+    monkeypatch.setattr(bench, "run_one", fake_run_one)
+    monkeypatch.setattr(bench, "write_section", lambda result: tmp_path / "results.md")
+    monkeypatch.setattr(bench, "ROOT", tmp_path)
+    monkeypatch.chdir(tmp_path)  # main() changes into ROOT; put the test's folder back afterwards
+    bench.main(["--algorithms", "nft", "--set-file", str(f), "--set", "train.kl_beta=1", "--tag", "t"])
+    assert seen == [["train.kl_beta=10", "train.guidance_scale=1.0", "train.kl_beta=1"]]
+    saved = json.loads((tmp_path / "bench" / "results" / "toy_algorithms_cpu_t.json").read_text())
+    assert saved["overrides"] == seen[0]  # the JSON keeps what the file said when it ran
+
+    from shared.config import load_config
+    cfg = load_config(ROOT / "examples" / "toy" / "grpo.yaml", seen[0])
+    assert cfg.train.kl_beta == 1 and cfg.train.guidance_scale == 1.0
+
+
+def test_the_shipped_protocol_file_is_make_demos_recipe_for_every_algorithm():
+    """bench/toy_cfgfree.set on nft.yaml gives nft_10min.yaml's training settings (but its name,
+    length and eval cadence), and every algorithm's config accepts it."""
+    from shared.config import load_config
+    bench = load_bench()
+    lines = bench.read_set_file(ROOT / "bench" / "toy_cfgfree.set")
+    budget = ["train.max_train_seconds=570", "train.max_epochs=250", "eval.eval_freq=0", "run_name=toy_nft_10min"]
+    demo = load_config(ROOT / "examples" / "toy" / "nft_10min.yaml").model_dump()
+    nft = load_config(ROOT / "examples" / "toy" / "nft.yaml", lines + budget).model_dump()
+    nft["train"].pop("kl_type"), demo["train"].pop("kl_type")  # nft's KL is v-based whatever the key says
+    assert nft == demo
+    for algorithm in bench.ALGORITHMS:
+        cfg = load_config(ROOT / "examples" / "toy" / f"{algorithm}.yaml", lines + budget)
+        assert cfg.train.guidance_scale == 1.0 and cfg.train.reference_guidance_scale == 4.5
+
+
+def test_a_set_file_line_without_an_equals_sign_is_named(tmp_path):
+    bench = load_bench()
+    f = tmp_path / "bad.set"
+    f.write_text("train.kl_beta=10\ntrain.guidance_scale 1.0\n")
+    with pytest.raises(SystemExit, match="'train.guidance_scale 1.0' is not key=value"):
+        bench.read_set_file(f)
+    with pytest.raises(SystemExit, match="no such file"):
+        bench.read_set_file(tmp_path / "missing.set")
