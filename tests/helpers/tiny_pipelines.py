@@ -443,6 +443,13 @@ def build_wan_i2v(seed: int = 0):
     return build(seed)
 
 
+def build_wan_i2v_a14b(seed: int = 0):
+    """:func:`tests.helpers.tiny_video_pipelines.build_wan_i2v_a14b` (Wan2.2-I2V-A14B style)."""
+    from tests.helpers.tiny_video_pipelines import build_wan_i2v_a14b as build
+
+    return build(seed)
+
+
 # --------------------------------------------------------------------------- registry
 
 
@@ -525,6 +532,8 @@ TINY_PIPELINES: dict[str, TinyPipeline] = {
                      options={"max_sequence_length": 16, "num_frames": 5}, variant="a14b"),
         TinyPipeline("wan2_i2v", "WanImageToVideoPipeline", build_wan_i2v, (32, 32), uses_cfg=True,
                      options={"max_sequence_length": 16, "num_frames": 5}, condition_images=1),
+        TinyPipeline("wan2_i2v", "WanImageToVideoPipeline", build_wan_i2v_a14b, (32, 32), uses_cfg=True,
+                     options={"max_sequence_length": 16, "num_frames": 5}, condition_images=1, variant="a14b"),
         TinyPipeline("flux1-kontext", "FluxKontextPipeline", build_flux1_kontext, (32, 32), uses_cfg=False,
                      options={"max_sequence_length": 16, "shift_resolution": 32}, condition_images=1),
         TinyPipeline("qwen-image-edit-plus", "QwenImageEditPlusPipeline", build_qwen_image_edit_plus, (32, 32),

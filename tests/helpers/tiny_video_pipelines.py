@@ -8,7 +8,9 @@ Two variants of Wan's first-frame conditioning, on the parts of
   ``CLIPVisionModel`` (with a ``CLIPImageProcessor``, PIL backend) gives image embeddings the
   transformer cross-attends to (``image_dim``, ``added_kv_proj_dim``);
 * Wan2.2-TI2V (``ti2v=True``): ``expand_timesteps``: the first latent frame is replaced by the
-  condition image's latents and gets timestep 0; no image encoder.
+  condition image's latents and gets timestep 0; no image encoder;
+* Wan2.2-I2V-A14B (:func:`build_wan_i2v_a14b`): Wan2.1-I2V's channel-axis conditioning without an
+  image encoder, on two experts (``transformer_2`` below ``boundary_ratio``).
 """
 
 from __future__ import annotations
@@ -42,5 +44,30 @@ def build_wan_i2v(seed: int = 0, *, euler: bool = False, ti2v: bool = False):
     pipe = WanImageToVideoPipeline(tokenizer=t2v.tokenizer, text_encoder=t2v.text_encoder, vae=t2v.vae,
                                    scheduler=t2v.scheduler, image_processor=image_processor,
                                    image_encoder=image_encoder, transformer=transformer, expand_timesteps=ti2v)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_wan_i2v_a14b(seed: int = 0, *, boundary_ratio: float = 0.5):
+    """Wan2.2-I2V-A14B's layout: two differently initialised experts taking ``[latents; mask;
+    condition latents]`` (``in_channels = 2 z + 4``), no image encoder, and ``boundary_ratio`` (0.5
+    here, so the generic tests' grids straddle it; the real checkpoint has 0.9)."""
+    from diffusers import WanImageToVideoPipeline, WanTransformer3DModel
+
+    from tests.helpers.tiny_pipelines import build_wan_t2v
+
+    t2v = build_wan_t2v(seed)
+    z = t2v.vae.config.z_dim
+
+    def expert(offset: int):
+        torch.manual_seed(seed + offset)
+        return WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+            in_channels=2 * z + t2v.vae.config.scale_factor_temporal, out_channels=z, text_dim=16, freq_dim=32,
+            ffn_dim=32, num_layers=2, rope_max_seq_len=32)
+
+    pipe = WanImageToVideoPipeline(tokenizer=t2v.tokenizer, text_encoder=t2v.text_encoder, vae=t2v.vae,
+                                   scheduler=t2v.scheduler, image_processor=None, image_encoder=None,
+                                   transformer=expert(1), transformer_2=expert(7), boundary_ratio=boundary_ratio)
     pipe.set_progress_bar_config(disable=True)
     return pipe
