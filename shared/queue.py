@@ -157,21 +157,26 @@ def retry_delay(attempt: int, base: float) -> float:
 
 
 class RunState:
-    """The run's Redis keys: scored batches, the published policy, dead letters, deliveries."""
+    """The run's Redis keys: scored batches, the published policy, dead letters, deliveries.
 
-    def __init__(self, redis_client, run_id: str, prefix: str = "flowrl") -> None:
+    ``rank``: the trainer process this state pops scored batches and keeps its alive mark for
+    (several trainer processes under ``accelerate launch`` each have their own list); reward
+    workers push each batch to the list of the rank its trajectory names."""
+
+    def __init__(self, redis_client, run_id: str, prefix: str = "flowrl", rank: int = 0) -> None:
         self.redis = redis_client
         self.keys = RunKeys(run_id, prefix)
+        self.rank = rank
 
     @classmethod
-    def connect(cls, url: str, run_id: str, prefix: str = "flowrl") -> "RunState":
+    def connect(cls, url: str, run_id: str, prefix: str = "flowrl", rank: int = 0) -> "RunState":
         import redis
 
-        return cls(redis.Redis.from_url(url), run_id, prefix)
+        return cls(redis.Redis.from_url(url), run_id, prefix, rank)
 
     # -- scored batches (reward workers push, the trainer pops)
     def push_scored(self, batch: ScoredBatch) -> None:
-        self.redis.rpush(self.keys.scored, batch.model_dump_json())
+        self.redis.rpush(self.keys.scored_for(batch.trajectory.trainer_rank), batch.model_dump_json())
 
     def pop_scored(self, timeout: float) -> ScoredBatch | None:
         """The oldest scored batch, waiting up to ``timeout`` seconds (None if none came).
@@ -181,7 +186,7 @@ class RunState:
         deadline = time.monotonic() + timeout
         while True:
             wait = min(2.0, max(deadline - time.monotonic(), 0.01))
-            item = self.redis.blpop([self.keys.scored], timeout=wait)
+            item = self.redis.blpop([self.keys.scored_for(self.rank)], timeout=wait)
             if item is not None:
                 return ScoredBatch.model_validate_json(item[1])
             if time.monotonic() >= deadline:
@@ -211,10 +216,10 @@ class RunState:
 
     # -- data-loss detection (see RunKeys.alive)
     def mark(self, token: str) -> None:
-        self.redis.set(self.keys.alive, token)
+        self.redis.set(self.keys.alive_for(self.rank), token)
 
     def marked(self, token: str) -> bool:
-        value = self.redis.get(self.keys.alive)
+        value = self.redis.get(self.keys.alive_for(self.rank))
         return value is not None and value.decode() == token
 
     def clear(self) -> int:

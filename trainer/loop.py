@@ -86,6 +86,13 @@ def check_rows(adapter, *row_lists) -> None:
             check_condition_images(rows, adapter.model_type, adapter.condition_images)
 
 
+def fewest(accelerator: Accelerator, n: int) -> int:
+    """The smallest ``n`` over the processes (``n`` itself on one)."""
+    if accelerator.num_processes == 1:
+        return n
+    return int(accelerator.gather(torch.tensor([n], device=accelerator.device)).min())
+
+
 def build_optimizer(cfg: Config, trainable: dict):
     from diffusers.optimization import get_scheduler
 
@@ -254,7 +261,9 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
 
     if cfg.transport == "celery":
         transport = CeleryTransport(cfg, adapter, policy, algorithm, name,
-                                    world_size=accelerator.num_processes, run_dir=run_dir,
+                                    world_size=accelerator.num_processes, rank=accelerator.process_index,
+                                    barrier=accelerator.wait_for_everyone,
+                                    agree=lambda n: fewest(accelerator, n), run_dir=run_dir,
                                     resume_epoch=None if ckpt is None else progress.epoch)
     else:
         transport = LocalTransport(cfg, adapter, policy, algorithm, rewards)
@@ -372,11 +381,13 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
     if prom is not None:
         prom_server.shutdown()
     epochs_done = len(history)  # the whole run's, a resumed one included
+    duplicates = int(accelerator.reduce(torch.tensor([transport.duplicates], device=accelerator.device),
+                                        reduction="sum").item())  # every trainer process's
     final_dir = save_checkpoint(run_dir / "checkpoints" / "final", cfg, accelerator, adapter, policy,
                                 epochs_done, step)
     summary = {"run_name": name, "trainer_type": t.trainer_type, "model_type": cfg.model.model_type,
                "transport": cfg.transport, "epochs": epochs_done, "policy_version": version,
-               "samples": samples_used, "duplicates_dropped": transport.duplicates,
+               "samples": samples_used, "duplicates_dropped": duplicates,
                "optimizer_steps": step, "seconds": time.time() - start,
                "train_seconds": train_seconds,
                "world_size": geo.world_size, "run_dir": str(run_dir), "checkpoint": str(final_dir)}

@@ -93,27 +93,36 @@ class CollectError(RuntimeError):
 class CeleryTransport:
     """Sample and score through the Celery queues (see the module docstring).
 
-    One trainer process: the trainer is the single controller (several trainer processes
-    would each need their own scored list; not supported yet).
+    Several trainer processes (``accelerate launch ... trainer``, DDP) each run one: rank ``r``
+    dispatches its own share of the epoch's groups (jobs ``{run}/e{epoch}/r{r}/j{j}``, marked
+    ``trainer_rank``), and pops their scores from its own Redis list; rank 0 alone clears a fresh
+    run's keys and publishes the weights (DDP keeps them identical on every rank). A rank that
+    lost prompt groups to dead-lettered tasks trains fewer samples, so every rank trims to the
+    fewest any rank has (``agree``), keeping the DDP steps in lockstep.
     """
 
     def __init__(self, cfg: Config, adapter, policy, algorithm, run_id: str, *, world_size: int = 1,
-                 run_dir: Path | None = None, state=None, resume_epoch: int | None = None) -> None:
+                 rank: int = 0, barrier=None, agree=None, run_dir: Path | None = None, state=None,
+                 resume_epoch: int | None = None) -> None:
         """``resume_epoch``: None for a fresh run (the run's Redis keys and ledger are cleared);
         else the first epoch a resumed run trains (what the ledger says about later epochs is
-        dropped, and scores still queued for earlier epochs count as duplicates)."""
-        if world_size != 1:
-            raise ValueError(
-                f"transport: celery runs ONE trainer process (got {world_size}); scale the samplers "
-                f"and reward workers instead. Fix: start `flowrl trainer` without accelerate launch.")
+        dropped, and scores still queued for earlier epochs count as duplicates).
+        ``barrier()``: waits for every trainer process (needed with ``world_size > 1``: no rank
+        marks or sends before rank 0 has cleared a fresh run); ``agree(n)``: the smallest ``n``
+        over the processes (default: ``n``, one process)."""
+        if world_size > 1 and barrier is None:
+            raise ValueError("CeleryTransport: several trainer processes need a barrier "
+                             "(trainer.loop passes accelerator.wait_for_everyone)")
         from shared.queue import RunState, make_celery
         from shared.store import BlobStore
 
         q = cfg.queue
         self.cfg, self.adapter, self.policy, self.algorithm, self.run_id = (
             cfg, adapter, policy, algorithm, run_id)
+        self.rank, self.world_size = rank, world_size
+        self.agree = agree or (lambda n: n)
         self.app = make_celery(q, name="flowrl-trainer")
-        self.state = state or RunState.connect(q.broker_url, run_id, q.key_prefix)
+        self.state = state or RunState.connect(q.broker_url, run_id, q.key_prefix, rank=rank)
         store_url = q.store_url or f"file://{Path(cfg.output_dir).resolve()}/blobs"
         self.store = BlobStore(store_url)
         self.buffer: dict[str, tuple] = {}  # sample id -> (ScoredBatch, row) popped early
@@ -122,28 +131,38 @@ class CeleryTransport:
         self.dead_letters_seen = 0
         self.loaded: dict[str, Rollout] = {}  # trajectory blobs read ahead of their epoch's end
         self.condition_refs: dict[str, object] = {}  # dataset image path -> its BlobRef (uploaded once)
-        # audit trail: one line per sample used for training (id, version, worker, rewards)
-        self.ledger = None if run_dir is None else Path(run_dir) / "scored_samples.jsonl"
+        # audit trail: one line per sample used for training (id, version, worker, rewards); with
+        # several trainer processes one file each (rank r > 0: scored_samples.rank{r}.jsonl)
+        mine = "" if rank == 0 else f".rank{rank}"
+        self.ledger = None if run_dir is None else Path(run_dir) / f"scored_samples{mine}.jsonl"
         self.first_epoch = resume_epoch or 0
-        self.dead_letter_log = None if run_dir is None else Path(run_dir) / "dead_letters.jsonl"
+        self.dead_letter_log = None if run_dir is None else Path(run_dir) / f"dead_letters{mine}.jsonl"
         self.letters: list = []  # every dead letter of this run seen so far
         self.outstanding: dict[int, _Pending] = {}  # dispatched epochs not yet collected
         self.received: set[str] = set()  # sample ids popped and not yet trained
         self.published: PolicyPublished | None = None
         self.token = uuid.uuid4().hex  # this trainer's mark in Redis (see _recover)
         if resume_epoch is None:  # a fresh run: nothing of an earlier run with this name counts
-            self.state.clear()
+            if rank == 0:
+                self.state.clear()
+                for old in ([] if run_dir is None else Path(run_dir).glob("scored_samples.rank*.jsonl")):
+                    old.unlink()  # an earlier run's other processes (this one may have fewer)
             if self.ledger is not None and self.ledger.exists():
                 self.ledger.unlink()
         elif self.ledger is not None:
             from trainer.resume import truncate_jsonl
 
             truncate_jsonl(self.ledger, lambda r: r["epoch"] < resume_epoch)
+        if barrier is not None:
+            barrier()  # rank 0 has cleared a fresh run's keys before any rank marks or sends
         self._redis(lambda: self.state.mark(self.token), "marking the run alive")
 
     # ------------------------------------------------------------------ weights
-    def publish(self, version: int) -> PolicyPublished:
-        """Write the sampling weights as a blob (atomic), then bump the version in Redis."""
+    def publish(self, version: int) -> PolicyPublished | None:
+        """Write the sampling weights as a blob (atomic), then bump the version in Redis. Rank 0
+        only: DDP keeps the weights identical on every trainer process."""
+        if self.rank != 0:
+            return None
         policy, t = self.policy, self.cfg.train
         if t.off_policy and policy.ema is not None:
             weights = policy.ema.as_params(policy.trainable)
@@ -174,7 +193,7 @@ class CeleryTransport:
         for j, start in enumerate(range(0, len(ids), rows_per_job)):
             rows = range(start, min(start + rows_per_job, len(ids)))
             job = SampleJob(
-                run_id=self.run_id, job_id=f"{self.run_id}/e{plan.epoch}/j{j}", epoch=plan.epoch,
+                run_id=self.run_id, job_id=f"{self._epoch_prefix(plan.epoch)}/j{j}", epoch=plan.epoch,
                 min_policy_version=version, params=params,
                 items=[SampleItem(sample_id=ids[r], prompt=plan.prompts[r],
                                   negative_prompt=plan.negatives[r], group_id=plan.group_ids[r],
@@ -183,7 +202,8 @@ class CeleryTransport:
                        for r in rows],
                 model=self.cfg.model.model_dump(mode="json"), model_seed=t.seed,
                 store_url=self.store.url,
-                rewards=spec_dicts(self.cfg.rewards), key_prefix=self.cfg.queue.key_prefix)
+                rewards=spec_dicts(self.cfg.rewards), key_prefix=self.cfg.queue.key_prefix,
+                trainer_rank=self.rank)
             pending_messages[job.job_id] = job.model_dump_json()
             jobs[job.job_id] = [ids[r] for r in rows]
         pending = _Pending(plan, ids, jobs, time.monotonic(), pending_messages)
@@ -191,6 +211,12 @@ class CeleryTransport:
         for job_id in jobs:
             self._send(pending, job_id)
         return pending
+
+    def _epoch_prefix(self, epoch: int) -> str:
+        """Where this process's jobs of ``epoch`` (and their blobs) live: ``{run}/e{epoch}``, or
+        ``{run}/e{epoch}/r{rank}`` with several trainer processes."""
+        base = f"{self.run_id}/e{epoch}"
+        return base if self.world_size == 1 else f"{base}/r{self.rank}"
 
     def _condition_ref(self, path: str):
         """The blob of a dataset condition image (its file's bytes, unchanged), uploaded once per run
@@ -300,13 +326,25 @@ class CeleryTransport:
                     self.received.add(sid)
             if kept:  # read its tensors now, while the other batches are still being sampled
                 self._trajectory(batch.trajectory.tensors)
-        if not need:
-            raise CollectError(f"epoch {pending.plan.epoch}: every prompt group was dropped after "
-                               f"dead-lettered tasks (see {self.dead_letter_log}); nothing to train on.")
+        rows = [r for r, sid in enumerate(pending.ids) if sid in need]
+        had = len(rows)
+        keep = self.agree(had)  # every trainer process trains as many samples (DDP lockstep)
+        if keep < len(rows):  # rows are whole groups in plan order, and every count is whole groups
+            cut = [pending.ids[r] for r in rows[keep:]]
+            log.warning("epoch %d: another trainer process lost prompt groups to dead-lettered tasks; "
+                        "this one trains %d of its %d scored samples too (dropped: %s)",
+                        pending.plan.epoch, keep, len(rows), ", ".join(cut))
+            dropped.extend(cut)
+            rows = rows[:keep]
+        if not rows:
+            whose = "" if self.world_size == 1 else (
+                " of this trainer process's share" if not had else " of another trainer process's share")
+            raise CollectError(f"epoch {pending.plan.epoch}: every prompt group{whose} was dropped after "
+                               f"dead-lettered tasks (see {self.dead_letter_log} and any dead_letters.rank*.jsonl "
+                               f"beside it); nothing to train on.")
         self.scored_ids.update(pending.ids)
         self.received.difference_update(pending.ids)
         self.outstanding.pop(pending.plan.epoch, None)
-        rows = [r for r, sid in enumerate(pending.ids) if sid in need]
         self._record(pending, got, rows)
         samples = self._assemble(pending, got, rows)
         samples.metrics.update({"queue/collect_seconds": time.monotonic() - pending.sent_at,
@@ -319,6 +357,7 @@ class CeleryTransport:
     def _record(self, pending: _Pending, got: dict[str, tuple], rows: list[int]) -> None:
         if self.ledger is None:
             return
+        self.ledger.parent.mkdir(parents=True, exist_ok=True)
         with self.ledger.open("a") as f:
             for sid in (pending.ids[r] for r in rows):
                 batch, row = got[sid]
@@ -400,8 +439,8 @@ class CeleryTransport:
         return {name: int(self.state.redis.llen(q.queue(name))) for name in (QUEUE_SAMPLE, QUEUE_REWARD)}
 
     def epoch_done(self, epoch: int) -> int:
-        """Delete the blobs of a trained epoch (garbage collection); returns how many."""
-        return self.store.delete_prefix(f"{self.run_id}/e{epoch}")
+        """Delete this process's blobs of a trained epoch (garbage collection); returns how many."""
+        return self.store.delete_prefix(self._epoch_prefix(epoch))
 
     def close(self) -> None:
         self.app.close()

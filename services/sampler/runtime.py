@@ -189,7 +189,7 @@ class TrajectoryWriter:
             policy_version=policy_version, sample_ids=[i.sample_id for i in items],
             group_ids=[i.group_id for i in items], prompts=[i.prompt for i in items],
             sde_steps=self.sde_steps, store_url=self.job.store_url, tensors=self._refs["tensors"],
-            images=self._refs["images"], worker=worker, seconds=seconds,
+            images=self._refs["images"], worker=worker, seconds=seconds, trainer_rank=self.job.trainer_rank,
             condition_images=[list(i.images) for i in items] if any(i.images for i in items) else [])
 
     # ---------------------------------------------------------------- writer threads

@@ -115,6 +115,9 @@ class SampleJob(Message):
     store_url: str  # blob store root for this run's outputs
     rewards: list[dict[str, Any]] = Field(min_length=1)  # ``rewards:`` specs, passed on to scoring
     key_prefix: str = "flowrl"
+    # the trainer process (accelerate rank) that dispatched the job: its scores go to that process's
+    # list (``RunKeys.scored_for``)
+    trainer_rank: int = Field(0, ge=0)
 
 
 class Trajectory(Message):
@@ -142,6 +145,7 @@ class Trajectory(Message):
     condition_images: list[list[BlobRef]] = Field(default_factory=list)  # [] or one list per sample
     worker: str = ""
     seconds: float = 0.0
+    trainer_rank: int = Field(0, ge=0)  # the job's (where its scores go)
 
     @model_validator(mode="after")
     def _aligned(self) -> "Trajectory":

@@ -7,7 +7,8 @@ one Redis without touching each other's data.
 
 from __future__ import annotations
 
-PROTOCOL_VERSION = 4  # 2: BlobRef digests may be xxh3_128 instead of sha256; 3: SampleItem.images; 4: Trajectory.condition_images
+PROTOCOL_VERSION = 5  # 2: BlobRef digests may be xxh3_128 instead of sha256; 3: SampleItem.images; 4: Trajectory.condition_images;
+# 5: SampleJob / Trajectory.trainer_rank (the trainer process a job's scores go back to)
 
 # Celery queues and task names
 QUEUE_SAMPLE = "sample"
@@ -22,13 +23,15 @@ class RunKeys:
     """Redis keys of one run.
 
     * ``scored``: list of :class:`~shared.protocol.ScoredBatch` JSON, pushed by reward workers,
-      popped by the trainer;
+      popped by the trainer; with several trainer processes each has its own list,
+      :meth:`scored_for` (rank 0's is ``scored``);
     * ``policy``: the latest :class:`~shared.protocol.PolicyPublished` JSON (one string, replaced
       atomically: the version bump IS this write);
     * ``dead``: list of :class:`~shared.protocol.DeadLetter` JSON (tasks that gave up);
     * ``deliveries:{job_id}``: how many times a task for that job was started (redelivery cap);
     * ``alive``: a token the trainer writes at start; its absence later means Redis lost the
-      run's data (restarted without persistence), so the trainer re-publishes and re-dispatches.
+      run's data (restarted without persistence), so the trainer re-publishes and re-dispatches
+      (one per trainer process, :meth:`alive_for`).
     """
 
     def __init__(self, run_id: str, prefix: str = DEFAULT_KEY_PREFIX) -> None:
@@ -42,6 +45,14 @@ class RunKeys:
         self.dead = f"{base}:dead"
         self.alive = f"{base}:alive"
         self.base = base
+
+    def scored_for(self, rank: int) -> str:
+        """The scored list of trainer process ``rank`` (rank 0: :attr:`scored`)."""
+        return self.scored if rank == 0 else f"{self.scored}:r{rank}"
+
+    def alive_for(self, rank: int) -> str:
+        """The alive mark of trainer process ``rank`` (rank 0: :attr:`alive`)."""
+        return self.alive if rank == 0 else f"{self.alive}:r{rank}"
 
     def deliveries(self, job_id: str) -> str:
         return f"{self.base}:deliveries:{job_id}"

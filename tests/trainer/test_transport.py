@@ -217,3 +217,94 @@ def test_redis_lost_mid_dispatch_resends_the_jobs_it_had_already_sent(celery_set
     transport.dispatch(plan_epoch(cfg, rows, 0, 0, 1), 0)
     assert sent == ["run1/e0/j0", "run1/e0/j1", "run1/e0/j0"]  # j1 sent, then the recovery resent j0
     assert transport.state.marked(transport.token) and transport.state.policy().version == 0
+
+
+@pytest.fixture
+def two_ranks(tmp_path, redis_url, capture):
+    """Two trainer processes' transports of one run (world size 2) in this process; rank 0's
+    ``agree`` returns the fewest of its count and ``fewest_of_rank1`` (what the collective would)."""
+    ns = f"tt-{uuid.uuid4().hex[:8]}"
+    cfg = tiny_config(tmp_path, overrides=FAST + [f"queue.broker_url={redis_url}", f"queue.namespace={ns}",
+                                                  f"queue.key_prefix={ns}", f"queue.store_url=memory://{ns}",
+                                                  "queue.collect_timeout_s=1.5", "transport=celery",
+                                                  "train.unique_sample_num_per_epoch=4"])
+    adapter = load_adapter(cfg.model, device=torch.device("cpu"), seed=0)
+    policy = Policy(adapter, adapter.transformer, cfg, attach_trainable(adapter, cfg))
+    counts: dict[int, int] = {}
+    barriers = []
+
+    def make(rank: int) -> CeleryTransport:
+        def agree(n: int) -> int:
+            counts[rank] = n
+            return min(counts.values())
+        t = CeleryTransport(cfg, adapter, policy, ALGORITHMS.get("grpo")(cfg), "run1", world_size=2, rank=rank,
+                            barrier=lambda: barriers.append(rank), agree=agree, run_dir=tmp_path)
+        capture(t)
+        return t
+
+    ranks = [make(0), make(1)]
+    rows, _ = load_prompts(cfg.data.dataset_dir, None)
+    yield cfg, adapter, ranks, rows, counts
+    assert barriers == [0, 1]
+    ranks[0].state.clear()
+    delete_namespace_queues(ranks[0].state.redis, ns)
+    for t in ranks:
+        t.close()
+
+
+def test_each_trainer_process_sends_its_own_jobs_and_gets_its_own_scores(two_ranks):
+    cfg, adapter, (t0, t1), rows, _ = two_ranks
+    plans = [plan_epoch(cfg, rows, 0, r, 2) for r in (0, 1)]
+    pend = [t.dispatch(p, 0) for t, p in zip((t0, t1), plans)]
+    for rank, (t, p) in enumerate(zip((t0, t1), pend)):
+        jobs = [SampleJob.model_validate_json(m) for m in t.sent]
+        assert sorted(p.jobs) == [f"run1/e0/r{rank}/j0", f"run1/e0/r{rank}/j1"]
+        assert {j.trainer_rank for j in jobs} == {rank}
+        assert {i.group_id for j in jobs for i in j.items} == set(plans[rank].group_ids)
+    # rank 0 alone publishes; both mark themselves alive, each under its own key
+    t0.publish(0)
+    assert t1.publish(1) is None and t0.state.policy().version == 0
+    assert t0.state.marked(t0.token) and t1.state.marked(t1.token) and not t0.state.marked(t1.token)
+    # a reward worker pushes every batch to its trainer's list: rank 1's first, rank 0 sees none of them
+    for t, p in ((t1, pend[1]), (t0, pend[0])):
+        for job in p.jobs:
+            t0.state.push_scored(scored_for(cfg, adapter, t, p, job, reward=0.1 + t.rank))
+    s0, s1 = t0.collect(pend[0]), t1.collect(pend[1])
+    assert s0.rewards["brightness"].tolist() == pytest.approx([0.1] * 4)
+    assert s1.rewards["brightness"].tolist() == pytest.approx([1.1] * 4)
+    assert t0.duplicates == t1.duplicates == 0
+    for t, p, name in ((t0, pend[0], "scored_samples.jsonl"), (t1, pend[1], "scored_samples.rank1.jsonl")):
+        assert t.ledger.name == name
+        assert [json.loads(x)["sample_id"] for x in t.ledger.read_text().splitlines()] == p.ids
+    # each process collects its own blobs
+    assert t1.epoch_done(0) > 0 and t0.epoch_done(0) > 0
+
+
+def test_a_group_lost_on_one_process_trims_every_process_to_the_same_count(two_ranks):
+    cfg, adapter, (t0, t1), rows, counts = two_ranks
+    pend = [t.dispatch(plan_epoch(cfg, rows, 0, r, 2), 0) for r, t in enumerate((t0, t1))]
+    dead_letter(t1, pend[1], "run1/e0/r1/j1")
+    for t, p in zip((t0, t1), pend):
+        for job in p.jobs:
+            if job != "run1/e0/r1/j1":
+                t0.state.push_scored(scored_for(cfg, adapter, t, p, job))
+    s1 = t1.collect(pend[1])  # rank 1 lost group 3: 2 samples left
+    assert s1.rows == [0, 1] and counts[1] == 2
+    s0 = t0.collect(pend[0])  # rank 0 has all 4, and trains 2 like rank 1 (DDP lockstep)
+    assert s0.rows == [0, 1] and s0.rollout.latents.shape[0] == 2
+    assert s0.metrics["queue/dropped_samples"] == 2
+    ledger = [json.loads(x)["sample_id"] for x in t0.ledger.read_text().splitlines()]
+    assert ledger == pend[0].jobs["run1/e0/r0/j0"]  # the trimmed group is not recorded as trained
+
+
+def test_every_group_lost_on_one_process_stops_every_process(two_ranks):
+    cfg, adapter, (t0, t1), rows, counts = two_ranks
+    pend = [t.dispatch(plan_epoch(cfg, rows, 0, r, 2), 0) for r, t in enumerate((t0, t1))]
+    for job in pend[1].jobs:
+        dead_letter(t1, pend[1], job)
+    for job in pend[0].jobs:
+        t0.state.push_scored(scored_for(cfg, adapter, t0, pend[0], job))
+    with pytest.raises(CollectError, match="every prompt group of this trainer process's share was dropped"):
+        t1.collect(pend[1])
+    with pytest.raises(CollectError, match="every prompt group of another trainer process's share was dropped"):
+        t0.collect(pend[0])
