@@ -101,13 +101,41 @@ class ModelConfig(_Strict):
     options: dict[str, Any] = Field(default_factory=dict)  # adapter-specific settings
 
 
+class SourceTrain(_Strict):
+    """``train:`` of one ``data.datasets`` entry: how much of every epoch it supplies."""
+
+    weight: int = Field(1, gt=0)  # an epoch's prompt groups are split between sources by weight
+    max_dataset_size: int | None = Field(None, gt=0)  # the first N train rows
+
+
+class SourceEval(_Strict):
+    """``eval:`` of one ``data.datasets`` entry (present: its held-out prompts are evaluated)."""
+
+    max_dataset_size: int | None = Field(None, gt=0)  # the first N test rows
+
+
+class DataSource(_Strict):
+    """One entry of ``data.datasets`` (Flow-Factory's multi-source layout): a dataset folder as
+    ``data.dataset_dir`` takes, with a ``name`` that metrics and ``rewards[].datasets`` use.
+    ``train: null`` = evaluated only; ``eval: null`` = trained on only."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    dataset_dir: str
+    image_dir: str | None = None  # default {dataset_dir}/images
+    video_dir: str | None = None  # default {dataset_dir}/videos
+    train: SourceTrain | None = Field(default_factory=SourceTrain)
+    eval: SourceEval | None = Field(default_factory=SourceEval)
+
+
 class DataConfig(_Strict):
-    """``data:`` — a folder with train.txt|train.jsonl and optional test.txt|test.jsonl."""
+    """``data:`` — a folder with train.txt|train.jsonl and optional test.txt|test.jsonl, or
+    several (``datasets``) mixed by weight."""
 
     dataset_dir: str = "examples/data/tiny"
     image_dir: str | None = None  # default {dataset_dir}/images
     video_dir: str | None = None  # default {dataset_dir}/videos
     max_dataset_size: int | None = Field(None, gt=0)
+    datasets: list[DataSource] | None = Field(None, min_length=1)  # instead of the four keys above
 
 
 class TrainConfig(_Strict):
@@ -294,6 +322,9 @@ class RewardSpec(RewardEntry):
     weight: float = 1.0
     batch_size: int = Field(16, gt=0)
     device: str = "auto"
+    # the ``data.datasets`` names whose samples this reward scores (None = every sample); the
+    # others get no score from it (NaN: it abstains), e.g. a verifier that reads only its own prompts
+    datasets: list[str] | None = Field(None, min_length=1)
 
 
 class Config(_Strict):
@@ -467,12 +498,42 @@ def check_combinations(cfg: Config) -> None:
             "budget, but train.max_train_seconds is not set. Fix: set train.max_train_seconds, or "
             "lr_schedule_clock: steps."
         )
+    check_datasets(cfg)
     labels = [r.label for r in cfg.rewards]
     if len(set(labels)) != len(labels):
         raise ConfigError(
             f"rewards: names {labels} repeat; each reward needs a unique name for logging and "
             f"weighting. Fix: give duplicates a distinct `name:`."
         )
+
+
+def check_datasets(cfg: Config) -> None:
+    """``data.datasets`` replaces the single-folder keys, names its sources uniquely, trains on at
+    least one, and every ``rewards[].datasets`` name is one of them."""
+    d = cfg.data
+    names = [s.name for s in d.datasets or []]
+    if d.datasets is not None:
+        single = sorted(d.model_fields_set & {"dataset_dir", "image_dir", "video_dir", "max_dataset_size"})
+        if single:
+            raise ConfigError(
+                f"data: {', '.join('data.' + k for k in single)} and data.datasets are both set; a config "
+                f"takes one folder or a list of sources. Fix: move the folder into data.datasets as "
+                f"{{name: ..., dataset_dir: ...}}, or drop data.datasets.")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"data.datasets: names {names} repeat; metrics and rewards[].datasets tell the "
+                              f"sources apart by name. Fix: give each source a distinct name.")
+        if not any(s.train is not None for s in d.datasets):
+            raise ConfigError("data.datasets: every source has train: null, so there is nothing to train on. "
+                              "Fix: give at least one source a train: {weight: 1} (or leave train out).")
+    for where, specs in (("rewards", cfg.rewards), ("eval_rewards", cfg.eval_rewards or [])):
+        for spec in specs:
+            unknown = [n for n in spec.datasets or [] if n not in names]
+            if unknown:
+                raise ConfigError(
+                    f"{where}['{spec.label}'].datasets: {unknown} "
+                    + (f"are not among data.datasets' names {names}" if names else
+                       "name sources, but data has no datasets list")
+                    + ". Fix: list names of data.datasets entries, or drop the reward's datasets key.")
 
 
 def _format_validation_error(err: ValidationError, raw: dict) -> str:

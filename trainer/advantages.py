@@ -118,6 +118,7 @@ def compute_advantages(
     aggregation: str = "sum",
     global_std: bool = True,
     eps: float = 1e-4,
+    applies: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Advantages from several named rewards.
 
@@ -136,6 +137,10 @@ def compute_advantages(
               advantage 0, and is left out of the batch statistics.
         global_std: see :func:`group_normalize` (``sum`` only).
         eps: added to every std.
+        applies: ``{name: [N] bool}`` for rewards that score only some samples (``rewards[].datasets``
+            routing): where False the reward does not apply, and instead of abstaining (NaN) it
+            adds nothing to the sample's aggregate (``r_k = 0`` for ``sum``, ``z_k = 0`` for
+            ``gdpo``). Routing is by prompt, so a group is either wholly in or wholly out.
 
     Returns:
         ``(advantages [N] float32, metrics)`` with metrics (Python floats):
@@ -179,6 +184,9 @@ def compute_advantages(
         metrics[f"reward_{name}_nan_count"] = float(nans)
     metrics["reward_nan_count"] = float(nan_total)
 
+    if applies:  # a routed reward adds nothing where it does not apply (a constant 0 normalizes to 0)
+        for name, mask in applies.items():
+            r64[name] = torch.where(mask.to(device="cpu", dtype=torch.bool), r64[name], torch.zeros_like(r64[name]))
     if aggregation == "sum":
         aggregated = sum(float(weights[name]) * r for name, r in r64.items())
         adv = _normalize64(aggregated, inverse, num_groups, global_std=global_std, eps=eps)

@@ -42,16 +42,49 @@ class EpochData:
     metrics: dict[str, float]
 
 
-def epoch_plan(num_prompts: int, geo: BatchGeometry, seed: int, epoch: int, rank: int
-               ) -> tuple[list[int], list[int], list[int]]:
+def apportion(total: int, weights: list[int]) -> list[int]:
+    """Split ``total`` items between sources in proportion to ``weights`` (largest remainder:
+    each gets ``floor(total * w / sum)``, the items left go to the largest fractional parts, the
+    earlier source first on a tie). Returns one count per weight, summing to ``total``."""
+    whole = sum(weights)
+    quotas = [total * w / whole for w in weights]
+    counts = [math.floor(q) for q in quotas]
+    by_rest = sorted(range(len(weights)), key=lambda i: (-(quotas[i] - counts[i]), i))
+    for i in by_rest[:total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def mixed_order(sources: list[tuple[int, int, int]], total: int, g: torch.Generator) -> torch.Tensor:
+    """``[total]`` row indices for an epoch's groups drawn from several sources.
+
+    ``sources``: ``(first row, rows, weight)`` per source, its rows contiguous in the row list.
+    Each source supplies :func:`apportion`'s share of ``total``, from its own seeded permutation
+    (repeated when its share exceeds its rows); the shares are then shuffled together, so every
+    rank's slice mixes the sources."""
+    picks = []
+    for (start, rows, _), share in zip(sources, apportion(total, [w for _, _, w in sources])):
+        if share:
+            reps = math.ceil(share / rows)
+            picks.append(torch.cat([torch.randperm(rows, generator=g) for _ in range(reps)])[:share] + start)
+    order = torch.cat(picks)
+    return order[torch.randperm(total, generator=g)]
+
+
+def epoch_plan(num_prompts: int, geo: BatchGeometry, seed: int, epoch: int, rank: int,
+               sources: list[tuple[int, int, int]] | None = None) -> tuple[list[int], list[int], list[int]]:
     """(prompt row index, group id, sample seed) for every sample this rank rolls out.
 
     Prompts are taken from a fresh seeded permutation per epoch (repeated if the epoch needs
     more groups than there are prompts), so duplicate prompt texts still form separate groups.
+    ``sources`` (``data.datasets``): the rows come from several sources by weight (:func:`mixed_order`).
     """
     g = torch.Generator().manual_seed(seed * SEED_STRIDE + epoch)
-    reps = math.ceil(geo.groups_per_epoch / num_prompts)
-    order = torch.cat([torch.randperm(num_prompts, generator=g) for _ in range(reps)])
+    if sources is None:
+        reps = math.ceil(geo.groups_per_epoch / num_prompts)
+        order = torch.cat([torch.randperm(num_prompts, generator=g) for _ in range(reps)])
+    else:
+        order = mixed_order(sources, geo.groups_per_epoch, g)
     rows, groups, seeds = [], [], []
     for gi in range(rank * geo.groups_per_rank, (rank + 1) * geo.groups_per_rank):
         for k in range(geo.group_size):
@@ -73,12 +106,14 @@ class EpochPlan:
     sde_steps: list[int]  # the stochastic (trainable) steps of this epoch; [] for ODE rollouts
     # condition image paths per sample (edit models; () for text-only rows); [] = none at all
     images: list[tuple[str, ...]] = dataclasses.field(default_factory=list)
+    datasets: list[str] = dataclasses.field(default_factory=list)  # data.datasets name per sample; [] = one folder
 
     def subset(self, rows: list[int]) -> "EpochPlan":
         """The plan restricted to ``rows`` (whole groups dropped after dead-lettered tasks)."""
         pick = lambda xs: [xs[r] for r in rows]  # noqa: E731
         return EpochPlan(self.epoch, pick(self.prompts), pick(self.negatives), pick(self.group_ids),
-                         pick(self.seeds), self.sde_steps, pick(self.images) if self.images else [])
+                         pick(self.seeds), self.sde_steps, pick(self.images) if self.images else [],
+                         pick(self.datasets) if self.datasets else [])
 
     @property
     def condition_images(self) -> list[tuple[str, ...]] | None:
@@ -89,11 +124,28 @@ class EpochPlan:
 
 def plan_epoch(cfg: Config, rows: list[PromptRow], epoch: int, rank: int, world_size: int) -> EpochPlan:
     t = cfg.train
-    idx, groups, seeds = epoch_plan(len(rows), cfg.geometry(world_size), t.seed, epoch, rank)
+    idx, groups, seeds = epoch_plan(len(rows), cfg.geometry(world_size), t.seed, epoch, rank,
+                                    source_spans(cfg, rows))
     sde_steps = [] if t.dynamics_type == "ODE" else select_sde_steps(
         t.train_steps, t.num_train_steps, t.num_inference_steps, seed=t.seed * SEED_STRIDE + epoch)
     return EpochPlan(epoch, [rows[i].prompt for i in idx], [rows[i].negative_prompt for i in idx],
-                     groups, seeds, sde_steps, [rows[i].images for i in idx])
+                     groups, seeds, sde_steps, [rows[i].images for i in idx],
+                     [rows[i].dataset for i in idx] if cfg.data.datasets else [])
+
+
+def source_spans(cfg: Config, rows: list[PromptRow]) -> list[tuple[int, int, int]] | None:
+    """``(first row, rows, weight)`` of every training source of ``data.datasets`` in ``rows``
+    (:func:`trainer.data.load_dataset`'s order), or None for one ``data.dataset_dir``."""
+    if not cfg.data.datasets:
+        return None
+    spans, start = [], 0
+    for src in cfg.data.datasets:
+        if src.train is None:
+            continue
+        n = sum(1 for r in rows if r.dataset == src.name)
+        spans.append((start, n, src.train.weight))
+        start += n
+    return spans
 
 
 @dataclasses.dataclass
@@ -135,7 +187,7 @@ def sample_locally(cfg: Config, adapter, policy, algorithm, rewards: dict, plan:
     if overlap is None:  # on a CPU the scoring thread slows sampling down more than it hides
         first = next(adapter.transformer.parameters(), None)  # (not the sampling module: an EMA
         overlap = first is not None and first.device.type == "cuda"  # view may hold no parameters)
-    scorer = (BackgroundScorer(rewards, cfg.rewards, plan.prompts, group_ids, conditions)
+    scorer = (BackgroundScorer(rewards, cfg.rewards, plan.prompts, group_ids, conditions, plan.datasets)
               if overlap and can_overlap(rewards) else None)
     with scorer or contextlib.nullcontext():
         cond, roll = rollout_with(adapter, plan.prompts, plan.negatives, plan.seeds,
@@ -145,7 +197,8 @@ def sample_locally(cfg: Config, adapter, policy, algorithm, rewards: dict, plan:
                                   # with the negatives a guided KL reference (train.ref_guidance_scale) needs
                                   encode_guidance_scale=cfg.train.encode_guidance_scale)
         scores = scorer.result() if scorer else score_specs(
-            rewards, cfg.rewards, roll.images, plan.prompts, group_ids, condition_images=conditions)
+            rewards, cfg.rewards, roll.images, plan.prompts, group_ids, condition_images=conditions,
+            datasets=plan.datasets)
     return cond, roll, scores
 
 
@@ -162,13 +215,27 @@ def finish_epoch(cfg: Config, accelerator, plan: EpochPlan, samples: Samples, ve
     gathered = {k: accelerator.gather(v.to(accelerator.device)).cpu() for k, v in local.items()}
     all_groups = accelerator.gather(group_ids.to(accelerator.device)).cpu()
     weights = {s.label: s.weight for s in cfg.rewards}
+    applies = None
+    if plan.datasets:  # data.datasets: the source of every sample of the global batch
+        names = [src.name for src in cfg.data.datasets if src.train is not None]
+        which = accelerator.gather(torch.tensor([names.index(d) for d in plan.datasets],
+                                                device=accelerator.device)).cpu()
+        applies = {s.label: torch.tensor([names[i] in s.datasets for i in which.tolist()])
+                   for s in cfg.rewards if s.datasets}
     adv, metrics = compute_advantages(gathered, weights, all_groups,
                                       aggregation=t.advantage_aggregation,
-                                      global_std=bool(t.global_std))
+                                      global_std=bool(t.global_std), applies=applies)
     n, r = len(plan.prompts), accelerator.process_index
     metrics = {f"train/{k}": float(v) for k, v in metrics.items()}
     for k, v in gathered.items():
         metrics[f"train/reward/{k}"] = float(torch.nanmean(v))
+    if plan.datasets:  # each source's share of the epoch and its mean rewards
+        for i, name in enumerate(names):
+            mine = which == i
+            metrics[f"train/samples/{name}"] = float(mine.sum())
+            for k, v in gathered.items():
+                if mine.any() and not torch.isnan(v[mine]).all():
+                    metrics[f"train/reward/{k}/{name}"] = float(torch.nanmean(v[mine]))
     lags = [version - v for v in samples.policy_versions]
     metrics["queue/policy_lag"] = sum(lags) / len(lags)
     metrics["queue/policy_lag_max"] = float(max(lags))

@@ -32,6 +32,7 @@ class PromptRow:
     images: tuple[str, ...] = ()  # condition images; resolved paths after load_prompts / read_split
     videos: tuple[str, ...] = ()
     source: str = dataclasses.field(default="", compare=False)  # "file:line" for error messages
+    dataset: str = dataclasses.field(default="", compare=False)  # its data.datasets name ("" = data.dataset_dir)
 
 
 def _parse_jsonl_line(line: str, where: str) -> PromptRow:
@@ -172,6 +173,24 @@ def load_prompts(dataset_dir: str | Path, max_size: int | None = None, *,
 
 
 def load_dataset(data_cfg) -> tuple[list[PromptRow], list[PromptRow] | None]:
-    """:func:`load_prompts` for a ``data:`` config section (``shared.config.DataConfig``)."""
-    return load_prompts(data_cfg.dataset_dir, data_cfg.max_dataset_size, image_dir=data_cfg.image_dir,
-                        video_dir=data_cfg.video_dir)
+    """:func:`load_prompts` for a ``data:`` config section (``shared.config.DataConfig``).
+
+    With ``data.datasets``: every source's rows, tagged with its name (``PromptRow.dataset``), in
+    the list's order: the train rows of the sources that train, and as held-out rows each evaluated
+    source's test split (its train rows when it has none, as for one folder); None when no source
+    is evaluated."""
+    if data_cfg.datasets is None:
+        return load_prompts(data_cfg.dataset_dir, data_cfg.max_dataset_size, image_dir=data_cfg.image_dir,
+                            video_dir=data_cfg.video_dir)
+    train: list[PromptRow] = []
+    held: list[PromptRow] = []
+    for src in data_cfg.datasets:
+        tag = lambda rows: [dataclasses.replace(r, dataset=src.name) for r in rows]  # noqa: E731
+        mine, test = load_prompts(src.dataset_dir, src.train.max_dataset_size if src.train else None,
+                                  image_dir=src.image_dir, video_dir=src.video_dir)
+        if src.train is not None:
+            train += tag(mine)
+        if src.eval is not None:
+            rows = test if test is not None else mine
+            held += tag(rows[:src.eval.max_dataset_size] if src.eval.max_dataset_size else rows)
+    return train, held or None

@@ -11,7 +11,7 @@ import torch
 from shared.condition_images import open_rows
 from shared.config import Config
 from shared.rewards.base import details_all
-from shared.rewards.multi import score_specs
+from shared.rewards.multi import routed, score_specs
 from shared.sampling import rollout_batches
 from trainer.reporting import save_grid
 
@@ -47,6 +47,9 @@ def evaluate(cfg: Config, accelerator, adapter, policy, rewards: dict, specs, ro
     mine = list(range(rank, len(rows) * k, world))
     sums = torch.zeros(len(specs), 2, dtype=torch.float64)  # (sum, count) per reward
     detail_sums: dict[tuple[str, str], torch.Tensor] = {}  # (label, key) -> (sum, count) of reward details
+    # data.datasets: each reward scores only its sources' prompts, and is also reported per source
+    sources = sorted({r.dataset for r in rows if r.dataset})
+    per_source = torch.zeros(len(specs), len(sources), 2, dtype=torch.float64)
     grid_images = None
     if mine:
         prompts = [rows[j // k].prompt for j in mine]
@@ -58,17 +61,31 @@ def evaluate(cfg: Config, accelerator, adapter, policy, rewards: dict, specs, ro
             transformer=policy.eval_module(), num_frames=e.num_frames,
             images=[rows[j // k].images for j in mine] if any(r.images for r in rows) else None)
         group_ids = torch.tensor([j // k for j in mine], dtype=torch.long)  # a prompt's images
+        datasets = [rows[j // k].dataset for j in mine] if sources else None
         scores = score_specs(rewards, specs, roll.images, prompts, group_ids,
-                             condition_images=lambda: open_rows([rows[j // k].images or [] for j in mine]))
+                             condition_images=lambda: open_rows([rows[j // k].images or [] for j in mine]),
+                             datasets=datasets)
         for j, spec in enumerate(specs):
             sums[j] = nan_sum_count(scores[spec.label])
-            for key, values in details_all(rewards[spec.label], roll.images, prompts).items():
+            for s, name in enumerate(sources):
+                per_source[j, s] = nan_sum_count(scores[spec.label][[d == name for d in datasets]])
+            picks = routed(spec, datasets, len(prompts))
+            if picks == []:  # none of this rank's prompts is the reward's
+                continue
+            images, texts = (roll.images, prompts) if picks is None else (roll.images[picks], [prompts[i] for i in picks])
+            for key, values in details_all(rewards[spec.label], images, texts).items():
                 detail_sums[(spec.label, key)] = nan_sum_count(values)
         grid_images = roll.images[grid_picks(mine, k)]
     sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
     out: dict = {"epoch": epoch}
     for j, spec in enumerate(specs):
         out[f"eval/reward/{spec.label}"] = float(sums[j, 0] / sums[j, 1].clamp_min(1))
+    if sources:
+        per_source = accelerator.reduce(per_source.to(accelerator.device), reduction="sum").cpu()
+        for j, spec in enumerate(specs):
+            for s, name in enumerate(sources):
+                if per_source[j, s, 1] > 0:  # the sources this reward scores
+                    out[f"eval/reward/{spec.label}/{name}"] = float(per_source[j, s, 0] / per_source[j, s, 1])
     means: dict[str, dict[str, float]] = {spec.label: {} for spec in specs}
     for label, key in sorted(detail_sums):  # every rank scores the same rewards, so the keys agree
         total = accelerator.reduce(detail_sums[(label, key)].to(accelerator.device), reduction="sum").cpu()

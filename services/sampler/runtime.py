@@ -190,6 +190,7 @@ class TrajectoryWriter:
             group_ids=[i.group_id for i in items], prompts=[i.prompt for i in items],
             sde_steps=self.sde_steps, store_url=self.job.store_url, tensors=self._refs["tensors"],
             images=self._refs["images"], worker=worker, seconds=seconds, trainer_rank=self.job.trainer_rank,
+            datasets=[i.dataset for i in items] if any(i.dataset for i in items) else [],
             condition_images=[list(i.images) for i in items] if any(i.images for i in items) else [])
 
     # ---------------------------------------------------------------- writer threads

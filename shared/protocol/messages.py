@@ -73,6 +73,7 @@ class SampleItem(Message):
     group_id: int
     seed: int
     images: list[BlobRef] = Field(default_factory=list)
+    dataset: str = ""  # its data.datasets source ("" = one dataset folder): rewards[].datasets routing
 
 
 class SamplingParams(Message):
@@ -146,6 +147,7 @@ class Trajectory(Message):
     worker: str = ""
     seconds: float = 0.0
     trainer_rank: int = Field(0, ge=0)  # the job's (where its scores go)
+    datasets: list[str] = Field(default_factory=list)  # [] or each sample's data.datasets source
 
     @model_validator(mode="after")
     def _aligned(self) -> "Trajectory":
@@ -153,6 +155,9 @@ class Trajectory(Message):
         if not (len(self.group_ids) == len(self.prompts) == n):
             raise ValueError(f"{n} sample ids, {len(self.group_ids)} group ids and "
                              f"{len(self.prompts)} prompts: one of each per sample")
+        if self.datasets and len(self.datasets) != n:
+            raise ValueError(f"{n} sample ids but sources for {len(self.datasets)} samples: none, or one "
+                             f"per sample")
         if self.condition_images and len(self.condition_images) != n:
             raise ValueError(f"{n} sample ids but condition images for {len(self.condition_images)} samples: "
                              f"none, or one list per sample")

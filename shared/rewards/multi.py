@@ -24,14 +24,27 @@ def build_rewards(specs, device: str | torch.device) -> dict[str, RewardModel]:
                                   dtype=s.dtype, **s.options) for s in specs}
 
 
+def routed(spec, datasets: list[str] | None, n: int) -> list[int] | None:
+    """The samples (positions) ``spec`` scores: those whose source (``datasets``, one
+    ``data.datasets`` name per sample) is in ``spec.datasets``; None = all ``n`` of them."""
+    names = getattr(spec, "datasets", None)
+    if not names or not datasets:
+        return None
+    picks = [i for i, d in enumerate(datasets) if d in names]
+    return None if len(picks) == n else picks
+
+
 def score_specs(rewards: dict[str, RewardModel], specs, images: torch.Tensor, prompts: list[str],
                 group_ids: torch.Tensor, sample_ids: list[str] | None = None,
-                condition_images=None, first_index: int = 0) -> dict[str, torch.Tensor]:
+                condition_images=None, first_index: int = 0,
+                datasets: list[str] | None = None) -> dict[str, torch.Tensor]:
     """Score with every configured reward -> ``{label: [N] float32 CPU}`` (NaN = abstain).
     ``condition_images``: per sample its condition images (RGB PIL), or a callable returning
     them, called only when some reward reads them (``RewardModel.condition_images``).
     ``first_index``: the position of ``images[0]`` in the whole batch, when these are a slice of
     it (:class:`shared.rewards.overlap.BackgroundScorer`): errors name positions in the batch.
+    ``datasets``: each sample's ``data.datasets`` name; a spec with ``datasets`` scores only the
+    samples of those sources (:func:`routed`) and abstains (NaN) on the others.
 
     Raises:
         RewardOutputError: a reward returned inf (or a bad shape); the message names the reward's
@@ -42,18 +55,28 @@ def score_specs(rewards: dict[str, RewardModel], specs, images: torch.Tensor, pr
     if callable(condition_images):
         condition_images = condition_images() if any(r.condition_images for r in rewards.values()) else None
     for spec in specs:
+        picks = routed(spec, datasets, len(prompts))
+        if picks is not None and not picks:
+            out[spec.label] = torch.full((len(prompts),), float("nan"))
+            continue
+        sub = (lambda xs: xs) if picks is None else (lambda xs: [xs[i] for i in picks])  # noqa: E731
         try:
-            out[spec.label] = score_all(rewards[spec.label], images, prompts, group_ids, spec.batch_size,
-                                        condition_images).float().cpu()
+            values = score_all(rewards[spec.label], images if picks is None else images[picks], sub(prompts),
+                               group_ids if picks is None else group_ids[picks], spec.batch_size,
+                               None if condition_images is None else sub(condition_images)).float().cpu()
         except RewardOutputError as e:
             if e.index is None:
                 raise RewardOutputError(f"rewards['{spec.label}'] ({spec.reward_model}): {e}") from None
-            who = (f"sample id '{sample_ids[e.index]}'" if sample_ids is not None
-                   else f"sample {first_index + e.index} of the batch (group {int(group_ids[e.index])})")
+            at = e.index if picks is None else picks[e.index]
+            who = (f"sample id '{sample_ids[at]}'" if sample_ids is not None
+                   else f"sample {first_index + at} of the batch (group {int(group_ids[at])})")
             raise RewardOutputError(
                 f"rewards['{spec.label}'] ({spec.reward_model}) gave an invalid reward to {who}, prompt "
-                f"{prompts[e.index]!r}: {e}. Fix the reward model (e.g. clamp its output), or return NaN "
-                f"for samples it should abstain on", index=first_index + e.index) from None
+                f"{prompts[at]!r}: {e}. Fix the reward model (e.g. clamp its output), or return NaN "
+                f"for samples it should abstain on", index=first_index + at) from None
+        if picks is not None:
+            values = torch.full((len(prompts),), float("nan")).index_copy_(0, torch.tensor(picks), values)
+        out[spec.label] = values
     return out
 
 

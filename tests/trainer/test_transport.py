@@ -308,3 +308,38 @@ def test_every_group_lost_on_one_process_stops_every_process(two_ranks):
         t1.collect(pend[1])
     with pytest.raises(CollectError, match="every prompt group of another trainer process's share was dropped"):
         t0.collect(pend[0])
+
+
+def test_jobs_and_their_trajectories_carry_each_samples_source(tmp_path, redis_url, capture):
+    """data.datasets in the distributed mode: every SampleItem names its sample's source, and the
+    sampler's trajectory passes them on to the reward worker (rewards[].datasets routing)."""
+    from shared.config import apply_overrides, parse_config
+    from tests.helpers.tiny import tiny_raw
+    from trainer.data import load_dataset
+
+    ns = f"tt-{uuid.uuid4().hex[:8]}"
+    raw = apply_overrides(tiny_raw(tmp_path), FAST + [f"queue.broker_url={redis_url}", f"queue.namespace={ns}",
+                                                      f"queue.key_prefix={ns}", f"queue.store_url=memory://{ns}",
+                                                      "transport=celery", "train.unique_sample_num_per_epoch=4"])
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "train.txt").write_text("a photo of a cat\na photo of a dog\n")
+    raw["data"] = {"datasets": [{"name": "a", "dataset_dir": str(tmp_path / "data")},
+                                {"name": "b", "dataset_dir": str(other)}]}
+    cfg = parse_config(raw)
+    adapter = load_adapter(cfg.model, device=torch.device("cpu"), seed=0)
+    policy = Policy(adapter, adapter.transformer, cfg, attach_trainable(adapter, cfg))
+    transport = CeleryTransport(cfg, adapter, policy, ALGORITHMS.get("grpo")(cfg), "run1", run_dir=tmp_path)
+    try:
+        capture(transport)
+        plan = plan_epoch(cfg, load_dataset(cfg.data)[0], 0, 0, 1)
+        assert sorted(set(plan.datasets)) == ["a", "b"]
+        pend = transport.dispatch(plan, 0)
+        jobs = [SampleJob.model_validate_json(m) for m in transport.sent]
+        assert [i.dataset for j in jobs for i in j.items] == plan.datasets
+        batch = scored_for(cfg, adapter, transport, pend, jobs[0].job_id)
+        assert batch.trajectory.datasets == [i.dataset for i in jobs[0].items]
+    finally:
+        transport.state.clear()
+        delete_namespace_queues(transport.state.redis, ns)
+        transport.close()
