@@ -138,6 +138,16 @@ class DataConfig(_Strict):
     datasets: list[DataSource] | None = Field(None, min_length=1)  # instead of the four keys above
 
 
+class SdeWindow(_Strict):
+    """``train.sde_window``: MixGRPO's progressive window of SDE steps
+    (:func:`shared.flow.progressive_window`), instead of ``train_steps`` / ``num_train_steps``."""
+
+    size: int = Field(4, gt=0)  # w: SDE steps per epoch (MixGRPO: 4)
+    shift_every: int = Field(25, gt=0)  # tau: epochs between shifts (MixGRPO: 25; Flash: 20)
+    stride: int = Field(1, gt=0)  # s: steps the window moves per shift
+    roll_back: bool = False  # at the end, go back to the noisiest steps instead of staying
+
+
 class TrainConfig(_Strict):
     """``train:`` — rollout, algorithm and optimizer settings. ``None`` = algorithm default."""
 
@@ -172,6 +182,7 @@ class TrainConfig(_Strict):
     noise_level: float | None = Field(None, ge=0)
     train_steps: list[int] | None = None  # candidate SDE step indices; None = all but the last
     num_train_steps: int | None = Field(None, gt=0)  # how many of them per epoch; None = all
+    sde_window: SdeWindow | None = None  # MixGRPO's progressive window instead of the two keys above
     log_prob_reduction: Literal["mean", "sum"] = "mean"
     # -- batch geometry
     group_size: int = Field(8, ge=2)  # images per prompt (K)
@@ -476,6 +487,21 @@ def check_combinations(cfg: Config) -> None:
                 f"num_inference_steps={n} (the last step is never trained). Fix: list indices "
                 f"from 0 (noisiest) to {n - 2}."
             )
+    if t.sde_window is not None:
+        w = t.sde_window
+        if t.train_steps is not None or t.num_train_steps is not None:
+            raise ConfigError(
+                "train.sde_window moves MixGRPO's window of SDE steps over the run, but train.train_steps / "
+                "train.num_train_steps also choose them. Fix: drop train_steps and num_train_steps, or "
+                "sde_window.")
+        if t.dynamics_type == "ODE":
+            raise ConfigError(
+                "train.sde_window chooses which steps are stochastic, but train.dynamics_type is ODE (no "
+                "stochastic step). Fix: drop sde_window, or use Flow-SDE / Dance-SDE / CPS with grpo.")
+        if w.size > n - 2:
+            raise ConfigError(
+                f"train.sde_window.size: {w.size} does not fit num_inference_steps={n}: MixGRPO's window "
+                f"stays within the first {n - 2} steps. Fix: a size of at most {n - 2}, or more steps.")
     if t.ema_kl_beta and not t.ema_decay:
         raise ConfigError(
             f"train.ema_kl_beta: {t.ema_kl_beta} pulls the policy toward its EMA, but "

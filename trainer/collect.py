@@ -17,7 +17,7 @@ import torch
 
 from shared.condition_images import open_rows
 from shared.config import Config, BatchGeometry
-from shared.flow import select_sde_steps
+from shared.flow import progressive_window, select_sde_steps
 from shared.models import Conditioning
 from shared.rewards.multi import score_specs
 from shared.rewards.overlap import BackgroundScorer, can_overlap
@@ -126,8 +126,14 @@ def plan_epoch(cfg: Config, rows: list[PromptRow], epoch: int, rank: int, world_
     t = cfg.train
     idx, groups, seeds = epoch_plan(len(rows), cfg.geometry(world_size), t.seed, epoch, rank,
                                     source_spans(cfg, rows))
-    sde_steps = [] if t.dynamics_type == "ODE" else select_sde_steps(
-        t.train_steps, t.num_train_steps, t.num_inference_steps, seed=t.seed * SEED_STRIDE + epoch)
+    if t.dynamics_type == "ODE":
+        sde_steps = []
+    elif t.sde_window is not None:  # MixGRPO: the window moves with the epoch
+        w = t.sde_window
+        sde_steps = progressive_window(epoch, t.num_inference_steps, w.size, w.shift_every, w.stride, w.roll_back)
+    else:
+        sde_steps = select_sde_steps(t.train_steps, t.num_train_steps, t.num_inference_steps,
+                                     seed=t.seed * SEED_STRIDE + epoch)
     return EpochPlan(epoch, [rows[i].prompt for i in idx], [rows[i].negative_prompt for i in idx],
                      groups, seeds, sde_steps, [rows[i].images for i in idx],
                      [rows[i].dataset for i in idx] if cfg.data.datasets else [])

@@ -8,6 +8,7 @@ from shared.flow.schedule import (
     exp_time_shift,
     flow_sigmas,
     resolution_shift_mu,
+    progressive_window,
     select_sde_steps,
     time_shift,
 )
@@ -23,5 +24,6 @@ __all__ = [
     "exp_time_shift",
     "resolution_shift_mu",
     "flow_sigmas",
+    "progressive_window",
     "select_sde_steps",
 ]

@@ -84,6 +84,32 @@ def flow_sigmas(num_steps: int, shift: float = 1.0, *, mu: float | None = None) 
     return sigmas
 
 
+def progressive_window(epoch: int, num_steps: int, size: int, shift_every: int, stride: int = 1,
+                       roll_back: bool = False) -> list[int]:
+    """MixGRPO's progressive SDE window (Li et al. 2025, ``algorithms.md`` §4.1): the stochastic
+    steps of ``epoch`` are ``[l, l + size)``, where the start ``l`` begins at 0 (the noisiest step)
+    and moves ``stride`` steps later every ``shift_every`` epochs, ``l <- min(l + stride, T - size)``
+    with ``T = num_steps - 2`` (MixGRPO's ``max_timesteps``: the window never reaches the last two
+    steps). At ``T - size`` it stays, or with ``roll_back`` the next shift returns it to 0.
+
+    So the starts run ``0, stride, 2 stride, ...`` below ``T - size``, then ``T - size``; the
+    ``k``-th shift (``k = epoch // shift_every``) takes the ``k``-th start (the last one from then on,
+    or cyclically with ``roll_back``). Returns the window's sorted step indices.
+    """
+    for name, value in (("size", size), ("shift_every", shift_every), ("stride", stride)):
+        if operator.index(value) < 1:
+            raise ValueError(f"progressive SDE window: {name} must be >= 1, got {value}")
+    last = num_steps - 2 - size
+    if last < 0:
+        raise ValueError(f"progressive SDE window of {size} steps does not fit {num_steps} steps: MixGRPO's "
+                         f"window stays within the first num_steps - 2 = {num_steps - 2}. Fix: a size of at "
+                         f"most {num_steps - 2}, or more steps.")
+    starts = list(range(0, last, stride)) + [last]
+    k = operator.index(epoch) // shift_every
+    start = starts[k % len(starts)] if roll_back else starts[min(k, len(starts) - 1)]
+    return list(range(start, start + size))
+
+
 def select_sde_steps(
     candidates: list[int] | None, num: int | None, num_steps: int, seed: int
 ) -> list[int]:

@@ -101,3 +101,27 @@ def test_select_sde_steps_errors():
         select_sde_steps([], None, 10, seed=0)
     with pytest.raises(ValueError, match="num_steps"):
         select_sde_steps(None, None, 1, seed=0)
+
+
+def test_progressive_window_moves_by_stride_every_shift_and_stops_at_the_end():
+    """MixGRPO's window: size 4 on 10 steps starts at 0 and may start at most at T - w = 8 - 4 = 4."""
+    from shared.flow import progressive_window
+
+    starts = [progressive_window(e, 10, 4, shift_every=2)[0] for e in range(14)]
+    assert starts == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 4, 4, 4, 4]
+    assert progressive_window(5, 10, 4, shift_every=2) == [2, 3, 4, 5]
+    # stride 3: starts 0, 3, then the last start 4 (not 6); roll_back cycles through them
+    assert [progressive_window(e, 10, 4, 1, stride=3)[0] for e in range(5)] == [0, 3, 4, 4, 4]
+    assert [progressive_window(e, 10, 4, 1, stride=3, roll_back=True)[0] for e in range(7)] == [0, 3, 4, 0, 3, 4, 0]
+    # MixGRPO's paper setting: 25 steps, w 4, tau 25, s 1 -> the window reaches steps 19-22 at epoch 475
+    assert progressive_window(474, 25, 4, 25) == [18, 19, 20, 21]
+    assert progressive_window(475, 25, 4, 25) == progressive_window(10_000, 25, 4, 25) == [19, 20, 21, 22]
+
+
+def test_progressive_window_errors_name_the_fix():
+    from shared.flow import progressive_window
+
+    with pytest.raises(ValueError, match=r"window of 9 steps does not fit 10 steps.*at most 8"):
+        progressive_window(0, 10, 9, 1)
+    with pytest.raises(ValueError, match="stride must be >= 1"):
+        progressive_window(0, 10, 4, 1, stride=0)

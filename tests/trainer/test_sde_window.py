@@ -1,0 +1,41 @@
+"""``train.sde_window``: MixGRPO's progressive window of SDE steps, in the config and the loop."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from shared.config import ConfigError
+from tests.helpers.tiny import tiny_config
+from trainer.collect import plan_epoch
+from trainer.data import load_dataset
+
+WINDOW = ["train.sde_window={size: 2, shift_every: 1, stride: 2}"]
+
+
+def test_each_epoch_rolls_out_and_trains_its_window(tmp_path):
+    from trainer.loop import train
+
+    cfg = tiny_config(tmp_path, overrides=WINDOW + ["train.max_epochs=3", "train.num_inference_steps=8",
+                                                    "train.group_size=2", "train.unique_sample_num_per_epoch=2",
+                                                    "train.per_device_batch_size=4", "train.gradient_step_per_epoch=1"])
+    rows, _ = load_dataset(cfg.data)
+    # 8 steps: the window of 2 starts at 0, 2, then at most at T - w = 6 - 2 = 4
+    assert [plan_epoch(cfg, rows, e, 0, 1).sde_steps for e in range(4)] == [[0, 1], [2, 3], [4, 5], [4, 5]]
+    summary = train(cfg, quiet=True)
+    assert summary["optimizer_steps"] == 3
+    metrics = [json.loads(x) for x in (tmp_path / "runs" / "tiny_grpo" / "metrics.jsonl").read_text().splitlines()]
+    # GRPO replays each epoch's 2 window steps (its ratio starts at 1: the rollout's own log-probs)
+    ratios = [m["train/ratio_mean"] for m in metrics if "train/ratio_mean" in m]
+    assert len(ratios) == 3 and all(abs(r - 1) < 1e-3 for r in ratios)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["train.train_steps=[1, 2]"], "also choose them"),
+    (["train.trainer_type=nft"], "dynamics_type is ODE"),
+    (["train.sde_window.size=7"], r"size: 7 does not fit num_inference_steps=8.*at most 6"),
+])
+def test_window_config_errors(tmp_path, extra, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(tmp_path, overrides=WINDOW + ["train.num_inference_steps=8"] + extra)
