@@ -183,6 +183,10 @@ class TrainConfig(_Strict):
     train_steps: list[int] | None = None  # candidate SDE step indices; None = all but the last
     num_train_steps: int | None = Field(None, gt=0)  # how many of them per epoch; None = all
     sde_window: SdeWindow | None = None  # MixGRPO's progressive window instead of the two keys above
+    # every member of a prompt group starts from the same initial noise and differs only by the
+    # SDE steps' noise (MixGRPO's and TempFlow-GRPO's seed groups): reward differences within a
+    # group then come from the trained steps alone
+    shared_initial_noise: bool = False
     log_prob_reduction: Literal["mean", "sum"] = "mean"
     # -- batch geometry
     group_size: int = Field(8, ge=2)  # images per prompt (K)
@@ -487,6 +491,11 @@ def check_combinations(cfg: Config) -> None:
                 f"num_inference_steps={n} (the last step is never trained). Fix: list indices "
                 f"from 0 (noisiest) to {n - 2}."
             )
+    if t.shared_initial_noise and t.dynamics_type == "ODE":
+        raise ConfigError(
+            "train.shared_initial_noise starts every member of a group from the same noise, but "
+            "train.dynamics_type is ODE: the members would be identical images, with no reward "
+            "difference to learn from. Fix: drop shared_initial_noise, or use an SDE dynamics with grpo.")
     if t.sde_window is not None:
         w = t.sde_window
         if t.train_steps is not None or t.num_train_steps is not None:

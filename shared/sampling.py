@@ -108,6 +108,7 @@ def rollout(
     num_frames: int | None = None,
     state_dtype: str = "float32",
     noise_device: str = "cpu",
+    init_seeds: list[int] | None = None,
 ) -> Rollout:
     """Denoise ``len(seeds)`` samples; see the module docstring.
 
@@ -121,12 +122,19 @@ def rollout(
         num_frames: frames per video for video families (``None`` = the family's default); image
             families take ``None`` or 1 (``adapter.sample_shape``).
         noise_device: ``"cpu"`` or ``"model"``: where the per-sample generators draw (module docstring).
+        init_seeds: one seed per sample for its initial noise alone (``train.shared_initial_noise``:
+            a group's members start from the same noise and differ only by their SDE steps' noise,
+            which still comes from ``seeds``, draw for draw as without ``init_seeds``); ``None``:
+            each sample's initial noise is the first draw of its ``seeds`` generator.
     """
     device = next(adapter.transformer.parameters()).device
-    generators = [torch.Generator(device=noise_generator_device(noise_device, device)).manual_seed(int(s))
-                  for s in seeds]
+    make = lambda s: torch.Generator(device=noise_generator_device(noise_device, device)).manual_seed(int(s))  # noqa: E731
+    generators = [make(s) for s in seeds]
     shape = adapter.sample_shape(resolution, num_frames)
-    x = per_sample_noise(generators, shape, device).to(state_torch_dtype(state_dtype))
+    x = per_sample_noise(generators, shape, device)  # drawn either way: the SDE noise that follows is the same
+    if init_seeds is not None:
+        x = per_sample_noise([make(s) for s in init_seeds], shape, device)
+    x = x.to(state_torch_dtype(state_dtype))
     stochastic = set() if dynamics == "ODE" else set(sde_steps)
     kept: dict[str, list[torch.Tensor]] = {k: [] for k in ("x", "next", "logp", "std", "mean")}
     batch = len(seeds)
@@ -220,8 +228,10 @@ def rollout_batches(adapter: FlowModelAdapter, prompts: list[str], negatives: li
                     transformer, progress=None, num_frames: int | None = None,
                     images: Sequence[Sequence[ImageSource]] | None = None,
                     on_batch: Callable[[slice, Rollout], None] | None = None,
-                    encode_guidance_scale: float | None = None) -> tuple[Conditioning, Rollout]:
+                    encode_guidance_scale: float | None = None,
+                    init_seeds: list[int] | None = None) -> tuple[Conditioning, Rollout]:
     """Roll out ``prompts`` in micro-batches and concatenate (conditioning and rollout).
+    ``init_seeds``: per prompt, the seed of its initial noise alone (:func:`rollout`).
     ``images``: per prompt, its condition images (image-conditioned families, :func:`encode`).
     ``on_batch(rows, rollout)``: called with each micro-batch as soon as it is rolled out (e.g.
     :class:`shared.rewards.overlap.BackgroundScorer` scores it while the next one samples).
@@ -240,7 +250,7 @@ def rollout_batches(adapter: FlowModelAdapter, prompts: list[str], negatives: li
                             noise_level=noise_level, sde_steps=sde_steps, keep_means=keep_means,
                             log_prob_reduction=log_prob_reduction, state_dtype=state_dtype,
                             noise_device=noise_device, transformer=transformer,
-                            num_frames=num_frames))
+                            num_frames=num_frames, init_seeds=None if init_seeds is None else init_seeds[sl]))
         conds.append(cond)
         if on_batch is not None:
             on_batch(slice(s, s + len(prompts[sl])), outs[-1])
@@ -360,7 +370,8 @@ def rollout_with(adapter: FlowModelAdapter, prompts: list[str], negatives: list[
                  seeds: list[int], params, *, transformer, progress=None,
                  images: Sequence[Sequence[ImageSource]] | None = None,
                  on_batch: Callable[[slice, Rollout], None] | None = None,
-                 encode_guidance_scale: float | None = None) -> tuple[Conditioning, Rollout]:
+                 encode_guidance_scale: float | None = None,
+                 init_seeds: list[int] | None = None) -> tuple[Conditioning, Rollout]:
     """:func:`rollout_batches` with the settings of a :class:`shared.protocol.SamplingParams`
     (what the embedded trainer and the sampler service both roll out from); ``images``: per
     prompt, its condition images (image-conditioned families); ``on_batch``,
@@ -372,4 +383,4 @@ def rollout_with(adapter: FlowModelAdapter, prompts: list[str], negatives: list[
         keep_means=params.keep_means, log_prob_reduction=params.log_prob_reduction,
         state_dtype=params.state_dtype, noise_device=params.noise_device,
         transformer=transformer, progress=progress, num_frames=params.num_frames, images=images,
-        on_batch=on_batch, encode_guidance_scale=encode_guidance_scale)
+        on_batch=on_batch, encode_guidance_scale=encode_guidance_scale, init_seeds=init_seeds)

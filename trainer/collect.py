@@ -107,13 +107,16 @@ class EpochPlan:
     # condition image paths per sample (edit models; () for text-only rows); [] = none at all
     images: list[tuple[str, ...]] = dataclasses.field(default_factory=list)
     datasets: list[str] = dataclasses.field(default_factory=list)  # data.datasets name per sample; [] = one folder
+    # seed of each sample's initial noise (train.shared_initial_noise: its group's); [] = its own seed's
+    init_seeds: list[int] = dataclasses.field(default_factory=list)
 
     def subset(self, rows: list[int]) -> "EpochPlan":
         """The plan restricted to ``rows`` (whole groups dropped after dead-lettered tasks)."""
         pick = lambda xs: [xs[r] for r in rows]  # noqa: E731
         return EpochPlan(self.epoch, pick(self.prompts), pick(self.negatives), pick(self.group_ids),
                          pick(self.seeds), self.sde_steps, pick(self.images) if self.images else [],
-                         pick(self.datasets) if self.datasets else [])
+                         pick(self.datasets) if self.datasets else [],
+                         pick(self.init_seeds) if self.init_seeds else [])
 
     @property
     def condition_images(self) -> list[tuple[str, ...]] | None:
@@ -136,7 +139,16 @@ def plan_epoch(cfg: Config, rows: list[PromptRow], epoch: int, rank: int, world_
                                      seed=t.seed * SEED_STRIDE + epoch)
     return EpochPlan(epoch, [rows[i].prompt for i in idx], [rows[i].negative_prompt for i in idx],
                      groups, seeds, sde_steps, [rows[i].images for i in idx],
-                     [rows[i].dataset for i in idx] if cfg.data.datasets else [])
+                     [rows[i].dataset for i in idx] if cfg.data.datasets else [],
+                     group_seeds(groups, seeds) if t.shared_initial_noise else [])
+
+
+def group_seeds(groups: list[int], seeds: list[int]) -> list[int]:
+    """Per sample, the seed of its group's first member (a group's shared initial noise)."""
+    first: dict[int, int] = {}
+    for g, s in zip(groups, seeds):
+        first.setdefault(g, s)
+    return [first[g] for g in groups]
 
 
 def source_spans(cfg: Config, rows: list[PromptRow]) -> list[tuple[int, int, int]] | None:
@@ -200,6 +212,7 @@ def sample_locally(cfg: Config, adapter, policy, algorithm, rewards: dict, plan:
                                   sampling_params(cfg, plan, algorithm.keep_means),
                                   transformer=policy.sampling_module(), progress=progress,
                                   images=plan.condition_images, on_batch=scorer.submit if scorer else None,
+                                  init_seeds=plan.init_seeds or None,
                                   # with the negatives a guided KL reference (train.ref_guidance_scale) needs
                                   encode_guidance_scale=cfg.train.encode_guidance_scale)
         scores = scorer.result() if scorer else score_specs(

@@ -120,7 +120,9 @@ class SamplerRuntime:
                 part = items[s:s + bs]
                 _, roll = rollout_with(self.adapter, [i.prompt for i in part], [i.negative_prompt for i in part],
                                        [i.seed for i in part], job.params, transformer=self.adapter.transformer,
-                                       images=self.condition_images(job.store_url, part))
+                                       images=self.condition_images(job.store_url, part),
+                                       init_seeds=([i.init_seed if i.init_seed is not None else i.seed for i in part]
+                                                   if any(i.init_seed is not None for i in part) else None))
                 writer.add(roll)
         except BaseException:
             writer.abort()

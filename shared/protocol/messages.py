@@ -74,6 +74,8 @@ class SampleItem(Message):
     seed: int
     images: list[BlobRef] = Field(default_factory=list)
     dataset: str = ""  # its data.datasets source ("" = one dataset folder): rewards[].datasets routing
+    # the seed of its initial noise alone (train.shared_initial_noise: its group's); None = ``seed``'s first draw
+    init_seed: int | None = None
 
 
 class SamplingParams(Message):
