@@ -55,6 +55,12 @@ def apportion(total: int, weights: list[int]) -> list[int]:
     return counts
 
 
+def repeated_permutation(n: int, count: int, g: torch.Generator) -> torch.Tensor:
+    """``[count]`` indices into ``n`` rows: seeded permutations of ``range(n)`` drawn from ``g``
+    and concatenated (as many as ``count`` needs), cut to ``count``."""
+    return torch.cat([torch.randperm(n, generator=g) for _ in range(math.ceil(count / n))])[:count]
+
+
 def mixed_order(sources: list[tuple[int, int, int]], total: int, g: torch.Generator) -> torch.Tensor:
     """``[total]`` row indices for an epoch's groups drawn from several sources.
 
@@ -65,8 +71,7 @@ def mixed_order(sources: list[tuple[int, int, int]], total: int, g: torch.Genera
     picks = []
     for (start, rows, _), share in zip(sources, apportion(total, [w for _, _, w in sources])):
         if share:
-            reps = math.ceil(share / rows)
-            picks.append(torch.cat([torch.randperm(rows, generator=g) for _ in range(reps)])[:share] + start)
+            picks.append(repeated_permutation(rows, share, g) + start)
     order = torch.cat(picks)
     return order[torch.randperm(total, generator=g)]
 
@@ -81,8 +86,7 @@ def epoch_plan(num_prompts: int, geo: BatchGeometry, seed: int, epoch: int, rank
     """
     g = torch.Generator().manual_seed(seed * SEED_STRIDE + epoch)
     if sources is None:
-        reps = math.ceil(geo.groups_per_epoch / num_prompts)
-        order = torch.cat([torch.randperm(num_prompts, generator=g) for _ in range(reps)])
+        order = repeated_permutation(num_prompts, geo.groups_per_epoch, g)
     else:
         order = mixed_order(sources, geo.groups_per_epoch, g)
     rows, groups, seeds = [], [], []
