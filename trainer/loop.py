@@ -227,7 +227,8 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
               f"({warmed['disk_hits']} from {cfg.model.embedding_cache_dir}); text encoders offloaded "
               f"({offload_mode(cfg)})")
     optimizer, lr_schedule = build_optimizer(cfg, trainable)
-    if isinstance(adapter.transformer, TwoExperts):  # a micro-batch may use only one expert
+    # a micro-batch may use only one expert; some models leave trained weights unused
+    if isinstance(adapter.transformer, TwoExperts) or adapter.unused_parameters:
         accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
     model, optimizer = accelerator.prepare(adapter.transformer, optimizer)
     model.eval()

@@ -65,6 +65,7 @@ class QwenImageAdapter(PipelineAdapter):
     hub_examples = "Qwen/Qwen-Image or Qwen/Qwen-Image-2512"
     text_encoders = ("text_encoder",)  # Qwen2.5-VL
     pipeline_grid = True
+    unused_parameters = True  # the last block's text-stream outputs feed nothing
     # attention of both streams and both streams' feed-forwards (Flow-Factory lists the second
     # feed-forward layers as "img_mlp.net.2.proj", a name that matches no module; the Linear is
     # "img_mlp.net.2")

@@ -107,3 +107,19 @@ def test_two_processes_resume_exactly(tmp_path):
     lora = "checkpoints/final/lora/pytorch_lora_weights.safetensors"
     a, b = load_file(full / lora), load_file(stopped / lora)
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+def test_two_processes_train_a_model_whose_last_block_leaves_weights_unused(tmp_path):
+    """Qwen-Image's last block computes a text stream nothing reads, so its LoRA there gets no
+    gradient; DDP has to be told to look for unused parameters (it stops the run otherwise)."""
+    from tests.helpers.tiny_pipelines import TINY_PIPELINES, tiny_train_config
+
+    spec = TINY_PIPELINES["qwen-image"]
+    cfg = tiny_train_config(spec, spec.save(tmp_path / "pipe"), tmp_path, train={"per_device_batch_size": 2})
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json())))
+    run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "--main_process_port", str(free_port()), "-m", "trainer.cli", "train", str(path)])
+    states = [json.loads((tmp_path / "runs" / "qwen-image" / f"rank{r}_state.json").read_text()) for r in (0, 1)]
+    assert states[0]["param_checksum"] == states[1]["param_checksum"]
