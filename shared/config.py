@@ -211,6 +211,12 @@ class TrainConfig(_Strict):
     adam_epsilon: float = Field(1e-8, gt=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    # shard the transformer, its gradients and optimizer state over the processes (PyTorch FSDP2,
+    # trainer/sharding.py) instead of a whole copy on each (DDP): for full fine-tuning of models
+    # whose copy does not fit one GPU. reshard_after_forward: false keeps each block gathered from
+    # its forward to its backward (less communication, more memory; ZeRO-2-like)
+    fsdp: bool = False
+    fsdp_reshard_after_forward: bool = True
     # -- advantages
     advantage_aggregation: Literal["sum", "gdpo"] = "sum"
     global_std: bool | None = None

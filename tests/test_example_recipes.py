@@ -5,7 +5,8 @@ The recipe's algorithm settings run as written (trainer type, dynamics, noise, S
 timesteps, KL, EMA schedule and device, LoRA or full fine-tuning, gradient checkpointing, text-encoder
 offload, the model's own options such as Wan2.2's second guidance scale); only what a CPU test cannot
 afford or load is replaced: the hub weights by the tiny pipeline, the geometry by one small epoch,
-bf16 by float32, and the learned rewards (PickScore, CLIP) by ``brightness``. ``test_examples.py``
+bf16 by float32, FSDP by one process (``tests/trainer/test_fsdp.py`` shards these families), and the
+learned rewards (PickScore, CLIP) by ``brightness``. ``test_examples.py``
 checks the recipes as they ship (keys, registered names, 8-GPU geometry)."""
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ IDS = [str(p.relative_to(ROOT / "examples")) for p in RECIPES]
 # 5 rollout steps (more when the recipe's SDE window reaches further)
 TINY_TRAIN = {"num_inference_steps": 5, "group_size": 2, "unique_sample_num_per_epoch": 2,
               "per_device_batch_size": 4, "gradient_step_per_epoch": 1, "max_epochs": 1,
-              "mixed_precision": "no", "save_freq": 0}
+              "mixed_precision": "no", "save_freq": 0, "fsdp": False}
 
 
 def test_every_family_has_a_recipe_of_every_algorithm_it_should():
@@ -38,7 +39,7 @@ def test_every_family_has_a_recipe_of_every_algorithm_it_should():
     assert {f for a, m, f in have if (a, m) == ("nft", "lora")} == families - {"flux2", "wan2_i2v-a14b"}
     assert {f for a, m, f in have if (a, m) == ("awm", "lora")} == {"sd3-5", "flux1", "flux2-klein"}
     assert ("grpo-guard", "lora", "sd3-5") in have
-    assert {f for a, m, f in have if m == "full"} >= {"sd3-5", "flux2-klein", "wan2_t2v"}
+    assert {f for a, m, f in have if m == "full"} >= {"sd3-5", "flux2-klein", "wan2_t2v", "flux1", "qwen-image"}
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,8 @@
   when the loop asks for it (every checkpoint it writes).
 Written into a temporary folder renamed into place by the main process (atomic); with several
 processes each writes its own ``resume/*-rank<r>*`` files into it first (shared filesystem).
+Under ``train.fsdp`` every process first takes part in gathering the whole tensors (the files are
+the same as under DDP).
 """
 
 from __future__ import annotations
@@ -42,17 +44,27 @@ def save_checkpoint(path: Path, cfg: Config, accelerator, adapter, policy, epoch
     accelerator.wait_for_everyone()
     if rank_extra is not None:
         rank_extra(tmp)
+    main = accelerator.is_main_process
+    sharded = policy.sharded
+    # under FSDP every process gathers (collectives), the main one keeps the whole tensors
+    parts = {name: _whole_state(transformer, cfg, main) if sharded else None
+             for name, transformer in denoiser_parts(adapter.transformer)}
+    ema = None
+    if policy.ema is not None:
+        ema = policy.full_weights(ema=True) if sharded else policy.ema.shadow
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    if main:
         if main_extra is not None:
             main_extra(tmp)
         for name, transformer in denoiser_parts(adapter.transformer):
             if cfg.model.finetune_type == "lora":
-                _save_lora(transformer, tmp / lora_dir_name(name))
+                _save_lora(transformer, tmp / lora_dir_name(name), state=parts[name])
+            elif parts[name] is not None:
+                _save_full(transformer, tmp / name, parts[name])
             else:
                 transformer.save_pretrained(tmp / name)
-        if policy.ema is not None:
-            save_file({k: v.contiguous() for k, v in policy.ema.shadow.items()}, tmp / "ema.safetensors")
+        if ema is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in ema.items()}, tmp / "ema.safetensors")
         (tmp / "trainer_state.json").write_text(json.dumps(
             {"epoch": epoch, "optimizer_step": step, "config": cfg.model_dump()}, indent=2))
         shutil.rmtree(path, ignore_errors=True)
@@ -61,14 +73,51 @@ def save_checkpoint(path: Path, cfg: Config, accelerator, adapter, policy, epoch
     return path
 
 
-def _save_lora(transformer, directory: Path, prefix: str = "transformer") -> None:
+def _whole_state(transformer, cfg: Config, main: bool) -> dict | None:
+    """The weights a checkpoint stores (the LoRA's, or all of them), gathered one tensor at a time
+    from a sharded transformer (every process calls it); the main process gets them on the CPU."""
+    from trainer.sharding import gather
+
+    if cfg.model.finetune_type == "lora":
+        from peft.utils import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(transformer, adapter_name="default")
+    else:
+        state = transformer.state_dict()
+    out = {}
+    for k, v in state.items():
+        whole = gather(v.detach())
+        if main:
+            out[k] = whole.cpu()
+    return out if main else None
+
+
+def _save_full(transformer, directory: Path, state: dict) -> None:
+    """What ``save_pretrained`` writes (config, safetensors shards of at most 10 GB, their index),
+    from whole tensors gathered from a sharded transformer."""
+    from huggingface_hub import save_torch_state_dict
+
+    from trainer.sharding import model_class
+
+    directory.mkdir(parents=True, exist_ok=True)
+    transformer.save_config(directory)
+    config = directory / "config.json"  # the model's class, not FSDP's subclass of it
+    config.write_text(json.dumps({**json.loads(config.read_text()), "_class_name": model_class(transformer).__name__},
+                                 indent=2, sort_keys=True) + "\n")
+    save_torch_state_dict(state, directory, filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
+                          max_shard_size="10GB")
+
+
+def _save_lora(transformer, directory: Path, prefix: str = "transformer", state: dict | None = None) -> None:
     """Like ``transformer.save_lora_adapter`` but with keys and metadata under ``prefix.``: the
     unprefixed file it writes is skipped, with only a warning, by pipelines' ``load_lora_weights``
-    and by ``load_lora_adapter``'s default ``prefix="transformer"``."""
+    and by ``load_lora_adapter``'s default ``prefix="transformer"``. ``state``: the LoRA's whole
+    tensors when the transformer is sharded."""
     from diffusers.loaders.lora_base import LoraBaseMixin
     from peft.utils import get_peft_model_state_dict
 
-    state = get_peft_model_state_dict(transformer, adapter_name="default")
+    if state is None:
+        state = get_peft_model_state_dict(transformer, adapter_name="default")
     meta = transformer.peft_config["default"].to_dict()
     LoraBaseMixin.write_lora_layers(
         state_dict={f"{prefix}.{k}": v.contiguous() for k, v in state.items()},
@@ -78,7 +127,8 @@ def _save_lora(transformer, directory: Path, prefix: str = "transformer") -> Non
 
 
 def load_checkpoint_weights(path: Path, cfg: Config, adapter, policy, *, use_ema: bool = True) -> None:
-    """Load a checkpoint's weights into a freshly built adapter/policy (for ``flowrl eval``)."""
+    """Load a checkpoint's weights into a freshly built adapter/policy (for ``flowrl eval``).
+    ``policy`` None: the model's weights only (before sharding; :func:`load_checkpoint_ema` then)."""
     path = Path(path)
     if not (path / "trainer_state.json").is_file():
         raise FileNotFoundError(f"--checkpoint {str(path)!r} is not a flowrl checkpoint (no "
@@ -92,7 +142,33 @@ def load_checkpoint_weights(path: Path, cfg: Config, adapter, policy, *, use_ema
             set_peft_model_state_dict(transformer, state, adapter_name="default")
         else:
             for shard in sorted((path / name).glob("*.safetensors")):
-                transformer.load_state_dict(load_file(shard), strict=False)
-    ema_file = path / "ema.safetensors"
-    if use_ema and ema_file.is_file() and policy.ema is not None:
-        policy.ema.load_state_dict(load_file(ema_file))
+                _load_whole(transformer, load_file(shard))
+    if use_ema and policy is not None:
+        load_checkpoint_ema(path, policy)
+
+
+def _load_whole(transformer, state: dict) -> None:
+    """``load_state_dict(state, strict=False)``; into a sharded transformer (``train.fsdp``) each
+    process copies its pieces of the whole tensors."""
+    import torch
+
+    from trainer.sharding import is_sharded, local, piece_like
+
+    params = dict(transformer.named_parameters())
+    if not any(is_sharded(p) for p in params.values()):
+        transformer.load_state_dict(state, strict=False)
+        return
+    buffers = dict(transformer.named_buffers())
+    with torch.no_grad():
+        for key, value in state.items():
+            if key in params:
+                local(params[key]).copy_(piece_like(value, params[key]))
+            elif key in buffers:
+                buffers[key].copy_(value)
+
+
+def load_checkpoint_ema(path: Path, policy) -> None:
+    """The checkpoint's EMA shadow into ``policy`` (this process's pieces under FSDP), if both have one."""
+    ema_file = Path(path) / "ema.safetensors"
+    if ema_file.is_file() and policy.ema is not None:
+        policy.load_ema(load_file(ema_file))

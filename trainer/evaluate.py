@@ -14,6 +14,7 @@ from shared.rewards.base import details_all
 from shared.rewards.multi import routed, score_specs
 from shared.sampling import rollout_batches
 from trainer.reporting import save_grid
+from trainer.sharding import equal_share
 
 GRID_MAX = 16
 
@@ -45,6 +46,9 @@ def evaluate(cfg: Config, accelerator, adapter, policy, rewards: dict, specs, ro
     k = e.images_per_prompt
     # sample j is prompt j // k with seed e.seed + j, whatever the number of processes
     mine = list(range(rank, len(rows) * k, world))
+    n_mine = len(mine)
+    if policy.sharded:  # every process runs the same forwards (each all-gathers); extras dropped
+        mine = equal_share(mine, [len(range(r, len(rows) * k, world)) for r in range(world)])
     sums = torch.zeros(len(specs), 2, dtype=torch.float64)  # (sum, count) per reward
     detail_sums: dict[tuple[str, str], torch.Tensor] = {}  # (label, key) -> (sum, count) of reward details
     # data.datasets: each reward scores only its sources' prompts, and is also reported per source
@@ -60,9 +64,11 @@ def evaluate(cfg: Config, accelerator, adapter, policy, rewards: dict, specs, ro
             noise_level=0.0, sde_steps=[], keep_means=False, log_prob_reduction="mean",
             transformer=policy.eval_module(), num_frames=e.num_frames,
             images=[rows[j // k].images for j in mine] if any(r.images for r in rows) else None)
+    if n_mine:
+        mine, prompts, images = mine[:n_mine], prompts[:n_mine], roll.images[:n_mine]
         group_ids = torch.tensor([j // k for j in mine], dtype=torch.long)  # a prompt's images
         datasets = [rows[j // k].dataset for j in mine] if sources else None
-        scores = score_specs(rewards, specs, roll.images, prompts, group_ids,
+        scores = score_specs(rewards, specs, images, prompts, group_ids,
                              condition_images=lambda: open_rows([rows[j // k].images or [] for j in mine]),
                              datasets=datasets)
         for j, spec in enumerate(specs):
@@ -72,10 +78,10 @@ def evaluate(cfg: Config, accelerator, adapter, policy, rewards: dict, specs, ro
             picks = routed(spec, datasets, len(prompts))
             if picks == []:  # none of this rank's prompts is the reward's
                 continue
-            images, texts = (roll.images, prompts) if picks is None else (roll.images[picks], [prompts[i] for i in picks])
-            for key, values in details_all(rewards[spec.label], images, texts).items():
+            shown, texts = (images, prompts) if picks is None else (images[picks], [prompts[i] for i in picks])
+            for key, values in details_all(rewards[spec.label], shown, texts).items():
                 detail_sums[(spec.label, key)] = nan_sum_count(values)
-        grid_images = roll.images[grid_picks(mine, k)]
+        grid_images = images[grid_picks(mine, k)]
     sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
     out: dict = {"epoch": epoch}
     for j, spec in enumerate(specs):

@@ -31,19 +31,21 @@ from shared.models import load_adapter
 from shared.models.experts import TwoExperts
 from shared.rewards.multi import build_rewards
 from trainer.algorithms import ALGORITHMS, Algorithm, TrainBatch
-from trainer.checkpoint import load_checkpoint_weights, save_checkpoint
+from trainer.checkpoint import load_checkpoint_ema, load_checkpoint_weights, save_checkpoint
 from trainer.collect import SEED_STRIDE, EpochData, finish_epoch, plan_epoch
 from trainer.data import check_condition_images, load_dataset
 from trainer.embeddings import offload_mode, warm_embeddings
 from trainer.evaluate import evaluate
-from trainer.policy import Policy, attach_trainable
+from trainer.policy import DTYPES, Policy, attach_trainable
 from trainer.ptx import PretrainMix
 from trainer.reporting import MetricLogger, detail_keys, progress_postfix, write_report
 from trainer.metrics import TrainerMetrics
 from trainer.schedule import follow_budget, set_budget_fraction
 from trainer.resume import (RESUME_DIR, Progress, ResumeError, check_same_experiment, find_checkpoint,
-                            load_rank_state, load_resume, run_dir_of, save_rank_state, save_resume,
+                            load_rank_state, load_resume, optimizer_tensors, run_dir_of,
+                            save_rank_state, save_resume,
                             truncate_jsonl)
+from trainer.sharding import check_fsdp, gather, local, param_bytes, shard_transformer
 from trainer.transport import CeleryTransport, LocalTransport
 
 
@@ -197,7 +199,7 @@ def _optimizer_step(t, accelerator, policy, optimizer, lr_schedule, step: int, s
                     per_step: int) -> int:
     """Clip, step, schedule, zero, EMA; returns the new optimizer step count."""
     if t.max_grad_norm:
-        norm = accelerator.clip_grad_norm_(list(policy.trainable.values()), t.max_grad_norm)
+        norm = gather(accelerator.clip_grad_norm_(list(policy.trainable.values()), t.max_grad_norm))
         sums["grad_norm"] = sums.get("grad_norm", 0.0) + norm.detach() * per_step
     optimizer.step()
     lr_schedule.step()
@@ -217,20 +219,47 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
     train_rows, test_rows = load_dataset(cfg.data)
     eval_rows = (test_rows or train_rows)[: cfg.eval.num_prompts]
 
-    adapter = load_adapter(cfg.model, device=accelerator.device, seed=t.seed)
+    # FSDP: the transformer stays on the CPU until sharding moves each process's pieces to its device
+    adapter = load_adapter(cfg.model, device=accelerator.device, seed=t.seed,
+                           transformer_device="cpu" if t.fsdp else None)
     check_media_geometry(cfg, adapter)
     check_rows(adapter, train_rows, eval_rows)
-    trainable = attach_trainable(adapter, cfg)
+    if t.fsdp:
+        check_fsdp(cfg, adapter, accelerator.num_processes)
+    # a full fine-tune under FSDP casts to the master dtype block by block as it shards
+    per_block = t.fsdp and cfg.model.finetune_type == "full"
+    trainable = attach_trainable(adapter, cfg, master_cast=not per_block)
+    name, run_dir, ckpt = _locate_run(cfg)
+    if ckpt is not None:
+        check_same_experiment(ckpt, cfg)
+    # LoRA under FSDP: the checkpoint's LoRA before sharding (the KL reference is the model with
+    # the adapters off, whatever their weights); otherwise after the Policy has copied the base
+    # weights for a full fine-tune's KL reference
+    early = ckpt is not None and t.fsdp and not per_block
+    if early:
+        load_checkpoint_weights(ckpt, cfg, adapter, None)
+    if t.fsdp:  # shard the transformer over the processes (trainer/sharding.py)
+        trainable = None  # let each block's whole tensors go once it is sharded
+        blocks = shard_transformer(adapter.transformer, reshard_after_forward=t.fsdp_reshard_after_forward,
+                                   master_dtype=DTYPES[cfg.model.master_weight_dtype])
+        trainable = {n: p for n, p in adapter.transformer.named_parameters() if p.requires_grad}
+        if main and not quiet:
+            print(f"flowrl: FSDP over {accelerator.num_processes} processes, {blocks} blocks; "
+                  f"{param_bytes(adapter.transformer) / 2**30:.2f} GiB of transformer weights on this one")
     warmed = warm_embeddings(cfg, adapter, train_rows, eval_rows)  # offload_text_encoders only
     if warmed and main and not quiet:
         print(f"flowrl: {warmed['encoded']} prompt embeddings encoded in {warmed['seconds']:.1f} s "
               f"({warmed['disk_hits']} from {cfg.model.embedding_cache_dir}); text encoders offloaded "
               f"({offload_mode(cfg)})")
     optimizer, lr_schedule = build_optimizer(cfg, trainable)
-    # a micro-batch may use only one expert; some models leave trained weights unused
-    if isinstance(adapter.transformer, TwoExperts) or adapter.unused_parameters:
-        accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
-    model, optimizer = accelerator.prepare(adapter.transformer, optimizer)
+    if t.fsdp:  # accelerate's mixed-precision forward as under DDP, without the DDP wrapper
+        model = accelerator.prepare_model(adapter.transformer, device_placement=False, evaluation_mode=True)
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        # a micro-batch may use only one expert; some models leave trained weights unused
+        if isinstance(adapter.transformer, TwoExperts) or adapter.unused_parameters:
+            accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
+        model, optimizer = accelerator.prepare(adapter.transformer, optimizer)
     model.eval()
     policy = Policy(adapter, model, cfg, trainable)
     algorithm = ALGORITHMS.get(t.trainer_type)(cfg)
@@ -239,11 +268,11 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
     eval_rewards = build_rewards(cfg.eval_rewards, accelerator.device) if cfg.eval_rewards else rewards
     eval_specs = cfg.eval_rewards or cfg.rewards
 
-    name, run_dir, ckpt = _locate_run(cfg)
     progress = Progress()
     if ckpt is not None:  # exact resume: weights, EMA, optimizer, LR schedule, counters
-        check_same_experiment(ckpt, cfg)
-        load_checkpoint_weights(ckpt, cfg, adapter, policy)
+        if not early:  # under FSDP each process copies in its pieces of the whole tensors
+            load_checkpoint_weights(ckpt, cfg, adapter, None)
+        load_checkpoint_ema(ckpt, policy)
         progress = load_resume(ckpt, optimizer, lr_schedule, accelerator.scaler)
         if progress.epoch >= t.max_epochs:
             raise ResumeError(f"{ckpt} is already at epoch {progress.epoch} >= train.max_epochs="
@@ -304,10 +333,12 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
         state = Progress(epoch + 1, step, version, samples_used, train_seconds, history, evals,
                          staged, dispatched_with if staged is not None else None)
         local = pending_samples if cfg.transport == "local" and staged is not None else None
+        # sharded moments are gathered by every process; otherwise the main one reads them
+        moments = optimizer_tensors(optimizer) if policy.sharded else None
         save_checkpoint(run_dir / "checkpoints" / f"checkpoint-{epoch + 1}", cfg, accelerator,
                         adapter, policy, epoch + 1, step,
                         main_extra=lambda d: save_resume(d / RESUME_DIR, state, optimizer,
-                                                         lr_schedule, accelerator.scaler),
+                                                         lr_schedule, accelerator.scaler, moments),
                         rank_extra=lambda d: save_rank_state(d / RESUME_DIR, rank, local))
 
     transport.publish(version)
@@ -409,20 +440,26 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
             for key in detail_keys(evals[-1]):
                 print(f"  {key}: base {summary[f'base/{key}']:.4f} -> final {summary[f'final/{key}']:.4f}")
             print(f"report: {report}  (reward curve: {run_dir / 'reward_curve.png'})")
-    _write_rank_state(run_dir, accelerator, policy, data)
+    _write_rank_state(run_dir, accelerator, policy, data, optimizer)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
 
 
-def _write_rank_state(run_dir: Path, accelerator: Accelerator, policy: Policy, data: EpochData) -> None:
-    """Per-rank facts for multi-process checks: parameter checksum and the groups it owned."""
+def _write_rank_state(run_dir: Path, accelerator: Accelerator, policy: Policy, data: EpochData,
+                      optimizer) -> None:
+    """Per-rank facts for multi-process checks: parameter checksum, the groups it owned, and the
+    bytes of transformer weights and optimizer state this process holds (pieces under FSDP)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    checksum = float(sum(p.detach().double().sum() for p in policy.trainable.values()))
+    whole = policy.full_weights().values()  # gathered under FSDP (every rank calls this)
+    checksum = float(sum(p.double().sum() for p in whole))
     groups = data.group_ids.tolist()
     (run_dir / f"rank{accelerator.process_index}_state.json").write_text(json.dumps({
         "rank": accelerator.process_index, "param_checksum": checksum,
-        "param_abs_sum": float(sum(p.detach().double().abs().sum() for p in policy.trainable.values())),
+        "param_abs_sum": float(sum(p.double().abs().sum() for p in whole)),
+        "transformer_bytes": param_bytes(policy.adapter.transformer),
+        "optimizer_bytes": sum(local(v).numel() * v.element_size() for st in optimizer.state.values()
+                               for v in st.values() if torch.is_tensor(v)),
         "last_epoch_group_ids": groups}))
 
 

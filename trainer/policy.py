@@ -7,6 +7,10 @@
 * EMA: a float32 shadow of the trainable parameters, evaluated through
   :class:`shared.models.ParamView` (``functional_call``, no weight swapping). It provides
   the eval weights, the off-policy sampling/"old" model (DiffusionNFT) and the AWM anchor.
+
+Under ``train.fsdp`` (:mod:`trainer.sharding`) the current model is the sharded transformer
+itself, the EMA shadow and a full fine-tune's reference hold this process's pieces, and both are
+evaluated through :class:`trainer.sharding.SwapView`.
 """
 
 from __future__ import annotations
@@ -22,14 +26,16 @@ from shared.config import Config
 from shared.models import Conditioning, FlowModelAdapter, ParamView
 from shared.models.lora import compile_transformer, prepare_transformer
 from trainer.ema import EMA, ema_decay
+from trainer.sharding import SwapView, gather, gather_like, is_sharded, local, piece_like
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def attach_trainable(adapter: FlowModelAdapter, cfg: Config) -> dict[str, nn.Parameter]:
+def attach_trainable(adapter: FlowModelAdapter, cfg: Config, *, master_cast: bool = True) -> dict[str, nn.Parameter]:
     """Freeze the model, add LoRA (peft) or unfreeze all, turn on gradient checkpointing when
     ``model.gradient_checkpointing``, ``torch.compile`` it when ``model.compile``; return the
-    trainable parameters (their names are the ones published to samplers)."""
+    trainable parameters (their names are the ones published to samplers). ``master_cast``
+    False leaves them in the model's dtype (``train.fsdp`` casts each block as it shards it)."""
     m, transformer = cfg.model, adapter.transformer
     prepare_transformer(adapter, m)
     if m.finetune_type == "full":
@@ -43,9 +49,10 @@ def attach_trainable(adapter: FlowModelAdapter, cfg: Config) -> dict[str, nn.Par
             f"{type(transformer).__name__}, so nothing would train. Fix: use 'default', 'all', "
             f"or names of its linear layers."
         )
-    master = DTYPES[m.master_weight_dtype]
-    for p in trainable.values():
-        p.data = p.data.to(master)
+    if master_cast:
+        master = DTYPES[m.master_weight_dtype]
+        for p in trainable.values():
+            p.data = p.data.to(master)
     compile_transformer(adapter, m)  # model.compile: last, on the module as it will train
     return trainable
 
@@ -69,21 +76,32 @@ class Policy:
                  trainable: dict[str, nn.Parameter]) -> None:
         self.adapter, self.model, self.cfg = adapter, model, cfg
         self.trainable = trainable
+        self.sharded = any(is_sharded(p) for p in trainable.values())  # train.fsdp
         self.guidance_scale = cfg.train.guidance_scale
         self.ref_guidance_scale = cfg.train.reference_guidance_scale
         t = cfg.train
         self.ema = None
         if t.ema_decay:
             device = "cpu" if t.ema_device == "cpu" else None
-            self.ema = EMA({n: p.detach() for n, p in trainable.items()}, device=device)
+            self.ema = EMA(self._pieces(), device=device)
         self._ref: nn.Module | None = None
         if t.kl_beta and cfg.model.finetune_type == "full":
             ref_device = "cpu" if t.ref_param_device == "cpu" else next(model.parameters()).device
-            self._ref = copy.deepcopy(adapter.transformer).requires_grad_(False).to(ref_device)
+            if self.sharded:  # this process's pieces of the frozen weights, swapped in per call
+                pieces = {n: p.detach().clone().to(ref_device) for n, p in self._pieces().items()}
+                self._ref = SwapView(adapter.transformer, trainable, pieces)
+            else:
+                self._ref = copy.deepcopy(adapter.transformer).requires_grad_(False).to(ref_device)
+
+    def _pieces(self) -> dict[str, torch.Tensor]:
+        """The trainable parameters as this process holds them (pieces under FSDP), detached."""
+        return {n: local(p.detach()) for n, p in self.trainable.items()}
 
     # -------------------------------------------------------------- modules
     def ema_view(self) -> nn.Module:
         assert self.ema is not None
+        if self.sharded:
+            return SwapView(self.adapter.transformer, self.trainable, self.ema.as_params(self._pieces()))
         return ParamView(self.adapter.transformer, self.ema.as_params(self.trainable))
 
     def sampling_module(self) -> nn.Module:
@@ -116,7 +134,7 @@ class Policy:
     def ref_velocity(self, x, sigma, cond) -> torch.Tensor:
         """The frozen base's velocity at ``train.ref_guidance_scale`` (default: the policy's CFG)."""
         with self._reference() as module:
-            device = next(module.parameters()).device
+            device = next(iter(self.trainable.values())).device if self.sharded else next(module.parameters()).device
             v = self.adapter.velocity(x.to(device), sigma.to(device), cond.to(device),
                                       self.ref_guidance_scale, transformer=module)
         return v.to(x.device)
@@ -142,5 +160,20 @@ class Policy:
                           initial_decay=t.initial_decay, warmup_steps=t.ema_warmup_steps,
                           total_steps=t.total_steps, flat_steps=t.flat_steps,
                           ramp_rate=t.ramp_rate)
-        self.ema.update({n: p.detach() for n, p in self.trainable.items()}, decay)
+        self.ema.update(self._pieces(), decay)
         return decay
+
+    # -------------------------------------------------------------- whole tensors
+    def full_weights(self, ema: bool = False) -> dict[str, torch.Tensor]:
+        """The trainable parameters (or their EMA) as whole tensors, by name. A collective under
+        FSDP (every process calls it); otherwise references, no copy."""
+        if ema:
+            assert self.ema is not None
+            return {n: gather_like(s, self.trainable[n]) for n, s in self.ema.shadow.items()}
+        return {n: gather(p.detach()) for n, p in self.trainable.items()}
+
+    def load_ema(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Set the EMA shadow from whole tensors (a checkpoint's ``ema.safetensors``)."""
+        assert self.ema is not None
+        self.ema.load_state_dict({n: piece_like(v, self.trainable[n]) if n in self.trainable else v
+                                  for n, v in tensors.items()})

@@ -88,14 +88,17 @@ def optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """An optimizer ``state_dict`` as (flat tensors, JSON-able rest).
 
     Tensor keys are ``"<param index>/<state name>"``; the rest holds the non-tensor per-param
-    state entries and ``param_groups`` (learning rates, betas, ... and param indices).
+    state entries and ``param_groups`` (learning rates, betas, ... and param indices). Sharded
+    moments (``train.fsdp``) are gathered whole, so every process must call it then.
     """
+    from trainer.sharding import gather
+
     sd = optimizer.state_dict()
     tensors, scalars = {}, {}
     for index, entries in sd["state"].items():
         for name, value in entries.items():
             if torch.is_tensor(value):
-                tensors[f"{index}/{name}"] = value.detach().contiguous().cpu()
+                tensors[f"{index}/{name}"] = gather(value.detach()).contiguous().cpu()
             else:
                 scalars[f"{index}/{name}"] = value
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
@@ -103,10 +106,17 @@ def optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
 
 def load_optimizer(optimizer, tensors: dict[str, torch.Tensor], rest: dict) -> None:
     """Inverse of :func:`optimizer_tensors` (moments are moved to their parameters' devices
-    by the optimizer's own ``load_state_dict``)."""
+    by the optimizer's own ``load_state_dict``; a sharded parameter's moments are cut to this
+    process's piece, so a checkpoint resumes on any number of processes, with or without FSDP)."""
+    from trainer.sharding import is_sharded, shard_like
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict[int, dict] = {}
     for key, value in list(tensors.items()) + list(rest["scalars"].items()):
         index, name = key.split("/", 1)
+        p = params[int(index)] if int(index) < len(params) else None
+        if p is not None and is_sharded(p) and torch.is_tensor(value) and value.shape == p.shape:
+            value = shard_like(value, p)
         state.setdefault(int(index), {})[name] = value
     groups = [{**g, **({"betas": tuple(g["betas"])} if "betas" in g else {})} for g in rest["param_groups"]]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
@@ -140,10 +150,12 @@ def set_rng_state(state: dict) -> None:
 
 # ---------------------------------------------------------------------------- save / load
 
-def save_resume(directory: Path, progress: Progress, optimizer, lr_schedule, scaler=None) -> None:
-    """Write ``state.json`` and ``optimizer.safetensors`` into ``directory`` (main process)."""
+def save_resume(directory: Path, progress: Progress, optimizer, lr_schedule, scaler=None,
+                optimizer_state: tuple[dict, dict] | None = None) -> None:
+    """Write ``state.json`` and ``optimizer.safetensors`` into ``directory`` (main process).
+    ``optimizer_state``: :func:`optimizer_tensors`' result, when every process had to gather it."""
     directory.mkdir(parents=True, exist_ok=True)
-    tensors, rest = optimizer_tensors(optimizer)
+    tensors, rest = optimizer_state or optimizer_tensors(optimizer)
     save_file(tensors, directory / "optimizer.safetensors")
     state = {"progress": dataclasses.asdict(progress), "optimizer": rest,
              "lr_schedule": lr_schedule.state_dict(),
@@ -224,7 +236,9 @@ def truncate_jsonl(path: Path, keep) -> int:
 
 # settings a resumed run may change; any other difference means another experiment
 # (the dataset may move between machines; its rows must stay the same for an exact resume)
-MAY_CHANGE = {"train": {"resume_from", "max_epochs", "max_train_seconds", "save_freq"},
+MAY_CHANGE = {"train": {"resume_from", "max_epochs", "max_train_seconds", "save_freq",
+                        # DDP <-> FSDP: the same math; a checkpoint holds whole tensors either way
+                        "fsdp", "fsdp_reshard_after_forward"},
               "data": {"dataset_dir"},
               # memory / speed options (same math; attn_backend may differ in the last bits)
               "model": {"attn_backend", "gradient_checkpointing", "embedding_cache_mb", "embedding_cache_dir",
@@ -249,5 +263,5 @@ def check_same_experiment(checkpoint: Path, cfg) -> None:
         raise ResumeError(
             f"cannot resume from {checkpoint}: the config differs from the run that wrote it in "
             f"{len(diffs)} setting(s): " + "; ".join(diffs[:6]) + (" ..." if len(diffs) > 6 else "")
-            + ". Only train.max_epochs, train.max_train_seconds, train.save_freq, data.dataset_dir, the "
+            + ". Only train.max_epochs, train.max_train_seconds, train.save_freq, train.fsdp, data.dataset_dir, the "
             "model's memory and speed options (and eval, logging, queue settings) may change. Fix: use the run's config, or start a new run.")

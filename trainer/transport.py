@@ -160,14 +160,14 @@ class CeleryTransport:
     # ------------------------------------------------------------------ weights
     def publish(self, version: int) -> PolicyPublished | None:
         """Write the sampling weights as a blob (atomic), then bump the version in Redis. Rank 0
-        only: DDP keeps the weights identical on every trainer process."""
+        only: DDP keeps the weights identical on every trainer process (under FSDP every process
+        first takes part in gathering them)."""
+        policy, t = self.policy, self.cfg.train
+        if self.rank != 0 and not policy.sharded:
+            return None
+        weights = policy.full_weights(ema=bool(t.off_policy and policy.ema is not None))
         if self.rank != 0:
             return None
-        policy, t = self.policy, self.cfg.train
-        if t.off_policy and policy.ema is not None:
-            weights = policy.ema.as_params(policy.trainable)
-        else:
-            weights = policy.trainable
         ref = self.store.put_tensors(f"{self.run_id}/policy/v{version}.safetensors",
                                      {k: v.detach().float() for k, v in weights.items()},
                                      durable=True)

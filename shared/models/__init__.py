@@ -1,5 +1,7 @@
 """Model adapters, one file per family, registered by ``model.model_type``."""
 
+import torch
+
 from shared.models.base import MODELS, Conditioning, FlowModelAdapter, ParamView
 
 for _name, _path in (("tiny", "shared.models.tiny.TinyAdapter"),
@@ -17,13 +19,16 @@ for _name, _path in (("tiny", "shared.models.tiny.TinyAdapter"),
         MODELS.register(_name, _path)
 
 
-def load_adapter(model_cfg, *, device, seed: int) -> FlowModelAdapter:
+def load_adapter(model_cfg, *, device, seed: int, transformer_device=None) -> FlowModelAdapter:
     """Build the adapter named by ``model_cfg.model_type``, with its embedding cache
     (``model.embedding_cache_mb`` / ``embedding_cache_dir`` / ``offload_text_encoders``,
-    :mod:`shared.embedding_cache`) and ``source_path`` (the model folder the cache fingerprints)."""
+    :mod:`shared.embedding_cache`) and ``source_path`` (the model folder the cache fingerprints).
+    ``transformer_device``: where the transformer stays instead of ``device`` (``train.fsdp`` keeps
+    it on the CPU, and sharding moves each process's pieces to its GPU)."""
     from shared.embedding_cache import EmbeddingCache
 
-    adapter = MODELS.get(model_cfg.model_type).load(model_cfg, device=device, seed=seed)
+    extra = {} if transformer_device is None else {"transformer_device": torch.device(transformer_device)}
+    adapter = MODELS.get(model_cfg.model_type).load(model_cfg, device=device, seed=seed, **extra)
     if getattr(adapter, "source_path", None) is None:
         adapter.source_path = getattr(model_cfg, "model_name_or_path", None)
     adapter.embedding_cache = EmbeddingCache.from_config(model_cfg)

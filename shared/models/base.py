@@ -103,7 +103,8 @@ class FlowModelAdapter(ABC):
     @classmethod
     @abstractmethod
     def load(cls, model_cfg: Any, *, device: torch.device, seed: int) -> "FlowModelAdapter":
-        """Build from ``model:`` config (``model_name_or_path`` hub id or local dir)."""
+        """Build from ``model:`` config (``model_name_or_path`` hub id or local dir). The built-in
+        adapters also take ``transformer_device`` (keep the transformer there, not on ``device``)."""
 
     @abstractmethod
     def encode_prompts(self, prompts: list[str], *, cfg: bool,

@@ -102,7 +102,7 @@ class Flux2BaseAdapter(PipelineAdapter):
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def load(cls, model_cfg: Any, *, device: torch.device, seed: int) -> "Flux2BaseAdapter":
+    def load(cls, model_cfg: Any, *, device: torch.device, seed: int, **kwargs: Any) -> "Flux2BaseAdapter":
         """:meth:`PipelineAdapter.load`, after checking that a PixtralProcessor tokenizer (FLUX.2
         [dev]) can be built: without torchvision diffusers only says that a "Placeholder"
         component cannot be loaded."""
@@ -115,7 +115,7 @@ class Flux2BaseAdapter(PipelineAdapter):
                 f"{path!r}: the pipeline's tokenizer is a PixtralProcessor (FLUX.2 [dev]'s Mistral-3 "
                 f"processor), which transformers only builds with torchvision installed, and it is not. "
                 f"Fix: install the torchvision build that matches your torch (pip install torchvision).")
-        return super().load(model_cfg, device=device, seed=seed)  # type: ignore[return-value]
+        return super().load(model_cfg, device=device, seed=seed, **kwargs)  # type: ignore[return-value]
 
     def _check_text_layers(self, layers: list[int] | None) -> tuple[int, ...]:
         layers = tuple(int(i) for i in layers) if layers is not None else self.default_text_encoder_out_layers

@@ -117,14 +117,20 @@ class PipelineAdapter(FlowModelAdapter):
 
     @classmethod
     def from_pipeline(cls, pipeline, options: dict[str, Any] | None = None,
-                      device: torch.device | str = "cpu") -> "PipelineAdapter":
+                      device: torch.device | str = "cpu",
+                      transformer_device: torch.device | str | None = None) -> "PipelineAdapter":
         """Wrap an already built pipeline of :attr:`pipeline_class` (tests, scripts): ``options``
-        over :attr:`option_defaults`, everything on ``device``, the frozen parts in their dtype,
-        the progress bar off."""
+        over :attr:`option_defaults`, everything on ``device`` (the denoiser(s) on
+        ``transformer_device`` when given), the frozen parts in their dtype, the progress bar off."""
         o = {**cls.option_defaults, **(options or {})}
         cls.validate_options(o)
         device = torch.device(device)
-        pipeline.to(device)
+        if transformer_device is None:
+            pipeline.to(device)
+        else:  # the whole transformer never reaches `device` (train.fsdp shards it there)
+            for name, module in pipeline.components.items():
+                if isinstance(module, torch.nn.Module):
+                    module.to(transformer_device if name in ("transformer", "transformer_2") else device)
         for name, key in cls.frozen_components().items():
             module, dtype = getattr(pipeline, name), component_dtype(o[key], device)
             if module is not None and module.dtype != dtype:
@@ -154,7 +160,8 @@ class PipelineAdapter(FlowModelAdapter):
         return path
 
     @classmethod
-    def load(cls, model_cfg: Any, *, device: torch.device, seed: int) -> "PipelineAdapter":
+    def load(cls, model_cfg: Any, *, device: torch.device, seed: int,
+             transformer_device: torch.device | None = None) -> "PipelineAdapter":
         import diffusers
 
         path = cls.check_source(model_cfg)
@@ -166,7 +173,7 @@ class PipelineAdapter(FlowModelAdapter):
         extra.update({k: None for k in cls.skipped_components({**cls.option_defaults, **options})})
         extra.update(cls.preloaded_components(path, {**cls.option_defaults, **options}))
         pipeline = pipeline_type.from_pretrained(path, **extra)
-        adapter = cls.from_pipeline(pipeline, options, device)
+        adapter = cls.from_pipeline(pipeline, options, device, transformer_device)
         if model_cfg.scheduler_shift is not None:
             adapter.shift_override = adapter.scheduler_shift = float(model_cfg.scheduler_shift)
         return adapter

@@ -69,7 +69,8 @@ class TinyAdapter(FlowModelAdapter):
         return cls(transformer, table, o)
 
     @classmethod
-    def load(cls, model_cfg: Any, *, device: torch.device, seed: int) -> "TinyAdapter":
+    def load(cls, model_cfg: Any, *, device: torch.device, seed: int,
+             transformer_device: torch.device | None = None) -> "TinyAdapter":
         path = model_cfg.model_name_or_path
         if path is None:
             adapter = cls.build(dict(model_cfg.options), seed)
@@ -88,7 +89,7 @@ class TinyAdapter(FlowModelAdapter):
             adapter = cls(transformer, table, options)
         if model_cfg.scheduler_shift is not None:
             adapter.scheduler_shift = float(model_cfg.scheduler_shift)
-        adapter.transformer.to(device)
+        adapter.transformer.to(transformer_device or device)
         adapter.text_table.to(device)
         return adapter
 

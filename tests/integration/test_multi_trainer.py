@@ -33,7 +33,10 @@ def ledger(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_two_trainer_processes_share_the_epoch_and_match_one(tmp_path, redis_url):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_trainer_processes_share_the_epoch_and_match_one(tmp_path, redis_url, fsdp):
+    """With ``fsdp`` the trainer processes shard the transformer (``train.fsdp``): every process
+    takes part in gathering the weights rank 0 publishes to the sampler."""
     ns = f"mt-{uuid.uuid4().hex[:8]}"
     raw = tiny_raw(tmp_path, "grpo")
     # one optimizer step per epoch over the whole global batch, so both layouts take the same step
@@ -53,7 +56,7 @@ def test_two_trainer_processes_share_the_epoch_and_match_one(tmp_path, redis_url
                 sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(WORLD),
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                 "--main_process_port", str(free_port()), "-m", "trainer.cli", "trainer", str(config),
-                "--set", "run_name=two"])
+                "--set", "run_name=two", "--set", f"train.fsdp={str(fsdp).lower()}"])
             assert trainer.wait(timeout=800) == 0, procs.logs()
             logs = procs.logs()
     finally:
@@ -99,3 +102,5 @@ def test_two_trainer_processes_share_the_epoch_and_match_one(tmp_path, redis_url
     assert abs(two_r[1] - one_r[1]) < 1e-3
     ones = json.loads((tmp_path / "runs" / "one" / "rank0_state.json").read_text())
     assert abs(ones["param_abs_sum"] - ranks[0]["param_abs_sum"]) < 1e-3 * ones["param_abs_sum"]
+    if fsdp:  # each trainer process held half of the transformer
+        assert all(r["transformer_bytes"] <= 0.55 * ones["transformer_bytes"] for r in ranks)

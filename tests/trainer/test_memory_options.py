@@ -171,8 +171,8 @@ def test_bf16_mixed_precision_on_the_cpu_trains_in_bf16(tmp_path, monkeypatch):
     dtypes = set()
     real = loop.attach_trainable
 
-    def attach_and_watch(adapter, cfg):
-        out = real(adapter, cfg)
+    def attach_and_watch(adapter, cfg, **kwargs):
+        out = real(adapter, cfg, **kwargs)
         first = next(m for m in adapter.transformer.modules() if isinstance(m, torch.nn.Linear))
         first.register_forward_hook(lambda m, a, o: dtypes.add(o.dtype) if torch.is_grad_enabled() else None)
         return out
