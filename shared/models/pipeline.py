@@ -7,7 +7,8 @@ a family's file keeps only what is its own (``encode_prompts``, ``latent_shape``
 * ``pipeline_class``: the diffusers class name (``"FluxPipeline"``), imported on first load;
 * ``option_defaults``: every valid ``model.options`` key with its default. Include
   :data:`DTYPE_OPTIONS` (``text_dtype`` / ``vae_dtype``: the frozen parts' dtype, default float32
-  on CPU and bfloat16 on CUDA) and, with ``pipeline_grid``, ``shift_resolution``;
+  on CPU and bfloat16 on CUDA; ``transformer_dtype``: the denoiser's, default as loaded, i.e.
+  float32) and, with ``pipeline_grid``, ``shift_resolution``;
 * ``hub_examples`` (and optionally ``local_example``): what the missing-path error suggests;
 * ``text_encoders``: the pipeline's text-encoder attributes. They and the ``vae`` are frozen
   (``requires_grad_(False).eval()``) and cast to their dtype option; absent ones (``None``) are
@@ -40,8 +41,12 @@ from shared.flow import resolution_shift_mu
 from shared.models.base import FlowModelAdapter
 from shared.models.prompt_length import TokenLimit, tokens
 
-#: the options every pipeline family has: the frozen parts' dtypes (None = by device)
-DTYPE_OPTIONS: dict[str, Any] = {"text_dtype": None, "vae_dtype": None}
+#: the options every pipeline family has: the frozen parts' dtypes (None = by device), and the
+#: denoiser's (None = as ``from_pretrained`` loads it: float32). ``transformer_dtype: bfloat16``
+#: halves a LoRA run's frozen weights (trained weights stay in ``model.master_weight_dtype``), as
+#: Flow-Factory keeps frozen weights in the ``mixed_precision`` dtype
+DTYPE_OPTIONS: dict[str, Any] = {"text_dtype": None, "vae_dtype": None, "transformer_dtype": None}
+TRANSFORMER_DTYPES = ("float32", "bfloat16", "float16")
 #: the file in a pipeline folder with option defaults (families with ``folder_defaults``)
 FOLDER_DEFAULTS = "flowrl.json"
 
@@ -124,6 +129,9 @@ class PipelineAdapter(FlowModelAdapter):
         ``transformer_device`` when given), the frozen parts in their dtype, the progress bar off."""
         o = {**cls.option_defaults, **(options or {})}
         cls.validate_options(o)
+        if o.get("transformer_dtype") not in (None, *TRANSFORMER_DTYPES):
+            raise ValueError(f"model.options.transformer_dtype={o['transformer_dtype']!r} is not a dtype flowrl "
+                             f"runs a denoiser in. Fix: one of {', '.join(TRANSFORMER_DTYPES)}, or null (as loaded).")
         device = torch.device(device)
         if transformer_device is None:
             pipeline.to(device)
@@ -131,6 +139,12 @@ class PipelineAdapter(FlowModelAdapter):
             for name, module in pipeline.components.items():
                 if isinstance(module, torch.nn.Module):
                     module.to(transformer_device if name in ("transformer", "transformer_2") else device)
+        if o.get("transformer_dtype"):  # both experts of Wan2.2-A14B (load() reads them in it already)
+            dtype = getattr(torch, o["transformer_dtype"])
+            for name in ("transformer", "transformer_2"):
+                module = getattr(pipeline, name, None)
+                if module is not None and module.dtype != dtype:
+                    module.to(dtype)
         for name, key in cls.frozen_components().items():
             module, dtype = getattr(pipeline, name), component_dtype(o[key], device)
             if module is not None and module.dtype != dtype:
@@ -172,6 +186,9 @@ class PipelineAdapter(FlowModelAdapter):
         extra = {k: None for k, v in index.items() if isinstance(v, list) and v[0] is None}
         extra.update({k: None for k in cls.skipped_components({**cls.option_defaults, **options})})
         extra.update(cls.preloaded_components(path, {**cls.option_defaults, **options}))
+        if options.get("transformer_dtype") in TRANSFORMER_DTYPES:  # read in it: no float32 copy first
+            dtype = getattr(torch, options["transformer_dtype"])
+            extra["torch_dtype"] = {"transformer": dtype, "transformer_2": dtype, "default": torch.float32}
         pipeline = pipeline_type.from_pretrained(path, **extra)
         adapter = cls.from_pipeline(pipeline, options, device, transformer_device)
         if model_cfg.scheduler_shift is not None:
