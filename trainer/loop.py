@@ -45,7 +45,7 @@ from trainer.resume import (RESUME_DIR, Progress, ResumeError, check_same_experi
                             load_rank_state, load_resume, optimizer_tensors, run_dir_of,
                             save_rank_state, save_resume,
                             truncate_jsonl)
-from trainer.sharding import check_fsdp, gather, local, param_bytes, shard_transformer
+from trainer.sharding import agree_on_experts, check_fsdp, gather, local, param_bytes, shard_transformer
 from trainer.transport import CeleryTransport, LocalTransport
 
 
@@ -243,6 +243,8 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
         blocks = shard_transformer(adapter.transformer, reshard_after_forward=t.fsdp_reshard_after_forward,
                                    master_dtype=DTYPES[cfg.model.master_weight_dtype])
         trainable = {n: p for n, p in adapter.transformer.named_parameters() if p.requires_grad}
+        if isinstance(adapter.transformer, TwoExperts):  # every process runs the experts any one needs
+            adapter.transformer.agree = agree_on_experts
         if main and not quiet:
             print(f"flowrl: FSDP over {accelerator.num_processes} processes, {blocks} blocks; "
                   f"{param_bytes(adapter.transformer) / 2**30:.2f} GiB of transformer weights on this one")

@@ -84,8 +84,6 @@ def piece_like(whole: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
 def check_fsdp(cfg: Any, adapter: Any, world_size: int) -> None:
     """Refuse the combinations ``train.fsdp`` does not support, each with the fix."""
-    from shared.models.experts import TwoExperts
-
     t, m = cfg.train, cfg.model
     if world_size < 2:
         raise ValueError("train.fsdp shards the model over processes, and this run has one. Fix: launch "
@@ -97,17 +95,13 @@ def check_fsdp(cfg: Any, adapter: Any, world_size: int) -> None:
     if m.compile:
         raise ValueError("train.fsdp with model.compile is not supported. Fix: set model.compile: false, "
                          "or train.fsdp: false.")
-    if isinstance(adapter.transformer, TwoExperts):
-        raise ValueError("train.fsdp with a two-expert model (Wan2.2-A14B): a micro-batch may run only one "
-                         "expert, and a sharded expert must run on every process at once. Fix: "
-                         "train.fsdp: false (DDP with LoRA), or one expert's checkpoint.")
 
 
 def blocks_of(transformer: nn.Module) -> list[nn.Module]:
     """The units to shard one by one: the model's ``_no_split_modules`` classes (diffusers names
-    its transformer blocks there, as accelerate's transformer-based FSDP wrapping reads them),
-    else the members of its ``nn.ModuleList`` children."""
-    names = set(getattr(transformer, "_no_split_modules", None) or [])
+    its transformer blocks there, as accelerate's transformer-based FSDP wrapping reads them; both
+    experts' for a two-expert model), else the members of its ``nn.ModuleList`` children."""
+    names = {n for m in transformer.modules() for n in (getattr(m, "_no_split_modules", None) or [])}
     blocks = [m for m in transformer.modules() if type(m).__name__ in names]
     if not blocks:
         blocks = [b for child in transformer.children() if isinstance(child, nn.ModuleList) for b in child]
@@ -129,13 +123,29 @@ def shard_transformer(transformer: nn.Module, *, reshard_after_forward: bool = T
                 if p.requires_grad and p.dtype != master_dtype:
                     p.data = p.data.to(master_dtype)
 
+    from shared.models.experts import denoiser_parts
+
     blocks = blocks_of(transformer)
     for block in blocks:
         cast(block)
         fully_shard(block, reshard_after_forward=reshard_after_forward)
+    for _, part in denoiser_parts(transformer):  # each expert of a two-expert model is a unit too
+        if part is not transformer:
+            cast(part)
+            fully_shard(part, reshard_after_forward=reshard_after_forward)
     cast(transformer)  # what no block holds (embeddings, final norm and projection)
     fully_shard(transformer, reshard_after_forward=reshard_after_forward)
     return len(blocks)
+
+
+def agree_on_experts(need: torch.Tensor) -> torch.Tensor:
+    """``need`` (``[2]`` int, this process) maxed over the processes: the experts some process needs
+    (:attr:`shared.models.experts.TwoExperts.agree` under ``train.fsdp``)."""
+    import torch.distributed as dist
+
+    need = need.clone()
+    dist.all_reduce(need, op=dist.ReduceOp.MAX)
+    return need
 
 
 def model_class(module: nn.Module) -> type:

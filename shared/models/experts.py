@@ -17,7 +17,7 @@ Checkpoints save the experts separately in the diffusers layout (:func:`denoiser
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -37,6 +37,10 @@ class TwoExperts(nn.Module):
         super().__init__()
         self.transformer, self.transformer_2 = transformer, transformer_2
         self.boundary = float(boundary)
+        #: under ``train.fsdp``: a function taking this process's ``[2]`` int tensor (needs the high /
+        #: low expert) and returning its max over the processes; each expert any process needs then
+        #: runs on every process, which a sharded expert requires (see :meth:`_forward_agreed`)
+        self.agree: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     # ----------------------------------------------------------------- what callers read
     @property
@@ -69,6 +73,8 @@ class TwoExperts(nn.Module):
         Returns a 1-tuple like the diffusers models with ``return_dict=False``."""
         kwargs["return_dict"] = False
         high = self.high_noise(timestep)
+        if self.agree is not None:
+            return self._forward_agreed(hidden_states, timestep, high, kwargs)
         if bool(high.all()):
             return self.transformer(hidden_states=hidden_states, timestep=timestep, **kwargs)
         if not bool(high.any()):
@@ -85,6 +91,38 @@ class TwoExperts(nn.Module):
         out = out_hi.new_empty((b, *out_hi.shape[1:]))
         out = out.index_copy(0, hi, out_hi).index_copy(0, lo, out_lo.to(out_hi.dtype))
         return (out,)
+
+    def _forward_agreed(self, hidden_states: torch.Tensor, timestep: torch.Tensor, high: torch.Tensor,
+                        kwargs: dict[str, Any]) -> tuple[torch.Tensor]:
+        """Every expert that any process needs runs here too: on this process's samples for it, or,
+        when it has none, on a stand-in (its first sample) whose output enters the result times zero.
+        So gradients are exactly what the experts' own samples give (zero from the stand-in, and the
+        expert's gradient exists, as DDP's averaging would make it), and an expert no process needs
+        runs nowhere (no gradient, as under DDP)."""
+        b = hidden_states.shape[0]
+
+        def pick(index: torch.Tensor) -> dict[str, Any]:
+            return {k: v[index] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == b else v
+                    for k, v in kwargs.items()}
+
+        mine = torch.stack([high.any(), (~high).any()]).to(device=hidden_states.device, dtype=torch.int32)
+        need = [bool(n) for n in self.agree(mine)]
+        out, stand_in = None, None
+        for expert, index, needed in ((self.transformer, high.nonzero().squeeze(1), need[0]),
+                                      (self.transformer_2, (~high).nonzero().squeeze(1), need[1])):
+            if not needed:
+                continue
+            if index.numel() == 0:
+                first = torch.zeros(1, dtype=torch.long, device=hidden_states.device)
+                y = expert(hidden_states=hidden_states[first], timestep=timestep[first], **pick(first))[0]
+                stand_in = y.float().sum() * 0 if stand_in is None else stand_in + y.float().sum() * 0
+                continue
+            y = expert(hidden_states=hidden_states[index], timestep=timestep[index], **pick(index))[0]
+            if out is None:
+                out = y.new_empty((b, *y.shape[1:]))
+            out = out.index_copy(0, index, y.to(out.dtype))
+        assert out is not None  # this process's samples need at least one expert
+        return (out if stand_in is None else out + stand_in.to(out.dtype),)
 
     # ----------------------------------------------------------------- diffusers model methods, on both
     def add_adapter(self, config: Any, adapter_name: str = "default") -> None:

@@ -6,7 +6,7 @@ gathered between forward and backward) follows the DDP run to float rounding, wi
 weights and optimizer state on each process, writes a checkpoint diffusers loads, and resumes
 from it exactly; a LoRA run
 in bf16 resumes exactly under FSDP, and its checkpoint resumes under DDP;
-the combinations it refuses say why and what to do. The distributed mode (Celery) under FSDP is
+Wan2.2-A14B's two experts train as under DDP; the combinations it refuses say why and what to do. The distributed mode (Celery) under FSDP is
 in ``tests/integration/test_multi_trainer.py``."""
 
 from __future__ import annotations
@@ -165,13 +165,37 @@ def test_fsdp_refuses_what_it_cannot_do(tmp_path, override, match):
         check_fsdp(cfg, adapter, world_size=2)
 
 
-def test_fsdp_refuses_two_experts(tmp_path):
+def test_two_experts_run_what_any_process_needs_and_add_nothing_for_it():
+    """``TwoExperts.agree`` (set under FSDP): when another process needs the low-noise expert and
+    this one has only high-noise samples, the low expert runs on a stand-in; the output is the same
+    to the bit, and the low expert's gradient exists and is zero (what DDP's averaging gives it)."""
     from shared.models.experts import TwoExperts
 
-    cfg = tiny_config(tmp_path, "grpo", ["train.fsdp=true"])
-    adapter = type("A", (), {"transformer": TwoExperts(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), 500.0)})()
-    with pytest.raises(ValueError, match="two-expert"):
-        check_fsdp(cfg, adapter, world_size=2)
+    torch.manual_seed(0)
+
+    class Expert(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, hidden_states, timestep, return_dict=False, **kwargs):
+            return (self.lin(hidden_states) * timestep[:, None],)
+
+    two = TwoExperts(Expert(), Expert(), boundary=500.0)
+    x, t = torch.randn(3, 4), torch.tensor([900.0, 700.0, 600.0])  # all high-noise
+    plain = two(hidden_states=x, timestep=t)[0]
+    asked = []
+    two.agree = lambda need: asked.append(need.tolist()) or torch.tensor([1, 1])  # another process needs low
+    agreed = two(hidden_states=x, timestep=t)[0]
+    assert asked == [[1, 0]] and torch.equal(agreed, plain)
+    agreed.sum().backward()
+    low = two.transformer_2.lin.weight.grad
+    assert low is not None and torch.count_nonzero(low) == 0
+    assert torch.count_nonzero(two.transformer.lin.weight.grad) > 0
+    two.zero_grad(set_to_none=True)
+    two.agree = lambda need: need  # nobody else: the low expert does not run, no gradient
+    two(hidden_states=x, timestep=t)[0].sum().backward()
+    assert two.transformer_2.lin.weight.grad is None
 
 
 def test_blocks_are_the_models_no_split_modules_else_its_module_lists():
@@ -208,6 +232,22 @@ def family_config(tmp_path: Path, family: str, model: dict, **train) -> Path:
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json())))
     return path
+
+
+def test_two_expert_lora_under_fsdp_follows_ddp(tmp_path):
+    """Wan2.2-A14B's two experts, each sharded: NFT at uniform random timesteps, so micro-batches mix
+    the experts differently on each process; both experts train, and as under DDP."""
+    path = family_config(tmp_path, "wan2_t2v-a14b", {}, trainer_type="nft", ema_decay=0.5, max_epochs=2,
+                         time_sampling_strategy="uniform", num_train_timesteps=2, num_inference_steps=4)
+    launch(path, "run_name=fsdp", "train.fsdp=true")
+    launch(path, "run_name=ddp")
+    runs = tmp_path / "runs"
+    for part in ("lora", "lora_2"):
+        name = f"checkpoints/final/{part}/pytorch_lora_weights.safetensors"
+        a, b = load_file(runs / "fsdp" / name), load_file(runs / "ddp" / name)
+        moved = max(float(v.abs().max()) for k, v in a.items() if "lora_B" in k)  # B starts at zero
+        assert moved > 1e-3, f"{part} did not train"
+        assert max_diff(a, b) < 1e-3 * moved, part  # float rounding, through AdamW
 
 
 @pytest.mark.parametrize("family", ["flux1", "wan2_t2v", "qwen-image"])
