@@ -154,6 +154,46 @@ def _sde_mean(x, v, sigma, dt, g):
     return x + (v + g**2 / (2 * sigma) * (x + (1 - sigma) * v)) * dt
 
 
+def _diffusion(sigma: torch.Tensor, sigma_next: torch.Tensor, dynamics: str,
+               noise_level: float) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``(g, std)`` of one step per sample (``[B]`` each; ``g`` is None for CPS): the SDE's diffusion
+    coefficient and the step's transition std (module docstring)."""
+    if dynamics == "CPS":
+        return None, sigma_next * math.sin(noise_level * math.pi / 2)
+    if dynamics == "Flow-SDE":
+        # flow_grpo: at sigma = 1 use the next grid point in 1 / (1 - sigma) to avoid dividing by zero.
+        sigma_hat = torch.where(sigma >= 1, sigma_next, sigma)
+        g = noise_level * torch.sqrt(sigma / (1 - sigma_hat))
+    else:
+        g = torch.full_like(sigma, float(noise_level))
+    return g, g * torch.sqrt(sigma - sigma_next)
+
+
+def noise_aware_weights(sigmas: torch.Tensor, dynamics: str, noise_level: float) -> torch.Tensor:
+    """TempFlow-GRPO's noise-aware policy weights (He et al. 2025, Eq. 7-8 as re-implemented): one
+    weight per step of the grid, ``w_t = s_t / mean_u s_u`` with ``s_t`` the step's transition std
+    (``sigma_t sqrt(|dt|)`` in the paper's notation; Flow-SDE: ``a sqrt(t / (1 - t)) sqrt(|dt|)``,
+    Dance-SDE: ``eta sqrt(|dt|)``, CPS: ``t_next sin(eta pi / 2)``).
+
+    Flow-GRPO's per-step score-function gradient scales like ``sqrt(|dt|) / sigma_t`` times a factor
+    near 1, so high-noise steps weigh little; multiplying their loss by ``w_t`` evens that out.
+
+    Args:
+        sigmas: ``[T + 1]`` the rollout's grid, 1 -> 0.
+    Returns:
+        ``[T]`` float32 weights with mean 1 (all 1 on a uniform grid under Dance-SDE).
+    Raises:
+        ValueError: ODE dynamics or ``noise_level == 0`` (no step is stochastic).
+    """
+    if dynamics not in DYNAMICS:
+        raise ValueError(f"unknown dynamics {dynamics!r}; choose one of {DYNAMICS}")
+    if dynamics == "ODE" or noise_level == 0:
+        raise ValueError("noise-aware weights need stochastic steps: use an SDE dynamics with noise_level > 0.")
+    grid = sigmas.detach().double().cpu()
+    _, std = _diffusion(grid[:-1], grid[1:], dynamics, noise_level)
+    return (std / std.mean()).float()
+
+
 def sde_step(
     x: torch.Tensor,
     v: torch.Tensor,
@@ -213,21 +253,15 @@ def sde_step(
     if dynamics in ("Flow-SDE", "Dance-SDE"):
         if check_sigmas and bool((sigma_b <= 0).any()):
             raise ValueError(f"sigma must be > 0 for {dynamics} (the score divides by sigma), got {sigma}")
-        if dynamics == "Flow-SDE":
-            # flow_grpo: at sigma = 1 use the next grid point in 1 / (1 - sigma) to avoid dividing by zero.
-            sigma_hat = torch.where(sigma_b >= 1, sigma_next_b, sigma_b)
-            if check_sigmas and bool((sigma_hat >= 1).any()):
-                raise ValueError("Flow-SDE cannot take a zero-length step at sigma = 1 (sigma_next must be < 1)")
-            g_b = noise_level * torch.sqrt(sigma_b / (1 - sigma_hat))
-        else:
-            g_b = torch.full_like(sigma_b, float(noise_level))
-        std_b = g_b * torch.sqrt(sigma_b - sigma_next_b)
+        if check_sigmas and dynamics == "Flow-SDE" and bool((torch.where(sigma_b >= 1, sigma_next_b, sigma_b) >= 1).any()):
+            raise ValueError("Flow-SDE cannot take a zero-length step at sigma = 1 (sigma_next must be < 1)")
+        g_b, std_b = _diffusion(sigma_b, sigma_next_b, dynamics, noise_level)
         mean = _sde_mean(xf, vf, s, dt, _per_sample(g_b, x))
     else:  # CPS
         angle = noise_level * math.pi / 2
         x0_hat = xf - s * vf
         eps_hat = xf + (1 - s) * vf
-        std_b = sigma_next_b * math.sin(angle)
+        _, std_b = _diffusion(sigma_b, sigma_next_b, dynamics, noise_level)
         mean = (1 - s_next) * x0_hat + (s_next * math.cos(angle)) * eps_hat
 
     std = _per_sample(std_b, x)

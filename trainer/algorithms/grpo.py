@@ -8,7 +8,10 @@ How this differs from the paper / flow_grpo code:
   paper's closed form has an extra ``1/|dt|``); ``kl_type: v-based`` uses ``mean_d (v - v_ref)^2``;
 * trained steps come from ``train.train_steps`` / ``num_train_steps`` (all but the last by
   default, as the paper; a subset gives the MixGRPO / Flow-GRPO-Fast window);
-* zero-advantage samples are kept (their loss is zero) instead of being re-sampled.
+* zero-advantage samples are kept (their loss is zero) instead of being re-sampled;
+* ``train.noise_aware_weighting`` multiplies each step's policy term by TempFlow-GRPO's noise-aware
+  weight (with ``shared_initial_noise`` and one SDE step per epoch this is TempFlow-GRPO's
+  branching: a group shares its ODE prefix and differs only by that step's noise).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from shared.flow import sde_step
-from shared.flow.sde import check_sigma_grid
+from shared.flow.sde import check_sigma_grid, noise_aware_weights
 from trainer.algorithms.base import ALGORITHMS, Algorithm, TrainBatch, expand
 from trainer.algorithms.losses import (clip_advantages, clipped_surrogate, kl_v_based,
                                        kl_x_based, policy_ratio)
@@ -32,7 +35,10 @@ class GRPO(Algorithm):
     def prepare(self, batch: TrainBatch, policy) -> dict:
         """Check the rollout's sigma grid on the host copy (read back once per epoch): the replayed
         steps then read nothing back per unit."""
-        check_sigma_grid(self.host_sigmas(batch), batch.sde_steps, self.t.dynamics_type)
+        grid = self.host_sigmas(batch)
+        check_sigma_grid(grid, batch.sde_steps, self.t.dynamics_type)
+        if self.t.noise_aware_weighting:  # one weight per step of the grid, host floats
+            return {"step_weights": noise_aware_weights(grid, self.t.dynamics_type, self.t.noise_level).tolist()}
         return {}
 
     def replay(self, batch: TrainBatch, unit: int, policy):
@@ -66,6 +72,10 @@ class GRPO(Algorithm):
         out, v, x, sigma, sigma_next = self.replay(batch, unit, policy)
         loss, metrics = self.surrogate(batch, unit, out, sigma, sigma_next)
         metrics = {k: v_.detach() for k, v_ in metrics.items()}
+        if "step_weights" in state:  # TempFlow-GRPO: the policy term only, not the KL
+            weight = state["step_weights"][batch.sde_steps[unit]]
+            loss = loss * weight
+            metrics["step_weight"] = weight
         if self.t.kl_beta:
             kl = self.kl(batch, unit, policy, out, v, x, sigma, sigma_next).mean()
             loss = loss + self.t.kl_beta * kl
