@@ -125,7 +125,10 @@ def rollout(
         init_seeds: one seed per sample for its initial noise alone (``train.shared_initial_noise``:
             a group's members start from the same noise and differ only by their SDE steps' noise,
             which still comes from ``seeds``, draw for draw as without ``init_seeds``); ``None``:
-            each sample's initial noise is the first draw of its ``seeds`` generator.
+            each sample's initial noise is the first draw of its ``seeds`` generator. Samples with
+            the same initial seed and conditioning are in the same state until the first SDE step,
+            so that ODE prefix runs once for them (:func:`shared_prefix_rows`; TempFlow-GRPO's
+            branching from a shared prefix).
     """
     device = next(adapter.transformer.parameters()).device
     make = lambda s: torch.Generator(device=noise_generator_device(noise_device, device)).manual_seed(int(s))  # noqa: E731
@@ -143,7 +146,17 @@ def rollout(
     noises = step_noise(generators, shape, sum(1 for i in range(len(sigmas) - 1) if i in stochastic), device)
     check_sigma_grid(sigmas, stochastic, dynamics)  # on the host, once: the steps below check nothing
     grid = sigmas.to(device)
-    for i in range(len(sigmas) - 1):
+    start = min(stochastic) if stochastic else 0  # the deterministic prefix, when it may be shared
+    shared = shared_prefix_rows(init_seeds, cond) if init_seeds is not None and start > 0 else None
+    if shared is not None:  # one ODE prefix per distinct (initial noise, conditioning)
+        keep, back = (t.to(device) for t in shared)
+        xs, cs = x[keep], cond.select(keep)
+        for i in range(start):
+            s_i, s_next = grid[i].expand(len(keep)), grid[i + 1].expand(len(keep))
+            v = adapter.velocity(xs.float(), s_i, cs, guidance_scale, transformer=transformer)
+            xs = sde_step(xs, v, s_i, s_next, dynamics="ODE", noise_level=0.0, check_sigmas=False).prev_sample
+        x = xs[back]
+    for i in range(start if shared is not None else 0, len(sigmas) - 1):
         sigma = grid[i].expand(batch)
         sigma_next = grid[i + 1].expand(batch)
         v = adapter.velocity(x.float(), sigma, cond, guidance_scale, transformer=transformer)
@@ -178,6 +191,30 @@ def rollout(
         stds=stack("std", ()),
         means=stack("mean", shape) if keep_means else None,
     )
+
+
+def shared_prefix_rows(init_seeds: list[int], cond: Conditioning) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(keep, back)``: the rows of the first sample of each distinct initial seed, and for every
+    sample the position of its seed's row in ``keep`` (``x_all = x_keep[back]``); ``None`` when all
+    seeds differ, or when two samples share a seed but not their conditioning (then nothing is
+    shared). The members of a ``train.shared_initial_noise`` group share both."""
+    first: dict[int, int] = {}
+    keep: list[int] = []
+    back: list[int] = []
+    for i, seed in enumerate(init_seeds):
+        if seed not in first:
+            first[seed] = len(keep)
+            keep.append(i)
+        back.append(first[seed])
+    if len(keep) == len(init_seeds):
+        return None
+    keep_t, back_t = torch.tensor(keep), torch.tensor(back)
+    for named in (cond.tensors, cond.negative or {}):
+        for value in named.values():
+            rows = keep_t.to(value.device)[back_t.to(value.device)]
+            if not torch.equal(value, value[rows]):
+                return None
+    return keep_t, back_t
 
 
 def as_hw(resolution: int | tuple[int, int]) -> tuple[int, int]:

@@ -11,7 +11,8 @@ How this differs from the paper / flow_grpo code:
 * zero-advantage samples are kept (their loss is zero) instead of being re-sampled;
 * ``train.noise_aware_weighting`` multiplies each step's policy term by TempFlow-GRPO's noise-aware
   weight (with ``shared_initial_noise`` and one SDE step per epoch this is TempFlow-GRPO's
-  branching: a group shares its ODE prefix and differs only by that step's noise).
+  branching: a group shares its ODE prefix, which rollouts compute once, and differs only by that
+  step's noise).
 """
 
 from __future__ import annotations
