@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
                            "same as --set train.resume_from=...")
         if name == "check":
             s.add_argument("--world-size", type=int, default=1)
+            s.add_argument("--memory", action="store_true",
+                           help="also print the persistent memory per process, by arithmetic from the "
+                                "transformer's config (trainer/memory.py; activations not counted)")
     w = sub.add_parser("worker", help="run a Celery worker (one process, one task at a time)")
     w.add_argument("kind", choices=["sampler", "reward"])
     w.add_argument("--config", help="experiment YAML whose queue: settings to use (else FLOWRL_QUEUE_* env)")
@@ -106,6 +109,14 @@ def main(argv: list[str] | None = None) -> int:
             cfg.transport = "celery"
         if args.command == "check":
             print(json.dumps(cfg.geometry(args.world_size).__dict__, indent=2))
+            if args.memory:
+                from trainer.memory import memory_report
+
+                try:
+                    print(json.dumps(memory_report(cfg, args.world_size), indent=2))
+                except ValueError as e:
+                    print(f"flowrl: {e}", file=sys.stderr)
+                    return 2
             return 0
         from trainer.data import DatasetError
         from trainer.resume import ResumeError
