@@ -187,7 +187,7 @@ class TrainConfig(_Strict):
     # SDE steps' noise (MixGRPO's and TempFlow-GRPO's seed groups): reward differences within a
     # group then come from the trained steps alone
     shared_initial_noise: bool = False
-    # TempFlow-GRPO's noise-aware policy weighting (grpo / grpo-guard): each trained step's policy
+    # TempFlow-GRPO's noise-aware policy weighting (grpo): each trained step's policy
     # term times its transition std over the grid's mean one (shared.flow.sde.noise_aware_weights)
     noise_aware_weighting: bool = False
     log_prob_reduction: Literal["mean", "sum"] = "mean"
@@ -500,13 +500,14 @@ def check_combinations(cfg: Config) -> None:
                 f"num_inference_steps={n} (the last step is never trained). Fix: list indices "
                 f"from 0 (noisiest) to {n - 2}."
             )
-    if t.noise_aware_weighting and (t.trainer_type not in ("grpo", "grpo-guard") or t.dynamics_type == "ODE"
-                                    or t.noise_level == 0):
+    if t.noise_aware_weighting and (t.trainer_type != "grpo" or t.dynamics_type == "ODE" or t.noise_level == 0):
+        guard = (" GRPO-Guard already reweights each step (its loss over |dt|)." if t.trainer_type == "grpo-guard"
+                 else "")
         raise ConfigError(
             f"train.noise_aware_weighting weighs GRPO's per-step policy terms by each SDE step's noise, but "
             f"this run is trainer_type={t.trainer_type!r} with dynamics {t.dynamics_type!r}, noise_level "
-            f"{t.noise_level}. Fix: use it with grpo or grpo-guard and a stochastic dynamics (Flow-SDE, "
-            f"Dance-SDE, CPS) with noise_level > 0, or drop it.")
+            f"{t.noise_level}.{guard} Fix: use it with grpo and a stochastic dynamics (Flow-SDE, Dance-SDE, "
+            f"CPS) with noise_level > 0, or drop it.")
     if t.shared_initial_noise and t.dynamics_type == "ODE":
         raise ConfigError(
             "train.shared_initial_noise starts every member of a group from the same noise, but "

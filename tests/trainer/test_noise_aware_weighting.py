@@ -93,7 +93,8 @@ def test_grpo_weighs_each_steps_policy_term_and_not_the_kl(tmp_path):
         torch.testing.assert_close(weighted_kl[u][0], plain[u][0] * w[u] + 0.5 * kl, rtol=1e-5, atol=1e-9)
 
 
-@pytest.mark.parametrize("extra", [["train.trainer_type=nft"], ["train.trainer_type=awm"]])
+@pytest.mark.parametrize("extra", [["train.trainer_type=nft"], ["train.trainer_type=awm"],
+                                   ["train.trainer_type=grpo-guard"]])
 def test_noise_aware_weighting_needs_grpo_with_noise(tmp_path, extra):
     with pytest.raises(ConfigError, match="noise_aware_weighting"):
         tiny_config(tmp_path, "grpo", ["train.noise_aware_weighting=true", *extra])
