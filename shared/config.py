@@ -220,6 +220,9 @@ class TrainConfig(_Strict):
     # its forward to its backward (less communication, more memory; ZeRO-2-like)
     fsdp: bool = False
     fsdp_reshard_after_forward: bool = True
+    # shard within groups of this many processes (e.g. one node's GPUs) and replicate across the
+    # groups (hybrid sharding, HSDP: gradients cross nodes once, reduced, not per block); None = all
+    fsdp_shard_size: int | None = Field(None, gt=0)
     # -- advantages
     advantage_aggregation: Literal["sum", "gdpo"] = "sum"
     global_std: bool | None = None

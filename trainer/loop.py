@@ -45,7 +45,8 @@ from trainer.resume import (RESUME_DIR, Progress, ResumeError, check_same_experi
                             load_rank_state, load_resume, optimizer_tensors, run_dir_of,
                             save_rank_state, save_resume,
                             truncate_jsonl)
-from trainer.sharding import agree_on_experts, check_fsdp, gather, local, param_bytes, shard_transformer
+from trainer.sharding import (agree_on_experts, check_fsdp, device_mesh, gather, local, param_bytes,
+                              shard_transformer)
 from trainer.transport import CeleryTransport, LocalTransport
 
 
@@ -240,13 +241,15 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
         load_checkpoint_weights(ckpt, cfg, adapter, None)
     if t.fsdp:  # shard the transformer over the processes (trainer/sharding.py)
         trainable = None  # let each block's whole tensors go once it is sharded
+        mesh = device_mesh(accelerator.device.type, accelerator.num_processes, t.fsdp_shard_size)
         blocks = shard_transformer(adapter.transformer, reshard_after_forward=t.fsdp_reshard_after_forward,
-                                   master_dtype=DTYPES[cfg.model.master_weight_dtype])
+                                   master_dtype=DTYPES[cfg.model.master_weight_dtype], mesh=mesh)
         trainable = {n: p for n, p in adapter.transformer.named_parameters() if p.requires_grad}
         if isinstance(adapter.transformer, TwoExperts):  # every process runs the experts any one needs
             adapter.transformer.agree = agree_on_experts
         if main and not quiet:
-            print(f"flowrl: FSDP over {accelerator.num_processes} processes, {blocks} blocks; "
+            groups = "" if mesh is None else f" (hybrid: {mesh.size(0)} replicas of {mesh.size(1)} shards)"
+            print(f"flowrl: FSDP over {accelerator.num_processes} processes{groups}, {blocks} blocks; "
                   f"{param_bytes(adapter.transformer) / 2**30:.2f} GiB of transformer weights on this one")
     warmed = warm_embeddings(cfg, adapter, train_rows, eval_rows)  # offload_text_encoders only
     if warmed and main and not quiet:

@@ -238,7 +238,7 @@ def truncate_jsonl(path: Path, keep) -> int:
 # (the dataset may move between machines; its rows must stay the same for an exact resume)
 MAY_CHANGE = {"train": {"resume_from", "max_epochs", "max_train_seconds", "save_freq",
                         # DDP <-> FSDP: the same math; a checkpoint holds whole tensors either way
-                        "fsdp", "fsdp_reshard_after_forward"},
+                        "fsdp", "fsdp_reshard_after_forward", "fsdp_shard_size"},
               "data": {"dataset_dir"},
               # memory / speed options (same math; attn_backend may differ in the last bits)
               "model": {"attn_backend", "gradient_checkpointing", "embedding_cache_mb", "embedding_cache_dir",

@@ -95,6 +95,10 @@ def check_fsdp(cfg: Any, adapter: Any, world_size: int) -> None:
     if m.compile:
         raise ValueError("train.fsdp with model.compile is not supported. Fix: set model.compile: false, "
                          "or train.fsdp: false.")
+    if t.fsdp_shard_size is not None and (t.fsdp_shard_size > world_size or world_size % t.fsdp_shard_size):
+        raise ValueError(f"train.fsdp_shard_size={t.fsdp_shard_size} does not divide the {world_size} processes "
+                         f"into equal shard groups. Fix: the number of GPUs per node (a divisor of "
+                         f"{world_size}), or null to shard over all of them.")
 
 
 def blocks_of(transformer: nn.Module) -> list[nn.Module]:
@@ -108,13 +112,26 @@ def blocks_of(transformer: nn.Module) -> list[nn.Module]:
     return blocks
 
 
+def device_mesh(device_type: str, world_size: int, shard_size: int | None):
+    """``None`` (``fully_shard``'s default: shard over every process), or for hybrid sharding the 2-D
+    mesh ``(world_size / shard_size replicas) x (shard_size shards)``: each group of ``shard_size``
+    consecutive processes holds one copy, sharded; the copies are kept equal by averaging gradients."""
+    if shard_size is None or shard_size == world_size:
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device_type, (world_size // shard_size, shard_size),
+                            mesh_dim_names=("replicate", "shard"))
+
+
 def shard_transformer(transformer: nn.Module, *, reshard_after_forward: bool = True,
-                      master_dtype: torch.dtype | None = None) -> int:
+                      master_dtype: torch.dtype | None = None, mesh=None) -> int:
     """``fully_shard`` each block of ``transformer``, then the rest of it (in place; parameter names
     are unchanged). Needs the process group (``accelerate launch``). ``master_dtype``: the dtype of
     the trainable parameters, cast one block at a time just before it is sharded, so a whole
     float32 copy of the model never exists (hold no other reference to the parameters, or their
-    whole tensors stay alive). Returns the number of blocks."""
+    whole tensors stay alive). ``mesh``: :func:`device_mesh`'s (hybrid sharding). Returns the number
+    of blocks."""
     from torch.distributed.fsdp import fully_shard
 
     def cast(module: nn.Module) -> None:
@@ -128,13 +145,13 @@ def shard_transformer(transformer: nn.Module, *, reshard_after_forward: bool = T
     blocks = blocks_of(transformer)
     for block in blocks:
         cast(block)
-        fully_shard(block, reshard_after_forward=reshard_after_forward)
+        fully_shard(block, reshard_after_forward=reshard_after_forward, mesh=mesh)
     for _, part in denoiser_parts(transformer):  # each expert of a two-expert model is a unit too
         if part is not transformer:
             cast(part)
-            fully_shard(part, reshard_after_forward=reshard_after_forward)
+            fully_shard(part, reshard_after_forward=reshard_after_forward, mesh=mesh)
     cast(transformer)  # what no block holds (embeddings, final norm and projection)
-    fully_shard(transformer, reshard_after_forward=reshard_after_forward)
+    fully_shard(transformer, reshard_after_forward=reshard_after_forward, mesh=mesh)
     return len(blocks)
 
 

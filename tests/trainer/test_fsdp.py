@@ -145,6 +145,23 @@ def test_lora_bf16_under_fsdp_resumes_exactly_and_under_ddp(tmp_path):
     assert max_diff(load_file(runs / "full" / ema), load_file(runs / "other" / ema)) < 1e-3 * moved
 
 
+def test_hybrid_sharding_on_four_processes_follows_ddp(tmp_path):
+    """``train.fsdp_shard_size: 2`` on 4 processes: 2 replicas of a model sharded over 2 processes
+    each (HSDP, as over the GPUs of 2 nodes); every process holds half the weights, and the run
+    ends where DDP's does."""
+    cfg = config_file(tmp_path, "nft", learning_rate=1e-4, kl_beta=0.1, ema_decay=0.9)
+    four = LAUNCH[:LAUNCH.index("--num_processes") + 1] + ["4"] + LAUNCH[LAUNCH.index("--num_processes") + 2:]
+    for name, extra in (("hsdp", ["--set", "train.fsdp=true", "--set", "train.fsdp_shard_size=2"]), ("ddp", [])):
+        run(four + ["--main_process_port", str(free_port()), "-m", "trainer.cli", "train", str(cfg),
+                    "--set", f"run_name={name}", "--set", "model.finetune_type=full", *extra])
+    runs = tmp_path / "runs"
+    hsdp, ddp = ([json.loads((runs / n / f"rank{r}_state.json").read_text()) for r in range(4)] for n in ("hsdp", "ddp"))
+    assert all(h["transformer_bytes"] * 2 == d["transformer_bytes"] for h, d in zip(hsdp, ddp))
+    assert len({h["param_checksum"] for h in hsdp}) == 1
+    weights = "checkpoints/final/transformer/diffusion_pytorch_model.safetensors"
+    assert max_diff(load_file(runs / "hsdp" / weights), load_file(runs / "ddp" / weights)) < 1e-6
+
+
 # ------------------------------------------------------------------ refusals and helpers (one process)
 
 def test_fsdp_on_one_process_says_how_to_launch(tmp_path):
@@ -157,6 +174,7 @@ def test_fsdp_on_one_process_says_how_to_launch(tmp_path):
 @pytest.mark.parametrize("override, match", [
     ("train.mixed_precision=fp16", "train.mixed_precision: bf16"),
     ("model.compile=true", "model.compile: false"),
+    ("train.fsdp_shard_size=3", "a divisor of 2"),
 ])
 def test_fsdp_refuses_what_it_cannot_do(tmp_path, override, match):
     cfg = tiny_config(tmp_path, "grpo", ["train.fsdp=true", override])
