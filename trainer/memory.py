@@ -5,8 +5,9 @@ architecture comes from ``transformer/config.json``), adds the run's LoRA, and a
 persistent state per process: the frozen weights (``model.options.transformer_dtype``), the
 trained weights in ``model.master_weight_dtype`` with their gradients, AdamW's two float32 moments,
 the float32 EMA (unless ``train.ema_device: cpu``), a full fine-tune's KL reference copy (unless
-``train.ref_param_device: cpu``), each divided over the processes under ``train.fsdp``, which then
-also holds one gathered block at a time. Not counted: activations (they scale with the batch and
+``train.ref_param_device: cpu``), each divided over the processes under ``train.fsdp`` (over
+``train.fsdp_shard_size`` of them with hybrid sharding), which then also holds one gathered block at
+a time. Not counted: activations (they scale with the batch and
 resolution, see ``model.gradient_checkpointing``), text encoders, the VAE, reward models, the CUDA
 context and the allocator's slack; measured peaks are in docs/models.md.
 """
@@ -133,9 +134,10 @@ def memory_report(cfg: Any, world_size: int) -> dict[str, Any]:
     t, m = cfg.train, cfg.model
     counts = count_params(meta_transformer(m))
     frozen_dtype = (m.options.get("transformer_dtype") or "float32")
-    parts = plan_bytes(counts, world_size=world_size, fsdp=t.fsdp, frozen_dtype=frozen_dtype,
+    shards = min(t.fsdp_shard_size or world_size, world_size)  # hybrid sharding: within a group
+    parts = plan_bytes(counts, world_size=shards, fsdp=t.fsdp, frozen_dtype=frozen_dtype,
                        master_dtype=m.master_weight_dtype, ema=bool(t.ema_decay), ema_on_gpu=t.ema_device != "cpu",
                        ref_copy=bool(t.kl_beta) and m.finetune_type == "full", ref_on_gpu=t.ref_param_device != "cpu")
     return {"world_size": world_size, "fsdp": t.fsdp, "params": dataclasses.asdict(counts),
-            "gib_per_process": {k: round(v / GIB, 2) for k, v in parts.items()},
+            "gib_per_process": {k: round(v / GIB, 2) for k, v in parts.items()}, "bytes_per_process": parts,
             "not_counted": "activations, text encoders, VAE, reward models, CUDA context"}

@@ -77,6 +77,14 @@ def test_check_prints_the_memory_plan(tmp_path, capsys):
     plan = json.loads(out[out.rindex('{\n  "world_size"'):])
     assert plan["world_size"] == 2 and plan["fsdp"] and plan["gib_per_process"]["total"] >= 0
     assert plan["params"]["trained"] > 0 and plan["params"]["frozen"] > plan["params"]["trained"]
+    # hybrid sharding splits within a shard group only: 4 processes in groups of 2 hold what 2 do
+    from shared.config import load_config
+    from trainer.memory import memory_report
+
+    two = memory_report(load_config(path), 2)["bytes_per_process"]
+    assert two["frozen_weights"] > 0
+    assert memory_report(load_config(path, ["train.fsdp_shard_size=2"]), 4)["bytes_per_process"] == two
+    assert memory_report(load_config(path), 4)["bytes_per_process"]["frozen_weights"] == two["frozen_weights"] // 2
 
     tiny = tmp_path / "tiny.yaml"
     tiny.write_text(yaml.safe_dump({"model": {"model_type": "tiny"}, "rewards": [{"reward_model": "brightness"}]}))
