@@ -21,7 +21,10 @@ Conventions:
       ``functional_call`` cannot work here: FSDP re-installs the all-gathered parameters on every
       forward, so substituted ones would be silently ignored.
     * Every process must run the same number of forwards (each one all-gathers): evaluation pads
-      the processes' shares to equal length (:func:`equal_share`).
+      the processes' shares to equal length (:func:`equal_share`), and a two-expert model runs each
+      expert any process needs on every process (:func:`agree_on_experts`).
+    * ``train.fsdp_shard_size`` shards within groups of processes and replicates across them
+      (hybrid sharding, :func:`device_mesh`).
 """
 
 from __future__ import annotations
