@@ -193,6 +193,18 @@ def rollout(
     )
 
 
+def rollout_autocast(adapter: FlowModelAdapter, mixed_precision: str):
+    """``torch.autocast`` on the adapter's device in ``mixed_precision`` (``"bf16"`` / ``"fp16"``; ``"no"``:
+    none), as accelerate's autocast around the embedded trainer's rollouts: samplers roll out in the
+    trainer's precision (``SamplingParams.autocast``), so its replayed log-probs match theirs."""
+    import contextlib
+
+    if mixed_precision == "no":
+        return contextlib.nullcontext()
+    device = next(adapter.transformer.parameters()).device.type
+    return torch.autocast(device, dtype=torch.bfloat16 if mixed_precision == "bf16" else torch.float16)
+
+
 def shared_prefix_rows(init_seeds: list[int], cond: Conditioning) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(keep, back)``: the rows of the first sample of each distinct initial seed, and for every
     sample the position of its seed's row in ``keep`` (``x_all = x_keep[back]``); ``None`` when all

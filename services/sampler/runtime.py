@@ -35,7 +35,7 @@ from shared.models import load_adapter
 from shared.models.lora import compile_transformer, load_named_parameters, prepare_transformer
 from shared.protocol import PolicyPublished, SampleJob, Trajectory
 from shared.queue import RunState
-from shared.sampling import pack_trajectory, rollout_with
+from shared.sampling import pack_trajectory, rollout_autocast, rollout_with
 from shared.store import BlobStore, Entry, to_uint8, uint8_chunks
 
 
@@ -118,11 +118,12 @@ class SamplerRuntime:
         try:
             for s in range(0, len(items), bs):  # one micro-batch at a time; the writer streams each
                 part = items[s:s + bs]
-                _, roll = rollout_with(self.adapter, [i.prompt for i in part], [i.negative_prompt for i in part],
-                                       [i.seed for i in part], job.params, transformer=self.adapter.transformer,
-                                       images=self.condition_images(job.store_url, part),
-                                       init_seeds=([i.init_seed if i.init_seed is not None else i.seed for i in part]
-                                                   if any(i.init_seed is not None for i in part) else None))
+                init_seeds = ([i.init_seed if i.init_seed is not None else i.seed for i in part]
+                              if any(i.init_seed is not None for i in part) else None)
+                with rollout_autocast(self.adapter, job.params.autocast):  # the trainer's mixed precision
+                    _, roll = rollout_with(self.adapter, [i.prompt for i in part], [i.negative_prompt for i in part],
+                                           [i.seed for i in part], job.params, transformer=self.adapter.transformer,
+                                           images=self.condition_images(job.store_url, part), init_seeds=init_seeds)
                 writer.add(roll)
         except BaseException:
             writer.abort()

@@ -97,6 +97,10 @@ class SamplingParams(Message):
     # where each sample's noise generator draws: "cpu" (the same numbers on every machine) or
     # "model" (the sampler's device: no CPU work before the first step on a GPU)
     noise_device: Literal["cpu", "model"] = "cpu"
+    # the trainer's train.mixed_precision: samplers roll out under the same autocast, so the log-probs
+    # the trainer recomputes match theirs (a PPO ratio of 1 before any update; float32 rollouts
+    # replayed under bf16 autocast start ~1e-4 off, as much as Flow-GRPO's whole clip range)
+    autocast: Literal["no", "fp16", "bf16"] = "no"
 
 
 class SampleJob(Message):
