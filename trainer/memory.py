@@ -112,20 +112,13 @@ def meta_transformer(model_cfg: Any) -> nn.Module:
             parts.append(cls.from_config(config))
     module = parts[0] if len(parts) == 1 else nn.ModuleDict({"transformer": parts[0], "transformer_2": parts[1]})
     module.requires_grad_(model_cfg.finetune_type == "full")
-    if model_cfg.finetune_type == "lora":
-        from peft import LoraConfig, inject_adapter_in_model
+    if model_cfg.finetune_type == "lora":  # the trainer's LoRA (shared.models.lora.prepare_transformer)
+        from shared.models import MODELS
+        from shared.models.lora import lora_config
 
-        targets = model_cfg.target_modules
-        if targets == "default":
-            from shared.models import MODELS
-
-            targets = list(MODELS.get(model_cfg.model_type).default_lora_targets)
-        elif targets == "all":
-            targets = "all-linear"
-        lora = LoraConfig(r=model_cfg.lora_rank, lora_alpha=model_cfg.lora_alpha or 2 * model_cfg.lora_rank,
-                          target_modules=targets)
+        lora = lora_config(MODELS.get(model_cfg.model_type), model_cfg)
         for part in parts:
-            inject_adapter_in_model(lora, part)
+            part.add_adapter(lora)
     return module
 
 

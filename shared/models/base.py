@@ -204,9 +204,11 @@ class FlowModelAdapter(ABC):
         a, b = v.float().chunk(2)
         return (b, a) if negatives_first else (a, b)
 
-    def lora_targets(self, target_modules: str | list[str]) -> list[str] | str:
+    @classmethod
+    def lora_targets(cls, target_modules: str | list[str]) -> list[str] | str:
+        """``model.target_modules`` as peft's ``target_modules`` (``default``: the family's own list)."""
         if target_modules == "default":
-            return list(self.default_lora_targets)
+            return list(cls.default_lora_targets)
         if target_modules == "all":
             return "all-linear"
         return [target_modules] if isinstance(target_modules, str) else list(target_modules)

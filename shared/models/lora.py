@@ -25,13 +25,17 @@ def prepare_transformer(adapter: FlowModelAdapter, model_cfg: Any) -> None:
     transformer.requires_grad_(False)
     apply_attention_backend(transformer, getattr(model_cfg, "attn_backend", None))
     if model_cfg.finetune_type == "lora":
-        from peft import LoraConfig
+        transformer.add_adapter(lora_config(type(adapter), model_cfg))
 
-        rank = model_cfg.lora_rank
-        lora = LoraConfig(r=rank, lora_alpha=model_cfg.lora_alpha or 2 * rank,
-                          init_lora_weights="gaussian",
-                          target_modules=adapter.lora_targets(model_cfg.target_modules))
-        transformer.add_adapter(lora)
+
+def lora_config(adapter_cls: type[FlowModelAdapter], model_cfg: Any):
+    """The peft ``LoraConfig`` of ``model:`` (rank, alpha = ``2 * rank`` unless set, the family's
+    targets for ``default``)."""
+    from peft import LoraConfig
+
+    rank = model_cfg.lora_rank
+    return LoraConfig(r=rank, lora_alpha=model_cfg.lora_alpha or 2 * rank, init_lora_weights="gaussian",
+                      target_modules=adapter_cls.lora_targets(model_cfg.target_modules))
 
 
 def compile_transformer(adapter: FlowModelAdapter, model_cfg: Any) -> bool:
