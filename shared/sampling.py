@@ -148,18 +148,16 @@ def rollout(
     grid = sigmas.to(device)
     start = min(stochastic) if stochastic else 0  # the deterministic prefix, when it may be shared
     shared = shared_prefix_rows(init_seeds, cond) if init_seeds is not None and start > 0 else None
-    if shared is not None:  # one ODE prefix per distinct (initial noise, conditioning)
+    rows, rows_cond = x.shape[0], cond  # the rows the steps run on: one per group in a shared prefix
+    if shared is not None:
         keep, back = (t.to(device) for t in shared)
-        xs, cs = x[keep], cond.select(keep)
-        for i in range(start):
-            s_i, s_next = grid[i].expand(len(keep)), grid[i + 1].expand(len(keep))
-            v = adapter.velocity(xs.float(), s_i, cs, guidance_scale, transformer=transformer)
-            xs = sde_step(xs, v, s_i, s_next, dynamics="ODE", noise_level=0.0, check_sigmas=False).prev_sample
-        x = xs[back]
-    for i in range(start if shared is not None else 0, len(sigmas) - 1):
-        sigma = grid[i].expand(batch)
-        sigma_next = grid[i + 1].expand(batch)
-        v = adapter.velocity(x.float(), sigma, cond, guidance_scale, transformer=transformer)
+        x, rows, rows_cond = x[keep], len(keep), cond.select(keep)
+    for i in range(len(sigmas) - 1):
+        if shared is not None and i == start:  # the prefix ends: every member from its group's state
+            x, rows, rows_cond = x[back], batch, cond
+        sigma = grid[i].expand(rows)
+        sigma_next = grid[i + 1].expand(rows)
+        v = adapter.velocity(x.float(), sigma, rows_cond, guidance_scale, transformer=transformer)
         if i in stochastic:
             noise = noises[len(kept["x"])]
             out = sde_step(x, v, sigma, sigma_next, dynamics=dynamics, noise_level=noise_level,
