@@ -154,6 +154,12 @@ def _sde_mean(x, v, sigma, dt, g):
     return x + (v + g**2 / (2 * sigma) * (x + (1 - sigma) * v)) * dt
 
 
+def _sigma_hat(sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+    """Flow-SDE's sigma in ``1 / (1 - sigma)``: flow_grpo uses the next grid point at sigma = 1 to
+    avoid dividing by zero."""
+    return torch.where(sigma >= 1, sigma_next, sigma)
+
+
 def _diffusion(sigma: torch.Tensor, sigma_next: torch.Tensor, dynamics: str,
                noise_level: float) -> tuple[torch.Tensor | None, torch.Tensor]:
     """``(g, std)`` of one step per sample (``[B]`` each; ``g`` is None for CPS): the SDE's diffusion
@@ -161,9 +167,7 @@ def _diffusion(sigma: torch.Tensor, sigma_next: torch.Tensor, dynamics: str,
     if dynamics == "CPS":
         return None, sigma_next * math.sin(noise_level * math.pi / 2)
     if dynamics == "Flow-SDE":
-        # flow_grpo: at sigma = 1 use the next grid point in 1 / (1 - sigma) to avoid dividing by zero.
-        sigma_hat = torch.where(sigma >= 1, sigma_next, sigma)
-        g = noise_level * torch.sqrt(sigma / (1 - sigma_hat))
+        g = noise_level * torch.sqrt(sigma / (1 - _sigma_hat(sigma, sigma_next)))
     else:
         g = torch.full_like(sigma, float(noise_level))
     return g, g * torch.sqrt(sigma - sigma_next)
@@ -253,7 +257,7 @@ def sde_step(
     if dynamics in ("Flow-SDE", "Dance-SDE"):
         if check_sigmas and bool((sigma_b <= 0).any()):
             raise ValueError(f"sigma must be > 0 for {dynamics} (the score divides by sigma), got {sigma}")
-        if check_sigmas and dynamics == "Flow-SDE" and bool((torch.where(sigma_b >= 1, sigma_next_b, sigma_b) >= 1).any()):
+        if check_sigmas and dynamics == "Flow-SDE" and bool((_sigma_hat(sigma_b, sigma_next_b) >= 1).any()):
             raise ValueError("Flow-SDE cannot take a zero-length step at sigma = 1 (sigma_next must be < 1)")
         g_b, std_b = _diffusion(sigma_b, sigma_next_b, dynamics, noise_level)
         mean = _sde_mean(xf, vf, s, dt, _per_sample(g_b, x))
