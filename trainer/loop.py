@@ -36,7 +36,7 @@ from trainer.collect import SEED_STRIDE, EpochData, finish_epoch, plan_epoch
 from trainer.data import check_condition_images, load_dataset
 from trainer.embeddings import offload_mode, warm_embeddings
 from trainer.evaluate import evaluate
-from trainer.policy import DTYPES, Policy, attach_trainable
+from trainer.policy import DTYPES, Policy, attach_trainable, trainable_params
 from trainer.ptx import PretrainMix
 from trainer.reporting import MetricLogger, detail_keys, progress_postfix, write_report
 from trainer.metrics import TrainerMetrics
@@ -244,7 +244,7 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
         mesh = device_mesh(accelerator.device.type, accelerator.num_processes, t.fsdp_shard_size)
         blocks = shard_transformer(adapter.transformer, reshard_after_forward=t.fsdp_reshard_after_forward,
                                    master_dtype=DTYPES[cfg.model.master_weight_dtype], mesh=mesh)
-        trainable = {n: p for n, p in adapter.transformer.named_parameters() if p.requires_grad}
+        trainable = trainable_params(adapter.transformer)  # the sharded parameters, same names
         if isinstance(adapter.transformer, TwoExperts):  # every process runs the experts any one needs
             adapter.transformer.agree = agree_on_experts
         if main and not quiet:
@@ -337,14 +337,14 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
         staged = epoch + 1 if t.max_staleness >= 1 else None
         state = Progress(epoch + 1, step, version, samples_used, train_seconds, history, evals,
                          staged, dispatched_with if staged is not None else None)
-        local = pending_samples if cfg.transport == "local" and staged is not None else None
+        untrained = pending_samples if cfg.transport == "local" and staged is not None else None
         # sharded moments are gathered by every process; otherwise the main one reads them
         moments = optimizer_tensors(optimizer) if policy.sharded else None
         save_checkpoint(run_dir / "checkpoints" / f"checkpoint-{epoch + 1}", cfg, accelerator,
                         adapter, policy, epoch + 1, step,
                         main_extra=lambda d: save_resume(d / RESUME_DIR, state, optimizer,
                                                          lr_schedule, accelerator.scaler, moments),
-                        rank_extra=lambda d: save_rank_state(d / RESUME_DIR, rank, local))
+                        rank_extra=lambda d: save_rank_state(d / RESUME_DIR, rank, untrained))
 
     transport.publish(version)
     # the local transport samples inside dispatch(): when that runs between epochs (max_staleness

@@ -42,7 +42,7 @@ def attach_trainable(adapter: FlowModelAdapter, cfg: Config, *, master_cast: boo
         transformer.requires_grad_(True)
     if m.gradient_checkpointing:
         enable_gradient_checkpointing(transformer)
-    trainable = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
+    trainable = trainable_params(transformer)
     if not trainable:
         raise ValueError(
             f"model.target_modules={m.target_modules!r} matched no layer of "
@@ -55,6 +55,11 @@ def attach_trainable(adapter: FlowModelAdapter, cfg: Config, *, master_cast: boo
             p.data = p.data.to(master)
     compile_transformer(adapter, m)  # model.compile: last, on the module as it will train
     return trainable
+
+
+def trainable_params(module: nn.Module) -> dict[str, nn.Parameter]:
+    """``module``'s parameters that train, by name."""
+    return {n: p for n, p in module.named_parameters() if p.requires_grad}
 
 
 def enable_gradient_checkpointing(transformer: nn.Module) -> None:
