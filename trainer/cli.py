@@ -1,12 +1,14 @@
 """``flowrl`` command line.
 
     flowrl train CONFIG [--set key=value ...]       embedded training (one process, or
-                  [--resume CHECKPOINT|latest]      several under `accelerate launch`)
+                  [--resume CHECKPOINT|latest]      several: --processes N|auto, or under
+                  [--processes N|auto]              `accelerate launch`)
     flowrl eval CONFIG --checkpoint DIR [--set ...] ODE evaluation of a saved checkpoint
     flowrl eval CONFIG --base [--set ...]            the same evaluation of the untrained model
     flowrl check CONFIG [--set ...]                 validate a config and print the derived batch geometry
     flowrl serve reward --rewards a,b [...]         run the reward server (services/reward/cli.py)
-    flowrl trainer CONFIG [--set ...]               the distributed controller (transport: celery)
+    flowrl trainer CONFIG [--set ...]               the distributed controller (transport: celery;
+                                                    --processes as for train)
     flowrl worker sampler|reward [--config CONFIG]  a Celery worker for the sample / reward queue
                                                     (settings from FLOWRL_QUEUE_* or the config's queue:)
 
@@ -16,6 +18,8 @@ Config problems exit with status 2 and one paragraph naming the key and the fix.
 from __future__ import annotations
 
 import argparse
+import faulthandler
+import gc
 import json
 import sys
 
@@ -43,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--resume", metavar="CHECKPOINT", help="continue a run exactly from "
                            "runs/<run>/checkpoints/checkpoint-<N>, or 'latest' (with --set run_name=<run>); "
                            "same as --set train.resume_from=...")
+            s.add_argument("--processes", metavar="N|auto",
+                           help="start N data-parallel trainer processes on this machine (one per GPU; "
+                                "'auto': every visible GPU) through accelerate launch; needed by "
+                                "train.fsdp (trainer/launch.py)")
         if name == "check":
             s.add_argument("--world-size", type=int, default=1)
             s.add_argument("--memory", action="store_true",
@@ -61,6 +69,17 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("service", choices=["reward"])
     s.add_argument("args", nargs=argparse.REMAINDER, help="the service's own options")
     return p
+
+
+def _enable_faulthandler() -> None:
+    """Print every thread's Python stack if the process dies of a signal (SIGSEGV, SIGABRT from
+    C++), so a crash in a multi-process run names where each rank was."""
+    if faulthandler.is_enabled():
+        return
+    try:
+        faulthandler.enable()
+    except (AttributeError, ValueError, OSError):  # stderr replaced by an object without a file
+        pass
 
 
 # The module holding each worker kind's metrics and its serve_in_thread (health + /metrics).
@@ -118,6 +137,14 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"flowrl: {e}", file=sys.stderr)
                     return 2
             return 0
+        if args.command in ("train", "trainer"):
+            from trainer.launch import LaunchError, relaunch_if_asked
+
+            try:
+                relaunch_if_asked(args)  # returns here only when this process trains itself
+            except LaunchError as e:
+                print(f"flowrl: {e}", file=sys.stderr)
+                return 2
         from trainer.data import DatasetError
         from trainer.resume import ResumeError
 
@@ -125,7 +152,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.command in ("train", "trainer"):
                 from trainer.loop import train
 
+                _enable_faulthandler()
                 train(cfg)
+                # free the run (modules and optimizer hold reference cycles) while the interpreter
+                # is whole: torch's C++ threads must not free Python-owned tensors during exit
+                gc.collect()
             else:
                 from trainer.eval_cli import eval_checkpoint
 

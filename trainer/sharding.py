@@ -89,9 +89,10 @@ def check_fsdp(cfg: Any, adapter: Any, world_size: int) -> None:
     """Refuse the combinations ``train.fsdp`` does not support, each with the fix."""
     t, m = cfg.train, cfg.model
     if world_size < 2:
-        raise ValueError("train.fsdp shards the model over processes, and this run has one. Fix: launch "
-                         "with `accelerate launch --multi_gpu --num_processes N -m trainer.cli train ...` "
-                         "(N >= 2), or set train.fsdp: false.")
+        raise ValueError("train.fsdp shards the model over processes, and this run has one. Fix: "
+                         "`flowrl train CONFIG --processes N` (N >= 2 GPUs; `auto`: all visible), or "
+                         "`accelerate launch --multi_gpu --num_processes N -m trainer.cli train ...`, "
+                         "or set train.fsdp: false.")
     if t.mixed_precision == "fp16":
         raise ValueError("train.fsdp with mixed_precision: fp16 is not supported (its gradient scaler "
                          "does not handle sharded gradients). Fix: train.mixed_precision: bf16.")

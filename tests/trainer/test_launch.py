@@ -1,0 +1,92 @@
+"""``flowrl train|trainer CONFIG --processes N|auto``: the process count it resolves, the launcher
+line it builds, the refusals, and a real 2-process CPU run started by the flag alone (the same
+run as under a hand-written ``accelerate launch``: groups split over both ranks, DDP-identical
+weights)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.helpers.tiny import tiny_raw
+from trainer import launch
+from trainer.cli import _parser
+from trainer.launch import LaunchError, launch_argv, relaunch_if_asked, resolve_processes
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("value,gpus,n", [("auto", 0, 1), ("auto", 1, 1), ("auto", 8, 8), ("3", 0, 3),
+                                          ("4", 8, 4), ("8", 8, 8)])
+def test_the_process_count_it_resolves(value, gpus, n):
+    assert resolve_processes(value, gpus) == n
+
+
+@pytest.mark.parametrize("value,gpus,words", [("two", 2, "not a number"), ("0", 2, "at least one"),
+                                              ("-1", 0, "at least one"), ("4", 2, "--processes 2")])
+def test_values_that_cannot_run_say_why(value, gpus, words):
+    with pytest.raises(LaunchError, match=words):
+        resolve_processes(value, gpus)
+
+
+def test_the_launcher_line_runs_the_same_command():
+    argv = launch_argv("trainer", "cfg.yaml", ["train.fsdp=true", "run_name=a b"], "latest", 4, 29511,
+                       python="/py")
+    assert argv[:3] == ["/py", "-m", "accelerate.commands.launch"]
+    head = argv[: argv.index("trainer.cli") + 1]
+    assert head[head.index("--num_processes") + 1] == "4" and "--multi_gpu" in head
+    assert head[head.index("--main_process_port") + 1] == "29511"
+    child = _parser().parse_args(argv[len(head):])  # what each started process parses
+    assert (child.command, child.config, child.overrides, child.resume, child.processes) == \
+        ("trainer", "cfg.yaml", ["train.fsdp=true", "run_name=a b"], "latest", None)
+
+
+def test_under_a_launcher_it_trains_itself_and_refuses_a_different_count(monkeypatch):
+    args = _parser().parse_args(["train", "cfg.yaml", "--processes", "4"])
+    monkeypatch.setattr(launch.os, "execv", lambda *a: pytest.fail("must not start a launcher"))
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    relaunch_if_asked(args)  # one of the 4: returns
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(LaunchError, match="one of 2"):
+        relaunch_if_asked(args)
+
+
+def test_one_process_needs_no_launcher(monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(launch, "visible_gpus", lambda: 0)
+    monkeypatch.setattr(launch.os, "execv", lambda *a: pytest.fail("must not start a launcher"))
+    for value in (None, "1", "auto"):
+        relaunch_if_asked(_parser().parse_args(["train", "cfg.yaml"] + (["--processes", value] if value else [])))
+
+
+def test_a_bad_value_exits_2_before_anything_starts(tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_raw(tmp_path, "grpo")))
+    proc = subprocess.run([sys.executable, "-m", "trainer.cli", "train", str(cfg), "--processes", "0"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "at least one process" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_two_processes_from_the_flag(tmp_path):
+    raw = tiny_raw(tmp_path, "grpo")
+    raw["train"].update(max_epochs=1, per_device_batch_size=8, gradient_step_per_epoch=1)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    proc = subprocess.run([sys.executable, "-m", "trainer.cli", "train", str(cfg), "--processes", "2",
+                           "--set", "run_name=flag"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "starting 2 trainer processes" in proc.stderr
+    run_dir = tmp_path / "runs" / "flag"
+    assert json.loads((run_dir / "summary.json").read_text())["world_size"] == 2
+    ranks = [json.loads((run_dir / f"rank{r}_state.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["param_checksum"] == ranks[1]["param_checksum"]
+    groups = [set(r["last_epoch_group_ids"]) for r in ranks]
+    assert groups[0] and groups[1] and not groups[0] & groups[1]
