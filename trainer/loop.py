@@ -414,6 +414,7 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
             unbilled = time.time() - t_dispatch
         if last:
             break
+    bar.close()  # the loop may leave early (break): close the bar now, not when it is collected
     transport.close()
     if prom is not None:
         prom_server.shutdown()
