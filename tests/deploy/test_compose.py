@@ -232,6 +232,18 @@ def test_trainer_experiment_is_a_valid_config_scored_by_the_reward_server(varian
         assert reward in REWARDS, f"the reward server would fail: {reward} is not a registered reward"
 
 
+def test_trainer_runs_one_process_per_visible_gpu_with_shared_memory_for_nccl(variants):
+    from trainer.cli import _parser
+    from trainer.launch import resolve_processes
+
+    for variant, compose in variants.items():
+        trainer = compose["services"]["trainer"]
+        args = _parser().parse_args(trainer["command"][1:])
+        assert args.processes == "auto", f"{variant}: the trainer should use every GPU it is given"
+        assert resolve_processes(args.processes, 0) == 1  # the CPU variant: one process
+        assert trainer["shm_size"] == "4gb", f"{variant}: NCCL needs more than Docker's 64 MB of /dev/shm"
+
+
 def test_healthchecks_probe_the_ports_the_commands_open(variants):
     from trainer.cli import _parser
 

@@ -295,6 +295,18 @@ def test_workers_finish_a_task_before_being_killed(rendered, overlay):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_trainer_runs_one_process_per_gpu_of_the_pod_with_shared_memory(rendered, overlay):
+    from trainer.cli import _parser
+
+    pod = _pod(_workloads(rendered[overlay])["flowrl-trainer"])
+    container = pod["containers"][0]
+    assert _parser().parse_args(container["args"][1:]).processes == "auto"
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["emptyDir"]["medium"] == "Memory", "NCCL between the processes needs a RAM-backed /dev/shm"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_pods_meet_pod_security_restricted(rendered, overlay):
     docs = rendered[overlay]
     (namespace,) = _by(docs, "Namespace").values()
