@@ -4,6 +4,7 @@ image-conditioned (edit) examples' shipped datasets load with images the model t
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,24 @@ def test_example_config_is_valid(path):
     if adapter.condition_images != (0, 0):  # edit models: the shipped dataset loads, its images fit
         assert (ROOT / cfg.data.dataset_dir).is_dir(), f"{path.name}: ship {cfg.data.dataset_dir}"
         check_example_dataset(cfg, adapter)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[str(p.relative_to(ROOT / "examples")) for p in EXAMPLES])
+def test_the_launch_line_in_a_header_runs_this_recipe(path):
+    """A header's `flowrl train ... --processes N` line parses with the CLI, names its own file,
+    and asks for as many processes as the recipe's geometry was written for (FSDP: 2 or more)."""
+    from trainer.cli import _parser
+
+    lines = [m.group(1).rstrip(").") for ln in path.read_text().splitlines() if ln.startswith("#")
+             for m in [re.search(r"flowrl (train [^`]*)", ln)] if m]
+    for line in lines:
+        args = _parser().parse_args(line.split())
+        assert (ROOT / args.config).resolve() == path, f"{path.name}: the header runs {args.config}"
+        cfg = load_config(path, args.overrides)
+        cfg.geometry(int(args.processes or 1))
+        assert not cfg.train.fsdp or int(args.processes or 1) >= 2, f"{path.name}: FSDP needs 2+ processes"
+    if load_config(path).train.fsdp:
+        assert lines, f"{path.name} shards (train.fsdp): its header should say how to start the processes"
 
 
 def check_example_dataset(cfg, adapter) -> None:
