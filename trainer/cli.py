@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
-import gc
 import json
 import sys
 
@@ -45,8 +44,9 @@ def _parser() -> argparse.ArgumentParser:
                                     "base evaluation: same prompts and seeds; written to runs/<run>/base_eval")
         if name in ("train", "trainer"):
             s.add_argument("--resume", metavar="CHECKPOINT", help="continue a run exactly from "
-                           "runs/<run>/checkpoints/checkpoint-<N>, or 'latest' (with --set run_name=<run>); "
-                           "same as --set train.resume_from=...")
+                           "runs/<run>/checkpoints/checkpoint-<N>, or 'latest' (with --set run_name=<run>), "
+                           "or 'auto' (latest if the run has a checkpoint, else start; for restart "
+                           "policies); same as --set train.resume_from=...")
             s.add_argument("--processes", metavar="N|auto",
                            help="start N data-parallel trainer processes on this machine (one per GPU; "
                                 "'auto': every visible GPU) through accelerate launch; needed by "
@@ -80,6 +80,25 @@ def _enable_faulthandler() -> None:
         faulthandler.enable()
     except (AttributeError, ValueError, OSError):  # stderr replaced by an object without a file
         pass
+
+
+def _exit_finished_process() -> None:
+    """End one process of a finished multi-process run without interpreter finalization.
+
+    torch keeps a gloo process group (its worker threads) alive after ``destroy_process_group``
+    whenever DDP or FSDP held it (checked: the threads outlive ``del`` of the model and
+    ``gc.collect``), so it is torn down only while the interpreter finalizes, where a worker thread
+    that frees a tensor with Python state can abort the process (pytorch/pytorch#179291). A CI run
+    saw that once: a finished 2-process FSDP run, rank 0 "terminate called without an active
+    exception" (SIGABRT) after its report, and the launcher reported the run as failed. Everything
+    the run writes is closed by now (checkpoints, metrics, report, loggers)."""
+    import logging
+    import os
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # The module holding each worker kind's metrics and its serve_in_thread (health + /metrics).
@@ -138,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                     return 2
             return 0
         if args.command in ("train", "trainer"):
-            from trainer.launch import LaunchError, relaunch_if_asked
+            from trainer.launch import LaunchError, launched_world_size, relaunch_if_asked
 
             try:
                 relaunch_if_asked(args)  # returns here only when this process trains itself
@@ -154,9 +173,8 @@ def main(argv: list[str] | None = None) -> int:
 
                 _enable_faulthandler()
                 train(cfg)
-                # free the run (modules and optimizer hold reference cycles) while the interpreter
-                # is whole: torch's C++ threads must not free Python-owned tensors during exit
-                gc.collect()
+                if (launched_world_size() or 1) > 1:
+                    _exit_finished_process()
             else:
                 from trainer.eval_cli import eval_checkpoint
 

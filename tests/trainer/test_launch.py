@@ -90,3 +90,38 @@ def test_two_processes_from_the_flag(tmp_path):
     assert ranks[0]["param_checksum"] == ranks[1]["param_checksum"]
     groups = [set(r["last_epoch_group_ids"]) for r in ranks]
     assert groups[0] and groups[1] and not groups[0] & groups[1]
+
+
+class _Exited(Exception):
+    pass
+
+
+@pytest.mark.parametrize("world", [None, "1", "2"])
+def test_a_finished_process_of_a_multi_process_run_skips_interpreter_teardown(tmp_path, monkeypatch, world):
+    """torch keeps gloo's process-group threads alive past destroy_process_group once DDP/FSDP held
+    the group; a finished process of a launched run leaves with os._exit(0) instead of finalizing."""
+    import os
+
+    import trainer.loop
+    from trainer.cli import main
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_raw(tmp_path, "grpo")))
+    ran = []
+    monkeypatch.setattr(trainer.loop, "train", lambda c: ran.append(c))
+
+    def fake_exit(code):
+        raise _Exited(code)
+
+    monkeypatch.setattr(os, "_exit", fake_exit)
+    for key in ("LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    if world is not None:
+        monkeypatch.setenv("LOCAL_RANK", "0")
+        monkeypatch.setenv("WORLD_SIZE", world)
+    if world == "2":
+        with pytest.raises(_Exited) as exited:
+            main(["train", str(cfg)])
+        assert exited.value.args == (0,) and len(ran) == 1
+    else:
+        assert main(["train", str(cfg)]) == 0 and len(ran) == 1
