@@ -277,7 +277,8 @@ class TrainConfig(_Strict):
     # -- checkpoints
     save_freq: int = Field(0, ge=0)  # epochs between checkpoints; 0 = only the final one
     # continue a run exactly: a checkpoint folder, or "latest" (the newest checkpoint of the
-    # run named run_name); see trainer/resume.py
+    # run named run_name), or "auto" (as latest when the run has a checkpoint, else a fresh start,
+    # and nothing to do when it already finished: for restart policies); see trainer/resume.py
     resume_from: str | None = None
 
     @field_validator("mixed_precision", mode="before")

@@ -42,8 +42,8 @@ from trainer.reporting import MetricLogger, detail_keys, progress_postfix, write
 from trainer.metrics import TrainerMetrics
 from trainer.schedule import follow_budget, set_budget_fraction
 from trainer.resume import (RESUME_DIR, Progress, ResumeError, check_same_experiment, find_checkpoint,
-                            load_rank_state, load_resume, optimizer_tensors, run_dir_of,
-                            save_rank_state, save_resume,
+                            finished_summary, load_rank_state, load_resume, newest_checkpoint,
+                            optimizer_tensors, run_dir_of, save_rank_state, save_resume,
                             truncate_jsonl)
 from trainer.sharding import (agree_on_experts, check_fsdp, device_mesh, gather, local, param_bytes,
                               shard_transformer)
@@ -61,11 +61,13 @@ def _locate_run(cfg: Config) -> tuple[str, Path, Path | None]:
     if spec is None:
         name = run_name(cfg)
         return name, Path(cfg.output_dir) / name, None
-    if spec == "latest":
+    if spec in ("latest", "auto"):
         if not cfg.run_name:
-            raise ResumeError("train.resume_from=latest needs run_name (the run to continue). "
+            raise ResumeError(f"train.resume_from={spec} needs run_name (the run to continue). "
                               "Fix: --set run_name=<the run's folder name under output_dir>.")
         run_dir = Path(cfg.output_dir) / cfg.run_name
+        if spec == "auto":  # a restarted process: continue if there is a checkpoint, else start
+            return cfg.run_name, run_dir, newest_checkpoint(run_dir)
         return cfg.run_name, run_dir, find_checkpoint(spec, run_dir)
     ckpt = find_checkpoint(spec, Path(cfg.output_dir))
     run_dir = run_dir_of(ckpt)
@@ -213,6 +215,13 @@ def _optimizer_step(t, accelerator, policy, optimizer, lr_schedule, step: int, s
 def train(cfg: Config, *, quiet: bool = False) -> dict:
     """Run the whole experiment; returns the summary written to ``summary.json``."""
     t = cfg.train
+    if t.resume_from == "auto" and cfg.run_name:
+        done = finished_summary(Path(cfg.output_dir) / cfg.run_name, t.max_epochs)
+        if done is not None:  # e.g. `docker compose up` again after the run ended
+            if not quiet:
+                print(f"flowrl: run {cfg.run_name} already trained {done['epochs']} epochs "
+                      f"(train.max_epochs={t.max_epochs}); nothing to do. Its report: {done.get('report')}")
+            return done
     accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=not torch.cuda.is_available())
     geo = cfg.geometry(accelerator.num_processes)
     main = accelerator.is_main_process
@@ -288,6 +297,8 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
         (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
         if ckpt is not None:  # forget what a crashed run logged after its checkpoint
             truncate_jsonl(run_dir / "metrics.jsonl", lambda r: r.get("step", 0) <= progress.epoch)
+        elif t.resume_from == "auto":  # restarted before its first checkpoint: it starts over
+            truncate_jsonl(run_dir / "metrics.jsonl", lambda r: False)
         logger = MetricLogger(cfg.logging_backend, run_dir, cfg.project, name, cfg.model_dump())
         if not quiet:
             print(f"flowrl: {t.trainer_type} on {cfg.model.model_type}, {geo.world_size} process(es), "

@@ -66,15 +66,31 @@ def find_checkpoint(spec: str, run_dir: Path) -> Path:
                 f"Fix: pass runs/<run>/checkpoints/checkpoint-<N> of a run with train.save_freq > 0, "
                 f"or 'latest' together with the run's run_name.")
         return path
-    found = sorted((p for p in (run_dir / "checkpoints").glob("checkpoint-*")
-                    if (p / RESUME_DIR / "state.json").is_file()),
-                   key=lambda p: int(p.name.rsplit("-", 1)[1]))
-    if not found:
+    found = newest_checkpoint(run_dir)
+    if found is None:
         raise ResumeError(
             f"train.resume_from=latest: no resumable checkpoint under {run_dir / 'checkpoints'}. "
             f"Fix: set run_name to the run to resume (it names the folder) and train.save_freq > 0 "
-            f"so checkpoints are written; or start without resume_from.")
-    return found[-1]
+            f"so checkpoints are written; or start without resume_from (or with 'auto', which starts "
+            f"over when there is none).")
+    return found
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The highest ``checkpoint-N`` of ``run_dir`` with resume state, or None."""
+    found = sorted((p for p in (run_dir / "checkpoints").glob("checkpoint-*")
+                    if (p / RESUME_DIR / "state.json").is_file()),
+                   key=lambda p: int(p.name.rsplit("-", 1)[1]))
+    return found[-1] if found else None
+
+
+def finished_summary(run_dir: Path, max_epochs: int) -> dict | None:
+    """The ``summary.json`` of ``run_dir`` when that run already trained ``max_epochs`` epochs."""
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    return summary if summary.get("epochs", 0) >= max_epochs else None
 
 
 def run_dir_of(checkpoint: Path) -> Path:

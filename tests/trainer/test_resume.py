@@ -82,6 +82,35 @@ def test_resumed_run_is_bit_identical(tmp_path, trainer_type, extra):
     assert resumed["final/brightness"] == full["final/brightness"]
 
 
+def test_resume_auto_starts_continues_or_leaves_a_finished_run_alone(tmp_path):
+    """``train.resume_from: auto`` (what compose / k8s restarts use): a run with no folder starts;
+    one restarted after checkpoint-2 continues from it to the uninterrupted run's weights; one
+    restarted before any checkpoint starts over and keeps no metrics of the failed attempt; a
+    finished run is left as it is."""
+    hist = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    auto = FAST + ["train.resume_from=auto"]
+    full = train(tiny_config(tmp_path / "a", "grpo", auto), quiet=True)  # nothing there yet: a fresh run
+    run_a = Path(full["run_dir"])
+    assert full["epochs"] == 4 and [r["step"] for r in hist(run_a) if "train/loss" in r] == [1, 2, 3, 4]
+
+    ckpt = stop_at(run_a, 2, tmp_path / "b" / "runs" / run_a.name)
+    resumed = train(tiny_config(tmp_path / "b", "grpo", auto), quiet=True)
+    assert same_tensors(weights(run_a / "checkpoints" / "final"), weights(ckpt.parent / "final")) == []
+    assert resumed["optimizer_steps"] == full["optimizer_steps"]
+
+    early = stop_at(run_a, 2, tmp_path / "c" / "runs" / run_a.name).parent.parent
+    shutil.rmtree(early / "checkpoints")  # died before its first checkpoint
+    again = train(tiny_config(tmp_path / "c", "grpo", auto), quiet=True)
+    assert again["epochs"] == 4 and again["optimizer_steps"] == full["optimizer_steps"]
+    assert [r["step"] for r in hist(early) if "train/loss" in r] == [1, 2, 3, 4]  # not 1, 2, 1, 2, 3, 4
+
+    lines, mtime = hist(run_a), (run_a / "checkpoints" / "final").stat().st_mtime_ns
+    assert train(tiny_config(tmp_path / "a", "grpo", auto), quiet=True) == full  # finished: nothing runs
+    assert hist(run_a) == lines and (run_a / "checkpoints" / "final").stat().st_mtime_ns == mtime
+    with pytest.raises(ResumeError, match="needs run_name"):
+        train(tiny_config(tmp_path / "d", "grpo", auto + ["run_name=null"]), quiet=True)
+
+
 def test_resume_refuses_another_experiment(tmp_path):
     cfg = tiny_config(tmp_path, "grpo", FAST + ["train.max_epochs=2", "train.save_freq=1"])
     run = Path(train(cfg, quiet=True)["run_dir"])
