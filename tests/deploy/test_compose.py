@@ -285,7 +285,12 @@ def test_workers_get_time_to_finish_a_task_on_stop(variants):
         limit = float(environment(service)["FLOWRL_QUEUE_TASK_TIME_LIMIT_S"])
         assert seconds(service["stop_grace_period"]) > limit, \
             f"{name}: stop_grace_period must exceed the task time limit ({limit} s)"
-    assert variants["gpu"]["services"]["trainer"]["restart"] == "no", "a finished run must not start again"
+    # a failed run restarts and continues from its checkpoint; a finished one is not restarted
+    trainer = variants["gpu"]["services"]["trainer"]
+    assert trainer["restart"].startswith("on-failure"), "a finished run must not start again"
+    from trainer.cli import _parser
+
+    assert _parser().parse_args(trainer["command"][1:]).resume == "auto", "a restart must continue the run"
 
 
 def test_monitoring_mounts_and_secrets_line_up(variants):

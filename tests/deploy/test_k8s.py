@@ -291,7 +291,15 @@ def test_workers_finish_a_task_before_being_killed(rendered, overlay):
         limit = float(_env(_pod(workload)["containers"][0], docs)["FLOWRL_QUEUE_TASK_TIME_LIMIT_S"])
         assert _pod(workload)["terminationGracePeriodSeconds"] > limit, name
     trainer = _workloads(docs)["flowrl-trainer"]
-    assert trainer["kind"] == "Job" and trainer["spec"]["backoffLimit"] == 0 and _pod(trainer)["restartPolicy"] == "Never"
+    assert trainer["kind"] == "Job" and _pod(trainer)["restartPolicy"] == "Never"
+    # a replaced pod continues the run from its checkpoint; a config error (exit 2) is not retried
+    from trainer.cli import _parser
+
+    assert trainer["spec"]["backoffLimit"] >= 1
+    assert _parser().parse_args(_pod(trainer)["containers"][0]["args"][1:]).resume == "auto"
+    (rule,) = trainer["spec"]["podFailurePolicy"]["rules"]
+    assert rule["action"] == "FailJob" and rule["onExitCodes"] == {"containerName": "trainer", "operator": "In",
+                                                                   "values": [2]}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
