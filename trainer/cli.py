@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import json
+import os
 import sys
 
 from shared.config import ConfigError, load_config
@@ -82,7 +83,7 @@ def _enable_faulthandler() -> None:
         pass
 
 
-def _exit_finished_process() -> None:
+def _exit_finished_process(code: int = 0) -> None:
     """End one process of a finished multi-process run without interpreter finalization.
 
     torch keeps a gloo process group (its worker threads) alive after ``destroy_process_group``
@@ -93,12 +94,11 @@ def _exit_finished_process() -> None:
     exception" (SIGABRT) after its report, and the launcher reported the run as failed. Everything
     the run writes is closed by now (checkpoints, metrics, report, loggers)."""
     import logging
-    import os
 
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 # The module holding each worker kind's metrics and its serve_in_thread (health + /metrics).
@@ -108,7 +108,6 @@ WORKER_HTTP = {"sampler": "services.sampler.app", "reward": "services.reward.wor
 def _worker(args) -> int:
     """Start a sampler or reward worker; settings from the config's ``queue:`` if given."""
     import importlib
-    import os
     import socket
 
     from shared.protocol import QUEUE_REWARD, QUEUE_SAMPLE
@@ -171,10 +170,22 @@ def main(argv: list[str] | None = None) -> int:
             if args.command in ("train", "trainer"):
                 from trainer.loop import train
 
+                from trainer.preempt import EXIT_STOPPED, Stopped, StopRequest
+
                 _enable_faulthandler()
-                train(cfg)
+                code = 0
+                with StopRequest(announce=os.environ.get("RANK", "0") == "0") as stop:
+                    try:
+                        train(cfg, stop=stop)
+                    except Stopped as e:
+                        if os.environ.get("RANK", "0") == "0":
+                            print(f"flowrl: {e}. Continue with: flowrl {args.command} {args.config} "
+                                  "--resume auto (same run_name)", file=sys.stderr)
+                        code = EXIT_STOPPED
                 if (launched_world_size() or 1) > 1:
-                    _exit_finished_process()
+                    _exit_finished_process(code)
+                if code:
+                    return code
             else:
                 from trainer.eval_cli import eval_checkpoint
 

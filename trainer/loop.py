@@ -41,6 +41,7 @@ from trainer.ptx import PretrainMix
 from trainer.reporting import MetricLogger, detail_keys, progress_postfix, write_report
 from trainer.metrics import TrainerMetrics
 from trainer.schedule import follow_budget, set_budget_fraction
+from trainer.preempt import Stopped, StopRequest
 from trainer.resume import (RESUME_DIR, Progress, ResumeError, check_same_experiment, find_checkpoint,
                             finished_summary, load_rank_state, load_resume, newest_checkpoint,
                             optimizer_tensors, run_dir_of, save_rank_state, save_resume,
@@ -212,8 +213,10 @@ def _optimizer_step(t, accelerator, policy, optimizer, lr_schedule, step: int, s
     return step
 
 
-def train(cfg: Config, *, quiet: bool = False) -> dict:
-    """Run the whole experiment; returns the summary written to ``summary.json``."""
+def train(cfg: Config, *, quiet: bool = False, stop: StopRequest | None = None) -> dict:
+    """Run the whole experiment; returns the summary written to ``summary.json``. When ``stop``
+    is requested (SIGTERM, :mod:`trainer.preempt`), every process stops after the same epoch,
+    writes a resumable checkpoint and raises :class:`~trainer.preempt.Stopped`."""
     t = cfg.train
     if t.resume_from == "auto" and cfg.run_name:
         done = finished_summary(Path(cfg.output_dir) / cfg.run_name, t.max_epochs)
@@ -375,6 +378,7 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
             unbilled = time.time() - t_dispatch
         else:
             dispatched_with = progress.pending_version
+    stopped_at = None  # the epoch a stop request ended the run after
     bar = tqdm(range(progress.epoch, t.max_epochs), desc="epochs", initial=progress.epoch,
                total=t.max_epochs, disable=not main or quiet, dynamic_ncols=True)
     for epoch in bar:
@@ -409,16 +413,24 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
             logger.log(metrics, step=epoch + 1)
             bar.set_postfix(progress_postfix(metrics, evals[-1], cfg.rewards[0].label, eval_specs[0].label))
         # the slowest rank's clock: over budget on any rank stops every rank after the same epoch,
-        # and a budget-clocked LR schedule reads the same time on every rank
-        agreed_seconds = float(accelerator.reduce(torch.tensor([train_seconds], dtype=torch.float64,
-                                                               device=accelerator.device),
-                                                  reduction="max").item())
+        # and a budget-clocked LR schedule reads the same time on every rank; likewise a stop
+        # request (SIGTERM) that reached any rank
+        agreed = accelerator.reduce(torch.tensor([train_seconds, float(stop is not None and stop.requested)],
+                                                 dtype=torch.float64, device=accelerator.device),
+                                    reduction="max").tolist()
+        agreed_seconds, stopping = agreed[0], agreed[1] > 0
         over = t.max_train_seconds is not None and agreed_seconds >= t.max_train_seconds
         last = not more or over
         if last or (cfg.eval.eval_freq and (epoch + 1) % cfg.eval.eval_freq == 0):
             evals.append(run_eval(epoch + 1))
-        if t.save_freq and (epoch + 1) % t.save_freq == 0 and not last:
+        saved = t.save_freq and (epoch + 1) % t.save_freq == 0 and not last
+        if saved:
             checkpoint(epoch, pending if t.max_staleness >= 1 else None)
+        if stopping and not last:  # SIGTERM: a checkpoint of this epoch, nothing more dispatched
+            if not saved:
+                checkpoint(epoch, pending if t.max_staleness >= 1 else None)
+            stopped_at = epoch + 1
+            break
         if more and not last and t.max_staleness == 0:  # after the checkpoint: nothing in flight
             t_dispatch = time.time()
             plan, pending = dispatch(epoch + 1)
@@ -429,6 +441,12 @@ def train(cfg: Config, *, quiet: bool = False) -> dict:
     transport.close()
     if prom is not None:
         prom_server.shutdown()
+    if stopped_at is not None:
+        if main:
+            logger.close()
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        raise Stopped(stopped_at, run_dir / "checkpoints" / f"checkpoint-{stopped_at}")
     epochs_done = len(history)  # the whole run's, a resumed one included
     duplicates = int(accelerator.reduce(torch.tensor([transport.duplicates], device=accelerator.device),
                                         reduction="sum").item())  # every trainer process's
