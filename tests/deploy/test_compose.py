@@ -291,6 +291,7 @@ def test_workers_get_time_to_finish_a_task_on_stop(variants):
     from trainer.cli import _parser
 
     assert _parser().parse_args(trainer["command"][1:]).resume == "auto", "a restart must continue the run"
+    assert seconds(trainer["stop_grace_period"]) >= 120, "trainer: time to finish an epoch and checkpoint"
 
 
 def test_monitoring_mounts_and_secrets_line_up(variants):

@@ -297,9 +297,10 @@ def test_workers_finish_a_task_before_being_killed(rendered, overlay):
 
     assert trainer["spec"]["backoffLimit"] >= 1
     assert _parser().parse_args(_pod(trainer)["containers"][0]["args"][1:]).resume == "auto"
-    (rule,) = trainer["spec"]["podFailurePolicy"]["rules"]
-    assert rule["action"] == "FailJob" and rule["onExitCodes"] == {"containerName": "trainer", "operator": "In",
-                                                                   "values": [2]}
+    rules = {r["action"]: r for r in trainer["spec"]["podFailurePolicy"]["rules"]}
+    assert rules["FailJob"]["onExitCodes"] == {"containerName": "trainer", "operator": "In", "values": [2]}
+    assert rules["Ignore"]["onPodConditions"] == [{"type": "DisruptionTarget", "status": "True"}]
+    assert _pod(trainer)["terminationGracePeriodSeconds"] >= 120, "time to finish an epoch and checkpoint"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
