@@ -169,7 +169,6 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if args.command in ("train", "trainer"):
                 from trainer.loop import train
-
                 from trainer.preempt import EXIT_STOPPED, Stopped, StopRequest
 
                 _enable_faulthandler()

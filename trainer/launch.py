@@ -17,6 +17,7 @@ import sys
 
 # set by torchrun / accelerate launch in each process they start
 _LAUNCHED = ("LOCAL_RANK", "WORLD_SIZE")
+SHUTDOWN_TIMEOUT_S = 300  # as compose's stop_grace_period and the k8s trainer's grace period
 
 
 class LaunchError(ValueError):
@@ -96,5 +97,8 @@ def relaunch_if_asked(args) -> None:
         return
     port = int(os.environ.get("MASTER_PORT") or free_port())
     argv = launch_argv(args.command, args.config, args.overrides, args.resume, n, port)
+    # on SIGTERM the launcher gives its processes this long to finish the epoch and write a
+    # checkpoint (trainer/preempt.py) before it kills them; torch elastic's own default is 30 s
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_TIMEOUT_S))
     print(f"flowrl: starting {n} trainer processes: {' '.join(argv[1:])}", file=sys.stderr, flush=True)
     os.execv(argv[0], argv)

@@ -9,7 +9,8 @@ auto`` then continues from that checkpoint. A second SIGTERM kills the process a
 
 How long the stop may take is the caller's grace period: compose's ``stop_grace_period``, the
 pod's ``terminationGracePeriodSeconds``; under ``accelerate launch`` / torchrun the launcher
-forwards SIGTERM to every process and kills them 30 s later (torch elastic's close timeout).
+forwards SIGTERM to every process and kills them ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` seconds
+later (torch's default 30; ``--processes`` sets 300 unless it is set).
 """
 
 from __future__ import annotations

@@ -108,7 +108,7 @@ def test_a_finished_process_of_a_multi_process_run_skips_interpreter_teardown(tm
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(tiny_raw(tmp_path, "grpo")))
     ran = []
-    monkeypatch.setattr(trainer.loop, "train", lambda c: ran.append(c))
+    monkeypatch.setattr(trainer.loop, "train", lambda c, **kw: ran.append(c))
 
     def fake_exit(code):
         raise _Exited(code)
@@ -125,3 +125,18 @@ def test_a_finished_process_of_a_multi_process_run_skips_interpreter_teardown(tm
         assert exited.value.args == (0,) and len(ran) == 1
     else:
         assert main(["train", str(cfg)]) == 0 and len(ran) == 1
+
+
+def test_the_launcher_gives_its_processes_the_grace_period_to_checkpoint(monkeypatch):
+    """SIGTERM to the launcher: torch elastic kills the processes after TORCH_ELASTIC_SHUTDOWN_TIMEOUT
+    (30 s by default); --processes raises it to the deployments' grace period unless it is set."""
+    started = []
+    for key in ("LOCAL_RANK", "WORLD_SIZE", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(launch, "visible_gpus", lambda: 0)
+    monkeypatch.setattr(launch.os, "execv", lambda exe, argv: started.append(
+        launch.os.environ["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]))
+    relaunch_if_asked(_parser().parse_args(["train", "cfg.yaml", "--processes", "2"]))
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "77")
+    relaunch_if_asked(_parser().parse_args(["train", "cfg.yaml", "--processes", "2"]))
+    assert started == [str(launch.SHUTDOWN_TIMEOUT_S), "77"]
