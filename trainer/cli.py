@@ -172,12 +172,12 @@ def main(argv: list[str] | None = None) -> int:
                 from trainer.preempt import EXIT_STOPPED, Stopped, StopRequest
 
                 _enable_faulthandler()
-                code = 0
-                with StopRequest(announce=os.environ.get("RANK", "0") == "0") as stop:
+                code, first = 0, os.environ.get("RANK", "0") == "0"  # the one process that speaks
+                with StopRequest(announce=first) as stop:
                     try:
                         train(cfg, stop=stop)
                     except Stopped as e:
-                        if os.environ.get("RANK", "0") == "0":
+                        if first:
                             print(f"flowrl: {e}. Continue with: flowrl {args.command} {args.config} "
                                   "--resume auto (same run_name)", file=sys.stderr)
                         code = EXIT_STOPPED

@@ -423,12 +423,10 @@ def train(cfg: Config, *, quiet: bool = False, stop: StopRequest | None = None) 
         last = not more or over
         if last or (cfg.eval.eval_freq and (epoch + 1) % cfg.eval.eval_freq == 0):
             evals.append(run_eval(epoch + 1))
-        saved = t.save_freq and (epoch + 1) % t.save_freq == 0 and not last
-        if saved:
+        stop_now = stopping and not last  # SIGTERM: a checkpoint of this epoch, nothing more dispatched
+        if not last and (stop_now or (t.save_freq and (epoch + 1) % t.save_freq == 0)):
             checkpoint(epoch, pending if t.max_staleness >= 1 else None)
-        if stopping and not last:  # SIGTERM: a checkpoint of this epoch, nothing more dispatched
-            if not saved:
-                checkpoint(epoch, pending if t.max_staleness >= 1 else None)
+        if stop_now:
             stopped_at = epoch + 1
             break
         if more and not last and t.max_staleness == 0:  # after the checkpoint: nothing in flight
