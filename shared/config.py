@@ -554,13 +554,51 @@ def check_combinations(cfg: Config) -> None:
             "budget, but train.max_train_seconds is not set. Fix: set train.max_train_seconds, or "
             "lr_schedule_clock: steps."
         )
+    if isinstance(t.clip_range, tuple) and min(t.clip_range) < 0:
+        lo, hi = t.clip_range
+        raise ConfigError(
+            f"train.clip_range: {list(t.clip_range)} has a negative entry; here both entries are distances "
+            f"from the centre (ratio kept in [1 - lo, 1 + hi]), where Flow-Factory writes signed offsets. "
+            f"Fix: write [{abs(lo):g}, {abs(hi):g}] (or `flowrl convert` the Flow-Factory config).")
     check_datasets(cfg)
+    check_reward_options(cfg)
     labels = [r.label for r in cfg.rewards]
     if len(set(labels)) != len(labels):
         raise ConfigError(
             f"rewards: names {labels} repeat; each reward needs a unique name for logging and "
             f"weighting. Fix: give duplicates a distinct `name:`."
         )
+
+
+def check_reward_options(cfg: Config) -> None:
+    """Every ``rewards`` / ``eval_rewards`` entry names a known reward and gives it options its
+    class takes, checked at load instead of after the model has loaded. A dotted path that does
+    not import here is left to where it runs (a reward worker may have packages the trainer's
+    machine lacks); a registered name always resolves."""
+    from shared.registry import RegistryError  # lazy: reward classes import torch
+    from shared.rewards import REWARDS, RewardModel
+    from shared.rewards.base import option_problems
+
+    entry_keys = sorted(RewardSpec.model_fields)
+    for where, specs in (("rewards", cfg.rewards), ("eval_rewards", cfg.eval_rewards or [])):
+        for i, spec in enumerate(specs):
+            name = spec.reward_model
+            try:
+                cls = REWARDS.get(name)
+            except RegistryError as e:
+                if name not in REWARDS and "." in name:
+                    continue
+                raise ConfigError(f"{where}[{i}].reward_model: {e} Fix: correct the name.") from None
+            if not (isinstance(cls, type) and issubclass(cls, RewardModel)):
+                continue  # build_reward says what a reward class must be
+            problems = option_problems(cls, spec.options, entry_keys)
+            if problems:
+                raise ConfigError(
+                    f"{where}[{i}] ('{spec.label}', {cls.__name__}): {'; '.join(problems)}. An entry takes "
+                    f"{', '.join(entry_keys)} and the reward's own options: "
+                    f"{', '.join(o for o in cls.accepted_options() if o not in ('device', 'dtype')) or 'none'}. "
+                    f"Fix: " + ("add the missing option; " if any(p.startswith("missing") for p in problems) else "")
+                    + "correct or remove an unknown key.")
 
 
 def check_datasets(cfg: Config) -> None:

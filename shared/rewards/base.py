@@ -158,6 +158,30 @@ class RewardModel:
         return {}
 
 
+def option_problems(cls: type[RewardModel], options: dict[str, Any], entry_keys: Sequence[str] = ()) -> list[str]:
+    """What is wrong with ``options`` for building ``cls``, before anything is built: one sentence
+    per unknown option (with the nearest accepted name, the entry's own keys ``entry_keys``
+    included, so ``wieght`` points at ``weight``) and per required option that is missing (a
+    keyword-only ``__init__`` argument without a default). ``[]`` when ``cls(**options)`` would
+    accept them. ``device`` and ``dtype`` are always supplied by the caller."""
+    accepted = cls.accepted_options()
+    problems = []
+    for bad in sorted(set(options) - set(accepted)):
+        hint = nearest(bad, sorted(set(accepted) | set(entry_keys)))
+        problems.append(f"unknown option '{bad}'" + (f" (did you mean '{hint}'?)" if hint else ""))
+    required = []
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None or klass is object:
+            continue
+        for p in inspect.signature(init).parameters.values():
+            if (p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is inspect.Parameter.empty
+                    and p.name not in ("device", "dtype") and p.name not in required):
+                required.append(p.name)
+    problems += [f"missing required option '{name}'" for name in required if name not in options]
+    return problems
+
+
 def build_reward(name: str, **options) -> RewardModel:
     """Look ``name`` up in :data:`REWARDS` and construct it with ``options``.
 

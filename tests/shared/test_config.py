@@ -237,6 +237,40 @@ def test_reward_extra_options_land_in_options():
     assert spec.weight == 2.0
 
 
+def test_a_signed_clip_range_as_flow_factory_writes_it_fails_at_load_with_the_fix():
+    msg = error(raw(train={"clip_range": [-1e-4, 2e-4]}))
+    assert "train.clip_range" in msg and "[0.0001, 0.0002]" in msg
+    assert parse_config(raw(train={"clip_range": [1e-4, 2e-4]})).train.clip_range == (1e-4, 2e-4)
+
+
+def test_a_misspelt_reward_key_fails_at_load_and_names_the_entry_key_it_meant():
+    msg = error(raw(rewards=[{"reward_model": "brightness", "wieght": 2}]))
+    assert "rewards[0]" in msg and "'wieght'" in msg and "did you mean 'weight'?" in msg
+    assert "target" in msg  # the reward's own options are listed
+
+
+def test_a_misspelt_reward_option_names_the_nearest_option_of_that_reward():
+    msg = error(raw(eval_rewards=[{"reward_model": "toy_geneval", "exact_object": True}]))
+    assert "eval_rewards[0]" in msg and "did you mean 'exact_objects'?" in msg
+
+
+def test_an_unknown_reward_name_fails_at_load_with_the_nearest_name():
+    msg = error(raw(rewards=[{"reward_model": "brightnes"}]))
+    assert "rewards[0].reward_model" in msg and "Did you mean 'brightness'?" in msg
+
+
+def test_a_required_reward_option_left_out_fails_at_load():
+    msg = error(raw(rewards=[{"reward_model": "remote"}]))
+    assert "missing required option 'url'" in msg and "add the missing option" in msg
+    parse_config(raw(rewards=[{"reward_model": "remote", "url": "http://127.0.0.1:1"}]))
+
+
+def test_a_dotted_reward_that_does_not_import_here_is_left_to_where_it_runs():
+    # a reward worker may have packages the trainer's machine lacks
+    cfg = parse_config(raw(rewards=[{"reward_model": "not_installed_pkg.rewards.Mine", "alpha": 1}]))
+    assert cfg.rewards[0].options == {"alpha": 1}
+
+
 # --------------------------------------------------------------------------- overrides
 
 
