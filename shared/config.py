@@ -640,6 +640,12 @@ def _format_validation_error(err: ValidationError, raw: dict) -> str:
             valid = sorted(parent.model_fields) if parent else []
             hint = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
             where = ".".join(loc[:-1]) or "top level"
+            from shared.flow_factory import hint as flow_factory_hint
+
+            ff = flow_factory_hint(".".join(p for p in loc if not p.isdigit()))
+            if ff:
+                lines.append(f"unknown config key `{key}`: {ff}.")
+                continue
             lines.append(
                 f"unknown config key `{key}`."
                 + (f" Did you mean `{'.'.join(loc[:-1] + [hint[0]])}`?" if hint else "")

@@ -226,7 +226,7 @@ class EmbeddingCache:
         if offload not in (None, *OFFLOAD_MODES):
             raise ValueError(f"model.offload_text_encoders={offload!r}: use false, true (= 'cpu') or 'drop'.")
         self.max_bytes = int(max_mb * 2**20)
-        self.directory = None if directory is None else Path(directory)
+        self.directory = None if directory is None else Path(directory).expanduser()
         self.offload = offload
         self.dropped = False  # the encoders were freed (offload "drop" after the warm-up)
         self._memory: collections.OrderedDict[tuple[str, str], tuple[Entry, int]] = collections.OrderedDict()

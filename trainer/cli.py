@@ -6,6 +6,8 @@
     flowrl eval CONFIG --checkpoint DIR [--set ...] ODE evaluation of a saved checkpoint
     flowrl eval CONFIG --base [--set ...]            the same evaluation of the untrained model
     flowrl check CONFIG [--set ...]                 validate a config and print the derived batch geometry
+    flowrl convert FF_CONFIG [-o OUT]               a Flow-Factory config as a flowrl one, with a note per
+                                                    key it changed or dropped (shared/flow_factory.py)
     flowrl serve reward --rewards a,b [...]         run the reward server (services/reward/cli.py)
     flowrl trainer CONFIG [--set ...]               the distributed controller (transport: celery;
                                                     --processes as for train)
@@ -66,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--http-port", type=int, help="serve /health/live, /health/ready and /metrics on this port "
                    "(conventionally 9101 for samplers, 9102 for reward workers)")
     w.add_argument("--http-host", default="127.0.0.1", help="interface for --http-port (default loopback)")
+    c = sub.add_parser("convert", help="translate a Flow-Factory config into a flowrl config")
+    c.add_argument("config", help="Flow-Factory experiment YAML")
+    c.add_argument("-o", "--output", help="write the flowrl YAML here (default: standard output)")
     s = sub.add_parser("serve", help="run a service's HTTP server (see: flowrl serve reward --help)")
     s.add_argument("service", choices=["reward"])
     s.add_argument("args", nargs=argparse.REMAINDER, help="the service's own options")
@@ -129,8 +134,49 @@ def _worker(args) -> int:
     return 0
 
 
+def _convert(args) -> int:
+    """``flowrl convert``: write the flowrl form of a Flow-Factory config (notes in its header and on
+    stderr), then load it as ``flowrl train`` would; exit 2 when that fails, naming what to fix."""
+    from pathlib import Path
+
+    import yaml
+
+    from shared.config import parse_config
+    from shared.flow_factory import ConversionError, convert, dump
+
+    try:
+        ff = yaml.safe_load(Path(args.config).read_text())
+        raw, notes = convert(ff)
+    except (OSError, yaml.YAMLError, ConversionError) as e:
+        print(f"flowrl: cannot convert {args.config}: {e}", file=sys.stderr)
+        return 2
+    processes = (ff.get("num_processes") or 1) if isinstance(ff, dict) else 1
+    target = args.output or "CONFIG"
+    header = [f"# converted from the Flow-Factory config {args.config} by `flowrl convert`",
+              f"# launch: flowrl train {target}" + (f" --processes {processes}" if processes != 1 else "")]
+    header += ["# " + line for line in ["notes:"] + [f"- {n}" for n in notes]] if notes else []
+    text = "\n".join(header) + "\n" + dump(raw)
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    for n in notes:
+        print(f"flowrl convert: {n}", file=sys.stderr)
+    try:
+        parse_config(raw)
+    except ConfigError as e:
+        print(f"flowrl: the converted config does not load yet; fix it by hand:\n{e}", file=sys.stderr)
+        return 2
+    if args.output:
+        print(f"flowrl convert: wrote {args.output}; `flowrl check {args.output}` prints its batch geometry",
+              file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "convert":
+        return _convert(args)
     if args.command == "serve":  # a console entry point into the service, not a trainer dependency
         from services.reward.cli import main as serve_reward
 

@@ -1,0 +1,193 @@
+"""``flowrl convert``: a Flow-Factory config becomes a flowrl config that loads and means the same run."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import yaml
+
+from shared.config import ConfigError, load_config, parse_config
+from shared.flow_factory import ConversionError, convert
+from trainer.cli import main
+from trainer.ema import ema_decay
+from trainer.timesteps import sd3_time_shift
+
+# Flow-Factory's GRPO LoRA recipe for FLUX.1 (reference/flow-factory.md 2.9), in its own layout and names
+FF_GRPO = yaml.safe_load("""
+launcher: accelerate
+config_file: config/deepspeed/deepspeed_zero2.yaml
+num_processes: 8
+main_process_port: 29500
+mixed_precision: bf16
+data:
+  dataset_dir: dataset/pickscore
+  dataloader_num_workers: 16
+  force_reprocess: false
+model:
+  finetune_type: lora
+  lora_rank: 64
+  lora_alpha: 128
+  model_name_or_path: black-forest-labs/FLUX.1-dev
+  model_type: flux1
+scheduler:
+  dynamics_type: Flow-SDE
+  noise_level: 0.7
+  num_sde_steps: 1
+  sde_steps: [1, 2, 3]
+train:
+  trainer_type: grpo
+  resolution: 512
+  num_inference_steps: 10
+  per_device_batch_size: 2
+  group_size: 16
+  unique_sample_num_per_epoch: 48
+  gradient_step_per_epoch: 2
+  max_epochs: null
+  learning_rate: 3.0e-4
+  clip_range: [-1.0e-4, 2.0e-4]
+  adv_clip_range: [-5.0, 5.0]
+  global_std: false
+  ema_decay: 0.9
+  ema_update_interval: 4
+  enable_gradient_checkpointing: true
+  latent_storage_dtype: bf16
+eval:
+  resolution: 1024
+  num_inference_steps: 20
+  seed: null
+log:
+  project: Flow-Factory
+  logging_backend: wandb
+  save_dir: save
+  save_freq: 20
+rewards:
+  name: default
+  reward_model: PickScore_Rank
+  device: cuda
+  async_reward: false
+""")
+
+
+def test_a_flow_factory_grpo_recipe_becomes_a_flowrl_config_that_loads():
+    raw, notes = convert(copy.deepcopy(FF_GRPO))
+    cfg = parse_config(raw)
+    t = cfg.train
+    assert (t.dynamics_type, t.noise_level, t.train_steps, t.num_train_steps) == ("Flow-SDE", 0.7, [1, 2, 3], 1)
+    assert t.clip_range == (1e-4, 2e-4) and t.adv_clip_range == 5.0  # signed offsets -> distances
+    assert t.mixed_precision == "bf16" and t.rollout_state_dtype == "bfloat16"
+    assert cfg.model.gradient_checkpointing and cfg.model.lora_alpha == 128
+    assert t.save_freq == 20 and cfg.output_dir == "save" and cfg.logging_backend == "wandb"
+    assert t.max_epochs == 1_000_000  # null: Flow-Factory runs until stopped
+    # what Flow-Factory does when a key is absent is written out: gdpo, x-based KL off, eval CFG 3.5
+    assert t.advantage_aggregation == "gdpo" and t.kl_beta == 0.0 and cfg.eval.guidance_scale == 3.5
+    assert cfg.model.master_weight_dtype == "bfloat16"
+    reward = cfg.rewards[0]
+    assert reward.reward_model == "PickScore_Rank" and reward.label == "PickScore_Rank"  # 'default' dropped
+    assert reward.device == "auto" and reward.dtype == "bfloat16" and reward.options == {}
+    joined = "\n".join(notes)
+    for dropped in ("launcher", "config_file", "num_processes", "data.dataloader_num_workers",
+                    "rewards[0].async_reward"):
+        assert f"{dropped}: dropped" in joined
+    assert "train.max_epochs: null" in joined
+
+
+def test_the_ema_updates_on_the_same_epochs_as_flow_factorys():
+    """Flow-Factory updates its EMA after outer epoch k when (k + 1) % interval == 0; here after
+    optimizer step s when s % interval == 0. With 2 optimizer steps an epoch the converted interval
+    must pick the same epochs."""
+    raw, _ = convert(copy.deepcopy(FF_GRPO))
+    t = parse_config(raw).train
+    steps_per_epoch = t.gradient_step_per_epoch * t.num_inner_epochs
+    ours = {s // steps_per_epoch - 1 for s in range(1, 41 * steps_per_epoch) if s % t.ema_update_interval == 0}
+    theirs = {k for k in range(40) if (k + 1) % FF_GRPO["train"]["ema_update_interval"] == 0}
+    assert ours == theirs
+    # the power schedule's warm-up (10 epochs there) is counted in steps here: the same decay at an epoch's end
+    for k in (1, 5, 30):
+        there = ema_decay(k, "power", 0.9, warmup_steps=10)
+        here = ema_decay((k + 1) * steps_per_epoch - 1, "power", 0.9, warmup_steps=t.ema_warmup_steps)
+        assert here == pytest.approx(there, abs=0.02)
+
+
+def test_flow_factorys_time_shift_s_is_our_time_shift_one_over_s():
+    """Flow-Factory warps the denoising fraction f = 1 - sigma by s f / (1 + (s - 1) f); we warp
+    sigma. The converted shift must give the same sigmas (reference/flow-factory.md 3.9)."""
+    raw, notes = convert({"train": {"trainer_type": "nft", "time_shift": 3.0, "timestep_range": 1.0},
+                          "rewards": [{"reward_model": "brightness"}]})
+    ours = parse_config(raw).train.time_shift
+    assert ours == pytest.approx(1 / 3)
+    sigma = torch.linspace(0.0, 1.0, 101, dtype=torch.float64)
+    f = 1 - sigma
+    theirs = 1 - 3.0 * f / (1 + 2.0 * f)
+    assert torch.allclose(sd3_time_shift(sigma, ours), theirs, atol=1e-12)
+    assert any("train.time_shift: 3 -> 0.333333" in n for n in notes)
+
+
+def test_nft_defaults_and_a_timestep_range_pair():
+    raw, notes = convert({"train": {"trainer_type": "nft", "timestep_range": [0.1, 0.7], "num_train_timesteps": 0},
+                          "rewards": [{"reward_model": "brightness"}]})
+    t = parse_config(raw).train
+    assert t.timestep_fraction == 0.7 and t.num_train_timesteps is None and t.nft_beta == 1.0
+    assert t.time_sampling_strategy == "discrete" and t.time_shift == pytest.approx(1 / 3)  # Flow-Factory's 3.0
+    assert any("starts above 0" in n for n in notes)
+
+
+def test_height_width_gradient_accumulation_and_a_remote_reward():
+    raw, notes = convert({
+        "num_processes": 2,
+        "train": {"height": 384, "width": 640, "unique_sample_num_per_epoch": 8, "group_size": 8,
+                  "per_device_batch_size": 4, "gradient_accumulation_steps": 2},
+        "eval": {"width": 768},
+        "rewards": [{"reward_model": "remote", "server_url": "http://judge:8000", "retry_attempts": 5,
+                     "timeout": 30, "num_workers": 4}],
+    })
+    cfg = parse_config(raw)
+    assert cfg.train.resolution == (384, 640) and cfg.eval.resolution == (1024, 768)
+    assert cfg.train.gradient_step_per_epoch == 4  # 64 samples / (4 per batch x 2 processes x 2 accumulated)
+    assert cfg.rewards[0].options == {"url": "http://judge:8000", "retries": 5, "timeout": 30}
+    assert any("num_workers: dropped" in n for n in notes)
+
+
+@pytest.mark.parametrize("trainer", ["dpo", "dgpo", "crd"])
+def test_a_trainer_flowrl_does_not_have_is_refused_by_name(trainer):
+    with pytest.raises(ConversionError, match=f"'{trainer}' has no flowrl implementation"):
+        convert({"train": {"trainer_type": trainer}, "rewards": [{"reward_model": "pickscore"}]})
+
+
+def test_an_unknown_key_is_left_out_and_said():
+    raw, notes = convert({"train": {"my_knob": 3}, "rewards": [{"reward_model": "brightness"}]})
+    assert "my_knob" not in raw["train"]
+    assert any("train.my_knob: not a Flow-Factory key" in n for n in notes)
+
+
+def test_flowrl_convert_writes_a_config_flowrl_train_loads(tmp_path, capsys):
+    src, out = tmp_path / "ff.yaml", tmp_path / "flowrl.yaml"
+    src.write_text(yaml.safe_dump(FF_GRPO))
+    assert main(["convert", str(src), "-o", str(out)]) == 0
+    text = out.read_text()
+    assert f"# launch: flowrl train {out} --processes 8" in text and "# - launcher: dropped" in text
+    cfg = load_config(out)
+    assert cfg.train.train_steps == [1, 2, 3]
+    assert "wrote" in capsys.readouterr().err
+
+
+def test_flowrl_convert_says_what_still_does_not_load(tmp_path, capsys):
+    ff = copy.deepcopy(FF_GRPO)
+    ff["rewards"] = {"reward_model": "ocr"}  # Flow-Factory's PaddleOCR reward: none here
+    src = tmp_path / "ff.yaml"
+    src.write_text(yaml.safe_dump(ff))
+    assert main(["convert", str(src), "-o", str(tmp_path / "out.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "does not load yet" in err and "rewards[0].reward_model" in err and "unknown reward 'ocr'" in err
+    assert (tmp_path / "out.yaml").exists()  # written anyway, to be fixed by hand
+
+
+def test_a_flow_factory_key_left_in_a_flowrl_config_names_ours():
+    base = {"logging_backend": "none", "rewards": [{"reward_model": "brightness"}]}
+    with pytest.raises(ConfigError, match=r"here it is `model.gradient_checkpointing`"):
+        parse_config({**base, "train": {"enable_gradient_checkpointing": True}})
+    with pytest.raises(ConfigError, match=r"`scheduler.sde_steps` is Flow-Factory's key; here it is `train.train_steps`"):
+        parse_config({**base, "train": {"sde_steps": [1]}})
+    with pytest.raises(ConfigError, match=r"`scheduler:` is a Flow-Factory section"):
+        parse_config({**base, "scheduler": {"noise_level": 0.7}})
