@@ -276,6 +276,9 @@ class TrainConfig(_Strict):
     max_staleness: int = Field(0, ge=0, le=1)
     # -- checkpoints
     save_freq: int = Field(0, ge=0)  # epochs between checkpoints; 0 = only the final one
+    # how many of the newest checkpoint-N folders to keep (older ones are deleted after each new
+    # one is complete; the final checkpoint is never deleted); None = keep all
+    keep_checkpoints: int | None = Field(None, ge=1)
     # continue a run exactly: a checkpoint folder, or "latest" (the newest checkpoint of the
     # run named run_name), or "auto" (as latest when the run has a checkpoint, else a fresh start,
     # and nothing to do when it already finished: for restart policies); see trainer/resume.py

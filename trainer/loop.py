@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import shutil
 import time
 from datetime import datetime
 from pathlib import Path
@@ -45,7 +46,7 @@ from trainer.preempt import Stopped, StopRequest
 from trainer.resume import (RESUME_DIR, Progress, ResumeError, check_same_experiment, find_checkpoint,
                             finished_summary, load_rank_state, load_resume, newest_checkpoint,
                             optimizer_tensors, run_dir_of, save_rank_state, save_resume,
-                            truncate_jsonl)
+                            stale_checkpoints, truncate_jsonl)
 from trainer.sharding import (agree_on_experts, check_fsdp, device_mesh, gather, local, param_bytes,
                               shard_transformer)
 from trainer.transport import CeleryTransport, LocalTransport
@@ -359,6 +360,9 @@ def train(cfg: Config, *, quiet: bool = False, stop: StopRequest | None = None) 
                         main_extra=lambda d: save_resume(d / RESUME_DIR, state, optimizer,
                                                          lr_schedule, accelerator.scaler, moments),
                         rank_extra=lambda d: save_rank_state(d / RESUME_DIR, rank, untrained))
+        if accelerator.is_main_process:  # the new one is complete (renamed into place): rotate
+            for old in stale_checkpoints(run_dir, t.keep_checkpoints):
+                shutil.rmtree(old, ignore_errors=True)
 
     transport.publish(version)
     # the local transport samples inside dispatch(): when that runs between epochs (max_staleness

@@ -84,6 +84,18 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def stale_checkpoints(run_dir: Path, keep: int | None) -> list[Path]:
+    """The ``checkpoint-N`` folders of ``run_dir`` beyond the newest ``keep`` (oldest first), the
+    ones ``train.keep_checkpoints`` deletes; ``[]`` for ``keep=None``. Only complete folders
+    (named ``checkpoint-<int>``) count: ``final`` and unfinished ``*.tmp`` ones are left alone."""
+    if keep is None:
+        return []
+    found = sorted((p for p in (run_dir / "checkpoints").glob("checkpoint-*")
+                    if p.is_dir() and p.name.rsplit("-", 1)[1].isdigit()),
+                   key=lambda p: int(p.name.rsplit("-", 1)[1]))
+    return found[:-keep] if len(found) > keep else []
+
+
 def finished_summary(run_dir: Path, max_epochs: int) -> dict | None:
     """The ``summary.json`` of ``run_dir`` when that run already trained ``max_epochs`` epochs."""
     path = run_dir / "summary.json"
@@ -252,7 +264,7 @@ def truncate_jsonl(path: Path, keep) -> int:
 
 # settings a resumed run may change; any other difference means another experiment
 # (the dataset may move between machines; its rows must stay the same for an exact resume)
-MAY_CHANGE = {"train": {"resume_from", "max_epochs", "max_train_seconds", "save_freq",
+MAY_CHANGE = {"train": {"resume_from", "max_epochs", "max_train_seconds", "save_freq", "keep_checkpoints",
                         # DDP <-> FSDP: the same math; a checkpoint holds whole tensors either way
                         "fsdp", "fsdp_reshard_after_forward", "fsdp_shard_size"},
               "data": {"dataset_dir"},
@@ -279,5 +291,5 @@ def check_same_experiment(checkpoint: Path, cfg) -> None:
         raise ResumeError(
             f"cannot resume from {checkpoint}: the config differs from the run that wrote it in "
             f"{len(diffs)} setting(s): " + "; ".join(diffs[:6]) + (" ..." if len(diffs) > 6 else "")
-            + ". Only train.max_epochs, train.max_train_seconds, train.save_freq, train.fsdp, data.dataset_dir, the "
+            + ". Only train.max_epochs, train.max_train_seconds, train.save_freq, train.keep_checkpoints, train.fsdp, data.dataset_dir, the "
             "model's memory and speed options (and eval, logging, queue settings) may change. Fix: use the run's config, or start a new run.")

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from tests.helpers.tiny import tiny_config, tiny_raw
 from trainer.loop import train
-from trainer.resume import ResumeError, find_checkpoint
+from trainer.resume import ResumeError, find_checkpoint, stale_checkpoints
 
 FAST = ["train.num_inference_steps=4", "eval.num_inference_steps=4", "train.group_size=4",
         "train.unique_sample_num_per_epoch=2", "train.per_device_batch_size=4",
@@ -180,3 +180,29 @@ def test_killed_cli_run_resumes_to_the_same_weights(tmp_path):
     assert same_tensors(a, b) == []
     summary = json.loads((ckpt.parent.parent / "summary.json").read_text())
     assert summary["epochs"] == 20
+
+
+def test_stale_checkpoints_are_the_older_numbered_ones(tmp_path):
+    ckpts = tmp_path / "checkpoints"
+    for name in ("checkpoint-2", "checkpoint-10", "checkpoint-4", "checkpoint-12.tmp", "final"):
+        (ckpts / name).mkdir(parents=True)
+    assert stale_checkpoints(tmp_path, None) == []
+    assert [p.name for p in stale_checkpoints(tmp_path, 2)] == ["checkpoint-2"]  # by number, not by name
+    assert [p.name for p in stale_checkpoints(tmp_path, 1)] == ["checkpoint-2", "checkpoint-4"]
+    assert stale_checkpoints(tmp_path, 3) == []
+
+
+def test_keep_checkpoints_rotates_and_the_newest_still_resumes(tmp_path):
+    cfg = tiny_config(tmp_path / "a", "grpo", FAST + ["train.save_freq=1", "train.keep_checkpoints=2"])
+    full = train(cfg, quiet=True)
+    run_a = Path(full["run_dir"])
+    # checkpoint-1..3 were written (the 4th epoch's is the final one); the oldest went
+    assert sorted(p.name for p in (run_a / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-3", "final"]
+    # a kept checkpoint is whole: resuming from epoch 2 ends where the run ended, and the
+    # checkpoint it resumed from goes once checkpoint-3 is complete
+    ckpt = stop_at(run_a, 2, tmp_path / "b" / "runs" / run_a.name)
+    cfg_b = tiny_config(tmp_path / "b", "grpo", FAST + ["train.save_freq=1", "train.keep_checkpoints=1",
+                                                        f"train.resume_from={ckpt}"])
+    resumed = train(cfg_b, quiet=True)
+    assert same_tensors(weights(Path(full["checkpoint"])), weights(Path(resumed["checkpoint"]))) == []
+    assert sorted(p.name for p in (ckpt.parent).iterdir()) == ["checkpoint-3", "final"]
