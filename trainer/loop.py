@@ -303,7 +303,8 @@ def train(cfg: Config, *, quiet: bool = False, stop: StopRequest | None = None) 
             truncate_jsonl(run_dir / "metrics.jsonl", lambda r: r.get("step", 0) <= progress.epoch)
         elif t.resume_from == "auto":  # restarted before its first checkpoint: it starts over
             truncate_jsonl(run_dir / "metrics.jsonl", lambda r: False)
-        logger = MetricLogger(cfg.logging_backend, run_dir, cfg.project, name, cfg.model_dump())
+        logger = MetricLogger(cfg.logging_backend, run_dir, cfg.project, name, cfg.model_dump(),
+                              resume=ckpt is not None)
         if not quiet:
             print(f"flowrl: {t.trainer_type} on {cfg.model.model_type}, {geo.world_size} process(es), "
                   f"{geo.groups_per_epoch} groups x {geo.group_size} samples per epoch -> {run_dir}"

@@ -17,7 +17,10 @@ class MetricLogger:
     """Writes every metric to ``{run_dir}/metrics.jsonl`` and to the chosen backend."""
 
     def __init__(self, backend: str, run_dir: Path, project: str, run_name: str,
-                 config: dict[str, Any]) -> None:
+                 config: dict[str, Any], resume: bool = False) -> None:
+        """``resume``: the run continues from a checkpoint; a wandb / swanlab run then continues the
+        online run this folder logged to before (its id is kept in ``logger_run.json``), instead of
+        opening a second one. Without it a new online run is opened and its id kept."""
         self.run_dir = run_dir
         self.jsonl = (run_dir / "metrics.jsonl").open("a")
         self.backend = backend
@@ -28,11 +31,29 @@ class MetricLogger:
             self._tb = SummaryWriter(str(run_dir / "tensorboard"))
         elif backend == "wandb":
             self._wandb = _import_or_explain("wandb")
-            self._wandb.init(project=project, name=run_name, config=config, dir=str(run_dir))
+            run = self._wandb.init(project=project, name=run_name, config=config, dir=str(run_dir),
+                                   **self._continued(resume))
+            self._keep_id(run)
         elif backend == "swanlab":
             self._swan = _import_or_explain("swanlab")
-            self._swan.init(project=project, experiment_name=run_name, config=config,
-                            logdir=str(run_dir))
+            run = self._swan.init(project=project, experiment_name=run_name, config=config,
+                                  logdir=str(run_dir), **self._continued(resume))
+            self._keep_id(run)
+
+    ID_FILE = "logger_run.json"
+
+    def _continued(self, resume: bool) -> dict[str, Any]:
+        """``{id, resume: "allow"}`` of the online run this folder logged to, when resuming."""
+        path = self.run_dir / self.ID_FILE
+        if not resume or not path.is_file():
+            return {}
+        saved = json.loads(path.read_text())
+        return {"id": saved["id"], "resume": "allow"} if saved.get("backend") == self.backend else {}
+
+    def _keep_id(self, run: Any) -> None:
+        run_id = getattr(run, "id", None)
+        if isinstance(run_id, str) and run_id:
+            (self.run_dir / self.ID_FILE).write_text(json.dumps({"backend": self.backend, "id": run_id}))
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         clean = {k: float(v) for k, v in metrics.items()}

@@ -151,3 +151,38 @@ def test_curve_of_a_long_run_draws_the_trend_and_every_detail(tmp_path):
     path = plot_curves(tmp_path / "curve.png", history, evals, ["r"], "t")
     with Image.open(path) as im:
         assert im.format == "PNG" and im.size[0] > im.size[1]
+
+
+class _FakeTracker:
+    """Stands in for the wandb / swanlab module: records init calls, hands out run ids."""
+
+    def __init__(self):
+        self.inits = []
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        return type("Run", (), {"id": kwargs.get("id") or f"run{len(self.inits)}"})()
+
+    def log(self, *args, **kwargs):
+        pass
+
+    def finish(self):
+        pass
+
+
+@pytest.mark.parametrize("backend", ["wandb", "swanlab"])
+def test_a_resumed_run_continues_its_online_run_and_a_new_one_opens_another(tmp_path, monkeypatch, backend):
+    import sys
+
+    from trainer.reporting import MetricLogger
+
+    fake = _FakeTracker()
+    monkeypatch.setitem(sys.modules, backend, fake)
+    MetricLogger(backend, tmp_path, "p", "r", {}).close()
+    assert "id" not in fake.inits[0]
+    MetricLogger(backend, tmp_path, "p", "r", {}, resume=True).close()  # continued from a checkpoint
+    assert fake.inits[1]["id"] == "run1" and fake.inits[1]["resume"] == "allow"
+    MetricLogger(backend, tmp_path, "p", "r", {}).close()  # started over: a new online run
+    assert "id" not in fake.inits[2]
+    MetricLogger(backend, tmp_path, "p", "r", {}, resume=True).close()
+    assert fake.inits[3]["id"] == "run3"
