@@ -177,6 +177,9 @@ UNSUPPORTED_TRAINERS = ("dpo", "dgpo", "crd")
 
 #: reward entry keys: Flow-Factory's -> ours (the remote reward's options included)
 REWARD_KEYS = {"server_url": "url", "retry_attempts": "retries"}
+#: vllm_evaluate's options -> vlm_judge's
+JUDGE_KEYS = {"api_base_url": "url", "api_key": "token", "vlm_model": "model", "max_retries": "retries",
+              "max_cache_size": "cache_size"}
 REWARD_DROPPED = {
     "async_reward": "set train.overlap_scoring: true to score while the next micro-batch samples, or "
                     "run the reward as a service (`flowrl serve reward`, `reward_model: remote`)",
@@ -485,6 +488,7 @@ def _rewards(section: str, entries: Any, notes: list[str]) -> list[dict]:
         if not isinstance(entry, dict) or "reward_model" not in entry:
             raise ConversionError(f"{section}[{i}]: each reward is a mapping with a reward_model, got {entry!r}")
         new: dict[str, Any] = {"dtype": "bfloat16"}
+        judge = str(entry["reward_model"]).lower() == "vllm_evaluate"
         for key, value in entry.items():
             if key in REWARD_DROPPED:
                 notes.append(f"{section}[{i}].{key}: dropped; {REWARD_DROPPED[key]}")
@@ -495,6 +499,12 @@ def _rewards(section: str, entries: Any, notes: list[str]) -> list[dict]:
                     new["device"] = value
             elif key in REWARD_KEYS:
                 new[REWARD_KEYS[key]] = value
+            elif judge and key in JUDGE_KEYS:
+                new[JUDGE_KEYS[key]] = value
+            elif key == "reward_model" and judge:
+                new[key] = "vlm_judge"
+                notes.append(f"{section}[{i}]: vllm_evaluate -> vlm_judge; its default question asks whether the "
+                             f"image shows the prompt: set `question` to the one your Flow-Factory version asks")
             else:
                 new[key] = value
         out.append(new)

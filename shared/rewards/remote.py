@@ -274,30 +274,40 @@ class RemoteReward(RewardModel):
 
     def _post(self, path: str, content: bytes, headers: dict[str, str]) -> httpx.Response:
         """POST with retries on connection errors, timeouts, 429 and 5xx; raise after the last try."""
-        url = self.url + path
-        attempts = self.retries + 1
-        for attempt in range(1, attempts + 1):
-            retry_after = 0.0
-            try:
-                response = self._http().post(url, content=content, headers=headers)
-            except httpx.TransportError as e:  # connect/read/write errors and timeouts
-                cause = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-            else:
-                if response.status_code < 400:
-                    return response
-                cause = f"HTTP {response.status_code}: {_error_text(response)}"
-                if response.status_code < 500 and response.status_code != 429:
-                    hint = " (set the remote reward's 'token' or FLOWRL_API_TOKEN)" if response.status_code == 401 else ""
-                    raise RemoteRewardError(f"reward server at {url} refused the request: {cause}{hint}")
-                retry_after = _seconds(response.headers.get("Retry-After"))
-            if attempt == attempts:
-                break
-            delay = min(max(self.backoff * 2 ** (attempt - 1), retry_after), MAX_BACKOFF)
-            log.warning("remote reward: attempt %d/%d to %s failed (%s); retrying in %.2f s",
-                        attempt, attempts, url, cause, delay)
-            time.sleep(delay)
-        raise RemoteRewardError(f"reward server at {url} failed after {attempts} attempt(s); last error: {cause}",
-                                retryable=True)
+        return post_with_retries(self._http(), self.url + path, content, headers, self.retries, self.backoff)
+
+
+def post_with_retries(client: httpx.Client, url: str, content: bytes, headers: dict[str, str], retries: int,
+                      backoff: float, what: str = "reward server",
+                      token_hint: str = "the remote reward's 'token' or FLOWRL_API_TOKEN") -> httpx.Response:
+    """POST ``content`` to ``url``; connection errors, timeouts, 429 and 5xx are retried ``retries``
+    times with exponential backoff from ``backoff`` seconds (at least the server's Retry-After,
+    at most 60 s), each retry logged. Raises :class:`RemoteRewardError`: at once on another 4xx
+    (not retryable), after the last attempt otherwise (retryable). ``what`` names the server in
+    messages; ``token_hint`` says where a token goes when the answer is 401."""
+    attempts = retries + 1
+    for attempt in range(1, attempts + 1):
+        retry_after = 0.0
+        try:
+            response = client.post(url, content=content, headers=headers)
+        except httpx.TransportError as e:  # connect/read/write errors and timeouts
+            cause = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        else:
+            if response.status_code < 400:
+                return response
+            cause = f"HTTP {response.status_code}: {_error_text(response)}"
+            if response.status_code < 500 and response.status_code != 429:
+                hint = f" (set {token_hint})" if response.status_code == 401 else ""
+                raise RemoteRewardError(f"{what} at {url} refused the request: {cause}{hint}")
+            retry_after = _seconds(response.headers.get("Retry-After"))
+        if attempt == attempts:
+            break
+        delay = min(max(backoff * 2 ** (attempt - 1), retry_after), MAX_BACKOFF)
+        log.warning("%s: attempt %d/%d to %s failed (%s); retrying in %.2f s",
+                    what, attempt, attempts, url, cause, delay)
+        time.sleep(delay)
+    raise RemoteRewardError(f"{what} at {url} failed after {attempts} attempt(s); last error: {cause}",
+                            retryable=True)
 
 
 def _compute_scores(response: httpx.Response) -> list[float]:

@@ -59,6 +59,19 @@ def _remote(assets, stack: contextlib.ExitStack, **extra) -> RewardModel:
     return model
 
 
+def _judge(name: str):
+    def build(assets, stack: contextlib.ExitStack, **extra) -> RewardModel:
+        """``vlm_judge`` asking a stand-in OpenAI-compatible judge on a loopback port."""
+        from tests.helpers.fake_judge import judge_app, judge_state
+        from tests.services.live_server import running_app
+
+        url = stack.enter_context(running_app(judge_app(judge_state()), ready_path="/v1/models"))
+        model = build_reward(name, url=f"{url}/v1", model="judge", **extra)
+        stack.callback(model.close)
+        return model
+    return build
+
+
 @dataclasses.dataclass(frozen=True)
 class Case:
     name: str  # the registry name
@@ -94,6 +107,8 @@ CASES = [
     Case("aesthetic", lambda assets, stack, **extra: build_reward(
         "aesthetic", model_name_or_path=assets["clip768"], head_path=assets["head"], **extra)),
     Case("remote", _remote),
+    Case("vlm_judge", _judge("vlm_judge")),
+    Case("vllm_evaluate", _judge("vllm_evaluate")),
     Case("source_similarity", _plain("source_similarity")),
     Case("remote+condition_images", lambda assets, stack, **extra: _remote_sources(assets, stack, **extra)),
 ]

@@ -22,7 +22,15 @@ from services.reward import RewardServerSettings, create_app
 @contextmanager
 def running_server(settings: RewardServerSettings, *, wait_ready: bool = True) -> Iterator[str]:
     """Serve ``settings`` on ``127.0.0.1:<free port>``; yields the base URL ``http://127.0.0.1:PORT``."""
-    app = create_app(settings)
+    headers = {"Authorization": f"Bearer {settings.token.get_secret_value()}"} if settings.token else {}
+    with running_app(create_app(settings), ready_path="/v2/health/ready" if wait_ready else None,
+                     headers=headers) as url:
+        yield url
+
+
+@contextmanager
+def running_app(app, *, ready_path: str | None = None, headers: dict | None = None) -> Iterator[str]:
+    """Serve any ASGI ``app`` on ``127.0.0.1:<free port>`` (and wait until ``ready_path`` answers 200)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -31,14 +39,13 @@ def running_server(settings: RewardServerSettings, *, wait_ready: bool = True) -
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=f"reward-server-{port}", daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    headers = {"Authorization": f"Bearer {settings.token.get_secret_value()}"} if settings.token else {}
     try:
         deadline = time.monotonic() + 60
         while not server.started:
             if not thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError(f"reward server on port {port} did not start")
             time.sleep(0.01)
-        while wait_ready and httpx.get(f"{url}/v2/health/ready", headers=headers).status_code != 200:
+        while ready_path and httpx.get(f"{url}{ready_path}", headers=headers or {}).status_code != 200:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"reward server on port {port} never became ready")
             time.sleep(0.02)

@@ -149,6 +149,18 @@ def test_height_width_gradient_accumulation_and_a_remote_reward():
     assert any("num_workers: dropped" in n for n in notes)
 
 
+def test_flow_factorys_vllm_evaluate_becomes_a_vlm_judge_with_its_options():
+    raw, notes = convert({"rewards": [{"reward_model": "vllm_evaluate", "api_base_url": "http://vllm:8000/v1",
+                                       "api_key": "sk", "vlm_model": "Qwen/Qwen2.5-VL-7B-Instruct",
+                                       "max_concurrent": 50, "max_retries": 4, "top_logprobs": 20,
+                                       "max_cache_size": 10, "async_reward": True}]})
+    spec = parse_config(raw).rewards[0]
+    assert spec.reward_model == "vlm_judge"
+    assert spec.options == {"url": "http://vllm:8000/v1", "token": "sk", "model": "Qwen/Qwen2.5-VL-7B-Instruct",
+                            "max_concurrent": 50, "retries": 4, "top_logprobs": 20, "cache_size": 10}
+    assert any("set `question`" in n for n in notes)
+
+
 @pytest.mark.parametrize("trainer", ["dpo", "dgpo", "crd"])
 def test_a_trainer_flowrl_does_not_have_is_refused_by_name(trainer):
     with pytest.raises(ConversionError, match=f"'{trainer}' has no flowrl implementation"):
