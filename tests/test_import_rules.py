@@ -4,7 +4,10 @@ including function-local and ``TYPE_CHECKING`` ones):
 * ``shared/`` is the bottom layer: it never imports ``trainer`` or ``services``;
 * ``shared/protocol`` (the wire format) never imports ``torch``, directly or through other
   ``shared`` modules it imports;
-* ``services/`` never imports ``trainer``.
+* ``services/`` never imports ``trainer``, and one service never imports another
+  (``services.reward`` and ``services.sampler`` share code only through ``shared``);
+* ``trainer/`` reaches services only through a transport: the one exception is the ``flowrl``
+  console (``trainer/cli.py``), which starts a service's own entry point in its process.
 """
 
 from __future__ import annotations
@@ -112,6 +115,28 @@ def test_services_never_import_trainer():
         pytest.skip("no services/ modules yet")
     bad = violations("services", {"trainer"})
     assert not bad, "services/ must not depend on trainer/:\n" + "\n".join(bad)
+
+
+def test_services_never_import_each_other():
+    services = sorted(p.name for p in (ROOT / "services").iterdir() if (p / "__init__.py").is_file())
+    assert len(services) >= 2, "services/ lists fewer than two services: the rule would be vacuous"
+    bad = [f"{path.relative_to(ROOT)}:{line}: imports {name}"
+           for service in services for path in py_files(f"services/{service}")
+           for name, line in sorted(imports_of(path))
+           if name.split(".")[:1] == ["services"] and len(name.split(".")) > 1
+           and name.split(".")[1] in services and name.split(".")[1] != service]
+    assert not bad, "a service must not import another (share code through shared/):\n" + "\n".join(bad)
+
+
+#: the trainer's entry points into services: the console starts a service's own main in-process
+CONSOLE = {"trainer/cli.py"}
+
+
+def test_the_trainer_reaches_services_only_through_a_transport():
+    bad = [line for line in violations("trainer", {"services"})
+           if line.split(":")[0] not in CONSOLE]
+    assert not bad, ("trainer/ must reach services through a transport (trainer/transport.py: Celery "
+                     "queues, HTTP), not by importing them:\n" + "\n".join(bad))
 
 
 def _module_path(name: str) -> Path | None:
