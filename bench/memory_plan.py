@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         for i, recipe in enumerate(recipes()):
             rows.append(plan(recipe, Path(tmp) / str(i)))
-            print(f"{rows[-1]['recipe']:42s} {rows[-1]['gib_per_process']['total']:7.1f} GiB per GPU")
+            print(json.dumps({"recipe": rows[-1]["recipe"],
+                              "gib_per_process": rows[-1]["gib_per_process"]["total"]}), flush=True)
     args.out.write_text(json.dumps(rows, indent=1) + "\n")
     if not args.no_doc:
         write_doc(rows)

@@ -83,6 +83,7 @@ def main(argv=None) -> dict:
               "resolution": 64, "repeats": args.repeats, "rows": rows,
               "command": "python bench/prefix_sharing.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({"bench": "prefix_sharing", "rows": rows}))
     return result
 
 

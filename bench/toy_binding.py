@@ -28,6 +28,7 @@ Writes ``bench/results/toy_binding_cpu.json`` (``--out`` to change).
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import random
 import sys
@@ -149,6 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{which:9s} {c:11s} {r['accuracy']:.3f}    {r['present']:.3f}   {show(r['accuracy_given_present'])}"
                   f"      {show(r['shape_quality'])} ({show(r['shape_quality_correct'])} / "
                   f"{show(r['shape_quality_wrong'])})")
+    print(json.dumps({"bench": "toy_binding", "binding": result["binding"]}))
     write_json(args.out, result)
     return result
 

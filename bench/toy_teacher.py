@@ -126,6 +126,7 @@ def main(argv=None) -> None:
               "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({"bench": "toy_teacher", "rows": rows}))
     print(f"wrote {args.out}")
 
 
