@@ -98,6 +98,9 @@ class ModelConfig(_Strict):
     offload_text_encoders: bool | Literal["cpu", "drop"] = False
     master_weight_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     scheduler_shift: float | None = Field(None, gt=0)  # None = the model's own shift
+    # start from weights trained elsewhere (trainer/warm_start.py): a flowrl checkpoint folder, a
+    # diffusers LoRA file (or its folder), or a transformer folder; not a resume (that is --resume)
+    init_from: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)  # adapter-specific settings
 
 

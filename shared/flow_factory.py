@@ -33,6 +33,7 @@ MOVED: dict[str, str] = {
     "model.lora_rank": "model.lora_rank",
     "model.lora_alpha": "model.lora_alpha",
     "model.attn_backend": "model.attn_backend",
+    "model.resume_path": "model.init_from",
     "scheduler.dynamics_type": "train.dynamics_type",
     "scheduler.noise_level": "train.noise_level",
     "scheduler.sde_steps": "train.train_steps",
@@ -120,8 +121,7 @@ DROPPED: dict[str, str] = {
     "data.force_reprocess": "the embedding cache is fingerprinted by model and settings: it is never stale",
     "data.preprocess_parallelism": "each process encodes its own prompts into the shared cache",
     "data.sampler_type": "groups are placed by the batch geometry (`flowrl check` prints it)",
-    "model.resume_path": "no warm start from another run's weights; `--resume` continues a flowrl run exactly",
-    "model.resume_type": "no warm start from another run's weights; `--resume` continues a flowrl run exactly",
+    "model.resume_type": "model.init_from tells a LoRA from full weights by its files",
     "model.target_components": "LoRA goes on every transformer of the model (both Wan2.2 experts)",
     "scheduler.seed": "Flow-Factory overwrites it every epoch; rollout seeds derive from train.seed",
     "train.offload_samples_to_cpu": "not needed: rollouts are kept as the trainer's batches, in "

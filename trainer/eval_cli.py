@@ -16,6 +16,7 @@ from trainer.data import check_condition_images, load_dataset
 from trainer.evaluate import evaluate
 from shared.rewards.multi import build_rewards
 from trainer.policy import Policy, attach_trainable
+from shared.models.warm_start import warm_start
 
 
 def eval_checkpoint(cfg: Config, checkpoint: str | Path | None) -> dict:
@@ -27,7 +28,9 @@ def eval_checkpoint(cfg: Config, checkpoint: str | Path | None) -> dict:
     rows = (test_rows or train_rows)[: cfg.eval.num_prompts]
     adapter = load_adapter(cfg.model, device=accelerator.device, seed=cfg.train.seed)
     check_condition_images(rows, adapter.model_type, adapter.condition_images)
+    warm_start(cfg.model, adapter, "before")  # model.init_from: the run's base, as the trainer built it
     trainable = attach_trainable(adapter, cfg)
+    warm_start(cfg.model, adapter, "after")
     policy = Policy(adapter, adapter.transformer, cfg, trainable)
     if checkpoint is None:
         out_dir = Path(cfg.output_dir) / cfg.run_name / "base_eval"

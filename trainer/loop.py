@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from shared.config import Config
 from shared.models import load_adapter
 from shared.models.experts import TwoExperts
+from shared.models.warm_start import warm_start
 from shared.rewards.multi import build_rewards
 from trainer.algorithms import ALGORITHMS, Algorithm, TrainBatch
 from trainer.checkpoint import load_checkpoint_ema, load_checkpoint_weights, save_checkpoint
@@ -242,7 +243,13 @@ def train(cfg: Config, *, quiet: bool = False, stop: StopRequest | None = None) 
         check_fsdp(cfg, adapter, accelerator.num_processes)
     # a full fine-tune under FSDP casts to the master dtype block by block as it shards
     per_block = t.fsdp and cfg.model.finetune_type == "full"
+    # model.init_from: full weights (and a LoRA fused into a full run) before the trainable copy,
+    # a LoRA into the run's own adapter after it; on resume too, so the KL reference is the same
+    warmed_from = [warm_start(cfg.model, adapter, "before")]
     trainable = attach_trainable(adapter, cfg, master_cast=not per_block)
+    warmed_from.append(warm_start(cfg.model, adapter, "after"))
+    if main and not quiet and any(warmed_from):
+        print(f"flowrl: {next(w for w in warmed_from if w)}")
     name, run_dir, ckpt = _locate_run(cfg)
     if ckpt is not None:
         check_same_experiment(ckpt, cfg)

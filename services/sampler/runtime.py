@@ -33,6 +33,7 @@ from shared.condition_images import fetch_rows
 from shared.config import ModelConfig
 from shared.models import load_adapter
 from shared.models.lora import compile_transformer, load_named_parameters, prepare_transformer
+from shared.models.warm_start import warm_start
 from shared.protocol import PolicyPublished, SampleJob, Trajectory
 from shared.queue import RunState
 from shared.sampling import pack_trajectory, rollout_autocast, rollout_with
@@ -74,6 +75,8 @@ class SamplerRuntime:
         cfg = ModelConfig(**model)
         device = self.device or default_device()
         adapter = load_adapter(cfg, device=device, seed=seed)
+        if cfg.finetune_type == "lora":  # model.init_from: the base the published LoRA was trained on
+            warm_start(cfg, adapter, "before")
         prepare_transformer(adapter, cfg)
         compile_transformer(adapter, cfg)  # model.compile, as the trainer does
         adapter.transformer.eval()

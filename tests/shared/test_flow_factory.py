@@ -167,6 +167,13 @@ def test_a_trainer_flowrl_does_not_have_is_refused_by_name(trainer):
         convert({"train": {"trainer_type": trainer}, "rewards": [{"reward_model": "pickscore"}]})
 
 
+def test_a_flow_factory_warm_start_becomes_init_from():
+    raw, notes = convert({"model": {"resume_path": "ckpt/sft_lora", "resume_type": "lora"},
+                          "rewards": [{"reward_model": "brightness"}]})
+    assert parse_config(raw).model.init_from == "ckpt/sft_lora"
+    assert any("model.resume_type: dropped" in n for n in notes)
+
+
 def test_an_unknown_key_is_left_out_and_said():
     raw, notes = convert({"train": {"my_knob": 3}, "rewards": [{"reward_model": "brightness"}]})
     assert "my_knob" not in raw["train"]
