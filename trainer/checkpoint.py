@@ -65,12 +65,37 @@ def save_checkpoint(path: Path, cfg: Config, accelerator, adapter, policy, epoch
                 transformer.save_pretrained(tmp / name)
         if ema is not None:
             save_file({k: v.detach().cpu().contiguous() for k, v in ema.items()}, tmp / "ema.safetensors")
+            _save_ema_loadable(tmp, cfg, adapter, ema, parts, final=path.name == "final")
         (tmp / "trainer_state.json").write_text(json.dumps(
             {"epoch": epoch, "optimizer_step": step, "config": cfg.model_dump()}, indent=2))
         shutil.rmtree(path, ignore_errors=True)
         tmp.rename(path)
     accelerator.wait_for_everyone()
     return path
+
+
+def ema_part(ema: dict, component: str, several: bool) -> dict:
+    """The EMA tensors of one denoiser component, keyed as in that component: a two-expert model's
+    trainable names carry the component (``transformer_2.blocks...``), a single transformer's not."""
+    if not several:
+        return dict(ema)
+    head = component + "."
+    return {k.removeprefix(head): v for k, v in ema.items() if k.startswith(head)}
+
+
+def _save_ema_loadable(tmp: Path, cfg: Config, adapter, ema: dict, parts: dict, final: bool) -> None:
+    """The EMA weights (what evaluation scores) in the formats the live ones have: a LoRA run's
+    ``lora_ema/`` (diffusers-loadable, every checkpoint: it is small); a full run's
+    ``transformer_ema/`` (``from_pretrained``-loadable, final checkpoint only: a second model)."""
+    components = denoiser_parts(adapter.transformer)
+    for name, transformer in components:
+        shadow = ema_part(ema, name, len(components) > 1)
+        if cfg.model.finetune_type == "lora":
+            state = {k.replace(".default.", "."): v.detach().cpu() for k, v in shadow.items()}
+            _save_lora(transformer, tmp / (lora_dir_name(name) + "_ema"), state=state)
+        elif final:
+            whole = parts[name] if parts[name] is not None else transformer.state_dict()
+            _save_full(transformer, tmp / f"{name}_ema", {**whole, **shadow})
 
 
 def _whole_state(transformer, cfg: Config, main: bool) -> dict | None:

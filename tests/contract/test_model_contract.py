@@ -293,8 +293,9 @@ def test_lora_trains_saves_and_loads_with_the_pipelines_own_loader(spec, pipelin
             assert torch.equal(p, base[key]), f"base weight {name} changed"
 
     # the checkpoint a user gets loads with the diffusers pipeline's own load_lora_weights
-    ckpt = save_checkpoint(tmp_path / "ckpt", cfg, Accelerator(cpu=True), adapter,
-                           Policy(adapter, adapter.transformer, cfg, trainable), epoch=1, step=1)
+    policy = Policy(adapter, adapter.transformer, cfg, trainable)
+    assert policy.ema is not None  # so the EMA's LoRA files below are checked too
+    ckpt = save_checkpoint(tmp_path / "ckpt", cfg, Accelerator(cpu=True), adapter, policy, epoch=1, step=1)
     pipe = spec.load_pipeline(pipeline_dir)
     x, sigma = inputs(spec, adapter)
     cond = conditioning(spec, adapter)
@@ -310,6 +311,15 @@ def test_lora_trains_saves_and_loads_with_the_pipelines_own_loader(spec, pipelin
         trained = adapter.velocity(x, sigma, cond, w)
     assert (loaded - plain).abs().max() > 1e-4, "the loaded LoRA does not change the output"
     torch.testing.assert_close(loaded, trained, rtol=1e-5, atol=1e-5)
+    # the EMA (what evaluation scores; here a copy of the trained weights) loads the same way
+    pipe = spec.load_pipeline(pipeline_dir)
+    pipe.load_lora_weights(str(ckpt / "lora_ema"))
+    if getattr(pipe, "transformer_2", None) is not None:
+        pipe.load_lora_weights(str(ckpt / "lora_2_ema"), load_into_transformer_2=True)
+    with torch.no_grad():
+        ema_loaded = adapter.velocity(x, sigma, cond, w, transformer=pipeline_denoiser(pipe))
+        ema_live = adapter.velocity(x, sigma, cond, w, transformer=policy.eval_module())
+    torch.testing.assert_close(ema_loaded, ema_live, rtol=1e-5, atol=1e-5)
 
 
 def test_attention_backend_native(spec, adapter, pipeline_dir):

@@ -178,6 +178,26 @@ def test_ema_restored_only_when_asked(lora_run):
         torch.testing.assert_close(policy.ema.shadow[k], v, rtol=0, atol=0)
 
 
+def test_the_ema_lora_is_saved_loadable_and_is_what_evaluation_scores(lora_run):
+    """Evaluation scores the EMA weights; lora_ema/ holds them in diffusers' format, so what a user
+    loads is what the report measured."""
+    cfg, ckpt, _ = lora_run
+    ema_file = load_file(ckpt / "lora_ema" / "pytorch_lora_weights.safetensors")
+    live_file = load_file(ckpt / "lora" / "pytorch_lora_weights.safetensors")
+    shadow = load_file(ckpt / "ema.safetensors")
+    assert ema_file.keys() == live_file.keys()
+    for k, v in shadow.items():
+        torch.testing.assert_close(ema_file["transformer." + k.replace(".default.", ".")], v, rtol=0, atol=0)
+    assert any(not torch.equal(ema_file[k], live_file[k]) for k in live_file), "EMA equals the live LoRA"
+
+    ours, policy = fresh_policy(cfg)
+    load_checkpoint_weights(ckpt, cfg, ours, policy)
+    v_eval = velocity(ours, transformer=policy.eval_module())
+    plain = load_adapter(cfg.model, device=torch.device("cpu"), seed=cfg.train.seed)
+    plain.transformer.load_lora_adapter(str(ckpt / "lora_ema"), prefix="transformer", use_safetensors=True)
+    torch.testing.assert_close(velocity(plain), v_eval, rtol=1e-5, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- full fine-tune
 
 
@@ -204,6 +224,20 @@ def test_full_finetune_saves_a_from_pretrained_transformer(full_run):
     for n, p in ours.transformer.named_parameters():
         torch.testing.assert_close(p, params[n], rtol=0, atol=0)
     torch.testing.assert_close(velocity(ours), v_saved)
+
+
+def test_a_full_runs_final_checkpoint_has_its_ema_as_a_from_pretrained_transformer(full_run):
+    from diffusers import SD3Transformer2DModel
+
+    cfg, ckpt, _ = full_run
+    ema_model = SD3Transformer2DModel.from_pretrained(ckpt / "transformer_ema")
+    live = dict(SD3Transformer2DModel.from_pretrained(ckpt / "transformer").named_parameters())
+    shadow = load_file(ckpt / "ema.safetensors")
+    params = dict(ema_model.named_parameters())
+    assert params.keys() == shadow.keys()
+    for k, v in shadow.items():
+        torch.testing.assert_close(params[k], v, rtol=0, atol=0)
+    assert any(not torch.equal(params[k], live[k]) for k in live), "EMA equals the live weights"
 
 
 # --------------------------------------------------------------------------- errors
