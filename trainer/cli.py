@@ -9,6 +9,7 @@
     flowrl convert FF_CONFIG [-o OUT]               a Flow-Factory config as a flowrl one, with a note per
                                                     key it changed or dropped (shared/flow_factory.py)
     flowrl serve reward --rewards a,b [...]         run the reward server (services/reward/cli.py)
+    flowrl serve sampler --config CONFIG [...]      a run's policy as an HTTP generator (services/sampler/cli.py)
     flowrl trainer CONFIG [--set ...]               the distributed controller (transport: celery;
                                                     --processes as for train)
     flowrl worker sampler|reward [--config CONFIG]  a Celery worker for the sample / reward queue
@@ -71,8 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="translate a Flow-Factory config into a flowrl config")
     c.add_argument("config", help="Flow-Factory experiment YAML")
     c.add_argument("-o", "--output", help="write the flowrl YAML here (default: standard output)")
-    s = sub.add_parser("serve", help="run a service's HTTP server (see: flowrl serve reward --help)")
-    s.add_argument("service", choices=["reward"])
+    s = sub.add_parser("serve", help="run a service's HTTP server (see: flowrl serve reward|sampler --help)")
+    s.add_argument("service", choices=["reward", "sampler"])
     s.add_argument("args", nargs=argparse.REMAINDER, help="the service's own options")
     return p
 
@@ -178,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "convert":
         return _convert(args)
     if args.command == "serve":  # a console entry point into the service, not a trainer dependency
+        if args.service == "sampler":
+            from services.sampler.cli import main as serve_sampler
+
+            return serve_sampler(args.args)
         from services.reward.cli import main as serve_reward
 
         return serve_reward(args.args)

@@ -55,9 +55,10 @@ class Source:
     lora_shape: tuple[int, float] | None = None  # (rank, alpha) when known (a flowrl checkpoint)
 
 
-def find_source(path: str | Path, components: list[str]) -> Source:
-    """What ``path`` holds, for a model whose denoiser has ``components``. Raises
-    :class:`WarmStartError` naming what was expected."""
+def find_source(path: str | Path, components: list[str], ema: bool = False) -> Source:
+    """What ``path`` holds, for a model whose denoiser has ``components``; ``ema``: of a flowrl
+    checkpoint, its EMA weights (``lora_ema/``, ``transformer_ema/``) where it saved them.
+    Raises :class:`WarmStartError` naming what was expected."""
     p = Path(path).expanduser()
     if not p.exists():
         raise WarmStartError(f"model.init_from: {str(p)!r} does not exist. Fix: point it at a flowrl checkpoint "
@@ -65,10 +66,12 @@ def find_source(path: str | Path, components: list[str]) -> Source:
     if (p / "trainer_state.json").is_file():  # a flowrl checkpoint
         saved = json.loads((p / "trainer_state.json").read_text()).get("config", {}).get("model", {})
         if saved.get("finetune_type") == "lora":
-            files = {c: [p / lora_dir_name(c) / LORA_FILE] for c in components}
+            folder = lambda c: lora_dir_name(c) + ("_ema" if ema and (p / f"{lora_dir_name(c)}_ema").is_dir() else "")  # noqa: E731
+            files = {c: [p / folder(c) / LORA_FILE] for c in components}
             rank = saved.get("lora_rank")
             return Source("lora", _existing(files, p), (rank, saved.get("lora_alpha") or 2 * rank))
-        files = {c: sorted((p / c).glob("*.safetensors")) for c in components}
+        folder = lambda c: c + ("_ema" if ema and (p / f"{c}_ema").is_dir() else "")  # noqa: E731
+        files = {c: sorted((p / folder(c)).glob("*.safetensors")) for c in components}
         return Source("full", _existing(files, p))
     single = components == ["transformer"]
     if p.is_file() and p.suffix == ".safetensors" or (p / LORA_FILE).is_file():
@@ -116,6 +119,28 @@ def _lora_state(files: list[Path]) -> dict[str, torch.Tensor]:
     for f in files:
         state.update({k.removeprefix("transformer."): v for k, v in load_file(f).items()})
     return state
+
+
+def load_checkpoint_into(model_cfg, adapter, path: str | Path, ema: bool = True) -> str:
+    """Load a flowrl checkpoint (or any source :func:`find_source` takes) into a model built as
+    its run built it (LoRA added for a LoRA run); ``ema``: its EMA weights where saved (what
+    evaluation scores). For servers and tools outside the trainer. Returns which weights."""
+    parts = denoiser_parts(adapter.transformer)
+    source = find_source(path, [name for name, _ in parts], ema=ema)
+    lora_run = model_cfg.finetune_type == "lora"
+    if source.kind == "full" and lora_run:
+        raise WarmStartError(f"{str(path)!r} holds full weights, but model.finetune_type is lora. Fix: use the "
+                             f"config of the run that wrote it (finetune_type: full), or model.init_from.")
+    if source.kind == "lora" and not lora_run:
+        raise WarmStartError(f"{str(path)!r} holds a LoRA, but model.finetune_type is full. Fix: use the config of "
+                             f"the run that wrote it (finetune_type: lora).")
+    for name, module in parts:
+        if lora_run:
+            _load_into_adapter(module, source, _lora_state(source.files[name]), model_cfg, path)
+        else:
+            _load_full(module, source.files[name], path)
+    used_ema = any("_ema" in f.parent.name for fs in source.files.values() for f in fs)
+    return "ema" if used_ema else "live"
 
 
 def warm_start(model_cfg, adapter, stage: str) -> str | None:

@@ -1,0 +1,291 @@
+"""``flowrl serve sampler``: the policy as an HTTP image (or video) generator, to look at a run's
+checkpoints, compare them, or score them with outside tools, while or after it trains.
+
+    flowrl serve sampler --config CONFIG [--checkpoint runs/<run>/checkpoints/<name>] [--port 8001]
+
+The model is built as the run built it (``model:`` of CONFIG, its ``init_from`` included); a
+checkpoint's EMA weights, what evaluation scores, are used where it saved them (``--live`` for
+the live ones). Generation is the evaluation's: the ODE sampler, ``eval:``'s steps, guidance and
+resolution unless a request says otherwise, sample ``i`` of a request seeded ``seed + i`` (so
+``seed: eval.seed + j`` reproduces evaluation sample ``j``'s image).
+
+Endpoints (all but liveness require ``Authorization: Bearer <token>`` when a token is set):
+
+``GET  /health/live``    ``{"live": true}``
+``GET  /health/ready``   200 once the model is loaded, else 503
+``GET  /metrics``        Prometheus: ``flowrl_serve_sampler_requests_total{status}``,
+                         ``flowrl_serve_sampler_images_total``, ``flowrl_serve_sampler_generate_seconds``
+``POST /v1/generate``    ``{"prompts": [...], "negative_prompts"?, "seed"?, "num_inference_steps"?,
+                         "guidance_scale"?, "resolution"?, "condition_images"?}`` ->
+                         ``{"images": [base64 PNG, ...]}`` (video families: ``"videos"``, per sample
+                         its frames), with the seeds and the weights used
+``GET  /admin/status``   the model, checkpoint, weights (ema / live / base) and counters
+``POST /admin/load``     ``{"checkpoint": DIR or null, "ema": true}``: serve another checkpoint (null:
+                         the base); a LoRA run's is swapped in place, a full fine-tune's model is
+                         built again (the old one serves until the new one is ready)
+
+One request generates at a time (a lock; the model is not re-entrant). The host defaults to
+127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import io
+import threading
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.sampler.settings import SamplerServerSettings
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: list[str] = Field(..., min_length=1)
+    negative_prompts: list[str | None] | None = None
+    seed: int = 0
+    num_inference_steps: int | None = Field(None, ge=1, le=1000)
+    guidance_scale: float | None = Field(None, ge=0)
+    resolution: int | tuple[int, int] | None = None
+    condition_images: list[list[str]] | None = None  # per prompt, base64 PNG/JPEG (edit / image-to-video models)
+
+
+class LoadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: str | None
+    ema: bool = True
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str, headers: dict | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers
+
+
+class Served:
+    """The loaded model and what it serves."""
+
+    def __init__(self, settings: SamplerServerSettings) -> None:
+        from shared.config import load_config
+
+        self.settings = settings
+        self.cfg = load_config(settings.config, settings.overrides)
+        self.lock = threading.Lock()
+        self.adapter = None
+        self.checkpoint: str | None = None
+        self.weights = "base"
+        self.loaded_at: float | None = None
+        self.requests = self.images = 0
+
+    def build(self, checkpoint: str | None, ema: bool) -> None:
+        """Build the model as the run did, then load ``checkpoint`` (None: the base)."""
+        import torch
+
+        from shared.models import load_adapter
+        from shared.models.lora import prepare_transformer
+        from shared.models.warm_start import load_checkpoint_into, warm_start
+
+        m = self.cfg.model
+        adapter = load_adapter(m, device=torch.device(self.settings.device), seed=self.cfg.train.seed)
+        warm_start(m, adapter, "before")
+        prepare_transformer(adapter, m)
+        warm_start(m, adapter, "after")
+        weights = load_checkpoint_into(m, adapter, checkpoint, ema=ema) if checkpoint else "base"
+        if checkpoint is None and m.finetune_type == "lora" and m.init_from is None:
+            adapter.transformer.disable_adapters()  # the untrained LoRA's B is 0 anyway: the base
+        adapter.transformer.eval()
+        self.adapter, self.checkpoint, self.weights, self.loaded_at = adapter, checkpoint, weights, time.time()
+
+    def load(self, checkpoint: str | None, ema: bool) -> None:
+        """Serve another checkpoint: a LoRA run's in place, otherwise a new model."""
+        from shared.models.warm_start import load_checkpoint_into
+
+        lora = self.cfg.model.finetune_type == "lora"
+        if lora and checkpoint is not None and self.adapter is not None:
+            before = (self.checkpoint, self.weights != "live")
+            self.adapter.transformer.enable_adapters()
+            try:
+                self.weights = load_checkpoint_into(self.cfg.model, self.adapter, checkpoint, ema=ema)
+            except Exception:
+                self.build(*before)  # a load that failed half way: back to what was served
+                raise
+            self.checkpoint, self.loaded_at = checkpoint, time.time()
+        else:
+            self.build(checkpoint, ema)
+
+    def generate(self, req: GenerateRequest) -> dict[str, Any]:
+        from shared.sampling import rollout_batches
+
+        e, n = self.cfg.eval, len(req.prompts)
+        if n > self.settings.max_images_per_request:
+            raise RequestError(413, f"{n} prompts in one request; this server takes at most "
+                                    f"{self.settings.max_images_per_request} (max_images_per_request)")
+        negatives = req.negative_prompts or [None] * n
+        if len(negatives) != n:
+            raise RequestError(422, f"negative_prompts has {len(negatives)} entries for {n} prompts")
+        conditions = None
+        if req.condition_images is not None:
+            if len(req.condition_images) != n:
+                raise RequestError(422, f"condition_images has {len(req.condition_images)} rows for {n} prompts")
+            conditions = [[_decode_image(b, f"condition_images[{i}][{j}]") for j, b in enumerate(row)]
+                          for i, row in enumerate(req.condition_images)]
+        low, high = self.adapter.condition_images  # (min, max) per sample; (0, 0): text only
+        counts = [len(row) for row in conditions] if conditions is not None else [0] * n
+        if high == 0 and any(counts):
+            raise RequestError(422, f"{self.adapter.model_type} generates from text only: leave out condition_images")
+        if any(c < low or (high is not None and c > high) for c in counts):
+            raise RequestError(422, f"{self.adapter.model_type} takes {low} to {'any' if high is None else high} "
+                                    f"condition images per prompt: send condition_images (per prompt a list of "
+                                    f"base64 PNG/JPEG), got {counts}")
+        seeds = [req.seed + i for i in range(n)]
+        resolution = req.resolution if req.resolution is not None else e.resolution
+        try:
+            _, roll = rollout_batches(
+                self.adapter, list(req.prompts), list(negatives), seeds,
+                batch_size=self.settings.batch_size or e.per_device_batch_size, resolution=resolution,
+                num_steps=req.num_inference_steps or e.num_inference_steps,
+                guidance_scale=e.guidance_scale if req.guidance_scale is None else req.guidance_scale,
+                dynamics="ODE", noise_level=0.0, sde_steps=[], keep_means=False, log_prob_reduction="mean",
+                transformer=self.adapter.transformer, num_frames=e.num_frames,
+                images=conditions if high != 0 else None)
+        except ValueError as err:  # a resolution the model cannot take, a prompt too long, ...
+            raise RequestError(422, str(err)) from None
+        media = roll.images
+        self.requests += 1
+        self.images += n
+        out = {"seeds": seeds, "checkpoint": self.checkpoint, "weights": self.weights}
+        if media.ndim == 5:
+            out["videos"] = [[_png(frame) for frame in video] for video in media]
+        else:
+            out["images"] = [_png(image) for image in media]
+        return out
+
+    def status(self) -> dict[str, Any]:
+        m = self.cfg.model
+        return {"model_type": m.model_type, "model_name_or_path": m.model_name_or_path, "init_from": m.init_from,
+                "finetune_type": m.finetune_type, "checkpoint": self.checkpoint, "weights": self.weights,
+                "loaded_at": self.loaded_at, "requests": self.requests, "images": self.images,
+                "device": self.settings.device}
+
+
+def _png(image) -> str:
+    from PIL import Image
+
+    array = (image.clamp(0, 1) * 255).round().to("cpu", dtype=__import__("torch").uint8).permute(1, 2, 0).numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG", compress_level=1)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _decode_image(b64: str, where: str):
+    from PIL import Image
+
+    try:
+        image = Image.open(io.BytesIO(base64.b64decode(b64, validate=True)))
+        image.load()
+    except Exception as e:  # noqa: BLE001 - any decoding failure is the client's
+        raise RequestError(422, f"{where} is not a base64 PNG/JPEG image ({type(e).__name__})") from None
+    return image.convert("RGB")
+
+
+async def _authorize(request: Request) -> None:
+    token: bytes | None = request.app.state.token
+    if token is None:
+        return
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token):
+        raise RequestError(401, "missing or wrong bearer token: send 'Authorization: Bearer <token>' with the "
+                                "server's token (FLOWRL_API_TOKEN)", {"WWW-Authenticate": "Bearer"})
+
+
+def create_app(settings: SamplerServerSettings) -> FastAPI:
+    """The app; the model is built when it starts (readiness says when it is done)."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    served = Served(settings)  # reads and checks the config now: a bad one fails before serving
+    registry = CollectorRegistry()
+    requests = Counter("flowrl_serve_sampler_requests", "Generate requests by status.", ["status"], registry=registry)
+    images = Counter("flowrl_serve_sampler_images", "Images (or videos) generated.", registry=registry)
+    seconds = Histogram("flowrl_serve_sampler_generate_seconds", "Seconds per generate request.",
+                        buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160), registry=registry)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await asyncio.to_thread(served.build, settings.checkpoint, not settings.live)
+        yield
+
+    app = FastAPI(title="flowrl sampler", lifespan=lifespan)
+    app.state.token = settings.token.get_secret_value().encode() if settings.token else None
+    app.state.served = served
+
+    @app.get("/health/live")
+    async def live() -> dict:
+        return {"live": True}
+
+    router = APIRouter(dependencies=[Depends(_authorize)])
+
+    @router.get("/health/ready")
+    async def ready() -> JSONResponse:
+        ok = served.adapter is not None
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+    @router.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type="text/plain; version=0.0.4")
+
+    @router.post("/v1/generate")
+    async def generate(req: GenerateRequest) -> dict:
+        if served.adapter is None:
+            raise RequestError(503, "the model is still loading (GET /health/ready says when it is done)")
+        start = time.perf_counter()
+
+        def run():
+            with served.lock:
+                return served.generate(req)
+        try:
+            out = await asyncio.to_thread(run)
+        except RequestError as e:
+            requests.labels(status=str(e.status)).inc()
+            raise
+        requests.labels(status="200").inc()
+        images.inc(len(req.prompts))
+        seconds.observe(time.perf_counter() - start)
+        return out
+
+    @router.get("/admin/status")
+    async def status() -> dict:
+        return served.status()
+
+    @router.post("/admin/load")
+    async def load(req: LoadRequest) -> dict:
+        from shared.config import ConfigError
+
+        if req.checkpoint is not None and not Path(req.checkpoint).expanduser().exists():
+            raise RequestError(400, f"checkpoint {req.checkpoint!r} does not exist on the server's machine")
+
+        def run():
+            with served.lock:
+                served.load(req.checkpoint, req.ema)
+        try:
+            await asyncio.to_thread(run)
+        except ConfigError as e:  # WarmStartError: not a checkpoint of this model
+            raise RequestError(400, str(e)) from None
+        return served.status()
+
+    app.include_router(router)
+
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, e: RequestError) -> JSONResponse:
+        return JSONResponse({"error": e.message}, status_code=e.status, headers=e.headers)
+
+    return app
