@@ -208,16 +208,26 @@ async def _authorize(request: Request) -> None:
                                 "server's token (FLOWRL_API_TOKEN)", {"WWW-Authenticate": "Bearer"})
 
 
+class ServeMetrics:
+    """Every metric the server exports; ``registry`` is what ``/metrics`` serves."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("flowrl_serve_sampler_requests", "Generate requests by status.", ["status"], registry=r)
+        self.images = Counter("flowrl_serve_sampler_images", "Images (or videos) generated.", registry=r)
+        self.seconds = Histogram("flowrl_serve_sampler_generate_seconds", "Seconds per generate request.",
+                                 buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160), registry=r)
+
+
 def create_app(settings: SamplerServerSettings) -> FastAPI:
     """The app; the model is built when it starts (readiness says when it is done)."""
-    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+    from prometheus_client import generate_latest
 
     served = Served(settings)  # reads and checks the config now: a bad one fails before serving
-    registry = CollectorRegistry()
-    requests = Counter("flowrl_serve_sampler_requests", "Generate requests by status.", ["status"], registry=registry)
-    images = Counter("flowrl_serve_sampler_images", "Images (or videos) generated.", registry=registry)
-    seconds = Histogram("flowrl_serve_sampler_generate_seconds", "Seconds per generate request.",
-                        buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160), registry=registry)
+    metrics_ = ServeMetrics()
+    registry, requests, images, seconds = metrics_.registry, metrics_.requests, metrics_.images, metrics_.seconds
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
