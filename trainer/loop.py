@@ -289,8 +289,9 @@ def train(cfg: Config, *, quiet: bool = False, stop: StopRequest | None = None) 
     policy = Policy(adapter, model, cfg, trainable)
     algorithm = ALGORITHMS.get(t.trainer_type)(cfg)
     ptx = PretrainMix(cfg, adapter) if t.ptx_coef else None
-    rewards = build_rewards(cfg.rewards, accelerator.device)
-    eval_rewards = build_rewards(cfg.eval_rewards, accelerator.device) if cfg.eval_rewards else rewards
+    built: dict = {}  # an eval reward configured like a training one is the same model, loaded once
+    rewards = build_rewards(cfg.rewards, accelerator.device, built)
+    eval_rewards = build_rewards(cfg.eval_rewards, accelerator.device, built) if cfg.eval_rewards else rewards
     eval_specs = cfg.eval_rewards or cfg.rewards
 
     progress = Progress()

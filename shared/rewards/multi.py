@@ -18,10 +18,30 @@ def resolve_device(device: str, default: str | torch.device) -> str:
     return str(default) if device == "auto" else device
 
 
-def build_rewards(specs, device: str | torch.device) -> dict[str, RewardModel]:
-    """``{label: model}`` for a list of ``RewardSpec`` (``device: auto`` -> ``device``)."""
-    return {s.label: build_reward(s.reward_model, device=resolve_device(s.device, device),
-                                  dtype=s.dtype, **s.options) for s in specs}
+def build_rewards(specs, device: str | torch.device,
+                  built: dict[str, RewardModel] | None = None) -> dict[str, RewardModel]:
+    """``{label: model}`` for a list of ``RewardSpec`` (``device: auto`` -> ``device``).
+
+    ``built``: models already built, by :func:`reward_identity`; an entry with the same reward,
+    dtype, device and options gets that model instead of a second copy (so ``rewards`` and
+    ``eval_rewards`` naming the same PickScore load it once), and new ones are added to it."""
+    built = {} if built is None else built
+    out = {}
+    for s in specs:
+        dev = resolve_device(s.device, device)
+        key = reward_identity(s, dev)
+        if key not in built:
+            built[key] = build_reward(s.reward_model, device=dev, dtype=s.dtype, **s.options)
+        out[s.label] = built[key]
+    return out
+
+
+def reward_identity(spec, device: str) -> str:
+    """What makes two reward entries the same model: the reward (case-insensitive), dtype,
+    device and options; not the label, weight, batch size or routing."""
+    import json
+
+    return json.dumps([spec.reward_model.lower(), spec.dtype, str(device), spec.options], sort_keys=True, default=str)
 
 
 def routed(spec, datasets: list[str] | None, n: int) -> list[int] | None:

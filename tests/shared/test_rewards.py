@@ -237,3 +237,19 @@ def test_input_validation():
         score_all(model, noise_images(3, size=8), ["p"] * 3, torch.zeros(2, dtype=torch.long), 2)
     with pytest.raises(ValueError, match="batch_size"):
         score_all(model, noise_images(3, size=8), ["p"] * 3, torch.zeros(3, dtype=torch.long), 0)
+
+
+def test_a_reward_configured_twice_alike_is_built_once():
+    from shared.config import RewardSpec
+    from shared.rewards.multi import build_rewards
+
+    built: dict = {}
+    train = build_rewards([RewardSpec(reward_model="brightness", weight=2.0),
+                           RewardSpec(reward_model="toy_geneval", exact_objects=True)], "cpu", built)
+    evals = build_rewards([RewardSpec(reward_model="Brightness", name="bright_eval", batch_size=4),
+                           RewardSpec(reward_model="toy_geneval"),  # other options: another model
+                           RewardSpec(reward_model="brightness", name="bright_target", target=0.5)], "cpu", built)
+    assert evals["bright_eval"] is train["brightness"]
+    assert evals["toy_geneval"] is not train["toy_geneval"]
+    assert evals["bright_target"] is not train["brightness"]
+    assert len(built) == 4
