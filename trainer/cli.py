@@ -55,6 +55,12 @@ def _parser() -> argparse.ArgumentParser:
                            help="start N data-parallel trainer processes on this machine (one per GPU; "
                                 "'auto': every visible GPU) through accelerate launch; needed by "
                                 "train.fsdp (trainer/launch.py)")
+            s.add_argument("--nodes", metavar="M", help="run over M machines: the same command on each, with "
+                           "--node-rank and --main-address (trainer/launch.py)")
+            s.add_argument("--node-rank", metavar="R", help="this machine's rank, 0 .. M-1 (default NODE_RANK or "
+                           "JOB_COMPLETION_INDEX)")
+            s.add_argument("--main-address", metavar="HOST[:PORT]", help="the address of the machine with rank 0 "
+                           "(default MASTER_ADDR, MASTER_PORT; port 29500)")
         if name == "check":
             s.add_argument("--world-size", type=int, default=1)
             s.add_argument("--memory", action="store_true",

@@ -5,8 +5,13 @@ The command replaces itself (``exec``) with ``python -m accelerate.commands.laun
 --num_processes N --num_machines 1 --main_process_port P -m trainer.cli <the same command>``,
 so a container's stop signal reaches the launcher, which passes it on to every process. ``auto``
 is the number of GPUs this process sees (``CUDA_VISIBLE_DEVICES``, the container's devices), 1
-without a GPU. Several machines: use ``accelerate launch`` (or torchrun) with their own rendezvous
-options, as in the README.
+without a GPU.
+
+Several machines: the same command on each, with ``--nodes M`` (the same everywhere), the
+machine's ``--node-rank`` (0 on the first; else ``NODE_RANK``, or ``JOB_COMPLETION_INDEX`` in a
+Kubernetes Indexed Job) and the first machine's ``--main-address HOST[:PORT]`` (else
+``MASTER_ADDR`` / ``MASTER_PORT``; port 29500 unless given): accelerate's ``--num_machines``,
+``--machine_rank``, ``--main_process_ip``, with ``--num_processes`` the total over the machines.
 """
 
 from __future__ import annotations
@@ -14,10 +19,12 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from typing import NamedTuple
 
 # set by torchrun / accelerate launch in each process they start
 _LAUNCHED = ("LOCAL_RANK", "WORLD_SIZE")
 SHUTDOWN_TIMEOUT_S = 300  # as compose's stop_grace_period and the k8s trainer's grace period
+DEFAULT_PORT = 29500  # several machines must agree on the port: no free-port pick there
 
 
 class LaunchError(ValueError):
@@ -63,12 +70,62 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+class Nodes(NamedTuple):
+    """The machines of a run: how many, this one's rank, the first one's address and port."""
+
+    count: int = 1
+    rank: int = 0
+    address: str | None = None
+    port: int | None = None
+
+
+def resolve_nodes(nodes: str | None, node_rank: str | None, main_address: str | None,
+                  env: dict | None = None) -> Nodes:
+    """``--nodes`` / ``--node-rank`` / ``--main-address`` with their environment fallbacks (module
+    docstring). Raises :class:`LaunchError` naming the fix."""
+    env = os.environ if env is None else env
+    try:
+        count = int(nodes) if nodes is not None else 1
+    except ValueError:
+        raise LaunchError(f"--nodes {nodes!r} is not a number. Fix: --nodes M, the number of machines.") from None
+    if count < 1:
+        raise LaunchError(f"--nodes {count}: at least one machine. Fix: --nodes 1 or more.")
+    if count == 1:
+        return Nodes()
+    raw_rank = node_rank if node_rank is not None else env.get("NODE_RANK", env.get("JOB_COMPLETION_INDEX"))
+    if raw_rank is None:
+        raise LaunchError(f"--nodes {count} needs this machine's rank. Fix: --node-rank R (0 on the first machine), "
+                          "or set NODE_RANK (a Kubernetes Indexed Job sets JOB_COMPLETION_INDEX).")
+    try:
+        rank = int(raw_rank)
+    except ValueError:
+        raise LaunchError(f"--node-rank {raw_rank!r} is not a number. Fix: --node-rank 0 .. {count - 1}.") from None
+    if not 0 <= rank < count:
+        raise LaunchError(f"--node-rank {rank} is not one of 0 .. {count - 1} (--nodes {count}). Fix: number the "
+                          f"machines 0 to {count - 1}, 0 being the one whose address the others are given.")
+    address = main_address or env.get("MASTER_ADDR")
+    if not address:
+        raise LaunchError(f"--nodes {count}: the machines meet at the first one's address. Fix: --main-address "
+                          "HOST[:PORT] (the machine with --node-rank 0), or set MASTER_ADDR (and MASTER_PORT).")
+    host, _, port = address.rpartition(":") if address.count(":") == 1 else (address, "", "")
+    try:
+        port_n = int(port or env.get("MASTER_PORT") or DEFAULT_PORT)
+    except ValueError:
+        raise LaunchError(f"--main-address {address!r}: the port is not a number. Fix: HOST:PORT.") from None
+    return Nodes(count, rank, host, port_n)
+
+
 def launch_argv(command: str, config: str, overrides: list[str], resume: str | None, processes: int,
-                port: int, python: str = sys.executable) -> list[str]:
+                port: int, python: str = sys.executable, nodes: Nodes = Nodes()) -> list[str]:
     """The argv that runs ``flowrl <command> <config>`` (with its ``--set`` overrides and
-    ``--resume``) as ``processes`` processes on this machine, rendezvous on ``port``."""
-    argv = [python, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-            "--num_machines", "1", "--main_process_port", str(port),
+    ``--resume``) as ``processes`` processes on this machine, rendezvous on ``port`` (or, over
+    several machines, ``nodes.port`` of ``nodes.address``)."""
+    machines = ["--num_machines", "1", "--main_process_port", str(port)]
+    if nodes.count > 1:
+        machines = ["--num_machines", str(nodes.count), "--machine_rank", str(nodes.rank),
+                    "--main_process_ip", nodes.address, "--main_process_port", str(nodes.port)]
+    argv = [python, "-m", "accelerate.commands.launch", "--multi_gpu",
+            "--num_processes", str(processes * nodes.count), *machines,
             # the trainer's Accelerator takes these from the config (train.mixed_precision, model.compile)
             "--mixed_precision", "no", "--dynamo_backend", "no",
             "-m", "trainer.cli", command, config]
@@ -83,22 +140,28 @@ def relaunch_if_asked(args) -> None:
     """Replace this process by the launcher when ``args.processes`` asks for more than one process
     and none runs yet; return when this process should train itself. Raises :class:`LaunchError`
     when the value cannot run here or disagrees with the launcher it already runs under."""
-    if args.processes is None:
+    nodes_flag = getattr(args, "nodes", None)
+    if args.processes is None and nodes_flag is None:
         return
+    processes = args.processes or "auto"
     world = launched_world_size()
     if world is not None:  # already one of the launched processes
-        if args.processes != "auto" and int(args.processes) != world:
-            raise LaunchError(f"--processes {args.processes} but this process was started as one of "
-                              f"{world} (accelerate launch / torchrun). Fix: drop --processes when you "
-                              "launch by hand, or let `flowrl ... --processes N` start them.")
+        count = int(nodes_flag) if nodes_flag and nodes_flag.isdigit() else 1
+        if processes != "auto" and int(processes) * count != world:
+            raise LaunchError(f"--processes {processes}" + (f" on {count} machines" if count > 1 else "")
+                              + f" but this process was started as one of {world} (accelerate launch / "
+                              "torchrun). Fix: drop --processes when you launch by hand, or let "
+                              "`flowrl ... --processes N` start them.")
         return
-    n = resolve_processes(args.processes, visible_gpus())
-    if n == 1:
+    nodes = resolve_nodes(nodes_flag, getattr(args, "node_rank", None), getattr(args, "main_address", None))
+    n = resolve_processes(processes, visible_gpus())
+    if n == 1 and nodes.count == 1:
         return
     port = int(os.environ.get("MASTER_PORT") or free_port())
-    argv = launch_argv(args.command, args.config, args.overrides, args.resume, n, port)
+    argv = launch_argv(args.command, args.config, args.overrides, args.resume, n, port, nodes=nodes)
     # on SIGTERM the launcher gives its processes this long to finish the epoch and write a
     # checkpoint (trainer/preempt.py) before it kills them; torch elastic's own default is 30 s
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_TIMEOUT_S))
-    print(f"flowrl: starting {n} trainer processes: {' '.join(argv[1:])}", file=sys.stderr, flush=True)
+    where = f" (machine {nodes.rank} of {nodes.count})" if nodes.count > 1 else ""
+    print(f"flowrl: starting {n} trainer processes{where}: {' '.join(argv[1:])}", file=sys.stderr, flush=True)
     os.execv(argv[0], argv)

@@ -1,7 +1,7 @@
-"""``flowrl train|trainer CONFIG --processes N|auto``: the process count it resolves, the launcher
-line it builds, the refusals, and a real 2-process CPU run started by the flag alone (the same
-run as under a hand-written ``accelerate launch``: groups split over both ranks, DDP-identical
-weights)."""
+"""``flowrl train|trainer CONFIG --processes N|auto [--nodes M ...]``: the process count it
+resolves, the launcher line it builds, the refusals, a real 2-process CPU run started by the flag
+alone (the same run as under a hand-written ``accelerate launch``: groups split over both ranks,
+DDP-identical weights), and the same over two "machines" (two launchers on this one)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import yaml
 from tests.helpers.tiny import tiny_raw
 from trainer import launch
 from trainer.cli import _parser
-from trainer.launch import LaunchError, launch_argv, relaunch_if_asked, resolve_processes
+from trainer.launch import LaunchError, Nodes, launch_argv, relaunch_if_asked, resolve_nodes, resolve_processes
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -140,3 +140,57 @@ def test_the_launcher_gives_its_processes_the_grace_period_to_checkpoint(monkeyp
     monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "77")
     relaunch_if_asked(_parser().parse_args(["train", "cfg.yaml", "--processes", "2"]))
     assert started == [str(launch.SHUTDOWN_TIMEOUT_S), "77"]
+
+
+def test_the_machines_it_resolves_with_flags_and_environment():
+    assert resolve_nodes(None, None, None, env={}) == Nodes()
+    assert resolve_nodes("2", "1", "10.0.0.5:29600", env={}) == Nodes(2, 1, "10.0.0.5", 29600)
+    assert resolve_nodes("2", None, None, env={"NODE_RANK": "1", "MASTER_ADDR": "head"}) == Nodes(2, 1, "head", 29500)
+    # a Kubernetes Indexed Job numbers its pods; MASTER_PORT when the address has none
+    env = {"JOB_COMPLETION_INDEX": "2", "MASTER_ADDR": "trainer-0.trainer", "MASTER_PORT": "29700"}
+    assert resolve_nodes("3", None, None, env=env) == Nodes(3, 2, "trainer-0.trainer", 29700)
+    assert resolve_nodes("2", "0", "[::1]", env={}).address == "[::1]"  # no port split inside an IPv6 literal
+
+
+@pytest.mark.parametrize("flags,env,words", [
+    (("0", "0", "h"), {}, "at least one machine"),
+    (("2", None, "h"), {}, "needs this machine's rank"),
+    (("2", "2", "h"), {}, "not one of 0 .. 1"),
+    (("2", "1", None), {}, "meet at the first one.s address"),
+    (("2", "x", "h"), {}, "is not a number"),
+    (("2", "1", "h:port"), {}, "the port is not a number"),
+])
+def test_machines_that_cannot_meet_say_why(flags, env, words):
+    with pytest.raises(LaunchError, match=words):
+        resolve_nodes(*flags, env=env)
+
+
+def test_the_launcher_line_over_several_machines():
+    argv = launch_argv("train", "cfg.yaml", [], None, 4, 11111, python="/py", nodes=Nodes(2, 1, "head", 29600))
+    head = argv[: argv.index("trainer.cli") + 1]
+    value = lambda flag: head[head.index(flag) + 1]  # noqa: E731
+    assert value("--num_processes") == "8" and value("--num_machines") == "2" and value("--machine_rank") == "1"
+    assert value("--main_process_ip") == "head" and value("--main_process_port") == "29600"
+
+
+def test_two_machines_of_one_process_each(tmp_path):
+    """Two launchers (as on two machines, here both on the loopback) form one run of world size 2."""
+    raw = tiny_raw(tmp_path, "grpo")
+    raw["train"].update(max_epochs=1, per_device_batch_size=8, gradient_step_per_epoch=1)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    port = launch.free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "trainer.cli", "train", str(cfg), "--processes", "1",
+                               "--nodes", "2", "--node-rank", str(rank), "--main-address", f"127.0.0.1:{port}",
+                               "--set", "run_name=nodes"], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-4000:]
+    assert "machine 1 of 2" in outs[1][1]
+    run_dir = tmp_path / "runs" / "nodes"
+    assert json.loads((run_dir / "summary.json").read_text())["world_size"] == 2
+    ranks = [json.loads((run_dir / f"rank{r}_state.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["param_checksum"] == ranks[1]["param_checksum"]
+    groups = [set(r["last_epoch_group_ids"]) for r in ranks]
+    assert groups[0] and groups[1] and not groups[0] & groups[1]
