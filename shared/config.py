@@ -170,6 +170,11 @@ class TrainConfig(_Strict):
     # seed on every machine; "model" = on the model's device (a GPU draws it itself: no CPU work and
     # no host-to-device copy before the first step; other numbers than the CPU's for the same seed)
     rollout_noise_device: Literal["cpu", "model"] = "cpu"
+    # keep the epoch's rollouts (trajectories, conditioning, images) in host memory, each
+    # micro-batch moved there as soon as it is sampled and back to the device when it trains
+    # (Flow-Factory's name): the device holds one micro-batch's instead of the epoch's, for the
+    # price of the copies; for video models and large groups
+    offload_samples_to_cpu: bool = False
     # embedded mode: score each rolled-out micro-batch in a background thread while the next one
     # samples (pointwise rewards only; groupwise/pairwise ones are scored after the rollout).
     # None = when sampling on a GPU; on a CPU the two threads contend (bench/overlap_scoring.py)

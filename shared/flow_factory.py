@@ -53,6 +53,7 @@ MOVED: dict[str, str] = {
     "train.adam_betas": "train.adam_betas",
     "train.adam_epsilon": "train.adam_epsilon",
     "train.enable_gradient_checkpointing": "model.gradient_checkpointing",
+    "train.offload_samples_to_cpu": "train.offload_samples_to_cpu",
     "train.ema_decay": "train.ema_decay",
     "train.ema_decay_schedule": "train.ema_decay_schedule",
     "train.initial_decay": "train.initial_decay",
@@ -124,8 +125,6 @@ DROPPED: dict[str, str] = {
     "model.resume_type": "model.init_from tells a LoRA from full weights by its files",
     "model.target_components": "LoRA goes on every transformer of the model (both Wan2.2 experts)",
     "scheduler.seed": "Flow-Factory overwrites it every epoch; rollout seeds derive from train.seed",
-    "train.offload_samples_to_cpu": "not needed: rollouts are kept as the trainer's batches, in "
-                                    "train.rollout_state_dtype",
     "log.save_model_only": "checkpoints hold everything needed to resume, the LoRA in diffusers' format",
     "log.verbose": "progress bars and logs are always on (rank 0)",
 }

@@ -276,8 +276,10 @@ def rollout_batches(adapter: FlowModelAdapter, prompts: list[str], negatives: li
                     images: Sequence[Sequence[ImageSource]] | None = None,
                     on_batch: Callable[[slice, Rollout], None] | None = None,
                     encode_guidance_scale: float | None = None,
-                    init_seeds: list[int] | None = None) -> tuple[Conditioning, Rollout]:
+                    init_seeds: list[int] | None = None, offload: bool = False) -> tuple[Conditioning, Rollout]:
     """Roll out ``prompts`` in micro-batches and concatenate (conditioning and rollout).
+    ``offload``: each micro-batch's rollout and conditioning move to host memory as soon as it is
+    done (and scored, with ``on_batch``), so the device holds one micro-batch's, not the epoch's.
     ``init_seeds``: per prompt, the seed of its initial noise alone (:func:`rollout`).
     ``images``: per prompt, its condition images (image-conditioned families, :func:`encode`).
     ``on_batch(rows, rollout)``: called with each micro-batch as soon as it is rolled out (e.g.
@@ -301,6 +303,8 @@ def rollout_batches(adapter: FlowModelAdapter, prompts: list[str], negatives: li
         conds.append(cond)
         if on_batch is not None:
             on_batch(slice(s, s + len(prompts[sl])), outs[-1])
+        if offload:  # train.offload_samples_to_cpu: the epoch's trajectories wait in host memory
+            outs[-1], conds[-1] = to_host(outs[-1]), conds[-1].to("cpu")
         if progress is not None:
             progress(len(prompts[sl]))
     cat = lambda f: None if getattr(outs[0], f) is None else torch.cat([getattr(o, f) for o in outs])  # noqa: E731
@@ -309,6 +313,20 @@ def rollout_batches(adapter: FlowModelAdapter, prompts: list[str], negatives: li
                      next_latents=cat("next_latents"), log_probs=cat("log_probs"),
                      stds=cat("stds"), means=cat("means"))
     return Conditioning.cat(conds), merged
+
+
+def to_host(r: Rollout) -> Rollout:
+    """``r`` with every tensor in host memory (page-locked where CUDA is, so the trainer's later
+    copies back to the device overlap with its compute)."""
+    pin = torch.cuda.is_available()
+
+    def move(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None or t.device.type == "cpu":
+            return t
+        t = t.to("cpu")
+        return t.pin_memory() if pin else t
+    return dataclasses.replace(r, **{f.name: move(getattr(r, f.name)) for f in dataclasses.fields(r)
+                                     if isinstance(getattr(r, f.name), torch.Tensor)})
 
 
 STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -418,7 +436,7 @@ def rollout_with(adapter: FlowModelAdapter, prompts: list[str], negatives: list[
                  images: Sequence[Sequence[ImageSource]] | None = None,
                  on_batch: Callable[[slice, Rollout], None] | None = None,
                  encode_guidance_scale: float | None = None,
-                 init_seeds: list[int] | None = None) -> tuple[Conditioning, Rollout]:
+                 init_seeds: list[int] | None = None, offload: bool = False) -> tuple[Conditioning, Rollout]:
     """:func:`rollout_batches` with the settings of a :class:`shared.protocol.SamplingParams`
     (what the embedded trainer and the sampler service both roll out from); ``images``: per
     prompt, its condition images (image-conditioned families); ``on_batch``,
@@ -430,4 +448,5 @@ def rollout_with(adapter: FlowModelAdapter, prompts: list[str], negatives: list[
         keep_means=params.keep_means, log_prob_reduction=params.log_prob_reduction,
         state_dtype=params.state_dtype, noise_device=params.noise_device,
         transformer=transformer, progress=progress, num_frames=params.num_frames, images=images,
-        on_batch=on_batch, encode_guidance_scale=encode_guidance_scale, init_seeds=init_seeds)
+        on_batch=on_batch, encode_guidance_scale=encode_guidance_scale, init_seeds=init_seeds,
+        offload=offload)

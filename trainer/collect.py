@@ -217,6 +217,7 @@ def sample_locally(cfg: Config, adapter, policy, algorithm, rewards: dict, plan:
                                   transformer=policy.sampling_module(), progress=progress,
                                   images=plan.condition_images, on_batch=scorer.submit if scorer else None,
                                   init_seeds=plan.init_seeds or None,
+                                  offload=cfg.train.offload_samples_to_cpu,
                                   # with the negatives a guided KL reference (train.ref_guidance_scale) needs
                                   encode_guidance_scale=cfg.train.encode_guidance_scale)
         scores = scorer.result() if scorer else score_specs(

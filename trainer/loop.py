@@ -121,21 +121,27 @@ def schedule_steps(cfg: Config) -> int:
     return t.max_epochs * t.num_inner_epochs * cfg.geometry(1).grad_steps_per_inner_epoch
 
 
-def micro_batches(data: EpochData, batch_size: int, seed: int) -> list[TrainBatch]:
-    """Shuffle this rank's samples (seeded) and cut them into training micro-batches."""
+def micro_batches(data: EpochData, batch_size: int, seed: int,
+                  device: torch.device | str | None = None) -> list[TrainBatch]:
+    """Shuffle this rank's samples (seeded) and cut them into training micro-batches on ``device``
+    (None: where the rollout is; ``train.offload_samples_to_cpu`` keeps it in host memory, and each
+    micro-batch is copied over here)."""
     n = data.advantages.shape[0]
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     r = data.rollout
-    dev = r.final_latents.device
+    src = r.final_latents.device
+    dev = src if device is None else torch.device(device)
     grid = r.sigmas.to(dev)  # one copy for all micro-batches (the algorithms check it once)
+    move = lambda x: None if x is None else x.to(dev, non_blocking=True)  # noqa: E731  (no-op where it is)
     out = []
     for b, s in enumerate(range(0, n, batch_size)):
         i = perm[s:s + batch_size]
+        j = i.to(src)
         out.append(TrainBatch(
-            cond=data.cond.select(i.to(dev)), advantages=data.advantages[i].to(dev),
-            final_latents=r.final_latents[i], sigmas=grid, sde_steps=r.sde_steps,
-            latents=r.latents[i], next_latents=r.next_latents[i], log_probs=r.log_probs[i],
-            stds=r.stds[i], means=None if r.means is None else r.means[i],
+            cond=data.cond.select(j).to(dev), advantages=data.advantages[i].to(dev),
+            final_latents=move(r.final_latents[j]), sigmas=grid, sde_steps=r.sde_steps,
+            latents=move(r.latents[j]), next_latents=move(r.next_latents[j]), log_probs=move(r.log_probs[j]),
+            stds=move(r.stds[j]), means=None if r.means is None else move(r.means[j]),
             seed=seed * SEED_STRIDE + b, group_ids=data.group_ids[i],
             epoch_seed=seed))
     return out
@@ -156,7 +162,7 @@ def optimize(cfg: Config, accelerator: Accelerator, policy: Policy, algorithm: A
     policy.model.train()
     for inner in range(t.num_inner_epochs):
         seed = (t.seed * SEED_STRIDE + epoch) * 131 + inner
-        for batch in micro_batches(data, t.per_device_batch_size, seed):
+        for batch in micro_batches(data, t.per_device_batch_size, seed, device=accelerator.device):
             with torch.no_grad(), accelerator.autocast():
                 state = algorithm.prepare(batch, policy)
             for unit in range(units):

@@ -405,6 +405,8 @@ class CeleryTransport:
                  for sid in ids]  # (trajectory, row) per sample, in plan order
         uris = {got[sid][0].trajectory.tensors.uri for sid in ids}
         device = next(self.adapter.transformer.parameters()).device
+        if t.offload_samples_to_cpu:  # the epoch waits in host memory, each micro-batch goes over to train
+            device = torch.device("cpu")
         stack = lambda f: torch.stack([getattr(p, f)[r] for p, r in picks]).to(device)  # noqa: E731
         first = picks[0][0]
         if first.sde_steps != list(pending.plan.sde_steps):
@@ -423,6 +425,8 @@ class CeleryTransport:
         cond = encode_batches(self.adapter, plan.prompts, plan.negatives,
                               t.encode_guidance_scale, t.per_device_batch_size,
                               images=plan.condition_images, resolution=t.resolution, num_frames=t.num_frames)
+        if t.offload_samples_to_cpu:
+            cond = cond.to("cpu")
         workers = {got[sid][0].trajectory.worker for sid in ids}
         for uri in uris:
             self.loaded.pop(uri, None)

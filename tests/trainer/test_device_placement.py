@@ -130,3 +130,56 @@ def test_two_tiny_epochs_train_on_cuda(tmp_path, algorithm):
     summary = train(cfg, quiet=True)
     assert summary["samples"] > 0
     assert not torch.backends.cuda.cudnn_sdp_enabled()  # the default on CUDA (module docstring)
+
+
+# --------------------------------------------------------------------------- train.offload_samples_to_cpu
+
+
+def test_offloaded_samples_are_copied_to_the_training_device_one_micro_batch_at_a_time():
+    # the epoch in host memory, training on the "device" (meta stands in for a GPU)
+    for batch in micro_batches(_epoch_on("cpu"), batch_size=2, seed=0, device="meta"):
+        tensors = {"sigmas": batch.sigmas, "advantages": batch.advantages, "latents": batch.latents,
+                   "final_latents": batch.final_latents, "next_latents": batch.next_latents,
+                   "log_probs": batch.log_probs, "stds": batch.stds,
+                   **{f"cond.{k}": v for k, v in batch.cond.tensors.items()}}
+        assert {k: v.device.type for k, v in tensors.items()} == {k: "meta" for k in tensors}
+        assert batch.final_latents.shape[0] == 2
+
+
+def test_offloading_changes_no_number(tmp_path):
+    """On the CPU the copies are no-ops, so the run must be bit-identical; on a GPU the same is
+    checked with the tensors really moved (test_offloaded_samples_train_the_same_on_cuda)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    fast = ["train.max_epochs=2", "train.num_inference_steps=4", "eval.num_inference_steps=4"]
+    runs = [train(tiny_config(tmp_path / str(flag), "grpo", fast + [f"train.offload_samples_to_cpu={flag}"]),
+                  quiet=True) for flag in (False, True)]
+    files = [load_file(Path(r["checkpoint"]) / "lora" / "pytorch_lora_weights.safetensors") for r in runs]
+    assert all(torch.equal(files[0][k], files[1][k]) for k in files[0])
+    states = [json.loads((Path(r["run_dir"]) / "rank0_state.json").read_text()) for r in runs]
+    assert states[0]["param_checksum"] == states[1]["param_checksum"]
+
+
+@pytest.mark.gpu
+@cuda
+def test_offloaded_samples_train_the_same_on_cuda(tmp_path):
+    from shared.sampling import rollout_batches
+    from shared.models import load_adapter
+
+    cfg = tiny_config(tmp_path, "grpo", ["train.max_epochs=2"])
+    adapter = load_adapter(cfg.model, device=torch.device("cuda"), seed=0)
+    kw = dict(batch_size=4, resolution=16, num_steps=4, guidance_scale=1.0, dynamics="Flow-SDE", noise_level=0.7,
+              sde_steps=[0, 1], keep_means=False, log_prob_reduction="mean", transformer=adapter.transformer)
+    prompts = ["a red circle"] * 8
+    cond, roll = rollout_batches(adapter, prompts, [None] * 8, list(range(8)), offload=True, **kw)
+    assert roll.latents.device.type == "cpu" and roll.latents.is_pinned()
+    assert all(v.device.type == "cpu" for v in cond.tensors.values())
+    _, on_gpu = rollout_batches(adapter, prompts, [None] * 8, list(range(8)), **kw)
+    torch.testing.assert_close(roll.latents, on_gpu.latents.cpu(), rtol=0, atol=0)
+    summaries = [train(tiny_config(tmp_path / str(f), "grpo", ["train.max_epochs=2",
+                                                               f"train.offload_samples_to_cpu={f}"]), quiet=True)
+                 for f in (False, True)]
+    assert summaries[0]["final/brightness"] == pytest.approx(summaries[1]["final/brightness"], abs=1e-4)
