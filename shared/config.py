@@ -565,11 +565,6 @@ def check_combinations(cfg: Config) -> None:
             "budget, but train.max_train_seconds is not set. Fix: set train.max_train_seconds, or "
             "lr_schedule_clock: steps."
         )
-    if kind in ("nft", "awm") and "kl_type" in t.model_fields_set and t.kl_type != "v-based":
-        raise ConfigError(
-            f"train.kl_type: '{t.kl_type}' has no meaning for trainer_type {kind}: its KL term is always the "
-            f"velocity distance (v-based; x-based compares SDE step means, which {kind}'s ODE rollouts do not "
-            f"have). Fix: remove train.kl_type, or set it to v-based.")
     if isinstance(t.clip_range, tuple) and min(t.clip_range) < 0:
         lo, hi = t.clip_range
         raise ConfigError(

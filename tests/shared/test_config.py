@@ -237,14 +237,6 @@ def test_reward_extra_options_land_in_options():
     assert spec.weight == 2.0
 
 
-@pytest.mark.parametrize("trainer", ["nft", "awm"])
-def test_an_x_based_kl_is_refused_where_the_trainer_only_has_a_v_based_one(trainer):
-    msg = error(raw(train={"trainer_type": trainer, "kl_type": "x-based"}))
-    assert "train.kl_type" in msg and "v-based" in msg
-    assert parse_config(raw(train={"trainer_type": trainer, "kl_type": "v-based"})).train.kl_type == "v-based"
-    parse_config(raw(train={"trainer_type": trainer}))  # the default is no choice of the user's
-
-
 def test_a_signed_clip_range_as_flow_factory_writes_it_fails_at_load_with_the_fix():
     msg = error(raw(train={"clip_range": [-1e-4, 2e-4]}))
     assert "train.clip_range" in msg and "[0.0001, 0.0002]" in msg
