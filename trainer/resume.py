@@ -265,6 +265,7 @@ def truncate_jsonl(path: Path, keep) -> int:
 # settings a resumed run may change; any other difference means another experiment
 # (the dataset may move between machines; its rows must stay the same for an exact resume)
 MAY_CHANGE = {"train": {"resume_from", "max_epochs", "max_train_seconds", "save_freq", "keep_checkpoints",
+                        "offload_samples_to_cpu",  # where the epoch's samples wait: the same numbers
                         # DDP <-> FSDP: the same math; a checkpoint holds whole tensors either way
                         "fsdp", "fsdp_reshard_after_forward", "fsdp_shard_size"},
               "data": {"dataset_dir"},
@@ -272,6 +273,19 @@ MAY_CHANGE = {"train": {"resume_from", "max_epochs", "max_train_seconds", "save_
               "model": {"attn_backend", "gradient_checkpointing", "embedding_cache_mb", "embedding_cache_dir",
                         "offload_text_encoders"}}
 CHECKED = ("model", "train", "rewards", "data")
+
+
+def _default(section: str, key: str):
+    """The default of config key ``section.key`` as trainer_state.json would store it (None if unknown)."""
+    from shared.config import Config
+
+    field = Config.model_fields.get(section)
+    sub = getattr(field, "annotation", None)
+    spec = getattr(sub, "model_fields", {}).get(key)
+    if spec is None or spec.is_required():
+        return None
+    value = spec.get_default(call_default_factory=True)
+    return json.loads(json.dumps(value, default=str))
 
 
 def check_same_experiment(checkpoint: Path, cfg) -> None:
@@ -283,7 +297,9 @@ def check_same_experiment(checkpoint: Path, cfg) -> None:
         a, b = saved.get(section), now.get(section)
         if isinstance(a, dict) and isinstance(b, dict):
             for key in sorted(set(a) | set(b)):
-                if key not in MAY_CHANGE.get(section, set()) and a.get(key) != b.get(key):
+                # a key newer than the checkpoint counts as its default there (written before it existed)
+                before = a[key] if key in a else _default(section, key)
+                if key not in MAY_CHANGE.get(section, set()) and before != b.get(key):
                     diffs.append(f"{section}.{key}: checkpoint {a.get(key)!r}, now {b.get(key)!r}")
         elif a != b:
             diffs.append(f"{section}: checkpoint {a!r}, now {b!r}")

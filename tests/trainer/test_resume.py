@@ -206,3 +206,22 @@ def test_keep_checkpoints_rotates_and_the_newest_still_resumes(tmp_path):
     resumed = train(cfg_b, quiet=True)
     assert same_tensors(weights(Path(full["checkpoint"])), weights(Path(resumed["checkpoint"]))) == []
     assert sorted(p.name for p in (ckpt.parent).iterdir()) == ["checkpoint-3", "final"]
+
+
+def test_a_checkpoint_written_before_a_config_key_existed_still_resumes(tmp_path):
+    """Keys added in a later flowrl version are absent from an older checkpoint's trainer_state.json;
+    at their defaults they are no difference (a set one is)."""
+    from trainer.resume import check_same_experiment
+
+    cfg = tiny_config(tmp_path / "a", "grpo", FAST)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    saved = json.loads(json.dumps(cfg.model_dump()))
+    for section, key in (("model", "init_from"), ("train", "keep_checkpoints"), ("train", "offload_samples_to_cpu"),
+                         ("train", "rollout_noise_device")):  # (an older key with a default that is not None)
+        del saved[section][key]
+    (ckpt / "trainer_state.json").write_text(json.dumps({"config": saved}))
+    check_same_experiment(ckpt, cfg)
+    changed = tiny_config(tmp_path / "a", "grpo", FAST + [f"model.init_from={tmp_path}"])
+    with pytest.raises(ResumeError, match="model.init_from: checkpoint None"):
+        check_same_experiment(ckpt, changed)
