@@ -12,13 +12,12 @@ are visible to other users of the machine. Bad settings exit with status 2 and t
 from __future__ import annotations
 
 import argparse
-import ipaddress
-import logging
 import sys
 
 from pydantic import ValidationError
 
 from shared.registry import RegistryError
+from shared.serving import serve
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,13 +37,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _loopback(host: str) -> bool:
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name: assume it is reachable from elsewhere
-        return False
-
-
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv``, build the app and serve until interrupted. Returns the exit status."""
     args = _parser().parse_args(argv)
@@ -61,18 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     except (RegistryError, ImportError) as e:
         print(f"flowrl serve reward: {e}", file=sys.stderr)
         return 2
-    if settings.token is None and not _loopback(settings.host):
-        print(f"flowrl serve reward: warning: listening on {settings.host}:{settings.port} without a bearer token; "
-              f"anyone who can reach it can use the rewards. Fix: set FLOWRL_API_TOKEN (clients send "
-              f"'Authorization: Bearer <token>'), or listen on 127.0.0.1 behind a proxy.", file=sys.stderr)
     import torch
-    import uvicorn
 
     torch.set_num_threads(settings.intra_op_threads())  # this process only serves: set before any model runs
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=10)
-    return 0
+    return serve("flowrl serve reward", app, settings, "use the rewards")
 
 
 if __name__ == "__main__":

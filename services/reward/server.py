@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import time
 import zlib
@@ -45,6 +44,7 @@ from services.reward.metrics import Metrics
 from services.reward.openapi import json_body
 from services.reward.settings import RewardServerSettings
 from services.reward.state import Models, Slot
+from shared.serving import BEARER_HELP, bearer_ok
 
 log = logging.getLogger("flowrl.reward")
 
@@ -57,13 +57,8 @@ async def _authorize(request: Request) -> None:
 
     ``async`` on purpose: FastAPI runs a plain ``def`` dependency in its thread pool, a thread
     hop per request for a few microseconds of work (measured under load: bench/reward_load.py)."""
-    token: bytes | None = request.app.state.token
-    if token is None:
-        return
-    scheme, _, value = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token):
-        raise RequestError(401, "missing or wrong bearer token: send the header 'Authorization: Bearer <token>' "
-                                "with the server's token (FLOWRL_API_TOKEN)", {"WWW-Authenticate": "Bearer"})
+    if not bearer_ok(request.headers.get("authorization"), request.app.state.token):
+        raise RequestError(401, BEARER_HELP, {"WWW-Authenticate": "Bearer"})
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -11,11 +11,11 @@ machine. Bad settings or a bad config exit with status 2 and the reason.
 from __future__ import annotations
 
 import argparse
-import ipaddress
-import logging
 import sys
 
 from pydantic import ValidationError
+
+from shared.serving import serve
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,13 +35,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _loopback(host: str) -> bool:
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv``, build the app and serve until interrupted. Returns the exit status."""
     args = _parser().parse_args(argv)
@@ -59,16 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"flowrl serve sampler: config error in {overrides.get('config')}:\n{e}", file=sys.stderr)
         return 2
-    if settings.token is None and not _loopback(settings.host):
-        print(f"flowrl serve sampler: warning: listening on {settings.host}:{settings.port} without a bearer token; "
-              f"anyone who can reach it can generate and load checkpoints. Fix: set FLOWRL_API_TOKEN.",
-              file=sys.stderr)
-    import uvicorn
-
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=10)
-    return 0
+    return serve("flowrl serve sampler", app, settings, "generate images and load checkpoints")
 
 
 if __name__ == "__main__":

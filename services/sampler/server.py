@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hmac
 import io
 import threading
 import time
@@ -45,6 +44,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.sampler.settings import SamplerServerSettings
+from shared.serving import BEARER_HELP, bearer_ok
 
 
 class GenerateRequest(BaseModel):
@@ -199,13 +199,8 @@ def _decode_image(b64: str, where: str):
 
 
 async def _authorize(request: Request) -> None:
-    token: bytes | None = request.app.state.token
-    if token is None:
-        return
-    scheme, _, value = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token):
-        raise RequestError(401, "missing or wrong bearer token: send 'Authorization: Bearer <token>' with the "
-                                "server's token (FLOWRL_API_TOKEN)", {"WWW-Authenticate": "Bearer"})
+    if not bearer_ok(request.headers.get("authorization"), request.app.state.token):
+        raise RequestError(401, BEARER_HELP, {"WWW-Authenticate": "Bearer"})
 
 
 class ServeMetrics:

@@ -53,14 +53,16 @@ def _infer(c: TestClient, headers: dict) -> int:
 
 
 def test_token_compared_with_hmac_compare_digest(monkeypatch):
+    import shared.serving
+
     calls = []
-    real = reward_server.hmac.compare_digest
+    real = shared.serving.hmac.compare_digest
 
     def spy(a, b):
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(reward_server.hmac, "compare_digest", spy)
+    monkeypatch.setattr(shared.serving.hmac, "compare_digest", spy)
     with TestClient(create_app(RewardServerSettings(rewards="brightness", token="s3cret"))) as c:
         assert _infer(c, {"Authorization": "Bearer s3cret-but-longer"}) == 401
         assert _infer(c, {"Authorization": "Bearer s3cret"}) in (200, 503)  # 503 while still loading
@@ -70,11 +72,16 @@ def test_token_compared_with_hmac_compare_digest(monkeypatch):
 def test_the_check_never_compares_the_token_with_equality():
     """No ``==``/``!=``/``in`` on the token in the check: those return early at the first differing
     byte (a timing side channel); only compare_digest may see it."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(reward_server._authorize)))
+    from services.sampler import server as sampler_server
+    from shared.serving import bearer_ok
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(bearer_ok)))
     compares = [ast.unparse(n) for n in ast.walk(tree) if isinstance(n, ast.Compare) and "token" in ast.unparse(n)
                 and not ast.unparse(n).endswith("is None")]
     assert compares == [], compares
-    assert "compare_digest" in inspect.getsource(reward_server._authorize)
+    assert "compare_digest" in inspect.getsource(bearer_ok)
+    for server in (reward_server, sampler_server):  # both servers check through it
+        assert "bearer_ok(" in inspect.getsource(server._authorize)
 
 
 def test_token_from_the_environment_and_empty_means_none(monkeypatch):

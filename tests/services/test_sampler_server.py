@@ -134,3 +134,16 @@ def test_the_cli_refuses_a_bad_config_with_status_2(tmp_path, capsys):
     bad.write_text(yaml.safe_dump({"rewards": [{"reward_model": "brightness"}], "modle": {}}))
     assert main(["serve", "sampler", "--config", str(bad)]) == 2
     assert "unknown config key `modle`" in capsys.readouterr().err
+
+
+def test_the_preview_server_listens_on_loopback_and_warns_when_exposed_without_a_token(run, monkeypatch, capsys):
+    import uvicorn
+
+    _, path, _ = run
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(kw))
+    assert main(["serve", "sampler", "--config", str(path)]) == 0
+    assert main(["serve", "sampler", "--config", str(path), "--host", "0.0.0.0", "--port", "9011"]) == 0
+    assert [(c["host"], c["port"]) for c in calls] == [("127.0.0.1", 8001), ("0.0.0.0", 9011)]
+    err = capsys.readouterr().err
+    assert err.count("without a bearer token") == 1 and "listening on 0.0.0.0:9011" in err

@@ -75,11 +75,17 @@ def test_a_bad_value_exits_2_before_anything_starts(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_two_processes_from_the_flag(tmp_path):
+def one_epoch_config(tmp_path: Path) -> Path:
+    """The tiny GRPO run, one epoch of one optimizer step, as a YAML file."""
     raw = tiny_raw(tmp_path, "grpo")
     raw["train"].update(max_epochs=1, per_device_batch_size=8, gradient_step_per_epoch=1)
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(raw))
+    return cfg
+
+
+def test_two_processes_from_the_flag(tmp_path):
+    cfg = one_epoch_config(tmp_path)
     proc = subprocess.run([sys.executable, "-m", "trainer.cli", "train", str(cfg), "--processes", "2",
                            "--set", "run_name=flag"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -175,10 +181,7 @@ def test_the_launcher_line_over_several_machines():
 
 def test_two_machines_of_one_process_each(tmp_path):
     """Two launchers (as on two machines, here both on the loopback) form one run of world size 2."""
-    raw = tiny_raw(tmp_path, "grpo")
-    raw["train"].update(max_epochs=1, per_device_batch_size=8, gradient_step_per_epoch=1)
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump(raw))
+    cfg = one_epoch_config(tmp_path)
     port = launch.free_port()
     procs = [subprocess.Popen([sys.executable, "-m", "trainer.cli", "train", str(cfg), "--processes", "1",
                                "--nodes", "2", "--node-rank", str(rank), "--main-address", f"127.0.0.1:{port}",
