@@ -283,6 +283,9 @@ class TrainConfig(_Strict):
     # sample epoch k+1 only after training on k; 1 = sample k+1 while training on k)
     max_staleness: int = Field(0, ge=0, le=1)
     # -- checkpoints
+    # every this many epochs, a grid of the epoch's first prompt groups (rank 0's rollouts, each
+    # with its reward and advantage) to runs/<run>/images and the logger; 0 = none
+    log_samples_freq: int = Field(0, ge=0)
     save_freq: int = Field(0, ge=0)  # epochs between checkpoints; 0 = only the final one
     # how many of the newest checkpoint-N folders to keep (older ones are deleted after each new
     # one is complete; the final checkpoint is never deleted); None = keep all

@@ -40,7 +40,7 @@ from trainer.embeddings import offload_mode, warm_embeddings
 from trainer.evaluate import evaluate
 from trainer.policy import DTYPES, Policy, attach_trainable, trainable_params
 from trainer.ptx import PretrainMix
-from trainer.reporting import MetricLogger, detail_keys, progress_postfix, write_report
+from trainer.reporting import MetricLogger, detail_keys, progress_postfix, save_group_grid, write_report
 from trainer.metrics import TrainerMetrics
 from trainer.schedule import follow_budget, set_budget_fraction
 from trainer.preempt import Stopped, StopRequest
@@ -431,6 +431,11 @@ def train(cfg: Config, *, quiet: bool = False, stop: StopRequest | None = None) 
         if main:
             logger.log(metrics, step=epoch + 1)
             bar.set_postfix(progress_postfix(metrics, evals[-1], cfg.rewards[0].label, eval_specs[0].label))
+            if t.log_samples_freq and (epoch + 1) % t.log_samples_freq == 0 and data.rollout.images is not None:
+                grid = save_group_grid(data.rollout.images, data.group_ids, data.rewards[cfg.rewards[0].label],
+                                       data.advantages, run_dir / "images" / f"train_samples_epoch{epoch + 1:04d}.png",
+                                       prompts=data.prompts)
+                logger.log_image("train/samples", grid, epoch + 1)
         # the slowest rank's clock: over budget on any rank stops every rank after the same epoch,
         # and a budget-clocked LR schedule reads the same time on every rank; likewise a stop
         # request (SIGTERM) that reached any rank

@@ -125,6 +125,47 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None, upscale
     return path
 
 
+def save_group_grid(images: torch.Tensor, group_ids: torch.Tensor, rewards: torch.Tensor,
+                    advantages: torch.Tensor, path: Path, prompts: list[str] | None = None,
+                    max_groups: int = 4, max_members: int = 8, tile: int = 128) -> Path:
+    """One row per prompt group (the first ``max_groups`` of the epoch), its members side by side
+    (up to ``max_members``) under the group's prompt (``prompts``, per sample), each captioned with
+    its reward ``r`` and advantage ``A``: what a group
+    relative update learns from, to look at while a run trains. ``images`` ``[n, 3, H, W]`` in
+    [0, 1] (videos ``[n, F, 3, H, W]``: the middle frame); ``group_ids``, ``rewards`` (NaN: no
+    score), ``advantages`` ``[n]``. Tiles are resized to ``tile`` pixels on their long side."""
+    from PIL import ImageDraw
+
+    if images.ndim == 5:
+        images = images[:, images.shape[1] // 2]
+    order: dict[int, list[int]] = {}
+    for i, g in enumerate(group_ids.tolist()):
+        if g in order or len(order) < max_groups:
+            order.setdefault(g, []).append(i)
+    rows = [members[:max_members] for members in order.values()]
+    h, w = images.shape[-2:]
+    scale = tile / max(h, w)
+    th, tw, caption, pad = round(h * scale), round(w * scale), 14, 2
+    cols = max(len(r) for r in rows)
+    row_h = caption + th + caption + pad  # the prompt, the tiles, their scores
+    grid = Image.new("RGB", (pad + cols * (tw + pad), pad + len(rows) * row_h), "white")
+    draw = ImageDraw.Draw(grid)
+    arr = (images.clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
+    resample = Image.NEAREST if max(h, w) < tile else Image.BILINEAR
+    for r, members in enumerate(rows):
+        if prompts is not None:
+            draw.text((pad + 2, pad + r * row_h + 1), prompts[members[0]][:cols * tw // 6], fill=(0, 0, 0))
+        for c, i in enumerate(members):
+            x, y = pad + c * (tw + pad), pad + r * row_h + caption
+            grid.paste(Image.fromarray(arr[i]).resize((tw, th), resample), (x, y))
+            reward = float(rewards[i])
+            text = ("r=nan" if math.isnan(reward) else f"r={reward:.2f}") + f" A={float(advantages[i]):+.2f}"
+            draw.text((x + 2, y + th + 1), text, fill=(0, 0, 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path
+
+
 def progress_postfix(metrics: dict[str, float], last_eval: dict[str, float], train_label: str,
                      eval_label: str) -> dict[str, str]:
     """The progress bar's fields: the epoch's mean training reward (``reward``), the last

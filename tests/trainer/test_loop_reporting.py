@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -186,3 +187,30 @@ def test_a_resumed_run_continues_its_online_run_and_a_new_one_opens_another(tmp_
     assert "id" not in fake.inits[2]
     MetricLogger(backend, tmp_path, "p", "r", {}, resume=True).close()
     assert fake.inits[3]["id"] == "run3"
+
+
+def test_a_group_grid_shows_each_group_in_a_row_with_its_scores(tmp_path):
+    from PIL import Image
+
+    from trainer.reporting import save_group_grid
+
+    colours = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [1.0, 1.0, 0], [0, 1.0, 1.0]])
+    images = colours[:, :, None, None].expand(5, 3, 8, 8).clone()
+    groups = torch.tensor([7, 7, 3, 7, 3])  # two groups, interleaved as a rank's samples can be
+    path = save_group_grid(images, groups, torch.tensor([0.1, 0.9, float("nan"), 0.5, 0.2]),
+                           torch.tensor([-1.0, 1.0, 0.0, 0.0, 0.5]), tmp_path / "g.png",
+                           prompts=["a red square"] * 5, tile=32)
+    grid = np.asarray(Image.open(path).convert("RGB"))
+    assert grid.shape == (2 + 2 * (14 + 32 + 14 + 2), 2 + 3 * (32 + 2), 3)  # 2 rows, 3 columns (group 7's size)
+    centre = lambda r, c: tuple(grid[2 + r * 62 + 14 + 16, 2 + c * 34 + 16])  # noqa: E731
+    assert [centre(0, c) for c in range(3)] == [(255, 0, 0), (0, 255, 0), (255, 255, 0)]  # group 7: samples 0, 1, 3
+    assert [centre(1, c) for c in range(2)] == [(0, 0, 255), (0, 255, 255)]  # group 3: samples 2, 4
+    assert (grid[2: 2 + 14, 2: 60] < 128).any()  # the prompt above the first row
+    assert (grid[2 + 14 + 32: 2 + 60, 2: 34] < 128).any()  # the scores under the first tile
+
+
+def test_training_sample_grids_are_written_every_n_epochs(tmp_path):
+    cfg = tiny_config(tmp_path, "grpo", ["train.max_epochs=2", "train.log_samples_freq=2",
+                                         "train.num_inference_steps=4", "eval.num_inference_steps=4"])
+    run_dir = Path(train(cfg, quiet=True)["run_dir"])
+    assert sorted(p.name for p in (run_dir / "images").glob("train_samples_*")) == ["train_samples_epoch0002.png"]
