@@ -266,6 +266,7 @@ def truncate_jsonl(path: Path, keep) -> int:
 # (the dataset may move between machines; its rows must stay the same for an exact resume)
 MAY_CHANGE = {"train": {"resume_from", "max_epochs", "max_train_seconds", "save_freq", "keep_checkpoints",
                         "offload_samples_to_cpu",  # where the epoch's samples wait: the same numbers
+                        "log_samples_freq",
                         # DDP <-> FSDP: the same math; a checkpoint holds whole tensors either way
                         "fsdp", "fsdp_reshard_after_forward", "fsdp_shard_size"},
               "data": {"dataset_dir"},
@@ -307,5 +308,5 @@ def check_same_experiment(checkpoint: Path, cfg) -> None:
         raise ResumeError(
             f"cannot resume from {checkpoint}: the config differs from the run that wrote it in "
             f"{len(diffs)} setting(s): " + "; ".join(diffs[:6]) + (" ..." if len(diffs) > 6 else "")
-            + ". Only train.max_epochs, train.max_train_seconds, train.save_freq, train.keep_checkpoints, train.fsdp, data.dataset_dir, the "
+            + ". Only train.max_epochs, train.max_train_seconds, train.save_freq, train.keep_checkpoints, train.log_samples_freq, train.fsdp, data.dataset_dir, the "
             "model's memory and speed options (and eval, logging, queue settings) may change. Fix: use the run's config, or start a new run.")
