@@ -568,6 +568,11 @@ def check_combinations(cfg: Config) -> None:
             "budget, but train.max_train_seconds is not set. Fix: set train.max_train_seconds, or "
             "lr_schedule_clock: steps."
         )
+    if cfg.model.init_from is not None and not Path(cfg.model.init_from).expanduser().exists():
+        raise ConfigError(
+            f"model.init_from: {cfg.model.init_from!r} does not exist (it is read before training starts, "
+            f"by the trainer and, for a LoRA run, by every sampler). Fix: point it at a flowrl checkpoint "
+            f"folder, a pytorch_lora_weights.safetensors (or its folder), or a transformer folder.")
     if isinstance(t.clip_range, tuple) and min(t.clip_range) < 0:
         lo, hi = t.clip_range
         raise ConfigError(

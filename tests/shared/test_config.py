@@ -237,6 +237,12 @@ def test_reward_extra_options_land_in_options():
     assert spec.weight == 2.0
 
 
+def test_a_warm_start_path_that_does_not_exist_fails_at_load(tmp_path):
+    msg = error(raw(model={"init_from": str(tmp_path / "nope")}))
+    assert "model.init_from" in msg and "does not exist" in msg
+    assert parse_config(raw(model={"init_from": str(tmp_path)})).model.init_from == str(tmp_path)
+
+
 def test_a_signed_clip_range_as_flow_factory_writes_it_fails_at_load_with_the_fix():
     msg = error(raw(train={"clip_range": [-1e-4, 2e-4]}))
     assert "train.clip_range" in msg and "[0.0001, 0.0002]" in msg

@@ -167,10 +167,10 @@ def test_a_trainer_flowrl_does_not_have_is_refused_by_name(trainer):
         convert({"train": {"trainer_type": trainer}, "rewards": [{"reward_model": "pickscore"}]})
 
 
-def test_a_flow_factory_warm_start_becomes_init_from():
-    raw, notes = convert({"model": {"resume_path": "ckpt/sft_lora", "resume_type": "lora"},
+def test_a_flow_factory_warm_start_becomes_init_from(tmp_path):
+    raw, notes = convert({"model": {"resume_path": str(tmp_path), "resume_type": "lora"},
                           "rewards": [{"reward_model": "brightness"}]})
-    assert parse_config(raw).model.init_from == "ckpt/sft_lora"
+    assert parse_config(raw).model.init_from == str(tmp_path)
     assert any("model.resume_type: dropped" in n for n in notes)
 
 
