@@ -21,6 +21,7 @@ import shutil
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from accelerate import Accelerator
@@ -122,10 +123,11 @@ def schedule_steps(cfg: Config) -> int:
 
 
 def micro_batches(data: EpochData, batch_size: int, seed: int,
-                  device: torch.device | str | None = None) -> list[TrainBatch]:
+                  device: torch.device | str | None = None) -> Iterator[TrainBatch]:
     """Shuffle this rank's samples (seeded) and cut them into training micro-batches on ``device``
-    (None: where the rollout is; ``train.offload_samples_to_cpu`` keeps it in host memory, and each
-    micro-batch is copied over here)."""
+    (None: where the rollout is; ``train.offload_samples_to_cpu`` keeps it in host memory). Each
+    micro-batch is made (indexed out, copied over) only when the caller asks for it, so no more
+    than the one in training is held beside the epoch."""
     n = data.advantages.shape[0]
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     r = data.rollout
@@ -133,18 +135,16 @@ def micro_batches(data: EpochData, batch_size: int, seed: int,
     dev = src if device is None else torch.device(device)
     grid = r.sigmas.to(dev)  # one copy for all micro-batches (the algorithms check it once)
     move = lambda x: None if x is None else x.to(dev, non_blocking=True)  # noqa: E731  (no-op where it is)
-    out = []
     for b, s in enumerate(range(0, n, batch_size)):
         i = perm[s:s + batch_size]
         j = i.to(src)
-        out.append(TrainBatch(
+        yield TrainBatch(
             cond=data.cond.select(j).to(dev), advantages=data.advantages[i].to(dev),
             final_latents=move(r.final_latents[j]), sigmas=grid, sde_steps=r.sde_steps,
             latents=move(r.latents[j]), next_latents=move(r.next_latents[j]), log_probs=move(r.log_probs[j]),
             stds=move(r.stds[j]), means=None if r.means is None else move(r.means[j]),
             seed=seed * SEED_STRIDE + b, group_ids=data.group_ids[i],
-            epoch_seed=seed))
-    return out
+            epoch_seed=seed)
 
 
 def optimize(cfg: Config, accelerator: Accelerator, policy: Policy, algorithm: Algorithm,

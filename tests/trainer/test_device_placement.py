@@ -136,6 +136,10 @@ def test_two_tiny_epochs_train_on_cuda(tmp_path, algorithm):
 
 
 def test_offloaded_samples_are_copied_to_the_training_device_one_micro_batch_at_a_time():
+    import inspect
+
+    # made on demand: a list would copy the whole epoch back to the device before training starts
+    assert inspect.isgenerator(micro_batches(_epoch_on("cpu"), batch_size=2, seed=0, device="meta"))
     # the epoch in host memory, training on the "device" (meta stands in for a GPU)
     for batch in micro_batches(_epoch_on("cpu"), batch_size=2, seed=0, device="meta"):
         tensors = {"sigmas": batch.sigmas, "advantages": batch.advantages, "latents": batch.latents,
