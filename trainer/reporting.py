@@ -136,6 +136,8 @@ def save_group_grid(images: torch.Tensor, group_ids: torch.Tensor, rewards: torc
     score), ``advantages`` ``[n]``. Tiles are resized to ``tile`` pixels on their long side."""
     from PIL import ImageDraw
 
+    from shared.images import to_uint8_hwc
+
     if images.ndim == 5:
         images = images[:, images.shape[1] // 2]
     order: dict[int, list[int]] = {}
@@ -150,7 +152,7 @@ def save_group_grid(images: torch.Tensor, group_ids: torch.Tensor, rewards: torc
     row_h = caption + th + caption + pad  # the prompt, the tiles, their scores
     grid = Image.new("RGB", (pad + cols * (tw + pad), pad + len(rows) * row_h), "white")
     draw = ImageDraw.Draw(grid)
-    arr = (images.clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
+    arr = to_uint8_hwc(images)
     resample = Image.NEAREST if max(h, w) < tile else Image.BILINEAR
     for r, members in enumerate(rows):
         if prompts is not None:

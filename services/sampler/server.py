@@ -100,9 +100,8 @@ class Served:
         warm_start(m, adapter, "before")
         prepare_transformer(adapter, m)
         warm_start(m, adapter, "after")
+        # no checkpoint: the new LoRA's B is 0, so the model computes the base (and its init_from)
         weights = load_checkpoint_into(m, adapter, checkpoint, ema=ema) if checkpoint else "base"
-        if checkpoint is None and m.finetune_type == "lora" and m.init_from is None:
-            adapter.transformer.disable_adapters()  # the untrained LoRA's B is 0 anyway: the base
         adapter.transformer.eval()
         self.adapter, self.checkpoint, self.weights, self.loaded_at = adapter, checkpoint, weights, time.time()
 
@@ -113,7 +112,6 @@ class Served:
         lora = self.cfg.model.finetune_type == "lora"
         if lora and checkpoint is not None and self.adapter is not None:
             before = (self.checkpoint, self.weights != "live")
-            self.adapter.transformer.enable_adapters()
             try:
                 self.weights = load_checkpoint_into(self.cfg.model, self.adapter, checkpoint, ema=ema)
             except Exception:
@@ -179,12 +177,10 @@ class Served:
 
 
 def _png(image) -> str:
-    from PIL import Image
+    """One image ``[3, H, W]`` in [0, 1] as base64 PNG (8-bit, :func:`shared.images.encode_png`)."""
+    from shared.images import encode_png
 
-    array = (image.clamp(0, 1) * 255).round().to("cpu", dtype=__import__("torch").uint8).permute(1, 2, 0).numpy()
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG", compress_level=1)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return base64.b64encode(encode_png(image)).decode("ascii")
 
 
 def _decode_image(b64: str, where: str):
