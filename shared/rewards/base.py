@@ -116,15 +116,21 @@ class RewardModel:
     @classmethod
     def accepted_options(cls) -> list[str]:
         """Names of the keyword-only ``__init__`` arguments along the class hierarchy."""
-        names: list[str] = []
+        return sorted(cls.keyword_options())
+
+    @classmethod
+    def keyword_options(cls) -> dict[str, inspect.Parameter]:
+        """The keyword-only ``__init__`` arguments along the class hierarchy, by name (the most
+        derived class's declaration of each)."""
+        params: dict[str, inspect.Parameter] = {}
         for klass in cls.__mro__:
             init = klass.__dict__.get("__init__")
             if init is None or klass is object:
                 continue
             for p in inspect.signature(init).parameters.values():
-                if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in names:
-                    names.append(p.name)
-        return sorted(names)
+                if p.kind is inspect.Parameter.KEYWORD_ONLY:
+                    params.setdefault(p.name, p)
+        return params
 
     @property
     def name(self) -> str:
@@ -164,21 +170,13 @@ def option_problems(cls: type[RewardModel], options: dict[str, Any], entry_keys:
     included, so ``wieght`` points at ``weight``) and per required option that is missing (a
     keyword-only ``__init__`` argument without a default). ``[]`` when ``cls(**options)`` would
     accept them. ``device`` and ``dtype`` are always supplied by the caller."""
-    accepted = cls.accepted_options()
+    params = cls.keyword_options()
     problems = []
-    for bad in sorted(set(options) - set(accepted)):
-        hint = nearest(bad, sorted(set(accepted) | set(entry_keys)))
+    for bad in sorted(set(options) - set(params)):
+        hint = nearest(bad, sorted(set(params) | set(entry_keys)))
         problems.append(f"unknown option '{bad}'" + (f" (did you mean '{hint}'?)" if hint else ""))
-    required = []
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None or klass is object:
-            continue
-        for p in inspect.signature(init).parameters.values():
-            if (p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is inspect.Parameter.empty
-                    and p.name not in ("device", "dtype") and p.name not in required):
-                required.append(p.name)
-    problems += [f"missing required option '{name}'" for name in required if name not in options]
+    problems += [f"missing required option '{name}'" for name, p in params.items()
+                 if p.default is inspect.Parameter.empty and name not in ("device", "dtype") and name not in options]
     return problems
 
 
