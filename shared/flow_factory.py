@@ -200,8 +200,9 @@ def hint(key: str) -> str | None:
     if key == "log":
         return ("`log:` is a Flow-Factory section; here run_name, project and logging_backend are top-level keys, "
                 f"save_dir is output_dir and save_freq is train.save_freq. {convert_it}")
-    if key.startswith("train.") and key not in MOVED and key not in CHANGED and key not in DROPPED:
-        key = "scheduler." + key[len("train."):] if "scheduler." + key[len("train."):] in MOVED | CHANGED else key
+    scheduler_key = "scheduler." + key.removeprefix("train.")  # a scheduler: key written under train:
+    if key.startswith("train.") and key not in {*MOVED, *CHANGED, *DROPPED} and scheduler_key in {*MOVED, *CHANGED}:
+        key = scheduler_key
     dest = MOVED.get(key) or CHANGED.get(key)
     if dest and dest != key:  # (a key that is ours too is no Flow-Factory leftover)
         changed = " (with its value converted)" if key in CHANGED else ""
@@ -316,7 +317,7 @@ def convert(ff: dict) -> tuple[dict, list[str]]:
 
     handlers["train.ema_device"] = handlers["train.ref_param_device"] = devices
 
-    def num_sde_steps(key: str, value: Any) -> None:
+    def count(key: str, value: Any) -> None:  # Flow-Factory's 0 / null: derive it; ours: None
         if value not in (None, 0):
             _put(out, CHANGED[key], int(value))
 
@@ -377,10 +378,6 @@ def convert(ff: dict) -> tuple[dict, list[str]]:
         if value is not None:
             _put(out, "train.timestep_fraction", float(value))
 
-    def train_timesteps(key: str, value: Any) -> None:
-        if value not in (None, 0):
-            _put(out, CHANGED[key], int(value))
-
     def preprocess(key: str, value: Any) -> None:
         if value:
             _put(out, "model.offload_text_encoders", True)
@@ -388,11 +385,11 @@ def convert(ff: dict) -> tuple[dict, list[str]]:
                          f"then the text encoders leave the GPU)")
 
     handlers.update({
-        "scheduler.num_sde_steps": num_sde_steps, "eval.resolution": resolution,
+        "scheduler.num_sde_steps": count, "eval.resolution": resolution,
         "eval.seed": eval_seed, "train.gradient_accumulation_steps": accumulation,
         "train.latent_storage_dtype": latent_dtype, "train.clip_range": clip, "train.adv_clip_range": clip,
         "train.time_shift": shift, "train.timestep_range": timestep_range,
-        "train.num_train_timesteps": train_timesteps, "data.enable_preprocess": preprocess,
+        "train.num_train_timesteps": count, "data.enable_preprocess": preprocess,
     })
 
     for key, value in flat.items():
