@@ -21,16 +21,18 @@ from pathlib import Path
 from packaging.requirements import Requirement
 
 OUT = Path(__file__).with_name("constraints.txt")
+#: the extras of flowrl the images install (deploy/Dockerfile*: pip install ".[ocr]")
+IMAGE_EXTRAS = frozenset({"ocr"})
 
 
 def _norm(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def closure(root: str = "flowrl") -> dict[str, str]:
-    """``{normalized name: version}`` of every installed runtime dependency of ``root``."""
+def closure(root: str = "flowrl", extras: frozenset[str] = IMAGE_EXTRAS) -> dict[str, str]:
+    """``{normalized name: version}`` of every installed runtime dependency of ``root`` with ``extras``."""
     pins: dict[str, str] = {}
-    todo: list[tuple[str, frozenset[str]]] = [(root, frozenset())]
+    todo: list[tuple[str, frozenset[str]]] = [(root, extras)]
     seen: set[tuple[str, frozenset[str]]] = set()
     while todo:
         name, extras = todo.pop()

@@ -4,7 +4,8 @@ Importing this package registers the built-ins in :data:`REWARDS`; ``toy_geneval
 toy-world verifier, :mod:`shared.rewards.toy_geneval`) and the learned models ``PickScore``,
 ``PickScore_Rank``, ``CLIP`` (:mod:`shared.rewards.clip_rewards`), ``aesthetic``
 (:mod:`shared.rewards.aesthetic`) and ``vlm_judge`` (a served VLM's probability of Yes,
-:mod:`shared.rewards.vlm_judge`) are registered lazily by dotted path and imported on first
+:mod:`shared.rewards.vlm_judge`) and ``ocr`` (the quoted text read back, :mod:`shared.rewards.ocr`)
+are registered lazily by dotted path and imported on first
 lookup (names are case-insensitive). A ``reward_model`` that is a dotted path
 ``package.module.Class`` builds a user's own :class:`RewardModel` subclass.
 """
@@ -33,6 +34,7 @@ REWARDS.register("aesthetic", "shared.rewards.aesthetic.Aesthetic")
 REWARDS.register("remote", "shared.rewards.remote.RemoteReward")
 REWARDS.register("vlm_judge", "shared.rewards.vlm_judge.VLMJudge")
 REWARDS.register("vllm_evaluate", "shared.rewards.vlm_judge.VLMJudge")  # Flow-Factory's name for it
+REWARDS.register("ocr", "shared.rewards.ocr.OCR")
 
 __all__ = [
     "KINDS",

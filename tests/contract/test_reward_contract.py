@@ -77,6 +77,7 @@ class Case:
     name: str  # the registry name
     build: Callable[..., RewardModel]  # (assets, exit_stack, **extra_options) -> model
     toy_prompts: bool = False  # needs prompts of the toy world (shared.toy)
+    text_prompts: bool = False  # needs prompts that quote text, and images that show it (ocr)
 
     @property
     def id(self) -> str:
@@ -110,6 +111,7 @@ CASES = [
     Case("vlm_judge", _judge("vlm_judge")),
     Case("vllm_evaluate", _judge("vllm_evaluate")),
     Case("source_similarity", _plain("source_similarity")),
+    Case("ocr", _plain("ocr"), text_prompts=True),
     Case("remote+condition_images", lambda assets, stack, **extra: _remote_sources(assets, stack, **extra)),
 ]
 
@@ -152,6 +154,12 @@ def built(assets):
 def inputs(case: Case, n: int = 6, size: int = 32):
     """``n`` images ``[n, 3, size, size]`` in [0, 1] and prompts; groups of prompts alternate."""
     g = torch.Generator().manual_seed(0)
+    if case.text_prompts:
+        from tests.helpers.text_images import render_text
+
+        words = [("flow", "GRPO")[i % 2] for i in range(n)]
+        images = torch.stack([render_text(w if i % 3 else "", size=96, seed=i) for i, w in enumerate(words)])
+        return images, [f'A sign that says "{w}"' for w in words]
     if not case.toy_prompts:
         prompts = [("a red circle", "two blue squares")[i % 2] for i in range(n)]
         return torch.rand(n, 3, size, size, generator=g), prompts

@@ -140,10 +140,13 @@ def test_constraints_pin_every_runtime_dependency():
             name, sep, version = line.partition("==")
             assert sep and re.fullmatch(r"[0-9][0-9A-Za-z.]*", version), f"not an exact pin: {line!r}"
             pins[name] = version
-    for requirement in project["dependencies"]:
+    for requirement in project["dependencies"] + project["optional-dependencies"]["ocr"]:  # the images' extras
         name = re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9_.-]+", requirement).group(0)).lower()
         assert name in pins, (f"{name} (pyproject.toml) is not pinned in deploy/constraints.txt; run "
                               f"`.venv/bin/python deploy/freeze_constraints.py`")
+    installs = [args for path in DOCKERFILES for op, args in _instructions(path)
+                if op == "RUN" and args.startswith("pip install -c deploy/constraints.txt")]
+    assert installs == ['pip install -c deploy/constraints.txt ".[ocr]"'] * len(DOCKERFILES), installs
     torch_arg = {args.split("=", 1)[1] for path in DOCKERFILES for op, args in _instructions(path)
                  if op == "ARG" and args.startswith("TORCH_VERSION=")}
     assert torch_arg == {pins["torch"]}, f"Dockerfiles install torch {torch_arg}, constraints pin {pins['torch']}"

@@ -193,13 +193,24 @@ def test_flowrl_convert_writes_a_config_flowrl_train_loads(tmp_path, capsys):
 
 def test_flowrl_convert_says_what_still_does_not_load(tmp_path, capsys):
     ff = copy.deepcopy(FF_GRPO)
-    ff["rewards"] = {"reward_model": "ocr"}  # Flow-Factory's PaddleOCR reward: none here
+    ff["rewards"] = {"reward_model": "rational_rewards_t2i"}  # Flow-Factory's RationalRewards judge: none here
     src = tmp_path / "ff.yaml"
     src.write_text(yaml.safe_dump(ff))
     assert main(["convert", str(src), "-o", str(tmp_path / "out.yaml")]) == 2
     err = capsys.readouterr().err
-    assert "does not load yet" in err and "rewards[0].reward_model" in err and "unknown reward 'ocr'" in err
+    assert "does not load yet" in err and "rewards[0].reward_model" in err
+    assert "unknown reward 'rational_rewards_t2i'" in err
     assert (tmp_path / "out.yaml").exists()  # written anyway, to be fixed by hand
+
+
+def test_flow_factorys_ocr_reward_converts_to_ours(tmp_path):
+    ff = copy.deepcopy(FF_GRPO)
+    ff["rewards"] = {"name": "ocr", "reward_model": "ocr", "batch_size": 16, "device": "cuda"}
+    src, out = tmp_path / "ff.yaml", tmp_path / "out.yaml"
+    src.write_text(yaml.safe_dump(ff))
+    assert main(["convert", str(src), "-o", str(out)]) == 0
+    cfg = load_config(out)
+    assert [(r.reward_model, r.label) for r in cfg.rewards] == [("ocr", "ocr")]
 
 
 def test_a_flow_factory_key_left_in_a_flowrl_config_names_ours():
