@@ -27,7 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from shared.queue import QueueSettings
 
 DYNAMICS = ("Flow-SDE", "Dance-SDE", "CPS", "ODE")
-TRAINER_TYPES = ("grpo", "grpo-guard", "nft", "awm")
+TRAINER_TYPES = ("grpo", "grpo-guard", "nft", "awm", "dpo")
+# always evaluate the frozen reference model, whatever kl_beta says
+REFERENCE_TRAINERS = ("dpo",)
 
 # Defaults per algorithm, from ../shared/reference/algorithms.md (official code values).
 ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -53,6 +55,11 @@ ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
         ema_decay_schedule="linear", ema_warmup_steps=300, ema_update_interval=1,
         time_sampling_strategy="discrete_wo_init", timestep_fraction=0.9,
         num_train_timesteps=6,
+    ),
+    "dpo": dict(  # online Diffusion-DPO as Flow-Factory's trainers/dpo.py (DPOTrainingArguments)
+        dynamics_type="ODE", kl_beta=0.0, adv_clip_range=5.0, global_std=True, off_policy=False,
+        ema_decay=0.9, ema_decay_schedule="power", ema_update_interval=8,
+        time_sampling_strategy="logit_normal", timestep_fraction=0.99, num_train_timesteps=1,
     ),
 }
 NOISE_LEVEL_DEFAULTS = {"Flow-SDE": 0.7, "Dance-SDE": 0.3, "CPS": 0.8, "ODE": 0.0}
@@ -246,6 +253,9 @@ class TrainConfig(_Strict):
     ref_guidance_scale: float | None = Field(None, ge=0)
     # -- DiffusionNFT
     nft_beta: float = Field(1.0, gt=0)
+    # -- online Diffusion-DPO: the beta of -log sigmoid(-beta/2 [(err_w - ref_w) - (err_l - ref_l)]),
+    # errors being per-sample mean squared velocity errors (Diffusion-DPO's scale; Flow-Factory's 2000)
+    dpo_beta: float = Field(2000.0, gt=0)
     off_policy: bool | None = None  # sample (and take v_old) from the EMA model
     # -- AWM
     awm_weighting: Literal["Uniform", "t", "t**2", "huber", "ghuber"] = "ghuber"
@@ -313,6 +323,12 @@ class TrainConfig(_Strict):
     def sampling_guidance_scale(self) -> float:
         """The CFG scale rollouts are sampled with: ``rollout_guidance_scale``, else the policy's."""
         return self.guidance_scale if self.rollout_guidance_scale is None else self.rollout_guidance_scale
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the frozen reference model is evaluated: a KL term (``kl_beta > 0``) or an
+        algorithm whose loss is defined against it (``dpo``)."""
+        return bool(self.kl_beta) or self.trainer_type.lower() in REFERENCE_TRAINERS
 
     @property
     def reference_guidance_scale(self) -> float:
@@ -404,9 +420,14 @@ class BatchGeometry:
     groups_per_rank: int  # M / W
     samples_per_rank: int  # M K / W
     micro_batch: int  # B
-    batches_per_rank: int  # M K / (W B) rollout (and train) micro-batches per process
+    batches_per_rank: int  # M K / (W B) rollout micro-batches per process
     grad_steps_per_inner_epoch: int  # G
-    batches_per_grad_step: int  # batches_per_rank / G
+    batches_per_grad_step: int  # train_batches_per_rank / G: training micro-batches per optimizer step
+    # what is trained: every sample in micro-batches of B, except for dpo: each group's best and
+    # worst sample, M / W pairs in micro-batches of min(B, 2 M / W)
+    train_samples_per_rank: int = 0
+    train_micro_batch: int = 0
+    train_batches_per_rank: int = 0
 
     @classmethod
     def derive(cls, t: TrainConfig, world_size: int) -> "BatchGeometry":
@@ -426,13 +447,30 @@ class BatchGeometry:
                 f"group_size={K} / {W}). Fix: pick a per_device_batch_size that divides {per_rank}."
             )
         batches = per_rank // B
+        if t.trainer_type.lower() == "dpo":
+            return cls._dpo(t, W, per_rank, batches)
         if batches % G:
             raise ConfigError(
                 f"train.gradient_step_per_epoch={G} does not divide the {batches} micro-batches per "
                 f"process per epoch, so optimizer steps would see unequal data. Fix: choose a "
                 f"divisor of {batches}, or change unique_sample_num_per_epoch / per_device_batch_size."
             )
-        return cls(W, K, M, M // W, per_rank, B, batches, G, batches // G)
+        return cls(W, K, M, M // W, per_rank, B, batches, G, batches // G, per_rank, B, batches)
+
+    @classmethod
+    def _dpo(cls, t: TrainConfig, W: int, per_rank: int, batches: int) -> "BatchGeometry":
+        """DPO trains one (best, worst) pair per group: ``2 M / W`` samples per process."""
+        K, M, B, G = t.group_size, t.unique_sample_num_per_epoch, t.per_device_batch_size, t.gradient_step_per_epoch
+        rows = 2 * (M // W)
+        b = min(B, rows)
+        if b % 2 or rows % b or (rows // b) % G:
+            raise ConfigError(
+                f"train.trainer_type: dpo trains each group's (best, worst) pair, {rows} samples per process per "
+                f"epoch (unique_sample_num_per_epoch={M} x 2 / {W}), in training micro-batches of "
+                f"min(per_device_batch_size, {rows}) = {b}, which must be even, divide {rows} and give a multiple "
+                f"of gradient_step_per_epoch={G} micro-batches. Fix: an even per_device_batch_size that divides "
+                f"{rows} into a multiple of {G} parts, or change unique_sample_num_per_epoch.")
+        return cls(W, K, M, M // W, per_rank, B, batches, G, rows // b // G, rows, b, rows // b)
 
 
 # --------------------------------------------------------------------------- loading
@@ -488,7 +526,7 @@ def check_combinations(cfg: Config) -> None:
             f"sampled them. Fix: leave rollout_guidance_scale unset, or use trainer_type nft or awm, "
             f"which learn from any sampler's images."
         )
-    if t.ref_guidance_scale is not None and t.ref_guidance_scale != t.guidance_scale and not t.kl_beta:
+    if t.ref_guidance_scale is not None and t.ref_guidance_scale != t.guidance_scale and not t.uses_reference:
         raise ConfigError(
             f"train.ref_guidance_scale: {t.ref_guidance_scale} sets the CFG scale of the KL reference, "
             f"but train.kl_beta is {t.kl_beta!r}, so no reference is evaluated and it would do nothing. "

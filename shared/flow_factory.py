@@ -170,9 +170,12 @@ FF_ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
             "timestep_range": 0.9},
 }
 FF_ALGORITHM_DEFAULTS["grpo-guard"] = FF_ALGORITHM_DEFAULTS["grpo"]
+FF_ALGORITHM_DEFAULTS["dpo"] = {"global_std": True, "advantage_aggregation": "gdpo", "beta": 2000.0,
+                                "weighting_scheme": "logit_normal", "num_train_timesteps": 1, "time_shift": 1.0,
+                                "timestep_range": 0.99}
 
 #: Flow-Factory trainers that have no counterpart here
-UNSUPPORTED_TRAINERS = ("dpo", "dgpo", "crd")
+UNSUPPORTED_TRAINERS = ("dgpo", "crd")
 
 #: reward entry keys: Flow-Factory's -> ours (the remote reward's options included)
 REWARD_KEYS = {"server_url": "url", "retry_attempts": "retries"}
@@ -265,7 +268,7 @@ def convert(ff: dict) -> tuple[dict, list[str]]:
 
     Raises:
         ConversionError: not a mapping, a trainer Flow-Factory has and flowrl does not
-            (dpo, dgpo, crd), or a malformed value.
+            (dgpo, crd), or a malformed value.
     """
     if not isinstance(ff, dict):
         raise ConversionError(f"a Flow-Factory config is a YAML mapping of sections, got {type(ff).__name__}")
@@ -274,8 +277,8 @@ def convert(ff: dict) -> tuple[dict, list[str]]:
     trainer = str(flat.get("train.trainer_type", "grpo")).lower()
     if trainer in UNSUPPORTED_TRAINERS:
         raise ConversionError(
-            f"train.trainer_type: '{trainer}' has no flowrl implementation (flowrl trains grpo, grpo-guard, nft "
-            f"and awm; ../shared/reference/algorithms.md). Fix: pick one of those, or port the trainer as a "
+            f"train.trainer_type: '{trainer}' has no flowrl implementation (flowrl trains grpo, grpo-guard, nft, "
+            f"awm and dpo; ../shared/reference/algorithms.md). Fix: pick one of those, or port the trainer as a "
             f"dotted-path plugin.")
     filled = [k for k in FF_DEFAULTS if k not in flat]
     algo = {f"train.{k}": v for k, v in FF_ALGORITHM_DEFAULTS.get(trainer, {}).items()}
@@ -383,6 +386,21 @@ def convert(ff: dict) -> tuple[dict, list[str]]:
             _put(out, "model.offload_text_encoders", True)
             notes.append(f"{key}: true -> model.offload_text_encoders: true (every prompt is encoded up front, "
                          f"then the text encoders leave the GPU)")
+
+    def dpo_key(key: str, value: Any) -> None:  # DPOTrainingArguments' own names
+        name = key.split(".", 1)[1]
+        if name == "beta":
+            _put(out, "train.dpo_beta", float(value))
+        elif name == "weighting_scheme":
+            if value not in ("logit_normal", "uniform"):
+                raise ConversionError(f"{key}: '{value}' is not logit_normal or uniform")
+            _put(out, "train.time_sampling_strategy", value)
+        elif float(value) != {"logit_mean": 0.0, "logit_std": 1.0}[name]:
+            notes.append(f"{key}: {value} dropped; flowrl's logit_normal timesteps have mean 0 and std 1")
+
+    if trainer == "dpo":
+        for name in ("beta", "weighting_scheme", "logit_mean", "logit_std"):
+            handlers[f"train.{name}"] = dpo_key
 
     handlers.update({
         "scheduler.num_sde_steps": count, "eval.resolution": resolution,

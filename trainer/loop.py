@@ -21,7 +21,7 @@ import shutil
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from accelerate import Accelerator
@@ -123,13 +123,21 @@ def schedule_steps(cfg: Config) -> int:
 
 
 def micro_batches(data: EpochData, batch_size: int, seed: int,
-                  device: torch.device | str | None = None) -> Iterator[TrainBatch]:
+                  device: torch.device | str | None = None,
+                  order: Callable[[EpochData, torch.Generator], torch.Tensor | None] | None = None
+                  ) -> Iterator[TrainBatch]:
     """Shuffle this rank's samples (seeded) and cut them into training micro-batches on ``device``
     (None: where the rollout is; ``train.offload_samples_to_cpu`` keeps it in host memory). Each
     micro-batch is made (indexed out, copied over) only when the caller asks for it, so no more
-    than the one in training is held beside the epoch."""
+    than the one in training is held beside the epoch. ``order`` (an algorithm's
+    :meth:`~trainer.algorithms.base.Algorithm.train_order`) may choose the rows and their order
+    instead of the shuffle (DPO: each group's best and worst sample, side by side)."""
     n = data.advantages.shape[0]
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed)
+    perm = order(data, g) if order is not None else None
+    if perm is None:
+        perm = torch.randperm(n, generator=g)
+    n = perm.shape[0]
     r = data.rollout
     src = r.final_latents.device
     dev = src if device is None else torch.device(device)
@@ -162,7 +170,8 @@ def optimize(cfg: Config, accelerator: Accelerator, policy: Policy, algorithm: A
     policy.model.train()
     for inner in range(t.num_inner_epochs):
         seed = (t.seed * SEED_STRIDE + epoch) * 131 + inner
-        for batch in micro_batches(data, t.per_device_batch_size, seed, device=accelerator.device):
+        for batch in micro_batches(data, geo.train_micro_batch, seed, device=accelerator.device,
+                                   order=algorithm.train_order):
             with torch.no_grad(), accelerator.autocast():
                 state = algorithm.prepare(batch, policy)
             for unit in range(units):

@@ -130,7 +130,7 @@ def memory_report(cfg: Any, world_size: int) -> dict[str, Any]:
     shards = min(t.fsdp_shard_size or world_size, world_size)  # hybrid sharding: within a group
     parts = plan_bytes(counts, world_size=shards, fsdp=t.fsdp, frozen_dtype=frozen_dtype,
                        master_dtype=m.master_weight_dtype, ema=bool(t.ema_decay), ema_on_gpu=t.ema_device != "cpu",
-                       ref_copy=bool(t.kl_beta) and m.finetune_type == "full", ref_on_gpu=t.ref_param_device != "cpu")
+                       ref_copy=t.uses_reference and m.finetune_type == "full", ref_on_gpu=t.ref_param_device != "cpu")
     return {"world_size": world_size, "fsdp": t.fsdp, "params": dataclasses.asdict(counts),
             "gib_per_process": {k: round(v / GIB, 2) for k, v in parts.items()}, "bytes_per_process": parts,
             "not_counted": "activations, text encoders, VAE, reward models, CUDA context"}

@@ -3,7 +3,7 @@
 * current: the accelerate-prepared (DDP) transformer, the only forward with gradients;
 * reference: the frozen base model for KL terms. With LoRA it is the same module with the
   adapters switched off (no extra memory); with full fine-tuning a frozen copy, kept only
-  when ``kl_beta > 0`` (on ``ref_param_device``);
+  when ``kl_beta > 0`` or the algorithm needs it (dpo), on ``ref_param_device``;
 * EMA: a float32 shadow of the trainable parameters, evaluated through
   :class:`shared.models.ParamView` (``functional_call``, no weight swapping). It provides
   the eval weights, the off-policy sampling/"old" model (DiffusionNFT) and the AWM anchor.
@@ -90,7 +90,7 @@ class Policy:
             device = "cpu" if t.ema_device == "cpu" else None
             self.ema = EMA(self._pieces(), device=device)
         self._ref: nn.Module | None = None
-        if t.kl_beta and cfg.model.finetune_type == "full":
+        if t.uses_reference and cfg.model.finetune_type == "full":
             ref_device = "cpu" if t.ref_param_device == "cpu" else next(model.parameters()).device
             if self.sharded:  # this process's pieces of the frozen weights, swapped in per call
                 pieces = {n: p.detach().clone().to(ref_device) for n, p in self._pieces().items()}

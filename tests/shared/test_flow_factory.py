@@ -161,10 +161,23 @@ def test_flow_factorys_vllm_evaluate_becomes_a_vlm_judge_with_its_options():
     assert any("set `question`" in n for n in notes)
 
 
-@pytest.mark.parametrize("trainer", ["dpo", "dgpo", "crd"])
+@pytest.mark.parametrize("trainer", ["dgpo", "crd"])
 def test_a_trainer_flowrl_does_not_have_is_refused_by_name(trainer):
     with pytest.raises(ConversionError, match=f"'{trainer}' has no flowrl implementation"):
         convert({"train": {"trainer_type": trainer}, "rewards": [{"reward_model": "pickscore"}]})
+
+
+def test_flow_factorys_dpo_converts_with_its_defaults_and_keys():
+    raw, notes = convert({"train": {"trainer_type": "dpo"}, "rewards": [{"reward_model": "pickscore"}]})
+    t = parse_config(raw).train
+    assert (t.trainer_type, t.dpo_beta, t.time_sampling_strategy, t.num_train_timesteps) == ("dpo", 2000.0,
+                                                                                            "logit_normal", 1)
+    assert t.timestep_fraction == 0.99 and t.time_shift == 1.0 and t.uses_reference
+    raw, notes = convert({"train": {"trainer_type": "dpo", "beta": 500, "weighting_scheme": "uniform",
+                                    "logit_std": 1.5}, "rewards": [{"reward_model": "pickscore"}]})
+    t = parse_config(raw).train
+    assert (t.dpo_beta, t.time_sampling_strategy) == (500.0, "uniform")
+    assert any("train.logit_std: 1.5 dropped" in n for n in notes)
 
 
 def test_a_flow_factory_warm_start_becomes_init_from(tmp_path):

@@ -94,7 +94,8 @@ def test_check_prints_geometry_json():
     geo = json.loads(out.stdout)
     assert geo == {"world_size": 1, "group_size": 8, "groups_per_epoch": 4, "groups_per_rank": 4,
                    "samples_per_rank": 32, "micro_batch": 16, "batches_per_rank": 2,
-                   "grad_steps_per_inner_epoch": 2, "batches_per_grad_step": 1}
+                   "grad_steps_per_inner_epoch": 2, "batches_per_grad_step": 1,
+                   "train_samples_per_rank": 32, "train_micro_batch": 16, "train_batches_per_rank": 2}
 
 
 def test_check_world_size_and_set_overrides():

@@ -1,11 +1,12 @@
-"""Algorithms, registered by ``train.trainer_type``: grpo, grpo-guard, nft, awm."""
+"""Algorithms, registered by ``train.trainer_type``: grpo, grpo-guard, nft, awm, dpo."""
 
 from trainer.algorithms.base import ALGORITHMS, Algorithm, TrainBatch
 
 for _name, _path in [("grpo", "trainer.algorithms.grpo.GRPO"),
                      ("grpo-guard", "trainer.algorithms.grpo_guard.GRPOGuard"),
                      ("nft", "trainer.algorithms.nft.NFT"),
-                     ("awm", "trainer.algorithms.awm.AWM")]:
+                     ("awm", "trainer.algorithms.awm.AWM"),
+                     ("dpo", "trainer.algorithms.dpo.DPO")]:
     if _name not in ALGORITHMS:
         ALGORITHMS.register(_name, _path)
 

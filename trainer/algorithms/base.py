@@ -64,6 +64,13 @@ class Algorithm(ABC):
         """No-grad per-micro-batch precompute (default: nothing)."""
         return {}
 
+    def train_order(self, data: Any, generator: torch.Generator) -> torch.Tensor | None:
+        """The rows of this process's epoch (:class:`~trainer.collect.EpochData`) to train, in
+        order, cut into micro-batches of ``BatchGeometry.train_micro_batch``; None (the default):
+        every row, shuffled with ``generator``. An algorithm that returns a subset declares its
+        size in :class:`~shared.config.BatchGeometry` (``train_samples_per_rank``)."""
+        return None
+
     def host_sigmas(self, batch: TrainBatch) -> torch.Tensor:
         """``batch.sigmas`` on the host. An epoch's micro-batches share one grid tensor (on the
         model's device), so it is read back once per epoch, not per micro-batch."""

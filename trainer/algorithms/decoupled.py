@@ -1,4 +1,4 @@
-"""Shared pieces of the sampler-decoupled algorithms (DiffusionNFT, AWM).
+"""Shared pieces of the sampler-decoupled algorithms (DiffusionNFT, AWM, DPO).
 
 They train on clean rollout results ``x0`` re-noised by the forward process
 ``x_t = (1 - t) x0 + t eps`` at freshly drawn timesteps, so any sampler (ODE included) works
@@ -19,11 +19,12 @@ class Decoupled(Algorithm):
         t = self.t
         return t.num_train_timesteps or max(1, int(t.num_inference_steps * t.timestep_fraction))
 
-    def noised(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
-        """Timesteps ``[T, B]``, noise ``eps [T, B, ...]`` and ``x_t [T, B, ...]`` (seeded)."""
+    def noised(self, batch: TrainBatch, shared: bool | None = None) -> dict[str, torch.Tensor]:
+        """Timesteps ``[T, B]``, noise ``eps [T, B, ...]`` and ``x_t [T, B, ...]`` (seeded); ``shared``
+        (default ``train.group_shared_noise``): one ``(t, eps)`` per group (:meth:`group_noise`)."""
         t = self.t
         T, x0 = self.num_units(0), batch.final_latents.float()
-        if t.group_shared_noise:
+        if t.group_shared_noise if shared is None else shared:
             sig, eps = self.group_noise(batch, T, tuple(x0.shape[1:]))
         else:
             g = torch.Generator().manual_seed(batch.seed)

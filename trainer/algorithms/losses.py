@@ -1,4 +1,4 @@
-"""Loss math of the four trainers (GRPO / GRPO-Guard / DiffusionNFT / AWM) as pure tensor functions.
+"""Loss math of the trainers (GRPO / GRPO-Guard / DiffusionNFT / AWM / DPO) as pure tensor functions.
 
 Nothing in here calls a model, touches an optimizer or reads a config: every function takes tensors the
 trainer already has (log-probs, predicted means, velocities, advantages) and returns tensors. That keeps
@@ -22,7 +22,7 @@ Conventions (shared by every function below)
 References (see ``shared/reference/algorithms.md`` and ``flow-factory.md`` in the shared docs):
 Flow-GRPO (Liu et al. 2025, arXiv 2505.05470), FlowCPS (Wang & Yu 2025, arXiv 2509.05952),
 GRPO-Guard (Wang et al. 2025, arXiv 2510.22319), DiffusionNFT (Zheng et al. 2025, arXiv 2509.16117),
-AWM (Xue et al. 2025, arXiv 2509.25050).
+AWM (Xue et al. 2025, arXiv 2509.25050), Diffusion-DPO (Wallace et al. 2024, arXiv 2311.12908).
 """
 
 from __future__ import annotations
@@ -502,3 +502,67 @@ def awm_policy_loss(
     (``kl_beta * kl_v_based(v, v_ref)`` and ``ema_kl_beta * kl_v_based(v, v_ema)``) are added by the trainer.
     """
     return clipped_surrogate(policy_ratio(logp_new, logp_old), adv, clip_range)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Online Diffusion-DPO
+# ----------------------------------------------------------------------------------------------------------
+
+
+def best_worst_pairs(scores: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Each group's (best, worst) sample by ``scores [N]`` (advantages or rewards), groups by ``group_ids [N]``.
+
+    Returns ``(winners [P], losers [P], valid [P] bool)``: row indices, one pair per group of at least two
+    samples, in order of first appearance; the first of equal scores wins a tie for best and the last
+    for worst, and ``valid`` is False where best and worst score the same (no preference to learn).
+    Groups of one sample give no pair.
+    """
+    if scores.ndim != 1 or group_ids.shape != scores.shape:
+        raise ValueError(f"scores and group_ids must both be [N], got {tuple(scores.shape)} and {tuple(group_ids.shape)}")
+    values, ids = scores.detach().cpu().double(), group_ids.cpu().tolist()
+    rows: dict[int, list[int]] = {}
+    for i, gid in enumerate(ids):
+        rows.setdefault(gid, []).append(i)
+    winners, losers, valid = [], [], []
+    for members in rows.values():
+        if len(members) < 2:
+            continue
+        member_scores = values[members]
+        best = members[int(torch.argmax(member_scores))]
+        worst = members[len(members) - 1 - int(torch.argmin(member_scores.flip(0)))]
+        winners.append(best)
+        losers.append(worst)
+        valid.append(bool(values[best] > values[worst]))
+    return (torch.tensor(winners, dtype=torch.long), torch.tensor(losers, dtype=torch.long),
+            torch.tensor(valid, dtype=torch.bool))
+
+
+def dpo_loss(err: Tensor, err_ref: Tensor, winners: Tensor, losers: Tensor, valid: Tensor,
+             beta: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """Diffusion-DPO's loss on flow matching (Flow-Factory's ``dpo`` trainer).
+
+    ``err``, ``err_ref [B]``: each sample's mean squared velocity error ``mean_d (v - (eps - x0))^2`` under the
+    policy (with gradient) and under the frozen reference, at the same ``(t, eps)`` for a pair's two samples.
+    ``winners``, ``losers``, ``valid [P]``: the pairs (:func:`best_worst_pairs`). Per pair
+    ``z = -(beta / 2) * ((err_w - err_ref_w) - (err_l - err_ref_l))`` and the loss is ``-log sigmoid(z)``,
+    averaged over the ``P`` pairs with invalid pairs (ties) contributing 0. ``z > 0`` when the policy has moved
+    toward the winner more than toward the loser, relative to the reference (so ``z = 0`` and the loss is
+    ``log 2`` when policy and reference agree).
+
+    Metrics: ``dpo_accuracy`` (fraction of valid pairs with ``z > 0``), ``dpo_margin`` (mean ``z`` over valid
+    pairs), ``dpo_valid_fraction``.
+    """
+    if err.ndim != 1 or err_ref.shape != err.shape:
+        raise ValueError(f"err and err_ref must both be [B], got {tuple(err.shape)} and {tuple(err_ref.shape)}")
+    err, err_ref = _upcast(err), _upcast(err_ref).detach()
+    winners, losers, valid = winners.to(err.device), losers.to(err.device), valid.to(err.device)
+    diff = err - err_ref
+    z = -0.5 * beta * (diff[winners] - diff[losers])
+    weight = valid.to(z.dtype)
+    pairs = max(int(valid.numel()), 1)
+    loss = (-torch.nn.functional.logsigmoid(z) * weight).sum() / pairs + 0.0 * err.sum()  # graph even with no pair
+    n_valid = weight.sum().clamp_min(1.0)
+    metrics = {"dpo_accuracy": ((z.detach() > 0).to(z.dtype) * weight).sum() / n_valid,
+               "dpo_margin": (z.detach() * weight).sum() / n_valid,
+               "dpo_valid_fraction": weight.sum() / pairs}
+    return loss, metrics

@@ -1,0 +1,66 @@
+"""Online Diffusion-DPO (Wallace et al. 2024) on flow matching, as Flow-Factory's ``dpo`` trainer.
+
+Each epoch's groups give one preference pair each: the sample with the highest advantage (the winner)
+and the one with the lowest (the loser); the rest of the group is not trained (:meth:`DPO.train_order`).
+A pair's two samples are re-noised with the same timestep and noise (``x_t = (1 - t) x0 + t eps``), the
+policy's and the frozen reference's mean squared velocity errors against ``eps - x0`` are compared, and
+the loss is ``-log sigmoid(-(dpo_beta / 2) [(err_w - ref_w) - (err_l - ref_l)])``
+(:func:`~trainer.algorithms.losses.dpo_loss`): the policy fits the winner better and the loser worse than
+the reference does. The reference is the base (LoRA disabled, or a frozen copy for full fine-tuning),
+always evaluated, whatever ``kl_beta`` says.
+How this differs from Flow-Factory's ``trainers/dpo.py``:
+* pairs are formed per process from that process's whole groups (they never straddle processes) and
+  trained in micro-batches of ``min(per_device_batch_size, 2 x groups per process)``
+  (``BatchGeometry.train_micro_batch``);
+* a pair whose best and worst samples have equal rewards carries no preference: its loss term is 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from trainer.algorithms.base import ALGORITHMS
+from trainer.algorithms.decoupled import Decoupled
+from trainer.algorithms.losses import best_worst_pairs, dpo_loss, kl_v_based, mean_d
+
+
+@ALGORITHMS.register("dpo")
+class DPO(Decoupled):
+    def train_order(self, data, generator):
+        """Each group's (winner, loser) rows side by side, the pairs in a seeded random order."""
+        winners, losers, _ = best_worst_pairs(data.advantages, data.group_ids)
+        pairs = torch.stack([winners, losers], 1)
+        return pairs[torch.randperm(pairs.shape[0], generator=generator)].reshape(-1)
+
+    def pairs(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The micro-batch's pairs; every group in it must be exactly one (winner, loser) pair."""
+        counts = torch.bincount(torch.unique(batch.group_ids, return_inverse=True)[1])
+        if bool((counts != 2).any()):
+            raise ValueError(f"dpo: a training micro-batch must hold whole (winner, loser) pairs, got group sizes "
+                             f"{counts.tolist()}; the loop cuts micro-batches of BatchGeometry.train_micro_batch "
+                             f"from DPO.train_order, which keeps them whole")
+        return best_worst_pairs(batch.advantages, batch.group_ids)
+
+    def target(self, batch, state, unit) -> torch.Tensor:
+        return state["eps"][unit] - batch.final_latents.float()
+
+    def prepare(self, batch, policy):
+        state = self.noised(batch, shared=True)
+        state["pairs"] = self.pairs(batch)
+        state["err_ref"] = [mean_d((policy.ref_velocity(state["x_t"][j], state["sigma"][j], batch.cond).float()
+                                    - self.target(batch, state, j)) ** 2)
+                            for j in range(state["sigma"].shape[0])]
+        return state
+
+    def loss(self, batch, unit, state, policy):
+        t = self.t
+        x_t, sigma = state["x_t"][unit], state["sigma"][unit]
+        v = policy.velocity(x_t, sigma, batch.cond)
+        err = mean_d((v.float() - self.target(batch, state, unit)) ** 2)
+        loss, metrics = dpo_loss(err, state["err_ref"][unit], *state["pairs"], t.dpo_beta)
+        metrics = {k: m.detach() for k, m in metrics.items()}
+        if t.kl_beta:
+            kl = kl_v_based(v, policy.ref_velocity(x_t, sigma, batch.cond)).mean()
+            loss = loss + t.kl_beta * kl
+            metrics["kl"] = kl.detach()
+        return loss, metrics
