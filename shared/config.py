@@ -424,7 +424,7 @@ class BatchGeometry:
     grad_steps_per_inner_epoch: int  # G
     batches_per_grad_step: int  # train_batches_per_rank / G: training micro-batches per optimizer step
     # what is trained: every sample in micro-batches of B, except for dpo: each group's best and
-    # worst sample, M / W pairs in micro-batches of min(B, 2 M / W)
+    # worst sample, M / W pairs, B pairs (2 B samples) a micro-batch as Flow-Factory's: min(2 B, 2 M / W)
     train_samples_per_rank: int = 0
     train_micro_batch: int = 0
     train_batches_per_rank: int = 0
@@ -462,14 +462,14 @@ class BatchGeometry:
         """DPO trains one (best, worst) pair per group: ``2 M / W`` samples per process."""
         K, M, B, G = t.group_size, t.unique_sample_num_per_epoch, t.per_device_batch_size, t.gradient_step_per_epoch
         rows = 2 * (M // W)
-        b = min(B, rows)
-        if b % 2 or rows % b or (rows // b) % G:
+        b = min(2 * B, rows)
+        if rows % b or (rows // b) % G:
             raise ConfigError(
-                f"train.trainer_type: dpo trains each group's (best, worst) pair, {rows} samples per process per "
-                f"epoch (unique_sample_num_per_epoch={M} x 2 / {W}), in training micro-batches of "
-                f"min(per_device_batch_size, {rows}) = {b}, which must be even, divide {rows} and give a multiple "
-                f"of gradient_step_per_epoch={G} micro-batches. Fix: an even per_device_batch_size that divides "
-                f"{rows} into a multiple of {G} parts, or change unique_sample_num_per_epoch.")
+                f"train.trainer_type: dpo trains each group's (best, worst) pair, {M // W} pairs per process per "
+                f"epoch (unique_sample_num_per_epoch={M} / {W}), per_device_batch_size={B} pairs a micro-batch: "
+                f"{-(-(M // W) // B)} micro-batch(es), which must be whole and a multiple of "
+                f"gradient_step_per_epoch={G}. Fix: a per_device_batch_size that divides {M // W} pairs into a "
+                f"multiple of {G} parts, or change unique_sample_num_per_epoch / gradient_step_per_epoch.")
         return cls(W, K, M, M // W, per_rank, B, batches, G, rows // b // G, rows, b, rows // b)
 
 

@@ -53,15 +53,15 @@ def test_dpo_loss_gradient_lowers_the_winners_error_and_raises_the_losers():
 
 
 def test_dpo_geometry_trains_one_pair_per_group(tmp_path):
-    cfg = tiny_config(tmp_path, "dpo", ["train.per_device_batch_size=4"])
-    geo = cfg.geometry(1)  # 4 groups of 8, rollouts in micro-batches of 4
+    cfg = tiny_config(tmp_path, "dpo", ["train.per_device_batch_size=2"])
+    geo = cfg.geometry(1)  # 4 groups of 8, rollouts in micro-batches of 2, pairs in micro-batches of 2 pairs
     assert (geo.batches_per_rank, geo.train_samples_per_rank, geo.train_micro_batch, geo.train_batches_per_rank,
-            geo.batches_per_grad_step) == (8, 8, 4, 2, 1)
+            geo.batches_per_grad_step) == (16, 8, 4, 2, 1)
     assert cfg.train.uses_reference and cfg.train.kl_beta == 0.0
     geo = tiny_config(tmp_path, "dpo", ["train.gradient_step_per_epoch=1"]).geometry(1)
-    assert (geo.train_micro_batch, geo.train_batches_per_rank) == (8, 1)  # min(16, 8)
-    with pytest.raises(ConfigError, match="dpo trains each group's .best, worst. pair, 8 samples"):
-        tiny_config(tmp_path, "dpo").geometry(1)  # 1 micro-batch of 8 cannot make 2 optimizer steps
+    assert (geo.train_micro_batch, geo.train_batches_per_rank) == (8, 1)  # min(2 x 16, 8)
+    with pytest.raises(ConfigError, match="dpo trains each group's .best, worst. pair, 4 pairs per process"):
+        tiny_config(tmp_path, "dpo").geometry(1)  # 1 micro-batch of 4 pairs cannot make 2 optimizer steps
     grpo = tiny_config(tmp_path, "grpo").geometry(1)  # everything else trains every sample
     assert (grpo.train_samples_per_rank, grpo.train_micro_batch, grpo.train_batches_per_rank) == (32, 16, 2)
 
@@ -70,7 +70,7 @@ def test_train_order_puts_each_groups_winner_beside_its_loser(tmp_path):
     from trainer.algorithms import ALGORITHMS
     from trainer.collect import EpochData
 
-    cfg = tiny_config(tmp_path, "dpo", ["train.per_device_batch_size=4"])
+    cfg = tiny_config(tmp_path, "dpo", ["train.per_device_batch_size=2"])
     dpo = ALGORITHMS.get("dpo")(cfg)
     g = torch.Generator().manual_seed(0)
     advantages = torch.randn(32, generator=g)
@@ -91,6 +91,6 @@ def test_dpo_full_fine_tuning_keeps_a_frozen_reference_without_kl(tmp_path):
     from trainer.loop import train
 
     cfg = tiny_config(tmp_path, "dpo", ["model.finetune_type=full", "train.learning_rate=1e-4",
-                                        "train.per_device_batch_size=4", "train.max_epochs=1"])
+                                        "train.per_device_batch_size=2", "train.max_epochs=1"])
     summary = train(cfg, quiet=True)
     assert summary["optimizer_steps"] == 2

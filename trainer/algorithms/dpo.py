@@ -8,11 +8,14 @@ the loss is ``-log sigmoid(-(dpo_beta / 2) [(err_w - ref_w) - (err_l - ref_l)])`
 (:func:`~trainer.algorithms.losses.dpo_loss`): the policy fits the winner better and the loser worse than
 the reference does. The reference is the base (LoRA disabled, or a frozen copy for full fine-tuning),
 always evaluated, whatever ``kl_beta`` says.
+Micro-batches hold ``per_device_batch_size`` pairs, as Flow-Factory's (``BatchGeometry.train_micro_batch``).
 How this differs from Flow-Factory's ``trainers/dpo.py``:
-* pairs are formed per process from that process's whole groups (they never straddle processes) and
-  trained in micro-batches of ``min(per_device_batch_size, 2 x groups per process)``
-  (``BatchGeometry.train_micro_batch``);
-* a pair whose best and worst samples have equal rewards carries no preference: its loss term is 0.
+* the errors are against flow matching's velocity target ``eps - x0`` (the flow-matching form of
+  Diffusion-DPO's noise-prediction loss); Flow-Factory's trainer compares its forward's ``noise_pred``
+  with the noise ``eps``;
+* pairs are formed per process from that process's whole groups (they never straddle processes here);
+* a pair whose best and worst samples have equal rewards carries no preference: its loss term is 0
+  (Flow-Factory trains it like any other pair).
 """
 
 from __future__ import annotations
