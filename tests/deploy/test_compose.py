@@ -4,8 +4,9 @@
    Compose Specification's JSON schema (``check-jsonschema --builtin-schema vendor.compose-spec``).
 2. Semantics the schema cannot see: healthchecks behind every ``service_healthy`` dependency,
    one GPU per GPU service, nothing published beyond 127.0.0.1, environment names the code
-   reads (QueueSettings, RewardServerSettings), commands the CLI accepts, the trainer's
-   experiment is a valid config, healthcheck ports match the commands, secrets required.
+   reads (QueueSettings, RewardServerSettings, SamplerServerSettings), commands the CLI accepts,
+   the trainer's experiment is a valid config, healthcheck ports match the commands, secrets
+   required, the optional preview server stays behind its profile, hardened and token-protected.
 """
 
 from __future__ import annotations
@@ -24,10 +25,17 @@ from tests.deploy.composefile import (ROOT, MissingVariable, environment, interp
 MAIN, CPU = "docker-compose.yml", "docker-compose.cpu.yml"
 # What an operator puts in .env; the values only need to be non-empty.
 SECRETS = {"REDIS_PASSWORD": "0123abcd", "FLOWRL_API_TOKEN": "token-123", "GRAFANA_ADMIN_PASSWORD": "admin-123"}
-GPU_SERVICES = {"reward", "sampler", "trainer"}  # one GPU each
+GPU_SERVICES = {"reward", "sampler", "trainer"}  # one GPU each, each its own by default
 # Monitors every GPU of the box and computes nothing, so it is the one exception to "one GPU".
 GPU_MONITORS = {"dcgm-exporter"}
-PUBLISHED = {"prometheus", "grafana"}  # the only services that publish ports at all
+# Optional GPU services that reserve one GPU but share another service's by default.
+SHARED_GPU = {"preview": "sampler"}
+PUBLISHED = {"prometheus", "grafana", "preview"}  # the only services that publish ports at all
+# flowrl services that use neither Redis nor the blob store, so get no FLOWRL_QUEUE_* (and no
+# broker password).
+NO_QUEUE = {"preview"}
+# Behind a compose profile: `docker compose up` without `--profile` does not start them.
+OPTIONAL = {"preview": "preview", "dcgm-exporter": "dcgm"}
 
 
 def _check_jsonschema() -> str:
@@ -127,7 +135,7 @@ def test_each_gpu_service_reserves_exactly_one_gpu(variants):
         devices = _gpu_devices(service)
         if name in GPU_MONITORS:
             continue
-        if name in GPU_SERVICES:
+        if name in GPU_SERVICES or name in SHARED_GPU:
             assert len(devices) == 1, f"{name}: expected one GPU reservation, got {devices}"
             (device,) = devices
             assert device.get("driver") == "nvidia" and "count" not in device, device
@@ -136,6 +144,17 @@ def test_each_gpu_service_reserves_exactly_one_gpu(variants):
             assert not devices, f"{name} reserves a GPU but is not a GPU service"
     gpus = [_gpu_devices(services[s])[0]["device_ids"][0] for s in sorted(GPU_SERVICES)]
     assert len(set(gpus)) == len(gpus), f"default device ids must differ (one GPU per process): {gpus}"
+    for name, host in SHARED_GPU.items():
+        assert _gpu_devices(services[name])[0]["device_ids"] == _gpu_devices(services[host])[0]["device_ids"], \
+            f"{name} shares {host}'s GPU by default"
+
+
+def test_preview_gpu_follows_the_sampler_unless_set(main_raw):
+    def preview_gpu(env):
+        return _gpu_devices(interpolate(main_raw, {**SECRETS, **env})["services"]["preview"])[0]["device_ids"]
+
+    assert preview_gpu({"FLOWRL_SAMPLER_GPU": "0"}) == ["0"]
+    assert preview_gpu({"FLOWRL_SAMPLER_GPU": "0", "FLOWRL_PREVIEW_GPU": "3"}) == ["3"]
 
 
 def test_cpu_variant_reserves_no_gpu_and_uses_the_cpu_image(variants):
@@ -167,10 +186,12 @@ def test_nothing_published_beyond_loopback(variants, variant):
 
 def test_environment_names_are_read_by_the_code(variants):
     from services.reward.settings import RewardServerSettings
+    from services.sampler.settings import SamplerServerSettings
     from shared.queue import QueueSettings
 
     queue_keys = {f"FLOWRL_QUEUE_{k.upper()}" for k in QueueSettings.model_fields}
     reward_keys = {f"FLOWRL_REWARD_{k.upper()}" for k in RewardServerSettings.model_fields} | {"FLOWRL_API_TOKEN"}
+    sampler_keys = {f"FLOWRL_SAMPLER_{k.upper()}" for k in SamplerServerSettings.model_fields}
     other = {"FLOWRL_API_TOKEN", "OMP_NUM_THREADS"}
     for variant, compose in variants.items():
         for name, service in _flowrl_services(compose).items():
@@ -180,10 +201,15 @@ def test_environment_names_are_read_by_the_code(variants):
                     assert key in queue_keys, f"{variant}/{name}: {key} is not a QueueSettings field"
                 elif key.startswith("FLOWRL_REWARD_"):
                     assert key in reward_keys, f"{variant}/{name}: {key} is not a RewardServerSettings field"
+                elif key.startswith("FLOWRL_SAMPLER_"):
+                    assert key in sampler_keys, f"{variant}/{name}: {key} is not a SamplerServerSettings field"
                 else:
                     assert key in other, f"{variant}/{name}: {key} is read by nothing in flowrl"
             for key in ("FLOWRL_QUEUE_BROKER_URL", "FLOWRL_QUEUE_STORE_URL", "FLOWRL_QUEUE_NAMESPACE"):
-                assert key in env, f"{variant}/{name} lacks {key}"
+                if name in NO_QUEUE:
+                    assert key not in env, f"{variant}/{name} uses no queue: drop {key}"
+                else:
+                    assert key in env, f"{variant}/{name} lacks {key}"
 
 
 def test_queue_settings_parse_and_point_at_the_shared_volume(variants, monkeypatch):
@@ -191,27 +217,30 @@ def test_queue_settings_parse_and_point_at_the_shared_volume(variants, monkeypat
 
     for variant, compose in variants.items():
         for name, service in _flowrl_services(compose).items():
+            mounts = {v.split(":")[1] for v in service["volumes"] if isinstance(v, str)}
+            assert "/data" in mounts, f"{variant}/{name} does not mount the shared volume at /data"
+            if name in NO_QUEUE:
+                continue
             env = environment(service)
             for key, value in env.items():
                 monkeypatch.setenv(key, value)
             settings = QueueSettings()  # from FLOWRL_QUEUE_* exactly as the container reads them
             assert settings.broker_url == f"redis://:{SECRETS['REDIS_PASSWORD']}@redis:6379/0"
             assert settings.store_url == "file:///data/blobs"
-            mounts = {v.split(":")[1] for v in service["volumes"] if isinstance(v, str)}
-            assert "/data" in mounts, f"{variant}/{name} does not mount the shared volume at /data"
             for key in env:
                 monkeypatch.delenv(key)
 
 
 def test_commands_are_accepted_by_the_cli(variants):
     from services.reward.cli import _parser as reward_parser
+    from services.sampler.cli import _parser as sampler_parser
     from trainer.cli import _parser
 
     for variant, compose in variants.items():
         for name, service in _flowrl_services(compose).items():
             args = _parser().parse_args(service["command"][1:])  # SystemExit on an unknown command/flag
             if args.command == "serve":
-                reward_parser().parse_args(args.args)
+                {"reward": reward_parser, "sampler": sampler_parser}[args.service]().parse_args(args.args)
 
 
 def test_trainer_experiment_is_a_valid_config_scored_by_the_reward_server(variants):
@@ -258,7 +287,10 @@ def test_healthchecks_probe_the_ports_the_commands_open(variants):
         worker = _parser().parse_args(services["reward-worker"]["command"][1:])
         assert f"127.0.0.1:{worker.http_port}/health/ready" in " ".join(services["reward-worker"]["healthcheck"]["test"])
         assert worker.http_host == "0.0.0.0", "Prometheus scrapes the reward worker from another container"
-        for name in ("sampler", "reward", "reward-worker"):
+        preview = services["preview"]["command"]
+        port = preview[preview.index("--port") + 1]
+        assert f"127.0.0.1:{port}/health/ready" in " ".join(services["preview"]["healthcheck"]["test"])
+        for name in ("sampler", "reward", "reward-worker", "preview"):
             test = services[name]["healthcheck"]["test"]
             script = test[test.index("python") + 1]
             assert script.startswith("/app/") and (ROOT / script.removeprefix("/app/")).is_file(), \
@@ -308,6 +340,8 @@ def test_monitoring_mounts_and_secrets_line_up(variants):
     secret = reward_job["authorization"]["credentials_file"]
     assert secret == f"/run/secrets/{services['prometheus']['secrets'][0]}"
     assert variants["gpu"]["secrets"]["flowrl_api_token"]["environment"] == "FLOWRL_API_TOKEN"
+    preview_job = next(j for j in prom["scrape_configs"] if j["job_name"] == "flowrl-preview")
+    assert preview_job["authorization"] == reward_job["authorization"], "the preview server's /metrics needs the token"
     sampler_job = next(j for j in prom["scrape_configs"] if j["job_name"] == "flowrl-sampler")
     assert sampler_job["dns_sd_configs"][0]["names"] == services["sampler"]["networks"]["default"]["aliases"]
     assert reward_job["dns_sd_configs"][0]["names"] == ["reward"]
@@ -341,13 +375,79 @@ def test_every_metrics_port_is_exposed_and_scraped_by_its_job(variants):
         cfg = load_config(ROOT / args.config, args.overrides)
         assert cfg.metrics_host == "0.0.0.0", f"{variant}/trainer: metrics_host must listen beyond loopback"
         ports["trainer"] = cfg.metrics_port
-        reward = services["reward"]["command"]
-        ports["reward"] = int(reward[reward.index("--port") + 1])
+        for service in ("reward", "preview"):
+            command = services[service]["command"]
+            ports[service] = int(command[command.index("--port") + 1])
+            assert command[command.index("--host") + 1] == "0.0.0.0", \
+                f"{variant}/{service}: Prometheus scrapes from another container"
         for service, job in [("sampler", "flowrl-sampler"), ("reward-worker", "flowrl-reward-worker"),
-                             ("trainer", "flowrl-trainer"), ("reward", "flowrl-reward")]:
+                             ("trainer", "flowrl-trainer"), ("reward", "flowrl-reward"),
+                             ("preview", "flowrl-preview")]:
             assert jobs[job]["port"] == ports[service], f"{variant}: job {job} scrapes {jobs[job]['port']}, " \
                 f"{service} listens on {ports[service]}"
             assert set(jobs[job]["names"]) <= names_of(service), \
                 f"{variant}: job {job} looks up {jobs[job]['names']}, which do not name {service}"
             assert str(ports[service]) in [str(p) for p in services[service].get("expose", [])], \
                 f"{variant}/{service}: expose its metrics port {ports[service]}"
+
+
+def test_optional_services_stay_behind_their_profile(variants):
+    """`docker compose up` starts no optional service: each sits in its profile, and nothing
+    started without one depends on it."""
+    for variant, compose in variants.items():
+        services = compose["services"]
+        assert {n for n, s in services.items() if s.get("profiles")} == set(OPTIONAL), variant
+        for name, profile in OPTIONAL.items():
+            assert services[name]["profiles"] == [profile], f"{variant}/{name}"
+        for name, service in services.items():
+            assert not set(service.get("depends_on") or {}) & set(OPTIONAL), \
+                f"{variant}/{name} depends on an optional service: a plain `up` would start it"
+
+
+def test_preview_is_hardened_like_its_neighbours_and_wants_the_token(variants, monkeypatch):
+    """The preview server: the flowrl services' least privilege, listens beyond the loopback
+    only with FLOWRL_API_TOKEN set (shared/serving.py warns otherwise), publishes on 127.0.0.1,
+    and its settings (command + environment, as the container reads them) serve the trainer's
+    experiment on the right device."""
+    from services.sampler.cli import _parser as sampler_parser
+    from services.sampler.settings import SamplerServerSettings
+    from shared.config import load_config
+    from shared.serving import is_loopback
+    from trainer.cli import _parser
+
+    for variant, compose in variants.items():
+        services = compose["services"]
+        preview, reward = services["preview"], services["reward"]
+        for key in ("read_only", "tmpfs", "cap_drop", "security_opt", "volumes", "restart", "image", "build"):
+            assert preview[key] == reward[key], f"{variant}/preview: {key} differs from the reward server's"
+        assert preview["read_only"] is True and preview["cap_drop"] == ["ALL"]
+        assert "no-new-privileges:true" in preview["security_opt"]
+        assert "depends_on" not in preview, "it needs no other service to start"
+        args = _parser().parse_args(preview["command"][1:])
+        assert (args.command, args.service) == ("serve", "sampler")
+        cli = {k: v for k, v in vars(sampler_parser().parse_args(args.args)).items() if v is not None}
+        env = environment(preview)
+        assert env["FLOWRL_API_TOKEN"] == SECRETS["FLOWRL_API_TOKEN"]
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        settings = SamplerServerSettings(**cli)  # as services/sampler/cli.py builds them
+        for key in env:
+            monkeypatch.delenv(key)
+        assert settings.host == "0.0.0.0" and not is_loopback(settings.host)
+        assert settings.token is not None and settings.token.get_secret_value() == SECRETS["FLOWRL_API_TOKEN"]
+        assert settings.device == ("cpu" if variant == "cpu" else "cuda")
+        assert not settings.checkpoint, "without FLOWRL_PREVIEW_CHECKPOINT it serves the base model"
+        assert [f"127.0.0.1:{settings.port}:{settings.port}"] == preview["ports"]
+        # the trainer's experiment: the model its checkpoints belong to
+        trainer = _parser().parse_args(services["trainer"]["command"][1:])
+        assert settings.config == trainer.config
+        load_config(ROOT / settings.config, settings.overrides)  # a config error would stop the server
+
+
+def test_preview_follows_the_trainer_config_and_takes_a_checkpoint(main_raw):
+    env = {**SECRETS, "FLOWRL_CONFIG": "examples/toy/grpo.yaml",
+           "FLOWRL_PREVIEW_CHECKPOINT": "/data/runs/toy_grpo/checkpoints/final"}
+    services = interpolate(main_raw, env)["services"]
+    preview = environment(services["preview"])
+    assert preview["FLOWRL_SAMPLER_CONFIG"] == "examples/toy/grpo.yaml" == services["trainer"]["command"][2]
+    assert preview["FLOWRL_SAMPLER_CHECKPOINT"] == env["FLOWRL_PREVIEW_CHECKPOINT"]

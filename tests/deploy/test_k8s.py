@@ -1,6 +1,7 @@
 """k8s/: the kustomize base and its overlays, checked without a cluster.
 
-1. ``kubectl kustomize k8s/overlays/{cpu,gpu}`` renders each overlay;
+1. ``kubectl kustomize k8s/overlays/{cpu,gpu}`` renders each overlay, as shipped and with the
+   optional preview server (k8s/components/preview) added the way its comment says;
 2. ``kubernetes-validate`` (bundled OpenAPI schemas, strict: unknown fields fail) accepts every
    built-in kind for the oldest and newest Kubernetes versions checked; KEDA's ScaledObject and
    TriggerAuthentication (CRDs, no bundled schema) against tests/deploy/schemas/keda-v1alpha1.json,
@@ -8,7 +9,8 @@
 3. semantics: GPUs, probes on the health endpoints, environment names the code reads,
    commands the CLI accepts, the experiment ConfigMap is a valid config scored by the reward
    Service, KEDA watches the sample queue's Redis list, grace periods cover a task, pods meet
-   Pod Security "restricted", every referenced ConfigMap/Secret/PVC/Service exists.
+   Pod Security "restricted", every referenced ConfigMap/Secret/PVC/Service exists, the preview
+   server serves the trainer's experiment with the token and only Prometheus may reach it.
 """
 
 from __future__ import annotations
@@ -25,8 +27,12 @@ import yaml
 from tests.deploy.composefile import ROOT
 
 OVERLAYS = ["cpu", "gpu"]
+# Optional Components an overlay adds by uncommenting `components: [../../components/<name>]`.
+COMPONENTS = ["preview"]
+# Each overlay as shipped, and with each component: "gpu+preview" is k8s/overlays/gpu with it.
+VARIANTS = [*OVERLAYS, *(f"{o}+{c}" for o in OVERLAYS for c in COMPONENTS)]
 K8S_VERSIONS = ["1.30.0", "1.37.0"]  # oldest and newest Kubernetes minor the manifests are checked against
-GPU_WORKLOADS = {"flowrl-reward", "flowrl-sampler", "flowrl-trainer"}
+GPU_WORKLOADS = {"flowrl-reward", "flowrl-sampler", "flowrl-trainer", "flowrl-preview"}
 KEDA_SCHEMA = json.loads((ROOT / "tests/deploy/schemas/keda-v1alpha1.json").read_text())
 WORKLOAD_KINDS = {"Deployment", "Job", "StatefulSet"}
 
@@ -40,14 +46,30 @@ def _kubectl() -> str:
 
 
 @pytest.fixture(scope="module")
-def rendered() -> dict[str, list[dict]]:
+def rendered(tmp_path_factory) -> dict[str, list[dict]]:
     out = {}
-    for overlay in OVERLAYS:
-        result = subprocess.run([_kubectl(), "kustomize", str(ROOT / "k8s/overlays" / overlay)],
+    for variant in VARIANTS:
+        overlay, _, component = variant.partition("+")
+        root = ROOT / "k8s"
+        if component:  # a copy of k8s/ with the overlay's commented `components:` lines uncommented
+            root = tmp_path_factory.mktemp(variant) / "k8s"
+            shutil.copytree(ROOT / "k8s", root)
+            kustomization = root / "overlays" / overlay / "kustomization.yaml"
+            line = f"components:\n  - ../../components/{component}\n"
+            commented = line.replace("components:", "# components:").replace("  - ", "#   - ")
+            text = kustomization.read_text()
+            assert commented in text, f"k8s/overlays/{overlay} does not offer the {component} component"
+            kustomization.write_text(text.replace(commented, line))
+        result = subprocess.run([_kubectl(), "kustomize", str(root / "overlays" / overlay)],
                                 capture_output=True, text=True, timeout=60)
-        assert result.returncode == 0, f"kubectl kustomize k8s/overlays/{overlay} failed:\n{result.stderr}"
-        out[overlay] = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+        assert result.returncode == 0, f"kubectl kustomize k8s/overlays/{variant} failed:\n{result.stderr}"
+        out[variant] = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
     return out
+
+
+def _flavour(variant: str) -> str:
+    """"cpu" or "gpu": the overlay a variant builds on."""
+    return variant.partition("+")[0]
 
 
 def _by(docs: list[dict], kind: str) -> dict[str, dict]:
@@ -87,7 +109,7 @@ def _env(container: dict, docs: list[dict]) -> dict[str, str]:
 # --- 1 + 2: render and validate --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", VARIANTS)
 def test_every_resource_is_valid(rendered, overlay):
     import kubernetes_validate
 
@@ -104,7 +126,7 @@ def test_every_resource_is_valid(rendered, overlay):
                 pytest.fail(f"{overlay}: {doc['kind']}/{doc['metadata']['name']} invalid for Kubernetes "
                             f"{version}: {e.message} at {'/'.join(map(str, e.path))}")
     assert {"Deployment", "Job", "Service", "ConfigMap", "Secret", "PersistentVolumeClaim", "NetworkPolicy"} <= kinds
-    assert ("ScaledObject" in kinds) == (overlay == "gpu"), "KEDA scales the samplers of the gpu overlay only"
+    assert ("ScaledObject" in kinds) == (_flavour(overlay) == "gpu"), "KEDA scales the samplers of the gpu overlay only"
 
 
 def test_keda_schema_rejects_a_typo(rendered):
@@ -127,13 +149,13 @@ def test_kubernetes_validate_is_strict(rendered):
 # --- 3: semantics ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", VARIANTS)
 def test_gpu_requests(rendered, overlay):
     for name, workload in _workloads(rendered[overlay]).items():
         for container in _pod(workload)["containers"]:
             limits = (container.get("resources") or {}).get("limits") or {}
             gpus = limits.get("nvidia.com/gpu")
-            if overlay == "gpu" and name in GPU_WORKLOADS:
+            if _flavour(overlay) == "gpu" and name in GPU_WORKLOADS:
                 assert gpus == 1, f"{name}: expected one nvidia.com/gpu, got {gpus}"
                 tolerations = _pod(workload).get("tolerations") or []
                 assert any(t.get("key") == "nvidia.com/gpu" for t in tolerations), f"{name}: no GPU toleration"
@@ -141,7 +163,7 @@ def test_gpu_requests(rendered, overlay):
                 assert gpus is None, f"{overlay}/{name} requests a GPU"
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", VARIANTS)
 def test_probes_use_the_health_endpoints(rendered, overlay):
     from trainer.cli import _parser
 
@@ -174,40 +196,60 @@ def test_probes_use_the_health_endpoints(rendered, overlay):
     assert ready[1].startswith("/app/") and (ROOT / ready[1].removeprefix("/app/")).is_file(), \
         "the probe runs the image's copy of deploy/healthcheck.py (WORKDIR /app)"
     assert "FLOWRL_API_TOKEN" in _env(reward, rendered[overlay]), "the readiness check needs the token"
-    for container in (sampler, reward):  # a slow model load must not restart the pod
+    containers = [sampler, reward]
+
+    if "flowrl-preview" in workloads:
+        from services.sampler.cli import _parser as sampler_parser
+
+        preview = _pod(workloads["flowrl-preview"])["containers"][0]
+        args = sampler_parser().parse_args(_parser().parse_args(preview["args"][1:]).args)
+        assert {p["name"]: p["containerPort"] for p in preview["ports"]}["http"] == args.port
+        for probe in ("startupProbe", "livenessProbe"):  # /health/live: no token needed
+            assert preview[probe]["httpGet"] == {"path": "/health/live", "port": "http"}, probe
+        ready = preview["readinessProbe"]["exec"]["command"]
+        assert ready[-1] == f"http://127.0.0.1:{args.port}/health/ready"
+        assert ready[1].startswith("/app/") and (ROOT / ready[1].removeprefix("/app/")).is_file()
+        assert "FLOWRL_API_TOKEN" in _env(preview, rendered[overlay]), "the readiness check needs the token"
+        containers.append(preview)
+    for container in containers:  # a slow model load must not restart the pod
         startup = container["startupProbe"]
         assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", VARIANTS)
 def test_commands_and_environment_match_the_code(rendered, overlay):
     from services.reward.cli import _parser as reward_parser
     from services.reward.settings import RewardServerSettings
+    from services.sampler.cli import _parser as sampler_parser
+    from services.sampler.settings import SamplerServerSettings
     from shared.queue import QueueSettings
     from trainer.cli import _parser
 
     docs = rendered[overlay]
     queue_keys = {f"FLOWRL_QUEUE_{k.upper()}" for k in QueueSettings.model_fields}
     reward_keys = {f"FLOWRL_REWARD_{k.upper()}" for k in RewardServerSettings.model_fields}
+    sampler_keys = {f"FLOWRL_SAMPLER_{k.upper()}" for k in SamplerServerSettings.model_fields}
     redis = _by(docs, "Service")["flowrl-redis"]
     for name, workload, container in _flowrl_containers(docs):
         assert "command" not in container, f"{name}: `command` would replace the image's tini entrypoint; use args"
         assert container["args"][0] == "flowrl"
         args = _parser().parse_args(container["args"][1:])
         if args.command == "serve":
-            reward_parser().parse_args(args.args)
+            {"reward": reward_parser, "sampler": sampler_parser}[args.service]().parse_args(args.args)
         env = _env(container, docs)
         for key in env:
             if key.startswith("FLOWRL_QUEUE_"):
                 assert key in queue_keys, f"{name}: {key} is not a QueueSettings field"
             elif key.startswith("FLOWRL_REWARD_"):
                 assert key in reward_keys, f"{name}: {key} is not a RewardServerSettings field"
+            elif key.startswith("FLOWRL_SAMPLER_"):
+                assert key in sampler_keys, f"{name}: {key} is not a SamplerServerSettings field"
             else:
                 assert key in {"FLOWRL_API_TOKEN", "REDIS_PASSWORD"}, f"{name}: {key} is read by nothing"
         assert _pod(workload).get("enableServiceLinks") is False, \
             f"{name}: service links would inject FLOWRL_REWARD_PORT=tcp://... into the reward server's settings"
         if args.command == "serve":
-            continue  # the reward server needs no queue
+            continue  # the reward and preview servers need no queue
         names = [item["name"] for item in container["env"]]
         assert names.index("REDIS_PASSWORD") < names.index("FLOWRL_QUEUE_BROKER_URL"), "$(REDIS_PASSWORD) must be defined first"
         assert env["REDIS_PASSWORD"] == "secret:flowrl-secrets/redis-password"
@@ -220,11 +262,14 @@ def test_commands_and_environment_match_the_code(rendered, overlay):
         volumes = {v["name"]: v for v in _pod(workload)["volumes"]}
         assert volumes[mounts["/data"]]["persistentVolumeClaim"]["claimName"] == "flowrl-data"
     reward = next(c for n, _, c in _flowrl_containers(docs) if n == "flowrl-reward")
-    expected = "cpu" if overlay == "cpu" else "cuda"
+    expected = "cpu" if _flavour(overlay) == "cpu" else "cuda"
     assert _env(reward, docs)["FLOWRL_REWARD_DEVICE"] == expected
+    for n, _, c in _flowrl_containers(docs):
+        if n == "flowrl-preview":
+            assert _env(c, docs)["FLOWRL_SAMPLER_DEVICE"] == expected
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", VARIANTS)
 def test_experiment_configmap_is_a_valid_config_scored_by_the_reward_service(rendered, overlay):
     from shared.config import apply_overrides, parse_config
     from trainer.cli import _parser
@@ -283,7 +328,7 @@ def test_keda_scales_samplers_on_the_sample_queue(rendered):
                for s in sources), "the NetworkPolicy must let KEDA's operator reach Redis"
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", VARIANTS)
 def test_workers_finish_a_task_before_being_killed(rendered, overlay):
     docs = rendered[overlay]
     for name in ("flowrl-sampler", "flowrl-reward-worker"):
@@ -303,7 +348,7 @@ def test_workers_finish_a_task_before_being_killed(rendered, overlay):
     assert _pod(trainer)["terminationGracePeriodSeconds"] >= 120, "time to finish an epoch and checkpoint"
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", VARIANTS)
 def test_trainer_runs_one_process_per_gpu_of_the_pod_with_shared_memory(rendered, overlay):
     from trainer.cli import _parser
 
@@ -315,7 +360,7 @@ def test_trainer_runs_one_process_per_gpu_of_the_pod_with_shared_memory(rendered
     assert volume["emptyDir"]["medium"] == "Memory", "NCCL between the processes needs a RAM-backed /dev/shm"
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", VARIANTS)
 def test_pods_meet_pod_security_restricted(rendered, overlay):
     docs = rendered[overlay]
     (namespace,) = _by(docs, "Namespace").values()
@@ -333,7 +378,7 @@ def test_pods_meet_pod_security_restricted(rendered, overlay):
             assert "memory" in container["resources"]["limits"], f"{name}: no memory limit"
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", VARIANTS)
 def test_references_resolve(rendered, overlay):
     docs = rendered[overlay]
     configmaps, secrets = _by(docs, "ConfigMap"), _by(docs, "Secret")
@@ -382,7 +427,7 @@ def _trainer_config(docs: list[dict]):
     return parse_config(apply_overrides(raw, args.overrides))
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", VARIANTS)
 def test_every_metrics_endpoint_is_annotated_opened_and_admitted(rendered, overlay):
     """Each flowrl pod with /metrics carries prometheus.io annotations naming the port its
     command opens on all interfaces, and the NetworkPolicies admit Prometheus to that port."""
@@ -400,6 +445,10 @@ def test_every_metrics_endpoint_is_annotated_opened_and_admitted(rendered, overl
     opened["flowrl-trainer"] = cfg.metrics_port
     reward = _pod(workloads["flowrl-reward"])["containers"][0]["args"]
     opened["flowrl-reward"] = int(reward[reward.index("--port") + 1])
+    if "flowrl-preview" in workloads:
+        preview = _pod(workloads["flowrl-preview"])["containers"][0]["args"]
+        assert preview[preview.index("--host") + 1] == "0.0.0.0", "Prometheus scrapes the preview server"
+        opened["flowrl-preview"] = int(preview[preview.index("--port") + 1])
     policies = [p["spec"] for p in _by(docs, "NetworkPolicy").values()]
     for name, port in opened.items():
         template = workloads[name]["spec"]["template"]
@@ -422,3 +471,65 @@ def test_every_metrics_endpoint_is_annotated_opened_and_admitted(rendered, overl
                     == "monitoring" for s in rule["from"])
             for spec in policies for rule in spec.get("ingress", []))
         assert admitted, f"{name}: no NetworkPolicy admits Prometheus (namespace monitoring) to port {port}"
+
+
+@pytest.mark.parametrize("overlay", VARIANTS)
+def test_preview_is_optional_and_serves_the_trainers_experiment(rendered, overlay):
+    """The preview server exists only where its Component is added; it builds the model of the
+    trainer's experiment (the same ConfigMap), reads checkpoints from the shared volume, listens
+    beyond the loopback only with the token, and its NetworkPolicy admits Prometheus alone."""
+    from services.sampler.cli import _parser as sampler_parser
+    from trainer.cli import _parser
+
+    docs = rendered[overlay]
+    workloads = _workloads(docs)
+    if not overlay.endswith("+preview"):
+        assert "flowrl-preview" not in workloads and "flowrl-preview" not in _by(docs, "Service"), \
+            "the preview server is optional: only its Component adds it"
+        return
+    assert workloads["flowrl-preview"]["spec"]["strategy"]["type"] == "Recreate", \
+        "a rollout must not wait for a second GPU"
+    pod = _pod(workloads["flowrl-preview"])
+    (container,) = pod["containers"]
+    args = _parser().parse_args(container["args"][1:])
+    assert (args.command, args.service) == ("serve", "sampler")
+    serve = sampler_parser().parse_args(args.args)
+    assert serve.host == "0.0.0.0" and serve.token is None, "the token comes from the Secret, not the command line"
+    env = _env(container, docs)
+    assert env["FLOWRL_API_TOKEN"] == "secret:flowrl-secrets/api-token", "beyond the loopback only with the token"
+    assert pod.get("enableServiceLinks") is False
+    # the trainer's experiment: the same ConfigMap, the file the trainer reads
+    trainer = _pod(workloads["flowrl-trainer"])
+    trainer_config = _parser().parse_args(trainer["containers"][0]["args"][1:]).config
+
+    def configmap_of(pod: dict, container: dict, path: str) -> tuple[str, str]:
+        mount = next(m for m in container["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
+        volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+        return volume["configMap"]["name"], path.removeprefix(mount["mountPath"] + "/")
+
+    name, key = configmap_of(pod, container, env["FLOWRL_SAMPLER_CONFIG"])
+    assert (name, key) == configmap_of(trainer, trainer["containers"][0], trainer_config)
+    assert key in _by(docs, "ConfigMap")[name]["data"]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes[mounts["/data"]]["persistentVolumeClaim"]["claimName"] == "flowrl-data", \
+        "checkpoints are read from the shared volume"
+    service = _by(docs, "Service")["flowrl-preview"]
+    assert [(p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [(serve.port, "http")]
+    # who may reach it: Prometheus (namespace monitoring) on its port, nobody else
+    labels = workloads["flowrl-preview"]["spec"]["template"]["metadata"]["labels"]
+    rules = []
+    for policy in _by(docs, "NetworkPolicy").values():
+        selector = policy["spec"]["podSelector"]
+        if not selector or not selector.get("matchLabels", {}).items() <= labels.items():
+            continue  # the default deny, or a policy for other pods
+        if any(e["key"] == "app.kubernetes.io/component" and labels["app.kubernetes.io/component"] not in e["values"]
+               for e in selector.get("matchExpressions", [])):
+            continue
+        for rule in policy["spec"].get("ingress", []):
+            rules.append(rule)
+            assert [p["port"] for p in rule["ports"]] == [serve.port], policy["metadata"]["name"]
+            monitoring = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+            assert rule["from"] == [monitoring], \
+                f"{policy['metadata']['name']} admits more than Prometheus to the preview server"
+    assert rules, "no NetworkPolicy admits Prometheus to the preview server"

@@ -32,10 +32,6 @@ EXTERNAL = {
     "DCGM_FI_DEV_GPU_UTIL": "NVIDIA dcgm-exporter (docker compose --profile dcgm)",
     "DCGM_FI_DEV_FB_USED": "NVIDIA dcgm-exporter (docker compose --profile dcgm)",
 }
-# Metrics of processes the deploy files do not start, so no scrape job or panel expects them.
-UNDEPLOYED = {name: "flowrl serve sampler: a preview server run by hand (services/sampler/server.py)"
-              for name in ("flowrl_serve_sampler_requests", "flowrl_serve_sampler_images",
-                           "flowrl_serve_sampler_generate_seconds")}
 # The sample names prometheus_client writes for each metric type (besides the *_created series).
 SUFFIXES = {"counter": ["_total"], "gauge": [""], "histogram": ["_bucket", "_sum", "_count"],
             "summary": ["", "_sum", "_count"]}
@@ -117,11 +113,12 @@ def test_every_metrics_endpoint_has_a_scrape_job():
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     assert len(jobs) == len(config["scrape_configs"]), "duplicate job names"
     for name, port in [("flowrl-sampler", 9101), ("flowrl-reward-worker", 9102), ("flowrl-trainer", 9200),
-                       ("flowrl-reward", 8000), ("dcgm", 9400)]:
+                       ("flowrl-reward", 8000), ("flowrl-preview", 8001), ("dcgm", 9400)]:
         job = jobs[name]
         assert job.get("metrics_path", "/metrics") == "/metrics"
         assert [sd["port"] for sd in job["dns_sd_configs"]] == [port], name
-    assert jobs["flowrl-reward"]["authorization"]["type"] == "Bearer", "the reward server's /metrics needs the token"
+    for name in ("flowrl-reward", "flowrl-preview"):
+        assert jobs[name]["authorization"]["type"] == "Bearer", f"{name}: the server's /metrics needs the token"
 
 
 # --- Grafana ------------------------------------------------------------------------------------
@@ -160,8 +157,7 @@ def test_dashboard_queries_only_defined_metrics(path):
         unknown = metric_names(expr) - known
         assert not unknown, f"panel {title!r} queries {sorted(unknown)}, which nothing exports ({expr})"
     used = set().union(*(metric_names(e) for _, e in exprs))
-    missing = {n for n, kind in defined_metrics().items()
-               if n not in UNDEPLOYED and not any(n + x in used for x in SUFFIXES[kind])}
+    missing = {n for n, kind in defined_metrics().items() if not any(n + x in used for x in SUFFIXES[kind])}
     assert not missing, f"metrics the services export but no panel shows: {sorted(missing)}"
 
 

@@ -2,8 +2,10 @@
 
 Processes (all on 127.0.0.1): the reward server (uvicorn), a sampler worker and a reward worker
 (Celery, real Redis, each with ``--http-port``), ``flowrl trainer`` on the toy pipeline with
-``metrics_port``, and the Prometheus server binary (Debian's ``prometheus`` package, unpacked
-into the venv by ``make tools``) with its storage in a temporary folder.
+``metrics_port``, the preview server (``flowrl serve sampler`` on the same toy model, asked for
+one image so that its request, image and latency series exist), and the Prometheus server binary
+(Debian's ``prometheus`` package, unpacked into the venv by ``make tools``) with its storage in a
+temporary folder.
 
 Its config is deploy/prometheus.yml with each flowrl job's DNS discovery replaced by the
 address of the process started here (so a job added there without a process here fails this
@@ -119,12 +121,12 @@ def test_every_dashboard_query_returns_data_from_a_live_run(tmp_path, redis_url)
                  "FLOWRL_QUEUE_KEY_PREFIX": ns, "FLOWRL_QUEUE_STORE_URL": f"file://{tmp_path}/blobs",
                  "FLOWRL_QUEUE_TASK_TIME_LIMIT_S": "300", "FLOWRL_QUEUE_COLLECT_TIMEOUT_S": "300",
                  "FLOWRL_QUEUE_POLICY_WAIT_S": "300", "OMP_NUM_THREADS": "1"}
-    ports = {name: free_port() for name in ("reward", "sampler", "worker", "trainer", "prometheus")}
+    ports = {name: free_port() for name in ("reward", "sampler", "worker", "trainer", "preview", "prometheus")}
     config = tmp_path / "promlive.yaml"
     config.write_text(CONFIG.replace("URL", f"http://127.0.0.1:{ports['reward']}"))
     targets = {"flowrl-reward": ports["reward"], "flowrl-sampler": ports["sampler"],
                "flowrl-reward-worker": ports["worker"], "flowrl-trainer": ports["trainer"],
-               "prometheus": ports["prometheus"]}
+               "flowrl-preview": ports["preview"], "prometheus": ports["prometheus"]}
     prom_config = live_config({job: f"127.0.0.1:{port}" for job, port in targets.items()})
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(prom_config))
     base = f"http://127.0.0.1:{ports['prometheus']}"
@@ -139,10 +141,16 @@ def test_every_dashboard_query_returns_data_from_a_live_run(tmp_path, redis_url)
                                              "--http-port", str(ports["sampler"])])
             procs.start("reward-worker", FLOWRL + ["worker", "reward", "--name", f"r-{ns}",
                                                    "--http-port", str(ports["worker"])])
+            procs.start("preview", [sys.executable, "-m", "services.sampler.cli", "--config", str(config),
+                                    "--port", str(ports["preview"]), "--log-level", "warning"])
             procs.wait_http("prometheus", f"{base}/-/ready")
             procs.wait_http("reward-server", f"http://127.0.0.1:{ports['reward']}/v2/health/ready")
             procs.wait_http("sampler", f"http://127.0.0.1:{ports['sampler']}/health/ready")
             procs.wait_http("reward-worker", f"http://127.0.0.1:{ports['worker']}/health/ready")
+            procs.wait_http("preview", f"http://127.0.0.1:{ports['preview']}/health/ready")
+            r = httpx.post(f"http://127.0.0.1:{ports['preview']}/v1/generate",
+                           json={"prompts": ["a photo of a circle"]}, timeout=120)
+            assert r.status_code == 200, r.text
             for name in ("sampler", "reward-worker"):
                 procs.wait_log(name, "ready.")
             trainer = procs.start("trainer", FLOWRL + [
