@@ -12,7 +12,8 @@ resolution unless a request says otherwise, sample ``i`` of a request seeded ``s
 Endpoints (all but liveness require ``Authorization: Bearer <token>`` when a token is set):
 
 ``GET  /health/live``    ``{"live": true}``
-``GET  /health/ready``   200 once the model is loaded, else 503
+``GET  /health/ready``   200 once the model is loaded, else 503 (``{"ready": false, "error": ...}`` when
+                         loading failed: the server stays up, ``/admin/load`` can load another)
 ``GET  /metrics``        Prometheus: ``flowrl_serve_sampler_requests_total{status}``,
                          ``flowrl_serve_sampler_images_total``, ``flowrl_serve_sampler_generate_seconds``
 ``POST /v1/generate``    ``{"prompts": [...], "negative_prompts"?, "seed"?, "num_inference_steps"?,
@@ -20,9 +21,13 @@ Endpoints (all but liveness require ``Authorization: Bearer <token>`` when a tok
                          ``{"images": [base64 PNG, ...]}`` (video families: ``"videos"``, per sample
                          its frames), with the seeds and the weights used
 ``GET  /admin/status``   the model, checkpoint, weights (ema / live / base) and counters
-``POST /admin/load``     ``{"checkpoint": DIR or null, "ema": true}``: serve another checkpoint (null:
-                         the base); a LoRA run's is swapped in place, a full fine-tune's model is
-                         built again (the old one serves until the new one is ready)
+``POST /admin/load``     ``{"checkpoint": DIR, "latest" or null, "ema": true}``: serve another checkpoint
+                         (``latest``: the run's ``final``, else its newest ``checkpoint-N``; null: the
+                         base); a LoRA run's is swapped in place, a full fine-tune's model is built
+                         again (the old one serves until the new one is ready)
+
+The model loads in the background once the server starts, so liveness and readiness answer (and
+``/health/ready`` says 503) while a large model loads.
 
 One request generates at a time (a lock; the model is not re-entrant). The host defaults to
 127.0.0.1.
@@ -85,7 +90,35 @@ class Served:
         self.checkpoint: str | None = None
         self.weights = "base"
         self.loaded_at: float | None = None
+        self.error: str | None = None  # why the start-up load failed (cleared by a successful load)
         self.requests = self.images = 0
+
+    def resolve(self, checkpoint: str | None) -> str | None:
+        """``latest`` -> the run's ``final`` checkpoint, else its newest ``checkpoint-N`` (the run's
+        folder is ``output_dir/run_name`` of the config); anything else as it is."""
+        if checkpoint != "latest":
+            return checkpoint
+        from shared.config import ConfigError
+
+        folder = Path(self.cfg.output_dir) / (self.cfg.run_name or "") / "checkpoints"
+        if (folder / "final").is_dir():
+            return str(folder / "final")
+        numbered = sorted((p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()),
+                          key=lambda p: int(p.name[11:]))
+        if not numbered:
+            raise ConfigError(f"checkpoint 'latest': {folder} holds no final or checkpoint-N folder yet. Fix: "
+                              f"wait for the run's first checkpoint (train.save_freq), or name one, or load "
+                              f"null (the base).")
+        return str(numbered[-1])
+
+    def start(self, checkpoint: str | None, ema: bool) -> None:
+        """The start-up load: like :meth:`build`, but a failure is kept in :attr:`error` (readiness
+        and ``/admin/status`` report it) instead of stopping the server."""
+        try:
+            self.build(self.resolve(checkpoint), ema)
+            self.error = None
+        except Exception as e:  # noqa: BLE001 - reported, and /admin/load can recover
+            self.error = f"{type(e).__name__}: {e}"
 
     def build(self, checkpoint: str | None, ema: bool) -> None:
         """Build the model as the run did, then load ``checkpoint`` (None: the base)."""
@@ -109,6 +142,7 @@ class Served:
         """Serve another checkpoint: a LoRA run's in place, otherwise a new model."""
         from shared.models.warm_start import load_checkpoint_into
 
+        checkpoint = self.resolve(checkpoint)
         lora = self.cfg.model.finetune_type == "lora"
         if lora and checkpoint is not None and self.adapter is not None:
             before = (self.checkpoint, self.weights != "live")
@@ -120,6 +154,7 @@ class Served:
             self.checkpoint, self.loaded_at = checkpoint, time.time()
         else:
             self.build(checkpoint, ema)
+        self.error = None
 
     def generate(self, req: GenerateRequest) -> dict[str, Any]:
         from shared.sampling import rollout_batches
@@ -173,7 +208,7 @@ class Served:
         return {"model_type": m.model_type, "model_name_or_path": m.model_name_or_path, "init_from": m.init_from,
                 "finetune_type": m.finetune_type, "checkpoint": self.checkpoint, "weights": self.weights,
                 "loaded_at": self.loaded_at, "requests": self.requests, "images": self.images,
-                "device": self.settings.device}
+                "device": self.settings.device, "error": self.error}
 
 
 def _png(image) -> str:
@@ -213,7 +248,7 @@ class ServeMetrics:
 
 
 def create_app(settings: SamplerServerSettings) -> FastAPI:
-    """The app; the model is built when it starts (readiness says when it is done)."""
+    """The app; the model is built in the background once it starts (readiness says when it is done)."""
     from prometheus_client import generate_latest
 
     served = Served(settings)  # reads and checks the config now: a bad one fails before serving
@@ -222,8 +257,12 @@ def create_app(settings: SamplerServerSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await asyncio.to_thread(served.build, settings.checkpoint, not settings.live)
+        def start():
+            with served.lock:
+                served.start(settings.checkpoint, not settings.live)
+        loading = asyncio.create_task(asyncio.to_thread(start))
         yield
+        await asyncio.shield(loading)  # a load in progress finishes (its thread cannot be stopped)
 
     app = FastAPI(title="flowrl sampler", lifespan=lifespan)
     app.state.token = settings.token.get_secret_value().encode() if settings.token else None
@@ -238,7 +277,8 @@ def create_app(settings: SamplerServerSettings) -> FastAPI:
     @router.get("/health/ready")
     async def ready() -> JSONResponse:
         ok = served.adapter is not None
-        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+        body = {"ready": ok} if served.error is None else {"ready": ok, "error": served.error}
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     @router.get("/metrics")
     async def metrics() -> Response:
@@ -247,6 +287,9 @@ def create_app(settings: SamplerServerSettings) -> FastAPI:
     @router.post("/v1/generate")
     async def generate(req: GenerateRequest) -> dict:
         if served.adapter is None:
+            if served.error is not None:
+                raise RequestError(503, f"no model is loaded: the start-up load failed ({served.error}); "
+                                        f"POST /admin/load loads another checkpoint")
             raise RequestError(503, "the model is still loading (GET /health/ready says when it is done)")
         start = time.perf_counter()
 
@@ -271,7 +314,7 @@ def create_app(settings: SamplerServerSettings) -> FastAPI:
     async def load(req: LoadRequest) -> dict:
         from shared.config import ConfigError
 
-        if req.checkpoint is not None and not Path(req.checkpoint).expanduser().exists():
+        if req.checkpoint not in (None, "latest") and not Path(req.checkpoint).expanduser().exists():
             raise RequestError(400, f"checkpoint {req.checkpoint!r} does not exist on the server's machine")
 
         def run():

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -23,7 +23,9 @@ class SamplerServerSettings(BaseSettings):
 
     config: str  # the experiment YAML whose model: (and eval: defaults) to serve
     overrides: list[str] = Field(default_factory=list)  # key=value, as flowrl train's --set
-    checkpoint: str | None = None  # a flowrl checkpoint folder; None = the base (model.init_from included)
+    # a flowrl checkpoint folder, or "latest" (the run's final checkpoint, else its newest
+    # checkpoint-N, when the server starts); None or "" = the base (model.init_from included)
+    checkpoint: str | None = None
     live: bool = False  # the checkpoint's live weights instead of its EMA (what evaluation scores)
     host: str = "127.0.0.1"
     port: int = Field(8001, ge=0, le=65535)
@@ -33,3 +35,8 @@ class SamplerServerSettings(BaseSettings):
     token: SecretStr | None = Field(
         None, validation_alias=AliasChoices("token", "FLOWRL_SAMPLER_TOKEN", "FLOWRL_API_TOKEN"))
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _empty_is_base(cls, value: str | None) -> str | None:
+        return value or None  # FLOWRL_SAMPLER_CHECKPOINT= (set but empty, as compose passes it): the base

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 from pathlib import Path
 
 import httpx
@@ -147,3 +148,38 @@ def test_the_preview_server_listens_on_loopback_and_warns_when_exposed_without_a
     assert [(c["host"], c["port"]) for c in calls] == [("127.0.0.1", 8001), ("0.0.0.0", 9011)]
     err = capsys.readouterr().err
     assert err.count("without a bearer token") == 1 and "listening on 0.0.0.0:9011" in err
+
+
+def test_a_failed_start_up_load_keeps_the_server_up_and_latest_recovers(run, tmp_path):
+    _, path, ckpt = run
+    settings = SamplerServerSettings(config=str(path), checkpoint=str(tmp_path / "not-yet"), token=TOKEN)
+    with running_app(create_app(settings), headers=AUTH) as url:
+        deadline = time.monotonic() + 60
+        while (r := httpx.get(f"{url}/health/ready", headers=AUTH)).json().get("error") is None:
+            assert r.status_code == 503 and time.monotonic() < deadline
+        assert r.status_code == 503 and "not-yet" in r.json()["error"]
+        assert httpx.get(f"{url}/health/live").status_code == 200  # alive: no restart loop
+        g = httpx.post(f"{url}/v1/generate", json={"prompts": ["x"]}, headers=AUTH)
+        assert g.status_code == 503 and "start-up load failed" in g.json()["error"] and "/admin/load" in g.json()["error"]
+        # latest: the run's final checkpoint (the config names the run's output_dir and run_name)
+        status = httpx.post(f"{url}/admin/load", json={"checkpoint": "latest"}, headers=AUTH, timeout=60).json()
+        assert status["checkpoint"] == str(ckpt) and ckpt.name == "final" and status["error"] is None
+        assert httpx.get(f"{url}/health/ready", headers=AUTH).status_code == 200
+
+
+def test_an_empty_checkpoint_setting_is_the_base_and_latest_needs_a_checkpoint(tmp_path, monkeypatch):
+    from services.sampler.server import Served
+    from shared.config import ConfigError
+
+    monkeypatch.setenv("FLOWRL_SAMPLER_CHECKPOINT", "")  # as compose passes an unset FLOWRL_PREVIEW_CHECKPOINT
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(tiny_raw(tmp_path)))
+    settings = SamplerServerSettings(config=str(path))
+    assert settings.checkpoint is None
+    with pytest.raises(ConfigError, match="holds no final or checkpoint-N folder yet"):
+        Served(settings).resolve("latest")
+    numbered = tmp_path / "runs" / "tiny_grpo" / "checkpoints"
+    for n in (2, 10):
+        (numbered / f"checkpoint-{n}").mkdir(parents=True)
+    (numbered / "checkpoint-12.tmp").mkdir()  # unfinished: not a candidate
+    assert Served(settings).resolve("latest") == str(numbered / "checkpoint-10")
