@@ -2,9 +2,9 @@
 
     python deploy/healthcheck.py http://127.0.0.1:8000/v2/health/ready [--timeout 3]
 
-Used by docker-compose.yml (sampler, reward server) and by the reward server's readiness
-probe in k8s/. Sends ``Authorization: Bearer $FLOWRL_API_TOKEN`` when that variable is set:
-the reward server protects /v2/health/ready with its token, and a probe cannot read a Secret
+Used by docker-compose.yml (sampler, reward server, preview server) and by the reward and
+preview servers' readiness probes in k8s/. Sends ``Authorization: Bearer $FLOWRL_API_TOKEN`` when
+that variable is set: those servers protect their readiness with the token, and a probe cannot read a Secret
 into an HTTP header. Standard library only, so it runs in any image with Python and no curl.
 """
 
