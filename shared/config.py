@@ -27,9 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from shared.queue import QueueSettings
 
 DYNAMICS = ("Flow-SDE", "Dance-SDE", "CPS", "ODE")
-TRAINER_TYPES = ("grpo", "grpo-guard", "nft", "awm", "dpo")
+TRAINER_TYPES = ("grpo", "grpo-guard", "nft", "awm", "dpo", "dgpo")
 # always evaluate the frozen reference model, whatever kl_beta says
-REFERENCE_TRAINERS = ("dpo",)
+REFERENCE_TRAINERS = ("dpo", "dgpo")
 
 # Defaults per algorithm, from ../shared/reference/algorithms.md (official code values).
 ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -60,6 +60,11 @@ ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
         dynamics_type="ODE", kl_beta=0.0, adv_clip_range=5.0, global_std=True, off_policy=False,
         ema_decay=0.9, ema_decay_schedule="power", ema_update_interval=8,
         time_sampling_strategy="logit_normal", timestep_fraction=0.99, num_train_timesteps=1,
+    ),
+    "dgpo": dict(  # DGPO as Flow-Factory's trainers/dgpo.py (DGPOTrainingArguments, GRPO's clip ranges)
+        dynamics_type="ODE", clip_range=1e-4, adv_clip_range=5.0, kl_beta=0.0, global_std=True,
+        off_policy=False, ema_decay=0.9, ema_decay_schedule="power", ema_update_interval=8,
+        sample_from_ema_after=200, time_sampling_strategy="discrete", timestep_fraction=0.6,
     ),
 }
 NOISE_LEVEL_DEFAULTS = {"Flow-SDE": 0.7, "Dance-SDE": 0.3, "CPS": 0.8, "ODE": 0.0}
@@ -256,6 +261,14 @@ class TrainConfig(_Strict):
     # -- online Diffusion-DPO: the beta of -log sigmoid(-beta/2 [(err_w - ref_w) - (err_l - ref_l)]),
     # errors being per-sample mean squared velocity errors (Diffusion-DPO's scale; Flow-Factory's 2000)
     dpo_beta: float = Field(2000.0, gt=0)
+    # -- DGPO (Direct Group Preference Optimization): group weight sigmoid(sum_i A_i dgpo_beta
+    # (l_i - l_ref_i) / K) on the advantage-weighted flow-matching loss; dgpo_clip: PPO-style, the
+    # loss of a sample whose ratio exp(l_old - l) left clip_range on its advantage's side is detached
+    dgpo_beta: float = Field(100.0, gt=0)
+    dgpo_clip: bool = True
+    # sample rollouts (and take the "old" policy) from the EMA once this many optimizer steps are done
+    # (DGPO's switch_ema_ref); None: only with off_policy
+    sample_from_ema_after: int | None = Field(None, ge=0)
     off_policy: bool | None = None  # sample (and take v_old) from the EMA model
     # -- AWM
     awm_weighting: Literal["Uniform", "t", "t**2", "huber", "ghuber"] = "ghuber"
@@ -449,6 +462,8 @@ class BatchGeometry:
         batches = per_rank // B
         if t.trainer_type.lower() == "dpo":
             return cls._dpo(t, W, per_rank, batches)
+        if t.trainer_type.lower() == "dgpo":
+            return cls._dgpo(t, W, per_rank, batches)
         if batches % G:
             raise ConfigError(
                 f"train.gradient_step_per_epoch={G} does not divide the {batches} micro-batches per "
@@ -471,6 +486,21 @@ class BatchGeometry:
                 f"gradient_step_per_epoch={G}. Fix: a per_device_batch_size that divides {M // W} pairs into a "
                 f"multiple of {G} parts, or change unique_sample_num_per_epoch / gradient_step_per_epoch.")
         return cls(W, K, M, M // W, per_rank, B, batches, G, rows // b // G, rows, b, rows // b)
+
+    @classmethod
+    def _dgpo(cls, t: TrainConfig, W: int, per_rank: int, batches: int) -> "BatchGeometry":
+        """DGPO weighs each group by a sum over its members: a training micro-batch holds whole
+        groups, ``max(1, B // K)`` of them."""
+        K, M, B, G = t.group_size, t.unique_sample_num_per_epoch, t.per_device_batch_size, t.gradient_step_per_epoch
+        groups = max(1, B // K)
+        if (M // W) % groups or (M // W // groups) % G:
+            raise ConfigError(
+                f"train.trainer_type: dgpo trains whole groups, max(1, per_device_batch_size={B} // group_size={K}) = "
+                f"{groups} a micro-batch, so the {M // W} groups per process must split into a multiple of "
+                f"gradient_step_per_epoch={G} micro-batches. Fix: a per_device_batch_size that is a multiple of "
+                f"{K} dividing the groups evenly, or change unique_sample_num_per_epoch / gradient_step_per_epoch.")
+        n = M // W // groups
+        return cls(W, K, M, M // W, per_rank, B, batches, G, n // G, per_rank, groups * K, n)
 
 
 # --------------------------------------------------------------------------- loading
@@ -589,6 +619,11 @@ def check_combinations(cfg: Config) -> None:
             f"train.ema_kl_beta: {t.ema_kl_beta} pulls the policy toward its EMA, but "
             f"train.ema_decay is 0 (EMA disabled). Fix: set ema_decay > 0 or ema_kl_beta: 0."
         )
+    if t.sample_from_ema_after is not None and not t.ema_decay:
+        raise ConfigError(
+            f"train.sample_from_ema_after: {t.sample_from_ema_after} samples from the EMA model after that many "
+            f"optimizer steps, but train.ema_decay is 0 (EMA disabled). Fix: set ema_decay > 0, or "
+            f"sample_from_ema_after: null.")
     if t.off_policy and not t.ema_decay:
         raise ConfigError(
             "train.off_policy: true samples from the EMA model, but train.ema_decay is 0 (EMA "

@@ -173,9 +173,12 @@ FF_ALGORITHM_DEFAULTS["grpo-guard"] = FF_ALGORITHM_DEFAULTS["grpo"]
 FF_ALGORITHM_DEFAULTS["dpo"] = {"global_std": True, "advantage_aggregation": "gdpo", "beta": 2000.0,
                                 "weighting_scheme": "logit_normal", "num_train_timesteps": 1, "time_shift": 1.0,
                                 "timestep_range": 0.99}
+FF_ALGORITHM_DEFAULTS["dgpo"] = {**FF_ALGORITHM_DEFAULTS["grpo"], "kl_type": "v-based", "dpo_beta": 100.0,
+                                 "clip_dsm": True, "switch_ema_ref": 200, "off_policy": False,
+                                 "time_sampling_strategy": "discrete", "time_shift": 3.0, "timestep_range": 0.6}
 
 #: Flow-Factory trainers that have no counterpart here
-UNSUPPORTED_TRAINERS = ("dgpo", "crd")
+UNSUPPORTED_TRAINERS = ("crd",)
 
 #: reward entry keys: Flow-Factory's -> ours (the remote reward's options included)
 REWARD_KEYS = {"server_url": "url", "retry_attempts": "retries"}
@@ -268,7 +271,7 @@ def convert(ff: dict) -> tuple[dict, list[str]]:
 
     Raises:
         ConversionError: not a mapping, a trainer Flow-Factory has and flowrl does not
-            (dgpo, crd), or a malformed value.
+            (crd), or a malformed value.
     """
     if not isinstance(ff, dict):
         raise ConversionError(f"a Flow-Factory config is a YAML mapping of sections, got {type(ff).__name__}")
@@ -278,7 +281,7 @@ def convert(ff: dict) -> tuple[dict, list[str]]:
     if trainer in UNSUPPORTED_TRAINERS:
         raise ConversionError(
             f"train.trainer_type: '{trainer}' has no flowrl implementation (flowrl trains grpo, grpo-guard, nft, "
-            f"awm and dpo; ../shared/reference/algorithms.md). Fix: pick one of those, or port the trainer as a "
+            f"awm, dpo and dgpo; ../shared/reference/algorithms.md). Fix: pick one of those, or port the trainer as a "
             f"dotted-path plugin.")
     filled = [k for k in FF_DEFAULTS if k not in flat]
     algo = {f"train.{k}": v for k, v in FF_ALGORITHM_DEFAULTS.get(trainer, {}).items()}
@@ -401,6 +404,28 @@ def convert(ff: dict) -> tuple[dict, list[str]]:
     if trainer == "dpo":
         for name in ("beta", "weighting_scheme", "logit_mean", "logit_std"):
             handlers[f"train.{name}"] = dpo_key
+
+    def dgpo_key(key: str, value: Any) -> None:  # DGPOTrainingArguments' own names
+        name = key.split(".", 1)[1]
+        renamed = {"dpo_beta": "train.dgpo_beta", "beta_dpo": "train.dgpo_beta", "clip_dsm": "train.dgpo_clip",
+                   "switch_ema_ref": "train.sample_from_ema_after"}
+        if name in renamed:
+            _put(out, renamed[name], value)
+        elif name == "use_shared_noise":
+            if not value:
+                notes.append(f"{key}: false dropped; flowrl's dgpo always re-noises a group's samples alike")
+        elif name == "kl_cfg":
+            if float(value) != 1.0:
+                notes.append(f"{key}: {value} dropped; the reference's CFG here is train.ref_guidance_scale "
+                             f"(default: the policy's), used by the KL term and the group weights alike")
+        elif value not in (None, False) and not (name.startswith("ema_ref_") and not flat.get("train.use_ema_ref")):
+            notes.append(f"{key}: {value!r} dropped; flowrl's dgpo has no separate fast-EMA reference: its old "
+                         f"policy is the sampling policy (the EMA after sample_from_ema_after steps)")
+
+    if trainer == "dgpo":
+        for name in ("dpo_beta", "beta_dpo", "clip_dsm", "switch_ema_ref", "use_shared_noise", "kl_cfg",
+                     "clip_kl", "use_ema_ref", "ema_ref_max_decay", "ema_ref_ramp_rate", "ema_ref_device"):
+            handlers[f"train.{name}"] = dgpo_key
 
     handlers.update({
         "scheduler.num_sde_steps": count, "eval.resolution": resolution,

@@ -344,6 +344,7 @@ def train(cfg: Config, *, quiet: bool = False, stop: StopRequest | None = None) 
     rank, world = accelerator.process_index, accelerator.num_processes
     start = time.time()
     step, version, samples_used = progress.step, progress.version, progress.samples_used
+    policy.optimizer_step = step  # sample_from_ema_after counts from the run's start, not the resume
     train_seconds, history, evals = progress.train_seconds, progress.history, progress.evals
     agreed_seconds = train_seconds  # the same on every rank: one saved Progress
     prom = None

@@ -89,6 +89,7 @@ class Policy:
         if t.ema_decay:
             device = "cpu" if t.ema_device == "cpu" else None
             self.ema = EMA(self._pieces(), device=device)
+        self.optimizer_step = 0  # the loop sets it on resume; update_ema after every step
         self._ref: nn.Module | None = None
         if t.uses_reference and cfg.model.finetune_type == "full":
             ref_device = "cpu" if t.ref_param_device == "cpu" else next(model.parameters()).device
@@ -109,9 +110,16 @@ class Policy:
             return SwapView(self.adapter.transformer, self.trainable, self.ema.as_params(self._pieces()))
         return ParamView(self.adapter.transformer, self.ema.as_params(self.trainable))
 
+    def samples_from_ema(self) -> bool:
+        """Whether rollouts (and the "old" policy) use the EMA: ``train.off_policy``, or
+        ``train.sample_from_ema_after`` optimizer steps done."""
+        t = self.cfg.train
+        after = t.sample_from_ema_after
+        return self.ema is not None and bool(t.off_policy or (after is not None and self.optimizer_step >= after))
+
     def sampling_module(self) -> nn.Module:
-        """Weights rollouts use: the EMA when ``train.off_policy``, else the current ones."""
-        if self.cfg.train.off_policy and self.ema is not None:
+        """Weights rollouts use: the EMA when :meth:`samples_from_ema`, else the current ones."""
+        if self.samples_from_ema():
             return self.ema_view()
         return self.adapter.transformer
 
@@ -159,6 +167,7 @@ class Policy:
     def update_ema(self, optimizer_step: int) -> float | None:
         """Called after each optimizer step; returns the decay used (None if skipped)."""
         t = self.cfg.train
+        self.optimizer_step = optimizer_step
         if self.ema is None or optimizer_step % t.ema_update_interval:
             return None
         decay = ema_decay(optimizer_step, t.ema_decay_schedule, t.ema_decay,

@@ -162,10 +162,10 @@ class CeleryTransport:
         """Write the sampling weights as a blob (atomic), then bump the version in Redis. Rank 0
         only: DDP keeps the weights identical on every trainer process (under FSDP every process
         first takes part in gathering them)."""
-        policy, t = self.policy, self.cfg.train
+        policy = self.policy
         if self.rank != 0 and not policy.sharded:
             return None
-        weights = policy.full_weights(ema=bool(t.off_policy and policy.ema is not None))
+        weights = policy.full_weights(ema=policy.samples_from_ema())
         if self.rank != 0:
             return None
         ref = self.store.put_tensors(f"{self.run_id}/policy/v{version}.safetensors",

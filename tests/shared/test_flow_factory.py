@@ -161,7 +161,7 @@ def test_flow_factorys_vllm_evaluate_becomes_a_vlm_judge_with_its_options():
     assert any("set `question`" in n for n in notes)
 
 
-@pytest.mark.parametrize("trainer", ["dgpo", "crd"])
+@pytest.mark.parametrize("trainer", ["crd"])
 def test_a_trainer_flowrl_does_not_have_is_refused_by_name(trainer):
     with pytest.raises(ConversionError, match=f"'{trainer}' has no flowrl implementation"):
         convert({"train": {"trainer_type": trainer}, "rewards": [{"reward_model": "pickscore"}]})
@@ -234,3 +234,18 @@ def test_a_flow_factory_key_left_in_a_flowrl_config_names_ours():
         parse_config({**base, "train": {"sde_steps": [1]}})
     with pytest.raises(ConfigError, match=r"`scheduler:` is a Flow-Factory section"):
         parse_config({**base, "scheduler": {"noise_level": 0.7}})
+
+
+def test_flow_factorys_dgpo_converts_with_its_defaults_and_keys():
+    raw, notes = convert({"train": {"trainer_type": "dgpo"}, "rewards": [{"reward_model": "pickscore"}]})
+    t = parse_config(raw).train
+    assert (t.trainer_type, t.dgpo_beta, t.dgpo_clip, t.sample_from_ema_after) == ("dgpo", 100.0, True, 200)
+    assert (t.time_sampling_strategy, t.timestep_fraction, t.clip_range) == ("discrete", 0.6, 1e-4)
+    raw, notes = convert({"train": {"trainer_type": "dgpo", "dpo_beta": 50, "clip_dsm": False, "switch_ema_ref": 10,
+                                    "use_shared_noise": False, "use_ema_ref": True, "ema_ref_max_decay": 0.3},
+                          "rewards": [{"reward_model": "pickscore"}]})
+    t = parse_config(raw).train
+    assert (t.dgpo_beta, t.dgpo_clip, t.sample_from_ema_after) == (50, False, 10)
+    assert any("use_shared_noise: false dropped" in n for n in notes)
+    assert any("train.use_ema_ref: True dropped" in n for n in notes)
+    assert any("train.ema_ref_max_decay: 0.3 dropped" in n for n in notes)

@@ -24,6 +24,8 @@ CASES = {
     "awm": (["train.max_epochs=12", "train.learning_rate=1e-2"], 0.07),
     # measured base 0.4771 -> final 0.5926 (+0.116); two pairs a micro-batch
     "dpo": (["train.max_epochs=12", "train.per_device_batch_size=2", "train.dpo_beta=100"], 0.055),
+    # measured base 0.4771 -> final 0.6331 (+0.156)
+    "dgpo": (["train.max_epochs=12"], 0.075),
 }
 
 

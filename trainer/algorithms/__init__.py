@@ -1,4 +1,4 @@
-"""Algorithms, registered by ``train.trainer_type``: grpo, grpo-guard, nft, awm, dpo."""
+"""Algorithms, registered by ``train.trainer_type``: grpo, grpo-guard, nft, awm, dpo, dgpo."""
 
 from trainer.algorithms.base import ALGORITHMS, Algorithm, TrainBatch
 
@@ -6,7 +6,8 @@ for _name, _path in [("grpo", "trainer.algorithms.grpo.GRPO"),
                      ("grpo-guard", "trainer.algorithms.grpo_guard.GRPOGuard"),
                      ("nft", "trainer.algorithms.nft.NFT"),
                      ("awm", "trainer.algorithms.awm.AWM"),
-                     ("dpo", "trainer.algorithms.dpo.DPO")]:
+                     ("dpo", "trainer.algorithms.dpo.DPO"),
+                     ("dgpo", "trainer.algorithms.dgpo.DGPO")]:
     if _name not in ALGORITHMS:
         ALGORITHMS.register(_name, _path)
 

@@ -566,3 +566,50 @@ def dpo_loss(err: Tensor, err_ref: Tensor, winners: Tensor, losers: Tensor, vali
                "dpo_margin": (z.detach() * weight).sum() / n_valid,
                "dpo_valid_fraction": weight.sum() / pairs}
     return loss, metrics
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DGPO
+# ----------------------------------------------------------------------------------------------------------
+
+
+def dgpo_loss(dsm: Tensor, ref_dsm: Tensor, adv: Tensor, group_ids: Tensor, beta: float, group_size: int,
+              old_dsm: Tensor | None = None, clip_range: float | tuple[float, float] = 1e-4
+              ) -> tuple[Tensor, dict[str, Tensor]]:
+    """DGPO's group preference loss (Direct Group Preference Optimization; Flow-Factory's ``dgpo`` trainer).
+
+    ``dsm [B]``: each sample's flow-matching loss ``mean_d (v_theta - (eps - x0))^2`` (with gradient);
+    ``ref_dsm [B]`` the frozen reference's, ``old_dsm [B]`` the sampling ("old") policy's, at the same
+    ``(t, eps)``; ``adv [B]`` advantages (already clipped); ``group_ids [B]``: the micro-batch holds whole
+    groups of ``group_size`` samples.
+
+    * Clipping (when ``old_dsm`` is given): ``ratio = exp(old_dsm - dsm)`` (the likelihood ratio of the
+      flow-matching pseudo log-prob ``-dsm``); a sample with ``A > 0`` and ``ratio > 1 + hi``, or ``A <= 0``
+      and ``ratio < 1 - lo`` (``clip_range`` as distances ``(lo, hi)``, or one number for both) has its loss
+      detached: it gives no gradient.
+    * Group weight: ``w_g = sigmoid(sum_{i in g} A_i beta (dsm_i - ref_dsm_i) / group_size)`` (detached);
+      a group the policy already fits better than the reference where its advantages say so weighs less.
+    * Loss: ``mean_i(w_{g(i)} A_i dsm_i)``: lowering the loss of positive samples, raising that of negatives.
+
+    Metrics: ``dgpo_group_weight`` (mean ``w``), ``clip_fraction`` (with ``old_dsm``), ``dsm`` (mean).
+    """
+    if dsm.ndim != 1 or not (ref_dsm.shape == adv.shape == group_ids.shape == dsm.shape):
+        raise ValueError(f"dsm, ref_dsm, adv and group_ids must all be [B], got {tuple(dsm.shape)}, "
+                         f"{tuple(ref_dsm.shape)}, {tuple(adv.shape)}, {tuple(group_ids.shape)}")
+    dsm, adv = _upcast(dsm), _upcast(adv).detach()
+    metrics: dict[str, Tensor] = {}
+    used = dsm
+    if old_dsm is not None:
+        lo, hi = _clip_pair(clip_range, "clip_range")
+        ratio = torch.exp(_upcast(old_dsm).detach() - dsm.detach())
+        clipped = torch.where(adv > 0, ratio > 1 + hi, ratio < 1 - lo)
+        used = torch.where(clipped, dsm.detach(), dsm)
+        metrics["clip_fraction"] = clipped.to(dsm.dtype).mean()
+    _, inverse = torch.unique(group_ids.to(dsm.device), return_inverse=True)
+    term = adv * beta * (dsm.detach() - _upcast(ref_dsm).detach()) / group_size
+    sums = torch.zeros(int(inverse.max()) + 1, dtype=term.dtype, device=term.device).index_add_(0, inverse, term)
+    weight = torch.sigmoid(sums)[inverse]
+    loss = (weight * adv * used).mean()
+    metrics["dgpo_group_weight"] = weight.mean()
+    metrics["dsm"] = dsm.detach().mean()
+    return loss, metrics

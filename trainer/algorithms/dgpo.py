@@ -1,0 +1,68 @@
+"""DGPO, Direct Group Preference Optimization, as Flow-Factory's ``dgpo`` trainer.
+
+Every sample of a group is re-noised with the group's own timestep and noise (``x_t = (1 - t) x0 +
+t eps``, :meth:`~trainer.algorithms.decoupled.Decoupled.group_noise`); the loss is the
+advantage-weighted flow-matching loss ``w_g A_i ||v_theta - (eps - x0)||^2`` where each group's weight
+``w_g = sigmoid(sum_i A_i dgpo_beta (l_i - l_ref_i) / K)`` compares the policy's fit with the frozen
+reference's over the whole group (:func:`~trainer.algorithms.losses.dgpo_loss`), and, with
+``train.dgpo_clip``, a sample whose ratio ``exp(l_old - l)`` to the sampling policy left ``clip_range``
+on its advantage's side is detached. The reference is always evaluated; the sampling policy is the
+EMA after ``train.sample_from_ema_after`` optimizer steps (Flow-Factory's ``switch_ema_ref``, 200).
+How this differs from Flow-Factory's ``trainers/dgpo.py``:
+* training micro-batches hold whole groups (``max(1, per_device_batch_size // group_size)`` of them, on
+  one process, :meth:`DGPO.train_order`); Flow-Factory's sampler spreads each group over the
+  processes' micro-batches and all-reduces the group sums;
+* the timestep and noise are per group; Flow-Factory draws one timestep per training timestep for
+  every sample of an inner epoch, and one noise per group.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from trainer.algorithms.base import ALGORITHMS
+from trainer.algorithms.decoupled import Decoupled
+from trainer.algorithms.losses import clip_advantages, dgpo_loss, kl_v_based, mean_d
+
+
+@ALGORITHMS.register("dgpo")
+class DGPO(Decoupled):
+    def train_order(self, data, generator):
+        """Every row, groups contiguous, in a seeded random order of groups."""
+        ids = data.group_ids
+        groups = torch.unique(ids)
+        order = groups[torch.randperm(groups.numel(), generator=generator)]
+        return torch.cat([torch.nonzero(ids == g).flatten() for g in order])
+
+    def target(self, batch, state, unit) -> torch.Tensor:
+        return state["eps"][unit] - batch.final_latents.float()
+
+    def _losses(self, velocity, batch, state) -> list[torch.Tensor]:
+        return [mean_d((velocity(state["x_t"][j], state["sigma"][j], batch.cond).float()
+                        - self.target(batch, state, j)) ** 2)
+                for j in range(state["sigma"].shape[0])]
+
+    def prepare(self, batch, policy):
+        counts = torch.bincount(torch.unique(batch.group_ids, return_inverse=True)[1])
+        if bool((counts != counts[0]).any()):
+            raise ValueError(f"dgpo: a training micro-batch must hold whole groups, got group sizes {counts.tolist()}")
+        state = self.noised(batch, shared=True)
+        state["ref_dsm"] = self._losses(policy.ref_velocity, batch, state)
+        state["old_dsm"] = self._losses(policy.old_velocity, batch, state) if self.t.dgpo_clip else None
+        return state
+
+    def loss(self, batch, unit, state, policy):
+        t = self.t
+        x_t, sigma = state["x_t"][unit], state["sigma"][unit]
+        v = policy.velocity(x_t, sigma, batch.cond)
+        dsm = mean_d((v.float() - self.target(batch, state, unit)) ** 2)
+        old = state["old_dsm"][unit] if state["old_dsm"] is not None else None
+        loss, metrics = dgpo_loss(dsm, state["ref_dsm"][unit], clip_advantages(batch.advantages, t.adv_clip_range),
+                                  batch.group_ids, t.dgpo_beta, t.group_size, old_dsm=old,
+                                  clip_range=t.clip_range)
+        metrics = {k: m.detach() for k, m in metrics.items()}
+        if t.kl_beta:
+            kl = kl_v_based(v, policy.ref_velocity(x_t, sigma, batch.cond)).mean()
+            loss = loss + t.kl_beta * kl
+            metrics["kl"] = kl.detach()
+        return loss, metrics
