@@ -496,19 +496,22 @@ def _moved_value(key: str, value: Any, notes: list[str]) -> Any:
 def _optimizer_steps_per_epoch(flat: dict, notes: list[str]) -> int:
     """Optimizer steps per outer epoch: ``gradient_step_per_epoch * num_inner_epochs``. An integer
     ``gradient_accumulation_steps`` A (Flow-Factory then ignores ``gradient_step_per_epoch``) is turned
-    into the step count it implies, ``M * K / (B * processes * A)``, when that divides evenly."""
+    into the step count it implies, ``M * K / (B * processes * A)``, when that divides evenly (dpo:
+    ``M / (B * processes * A)``, its micro-batches holding ``B`` of the epoch's ``M`` pairs)."""
     inner = int(flat.get("train.num_inner_epochs") or 1)
     accumulate = flat.get("train.gradient_accumulation_steps", "auto")
     if accumulate not in (None, "auto"):
         m = int(flat.get("train.unique_sample_num_per_epoch", 8))
-        k = int(flat.get("train.group_size", 1))
+        dpo = str(flat.get("train.trainer_type", "grpo")).lower() == "dpo"
+        k = 1 if dpo else int(flat.get("train.group_size", 1))
         b = int(flat.get("train.per_device_batch_size", 1))
         p = int(flat.get("num_processes") or 1)
         per_step = b * p * int(accumulate)
         if (m * k) % per_step == 0 and m * k >= per_step:
             flat["train.gradient_step_per_epoch"] = m * k // per_step
+            what = f"{m} pairs" if dpo else f"{m} x {k} samples"
             notes.append(f"train.gradient_accumulation_steps: {accumulate} -> train.gradient_step_per_epoch: "
-                         f"{m * k // per_step} ({m} x {k} samples in micro-batches of {b} on {p} processes)")
+                         f"{m * k // per_step} ({what} in micro-batches of {b} on {p} processes)")
         else:
             notes.append(f"train.gradient_accumulation_steps: {accumulate} does not divide the epoch's {m} x {k} "
                          f"samples in micro-batches of {b} on {p} processes; kept gradient_step_per_epoch")

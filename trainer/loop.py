@@ -117,9 +117,10 @@ def build_optimizer(cfg: Config, trainable: dict):
 
 
 def schedule_steps(cfg: Config) -> int:
-    """Optimizer steps the LR schedule spans: every epoch's inner epochs' gradient steps."""
+    """Optimizer steps the LR schedule spans: every epoch's inner epochs' gradient steps (the same for any
+    number of processes; no geometry is derived here, since dpo's and dgpo's depend on it)."""
     t = cfg.train
-    return t.max_epochs * t.num_inner_epochs * cfg.geometry(1).grad_steps_per_inner_epoch
+    return t.max_epochs * t.num_inner_epochs * t.gradient_step_per_epoch
 
 
 def micro_batches(data: EpochData, batch_size: int, seed: int,

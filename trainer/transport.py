@@ -182,9 +182,9 @@ class CeleryTransport:
 
     # ------------------------------------------------------------------ sampling
     def dispatch(self, plan: EpochPlan, version: int) -> _Pending:
-        t, geo = self.cfg.train, self.cfg.geometry(1)
+        t = self.cfg.train
         params = sampling_params(self.cfg, plan, self.algorithm.keep_means)
-        K = geo.group_size
+        K = t.group_size
         groups_per_job = max(1, t.per_device_batch_size // K)
         ids = [sample_id(self.run_id, plan.epoch, g, k % K) for k, g in enumerate(plan.group_ids)]
         jobs: dict[str, list[str]] = {}

@@ -22,7 +22,7 @@ Endpoints (all but liveness require ``Authorization: Bearer <token>`` when a tok
                          its frames), with the seeds and the weights used
 ``GET  /admin/status``   the model, checkpoint, weights (ema / live / base) and counters
 ``POST /admin/load``     ``{"checkpoint": DIR, "latest" or null, "ema": true}``: serve another checkpoint
-                         (``latest``: the run's ``final``, else its newest ``checkpoint-N``; null: the
+                         (``latest``: the run's newest, ``final`` or ``checkpoint-N``; null or "": the
                          base); a LoRA run's is swapped in place, a full fine-tune's model is built
                          again (the old one serves until the new one is ready)
 
@@ -46,7 +46,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.sampler.settings import SamplerServerSettings
 from shared.serving import BEARER_HELP, bearer_ok
@@ -69,6 +69,11 @@ class LoadRequest(BaseModel):
 
     checkpoint: str | None
     ema: bool = True
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _empty_is_base(cls, value: str | None) -> str | None:
+        return value or None  # "" is the base, as in the settings (not the working directory)
 
 
 class RequestError(Exception):
@@ -94,22 +99,21 @@ class Served:
         self.requests = self.images = 0
 
     def resolve(self, checkpoint: str | None) -> str | None:
-        """``latest`` -> the run's ``final`` checkpoint, else its newest ``checkpoint-N`` (the run's
-        folder is ``output_dir/run_name`` of the config); anything else as it is."""
+        """``latest`` -> the run's newest checkpoint, ``final`` or ``checkpoint-N``, by the optimizer step
+        its ``trainer_state.json`` records (``final`` on a tie; a run continued past its ``final`` has newer
+        numbered ones); the run's folder is ``output_dir/run_name`` of the config. Anything else as it is."""
         if checkpoint != "latest":
             return checkpoint
         from shared.config import ConfigError
 
         folder = Path(self.cfg.output_dir) / (self.cfg.run_name or "") / "checkpoints"
-        if (folder / "final").is_dir():
-            return str(folder / "final")
-        numbered = sorted((p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()),
-                          key=lambda p: int(p.name[11:]))
-        if not numbered:
+        found = [p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()]
+        found += [folder / "final"] if (folder / "final").is_dir() else []
+        if not found:
             raise ConfigError(f"checkpoint 'latest': {folder} holds no final or checkpoint-N folder yet. Fix: "
                               f"wait for the run's first checkpoint (train.save_freq), or name one, or load "
                               f"null (the base).")
-        return str(numbered[-1])
+        return str(max(found, key=lambda p: (_optimizer_step(p), p.name == "final")))
 
     def start(self, checkpoint: str | None, ema: bool) -> None:
         """The start-up load: like :meth:`build`, but a failure is kept in :attr:`error` (readiness
@@ -209,6 +213,16 @@ class Served:
                 "finetune_type": m.finetune_type, "checkpoint": self.checkpoint, "weights": self.weights,
                 "loaded_at": self.loaded_at, "requests": self.requests, "images": self.images,
                 "device": self.settings.device, "error": self.error}
+
+
+def _optimizer_step(checkpoint: Path) -> int:
+    """The optimizer step a checkpoint was saved at (its ``trainer_state.json``; -1 when unreadable)."""
+    import json
+
+    try:
+        return int(json.loads((checkpoint / "trainer_state.json").read_text())["optimizer_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
 
 
 def _png(image) -> str:

@@ -23,8 +23,8 @@ class SamplerServerSettings(BaseSettings):
 
     config: str  # the experiment YAML whose model: (and eval: defaults) to serve
     overrides: list[str] = Field(default_factory=list)  # key=value, as flowrl train's --set
-    # a flowrl checkpoint folder, or "latest" (the run's final checkpoint, else its newest
-    # checkpoint-N, when the server starts); None or "" = the base (model.init_from included)
+    # a flowrl checkpoint folder, or "latest" (the run's newest checkpoint, final or checkpoint-N,
+    # when the server starts); None or "" = the base (model.init_from included)
     checkpoint: str | None = None
     live: bool = False  # the checkpoint's live weights instead of its EMA (what evaluation scores)
     host: str = "127.0.0.1"

@@ -442,6 +442,9 @@ def test_preview_is_hardened_like_its_neighbours_and_wants_the_token(variants, m
         trainer = _parser().parse_args(services["trainer"]["command"][1:])
         assert settings.config == trainer.config
         load_config(ROOT / settings.config, settings.overrides)  # a config error would stop the server
+        # the trainer's output_dir, so `latest` finds its checkpoints on the shared volume
+        outputs = [o for o in settings.overrides if o.startswith("output_dir=")]
+        assert outputs == [o for o in (trainer.overrides or []) if o.startswith("output_dir=")] == ["output_dir=/data/runs"]
 
 
 def test_preview_follows_the_trainer_config_and_takes_a_checkpoint(main_raw):

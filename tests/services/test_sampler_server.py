@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import time
 from pathlib import Path
 
@@ -115,6 +116,8 @@ def test_bad_requests_get_clear_answers(server, tmp_path):
     assert r.status_code == 413 and "at most 4" in r.json()["error"]
     r = httpx.post(f"{server}/v1/generate", json={"prompts": ["x"], "negative_prompts": ["a", "b"]}, headers=AUTH)
     assert r.status_code == 422 and "2 entries for 1 prompts" in r.json()["error"]
+    r = httpx.post(f"{server}/admin/load", json={"checkpoint": ""}, headers=AUTH, timeout=60)  # "" is the base
+    assert r.status_code == 200 and r.json()["checkpoint"] is None and r.json()["weights"] == "base"
     r = httpx.post(f"{server}/admin/load", json={"checkpoint": str(tmp_path / "nope")}, headers=AUTH)
     assert r.status_code == 400 and "does not exist" in r.json()["error"]
     (tmp_path / "empty").mkdir()
@@ -179,7 +182,11 @@ def test_an_empty_checkpoint_setting_is_the_base_and_latest_needs_a_checkpoint(t
     with pytest.raises(ConfigError, match="holds no final or checkpoint-N folder yet"):
         Served(settings).resolve("latest")
     numbered = tmp_path / "runs" / "tiny_grpo" / "checkpoints"
-    for n in (2, 10):
-        (numbered / f"checkpoint-{n}").mkdir(parents=True)
-    (numbered / "checkpoint-12.tmp").mkdir()  # unfinished: not a candidate
-    assert Served(settings).resolve("latest") == str(numbered / "checkpoint-10")
+    for name, step in (("checkpoint-2", 4), ("checkpoint-10", 20), ("final", 24), ("checkpoint-12.tmp", 99)):
+        (numbered / name).mkdir(parents=True)
+        (numbered / name / "trainer_state.json").write_text(json.dumps({"optimizer_step": step}))
+    assert Served(settings).resolve("latest") == str(numbered / "final")
+    # the run continued past its final (max_epochs raised, resumed): the newer numbered one
+    (numbered / "checkpoint-14").mkdir()
+    (numbered / "checkpoint-14" / "trainer_state.json").write_text(json.dumps({"optimizer_step": 28}))
+    assert Served(settings).resolve("latest") == str(numbered / "checkpoint-14")

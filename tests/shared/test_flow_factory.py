@@ -178,6 +178,13 @@ def test_flow_factorys_dpo_converts_with_its_defaults_and_keys():
     t = parse_config(raw).train
     assert (t.dpo_beta, t.time_sampling_strategy) == (500.0, "uniform")
     assert any("train.logit_std: 1.5 dropped" in n for n in notes)
+    # gradient accumulation counts pair micro-batches: 48 pairs / (3 pairs x 8 processes x 1) = 2 steps
+    raw, notes = convert({"num_processes": 8, "train": {"trainer_type": "dpo", "group_size": 16,
+                                                         "unique_sample_num_per_epoch": 48, "per_device_batch_size": 3,
+                                                         "gradient_accumulation_steps": 1},
+                          "rewards": [{"reward_model": "pickscore"}]})
+    cfg = parse_config(raw)
+    assert cfg.train.gradient_step_per_epoch == 2 and cfg.geometry(8).train_batches_per_rank == 2
 
 
 def test_a_flow_factory_warm_start_becomes_init_from(tmp_path):

@@ -42,6 +42,7 @@ def test_dpo_loss_closed_forms():
     loss_tie, m = dpo_loss(err, err_ref, winners, losers, torch.tensor([True, False]), beta=100.0)
     assert loss_tie.item() == pytest.approx(float(-torch.nn.functional.logsigmoid(z[0]) / 2), rel=1e-5)
     assert m["dpo_valid_fraction"].item() == 0.5
+    assert m["dpo_accuracy"].item() == 0.5  # of both pairs: the tie does not count as won
 
 
 def test_dpo_loss_gradient_lowers_the_winners_error_and_raises_the_losers():
@@ -62,6 +63,15 @@ def test_dpo_geometry_trains_one_pair_per_group(tmp_path):
     assert (geo.train_micro_batch, geo.train_batches_per_rank) == (8, 1)  # min(2 x 16, 8)
     with pytest.raises(ConfigError, match="dpo trains each group's .best, worst. pair, 4 pairs per process"):
         tiny_config(tmp_path, "dpo").geometry(1)  # 1 micro-batch of 4 pairs cannot make 2 optimizer steps
+    # a config valid on 8 processes trains there: the LR schedule's length needs no 1-process geometry
+    from trainer.loop import schedule_steps
+
+    eight = tiny_config(tmp_path, "dpo", ["train.group_size=6", "train.unique_sample_num_per_epoch=8",
+                                          "train.per_device_batch_size=3", "train.gradient_step_per_epoch=1"])
+    assert eight.geometry(8).train_batches_per_rank == 1
+    with pytest.raises(ConfigError):
+        eight.geometry(1)  # 8 pairs in micro-batches of 3: not on one process
+    assert schedule_steps(eight) == 2  # max_epochs x 1
     grpo = tiny_config(tmp_path, "grpo").geometry(1)  # everything else trains every sample
     assert (grpo.train_samples_per_rank, grpo.train_micro_batch, grpo.train_batches_per_rank) == (32, 16, 2)
 

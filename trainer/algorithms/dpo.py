@@ -7,7 +7,9 @@ policy's and the frozen reference's mean squared velocity errors against ``eps -
 the loss is ``-log sigmoid(-(dpo_beta / 2) [(err_w - ref_w) - (err_l - ref_l)])``
 (:func:`~trainer.algorithms.losses.dpo_loss`): the policy fits the winner better and the loser worse than
 the reference does. The reference is the base (LoRA disabled, or a frozen copy for full fine-tuning),
-always evaluated, whatever ``kl_beta`` says.
+always evaluated, whatever ``kl_beta`` says; with a LoRA ``model.init_from`` it is the base without that
+LoRA (disabling the adapter drops both), so the loss starts below ``log 2`` where the warm start already
+prefers the winners.
 Micro-batches hold ``per_device_batch_size`` pairs, as Flow-Factory's (``BatchGeometry.train_micro_batch``).
 How this differs from Flow-Factory's ``trainers/dpo.py``:
 * the errors are against flow matching's velocity target ``eps - x0`` (the flow-matching form of

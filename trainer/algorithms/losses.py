@@ -549,8 +549,9 @@ def dpo_loss(err: Tensor, err_ref: Tensor, winners: Tensor, losers: Tensor, vali
     toward the winner more than toward the loser, relative to the reference (so ``z = 0`` and the loss is
     ``log 2`` when policy and reference agree).
 
-    Metrics: ``dpo_accuracy`` (fraction of valid pairs with ``z > 0``), ``dpo_margin`` (mean ``z`` over valid
-    pairs), ``dpo_valid_fraction``.
+    Metrics, each over all ``P`` pairs so that equal-size micro-batches average to the epoch's figure:
+    ``dpo_accuracy`` (fraction of pairs that are valid and have ``z > 0``; divide by ``dpo_valid_fraction`` for
+    the accuracy among valid pairs), ``dpo_margin`` (sum of ``z`` over valid pairs / ``P``), ``dpo_valid_fraction``.
     """
     if err.ndim != 1 or err_ref.shape != err.shape:
         raise ValueError(f"err and err_ref must both be [B], got {tuple(err.shape)} and {tuple(err_ref.shape)}")
@@ -561,9 +562,8 @@ def dpo_loss(err: Tensor, err_ref: Tensor, winners: Tensor, losers: Tensor, vali
     weight = valid.to(z.dtype)
     pairs = max(int(valid.numel()), 1)
     loss = (-torch.nn.functional.logsigmoid(z) * weight).sum() / pairs + 0.0 * err.sum()  # graph even with no pair
-    n_valid = weight.sum().clamp_min(1.0)
-    metrics = {"dpo_accuracy": ((z.detach() > 0).to(z.dtype) * weight).sum() / n_valid,
-               "dpo_margin": (z.detach() * weight).sum() / n_valid,
+    metrics = {"dpo_accuracy": ((z.detach() > 0).to(z.dtype) * weight).sum() / pairs,
+               "dpo_margin": (z.detach() * weight).sum() / pairs,
                "dpo_valid_fraction": weight.sum() / pairs}
     return loss, metrics
 
