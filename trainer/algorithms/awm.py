@@ -15,8 +15,6 @@ How this differs from the official code (scxue/advantage_weighted_matching):
 
 from __future__ import annotations
 
-import torch
-
 from trainer.algorithms.base import ALGORITHMS
 from trainer.algorithms.decoupled import Decoupled
 from trainer.algorithms.losses import (awm_log_prob, clip_advantages, clipped_surrogate,
@@ -25,9 +23,6 @@ from trainer.algorithms.losses import (awm_log_prob, clip_advantages, clipped_su
 
 @ALGORITHMS.register("awm")
 class AWM(Decoupled):
-    def target(self, batch, state, unit) -> torch.Tensor:
-        return state["eps"][unit] - batch.final_latents.float()
-
     def prepare(self, batch, policy):
         state = self.noised(batch)
         t = self.t
@@ -48,11 +43,7 @@ class AWM(Decoupled):
         adv = clip_advantages(batch.advantages, t.adv_clip_range)
         loss, metrics = clipped_surrogate(policy_ratio(logp, state["logp_old"][unit]).float(),
                                           adv, t.clip_range)
-        metrics = {k: m.detach() for k, m in metrics.items()}
-        if t.kl_beta:
-            kl = kl_v_based(v, policy.ref_velocity(x_t, sigma, batch.cond)).mean()
-            loss = loss + t.kl_beta * kl
-            metrics["kl"] = kl.detach()
+        loss, metrics = self.with_kl(loss, metrics, v, batch, state, unit, policy)
         if t.ema_kl_beta and policy.ema is not None:
             ema_kl = kl_v_based(v, policy.ema_velocity(x_t, sigma, batch.cond)).mean()
             loss = loss + t.ema_kl_beta * ema_kl

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from trainer.algorithms.base import Algorithm, TrainBatch
+from trainer.algorithms.losses import kl_v_based, mean_d
 from trainer.collect import SEED_STRIDE
 from trainer.timesteps import sample_train_sigmas
 
@@ -34,6 +35,36 @@ class Decoupled(Algorithm):
         view = sig.view(T, x0.shape[0], *[1] * (x0.dim() - 1))
         x_t = (1 - view) * x0 + view * eps
         return {"sigma": sig, "eps": eps, "x_t": x_t}
+
+    def target(self, batch: TrainBatch, state: dict, unit: int) -> torch.Tensor:
+        """Flow matching's velocity target ``eps - x0`` at training timestep ``unit`` (``[B, ...]``)."""
+        return state["eps"][unit] - batch.final_latents.float()
+
+    def flow_loss(self, v: torch.Tensor, batch: TrainBatch, state: dict, unit: int) -> torch.Tensor:
+        """Each sample's flow-matching loss ``mean_d (v - (eps - x0))^2`` (``[B]``, float32)."""
+        return mean_d((v.float() - self.target(batch, state, unit)) ** 2)
+
+    def flow_losses(self, velocity, batch: TrainBatch, state: dict) -> list[torch.Tensor]:
+        """:meth:`flow_loss` under ``velocity(x_t, sigma, cond)`` (e.g. ``policy.ref_velocity``), per unit."""
+        return [self.flow_loss(velocity(state["x_t"][j], state["sigma"][j], batch.cond), batch, state, j)
+                for j in range(state["sigma"].shape[0])]
+
+    def with_kl(self, loss: torch.Tensor, metrics: dict, v: torch.Tensor, batch: TrainBatch, state: dict,
+                unit: int, policy) -> tuple[torch.Tensor, dict]:
+        """``loss + kl_beta * mean ||v - v_ref||^2`` when ``train.kl_beta > 0`` (its mean in
+        ``metrics["kl"]``); every metric detached."""
+        metrics = {k: m.detach() for k, m in metrics.items()}
+        if self.t.kl_beta:
+            x_t, sigma = state["x_t"][unit], state["sigma"][unit]
+            kl = kl_v_based(v, policy.ref_velocity(x_t, sigma, batch.cond)).mean()
+            loss = loss + self.t.kl_beta * kl
+            metrics["kl"] = kl.detach()
+        return loss, metrics
+
+    @staticmethod
+    def group_sizes(batch: TrainBatch) -> list[int]:
+        """How many rows of each group the micro-batch holds."""
+        return torch.bincount(torch.unique(batch.group_ids, return_inverse=True)[1]).tolist()
 
     def draw_sigmas(self, batch: TrainBatch, num: int, size: int, generator: torch.Generator) -> torch.Tensor:
         """``[num, size]`` training sigmas from the configured strategy (on the host)."""

@@ -22,7 +22,7 @@ import torch
 
 from trainer.algorithms.base import ALGORITHMS
 from trainer.algorithms.decoupled import Decoupled
-from trainer.algorithms.losses import clip_advantages, dgpo_loss, kl_v_based, mean_d
+from trainer.algorithms.losses import clip_advantages, dgpo_loss
 
 
 @ALGORITHMS.register("dgpo")
@@ -34,35 +34,20 @@ class DGPO(Decoupled):
         order = groups[torch.randperm(groups.numel(), generator=generator)]
         return torch.cat([torch.nonzero(ids == g).flatten() for g in order])
 
-    def target(self, batch, state, unit) -> torch.Tensor:
-        return state["eps"][unit] - batch.final_latents.float()
-
-    def _losses(self, velocity, batch, state) -> list[torch.Tensor]:
-        return [mean_d((velocity(state["x_t"][j], state["sigma"][j], batch.cond).float()
-                        - self.target(batch, state, j)) ** 2)
-                for j in range(state["sigma"].shape[0])]
-
     def prepare(self, batch, policy):
-        counts = torch.bincount(torch.unique(batch.group_ids, return_inverse=True)[1])
-        if bool((counts != counts[0]).any()):
-            raise ValueError(f"dgpo: a training micro-batch must hold whole groups, got group sizes {counts.tolist()}")
+        sizes = self.group_sizes(batch)
+        if len(set(sizes)) != 1:
+            raise ValueError(f"dgpo: a training micro-batch must hold whole groups, got group sizes {sizes}")
         state = self.noised(batch, shared=True)
-        state["ref_dsm"] = self._losses(policy.ref_velocity, batch, state)
-        state["old_dsm"] = self._losses(policy.old_velocity, batch, state) if self.t.dgpo_clip else None
+        state["ref_dsm"] = self.flow_losses(policy.ref_velocity, batch, state)
+        state["old_dsm"] = self.flow_losses(policy.old_velocity, batch, state) if self.t.dgpo_clip else None
         return state
 
     def loss(self, batch, unit, state, policy):
         t = self.t
-        x_t, sigma = state["x_t"][unit], state["sigma"][unit]
-        v = policy.velocity(x_t, sigma, batch.cond)
-        dsm = mean_d((v.float() - self.target(batch, state, unit)) ** 2)
+        v = policy.velocity(state["x_t"][unit], state["sigma"][unit], batch.cond)
         old = state["old_dsm"][unit] if state["old_dsm"] is not None else None
-        loss, metrics = dgpo_loss(dsm, state["ref_dsm"][unit], clip_advantages(batch.advantages, t.adv_clip_range),
-                                  batch.group_ids, t.dgpo_beta, t.group_size, old_dsm=old,
-                                  clip_range=t.clip_range)
-        metrics = {k: m.detach() for k, m in metrics.items()}
-        if t.kl_beta:
-            kl = kl_v_based(v, policy.ref_velocity(x_t, sigma, batch.cond)).mean()
-            loss = loss + t.kl_beta * kl
-            metrics["kl"] = kl.detach()
-        return loss, metrics
+        loss, metrics = dgpo_loss(self.flow_loss(v, batch, state, unit), state["ref_dsm"][unit],
+                                  clip_advantages(batch.advantages, t.adv_clip_range), batch.group_ids,
+                                  t.dgpo_beta, t.group_size, old_dsm=old, clip_range=t.clip_range)
+        return self.with_kl(loss, metrics, v, batch, state, unit, policy)

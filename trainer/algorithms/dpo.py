@@ -26,7 +26,7 @@ import torch
 
 from trainer.algorithms.base import ALGORITHMS
 from trainer.algorithms.decoupled import Decoupled
-from trainer.algorithms.losses import best_worst_pairs, dpo_loss, kl_v_based, mean_d
+from trainer.algorithms.losses import best_worst_pairs, dpo_loss
 
 
 @ALGORITHMS.register("dpo")
@@ -39,33 +39,21 @@ class DPO(Decoupled):
 
     def pairs(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The micro-batch's pairs; every group in it must be exactly one (winner, loser) pair."""
-        counts = torch.bincount(torch.unique(batch.group_ids, return_inverse=True)[1])
-        if bool((counts != 2).any()):
+        sizes = self.group_sizes(batch)
+        if any(n != 2 for n in sizes):
             raise ValueError(f"dpo: a training micro-batch must hold whole (winner, loser) pairs, got group sizes "
-                             f"{counts.tolist()}; the loop cuts micro-batches of BatchGeometry.train_micro_batch "
+                             f"{sizes}; the loop cuts micro-batches of BatchGeometry.train_micro_batch "
                              f"from DPO.train_order, which keeps them whole")
         return best_worst_pairs(batch.advantages, batch.group_ids)
-
-    def target(self, batch, state, unit) -> torch.Tensor:
-        return state["eps"][unit] - batch.final_latents.float()
 
     def prepare(self, batch, policy):
         state = self.noised(batch, shared=True)
         state["pairs"] = self.pairs(batch)
-        state["err_ref"] = [mean_d((policy.ref_velocity(state["x_t"][j], state["sigma"][j], batch.cond).float()
-                                    - self.target(batch, state, j)) ** 2)
-                            for j in range(state["sigma"].shape[0])]
+        state["err_ref"] = self.flow_losses(policy.ref_velocity, batch, state)
         return state
 
     def loss(self, batch, unit, state, policy):
-        t = self.t
-        x_t, sigma = state["x_t"][unit], state["sigma"][unit]
-        v = policy.velocity(x_t, sigma, batch.cond)
-        err = mean_d((v.float() - self.target(batch, state, unit)) ** 2)
-        loss, metrics = dpo_loss(err, state["err_ref"][unit], *state["pairs"], t.dpo_beta)
-        metrics = {k: m.detach() for k, m in metrics.items()}
-        if t.kl_beta:
-            kl = kl_v_based(v, policy.ref_velocity(x_t, sigma, batch.cond)).mean()
-            loss = loss + t.kl_beta * kl
-            metrics["kl"] = kl.detach()
-        return loss, metrics
+        v = policy.velocity(state["x_t"][unit], state["sigma"][unit], batch.cond)
+        loss, metrics = dpo_loss(self.flow_loss(v, batch, state, unit), state["err_ref"][unit], *state["pairs"],
+                                 self.t.dpo_beta)
+        return self.with_kl(loss, metrics, v, batch, state, unit, policy)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from trainer.algorithms.base import ALGORITHMS
 from trainer.algorithms.decoupled import Decoupled
-from trainer.algorithms.losses import kl_v_based, nft_loss, nft_optimality
+from trainer.algorithms.losses import nft_loss, nft_optimality
 
 
 @ALGORITHMS.register("nft")
@@ -34,9 +34,4 @@ class NFT(Decoupled):
         r = nft_optimality(batch.advantages, t.adv_clip_range)
         loss, metrics = nft_loss(v, state["v_old"][unit], x_t, batch.final_latents.float(), sigma,
                                  r, t.nft_beta, t.adv_clip_range)
-        metrics = {k: m.detach() for k, m in metrics.items()}
-        if t.kl_beta:
-            kl = kl_v_based(v, policy.ref_velocity(x_t, sigma, batch.cond)).mean()
-            loss = loss + t.kl_beta * kl
-            metrics["kl"] = kl.detach()
-        return loss, metrics
+        return self.with_kl(loss, metrics, v, batch, state, unit, policy)
