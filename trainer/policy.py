@@ -145,11 +145,20 @@ class Policy:
 
     @torch.no_grad()
     def ref_velocity(self, x, sigma, cond) -> torch.Tensor:
-        """The frozen base's velocity at ``train.ref_guidance_scale`` (default: the policy's CFG)."""
+        """The frozen base's velocity at ``train.ref_guidance_scale`` (default: the policy's CFG): the KL anchor."""
+        return self._ref_velocity(x, sigma, cond, self.ref_guidance_scale)
+
+    @torch.no_grad()
+    def base_velocity(self, x, sigma, cond) -> torch.Tensor:
+        """The frozen base's velocity at the policy's own CFG scale: the starting policy, which preference
+        losses (dpo, dgpo) compare the policy with, whatever ``train.ref_guidance_scale`` anchors the KL to."""
+        return self._ref_velocity(x, sigma, cond, self.guidance_scale)
+
+    def _ref_velocity(self, x, sigma, cond, guidance_scale: float) -> torch.Tensor:
         with self._reference() as module:
             device = next(iter(self.trainable.values())).device if self.sharded else next(module.parameters()).device
             v = self.adapter.velocity(x.to(device), sigma.to(device), cond.to(device),
-                                      self.ref_guidance_scale, transformer=module)
+                                      guidance_scale, transformer=module)
         return v.to(x.device)
 
     @torch.no_grad()

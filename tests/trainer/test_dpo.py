@@ -104,3 +104,25 @@ def test_dpo_full_fine_tuning_keeps_a_frozen_reference_without_kl(tmp_path):
                                         "train.per_device_batch_size=2", "train.max_epochs=1"])
     summary = train(cfg, quiet=True)
     assert summary["optimizer_steps"] == 2
+
+
+def test_the_preference_reference_is_the_starting_policy_even_with_a_guided_kl_anchor(tmp_path, monkeypatch):
+    """train.ref_guidance_scale moves the KL anchor to the base's guided velocity; dpo's implicit reward still
+    compares the policy with the base at the policy's own CFG, so before any update every pair's z is 0."""
+    from trainer import loop
+
+    seen = {}
+    real = loop.optimize
+
+    def spy(*args, **kwargs):
+        step, metrics = real(*args, **kwargs)
+        seen.setdefault("first", metrics)
+        return step, metrics
+
+    monkeypatch.setattr(loop, "optimize", spy)
+    cfg = tiny_config(tmp_path, "dpo", ["train.per_device_batch_size=2", "train.gradient_step_per_epoch=1",
+                                        "train.max_epochs=1", "train.kl_beta=0.1", "train.ref_guidance_scale=4.5"])
+    loop.train(cfg, quiet=True)
+    first = seen["first"]  # one optimizer step at the end of the epoch: every micro-batch saw the initial weights
+    assert first["train/dpo_margin"] == 0.0 and first["train/loss"] > 0
+    assert first["train/kl"] > 0  # while the KL term does see the guided anchor

@@ -6,7 +6,8 @@ advantage-weighted flow-matching loss ``w_g A_i ||v_theta - (eps - x0)||^2`` whe
 ``w_g = sigmoid(sum_i A_i dgpo_beta (l_i - l_ref_i) / K)`` compares the policy's fit with the frozen
 reference's over the whole group (:func:`~trainer.algorithms.losses.dgpo_loss`), and, with
 ``train.dgpo_clip``, a sample whose ratio ``exp(l_old - l)`` to the sampling policy left ``clip_range``
-on its advantage's side is detached. The reference is always evaluated; the sampling policy is the
+on its advantage's side is detached. The reference is the base at the policy's own CFG scale
+(``train.ref_guidance_scale`` moves only the KL term's anchor), always evaluated; the sampling policy is the
 EMA after ``train.sample_from_ema_after`` optimizer steps (Flow-Factory's ``switch_ema_ref``, 200).
 How this differs from Flow-Factory's ``trainers/dgpo.py``:
 * training micro-batches hold whole groups (``max(1, per_device_batch_size // group_size)`` of them, on
@@ -39,7 +40,7 @@ class DGPO(Decoupled):
         if len(set(sizes)) != 1:
             raise ValueError(f"dgpo: a training micro-batch must hold whole groups, got group sizes {sizes}")
         state = self.noised(batch, shared=True)
-        state["ref_dsm"] = self.flow_losses(policy.ref_velocity, batch, state)
+        state["ref_dsm"] = self.flow_losses(policy.base_velocity, batch, state)
         state["old_dsm"] = self.flow_losses(policy.old_velocity, batch, state) if self.t.dgpo_clip else None
         return state
 

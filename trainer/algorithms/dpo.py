@@ -6,8 +6,9 @@ A pair's two samples are re-noised with the same timestep and noise (``x_t = (1 
 policy's and the frozen reference's mean squared velocity errors against ``eps - x0`` are compared, and
 the loss is ``-log sigmoid(-(dpo_beta / 2) [(err_w - ref_w) - (err_l - ref_l)])``
 (:func:`~trainer.algorithms.losses.dpo_loss`): the policy fits the winner better and the loser worse than
-the reference does. The reference is the base (LoRA disabled, or a frozen copy for full fine-tuning),
-always evaluated, whatever ``kl_beta`` says; with a LoRA ``model.init_from`` it is the base without that
+the reference does. The reference is the base (LoRA disabled, or a frozen copy for full fine-tuning) at
+the policy's own CFG scale (``train.ref_guidance_scale`` moves only the KL term's anchor), always
+evaluated, whatever ``kl_beta`` says; with a LoRA ``model.init_from`` it is the base without that
 LoRA (disabling the adapter drops both), so the loss starts below ``log 2`` where the warm start already
 prefers the winners.
 Micro-batches hold ``per_device_batch_size`` pairs, as Flow-Factory's (``BatchGeometry.train_micro_batch``).
@@ -49,7 +50,7 @@ class DPO(Decoupled):
     def prepare(self, batch, policy):
         state = self.noised(batch, shared=True)
         state["pairs"] = self.pairs(batch)
-        state["err_ref"] = self.flow_losses(policy.ref_velocity, batch, state)
+        state["err_ref"] = self.flow_losses(policy.base_velocity, batch, state)
         return state
 
     def loss(self, batch, unit, state, policy):
