@@ -250,7 +250,7 @@ class TrainConfig(_Strict):
     # -- GRPO / GRPO-Guard / AWM surrogate
     clip_range: float | tuple[float, float] | None = None
     kl_type: Literal["x-based", "v-based"] = "x-based"
-    kl_beta: float | None = Field(None, ge=0)  # 0 disables the reference model entirely
+    kl_beta: float | None = Field(None, ge=0)  # 0: no KL term, and no reference model but for dpo and dgpo
     ref_param_device: Literal["same", "cpu"] = "same"  # full fine-tune: where the frozen copy lives
     # the CFG scale of the KL reference (None = guidance_scale). A CFG-free policy (guidance_scale 1)
     # anchored to the base's guided velocity (e.g. 4.5) is pulled towards the guided model while the
@@ -258,6 +258,7 @@ class TrainConfig(_Strict):
     ref_guidance_scale: float | None = Field(None, ge=0)
     # -- DiffusionNFT
     nft_beta: float = Field(1.0, gt=0)
+    off_policy: bool | None = None  # sample (and take v_old) from the EMA model
     # -- online Diffusion-DPO: the beta of -log sigmoid(-beta/2 [(err_w - ref_w) - (err_l - ref_l)]),
     # errors being per-sample mean squared velocity errors (Diffusion-DPO's scale; Flow-Factory's 2000)
     dpo_beta: float = Field(2000.0, gt=0)
@@ -269,7 +270,6 @@ class TrainConfig(_Strict):
     # sample rollouts (and take the "old" policy) from the EMA once this many optimizer steps are done
     # (DGPO's switch_ema_ref); None: only with off_policy
     sample_from_ema_after: int | None = Field(None, ge=0)
-    off_policy: bool | None = None  # sample (and take v_old) from the EMA model
     # -- AWM
     awm_weighting: Literal["Uniform", "t", "t**2", "huber", "ghuber"] = "ghuber"
     ghuber_power: float = Field(0.25, gt=0)
@@ -340,7 +340,7 @@ class TrainConfig(_Strict):
     @property
     def uses_reference(self) -> bool:
         """Whether the frozen reference model is evaluated: a KL term (``kl_beta > 0``) or an
-        algorithm whose loss is defined against it (``dpo``)."""
+        algorithm whose loss is defined against it (``dpo``, ``dgpo``)."""
         return bool(self.kl_beta) or self.trainer_type.lower() in REFERENCE_TRAINERS
 
     @property
@@ -437,7 +437,8 @@ class BatchGeometry:
     grad_steps_per_inner_epoch: int  # G
     batches_per_grad_step: int  # train_batches_per_rank / G: training micro-batches per optimizer step
     # what is trained: every sample in micro-batches of B, except for dpo: each group's best and
-    # worst sample, M / W pairs, B pairs (2 B samples) a micro-batch as Flow-Factory's: min(2 B, 2 M / W)
+    # worst sample, M / W pairs, B pairs (2 B samples) a micro-batch as Flow-Factory's: min(2 B, 2 M / W);
+    # and dgpo: every sample, whole groups a micro-batch, max(1, B // K) of them
     train_samples_per_rank: int = 0
     train_micro_batch: int = 0
     train_batches_per_rank: int = 0
@@ -556,7 +557,7 @@ def check_combinations(cfg: Config) -> None:
             f"sampled them. Fix: leave rollout_guidance_scale unset, or use trainer_type nft or awm, "
             f"which learn from any sampler's images."
         )
-    if t.ref_guidance_scale is not None and t.ref_guidance_scale != t.guidance_scale and not t.uses_reference:
+    if t.ref_guidance_scale is not None and t.ref_guidance_scale != t.guidance_scale and not t.kl_beta:
         raise ConfigError(
             f"train.ref_guidance_scale: {t.ref_guidance_scale} sets the CFG scale of the KL reference, "
             f"but train.kl_beta is {t.kl_beta!r}, so no reference is evaluated and it would do nothing. "
