@@ -53,6 +53,22 @@ def max_diff(a: dict, b: dict) -> float:
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
+def adam_close(a: dict, b: dict, step: float, tol: float = 1e-5) -> str | None:
+    """None when the weights ``a`` and ``b`` agree to ``tol`` but for a few elements (at most 1 in 1000)
+    that differ by less than one AdamW step ``step`` (lr x steps), else what is wrong. Adam divides by
+    the gradient's running RMS, so an element whose gradient is ~0 turns float rounding (which differs
+    between one process and a sharded reduction, and from run to run of the gloo one) into a difference of
+    up to a whole step (flux1 below, lr 1e-4 x 2 steps: from 1e-8 to 5e-5 between runs)."""
+    assert a.keys() == b.keys()
+    diffs = [(a[k].float() - b[k].float()).abs() for k in a]
+    worst = max(float(d.max()) for d in diffs)
+    off = sum(int((d > tol).sum()) for d in diffs)
+    total = sum(d.numel() for d in diffs)
+    if worst >= step or off > total / 1000:
+        return f"{off} of {total} elements differ by more than {tol} (largest {worst:.3g}; one step {step:.3g})"
+    return None
+
+
 def test_sharding_primitives_against_an_unsharded_copy(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_port", str(free_port()), "tests/helpers/fsdp_probe.py", str(tmp_path)],
@@ -283,7 +299,8 @@ def test_full_finetune_of_other_families_under_fsdp_matches_one_process(tmp_path
     runs = tmp_path / "runs"
     for name in ("transformer/diffusion_pytorch_model.safetensors", "ema.safetensors"):
         a, b = (load_file(runs / r / "checkpoints" / "final" / name) for r in ("fsdp", "one"))
-        assert max_diff(a, b) < 1e-5, name
+        problem = adam_close(a, b, step=1e-4 * 2)  # lr x the 2 optimizer steps (max_epochs 2, one each)
+        assert problem is None, f"{name}: {problem}"
     start = load_file(tmp_path / "pipe" / "transformer" / "diffusion_pytorch_model.safetensors")
     final = load_file(runs / "fsdp" / "checkpoints" / "final" / "transformer" / "diffusion_pytorch_model.safetensors")
     assert max(float((final[k] - start[k]).abs().max()) for k in start) > 1e-5  # it trained
