@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from shared.checkpoints import numbered_checkpoints
+
 RESUME_DIR = "resume"
 
 
@@ -77,10 +79,9 @@ def find_checkpoint(spec: str, run_dir: Path) -> Path:
 
 
 def newest_checkpoint(run_dir: Path) -> Path | None:
-    """The highest ``checkpoint-N`` of ``run_dir`` with resume state, or None."""
-    found = sorted((p for p in (run_dir / "checkpoints").glob("checkpoint-*")
-                    if (p / RESUME_DIR / "state.json").is_file()),
-                   key=lambda p: int(p.name.rsplit("-", 1)[1]))
+    """The highest ``checkpoint-N`` of ``run_dir`` with resume state, or None (an interrupted
+    ``checkpoint-N.tmp`` save is not one)."""
+    found = [p for p in numbered_checkpoints(run_dir / "checkpoints") if (p / RESUME_DIR / "state.json").is_file()]
     return found[-1] if found else None
 
 
@@ -90,9 +91,7 @@ def stale_checkpoints(run_dir: Path, keep: int | None) -> list[Path]:
     (named ``checkpoint-<int>``) count: ``final`` and unfinished ``*.tmp`` ones are left alone."""
     if keep is None:
         return []
-    found = sorted((p for p in (run_dir / "checkpoints").glob("checkpoint-*")
-                    if p.is_dir() and p.name.rsplit("-", 1)[1].isdigit()),
-                   key=lambda p: int(p.name.rsplit("-", 1)[1]))
+    found = numbered_checkpoints(run_dir / "checkpoints")
     return found[:-keep] if len(found) > keep else []
 
 

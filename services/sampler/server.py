@@ -106,9 +106,10 @@ class Served:
             return checkpoint
         from shared.config import ConfigError
 
+        from shared.checkpoints import numbered_checkpoints
+
         folder = Path(self.cfg.output_dir) / (self.cfg.run_name or "") / "checkpoints"
-        found = [p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()]
-        found += [folder / "final"] if (folder / "final").is_dir() else []
+        found = numbered_checkpoints(folder) + ([folder / "final"] if (folder / "final").is_dir() else [])
         if not found:
             raise ConfigError(f"checkpoint 'latest': {folder} holds no final or checkpoint-N folder yet. Fix: "
                               f"wait for the run's first checkpoint (train.save_freq), or name one, or load "

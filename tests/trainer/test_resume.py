@@ -133,6 +133,9 @@ def test_resume_latest_needs_a_run_and_finds_its_newest_checkpoint(tmp_path):
         (tmp_path / "checkpoints" / f"checkpoint-{n}" / "resume").mkdir(parents=True)
         (tmp_path / "checkpoints" / f"checkpoint-{n}" / "resume" / "state.json").write_text("{}")
     (tmp_path / "checkpoints" / "checkpoint-12").mkdir()  # no resume state: not a candidate
+    # a save killed before its rename: resume state written, but not a checkpoint (it raised ValueError)
+    (tmp_path / "checkpoints" / "checkpoint-14.tmp" / "resume").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "checkpoint-14.tmp" / "resume" / "state.json").write_text("{}")
     assert find_checkpoint("latest", tmp_path).name == "checkpoint-10"
 
 
