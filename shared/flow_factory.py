@@ -416,8 +416,9 @@ def convert(ff: dict) -> tuple[dict, list[str]]:
                 notes.append(f"{key}: false dropped; flowrl's dgpo always re-noises a group's samples alike")
         elif name == "kl_cfg":
             if float(value) != 1.0:
-                notes.append(f"{key}: {value} dropped; the reference's CFG here is train.ref_guidance_scale "
-                             f"(default: the policy's), used by the KL term and the group weights alike")
+                notes.append(f"{key}: {value} dropped; the KL term's reference CFG here is train.ref_guidance_scale "
+                             f"(default: the policy's; the group weights always compare with the base at the "
+                             f"policy's CFG)")
         elif value not in (None, False) and not (name.startswith("ema_ref_") and not flat.get("train.use_ema_ref")):
             notes.append(f"{key}: {value!r} dropped; flowrl's dgpo has no separate fast-EMA reference: its old "
                          f"policy is the sampling policy (the EMA after sample_from_ema_after steps)")

@@ -1,4 +1,4 @@
-"""Shared pieces of the sampler-decoupled algorithms (DiffusionNFT, AWM, DPO).
+"""Shared pieces of the sampler-decoupled algorithms (DiffusionNFT, AWM, DPO, DGPO).
 
 They train on clean rollout results ``x0`` re-noised by the forward process
 ``x_t = (1 - t) x0 + t eps`` at freshly drawn timesteps, so any sampler (ODE included) works

@@ -1,4 +1,4 @@
-"""Loss math of the trainers (GRPO / GRPO-Guard / DiffusionNFT / AWM / DPO) as pure tensor functions.
+"""Loss math of the trainers (GRPO / GRPO-Guard / DiffusionNFT / AWM / DPO / DGPO) as pure tensor functions.
 
 Nothing in here calls a model, touches an optimizer or reads a config: every function takes tensors the
 trainer already has (log-probs, predicted means, velocities, advantages) and returns tensors. That keeps
