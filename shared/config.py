@@ -27,9 +27,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from shared.queue import QueueSettings
 
 DYNAMICS = ("Flow-SDE", "Dance-SDE", "CPS", "ODE")
-TRAINER_TYPES = ("grpo", "grpo-guard", "nft", "awm", "dpo", "dgpo")
+TRAINER_TYPES = ("grpo", "grpo-guard", "nft", "awm", "dpo", "dgpo", "crd")
 # always evaluate the frozen reference model, whatever kl_beta says
-REFERENCE_TRAINERS = ("dpo", "dgpo")
+REFERENCE_TRAINERS = ("dpo", "dgpo", "crd")
+# train on whole prompt groups a micro-batch (their losses compare a group's samples)
+WHOLE_GROUP_TRAINERS = ("dgpo", "crd")
 
 # Defaults per algorithm, from ../shared/reference/algorithms.md (official code values).
 ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -66,9 +68,42 @@ ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
         off_policy=False, ema_decay=0.9, ema_decay_schedule="power", ema_update_interval=8,
         sample_from_ema_after=200, time_sampling_strategy="discrete", timestep_fraction=0.6,
     ),
+    "crd": dict(  # Centered Reward Distillation as Flow-Factory's trainers/crd.py (CRDTrainingArguments)
+        dynamics_type="ODE", adv_clip_range=5.0, kl_beta=0.1, global_std=True,
+        off_policy=False, ema_decay=0.9, ema_decay_schedule="power", ema_update_interval=8,
+        time_sampling_strategy="discrete", timestep_fraction=0.99,
+    ),
 }
 NOISE_LEVEL_DEFAULTS = {"Flow-SDE": 0.7, "Dance-SDE": 0.3, "CPS": 0.8, "ODE": 0.0}
 SDE_TRAINERS = ("grpo", "grpo-guard")  # need per-step log-probs from a stochastic rollout
+
+
+#: named snapshot decay schedules (Flow-Factory's CRD presets): (start_step, start_value, slope, end_value)
+SNAPSHOT_DECAY_PRESETS = {
+    "none": (0, 0.0, 0.0, 0.0), "slow": (0, 0.0, 0.001, 0.5), "medium": (75, 0.0, 0.0075, 0.999),
+    "offline": (0, 1.0, 0.0, 1.0), "fast": (0, 0.0, 0.02, 0.99), "moderate": (0, 0.0, 0.01, 0.5),
+}
+
+
+def parse_snapshot_decay(spec: str) -> tuple[int, float, float, float]:
+    """``"start_step-start_value-slope-end_value"`` (e.g. ``"75-0.0-0.0075-0.999"``) or a preset name
+    of :data:`SNAPSHOT_DECAY_PRESETS` -> ``(start_step, start_value, slope, end_value)``; ValueError
+    naming the format otherwise (values must be >= 0, the two decays in [0, 1])."""
+    spec = str(spec).strip()
+    if spec in SNAPSHOT_DECAY_PRESETS:
+        return SNAPSHOT_DECAY_PRESETS[spec]
+    parts = spec.split("-")
+    try:
+        if len(parts) != 4:
+            raise ValueError
+        start, v0, slope, end = float(parts[0]), float(parts[1]), float(parts[2]), float(parts[3])
+    except ValueError:
+        raise ValueError(f"snapshot decay {spec!r} is not 'start_step-start_value-slope-end_value' "
+                         f"(e.g. '75-0.0-0.0075-0.999') or one of {', '.join(SNAPSHOT_DECAY_PRESETS)}") from None
+    if start != int(start) or not (0 <= v0 <= 1 and 0 <= end <= 1):
+        raise ValueError(f"snapshot decay {spec!r}: start_step must be a whole number >= 0 and start_value, "
+                         f"end_value in [0, 1]; the slope, non-negative, is written without a minus sign")
+    return int(start), v0, slope, end
 
 
 class ConfigError(ValueError):
@@ -250,7 +285,7 @@ class TrainConfig(_Strict):
     # -- GRPO / GRPO-Guard / AWM surrogate
     clip_range: float | tuple[float, float] | None = None
     kl_type: Literal["x-based", "v-based"] = "x-based"
-    kl_beta: float | None = Field(None, ge=0)  # 0: no KL term, and no reference model but for dpo and dgpo
+    kl_beta: float | None = Field(None, ge=0)  # 0: no KL term, and no reference model but for dpo, dgpo, crd
     ref_param_device: Literal["same", "cpu"] = "same"  # full fine-tune: where the frozen copy lives
     # the CFG scale of the KL reference (None = guidance_scale). A CFG-free policy (guidance_scale 1)
     # anchored to the base's guided velocity (e.g. 4.5) is pulled towards the guided model while the
@@ -270,6 +305,26 @@ class TrainConfig(_Strict):
     # sample rollouts (and take the "old" policy) from the EMA once this many optimizer steps are done
     # (DGPO's switch_ema_ref); None: only with off_policy
     sample_from_ema_after: int | None = Field(None, ge=0)
+    # -- CRD (Centered Reward Distillation): the implicit reward r = -(||v - v_t||^2 - ||v_old - v_t||^2)
+    # (crd_adaptive_logp: each error over its own mean |error|), centred within its group, regresses onto
+    # the centred advantage (mse: (crd_beta r_c - A_c)^2; bce: logits crd_beta r_c, targets sigmoid(A_c));
+    # crd_weight_temp < 0: plain group means; 0: separate means over the positive and the negative
+    # samples; > 0: softmax(+-A / T)-weighted means (the two directions averaged)
+    crd_beta: float = Field(1.0, gt=0)
+    crd_loss_type: Literal["mse", "bce"] = "mse"
+    crd_weight_temp: float = -1.0
+    crd_adaptive_logp: bool = True
+    # v_old: a snapshot of the policy blended towards it after every epoch (true), or the frozen base
+    crd_use_old: bool = True
+    # the snapshots' blend decays d(step) ("start_step-start_value-slope-end_value": start_value before
+    # start_step, then start_value + slope * (step - start_step), capped at end_value; or a preset name),
+    # snapshot <- d snapshot + (1 - d) policy after every epoch, step = optimizer steps done. Rollouts
+    # come from the sampling snapshot (on-policy while its decay is 0)
+    crd_old_decay: str = "0-0.25-0.005-0.999"
+    crd_sampling_decay: str = "75-0.0-0.0075-0.999"
+    # the KL term per sample weighted by 1e-4 / kl_beta + (1 - 1e-4 / kl_beta) * a, a in [0, 1] the
+    # normalized advantage: high-reward samples stay near the reference, low-reward ones may leave it
+    crd_reward_adaptive_kl: bool = True
     # -- AWM
     awm_weighting: Literal["Uniform", "t", "t**2", "huber", "ghuber"] = "ghuber"
     ghuber_power: float = Field(0.25, gt=0)
@@ -323,6 +378,12 @@ class TrainConfig(_Strict):
     def _yaml_no(cls, v):
         # YAML 1.1 (and so `--set train.mixed_precision=no`) reads a bare `no` as false
         return "no" if v is False else v
+
+    @field_validator("crd_old_decay", "crd_sampling_decay")
+    @classmethod
+    def _decay_spec(cls, v):
+        parse_snapshot_decay(v)  # raises ValueError naming the format
+        return v
 
     @field_validator("resolution")
     @classmethod
@@ -438,7 +499,7 @@ class BatchGeometry:
     batches_per_grad_step: int  # train_batches_per_rank / G: training micro-batches per optimizer step
     # what is trained: every sample in micro-batches of B, except for dpo: each group's best and
     # worst sample, M / W pairs, B pairs (2 B samples) a micro-batch as Flow-Factory's: min(2 B, 2 M / W);
-    # and dgpo: every sample, whole groups a micro-batch, max(1, B // K) of them
+    # and dgpo and crd: every sample, whole groups a micro-batch, max(1, B // K) of them
     train_samples_per_rank: int = 0
     train_micro_batch: int = 0
     train_batches_per_rank: int = 0
@@ -463,8 +524,8 @@ class BatchGeometry:
         batches = per_rank // B
         if t.trainer_type.lower() == "dpo":
             return cls._dpo(t, W, per_rank, batches)
-        if t.trainer_type.lower() == "dgpo":
-            return cls._dgpo(t, W, per_rank, batches)
+        if t.trainer_type.lower() in WHOLE_GROUP_TRAINERS:
+            return cls._whole_groups(t, W, per_rank, batches)
         if batches % G:
             raise ConfigError(
                 f"train.gradient_step_per_epoch={G} does not divide the {batches} micro-batches per "
@@ -489,14 +550,14 @@ class BatchGeometry:
         return cls(W, K, M, M // W, per_rank, B, batches, G, rows // b // G, rows, b, rows // b)
 
     @classmethod
-    def _dgpo(cls, t: TrainConfig, W: int, per_rank: int, batches: int) -> "BatchGeometry":
-        """DGPO weighs each group by a sum over its members: a training micro-batch holds whole
-        groups, ``max(1, B // K)`` of them."""
+    def _whole_groups(cls, t: TrainConfig, W: int, per_rank: int, batches: int) -> "BatchGeometry":
+        """DGPO weighs each group by a sum over its members, CRD centres within each group: a training
+        micro-batch holds whole groups, ``max(1, B // K)`` of them."""
         K, M, B, G = t.group_size, t.unique_sample_num_per_epoch, t.per_device_batch_size, t.gradient_step_per_epoch
         groups = max(1, B // K)
         if (M // W) % groups or (M // W // groups) % G:
             raise ConfigError(
-                f"train.trainer_type: dgpo trains whole groups, max(1, per_device_batch_size={B} // group_size={K}) = "
+                f"train.trainer_type: {t.trainer_type} trains whole groups, max(1, per_device_batch_size={B} // group_size={K}) = "
                 f"{groups} a micro-batch, so the {M // W} groups per process must split into a multiple of "
                 f"gradient_step_per_epoch={G} micro-batches. Fix: a per_device_batch_size that is a multiple of "
                 f"{K} dividing the groups evenly, or change unique_sample_num_per_epoch / gradient_step_per_epoch.")
@@ -620,6 +681,12 @@ def check_combinations(cfg: Config) -> None:
             f"train.ema_kl_beta: {t.ema_kl_beta} pulls the policy toward its EMA, but "
             f"train.ema_decay is 0 (EMA disabled). Fix: set ema_decay > 0 or ema_kl_beta: 0."
         )
+    if kind == "crd" and (t.off_policy or t.sample_from_ema_after is not None):
+        raise ConfigError(
+            f"train.trainer_type: crd samples from its own sampling snapshot (train.crd_sampling_decay), so "
+            f"train.off_policy: {t.off_policy} / sample_from_ema_after: {t.sample_from_ema_after} would be ignored. "
+            f"Fix: leave both unset and shape the sampling model with crd_sampling_decay (e.g. 'none' samples "
+            f"on-policy, '75-0.0-0.0075-0.999' moves to a slow average after 75 steps).")
     if t.sample_from_ema_after is not None and not t.ema_decay:
         raise ConfigError(
             f"train.sample_from_ema_after: {t.sample_from_ema_after} samples from the EMA model after that many "

@@ -9,6 +9,8 @@
   ``lora_2/`` (same format, loaded with ``load_lora_weights(dir, load_into_transformer_2=True)``),
   or its full weights in ``transformer_2/``;
 * ``ema.safetensors``: the EMA shadow of the trainable parameters (the eval weights);
+* ``snapshot-<name>.safetensors``: an algorithm's own blended copies of the trainable parameters
+  (CRD's ``old`` and ``sampling`` models), which resuming restores;
 * ``trainer_state.json``: epoch, optimizer step, the config;
 * ``resume/``: optimizer, LR schedule, RNG, counters, pending samples (:mod:`trainer.resume`),
   when the loop asks for it (every checkpoint it writes).
@@ -52,6 +54,8 @@ def save_checkpoint(path: Path, cfg: Config, accelerator, adapter, policy, epoch
     ema = None
     if policy.ema is not None:
         ema = policy.full_weights(ema=True) if sharded else policy.ema.shadow
+    snapshots = {name: policy.full_weights(snapshot=name) if sharded else snap.shadow
+                 for name, snap in policy.snapshots.items()}
     accelerator.wait_for_everyone()
     if main:
         if main_extra is not None:
@@ -66,6 +70,9 @@ def save_checkpoint(path: Path, cfg: Config, accelerator, adapter, policy, epoch
         if ema is not None:
             save_file({k: v.detach().cpu().contiguous() for k, v in ema.items()}, tmp / "ema.safetensors")
             _save_ema_loadable(tmp, cfg, adapter, ema, parts, final=path.name == "final")
+        for name, tensors in snapshots.items():  # an algorithm's own copies (CRD), for resuming
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                      tmp / f"snapshot-{name}.safetensors")
         (tmp / "trainer_state.json").write_text(json.dumps(
             {"epoch": epoch, "optimizer_step": step, "config": cfg.model_dump()}, indent=2))
         shutil.rmtree(path, ignore_errors=True)
@@ -193,7 +200,16 @@ def _load_whole(transformer, state: dict) -> None:
 
 
 def load_checkpoint_ema(path: Path, policy) -> None:
-    """The checkpoint's EMA shadow into ``policy`` (this process's pieces under FSDP), if both have one."""
+    """The checkpoint's EMA shadow and the algorithm's snapshots into ``policy`` (this process's
+    pieces under FSDP), where both have them; FileNotFoundError for a snapshot the checkpoint lacks."""
     ema_file = Path(path) / "ema.safetensors"
     if ema_file.is_file() and policy.ema is not None:
         policy.load_ema(load_file(ema_file))
+    for name in policy.snapshots:
+        snap_file = Path(path) / f"snapshot-{name}.safetensors"
+        if not snap_file.is_file():
+            raise FileNotFoundError(
+                f"{path} has no {snap_file.name}: the {name!r} model this trainer keeps was not saved with it, "
+                f"so the run cannot continue exactly. Fix: resume from a checkpoint this trainer type wrote, or "
+                f"start the run afresh (model.init_from: {path} starts from its weights).")
+        policy.load_snapshot(name, load_file(snap_file))

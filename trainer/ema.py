@@ -20,6 +20,8 @@ from typing import Iterable, Mapping
 
 import torch
 
+from shared.config import parse_snapshot_decay
+
 SCHEDULES = ("constant", "power", "linear", "piecewise_linear", "cosine", "warmup_cosine")
 
 NamedTensors = Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
@@ -89,6 +91,21 @@ def ema_decay(
         return d0 * k / W
     span = T - max(W, 0)
     return _cosine_ramp(d0, d, (k - max(W, 0)) / span if span > 0 else 1.0)
+
+
+def snapshot_decay(step: int, spec: str) -> float:
+    """The blend decay of a policy snapshot (CRD's old and sampling models) at optimizer step ``step``.
+
+    ``spec`` is ``"start_step-start_value-slope-end_value"`` or a preset name
+    (:func:`shared.config.parse_snapshot_decay`): ``start_value`` while ``step < start_step``, then
+    ``min(start_value + (step - start_step) * slope, end_value)``. With the update
+    ``snapshot <- d * snapshot + (1 - d) * param``, ``d = 0`` copies the policy (on-policy) and ``d = 1``
+    freezes the snapshot.
+    """
+    start, v0, slope, end = parse_snapshot_decay(spec)
+    if step < start:
+        return v0
+    return min(v0 + (step - start) * slope, end)
 
 
 class EMA:

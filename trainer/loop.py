@@ -302,8 +302,8 @@ def train(cfg: Config, *, quiet: bool = False, stop: StopRequest | None = None) 
             accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
         model, optimizer = accelerator.prepare(adapter.transformer, optimizer)
     model.eval()
-    policy = Policy(adapter, model, cfg, trainable)
     algorithm = ALGORITHMS.get(t.trainer_type)(cfg)
+    policy = Policy(adapter, model, cfg, trainable, snapshots=algorithm.snapshots)
     ptx = PretrainMix(cfg, adapter) if t.ptx_coef else None
     built: dict = {}  # an eval reward configured like a training one is the same model, loaded once
     rewards = build_rewards(cfg.rewards, accelerator.device, built)
@@ -427,6 +427,7 @@ def train(cfg: Config, *, quiet: bool = False, stop: StopRequest | None = None) 
         t_opt = time.time()
         step, opt_metrics = optimize(cfg, accelerator, policy, algorithm, optimizer, lr_schedule,
                                      data, epoch, step, ptx)
+        opt_metrics.update(algorithm.after_epoch(policy, step))  # e.g. CRD's snapshots, before publishing
         optimize_seconds = time.time() - t_opt
         version += 1
         transport.publish(version)

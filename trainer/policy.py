@@ -6,7 +6,10 @@
   when ``kl_beta > 0`` or the algorithm needs it (dpo), on ``ref_param_device``;
 * EMA: a float32 shadow of the trainable parameters, evaluated through
   :class:`shared.models.ParamView` (``functional_call``, no weight swapping). It provides
-  the eval weights, the off-policy sampling/"old" model (DiffusionNFT) and the AWM anchor.
+  the eval weights, the off-policy sampling/"old" model (DiffusionNFT) and the AWM anchor;
+* snapshots: further named float32 copies an algorithm blends towards the policy itself
+  (:attr:`~trainer.algorithms.base.Algorithm.snapshots`; CRD's "old" and "sampling" models),
+  evaluated like the EMA, checkpointed beside it; a ``sampling`` snapshot is what rollouts use.
 
 Under ``train.fsdp`` (:mod:`trainer.sharding`) the current model is the sharded transformer
 itself, the EMA shadow and a full fine-tune's reference hold this process's pieces, and both are
@@ -78,7 +81,7 @@ class Policy:
     """Velocity evaluations under the weights each algorithm needs (see module docstring)."""
 
     def __init__(self, adapter: FlowModelAdapter, model: nn.Module, cfg: Config,
-                 trainable: dict[str, nn.Parameter]) -> None:
+                 trainable: dict[str, nn.Parameter], snapshots: tuple[str, ...] = ()) -> None:
         self.adapter, self.model, self.cfg = adapter, model, cfg
         self.trainable = trainable
         self.sharded = any(is_sharded(p) for p in trainable.values())  # train.fsdp
@@ -89,6 +92,9 @@ class Policy:
         if t.ema_decay:
             device = "cpu" if t.ema_device == "cpu" else None
             self.ema = EMA(self._pieces(), device=device)
+        # named copies of the starting weights (on ref_param_device), blended by the algorithm
+        snap_device = "cpu" if t.ref_param_device == "cpu" else None
+        self.snapshots = {name: EMA(self._pieces(), device=snap_device) for name in snapshots}
         self.optimizer_step = 0  # the loop sets it on resume; update_ema after every step
         self._ref: nn.Module | None = None
         if t.uses_reference and cfg.model.finetune_type == "full":
@@ -110,6 +116,17 @@ class Policy:
             return SwapView(self.adapter.transformer, self.trainable, self.ema.as_params(self._pieces()))
         return ParamView(self.adapter.transformer, self.ema.as_params(self.trainable))
 
+    def snapshot_view(self, name: str) -> nn.Module:
+        """The transformer under snapshot ``name``'s weights (no copy into the module)."""
+        snap = self.snapshots[name]
+        if self.sharded:
+            return SwapView(self.adapter.transformer, self.trainable, snap.as_params(self._pieces()))
+        return ParamView(self.adapter.transformer, snap.as_params(self.trainable))
+
+    def blend_snapshot(self, name: str, decay: float) -> None:
+        """``snapshot <- decay * snapshot + (1 - decay) * policy`` (0 copies the policy, 1 keeps it)."""
+        self.snapshots[name].update(self._pieces(), decay)
+
     def samples_from_ema(self) -> bool:
         """Whether rollouts (and the "old" policy) use the EMA: ``train.off_policy``, or
         ``train.sample_from_ema_after`` optimizer steps done."""
@@ -118,7 +135,10 @@ class Policy:
         return self.ema is not None and bool(t.off_policy or (after is not None and self.optimizer_step >= after))
 
     def sampling_module(self) -> nn.Module:
-        """Weights rollouts use: the EMA when :meth:`samples_from_ema`, else the current ones."""
+        """Weights rollouts use: a ``sampling`` snapshot if the algorithm keeps one, the EMA when
+        :meth:`samples_from_ema`, else the current ones."""
+        if "sampling" in self.snapshots:
+            return self.snapshot_view("sampling")
         if self.samples_from_ema():
             return self.ema_view()
         return self.adapter.transformer
@@ -168,6 +188,11 @@ class Policy:
                                      transformer=self.sampling_module())
 
     @torch.no_grad()
+    def snapshot_velocity(self, name: str, x, sigma, cond) -> torch.Tensor:
+        """Snapshot ``name``'s velocity at the policy's CFG scale, no grad."""
+        return self.adapter.velocity(x, sigma, cond, self.guidance_scale, transformer=self.snapshot_view(name))
+
+    @torch.no_grad()
     def ema_velocity(self, x, sigma, cond) -> torch.Tensor:
         return self.adapter.velocity(x, sigma, cond, self.guidance_scale,
                                      transformer=self.ema_view())
@@ -187,13 +212,25 @@ class Policy:
         return decay
 
     # -------------------------------------------------------------- whole tensors
-    def full_weights(self, ema: bool = False) -> dict[str, torch.Tensor]:
-        """The trainable parameters (or their EMA) as whole tensors, by name. A collective under
-        FSDP (every process calls it); otherwise references, no copy."""
-        if ema:
-            assert self.ema is not None
-            return {n: gather_like(s, self.trainable[n]) for n, s in self.ema.shadow.items()}
+    def full_weights(self, ema: bool = False, snapshot: str | None = None) -> dict[str, torch.Tensor]:
+        """The trainable parameters (or their EMA, or snapshot ``snapshot``) as whole tensors, by
+        name. A collective under FSDP (every process calls it); otherwise references, no copy."""
+        if ema or snapshot is not None:
+            shadow = self.snapshots[snapshot] if snapshot is not None else self.ema
+            assert shadow is not None
+            return {n: gather_like(s, self.trainable[n]) for n, s in shadow.shadow.items()}
         return {n: gather(p.detach()) for n, p in self.trainable.items()}
+
+    def sampling_weights(self) -> dict[str, torch.Tensor]:
+        """The whole tensors rollouts sample with (:meth:`sampling_module`'s): what the trainer publishes."""
+        if "sampling" in self.snapshots:
+            return self.full_weights(snapshot="sampling")
+        return self.full_weights(ema=self.samples_from_ema())
+
+    def load_snapshot(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Set snapshot ``name`` from whole tensors (a checkpoint's ``snapshot-<name>.safetensors``)."""
+        self.snapshots[name].load_state_dict({n: piece_like(v, self.trainable[n]) if n in self.trainable else v
+                                              for n, v in tensors.items()})
 
     def load_ema(self, tensors: dict[str, torch.Tensor]) -> None:
         """Set the EMA shadow from whole tensors (a checkpoint's ``ema.safetensors``)."""

@@ -165,7 +165,7 @@ class CeleryTransport:
         policy = self.policy
         if self.rank != 0 and not policy.sharded:
             return None
-        weights = policy.full_weights(ema=policy.samples_from_ema())
+        weights = policy.sampling_weights()
         if self.rank != 0:
             return None
         ref = self.store.put_tensors(f"{self.run_id}/policy/v{version}.safetensors",

@@ -322,3 +322,18 @@ def test_the_transformer_can_stay_off_the_device_the_rest_goes_to(tmp_path):
     assert {p.device.type for p in adapter.pipeline.vae.parameters()} == {"cpu"}
     tiny = load_adapter(ModelConfig(model_type="tiny"), device=torch.device("cpu"), seed=0, transformer_device="meta")
     assert next(tiny.transformer.parameters()).device.type == "meta"
+
+
+def test_crd_snapshots_under_fsdp_follow_ddp(tmp_path):
+    """CRD's old and sampling snapshots are kept as each process's pieces under FSDP, evaluated through
+    them, and gathered into whole tensors in the checkpoint: training and files follow DDP's."""
+    cfg = config_file(tmp_path, "crd", crd_sampling_decay="0-0.5-0.0-0.5")
+    launch(cfg, "run_name=fsdp", "train.fsdp=true")
+    launch(cfg, "run_name=ddp")
+    final = {n: tmp_path / "runs" / n / "checkpoints" / "final" for n in ("fsdp", "ddp")}
+    lr = yaml.safe_load(cfg.read_text())["train"]["learning_rate"]
+    for name in ("lora/pytorch_lora_weights.safetensors", "snapshot-old.safetensors", "snapshot-sampling.safetensors"):
+        sharded, whole = load_file(final["fsdp"] / name), load_file(final["ddp"] / name)
+        assert adam_close(sharded, whole, step=2 * lr) is None, name
+    old, sampling = (load_file(final["fsdp"] / f"snapshot-{n}.safetensors") for n in ("old", "sampling"))
+    assert max_diff(old, sampling) > 0  # two different blends of the policy

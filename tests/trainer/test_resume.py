@@ -33,9 +33,11 @@ FAST = ["train.num_inference_steps=4", "eval.num_inference_steps=4", "train.grou
 
 
 def weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    """Everything a checkpoint holds as tensors: LoRA, EMA, optimizer moments."""
+    """Everything a checkpoint holds as tensors: LoRA, EMA, an algorithm's snapshots."""
     out = {f"lora/{k}": v for k, v in load_file(ckpt / "lora" / "pytorch_lora_weights.safetensors").items()}
     out.update({f"ema/{k}": v for k, v in load_file(ckpt / "ema.safetensors").items()})
+    for snap in ckpt.glob("snapshot-*.safetensors"):
+        out.update({f"{snap.stem}/{k}": v for k, v in load_file(snap).items()})
     return out
 
 
@@ -58,6 +60,8 @@ def same_tensors(a: dict, b: dict) -> list[str]:
     ("grpo", []),
     ("grpo", ["train.max_staleness=1"]),  # an epoch sampled before the checkpoint travels in it
     ("nft", []),  # off-policy: samples drawn with the EMA
+    # samples drawn with a half-blended snapshot, implicit rewards against another
+    ("crd", ["train.crd_sampling_decay=0-0.5-0.0-0.5"]),
 ])
 def test_resumed_run_is_bit_identical(tmp_path, trainer_type, extra):
     cfg = tiny_config(tmp_path / "a", trainer_type, FAST + extra)

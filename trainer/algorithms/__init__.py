@@ -1,4 +1,4 @@
-"""Algorithms, registered by ``train.trainer_type``: grpo, grpo-guard, nft, awm, dpo, dgpo."""
+"""Algorithms, registered by ``train.trainer_type``: grpo, grpo-guard, nft, awm, dpo, dgpo, crd."""
 
 from trainer.algorithms.base import ALGORITHMS, Algorithm, TrainBatch
 
@@ -7,7 +7,8 @@ for _name, _path in [("grpo", "trainer.algorithms.grpo.GRPO"),
                      ("nft", "trainer.algorithms.nft.NFT"),
                      ("awm", "trainer.algorithms.awm.AWM"),
                      ("dpo", "trainer.algorithms.dpo.DPO"),
-                     ("dgpo", "trainer.algorithms.dgpo.DGPO")]:
+                     ("dgpo", "trainer.algorithms.dgpo.DGPO"),
+                     ("crd", "trainer.algorithms.crd.CRD")]:
     if _name not in ALGORITHMS:
         ALGORITHMS.register(_name, _path)
 

@@ -51,6 +51,9 @@ class Algorithm(ABC):
     needs_log_probs: ClassVar[bool] = False
     #: also record the per-step Gaussian means (GRPO-Guard)
     keep_means: ClassVar[bool] = False
+    #: named copies of the trainable weights the :class:`~trainer.policy.Policy` keeps for this
+    #: algorithm (blended in :meth:`after_epoch`, checkpointed); "sampling" is what rollouts use
+    snapshots: tuple[str, ...] = ()
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -70,6 +73,11 @@ class Algorithm(ABC):
         every row, shuffled with ``generator``. An algorithm that returns a subset declares its
         size in :class:`~shared.config.BatchGeometry` (``train_samples_per_rank``)."""
         return None
+
+    def after_epoch(self, policy: Any, step: int) -> dict[str, float]:
+        """After an epoch's optimizer steps (``step`` done in all), before the new weights are
+        published: update the algorithm's snapshots; returns metrics to log (default: none)."""
+        return {}
 
     def host_sigmas(self, batch: TrainBatch) -> torch.Tensor:
         """``batch.sigmas`` on the host. An epoch's micro-batches share one grid tensor (on the

@@ -1,4 +1,4 @@
-"""Shared pieces of the sampler-decoupled algorithms (DiffusionNFT, AWM, DPO, DGPO).
+"""Shared pieces of the sampler-decoupled algorithms (DiffusionNFT, AWM, DPO, DGPO, CRD).
 
 They train on clean rollout results ``x0`` re-noised by the forward process
 ``x_t = (1 - t) x0 + t eps`` at freshly drawn timesteps, so any sampler (ODE included) works
@@ -50,16 +50,32 @@ class Decoupled(Algorithm):
                 for j in range(state["sigma"].shape[0])]
 
     def with_kl(self, loss: torch.Tensor, metrics: dict, v: torch.Tensor, batch: TrainBatch, state: dict,
-                unit: int, policy) -> tuple[torch.Tensor, dict]:
-        """``loss + kl_beta * mean ||v - v_ref||^2`` when ``train.kl_beta > 0`` (its mean in
-        ``metrics["kl"]``); every metric detached."""
+                unit: int, policy, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """``loss + kl_beta * mean_b(w_b ||v - v_ref||_b^2)`` when ``train.kl_beta > 0`` (``weights`` ``[B]``,
+        default 1; the unweighted mean in ``metrics["kl"]``); every metric detached."""
         metrics = {k: m.detach() for k, m in metrics.items()}
         if self.t.kl_beta:
             x_t, sigma = state["x_t"][unit], state["sigma"][unit]
-            kl = kl_v_based(v, policy.ref_velocity(x_t, sigma, batch.cond)).mean()
+            per_sample = kl_v_based(v, policy.ref_velocity(x_t, sigma, batch.cond))
+            kl = per_sample.mean() if weights is None else (weights.to(per_sample) * per_sample).mean()
             loss = loss + self.t.kl_beta * kl
-            metrics["kl"] = kl.detach()
+            metrics["kl"] = per_sample.detach().mean()
         return loss, metrics
+
+    @staticmethod
+    def whole_groups_order(data, generator: torch.Generator) -> torch.Tensor:
+        """Every row of the epoch, each group's rows contiguous, in a seeded random order of groups
+        (for :attr:`~shared.config.WHOLE_GROUP_TRAINERS`, whose micro-batches hold whole groups)."""
+        ids = data.group_ids
+        groups = torch.unique(ids)
+        order = groups[torch.randperm(groups.numel(), generator=generator)]
+        return torch.cat([torch.nonzero(ids == g).flatten() for g in order])
+
+    def check_whole_groups(self, batch: TrainBatch) -> None:
+        sizes = self.group_sizes(batch)
+        if len(set(sizes)) != 1:
+            raise ValueError(f"{self.t.trainer_type}: a training micro-batch must hold whole groups, "
+                             f"got group sizes {sizes}")
 
     @staticmethod
     def group_sizes(batch: TrainBatch) -> list[int]:

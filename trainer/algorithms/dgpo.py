@@ -19,8 +19,6 @@ How this differs from Flow-Factory's ``trainers/dgpo.py``:
 
 from __future__ import annotations
 
-import torch
-
 from trainer.algorithms.base import ALGORITHMS
 from trainer.algorithms.decoupled import Decoupled
 from trainer.algorithms.losses import clip_advantages, dgpo_loss
@@ -29,16 +27,10 @@ from trainer.algorithms.losses import clip_advantages, dgpo_loss
 @ALGORITHMS.register("dgpo")
 class DGPO(Decoupled):
     def train_order(self, data, generator):
-        """Every row, groups contiguous, in a seeded random order of groups."""
-        ids = data.group_ids
-        groups = torch.unique(ids)
-        order = groups[torch.randperm(groups.numel(), generator=generator)]
-        return torch.cat([torch.nonzero(ids == g).flatten() for g in order])
+        return self.whole_groups_order(data, generator)
 
     def prepare(self, batch, policy):
-        sizes = self.group_sizes(batch)
-        if len(set(sizes)) != 1:
-            raise ValueError(f"dgpo: a training micro-batch must hold whole groups, got group sizes {sizes}")
+        self.check_whole_groups(batch)
         state = self.noised(batch, shared=True)
         state["ref_dsm"] = self.flow_losses(policy.base_velocity, batch, state)
         state["old_dsm"] = self.flow_losses(policy.old_velocity, batch, state) if self.t.dgpo_clip else None
