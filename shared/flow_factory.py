@@ -177,8 +177,18 @@ FF_ALGORITHM_DEFAULTS["dgpo"] = {**FF_ALGORITHM_DEFAULTS["grpo"], "kl_type": "v-
                                  "clip_dsm": True, "switch_ema_ref": 200, "off_policy": False,
                                  "time_sampling_strategy": "discrete", "time_shift": 3.0, "timestep_range": 0.6}
 
+FF_ALGORITHM_DEFAULTS["crd"] = {"global_std": True, "advantage_aggregation": "gdpo", "crd_beta": 1.0,
+                                "crd_loss_type": "mse", "use_old_for_loss": True, "adaptive_logp": True,
+                                "weight_temp": -1.0, "old_model_decay": "0-0.25-0.005-0.999",
+                                "sampling_model_decay": "75-0.0-0.0075-0.999", "adv_clip_range": 5.0,
+                                "kl_type": "v-based", "kl_beta": 0.1, "kl_cfg": 4.5, "reward_adaptive_kl": True,
+                                "time_sampling_strategy": "discrete", "time_shift": 3.0, "timestep_range": 0.99}
+#: CRD's integer decay presets -> flowrl's names (or the spelled-out schedule)
+CRD_DECAY_PRESETS = {0: "none", 1: "slow", 2: "medium", 3: "offline", 4: "fast", 5: "moderate",
+                     6: "0-0.0-0.0075-0.999"}
+
 #: Flow-Factory trainers that have no counterpart here
-UNSUPPORTED_TRAINERS = ("crd",)
+UNSUPPORTED_TRAINERS: tuple[str, ...] = ()
 
 #: reward entry keys: Flow-Factory's -> ours (the remote reward's options included)
 REWARD_KEYS = {"server_url": "url", "retry_attempts": "retries"}
@@ -271,7 +281,7 @@ def convert(ff: dict) -> tuple[dict, list[str]]:
 
     Raises:
         ConversionError: not a mapping, a trainer Flow-Factory has and flowrl does not
-            (crd), or a malformed value.
+            (:data:`UNSUPPORTED_TRAINERS`, none at present), or a malformed value.
     """
     if not isinstance(ff, dict):
         raise ConversionError(f"a Flow-Factory config is a YAML mapping of sections, got {type(ff).__name__}")
@@ -281,7 +291,7 @@ def convert(ff: dict) -> tuple[dict, list[str]]:
     if trainer in UNSUPPORTED_TRAINERS:
         raise ConversionError(
             f"train.trainer_type: '{trainer}' has no flowrl implementation (flowrl trains grpo, grpo-guard, nft, "
-            f"awm, dpo and dgpo; ../shared/reference/algorithms.md). Fix: pick one of those, or port the trainer as a "
+            f"awm, dpo, dgpo and crd; ../shared/reference/algorithms.md). Fix: pick one of those, or port the trainer as a "
             f"dotted-path plugin.")
     filled = [k for k in FF_DEFAULTS if k not in flat]
     algo = {f"train.{k}": v for k, v in FF_ALGORITHM_DEFAULTS.get(trainer, {}).items()}
@@ -427,6 +437,27 @@ def convert(ff: dict) -> tuple[dict, list[str]]:
         for name in ("dpo_beta", "beta_dpo", "clip_dsm", "switch_ema_ref", "use_shared_noise", "kl_cfg",
                      "clip_kl", "use_ema_ref", "ema_ref_max_decay", "ema_ref_ramp_rate", "ema_ref_device"):
             handlers[f"train.{name}"] = dgpo_key
+
+    def crd_key(key: str, value: Any) -> None:  # CRDTrainingArguments' own names
+        name = key.split(".", 1)[1]
+        renamed = {"crd_beta": "crd_beta", "crd_loss_type": "crd_loss_type", "use_old_for_loss": "crd_use_old",
+                   "adaptive_logp": "crd_adaptive_logp", "weight_temp": "crd_weight_temp",
+                   "reward_adaptive_kl": "crd_reward_adaptive_kl"}
+        if name in renamed:
+            _put(out, f"train.{renamed[name]}", value)
+        elif name in ("old_model_decay", "sampling_model_decay"):
+            spec = CRD_DECAY_PRESETS.get(int(value), value) if str(value).isdigit() else str(value)
+            _put(out, "train.crd_old_decay" if name == "old_model_decay" else "train.crd_sampling_decay", spec)
+        elif name == "kl_cfg":
+            if float(flat.get("train.kl_beta") or 0) > 0:
+                _put(out, "train.ref_guidance_scale", float(value))
+            elif float(value) != float(flat.get("train.guidance_scale", 1.0)):
+                notes.append(f"{key}: {value} dropped; train.kl_beta is 0, so there is no KL term to guide")
+
+    if trainer == "crd":
+        for name in ("crd_beta", "crd_loss_type", "use_old_for_loss", "adaptive_logp", "weight_temp",
+                     "old_model_decay", "sampling_model_decay", "reward_adaptive_kl", "kl_cfg"):
+            handlers[f"train.{name}"] = crd_key
 
     handlers.update({
         "scheduler.num_sde_steps": count, "eval.resolution": resolution,

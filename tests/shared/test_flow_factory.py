@@ -161,10 +161,32 @@ def test_flow_factorys_vllm_evaluate_becomes_a_vlm_judge_with_its_options():
     assert any("set `question`" in n for n in notes)
 
 
-@pytest.mark.parametrize("trainer", ["crd"])
-def test_a_trainer_flowrl_does_not_have_is_refused_by_name(trainer):
-    with pytest.raises(ConversionError, match=f"'{trainer}' has no flowrl implementation"):
-        convert({"train": {"trainer_type": trainer}, "rewards": [{"reward_model": "pickscore"}]})
+def test_a_trainer_flowrl_does_not_have_is_refused_by_name(monkeypatch):
+    import shared.flow_factory as ff
+
+    monkeypatch.setattr(ff, "UNSUPPORTED_TRAINERS", ("tdm",))
+    with pytest.raises(ConversionError, match="'tdm' has no flowrl implementation"):
+        convert({"train": {"trainer_type": "tdm"}, "rewards": [{"reward_model": "pickscore"}]})
+
+
+def test_flow_factorys_crd_converts_with_its_defaults_and_keys():
+    raw, notes = convert({"train": {"trainer_type": "crd"}, "rewards": [{"reward_model": "pickscore"}]})
+    t = parse_config(raw).train
+    assert (t.trainer_type, t.crd_beta, t.crd_loss_type, t.crd_use_old, t.crd_adaptive_logp) == ("crd", 1.0, "mse",
+                                                                                                 True, True)
+    assert (t.crd_weight_temp, t.crd_old_decay, t.crd_sampling_decay) == (-1.0, "0-0.25-0.005-0.999",
+                                                                         "75-0.0-0.0075-0.999")
+    assert (t.kl_beta, t.ref_guidance_scale, t.crd_reward_adaptive_kl) == (0.1, 4.5, True)
+    assert (t.time_sampling_strategy, t.timestep_fraction, t.time_shift) == ("discrete", 0.99, pytest.approx(1 / 3))
+    raw, notes = convert({"train": {"trainer_type": "crd", "crd_loss_type": "bce", "use_old_for_loss": False,
+                                    "weight_temp": 0.5, "old_model_decay": 3, "sampling_model_decay": "fast",
+                                    "kl_beta": 0, "kl_cfg": 4.5, "reward_adaptive_kl": False},
+                          "rewards": [{"reward_model": "pickscore"}]})
+    t = parse_config(raw).train
+    assert (t.crd_loss_type, t.crd_use_old, t.crd_weight_temp, t.crd_old_decay, t.crd_sampling_decay) == (
+        "bce", False, 0.5, "offline", "fast")
+    assert (t.kl_beta, t.ref_guidance_scale, t.crd_reward_adaptive_kl) == (0, None, False)
+    assert any("kl_cfg: 4.5 dropped" in n for n in notes)
 
 
 def test_flow_factorys_dpo_converts_with_its_defaults_and_keys():
