@@ -401,7 +401,7 @@ class TrainConfig(_Strict):
     @property
     def uses_reference(self) -> bool:
         """Whether the frozen reference model is evaluated: a KL term (``kl_beta > 0``) or an
-        algorithm whose loss is defined against it (``dpo``, ``dgpo``)."""
+        algorithm whose loss may be defined against it (``dpo``, ``dgpo``, ``crd``)."""
         return bool(self.kl_beta) or self.trainer_type.lower() in REFERENCE_TRAINERS
 
     @property
