@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -68,7 +69,8 @@ ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
         off_policy=False, ema_decay=0.9, ema_decay_schedule="power", ema_update_interval=8,
         sample_from_ema_after=200, time_sampling_strategy="discrete", timestep_fraction=0.6,
     ),
-    "crd": dict(  # Centered Reward Distillation as Flow-Factory's trainers/crd.py (CRDTrainingArguments)
+    "crd": dict(  # Centered Reward Distillation as Flow-Factory's trainers/crd.py (CRDTrainingArguments;
+        # the EMA, only the eval weights here, is dgpo's: Flow-Factory's 0.995 every 10 epochs converts)
         dynamics_type="ODE", adv_clip_range=5.0, kl_beta=0.1, global_std=True,
         off_policy=False, ema_decay=0.9, ema_decay_schedule="power", ema_update_interval=8,
         time_sampling_strategy="discrete", timestep_fraction=0.99,
@@ -83,13 +85,19 @@ SNAPSHOT_DECAY_PRESETS = {
     "none": (0, 0.0, 0.0, 0.0), "slow": (0, 0.0, 0.001, 0.5), "medium": (75, 0.0, 0.0075, 0.999),
     "offline": (0, 1.0, 0.0, 1.0), "fast": (0, 0.0, 0.02, 0.99), "moderate": (0, 0.0, 0.01, 0.5),
 }
+#: Flow-Factory's integer presets -> the names above (6: the medium ramp from step 0)
+SNAPSHOT_DECAY_NUMBERS = {0: "none", 1: "slow", 2: "medium", 3: "offline", 4: "fast", 5: "moderate",
+                          6: "0-0.0-0.0075-0.999"}
 
 
 def parse_snapshot_decay(spec: str) -> tuple[int, float, float, float]:
-    """``"start_step-start_value-slope-end_value"`` (e.g. ``"75-0.0-0.0075-0.999"``) or a preset name
-    of :data:`SNAPSHOT_DECAY_PRESETS` -> ``(start_step, start_value, slope, end_value)``; ValueError
-    naming the format otherwise (values must be >= 0, the two decays in [0, 1])."""
+    """``"start_step-start_value-slope-end_value"`` (e.g. ``"75-0.0-0.0075-0.999"``), a preset name of
+    :data:`SNAPSHOT_DECAY_PRESETS` or a preset number of :data:`SNAPSHOT_DECAY_NUMBERS` ->
+    ``(start_step, start_value, slope, end_value)``; ValueError naming the format otherwise (finite
+    values, the two decays in [0, 1])."""
     spec = str(spec).strip()
+    if spec.isdigit() and int(spec) in SNAPSHOT_DECAY_NUMBERS:
+        spec = SNAPSHOT_DECAY_NUMBERS[int(spec)]
     if spec in SNAPSHOT_DECAY_PRESETS:
         return SNAPSHOT_DECAY_PRESETS[spec]
     parts = spec.split("-")
@@ -100,7 +108,8 @@ def parse_snapshot_decay(spec: str) -> tuple[int, float, float, float]:
     except ValueError:
         raise ValueError(f"snapshot decay {spec!r} is not 'start_step-start_value-slope-end_value' "
                          f"(e.g. '75-0.0-0.0075-0.999') or one of {', '.join(SNAPSHOT_DECAY_PRESETS)}") from None
-    if start != int(start) or not (0 <= v0 <= 1 and 0 <= end <= 1):
+    if not all(math.isfinite(x) for x in (start, v0, slope, end)) or start != int(start) \
+            or not (0 <= v0 <= 1 and 0 <= end <= 1):
         raise ValueError(f"snapshot decay {spec!r}: start_step must be a whole number >= 0 and start_value, "
                          f"end_value in [0, 1]; the slope, non-negative, is written without a minus sign")
     return int(start), v0, slope, end
@@ -286,7 +295,8 @@ class TrainConfig(_Strict):
     clip_range: float | tuple[float, float] | None = None
     kl_type: Literal["x-based", "v-based"] = "x-based"
     kl_beta: float | None = Field(None, ge=0)  # 0: no KL term, and no reference model but for dpo, dgpo, crd
-    ref_param_device: Literal["same", "cpu"] = "same"  # full fine-tune: where the frozen copy lives
+    # where a full fine-tune's frozen copy lives, and an algorithm's snapshots (crd's old and sampling models)
+    ref_param_device: Literal["same", "cpu"] = "same"
     # the CFG scale of the KL reference (None = guidance_scale). A CFG-free policy (guidance_scale 1)
     # anchored to the base's guided velocity (e.g. 4.5) is pulled towards the guided model while the
     # reward tilts it: guidance distillation as the KL anchor, so it needs no CFG at inference
@@ -379,9 +389,11 @@ class TrainConfig(_Strict):
         # YAML 1.1 (and so `--set train.mixed_precision=no`) reads a bare `no` as false
         return "no" if v is False else v
 
-    @field_validator("crd_old_decay", "crd_sampling_decay")
+    @field_validator("crd_old_decay", "crd_sampling_decay", mode="before")
     @classmethod
     def _decay_spec(cls, v):
+        if isinstance(v, int) and not isinstance(v, bool):  # Flow-Factory's preset numbers
+            v = str(v)
         parse_snapshot_decay(v)  # raises ValueError naming the format
         return v
 
@@ -681,6 +693,11 @@ def check_combinations(cfg: Config) -> None:
             f"train.ema_kl_beta: {t.ema_kl_beta} pulls the policy toward its EMA, but "
             f"train.ema_decay is 0 (EMA disabled). Fix: set ema_decay > 0 or ema_kl_beta: 0."
         )
+    if kind == "crd" and t.crd_reward_adaptive_kl and 0 < t.kl_beta < 1e-4:
+        raise ConfigError(
+            f"train.kl_beta: {t.kl_beta} is below 1e-4, where crd_reward_adaptive_kl's per-sample weights "
+            f"1e-4 / kl_beta + (1 - 1e-4 / kl_beta) a invert (the lowest-reward samples weigh the most). Fix: "
+            f"kl_beta >= 1e-4 (Flow-Factory's crd uses 0.1), or crd_reward_adaptive_kl: false.")
     if kind == "crd" and (t.off_policy or t.sample_from_ema_after is not None):
         raise ConfigError(
             f"train.trainer_type: crd samples from its own sampling snapshot (train.crd_sampling_decay), so "

@@ -183,9 +183,6 @@ FF_ALGORITHM_DEFAULTS["crd"] = {"global_std": True, "advantage_aggregation": "gd
                                 "sampling_model_decay": "75-0.0-0.0075-0.999", "adv_clip_range": 5.0,
                                 "kl_type": "v-based", "kl_beta": 0.1, "kl_cfg": 4.5, "reward_adaptive_kl": True,
                                 "time_sampling_strategy": "discrete", "time_shift": 3.0, "timestep_range": 0.99}
-#: CRD's integer decay presets -> flowrl's names (or the spelled-out schedule)
-CRD_DECAY_PRESETS = {0: "none", 1: "slow", 2: "medium", 3: "offline", 4: "fast", 5: "moderate",
-                     6: "0-0.0-0.0075-0.999"}
 
 #: Flow-Factory trainers that have no counterpart here
 UNSUPPORTED_TRAINERS: tuple[str, ...] = ()
@@ -446,12 +443,12 @@ def convert(ff: dict) -> tuple[dict, list[str]]:
         if name in renamed:
             _put(out, f"train.{renamed[name]}", value)
         elif name in ("old_model_decay", "sampling_model_decay"):
-            spec = CRD_DECAY_PRESETS.get(int(value), value) if str(value).isdigit() else str(value)
-            _put(out, "train.crd_old_decay" if name == "old_model_decay" else "train.crd_sampling_decay", spec)
-        elif name == "kl_cfg":
-            if float(flat.get("train.kl_beta") or 0) > 0:
+            # flowrl reads Flow-Factory's integer presets too (shared.config.SNAPSHOT_DECAY_NUMBERS)
+            _put(out, "train.crd_old_decay" if name == "old_model_decay" else "train.crd_sampling_decay", str(value))
+        elif name == "kl_cfg":  # Flow-Factory guides the KL reference only above 1
+            if float(value) > 1 and float(flat.get("train.kl_beta") or 0) > 0:
                 _put(out, "train.ref_guidance_scale", float(value))
-            elif float(value) != float(flat.get("train.guidance_scale", 1.0)):
+            elif float(value) > 1:
                 notes.append(f"{key}: {value} dropped; train.kl_beta is 0, so there is no KL term to guide")
 
     if trainer == "crd":

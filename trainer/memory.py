@@ -4,7 +4,8 @@ Counts the transformer's parameters on the meta device (no weights are read or a
 architecture comes from ``transformer/config.json``), adds the run's LoRA, and adds up the
 persistent state per process: the frozen weights (``model.options.transformer_dtype``), the
 trained weights in ``model.master_weight_dtype`` with their gradients, AdamW's two float32 moments,
-the float32 EMA (unless ``train.ema_device: cpu``), a full fine-tune's KL reference copy (unless
+the float32 EMA (unless ``train.ema_device: cpu``), a full fine-tune's KL reference copy and an
+algorithm's float32 snapshots of the trained weights (crd's two; both unless
 ``train.ref_param_device: cpu``), each divided over the processes under ``train.fsdp`` (over
 ``train.fsdp_shard_size`` of them with hybrid sharding), which then also holds one gathered block at
 a time. Not counted: activations (they scale with the batch and
@@ -19,6 +20,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from trainer.algorithms import ALGORITHMS
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GIB = 2**30
@@ -45,11 +48,13 @@ def count_params(transformer: nn.Module) -> ParamCounts:
 
 
 def plan_bytes(counts: ParamCounts, *, world_size: int, fsdp: bool, frozen_dtype: str, master_dtype: str,
-               ema: bool, ema_on_gpu: bool, ref_copy: bool, ref_on_gpu: bool) -> dict[str, int]:
+               ema: bool, ema_on_gpu: bool, ref_copy: bool, ref_on_gpu: bool, snapshots: int = 0,
+               snapshots_on_gpu: bool = True) -> dict[str, int]:
     """Bytes per process of each kind of persistent state (see the module docstring).
 
     ``frozen_dtype``: the frozen weights' dtype; ``master_dtype``: the trained weights' (their
-    gradients too); ``ref_copy``: a full fine-tune's frozen KL reference (all weights, master dtype).
+    gradients too); ``ref_copy``: a full fine-tune's frozen KL reference (all weights, master dtype);
+    ``snapshots``: how many float32 copies of the trained weights the algorithm keeps (crd: 2).
     Under ``fsdp`` every kind is split over ``world_size`` processes, plus ``gathered_block``: the
     largest block, whole, while it runs. Returns the parts and their ``total``.
     """
@@ -61,6 +66,7 @@ def plan_bytes(counts: ParamCounts, *, world_size: int, fsdp: bool, frozen_dtype
         "gradients": counts.trained * master_b // share,
         "adam_moments": counts.trained * 8 // share,
         "ema": counts.trained * 4 // share if ema and ema_on_gpu else 0,
+        "snapshots": counts.trained * 4 * snapshots // share if snapshots_on_gpu else 0,
         "kl_reference": (counts.frozen + counts.trained) * master_b // share if ref_copy and ref_on_gpu else 0,
         "gathered_block": counts.largest_block * max(frozen_b, master_b) if fsdp else 0,
     }
@@ -130,7 +136,9 @@ def memory_report(cfg: Any, world_size: int) -> dict[str, Any]:
     shards = min(t.fsdp_shard_size or world_size, world_size)  # hybrid sharding: within a group
     parts = plan_bytes(counts, world_size=shards, fsdp=t.fsdp, frozen_dtype=frozen_dtype,
                        master_dtype=m.master_weight_dtype, ema=bool(t.ema_decay), ema_on_gpu=t.ema_device != "cpu",
-                       ref_copy=t.uses_reference and m.finetune_type == "full", ref_on_gpu=t.ref_param_device != "cpu")
+                       ref_copy=t.uses_reference and m.finetune_type == "full", ref_on_gpu=t.ref_param_device != "cpu",
+                       snapshots=len(ALGORITHMS.get(t.trainer_type)(cfg).snapshots),
+                       snapshots_on_gpu=t.ref_param_device != "cpu")
     return {"world_size": world_size, "fsdp": t.fsdp, "params": dataclasses.asdict(counts),
             "gib_per_process": {k: round(v / GIB, 2) for k, v in parts.items()}, "bytes_per_process": parts,
             "not_counted": "activations, text encoders, VAE, reward models, CUDA context"}

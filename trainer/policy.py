@@ -183,14 +183,16 @@ class Policy:
 
     @torch.no_grad()
     def old_velocity(self, x, sigma, cond) -> torch.Tensor:
-        """The sampling ("old") policy: EMA if off-policy, else the current weights, no grad."""
+        """The sampling ("old") policy (:meth:`sampling_module`: a ``sampling`` snapshot, the EMA if
+        off-policy, else the current weights), no grad."""
         return self.adapter.velocity(x, sigma, cond, self.guidance_scale,
                                      transformer=self.sampling_module())
 
     @torch.no_grad()
-    def snapshot_velocity(self, name: str, x, sigma, cond) -> torch.Tensor:
-        """Snapshot ``name``'s velocity at the policy's CFG scale, no grad."""
-        return self.adapter.velocity(x, sigma, cond, self.guidance_scale, transformer=self.snapshot_view(name))
+    def frozen_velocity(self, module: nn.Module, x, sigma, cond) -> torch.Tensor:
+        """``module``'s velocity (e.g. a :meth:`snapshot_view`, built once for many calls) at the policy's
+        CFG scale, no grad."""
+        return self.adapter.velocity(x, sigma, cond, self.guidance_scale, transformer=module)
 
     @torch.no_grad()
     def ema_velocity(self, x, sigma, cond) -> torch.Tensor:

@@ -184,9 +184,14 @@ def test_flow_factorys_crd_converts_with_its_defaults_and_keys():
                           "rewards": [{"reward_model": "pickscore"}]})
     t = parse_config(raw).train
     assert (t.crd_loss_type, t.crd_use_old, t.crd_weight_temp, t.crd_old_decay, t.crd_sampling_decay) == (
-        "bce", False, 0.5, "offline", "fast")
+        "bce", False, 0.5, "3", "fast")  # 3: Flow-Factory's preset number for "offline", read as such
     assert (t.kl_beta, t.ref_guidance_scale, t.crd_reward_adaptive_kl) == (0, None, False)
     assert any("kl_cfg: 4.5 dropped" in n for n in notes)
+    # kl_cfg 1 leaves the KL reference at the policy's own CFG, as Flow-Factory does at or below 1
+    raw, _ = convert({"train": {"trainer_type": "crd", "kl_cfg": 1.0, "guidance_scale": 4.5},
+                      "rewards": [{"reward_model": "pickscore"}]})
+    t = parse_config(raw).train
+    assert t.ref_guidance_scale is None and t.reference_guidance_scale == 4.5
 
 
 def test_flow_factorys_dpo_converts_with_its_defaults_and_keys():

@@ -21,6 +21,8 @@ def test_normalized_advantages_map_the_clip_range_onto_0_1():
     adv = torch.tensor([-7.0, -5.0, 0.0, 2.5, 9.0])
     assert normalized_advantages(adv, 5.0).tolist() == [0.0, 0.0, 0.5, 0.75, 1.0]
     assert normalized_advantages(torch.tensor([-2.0, 4.0]), (2.0, 4.0)).tolist() == [0.25, 1.0]
+    # over the upper end, as Flow-Factory's max of its signed range: a wider lower side clamps at 0
+    assert normalized_advantages(torch.tensor([-5.0, -2.5, 5.0]), (10.0, 5.0)).tolist() == [0.0, 0.25, 1.0]
 
 
 def test_implicit_reward_closed_form_and_sign():
@@ -78,17 +80,57 @@ def test_centering_weights_softmax_and_hard_pools():
     assert both.item() == pytest.approx(((one[0] + one[1]) / 2).item(), rel=1e-5)
 
 
+class _StubPolicy:
+    """The velocities CRD.loss asks for: the policy's (a trainable tensor) and the reference's."""
+
+    def __init__(self, v, v_ref):
+        self.v, self.v_ref = v, v_ref
+
+    def velocity(self, x, sigma, cond):
+        return self.v
+
+    def ref_velocity(self, x, sigma, cond):
+        return self.v_ref
+
+
+@pytest.mark.parametrize("adaptive_kl", [True, False])
+def test_crd_loss_scale_and_reward_weighted_kl(tmp_path, adaptive_kl):
+    from trainer.algorithms.base import TrainBatch
+
+    cfg = tiny_config(tmp_path, "crd", ["train.kl_beta=0.5", "train.crd_beta=2.0", "train.adv_clip_range=4.0",
+                                        f"train.crd_reward_adaptive_kl={str(adaptive_kl).lower()}"])
+    crd = ALGORITHMS.get("crd")(cfg)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(4, 2, 3, generator=g), torch.randn(1, 4, 2, 3, generator=g)
+    v = torch.randn(4, 2, 3, generator=g, requires_grad=True)
+    v_old, v_ref = torch.randn(4, 2, 3, generator=g), torch.randn(4, 2, 3, generator=g)
+    adv, gid = torch.tensor([1.0, -1.0, 3.0, -3.0]), torch.tensor([0, 0, 1, 1])
+    batch = TrainBatch(cond=None, advantages=adv, final_latents=x0, sigmas=None, sde_steps=[], latents=None,
+                       next_latents=None, log_probs=None, stds=None, means=None, seed=0, group_ids=gid)
+    state = {"x_t": torch.zeros(1, 4, 2, 3), "sigma": torch.zeros(1, 4), "eps": eps, "v_old": [v_old]}
+    loss, metrics = crd.loss(batch, 0, state, _StubPolicy(v, v_ref))
+    a = normalized_advantages(adv, 4.0)
+    r = implicit_reward(v, v_old, eps[0] - x0, adaptive=True)
+    kl = ((v - v_ref) ** 2).mean(dim=(1, 2))
+    w = 2e-4 + a * (1 - 2e-4) if adaptive_kl else torch.ones(4)
+    want = crd_loss(r, a, adv, gid, beta=2.0)[0] * 4.0 / 2.0 + 0.5 * (w * kl).mean()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+    assert metrics["kl"].item() == pytest.approx(kl.mean().item(), rel=1e-6)  # the unweighted mean
+
+
 def test_snapshot_decay_follows_the_start_value_slope_end_format(tmp_path):
     assert [snapshot_decay(s, "75-0.0-0.0075-0.999") for s in (0, 74, 75, 100)] == pytest.approx([0, 0, 0, 0.1875])
     assert snapshot_decay(10_000, "75-0.0-0.0075-0.999") == 0.999
     assert snapshot_decay(10, "0-0.25-0.005-0.999") == pytest.approx(0.3)
     assert snapshot_decay(3, "offline") == 1.0 and snapshot_decay(3, "none") == 0.0
     assert parse_snapshot_decay("medium") == (75, 0.0, 0.0075, 0.999)
-    for bad in ("0.5", "1-2-3", "0-1.5-0-1", "-1-0-0-0"):
+    assert parse_snapshot_decay("2") == parse_snapshot_decay("medium")  # Flow-Factory's preset numbers
+    for bad in ("0.5", "1-2-3", "0-1.5-0-1", "-1-0-0-0", "0-0-inf-1", "inf-0-0-0", "7"):
         with pytest.raises(ValueError, match="snapshot decay"):
             parse_snapshot_decay(bad)
     with pytest.raises(ConfigError, match="crd_old_decay"):
         tiny_config(tmp_path, "crd", ["train.crd_old_decay=fastest"])
+    assert tiny_config(tmp_path, "crd", ["train.crd_sampling_decay=3"]).train.crd_sampling_decay == "3"
 
 
 def test_crd_config_defaults_geometry_and_refusals(tmp_path):
@@ -100,8 +142,12 @@ def test_crd_config_defaults_geometry_and_refusals(tmp_path):
     assert (geo.train_micro_batch, geo.train_batches_per_rank, geo.batches_per_grad_step) == (8, 4, 2)
     with pytest.raises(ConfigError, match="crd trains whole groups"):
         tiny_config(tmp_path, "crd", ["train.per_device_batch_size=32", "train.gradient_step_per_epoch=2"]).geometry(1)
-    with pytest.raises(ConfigError, match="own sampling snapshot"):
-        tiny_config(tmp_path, "crd", ["train.sample_from_ema_after=5"])
+    for refused in ("train.sample_from_ema_after=5", "train.off_policy=true"):
+        with pytest.raises(ConfigError, match="own sampling snapshot"):
+            tiny_config(tmp_path, "crd", [refused])
+    with pytest.raises(ConfigError, match="weights .* invert"):
+        tiny_config(tmp_path, "crd", ["train.kl_beta=5e-5"])
+    assert tiny_config(tmp_path, "crd", ["train.kl_beta=5e-5", "train.crd_reward_adaptive_kl=false"])
 
 
 def _policy(tmp_path, overrides=()):
@@ -126,7 +172,10 @@ def test_after_epoch_blends_the_snapshots_and_rollouts_use_the_sampling_one(tmp_
         assert torch.allclose(policy.snapshots["old"].shadow[n], start[n] + 0.65)  # 0.35 s + 0.65 (s + 1)
         assert torch.equal(policy.snapshots["sampling"].shadow[n], p.detach())  # decay 0 after step 2: a copy
     # what rollouts run and what the trainer publishes is the sampling snapshot
-    assert isinstance(policy.sampling_module(), ParamView)
+    module = policy.sampling_module()
+    assert isinstance(module, ParamView) and all(
+        torch.equal(module._params[n], policy.snapshots["sampling"].shadow[n]) for n in policy.trainable)
+    assert not torch.equal(policy.ema.shadow[next(iter(policy.trainable))], module._params[next(iter(policy.trainable))])
     assert all(torch.equal(policy.sampling_weights()[n], p.detach()) for n, p in policy.trainable.items())
     crd.after_epoch(policy, step=1)  # before step 2 the sampling decay is 1: the snapshot stays
     with torch.no_grad():

@@ -24,11 +24,14 @@ def test_the_plan_adds_up_and_fsdp_divides_it():
     ddp = plan_bytes(counts, world_size=4, fsdp=False, frozen_dtype="bfloat16", master_dtype="float32",
                      ema=True, ema_on_gpu=True, ref_copy=False, ref_on_gpu=True)
     assert ddp == {"frozen_weights": 2000, "trained_weights": 400, "gradients": 400, "adam_moments": 800,
-                   "ema": 400, "kl_reference": 0, "gathered_block": 0, "total": 4000}
+                   "ema": 400, "snapshots": 0, "kl_reference": 0, "gathered_block": 0, "total": 4000}
     fsdp = plan_bytes(counts, world_size=4, fsdp=True, frozen_dtype="bfloat16", master_dtype="float32",
-                      ema=True, ema_on_gpu=False, ref_copy=True, ref_on_gpu=True)
+                      ema=True, ema_on_gpu=False, ref_copy=True, ref_on_gpu=True, snapshots=2)
     assert fsdp == {"frozen_weights": 500, "trained_weights": 100, "gradients": 100, "adam_moments": 200,
-                    "ema": 0, "kl_reference": 1100, "gathered_block": 1200, "total": 3200}
+                    "ema": 0, "snapshots": 200, "kl_reference": 1100, "gathered_block": 1200, "total": 3400}
+    cpu = plan_bytes(counts, world_size=4, fsdp=True, frozen_dtype="bfloat16", master_dtype="float32",
+                     ema=True, ema_on_gpu=False, ref_copy=True, ref_on_gpu=False, snapshots=2, snapshots_on_gpu=False)
+    assert cpu["snapshots"] == cpu["kl_reference"] == 0
 
 
 @pytest.mark.parametrize("finetune_type", ["lora", "full"])
@@ -107,3 +110,13 @@ def test_the_recipes_plan_on_the_real_architectures(tmp_path):
     # 16 bytes a trained parameter (weights, gradients, AdamW), over 8 GPUs
     optim = sum(flux["gib_per_process"][k] for k in ("trained_weights", "gradients", "adam_moments"))
     assert abs(optim - 16 * flux["params"]["trained"] / 8 / 2**30) < 0.05
+
+
+def test_the_plan_counts_crds_two_snapshots(tmp_path):
+    spec = TINY_PIPELINES["sd3-5"]
+    pipe = spec.save(tmp_path / "pipe")
+    plans = {kind: memory_report(tiny_train_config(spec, pipe, tmp_path, train={"trainer_type": kind}), world_size=1)
+             for kind in ("nft", "crd")}
+    trained = plans["crd"]["params"]["trained"]
+    assert plans["crd"]["bytes_per_process"]["snapshots"] == 2 * 4 * trained
+    assert plans["nft"]["bytes_per_process"]["snapshots"] == 0

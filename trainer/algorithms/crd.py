@@ -24,7 +24,10 @@ How this differs from Flow-Factory's ``trainers/crd.py``:
   Flow-Factory shares a timestep over the micro-batch and draws noise per sample;
 * ``crd_weight_temp: 0`` averages over the samples with a positive (negative) raw advantage;
   Flow-Factory compares the advantage already mapped to ``[0, 1]`` with 0, so its negative pool is
-  always empty and falls back to the plain mean.
+  always empty and falls back to the plain mean, and its positive one holds nearly every sample,
+  weighted by ``softmax(a)`` at temperature 1;
+* ``train.ref_param_device: cpu`` keeps the snapshots in host memory: each micro-batch copies the old
+  one to the device once (Flow-Factory keeps its snapshots where ``ref_param_device`` says too).
 """
 
 from __future__ import annotations
@@ -40,10 +43,10 @@ from trainer.ema import snapshot_decay
 
 
 def normalized_advantages(adv: Tensor, adv_clip_range: float | tuple[float, float]) -> Tensor:
-    """``[B]`` advantages -> ``[B]`` in ``[0, 1]``: clipped to ``[-lo, hi]``, then ``A / max(lo, hi) / 2 + 0.5``
-    (0.5 is an average sample; Flow-Factory's mapping)."""
-    lo, hi = _clip_pair(adv_clip_range, "adv_clip_range")
-    return (clip_advantages(adv.float(), adv_clip_range) / max(lo, hi) / 2 + 0.5).clamp(0, 1)
+    """``[B]`` advantages -> ``[B]`` in ``[0, 1]``: clipped to ``[-lo, hi]``, then ``A / hi / 2 + 0.5``, clamped
+    (0.5 is an average sample; Flow-Factory's mapping, which divides by the range's upper end)."""
+    _, hi = _clip_pair(adv_clip_range, "adv_clip_range")
+    return (clip_advantages(adv.float(), adv_clip_range) / hi / 2 + 0.5).clamp(0, 1)
 
 
 def implicit_reward(v: Tensor, v_old: Tensor, target: Tensor, adaptive: bool = True) -> Tensor:
@@ -146,8 +149,10 @@ class CRD(Decoupled):
         self.check_whole_groups(batch)
         state = self.noised(batch, shared=True)
         if self.t.crd_use_old:
+            view = policy.snapshot_view("old")  # its weights cast and moved once per micro-batch
+
             def old(x, s, c):
-                return policy.snapshot_velocity("old", x, s, c)
+                return policy.frozen_velocity(view, x, s, c)
         else:
             old = policy.base_velocity
         state["v_old"] = [old(state["x_t"][j], state["sigma"][j], batch.cond).float()
