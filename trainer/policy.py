@@ -110,18 +110,19 @@ class Policy:
         return {n: local(p.detach()) for n, p in self.trainable.items()}
 
     # -------------------------------------------------------------- modules
+    def _view(self, shadow: EMA) -> nn.Module:
+        """The transformer under ``shadow``'s weights (the EMA or a snapshot; no copy into the module)."""
+        if self.sharded:
+            return SwapView(self.adapter.transformer, self.trainable, shadow.as_params(self._pieces()))
+        return ParamView(self.adapter.transformer, shadow.as_params(self.trainable))
+
     def ema_view(self) -> nn.Module:
         assert self.ema is not None
-        if self.sharded:
-            return SwapView(self.adapter.transformer, self.trainable, self.ema.as_params(self._pieces()))
-        return ParamView(self.adapter.transformer, self.ema.as_params(self.trainable))
+        return self._view(self.ema)
 
     def snapshot_view(self, name: str) -> nn.Module:
         """The transformer under snapshot ``name``'s weights (no copy into the module)."""
-        snap = self.snapshots[name]
-        if self.sharded:
-            return SwapView(self.adapter.transformer, self.trainable, snap.as_params(self._pieces()))
-        return ParamView(self.adapter.transformer, snap.as_params(self.trainable))
+        return self._view(self.snapshots[name])
 
     def blend_snapshot(self, name: str, decay: float) -> None:
         """``snapshot <- decay * snapshot + (1 - decay) * policy`` (0 copies the policy, 1 keeps it)."""
@@ -194,10 +195,8 @@ class Policy:
         CFG scale, no grad."""
         return self.adapter.velocity(x, sigma, cond, self.guidance_scale, transformer=module)
 
-    @torch.no_grad()
     def ema_velocity(self, x, sigma, cond) -> torch.Tensor:
-        return self.adapter.velocity(x, sigma, cond, self.guidance_scale,
-                                     transformer=self.ema_view())
+        return self.frozen_velocity(self.ema_view(), x, sigma, cond)
 
     # -------------------------------------------------------------- EMA
     def update_ema(self, optimizer_step: int) -> float | None:
@@ -229,13 +228,16 @@ class Policy:
             return self.full_weights(snapshot="sampling")
         return self.full_weights(ema=self.samples_from_ema())
 
+    def _load_shadow(self, shadow: EMA, tensors: dict[str, torch.Tensor]) -> None:
+        """Set ``shadow`` from whole tensors (this process's pieces of them under FSDP)."""
+        shadow.load_state_dict({n: piece_like(v, self.trainable[n]) if n in self.trainable else v
+                                for n, v in tensors.items()})
+
     def load_snapshot(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         """Set snapshot ``name`` from whole tensors (a checkpoint's ``snapshot-<name>.safetensors``)."""
-        self.snapshots[name].load_state_dict({n: piece_like(v, self.trainable[n]) if n in self.trainable else v
-                                              for n, v in tensors.items()})
+        self._load_shadow(self.snapshots[name], tensors)
 
     def load_ema(self, tensors: dict[str, torch.Tensor]) -> None:
         """Set the EMA shadow from whole tensors (a checkpoint's ``ema.safetensors``)."""
         assert self.ema is not None
-        self.ema.load_state_dict({n: piece_like(v, self.trainable[n]) if n in self.trainable else v
-                                  for n, v in tensors.items()})
+        self._load_shadow(self.ema, tensors)

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from trainer.algorithms.base import ALGORITHMS
 from trainer.algorithms.decoupled import Decoupled
-from trainer.algorithms.losses import _clip_pair, clip_advantages, mean_d
+from trainer.algorithms.losses import _clip_pair, clip_advantages, group_index, group_sum, mean_d
 from trainer.ema import snapshot_decay
 
 
@@ -68,11 +68,6 @@ def implicit_reward(v: Tensor, v_old: Tensor, target: Tensor, adaptive: bool = T
     return -mean_d(err - err_old)
 
 
-def _group_sum(x: Tensor, inverse: Tensor, groups: int) -> Tensor:
-    """``[B] -> [B]``: the sum of ``x`` over each row's group."""
-    return torch.zeros(groups, dtype=x.dtype, device=x.device).index_add_(0, inverse, x)[inverse]
-
-
 def centering_weights(adv01: Tensor, adv: Tensor, group_ids: Tensor, temp: float) -> list[Tensor]:
     """The weights ``p [B]`` (summing to 1 within each group) of the group means CRD centres with.
 
@@ -81,17 +76,16 @@ def centering_weights(adv01: Tensor, adv: Tensor, group_ids: Tensor, temp: float
     falls back to the plain mean). ``temp > 0``: two, ``softmax(adv01 / temp)`` and
     ``softmax(-adv01 / temp)`` within the group (``adv01`` the advantage in ``[0, 1]``).
     """
-    _, inverse = torch.unique(group_ids.to(adv01.device), return_inverse=True)
-    groups = int(inverse.max()) + 1
+    inverse, groups = group_index(group_ids, adv01.device)
     ones = torch.ones_like(adv01)
-    uniform = ones / _group_sum(ones, inverse, groups)
+    uniform = ones / group_sum(ones, inverse, groups)
     if temp < 0:
         return [uniform]
     if temp == 0:
         out = []
         for mask in (adv > 0, adv < 0):
             m = mask.to(adv01.dtype)
-            count = _group_sum(m, inverse, groups)
+            count = group_sum(m, inverse, groups)
             out.append(torch.where(count > 0, m / count.clamp(min=1), uniform))
         return out
     out = []
@@ -100,7 +94,7 @@ def centering_weights(adv01: Tensor, adv: Tensor, group_ids: Tensor, temp: float
         top = torch.full((groups,), -torch.inf, dtype=s.dtype, device=s.device)
         top = top.scatter_reduce(0, inverse, s, reduce="amax")[inverse]
         e = torch.exp(s - top)
-        out.append(e / _group_sum(e, inverse, groups))
+        out.append(e / group_sum(e, inverse, groups))
     return out
 
 
@@ -122,12 +116,11 @@ def crd_loss(r: Tensor, adv01: Tensor, adv: Tensor, group_ids: Tensor, beta: flo
     if loss_type not in ("mse", "bce"):
         raise ValueError(f"crd loss_type must be 'mse' or 'bce', got {loss_type!r}")
     r, a = r.float(), adv01.float().detach()
-    _, inverse = torch.unique(group_ids.to(r.device), return_inverse=True)
-    groups = int(inverse.max()) + 1
+    inverse, groups = group_index(group_ids, r.device)
     terms = []
     for p in centering_weights(a, adv.to(a.device), group_ids, temp):
-        a_c = a - _group_sum(p * a, inverse, groups)
-        r_c = r - _group_sum(p * r.detach(), inverse, groups)
+        a_c = a - group_sum(p * a, inverse, groups)
+        r_c = r - group_sum(p * r.detach(), inverse, groups)
         if loss_type == "mse":
             terms.append(((beta * r_c - a_c) ** 2).mean())
         else:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from trainer.algorithms.base import Algorithm, TrainBatch
-from trainer.algorithms.losses import kl_v_based, mean_d
+from trainer.algorithms.losses import group_index, kl_v_based, mean_d
 from trainer.collect import SEED_STRIDE
 from trainer.timesteps import sample_train_sigmas
 
@@ -80,7 +80,7 @@ class Decoupled(Algorithm):
     @staticmethod
     def group_sizes(batch: TrainBatch) -> list[int]:
         """How many rows of each group the micro-batch holds."""
-        return torch.bincount(torch.unique(batch.group_ids, return_inverse=True)[1]).tolist()
+        return torch.bincount(group_index(batch.group_ids)[0]).tolist()
 
     def draw_sigmas(self, batch: TrainBatch, num: int, size: int, generator: torch.Generator) -> torch.Tensor:
         """``[num, size]`` training sigmas from the configured strategy (on the host)."""

@@ -39,6 +39,8 @@ __all__ = [
     "awm_policy_loss",
     "clip_advantages",
     "clipped_surrogate",
+    "group_index",
+    "group_sum",
     "guard_log_ratio",
     "guard_log_ratio_from_logprobs",
     "guard_loss_scale",
@@ -70,6 +72,17 @@ def _upcast(x: Tensor) -> Tensor:
     if x.dtype in (torch.float16, torch.bfloat16):
         return x.float()
     return x
+
+
+def group_index(group_ids: Tensor, device: torch.device | str | None = None) -> tuple[Tensor, int]:
+    """``group_ids [B]`` (any ids) -> each row's group as ``0 .. G-1`` (``inverse [B]``, on ``device``) and ``G``."""
+    _, inverse = torch.unique(group_ids.to(device), return_inverse=True)
+    return inverse, int(inverse.max()) + 1
+
+
+def group_sum(x: Tensor, inverse: Tensor, groups: int) -> Tensor:
+    """``x [B] -> [B]``: each row gets the sum of ``x`` over its group (``inverse``, ``groups``: :func:`group_index`)."""
+    return torch.zeros(groups, dtype=x.dtype, device=x.device).index_add_(0, inverse, x)[inverse]
 
 
 def mean_d(x: Tensor) -> Tensor:
@@ -605,10 +618,9 @@ def dgpo_loss(dsm: Tensor, ref_dsm: Tensor, adv: Tensor, group_ids: Tensor, beta
         clipped = torch.where(adv > 0, ratio > 1 + hi, ratio < 1 - lo)
         used = torch.where(clipped, dsm.detach(), dsm)
         metrics["clip_fraction"] = clipped.to(dsm.dtype).mean()
-    _, inverse = torch.unique(group_ids.to(dsm.device), return_inverse=True)
+    inverse, groups = group_index(group_ids, dsm.device)
     term = adv * beta * (dsm.detach() - _upcast(ref_dsm).detach()) / group_size
-    sums = torch.zeros(int(inverse.max()) + 1, dtype=term.dtype, device=term.device).index_add_(0, inverse, term)
-    weight = torch.sigmoid(sums)[inverse]
+    weight = torch.sigmoid(group_sum(term, inverse, groups))
     loss = (weight * adv * used).mean()
     metrics["dgpo_group_weight"] = weight.mean()
     metrics["dsm"] = dsm.detach().mean()
