@@ -192,6 +192,11 @@ REWARD_KEYS = {"server_url": "url", "retry_attempts": "retries"}
 #: vllm_evaluate's options -> vlm_judge's
 JUDGE_KEYS = {"api_base_url": "url", "api_key": "token", "vlm_model": "model", "max_retries": "retries",
               "max_cache_size": "cache_size"}
+#: the RationalRewards judges' options -> ours (``max_retries``, Flow-Factory's attempts, becomes
+#: ``retries``, the attempts after the first)
+RATIONAL_REWARDS = ("rational_rewards_t2i", "rational_rewards_edit")
+RATIONAL_KEYS = {"api_base_url": "url", "api_key": "token", "vlm_model": "model"}
+RATIONAL_DEFAULT_URL = "http://localhost:8000/v1"  # Flow-Factory's api_base_url default
 REWARD_DROPPED = {
     "async_reward": "set train.overlap_scoring: true to score while the next micro-batch samples, or "
                     "run the reward as a service (`flowrl serve reward`, `reward_model: remote`)",
@@ -560,8 +565,18 @@ def _rewards(section: str, entries: Any, notes: list[str]) -> list[dict]:
             raise ConversionError(f"{section}[{i}]: each reward is a mapping with a reward_model, got {entry!r}")
         new: dict[str, Any] = {"dtype": "bfloat16"}
         judge = str(entry["reward_model"]).lower() == "vllm_evaluate"
+        rational = str(entry["reward_model"]).lower() in RATIONAL_REWARDS
+        if rational and "api_base_url" not in entry:
+            new["url"] = RATIONAL_DEFAULT_URL
+            notes.append(f"{section}[{i}]: url: {RATIONAL_DEFAULT_URL}, Flow-Factory's default api_base_url; "
+                         f"point it at your judge server")
         for key, value in entry.items():
-            if key in REWARD_DROPPED:
+            if rational and key in RATIONAL_KEYS:
+                if not (key == "api_key" and value == "EMPTY"):  # Flow-Factory's placeholder: no token
+                    new[RATIONAL_KEYS[key]] = value
+            elif rational and key == "max_retries":
+                new["retries"] = max(0, int(value) - 1)
+            elif key in REWARD_DROPPED:
                 notes.append(f"{section}[{i}].{key}: dropped; {REWARD_DROPPED[key]}")
             elif key == "name" and value == "default":
                 continue

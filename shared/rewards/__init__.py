@@ -4,7 +4,8 @@ Importing this package registers the built-ins in :data:`REWARDS`; ``toy_geneval
 toy-world verifier, :mod:`shared.rewards.toy_geneval`) and the learned models ``PickScore``,
 ``PickScore_Rank``, ``CLIP`` (:mod:`shared.rewards.clip_rewards`), ``aesthetic``
 (:mod:`shared.rewards.aesthetic`) and ``vlm_judge`` (a served VLM's probability of Yes,
-:mod:`shared.rewards.vlm_judge`) and ``ocr`` (the quoted text read back, :mod:`shared.rewards.ocr`)
+:mod:`shared.rewards.vlm_judge`), ``ocr`` (the quoted text read back, :mod:`shared.rewards.ocr`) and
+``rational_rewards_t2i`` / ``_edit`` (a served judge's rubric scores, :mod:`shared.rewards.rational`)
 are registered lazily by dotted path and imported on first
 lookup (names are case-insensitive). A ``reward_model`` that is a dotted path
 ``package.module.Class`` builds a user's own :class:`RewardModel` subclass.
@@ -35,6 +36,8 @@ REWARDS.register("remote", "shared.rewards.remote.RemoteReward")
 REWARDS.register("vlm_judge", "shared.rewards.vlm_judge.VLMJudge")
 REWARDS.register("vllm_evaluate", "shared.rewards.vlm_judge.VLMJudge")  # Flow-Factory's name for it
 REWARDS.register("ocr", "shared.rewards.ocr.OCR")
+REWARDS.register("rational_rewards_t2i", "shared.rewards.rational.RationalRewardsT2I")
+REWARDS.register("rational_rewards_edit", "shared.rewards.rational.RationalRewardsEdit")
 
 __all__ = [
     "KINDS",

@@ -72,6 +72,19 @@ def _judge(name: str):
     return build
 
 
+def _rational(name: str):
+    def build(assets, stack: contextlib.ExitStack, **extra) -> RewardModel:
+        """A RationalRewards judge asking a stand-in OpenAI-compatible judge on a loopback port."""
+        from tests.helpers.fake_judge import judge_state, rational_app
+        from tests.services.live_server import running_app
+
+        url = stack.enter_context(running_app(rational_app(judge_state()), ready_path="/v1/models"))
+        model = build_reward(name, url=f"{url}/v1", **extra)
+        stack.callback(model.close)
+        return model
+    return build
+
+
 @dataclasses.dataclass(frozen=True)
 class Case:
     name: str  # the registry name
@@ -110,6 +123,8 @@ CASES = [
     Case("remote", _remote),
     Case("vlm_judge", _judge("vlm_judge")),
     Case("vllm_evaluate", _judge("vllm_evaluate")),
+    Case("rational_rewards_t2i", _rational("rational_rewards_t2i")),
+    Case("rational_rewards_edit", _rational("rational_rewards_edit")),
     Case("source_similarity", _plain("source_similarity")),
     Case("ocr", _plain("ocr"), text_prompts=True),
     Case("remote+condition_images", lambda assets, stack, **extra: _remote_sources(assets, stack, **extra)),

@@ -1,5 +1,6 @@
-"""A stand-in VLM judge speaking the OpenAI chat completions API (for ``vlm_judge``'s tests): its
-probability of "Yes" is the image's mean brightness, so the reward has a closed form."""
+"""Stand-in judges speaking the OpenAI chat completions API, with closed-form answers: for
+``vlm_judge``, a probability of "Yes" equal to the image's mean brightness; for the RationalRewards
+judges, a rubric judgement whose scores are functions of the images' brightness."""
 
 from __future__ import annotations
 
@@ -57,5 +58,70 @@ def judge_app(state: dict) -> FastAPI:
     @app.get("/v1/models")
     async def models():
         return {"data": [{"id": "judge"}]}
+
+    return app
+
+
+def _brightness(data_url: str) -> float:
+    png = base64.b64decode(data_url.split(",", 1)[1])
+    return float(np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float64).mean() / 255.0)
+
+
+def rational_scores(judged: float, source: float | None, quoted: bool) -> dict[str, float | None]:
+    """The stand-in RationalRewards judge's scores (1-4) of an image of mean brightness ``judged``
+    (``source``: the source image's, for an edit), as :func:`rational_app` writes them; text
+    rendering is N/A unless the prompt quotes text."""
+    scores = {"text_faithfulness": 1 + 3 * judged, "physical_quality": 1 + 3 * judged ** 2,
+              "text_rendering": 4.0 if quoted else None}
+    if source is not None:
+        scores["image_faithfulness"] = 4 - 3 * abs(judged - source)
+    return scores
+
+
+def rational_app(state: dict) -> FastAPI:
+    """A RationalRewards stand-in: it writes a judgement in the rubric's format whose scores are
+    :func:`rational_scores` of the last image shown (the judged one) and the first (the source,
+    when there are two or more). The analysis before the judgement and the summary after it carry
+    decoy scores. Prompts with "riddle" get prose without scores, "flaky" fails twice with 503,
+    "broken" always with 500."""
+    app = FastAPI()
+    headings = {"text_faithfulness": "Text Faithfulness", "image_faithfulness": "Image Faithfulness",
+                "physical_quality": "Physical and Visual Quality", "text_rendering": "Text Rendering"}
+
+    @app.post("/v1/chat/completions")
+    async def complete(request: Request):
+        body = await request.json()
+        state["bodies"].append(body)
+        state["auth"].append(request.headers.get("authorization"))
+        state["inflight"] += 1
+        state["max_inflight"] = max(state["max_inflight"], state["inflight"])
+        await asyncio.sleep(0.02)
+        state["inflight"] -= 1
+        parts = body["messages"][-1]["content"]
+        text = " ".join(p["text"] for p in parts if p["type"] == "text")
+        urls = [p["image_url"]["url"] for p in parts if p["type"] == "image_url"]
+        if "broken" in text:
+            return JSONResponse({"error": "judge crashed"}, status_code=500)
+        if "flaky" in text:
+            state["flaky"] += 1
+            if state["flaky"] <= 2:
+                return JSONResponse({"error": "overloaded"}, status_code=503)
+        if "riddle" in text:
+            reply = "# User Request Analysis\nI cannot tell what is asked.\n# Summary: none"
+        else:
+            source = _brightness(urls[0]) if len(urls) > 1 else None
+            scores = rational_scores(_brightness(urls[-1]), source, '"' in text.split("Instruction:")[-1][:200])
+            lines = ["# User Request Analysis", "The Text Faithfulness asked for is high. Score: 1",
+                     "# Detailed Judgement"]
+            for k, (aspect, value) in enumerate(scores.items(), 1):
+                lines += [f"{k}. {headings[aspect]}:", "## Justification: looked closely.",
+                          f"## Score: {'N/A' if value is None else f'{value:.6f}'}"]
+            lines += ["# Summary: fine. Score: 1", "# User Request Refinement:", "## Refined Request: more"]
+            reply = "\n".join(lines)
+        return {"choices": [{"message": {"role": "assistant", "content": reply}}]}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"data": [{"id": "RationalRewards-8B-T2I"}]}
 
     return app

@@ -240,14 +240,37 @@ def test_flowrl_convert_writes_a_config_flowrl_train_loads(tmp_path, capsys):
 
 def test_flowrl_convert_says_what_still_does_not_load(tmp_path, capsys):
     ff = copy.deepcopy(FF_GRPO)
-    ff["rewards"] = {"reward_model": "rational_rewards_t2i"}  # Flow-Factory's RationalRewards judge: none here
+    ff["rewards"] = {"reward_model": "clap"}  # Flow-Factory's audio reward (LTX-2): none here
     src = tmp_path / "ff.yaml"
     src.write_text(yaml.safe_dump(ff))
     assert main(["convert", str(src), "-o", str(tmp_path / "out.yaml")]) == 2
     err = capsys.readouterr().err
     assert "does not load yet" in err and "rewards[0].reward_model" in err
-    assert "unknown reward 'rational_rewards_t2i'" in err
+    assert "unknown reward 'clap'" in err
     assert (tmp_path / "out.yaml").exists()  # written anyway, to be fixed by hand
+
+
+def test_flow_factorys_rational_rewards_convert_and_build(tmp_path):
+    ff = copy.deepcopy(FF_GRPO)
+    ff["rewards"] = [{"name": "rr", "reward_model": "rational_rewards_t2i", "api_base_url": "http://judge:8000/v1",
+                      "api_key": "EMPTY", "vlm_model": "RR-T2I", "max_retries": 5, "max_concurrent": 16,
+                      "timeout": 120, "temperature": 0.0, "max_tokens": 1024, "aspects": ["text_faithfulness"]}]
+    ff["eval_rewards"] = [{"reward_model": "rational_rewards_edit", "api_key": "sk-1"}]
+    raw, notes = convert(ff)
+    assert raw["rewards"] == [{"dtype": "bfloat16", "name": "rr", "reward_model": "rational_rewards_t2i",
+                               "url": "http://judge:8000/v1", "model": "RR-T2I", "retries": 4, "max_concurrent": 16,
+                               "timeout": 120, "temperature": 0.0, "max_tokens": 1024,
+                               "aspects": ["text_faithfulness"]}]
+    assert raw["eval_rewards"][0]["url"] == "http://localhost:8000/v1" and raw["eval_rewards"][0]["token"] == "sk-1"
+    assert any("eval_rewards[0]: url: http://localhost:8000/v1" in n for n in notes)
+    src, out = tmp_path / "ff.yaml", tmp_path / "out.yaml"
+    src.write_text(yaml.safe_dump(ff))
+    assert main(["convert", str(src), "-o", str(out)]) == 0
+    cfg = load_config(out)
+    from shared.rewards import build_reward
+    built = build_reward(cfg.rewards[0].reward_model, **cfg.rewards[0].options)
+    assert (built.url, built.model, built.retries, built.aspects) == ("http://judge:8000/v1", "RR-T2I", 4,
+                                                                      ("text_faithfulness",))
 
 
 def test_flow_factorys_ocr_reward_converts_to_ours(tmp_path):
