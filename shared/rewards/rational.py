@@ -40,9 +40,10 @@ edit: the source image(s), then the edited one). The judge answers in the rubric
     ## Score: N/A
     # Summary: ...
 
-:func:`parse_aspect_scores` reads each aspect's section (a line naming it, optionally numbered) and
-its first ``Score:`` line; :func:`rubric_reward` averages the chosen aspects' numeric scores, each
-clamped to [1, 4], skipping the ``N/A`` ones, and maps the mean ``m`` to ``(m - 1) / 3``.
+:func:`parse_aspect_scores` reads each aspect's section (from its numbered heading to the next) and
+its first ``Score:`` line, ignoring the analysis before the judgement, ``<think>`` drafts and the
+summary; :func:`rubric_reward` averages the chosen aspects' numeric scores, each clamped to [1, 4],
+skipping the ``N/A`` ones, and maps the mean ``m`` to ``(m - 1) / 3``.
 
 The built-in rubric is flowrl's own wording of the RationalRewards rubric's structure (aspects,
 1-4 levels, fractional scores, the answer format above). A judge trained on a specific prompt is
@@ -51,9 +52,11 @@ best asked with that prompt: put it in a file (``{prompt}`` where the instructio
 
 Failures are never scores: a server that stays down raises
 :class:`~shared.rewards.remote.RemoteRewardError` after the retries (Flow-Factory raises too). A
-judgement with no usable score for the chosen aspects gives that sample NaN, an abstention the
-advantage computation leaves out, with a warning that quotes the answer. Videos are judged on
-their first frame (Flow-Factory's choice).
+judgement (empty, cut off at ``max_tokens``, or in another format) with no readable score for a
+chosen aspect warns, quoting it and saying what to check; with none for any, the sample gets NaN,
+an abstention the advantage computation leaves out. Only complete judgements are cached. Chosen
+aspects all answered ``N/A`` (text rendering for a prompt without text) give NaN quietly. Videos
+are judged on their first frame (Flow-Factory's choice).
 """
 
 from __future__ import annotations
@@ -83,48 +86,79 @@ T2I_ASPECTS = ("text_faithfulness", "physical_quality", "text_rendering")
 EDIT_ASPECTS = ("text_faithfulness", "image_faithfulness", "physical_quality", "text_rendering")
 LOW, HIGH = 1.0, 4.0  # the rubric's scale
 
-_SCORE = re.compile(r"^[\s#*>-]*score\s*\**\s*[:：]\s*\**\s*(.*?)\s*$", re.IGNORECASE | re.MULTILINE)
+_FLAGS = re.IGNORECASE | re.MULTILINE
+_LEAD = r"^[ \t#*>-]*"  # markdown before a heading or a score: #, *, >, -
+_THINK = re.compile(r"<think>.*?(?:</think>|\Z)", re.IGNORECASE | re.DOTALL)
+_SUMMARY = re.compile(r"^[\s#*>]*summary\b", _FLAGS)
+_JUDGEMENT = re.compile(r"^[\s#*>]*detailed\s+judge?ment\b", _FLAGS)
+_SCORE = re.compile(_LEAD + r"(?:final\s+|overall\s+)?score\s*(?:\([^)\n]*\))?\s*\**\s*[:：]\s*\**\s*(.*?)\s*$",
+                    _FLAGS)
+_ON_HEADING = (re.compile(r"score[^:：\n]*[:：]\s*\**\s*(\S[^\n]*)", re.IGNORECASE),  # "... (Score: 3.5)"
+               re.compile(r"[:：]\s*\**\s*(\S[^\n]*)"))  # "1. Text Faithfulness: 3.5"
 _NUMBER = re.compile(r"^\[?\s*([+-]?\d+(?:\.\d+)?)")
 _NOT_APPLICABLE = re.compile(r"^\[?\s*n\s*/?\s*a\b", re.IGNORECASE)
+
+
+def _value(text: str) -> float | None | bool:
+    """A score's text -> its number, None for N/A, False when it reads as neither."""
+    number = _NUMBER.match(text)
+    if number:
+        return float(number.group(1))
+    return None if _NOT_APPLICABLE.match(text) else False
+
+
+def _headings(body: str, aspects: Sequence[str]) -> list[tuple[int, int, str]]:
+    """``(start, end, aspect)`` of each aspect's heading line in ``body``, in document order.
+
+    A heading is a numbered line naming the aspect (``2. Physical and Visual Quality:``, with
+    markdown around it or a score after it), or, when the judgement numbers none, a line holding
+    the name alone (``**Text Rendering**:``). A sentence that merely starts with an aspect's name
+    is neither, so it cannot open that aspect's section early. The first heading of each aspect
+    counts."""
+    numbered: list[tuple[int, int, str]] = []
+    bare: list[tuple[int, int, str]] = []
+    for aspect in aspects:
+        name = re.escape(HEADINGS[aspect])
+        numbered += [(m.start(), m.end(), aspect) for m in
+                     re.finditer(_LEAD + rf"\d+\s*[.)]\s*\**\s*{name}\b[^\n]*", body, _FLAGS)]
+        bare += [(m.start(), m.end(), aspect) for m in
+                 re.finditer(_LEAD + rf"\**\s*{name}\s*\**\s*[:：]?\s*\**[ \t]*$", body, _FLAGS)]
+    first: dict[str, tuple[int, int, str]] = {}
+    for heading in sorted(numbered or bare):
+        first.setdefault(heading[2], heading)
+    return sorted(first.values())
 
 
 def parse_aspect_scores(judgement: str, aspects: Sequence[str]) -> dict[str, float | None]:
     """The scores a judgement gives, by aspect.
 
-    ``judgement``: the judge's answer. Only the text between a ``Detailed Judgement`` heading (when
-    there is one) and ``# Summary`` (when there is one) is read. ``aspects``: every aspect of the
-    rubric (keys of :data:`HEADINGS`), so that each section ends where the next one starts.
+    ``judgement``: the judge's answer. ``<think>`` blocks are dropped, everything from a line
+    starting with ``Summary`` (``# Summary:``, ``**Summary:**``) on is ignored, and when there is a
+    ``Detailed Judgement`` heading line only the text after the last one is read. ``aspects``:
+    every aspect of the rubric (keys of :data:`HEADINGS`), so that each section ends where the
+    next one starts.
 
-    A section opens at a line that starts (after ``#``, ``*``, ``-`` or a number like ``2.``) with
-    the aspect's heading; its score is the first ``Score: <value>`` line in it that reads as a
-    number or ``N/A``. Returns ``{aspect: float}`` for a number, ``{aspect: None}`` for ``N/A``
-    (the aspect does not apply), and leaves out an aspect with no section or no readable score."""
-    body = judgement
-    start = (re.search(r"^[\s#*]*detailed\s+judge?ment", body, re.IGNORECASE | re.MULTILINE)
-             or re.search(r"detailed\s+judge?ment", body, re.IGNORECASE))
-    if start:
-        body = body[start.end():]
-    body = re.split(r"^\s*#+\s*summary", body, maxsplit=1, flags=re.IGNORECASE | re.MULTILINE)[0]
-    opens = []
-    for aspect in aspects:
-        heading = re.compile(rf"^[\s#*>-]*(?:\d+\s*[.)]\s*)?\**\s*{re.escape(HEADINGS[aspect])}\b",
-                             re.IGNORECASE | re.MULTILINE)
-        found = heading.search(body)
-        if found:
-            opens.append((found.start(), found.end(), aspect))
-    opens.sort()
+    Each aspect's section runs from its heading (see :func:`_headings`) to the next aspect's. Its
+    score is the first ``Score: <value>`` line in it (``## Score:``, ``**Score:**``, ``Final
+    score:``, ``Score (1-4):``) that reads as a number or ``N/A``; failing that, a value after a
+    colon on the heading line itself (``1. Text Faithfulness: 3.5``). Returns ``{aspect: float}``
+    for a number, ``{aspect: None}`` for ``N/A`` (the aspect does not apply), and leaves out an
+    aspect with no section or no readable score."""
+    body = _THINK.sub("", judgement)
+    body = _SUMMARY.split(body, maxsplit=1)[0]
+    starts = list(_JUDGEMENT.finditer(body))
+    if starts:
+        body = body[starts[-1].end():]
+    opens = _headings(body, aspects)
     scores: dict[str, float | None] = {}
-    for i, (_, end, aspect) in enumerate(opens):
+    for i, (start, end, aspect) in enumerate(opens):
         section = body[end:opens[i + 1][0] if i + 1 < len(opens) else len(body)]
-        for line in _SCORE.finditer(section):
-            value = line.group(1)
-            number = _NUMBER.match(value)
-            if number:
-                scores[aspect] = float(number.group(1))
-                break
-            if _NOT_APPLICABLE.match(value):
-                scores[aspect] = None
-                break
+        values = [_value(m.group(1)) for m in _SCORE.finditer(section)]
+        heading_tail = re.split(re.escape(HEADINGS[aspect]), body[start:end], maxsplit=1, flags=re.IGNORECASE)[-1]
+        values += [_value(m.group(1)) for m in (p.search(heading_tail) for p in _ON_HEADING) if m]
+        read = [v for v in values if v is not False]
+        if read:
+            scores[aspect] = read[0]
     return scores
 
 
@@ -221,8 +255,9 @@ EDIT_RUBRIC = edit_rubric(1)
 
 def user_content(rubric: str, prompt: str, image_urls: Sequence[str]) -> list[dict]:
     """The rubric as chat content parts: text, with each ``<image>`` marker replaced by the next
-    image (``image_urls``, data URLs in order) and ``{prompt}`` by the prompt."""
-    pieces = rubric.replace("{prompt}", prompt).split("<image>")
+    image (``image_urls``, data URLs in order) and ``{prompt}`` by the prompt (which may itself
+    contain ``<image>``: the rubric is split first)."""
+    pieces = [piece.replace("{prompt}", prompt) for piece in rubric.split("<image>")]
     if len(pieces) - 1 != len(image_urls):
         raise ValueError(f"the rubric has {len(pieces) - 1} <image> marker(s) for {len(image_urls)} image(s)")
     content: list[dict] = []
@@ -263,7 +298,7 @@ class RationalRewardsT2I(ChatJudge):
         self.system = self.SYSTEM if system_prompt is None else str(system_prompt)
 
     def images_per_request(self) -> int | None:
-        """How many images each request shows (None: it varies)."""
+        """How many images each request shows (None: it varies, at least 2)."""
         return 1
 
     def _read_rubric(self, path: str) -> str:
@@ -275,10 +310,12 @@ class RationalRewardsT2I(ChatJudge):
         if "{prompt}" not in text:
             raise ValueError(f"{self.label}: rubric_file {path!r} has no {{prompt}} marker: put {{prompt}} where the "
                              f"instruction goes")
-        expected, markers = self.images_per_request(), text.count("<image>")
-        if expected is not None and markers != expected:
+        markers = text.count("<image>")
+        expected = self.images_per_request()
+        if (markers != expected) if expected is not None else markers < 2:
+            shows = f"{expected} image(s)" if expected is not None else "each source image and then the edited one"
             raise ValueError(f"{self.label}: rubric_file {path!r} has {markers} <image> marker(s); each request "
-                             f"shows {expected} image(s). Fix: put one <image> where each image goes")
+                             f"shows {shows}. Fix: put one <image> where each image goes")
         return text
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -298,31 +335,41 @@ class RationalRewardsT2I(ChatJudge):
     def _judge(self, prompt: str, pngs: list[bytes], rubric: str | None = None) -> float:
         rubric = rubric or self.rubric
         key = cache_key(prompt, rubric, self.system, *pngs)
-        scores, reply = self.cached(key), "(from the cache)"
-        if scores is None:
-            reply = self._ask(prompt, pngs, rubric)
-            scores = parse_aspect_scores(reply, self.ASPECTS)
-            if any(a in scores for a in self.aspects):
-                self.remember(key, scores)
+        scores = self.cached(key)
+        if scores is not None:
+            return rubric_reward(scores, self.aspects)  # cached: read in full before
+        reply, truncated = self._ask(prompt, pngs, rubric)
+        scores = parse_aspect_scores(reply, self.ASPECTS)
+        missing = [a for a in self.aspects if a not in scores]
+        if not truncated and not missing:
+            self.remember(key, scores)
         reward = rubric_reward(scores, self.aspects)
-        if math.isnan(reward):
-            log.warning("%s: no usable score for %s in the judgement of prompt %r: no score for this sample "
-                        "(NaN, it abstains). The judgement began: %r", self.name, list(self.aspects), prompt,
-                        " ".join(reply.split())[:300])
+        if missing:
+            why = (" The reply was empty." if not reply.strip() else
+                   f" The reply was cut off at max_tokens ({self.max_tokens}): raise max_tokens (and the server's "
+                   f"--max-model-len)." if truncated else "")
+            log.warning("%s: the judgement of prompt %r has no readable score for %s: %s.%s Check that the served "
+                        "model answers in the rubric's format ('N. <Aspect>:' headings, 'Score:' lines; a "
+                        "rubric_file must ask for them). The judgement began: %r", self.name, prompt, missing,
+                        "the sample abstains (NaN)" if math.isnan(reward) else "the reward averages the others",
+                        why, " ".join(reply.split())[:300])
+        elif math.isnan(reward):  # every chosen aspect answered N/A: it does not apply to this sample
+            log.debug("%s: %s all N/A for prompt %r: the sample abstains (NaN)", self.name, list(self.aspects), prompt)
         return reward
 
-    def _ask(self, prompt: str, pngs: list[bytes], rubric: str) -> str:
-        """One judgement: the judge's reply text."""
+    def _ask(self, prompt: str, pngs: list[bytes], rubric: str) -> tuple[str, bool]:
+        """One judgement: the judge's reply text, and whether it was cut off at ``max_tokens``."""
         try:
             content = user_content(rubric, prompt, [png_data_url(p) for p in pngs])
         except ValueError as e:
-            raise ValueError(f"{self.name}: {e}. Fix: the rubric needs one <image> marker per image sent") from None
+            raise ValueError(f"{self.name}: {e}. Fix: the rubric_file needs one <image> marker per image sent") from None
         answer = self.complete({"temperature": self.temperature, "max_tokens": self.max_tokens,
                                 "messages": [{"role": "system", "content": self.system},
                                              {"role": "user", "content": content}]})
         try:
-            return str(answer["choices"][0]["message"]["content"] or "")
-        except (KeyError, IndexError, TypeError) as e:
+            choice = answer["choices"][0]
+            return str(choice["message"]["content"] or ""), choice.get("finish_reason") == "length"
+        except (KeyError, IndexError, TypeError, AttributeError) as e:
             raise RemoteRewardError(f"{self.name}: the server at {self.url} answered without a message "
                                     f"({type(e).__name__}: {e}); is url an OpenAI chat completions API?") from None
 
@@ -351,7 +398,9 @@ class RationalRewardsEdit(RationalRewardsT2I):
         images = self._first_frames(images, prompts)
         if condition_images is None or len(condition_images) != len(prompts) or not all(condition_images):
             raise ValueError(f"{self.name}: every sample needs its source image (condition_images); got "
-                             f"{None if condition_images is None else [len(c) for c in condition_images]}")
+                             f"{None if condition_images is None else [len(c) for c in condition_images]} per "
+                             f"sample. Fix: train an edit model (flux1-kontext, qwen-image-edit-plus) on rows with "
+                             f"an `image`, or judge text-to-image samples with rational_rewards_t2i")
         rows, rubrics = [], []
         for sources, edited in zip(condition_images, encode_png(images)):
             shown = sources[:1] if self.sources == "first" else sources

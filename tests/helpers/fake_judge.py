@@ -82,8 +82,9 @@ def rational_app(state: dict) -> FastAPI:
     """A RationalRewards stand-in: it writes a judgement in the rubric's format whose scores are
     :func:`rational_scores` of the last image shown (the judged one) and the first (the source,
     when there are two or more). The analysis before the judgement and the summary after it carry
-    decoy scores. Prompts with "riddle" get prose without scores, "flaky" fails twice with 503,
-    "broken" always with 500."""
+    decoy scores on lines of their own. Prompts with "riddle" get prose without scores, "empty
+    reply" an empty reply, "truncated" the first aspect only, cut off at max_tokens; "flaky" fails
+    twice with 503, "broken" always with 500."""
     app = FastAPI()
     headings = {"text_faithfulness": "Text Faithfulness", "image_faithfulness": "Image Faithfulness",
                 "physical_quality": "Physical and Visual Quality", "text_rendering": "Text Rendering"}
@@ -106,19 +107,23 @@ def rational_app(state: dict) -> FastAPI:
             state["flaky"] += 1
             if state["flaky"] <= 2:
                 return JSONResponse({"error": "overloaded"}, status_code=503)
+        finish = "stop"
         if "riddle" in text:
             reply = "# User Request Analysis\nI cannot tell what is asked.\n# Summary: none"
+        elif "empty reply" in text:
+            reply = ""
         else:
             source = _brightness(urls[0]) if len(urls) > 1 else None
             scores = rational_scores(_brightness(urls[-1]), source, '"' in text.split("Instruction:")[-1][:200])
-            lines = ["# User Request Analysis", "The Text Faithfulness asked for is high. Score: 1",
-                     "# Detailed Judgement"]
+            lines = ["# User Request Analysis", "1. Text Faithfulness:", "## Score: 1", "# Detailed Judgement"]
             for k, (aspect, value) in enumerate(scores.items(), 1):
                 lines += [f"{k}. {headings[aspect]}:", "## Justification: looked closely.",
                           f"## Score: {'N/A' if value is None else f'{value:.6f}'}"]
-            lines += ["# Summary: fine. Score: 1", "# User Request Refinement:", "## Refined Request: more"]
+            lines += ["# Summary: fine.", "## Score: 1", "# User Request Refinement:", "## Refined Request: more"]
+            if "truncated" in text:  # cut off after the first aspect
+                lines, finish = lines[:7], "length"
             reply = "\n".join(lines)
-        return {"choices": [{"message": {"role": "assistant", "content": reply}}]}
+        return {"choices": [{"message": {"role": "assistant", "content": reply}, "finish_reason": finish}]}
 
     @app.get("/v1/models")
     async def models():

@@ -49,37 +49,66 @@ def expected(scores: dict, aspects) -> float:
 
 JUDGEMENT = """# User Request Analysis
 The user wants a red cube; a detailed judgement follows.
-Text Faithfulness matters most here. Score: 1
+1. Text Faithfulness:
+## Score: 1
+<think>
+# Detailed Judgement
+1. Text Faithfulness:
+## Score: 2
+</think>
 # Detailed Judgement
 1. Text Faithfulness:
 ## Justification: the cube is red.
+Text rendering is judged below, so only the cube counts here.
+Physical and visual quality aside, the colour is right.
 ## Score: 3.5
 2. **Physical and Visual Quality**:
 ## Justification: a faint seam.
 Score: [2.75]
 3. Text Rendering:
 ## Justification: no text was asked for.
-## Score: N/A
-# Summary: good. Score: 1
+**Summary:** good.
+## Score: 1
 """
 
 
-def test_parse_reads_each_sections_score_and_ignores_the_analysis_and_summary():
-    assert parse_aspect_scores(JUDGEMENT, T2I_ASPECTS) == {"text_faithfulness": 3.5, "physical_quality": 2.75,
-                                                           "text_rendering": None}
+def test_parse_reads_each_sections_score_and_ignores_the_analysis_drafts_and_summary():
+    # the analysis and the <think> draft score text faithfulness 1 and 2, the summary gives text
+    # rendering a 1, and two sentences of the first section start with later aspects' names
+    assert parse_aspect_scores(JUDGEMENT, T2I_ASPECTS) == {"text_faithfulness": 3.5, "physical_quality": 2.75}
+    na = JUDGEMENT.replace("**Summary:** good.\n## Score: 1", "## Score: N/A (no text)")
+    assert parse_aspect_scores(na, T2I_ASPECTS)["text_rendering"] is None
+
+
+def test_parse_reads_scores_written_other_ways():
+    j = "# Detailed Judgement\n"
+    for text, want in [("1. Text Faithfulness: 3.5\n", 3.5),  # on the heading line
+                       ("1. Text Faithfulness (Score: 2.5)\n", 2.5),
+                       ("1. Text Faithfulness: ## Score: 3\n", 3.0),
+                       ("**1. Text Faithfulness:**\n**Score:** 3.25\n", 3.25),
+                       ("1. Text Faithfulness:\nFinal score: 3\n", 3.0),
+                       ("1. Text Faithfulness:\n## Score (1-4): 2\n", 2.0),
+                       ("1. Text Faithfulness:\n## Score: 3.5/4\n", 3.5),
+                       ("1. Text Faithfulness:\n## Score：4\n", 4.0)]:
+        assert parse_aspect_scores(j + text, T2I_ASPECTS) == {"text_faithfulness": want}, text
+    # no Detailed Judgement heading: the sections are read anyway, and a summary that mentions one
+    # does not hide them
+    bare = "1. Text Faithfulness:\n## Score: 3\n2. Physical and Visual Quality:\n## Score: 2\n# Summary: a detailed judgement."
+    assert parse_aspect_scores(bare, T2I_ASPECTS) == {"text_faithfulness": 3.0, "physical_quality": 2.0}
 
 
 def test_parse_leaves_out_what_it_cannot_read():
     text = "# Detailed Judgement\n1. Text Faithfulness:\n## Score: excellent\n## Score: 4\n2. Text Rendering:\nnone"
     assert parse_aspect_scores(text, T2I_ASPECTS) == {"text_faithfulness": 4.0}  # first readable score
     assert parse_aspect_scores("I cannot judge this image.", T2I_ASPECTS) == {}
-    # sections in another order, headings without numbers, a score on the heading's own section only
-    swapped = "Physical and Visual Quality:\nScore: 2\nText Faithfulness:\nScore: 1.5"
+    # sections in another order, headings without numbers (a line with the name alone)
+    swapped = "**Physical and Visual Quality**\nScore: 2\nText Faithfulness:\nScore: 1.5"
     assert parse_aspect_scores(swapped, T2I_ASPECTS) == {"physical_quality": 2.0, "text_faithfulness": 1.5}
 
 
 def test_edit_sections_are_told_apart():
-    text = ("# Detailed Judgement\n1. Text Faithfulness:\n## Score: 4\n2. Image Faithfulness:\n## Score: 2\n"
+    text = ("# Detailed Judgement\n1. Text Faithfulness:\nImage faithfulness is next.\n## Score: 4\n"
+            "2. Image Faithfulness:\n## Score: 2\n"
             "3. Physical and Visual Quality:\n## Score: 3\n4. Text Rendering:\n## Score: n/a\n")
     assert parse_aspect_scores(text, EDIT_ASPECTS) == {"text_faithfulness": 4.0, "image_faithfulness": 2.0,
                                                        "physical_quality": 3.0, "text_rendering": None}
@@ -141,7 +170,7 @@ def test_edit_shows_the_source_then_the_edited_image(judge):
     assert got.item() == pytest.approx(expected(rational_scores(q(0.8), q(0.6), False), EDIT_ASPECTS), abs=1e-5)
     content = state["bodies"][-1]["messages"][1]["content"]
     assert [p["type"] for p in content].count("image_url") == 3 and "Source image 2:" in content[2]["text"]
-    with pytest.raises(ValueError, match="source image"):
+    with pytest.raises(ValueError, match="source image.*Fix: .*rational_rewards_t2i"):
         reward.score(edited, ["a", "b"], condition_images=[[pil(0.1)], []])
 
 
@@ -152,6 +181,13 @@ def test_a_judgement_without_scores_abstains_and_a_failing_judge_raises(judge, c
         got = reward.score(flat(0.5, 0.5), ["a riddle", "a cat"])
     assert math.isnan(got[0]) and not math.isnan(got[1])
     assert "'a riddle'" in caplog.text and "abstains" in caplog.text and "cannot tell" in caplog.text
+    sent = reward.requests
+    assert math.isnan(reward.score(flat(0.5), ["a riddle"])[0]) and reward.requests == sent + 1  # not cached
+    with caplog.at_level("WARNING"):
+        caplog.clear()
+        got = reward.score(flat(0.5, 0.5), ["a truncated cat", "an empty reply"])
+    assert not math.isnan(got[0]) and math.isnan(got[1])  # the aspects read before the cut still count
+    assert "cut off at max_tokens (2048): raise max_tokens" in caplog.text and "The reply was empty" in caplog.text
     assert not math.isnan(reward.score(flat(0.5), ["flaky"])[0])  # two 503s, then a judgement
     assert state["flaky"] == 3
     with pytest.raises(RemoteRewardError, match=r"failed after 3 attempt\(s\).*judge crashed"):
@@ -165,6 +201,10 @@ def test_a_repeated_sample_is_answered_from_the_cache(judge):
     first = reward.score(x, ["a", "b"])
     assert torch.equal(reward.score(torch.cat([x, x]), ["a", "b", "a", "b"]), torch.cat([first, first]))
     assert reward.requests == 2
+    # only text rendering, for prompts without text: N/A is an answer (cached, no warning), the sample abstains
+    text_only = build_reward("rational_rewards_t2i", url=url, aspects=["text_rendering"])
+    assert math.isnan(text_only.score(flat(0.3), ["a"])[0]) and math.isnan(text_only.score(flat(0.3), ["a"])[0])
+    assert text_only.requests == 1
 
 
 def test_videos_are_judged_on_their_first_frame(judge):
@@ -185,6 +225,11 @@ def test_a_rubric_file_replaces_the_built_in_one(judge, tmp_path):
     system, user = state["bodies"][-1]["messages"]
     assert system["content"] == "Be strict." and user["content"][0]["text"] == "Instruction: a cat\nLook at "
     assert user["content"][2]["text"].startswith(" and score Text Faithfulness")
+    # a prompt may itself say <image>: it is text, not a marker
+    assert not math.isnan(reward.score(flat(0.5), ["a poster that says <image>"])[0])
+    user = state["bodies"][-1]["messages"][1]
+    assert [p["type"] for p in user["content"]] == ["text", "image_url", "text"]
+    assert user["content"][0]["text"] == "Instruction: a poster that says <image>\nLook at "
 
 
 def test_options_are_checked_with_a_fix(tmp_path):
@@ -192,6 +237,8 @@ def test_options_are_checked_with_a_fix(tmp_path):
     two.write_text("{prompt} <image> <image>")
     no_prompt = tmp_path / "no_prompt.txt"
     no_prompt.write_text("<image>")
+    one = tmp_path / "one.txt"
+    one.write_text("{prompt} <image>")
     for name, bad, message in [
             ("rational_rewards_t2i", {"url": "localhost:8000"}, "OpenAI API root"),
             ("rational_rewards_t2i", {"aspects": ["image_faithfulness"]}, "drawn from"),
@@ -201,6 +248,7 @@ def test_options_are_checked_with_a_fix(tmp_path):
             ("rational_rewards_t2i", {"rubric_file": str(no_prompt)}, "no {prompt} marker"),
             ("rational_rewards_t2i", {"temperature": -1}, "temperature"),
             ("rational_rewards_edit", {"sources": "last"}, "'first'"),
+            ("rational_rewards_edit", {"sources": "all", "rubric_file": str(one)}, "each source image and then"),
             ("rational_rewards_edit", {"rubric_file": str(no_prompt)}, "no {prompt}")]:
         with pytest.raises(ValueError, match=message):
             build_reward(name, **{"url": "http://h/v1", **bad})
