@@ -165,12 +165,15 @@ class SourceTrain(_Strict):
 
     weight: int = Field(1, gt=0)  # an epoch's prompt groups are split between sources by weight
     max_dataset_size: int | None = Field(None, gt=0)  # the first N train rows
+    split: str = Field("train", pattern=r"^[A-Za-z0-9_.-]+$")  # the rows of {dataset_dir}/{split}.jsonl|txt
 
 
 class SourceEval(_Strict):
     """``eval:`` of one ``data.datasets`` entry (present: its held-out prompts are evaluated)."""
 
     max_dataset_size: int | None = Field(None, gt=0)  # the first N test rows
+    # the held-out rows: {dataset_dir}/{split}.jsonl|txt; when absent, the source's train rows
+    split: str = Field("test", pattern=r"^[A-Za-z0-9_.-]+$")
 
 
 class DataSource(_Strict):

@@ -5,7 +5,10 @@ layout (``scheduler:`` and ``log:`` sections, launcher keys at the top), in some
 (``sde_steps`` is our ``train_steps``, ``enable_gradient_checkpointing`` our
 ``model.gradient_checkpointing``), in units (its EMA counts outer epochs, ours optimizer steps),
 in sign conventions (its clip ranges are signed offsets, its ``time_shift`` warps the denoising
-fraction) and in defaults (it trains in bf16 with EMA on unless told otherwise). :func:`convert`
+fraction) and in defaults (it trains in bf16 with EMA on unless told otherwise). Both of its layouts convert: the
+older one (one ``data.dataset_dir``, the optimizer's keys under ``train:``, ``model.attn_backend``)
+and the newer one (``data.datasets`` sources, ``optimizers:``, ``acceleration:``,
+``trainable_parameters_dtype``, rewards routed by ``applicable_datasets``). :func:`convert`
 rewrites one into ours and says, per key, what it changed, dropped or could not carry over;
 :func:`hint` tells the config loader what a Flow-Factory key left in a flowrl config is called
 here. Pure dictionaries in, dictionaries out: no torch, nothing loaded.
@@ -16,6 +19,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 SECTIONS = ("data", "model", "scheduler", "train", "eval", "log")
+#: top-level sections read on their own (lists of entries, or nested by stage)
+LIST_SECTIONS = ("rewards", "eval_rewards", "optimizers", "acceleration")
 
 #: Flow-Factory key -> our key, same meaning and values
 MOVED: dict[str, str] = {
@@ -29,6 +34,7 @@ MOVED: dict[str, str] = {
     "model.model_type": "model.model_type",
     "model.finetune_type": "model.finetune_type",
     "model.master_weight_dtype": "model.master_weight_dtype",
+    "model.trainable_parameters_dtype": "model.master_weight_dtype",  # its newer name
     "model.target_modules": "model.target_modules",
     "model.lora_rank": "model.lora_rank",
     "model.lora_alpha": "model.lora_alpha",
@@ -113,9 +119,12 @@ DROPPED: dict[str, str] = {
     "config_file": "no accelerate / DeepSpeed file: sharding is `train.fsdp` (FSDP2), DeepSpeed is not used",
     "num_processes": "the process count is the launch's: `flowrl train CONFIG --processes N`",
     "main_process_port": "`--processes` picks a free port (or MASTER_PORT from the environment)",
-    "num_machines": "several machines: one `accelerate launch` per machine, by hand (README)",
-    "machine_rank": "several machines: one `accelerate launch` per machine, by hand (README)",
-    "main_process_ip": "several machines: one `accelerate launch` per machine, by hand (README)",
+    "num_machines": "several machines: `flowrl train CONFIG --nodes M --node-rank R --main-address HOST` on each",
+    "machine_rank": "several machines: `flowrl train CONFIG --nodes M --node-rank R --main-address HOST` on each",
+    "main_process_ip": "several machines: `flowrl train CONFIG --nodes M --node-rank R --main-address HOST` on each",
+    "gpus_per_node": "`flowrl train CONFIG --processes auto` starts one process per visible GPU",
+    "process_index": "set by the launcher",
+    "local_process_index": "set by the launcher",
     "data.audio_dir": "no audio models here",
     "data.preprocessing_batch_size": "prompts are encoded once and cached (model.embedding_cache_mb / _dir)",
     "data.dataloader_num_workers": "prompts are read once; there is no data loader to parallelize",
@@ -127,11 +136,21 @@ DROPPED: dict[str, str] = {
     "scheduler.seed": "Flow-Factory overwrites it every epoch; rollout seeds derive from train.seed",
     "log.save_model_only": "checkpoints hold everything needed to resume, the LoRA in diffusers' format",
     "log.verbose": "progress bars and logs are always on (rank 0)",
+    "model.component_load_dtypes": "each component loads in the adapter's dtype; model.options text_dtype, "
+                                   "vae_dtype and transformer_dtype set them",
+    "train.shuffle_samples": "every epoch's samples are shuffled into micro-batches (Algorithm.train_order)",
+    "train.frame_rate": "videos are written at the model's frame rate",
+    "eval.frame_rate": "videos are written at the model's frame rate",
+    "train.reward_optimization_overlap": "train.overlap_scoring scores each micro-batch while the next samples; "
+                                         "the distributed mode scores in reward workers while the trainer trains",
+    "train.reward_optimization_overlap_mode": "see train.reward_optimization_overlap",
+    "train.reward_optimization_overlap_poll_interval": "see train.reward_optimization_overlap",
 }
 
 #: what Flow-Factory uses when a key is absent, where that is not our default
 FF_DEFAULTS: dict[str, Any] = {
     "mixed_precision": "bf16",
+    "data.dataset_dir": "data",  # (left out beside data.datasets)
     "model.model_name_or_path": "black-forest-labs/FLUX.1-dev",
     "model.model_type": "flux1",
     "model.finetune_type": "full",
@@ -185,7 +204,17 @@ FF_ALGORITHM_DEFAULTS["crd"] = {"global_std": True, "advantage_aggregation": "gd
                                 "time_sampling_strategy": "discrete", "time_shift": 3.0, "timestep_range": 0.99}
 
 #: Flow-Factory trainers that have no counterpart here
-UNSUPPORTED_TRAINERS: tuple[str, ...] = ()
+UNSUPPORTED_TRAINERS: tuple[str, ...] = ("dppo", "sft", "offline-dpo", "dmd2", "tdm", "tdm-r1", "diffusion-opd")
+
+#: an optimizer entry's keys (Flow-Factory's ``optimizers:``, AdamW) -> ours, and their defaults there
+OPTIMIZER_KEYS = {"learning_rate": "train.learning_rate", "weight_decay": "train.adam_weight_decay",
+                  "betas": "train.adam_betas", "eps": "train.adam_epsilon", "max_grad_norm": "train.max_grad_norm"}
+OPTIMIZER_DEFAULTS = {"learning_rate": 1e-5, "weight_decay": 1e-4, "betas": [0.9, 0.999], "eps": 1e-8,
+                      "max_grad_norm": 1.0}
+#: ``data.datasets[i]`` keys: a source's own, and those of its ``train:`` / ``eval:`` blocks
+SOURCE_KEYS = ("name", "dataset_dir", "image_dir", "video_dir")
+SIDE_KEYS = {"train": ("weight", "max_dataset_size", "split"), "eval": ("max_dataset_size", "split")}
+EVAL_OVERRIDES = ("resolution", "height", "width", "num_inference_steps", "guidance_scale")
 
 #: reward entry keys: Flow-Factory's -> ours (the remote reward's options included)
 REWARD_KEYS = {"server_url": "url", "retry_attempts": "retries"}
@@ -232,10 +261,10 @@ def hint(key: str) -> str | None:
 
 def _flatten(ff: dict) -> dict[str, Any]:
     """``{"train": {"seed": 1}, "mixed_precision": "bf16"}`` -> ``{"train.seed": 1, "mixed_precision": "bf16"}``
-    (one level of sections; rewards are read separately)."""
+    (one level of sections; :data:`LIST_SECTIONS` are read separately)."""
     flat: dict[str, Any] = {}
     for key, value in ff.items():
-        if key in ("rewards", "eval_rewards"):
+        if key in LIST_SECTIONS:
             continue
         if key in SECTIONS:
             if value is None:
@@ -293,14 +322,22 @@ def convert(ff: dict) -> tuple[dict, list[str]]:
     if trainer in UNSUPPORTED_TRAINERS:
         raise ConversionError(
             f"train.trainer_type: '{trainer}' has no flowrl implementation (flowrl trains grpo, grpo-guard, nft, "
-            f"awm, dpo, dgpo and crd; ../shared/reference/algorithms.md). Fix: pick one of those, or port the trainer as a "
-            f"dotted-path plugin.")
-    filled = [k for k in FF_DEFAULTS if k not in flat]
+            f"awm, dpo, dgpo and crd online; not Flow-Factory's offline (sft, offline-dpo), distillation (dmd2, "
+            f"tdm, tdm-r1, diffusion-opd) or dppo trainers). Fix: pick one of those, or port the trainer as a "
+            f"dotted-path plugin (README, 'Adding an algorithm').")
+    if "model.trainable_parameters_dtype" in flat:  # the newer name wins over master_weight_dtype
+        flat["model.master_weight_dtype"] = flat.pop("model.trainable_parameters_dtype")
+    if flat.get("model.master_weight_dtype") is not None:
+        flat["model.master_weight_dtype"] = _dtype_name("model.master_weight_dtype", flat["model.master_weight_dtype"])
+    _optimizers(ff.get("optimizers"), flat, notes)
+    _acceleration(ff.get("acceleration"), flat, notes)
+    filled = [k for k in FF_DEFAULTS if k not in flat and not (k == "data.dataset_dir" and "data.datasets" in flat)]
     algo = {f"train.{k}": v for k, v in FF_ALGORITHM_DEFAULTS.get(trainer, {}).items()}
     filled += [k for k in algo if k not in flat]
     flat = {**FF_DEFAULTS, **algo, **flat}
     if filled:
         notes.append("Flow-Factory's defaults written out (they differ from flowrl's): " + ", ".join(filled))
+    multi_source = "data.datasets" in flat
 
     for section, size in (("train", 512), ("eval", 1024)):  # height / width without a resolution
         if f"{section}.resolution" not in flat and ({f"{section}.height", f"{section}.width"} & set(flat)):
@@ -461,6 +498,51 @@ def convert(ff: dict) -> tuple[dict, list[str]]:
                      "old_model_decay", "sampling_model_decay", "reward_adaptive_kl", "kl_cfg"):
             handlers[f"train.{name}"] = crd_key
 
+    def datasets(key: str, value: Any) -> None:
+        _put(out, "data.datasets", _sources(value, flat.get("data.max_dataset_size"), notes))
+
+    def single_source(key: str, value: Any) -> None:  # data.dataset_dir & co. beside data.datasets
+        if not multi_source:
+            _put(out, MOVED[key], value)
+        elif value is not None and not (key == "data.dataset_dir" and value == "data"):
+            applied = " (applied to each source without its own)" if key == "data.max_dataset_size" else ""
+            notes.append(f"{key}: {value!r} beside data.datasets: {'left out' if not applied else 'read'}{applied}; "
+                          f"each source names its own folders")
+
+    for key in ("data.dataset_dir", "data.image_dir", "data.video_dir", "data.max_dataset_size"):
+        handlers[key] = single_source
+    handlers["data.datasets"] = datasets
+
+    def checkpointing(key: str, value: Any) -> None:  # a bool, or Flow-Factory's {mode: ...} policy
+        if isinstance(value, dict):
+            mode = str(value.get("mode", "full")).lower()
+            if mode in ("fraction", "every_n", "layers"):
+                notes.append(f"{key}: mode {mode} -> model.gradient_checkpointing: true (flowrl recomputes every "
+                             f"transformer block: less memory than Flow-Factory's selective modes, more compute)")
+            elif mode not in ("full", "none"):
+                raise ConversionError(f"{key}: mode {mode!r} is not full, none, fraction, every_n or layers")
+            value = mode != "none"
+        _put(out, "model.gradient_checkpointing", bool(value))
+
+    handlers["train.enable_gradient_checkpointing"] = checkpointing
+
+    def frozen_dtype(key: str, value: Any) -> None:
+        if isinstance(value, dict):
+            value = next((value[k] for k in ("transformer", "transformers", "default") if value.get(k)), None)
+        if value is not None:
+            _put(out, "model.options.transformer_dtype", _dtype_name(key, value))
+            notes.append(f"{key} -> model.options.transformer_dtype: the frozen transformer weights; text encoders "
+                         f"and VAE keep the adapter's dtypes (model.options text_dtype / vae_dtype)")
+
+    handlers["model.frozen_parameters_dtype"] = frozen_dtype
+
+    def retention(key: str, value: Any) -> None:
+        if value:  # Flow-Factory's 0 keeps every checkpoint, as flowrl's default does
+            _put(out, "train.keep_checkpoints", int(value))
+
+    handlers["log.checkpoint_retention"] = retention
+    handlers["model.compile"] = lambda key, value: _put(out, key, value)  # from acceleration: torch_compile
+
     handlers.update({
         "scheduler.num_sde_steps": count, "eval.resolution": resolution,
         "eval.seed": eval_seed, "train.gradient_accumulation_steps": accumulation,
@@ -494,9 +576,12 @@ def convert(ff: dict) -> tuple[dict, list[str]]:
         notes.append("eval.eval_freq: 0 turns evaluation off in Flow-Factory; here it evaluates before and after "
                      "training only (a test split must exist for either)")
 
+    sources = out.get("data", {}).get("datasets") or []
     for section in ("rewards", "eval_rewards"):
         if ff.get(section) is not None:
-            out[section] = _rewards(section, ff[section], notes)
+            side = "train" if section == "rewards" else "eval"
+            names = [src["name"] for src in sources if src.get(side) is not None]
+            out[section] = _rewards(section, ff[section], notes, names)
     return out, notes
 
 
@@ -519,6 +604,151 @@ def dump(raw: dict) -> str:
     Dumper.add_representer(list, represent_list)
     ordered = {k: raw[k] for k in ORDER if k in raw} | {k: v for k, v in raw.items() if k not in ORDER}
     return yaml.dump(ordered, Dumper=Dumper, sort_keys=False, default_flow_style=False)
+
+
+DTYPE_NAMES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32",
+               "fp16": "float16", "float16": "float16"}
+
+
+def _dtype_name(key: str, value: Any) -> str:
+    """``bf16`` / ``torch.bfloat16`` / ``bfloat16`` -> ``bfloat16`` (and float32, float16)."""
+    name = DTYPE_NAMES.get(str(value).lower().removeprefix("torch."))
+    if name is None:
+        raise ConversionError(f"{key}: {value!r} is not a dtype flowrl trains in (bfloat16, float32, float16)")
+    return name
+
+
+def _optimizers(entries: Any, flat: dict, notes: list[str]) -> None:
+    """Flow-Factory's ``optimizers:`` list (one entry per trainable variant; a single-policy trainer
+    uses its only entry, or the one named ``default``) -> ``train.learning_rate``, ``adam_*`` and
+    ``max_grad_norm`` in ``flat``. As in Flow-Factory, the entry overrides those train keys, and a
+    key it leaves out takes the optimizer's default (:data:`OPTIMIZER_DEFAULTS`)."""
+    if entries is None:
+        return
+    if isinstance(entries, dict):
+        entries = [entries]
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+        raise ConversionError(f"optimizers: expected a list of optimizer entries (name, learning_rate, ...), got "
+                              f"{entries!r}")
+    if len(entries) > 1:
+        chosen = [e for e in entries if e.get("name", "default") == "default"]
+        if len(chosen) != 1:
+            raise ConversionError(
+                f"optimizers: {len(entries)} entries and none (or several) named 'default'; flowrl trains one policy "
+                f"with one optimizer. Fix: keep the policy's entry only, or name it 'default'")
+        notes.append(f"optimizers: the entry named 'default' is the policy's; "
+                     f"{[e.get('name') for e in entries if e is not chosen[0]]} left out")
+        entries = chosen
+    entry = dict(entries[0])
+    kind = str(entry.pop("optimizer", "adamw")).lower()
+    if kind == "muon":
+        notes.append("optimizers: muon -> AdamW, the optimizer flowrl has; the learning rate is kept (Muon's default "
+                     "match_rms_adamw scaling makes it AdamW's scale) and fallback_betas / fallback_eps become "
+                     "adam_betas / adam_epsilon")
+        for muon_key, ours in (("fallback_betas", "betas"), ("fallback_eps", "eps")):
+            entry[ours] = entry.pop(muon_key, OPTIMIZER_DEFAULTS[ours])
+        for muon_key in ("momentum", "nesterov", "ns_coefficients", "ns_steps", "adjust_lr_fn"):
+            entry.pop(muon_key, None)
+    elif kind != "adamw":
+        raise ConversionError(f"optimizers: optimizer {kind!r} is not adamw or muon")
+    entry.pop("name", None)
+    if entry.get("update_frequency", 1) != 1:
+        notes.append(f"optimizers: update_frequency {entry['update_frequency']} dropped; the policy steps every "
+                     f"gradient_step_per_epoch micro-batch group")
+    entry.pop("update_frequency", None)
+    for key in sorted(set(entry) - set(OPTIMIZER_KEYS)):
+        notes.append(f"optimizers: {key} is not a Flow-Factory optimizer key this converter knows; left out")
+    overridden = sorted(dest for dest in OPTIMIZER_KEYS.values() if dest in flat)
+    if overridden:
+        notes.append(f"{', '.join(overridden)}: replaced by the optimizers: entry, as Flow-Factory replaces them")
+    for key, dest in OPTIMIZER_KEYS.items():
+        value = entry.get(key, OPTIMIZER_DEFAULTS[key])
+        flat[dest] = list(value) if isinstance(value, tuple) else value
+
+
+def _acceleration(section: Any, flat: dict, notes: list[str]) -> None:
+    """Flow-Factory's ``acceleration:`` (``shared`` / ``rollout`` lists of ``{name, params}``) ->
+    ``model.attn_backend`` and ``model.compile`` in ``flat``; rollout feature caching has no
+    counterpart (noted)."""
+    if section is None:
+        return
+    if not isinstance(section, dict):
+        raise ConversionError(f"acceleration: expected a mapping with shared: / rollout: lists, got {section!r}")
+    for stage, entries in section.items():
+        if stage not in ("shared", "rollout"):
+            notes.append(f"acceleration.{stage}: not a stage this converter knows (shared, rollout); left out")
+            continue
+        for i, entry in enumerate([entries] if isinstance(entries, dict) else entries or []):
+            where = f"acceleration.{stage}[{i}]"
+            if not isinstance(entry, dict) or "name" not in entry:
+                raise ConversionError(f"{where}: expected a mapping with a name (and params), got {entry!r}")
+            name, params = str(entry["name"]), dict(entry.get("params") or {})
+            also = " (flowrl applies it to training as well as rollouts)" if stage == "rollout" else ""
+            if name == "attention_backend":
+                if "backend" not in params:
+                    raise ConversionError(f"{where}: attention_backend needs params.backend (native, flash, ...)")
+                flat["model.attn_backend"] = params["backend"]
+                notes.append(f"{where}: attention_backend -> model.attn_backend: {params['backend']}{also}")
+            elif name == "torch_compile":
+                mode = params.get("mode", "auto")
+                kwargs = dict(params.get("compile_kwargs") or {})
+                flat["model.compile"] = kwargs.pop("mode", True)
+                notes.append(f"{where}: torch_compile (mode {mode}) -> model.compile: {flat['model.compile']}; flowrl "
+                             f"compiles the whole transformer, not block by block{also}"
+                             + (f"; compile_kwargs {sorted(kwargs)} dropped" if kwargs else ""))
+            else:
+                notes.append(f"{where}: {name} dropped; flowrl has no rollout feature caching (a lossy speed-up "
+                             f"of sampling)")
+
+
+def _sources(entries: Any, top_max: Any, notes: list[str]) -> list[dict]:
+    """Flow-Factory's ``data.datasets`` -> ours. There a source without a ``train:`` (or ``eval:``)
+    block, or with ``enabled: false`` in it, is not trained on (evaluated); here that is an explicit
+    null. ``data.max_dataset_size`` applies to the sources without their own; per-source eval
+    settings (resolution, steps, guidance) have no counterpart (noted)."""
+    if isinstance(entries, dict):
+        entries = [entries]
+    if not isinstance(entries, list) or not entries:
+        raise ConversionError(f"data.datasets: expected a list of sources (name, dataset_dir, train, eval), got "
+                              f"{entries!r}")
+    sources = []
+    for i, entry in enumerate(entries):
+        where = f"data.datasets[{i}]"
+        if not isinstance(entry, dict):
+            raise ConversionError(f"{where}: expected a mapping (name, dataset_dir, train, eval), got {entry!r}")
+        src: dict[str, Any] = {"name": entry.get("name", "default"), "dataset_dir": entry.get("dataset_dir", "data")}
+        src.update({k: entry[k] for k in ("image_dir", "video_dir") if entry.get(k) is not None})
+        for key in sorted(set(entry) - {*SOURCE_KEYS, "train", "eval"}):
+            why = "no audio models here" if key == "audio_dir" else "not a source key this converter knows"
+            notes.append(f"{where}.{key}: dropped; {why}")
+        for side in ("train", "eval"):
+            block = entry.get(side)
+            if block is None or (isinstance(block, dict) and block.get("enabled", True) is False):
+                src[side] = None
+                continue
+            if not isinstance(block, dict):
+                raise ConversionError(f"{where}.{side}: expected a mapping (or leave it out), got {block!r}")
+            mine: dict[str, Any] = {}
+            for key, value in block.items():
+                if key in SIDE_KEYS[side] and value is not None:
+                    if key == "weight":
+                        if float(value) != int(float(value)) or int(float(value)) < 1:
+                            raise ConversionError(f"{where}.train.weight: {value!r} must be a whole number >= 1")
+                        value = int(float(value))
+                    mine[key] = value
+                elif side == "eval" and key in EVAL_OVERRIDES and value is not None:
+                    notes.append(f"{where}.eval.{key}: {value!r} dropped; the eval: section's settings apply to "
+                                 f"every source")
+                elif key not in SIDE_KEYS[side] and key != "enabled":
+                    notes.append(f"{where}.{side}.{key}: not a Flow-Factory key this converter knows; left out")
+            if side == "train" and "max_dataset_size" not in mine and top_max is not None:
+                mine["max_dataset_size"] = top_max
+            src[side] = mine
+        if src["train"] is None and src["eval"] is None:
+            raise ConversionError(f"{where} ({src['name']}): neither trained on nor evaluated (Flow-Factory refuses "
+                                  f"it too). Fix: give it a train: or an eval: block")
+        sources.append(src)
+    return sources
 
 
 def _moved_value(key: str, value: Any, notes: list[str]) -> Any:
@@ -552,9 +782,14 @@ def _optimizer_steps_per_epoch(flat: dict, notes: list[str]) -> int:
     return int(flat.get("train.gradient_step_per_epoch") or 1) * inner
 
 
-def _rewards(section: str, entries: Any, notes: list[str]) -> list[dict]:
+def _rewards(section: str, entries: Any, notes: list[str], sources: list[str] | None = None) -> list[dict]:
     """Flow-Factory's reward list (or single entry) -> ours: ``server_url``/``retry_attempts`` renamed,
-    the placeholder name ``default`` dropped, bf16 as its default dtype, ``cuda`` as ``auto``."""
+    the placeholder name ``default`` dropped, bf16 as its default dtype, ``cuda`` as ``auto``,
+    ``extra_kwargs`` merged into the entry, ``applicable_datasets`` as ``datasets``. A per-source
+    ``weight`` mapping becomes one entry per distinct weight over its sources (``sources``: the
+    names of the ``data.datasets`` sources on this side, which a reward without
+    ``applicable_datasets`` covers); an entry with ``applicable_datasets: []`` never scores there
+    and is left out."""
     if isinstance(entries, dict):
         entries = [entries]
     if not isinstance(entries, list):
@@ -563,19 +798,35 @@ def _rewards(section: str, entries: Any, notes: list[str]) -> list[dict]:
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or "reward_model" not in entry:
             raise ConversionError(f"{section}[{i}]: each reward is a mapping with a reward_model, got {entry!r}")
+        extra = entry.get("extra_kwargs") or {}
+        if not isinstance(extra, dict):
+            raise ConversionError(f"{section}[{i}].extra_kwargs: expected a mapping of the reward's options, got {extra!r}")
+        entry = {**{k: v for k, v in entry.items() if k != "extra_kwargs"}, **extra}
+        if entry.get("applicable_datasets") == []:
+            notes.append(f"{section}[{i}] ({entry.get('name', entry['reward_model'])}): applicable_datasets is empty, "
+                         f"so it never scores; left out")
+            continue
         new: dict[str, Any] = {"dtype": "bfloat16"}
         judge = str(entry["reward_model"]).lower() == "vllm_evaluate"
         rational = str(entry["reward_model"]).lower() in RATIONAL_REWARDS
-        if rational and "api_base_url" not in entry:
+        if rational and entry.get("api_base_url") is None:
             new["url"] = RATIONAL_DEFAULT_URL
             notes.append(f"{section}[{i}]: url: {RATIONAL_DEFAULT_URL}, Flow-Factory's default api_base_url; "
                          f"point it at your judge server")
         for key, value in entry.items():
             if rational and key in RATIONAL_KEYS:
-                if not (key == "api_key" and value == "EMPTY"):  # Flow-Factory's placeholder: no token
+                if value is not None and not (key == "api_key" and value == "EMPTY"):  # EMPTY: no token
                     new[RATIONAL_KEYS[key]] = value
             elif rational and key == "max_retries":
-                new["retries"] = max(0, int(value) - 1)
+                try:
+                    attempts = int(value)
+                except (TypeError, ValueError):
+                    raise ConversionError(f"{section}[{i}].max_retries: {value!r} is not a whole number of "
+                                          f"attempts") from None
+                new["retries"] = max(0, attempts - 1)
+                if attempts < 1:
+                    notes.append(f"{section}[{i}].max_retries: {value} (no attempt at all in Flow-Factory) -> "
+                                 f"retries: 0, one attempt")
             elif key in REWARD_DROPPED:
                 notes.append(f"{section}[{i}].{key}: dropped; {REWARD_DROPPED[key]}")
             elif key == "name" and value == "default":
@@ -583,6 +834,9 @@ def _rewards(section: str, entries: Any, notes: list[str]) -> list[dict]:
             elif key == "device":
                 if value is not None and not str(value).startswith("cuda"):
                     new["device"] = value
+            elif key == "applicable_datasets":
+                if value is not None:
+                    new["datasets"] = list(value)
             elif key in REWARD_KEYS:
                 new[REWARD_KEYS[key]] = value
             elif judge and key in JUDGE_KEYS:
@@ -593,5 +847,31 @@ def _rewards(section: str, entries: Any, notes: list[str]) -> list[dict]:
                              f"image shows the prompt: set `question` to the one your Flow-Factory version asks")
             else:
                 new[key] = value
-        out.append(new)
+        out += _split_by_weight(f"{section}[{i}]", new, sources or [], notes)
     return out
+
+
+def _split_by_weight(where: str, entry: dict, sources: list[str], notes: list[str]) -> list[dict]:
+    """A reward whose ``weight`` is Flow-Factory's per-source mapping (sources left out weigh 1) ->
+    one entry per distinct weight, each scoring only its sources (``datasets``); one entry with a
+    number when every covered source weighs the same."""
+    weight = entry.get("weight", 1.0)
+    if not isinstance(weight, dict):
+        return [entry]
+    covered = entry.get("datasets") or sources
+    unknown = sorted(set(weight) - set(covered))
+    if unknown or not covered:
+        raise ConversionError(f"{where}.weight: per-source weights for {unknown or sorted(weight)}, which this reward "
+                              f"does not score (its sources: {covered}). Fix: name only data.datasets sources it "
+                              f"scores (applicable_datasets)")
+    by_weight: dict[float, list[str]] = {}
+    for name in covered:
+        by_weight.setdefault(float(weight.get(name, 1.0)), []).append(name)
+    if len(by_weight) == 1:
+        return [{**entry, "weight": next(iter(by_weight))}]
+    label = entry.get("name", entry["reward_model"])
+    split = [{**entry, "name": f"{label}_{'_'.join(names)}", "weight": w, "datasets": names}
+             for w, names in by_weight.items()]
+    notes.append(f"{where}: per-source weights -> {len(split)} entries ({', '.join(e['name'] for e in split)}), each "
+                 f"scoring its sources with one weight (each loads its own copy of the model)")
+    return split

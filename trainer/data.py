@@ -185,12 +185,24 @@ def load_dataset(data_cfg) -> tuple[list[PromptRow], list[PromptRow] | None]:
     train: list[PromptRow] = []
     held: list[PromptRow] = []
     for src in data_cfg.datasets:
+        where = f"data.datasets '{src.name}'"
+        if not Path(src.dataset_dir).is_dir():
+            raise DatasetError(f"{where}: dataset_dir {str(src.dataset_dir)!r} is not a folder. Fix: point it at a "
+                               f"folder holding its splits ({src.train.split if src.train else 'train'}.jsonl, ...).")
         tag = lambda rows: [dataclasses.replace(r, dataset=src.name) for r in rows]  # noqa: E731
-        mine, test = load_prompts(src.dataset_dir, src.train.max_dataset_size if src.train else None,
-                                  image_dir=src.image_dir, video_dir=src.video_dir)
+        media = {"image_dir": src.image_dir, "video_dir": src.video_dir}
+        split = src.train.split if src.train else "train"
+        mine = read_split(src.dataset_dir, split, src.train.max_dataset_size if src.train else None, **media)
         if src.train is not None:
+            if mine is None:
+                raise DatasetError(f"{where}: {str(src.dataset_dir)!r} has no {split}.txt or {split}.jsonl. Fix: add "
+                                   f"one, or set train.split to the file's name without its extension.")
             train += tag(mine)
         if src.eval is not None:
+            test = read_split(src.dataset_dir, src.eval.split, **media)
             rows = test if test is not None else mine
+            if rows is None:
+                raise DatasetError(f"{where}: {str(src.dataset_dir)!r} has neither {src.eval.split}.txt|jsonl nor "
+                                   f"{split}.txt|jsonl to evaluate on. Fix: add one, or set eval.split.")
             held += tag(rows[:src.eval.max_dataset_size] if src.eval.max_dataset_size else rows)
     return train, held or None

@@ -306,3 +306,135 @@ def test_flow_factorys_dgpo_converts_with_its_defaults_and_keys():
     assert any("use_shared_noise: false dropped" in n for n in notes)
     assert any("train.use_ema_ref: True dropped" in n for n in notes)
     assert any("train.ema_ref_max_decay: 0.3 dropped" in n for n in notes)
+
+
+# Flow-Factory's newer layout: sources in data.datasets, the optimizer in optimizers:, the attention
+# backend and compilation in acceleration:, trainable_parameters_dtype, rewards routed per source
+FF_SOURCES = yaml.safe_load("""
+mixed_precision: bf16
+data:
+  datasets:
+    - name: pick
+      dataset_dir: dataset/pickscore
+      train: {weight: 3}
+      eval: {}
+    - name: ocr
+      dataset_dir: dataset/ocr
+      train: {weight: 1.0, split: train_v2, max_dataset_size: 500}
+      eval: {enabled: false}
+    - name: geneval
+      dataset_dir: dataset/geneval
+      eval: {split: validation, resolution: 1024, max_dataset_size: 64}
+  max_dataset_size: 2000
+model:
+  finetune_type: lora
+  lora_rank: 32
+  model_name_or_path: stabilityai/stable-diffusion-3.5-medium
+  model_type: sd3-5
+  trainable_parameters_dtype: fp32
+  frozen_parameters_dtype: {default: bf16, text_encoders: null}
+  component_load_dtypes: {default: bf16}
+train:
+  trainer_type: grpo
+  learning_rate: 1.0e-4
+  enable_gradient_checkpointing: {mode: every_n, every_n: 2}
+  shuffle_samples: true
+  reward_optimization_overlap: false
+log:
+  checkpoint_retention: 3
+acceleration:
+  shared:
+    - name: attention_backend
+      params: {backend: flash}
+    - name: torch_compile
+      params: {mode: regional, compile_kwargs: {mode: max-autotune, fullgraph: true}}
+  rollout:
+    - name: diffusers_cache
+      params: {policy: first_block, threshold: 0.08}
+optimizers:
+  - name: default
+    learning_rate: 3.0e-4
+    betas: [0.9, 0.99]
+    max_grad_norm: 0.5
+rewards:
+  - name: pick_score
+    reward_model: PickScore
+    applicable_datasets: [pick]
+  - name: ocr
+    reward_model: ocr
+    weight: {ocr: 2.0}
+  - name: never
+    reward_model: brightness
+    applicable_datasets: []
+eval_rewards:
+  - reward_model: rational_rewards_t2i
+    extra_kwargs: {api_base_url: "http://judge:8000/v1", vlm_model: RR}
+    applicable_datasets: [geneval]
+""")
+
+
+def test_flow_factorys_newer_layout_converts_to_the_same_run():
+    raw, notes = convert(copy.deepcopy(FF_SOURCES))
+    cfg = parse_config(raw)
+    pick, ocr, geneval = cfg.data.datasets
+    assert (pick.name, pick.train.weight, pick.train.max_dataset_size, pick.eval.split) == ("pick", 3, 2000, "test")
+    assert (ocr.train.weight, ocr.train.split, ocr.train.max_dataset_size, ocr.eval) == (1, "train_v2", 500, None)
+    assert geneval.train is None and (geneval.eval.split, geneval.eval.max_dataset_size) == ("validation", 64)
+    assert any("data.datasets[2].eval.resolution: 1024 dropped" in n for n in notes)
+    # optimizers: replaces train.learning_rate, its left-out keys take the optimizer's defaults
+    t = cfg.train
+    assert (t.learning_rate, t.adam_betas, t.max_grad_norm, t.adam_epsilon, t.adam_weight_decay) == (
+        3e-4, (0.9, 0.99), 0.5, 1e-8, 1e-4)
+    assert any("train.learning_rate: replaced by the optimizers: entry" in n for n in notes)
+    m = cfg.model
+    assert (m.attn_backend, m.compile, m.master_weight_dtype, m.gradient_checkpointing) == (
+        "flash", "max-autotune", "float32", True)
+    assert m.options["transformer_dtype"] == "bfloat16" and t.keep_checkpoints == 3
+    assert any("diffusers_cache dropped" in n for n in notes) and any("fullgraph" in n for n in notes)
+    assert any("mode every_n -> model.gradient_checkpointing: true" in n for n in notes)
+    # rewards: routed by source; a per-source weight map becomes one entry per weight; [] never scores
+    assert [(r.label, r.weight, r.datasets) for r in cfg.rewards] == [
+        ("pick_score", 1.0, ["pick"]), ("ocr_pick", 1.0, ["pick"]), ("ocr_ocr", 2.0, ["ocr"])]
+    assert any("never" in n and "left out" in n for n in notes)
+    (judge,) = cfg.eval_rewards
+    assert (judge.options["url"], judge.options["model"], judge.datasets) == ("http://judge:8000/v1", "RR", ["geneval"])
+
+
+def test_the_newer_layouts_refusals_say_what_to_fix():
+    for change, message in [
+            (lambda ff: ff["data"]["datasets"][2].pop("eval"), r"datasets\[2\] \(geneval\): neither trained on nor"),
+            (lambda ff: ff["data"]["datasets"][0]["train"].update(weight=1.5), "whole number"),
+            (lambda ff: ff["optimizers"].append({"name": "fake"}) or ff["optimizers"][0].update(name="gen"),
+             "none \\(or several\\) named 'default'"),
+            (lambda ff: ff["optimizers"][0].update(optimizer="sgd"), "not adamw or muon"),
+            (lambda ff: ff["rewards"][1].update(weight={"geneval": 2.0}), r"rewards\[1\].weight: .*'geneval'"),
+            (lambda ff: ff["train"].update(trainer_type="dmd2"), "'dmd2' has no flowrl implementation"),
+            (lambda ff: ff["eval_rewards"][0].update(max_retries="five"), "max_retries: 'five'"),
+            (lambda ff: ff["model"].update(trainable_parameters_dtype="int8"), "not a dtype")]:
+        ff = copy.deepcopy(FF_SOURCES)
+        change(ff)
+        with pytest.raises(ConversionError, match=message):
+            convert(ff)
+
+
+def test_muon_and_several_optimizers_convert_with_notes():
+    ff = copy.deepcopy(FF_SOURCES)
+    ff["optimizers"] = [{"name": "default", "optimizer": "muon", "learning_rate": 2e-4, "fallback_betas": [0.8, 0.9],
+                         "momentum": 0.9}, {"name": "fake", "learning_rate": 1.0, "update_frequency": 5}]
+    raw, notes = convert(ff)
+    t = parse_config(raw).train
+    assert (t.learning_rate, t.adam_betas, t.adam_epsilon) == (2e-4, (0.8, 0.9), 1e-8)
+    assert any("muon -> AdamW" in n for n in notes) and any("['fake'] left out" in n for n in notes)
+    ff["optimizers"] = {"learning_rate": 5e-5, "update_frequency": 2}  # one entry, as a mapping
+    raw, notes = convert(ff)
+    assert raw["train"]["learning_rate"] == 5e-5 and any("update_frequency 2 dropped" in n for n in notes)
+
+
+def test_a_source_list_leaves_the_single_folder_keys_out():
+    ff = copy.deepcopy(FF_SOURCES)
+    ff["data"]["dataset_dir"] = "dataset/other"
+    raw, notes = convert(ff)
+    assert "dataset_dir" not in raw["data"] and any("data.dataset_dir: 'dataset/other' beside" in n for n in notes)
+    assert not any("data.dataset_dir" in n for n in notes if n.startswith("Flow-Factory's defaults"))
+    bare, _ = convert({"train": {"trainer_type": "grpo"}, "rewards": [{"reward_model": "brightness"}]})
+    assert bare["data"]["dataset_dir"] == "data"  # Flow-Factory's default folder, not flowrl's tiny one

@@ -123,6 +123,38 @@ def test_train_null_and_eval_null_and_size_caps(tmp_path):
     assert [r.prompt for r in train] == PROMPTS[:2] and [r.prompt for r in held] == TOY[:1]
 
 
+def test_sources_read_the_splits_they_name(tmp_path):
+    from shared.config import parse_config
+    from trainer.data import DatasetError
+
+    cfg = two_sources(tmp_path)
+    raw = cfg.model_dump(mode="json", exclude_unset=True)
+    held_out = tmp_path / "held"  # an evaluation-only source: no train file at all
+    held_out.mkdir()
+    (held_out / "validation.jsonl").write_text('{"prompt": "a cat"}\n{"prompt": "a dog"}\n')
+    (tmp_path / "toy" / "extra.txt").write_text("a photo of a tiny red circle\n")
+    raw["data"]["datasets"][1].update(train={"split": "extra"}, eval={"split": "missing"})
+    raw["data"]["datasets"].append({"name": "held", "dataset_dir": str(held_out), "train": None,
+                                    "eval": {"split": "validation"}})
+    train, held = load_dataset(parse_config(raw).data)
+    assert [r.prompt for r in train if r.dataset == "toy"] == ["a photo of a tiny red circle"]
+    # toy has no missing.txt|jsonl: its train split's rows are evaluated, as without a test split
+    assert [(r.prompt, r.dataset) for r in held if r.dataset != "free"] == [
+        ("a photo of a tiny red circle", "toy"), ("a cat", "held"), ("a dog", "held")]
+    raw["data"]["datasets"][2]["eval"] = {"split": "test"}
+    with pytest.raises(DatasetError, match="'held'.*neither test.txt\\|jsonl nor train.txt\\|jsonl.*Fix"):
+        load_dataset(parse_config(raw).data)
+    raw["data"]["datasets"][2].update(train={"split": "nope"}, eval=None)
+    with pytest.raises(DatasetError, match="'held'.*no nope.txt or nope.jsonl. Fix"):
+        load_dataset(parse_config(raw).data)
+    raw["data"]["datasets"][2]["dataset_dir"] = str(tmp_path / "absent")
+    with pytest.raises(DatasetError, match="'held': dataset_dir .* is not a folder"):
+        load_dataset(parse_config(raw).data)
+    raw["data"]["datasets"][2]["train"] = {"split": "../train"}
+    with pytest.raises(ConfigError, match="split"):
+        parse_config(raw)
+
+
 def test_an_epoch_splits_its_groups_by_weight_over_all_ranks(tmp_path):
     cfg = two_sources(tmp_path, overrides=["train.unique_sample_num_per_epoch=8", "train.group_size=2",
                                            "train.per_device_batch_size=4"])
