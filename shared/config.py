@@ -30,7 +30,7 @@ from shared.queue import QueueSettings
 DYNAMICS = ("Flow-SDE", "Dance-SDE", "CPS", "ODE")
 TRAINER_TYPES = ("grpo", "grpo-guard", "nft", "awm", "dpo", "dgpo", "crd")
 # always evaluate the frozen reference model, whatever kl_beta says
-REFERENCE_TRAINERS = ("dpo", "dgpo", "crd")
+REFERENCE_TRAINERS = ("dpo", "dgpo")  # (and crd without its old snapshot: TrainConfig.uses_reference)
 # train on whole prompt groups a micro-batch (their losses compare a group's samples)
 WHOLE_GROUP_TRAINERS = ("dgpo", "crd")
 
@@ -416,8 +416,11 @@ class TrainConfig(_Strict):
     @property
     def uses_reference(self) -> bool:
         """Whether the frozen reference model is evaluated: a KL term (``kl_beta > 0``) or an
-        algorithm whose loss may be defined against it (``dpo``, ``dgpo``, ``crd``)."""
-        return bool(self.kl_beta) or self.trainer_type.lower() in REFERENCE_TRAINERS
+        algorithm whose loss is defined against it (``dpo``, ``dgpo``; ``crd`` without its ``old``
+        snapshot, ``crd_use_old: false``). A full fine-tune keeps a copy of the base only then."""
+        trainer = self.trainer_type.lower()
+        return (bool(self.kl_beta) or trainer in REFERENCE_TRAINERS
+                or (trainer == "crd" and not self.crd_use_old))
 
     @property
     def reference_guidance_scale(self) -> float:

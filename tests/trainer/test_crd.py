@@ -138,6 +138,9 @@ def test_crd_config_defaults_geometry_and_refusals(tmp_path):
     t = cfg.train
     assert (t.kl_beta, t.adv_clip_range, t.dynamics_type, t.crd_beta, t.crd_loss_type) == (0.1, 5.0, "ODE", 1.0, "mse")
     assert t.uses_reference
+    # the base is needed only by a KL term or, without the old snapshot, as v_old
+    assert not tiny_config(tmp_path, "crd", ["train.kl_beta=0"]).train.uses_reference
+    assert tiny_config(tmp_path, "crd", ["train.kl_beta=0", "train.crd_use_old=false"]).train.uses_reference
     geo = tiny_config(tmp_path, "crd", ["train.per_device_batch_size=4"]).geometry(1)  # B < K: one whole group
     assert (geo.train_micro_batch, geo.train_batches_per_rank, geo.batches_per_grad_step) == (8, 4, 2)
     with pytest.raises(ConfigError, match="crd trains whole groups"):
@@ -223,3 +226,11 @@ def test_resume_without_the_snapshot_files_says_so(tmp_path):
     os.remove(f"{ckpt}/snapshot-old.safetensors")
     with pytest.raises(FileNotFoundError, match="snapshot-old.safetensors"):
         train(tiny_config(tmp_path, "crd", ["train.max_epochs=3", f"train.resume_from={ckpt}"]), quiet=True)
+
+
+def test_a_full_fine_tune_without_kl_holds_no_copy_of_the_base(tmp_path):
+    """crd compares with its old snapshot, so with kl_beta 0 nothing asks for the base: a full
+    fine-tune keeps no reference copy (with crd_use_old false it does: v_old is the base's)."""
+    full = ["model.finetune_type=full", "train.kl_beta=0"]
+    assert _policy(tmp_path, full)[2]._ref is None
+    assert _policy(tmp_path, full + ["train.crd_use_old=false"])[2]._ref is not None
