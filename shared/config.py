@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from shared.queue import QueueSettings
 
 DYNAMICS = ("Flow-SDE", "Dance-SDE", "CPS", "ODE")
-TRAINER_TYPES = ("grpo", "grpo-guard", "nft", "awm", "dpo", "dgpo", "crd")
+TRAINER_TYPES = ("grpo", "grpo-guard", "dppo", "nft", "awm", "dpo", "dgpo", "crd")
 # always evaluate the frozen reference model, whatever kl_beta says
 REFERENCE_TRAINERS = ("dpo", "dgpo")  # (and crd without its old snapshot: TrainConfig.uses_reference)
 # train on whole prompt groups a micro-batch (their losses compare a group's samples)
@@ -45,6 +45,10 @@ ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
         dynamics_type="Flow-SDE", clip_range=2e-6, adv_clip_range=5.0, kl_beta=0.0,
         global_std=False, off_policy=False, ema_decay=0.9, ema_decay_schedule="power",
         ema_update_interval=8,
+    ),
+    "dppo": dict(  # Flow-DPPO as Flow-Factory's trainers (DPPOTrainingArguments): GRPO with a KL trust region
+        dynamics_type="Flow-SDE", adv_clip_range=5.0, kl_beta=0.0, global_std=True, off_policy=False,
+        ema_decay=0.9, ema_decay_schedule="power", ema_update_interval=8,
     ),
     "nft": dict(  # DiffusionNFT (config/nft.py): ODE rollouts, off-policy EMA "old" model
         dynamics_type="ODE", adv_clip_range=5.0, kl_beta=1e-4, global_std=True,
@@ -77,7 +81,7 @@ ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
     ),
 }
 NOISE_LEVEL_DEFAULTS = {"Flow-SDE": 0.7, "Dance-SDE": 0.3, "CPS": 0.8, "ODE": 0.0}
-SDE_TRAINERS = ("grpo", "grpo-guard")  # need per-step log-probs from a stochastic rollout
+SDE_TRAINERS = ("grpo", "grpo-guard", "dppo")  # need per-step log-probs from a stochastic rollout
 
 
 #: named snapshot decay schedules (Flow-Factory's CRD presets): (start_step, start_value, slope, end_value)
@@ -310,6 +314,11 @@ class TrainConfig(_Strict):
     # -- online Diffusion-DPO: the beta of -log sigmoid(-beta/2 [(err_w - ref_w) - (err_l - ref_l)]),
     # errors being per-sample mean squared velocity errors (Diffusion-DPO's scale; Flow-Factory's 2000)
     dpo_beta: float = Field(2000.0, gt=0)
+    # -- Flow-DPPO (trainer_type dppo): a sample whose step diverges from the rollout's by at least
+    # kl_mask_threshold, measured between the step Gaussians (x-based) or the velocities (v-based),
+    # and whose ratio moved the way its advantage pushes, gets no gradient (no PPO clip)
+    kl_mask_type: Literal["x-based", "v-based"] = "x-based"
+    kl_mask_threshold: float = Field(1e-6, gt=0)
     # -- DGPO (Direct Group Preference Optimization): group weight sigmoid(sum_i A_i dgpo_beta
     # (l_i - l_ref_i) / K) on the advantage-weighted flow-matching loss; dgpo_clip: PPO-style, the
     # loss of a sample whose ratio exp(l_old - l) left clip_range on its advantage's side is detached

@@ -74,6 +74,8 @@ MOVED: dict[str, str] = {
     "train.awm_weighting": "train.awm_weighting",
     "train.ghuber_power": "train.ghuber_power",
     "train.ema_kl_beta": "train.ema_kl_beta",
+    "train.kl_mask_type": "train.kl_mask_type",
+    "train.kl_mask_threshold": "train.kl_mask_threshold",
     "eval.resolution": "eval.resolution",
     "eval.per_device_batch_size": "eval.per_device_batch_size",
     "eval.guidance_scale": "eval.guidance_scale",
@@ -189,6 +191,9 @@ FF_ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
             "timestep_range": 0.9},
 }
 FF_ALGORITHM_DEFAULTS["grpo-guard"] = FF_ALGORITHM_DEFAULTS["grpo"]
+FF_ALGORITHM_DEFAULTS["dppo"] = {"global_std": True, "advantage_aggregation": "gdpo", "adv_clip_range": 5.0,
+                                 "kl_type": "x-based", "kl_beta": 0.0, "kl_mask_type": "x-based",
+                                 "kl_mask_threshold": 1e-6}
 FF_ALGORITHM_DEFAULTS["dpo"] = {"global_std": True, "advantage_aggregation": "gdpo", "beta": 2000.0,
                                 "weighting_scheme": "logit_normal", "num_train_timesteps": 1, "time_shift": 1.0,
                                 "timestep_range": 0.99}
@@ -204,7 +209,7 @@ FF_ALGORITHM_DEFAULTS["crd"] = {"global_std": True, "advantage_aggregation": "gd
                                 "time_sampling_strategy": "discrete", "time_shift": 3.0, "timestep_range": 0.99}
 
 #: Flow-Factory trainers that have no counterpart here
-UNSUPPORTED_TRAINERS: tuple[str, ...] = ("dppo", "sft", "offline-dpo", "dmd2", "tdm", "tdm-r1", "diffusion-opd")
+UNSUPPORTED_TRAINERS: tuple[str, ...] = ("sft", "offline-dpo", "dmd2", "tdm", "tdm-r1", "diffusion-opd")
 
 #: an optimizer entry's keys (Flow-Factory's ``optimizers:``, AdamW) -> ours, and their defaults there
 OPTIMIZER_KEYS = {"learning_rate": "train.learning_rate", "weight_decay": "train.adam_weight_decay",
@@ -321,9 +326,9 @@ def convert(ff: dict) -> tuple[dict, list[str]]:
     trainer = str(flat.get("train.trainer_type", "grpo")).lower()
     if trainer in UNSUPPORTED_TRAINERS:
         raise ConversionError(
-            f"train.trainer_type: '{trainer}' has no flowrl implementation (flowrl trains grpo, grpo-guard, nft, "
-            f"awm, dpo, dgpo and crd online; not Flow-Factory's offline (sft, offline-dpo), distillation (dmd2, "
-            f"tdm, tdm-r1, diffusion-opd) or dppo trainers). Fix: pick one of those, or port the trainer as a "
+            f"train.trainer_type: '{trainer}' has no flowrl implementation (flowrl trains grpo, grpo-guard, dppo, "
+            f"nft, awm, dpo, dgpo and crd online; not Flow-Factory's offline (sft, offline-dpo) or distillation "
+            f"(dmd2, tdm, tdm-r1, diffusion-opd) trainers). Fix: pick one of those, or port the trainer as a "
             f"dotted-path plugin (README, 'Adding an algorithm').")
     if "model.trainable_parameters_dtype" in flat:  # the newer name wins over master_weight_dtype
         flat["model.master_weight_dtype"] = flat.pop("model.trainable_parameters_dtype")
@@ -493,6 +498,14 @@ def convert(ff: dict) -> tuple[dict, list[str]]:
             elif float(value) > 1:
                 notes.append(f"{key}: {value} dropped; train.kl_beta is 0, so there is no KL term to guide")
 
+    def kl_guidance(key: str, value: Any) -> None:  # dppo's CFG of the KL reference
+        if value is not None and float(flat.get("train.kl_beta") or 0) > 0:
+            _put(out, "train.ref_guidance_scale", float(value))
+        elif value is not None:
+            notes.append(f"{key}: {value} dropped; train.kl_beta is 0, so there is no KL reference to guide")
+
+    handlers["train.kl_guidance_scale"] = kl_guidance
+
     if trainer == "crd":
         for name in ("crd_beta", "crd_loss_type", "use_old_for_loss", "adaptive_logp", "weight_temp",
                      "old_model_decay", "sampling_model_decay", "reward_adaptive_kl", "kl_cfg"):
@@ -569,7 +582,7 @@ def convert(ff: dict) -> tuple[dict, list[str]]:
     if out.get("run_name", "x") is None:
         del out["run_name"]
     if flat.get("train.kl_type") == "x-based" and float(flat.get("train.kl_beta") or 0) > 0 \
-            and trainer in ("grpo", "grpo-guard"):
+            and trainer in ("grpo", "grpo-guard", "dppo"):
         notes.append("train.kl_beta: flowrl's x-based KL is flow_grpo's form, divided by 2 sigma_t^2; Flow-Factory's "
                      "is the unscaled squared mean difference, so the same kl_beta weighs the KL differently")
     if flat.get("eval.eval_freq") == 0:

@@ -438,3 +438,17 @@ def test_a_source_list_leaves_the_single_folder_keys_out():
     assert not any("data.dataset_dir" in n for n in notes if n.startswith("Flow-Factory's defaults"))
     bare, _ = convert({"train": {"trainer_type": "grpo"}, "rewards": [{"reward_model": "brightness"}]})
     assert bare["data"]["dataset_dir"] == "data"  # Flow-Factory's default folder, not flowrl's tiny one
+
+
+def test_flow_factorys_dppo_converts():
+    ff = copy.deepcopy(FF_GRPO)
+    ff["train"].update(trainer_type="dppo", kl_mask_type="v-based", kl_beta=1e-3, kl_guidance_scale=4.5)
+    ff["train"].pop("clip_range")
+    raw, notes = convert(ff)
+    t = parse_config(raw).train
+    assert (t.trainer_type, t.kl_mask_type, t.kl_mask_threshold, t.kl_beta, t.ref_guidance_scale) == (
+        "dppo", "v-based", 1e-6, 1e-3, 4.5)
+    assert (t.kl_type, t.advantage_aggregation, t.adv_clip_range) == ("x-based", "gdpo", 5.0)
+    ff["train"]["kl_beta"] = 0
+    raw, notes = convert(ff)
+    assert parse_config(raw).train.ref_guidance_scale is None and any("kl_guidance_scale: 4.5 dropped" in n for n in notes)

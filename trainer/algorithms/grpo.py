@@ -63,15 +63,16 @@ class GRPO(Algorithm):
                        noise_level=t.noise_level, prev_sample=batch.next_latents[:, unit], check_sigmas=False)
         return kl_x_based(out.mean, ref.mean, out.std, sigma - sigma_next, t.dynamics_type)
 
-    def surrogate(self, batch, unit, out, sigma, sigma_next):
-        """The clipped policy-gradient term and its metrics for one replayed step."""
+    def surrogate(self, batch, unit, out, sigma, sigma_next, v=None, x=None):
+        """The clipped policy-gradient term and its metrics for one replayed step (``v``, ``x``: the
+        step's velocity and latent, for subclasses that need them)."""
         adv = clip_advantages(batch.advantages, self.t.adv_clip_range)
         ratio = policy_ratio(out.log_prob, batch.log_probs[:, unit])
         return clipped_surrogate(ratio, adv, self.t.clip_range)
 
     def loss(self, batch, unit, state, policy):
         out, v, x, sigma, sigma_next = self.replay(batch, unit, policy)
-        loss, metrics = self.surrogate(batch, unit, out, sigma, sigma_next)
+        loss, metrics = self.surrogate(batch, unit, out, sigma, sigma_next, v=v, x=x)
         metrics = {k: v_.detach() for k, v_ in metrics.items()}
         if "step_weights" in state:  # TempFlow-GRPO: the policy term only, not the KL
             weight = state["step_weights"][batch.sde_steps[unit]]

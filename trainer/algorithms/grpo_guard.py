@@ -22,7 +22,7 @@ from trainer.algorithms.losses import (clip_advantages, clipped_surrogate, guard
 class GRPOGuard(GRPO):
     keep_means = True
 
-    def surrogate(self, batch, unit, out, sigma, sigma_next):
+    def surrogate(self, batch, unit, out, sigma, sigma_next, v=None, x=None):
         log_ratio = guard_log_ratio(out.mean, batch.means[:, unit], batch.next_latents[:, unit],
                                     batch.stds[:, unit])
         adv = clip_advantages(batch.advantages, self.t.adv_clip_range)

@@ -362,6 +362,63 @@ def guard_loss_scale(dt: Tensor | float) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Flow-DPPO
+# ----------------------------------------------------------------------------------------------------------
+
+
+def gaussian_step_kl(mean: Tensor, mean_old: Tensor, std: Tensor | float) -> Tensor:
+    """Per-element KL between two Gaussian steps of one std, ``KL(N(mu, s^2) || N(mu_old, s^2))``,
+    averaged over the latent: ``mean_d (mu - mu_old)^2 / (2 s^2)`` (``[B]``).
+
+    Args:
+        mean: ``[B, ...]`` the next-step mean under the current weights.
+        mean_old: ``[B, ...]`` the rollout's (behaviour policy's) mean; detached.
+        std: the step std ``s`` (``StepOutput.std``): float, 0-d or ``[B]``.
+
+    The exact divergence of the per-step policies (Flow-DPPO's trust-region measure, Flow-Factory's
+    ``kl_mask_type: x-based``), unlike :func:`kl_x_based`, which is flow_grpo's ``|dt|``-scaled form."""
+    _same_shape(("mean", mean), ("mean_old", mean_old))
+    sq = mean_d((_upcast(mean) - _upcast(mean_old.detach())) ** 2)
+    s = _per_sample(std, mean.shape[0], like=sq, name="std")
+    return sq / (2.0 * s ** 2)
+
+
+def dppo_surrogate(ratio: Tensor, adv: Tensor, kl_old: Tensor, threshold: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """Flow-DPPO's masked policy gradient: ``loss = mean_b keep_b * (-A_b r_b)``.
+
+    ``keep_b`` is 0 only for a sample that has left the trust region (``kl_old_b >= threshold``) *and*
+    whose ratio has moved the way its advantage pushes it (``r > 1`` with ``A > 0``, or ``r < 1`` with
+    ``A < 0``): the update stops there, while a sample moving against its advantage keeps its
+    gradient, which pulls it back. PPO's clip instead bounds the ratio itself, a noisy one-sample
+    estimate of the divergence that ``kl_old`` measures exactly.
+
+    Args:
+        ratio: ``[B]`` ``pi_theta / pi_old`` of the replayed step (:func:`policy_ratio`).
+        adv: ``[B]`` advantages (clipped with :func:`clip_advantages` if wanted); no gradient.
+        kl_old: ``[B]`` the divergence from the rollout policy (:func:`gaussian_step_kl`, or the
+            velocity-space ``mean_d (v - v_old)^2``); no gradient.
+        threshold: the trust region's size (Flow-Factory's ``kl_mask_threshold``, default 1e-6).
+
+    Returns:
+        ``(loss, metrics)``; ``metrics`` (detached): ``masked_frac`` (samples with no gradient),
+        ``outside_frac`` (samples with ``kl_old >= threshold``), ``kl_old``, ``ratio_mean``,
+        ``ratio_min``, ``ratio_max``."""
+    if ratio.shape != adv.shape or ratio.shape != kl_old.shape:
+        raise ValueError(f"shape mismatch: ratio {tuple(ratio.shape)}, adv {tuple(adv.shape)}, "
+                         f"kl_old {tuple(kl_old.shape)}")
+    adv = _upcast(adv.detach()).to(ratio.dtype)
+    outside = kl_old.detach() >= threshold
+    pushed = ((ratio > 1) & (adv > 0)) | ((ratio < 1) & (adv < 0))
+    keep = ~(outside & pushed.detach())
+    per_sample = torch.where(keep, -adv * ratio, torch.zeros((), dtype=ratio.dtype, device=ratio.device))
+    r = ratio.detach()
+    metrics = {"masked_frac": (~keep).float().mean(), "outside_frac": outside.float().mean(),
+               "kl_old": kl_old.detach().float().mean(), "ratio_mean": r.mean(), "ratio_min": r.min(),
+               "ratio_max": r.max()}
+    return per_sample.mean(), metrics
+
+
+# ----------------------------------------------------------------------------------------------------------
 # DiffusionNFT
 # ----------------------------------------------------------------------------------------------------------
 
