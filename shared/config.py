@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shared.queue import QueueSettings
 
@@ -130,6 +130,39 @@ class _Strict(BaseModel):
 Resolution = int | tuple[int, int]
 
 
+class CheckpointPolicy(_Strict):
+    """``model.gradient_checkpointing`` as a mapping (Flow-Factory's selective form): which of the
+    transformer's blocks recompute their activations in backward. The blocks are numbered from 0
+    in forward order over the transformer's block lists (FLUX.1: its 19 double-stream blocks, then
+    its 38 single-stream ones). ``fraction``: the first ``ceil(fraction * N)``; ``every_n``: every
+    n-th (0, n, 2n, ...); ``layers``: those indices; ``full`` / ``none``: all / no block. ``mode``
+    may be left out when exactly one of fraction, every_n, layers is given."""
+
+    mode: Literal["full", "none", "fraction", "every_n", "layers"] | None = None
+    fraction: float | None = Field(None, gt=0, le=1)
+    every_n: int | None = Field(None, ge=1)
+    layers: list[int] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_selector(self) -> "CheckpointPolicy":
+        given = [k for k in ("fraction", "every_n", "layers") if getattr(self, k) is not None]
+        if self.mode is None:
+            if len(given) != 1:
+                raise ValueError(f"give a mode, or exactly one of fraction, every_n, layers (got {given or 'none'})")
+            object.__setattr__(self, "mode", given[0])
+        extra = [k for k in given if k != self.mode]
+        if extra:
+            raise ValueError(f"mode {self.mode} does not take {extra}")
+        if self.mode in ("fraction", "every_n", "layers") and getattr(self, self.mode) is None:
+            raise ValueError(f"mode {self.mode} needs {self.mode}: ...")
+        if self.layers is not None and min(self.layers) < 0:
+            raise ValueError(f"layers are block indices from 0, got {self.layers}")
+        return self
+
+    def __bool__(self) -> bool:
+        return self.mode != "none"
+
+
 class ModelConfig(_Strict):
     """``model:`` — which generator, how it is fine-tuned."""
 
@@ -143,7 +176,9 @@ class ModelConfig(_Strict):
     # diffusers attention backend: native, flash, flash_hub, _flash_3_hub, xformers, sage, ...
     # (shared.models.attention); None = the model as diffusers builds it
     attn_backend: str | None = None
-    gradient_checkpointing: bool = False  # recompute transformer activations in backward
+    # recompute the transformer blocks' activations in backward: true (every block), or which
+    # blocks ({fraction: 0.5} | {every_n: 2} | {layers: [0, 1]}; CheckpointPolicy)
+    gradient_checkpointing: bool | CheckpointPolicy = False
     # torch.compile the transformer (trainer and samplers; in place, so parameter names, LoRA files
     # and published weights are unchanged): true = the default mode, or a torch.compile mode name
     compile: bool | Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = False

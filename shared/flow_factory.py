@@ -526,16 +526,17 @@ def convert(ff: dict) -> tuple[dict, list[str]]:
         handlers[key] = single_source
     handlers["data.datasets"] = datasets
 
-    def checkpointing(key: str, value: Any) -> None:  # a bool, or Flow-Factory's {mode: ...} policy
+    def checkpointing(key: str, value: Any) -> None:  # a bool, or Flow-Factory's {mode: ...} policy (the same here)
         if isinstance(value, dict):
-            mode = str(value.get("mode", "full")).lower()
-            if mode in ("fraction", "every_n", "layers"):
-                notes.append(f"{key}: mode {mode} -> model.gradient_checkpointing: true (flowrl recomputes every "
-                             f"transformer block: less memory than Flow-Factory's selective modes, more compute)")
-            elif mode not in ("full", "none"):
-                raise ConversionError(f"{key}: mode {mode!r} is not full, none, fraction, every_n or layers")
-            value = mode != "none"
-        _put(out, "model.gradient_checkpointing", bool(value))
+            unknown = sorted(set(value) - {"mode", "fraction", "every_n", "layers"})
+            if unknown:
+                raise ConversionError(f"{key}: {unknown} are not keys of a checkpointing policy (mode, fraction, "
+                                      f"every_n, layers)")
+            _put(out, "model.gradient_checkpointing", {k: v for k, v in value.items() if v is not None})
+            notes.append(f"{key}: {value} -> model.gradient_checkpointing: the same policy; flowrl numbers the "
+                         f"blocks over the transformer's block lists in forward order")
+        else:
+            _put(out, "model.gradient_checkpointing", bool(value))
 
     handlers["train.enable_gradient_checkpointing"] = checkpointing
 

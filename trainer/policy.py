@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from typing import Iterator
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from shared.config import Config
@@ -44,7 +46,7 @@ def attach_trainable(adapter: FlowModelAdapter, cfg: Config, *, master_cast: boo
     if m.finetune_type == "full":
         transformer.requires_grad_(True)
     if m.gradient_checkpointing:
-        enable_gradient_checkpointing(transformer)
+        enable_gradient_checkpointing(transformer, m.gradient_checkpointing)
     trainable = trainable_params(transformer)
     if not trainable:
         raise ValueError(
@@ -65,16 +67,54 @@ def trainable_params(module: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in module.named_parameters() if p.requires_grad}
 
 
-def enable_gradient_checkpointing(transformer: nn.Module) -> None:
-    """Recompute the transformer blocks' activations in the backward pass (diffusers'
+def checkpoint_blocks(transformer: nn.Module) -> list[nn.Module]:
+    """The transformer's repeated blocks in forward order: its block lists (the ``nn.ModuleList``
+    children, in the order the model registers them), concatenated; for a model of several experts,
+    each expert's in turn."""
+    parts = [e for _, e in transformer.parts()] if hasattr(transformer, "parts") else [transformer]
+    return [block for part in parts for child in part.children() if isinstance(child, nn.ModuleList)
+            for block in child]
+
+
+def chosen_blocks(n: int, policy) -> list[int]:
+    """Indices of the ``n`` blocks a :class:`~shared.config.CheckpointPolicy` (or ``True``) checkpoints."""
+    if policy is True or policy.mode == "full":
+        return list(range(n))
+    if policy.mode == "none":
+        return []
+    if policy.mode == "fraction":
+        return list(range(math.ceil(policy.fraction * n)))
+    if policy.mode == "every_n":
+        return list(range(0, n, policy.every_n))
+    outside = [i for i in policy.layers if i >= n]
+    if outside:
+        raise ValueError(f"model.gradient_checkpointing.layers: {outside} are past the transformer's last block "
+                         f"(it has {n}, numbered 0-{n - 1}). Fix: list indices below {n}.")
+    return sorted(set(policy.layers))
+
+
+def enable_gradient_checkpointing(transformer: nn.Module, policy=True) -> list[int]:
+    """Recompute the chosen transformer blocks' activations in the backward pass (diffusers'
     ``enable_gradient_checkpointing``, non-reentrant ``torch.utils.checkpoint``): less activation
     memory for one more forward per block; gradients are unchanged. It acts only while gradients
-    are on, so rollouts and no-grad replays run as before."""
+    are on, so rollouts and no-grad replays run as before. ``policy``: True (every block) or a
+    :class:`~shared.config.CheckpointPolicy`; the blocks not chosen run as usual. Returns the
+    chosen indices (:func:`checkpoint_blocks`)."""
     if not getattr(transformer, "_supports_gradient_checkpointing", False):
         raise ValueError(
             f"model.gradient_checkpointing: {type(transformer).__name__} does not support gradient "
             f"checkpointing in this diffusers version. Fix: set model.gradient_checkpointing: false.")
-    transformer.enable_gradient_checkpointing()
+    blocks = checkpoint_blocks(transformer)
+    chosen = chosen_blocks(len(blocks), policy)
+    selected = {id(blocks[i]) for i in chosen}
+
+    def checkpoint_chosen(block, *args):
+        if id(block) in selected or not isinstance(block, nn.Module):
+            return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
+        return block(*args)
+
+    transformer.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_chosen)
+    return chosen
 
 
 class Policy:

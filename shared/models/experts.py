@@ -141,9 +141,9 @@ class TwoExperts(nn.Module):
     def _supports_gradient_checkpointing(self) -> bool:
         return all(getattr(e, "_supports_gradient_checkpointing", False) for _, e in self.parts())
 
-    def enable_gradient_checkpointing(self) -> None:
+    def enable_gradient_checkpointing(self, gradient_checkpointing_func=None) -> None:
         for _, expert in self.parts():
-            expert.enable_gradient_checkpointing()
+            expert.enable_gradient_checkpointing(gradient_checkpointing_func=gradient_checkpointing_func)
 
     def set_attention_backend(self, backend: str) -> None:
         for _, expert in self.parts():

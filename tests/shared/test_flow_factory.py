@@ -387,11 +387,10 @@ def test_flow_factorys_newer_layout_converts_to_the_same_run():
         3e-4, (0.9, 0.99), 0.5, 1e-8, 1e-4)
     assert any("train.learning_rate: replaced by the optimizers: entry" in n for n in notes)
     m = cfg.model
-    assert (m.attn_backend, m.compile, m.master_weight_dtype, m.gradient_checkpointing) == (
-        "flash", "max-autotune", "float32", True)
+    assert (m.attn_backend, m.compile, m.master_weight_dtype) == ("flash", "max-autotune", "float32")
+    assert (m.gradient_checkpointing.mode, m.gradient_checkpointing.every_n) == ("every_n", 2)
     assert m.options["transformer_dtype"] == "bfloat16" and t.keep_checkpoints == 3
     assert any("diffusers_cache dropped" in n for n in notes) and any("fullgraph" in n for n in notes)
-    assert any("mode every_n -> model.gradient_checkpointing: true" in n for n in notes)
     # rewards: routed by source; a per-source weight map becomes one entry per weight; [] never scores
     assert [(r.label, r.weight, r.datasets) for r in cfg.rewards] == [
         ("pick_score", 1.0, ["pick"]), ("ocr_pick", 1.0, ["pick"]), ("ocr_ocr", 2.0, ["ocr"])]

@@ -256,3 +256,22 @@ def test_compile_trains_through_the_compiled_transformer_like_eager(tmp_path, mo
     assert weights[True].keys() == weights[False].keys()
     for k in weights[True]:
         torch.testing.assert_close(weights[True][k], weights[False][k], rtol=1e-5, atol=1e-6)
+
+
+def test_checkpointing_policies_choose_blocks_and_refuse_bad_ones(tmp_path):
+    from shared.config import CheckpointPolicy, ConfigError
+    from trainer.policy import chosen_blocks
+
+    def pick(**policy):
+        return chosen_blocks(10, CheckpointPolicy(**policy))
+
+    assert pick(fraction=0.25) == [0, 1, 2] and pick(every_n=3) == [0, 3, 6, 9]
+    assert pick(layers=[7, 2, 2]) == [2, 7] and pick(mode="full") == list(range(10)) and pick(mode="none") == []
+    assert chosen_blocks(4, True) == [0, 1, 2, 3] and not CheckpointPolicy(mode="none")
+    with pytest.raises(ValueError, match=r"\[10\] are past the transformer's last block \(it has 10"):
+        pick(layers=[3, 10])
+    for bad, message in [("{mode: fraction}", "needs fraction"), ("{fraction: 0.5, every_n: 2}", "exactly one"),
+                         ("{mode: every_n, every_n: 2, layers: [1]}", "does not take"),
+                         ("{layers: [-1]}", "from 0"), ("{fraction: 1.5}", "less than or equal to 1")]:
+        with pytest.raises(ConfigError, match=message):
+            tiny_adapter(tmp_path, [f"model.gradient_checkpointing={bad}"])
