@@ -855,6 +855,26 @@ def check_datasets(cfg: Config) -> None:
                     + (f"are not among data.datasets' names {names}" if names else
                        "name sources, but data has no datasets list")
                     + ". Fix: list names of data.datasets entries, or drop the reward's datasets key.")
+    if d.datasets is None:
+        return
+    # a source trained on needs a reward that scores it (else its advantages are all 0), and a reward
+    # routed to a source must score it on that side (as Flow-Factory checks)
+    evaluated_by = cfg.eval_rewards if cfg.eval_rewards is not None else cfg.rewards
+    for where, specs, side in (("rewards", cfg.rewards, "train"), ("eval_rewards", evaluated_by, "eval")):
+        on_side = [s.name for s in d.datasets if getattr(s, side) is not None]
+        for spec in specs:
+            off = [n for n in spec.datasets or [] if n not in on_side]
+            if off and (where == "rewards" or cfg.eval_rewards is not None):
+                raise ConfigError(
+                    f"{where}['{spec.label}'].datasets: {off} have {side}: null in data.datasets, so this reward "
+                    f"never scores them. Fix: route it to sources with a {side}: block ({on_side}), or give "
+                    f"those sources one.")
+        bare = [n for n in on_side if not any(spec.datasets is None or n in spec.datasets for spec in specs)]
+        if bare and side == "train":  # (an evaluated source without a reward is only reported without scores)
+            raise ConfigError(
+                f"data.datasets: {bare} are trained on, but no reward in rewards scores them (each lists other "
+                f"sources in its datasets), so their samples would train on an advantage of 0. Fix: add them to a "
+                f"reward's datasets, or add a reward without datasets.")
 
 
 def _format_validation_error(err: ValidationError, raw: dict) -> str:

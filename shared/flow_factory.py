@@ -113,6 +113,9 @@ CHANGED: dict[str, str] = {
     "train.timestep_range": "train.timestep_fraction",
     "train.num_train_timesteps": "train.num_train_timesteps",
     "data.enable_preprocess": "model.offload_text_encoders",
+    "train.kl_guidance_scale": "train.ref_guidance_scale",
+    "model.frozen_parameters_dtype": "model.options.transformer_dtype",
+    "log.checkpoint_retention": "train.keep_checkpoints",
 }
 
 #: Flow-Factory keys with no key here, and what does their job instead
@@ -251,7 +254,14 @@ def hint(key: str) -> str | None:
                 f"noise_level; sde_steps is train.train_steps, num_sde_steps train.num_train_steps). {convert_it}")
     if key == "log":
         return ("`log:` is a Flow-Factory section; here run_name, project and logging_backend are top-level keys, "
-                f"save_dir is output_dir and save_freq is train.save_freq. {convert_it}")
+                f"save_dir is output_dir, save_freq is train.save_freq and checkpoint_retention train.keep_checkpoints. "
+                f"{convert_it}")
+    if key == "optimizers":
+        return ("`optimizers:` is a Flow-Factory section; here the optimizer is AdamW with train.learning_rate, "
+                f"adam_betas, adam_epsilon, adam_weight_decay and max_grad_norm. {convert_it}")
+    if key == "acceleration":
+        return ("`acceleration:` is a Flow-Factory section; here the attention backend is model.attn_backend and "
+                f"compilation model.compile. {convert_it}")
     scheduler_key = "scheduler." + key.removeprefix("train.")  # a scheduler: key written under train:
     if key.startswith("train.") and key not in {*MOVED, *CHANGED, *DROPPED} and scheduler_key in {*MOVED, *CHANGED}:
         key = scheduler_key
@@ -330,6 +340,8 @@ def convert(ff: dict) -> tuple[dict, list[str]]:
             f"nft, awm, dpo, dgpo and crd online; not Flow-Factory's offline (sft, offline-dpo) or distillation "
             f"(dmd2, tdm, tdm-r1, diffusion-opd) trainers). Fix: pick one of those, or port the trainer as a "
             f"dotted-path plugin (README, 'Adding an algorithm').")
+    if "data.datasets" in flat and not flat["data.datasets"]:  # null or []: one folder, as there
+        del flat["data.datasets"]
     if "model.trainable_parameters_dtype" in flat:  # the newer name wins over master_weight_dtype
         flat["model.master_weight_dtype"] = flat.pop("model.trainable_parameters_dtype")
     if flat.get("model.master_weight_dtype") is not None:
@@ -459,6 +471,12 @@ def convert(ff: dict) -> tuple[dict, list[str]]:
         for name in ("beta", "weighting_scheme", "logit_mean", "logit_std"):
             handlers[f"train.{name}"] = dpo_key
 
+    def guided_reference(key: str, value: Any) -> None:  # crd's kl_cfg, dppo's kl_guidance_scale
+        if float(flat.get("train.kl_beta") or 0) > 0:
+            _put(out, "train.ref_guidance_scale", float(value))
+        else:
+            notes.append(f"{key}: {value} dropped; train.kl_beta is 0, so there is no KL reference to guide")
+
     def dgpo_key(key: str, value: Any) -> None:  # DGPOTrainingArguments' own names
         name = key.split(".", 1)[1]
         renamed = {"dpo_beta": "train.dgpo_beta", "beta_dpo": "train.dgpo_beta", "clip_dsm": "train.dgpo_clip",
@@ -492,19 +510,10 @@ def convert(ff: dict) -> tuple[dict, list[str]]:
         elif name in ("old_model_decay", "sampling_model_decay"):
             # flowrl reads Flow-Factory's integer presets too (shared.config.SNAPSHOT_DECAY_NUMBERS)
             _put(out, "train.crd_old_decay" if name == "old_model_decay" else "train.crd_sampling_decay", str(value))
-        elif name == "kl_cfg":  # Flow-Factory guides the KL reference only above 1
-            if float(value) > 1 and float(flat.get("train.kl_beta") or 0) > 0:
-                _put(out, "train.ref_guidance_scale", float(value))
-            elif float(value) > 1:
-                notes.append(f"{key}: {value} dropped; train.kl_beta is 0, so there is no KL term to guide")
+        elif name == "kl_cfg" and value is not None and float(value) > 1:  # guided only above 1 there
+            guided_reference(key, value)
 
-    def kl_guidance(key: str, value: Any) -> None:  # dppo's CFG of the KL reference
-        if value is not None and float(flat.get("train.kl_beta") or 0) > 0:
-            _put(out, "train.ref_guidance_scale", float(value))
-        elif value is not None:
-            notes.append(f"{key}: {value} dropped; train.kl_beta is 0, so there is no KL reference to guide")
-
-    handlers["train.kl_guidance_scale"] = kl_guidance
+    handlers["train.kl_guidance_scale"] = lambda key, value: value is not None and guided_reference(key, value)
 
     if trainer == "crd":
         for name in ("crd_beta", "crd_loss_type", "use_old_for_loss", "adaptive_logp", "weight_temp",
@@ -512,15 +521,16 @@ def convert(ff: dict) -> tuple[dict, list[str]]:
             handlers[f"train.{name}"] = crd_key
 
     def datasets(key: str, value: Any) -> None:
-        _put(out, "data.datasets", _sources(value, flat.get("data.max_dataset_size"), notes))
+        inherited = {k: flat.get(f"data.{k}") for k in ("image_dir", "video_dir", "max_dataset_size")}
+        _put(out, "data.datasets", _sources(value, inherited, notes))
 
     def single_source(key: str, value: Any) -> None:  # data.dataset_dir & co. beside data.datasets
         if not multi_source:
             _put(out, MOVED[key], value)
-        elif value is not None and not (key == "data.dataset_dir" and value == "data"):
-            applied = " (applied to each source without its own)" if key == "data.max_dataset_size" else ""
-            notes.append(f"{key}: {value!r} beside data.datasets: {'left out' if not applied else 'read'}{applied}; "
-                          f"each source names its own folders")
+        elif key == "data.dataset_dir" and value not in (None, "data"):
+            notes.append(f"{key}: {value!r} beside data.datasets: left out; each source names its own folder")
+        elif key != "data.dataset_dir" and value is not None:
+            notes.append(f"{key}: {value!r} beside data.datasets: given to each source without its own, as there")
 
     for key in ("data.dataset_dir", "data.image_dir", "data.video_dir", "data.max_dataset_size"):
         handlers[key] = single_source
@@ -541,8 +551,8 @@ def convert(ff: dict) -> tuple[dict, list[str]]:
     handlers["train.enable_gradient_checkpointing"] = checkpointing
 
     def frozen_dtype(key: str, value: Any) -> None:
-        if isinstance(value, dict):
-            value = next((value[k] for k in ("transformer", "transformers", "default") if value.get(k)), None)
+        if isinstance(value, dict):  # the transformer's own entry (an explicit null: not recast), else default
+            value = next((value[k] for k in ("transformer", "transformers", "default") if k in value), None)
         if value is not None:
             _put(out, "model.options.transformer_dtype", _dtype_name(key, value))
             notes.append(f"{key} -> model.options.transformer_dtype: the frozen transformer weights; text encoders "
@@ -641,7 +651,10 @@ def _optimizers(entries: Any, flat: dict, notes: list[str]) -> None:
         return
     if isinstance(entries, dict):
         entries = [entries]
-    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+    if entries == []:
+        notes.append("optimizers: empty; the train: optimizer keys apply, as there")
+        return
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise ConversionError(f"optimizers: expected a list of optimizer entries (name, learning_rate, ...), got "
                               f"{entries!r}")
     if len(entries) > 1:
@@ -652,9 +665,14 @@ def _optimizers(entries: Any, flat: dict, notes: list[str]) -> None:
                 f"with one optimizer. Fix: keep the policy's entry only, or name it 'default'")
         notes.append(f"optimizers: the entry named 'default' is the policy's; "
                      f"{[e.get('name') for e in entries if e is not chosen[0]]} left out")
-        entries = chosen
+        first_norm = entries[0].get("max_grad_norm", OPTIMIZER_DEFAULTS["max_grad_norm"])
+        entries = [{**chosen[0], "max_grad_norm": first_norm}]  # Flow-Factory clips with the first entry's
     entry = dict(entries[0])
     kind = str(entry.pop("optimizer", "adamw")).lower()
+    if kind == "muon" and str(entry.get("adjust_lr_fn", "match_rms_adamw")) != "match_rms_adamw":
+        raise ConversionError(f"optimizers: muon with adjust_lr_fn {entry['adjust_lr_fn']!r} uses a learning rate of "
+                              f"Muon's own scale, which AdamW (flowrl's optimizer) cannot take as it is. Fix: set "
+                              f"adjust_lr_fn: match_rms_adamw, or use adamw with an AdamW learning rate")
     if kind == "muon":
         notes.append("optimizers: muon -> AdamW, the optimizer flowrl has; the learning rate is kept (Muon's default "
                      "match_rms_adamw scaling makes it AdamW's scale) and fallback_betas / fallback_eps become "
@@ -696,7 +714,9 @@ def _acceleration(section: Any, flat: dict, notes: list[str]) -> None:
             where = f"acceleration.{stage}[{i}]"
             if not isinstance(entry, dict) or "name" not in entry:
                 raise ConversionError(f"{where}: expected a mapping with a name (and params), got {entry!r}")
-            name, params = str(entry["name"]), dict(entry.get("params") or {})
+            name, params = str(entry["name"]), entry.get("params") or {}
+            if not isinstance(params, dict):
+                raise ConversionError(f"{where}.params: expected a mapping of the accelerator's options, got {params!r}")
             also = " (flowrl applies it to training as well as rollouts)" if stage == "rollout" else ""
             if name == "attention_backend":
                 if "backend" not in params:
@@ -710,34 +730,41 @@ def _acceleration(section: Any, flat: dict, notes: list[str]) -> None:
                 notes.append(f"{where}: torch_compile (mode {mode}) -> model.compile: {flat['model.compile']}; flowrl "
                              f"compiles the whole transformer, not block by block{also}"
                              + (f"; compile_kwargs {sorted(kwargs)} dropped" if kwargs else ""))
-            else:
+            elif name in ("diffusers_cache", "cache_dit"):
                 notes.append(f"{where}: {name} dropped; flowrl has no rollout feature caching (a lossy speed-up "
                              f"of sampling)")
+            else:
+                notes.append(f"{where}: {name} dropped; not an accelerator this converter knows (attention_backend, "
+                             f"torch_compile)")
 
 
-def _sources(entries: Any, top_max: Any, notes: list[str]) -> list[dict]:
+def _sources(entries: Any, inherited: dict[str, Any], notes: list[str]) -> list[dict]:
     """Flow-Factory's ``data.datasets`` -> ours. There a source without a ``train:`` (or ``eval:``)
     block, or with ``enabled: false`` in it, is not trained on (evaluated); here that is an explicit
-    null. ``data.max_dataset_size`` applies to the sources without their own; per-source eval
+    null. ``inherited``: the ``data:`` keys a source without its own takes (``image_dir``,
+    ``video_dir``, ``max_dataset_size``, the last for both sides), as there. Per-source eval
     settings (resolution, steps, guidance) have no counterpart (noted)."""
     if isinstance(entries, dict):
         entries = [entries]
-    if not isinstance(entries, list) or not entries:
+    if not isinstance(entries, list):
         raise ConversionError(f"data.datasets: expected a list of sources (name, dataset_dir, train, eval), got "
-                              f"{entries!r}")
+                              f"{entries!r}. Fix: write each source as a mapping in a list")
     sources = []
     for i, entry in enumerate(entries):
         where = f"data.datasets[{i}]"
         if not isinstance(entry, dict):
             raise ConversionError(f"{where}: expected a mapping (name, dataset_dir, train, eval), got {entry!r}")
         src: dict[str, Any] = {"name": entry.get("name", "default"), "dataset_dir": entry.get("dataset_dir", "data")}
-        src.update({k: entry[k] for k in ("image_dir", "video_dir") if entry.get(k) is not None})
+        for key in ("image_dir", "video_dir"):
+            value = entry.get(key) if entry.get(key) is not None else inherited.get(key)
+            if value is not None:
+                src[key] = value
         for key in sorted(set(entry) - {*SOURCE_KEYS, "train", "eval"}):
             why = "no audio models here" if key == "audio_dir" else "not a source key this converter knows"
             notes.append(f"{where}.{key}: dropped; {why}")
         for side in ("train", "eval"):
             block = entry.get(side)
-            if block is None or (isinstance(block, dict) and block.get("enabled", True) is False):
+            if block is None or (isinstance(block, dict) and not block.get("enabled", True)):
                 src[side] = None
                 continue
             if not isinstance(block, dict):
@@ -745,24 +772,30 @@ def _sources(entries: Any, top_max: Any, notes: list[str]) -> list[dict]:
             mine: dict[str, Any] = {}
             for key, value in block.items():
                 if key in SIDE_KEYS[side] and value is not None:
-                    if key == "weight":
-                        if float(value) != int(float(value)) or int(float(value)) < 1:
-                            raise ConversionError(f"{where}.train.weight: {value!r} must be a whole number >= 1")
-                        value = int(float(value))
-                    mine[key] = value
+                    mine[key] = _whole_weight(f"{where}.train.weight", value) if key == "weight" else value
                 elif side == "eval" and key in EVAL_OVERRIDES and value is not None:
                     notes.append(f"{where}.eval.{key}: {value!r} dropped; the eval: section's settings apply to "
                                  f"every source")
                 elif key not in SIDE_KEYS[side] and key != "enabled":
                     notes.append(f"{where}.{side}.{key}: not a Flow-Factory key this converter knows; left out")
-            if side == "train" and "max_dataset_size" not in mine and top_max is not None:
-                mine["max_dataset_size"] = top_max
+            if "max_dataset_size" not in mine and inherited.get("max_dataset_size") is not None:
+                mine["max_dataset_size"] = inherited["max_dataset_size"]
             src[side] = mine
         if src["train"] is None and src["eval"] is None:
             raise ConversionError(f"{where} ({src['name']}): neither trained on nor evaluated (Flow-Factory refuses "
                                   f"it too). Fix: give it a train: or an eval: block")
         sources.append(src)
     return sources
+
+
+def _whole_weight(key: str, value: Any) -> int:
+    try:
+        weight = float(value)
+    except (TypeError, ValueError):
+        weight = float("nan")
+    if not weight.is_integer() or weight < 1:
+        raise ConversionError(f"{key}: {value!r} must be a whole number >= 1 (the source's share of each epoch)")
+    return int(weight)
 
 
 def _moved_value(key: str, value: Any, notes: list[str]) -> Any:
@@ -850,7 +883,7 @@ def _rewards(section: str, entries: Any, notes: list[str], sources: list[str] | 
                     new["device"] = value
             elif key == "applicable_datasets":
                 if value is not None:
-                    new["datasets"] = list(value)
+                    new["datasets"] = [value] if isinstance(value, str) else list(value)
             elif key in REWARD_KEYS:
                 new[REWARD_KEYS[key]] = value
             elif judge and key in JUDGE_KEYS:
@@ -861,6 +894,10 @@ def _rewards(section: str, entries: Any, notes: list[str], sources: list[str] | 
                              f"image shows the prompt: set `question` to the one your Flow-Factory version asks")
             else:
                 new[key] = value
+        if section == "eval_rewards" and isinstance(new.get("weight"), dict):
+            notes.append(f"{section}[{i}].weight: per-source weights dropped; evaluation reports each reward "
+                         f"unweighted")
+            new.pop("weight")
         out += _split_by_weight(f"{section}[{i}]", new, sources or [], notes)
     return out
 
@@ -880,7 +917,11 @@ def _split_by_weight(where: str, entry: dict, sources: list[str], notes: list[st
                               f"scores (applicable_datasets)")
     by_weight: dict[float, list[str]] = {}
     for name in covered:
-        by_weight.setdefault(float(weight.get(name, 1.0)), []).append(name)
+        try:
+            w = float(weight.get(name, 1.0))
+        except (TypeError, ValueError):
+            raise ConversionError(f"{where}.weight.{name}: {weight[name]!r} is not a number") from None
+        by_weight.setdefault(w, []).append(name)
     if len(by_weight) == 1:
         return [{**entry, "weight": next(iter(by_weight))}]
     label = entry.get("name", entry["reward_model"])

@@ -192,15 +192,21 @@ def load_dataset(data_cfg) -> tuple[list[PromptRow], list[PromptRow] | None]:
         tag = lambda rows: [dataclasses.replace(r, dataset=src.name) for r in rows]  # noqa: E731
         media = {"image_dir": src.image_dir, "video_dir": src.video_dir}
         split = src.train.split if src.train else "train"
-        mine = read_split(src.dataset_dir, split, src.train.max_dataset_size if src.train else None, **media)
+        mine = None
         if src.train is not None:
+            mine = read_split(src.dataset_dir, split, src.train.max_dataset_size, **media)
             if mine is None:
                 raise DatasetError(f"{where}: {str(src.dataset_dir)!r} has no {split}.txt or {split}.jsonl. Fix: add "
                                    f"one, or set train.split to the file's name without its extension.")
             train += tag(mine)
         if src.eval is not None:
-            test = read_split(src.dataset_dir, src.eval.split, **media)
-            rows = test if test is not None else mine
+            rows = read_split(src.dataset_dir, src.eval.split, **media)
+            if rows is None and "split" in src.eval.model_fields_set:  # named on purpose: not a fallback
+                raise DatasetError(f"{where}: {str(src.dataset_dir)!r} has no {src.eval.split}.txt or "
+                                   f"{src.eval.split}.jsonl, which eval.split names. Fix: add it, or drop eval.split "
+                                   f"(then test, else the train rows, are evaluated).")
+            if rows is None:  # no test split: the train rows are evaluated, as for one folder
+                rows = mine if mine is not None else read_split(src.dataset_dir, split, **media)
             if rows is None:
                 raise DatasetError(f"{where}: {str(src.dataset_dir)!r} has neither {src.eval.split}.txt|jsonl nor "
                                    f"{split}.txt|jsonl to evaluate on. Fix: add one, or set eval.split.")

@@ -451,3 +451,42 @@ def test_flow_factorys_dppo_converts():
     ff["train"]["kl_beta"] = 0
     raw, notes = convert(ff)
     assert parse_config(raw).train.ref_guidance_scale is None and any("kl_guidance_scale: 4.5 dropped" in n for n in notes)
+
+
+def test_the_newer_layouts_edge_cases():
+    ff = copy.deepcopy(FF_SOURCES)
+    ff["data"].update(image_dir="imgs", datasets=ff["data"]["datasets"][:2])
+    ff["data"]["datasets"][0]["image_dir"] = "own"
+    ff["rewards"] = [{"reward_model": "brightness", "applicable_datasets": "pick"}, {"reward_model": "ocr"}]
+    ff["eval_rewards"] = [{"reward_model": "brightness", "weight": {"pick": 2.0}}]
+    ff["optimizers"] = []
+    ff["model"]["frozen_parameters_dtype"] = {"default": "bf16", "transformer": None}
+    ff["acceleration"] = {"shared": [{"name": "my_pkg.Fast"}]}
+    raw, notes = convert(ff)
+    cfg = parse_config(raw)
+    pick, ocr = cfg.data.datasets
+    assert (pick.image_dir, ocr.image_dir) == ("own", "imgs")  # the data: folder for sources without their own
+    assert pick.eval.max_dataset_size == 2000  # data.max_dataset_size caps the eval side too
+    assert cfg.train.learning_rate == 1e-4 and any("optimizers: empty" in n for n in notes)
+    assert cfg.rewards[0].datasets == ["pick"] and "transformer_dtype" not in cfg.model.options
+    assert cfg.eval_rewards[0].weight == 1.0 and any("per-source weights dropped" in n for n in notes)
+    assert any("my_pkg.Fast dropped; not an accelerator this converter knows" in n for n in notes)
+    ff["data"]["datasets"] = None  # null: one folder, as there
+    raw, _ = convert(ff)
+    assert "datasets" not in raw["data"] and raw["data"]["dataset_dir"] == "data"
+    for change, message in [
+            (lambda f: f["data"].update(datasets=[{"name": "a", "train": {"weight": "x"}}]), "whole number"),
+            (lambda f: f["acceleration"]["shared"][0].update(name="torch_compile", params=[1]), "params: expected"),
+            (lambda f: f.update(optimizers=[{"optimizer": "muon", "adjust_lr_fn": "original"}]), "Muon's own scale")]:
+        bad = copy.deepcopy(FF_SOURCES)
+        change(bad)
+        with pytest.raises(ConversionError, match=message):
+            convert(bad)
+
+
+def test_flow_factory_sections_left_in_a_flowrl_config_are_named():
+    from shared.flow_factory import hint
+
+    assert "ref_guidance_scale" in hint("train.kl_guidance_scale")
+    assert "train.keep_checkpoints" in hint("log.checkpoint_retention")
+    assert "train.learning_rate" in hint("optimizers") and "model.attn_backend" in hint("acceleration")

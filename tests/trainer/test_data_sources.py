@@ -95,9 +95,26 @@ def test_reward_sources_must_exist(tmp_path):
 
 
 def test_a_routed_reward_passes_no_datasets_option_to_the_model(tmp_path):
-    cfg = two_sources(tmp_path, rewards=[{"reward_model": "brightness", "datasets": ["toy"]}])
+    cfg = two_sources(tmp_path, rewards=[{"reward_model": "brightness", "datasets": ["toy"]},
+                                         {"reward_model": "jpeg_compressibility", "datasets": ["free"]}])
     assert cfg.rewards[0].datasets == ["toy"] and cfg.rewards[0].options == {}
     build_rewards(cfg.rewards, "cpu")  # brightness takes no `datasets` argument
+
+
+def test_every_source_needs_a_reward_on_its_side(tmp_path):
+    # free trains with no reward scoring it: its advantages would all be 0
+    with pytest.raises(ConfigError, match=r"\['free'\] are trained on, but no reward in rewards scores them.*Fix"):
+        two_sources(tmp_path / "a", rewards=[{"reward_model": "brightness", "datasets": ["toy"]}])
+    # an evaluated source without an eval reward is allowed (Flow-Factory allows it): it gets no score
+    two_sources(tmp_path / "b", eval_rewards=[{"reward_model": "brightness", "datasets": ["toy"]}])
+    # an eval reward routed to a source that is not evaluated scores nothing there
+    with pytest.raises(ConfigError, match=r"eval_rewards\['brightness'\].datasets: \['toy'\] have eval: null"):
+        two_sources(tmp_path / "d", overrides=["data.datasets.1.eval=null"],
+                    eval_rewards=[{"reward_model": "brightness", "datasets": ["toy"]}])
+    # a reward routed to a source that is never trained on (train: null) scores nothing there
+    with pytest.raises(ConfigError, match=r"rewards\['brightness'\].datasets: \['toy'\] have train: null"):
+        two_sources(tmp_path / "c", overrides=["data.datasets.1.train=null"],
+                    rewards=[{"reward_model": "jpeg_compressibility"}, {"reward_model": "brightness", "datasets": ["toy"]}])
 
 
 # ------------------------------------------------------------------ loading and planning
@@ -133,15 +150,23 @@ def test_sources_read_the_splits_they_name(tmp_path):
     held_out.mkdir()
     (held_out / "validation.jsonl").write_text('{"prompt": "a cat"}\n{"prompt": "a dog"}\n')
     (tmp_path / "toy" / "extra.txt").write_text("a photo of a tiny red circle\n")
-    raw["data"]["datasets"][1].update(train={"split": "extra"}, eval={"split": "missing"})
+    raw["data"]["datasets"][1].update(train={"split": "extra"}, eval={})
     raw["data"]["datasets"].append({"name": "held", "dataset_dir": str(held_out), "train": None,
                                     "eval": {"split": "validation"}})
     train, held = load_dataset(parse_config(raw).data)
     assert [r.prompt for r in train if r.dataset == "toy"] == ["a photo of a tiny red circle"]
-    # toy has no missing.txt|jsonl: its train split's rows are evaluated, as without a test split
+    # toy has no test split: its train split's rows are evaluated, as for one folder
     assert [(r.prompt, r.dataset) for r in held if r.dataset != "free"] == [
         ("a photo of a tiny red circle", "toy"), ("a cat", "held"), ("a dog", "held")]
-    raw["data"]["datasets"][2]["eval"] = {"split": "test"}
+    raw["data"]["datasets"][1]["eval"] = {"split": "missing"}  # named on purpose: no fallback
+    with pytest.raises(DatasetError, match="'toy'.*no missing.txt or missing.jsonl, which eval.split names"):
+        load_dataset(parse_config(raw).data)
+    raw["data"]["datasets"][1]["eval"] = {}
+    # an evaluation-only source does not read (or check) its train rows
+    (held_out / "train.jsonl").write_text('{"prompt": "a cat", "image": "gone.png"}\n')
+    assert [r.prompt for r in load_dataset(parse_config(raw).data)[1] if r.dataset == "held"] == ["a cat", "a dog"]
+    (held_out / "train.jsonl").unlink()
+    raw["data"]["datasets"][2]["eval"] = {}  # test by default: missing, and no train rows to fall back on
     with pytest.raises(DatasetError, match="'held'.*neither test.txt\\|jsonl nor train.txt\\|jsonl.*Fix"):
         load_dataset(parse_config(raw).data)
     raw["data"]["datasets"][2].update(train={"split": "nope"}, eval=None)

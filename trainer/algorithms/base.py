@@ -49,7 +49,7 @@ class Algorithm(ABC):
 
     #: rollouts must be stochastic and record per-step log-probs
     needs_log_probs: ClassVar[bool] = False
-    #: also record the per-step Gaussian means (GRPO-Guard)
+    #: also record the per-step Gaussian means (GRPO-Guard, DPPO)
     keep_means: ClassVar[bool] = False
     #: named copies of the trainable weights the :class:`~trainer.policy.Policy` keeps for this
     #: algorithm (blended in :meth:`after_epoch`, checkpointed); "sampling" is what rollouts use

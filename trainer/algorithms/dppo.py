@@ -44,6 +44,10 @@ class DPPO(GRPO):
 
     def surrogate(self, batch, unit, out, sigma, sigma_next, v=None, x=None):
         t = self.t
+        if batch.means is None:
+            raise ValueError("dppo compares each replayed step with the rollout's step mean, but these trajectories "
+                             "carry none (sampled for another algorithm, or by a sampler that predates dppo). Fix: "
+                             "sample with trainer_type dppo, whose rollouts record the means (keep_means)")
         mean_old = batch.means[:, unit]
         if t.kl_mask_type == "v-based":
             with torch.no_grad():
