@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator,
+                      model_validator)
 
 from shared.queue import QueueSettings
 
@@ -134,14 +135,17 @@ class CheckpointPolicy(_Strict):
     """``model.gradient_checkpointing`` as a mapping (Flow-Factory's selective form): which of the
     transformer's blocks recompute their activations in backward. The blocks are numbered from 0
     in forward order over the transformer's block lists (FLUX.1: its 19 double-stream blocks, then
-    its 38 single-stream ones). ``fraction``: the first ``ceil(fraction * N)``; ``every_n``: every
-    n-th (0, n, 2n, ...); ``layers``: those indices; ``full`` / ``none``: all / no block. ``mode``
-    may be left out when exactly one of fraction, every_n, layers is given."""
+    its 38 single-stream ones; Z-Image: its two noise and two context refiner blocks, then its
+    layers), and a two-expert model (Wan2.2-A14B) applies the policy to each expert's own blocks.
+    ``fraction`` f: ``max(1, ceil(f N))`` blocks spread evenly from the first to the last;
+    ``every_n``: every n-th (0, n, 2n, ...); ``layers``: those indices; ``full`` / ``none``: all /
+    no block (trainer.policy.chosen_blocks). ``mode`` may be left out when exactly one of
+    fraction, every_n, layers is given."""
 
     mode: Literal["full", "none", "fraction", "every_n", "layers"] | None = None
     fraction: float | None = Field(None, gt=0, le=1)
-    every_n: int | None = Field(None, ge=1)
-    layers: list[int] | None = Field(None, min_length=1)
+    every_n: StrictInt | None = Field(None, ge=1)
+    layers: list[StrictInt] | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
     def _one_selector(self) -> "CheckpointPolicy":
@@ -154,7 +158,8 @@ class CheckpointPolicy(_Strict):
         if extra:
             raise ValueError(f"mode {self.mode} does not take {extra}")
         if self.mode in ("fraction", "every_n", "layers") and getattr(self, self.mode) is None:
-            raise ValueError(f"mode {self.mode} needs {self.mode}: ...")
+            example = {"fraction": "0.5", "every_n": "2", "layers": "[0, 1]"}[self.mode]
+            raise ValueError(f"mode {self.mode} needs its {self.mode}, e.g. {{mode: {self.mode}, {self.mode}: {example}}}")
         if self.layers is not None and min(self.layers) < 0:
             raise ValueError(f"layers are block indices from 0, got {self.layers}")
         return self
@@ -877,10 +882,22 @@ def check_datasets(cfg: Config) -> None:
                 f"reward's datasets, or add a reward without datasets.")
 
 
+#: pydantic's names of the branches of a union in an error's location (``bool``, ``literal[...]``,
+#: ``function-after[...]``, a model class name): not config keys
+_BRANCH_TAG = re.compile(r"^(bool|int|float|str|none|list\[.*|dict\[.*|tuple\[.*|literal\[.*|function-\w+\[.*|[A-Z]\w*)$")
+#: errors of a union's scalar branches, beside the real one when the input is a mapping
+_SCALAR_BRANCH_ERRORS = ("bool_type", "bool_parsing", "literal_error", "int_type", "int_parsing", "float_type",
+                         "float_parsing", "string_type")
+
+
 def _format_validation_error(err: ValidationError, raw: dict) -> str:
     lines = []
     for e in err.errors():
         loc = [str(p) for p in e["loc"]]
+        if any(_BRANCH_TAG.match(p) for p in loc):
+            if e["type"] in _SCALAR_BRANCH_ERRORS and isinstance(e.get("input"), dict):
+                continue  # the mapping was meant for the union's model branch, whose errors follow
+            loc = [p for p in loc if not _BRANCH_TAG.match(p)]
         key = ".".join(loc)
         if e["type"] == "extra_forbidden":
             parent = _model_at(loc[:-1])

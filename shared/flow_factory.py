@@ -543,10 +543,10 @@ def convert(ff: dict) -> tuple[dict, list[str]]:
                 raise ConversionError(f"{key}: {unknown} are not keys of a checkpointing policy (mode, fraction, "
                                       f"every_n, layers)")
             _put(out, "model.gradient_checkpointing", {k: v for k, v in value.items() if v is not None})
-            notes.append(f"{key}: {value} -> model.gradient_checkpointing: the same policy; flowrl numbers the "
-                         f"blocks over the transformer's block lists in forward order")
-        else:
-            _put(out, "model.gradient_checkpointing", bool(value))
+            notes.append(f"{key}: {value} -> model.gradient_checkpointing: the same policy, the blocks numbered "
+                         f"over the transformer's block lists in forward order, per expert")
+        else:  # a bool, as there (parse_config refuses anything else)
+            _put(out, "model.gradient_checkpointing", value)
 
     handlers["train.enable_gradient_checkpointing"] = checkpointing
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import math
 from typing import Iterator
 
@@ -29,9 +30,12 @@ from torch import nn
 
 from shared.config import Config
 from shared.models import Conditioning, FlowModelAdapter, ParamView
+from shared.models.experts import denoiser_parts
 from shared.models.lora import compile_transformer, prepare_transformer
 from trainer.ema import EMA, ema_decay
 from trainer.sharding import SwapView, gather, gather_like, is_sharded, local, piece_like
+
+log = logging.getLogger("flowrl.policy")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -46,7 +50,8 @@ def attach_trainable(adapter: FlowModelAdapter, cfg: Config, *, master_cast: boo
     if m.finetune_type == "full":
         transformer.requires_grad_(True)
     if m.gradient_checkpointing:
-        enable_gradient_checkpointing(transformer, m.gradient_checkpointing)
+        chosen = enable_gradient_checkpointing(transformer, m.gradient_checkpointing)
+        log.info("gradient checkpointing: %s", "; ".join(f"{name} blocks {blocks}" for name, blocks in chosen.items()))
     trainable = trainable_params(transformer)
     if not trainable:
         raise ValueError(
@@ -67,50 +72,68 @@ def trainable_params(module: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in module.named_parameters() if p.requires_grad}
 
 
-def checkpoint_blocks(transformer: nn.Module) -> list[nn.Module]:
-    """The transformer's repeated blocks in forward order: its block lists (the ``nn.ModuleList``
-    children, in the order the model registers them), concatenated; for a model of several experts,
-    each expert's in turn."""
-    parts = [e for _, e in transformer.parts()] if hasattr(transformer, "parts") else [transformer]
-    return [block for part in parts for child in part.children() if isinstance(child, nn.ModuleList)
-            for block in child]
+def checkpoint_blocks(part: nn.Module) -> list[nn.Module]:
+    """One denoiser's repeated blocks in forward order: its block lists (the ``nn.ModuleList``
+    children, in the order the model registers them), concatenated. FLUX.1: its 19 double-stream,
+    then 38 single-stream blocks; Z-Image: its noise and context refiners, then its layers."""
+    return [block for child in part.children() if isinstance(child, nn.ModuleList) for block in child]
 
 
 def chosen_blocks(n: int, policy) -> list[int]:
-    """Indices of the ``n`` blocks a :class:`~shared.config.CheckpointPolicy` (or ``True``) checkpoints."""
+    """Indices of the ``n`` blocks a :class:`~shared.config.CheckpointPolicy` (or ``True``) checkpoints,
+    as Flow-Factory picks them: ``fraction`` f: ``k = max(1, ceil(f n))`` blocks spread evenly from
+    the first to the last (``round(i (n - 1) / (k - 1))``; one: the middle block); ``every_n``:
+    0, n, 2n, ...; ``layers``: those."""
     if policy is True or policy.mode == "full":
         return list(range(n))
-    if policy.mode == "none":
+    if policy.mode == "none" or n == 0:
         return []
     if policy.mode == "fraction":
-        return list(range(math.ceil(policy.fraction * n)))
+        k = max(1, math.ceil(round(policy.fraction * n, 9)))
+        return [n // 2] if k == 1 else sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
     if policy.mode == "every_n":
         return list(range(0, n, policy.every_n))
     outside = [i for i in policy.layers if i >= n]
     if outside:
-        raise ValueError(f"model.gradient_checkpointing.layers: {outside} are past the transformer's last block "
-                         f"(it has {n}, numbered 0-{n - 1}). Fix: list indices below {n}.")
+        raise ValueError(f"model.gradient_checkpointing.layers: {outside} are past the last block (each denoiser, "
+                         f"each expert of a two-expert model, has {n}, numbered 0-{n - 1}). Fix: list indices "
+                         f"below {n}.")
     return sorted(set(policy.layers))
 
 
-def enable_gradient_checkpointing(transformer: nn.Module, policy=True) -> list[int]:
+def enable_gradient_checkpointing(transformer: nn.Module, policy=True) -> dict[str, list[int]]:
     """Recompute the chosen transformer blocks' activations in the backward pass (diffusers'
     ``enable_gradient_checkpointing``, non-reentrant ``torch.utils.checkpoint``): less activation
     memory for one more forward per block; gradients are unchanged. It acts only while gradients
-    are on, so rollouts and no-grad replays run as before. ``policy``: True (every block) or a
-    :class:`~shared.config.CheckpointPolicy`; the blocks not chosen run as usual. Returns the
-    chosen indices (:func:`checkpoint_blocks`)."""
+    are on, so rollouts and no-grad replays run as before. ``policy``: True (every block: diffusers'
+    own checkpointing) or a :class:`~shared.config.CheckpointPolicy`, applied to each denoiser (each
+    expert of a two-expert model) on its own blocks (:func:`checkpoint_blocks`); the others run as
+    usual. Returns the chosen indices by component."""
     if not getattr(transformer, "_supports_gradient_checkpointing", False):
         raise ValueError(
             f"model.gradient_checkpointing: {type(transformer).__name__} does not support gradient "
             f"checkpointing in this diffusers version. Fix: set model.gradient_checkpointing: false.")
-    blocks = checkpoint_blocks(transformer)
-    chosen = chosen_blocks(len(blocks), policy)
-    selected = {id(blocks[i]) for i in chosen}
+    parts = denoiser_parts(transformer)
+    if policy is True or policy.mode == "full":
+        transformer.enable_gradient_checkpointing()
+        return {name: list(range(len(checkpoint_blocks(part)))) for name, part in parts}
+    chosen, selected, known = {}, set(), set()
+    for name, part in parts:
+        blocks = checkpoint_blocks(part)
+        if not blocks:
+            raise ValueError(f"model.gradient_checkpointing: {type(part).__name__} has no block list to choose "
+                             f"from. Fix: use true (every block) or false.")
+        chosen[name] = chosen_blocks(len(blocks), policy)
+        selected |= {id(blocks[i]) for i in chosen[name]}
+        known |= {id(block) for block in blocks}
 
     def checkpoint_chosen(block, *args):
-        if id(block) in selected or not isinstance(block, nn.Module):
+        if id(block) in selected:
             return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
+        if id(block) not in known:
+            raise RuntimeError(f"model.gradient_checkpointing: {type(transformer).__name__} checkpoints "
+                               f"{type(block).__name__}, which is not one of its listed blocks, so a selective "
+                               f"policy cannot place it. Fix: use true (every block) or false for this model.")
         return block(*args)
 
     transformer.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_chosen)

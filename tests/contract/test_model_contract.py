@@ -375,10 +375,13 @@ def test_lora_step_with_gradient_checkpointing(spec, pipeline_dir, tmp_path):
         torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("policy", [{"every_n": 2}, {"fraction": 0.5}], ids=["every_n", "fraction"])
 def test_selective_gradient_checkpointing_recomputes_only_the_chosen_blocks(spec, pipeline_dir, tmp_path,
-                                                                            monkeypatch):
-    """``model.gradient_checkpointing: {every_n: 2}``: exactly the even-numbered blocks that run are
-    checkpointed, the others run as usual, and the gradients equal those without checkpointing."""
+                                                                            monkeypatch, policy):
+    """A selective ``model.gradient_checkpointing``: exactly the chosen blocks that run are
+    checkpointed (each expert of a two-expert model choosing among its own), the others run as
+    usual, and the gradients equal those without checkpointing."""
+    from shared.models.experts import denoiser_parts
     from trainer.policy import attach_trainable, checkpoint_blocks, chosen_blocks
 
     def step(policy):
@@ -390,15 +393,17 @@ def test_selective_gradient_checkpointing_recomputes_only_the_chosen_blocks(spec
             for name, p in trainable.items():
                 if "lora_B" in name:
                     p.normal_(0, 0.02)
-        blocks = checkpoint_blocks(adapter.transformer)
-        ran, recomputed = set(), set()
-        for i, block in enumerate(blocks):
-            block.register_forward_pre_hook(lambda m, a, i=i: ran.add(i))
-        index = {id(b): i for i, b in enumerate(blocks)}
+        ran, recomputed, chosen = set(), set(), set()
+        for _, part in denoiser_parts(adapter.transformer):
+            blocks = checkpoint_blocks(part)
+            for block in blocks:
+                block.register_forward_pre_hook(lambda m, a: ran.add(id(m)))
+            if policy:
+                chosen |= {id(blocks[i]) for i in chosen_blocks(len(blocks), cfg.model.gradient_checkpointing)}
         real = torch.utils.checkpoint.checkpoint
 
         def counting(fn, *args, **kwargs):
-            recomputed.add(index.get(id(getattr(fn, "__self__", None)), -1))
+            recomputed.add(id(getattr(fn, "__self__", None)))
             return real(fn, *args, **kwargs)
 
         monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)
@@ -408,13 +413,12 @@ def test_selective_gradient_checkpointing_recomputes_only_the_chosen_blocks(spec
         (v - x).square().mean().backward()
         monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", real)
         grads = {n: p.grad for n, p in trainable.items() if p.grad is not None}
-        chosen = set(chosen_blocks(len(blocks), cfg.model.gradient_checkpointing)) if policy else set()
         return grads, ran, recomputed, chosen
 
     grads, _, none, _ = step(False)
-    grads_sel, ran, recomputed, chosen = step({"every_n": 2})
+    grads_sel, ran, recomputed, chosen = step(policy)
     assert not none
-    assert len(ran) > 1 and recomputed == ran & chosen and ran - chosen, (ran, recomputed, chosen)
+    assert len(ran) > 1 and recomputed == ran & chosen and ran & chosen and ran - chosen, (ran, recomputed, chosen)
     assert grads.keys() == grads_sel.keys()
     for name in grads:
         torch.testing.assert_close(grads_sel[name], grads[name], rtol=1e-4, atol=1e-7)

@@ -265,13 +265,17 @@ def test_checkpointing_policies_choose_blocks_and_refuse_bad_ones(tmp_path):
     def pick(**policy):
         return chosen_blocks(10, CheckpointPolicy(**policy))
 
-    assert pick(fraction=0.25) == [0, 1, 2] and pick(every_n=3) == [0, 3, 6, 9]
+    # fraction: ceil(f n) blocks spread from the first to the last (Flow-Factory's choice); one: the middle
+    assert pick(fraction=0.25) == [0, 4, 9] and pick(fraction=0.1) == [5] and pick(fraction=1.0) == list(range(10))
+    assert chosen_blocks(25, CheckpointPolicy(fraction=0.28)) == [0, 4, 8, 12, 16, 20, 24]  # 7, not 8 (rounding)
+    assert pick(every_n=3) == [0, 3, 6, 9]
     assert pick(layers=[7, 2, 2]) == [2, 7] and pick(mode="full") == list(range(10)) and pick(mode="none") == []
     assert chosen_blocks(4, True) == [0, 1, 2, 3] and not CheckpointPolicy(mode="none")
-    with pytest.raises(ValueError, match=r"\[10\] are past the transformer's last block \(it has 10"):
+    with pytest.raises(ValueError, match=r"\[10\] are past the last block \(each denoiser.*has 10"):
         pick(layers=[3, 10])
-    for bad, message in [("{mode: fraction}", "needs fraction"), ("{fraction: 0.5, every_n: 2}", "exactly one"),
+    for bad, message in [("{mode: fraction}", "needs its fraction, e.g. {mode: fraction, fraction: 0.5}"), ("{fraction: 0.5, every_n: 2}", "exactly one"),
                          ("{mode: every_n, every_n: 2, layers: [1]}", "does not take"),
-                         ("{layers: [-1]}", "from 0"), ("{fraction: 1.5}", "less than or equal to 1")]:
+                         ("{layers: [-1]}", "from 0"), ("{fraction: 1.5}", "less than or equal to 1"),
+                         ("{every_n: true}", "every_n.*valid integer"), ("{frac: 0.5}", "Did you mean .*fraction")]:
         with pytest.raises(ConfigError, match=message):
             tiny_adapter(tmp_path, [f"model.gradient_checkpointing={bad}"])
