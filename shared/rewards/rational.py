@@ -19,12 +19,9 @@ Config::
         system_prompt: null                  # replaces the built-in system message
         sources: first                       # edit: which condition images are shown: first (as
                                              # Flow-Factory) | all (multi-image edit models)
-        max_concurrent: 8                    # requests in flight at once
-        cache_size: 1024                     # judgements kept per (images, request); 0 = none
-        timeout: 180                         # seconds per attempt
-        retries: 4                           # extra attempts after the first (connection errors, 429, 5xx)
-        backoff: 1.0                         # seconds before the first retry, doubling
-        token: null                          # bearer token (the server's API key); default FLOWRL_API_TOKEN
+        timeout: 180                         # seconds per attempt (a judgement is long)
+        retries: 4                           # Flow-Factory's 5 attempts; backoff 1.0 s, doubling
+        # and, as vlm_judge (shared/rewards/chat.py): max_concurrent 8, cache_size 1024, token
 
 The request is a system message and one user message: the rubric, with the prompt in place of
 ``{prompt}`` and the images in place of its ``<image>`` markers, in order (t2i: the generated image;

@@ -20,6 +20,19 @@ def judge_state() -> dict:
     return {"bodies": [], "auth": [], "inflight": 0, "max_inflight": 0, "flaky": 0}
 
 
+async def recorded(state: dict, request: Request, seconds: float) -> dict:
+    """The request's JSON body, recorded in ``state`` with its auth header, after ``seconds`` of
+    "thinking" counted as in flight (so tests can see how many requests overlap)."""
+    body = await request.json()
+    state["bodies"].append(body)
+    state["auth"].append(request.headers.get("authorization"))
+    state["inflight"] += 1
+    state["max_inflight"] = max(state["max_inflight"], state["inflight"])
+    await asyncio.sleep(seconds)
+    state["inflight"] -= 1
+    return body
+
+
 def judge_app(state: dict) -> FastAPI:
     """p(Yes) = the image's mean brightness, answered as " yes" and "Yes" halves (canonicalization
     must add them up); prompts containing "riddle" get neither answer; "flaky" fails twice with
@@ -28,13 +41,7 @@ def judge_app(state: dict) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def complete(request: Request):
-        body = await request.json()
-        state["bodies"].append(body)
-        state["auth"].append(request.headers.get("authorization"))
-        state["inflight"] += 1
-        state["max_inflight"] = max(state["max_inflight"], state["inflight"])
-        await asyncio.sleep(0.05)
-        state["inflight"] -= 1
+        body = await recorded(state, request, 0.05)
         image_part, text_part = body["messages"][0]["content"]
         question = text_part["text"]
         if "broken" in question:
@@ -91,13 +98,7 @@ def rational_app(state: dict) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def complete(request: Request):
-        body = await request.json()
-        state["bodies"].append(body)
-        state["auth"].append(request.headers.get("authorization"))
-        state["inflight"] += 1
-        state["max_inflight"] = max(state["max_inflight"], state["inflight"])
-        await asyncio.sleep(0.02)
-        state["inflight"] -= 1
+        body = await recorded(state, request, 0.02)
         parts = body["messages"][-1]["content"]
         text = " ".join(p["text"] for p in parts if p["type"] == "text")
         urls = [p["image_url"]["url"] for p in parts if p["type"] == "image_url"]
