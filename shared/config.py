@@ -863,23 +863,28 @@ def check_datasets(cfg: Config) -> None:
     if d.datasets is None:
         return
     # a source trained on needs a reward that scores it (else its advantages are all 0), and a reward
-    # routed to a source must score it on that side (as Flow-Factory checks)
-    evaluated_by = cfg.eval_rewards if cfg.eval_rewards is not None else cfg.rewards
-    for where, specs, side in (("rewards", cfg.rewards, "train"), ("eval_rewards", evaluated_by, "eval")):
-        on_side = [s.name for s in d.datasets if getattr(s, side) is not None]
+    # routed to a source must be able to score it: rewards on a trained source (or an evaluated one
+    # when they also evaluate, eval_rewards unset), eval_rewards on an evaluated one (as Flow-Factory)
+    def on(*sides: str) -> list[str]:
+        return [s.name for s in d.datasets if any(getattr(s, side) is not None for side in sides)]
+
+    for where, specs, sides in (("rewards", cfg.rewards, ("train",) if cfg.eval_rewards is not None else
+                                 ("train", "eval")), ("eval_rewards", cfg.eval_rewards or [], ("eval",))):
+        usable = on(*sides)
         for spec in specs:
-            off = [n for n in spec.datasets or [] if n not in on_side]
-            if off and (where == "rewards" or cfg.eval_rewards is not None):
+            off = [n for n in spec.datasets or [] if n not in usable]
+            if off:
                 raise ConfigError(
-                    f"{where}['{spec.label}'].datasets: {off} have {side}: null in data.datasets, so this reward "
-                    f"never scores them. Fix: route it to sources with a {side}: block ({on_side}), or give "
-                    f"those sources one.")
-        bare = [n for n in on_side if not any(spec.datasets is None or n in spec.datasets for spec in specs)]
-        if bare and side == "train":  # (an evaluated source without a reward is only reported without scores)
-            raise ConfigError(
-                f"data.datasets: {bare} are trained on, but no reward in rewards scores them (each lists other "
-                f"sources in its datasets), so their samples would train on an advantage of 0. Fix: add them to a "
-                f"reward's datasets, or add a reward without datasets.")
+                    f"{where}['{spec.label}'].datasets: {off} have {' and '.join(f'{x}: null' for x in sides)} in "
+                    f"data.datasets, so this reward never scores them. Fix: route it to sources it scores "
+                    f"({usable}), or give those sources a {sides[0]}: block.")
+    trained = on("train")
+    bare = [n for n in trained if not any(spec.datasets is None or n in spec.datasets for spec in cfg.rewards)]
+    if bare:  # (an evaluated source without a reward is only reported without scores)
+        raise ConfigError(
+            f"data.datasets: {bare} are trained on, but no reward in rewards scores them (each lists other "
+            f"sources in its datasets), so their samples would train on an advantage of 0. Fix: add them to a "
+            f"reward's datasets, or add a reward without datasets.")
 
 
 #: pydantic's names of the branches of a union in an error's location (``bool``, ``literal[...]``,

@@ -111,10 +111,13 @@ def test_every_source_needs_a_reward_on_its_side(tmp_path):
     with pytest.raises(ConfigError, match=r"eval_rewards\['brightness'\].datasets: \['toy'\] have eval: null"):
         two_sources(tmp_path / "d", overrides=["data.datasets.1.eval=null"],
                     eval_rewards=[{"reward_model": "brightness", "datasets": ["toy"]}])
-    # a reward routed to a source that is never trained on (train: null) scores nothing there
+    # a reward routed to an evaluation-only source: it scores it there when it also evaluates ...
+    routed = [{"reward_model": "jpeg_compressibility"}, {"reward_model": "brightness", "datasets": ["toy"]}]
+    two_sources(tmp_path / "c", overrides=["data.datasets.1.train=null"], rewards=routed)
+    # ... but not when eval_rewards evaluate instead: then it never scores it
     with pytest.raises(ConfigError, match=r"rewards\['brightness'\].datasets: \['toy'\] have train: null"):
-        two_sources(tmp_path / "c", overrides=["data.datasets.1.train=null"],
-                    rewards=[{"reward_model": "jpeg_compressibility"}, {"reward_model": "brightness", "datasets": ["toy"]}])
+        two_sources(tmp_path / "e", overrides=["data.datasets.1.train=null"], rewards=routed,
+                    eval_rewards=[{"reward_model": "brightness"}])
 
 
 # ------------------------------------------------------------------ loading and planning
