@@ -58,6 +58,7 @@ are judged on their first frame (Flow-Factory's choice).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -239,6 +240,7 @@ def build_rubric(aspects: Sequence[str], images: str) -> str:
     return "\n".join(lines)
 
 
+@functools.lru_cache(maxsize=None)
 def edit_rubric(sources: int) -> str:
     """The built-in edit rubric for ``sources`` source images (then the edited image)."""
     shown = (["Source image: <image>"] if sources == 1

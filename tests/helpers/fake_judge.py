@@ -33,6 +33,18 @@ async def recorded(state: dict, request: Request, seconds: float) -> dict:
     return body
 
 
+def scripted_failure(state: dict, text: str) -> JSONResponse | None:
+    """The failure a request's text asks for: "broken" always 500, "flaky" 503 twice (then None,
+    an answer), else None."""
+    if "broken" in text:
+        return JSONResponse({"error": "judge crashed"}, status_code=500)
+    if "flaky" in text:
+        state["flaky"] += 1
+        if state["flaky"] <= 2:
+            return JSONResponse({"error": "overloaded"}, status_code=503)
+    return None
+
+
 def judge_app(state: dict) -> FastAPI:
     """p(Yes) = the image's mean brightness, answered as " yes" and "Yes" halves (canonicalization
     must add them up); prompts containing "riddle" get neither answer; "flaky" fails twice with
@@ -44,12 +56,9 @@ def judge_app(state: dict) -> FastAPI:
         body = await recorded(state, request, 0.05)
         image_part, text_part = body["messages"][0]["content"]
         question = text_part["text"]
-        if "broken" in question:
-            return JSONResponse({"error": "judge crashed"}, status_code=500)
-        if "flaky" in question:
-            state["flaky"] += 1
-            if state["flaky"] <= 2:
-                return JSONResponse({"error": "overloaded"}, status_code=503)
+        failure = scripted_failure(state, question)
+        if failure is not None:
+            return failure
         png = base64.b64decode(image_part["image_url"]["url"].split(",", 1)[1])
         b = float(np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float64).mean() / 255.0)
         if "riddle" in question:
@@ -102,12 +111,9 @@ def rational_app(state: dict) -> FastAPI:
         parts = body["messages"][-1]["content"]
         text = " ".join(p["text"] for p in parts if p["type"] == "text")
         urls = [p["image_url"]["url"] for p in parts if p["type"] == "image_url"]
-        if "broken" in text:
-            return JSONResponse({"error": "judge crashed"}, status_code=500)
-        if "flaky" in text:
-            state["flaky"] += 1
-            if state["flaky"] <= 2:
-                return JSONResponse({"error": "overloaded"}, status_code=503)
+        failure = scripted_failure(state, text)
+        if failure is not None:
+            return failure
         finish = "stop"
         if "riddle" in text:
             reply = "# User Request Analysis\nI cannot tell what is asked.\n# Summary: none"
