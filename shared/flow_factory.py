@@ -224,8 +224,14 @@ SOURCE_KEYS = ("name", "dataset_dir", "image_dir", "video_dir")
 SIDE_KEYS = {"train": ("weight", "max_dataset_size", "split"), "eval": ("max_dataset_size", "split")}
 EVAL_OVERRIDES = ("resolution", "height", "width", "num_inference_steps", "guidance_scale")
 
-#: reward entry keys: Flow-Factory's -> ours (the remote reward's options included)
-REWARD_KEYS = {"server_url": "url", "retry_attempts": "retries"}
+#: reward entry keys: Flow-Factory's -> ours (the remote reward's options included; its
+#: ``retry_attempts``, all attempts, becomes ``retries``, the attempts after the first)
+REWARD_KEYS = {"server_url": "url"}
+#: Flow-Factory's remote reward clients (by class name) -> our ``remote`` reward's ``kind``
+REMOTE_CLIENTS = {"remotepointwiserewardmodel": "pointwise", "remotegroupwiserewardmodel": "groupwise"}
+#: its GenEval reward's options -> ours; the mmdetection / open_clip model options are dropped
+GENEVAL_KEYS = {"detection_threshold": "threshold"}
+GENEVAL_DROPPED = ("detector_config", "detector_checkpoint", "clip_model", "object_names_path")
 #: vllm_evaluate's options -> vlm_judge's
 JUDGE_KEYS = {"api_base_url": "url", "api_key": "token", "vlm_model": "model", "max_retries": "retries",
               "max_cache_size": "cache_size"}
@@ -856,6 +862,21 @@ def _rewards(section: str, entries: Any, notes: list[str], sources: list[str] | 
         new: dict[str, Any] = {"dtype": "bfloat16"}
         judge = str(entry["reward_model"]).lower() == "vllm_evaluate"
         rational = str(entry["reward_model"]).lower() in RATIONAL_REWARDS
+        cls = str(entry["reward_model"]).rpartition(".")[2].lower()
+        geneval = cls in ("geneval", "genevalrewardmodel")
+        if cls in REMOTE_CLIENTS:  # its client sends the row metadata along, as ours does with metadata: true
+            entry = {**entry, "reward_model": "remote", "protocol": "flow-factory", "kind": REMOTE_CLIENTS[cls],
+                     "metadata": True}
+            notes.append(f"{section}[{i}]: {cls} -> remote (protocol: flow-factory, kind: {REMOTE_CLIENTS[cls]}, "
+                         f"metadata: true)")
+        elif geneval:
+            entry = {**entry, "reward_model": "geneval"}
+            dropped = [k for k in GENEVAL_DROPPED if k in entry]
+            if dropped:
+                notes.append(f"{section}[{i}] (geneval): {', '.join(dropped)} dropped; flowrl's geneval runs a "
+                              f"transformers Mask2Former (option detector, default COCO Swin-S) and CLIP (clip_model, "
+                              f"default openai/clip-vit-large-patch14); map class names with class_aliases")
+                entry = {k: v for k, v in entry.items() if k not in GENEVAL_DROPPED}
         if rational and entry.get("api_base_url") is None:
             new["url"] = RATIONAL_DEFAULT_URL
             notes.append(f"{section}[{i}]: url: {RATIONAL_DEFAULT_URL}, Flow-Factory's default api_base_url; "
@@ -886,6 +907,14 @@ def _rewards(section: str, entries: Any, notes: list[str], sources: list[str] | 
                     new["datasets"] = [value] if isinstance(value, str) else list(value)
             elif key in REWARD_KEYS:
                 new[REWARD_KEYS[key]] = value
+            elif key == "retry_attempts":
+                try:
+                    new["retries"] = max(0, int(value) - 1)
+                except (TypeError, ValueError):
+                    raise ConversionError(f"{section}[{i}].retry_attempts: {value!r} is not a whole number of "
+                                          f"attempts") from None
+            elif geneval and key in GENEVAL_KEYS:
+                new[GENEVAL_KEYS[key]] = value
             elif judge and key in JUDGE_KEYS:
                 new[JUDGE_KEYS[key]] = value
             elif key == "reward_model" and judge:

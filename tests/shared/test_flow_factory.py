@@ -145,8 +145,29 @@ def test_height_width_gradient_accumulation_and_a_remote_reward():
     cfg = parse_config(raw)
     assert cfg.train.resolution == (384, 640) and cfg.eval.resolution == (1024, 768)
     assert cfg.train.gradient_step_per_epoch == 4  # 64 samples / (4 per batch x 2 processes x 2 accumulated)
-    assert cfg.rewards[0].options == {"url": "http://judge:8000", "retries": 5, "timeout": 30}
+    assert cfg.rewards[0].options == {"url": "http://judge:8000", "retries": 4, "timeout": 30}  # 5 attempts
     assert any("num_workers: dropped" in n for n in notes)
+
+
+@pytest.mark.parametrize("cls, kind", [("RemotePointwiseRewardModel", "pointwise"),
+                                       ("RemoteGroupwiseRewardModel", "groupwise")])
+def test_flow_factorys_remote_clients_become_our_remote_reward_with_metadata(cls, kind):
+    raw, notes = convert({"rewards": [{"reward_model": f"flow_factory.rewards.my_reward_remote.{cls}",
+                                       "server_url": "http://rm:8000", "retry_attempts": 3, "batch_size": 8}]})
+    spec = parse_config(raw).rewards[0]
+    assert spec.reward_model == "remote" and spec.batch_size == 8
+    assert spec.options == {"url": "http://rm:8000", "retries": 2, "protocol": "flow-factory", "kind": kind,
+                            "metadata": True}
+
+
+def test_flow_factorys_geneval_converts_to_ours_and_drops_its_mmdetection_models():
+    raw, notes = convert({"rewards": [{"reward_model": "geneval", "extra_kwargs": {
+        "detection_threshold": 0.4, "counting_threshold": 0.85, "max_objects": 8, "clip_model": "ViT-L-14",
+        "detector_config": "mask2former_swin-s-p4-w7-224_8xb2-lsj-50e_coco", "object_names_path": "x.txt"}}]})
+    spec = parse_config(raw).rewards[0]
+    assert spec.reward_model == "geneval"
+    assert spec.options == {"threshold": 0.4, "counting_threshold": 0.85, "max_objects": 8}
+    assert any("detector_config, clip_model, object_names_path dropped" in n for n in notes)
 
 
 def test_flow_factorys_vllm_evaluate_becomes_a_vlm_judge_with_its_options():
