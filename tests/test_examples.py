@@ -39,6 +39,12 @@ def test_example_config_is_valid(path):
             assert frames is not None and (frames - 1) % 4 == 0, f"{path.name}: num_frames {frames} is not 4k + 1"
             hw = (resolution, resolution) if isinstance(resolution, int) else resolution
             assert all(x % 16 == 0 for x in hw), f"{path.name}: resolution {resolution} not a multiple of 16"
+    readers = [s for s in cfg.rewards + (cfg.eval_rewards or []) if REWARDS.get(s.reward_model).metadata]
+    if readers:  # rewards that read row metadata (geneval): the shipped dataset's rows all have what they need
+        from trainer.data import check_reward_rows, load_dataset
+
+        train, test = load_dataset(cfg.data.model_copy(update={"dataset_dir": str(ROOT / cfg.data.dataset_dir)}))
+        check_reward_rows(readers, train + (test or []))
     adapter = MODELS.get(cfg.model.model_type)
     if adapter.condition_images != (0, 0):  # edit models: the shipped dataset loads, its images fit
         assert (ROOT / cfg.data.dataset_dir).is_dir(), f"{path.name}: ship {cfg.data.dataset_dir}"

@@ -113,6 +113,8 @@ class EpochPlan:
     datasets: list[str] = dataclasses.field(default_factory=list)  # data.datasets name per sample; [] = one folder
     # seed of each sample's initial noise (train.shared_initial_noise: its group's); [] = its own seed's
     init_seeds: list[int] = dataclasses.field(default_factory=list)
+    # each sample's row metadata (JSON object text, "" = none) for rewards that read it; [] = no row has any
+    metadata: list[str] = dataclasses.field(default_factory=list)
 
     def subset(self, rows: list[int]) -> "EpochPlan":
         """The plan restricted to ``rows`` (whole groups dropped after dead-lettered tasks)."""
@@ -120,7 +122,8 @@ class EpochPlan:
         return EpochPlan(self.epoch, pick(self.prompts), pick(self.negatives), pick(self.group_ids),
                          pick(self.seeds), self.sde_steps, pick(self.images) if self.images else [],
                          pick(self.datasets) if self.datasets else [],
-                         pick(self.init_seeds) if self.init_seeds else [])
+                         pick(self.init_seeds) if self.init_seeds else [],
+                         pick(self.metadata) if self.metadata else [])
 
     @property
     def condition_images(self) -> list[tuple[str, ...]] | None:
@@ -144,7 +147,8 @@ def plan_epoch(cfg: Config, rows: list[PromptRow], epoch: int, rank: int, world_
     return EpochPlan(epoch, [rows[i].prompt for i in idx], [rows[i].negative_prompt for i in idx],
                      groups, seeds, sde_steps, [rows[i].images for i in idx],
                      [rows[i].dataset for i in idx] if cfg.data.datasets else [],
-                     group_seeds(groups, seeds) if t.shared_initial_noise else [])
+                     group_seeds(groups, seeds) if t.shared_initial_noise else [],
+                     [rows[i].metadata for i in idx] if any(r.metadata for r in rows) else [])
 
 
 def group_seeds(groups: list[int], seeds: list[int]) -> list[int]:
@@ -209,7 +213,8 @@ def sample_locally(cfg: Config, adapter, policy, algorithm, rewards: dict, plan:
     if overlap is None:  # on a CPU the scoring thread slows sampling down more than it hides
         first = next(adapter.transformer.parameters(), None)  # (not the sampling module: an EMA
         overlap = first is not None and first.device.type == "cuda"  # view may hold no parameters)
-    scorer = (BackgroundScorer(rewards, cfg.rewards, plan.prompts, group_ids, conditions, plan.datasets)
+    scorer = (BackgroundScorer(rewards, cfg.rewards, plan.prompts, group_ids, conditions, plan.datasets,
+                               plan.metadata)
               if overlap and can_overlap(rewards) else None)
     with scorer or contextlib.nullcontext():
         cond, roll = rollout_with(adapter, plan.prompts, plan.negatives, plan.seeds,
@@ -222,7 +227,7 @@ def sample_locally(cfg: Config, adapter, policy, algorithm, rewards: dict, plan:
                                   encode_guidance_scale=cfg.train.encode_guidance_scale)
         scores = scorer.result() if scorer else score_specs(
             rewards, cfg.rewards, roll.images, plan.prompts, group_ids, condition_images=conditions,
-            datasets=plan.datasets)
+            datasets=plan.datasets, metadata=plan.metadata)
     return cond, roll, scores
 
 

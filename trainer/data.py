@@ -8,6 +8,12 @@ image of the rows used is checked to exist and decode (videos: to exist), and th
 resolved paths. A bad row raises an error naming the file, the line and the fix; nothing is
 skipped silently. :func:`check_condition_images` checks the rows against a model's number of
 condition images.
+
+Every other column of a ``.jsonl`` row, and the keys of an optional ``metadata`` object, are the
+row's metadata: they travel with its samples to the rewards that read them
+(``RewardModel.metadata``), e.g. GenEval's ``{"tag": ..., "include": [...], "exclude": [...]}``
+as Flow-GRPO and Flow-Factory ship it. A column that looks like a misspelt flowrl key
+(``promt``, ``imges``) is an error, not metadata.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from pathlib import Path
 from shared.condition_images import condition_count_error, unreadable_reason
 
 ALLOWED_KEYS = {"prompt", "negative_prompt", "image", "images", "video", "videos", "metadata"}
+ROW_KEYS = ALLOWED_KEYS - {"metadata"}  # the columns flowrl itself reads; the rest is metadata
 
 
 class DatasetError(ValueError):
@@ -33,6 +40,29 @@ class PromptRow:
     videos: tuple[str, ...] = ()
     source: str = dataclasses.field(default="", compare=False)  # "file:line" for error messages
     dataset: str = dataclasses.field(default="", compare=False)  # its data.datasets name ("" = data.dataset_dir)
+    metadata: str = ""  # its other JSONL columns, as one JSON object text (sorted keys); "" = none
+
+
+def _row_metadata(obj: dict, where: str) -> str:
+    """The row's metadata (module docstring) as compact JSON with sorted keys, "" when it has none."""
+    import difflib
+
+    extra = {k: v for k, v in obj.items() if k not in ALLOWED_KEYS}
+    for key in extra:
+        close = difflib.get_close_matches(key.lower(), sorted(ROW_KEYS), n=1, cutoff=0.8)
+        if close:
+            raise DatasetError(f"{where}: unknown key {key!r} (did you mean {close[0]!r}?). Fix: rename it; "
+                               f"columns flowrl does not read ({', '.join(sorted(ROW_KEYS))}) are passed to "
+                               f'rewards as metadata, so put a deliberate one under "metadata": {{...}}.')
+    nested = obj.get("metadata", {})
+    if not isinstance(nested, dict):
+        raise DatasetError(f'{where}: "metadata" must be a JSON object, got {type(nested).__name__}. Fix: '
+                           f'"metadata": {{"tag": "counting", ...}}, or put the values in their own columns.')
+    clash = sorted(set(nested) & set(extra))
+    if clash:
+        raise DatasetError(f'{where}: {clash} given both as a column and inside "metadata". Fix: keep one.')
+    merged = {**nested, **extra}
+    return json.dumps(merged, sort_keys=True, separators=(",", ":")) if merged else ""
 
 
 def _parse_jsonl_line(line: str, where: str) -> PromptRow:
@@ -44,10 +74,7 @@ def _parse_jsonl_line(line: str, where: str) -> PromptRow:
     if not isinstance(obj, dict):
         raise DatasetError(f"{where}: expected a JSON object, got {type(obj).__name__}. Fix: write the row "
                            f'as {{"prompt": "..."}} (a plain-text prompt list belongs in train.txt).')
-    unknown = set(obj) - ALLOWED_KEYS
-    if unknown:
-        raise DatasetError(f"{where}: unknown key(s) {sorted(unknown)}. Fix: use only "
-                           f"{sorted(ALLOWED_KEYS)}.")
+    metadata = _row_metadata(obj, where)
     prompt = obj.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise DatasetError(f'{where}: missing or empty "prompt" string. Fix: add '
@@ -67,7 +94,8 @@ def _parse_jsonl_line(line: str, where: str) -> PromptRow:
                                f'"{many}": ["a.png"], or "{one}": "a.png" for one.')
         return tuple(([obj[one]] if one in obj else []) + paths)
 
-    return PromptRow(prompt.strip(), negative, listed("image", "images"), listed("video", "videos"), where)
+    return PromptRow(prompt.strip(), negative, listed("image", "images"), listed("video", "videos"), where,
+                     metadata=metadata)
 
 
 def _resolve_media(rows: list[PromptRow], image_dir: Path, video_dir: Path) -> list[PromptRow]:
@@ -118,6 +146,28 @@ def check_condition_images(rows: list[PromptRow], model_type: str, allowed: tupl
             f"{other.source}: {len(other.images)} condition image(s), but {first.source} has "
             f"{len(first.images)}; {model_type} batches condition latents, so every row needs the same "
             f"number. Fix: give every row the same number of images (or split the dataset).")
+
+
+def check_reward_rows(specs, rows: list[PromptRow] | None, section: str = "rewards") -> None:
+    """Every row a reward that reads row metadata will score (its ``datasets``, else all) has
+    metadata it can use (``RewardModel.row_problem``); the first that does not is an error naming
+    its file:line. Rewards given by a dotted path that does not import here are left out."""
+    from shared.rewards import REWARDS
+
+    for spec in specs:
+        try:
+            cls = REWARDS.get(spec.reward_model)
+        except Exception:  # noqa: BLE001 - a plugin only the reward worker has: checked there
+            continue
+        if not getattr(cls, "metadata", False):
+            continue
+        for row in rows or []:
+            if spec.datasets and row.dataset not in spec.datasets:
+                continue
+            problem = cls.row_problem(json.loads(row.metadata) if row.metadata else {})
+            if problem:
+                raise DatasetError(f"{row.source or 'a dataset row'}: {section}['{spec.label}'] ({spec.reward_model}) "
+                                   f"cannot score this row: {problem}")
 
 
 def _lines(path: Path) -> list[str]:

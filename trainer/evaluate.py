@@ -11,7 +11,7 @@ import torch
 from shared.condition_images import open_rows
 from shared.config import Config
 from shared.rewards.base import details_all
-from shared.rewards.multi import routed, score_specs
+from shared.rewards.multi import routed, row_metadata, score_specs
 from shared.sampling import rollout_batches
 from trainer.reporting import save_grid
 from trainer.sharding import equal_share
@@ -68,9 +68,10 @@ def evaluate(cfg: Config, accelerator, adapter, policy, rewards: dict, specs, ro
         mine, prompts, images = mine[:n_mine], prompts[:n_mine], roll.images[:n_mine]
         group_ids = torch.tensor([j // k for j in mine], dtype=torch.long)  # a prompt's images
         datasets = [rows[j // k].dataset for j in mine] if sources else None
+        metadata = row_metadata([rows[j // k].metadata for j in mine])
         scores = score_specs(rewards, specs, images, prompts, group_ids,
                              condition_images=lambda: open_rows([rows[j // k].images or [] for j in mine]),
-                             datasets=datasets)
+                             datasets=datasets, metadata=metadata)
         for j, spec in enumerate(specs):
             sums[j] = nan_sum_count(scores[spec.label])
             for s, name in enumerate(sources):
@@ -78,8 +79,9 @@ def evaluate(cfg: Config, accelerator, adapter, policy, rewards: dict, specs, ro
             picks = routed(spec, datasets, len(prompts))
             if picks == []:  # none of this rank's prompts is the reward's
                 continue
-            shown, texts = (images, prompts) if picks is None else (images[picks], [prompts[i] for i in picks])
-            for key, values in details_all(rewards[spec.label], shown, texts).items():
+            sub = (lambda xs: xs) if picks is None else (lambda xs: [xs[i] for i in picks])  # noqa: E731
+            shown = images if picks is None else images[picks]
+            for key, values in details_all(rewards[spec.label], shown, sub(prompts), sub(metadata)).items():
                 detail_sums[(spec.label, key)] = nan_sum_count(values)
         grid_images = images[grid_picks(mine, k)]
     sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()

@@ -36,7 +36,7 @@ from shared.rewards.multi import build_rewards
 from trainer.algorithms import ALGORITHMS, Algorithm, TrainBatch
 from trainer.checkpoint import load_checkpoint_ema, load_checkpoint_weights, save_checkpoint
 from trainer.collect import SEED_STRIDE, EpochData, finish_epoch, plan_epoch
-from trainer.data import check_condition_images, load_dataset
+from trainer.data import check_condition_images, check_reward_rows, load_dataset
 from trainer.embeddings import offload_mode, warm_embeddings
 from trainer.evaluate import evaluate
 from trainer.policy import DTYPES, Policy, attach_trainable, trainable_params
@@ -249,6 +249,8 @@ def train(cfg: Config, *, quiet: bool = False, stop: StopRequest | None = None) 
     set_seed(t.seed)  # identical initial weights (and LoRA init) on every rank
     train_rows, test_rows = load_dataset(cfg.data)
     eval_rows = (test_rows or train_rows)[: cfg.eval.num_prompts]
+    check_reward_rows(cfg.rewards, train_rows)
+    check_reward_rows(cfg.eval_rewards or cfg.rewards, eval_rows, "eval_rewards" if cfg.eval_rewards else "rewards")
 
     # FSDP: the transformer stays on the CPU until sharding moves each process's pieces to its device
     adapter = load_adapter(cfg.model, device=accelerator.device, seed=t.seed,

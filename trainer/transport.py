@@ -199,6 +199,7 @@ class CeleryTransport:
                                   negative_prompt=plan.negatives[r], group_id=plan.group_ids[r],
                                   seed=plan.seeds[r], dataset=plan.datasets[r] if plan.datasets else "",
                                   init_seed=plan.init_seeds[r] if plan.init_seeds else None,
+                                  metadata=plan.metadata[r] if plan.metadata else "",
                                   images=[self._condition_ref(p) for p in (plan.images[r] if plan.images else ())])
                        for r in rows],
                 model=self.cfg.model.model_dump(mode="json"), model_seed=t.seed,

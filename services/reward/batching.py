@@ -40,6 +40,7 @@ class Work:
     future: asyncio.Future
     enqueued: float = field(default_factory=time.monotonic)
     conditions: list[list[Any]] | None = None  # per sample its condition images (RGB PIL), if sent
+    metadata: list[dict] | None = None  # per sample its dataset row metadata, if sent (to a reward that reads it)
 
     @property
     def n(self) -> int:
@@ -62,12 +63,15 @@ def score_requests(model: RewardModel, works: list[Work], batch_size: int) -> li
         buckets.setdefault(tuple(im.shape), []).append(i)
     conditions = ([c for w in works for c in (w.conditions or [[]] * w.n)]
                   if any(w.conditions for w in works) else None)
+    metadata = ([m for w in works for m in (w.metadata or [{}] * w.n)]
+                if any(w.metadata for w in works) else None)
     out = torch.empty(len(images), dtype=torch.float32)
     for members in buckets.values():
         idx = torch.tensor(members)
         batch = torch.stack([images[i] for i in members])
         out[idx] = score_all(model, batch, [prompts[i] for i in members], group_ids[idx], batch_size,
-                             None if conditions is None else [conditions[i] for i in members])
+                             None if conditions is None else [conditions[i] for i in members],
+                             None if metadata is None else [metadata[i] for i in members])
     return list(out.split([w.n for w in works]))
 
 
@@ -82,7 +86,8 @@ def _first_bad_sample(model: RewardModel, work: Work, batch_size: int, limit: in
         return None
     for i in range(work.n):
         single = Work([work.images[i]], [work.prompts[i]], None, work.future,
-                      conditions=None if work.conditions is None else [work.conditions[i]])
+                      conditions=None if work.conditions is None else [work.conditions[i]],
+                      metadata=None if work.metadata is None else [work.metadata[i]])
         try:
             score = score_requests(model, [single], batch_size)[0]
         except RewardOutputError:
@@ -160,9 +165,12 @@ class DynamicBatcher:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def submit(self, images: list[torch.Tensor], prompts: list[str], group_ids: list[int] | None,
-                     conditions: list[list[Any]] | None = None) -> torch.Tensor:
+                     conditions: list[list[Any]] | None = None,
+                     metadata: list[dict] | None = None) -> torch.Tensor:
         """Queue one request and wait for its ``[n]`` float32 scores. ``conditions``: per sample
         its condition images (RGB PIL), required by a reward that reads them and refused by others.
+        ``metadata``: per sample its dataset row metadata, for a reward that reads it (dropped for
+        others: Flow-Factory's client sends it to every reward).
 
         Raises:
             RequestError: 503 when the queue is full, 422 for inputs the model cannot take,
@@ -181,7 +189,10 @@ class DynamicBatcher:
                      f"{self.max_queue_size}); retry later", {"Retry-After": "1"})
         if self.model.kind != "pointwise":
             self._check_group_sizes(images, group_ids)
-        work = Work(images, prompts, group_ids, asyncio.get_running_loop().create_future(), conditions=conditions)
+        if metadata is not None and len(metadata) != n:
+            raise RequestError(422, f"got metadata for {len(metadata)} samples and {n} prompts; they must align")
+        work = Work(images, prompts, group_ids, asyncio.get_running_loop().create_future(), conditions=conditions,
+                    metadata=metadata if self.model.metadata else None)
         self._pending.append(work)
         self._queued += n
         self.metrics.queue_samples.labels(self.name).set(self._queued)

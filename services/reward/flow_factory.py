@@ -12,7 +12,11 @@ tolerated). ``video`` (per sample a list of base64 frames, one size per video) r
 ``image`` for videos: a reward that scores whole videos (``RewardModel.video == "native"``) needs
 it, an image reward scores the frames and averages. ``condition_images`` (per sample a list of
 base64 images: the sources of an edit) go to rewards that read them
-(``RewardModel.condition_images``); condition videos are refused with 422.
+(``RewardModel.condition_images``); condition videos are refused with 422. ``kwargs`` (what
+Flow-Factory's client sends) or ``extra`` (what its example server reads) may carry
+``metadata``: per sample its dataset row metadata, a JSON object's text (Flow-Factory's form) or
+an object, passed to rewards that read it (``RewardModel.metadata``, e.g. ``geneval``); other
+keys are ignored.
 A groupwise reward treats one request as one group, as Flow-Factory's groupwise client sends.
 """
 
@@ -26,7 +30,7 @@ from services.reward.errors import RequestError, parse_json
 
 
 class ComputeRequest(BaseModel):
-    """The ``/compute`` body. ``extra`` is accepted (Flow-Factory's server reads it) and ignored."""
+    """The ``/compute`` body. ``kwargs`` / ``extra``: only their ``metadata`` is read (module docstring)."""
 
     model_config = ConfigDict(extra="forbid")
     prompt: list[str]
@@ -35,6 +39,25 @@ class ComputeRequest(BaseModel):
     condition_images: Any = None
     condition_videos: Any = None
     extra: dict[str, Any] | None = None
+    kwargs: dict[str, Any] | None = None
+
+
+def row_metadata(req: ComputeRequest) -> list[dict] | None:
+    """Per prompt its row metadata from ``kwargs`` / ``extra`` (``None`` when neither has any)."""
+    from services.reward.v2 import json_object
+
+    values = (req.kwargs or {}).get("metadata")
+    if values is None:
+        values = (req.extra or {}).get("metadata")
+    if values is None:
+        return None
+    if isinstance(values, (str, dict)) and len(req.prompt) == 1:
+        values = [values]
+    if not isinstance(values, list) or len(values) != len(req.prompt):
+        raise RequestError(422, f"'metadata' must be a list with one JSON object (or its text) per prompt "
+                                f"({len(req.prompt)}), got {type(values).__name__}"
+                                + (f" of {len(values)}" if isinstance(values, list) else ""))
+    return [json_object(v, f"'metadata' element {i}") for i, v in enumerate(values)]
 
 
 def _empty(value: Any) -> bool:

@@ -189,7 +189,8 @@ def _slot(request: Request, name: str, version: str | None = None) -> Slot:
 
 async def model_metadata(request: Request, name: str, version: str | None = None) -> dict:
     slot = _slot(request, name, version)
-    return v2.model_metadata(slot.name, slot.kind, slot.spec.reward_model, slot.conditions, slot.video)
+    return v2.model_metadata(slot.name, slot.kind, slot.spec.reward_model, slot.conditions, slot.video,
+                             slot.metadata)
 
 
 async def model_ready(request: Request, name: str, version: str | None = None) -> JSONResponse:
@@ -207,7 +208,7 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
 
         def decode():
             req, tail = v2.parse_request(body, request.headers.get(v2.HEADER_LENGTH))
-            inputs = v2.read_inputs(req, tail, slot.kind, slot.conditions, slot.video)
+            inputs = v2.read_inputs(req, tail, slot.kind, slot.conditions, slot.video, slot.metadata)
             media = (_decode_videos(inputs.videos, f"input '{v2.VIDEO}'", settings.max_image_pixels)
                      if inputs.videos is not None
                      else _decode_images(inputs.images, f"input '{v2.IMAGE}'", settings.max_image_pixels))
@@ -216,8 +217,8 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
                                        settings.max_image_pixels))
 
         inputs, images, conditions = await asyncio.to_thread(decode)
-        scores = (await batcher.submit(images, inputs.prompts, inputs.group_ids, conditions) if images
-                  else torch.zeros(0))
+        scores = (await batcher.submit(images, inputs.prompts, inputs.group_ids, conditions, inputs.metadata)
+                  if images else torch.zeros(0))
         payload, headers, media_type = v2.infer_response(slot.name, inputs, scores.numpy())
         return Response(payload, headers=headers, media_type=media_type)
 
@@ -246,7 +247,8 @@ def _flow_factory_routes(router: APIRouter) -> None:
                         _decode_conditions(req.condition_images, "'condition_images'", settings.max_image_pixels))
 
             req, images, conditions = await asyncio.to_thread(decode)
-            scores = await batcher.submit(images, req.prompt, None, conditions) if images else torch.zeros(0)
+            scores = (await batcher.submit(images, req.prompt, None, conditions, flow_factory.row_metadata(req))
+                      if images else torch.zeros(0))
             return JSONResponse({"rewards": [float(s) for s in scores]})
 
     router.add_api_route("/health", health, methods=["GET"])

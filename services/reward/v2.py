@@ -15,6 +15,9 @@ A served reward is a v2 model named after the reward, version ``"1"``:
     4. ``condition_images``: BYTES ``[B, M]``, only for rewards that compare an image with its
        condition (source) images (``RewardModel.condition_images``), and required by them: row
        ``i`` holds sample ``i``'s ``M`` encoded source images (edit / image-to-video models).
+    5. ``metadata``: BYTES ``[B]``, only for rewards that read dataset row metadata
+       (``RewardModel.metadata``, e.g. ``geneval``) and optional for them: element ``i`` is sample
+       ``i``'s metadata as a JSON object's UTF-8 text (an empty element = ``{}``).
 * output ``score``: FP32 ``[B]``, aligned with the inputs.
 
 Binary tensor extension (what ``tritonclient.http`` sends by default): the body is the JSON
@@ -39,7 +42,7 @@ from services.reward.errors import RequestError, parse_json
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 IMAGE, PROMPT, GROUP_ID, SCORE = "image", "prompt", "group_id", "score"
-CONDITION_IMAGES, VIDEO = "condition_images", "video"
+CONDITION_IMAGES, VIDEO, METADATA = "condition_images", "video", "metadata"
 VERSION = "1"
 
 
@@ -77,10 +80,11 @@ class Inputs:
     binary_output: bool
     condition_images: list[list[bytes | str]] | None = None  # [B][M] encoded source images
     videos: list[list[bytes | str]] | None = None  # [B][F] encoded frames (then ``images`` is empty)
+    metadata: list[dict] | None = None  # [B] row metadata, for rewards that read it
 
 
 def model_metadata(name: str, kind: str, reward_model: str, conditions: bool = False,
-                   video: bool = False) -> dict[str, Any]:
+                   video: bool = False, metadata: bool = False) -> dict[str, Any]:
     """The ``GET /v2/models/{name}`` body. ``parameters`` (kind, reward_model) is our addition;
     ``conditions``: the reward reads condition images (input ``condition_images``); ``video``: it
     scores whole videos (input ``video`` in place of ``image``)."""
@@ -92,6 +96,8 @@ def model_metadata(name: str, kind: str, reward_model: str, conditions: bool = F
         inputs.append({"name": GROUP_ID, "datatype": "INT64", "shape": [-1]})
     if conditions:
         inputs.append({"name": CONDITION_IMAGES, "datatype": "BYTES", "shape": [-1, -1]})
+    if metadata:
+        inputs.append({"name": METADATA, "datatype": "BYTES", "shape": [-1], "optional": True})
     return {
         "name": name,
         "versions": [VERSION],
@@ -208,20 +214,23 @@ def _expect(inp: InferInput, datatype: str) -> None:
 
 
 def read_inputs(req: InferRequest, tail: memoryview, kind: str, conditions: bool = False,
-                video: bool = False) -> Inputs:
+                video: bool = False, metadata: bool = False) -> Inputs:
     """Check the inputs against the model's signature and return them per sample (``conditions``:
     the model reads condition images, input ``condition_images`` ``[B, M]``; ``video``: it scores
-    whole videos, input ``video`` ``[B, F]`` only).
+    whole videos, input ``video`` ``[B, F]`` only; ``metadata``: it reads row metadata, optional
+    input ``metadata`` ``[B]``).
 
     Raises:
         RequestError: 400 for broken binary framing, 422 for anything else invalid; the message
             names the input and what was expected.
     """
     media = [VIDEO] if video else [IMAGE, VIDEO]
-    accepted = media + [PROMPT] + ([GROUP_ID] if kind != "pointwise" else []) + ([CONDITION_IMAGES] if conditions else [])
+    accepted = (media + [PROMPT] + ([GROUP_ID] if kind != "pointwise" else [])
+                + ([CONDITION_IMAGES] if conditions else []) + ([METADATA] if metadata else []))
     signature = ((f"{VIDEO} (BYTES [B, F])" if video else f"{IMAGE} (BYTES) or {VIDEO} (BYTES [B, F])")
                  + f", {PROMPT} (BYTES)" + (f", optional {GROUP_ID} (INT64)" if kind != "pointwise" else "")
-                 + (f", {CONDITION_IMAGES} (BYTES [B, M])" if conditions else ""))
+                 + (f", {CONDITION_IMAGES} (BYTES [B, M])" if conditions else "")
+                 + (f", optional {METADATA} (BYTES, JSON objects)" if metadata else ""))
     by_name: dict[str, list[Any]] = {}
     offset = 0
     for inp in req.inputs:
@@ -252,9 +261,35 @@ def read_inputs(req: InferRequest, tail: memoryview, kind: str, conditions: bool
     rows = _encoded_rows(req, by_name, CONDITION_IMAGES) if conditions else None
     if rows is not None:
         lengths[CONDITION_IMAGES] = len(rows)
+    meta = [json_object(x, f"input '{METADATA}' element {i}") for i, x in enumerate(by_name[METADATA])] \
+        if METADATA in by_name else None
+    if meta is not None:
+        lengths[METADATA] = len(meta)
     if len(set(lengths.values())) > 1:
         raise RequestError(422, "inputs have different batch sizes: " + ", ".join(f"{k} {v}" for k, v in lengths.items()))
-    return Inputs(images, prompts, group_ids, req.id, _binary_output(req), rows, videos)
+    return Inputs(images, prompts, group_ids, req.id, _binary_output(req), rows, videos, meta)
+
+
+def json_object(value: Any, where: str) -> dict:
+    """One sample's row metadata: a JSON object's text (bytes or str; empty = ``{}``) or a dict."""
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise RequestError(422, f"{where} is not UTF-8 text") from None
+    if not isinstance(value, str):
+        raise RequestError(422, f"{where} must be a JSON object's text, got {type(value).__name__}")
+    if not value.strip():
+        return {}
+    try:
+        obj = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise RequestError(422, f"{where} is not valid JSON ({e.msg}); send one JSON object per sample") from None
+    if not isinstance(obj, dict):
+        raise RequestError(422, f"{where} must be a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def _encoded_rows(req: InferRequest, by_name: dict[str, list[Any]], name: str) -> list[list[bytes | str]]:

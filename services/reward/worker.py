@@ -60,6 +60,7 @@ def score_job(job: RewardJob, *, worker: str = "") -> ScoredBatch:
     scores = score_specs(models, specs, images, traj.prompts, torch.tensor(traj.group_ids),
                          sample_ids=traj.sample_ids,  # an inf reward's error names the sample id
                          datasets=traj.datasets,  # rewards[].datasets: each reward scores its sources
+                         metadata=traj.metadata,  # dataset row metadata, for rewards that read it
                          condition_images=lambda: condition_images(store, traj))
     as_list = lambda t: [None if math.isnan(x) else x for x in t.tolist()]  # noqa: E731
     return ScoredBatch(trajectory=traj, rewards={k: as_list(v) for k, v in scores.items()},

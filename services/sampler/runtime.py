@@ -197,6 +197,7 @@ class TrajectoryWriter:
             sde_steps=self.sde_steps, store_url=self.job.store_url, tensors=self._refs["tensors"],
             images=self._refs["images"], worker=worker, seconds=seconds, trainer_rank=self.job.trainer_rank,
             datasets=[i.dataset for i in items] if any(i.dataset for i in items) else [],
+            metadata=[i.metadata for i in items] if any(i.metadata for i in items) else [],
             condition_images=[list(i.images) for i in items] if any(i.images for i in items) else [])
 
     # ---------------------------------------------------------------- writer threads

@@ -76,6 +76,7 @@ class SampleItem(Message):
     dataset: str = ""  # its data.datasets source ("" = one dataset folder): rewards[].datasets routing
     # the seed of its initial noise alone (train.shared_initial_noise: its group's); None = ``seed``'s first draw
     init_seed: int | None = None
+    metadata: str = ""  # its dataset row's metadata (a JSON object's text; "" = none), for rewards that read it
 
 
 class SamplingParams(Message):
@@ -154,6 +155,7 @@ class Trajectory(Message):
     seconds: float = 0.0
     trainer_rank: int = Field(0, ge=0)  # the job's (where its scores go)
     datasets: list[str] = Field(default_factory=list)  # [] or each sample's data.datasets source
+    metadata: list[str] = Field(default_factory=list)  # [] or each sample's SampleItem.metadata
 
     @model_validator(mode="after")
     def _aligned(self) -> "Trajectory":
@@ -164,6 +166,8 @@ class Trajectory(Message):
         if self.datasets and len(self.datasets) != n:
             raise ValueError(f"{n} sample ids but sources for {len(self.datasets)} samples: none, or one "
                              f"per sample")
+        if self.metadata and len(self.metadata) != n:
+            raise ValueError(f"{n} sample ids but metadata for {len(self.metadata)} samples: none, or one per sample")
         if self.condition_images and len(self.condition_images) != n:
             raise ValueError(f"{n} sample ids but condition images for {len(self.condition_images)} samples: "
                              f"none, or one list per sample")

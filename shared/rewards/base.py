@@ -19,6 +19,11 @@ Conventions:
       sample, aligned with the images; ``compare``: the ``a`` samples') of lists of RGB PIL images
       in their own sizes -- the source image(s) a sample was generated from, as Flow-Factory's
       reward call passes ``condition_images``. A video's frames share their sample's images.
+    * Row metadata: a reward whose ``metadata`` attribute is True also gets the keyword argument
+      ``metadata`` in ``score`` / ``score_group`` / ``compare`` / ``details``: one dict per sample
+      (aligned like ``condition_images``), the JSON columns of its dataset row beyond the ones
+      flowrl reads (e.g. GenEval's ``tag`` / ``include`` / ``exclude``), ``{}`` for a row without
+      any -- what Flow-Factory passes as ``metadata`` (there a JSON string).
 
 Three kinds of reward model (class attribute ``kind``):
     * ``pointwise``: ``score(images [B,3,H,W], prompts) -> [B]``, one sample at a time in
@@ -46,7 +51,7 @@ Register with ``@REWARDS.register("my_reward")`` (or ``REWARDS.register("my_rewa
 from __future__ import annotations
 
 import inspect
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 
@@ -86,6 +91,8 @@ class RewardModel:
     video: ClassVar[str] = "frames"
     #: True: score / score_group / compare also get ``condition_images=`` (see the module docstring)
     condition_images: ClassVar[bool] = False
+    #: True: score / score_group / compare / details also get ``metadata=`` (see the module docstring)
+    metadata: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -151,11 +158,20 @@ class RewardModel:
         """Pairwise: ``images_a, images_b [P,3,H,W]`` -> ``[P]`` probability that ``a`` is better."""
         raise NotImplementedError(f"{self.name} (kind '{self.kind}') does not implement compare()")
 
-    def details(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+    def details(self, images: torch.Tensor, prompts: list[str], **inputs) -> dict[str, torch.Tensor]:
         """Optional per-sample diagnostics for evaluation reports: ``{name: [B] float}``, NaN
         where a value does not apply to a sample (e.g. per-category accuracy). Evaluation
-        reports the NaN-ignoring mean of each (then :meth:`summarize_details`). Default: none."""
+        reports the NaN-ignoring mean of each (then :meth:`summarize_details`). ``inputs``:
+        ``metadata=`` for a reward that reads it. Default: none."""
         return {}
+
+    @classmethod
+    def row_problem(cls, metadata: Mapping[str, Any]) -> str | None:
+        """For a reward that reads row metadata: what is wrong with one dataset row's metadata
+        (a dict, ``{}`` for none) for this reward, or None. Checked when the dataset loads, for
+        every row the reward will score, so a wrong dataset fails before any rollout
+        (:func:`trainer.data.check_reward_rows`). Default: nothing is."""
+        return None
 
     def summarize_details(self, means: dict[str, float]) -> dict[str, float]:
         """Aggregates computed from the eval-wide means of :meth:`details` (``{name: mean}``, only
@@ -278,6 +294,7 @@ def score_all(
     group_ids: torch.Tensor,
     batch_size: int,
     condition_images: Sequence[Sequence[Any]] | None = None,
+    metadata: Sequence[Mapping[str, Any]] | None = None,
 ) -> torch.Tensor:
     """Score ``N`` samples with any kind of reward model.
 
@@ -292,6 +309,8 @@ def score_all(
             (pairwise). Groupwise models get one whole group per call.
         condition_images: per sample, its condition images (RGB PIL); passed on, sliced like
             the images, to a model with ``condition_images = True`` (which then requires them).
+        metadata: per sample its row metadata (a dict, ``{}`` for none); passed on, sliced like
+            the images, to a model with ``metadata = True`` (``None``: every sample's is ``{}``).
 
     Returns:
         ``[N]`` float32 rewards on the CPU, aligned with ``images``; NaN where the model
@@ -304,12 +323,12 @@ def score_all(
     if images.ndim not in (4, 5):
         raise ValueError(f"images must be [N, 3, H, W] (videos: [N, F, 3, H, W]), got shape {tuple(images.shape)}")
     if images.ndim == 5 and model.video == "frames":
-        return _frame_mean([score_all(model, images[:, f], prompts, group_ids, batch_size, condition_images)
-                            for f in range(images.shape[1])])
+        return _frame_mean([score_all(model, images[:, f], prompts, group_ids, batch_size, condition_images,
+                                      metadata) for f in range(images.shape[1])])
     n = images.shape[0]
     if len(prompts) != n:
         raise ValueError(f"got {len(prompts)} prompts for {n} images")
-    conditions = _conditions_for(model, condition_images, n)
+    conditions = _extras_for(model, condition_images, metadata, n)
     if group_ids.ndim != 1 or group_ids.numel() != n:
         raise ValueError(f"group_ids must have shape [{n}], got {tuple(group_ids.shape)}")
     if batch_size < 1:
@@ -338,6 +357,20 @@ def score_all(
     return result
 
 
+def _extras_for(model: RewardModel, condition_images: Sequence[Sequence[Any]] | None,
+                metadata: Sequence[Mapping[str, Any]] | None, n: int):
+    """``positions -> {"condition_images": [...], "metadata": [...]}``, each key only for a model
+    that reads it (``RewardModel.condition_images`` / ``.metadata``)."""
+    conditions = _conditions_for(model, condition_images, n)
+    if not model.metadata:
+        return conditions
+    if metadata is None:
+        metadata = [{}] * n
+    if len(metadata) != n:
+        raise ValueError(f"got metadata for {len(metadata)} samples, expected {n} (one dict per sample)")
+    return lambda positions: {**conditions(positions), "metadata": [metadata[int(i)] for i in positions]}
+
+
 def _conditions_for(model: RewardModel, condition_images: Sequence[Sequence[Any]] | None, n: int):
     """``positions -> {"condition_images": [...]}`` for a model that reads condition images, else
     ``positions -> {}``; a model that needs them and got none (or a misaligned list) is an error
@@ -360,10 +393,13 @@ def _frame_mean(per_frame: list[torch.Tensor]) -> torch.Tensor:
     return torch.nanmean(torch.stack(per_frame, dim=1), dim=1)
 
 
-def details_all(model: RewardModel, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+def details_all(model: RewardModel, images: torch.Tensor, prompts: list[str],
+                metadata: Sequence[Mapping[str, Any]] | None = None) -> dict[str, torch.Tensor]:
     """``model.details`` for images ``[N, 3, H, W]`` or videos ``[N, F, 3, H, W]`` (a ``"frames"``
-    reward: each key's NaN-ignoring mean over the frames), ``{name: [N]}``."""
+    reward: each key's NaN-ignoring mean over the frames), ``{name: [N]}``. ``metadata``: per
+    sample its row metadata, passed to a model with ``metadata = True``."""
+    extra = {"metadata": list(metadata) if metadata is not None else [{}] * len(prompts)} if model.metadata else {}
     if images.ndim != 5 or model.video == "native":
-        return model.details(images, prompts)
-    frames = [model.details(images[:, f], prompts) for f in range(images.shape[1])]
+        return model.details(images, prompts, **extra)
+    frames = [model.details(images[:, f], prompts, **extra) for f in range(images.shape[1])]
     return {k: _frame_mean([d[k].float().cpu() for d in frames]) for k in frames[0]}

@@ -44,6 +44,14 @@ def reward_identity(spec, device: str) -> str:
     return json.dumps([spec.reward_model.lower(), spec.dtype, str(device), spec.options], sort_keys=True, default=str)
 
 
+def row_metadata(values: list) -> list[dict]:
+    """Per sample its row metadata as a dict: ``values`` holds JSON object texts (``""`` = none)
+    or dicts."""
+    import json
+
+    return [v if isinstance(v, dict) else json.loads(v) if v else {} for v in values]
+
+
 def routed(spec, datasets: list[str] | None, n: int) -> list[int] | None:
     """The samples (positions) ``spec`` scores: those whose source (``datasets``, one
     ``data.datasets`` name per sample) is in ``spec.datasets``; None = all ``n`` of them."""
@@ -57,7 +65,7 @@ def routed(spec, datasets: list[str] | None, n: int) -> list[int] | None:
 def score_specs(rewards: dict[str, RewardModel], specs, images: torch.Tensor, prompts: list[str],
                 group_ids: torch.Tensor, sample_ids: list[str] | None = None,
                 condition_images=None, first_index: int = 0,
-                datasets: list[str] | None = None) -> dict[str, torch.Tensor]:
+                datasets: list[str] | None = None, metadata: list | None = None) -> dict[str, torch.Tensor]:
     """Score with every configured reward -> ``{label: [N] float32 CPU}`` (NaN = abstain).
     ``condition_images``: per sample its condition images (RGB PIL), or a callable returning
     them, called only when some reward reads them (``RewardModel.condition_images``).
@@ -65,6 +73,8 @@ def score_specs(rewards: dict[str, RewardModel], specs, images: torch.Tensor, pr
     it (:class:`shared.rewards.overlap.BackgroundScorer`): errors name positions in the batch.
     ``datasets``: each sample's ``data.datasets`` name; a spec with ``datasets`` scores only the
     samples of those sources (:func:`routed`) and abstains (NaN) on the others.
+    ``metadata``: each sample's row metadata, a JSON object text (``""`` = none, what plans and
+    queue messages carry) or a dict; parsed only when some reward reads it (``RewardModel.metadata``).
 
     Raises:
         RewardOutputError: a reward returned inf (or a bad shape); the message names the reward's
@@ -74,6 +84,7 @@ def score_specs(rewards: dict[str, RewardModel], specs, images: torch.Tensor, pr
     out = {}
     if callable(condition_images):
         condition_images = condition_images() if any(r.condition_images for r in rewards.values()) else None
+    metadata = row_metadata(metadata) if metadata and any(r.metadata for r in rewards.values()) else None
     for spec in specs:
         picks = routed(spec, datasets, len(prompts))
         if picks is not None and not picks:
@@ -83,7 +94,8 @@ def score_specs(rewards: dict[str, RewardModel], specs, images: torch.Tensor, pr
         try:
             values = score_all(rewards[spec.label], images if picks is None else images[picks], sub(prompts),
                                group_ids if picks is None else group_ids[picks], spec.batch_size,
-                               None if condition_images is None else sub(condition_images)).float().cpu()
+                               None if condition_images is None else sub(condition_images),
+                               None if metadata is None else sub(metadata)).float().cpu()
         except RewardOutputError as e:
             if e.index is None:
                 raise RewardOutputError(f"rewards['{spec.label}'] ({spec.reward_model}): {e}") from None

@@ -49,13 +49,14 @@ class BackgroundScorer:
 
     def __init__(self, rewards: dict[str, RewardModel], specs, prompts: Sequence[str],
                  group_ids: torch.Tensor, condition_images: Callable[[slice], list] | None = None,
-                 datasets: Sequence[str] | None = None) -> None:
+                 datasets: Sequence[str] | None = None, metadata: Sequence[str] | None = None) -> None:
         if not can_overlap(rewards):
             raise ValueError("BackgroundScorer scores micro-batches on their own, so every reward must be "
                              "pointwise; score groupwise/pairwise rewards after the rollout (score_specs)")
         self.rewards, self.specs, self.prompts, self.group_ids = rewards, specs, list(prompts), group_ids
         self.condition_images = condition_images
         self.datasets = list(datasets) if datasets else None  # data.datasets name per row (routing)
+        self.metadata = list(metadata) if metadata else None  # row metadata per row (JSON text)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flowrl-score")
         self._parts: list[tuple[int, Future]] = []
         self._stream = None  # the scoring thread's CUDA stream, made on first use
@@ -97,7 +98,8 @@ class BackgroundScorer:
             # score_specs returns CPU tensors, so the stream's work is done when it returns
             return score_specs(self.rewards, self.specs, images, self.prompts[rows], self.group_ids[rows],
                                condition_images=conditions, first_index=rows.start,
-                               datasets=None if self.datasets is None else self.datasets[rows])
+                               datasets=None if self.datasets is None else self.datasets[rows],
+                               metadata=None if self.metadata is None else self.metadata[rows])
 
     def result(self) -> dict[str, torch.Tensor]:
         """``{label: [N] float32 CPU}`` for every submitted row, in row order (the first error a

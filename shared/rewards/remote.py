@@ -16,6 +16,8 @@ Config::
         token: null             # bearer token; default the FLOWRL_API_TOKEN environment variable
         condition_images: false # true: also send each sample's condition (source) images, for a
                                 # served reward that compares an edit with its source
+        metadata: false         # true: also send each sample's dataset row metadata, for a
+                                # served reward that reads it (e.g. geneval)
         video: frames           # videos: frames = score each frame remotely and average here;
                                 # native = send whole videos (a served reward that scores videos)
 
@@ -23,7 +25,10 @@ With ``condition_images: true``, v2 requests carry the input ``condition_images`
 ``[B, M]``, PNG; every sample of a request needs the same number ``M``) and Flow-Factory
 requests the field ``condition_images`` (per prompt a list of base64 PNGs). With ``video: native``
 videos ``[B, F, 3, H, W]`` go whole: v2 input ``video`` (BYTES ``[B, F]``, PNG frames) in place of
-``image``, Flow-Factory field ``video`` (per prompt a list of base64 PNG frames).
+``image``, Flow-Factory field ``video`` (per prompt a list of base64 PNG frames). With
+``metadata: true`` v2 requests carry the input ``metadata`` (BYTES ``[B]``, each a JSON object's
+text) and Flow-Factory requests ``kwargs.metadata`` (per prompt a JSON object's text, as
+Flow-Factory's own client sends it).
 
 Images are sent as PNG files of the uint8-quantized images (``round(x * 255)``, as Flow-Factory
 does), so scores equal local scores of the quantized images. v2 requests use the binary tensor
@@ -87,11 +92,13 @@ def _bytes_tensor(items: list[bytes]) -> bytes:
 
 
 def v2_request(pngs: list[bytes] | list[list[bytes]], prompts: list[str],
-               conditions: list[list[bytes]] | None = None) -> tuple[bytes, dict[str, str]]:
+               conditions: list[list[bytes]] | None = None,
+               metadata: list[dict] | None = None) -> tuple[bytes, dict[str, str]]:
     """Body and headers of a v2 infer request using the binary tensor extension. ``pngs``: one
     encoded image per sample (input ``image`` ``[B]``), or per sample a video's encoded frames
     (input ``video`` ``[B, F]``); ``conditions``: per sample its encoded condition images (the same
-    number for every sample), sent as the input ``condition_images`` ``[B, M]``."""
+    number for every sample), sent as the input ``condition_images`` ``[B, M]``; ``metadata``: per
+    sample its row metadata, sent as the input ``metadata`` ``[B]`` (JSON texts)."""
     n = len(pngs)
     videos = n > 0 and isinstance(pngs[0], list)
     image_raw = _bytes_tensor([f for video in pngs for f in video] if videos else pngs)  # type: ignore[union-attr]
@@ -113,6 +120,11 @@ def v2_request(pngs: list[bytes] | list[list[bytes]], prompts: list[str],
         inputs.append({"name": "condition_images", "shape": [n, counts[0]], "datatype": "BYTES",
                        "parameters": {"binary_data_size": len(cond_raw)}})
         raws.append(cond_raw)
+    if metadata is not None:
+        meta_raw = _bytes_tensor([json.dumps(m, sort_keys=True).encode("utf-8") for m in metadata])
+        inputs.append({"name": "metadata", "shape": [n], "datatype": "BYTES",
+                       "parameters": {"binary_data_size": len(meta_raw)}})
+        raws.append(meta_raw)
     header = {"inputs": inputs, "outputs": [{"name": "score", "parameters": {"binary_data": False}}]}
     head = json.dumps(header).encode()
     return head + b"".join(raws), {HEADER_LENGTH: str(len(head)), "Content-Type": "application/octet-stream"}
@@ -166,11 +178,13 @@ class RemoteReward(RewardModel):
 
     def __init__(self, *, url: str, protocol: str = "v2", model: str | None = None, kind: str = "pointwise",
                  timeout: float = 60.0, retries: int = 3, backoff: float = 0.5, token: str | None = None,
-                 condition_images: bool = False, video: str = "frames", **options) -> None:
+                 condition_images: bool = False, video: str = "frames", metadata: bool = False,
+                 **options) -> None:
         super().__init__(**options)
         if video not in ("frames", "native"):
             raise ValueError(f"remote reward: video must be 'frames' or 'native', got {video!r}")
         self.condition_images = bool(condition_images)  # instance attributes over the class defaults
+        self.metadata = bool(metadata)
         self.video = video
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise ValueError(f"remote reward: url must start with http:// or https://, got {url!r}")
@@ -202,11 +216,12 @@ class RemoteReward(RewardModel):
 
     # --- RewardModel interface ---------------------------------------------------------------
 
-    def score(self, images: torch.Tensor, prompts: list[str], condition_images=None) -> torch.Tensor:
-        return self._score(images, prompts, condition_images)
+    def score(self, images: torch.Tensor, prompts: list[str], condition_images=None, metadata=None) -> torch.Tensor:
+        return self._score(images, prompts, condition_images, metadata)
 
-    def score_group(self, images: torch.Tensor, prompts: list[str], condition_images=None) -> torch.Tensor:
-        return self._score(images, prompts, condition_images)
+    def score_group(self, images: torch.Tensor, prompts: list[str], condition_images=None,
+                    metadata=None) -> torch.Tensor:
+        return self._score(images, prompts, condition_images, metadata)
 
     def close(self) -> None:
         if self._client is not None:
@@ -215,7 +230,7 @@ class RemoteReward(RewardModel):
 
     # --- transport -----------------------------------------------------------------------------
 
-    def _score(self, images: torch.Tensor, prompts: list[str], condition_images=None) -> torch.Tensor:
+    def _score(self, images: torch.Tensor, prompts: list[str], condition_images=None, metadata=None) -> torch.Tensor:
         if len(prompts) != images.shape[0]:
             raise ValueError(f"{self.name}: got {len(prompts)} prompts for {images.shape[0]} images")
         if images.ndim == 5:  # whole videos (video: native): per sample its PNG frames
@@ -233,7 +248,7 @@ class RemoteReward(RewardModel):
                         cache[id(im)] = encode_pil_png(im)
             conditions = [[cache[id(im)] for im in row] for row in condition_images]
         if self.protocol == "v2":
-            body, headers = v2_request(pngs, list(prompts), conditions)
+            body, headers = v2_request(pngs, list(prompts), conditions, metadata)
             response = self._post(f"/v2/models/{self._model_name()}/infer", body, headers)
             parse = v2_scores
         else:
@@ -243,6 +258,8 @@ class RemoteReward(RewardModel):
                        "video": [[b64(f) for f in video] for video in pngs] if videos else None,
                        "condition_images": None if conditions is None else [[b64(x) for x in row] for row in conditions],
                        "condition_videos": None}
+            if metadata is not None:
+                payload["kwargs"] = {"metadata": [json.dumps(m, sort_keys=True) for m in metadata]}
             response = self._post("/compute", json.dumps(payload).encode(), {"Content-Type": "application/json"})
             parse = _compute_scores
         try:

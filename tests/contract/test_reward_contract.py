@@ -10,7 +10,8 @@ server) honours the RewardModel contract of ``shared/rewards/base.py``:
   interleaved) reorders the scores the same way;
 * ``details`` returns ``{name: [B] tensor}``; unknown options raise TypeError naming them;
 * a reward that reads condition images (``condition_images = True``) gets them through
-  ``score_all`` (sliced and reordered with the samples) and refuses to score without them.
+  ``score_all`` (sliced and reordered with the samples) and refuses to score without them;
+  likewise a reward that reads row metadata (``metadata = True``, GenEval rows here).
 
 A reward registered without a case here fails ``test_every_registered_reward_has_a_case``:
 add a case to CASES (a factory building it with tiny weights).
@@ -43,7 +44,31 @@ def assets(tmp_path_factory):
     clip768 = save_tiny_clip(root / "clip768", projection_dim=768, seed=1)
     torch.manual_seed(0)
     torch.save(AestheticMLP(768).state_dict(), root / "aesthetic_head.pth")
-    return {"clip": str(clip), "clip768": str(clip768), "head": str(root / "aesthetic_head.pth")}
+    from tests.helpers.tiny_detector import save_tiny_detector
+
+    detector = save_tiny_detector(root / "detector")
+    return {"clip": str(clip), "clip768": str(clip768), "head": str(root / "aesthetic_head.pth"),
+            "detector": str(detector)}
+
+
+def _geneval(assets, stack, **extra) -> RewardModel:
+    # threshold 0: the random detector's low-confidence detections count, so scores vary
+    return build_reward("geneval", detector=assets["detector"], clip_model=assets["clip"], threshold=0.0,
+                        counting_threshold=0.0, **extra)
+
+
+def _remote_geneval(assets, stack: contextlib.ExitStack, **extra) -> RewardModel:
+    """``remote`` with ``metadata: true`` scoring ``geneval`` on a live server."""
+    from services.reward import RewardServerSettings
+    from tests.services.live_server import running_server
+
+    served = {"reward_model": "geneval", "detector": assets["detector"], "clip_model": assets["clip"],
+              "threshold": 0.0, "counting_threshold": 0.0}
+    settings = RewardServerSettings(rewards=[served], max_queue_delay_ms=0, log_level="warning")
+    url = stack.enter_context(running_server(settings))
+    model = build_reward("remote", url=url, metadata=True, **extra)
+    stack.callback(model.close)
+    return model
 
 
 def _remote(assets, stack: contextlib.ExitStack, **extra) -> RewardModel:
@@ -128,6 +153,8 @@ CASES = [
     Case("source_similarity", _plain("source_similarity")),
     Case("ocr", _plain("ocr"), text_prompts=True),
     Case("remote+condition_images", lambda assets, stack, **extra: _remote_sources(assets, stack, **extra)),
+    Case("geneval", _geneval),
+    Case("remote+metadata", _remote_geneval),
 ]
 
 
@@ -146,12 +173,18 @@ def _remote_sources(assets, stack: contextlib.ExitStack, **extra) -> RewardModel
 
 def conditions(model: RewardModel, n: int = 6) -> dict:
     """``{"condition_images": rows}`` for a model that reads condition images (distinct images of
-    another size than the outputs), else ``{}``."""
-    if not model.condition_images:
-        return {}
-    from tests.helpers.tiny_edit_pipelines import condition_rows
+    another size than the outputs) and ``{"metadata": rows}`` for one that reads row metadata
+    (GenEval rows), else ``{}``."""
+    out = {}
+    if model.condition_images:
+        from tests.helpers.tiny_edit_pipelines import condition_rows
 
-    return {"condition_images": condition_rows(n, 1)}
+        out["condition_images"] = condition_rows(n, 1)
+    if model.metadata:
+        from tests.helpers.tiny_detector import geneval_rows
+
+        out["metadata"] = geneval_rows(n)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -249,8 +282,11 @@ def test_chunking_and_order(built, case):
     moved = {k: [v[int(i)] for i in perm] for k, v in extra.items()}  # conditions move with their samples
     shuffled = score_all(model, images[perm], [prompts[i] for i in perm], ids[perm], batch_size=6, **moved)
     assert torch.allclose(shuffled, out[perm], atol=1e-5, equal_nan=True)
-    if extra:
+    if "condition_images" in extra:
         with pytest.raises(ValueError, match="condition.*Fix"):
+            score_all(model, images, prompts, ids, batch_size=6, metadata=extra.get("metadata"))
+    if "metadata" in extra:  # (the remote one: the server's 422, as a RemoteRewardError)
+        with pytest.raises(Exception, match="no GenEval 'include' list.*Fix"):
             score_all(model, images, prompts, ids, batch_size=6)
 
 
@@ -258,7 +294,8 @@ def test_chunking_and_order(built, case):
 def test_details_are_per_sample(built, case):
     model = built(case)
     images, prompts = inputs(case)
-    details = model.details(images[:3], prompts[:3])
+    details = model.details(images[:3], prompts[:3], **{k: v[:3] for k, v in conditions(model).items()
+                                                        if k == "metadata"})
     assert isinstance(details, dict)
     for key, value in details.items():
         assert isinstance(key, str) and isinstance(value, torch.Tensor) and value.shape == (3,)
