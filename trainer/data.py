@@ -43,18 +43,40 @@ class PromptRow:
     metadata: str = ""  # its other JSONL columns, as one JSON object text (sorted keys); "" = none
 
 
+def _edits(a: str, b: str) -> int:
+    """Levenshtein distance (insertions, deletions, substitutions)."""
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def misspelt(key: str) -> str | None:
+    """The known row key ``key`` looks like a misspelling of (a different case, or at most two
+    edits away, one for keys under six letters), else None. A known key with a prefix or suffix (``prompt_id``, ``videoid``) is a
+    column of its own, not a misspelling."""
+    low = key.lower()
+    if low in ALLOWED_KEYS:
+        return low
+    if any(low.startswith(k) or low.endswith(k) for k in ALLOWED_KEYS):
+        return None
+    close = [(_edits(low, k), k) for k in sorted(ALLOWED_KEYS)]
+    close = [(d, k) for d, k in close if d <= min(2, len(k) // 3)]
+    return min(close)[1] if close else None
+
+
 def _row_metadata(obj: dict, where: str) -> str:
     """The row's metadata (module docstring) as compact JSON with sorted keys, "" when it has none."""
-    import difflib
-
     extra = {k: v for k, v in obj.items() if k not in ALLOWED_KEYS}
     for key in extra:
-        close = difflib.get_close_matches(key.lower(), sorted(ROW_KEYS), n=1, cutoff=0.8)
+        close = misspelt(key)
         if close:
-            raise DatasetError(f"{where}: unknown key {key!r} (did you mean {close[0]!r}?). Fix: rename it; "
+            raise DatasetError(f"{where}: unknown key {key!r} (did you mean {close!r}?). Fix: rename it; "
                                f"columns flowrl does not read ({', '.join(sorted(ROW_KEYS))}) are passed to "
                                f'rewards as metadata, so put a deliberate one under "metadata": {{...}}.')
-    nested = obj.get("metadata", {})
+    nested = obj.get("metadata") or {}
     if not isinstance(nested, dict):
         raise DatasetError(f'{where}: "metadata" must be a JSON object, got {type(nested).__name__}. Fix: '
                            f'"metadata": {{"tag": "counting", ...}}, or put the values in their own columns.')
@@ -164,7 +186,7 @@ def check_reward_rows(specs, rows: list[PromptRow] | None, section: str = "rewar
         for row in rows or []:
             if spec.datasets and row.dataset not in spec.datasets:
                 continue
-            problem = cls.row_problem(json.loads(row.metadata) if row.metadata else {})
+            problem = cls.row_problem(json.loads(row.metadata) if row.metadata else {}, spec.options)
             if problem:
                 raise DatasetError(f"{row.source or 'a dataset row'}: {section}['{spec.label}'] ({spec.reward_model}) "
                                    f"cannot score this row: {problem}")

@@ -12,7 +12,7 @@ from accelerate import Accelerator
 from shared.config import Config
 from shared.models import load_adapter
 from trainer.checkpoint import load_checkpoint_weights
-from trainer.data import check_condition_images, load_dataset
+from trainer.data import check_condition_images, check_reward_rows, load_dataset
 from trainer.evaluate import evaluate
 from shared.rewards.multi import build_rewards
 from trainer.policy import Policy, attach_trainable
@@ -26,6 +26,7 @@ def eval_checkpoint(cfg: Config, checkpoint: str | Path | None) -> dict:
                               cpu=not torch.cuda.is_available())
     train_rows, test_rows = load_dataset(cfg.data)
     rows = (test_rows or train_rows)[: cfg.eval.num_prompts]
+    check_reward_rows(cfg.eval_rewards or cfg.rewards, rows, "eval_rewards" if cfg.eval_rewards else "rewards")
     adapter = load_adapter(cfg.model, device=accelerator.device, seed=cfg.train.seed)
     check_condition_images(rows, adapter.model_type, adapter.condition_images)
     warm_start(cfg.model, adapter, "before")  # model.init_from: the run's base, as the trainer built it

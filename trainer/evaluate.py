@@ -26,6 +26,18 @@ def nan_sum_count(values: torch.Tensor) -> torch.Tensor:
     return torch.stack([v[ok].sum(), ok.sum().double()])
 
 
+def union_keys(accelerator, detail_sums: dict) -> list[tuple[str, str]]:
+    """The ``(reward label, detail key)`` pairs of every process, sorted: each process reduces
+    them all in this order (one that saw none of a reward's prompts, or of a category, has fewer
+    keys of its own, and a missing reduction would hang the others)."""
+    keys = sorted(detail_sums)
+    if accelerator.num_processes == 1:
+        return keys
+    from accelerate.utils import gather_object
+
+    return sorted({(label, key) for label, key in gather_object(keys)})
+
+
 def grid_picks(samples: list[int], k: int) -> list[int]:
     """Positions in ``samples`` for the eval grid: the first image of up to ``GRID_MAX`` prompts
     spread evenly over the list (so every part of a category-ordered test split shows)."""
@@ -95,8 +107,9 @@ def evaluate(cfg: Config, accelerator, adapter, policy, rewards: dict, specs, ro
                 if per_source[j, s, 1] > 0:  # the sources this reward scores
                     out[f"eval/reward/{spec.label}/{name}"] = float(per_source[j, s, 0] / per_source[j, s, 1])
     means: dict[str, dict[str, float]] = {spec.label: {} for spec in specs}
-    for label, key in sorted(detail_sums):  # every rank scores the same rewards, so the keys agree
-        total = accelerator.reduce(detail_sums[(label, key)].to(accelerator.device), reduction="sum").cpu()
+    for label, key in union_keys(accelerator, detail_sums):
+        mine = detail_sums.get((label, key), torch.zeros(2, dtype=torch.float64))  # (0, 0): none here
+        total = accelerator.reduce(mine.to(accelerator.device), reduction="sum").cpu()
         if total[1] > 0:
             means[label][key] = out[f"eval/{label}/{key}"] = float(total[0] / total[1])
     for spec in specs:

@@ -166,9 +166,9 @@ class RewardModel:
         return {}
 
     @classmethod
-    def row_problem(cls, metadata: Mapping[str, Any]) -> str | None:
+    def row_problem(cls, metadata: Mapping[str, Any], options: Mapping[str, Any] | None = None) -> str | None:
         """For a reward that reads row metadata: what is wrong with one dataset row's metadata
-        (a dict, ``{}`` for none) for this reward, or None. Checked when the dataset loads, for
+        (a dict, ``{}`` for none) for this reward built with ``options`` (its config entry's), or None. Checked when the dataset loads, for
         every row the reward will score, so a wrong dataset fails before any rollout
         (:func:`trainer.data.check_reward_rows`). Default: nothing is."""
         return None
@@ -398,6 +398,8 @@ def details_all(model: RewardModel, images: torch.Tensor, prompts: list[str],
     """``model.details`` for images ``[N, 3, H, W]`` or videos ``[N, F, 3, H, W]`` (a ``"frames"``
     reward: each key's NaN-ignoring mean over the frames), ``{name: [N]}``. ``metadata``: per
     sample its row metadata, passed to a model with ``metadata = True``."""
+    if metadata is not None and len(metadata) != len(prompts):
+        raise ValueError(f"got metadata for {len(metadata)} samples and {len(prompts)} prompts; one dict per sample")
     extra = {"metadata": list(metadata) if metadata is not None else [{}] * len(prompts)} if model.metadata else {}
     if images.ndim != 5 or model.video == "native":
         return model.details(images, prompts, **extra)

@@ -26,22 +26,27 @@ Checking one image (:func:`judge`, pure and tested on hand-made detections):
 
 Each of those checks is a clause. The reward is the fraction of clauses an image satisfies
 (``strict: false``, the default, a dense signal for RL) or GenEval's 0/1 correctness (``strict:
-true``: all clauses hold). 1.0 means correct either way. Evaluation also reports
+true``: all clauses hold). 1.0 means correct either way. For the partial score an ``exclude`` of a
+class that an ``include`` asks for (GenEval's counting rows: "three cats" excludes a fourth) holds
+only when that include's count did, so an empty image earns nothing on a counting row. Evaluation also reports
 ``correct/{tag}`` per tag and ``overall``, GenEval's score (the mean of the per-tag accuracies).
 
 Models (``from_pretrained``, a local folder or a hub id): an instance-segmentation
 ``Mask2FormerForUniversalSegmentation`` for detection (``detector``, default COCO Mask2Former
 Swin-S, the architecture GenEval uses; its ``id2label`` names the classes, and ``class_aliases``
-maps GenEval's names to it) and a ``CLIPModel`` for colors (``clip_model``): each matched object's
-box is cropped, pixels outside its mask set to gray, and classified zero-shot among
-"a photo of a {color} {class}" for GenEval's ten colors. This follows GenEval's procedure with
-transformers models instead of mmdetection, so scores are close to, not identical with, the
-official evaluator's.
+maps GenEval's names to it; images are resized to ``detector_size`` squared, 800 by default, near
+GenEval's 800-pixel short side) and a ``CLIPModel`` for colors (``clip_model``): each matched
+object's box is cropped, pixels outside its mask set to gray (#999), and classified zero-shot among
+GenEval's ten colors with three prompts per color averaged. Both run in float32 whatever ``dtype``
+says (a bf16 detector moves confidences near the 0.9 counting threshold). This follows GenEval's
+procedure with transformers models instead of mmdetection, so scores are close to, not identical
+with, the official evaluator's.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Mapping, Sequence
 
@@ -53,9 +58,13 @@ from shared.rewards.clip_rewards import _features
 
 COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
 RELATIONS = ("left of", "right of", "above", "below")
+TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")  # GenEval's
 DETECTOR = "facebook/mask2former-swin-small-coco-instance"
 CLIP_MODEL = "openai/clip-vit-large-patch14"
 #: GenEval's class names that COCO detectors in transformers spell differently
+#: zero-shot color prompts, averaged per color
+COLOR_TEMPLATES = ("a photo of a {color} {name}", "a photo of a {color}-colored {name}", "a photo of a {color} object")
+GRAY = 0.6  # #999: the background color objects are classified on
 DEFAULT_ALIASES = {"computer mouse": "mouse", "computer keyboard": "keyboard", "tv remote": "remote",
                    "motorbike": "motorcycle", "aeroplane": "airplane", "tvmonitor": "tv", "sofa": "couch",
                    "diningtable": "dining table", "pottedplant": "potted plant"}
@@ -121,24 +130,24 @@ def check_metadata(meta: Mapping[str, Any], where: str) -> None:
            '(rewards[].datasets).')
     include = meta.get("include")
     if not isinstance(include, list) or not include:
-        raise ValueError(f"geneval: {where} has no GenEval 'include' list in its dataset row (its metadata keys: "
-                         f"{sorted(meta) or 'none'}). {fix}")
+        raise ValueError(f"{where} has no GenEval 'include' list (its metadata keys: {sorted(meta) or 'none'}). "
+                         f"{fix}")
     for key in ("include", "exclude"):
         for i, req in enumerate(meta.get(key) or []):
             at = f"{where}: {key}[{i}]"
             if not isinstance(req, dict) or not isinstance(req.get("class"), str):
-                raise ValueError(f"geneval: {at} must be an object with a 'class' name, got {req!r}. {fix}")
+                raise ValueError(f"{at} must be an object with a 'class' name, got {req!r}. {fix}")
             count = req.get("count", 1)
             if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-                raise ValueError(f"geneval: {at}: 'count' must be an integer >= 1, got {count!r}. {fix}")
+                raise ValueError(f"{at}: 'count' must be an integer >= 1, got {count!r}. {fix}")
             if key == "exclude":
                 continue
             if "color" in req and req["color"] not in COLORS:
-                raise ValueError(f"geneval: {at}: color {req['color']!r} is not one of GenEval's {', '.join(COLORS)}.")
+                raise ValueError(f"{at}: color {req['color']!r} is not one of GenEval's {', '.join(COLORS)}.")
             pos = req.get("position")
             if pos is not None and not (isinstance(pos, (list, tuple)) and len(pos) == 2 and pos[0] in RELATIONS
                                         and isinstance(pos[1], int) and 0 <= pos[1] < i):
-                raise ValueError(f"geneval: {at}: 'position' must be [relation, j] with relation one of "
+                raise ValueError(f"{at}: 'position' must be [relation, j] with relation one of "
                                  f"{', '.join(RELATIONS)} and j an earlier include entry, got {pos!r}.")
 
 
@@ -149,10 +158,12 @@ def judge(meta: Mapping[str, Any], found: Mapping[str, Sequence[Detection]],
     (called only for entries with a ``color``). ``meta`` must pass :func:`check_metadata`."""
     clauses: list[tuple[str, bool]] = []
     groups: list[Sequence[Detection] | None] = []
+    counted: dict[str, bool] = {}  # class -> did every include of it find its count
     for req in meta["include"]:
         name, count = req["class"], int(req.get("count", 1))
         objects = list(found.get(name, ()))[:count]
         matched = len(objects) >= count
+        counted[name] = counted.get(name, True) and matched
         clauses.append((f"{count} {name}", matched))
         if "color" in req:
             ok = matched and sum(color_of(name, o) == req["color"] for o in objects) >= count
@@ -168,7 +179,8 @@ def judge(meta: Mapping[str, Any], found: Mapping[str, Sequence[Detection]],
         groups.append(objects if matched else None)
     for req in meta.get("exclude") or []:
         count = int(req.get("count", 1))
-        clauses.append((f"fewer than {count} {req['class']}", len(found.get(req["class"], ())) < count))
+        few = len(found.get(req["class"], ())) < count
+        clauses.append((f"fewer than {count} {req['class']}", few and counted.get(req["class"], True)))
     return Verdict(clauses)
 
 
@@ -191,6 +203,7 @@ class GenEval(RewardModel):
         position_threshold: :func:`relations`' margin.
         strict: 0/1 correctness instead of the fraction of clauses.
         class_aliases: GenEval class name -> the detector's label, over :data:`DEFAULT_ALIASES`.
+        detector_size: the square side (a multiple of 32) images are resized to for detection.
     """
 
     kind = "pointwise"
@@ -198,7 +211,8 @@ class GenEval(RewardModel):
 
     def __init__(self, *, detector: str = DETECTOR, clip_model: str = CLIP_MODEL, threshold: float = 0.3,
                  counting_threshold: float = 0.9, max_objects: int = 16, position_threshold: float = 0.1,
-                 strict: bool = False, class_aliases: dict[str, str] | None = None, **options) -> None:
+                 strict: bool = False, class_aliases: dict[str, str] | None = None, detector_size: int = 800,
+                 **options) -> None:
         super().__init__(**options)
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel, Mask2FormerForUniversalSegmentation
 
@@ -208,62 +222,92 @@ class GenEval(RewardModel):
             raise ValueError(f"geneval: need thresholds in [0, 1], max_objects >= 1 and position_threshold >= 0; got "
                              f"threshold={threshold}, counting_threshold={counting_threshold}, "
                              f"max_objects={max_objects}, position_threshold={position_threshold}")
+        if detector_size < 32 or detector_size % 32:
+            raise ValueError(f"geneval: detector_size must be a positive multiple of 32 (the processor pads other "
+                             f"sizes, which shifts the masks), got {detector_size}")
         self.threshold, self.counting_threshold = float(threshold), float(counting_threshold)
         self.max_objects, self.position_threshold, self.strict = int(max_objects), float(position_threshold), bool(strict)
         self.aliases = {**DEFAULT_ALIASES, **(class_aliases or {})}
+        self.detector_size = int(detector_size)
+        f32 = torch.float32  # confidences near the 0.9 counting threshold must not move with the dtype
         self.detector = load_pretrained(Mask2FormerForUniversalSegmentation.from_pretrained, detector,
                                         option="detector", who="geneval").eval().requires_grad_(False)
-        self.detector.to(device=self.device, dtype=self.dtype)
+        self.detector.to(device=self.device, dtype=f32)
         self.processor = load_pretrained(AutoImageProcessor.from_pretrained, detector, option="detector", who="geneval")
         self.labels = {i: str(n) for i, n in self.detector.config.id2label.items()}
         self.clip = load_pretrained(CLIPModel.from_pretrained, clip_model, option="clip_model",
-                                    who="geneval").eval().requires_grad_(False).to(device=self.device, dtype=self.dtype)
+                                    who="geneval").eval().requires_grad_(False).to(device=self.device, dtype=f32)
         self.tokenizer = load_pretrained(AutoTokenizer.from_pretrained, clip_model, option="clip_model", who="geneval")
         self.transform = load_pretrained(ClipImageTransform.from_pretrained, clip_model, option="clip_model",
                                          who="geneval")
         self._color_text: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def row_problem(cls, metadata: Mapping[str, Any], options: Mapping[str, Any] | None = None) -> str | None:
+        """What keeps a row from being scored: its metadata is not GenEval's, or (when the
+        detector's config can be read here) it names a class the detector does not know."""
+        try:
+            check_metadata(metadata, "the row")
+        except ValueError as e:
+            return str(e)
+        options = options or {}
+        labels = detector_labels(str(options.get("detector", DETECTOR)))
+        if labels is None:
+            return None
+        aliases = {**DEFAULT_ALIASES, **(options.get("class_aliases") or {})}
+        for req in list(metadata["include"]) + list(metadata.get("exclude") or []):
+            if aliases.get(req["class"], req["class"]) not in labels:
+                return unknown_class(req["class"], labels)
+        return None
 
     # --- models ------------------------------------------------------------------------------
 
     @torch.no_grad()
     def detect(self, images: torch.Tensor) -> list[dict[str, list[Detection]]]:
         """Per image ``[3, H, W]`` in [0, 1]: detector label -> its detections above
-        ``min(threshold, counting_threshold)``, best first."""
+        ``min(threshold, counting_threshold)``, best first, boxes and masks in the image's pixels."""
         from shared.images import to_uint8_hwc
 
-        pil = [_pil(x) for x in to_uint8_hwc(images)]
-        inputs = self.processor(images=pil, return_tensors="pt")
-        out = self.detector(pixel_values=inputs["pixel_values"].to(self.device, self.dtype))
+        size = (self.detector_size, self.detector_size)
+        resized = F.interpolate(images.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+        pil = [_pil(x) for x in to_uint8_hwc(resized.clamp(0, 1))]
+        inputs = self.processor(images=pil, do_resize=False, return_tensors="pt")
+        out = self.detector(pixel_values=inputs["pixel_values"].to(self.device, torch.float32))
         sizes = [(int(images.shape[-2]), int(images.shape[-1]))] * images.shape[0]
         results = self.processor.post_process_instance_segmentation(
             out, threshold=min(self.threshold, self.counting_threshold), target_sizes=sizes, return_binary_maps=True)
-        found: list[dict[str, list[Detection]]] = []
-        for res in results:
-            per: dict[str, list[Detection]] = {}
-            maps = res["segmentation"]
-            for k, info in enumerate(res["segments_info"]):
-                mask = maps[k].bool().cpu() if maps is not None else None
-                box = _box(mask) if mask is not None else None
-                if box is not None:
-                    per.setdefault(self.labels[int(info["label_id"])], []).append(
-                        Detection(box, float(info["score"]), mask))
-            found.append({k: sorted(v, key=lambda d: -d.score) for k, v in per.items()})
-        return found
+        return [self._detections(res) for res in results]
+
+    def _detections(self, result: dict) -> dict[str, list[Detection]]:
+        """One image's ``post_process_instance_segmentation`` result (``segmentation``: one binary
+        map per entry of ``segments_info``) -> label -> detections, best first; empty masks dropped."""
+        per: dict[str, list[Detection]] = {}
+        for k, info in enumerate(result["segments_info"]):
+            mask = result["segmentation"][k].bool().cpu()
+            box = _box(mask)
+            if box is not None:
+                per.setdefault(self.labels[int(info["label_id"])], []).append(Detection(box, float(info["score"]), mask))
+        return {k: sorted(v, key=lambda d: -d.score) for k, v in per.items()}
 
     @torch.no_grad()
     def color(self, image: torch.Tensor, name: str, det: Detection) -> str:
-        """The color CLIP gives the object ``det`` of class ``name`` in ``image`` ``[3, H, W]``."""
+        """The color CLIP gives the object ``det`` of class ``name`` in ``image`` ``[3, H, W]``:
+        its box cropped, the pixels outside its mask gray, the closest of :data:`COLORS` (each
+        color's embedding the normalized mean of :data:`COLOR_TEMPLATES`)."""
         x1, y1, x2, y2 = (int(v) for v in det.box)
         crop = image[:, y1:y2, x1:x2].float().clone()
         if det.mask is not None:
             keep = det.mask[y1:y2, x1:x2].to(crop.device)
-            crop = torch.where(keep, crop, torch.full_like(crop, 0.5))
+            crop = torch.where(keep, crop, torch.full_like(crop, GRAY))
         if name not in self._color_text:
-            tokens = self.tokenizer([f"a photo of a {c} {name}" for c in COLORS], padding=True, return_tensors="pt")
-            text = self.clip.get_text_features(input_ids=tokens["input_ids"].to(self.device),
-                                               attention_mask=tokens["attention_mask"].to(self.device))
-            self._color_text[name] = F.normalize(_features(text).float(), dim=-1)
-        pixels = self.transform(crop[None].to(self.device)).to(self.dtype)
+            texts = [t.format(color=c, name=name) for c in COLORS for t in COLOR_TEMPLATES]
+            limit = min(self.tokenizer.model_max_length, self.clip.config.text_config.max_position_embeddings)
+            tokens = self.tokenizer(texts, padding=True, truncation=True, max_length=limit, return_tensors="pt")
+            emb = self.clip.get_text_features(input_ids=tokens["input_ids"].to(self.device),
+                                              attention_mask=tokens["attention_mask"].to(self.device))
+            emb = F.normalize(_features(emb).float(), dim=-1).view(len(COLORS), len(COLOR_TEMPLATES), -1)
+            self._color_text[name] = F.normalize(emb.mean(dim=1), dim=-1)
+        pixels = self.transform(crop[None].to(self.device))
         emb = F.normalize(_features(self.clip.get_image_features(pixel_values=pixels)).float(), dim=-1)
         return COLORS[int((emb @ self._color_text[name].T).argmax())]
 
@@ -271,8 +315,14 @@ class GenEval(RewardModel):
 
     def verdicts(self, images: torch.Tensor, prompts: list[str], metadata: Sequence[Mapping[str, Any]]) -> list[Verdict]:
         """One :class:`Verdict` per image, each against its row's metadata."""
+        if len(metadata) != len(prompts) or len(prompts) != images.shape[0]:
+            raise ValueError(f"geneval: {images.shape[0]} images, {len(prompts)} prompts and metadata for "
+                             f"{len(metadata)} samples; one of each per sample")
         for i, meta in enumerate(metadata):
-            check_metadata(meta, f"the row of prompt {prompts[i]!r}")
+            try:
+                check_metadata(meta, f"the row of prompt {prompts[i]!r}")
+            except ValueError as e:
+                raise ValueError(f"geneval: {e}") from None
         detections = self.detect(images)
         out = []
         for i, (meta, dets) in enumerate(zip(metadata, detections)):
@@ -283,20 +333,10 @@ class GenEval(RewardModel):
             out.append(judge(meta, found, lambda n, d, i=i: self.color(images[i], n, d), self.position_threshold))
         return out
 
-    @classmethod
-    def row_problem(cls, metadata: Mapping[str, Any]) -> str | None:
-        try:
-            check_metadata(metadata, "this row")
-        except ValueError as e:
-            return str(e)
-        return None
-
     def _label(self, name: str, prompt: str) -> str:
         label = self.aliases.get(name, name)
         if label not in set(self.labels.values()):
-            raise ValueError(f"geneval: class {name!r} (prompt {prompt!r}) is not a label of the detector "
-                             f"({len(self.labels)} labels, e.g. {', '.join(sorted(self.labels.values())[:5])}). "
-                             f"Fix: map it with class_aliases: {{{name!r}: <detector label>}}.")
+            raise ValueError(f"geneval: prompt {prompt!r}: " + unknown_class(name, frozenset(self.labels.values())))
         return label
 
     def score(self, images: torch.Tensor, prompts: list[str], metadata=None) -> torch.Tensor:
@@ -304,12 +344,14 @@ class GenEval(RewardModel):
         return torch.tensor([float(v.correct) if self.strict else v.partial for v in verdicts])
 
     def details(self, images: torch.Tensor, prompts: list[str], metadata=None) -> dict[str, torch.Tensor]:
-        """``correct`` (0/1 per image) and ``correct/{tag}`` (NaN for other tags) for the report."""
+        """``correct`` (0/1 per image) and ``correct/{tag}`` for every GenEval tag (NaN for images of
+        other tags; the same keys on every process, so evaluation's per-key reductions line up)."""
         metadata = metadata or [{}] * len(prompts)
         correct = torch.tensor([float(v.correct) for v in self.verdicts(images, prompts, metadata)])
         out = {"correct": correct}
-        for tag in sorted({str(m.get("tag")) for m in metadata if m.get("tag")}):
-            mine = torch.tensor([m.get("tag") == tag for m in metadata])
+        tags = sorted(set(TAGS) | {str(m["tag"]) for m in metadata if m.get("tag") is not None})
+        for tag in tags:
+            mine = torch.tensor([m.get("tag") is not None and str(m["tag"]) == tag for m in metadata])
             out[f"correct/{tag}"] = torch.where(mine, correct, torch.full_like(correct, float("nan")))
         return out
 
@@ -317,6 +359,24 @@ class GenEval(RewardModel):
         """GenEval's ``overall``: the unweighted mean of the per-tag accuracies present."""
         tags = [v for k, v in means.items() if k.startswith("correct/")]
         return {"overall": sum(tags) / len(tags)} if tags else {}
+
+
+def unknown_class(name: str, labels) -> str:
+    return (f"class {name!r} is not a label of the detector ({len(labels)} labels, e.g. "
+            f"{', '.join(sorted(labels)[:5])}). Fix: map it with class_aliases: {{{name!r}: <detector label>}}.")
+
+
+@functools.lru_cache(maxsize=8)
+def detector_labels(detector: str) -> frozenset[str] | None:
+    """The detector's class names from its ``config.json`` alone (local folder or cached hub id),
+    None when it cannot be read here (then classes are checked when the reward is built)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(detector, local_files_only=True)
+    except (OSError, ValueError):
+        return None
+    return frozenset(str(n) for n in (getattr(config, "id2label", None) or {}).values()) or None
 
 
 def _pil(hwc):

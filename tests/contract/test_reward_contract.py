@@ -54,7 +54,7 @@ def assets(tmp_path_factory):
 def _geneval(assets, stack, **extra) -> RewardModel:
     # threshold 0: the random detector's low-confidence detections count, so scores vary
     return build_reward("geneval", detector=assets["detector"], clip_model=assets["clip"], threshold=0.0,
-                        counting_threshold=0.0, **extra)
+                        counting_threshold=0.0, detector_size=64, **extra)
 
 
 def _remote_geneval(assets, stack: contextlib.ExitStack, **extra) -> RewardModel:
@@ -63,7 +63,7 @@ def _remote_geneval(assets, stack: contextlib.ExitStack, **extra) -> RewardModel
     from tests.services.live_server import running_server
 
     served = {"reward_model": "geneval", "detector": assets["detector"], "clip_model": assets["clip"],
-              "threshold": 0.0, "counting_threshold": 0.0}
+              "threshold": 0.0, "counting_threshold": 0.0, "detector_size": 64}
     settings = RewardServerSettings(rewards=[served], max_queue_delay_ms=0, log_level="warning")
     url = stack.enter_context(running_server(settings))
     model = build_reward("remote", url=url, metadata=True, **extra)

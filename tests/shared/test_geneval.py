@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from shared.rewards import build_reward, score_all
-from shared.rewards.geneval import Detection, check_metadata, judge, relations
+from shared.rewards.geneval import COLORS, GRAY, TAGS, Detection, GenEval, check_metadata, judge, relations
 
 def box(cx: float, cy: float, w: float = 10, h: float = 10) -> tuple[float, float, float, float]:
     return (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
@@ -56,7 +56,8 @@ def test_judge_counts_colors_positions_and_exclusions():
     assert judge(counting, {"cat": three}, never).correct
     v = judge(counting, {"cat": four}, never)  # too many: the include holds, the exclude does not
     assert v.clauses == [("3 cat", True), ("fewer than 4 cat", False)] and v.partial == 0.5
-    assert judge(counting, {"cat": three[:2]}, never).partial == 0.5  # too few
+    assert judge(counting, {"cat": three[:2]}, never).partial == 0.0  # too few: the exclude needs the count met
+    assert judge(counting, {}, never).partial == 0.0  # an empty image earns nothing on a counting row
 
     colors = {"tag": "color_attr", "include": [{"class": "bench", "count": 1, "color": "red"},
                                               {"class": "dog", "count": 1, "color": "blue"}]}
@@ -114,7 +115,7 @@ def tiny_models(tmp_path_factory):
 
 def test_the_reward_loads_with_from_pretrained_and_scores_rows(tiny_models):
     reward = build_reward("geneval", detector=str(tiny_models / "detector"), clip_model=str(tiny_models / "clip"),
-                          threshold=0.0, counting_threshold=0.0)
+                          threshold=0.0, counting_threshold=0.0, detector_size=64)
     images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     metadata = [{"tag": "single_object", "include": [{"class": "dog", "count": 1}]},
                 {"tag": "color_attr", "include": [{"class": "dog", "count": 1, "color": "red"},
@@ -133,25 +134,72 @@ def test_the_reward_loads_with_from_pretrained_and_scores_rows(tiny_models):
     assert again.item() == pytest.approx(scores[1].item())
     assert scores[1].item() * 4 == pytest.approx(round(scores[1].item() * 4))
     strict = build_reward("geneval", detector=str(tiny_models / "detector"), clip_model=str(tiny_models / "clip"),
-                          threshold=0.0, strict=True)
+                          threshold=0.0, strict=True, detector_size=64)
     correct = strict.score(images, prompts, metadata=metadata)
     assert set(correct.tolist()) <= {0.0, 1.0} and (correct <= scores + 1e-6).all()
     details = strict.details(images, prompts, metadata=metadata)
-    assert set(details) == {"correct", "correct/single_object", "correct/color_attr", "correct/position"}
+    # every GenEval tag, present or not (the same keys on every process of an evaluation)
+    assert set(details) == {"correct"} | {f"correct/{t}" for t in TAGS}
     torch.testing.assert_close(details["correct"], correct)
     assert math.isnan(details["correct/position"][0]) and not math.isnan(details["correct/position"][2])
+    assert torch.isnan(details["correct/counting"]).all()
     assert strict.summarize_details({"correct": 0.5, "correct/a": 1.0, "correct/b": 0.0}) == {"overall": 0.5}
 
 
 def test_unknown_classes_and_rows_without_metadata_teach_the_fix(tiny_models):
-    reward = build_reward("geneval", detector=str(tiny_models / "detector"), clip_model=str(tiny_models / "clip"))
+    reward = build_reward("geneval", detector=str(tiny_models / "detector"), clip_model=str(tiny_models / "clip"),
+                          detector_size=64)
     images = torch.rand(1, 3, 32, 32)
     with pytest.raises(ValueError, match=r"class 'giraffe'.*not a label of the detector.*class_aliases"):
         reward.score(images, ["a giraffe"], metadata=[{"include": [{"class": "giraffe"}]}])
     with pytest.raises(ValueError, match=r"prompt 'a giraffe'.*no GenEval 'include'.*rewards\[\]\.datasets"):
         score_all(reward, images, ["a giraffe"], torch.arange(1), batch_size=1)  # no metadata at all
     aliased = build_reward("geneval", detector=str(tiny_models / "detector"), clip_model=str(tiny_models / "clip"),
-                           class_aliases={"giraffe": "dog"})
+                           class_aliases={"giraffe": "dog"}, detector_size=64)
     assert aliased.score(images, ["a giraffe"], metadata=[{"include": [{"class": "giraffe"}]}]).shape == (1,)
     with pytest.raises(FileNotFoundError, match="detector"):
         build_reward("geneval", detector=str(tiny_models / "missing" / "x"), clip_model=str(tiny_models / "clip"))
+
+
+def test_detections_map_labels_take_boxes_from_masks_best_first_and_drop_empty_masks():
+    reward = GenEval.__new__(GenEval)  # only the post-processing step, no models
+    reward.labels = {0: "person", 1: "dog"}
+    maps = torch.zeros(3, 8, 10)
+    maps[0, 2:5, 1:4] = 1  # a dog at x 1..3, y 2..4
+    maps[1, 0:8, 6:10] = 1  # a better dog at the right edge
+    result = {"segmentation": maps, "segments_info": [{"label_id": 1, "score": 0.5}, {"label_id": 1, "score": 0.9},
+                                                      {"label_id": 0, "score": 0.99}]}  # the person's mask is empty
+    found = reward._detections(result)
+    assert set(found) == {"dog"}
+    assert [d.score for d in found["dog"]] == [0.9, 0.5]
+    assert found["dog"][0].box == (6.0, 0.0, 10.0, 8.0) and found["dog"][1].box == (1.0, 2.0, 4.0, 5.0)
+    assert reward._detections({"segmentation": torch.full((4, 4), -1.0), "segments_info": []}) == {}
+
+
+def test_color_classifies_the_box_crop_with_the_background_grayed(tiny_models):
+    reward = build_reward("geneval", detector=str(tiny_models / "detector"), clip_model=str(tiny_models / "clip"),
+                          detector_size=64)
+    image = torch.zeros(3, 16, 16)
+    image[0] = 1.0  # all red
+    mask = torch.zeros(16, 16, dtype=torch.bool)
+    mask[4:8, 2:6] = True
+    seen = []
+    transform = reward.transform
+    reward.transform = lambda x: seen.append(x.clone()) or transform(x)
+    assert reward.color(image, "dog", Detection((2.0, 3.0, 6.0, 9.0), 0.9, mask)) in COLORS
+    crop = seen[0][0]
+    assert crop.shape == (3, 6, 4)  # rows 3..8, columns 2..5
+    assert torch.equal(crop[:, 1:5, :], image[:, 4:8, 2:6])  # inside the mask: the pixels
+    assert (crop[:, 0] == GRAY).all() and (crop[:, 5] == GRAY).all()  # outside: #999 gray
+    assert reward._color_text["dog"].shape[0] == len(COLORS)  # one (template-averaged) embedding per color
+
+
+def test_rows_naming_a_class_the_detector_does_not_know_fail_at_load(tiny_models):
+    detector = str(tiny_models / "detector")
+    row = {"tag": "single_object", "include": [{"class": "giraffe", "count": 1}]}
+    assert "class 'giraffe' is not a label of the detector" in GenEval.row_problem(row, {"detector": detector})
+    assert GenEval.row_problem(row, {"detector": detector, "class_aliases": {"giraffe": "dog"}}) is None
+    assert GenEval.row_problem({"include": [{"class": "computer mouse"}]}, {"detector": detector}) is None  # alias
+    # a detector whose config cannot be read here: only the row's shape is checked
+    assert GenEval.row_problem(row, {"detector": str(tiny_models / "nowhere")}) is None
+    assert "no GenEval 'include'" in GenEval.row_problem({}, {})

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from shared.rewards.multi import build_rewards, score_specs
+from tests.helpers.row_target import RowTarget
 from tests.helpers.tiny import PROMPTS, tiny_raw
 from trainer.data import DatasetError, load_prompts
 
@@ -235,5 +236,52 @@ def test_a_geneval_run_on_rows_without_geneval_metadata_fails_at_load_naming_the
     # the models are never loaded: the rows are checked first
     raw["rewards"] = [{"reward_model": "geneval", "detector": "nowhere/detector", "clip_model": "nowhere/clip"}]
     with pytest.raises(DatasetError, match=r"train.jsonl:2: rewards\['geneval'\] \(geneval\) cannot score this row: "
-                                           r"geneval: this row has no GenEval 'include' list"):
+                                           r"the row has no GenEval 'include' list"):
         train(parse_config(raw), quiet=True)
+
+
+@pytest.mark.parametrize("key, expected", [
+    ("promt", "prompt"), ("Prompt", "prompt"), ("imges", "images"), ("vidoes", "videos"), ("imgs", "images"),
+    ("negative_promt", "negative_prompt"), ("metadta", "metadata"),
+    # columns of their own, not misspellings
+    ("prompt_id", None), ("prompt_en", None), ("promptid", None), ("videoid", None), ("image_id", None),
+    ("tag", None), ("include", None), ("exclude", None), ("class", None), ("caption", None), ("source", None)])
+def test_what_counts_as_a_misspelt_column(key, expected):
+    from trainer.data import misspelt
+
+    assert misspelt(key) == expected
+
+
+def test_a_null_metadata_object_is_none(tmp_path):
+    data = tmp_path / "d"
+    data.mkdir()
+    jsonl(data / "train.jsonl", [{"prompt": "x", "metadata": None, "prompt_id": 7}])
+    assert json.loads(load_prompts(data)[0][0].metadata) == {"prompt_id": 7}
+
+
+def test_details_with_misaligned_metadata_is_an_error():
+    from shared.rewards.base import details_all
+
+    with pytest.raises(ValueError, match="metadata for 1 samples and 2 prompts"):
+        details_all(RowTarget(), torch.rand(2, 3, 4, 4), ["a", "b"], [{}])
+
+
+def test_evaluation_reduces_every_processs_detail_keys():
+    """A process that saw none of a reward's (or a category's) prompts has fewer detail keys; every
+    process must reduce the union, in one order."""
+    import accelerate.utils
+
+    from trainer.evaluate import union_keys
+
+    class Two:
+        num_processes = 2
+
+    mine = {("geneval", "correct"): None, ("geneval", "correct/position"): None}
+    theirs = [("geneval", "correct/counting"), ("geneval", "correct")]
+    original = accelerate.utils.gather_object
+    accelerate.utils.gather_object = lambda keys: list(keys) + theirs  # what all_gather_object returns
+    try:
+        assert union_keys(Two(), mine) == [("geneval", "correct"), ("geneval", "correct/counting"),
+                                           ("geneval", "correct/position")]
+    finally:
+        accelerate.utils.gather_object = original
