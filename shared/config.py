@@ -323,6 +323,13 @@ class TrainConfig(_Strict):
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_weight_decay: float = Field(1e-4, ge=0)
     adam_epsilon: float = Field(1e-8, gt=0)
+    # muon: torch.optim.Muon on the 2-D matrices (LoRA factors, linear weights), AdamW (adam_*) on the
+    # rest (trainer/optim.py); match_rms_adamw keeps AdamW's learning-rate scale, original is Muon's own
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    muon_momentum: float = Field(0.95, ge=0, lt=1)
+    muon_nesterov: bool = True
+    muon_ns_steps: int = Field(5, gt=0)
+    muon_adjust_lr_fn: Literal["match_rms_adamw", "original"] = "match_rms_adamw"
     max_grad_norm: float | None = Field(1.0, gt=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     # shard the transformer, its gradients and optimizer state over the processes (PyTorch FSDP2,
@@ -690,6 +697,10 @@ def check_combinations(cfg: Config) -> None:
             f"train.ref_guidance_scale: {t.ref_guidance_scale} sets the CFG scale of the KL reference, "
             f"but train.kl_beta is {t.kl_beta!r}, so no reference is evaluated and it would do nothing. "
             f"Fix: set train.kl_beta > 0 (e.g. 0.1), or leave ref_guidance_scale unset.")
+    if t.optimizer == "muon" and t.fsdp:
+        raise ConfigError(
+            "train.optimizer: muon orthogonalizes each whole weight matrix, but train.fsdp shards them over the "
+            "processes. Fix: use optimizer: adamw with fsdp, or train without fsdp (LoRA fits one GPU).")
     if kind == "grpo-guard" and t.dynamics_type != "Flow-SDE":
         raise ConfigError(
             f"train.dynamics_type: '{t.dynamics_type}' cannot be used with train.trainer_type: "

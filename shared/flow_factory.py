@@ -572,6 +572,9 @@ def convert(ff: dict) -> tuple[dict, list[str]]:
 
     handlers["log.checkpoint_retention"] = retention
     handlers["model.compile"] = lambda key, value: _put(out, key, value)  # from acceleration: torch_compile
+    for key in ("train.optimizer", "train.muon_momentum", "train.muon_nesterov", "train.muon_ns_steps",
+                "train.muon_adjust_lr_fn"):  # from optimizers: muon
+        handlers[key] = lambda key, value: _put(out, key, value)
 
     handlers.update({
         "scheduler.num_sde_steps": count, "eval.resolution": resolution,
@@ -675,18 +678,17 @@ def _optimizers(entries: Any, flat: dict, notes: list[str]) -> None:
         entries = [{**chosen[0], "max_grad_norm": first_norm}]  # Flow-Factory clips with the first entry's
     entry = dict(entries[0])
     kind = str(entry.pop("optimizer", "adamw")).lower()
-    if kind == "muon" and str(entry.get("adjust_lr_fn", "match_rms_adamw")) != "match_rms_adamw":
-        raise ConversionError(f"optimizers: muon with adjust_lr_fn {entry['adjust_lr_fn']!r} uses a learning rate of "
-                              f"Muon's own scale, which AdamW (flowrl's optimizer) cannot take as it is. Fix: set "
-                              f"adjust_lr_fn: match_rms_adamw, or use adamw with an AdamW learning rate")
-    if kind == "muon":
-        notes.append("optimizers: muon -> AdamW, the optimizer flowrl has; the learning rate is kept (Muon's default "
-                     "match_rms_adamw scaling makes it AdamW's scale) and fallback_betas / fallback_eps become "
-                     "adam_betas / adam_epsilon")
+    if kind == "muon":  # torch's Muon on the matrices, AdamW (the fallback_* values) on the rest, as there
+        flat["train.optimizer"] = "muon"
         for muon_key, ours in (("fallback_betas", "betas"), ("fallback_eps", "eps")):
             entry[ours] = entry.pop(muon_key, OPTIMIZER_DEFAULTS[ours])
-        for muon_key in ("momentum", "nesterov", "ns_coefficients", "ns_steps", "adjust_lr_fn"):
-            entry.pop(muon_key, None)
+        for muon_key in ("momentum", "nesterov", "ns_steps", "adjust_lr_fn"):
+            if muon_key in entry:
+                flat[f"train.muon_{muon_key}"] = entry.pop(muon_key)
+        coefficients = entry.pop("ns_coefficients", None)
+        if coefficients is not None and [float(c) for c in coefficients] != [3.4445, -4.775, 2.0315]:
+            notes.append(f"optimizers: muon ns_coefficients {coefficients} dropped; flowrl's Muon uses torch's "
+                         f"(3.4445, -4.775, 2.0315)")
     elif kind != "adamw":
         raise ConversionError(f"optimizers: optimizer {kind!r} is not adamw or muon")
     entry.pop("name", None)

@@ -40,6 +40,7 @@ from trainer.data import check_condition_images, check_reward_rows, load_dataset
 from trainer.embeddings import offload_mode, warm_embeddings
 from trainer.evaluate import evaluate
 from trainer.policy import DTYPES, Policy, attach_trainable, trainable_params
+from trainer import optim
 from trainer.ptx import PretrainMix
 from trainer.reporting import MetricLogger, detail_keys, progress_postfix, save_group_grid, write_report
 from trainer.metrics import TrainerMetrics
@@ -106,8 +107,7 @@ def build_optimizer(cfg: Config, trainable: dict):
     from diffusers.optimization import get_scheduler
 
     t = cfg.train
-    optimizer = torch.optim.AdamW(list(trainable.values()), lr=t.learning_rate, betas=t.adam_betas,
-                                  weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
+    optimizer = optim.build(cfg, list(trainable.values()))
     total = schedule_steps(cfg)
     schedule = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
                              num_training_steps=total)

@@ -444,7 +444,14 @@ def test_muon_and_several_optimizers_convert_with_notes():
     raw, notes = convert(ff)
     t = parse_config(raw).train
     assert (t.learning_rate, t.adam_betas, t.adam_epsilon) == (2e-4, (0.8, 0.9), 1e-8)
-    assert any("muon -> AdamW" in n for n in notes) and any("['fake'] left out" in n for n in notes)
+    assert (t.optimizer, t.muon_momentum, t.muon_adjust_lr_fn) == ("muon", 0.9, "match_rms_adamw")
+    assert any("['fake'] left out" in n for n in notes)
+    ff["optimizers"] = [{"optimizer": "muon", "adjust_lr_fn": "original", "ns_steps": 3, "nesterov": False,
+                         "ns_coefficients": [3.0, -4.0, 2.0]}]
+    raw, notes = convert(ff)
+    t = parse_config(raw).train
+    assert (t.muon_adjust_lr_fn, t.muon_ns_steps, t.muon_nesterov) == ("original", 3, False)
+    assert any("ns_coefficients [3.0, -4.0, 2.0] dropped" in n for n in notes)
     ff["optimizers"] = {"learning_rate": 5e-5, "update_frequency": 2}  # one entry, as a mapping
     raw, notes = convert(ff)
     assert raw["train"]["learning_rate"] == 5e-5 and any("update_frequency 2 dropped" in n for n in notes)
@@ -497,8 +504,7 @@ def test_the_newer_layouts_edge_cases():
     assert "datasets" not in raw["data"] and raw["data"]["dataset_dir"] == "data"
     for change, message in [
             (lambda f: f["data"].update(datasets=[{"name": "a", "train": {"weight": "x"}}]), "whole number"),
-            (lambda f: f["acceleration"]["shared"][0].update(name="torch_compile", params=[1]), "params: expected"),
-            (lambda f: f.update(optimizers=[{"optimizer": "muon", "adjust_lr_fn": "original"}]), "Muon's own scale")]:
+            (lambda f: f["acceleration"]["shared"][0].update(name="torch_compile", params=[1]), "params: expected")]:
         bad = copy.deepcopy(FF_SOURCES)
         change(bad)
         with pytest.raises(ConversionError, match=message):

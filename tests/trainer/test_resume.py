@@ -60,6 +60,7 @@ def same_tensors(a: dict, b: dict) -> list[str]:
     ("grpo", []),
     ("grpo", ["train.max_staleness=1"]),  # an epoch sampled before the checkpoint travels in it
     ("nft", []),  # off-policy: samples drawn with the EMA
+    ("grpo", ["train.optimizer=muon"]),  # Muon's momentum buffers resume too
     # samples drawn with a half-blended snapshot, implicit rewards against another
     ("crd", ["train.crd_sampling_decay=0-0.5-0.0-0.5"]),
 ])
