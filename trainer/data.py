@@ -209,11 +209,14 @@ def _lines(path: Path) -> list[str]:
 def read_split(dataset_dir: str | Path, split: str, max_size: int | None = None, *,
                image_dir: str | Path | None = None, video_dir: str | Path | None = None
                ) -> list[PromptRow] | None:
-    """Rows of ``{split}.jsonl`` or ``{split}.txt``; None if neither file exists. Image and video
+    """Rows of ``{split}.jsonl`` or ``{split}.txt`` (else ``{split}_metadata.jsonl``, as Flow-GRPO's
+    ``dataset/geneval`` names them); None if none of them exists. Image and video
     paths of the rows kept are resolved against ``image_dir`` / ``video_dir`` (default
     ``{dataset_dir}/images`` / ``videos``) and checked."""
     root = Path(dataset_dir)
     jsonl, txt = root / f"{split}.jsonl", root / f"{split}.txt"
+    if not jsonl.is_file() and not txt.is_file() and (root / f"{split}_metadata.jsonl").is_file():
+        jsonl = root / f"{split}_metadata.jsonl"  # Flow-GRPO's GenEval folder names its splits so
     if jsonl.is_file():
         rows = [_parse_jsonl_line(ln, f"{jsonl}:{n}") for n, ln in enumerate(_lines(jsonl), 1) if ln.strip()]
     elif txt.is_file():

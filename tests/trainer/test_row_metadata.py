@@ -285,3 +285,16 @@ def test_evaluation_reduces_every_processs_detail_keys():
                                            ("geneval", "correct/position")]
     finally:
         accelerate.utils.gather_object = original
+
+
+def test_flow_grpos_geneval_folder_loads_as_it_is(tmp_path):
+    """Flow-GRPO's dataset/geneval names its splits train_metadata.jsonl / test_metadata.jsonl."""
+    data = tmp_path / "geneval"
+    data.mkdir()
+    row = {"tag": "single_object", "include": [{"class": "bench", "count": 1}], "prompt": "a photo of a bench"}
+    jsonl(data / "train_metadata.jsonl", [row])
+    jsonl(data / "test_metadata.jsonl", [row, {**row, "prompt": "a photo of a dog"}])
+    train, test = load_prompts(data)
+    assert [r.prompt for r in train] == ["a photo of a bench"] and len(test) == 2
+    assert json.loads(train[0].metadata)["include"] == row["include"]
+    assert train[0].source.endswith("train_metadata.jsonl:1")
