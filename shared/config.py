@@ -218,6 +218,11 @@ class SourceEval(_Strict):
     max_dataset_size: int | None = Field(None, gt=0)  # the first N test rows
     # the held-out rows: {dataset_dir}/{split}.jsonl|txt; when absent, the source's train rows
     split: str = Field("test", pattern=r"^[A-Za-z0-9_.-]+$")
+    # this source's prompts evaluated with their own settings (Flow-Factory's per-source eval);
+    # None = the eval: section's
+    resolution: Resolution | None = None
+    num_inference_steps: int | None = Field(None, ge=1)
+    guidance_scale: float | None = None
 
 
 class DataSource(_Strict):
@@ -697,6 +702,13 @@ def check_combinations(cfg: Config) -> None:
             f"train.ref_guidance_scale: {t.ref_guidance_scale} sets the CFG scale of the KL reference, "
             f"but train.kl_beta is {t.kl_beta!r}, so no reference is evaluated and it would do nothing. "
             f"Fix: set train.kl_beta > 0 (e.g. 0.1), or leave ref_guidance_scale unset.")
+    own = [s.name for s in cfg.data.datasets or [] if s.eval is not None
+           and any(getattr(s.eval, k) is not None for k in ("resolution", "num_inference_steps", "guidance_scale"))]
+    if own and t.fsdp:
+        raise ConfigError(
+            f"data.datasets {own}: eval settings of their own (resolution / num_inference_steps / guidance_scale), "
+            f"but train.fsdp runs every process's evaluation forwards in lockstep, one setting for all. Fix: move "
+            f"them to the eval: section, or train without fsdp.")
     if t.optimizer == "muon" and t.fsdp:
         raise ConfigError(
             "train.optimizer: muon orthogonalizes each whole weight matrix, but train.fsdp shards them over the "

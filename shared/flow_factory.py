@@ -222,7 +222,6 @@ OPTIMIZER_DEFAULTS = {"learning_rate": 1e-5, "weight_decay": 1e-4, "betas": [0.9
 #: ``data.datasets[i]`` keys: a source's own, and those of its ``train:`` / ``eval:`` blocks
 SOURCE_KEYS = ("name", "dataset_dir", "image_dir", "video_dir")
 SIDE_KEYS = {"train": ("weight", "max_dataset_size", "split"), "eval": ("max_dataset_size", "split")}
-EVAL_OVERRIDES = ("resolution", "height", "width", "num_inference_steps", "guidance_scale")
 
 #: reward entry keys: Flow-Factory's -> ours (the remote reward's options included; its
 #: ``retry_attempts``, all attempts, becomes ``retries``, the attempts after the first)
@@ -781,11 +780,19 @@ def _sources(entries: Any, inherited: dict[str, Any], notes: list[str]) -> list[
             for key, value in block.items():
                 if key in SIDE_KEYS[side] and value is not None:
                     mine[key] = _whole_weight(f"{where}.train.weight", value) if key == "weight" else value
-                elif side == "eval" and key in EVAL_OVERRIDES and value is not None:
-                    notes.append(f"{where}.eval.{key}: {value!r} dropped; the eval: section's settings apply to "
-                                 f"every source")
+                elif side == "eval" and key in ("resolution", "num_inference_steps", "guidance_scale"):
+                    if value is not None:
+                        mine[key] = value
+                elif side == "eval" and key in ("height", "width"):
+                    continue  # below, as a resolution
                 elif key not in SIDE_KEYS[side] and key != "enabled":
                     notes.append(f"{where}.{side}.{key}: not a Flow-Factory key this converter knows; left out")
+            if side == "eval" and "resolution" not in mine and (block.get("height") or block.get("width")):
+                if block.get("height") and block.get("width"):
+                    mine["resolution"] = [int(block["height"]), int(block["width"])]
+                else:
+                    notes.append(f"{where}.eval: height / width given alone dropped; give both (or resolution) for "
+                                 f"this source's own size")
             if "max_dataset_size" not in mine and inherited.get("max_dataset_size") is not None:
                 mine["max_dataset_size"] = inherited["max_dataset_size"]
             src[side] = mine

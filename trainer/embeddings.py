@@ -30,12 +30,17 @@ def warm_embeddings(cfg: Config, adapter, train_rows: list, eval_rows: list) -> 
     if mode is None:
         return {}
     t0 = time.perf_counter()
+    from trainer.evaluate import eval_settings
+
     t, e = cfg.train, cfg.eval
     encoded = 0
+    by_settings: dict = {}  # eval rows by their source's settings (data.datasets[].eval overrides)
+    for row in eval_rows or []:
+        st = eval_settings(cfg, row.dataset)
+        by_settings.setdefault((st.guidance_scale, st.resolution), []).append(row)
     for rows, guidance, resolution, frames, batch in (
-            (train_rows, t.encode_guidance_scale, t.resolution, t.num_frames,
-             t.per_device_batch_size),
-            (eval_rows, e.guidance_scale, e.resolution, e.num_frames, e.per_device_batch_size)):
+            [(train_rows, t.encode_guidance_scale, t.resolution, t.num_frames, t.per_device_batch_size)]
+            + [(rows, g, res, e.num_frames, e.per_device_batch_size) for (g, res), rows in by_settings.items()]):
         if not rows:
             continue
         images = [r.images for r in rows] if any(r.images for r in rows) else None

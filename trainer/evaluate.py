@@ -4,7 +4,9 @@ writes an image grid."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -17,6 +19,25 @@ from trainer.reporting import save_grid
 from trainer.sharding import equal_share
 
 GRID_MAX = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """How one prompt is evaluated: ``eval.*``, or its ``data.datasets`` source's overrides."""
+
+    resolution: Any
+    num_inference_steps: int
+    guidance_scale: float
+
+
+def eval_settings(cfg: Config, source: str = "") -> EvalSettings:
+    """The settings of the prompts of ``source`` (a ``data.datasets`` name; "" = one folder):
+    its ``eval.resolution`` / ``num_inference_steps`` / ``guidance_scale`` where set, else the
+    ``eval:`` section's."""
+    e = cfg.eval
+    own = next((s.eval for s in cfg.data.datasets or [] if s.name == source and s.eval is not None), None)
+    pick = lambda key: getattr(e, key) if own is None or getattr(own, key) is None else getattr(own, key)  # noqa: E731
+    return EvalSettings(pick("resolution"), pick("num_inference_steps"), pick("guidance_scale"))
 
 
 def nan_sum_count(values: torch.Tensor) -> torch.Tensor:
@@ -36,6 +57,17 @@ def union_keys(accelerator, detail_sums: dict) -> list[tuple[str, str]]:
     from accelerate.utils import gather_object
 
     return sorted({(label, key) for label, key in gather_object(keys)})
+
+
+def same_size(images: list[torch.Tensor]) -> torch.Tensor:
+    """``[3, H, W]`` images (or ``[F, 3, H, W]`` videos) stacked at the first one's size (sources
+    evaluated at other resolutions are resized for the grid)."""
+    size = images[0].shape[-2:]
+    fit = [x if x.shape[-2:] == size else
+           torch.nn.functional.interpolate(x.reshape(-1, *x.shape[-3:]).float(), size=tuple(size), mode="bilinear",
+                                           antialias=True, align_corners=False).reshape(*x.shape[:-2], *size).to(x.dtype)
+           for x in images]
+    return torch.stack(fit)
 
 
 def grid_picks(samples: list[int], k: int) -> list[int]:
@@ -66,36 +98,47 @@ def evaluate(cfg: Config, accelerator, adapter, policy, rewards: dict, specs, ro
     # data.datasets: each reward scores only its sources' prompts, and is also reported per source
     sources = sorted({r.dataset for r in rows if r.dataset})
     per_source = torch.zeros(len(specs), len(sources), 2, dtype=torch.float64)
-    grid_images = None
-    if mine:
-        prompts = [rows[j // k].prompt for j in mine]
+    grid: dict[int, torch.Tensor] = {}  # position in mine -> its image, for the grid
+    # prompts of sources with their own eval settings are sampled (and scored) apart; under FSDP
+    # there is one group (the config refuses per-source settings there)
+    groups: dict[EvalSettings, list[int]] = {}
+    for pos, j in enumerate(mine):
+        groups.setdefault(eval_settings(cfg, rows[j // k].dataset), []).append(pos)
+    shown_grid = set(grid_picks(mine[:n_mine], k))
+    for st, positions in groups.items():
+        js = [mine[p] for p in positions]
+        prompts = [rows[j // k].prompt for j in js]
         _, roll = rollout_batches(
-            adapter, prompts, [rows[j // k].negative_prompt for j in mine], [e.seed + j for j in mine],
-            batch_size=e.per_device_batch_size, resolution=e.resolution,
-            num_steps=e.num_inference_steps, guidance_scale=e.guidance_scale, dynamics="ODE",
+            adapter, prompts, [rows[j // k].negative_prompt for j in js], [e.seed + j for j in js],
+            batch_size=e.per_device_batch_size, resolution=st.resolution,
+            num_steps=st.num_inference_steps, guidance_scale=st.guidance_scale, dynamics="ODE",
             noise_level=0.0, sde_steps=[], keep_means=False, log_prob_reduction="mean",
             transformer=policy.eval_module(), num_frames=e.num_frames,
-            images=[rows[j // k].images for j in mine] if any(r.images for r in rows) else None)
-    if n_mine:
-        mine, prompts, images = mine[:n_mine], prompts[:n_mine], roll.images[:n_mine]
-        group_ids = torch.tensor([j // k for j in mine], dtype=torch.long)  # a prompt's images
-        datasets = [rows[j // k].dataset for j in mine] if sources else None
-        metadata = row_metadata([rows[j // k].metadata for j in mine])
+            images=[rows[j // k].images for j in js] if any(r.images for r in rows) else None)
+        keep = [i for i, p in enumerate(positions) if p < n_mine]  # (FSDP's padding samples dropped)
+        if not keep:
+            continue
+        js, prompts, images = [js[i] for i in keep], [prompts[i] for i in keep], roll.images[keep]
+        grid.update({positions[i]: images[n] for n, i in enumerate(keep) if positions[i] in shown_grid})
+        group_ids = torch.tensor([j // k for j in js], dtype=torch.long)  # a prompt's images
+        datasets = [rows[j // k].dataset for j in js] if sources else None
+        metadata = row_metadata([rows[j // k].metadata for j in js])
         scores = score_specs(rewards, specs, images, prompts, group_ids,
-                             condition_images=lambda: open_rows([rows[j // k].images or [] for j in mine]),
+                             condition_images=lambda js=js: open_rows([rows[j // k].images or [] for j in js]),
                              datasets=datasets, metadata=metadata)
-        for j, spec in enumerate(specs):
-            sums[j] = nan_sum_count(scores[spec.label])
+        for r, spec in enumerate(specs):
+            sums[r] += nan_sum_count(scores[spec.label])
             for s, name in enumerate(sources):
-                per_source[j, s] = nan_sum_count(scores[spec.label][[d == name for d in datasets]])
+                per_source[r, s] += nan_sum_count(scores[spec.label][[d == name for d in datasets]])
             picks = routed(spec, datasets, len(prompts))
-            if picks == []:  # none of this rank's prompts is the reward's
+            if picks == []:  # none of these prompts is the reward's
                 continue
-            sub = (lambda xs: xs) if picks is None else (lambda xs: [xs[i] for i in picks])  # noqa: E731
+            sub = (lambda xs: xs) if picks is None else (lambda xs, picks=picks: [xs[i] for i in picks])  # noqa: E731
             shown = images if picks is None else images[picks]
             for key, values in details_all(rewards[spec.label], shown, sub(prompts), sub(metadata)).items():
-                detail_sums[(spec.label, key)] = nan_sum_count(values)
-        grid_images = images[grid_picks(mine, k)]
+                total = detail_sums.get((spec.label, key), torch.zeros(2, dtype=torch.float64))
+                detail_sums[(spec.label, key)] = total + nan_sum_count(values)
+    grid_images = same_size([grid[p] for p in sorted(grid)]) if grid else None
     sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
     out: dict = {"epoch": epoch}
     for j, spec in enumerate(specs):

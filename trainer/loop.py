@@ -86,6 +86,9 @@ def check_media_geometry(cfg: Config, adapter) -> None:
 
     adapter.sample_shape(as_hw(cfg.train.resolution), cfg.train.num_frames)
     adapter.sample_shape(as_hw(cfg.eval.resolution), cfg.eval.num_frames)
+    for src in cfg.data.datasets or []:  # a source evaluated at its own resolution
+        if src.eval is not None and src.eval.resolution is not None:
+            adapter.sample_shape(as_hw(src.eval.resolution), cfg.eval.num_frames)
 
 
 def check_rows(adapter, *row_lists) -> None:

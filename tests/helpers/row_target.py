@@ -21,3 +21,12 @@ class RowTarget(RewardModel):
 
     def details(self, images: torch.Tensor, prompts: list[str], metadata=None) -> dict[str, torch.Tensor]:
         return {"has_target": torch.tensor([float("target" in m) for m in metadata])}
+
+
+class ImageWidth(RewardModel):
+    """Each image's width / 100: shows at what resolution a sample was drawn."""
+
+    kind = "pointwise"
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return torch.full((images.shape[0],), images.shape[-1] / 100)

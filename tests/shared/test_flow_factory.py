@@ -401,7 +401,11 @@ def test_flow_factorys_newer_layout_converts_to_the_same_run():
     assert (pick.name, pick.train.weight, pick.train.max_dataset_size, pick.eval.split) == ("pick", 3, 2000, "test")
     assert (ocr.train.weight, ocr.train.split, ocr.train.max_dataset_size, ocr.eval) == (1, "train_v2", 500, None)
     assert geneval.train is None and (geneval.eval.split, geneval.eval.max_dataset_size) == ("validation", 64)
-    assert any("data.datasets[2].eval.resolution: 1024 dropped" in n for n in notes)
+    assert geneval.eval.resolution == 1024  # its own eval size, as there
+    ff = copy.deepcopy(FF_SOURCES)
+    ff["data"]["datasets"][2]["eval"] = {"height": 768, "width": 1024, "num_inference_steps": 30, "guidance_scale": 5}
+    own = parse_config(convert(ff)[0]).data.datasets[2].eval
+    assert (own.resolution, own.num_inference_steps, own.guidance_scale) == ((768, 1024), 30, 5.0)
     # optimizers: replaces train.learning_rate, its left-out keys take the optimizer's defaults
     t = cfg.train
     assert (t.learning_rate, t.adam_betas, t.max_grad_norm, t.adam_epsilon, t.adam_weight_decay) == (

@@ -301,3 +301,29 @@ def test_the_reward_worker_routes_by_the_trajectorys_sources():
     assert scored.rewards["toy_geneval"][0] is None and scored.rewards["toy_geneval"][2] is None
     assert scored.rewards["toy_geneval"][1] is not None and scored.rewards["toy_geneval"][3] is not None
     assert all(v is not None for v in scored.rewards["brightness"])
+
+
+def test_a_source_with_its_own_eval_settings_is_sampled_and_scored_with_them(tmp_path):
+    from shared.config import ConfigError
+    from trainer.evaluate import eval_settings
+    from trainer.loop import train
+
+    overrides = ["train.unique_sample_num_per_epoch=4", "train.group_size=4", "train.per_device_batch_size=16",
+                 "train.gradient_step_per_epoch=1", "train.max_epochs=1", "eval.num_inference_steps=4"]
+    cfg = two_sources(tmp_path, rewards=[{"reward_model": "brightness"},
+                                         {"name": "width", "reward_model": "tests.helpers.row_target.ImageWidth"}],
+                      overrides=overrides)
+    cfg.data.datasets[1].eval.resolution = 32  # the toy source at 32 px, 2 steps; free keeps eval's 16 px
+    cfg.data.datasets[1].eval.num_inference_steps = 2
+    assert eval_settings(cfg, "toy").resolution == 32 and eval_settings(cfg, "toy").num_inference_steps == 2
+    assert eval_settings(cfg, "free") == eval_settings(cfg, "")
+    train(cfg, quiet=True)
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "tiny_grpo" / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in rows if "eval/reward/width" in r][-1]
+    assert last["eval/reward/width/free"] == pytest.approx(0.16) and last["eval/reward/width/toy"] == pytest.approx(0.32)
+    assert any((tmp_path / "runs" / "tiny_grpo" / "images").glob("eval_grid_*.png"))  # the grid mixes both sizes
+    (tmp_path / "f").mkdir()
+    with pytest.raises(ConfigError, match="eval settings of their own"):
+        two_sources(tmp_path / "f", overrides=overrides + ["train.fsdp=true"],
+                    data={"datasets": [{"name": "a", "dataset_dir": str(tmp_path / "data"),
+                                        "eval": {"guidance_scale": 2.0}}]})
