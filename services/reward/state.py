@@ -29,7 +29,8 @@ class Slot:
         self.kind: str = REWARDS.get(spec.reward_model).kind  # RegistryError names the choices
         self.conditions: bool = bool(REWARDS.get(spec.reward_model).condition_images)  # reads source images
         self.video: bool = REWARDS.get(spec.reward_model).video == "native"  # scores whole videos only
-        self.metadata: bool = bool(REWARDS.get(spec.reward_model).metadata)  # reads dataset row metadata
+        # reads dataset row metadata (a served `remote` passes it on when its own option says so)
+        self.metadata: bool = bool(REWARDS.get(spec.reward_model).metadata or spec.options.get("metadata") is True)
         self.state = "loading"  # loading | ready | failed
         self.error: str | None = None
         self.batcher: DynamicBatcher | None = None

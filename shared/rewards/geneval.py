@@ -241,6 +241,7 @@ class GenEval(RewardModel):
         self.transform = load_pretrained(ClipImageTransform.from_pretrained, clip_model, option="clip_model",
                                          who="geneval")
         self._color_text: dict[str, torch.Tensor] = {}
+        self._seen: dict[bytes, Verdict] = {}  # (image, prompt, row) digest -> its verdict, the newest SEEN_MAX
 
     @classmethod
     def row_problem(cls, metadata: Mapping[str, Any], options: Mapping[str, Any] | None = None) -> str | None:
@@ -323,6 +324,17 @@ class GenEval(RewardModel):
                 check_metadata(meta, f"the row of prompt {prompts[i]!r}")
             except ValueError as e:
                 raise ValueError(f"geneval: {e}") from None
+        keys = [_key(images[i], prompts[i], meta) for i, meta in enumerate(metadata)]
+        todo = [i for i, key in enumerate(keys) if key not in self._seen]
+        if todo:  # evaluation asks score() then details() about the same images: judged once
+            for i, verdict in zip(todo, self._judge(images[todo], [prompts[i] for i in todo],
+                                                    [metadata[i] for i in todo])):
+                self._seen[keys[i]] = verdict
+                while len(self._seen) > SEEN_MAX:
+                    self._seen.pop(next(iter(self._seen)))
+        return [self._seen[key] for key in keys]
+
+    def _judge(self, images: torch.Tensor, prompts: list[str], metadata: Sequence[Mapping[str, Any]]) -> list[Verdict]:
         detections = self.detect(images)
         out = []
         for i, (meta, dets) in enumerate(zip(metadata, detections)):
@@ -377,6 +389,21 @@ def detector_labels(detector: str) -> frozenset[str] | None:
     except (OSError, ValueError):
         return None
     return frozenset(str(n) for n in (getattr(config, "id2label", None) or {}).values()) or None
+
+
+SEEN_MAX = 4096
+
+
+def _key(image: torch.Tensor, prompt: str, meta: Mapping[str, Any]) -> bytes:
+    """A digest of one sample: its pixels (as scored), its prompt and its row."""
+    import hashlib
+    import json
+
+    h = hashlib.blake2b(digest_size=16)
+    h.update(image.detach().float().cpu().contiguous().numpy().tobytes())
+    h.update(prompt.encode("utf-8"))
+    h.update(json.dumps(meta, sort_keys=True, default=str).encode("utf-8"))
+    return h.digest()
 
 
 def _pil(hwc):

@@ -203,3 +203,20 @@ def test_rows_naming_a_class_the_detector_does_not_know_fail_at_load(tiny_models
     # a detector whose config cannot be read here: only the row's shape is checked
     assert GenEval.row_problem(row, {"detector": str(tiny_models / "nowhere")}) is None
     assert "no GenEval 'include'" in GenEval.row_problem({}, {})
+
+
+def test_details_after_score_reuse_the_verdicts_instead_of_detecting_again(tiny_models):
+    reward = build_reward("geneval", detector=str(tiny_models / "detector"), clip_model=str(tiny_models / "clip"),
+                          threshold=0.0, detector_size=64)
+    calls = []
+    detect = reward.detect
+    reward.detect = lambda images: calls.append(images.shape[0]) or detect(images)
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    meta = [{"tag": "single_object", "include": [{"class": "dog", "count": 1}]}] * 4
+    scores = score_all(reward, images, ["a dog"] * 4, torch.arange(4), batch_size=2, metadata=meta)
+    details = reward.details(images, ["a dog"] * 4, metadata=meta)
+    assert calls == [2, 2]  # the details came from the verdicts of the scoring calls
+    assert torch.equal(details["correct"], (scores == 1).float())
+    images[0] = 1 - images[0]  # another image (or prompt, or row) is judged afresh
+    reward.details(images, ["a dog"] * 4, metadata=meta)
+    assert calls == [2, 2, 1]

@@ -298,3 +298,16 @@ def test_flow_grpos_geneval_folder_loads_as_it_is(tmp_path):
     assert [r.prompt for r in train] == ["a photo of a bench"] and len(test) == 2
     assert json.loads(train[0].metadata)["include"] == row["include"]
     assert train[0].source.endswith("train_metadata.jsonl:1")
+
+
+def test_a_served_remote_reward_with_metadata_takes_the_metadata_input():
+    """A reward server in front of another (``remote`` with ``metadata: true``) passes metadata on."""
+    from fastapi.testclient import TestClient
+
+    from services.reward import RewardServerSettings, create_app
+
+    served = [{"reward_model": "remote", "url": "http://127.0.0.1:9", "metadata": True, "name": "relay"},
+              {"reward_model": "remote", "url": "http://127.0.0.1:9", "name": "plain"}]
+    with TestClient(create_app(RewardServerSettings(rewards=served))) as c:
+        inputs = lambda name: {i["name"] for i in c.get(f"/v2/models/{name}").json()["inputs"]}  # noqa: E731
+        assert "metadata" in inputs("relay") and "metadata" not in inputs("plain")
