@@ -189,14 +189,13 @@ class ClipBackbone(RewardModel):
     def __init__(self, *, model_name_or_path: str | None = None,
                  processor_name_or_path: str | None = None, **options) -> None:
         super().__init__(**options)
-        from transformers import AutoTokenizer, CLIPModel
+        from transformers import AutoTokenizer
 
         self.model_name_or_path = model_name_or_path or self.default_model
         self.processor_name_or_path = (processor_name_or_path or self.default_processor
                                        or self.model_name_or_path)
         who = self.name
-        model = load_pretrained(CLIPModel.from_pretrained, self.model_name_or_path,
-                                option="model_name_or_path", who=who)
+        model = self.load_model()
         self.transform = load_pretrained(ClipImageTransform.from_pretrained, self.processor_name_or_path,
                                          option="processor_name_or_path", who=who)
         if self.uses_text:
@@ -207,6 +206,13 @@ class ClipBackbone(RewardModel):
         else:
             model.text_model = model.text_projection = None  # get_image_features needs neither
         self.model = model.eval().requires_grad_(False).to(device=self.device, dtype=self.dtype)
+
+    def load_model(self):
+        """The ``CLIPModel`` (``from_pretrained(model_name_or_path)``; a subclass may build it otherwise)."""
+        from transformers import CLIPModel
+
+        return load_pretrained(CLIPModel.from_pretrained, self.model_name_or_path, option="model_name_or_path",
+                               who=self.name)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` in [0, 1] -> pixel values ``[B, 3, h, w]`` on the model's device/dtype."""

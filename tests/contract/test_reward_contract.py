@@ -47,8 +47,13 @@ def assets(tmp_path_factory):
     from tests.helpers.tiny_detector import save_tiny_detector
 
     detector = save_tiny_detector(root / "detector")
+    from transformers import CLIPModel
+
+    from tests.shared.test_hps import to_open_clip
+
+    torch.save({"state_dict": to_open_clip(CLIPModel.from_pretrained(clip).state_dict())}, root / "hps.pt")
     return {"clip": str(clip), "clip768": str(clip768), "head": str(root / "aesthetic_head.pth"),
-            "detector": str(detector)}
+            "detector": str(detector), "hps": str(root / "hps.pt")}
 
 
 def _geneval(assets, stack, **extra) -> RewardModel:
@@ -154,6 +159,8 @@ CASES = [
     Case("ocr", _plain("ocr"), text_prompts=True),
     Case("remote+condition_images", lambda assets, stack, **extra: _remote_sources(assets, stack, **extra)),
     Case("geneval", _geneval),
+    Case("hpsv2", lambda assets, stack, **extra: build_reward(
+        "hpsv2", checkpoint=assets["hps"], processor_name_or_path=assets["clip"], **extra)),
     Case("remote+metadata", _remote_geneval),
 ]
 
