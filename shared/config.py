@@ -335,6 +335,10 @@ class TrainConfig(_Strict):
     muon_nesterov: bool = True
     muon_ns_steps: int = Field(5, gt=0)
     muon_adjust_lr_fn: Literal["match_rms_adamw", "original"] = "match_rms_adamw"
+    muon_adamw_learning_rate: float | None = Field(None, gt=0)  # the AdamW part's; None = learning_rate
+    # matrices whose name contains one of these stay on AdamW: input / output layers, modulation tables
+    muon_exclude: list[str] = Field(default_factory=lambda: ["embed", "proj_out", "norm_out", "scale_shift_table",
+                                                             "time_text", "proj_in"])
     max_grad_norm: float | None = Field(1.0, gt=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     # shard the transformer, its gradients and optimizer state over the processes (PyTorch FSDP2,

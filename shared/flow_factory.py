@@ -683,7 +683,8 @@ def _optimizers(entries: Any, flat: dict, notes: list[str]) -> None:
             entry[ours] = entry.pop(muon_key, OPTIMIZER_DEFAULTS[ours])
         for muon_key in ("momentum", "nesterov", "ns_steps", "adjust_lr_fn"):
             if muon_key in entry:
-                flat[f"train.muon_{muon_key}"] = entry.pop(muon_key)
+                value = entry.pop(muon_key)  # torch reads adjust_lr_fn None as Keller's original
+                flat[f"train.muon_{muon_key}"] = "original" if muon_key == "adjust_lr_fn" and value is None else value
         coefficients = entry.pop("ns_coefficients", None)
         if coefficients is not None and [float(c) for c in coefficients] != [3.4445, -4.775, 2.0315]:
             notes.append(f"optimizers: muon ns_coefficients {coefficients} dropped; flowrl's Muon uses torch's "

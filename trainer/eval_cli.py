@@ -14,6 +14,7 @@ from shared.models import load_adapter
 from trainer.checkpoint import load_checkpoint_weights
 from trainer.data import check_condition_images, check_reward_rows, load_dataset
 from trainer.evaluate import evaluate
+from trainer.loop import check_media_geometry
 from shared.rewards.multi import build_rewards
 from trainer.policy import Policy, attach_trainable
 from shared.models.warm_start import warm_start
@@ -28,6 +29,7 @@ def eval_checkpoint(cfg: Config, checkpoint: str | Path | None) -> dict:
     rows = (test_rows or train_rows)[: cfg.eval.num_prompts]
     check_reward_rows(cfg.eval_rewards or cfg.rewards, rows, "eval_rewards" if cfg.eval_rewards else "rewards")
     adapter = load_adapter(cfg.model, device=accelerator.device, seed=cfg.train.seed)
+    check_media_geometry(cfg, adapter)
     check_condition_images(rows, adapter.model_type, adapter.condition_images)
     warm_start(cfg.model, adapter, "before")  # model.init_from: the run's base, as the trainer built it
     trainable = attach_trainable(adapter, cfg)

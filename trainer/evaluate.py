@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -14,7 +13,7 @@ from shared.condition_images import open_rows
 from shared.config import Config
 from shared.rewards.base import details_all
 from shared.rewards.multi import routed, row_metadata, score_specs
-from shared.sampling import rollout_batches
+from shared.sampling import as_hw, rollout_batches
 from trainer.reporting import save_grid
 from trainer.sharding import equal_share
 
@@ -25,7 +24,7 @@ GRID_MAX = 16
 class EvalSettings:
     """How one prompt is evaluated: ``eval.*``, or its ``data.datasets`` source's overrides."""
 
-    resolution: Any
+    resolution: tuple[int, int]  # (height, width)
     num_inference_steps: int
     guidance_scale: float
 
@@ -37,7 +36,7 @@ def eval_settings(cfg: Config, source: str = "") -> EvalSettings:
     e = cfg.eval
     own = next((s.eval for s in cfg.data.datasets or [] if s.name == source and s.eval is not None), None)
     pick = lambda key: getattr(e, key) if own is None or getattr(own, key) is None else getattr(own, key)  # noqa: E731
-    return EvalSettings(pick("resolution"), pick("num_inference_steps"), pick("guidance_scale"))
+    return EvalSettings(as_hw(pick("resolution")), pick("num_inference_steps"), pick("guidance_scale"))
 
 
 def nan_sum_count(values: torch.Tensor) -> torch.Tensor:

@@ -110,7 +110,7 @@ def build_optimizer(cfg: Config, trainable: dict):
     from diffusers.optimization import get_scheduler
 
     t = cfg.train
-    optimizer = optim.build(cfg, list(trainable.values()))
+    optimizer = optim.build(cfg, list(trainable.items()))
     total = schedule_steps(cfg)
     schedule = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
                              num_training_steps=total)

@@ -324,15 +324,18 @@ class GenEval(RewardModel):
                 check_metadata(meta, f"the row of prompt {prompts[i]!r}")
             except ValueError as e:
                 raise ValueError(f"geneval: {e}") from None
-        keys = [_key(images[i], prompts[i], meta) for i, meta in enumerate(metadata)]
+        pixels = images.detach().float().cpu()
+        keys = [_key(pixels[i], prompts[i], meta) for i, meta in enumerate(metadata)]
         todo = [i for i, key in enumerate(keys) if key not in self._seen]
+        fresh: dict[bytes, Verdict] = {}
         if todo:  # evaluation asks score() then details() about the same images: judged once
-            for i, verdict in zip(todo, self._judge(images[todo], [prompts[i] for i in todo],
-                                                    [metadata[i] for i in todo])):
-                self._seen[keys[i]] = verdict
-                while len(self._seen) > SEEN_MAX:
-                    self._seen.pop(next(iter(self._seen)))
-        return [self._seen[key] for key in keys]
+            fresh = dict(zip((keys[i] for i in todo), self._judge(images[todo], [prompts[i] for i in todo],
+                                                                   [metadata[i] for i in todo])))
+        out = [fresh[key] if key in fresh else self._seen[key] for key in keys]
+        self._seen.update(fresh)
+        while len(self._seen) > SEEN_MAX:  # the oldest go first
+            self._seen.pop(next(iter(self._seen)))
+        return out
 
     def _judge(self, images: torch.Tensor, prompts: list[str], metadata: Sequence[Mapping[str, Any]]) -> list[Verdict]:
         detections = self.detect(images)
@@ -395,12 +398,12 @@ SEEN_MAX = 4096
 
 
 def _key(image: torch.Tensor, prompt: str, meta: Mapping[str, Any]) -> bytes:
-    """A digest of one sample: its pixels (as scored), its prompt and its row."""
+    """A digest of one sample: its pixels (a float32 CPU ``[3, H, W]``), its prompt and its row."""
     import hashlib
     import json
 
     h = hashlib.blake2b(digest_size=16)
-    h.update(image.detach().float().cpu().contiguous().numpy().tobytes())
+    h.update(image.contiguous().numpy().tobytes())
     h.update(prompt.encode("utf-8"))
     h.update(json.dumps(meta, sort_keys=True, default=str).encode("utf-8"))
     return h.digest()

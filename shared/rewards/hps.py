@@ -16,6 +16,7 @@ Options: ``checkpoint`` (a local ``.pt`` file, or ``org/repo/file.pt`` on the hu
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -118,7 +119,13 @@ class HPSv2(ClipBackbone):
 
         config = load_pretrained(CLIPConfig.from_pretrained, self.processor_name_or_path,
                                  option="processor_name_or_path", who="hpsv2")
-        state = torch.load(resolve_checkpoint(self.checkpoint), map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(resolve_checkpoint(self.checkpoint), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"hpsv2: checkpoint {self.checkpoint!r} holds more than tensors and plain values, which "
+                             f"flowrl does not unpickle ({e}). Fix: load it once where you trust it and save "
+                             f"torch.load(...)['state_dict'] alone, or the converted model with save_pretrained "
+                             f"(then model_name_or_path).") from None
         state = state.get("state_dict", state)
         model = CLIPModel(config)
         missing, unexpected = model.load_state_dict(open_clip_to_hf(state), strict=False)

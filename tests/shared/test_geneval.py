@@ -220,3 +220,15 @@ def test_details_after_score_reuse_the_verdicts_instead_of_detecting_again(tiny_
     images[0] = 1 - images[0]  # another image (or prompt, or row) is judged afresh
     reward.details(images, ["a dog"] * 4, metadata=meta)
     assert calls == [2, 2, 1]
+
+
+def test_one_call_with_more_images_than_the_cache_holds(tiny_models, monkeypatch):
+    import shared.rewards.geneval as g
+
+    monkeypatch.setattr(g, "SEEN_MAX", 2)
+    reward = build_reward("geneval", detector=str(tiny_models / "detector"), clip_model=str(tiny_models / "clip"),
+                          threshold=0.0, detector_size=64)
+    images = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    meta = [{"tag": "single_object", "include": [{"class": "dog", "count": 1}]}] * 5
+    assert reward.score(images, ["a dog"] * 5, metadata=meta).shape == (5,)
+    assert len(reward._seen) == 2

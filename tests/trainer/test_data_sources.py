@@ -315,7 +315,7 @@ def test_a_source_with_its_own_eval_settings_is_sampled_and_scored_with_them(tmp
                       overrides=overrides)
     cfg.data.datasets[1].eval.resolution = 32  # the toy source at 32 px, 2 steps; free keeps eval's 16 px
     cfg.data.datasets[1].eval.num_inference_steps = 2
-    assert eval_settings(cfg, "toy").resolution == 32 and eval_settings(cfg, "toy").num_inference_steps == 2
+    assert eval_settings(cfg, "toy").resolution == (32, 32) and eval_settings(cfg, "toy").num_inference_steps == 2
     assert eval_settings(cfg, "free") == eval_settings(cfg, "")
     train(cfg, quiet=True)
     rows = [json.loads(line) for line in (tmp_path / "runs" / "tiny_grpo" / "metrics.jsonl").read_text().splitlines()]

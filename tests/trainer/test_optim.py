@@ -99,3 +99,21 @@ def test_config_picks_the_optimizer_and_refuses_muon_under_fsdp(tmp_path):
     assert opt.parts[0].param_groups[0]["adjust_lr_fn"] == "original"
     with pytest.raises(ConfigError, match="muon orthogonalizes each whole weight matrix"):
         tiny_config(tmp_path, overrides=["train.optimizer=muon", "train.fsdp=true"])
+
+
+def test_excluded_matrices_and_the_adamw_learning_rate():
+    named = [("transformer_blocks.0.attn.to_q.weight", torch.nn.Parameter(torch.randn(8, 8))),
+             ("context_embedder.weight", torch.nn.Parameter(torch.randn(8, 4))),
+             ("proj_out.weight", torch.nn.Parameter(torch.randn(4, 8))),
+             ("norm.bias", torch.nn.Parameter(torch.randn(8)))]
+    opt = MuonWithAdamW(named, exclude=("embed", "proj_out"), adamw_lr=1e-4, **KW)
+    muon, adamw = opt.parts
+    assert [p.shape for p in muon.param_groups[0]["params"]] == [(8, 8)]
+    assert len(adamw.param_groups[0]["params"]) == 3
+    assert (muon.param_groups[0]["lr"], adamw.param_groups[0]["lr"]) == (0.01, 1e-4)
+    with pytest.raises(NotImplementedError, match="build a new one"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(2, 2))]})
+    import copy
+
+    with pytest.raises(TypeError, match="save its state_dict"):
+        copy.deepcopy(opt)
