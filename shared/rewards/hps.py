@@ -16,7 +16,6 @@ Options: ``checkpoint`` (a local ``.pt`` file, or ``org/repo/file.pt`` on the hu
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import torch
@@ -121,7 +120,9 @@ class HPSv2(ClipBackbone):
                                  option="processor_name_or_path", who="hpsv2")
         try:
             state = torch.load(resolve_checkpoint(self.checkpoint), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
+        except Exception as e:  # noqa: BLE001 - weights_only refusing an object: UnpicklingError
+            if type(e).__name__ != "UnpicklingError":
+                raise
             raise ValueError(f"hpsv2: checkpoint {self.checkpoint!r} holds more than tensors and plain values, which "
                              f"flowrl does not unpickle ({e}). Fix: load it once where you trust it and save "
                              f"torch.load(...)['state_dict'] alone, or the converted model with save_pretrained "
