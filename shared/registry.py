@@ -35,6 +35,20 @@ def import_dotted(path: str) -> object:
         raise ImportError(f"module '{module_name}' has no attribute '{attr}'") from e
 
 
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance: the fewest single-character insertions, deletions and substitutions
+    that turn ``a`` into ``b``. ``O(len(a) * len(b))`` time, ``O(len(b))`` memory."""
+    if len(a) < len(b):
+        a, b = b, a
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, start=1):
+        current = [i]
+        for j, cb in enumerate(b, start=1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        previous = current
+    return previous[-1]
+
+
 def nearest(name: str, choices: list[str]) -> str | None:
     """The closest choice to ``name`` (case-insensitive), or None if nothing is close."""
     lowered = {c.lower(): c for c in choices}

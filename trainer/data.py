@@ -23,6 +23,7 @@ import json
 from pathlib import Path
 
 from shared.condition_images import condition_count_error, unreadable_reason
+from shared.registry import edit_distance
 
 ALLOWED_KEYS = {"prompt", "negative_prompt", "image", "images", "video", "videos", "metadata"}
 ROW_KEYS = ALLOWED_KEYS - {"metadata"}  # the columns flowrl itself reads; the rest is metadata
@@ -43,26 +44,16 @@ class PromptRow:
     metadata: str = ""  # its other JSONL columns, as one JSON object text (sorted keys); "" = none
 
 
-def _edits(a: str, b: str) -> int:
-    """Levenshtein distance (insertions, deletions, substitutions)."""
-    row = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        prev, row[0] = row[0], i
-        for j, cb in enumerate(b, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
-    return row[-1]
-
-
 def misspelt(key: str) -> str | None:
     """The known row key ``key`` looks like a misspelling of (a different case, or at most two
-    edits away, one for keys under six letters), else None. A known key with a prefix or suffix (``prompt_id``, ``videoid``) is a
-    column of its own, not a misspelling."""
+    edits away, one for keys under six letters), else None. A known key with a prefix or suffix
+    (``prompt_id``, ``videoid``) is a column of its own, not a misspelling."""
     low = key.lower()
     if low in ALLOWED_KEYS:
         return low
     if any(low.startswith(k) or low.endswith(k) for k in ALLOWED_KEYS):
         return None
-    close = [(_edits(low, k), k) for k in sorted(ALLOWED_KEYS)]
+    close = [(edit_distance(low, k), k) for k in sorted(ALLOWED_KEYS)]
     close = [(d, k) for d, k in close if d <= min(2, len(k) // 3)]
     return min(close)[1] if close else None
 

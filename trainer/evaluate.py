@@ -121,7 +121,9 @@ def evaluate(cfg: Config, accelerator, adapter, policy, rewards: dict, specs, ro
         grid.update({positions[i]: images[n] for n, i in enumerate(keep) if positions[i] in shown_grid})
         group_ids = torch.tensor([j // k for j in js], dtype=torch.long)  # a prompt's images
         datasets = [rows[j // k].dataset for j in js] if sources else None
-        metadata = row_metadata([rows[j // k].metadata for j in js])
+        # parsed once here (score_specs passes dicts through) and only when some reward reads it
+        metadata = (row_metadata([rows[j // k].metadata for j in js])
+                    if any(r.metadata for r in rewards.values()) else None)
         scores = score_specs(rewards, specs, images, prompts, group_ids,
                              condition_images=lambda js=js: open_rows([rows[j // k].images or [] for j in js]),
                              datasets=datasets, metadata=metadata)
@@ -134,7 +136,8 @@ def evaluate(cfg: Config, accelerator, adapter, policy, rewards: dict, specs, ro
                 continue
             sub = (lambda xs: xs) if picks is None else (lambda xs, picks=picks: [xs[i] for i in picks])  # noqa: E731
             shown = images if picks is None else images[picks]
-            for key, values in details_all(rewards[spec.label], shown, sub(prompts), sub(metadata)).items():
+            for key, values in details_all(rewards[spec.label], shown, sub(prompts),
+                                           None if metadata is None else sub(metadata)).items():
                 total = detail_sums.get((spec.label, key), torch.zeros(2, dtype=torch.float64))
                 detail_sums[(spec.label, key)] = total + nan_sum_count(values)
     grid_images = same_size([grid[p] for p in sorted(grid)]) if grid else None

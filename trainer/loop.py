@@ -38,7 +38,7 @@ from trainer.checkpoint import load_checkpoint_ema, load_checkpoint_weights, sav
 from trainer.collect import SEED_STRIDE, EpochData, finish_epoch, plan_epoch
 from trainer.data import check_condition_images, check_reward_rows, load_dataset
 from trainer.embeddings import offload_mode, warm_embeddings
-from trainer.evaluate import evaluate
+from trainer.evaluate import eval_settings, evaluate
 from trainer.policy import DTYPES, Policy, attach_trainable, trainable_params
 from trainer import optim
 from trainer.ptx import PretrainMix
@@ -86,9 +86,8 @@ def check_media_geometry(cfg: Config, adapter) -> None:
 
     adapter.sample_shape(as_hw(cfg.train.resolution), cfg.train.num_frames)
     adapter.sample_shape(as_hw(cfg.eval.resolution), cfg.eval.num_frames)
-    for src in cfg.data.datasets or []:  # a source evaluated at its own resolution
-        if src.eval is not None and src.eval.resolution is not None:
-            adapter.sample_shape(as_hw(src.eval.resolution), cfg.eval.num_frames)
+    for src in cfg.data.datasets or []:  # a source may be evaluated at its own resolution
+        adapter.sample_shape(eval_settings(cfg, src.name).resolution, cfg.eval.num_frames)
 
 
 def check_rows(adapter, *row_lists) -> None:

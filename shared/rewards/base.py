@@ -168,9 +168,10 @@ class RewardModel:
     @classmethod
     def row_problem(cls, metadata: Mapping[str, Any], options: Mapping[str, Any] | None = None) -> str | None:
         """For a reward that reads row metadata: what is wrong with one dataset row's metadata
-        (a dict, ``{}`` for none) for this reward built with ``options`` (its config entry's), or None. Checked when the dataset loads, for
-        every row the reward will score, so a wrong dataset fails before any rollout
-        (:func:`trainer.data.check_reward_rows`). Default: nothing is."""
+        (a dict, ``{}`` for none) for this reward built with ``options`` (its config entry's), or
+        None. Checked when the dataset loads, for every row the reward will score, so a wrong
+        dataset fails before any rollout (:func:`trainer.data.check_reward_rows`). Default:
+        nothing is."""
         return None
 
     def summarize_details(self, means: dict[str, float]) -> dict[str, float]:

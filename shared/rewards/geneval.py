@@ -54,7 +54,6 @@ import torch
 import torch.nn.functional as F
 
 from shared.rewards.base import RewardModel
-from shared.rewards.clip_rewards import _features
 
 COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
 RELATIONS = ("left of", "right of", "above", "below")
@@ -214,9 +213,9 @@ class GenEval(RewardModel):
                  strict: bool = False, class_aliases: dict[str, str] | None = None, detector_size: int = 800,
                  **options) -> None:
         super().__init__(**options)
-        from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel, Mask2FormerForUniversalSegmentation
+        from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
 
-        from shared.rewards.clip_rewards import ClipImageTransform, load_pretrained
+        from shared.rewards.clip_rewards import CLIPScore, load_pretrained
 
         if not (0 <= threshold <= 1 and 0 <= counting_threshold <= 1) or max_objects < 1 or position_threshold < 0:
             raise ValueError(f"geneval: need thresholds in [0, 1], max_objects >= 1 and position_threshold >= 0; got "
@@ -235,11 +234,10 @@ class GenEval(RewardModel):
         self.detector.to(device=self.device, dtype=f32)
         self.processor = load_pretrained(AutoImageProcessor.from_pretrained, detector, option="detector", who="geneval")
         self.labels = {i: str(n) for i, n in self.detector.config.id2label.items()}
-        self.clip = load_pretrained(CLIPModel.from_pretrained, clip_model, option="clip_model",
-                                    who="geneval").eval().requires_grad_(False).to(device=self.device, dtype=f32)
-        self.tokenizer = load_pretrained(AutoTokenizer.from_pretrained, clip_model, option="clip_model", who="geneval")
-        self.transform = load_pretrained(ClipImageTransform.from_pretrained, clip_model, option="clip_model",
-                                         who="geneval")
+        try:  # the clip reward's backbone: its preprocessing, tokenizer and normalized embeddings
+            self.clip = CLIPScore(model_name_or_path=clip_model, device=self.device, dtype=f32)
+        except OSError as e:  # (FileNotFoundError included) named by the option the user set
+            raise type(e)(f"geneval: clip_model (the CLIP that names colors): {e}") from e
         self._color_text: dict[str, torch.Tensor] = {}
         self._seen: dict[bytes, Verdict] = {}  # (image, prompt, row) digest -> its verdict, the newest SEEN_MAX
 
@@ -302,14 +300,9 @@ class GenEval(RewardModel):
             crop = torch.where(keep, crop, torch.full_like(crop, GRAY))
         if name not in self._color_text:
             texts = [t.format(color=c, name=name) for c in COLORS for t in COLOR_TEMPLATES]
-            limit = min(self.tokenizer.model_max_length, self.clip.config.text_config.max_position_embeddings)
-            tokens = self.tokenizer(texts, padding=True, truncation=True, max_length=limit, return_tensors="pt")
-            emb = self.clip.get_text_features(input_ids=tokens["input_ids"].to(self.device),
-                                              attention_mask=tokens["attention_mask"].to(self.device))
-            emb = F.normalize(_features(emb).float(), dim=-1).view(len(COLORS), len(COLOR_TEMPLATES), -1)
+            emb = self.clip.text_embeds(self.clip.tokenize(texts)).view(len(COLORS), len(COLOR_TEMPLATES), -1)
             self._color_text[name] = F.normalize(emb.mean(dim=1), dim=-1)
-        pixels = self.transform(crop[None].to(self.device))
-        emb = F.normalize(_features(self.clip.get_image_features(pixel_values=pixels)).float(), dim=-1)
+        emb = self.clip.image_embeds(self.clip.preprocess(crop[None]))
         return COLORS[int((emb @ self._color_text[name].T).argmax())]
 
     # --- the reward ----------------------------------------------------------------------------

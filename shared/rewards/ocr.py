@@ -38,6 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from shared.registry import edit_distance
+
 from shared.images import to_uint8_hwc
 from shared.rewards.base import RewardModel
 from shared.rewards.builtin import _check_rgb
@@ -60,20 +62,6 @@ def quoted_text(prompt: str) -> str | None:
 def normalize(text: str) -> str:
     """Lower-case, every whitespace character removed (the OCR rule compares these)."""
     return re.sub(r"\s+", "", text).lower()
-
-
-def edit_distance(a: str, b: str) -> int:
-    """Levenshtein distance: the fewest single-character insertions, deletions and substitutions
-    that turn ``a`` into ``b``. ``O(len(a) * len(b))`` time, ``O(len(b))`` memory."""
-    if len(a) < len(b):
-        a, b = b, a
-    previous = list(range(len(b) + 1))
-    for i, ca in enumerate(a, start=1):
-        current = [i]
-        for j, cb in enumerate(b, start=1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
-        previous = current
-    return previous[-1]
 
 
 def ocr_score(recognized: str, target: str) -> float:

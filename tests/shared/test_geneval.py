@@ -184,8 +184,8 @@ def test_color_classifies_the_box_crop_with_the_background_grayed(tiny_models):
     mask = torch.zeros(16, 16, dtype=torch.bool)
     mask[4:8, 2:6] = True
     seen = []
-    transform = reward.transform
-    reward.transform = lambda x: seen.append(x.clone()) or transform(x)
+    transform = reward.clip.transform
+    reward.clip.transform = lambda x: seen.append(x.clone()) or transform(x)
     assert reward.color(image, "dog", Detection((2.0, 3.0, 6.0, 9.0), 0.9, mask)) in COLORS
     crop = seen[0][0]
     assert crop.shape == (3, 6, 4)  # rows 3..8, columns 2..5
