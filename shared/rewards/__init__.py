@@ -6,8 +6,9 @@ toy-world verifier, :mod:`shared.rewards.toy_geneval`) and the learned models ``
 (:mod:`shared.rewards.aesthetic`) and ``vlm_judge`` (a served VLM's probability of Yes,
 :mod:`shared.rewards.vlm_judge`), ``ocr`` (the quoted text read back, :mod:`shared.rewards.ocr`) and
 ``rational_rewards_t2i`` / ``_edit`` (a served judge's rubric scores, :mod:`shared.rewards.rational`) and
-``geneval`` (GenEval's check from row metadata, :mod:`shared.rewards.geneval`) and ``hpsv2``
-(Human Preference Score v2.1, :mod:`shared.rewards.hps`) are registered lazily by dotted path and imported on first
+``geneval`` (GenEval's check from row metadata, :mod:`shared.rewards.geneval`), ``hpsv2``
+(Human Preference Score v2.1, :mod:`shared.rewards.hps`) and ``imagereward`` (ImageReward v1.0,
+:mod:`shared.rewards.image_reward`) are registered lazily by dotted path and imported on first
 lookup (names are case-insensitive). A ``reward_model`` that is a dotted path
 ``package.module.Class`` builds a user's own :class:`RewardModel` subclass.
 """
@@ -31,6 +32,7 @@ REWARDS.register("toy_geneval", "shared.rewards.toy_geneval.ToyGenEval")
 REWARDS.register("toy_shape_quality", "shared.rewards.toy_geneval.ToyShapeQuality")
 REWARDS.register("geneval", "shared.rewards.geneval.GenEval")
 REWARDS.register("hpsv2", "shared.rewards.hps.HPSv2")
+REWARDS.register("imagereward", "shared.rewards.image_reward.ImageReward")
 REWARDS.register("pickscore", "shared.rewards.clip_rewards.PickScore")
 REWARDS.register("pickscore_rank", "shared.rewards.clip_rewards.PickScoreRank")
 REWARDS.register("clip", "shared.rewards.clip_rewards.CLIPScore")

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from shared.rewards.base import REWARDS
-from shared.rewards.clip_rewards import CLIP_MODEL, ClipBackbone, check_pretrained
+from shared.rewards.clip_rewards import CLIP_MODEL, ClipBackbone, load_torch_state, resolve_file
 
 HEAD_URL = ("https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
             "sac+logos+ava1-l14-linearMSE.pth")
@@ -56,28 +56,9 @@ class AestheticMLP(nn.Module):
 
 def _resolve_head(head_path: str, who: str) -> Path:
     """A local file, or a hub file written ``owner/repo/path/in/repo.pth`` (downloaded)."""
-    local = Path(head_path).expanduser()
-    if local.is_file():
-        return local
-    parts = head_path.split("/")
-    if len(parts) >= 3 and not local.is_absolute() and not head_path.startswith((".", "~")):
-        from huggingface_hub import hf_hub_download
-
-        repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
-        check_pretrained(repo_id, option="head_path (its 'owner/repo' part)", who=who)
-        try:
-            return Path(hf_hub_download(repo_id=repo_id, filename=filename))
-        except Exception as e:  # offline, missing repo or file: one message for all
-            raise FileNotFoundError(
-                f"{who}: head_path '{head_path}' is not a local file, and downloading '{filename}' from "
-                f"hub repo '{repo_id}' failed: {e}\nFix: download {HEAD_URL} and set head_path to "
-                f"the local file."
-            ) from e
-    raise FileNotFoundError(
-        f"{who}: head_path '{head_path}' is not an existing file. Fix: download {HEAD_URL} and set "
-        f"head_path to it (a .pth/.pt state dict or a .safetensors file), or give a hub file as "
-        f"'owner/repo/file'."
-    )
+    return resolve_file(head_path, option="head_path", who=who,
+                        fix=f"download {HEAD_URL} and set head_path to the local file (a .pth/.pt state dict or "
+                            f"a .safetensors file), or give a hub file as 'owner/repo/file'.")
 
 
 def load_head_state(path: str | Path) -> dict[str, torch.Tensor]:
@@ -88,7 +69,7 @@ def load_head_state(path: str | Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    state = load_torch_state(path, option="head_path", who="aesthetic")
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 

@@ -78,6 +78,54 @@ def load_pretrained(loader: Callable[[str], Any], path_or_id: str, *, option: st
         ) from e
 
 
+def resolve_file(spec: str, *, option: str, who: str, fix: str) -> Path:
+    """A local file, or a hub file written ``owner/repo/path/in/repo`` (downloaded, or found in the
+    Hugging Face cache). :class:`FileNotFoundError` naming ``option`` and ending with ``fix`` when it
+    is neither, or the download fails (offline, no such repo or file)."""
+    spec = str(spec)
+    local = Path(spec).expanduser()
+    if local.is_file():
+        return local
+    parts = spec.split("/")
+    if len(parts) >= 3 and not local.exists() and not local.is_absolute() and not spec.startswith((".", "~")):
+        from huggingface_hub import hf_hub_download
+
+        repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
+        check_pretrained(repo_id, option=f"{option} (its 'owner/repo' part)", who=who)
+        try:
+            return Path(hf_hub_download(repo_id=repo_id, filename=filename))
+        except Exception as e:  # noqa: BLE001 - offline, missing repo or file: one teaching message
+            raise FileNotFoundError(
+                f"{who}: {option} '{spec}' is not a local file, and downloading '{filename}' from hub repo "
+                f"'{repo_id}' failed ({type(e).__name__}: {e}).\nFix: {fix}") from e
+    raise FileNotFoundError(f"{who}: {option} '{spec}' is not a file, nor 'owner/repo/file' on the Hugging Face "
+                            f"Hub. Fix: {fix}")
+
+
+def load_torch_state(path: str | Path, *, option: str, who: str) -> dict[str, Any]:
+    """A torch checkpoint loaded with ``weights_only`` on the CPU (tensors and plain values only:
+    flowrl unpickles no objects); a refused object becomes a :class:`ValueError` saying how to
+    re-save the file."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - weights_only refusing an object: UnpicklingError
+        if type(e).__name__ != "UnpicklingError":
+            raise
+        raise ValueError(f"{who}: {option} '{path}' holds more than tensors and plain values, which flowrl does "
+                         f"not unpickle ({e}). Fix: load it once where you trust it and save its state dict "
+                         f"alone (torch.save(torch.load(...)['state_dict'], ...)).") from None
+
+
+def no_random_init():
+    """A context in which ``transformers`` models are built without their random initialization
+    (for weights that all come from a checkpoint next: a ViT-H costs seconds to initialize)."""
+    try:
+        from transformers.initialization import no_init_weights  # transformers >= 5
+    except ImportError:
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
+
+
 def _size_hw(size: Any, *, square: bool) -> tuple[int, int] | int:
     """A processor ``size`` entry -> ``(h, w)``, or an int shortest edge (``square=False``)."""
     if isinstance(size, int):

@@ -16,8 +16,6 @@ Options: ``checkpoint`` (a local ``.pt`` file, or ``org/repo/file.pt`` on the hu
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from shared.rewards.clip_rewards import PICKSCORE_PROCESSOR, ClipBackbone
@@ -74,24 +72,6 @@ def open_clip_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def resolve_checkpoint(checkpoint: str) -> Path:
-    """A local file, or ``org/repo/path/in/repo`` fetched (or found in the cache) from the hub."""
-    path = Path(checkpoint).expanduser()
-    if path.is_file():
-        return path
-    parts = checkpoint.split("/")
-    if len(parts) < 3 or path.exists():
-        raise FileNotFoundError(f"hpsv2: checkpoint {checkpoint!r} is not a file, nor 'org/repo/file.pt' on the "
-                                f"Hugging Face Hub. Fix: point checkpoint at HPS_v2.1_compressed.pt (or v2's).")
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return Path(hf_hub_download("/".join(parts[:2]), "/".join(parts[2:])))
-    except Exception as e:  # noqa: BLE001 - offline, missing repo or file: one teaching message
-        raise OSError(f"hpsv2: could not fetch {checkpoint!r} from the hub ({type(e).__name__}: {e}). Fix: download "
-                      f"HPS_v2.1_compressed.pt where flowrl runs and set checkpoint to its path.") from e
-
-
 class HPSv2(ClipBackbone):
     """HPS v2 / v2.1 (module docstring): ``cos(image, prompt)`` of the preference-tuned ViT-H/14.
 
@@ -114,21 +94,17 @@ class HPSv2(ClipBackbone):
             return super().load_model()
         from transformers import CLIPConfig, CLIPModel
 
-        from shared.rewards.clip_rewards import load_pretrained
+        from shared.rewards.clip_rewards import load_pretrained, load_torch_state, no_random_init, resolve_file
 
         config = load_pretrained(CLIPConfig.from_pretrained, self.processor_name_or_path,
                                  option="processor_name_or_path", who="hpsv2")
-        try:
-            state = torch.load(resolve_checkpoint(self.checkpoint), map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - weights_only refusing an object: UnpicklingError
-            if type(e).__name__ != "UnpicklingError":
-                raise
-            raise ValueError(f"hpsv2: checkpoint {self.checkpoint!r} holds more than tensors and plain values, which "
-                             f"flowrl does not unpickle ({e}). Fix: load it once where you trust it and save "
-                             f"torch.load(...)['state_dict'] alone, or the converted model with save_pretrained "
-                             f"(then model_name_or_path).") from None
+        path = resolve_file(self.checkpoint, option="checkpoint", who="hpsv2",
+                            fix="download HPS_v2.1_compressed.pt (or v2's) where flowrl runs and point checkpoint "
+                                "at it.")
+        state = load_torch_state(path, option="checkpoint", who="hpsv2")
         state = state.get("state_dict", state)
-        model = CLIPModel(config)
+        with no_random_init():  # every weight comes from the checkpoint: skip ViT-H's random init
+            model = CLIPModel(config)
         missing, unexpected = model.load_state_dict(open_clip_to_hf(state), strict=False)
         missing = [k for k in missing if not k.endswith("position_ids")]
         if missing or unexpected:

@@ -52,8 +52,12 @@ def assets(tmp_path_factory):
     from tests.shared.test_hps import to_open_clip
 
     torch.save({"state_dict": to_open_clip(CLIPModel.from_pretrained(clip).state_dict())}, root / "hps.pt")
+    from tests.helpers.tiny_image_reward import save_tiny_image_reward
+
+    image_reward, bert = save_tiny_image_reward(root / "imagereward")
     return {"clip": str(clip), "clip768": str(clip768), "head": str(root / "aesthetic_head.pth"),
-            "detector": str(detector), "hps": str(root / "hps.pt")}
+            "detector": str(detector), "hps": str(root / "hps.pt"), "imagereward": str(image_reward),
+            "bert": str(bert)}
 
 
 def _geneval(assets, stack, **extra) -> RewardModel:
@@ -162,6 +166,8 @@ CASES = [
     Case("hpsv2", lambda assets, stack, **extra: build_reward(
         "hpsv2", checkpoint=assets["hps"], processor_name_or_path=assets["clip"], **extra)),
     Case("remote+metadata", _remote_geneval),
+    Case("imagereward", lambda assets, stack, **extra: build_reward(
+        "imagereward", checkpoint=assets["imagereward"], tokenizer_name_or_path=assets["bert"], **extra)),
 ]
 
 
