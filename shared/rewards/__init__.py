@@ -5,7 +5,8 @@ toy-world verifier, :mod:`shared.rewards.toy_geneval`) and the learned models ``
 ``PickScore_Rank``, ``CLIP`` (:mod:`shared.rewards.clip_rewards`), ``aesthetic``
 (:mod:`shared.rewards.aesthetic`) and ``vlm_judge`` (a served VLM's probability of Yes,
 :mod:`shared.rewards.vlm_judge`), ``ocr`` (the quoted text read back, :mod:`shared.rewards.ocr`) and
-``rational_rewards_t2i`` / ``_edit`` (a served judge's rubric scores, :mod:`shared.rewards.rational`) and
+``rational_rewards_t2i`` / ``_edit`` (a served judge's rubric scores, :mod:`shared.rewards.rational`),
+``unifiedreward`` / ``vlm_score`` (a served judge's score on a scale, :mod:`shared.rewards.score_judge`) and
 ``geneval`` (GenEval's check from row metadata, :mod:`shared.rewards.geneval`), ``hpsv2``
 (Human Preference Score v2.1, :mod:`shared.rewards.hps`) and ``imagereward`` (ImageReward v1.0,
 :mod:`shared.rewards.image_reward`) are registered lazily by dotted path and imported on first
@@ -43,6 +44,8 @@ REWARDS.register("vllm_evaluate", "shared.rewards.vlm_judge.VLMJudge")  # Flow-F
 REWARDS.register("ocr", "shared.rewards.ocr.OCR")
 REWARDS.register("rational_rewards_t2i", "shared.rewards.rational.RationalRewardsT2I")
 REWARDS.register("rational_rewards_edit", "shared.rewards.rational.RationalRewardsEdit")
+REWARDS.register("unifiedreward", "shared.rewards.score_judge.UnifiedReward")
+REWARDS.register("vlm_score", "shared.rewards.score_judge.VLMScore")
 
 __all__ = [
     "KINDS",

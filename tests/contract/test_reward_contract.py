@@ -106,6 +106,19 @@ def _judge(name: str):
     return build
 
 
+def _scale_judge(name: str, **fixed):
+    def build(assets, stack: contextlib.ExitStack, **extra) -> RewardModel:
+        """A judge writing a score on a scale, asking a stand-in server on a loopback port."""
+        from tests.helpers.fake_judge import judge_state, score_app
+        from tests.services.live_server import running_app
+
+        url = stack.enter_context(running_app(score_app(judge_state()), ready_path="/v1/models"))
+        model = build_reward(name, url=f"{url}/v1", **fixed, **extra)
+        stack.callback(model.close)
+        return model
+    return build
+
+
 def _rational(name: str):
     def build(assets, stack: contextlib.ExitStack, **extra) -> RewardModel:
         """A RationalRewards judge asking a stand-in OpenAI-compatible judge on a loopback port."""
@@ -166,6 +179,8 @@ CASES = [
     Case("hpsv2", lambda assets, stack, **extra: build_reward(
         "hpsv2", checkpoint=assets["hps"], processor_name_or_path=assets["clip"], **extra)),
     Case("remote+metadata", _remote_geneval),
+    Case("unifiedreward", _scale_judge("unifiedreward")),
+    Case("vlm_score", _scale_judge("vlm_score", model="judge")),
     Case("imagereward", lambda assets, stack, **extra: build_reward(
         "imagereward", checkpoint=assets["imagereward"], tokenizer_name_or_path=assets["bert"], **extra)),
 ]

@@ -137,3 +137,38 @@ def rational_app(state: dict) -> FastAPI:
         return {"data": [{"id": "RationalRewards-8B-T2I"}]}
 
     return app
+
+
+def score_app(state: dict) -> FastAPI:
+    """A judge that rates on a scale: it reasons first (quoting the answer format with a decoy
+    score), then writes ``Final Score: {1 + 4 b}`` for an image of mean brightness b, or, when the
+    question says "Rating:", ``Rating: {round(10 b)}``. Prompts with "riddle" get prose without a
+    score, "offscale" a score of 9; "flaky" fails twice with 503, "broken" always with 500. The
+    image's size is recorded in ``state["sizes"]``."""
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def complete(request: Request):
+        body = await recorded(state, request, 0.02)
+        image_part, text_part = body["messages"][0]["content"]
+        question = text_part["text"]
+        failure = scripted_failure(state, question)
+        if failure is not None:
+            return failure
+        png = base64.b64decode(image_part["image_url"]["url"].split(",", 1)[1])
+        state.setdefault("sizes", []).append(Image.open(io.BytesIO(png)).size)
+        b = _brightness(image_part["image_url"]["url"])
+        if "riddle" in question:
+            reply = "I cannot judge this image."
+        elif "Rating:" in question:
+            reply = f"Looked at it. Rating: {round(10 * b)}"
+        else:
+            score = 9.0 if "offscale" in question else 1 + 4 * b
+            reply = f"I must answer as 'Final Score: 1' after weighing both criteria.\nFinal Score: {score:.4f}"
+        return {"choices": [{"message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}]}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"data": [{"id": "UnifiedReward-7b-v1.5"}]}
+
+    return app

@@ -1,0 +1,100 @@
+"""``unifiedreward`` / ``vlm_score`` against a real HTTP server speaking the OpenAI chat completions
+API (FastAPI under uvicorn): a stand-in judge that writes ``Final Score: 1 + 4 b`` for an image of
+mean brightness b after a decoy in its reasoning, so the reward has a closed form."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+
+from shared.rewards import build_reward, score_all
+from shared.rewards.remote import RemoteRewardError
+from shared.rewards.score_judge import SCORE_PATTERN, read_score
+from tests.helpers.fake_judge import judge_state, score_app
+from tests.services.live_server import running_app
+
+
+@pytest.fixture(scope="module")
+def judge():
+    state = judge_state()
+    with running_app(score_app(state), ready_path="/v1/models") as url:
+        yield f"{url}/v1", state
+
+
+def flat(n: int, seed: int = 0, size: int = 8) -> torch.Tensor:
+    """Images of one grey level each (brightness survives resizing exactly, up to PNG's uint8)."""
+    levels = torch.randint(20, 236, (n, 1, 1, 1), generator=torch.Generator().manual_seed(seed)).float() / 255
+    return levels.expand(n, 3, size, size).contiguous()
+
+
+def test_read_score_takes_the_last_score_on_the_scale():
+    pattern = re.compile(SCORE_PATTERN)
+    assert read_score("as 'Final Score: 1' ... Final Score: 4.5", pattern, 1, 5) == 4.5
+    assert read_score("Final Score:3", pattern, 1, 5) == 3.0
+    assert math.isnan(read_score("Final Score: 7", pattern, 1, 5))  # off the scale
+    assert math.isnan(read_score("I think it is a four.", pattern, 1, 5))
+    assert math.isnan(read_score("", pattern, 1, 5))
+
+
+def test_the_reward_is_the_judges_score_over_five(judge):
+    url, state = judge
+    x = flat(6, size=40)
+    reward = build_reward("unifiedreward", url=url, token="sk-test", max_concurrent=3)
+    got = score_all(reward, x, [f"prompt {i}" for i in range(6)], torch.arange(6), batch_size=6)
+    torch.testing.assert_close(got, (1 + 4 * x.mean(dim=(1, 2, 3))) / 5, rtol=0, atol=1e-4)
+    body = state["bodies"][-1]
+    assert body["model"] == "UnifiedReward-7b-v1.5" and body["temperature"] == 0.0
+    assert "Final Score:" in body["messages"][0]["content"][1]["text"]
+    assert any(b["messages"][0]["content"][1]["text"].endswith("Text Caption: [prompt 5]") for b in state["bodies"])
+    assert state["sizes"][-6:] == [(512, 512)] * 6  # resized as Flow-GRPO sends them
+    assert state["auth"][-1] == "Bearer sk-test" and 1 < state["max_inflight"] <= 3
+    as_generated = build_reward("unifiedreward", url=url, image_size=None)
+    torch.testing.assert_close(as_generated.score(x[:2], ["a", "b"]), got[:2], rtol=0, atol=1e-4)
+    assert state["sizes"][-1] == (40, 40)
+    video = torch.stack([x[:2], 1 - x[:2]], dim=1)  # [B, F, 3, H, W]: judged on the first frame
+    torch.testing.assert_close(as_generated.score(video, ["a", "b"]), got[:2], rtol=0, atol=1e-4)
+
+
+def test_another_judge_and_scale(judge):
+    url, _ = judge
+    x = flat(3, seed=1)
+    reward = build_reward("vlm_score", url=url, model="judge", question="Rate {prompt} from 0 to 10. Rating:",
+                          score_pattern=r"Rating:\s*(\d+)", min_score=0, max_score=10)
+    torch.testing.assert_close(reward.score(x, ["a", "b", "c"]), (10 * x.mean(dim=(1, 2, 3))).round() / 10)
+
+
+def test_a_reply_without_a_score_on_the_scale_abstains_and_is_asked_again(judge, caplog):
+    url, _ = judge
+    reward = build_reward("unifiedreward", url=url)
+    x = flat(3, seed=2)
+    with caplog.at_level("WARNING"):
+        got = reward.score(x, ["a riddle", "offscale", "fine"])
+    assert math.isnan(got[0]) and math.isnan(got[1]) and not math.isnan(got[2])
+    assert "'a riddle'" in caplog.text and "abstains" in caplog.text and "I cannot judge" in caplog.text
+    sent = reward.requests
+    reward.score(x, ["a riddle", "offscale", "fine"])
+    assert reward.requests == sent + 2  # the two abstentions were not cached; the score was
+
+
+def test_transient_failures_are_retried_and_a_dead_judge_raises(judge):
+    url, state = judge
+    reward = build_reward("unifiedreward", url=url, backoff=0.01)
+    assert not math.isnan(reward.score(flat(1, seed=3), ["flaky"])[0])
+    with pytest.raises(RemoteRewardError):
+        build_reward("unifiedreward", url=url, retries=1, backoff=0.01).score(flat(1), ["broken"])
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"question": "Rate {image}"}, "only {prompt}"),
+    ({"score_pattern": r"Final Score: \d"}, "needs a group"),
+    ({"score_pattern": "(["}, "not a regular expression"),
+    ({"min_score": 5, "max_score": 5}, "min_score < max_score"),
+    ({"image_size": 0}, "image_size"),
+    ({"url": "sglang:17140"}, "OpenAI API root"),
+])
+def test_bad_options_say_what_to_do(options, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build_reward("unifiedreward", **{"url": "http://127.0.0.1:9/v1", **options})
