@@ -147,6 +147,11 @@ class ClipImageTransform:
     for the long edge, or to ``(h, w)``), antialiased, clamped back to ``[0, 1]`` as the uint8
     path clips; -> center crop ``crop`` (top/left ``int((H - h) / 2)``, zero padding if the image
     is smaller) -> ``(x - mean) / std``. Output float32 ``[B, 3, crop_h, crop_w]``.
+
+    ``letterbox=True`` replaces resize and crop with OpenCLIP's ``ResizeMaxSize`` (what HPS v2
+    scores with): the LONGEST edge is resized to the crop size (the other to ``round(edge *
+    scale)``) and the rest padded with black, the image centred (left / top get half the padding,
+    rounded down). Square images are resized alike either way.
     """
 
     resize: tuple[int, int] | int | None  # None: no resize; int: shortest edge
@@ -154,6 +159,7 @@ class ClipImageTransform:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     mode: str = "bicubic"
+    letterbox: bool = False
 
     @classmethod
     def from_config(cls, config: dict) -> "ClipImageTransform":
@@ -187,13 +193,30 @@ class ClipImageTransform:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"CLIP preprocessing expects RGB images [B, 3, H, W], got {tuple(images.shape)}")
         x = images.float()
+        if self.letterbox:
+            return self._normalize(self._letterbox(x))
         size = self.output_size(*x.shape[-2:])
-        if size != tuple(x.shape[-2:]):
-            smooth = self.mode in ("bilinear", "bicubic")
-            x = F.interpolate(x, size=size, mode=self.mode, antialias=smooth,
-                              align_corners=False if smooth else None).clamp(0.0, 1.0)
+        x = self._resize(x, size)
         if self.crop is not None:
             x = _center_crop(x, *self.crop)
+        return self._normalize(x)
+
+    def _resize(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        if size == tuple(x.shape[-2:]):
+            return x
+        smooth = self.mode in ("bilinear", "bicubic")
+        return F.interpolate(x, size=size, mode=self.mode, antialias=smooth,
+                             align_corners=False if smooth else None).clamp(0.0, 1.0)
+
+    def _letterbox(self, x: torch.Tensor) -> torch.Tensor:
+        side = max(self.crop) if self.crop is not None else max(x.shape[-2:])
+        h, w = x.shape[-2:]
+        scale = side / max(h, w)
+        x = self._resize(x, (round(h * scale), round(w * scale)))
+        ph, pw = side - x.shape[-2], side - x.shape[-1]
+        return F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
         return (x - mean) / std

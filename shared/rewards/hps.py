@@ -6,15 +6,18 @@ The released weights (``HPS_v2.1_compressed.pt``, ``HPS_v2_compressed.pt`` in th
 repository) are an OpenCLIP state dict. flowrl needs no OpenCLIP (it pulls torchvision): the
 state dict is renamed into a ``transformers`` ``CLIPModel`` (:func:`open_clip_to_hf`) whose
 architecture comes from ``processor_name_or_path`` (default ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``,
-the model HPS was fine-tuned from, whose tokenizer and 224-pixel bicubic preprocessing are
-OpenCLIP's for ViT-H-14 too). ``model_name_or_path`` instead loads an already converted folder
-(``save_pretrained``).
+the model HPS was fine-tuned from, whose tokenizer, mean and std are OpenCLIP's for ViT-H-14 too).
+``model_name_or_path`` instead loads an already converted folder (``save_pretrained``). Images are
+preprocessed as HPS's scorer does (its OpenCLIP fork's ``ResizeMaxSize``): the longest edge bicubic
+to 224, the rest padded black, so a wide image is scored whole rather than centre-cropped.
 
 Options: ``checkpoint`` (a local ``.pt`` file, or ``org/repo/file.pt`` on the hub; default v2.1),
 ``model_name_or_path``, ``processor_name_or_path``.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -88,6 +91,8 @@ class HPSv2(ClipBackbone):
     def __init__(self, *, checkpoint: str = HPS_CHECKPOINT, **options) -> None:
         self.checkpoint = checkpoint
         super().__init__(**options)
+        # HPS scores as its OpenCLIP fork preprocesses: the longest edge to 224, black padding
+        self.transform = dataclasses.replace(self.transform, letterbox=True)
 
     def load_model(self):
         if self.model_name_or_path is not None:

@@ -99,3 +99,30 @@ def test_a_checkpoint_that_does_not_fit_or_is_missing_says_what_to_do(tiny, tmp_
         build_reward("hpsv2", checkpoint=str(tmp_path / "broken.pt"), processor_name_or_path=str(folder))
     with pytest.raises(FileNotFoundError, match="checkpoint 'nowhere.pt' is not a file"):
         build_reward("hpsv2", checkpoint="nowhere.pt", processor_name_or_path=str(folder))
+
+
+def test_hps_letterboxes_wide_images_like_its_open_clip_fork(tiny):
+    """HPS's scorer resizes the longest edge to 224 and pads with black (OpenCLIP ResizeMaxSize);
+    here, at the tiny processor's 32: a 64 x 32 image becomes 32 x 16, centred, 8 black rows above
+    and below. Compared with PIL doing the same (bicubic resize, paste on black)."""
+    import numpy as np
+    from PIL import Image
+
+    folder, ckpt = tiny
+    hps = build_reward("hpsv2", checkpoint=str(ckpt), processor_name_or_path=str(folder))
+    u8 = torch.randint(0, 256, (1, 3, 32, 64), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
+    got = hps.transform(u8.float() / 255)
+    assert got.shape == (1, 3, 32, 32)
+    pil = Image.fromarray(u8[0].permute(1, 2, 0).numpy()).resize((32, 16), Image.BICUBIC)
+    canvas = Image.new("RGB", (32, 32))
+    canvas.paste(pil, (0, 8))
+    want = torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    mean = torch.tensor(hps.transform.mean).view(1, 3, 1, 1)
+    std = torch.tensor(hps.transform.std).view(1, 3, 1, 1)
+    want = (want - mean) / std
+    torch.testing.assert_close(got[..., :8, :], want[..., :8, :], rtol=0, atol=1e-6)  # the black band, exactly
+    assert (got - want).abs().mean() < 0.03  # PIL's and torch's bicubic differ by rounding
+    # a square image is resized as by the plain CLIP transform
+    square = torch.rand(2, 3, 48, 48, generator=torch.Generator().manual_seed(6))
+    clip = build_reward("clip", model_name_or_path=str(folder))
+    torch.testing.assert_close(hps.transform(square), clip.transform(square))
