@@ -560,6 +560,11 @@ class Config(_Strict):
     rewards: list[RewardSpec] = Field(..., min_length=1)
     eval_rewards: list[RewardSpec] | None = None  # None = same as rewards
 
+    def evaluation_rewards(self) -> tuple[str, list[RewardSpec]]:
+        """The section evaluation scores with and its rewards: ``eval_rewards``, or ``rewards`` when
+        that is not set (or empty)."""
+        return ("eval_rewards", self.eval_rewards) if self.eval_rewards else ("rewards", self.rewards)
+
     def geometry(self, world_size: int) -> "BatchGeometry":
         return BatchGeometry.derive(self.train, world_size)
 

@@ -27,7 +27,8 @@ def eval_checkpoint(cfg: Config, checkpoint: str | Path | None) -> dict:
                               cpu=not torch.cuda.is_available())
     train_rows, test_rows = load_dataset(cfg.data)
     rows = (test_rows or train_rows)[: cfg.eval.num_prompts]
-    check_reward_rows(cfg.eval_rewards or cfg.rewards, rows, "eval_rewards" if cfg.eval_rewards else "rewards")
+    section, specs = cfg.evaluation_rewards()
+    check_reward_rows(specs, rows, section)
     adapter = load_adapter(cfg.model, device=accelerator.device, seed=cfg.train.seed)
     check_media_geometry(cfg, adapter)
     check_condition_images(rows, adapter.model_type, adapter.condition_images)
@@ -40,7 +41,6 @@ def eval_checkpoint(cfg: Config, checkpoint: str | Path | None) -> dict:
     else:
         load_checkpoint_weights(Path(checkpoint), cfg, adapter, policy)
         out_dir = Path(checkpoint) / "eval"
-    specs = cfg.eval_rewards or cfg.rewards
     out_dir.mkdir(parents=True, exist_ok=True)
     result = evaluate(cfg, accelerator, adapter, policy, build_rewards(specs, accelerator.device),
                       specs, rows, out_dir, epoch=0)

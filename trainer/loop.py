@@ -252,7 +252,8 @@ def train(cfg: Config, *, quiet: bool = False, stop: StopRequest | None = None) 
     train_rows, test_rows = load_dataset(cfg.data)
     eval_rows = (test_rows or train_rows)[: cfg.eval.num_prompts]
     check_reward_rows(cfg.rewards, train_rows)
-    check_reward_rows(cfg.eval_rewards or cfg.rewards, eval_rows, "eval_rewards" if cfg.eval_rewards else "rewards")
+    eval_section, eval_specs = cfg.evaluation_rewards()
+    check_reward_rows(eval_specs, eval_rows, eval_section)
 
     # FSDP: the transformer stays on the CPU until sharding moves each process's pieces to its device
     adapter = load_adapter(cfg.model, device=accelerator.device, seed=t.seed,
@@ -312,7 +313,6 @@ def train(cfg: Config, *, quiet: bool = False, stop: StopRequest | None = None) 
     built: dict = {}  # an eval reward configured like a training one is the same model, loaded once
     rewards = build_rewards(cfg.rewards, accelerator.device, built)
     eval_rewards = build_rewards(cfg.eval_rewards, accelerator.device, built) if cfg.eval_rewards else rewards
-    eval_specs = cfg.eval_rewards or cfg.rewards
 
     progress = Progress()
     if ckpt is not None:  # exact resume: weights, EMA, optimizer, LR schedule, counters

@@ -26,14 +26,26 @@ class Slot:
     def __init__(self, spec: ServedReward) -> None:
         self.spec = spec
         self.name = spec.label
-        self.kind: str = REWARDS.get(spec.reward_model).kind  # RegistryError names the choices
-        self.conditions: bool = bool(REWARDS.get(spec.reward_model).condition_images)  # reads source images
-        self.video: bool = REWARDS.get(spec.reward_model).video == "native"  # scores whole videos only
-        # reads dataset row metadata (a served `remote` passes it on when its own option says so)
-        self.metadata: bool = bool(REWARDS.get(spec.reward_model).metadata or spec.options.get("metadata") is True)
+        self.kind: str = ""
+        self.conditions = self.video = self.metadata = False
+        cls = REWARDS.get(spec.reward_model)  # RegistryError names the choices
+        # until the model is built: its class's flags, or the options of the same names it takes
+        accepted = cls.keyword_options()
+        self.read_capabilities(type("Declared", (), {
+            attr: spec.options[attr] if attr in accepted and attr in spec.options else getattr(cls, attr)
+            for attr in ("kind", "condition_images", "video", "metadata")}))
         self.state = "loading"  # loading | ready | failed
         self.error: str | None = None
         self.batcher: DynamicBatcher | None = None
+
+    def read_capabilities(self, reward) -> None:
+        """What requests must carry, from the reward's class at startup, then from the built model
+        (whose options may set them: a served ``remote`` with ``condition_images`` / ``metadata`` /
+        ``video`` of its own)."""
+        self.kind = reward.kind
+        self.conditions = bool(reward.condition_images)  # reads source images
+        self.video = reward.video == "native"  # scores whole videos only
+        self.metadata = bool(reward.metadata)  # reads dataset row metadata
 
     def ready_batcher(self) -> DynamicBatcher:
         """The batcher, or 503 saying why the model cannot score yet."""
@@ -76,6 +88,7 @@ class Models:
                 slot.state, slot.error = "failed", f"{type(e).__name__}: {e}"
                 log.error("reward '%s' failed to load: %s", slot.name, slot.error)
                 continue
+            slot.read_capabilities(model)
             s = self.settings
             slot.batcher = DynamicBatcher(
                 slot.name, model, batch_size=spec.batch_size or s.max_batch_size, max_batch_size=s.max_batch_size,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import uuid
 
 import pytest
@@ -307,7 +308,14 @@ def test_a_served_remote_reward_with_metadata_takes_the_metadata_input():
     from services.reward import RewardServerSettings, create_app
 
     served = [{"reward_model": "remote", "url": "http://127.0.0.1:9", "metadata": True, "name": "relay"},
+              {"reward_model": "remote", "url": "http://127.0.0.1:9", "condition_images": True, "name": "sources"},
               {"reward_model": "remote", "url": "http://127.0.0.1:9", "name": "plain"}]
     with TestClient(create_app(RewardServerSettings(rewards=served))) as c:
         inputs = lambda name: {i["name"] for i in c.get(f"/v2/models/{name}").json()["inputs"]}  # noqa: E731
-        assert "metadata" in inputs("relay") and "metadata" not in inputs("plain")
+        for _ in range(2):  # while loading (the options say) and once built (the models say)
+            assert "metadata" in inputs("relay") and "metadata" not in inputs("plain")
+            assert "condition_images" in inputs("sources") and "condition_images" not in inputs("relay")
+            deadline = time.monotonic() + 30
+            while not c.get("/v2/health/ready").status_code == 200 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert c.get("/v2/health/ready").status_code == 200
