@@ -69,6 +69,12 @@ def same_size(images: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(fit)
 
 
+def prompt_samples(rank: int, world: int, num_prompts: int, k: int) -> list[int]:
+    """The eval samples process ``rank`` of ``world`` generates: all ``k`` of every ``world``-th
+    prompt (sample ``j`` is prompt ``j // k``), so a prompt's images are scored together."""
+    return [j for p in range(rank, num_prompts, world) for j in range(p * k, (p + 1) * k)]
+
+
 def grid_picks(samples: list[int], k: int) -> list[int]:
     """Positions in ``samples`` for the eval grid: the first image of up to ``GRID_MAX`` prompts
     spread evenly over the list (so every part of a category-ordered test split shows)."""
@@ -87,11 +93,12 @@ def evaluate(cfg: Config, accelerator, adapter, policy, rewards: dict, specs, ro
     the grid."""
     e, rank, world = cfg.eval, accelerator.process_index, accelerator.num_processes
     k = e.images_per_prompt
-    # sample j is prompt j // k with seed e.seed + j, whatever the number of processes
-    mine = list(range(rank, len(rows) * k, world))
+    # sample j is prompt j // k with seed e.seed + j, whatever the number of processes; a prompt's
+    # k images stay on one process (rewards that compare them see the whole group)
+    mine = prompt_samples(rank, world, len(rows), k)
     n_mine = len(mine)
     if policy.sharded:  # every process runs the same forwards (each all-gathers); extras dropped
-        mine = equal_share(mine, [len(range(r, len(rows) * k, world)) for r in range(world)])
+        mine = equal_share(mine, [len(prompt_samples(r, world, len(rows), k)) for r in range(world)])
     sums = torch.zeros(len(specs), 2, dtype=torch.float64)  # (sum, count) per reward
     detail_sums: dict[tuple[str, str], torch.Tensor] = {}  # (label, key) -> (sum, count) of reward details
     # data.datasets: each reward scores only its sources' prompts, and is also reported per source

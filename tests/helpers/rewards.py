@@ -71,3 +71,13 @@ class FrameChange(Brightness):
         if images.ndim != 5:
             raise ValueError(f"FrameChange scores videos [B, F, 3, H, W], got {tuple(images.shape)}")
         return (images[:, 1:] - images[:, :-1]).abs().mean(dim=(1, 2, 3, 4))
+
+
+class GroupSize(Brightness):
+    """Groupwise: each sample's score is the number of images its group was scored with (a
+    group split between processes scores lower, so its mean shows how groups were kept)."""
+
+    kind = "groupwise"
+
+    def score_group(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return torch.full((images.shape[0],), float(images.shape[0]))

@@ -86,15 +86,25 @@ def test_wall_clock_budget_stops_after_the_epoch_that_exceeds_it(tmp_path):
 
 
 def test_grid_shows_first_seed_of_prompts_spread_over_the_split():
-    from trainer.evaluate import GRID_MAX, grid_picks
+    from trainer.evaluate import GRID_MAX, grid_picks, prompt_samples
 
     assert grid_picks([0, 1, 2, 3, 4, 5], 2) == [0, 2, 4]  # first image of each of 3 prompts
     picks = grid_picks(list(range(47 * 4)), 4)
     assert len(picks) == GRID_MAX and picks[0] == 0 and picks[-1] == 46 * 4
     assert all(p % 4 == 0 for p in picks) and picks == sorted(set(picks))
-    # rank 1 of 2 holds samples 1, 3, 5, ...: its positions point at samples j with j % k == 0
-    mine = list(range(1, 40, 2))
-    assert [mine[p] % 4 for p in grid_picks(mine, 4)] == [0] * len(grid_picks(mine, 4))
+    # rank 1 of 2 holds prompts 1, 3, 5, ...: its positions point at samples j with j % k == 0
+    mine = prompt_samples(1, 2, 10, 4)
+    assert [mine[p] % 4 for p in grid_picks(mine, 4)] == [0] * 5
+
+
+def test_each_process_evaluates_whole_prompts():
+    from trainer.evaluate import prompt_samples
+
+    assert prompt_samples(0, 2, 3, 2) == [0, 1, 4, 5] and prompt_samples(1, 2, 3, 2) == [2, 3]
+    for world, prompts, k in [(1, 5, 3), (2, 5, 3), (3, 7, 4), (4, 2, 2)]:
+        parts = [prompt_samples(r, world, prompts, k) for r in range(world)]
+        assert sorted(j for part in parts for j in part) == list(range(prompts * k))  # each sample once
+        assert all(len({j // k for j in part}) * k == len(part) for part in parts)  # whole prompts
 
 
 def test_images_per_prompt_evaluates_every_prompt_k_times(tmp_path):

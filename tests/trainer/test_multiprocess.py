@@ -43,6 +43,10 @@ def test_two_processes_match_one(tmp_path):
     # one optimizer step per epoch over the whole global batch, so both layouts take the same step
     raw["train"].update(max_epochs=2, clip_range=1e-3, per_device_batch_size=8,
                         gradient_step_per_epoch=1)
+    # 3 images per prompt and a reward that compares them: a prompt's images must stay on one process
+    raw["eval"]["images_per_prompt"] = 3
+    raw["eval_rewards"] = [{"reward_model": "brightness"},
+                           {"reward_model": "tests.helpers.rewards.GroupSize", "name": "group_size"}]
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(raw))
     run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -75,6 +79,8 @@ def test_two_processes_match_one(tmp_path):
     e2 = [x["eval/reward/brightness"] for x in m2 if "eval/reward/brightness" in x]
     e1 = [x["eval/reward/brightness"] for x in m1 if "eval/reward/brightness" in x]
     assert abs(e2[0] - e1[0]) < 1e-5 and abs(e2[-1] - e1[-1]) < 1e-3
+    sizes = [x["eval/reward/group_size"] for m in (m1, m2) for x in m if "eval/reward/group_size" in x]
+    assert sizes and all(size == 3 for size in sizes)  # every prompt's 3 images were scored together
     ones = json.loads((one / "rank0_state.json").read_text())
     assert abs(ones["param_abs_sum"] - ranks[0]["param_abs_sum"]) < 1e-3 * ones["param_abs_sum"]
 
