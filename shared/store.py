@@ -1,7 +1,7 @@
 """The blob store: bulky data of the distributed mode, addressed by fsspec URLs.
 
 ``file:///shared/volume/flowrl`` for one machine or a shared volume, ``memory://flowrl`` for
-tests (one process), ``s3://bucket/prefix`` for clusters (needs ``s3fs``). Tensors are stored
+tests (one process), ``s3://bucket/prefix`` for clusters (needs ``s3fs``: ``flowrl[s3]``). Tensors are stored
 as safetensors, image batches as safetensors of 8-bit pixels (lossless like PNG, without its
 encode cost), never pickle.
 
@@ -135,7 +135,13 @@ class BlobStore:
             raise ValueError(f"blob store url {url!r} has no scheme. Fix: use file:///abs/path, "
                              f"memory://name or s3://bucket/prefix.")
         self.url = url.rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        except ImportError as e:  # fsspec knows the scheme, its filesystem package is missing
+            scheme = url.split("://", 1)[0]
+            extra = " (pip install 'flowrl[s3]')" if scheme in ("s3", "s3a") else ""
+            raise ImportError(f"blob store url {url!r} needs the package fsspec uses for {scheme}://: {e}{extra}. "
+                              f"Fix: install it where the sampler, reward workers and trainer run.") from e
         self._local = self.fs.protocol in ("file", "local") or "file" in self.fs.protocol
 
     # ------------------------------------------------------------------ bytes

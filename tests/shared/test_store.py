@@ -72,6 +72,11 @@ def test_bad_urls_say_how_to_fix_them(tmp_path):
         s.get_bytes(other)
     with pytest.raises(ValueError, match=r"\[3, H, W\]"):
         encode_png(torch.zeros(1, 3, 4, 4))
+    import importlib.util
+
+    if importlib.util.find_spec("s3fs") is None:  # this machine has no s3fs: the error says how to get it
+        with pytest.raises(ImportError, match=r"s3://.*flowrl\[s3\]"):
+            BlobStore("s3://bucket/prefix")
 
 
 def test_image_batches_travel_as_8_bit_pixels(store):
