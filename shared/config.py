@@ -855,6 +855,12 @@ def check_reward_options(cfg: Config) -> None:
                 raise ConfigError(f"{where}[{i}].reward_model: {e} Fix: correct the name.") from None
             if not (isinstance(cls, type) and issubclass(cls, RewardModel)):
                 continue  # build_reward says what a reward class must be
+            if where == "eval_rewards" and cls.kind != "pointwise" and cfg.eval.images_per_prompt < 2:
+                raise ConfigError(
+                    f"eval_rewards[{i}] ('{spec.label}') is {cls.kind}: it compares the images of one prompt, "
+                    f"and eval.images_per_prompt is {cfg.eval.images_per_prompt}, so it has nothing to compare. "
+                    f"Fix: set eval.images_per_prompt to 2 or more (GenEval uses 4), or evaluate with a "
+                    f"pointwise reward.")
             problems = option_problems(cls, spec.options, entry_keys)
             if problems:
                 raise ConfigError(

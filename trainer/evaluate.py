@@ -150,8 +150,8 @@ def evaluate(cfg: Config, accelerator, adapter, policy, rewards: dict, specs, ro
     grid_images = same_size([grid[p] for p in sorted(grid)]) if grid else None
     sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
     out: dict = {"epoch": epoch}
-    for j, spec in enumerate(specs):
-        out[f"eval/reward/{spec.label}"] = float(sums[j, 0] / sums[j, 1].clamp_min(1))
+    for j, spec in enumerate(specs):  # NaN: every sample abstained (e.g. a groupwise reward, 1 image a prompt)
+        out[f"eval/reward/{spec.label}"] = float(sums[j, 0] / sums[j, 1]) if sums[j, 1] > 0 else float("nan")
     if sources:
         per_source = accelerator.reduce(per_source.to(accelerator.device), reduction="sum").cpu()
         for j, spec in enumerate(specs):

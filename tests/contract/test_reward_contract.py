@@ -181,6 +181,8 @@ CASES = [
     Case("remote+metadata", _remote_geneval),
     Case("unifiedreward", _scale_judge("unifiedreward")),
     Case("vlm_score", _scale_judge("vlm_score", model="judge")),
+    Case("diversity", lambda assets, stack, **extra: build_reward(
+        "diversity", model_name_or_path=assets["clip"], **extra)),
     Case("imagereward", lambda assets, stack, **extra: build_reward(
         "imagereward", checkpoint=assets["imagereward"], tokenizer_name_or_path=assets["bert"], **extra)),
 ]

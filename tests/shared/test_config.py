@@ -260,6 +260,16 @@ def test_a_misspelt_reward_option_names_the_nearest_option_of_that_reward():
     assert "eval_rewards[0]" in msg and "did you mean 'exact_objects'?" in msg
 
 
+def test_a_reward_that_compares_a_prompts_images_needs_several_in_evaluation():
+    msg = error(raw(eval_rewards=[{"reward_model": "diversity"}]))
+    assert "eval_rewards[0] ('diversity') is groupwise" in msg and "eval.images_per_prompt" in msg
+    msg = error(raw(eval_rewards=[{"reward_model": "pairwise_brightness"}]))
+    assert "is pairwise" in msg
+    cfg = parse_config(raw(eval={"images_per_prompt": 4}, eval_rewards=[{"reward_model": "diversity"}]))
+    assert cfg.eval_rewards[0].reward_model == "diversity"
+    parse_config(raw(rewards=[{"reward_model": "pairwise_brightness"}]))  # training: groups are whole
+
+
 def test_an_unknown_reward_name_fails_at_load_with_the_nearest_name():
     msg = error(raw(rewards=[{"reward_model": "brightnes"}]))
     assert "rewards[0].reward_model" in msg and "Did you mean 'brightness'?" in msg

@@ -123,6 +123,20 @@ def test_images_per_prompt_evaluates_every_prompt_k_times(tmp_path):
     assert Counter(p for _, p in eval_calls) == Counter({q: 6 for q in test_prompts})
 
 
+def test_a_groupwise_reward_evaluated_on_one_image_a_prompt_reports_no_score_not_zero(tmp_path):
+    """The training reward compares a group's images; evaluation (reusing it, 1 image a prompt)
+    has nothing to compare, so its eval reward is NaN, while a diversity eval over 3 images is not."""
+    import math
+
+    cfg = tiny_config(tmp_path, overrides=FAST + ["train.max_epochs=1", "rewards.0.reward_model=pairwise_brightness"])
+    summary = train(cfg, quiet=True)
+    assert math.isnan(summary["base/pairwise_brightness"]) and math.isnan(summary["final/pairwise_brightness"])
+    assert (Path(summary["run_dir"]) / "report.md").is_file()
+    again = tiny_config(tmp_path / "k3", overrides=FAST + ["train.max_epochs=1", "eval.images_per_prompt=3",
+                                                           "rewards.0.reward_model=pairwise_brightness"])
+    assert not math.isnan(train(again, quiet=True)["base/pairwise_brightness"])
+
+
 def test_progress_bar_shows_geneval_accuracy_when_the_reward_reports_one():
     from trainer.reporting import progress_postfix
 
