@@ -855,9 +855,11 @@ def check_reward_options(cfg: Config) -> None:
                 raise ConfigError(f"{where}[{i}].reward_model: {e} Fix: correct the name.") from None
             if not (isinstance(cls, type) and issubclass(cls, RewardModel)):
                 continue  # build_reward says what a reward class must be
-            if where == "eval_rewards" and cls.kind != "pointwise" and cfg.eval.images_per_prompt < 2:
+            # the class's kind, or its `kind` option (a `remote` reward serving a groupwise model)
+            kind = spec.options.get("kind", cls.kind) if "kind" in cls.keyword_options() else cls.kind
+            if where == "eval_rewards" and kind != "pointwise" and cfg.eval.images_per_prompt < 2:
                 raise ConfigError(
-                    f"eval_rewards[{i}] ('{spec.label}') is {cls.kind}: it compares the images of one prompt, "
+                    f"eval_rewards[{i}] ('{spec.label}') is {kind}: it compares the images of one prompt, "
                     f"and eval.images_per_prompt is {cfg.eval.images_per_prompt}, so it has nothing to compare. "
                     f"Fix: set eval.images_per_prompt to 2 or more (GenEval uses 4), or evaluate with a "
                     f"pointwise reward.")

@@ -504,7 +504,9 @@ def train(cfg: Config, *, quiet: bool = False, stop: StopRequest | None = None) 
     if main:
         report = write_report(run_dir, history, evals, [s.label for s in eval_specs], summary)
         summary["report"] = str(report)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        # strict JSON: no score (NaN, every sample abstained) is null
+        (run_dir / "summary.json").write_text(json.dumps(
+            {k: None if isinstance(v, float) and v != v else v for k, v in summary.items()}, indent=2))
         logger.close()
         if not quiet:
             for spec in eval_specs:

@@ -160,6 +160,7 @@ class ClipImageTransform:
     std: tuple[float, float, float]
     mode: str = "bicubic"
     letterbox: bool = False
+    round_crop: bool = False  # crop offsets int(round(...)) as torchvision's CenterCrop (ImageReward's), not int(...)
 
     @classmethod
     def from_config(cls, config: dict) -> "ClipImageTransform":
@@ -198,7 +199,7 @@ class ClipImageTransform:
         size = self.output_size(*x.shape[-2:])
         x = self._resize(x, size)
         if self.crop is not None:
-            x = _center_crop(x, *self.crop)
+            x = _center_crop(x, *self.crop, round_offsets=self.round_crop)
         return self._normalize(x)
 
     def _resize(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -222,13 +223,14 @@ class ClipImageTransform:
         return (x - mean) / std
 
 
-def _center_crop(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+def _center_crop(x: torch.Tensor, height: int, width: int, round_offsets: bool = False) -> torch.Tensor:
     h, w = x.shape[-2:]
     if height > h or width > w:  # pad with zeros (black) first, as the processors do
         ph, pw = max(height - h, 0), max(width - w, 0)
         x = F.pad(x, (pw // 2, (pw + 1) // 2, ph // 2, (ph + 1) // 2))
         h, w = x.shape[-2:]
-    top, left = int((h - height) / 2.0), int((w - width) / 2.0)
+    offset = (lambda extra: int(round(extra / 2.0))) if round_offsets else (lambda extra: int(extra / 2.0))  # noqa: E731
+    top, left = offset(h - height), offset(w - width)
     return x[..., top:top + height, left:left + width]
 
 

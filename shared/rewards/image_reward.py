@@ -197,7 +197,8 @@ class ImageReward(RewardModel):
                              f"{TOKENIZER}.")
         self.max_length = min(MAX_LENGTH, text.max_position_embeddings)
         size = vision.image_size
-        self.transform = ClipImageTransform(resize=size, crop=(size, size), mean=CLIP_MEAN, std=CLIP_STD)
+        self.transform = ClipImageTransform(resize=size, crop=(size, size), mean=CLIP_MEAN, std=CLIP_STD,
+                                            round_crop=True)  # torchvision's CenterCrop, as ImageReward
         model = model.eval().requires_grad_(False)
         model.vision.to(device=self.device, dtype=self.dtype)
         model.text.to(device=self.device, dtype=self.dtype)

@@ -11,6 +11,7 @@ Config::
         url: http://sglang:17140/v1        # the server's OpenAI API root (POST {url}/chat/completions)
         model: UnifiedReward-7b-v1.5       # the served model's name
         question: "...{prompt}..."         # what the judge is asked; {prompt}: the sample's prompt
+        question_file: null                # or a text file holding it (e.g. the judge's own prompt)
         score_pattern: 'Final Score:\\s*([0-9]+(?:\\.[0-9]+)?)'   # one group: the number
         min_score: 1                       # the scale; reward = score / max_score (Flow-GRPO's X / 5)
         max_score: 5
@@ -24,8 +25,10 @@ Config::
 Each image goes as one chat completion request: the PNG (a data URL), then the question. The
 reward reads the LAST match of ``score_pattern`` in the reply (a judge that reasons first may quote
 the format before answering). The built-in question is flowrl's wording of the criteria UnifiedReward
-rates (alignment with the caption; overall quality) and of its answer format; a judge trained on
-its authors' exact prompt is best asked with it (``question``).
+rates (alignment with the caption; overall quality) and of its answer format. A judge trained on
+its authors' exact prompt is best asked with it: to score as Flow-GRPO's ``unifiedreward`` does,
+put the question its ``flow_grpo/rewards.py`` sends in a file (``{prompt}`` where the caption goes)
+and set ``question_file``.
 
 Failures are never scores: a server that stays down raises
 :class:`~shared.rewards.remote.RemoteRewardError` after the retries. A reply without a readable
@@ -40,6 +43,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -79,15 +83,19 @@ class VLMScore(ChatJudge):
     required_fields = ("image", "prompt")
     label = "vlm_score"
 
-    def __init__(self, *, url: str, model: str, question: str = UNIFIED_QUESTION, score_pattern: str = SCORE_PATTERN,
-                 min_score: float = 1.0, max_score: float = 5.0, image_size: int | None = 512,
-                 temperature: float = 0.0, max_tokens: int = 1024, **options) -> None:
+    def __init__(self, *, url: str, model: str, question: str = UNIFIED_QUESTION, question_file: str | None = None,
+                 score_pattern: str = SCORE_PATTERN, min_score: float = 1.0, max_score: float = 5.0,
+                 image_size: int | None = 512, temperature: float = 0.0, max_tokens: int = 1024, **options) -> None:
         super().__init__(url=url, model=model, **options)
-        try:
-            question.format(prompt="x")
-        except (KeyError, IndexError, ValueError) as e:
-            raise ValueError(f"{self.label}: question may use only {{prompt}} as a placeholder; {question!r} "
-                             f"fails: {e}") from None
+        if question_file is not None:
+            try:
+                question = Path(question_file).expanduser().read_text(encoding="utf-8").strip("\n")
+            except OSError as e:
+                raise ValueError(f"{self.label}: cannot read question_file {question_file!r} ({e}). Fix: give the path "
+                                 f"of a text file holding the question, {{prompt}} where the prompt goes") from None
+        if not question.strip():
+            raise ValueError(f"{self.label}: the question is empty. Fix: write what the judge is asked, {{prompt}} "
+                             f"where the sample's prompt goes")
         try:
             self.pattern = re.compile(score_pattern)
         except re.error as e:
@@ -117,7 +125,7 @@ class VLMScore(ChatJudge):
         return self.parallel(self._judge, encode_png(images), prompts)
 
     def _judge(self, png: bytes, prompt: str) -> float:
-        question = self.question.format(prompt=prompt)
+        question = self.question.replace("{prompt}", prompt)  # other braces are the question's own text
         key = cache_key(png, question, str(self.temperature))
         hit = self.cached(key)
         if hit is not None:

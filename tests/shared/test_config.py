@@ -265,6 +265,9 @@ def test_a_reward_that_compares_a_prompts_images_needs_several_in_evaluation():
     assert "eval_rewards[0] ('diversity') is groupwise" in msg and "eval.images_per_prompt" in msg
     msg = error(raw(eval_rewards=[{"reward_model": "pairwise_brightness"}]))
     assert "is pairwise" in msg
+    served = {"reward_model": "remote", "url": "http://127.0.0.1:1"}
+    assert "is groupwise" in error(raw(eval_rewards=[{**served, "kind": "groupwise"}]))
+    parse_config(raw(eval_rewards=[served]))  # a pointwise remote reward
     cfg = parse_config(raw(eval={"images_per_prompt": 4}, eval_rewards=[{"reward_model": "diversity"}]))
     assert cfg.eval_rewards[0].reward_model == "diversity"
     parse_config(raw(rewards=[{"reward_model": "pairwise_brightness"}]))  # training: groups are whole

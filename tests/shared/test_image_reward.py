@@ -97,3 +97,19 @@ def test_bad_checkpoints_and_paths_say_what_to_do(tiny, tmp_path):
         build_reward("imagereward", checkpoint="nowhere.pt", tokenizer_name_or_path=str(tokenizer))
     with pytest.raises(OSError, match="tokenizer_name_or_path"):
         build_reward("imagereward", checkpoint=str(ckpt), tokenizer_name_or_path=str(tmp_path / "no-tokenizer"))
+
+
+def test_the_crop_is_centred_as_torchvisions_center_crop(tiny):
+    """ImageReward preprocesses with torchvision's CenterCrop, whose offset is int(round(extra / 2)):
+    a 54 x 40 image resizes to 43 x 32 (short edge 32), and 11 extra rows put the crop at row 6
+    (CLIP processors take int(extra / 2) = 5)."""
+    import torch.nn.functional as F
+
+    from shared.rewards.image_reward import CLIP_MEAN, CLIP_STD
+
+    ckpt, tokenizer = tiny
+    reward = build_reward("imagereward", checkpoint=str(ckpt), tokenizer_name_or_path=str(tokenizer))
+    x = torch.rand(1, 3, 54, 40, generator=torch.Generator().manual_seed(4))
+    resized = F.interpolate(x, size=(43, 32), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(reward.transform(x), (resized[..., 6:38, :] - mean) / std)

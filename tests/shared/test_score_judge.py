@@ -87,8 +87,19 @@ def test_transient_failures_are_retried_and_a_dead_judge_raises(judge):
         build_reward("unifiedreward", url=url, retries=1, backoff=0.01).score(flat(1), ["broken"])
 
 
+def test_the_question_can_come_from_a_file(judge, tmp_path):
+    url, state = judge
+    (tmp_path / "q.txt").write_text("<image>\nJudge it {strictly}.\nText Caption: [{prompt}]\n")
+    reward = build_reward("unifiedreward", url=url, question_file=str(tmp_path / "q.txt"))
+    x = flat(1, seed=5)
+    torch.testing.assert_close(reward.score(x, ["a fox"]), (1 + 4 * x.mean(dim=(1, 2, 3))) / 5, rtol=0, atol=1e-4)
+    assert state["bodies"][-1]["messages"][0]["content"][1]["text"] == \
+        "<image>\nJudge it {strictly}.\nText Caption: [a fox]"
+
+
 @pytest.mark.parametrize("options, message", [
-    ({"question": "Rate {image}"}, "only {prompt}"),
+    ({"question": "  "}, "question is empty"),
+    ({"question_file": "/nowhere/q.txt"}, "cannot read question_file"),
     ({"score_pattern": r"Final Score: \d"}, "needs a group"),
     ({"score_pattern": "(["}, "not a regular expression"),
     ({"min_score": 5, "max_score": 5}, "min_score < max_score"),

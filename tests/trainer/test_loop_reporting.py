@@ -132,6 +132,8 @@ def test_a_groupwise_reward_evaluated_on_one_image_a_prompt_reports_no_score_not
     summary = train(cfg, quiet=True)
     assert math.isnan(summary["base/pairwise_brightness"]) and math.isnan(summary["final/pairwise_brightness"])
     assert (Path(summary["run_dir"]) / "report.md").is_file()
+    written = json.loads((Path(summary["run_dir"]) / "summary.json").read_text(), parse_constant=pytest.fail)
+    assert written["base/pairwise_brightness"] is None  # strict JSON: null, not NaN
     again = tiny_config(tmp_path / "k3", overrides=FAST + ["train.max_epochs=1", "eval.images_per_prompt=3",
                                                            "rewards.0.reward_model=pairwise_brightness"])
     assert not math.isnan(train(again, quiet=True)["base/pairwise_brightness"])
