@@ -6,6 +6,7 @@
     flowrl eval CONFIG --checkpoint DIR [--set ...] ODE evaluation of a saved checkpoint
     flowrl eval CONFIG --base [--set ...]            the same evaluation of the untrained model
     flowrl check CONFIG [--set ...]                 validate a config and print the derived batch geometry
+    flowrl list rewards|models|trainers [NAME]      what a config can name; NAME: its docs and options
     flowrl convert FF_CONFIG [-o OUT]               a Flow-Factory config as a flowrl one, with a note per
                                                     key it changed or dropped (shared/flow_factory.py)
     flowrl serve reward --rewards a,b [...]         run the reward server (services/reward/cli.py)
@@ -75,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--http-port", type=int, help="serve /health/live, /health/ready and /metrics on this port "
                    "(conventionally 9101 for samplers, 9102 for reward workers)")
     w.add_argument("--http-host", default="127.0.0.1", help="interface for --http-port (default loopback)")
+    ls = sub.add_parser("list", help="list the registered rewards, models or trainers (or describe one)")
+    ls.add_argument("section", choices=["rewards", "models", "trainers"])
+    ls.add_argument("name", nargs="?", help="describe this one: docstring, kind and options")
     c = sub.add_parser("convert", help="translate a Flow-Factory config into a flowrl config")
     c.add_argument("config", help="Flow-Factory experiment YAML")
     c.add_argument("-o", "--output", help="write the flowrl YAML here (default: standard output)")
@@ -141,6 +145,19 @@ def _worker(args) -> int:
     return 0
 
 
+def _list(args) -> int:
+    """``flowrl list``: the registry's names, or one entry described (trainer/catalog.py)."""
+    from shared.registry import RegistryError
+    from trainer.catalog import describe, table
+
+    try:
+        print(describe(args.section, args.name) if args.name else table(args.section))
+    except RegistryError as e:
+        print(f"flowrl: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _convert(args) -> int:
     """``flowrl convert``: write the flowrl form of a Flow-Factory config (notes in its header and on
     stderr), then load it as ``flowrl train`` would; exit 2 when that fails, naming what to fix."""
@@ -184,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "convert":
         return _convert(args)
+    if args.command == "list":
+        return _list(args)
     if args.command == "serve":  # a console entry point into the service, not a trainer dependency
         if args.service == "sampler":
             from services.sampler.cli import main as serve_sampler

@@ -88,6 +88,25 @@ def test_bad_set_item_exits_2():
 # --------------------------------------------------------------------------- check
 
 
+def test_list_shows_every_registered_name_and_describes_one():
+    from shared.models import MODELS
+    from shared.rewards import REWARDS
+    from trainer.algorithms import ALGORITHMS
+
+    for section, registry in (("rewards", REWARDS), ("models", MODELS), ("trainers", ALGORITHMS)):
+        proc = flowrl("list", section)
+        assert proc.returncode == 0, proc.stderr
+        lines = proc.stdout.splitlines()
+        assert [line.split()[0] for line in lines] == registry.names()
+        assert all(len(line.split()) > 1 for line in lines)  # each with a summary
+    rewards = {line.split()[0]: line.split()[1] for line in flowrl("list", "rewards").stdout.splitlines()}
+    assert rewards["pickscore_rank"] == "groupwise" and rewards["pairwise_brightness"] == "pairwise"
+    one = flowrl("list", "rewards", "brightness")
+    assert one.returncode == 0 and "kind: pointwise" in one.stdout and "options: target=None" in one.stdout
+    bad = flowrl("list", "rewards", "brightnes")
+    assert bad.returncode == 2 and "Did you mean 'brightness'?" in bad.stderr
+
+
 def test_check_prints_geometry_json():
     out = flowrl("check", EXAMPLE)
     assert out.returncode == 0, out.stderr
