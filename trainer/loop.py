@@ -125,21 +125,27 @@ def schedule_steps(cfg: Config) -> int:
     return t.max_epochs * t.num_inner_epochs * t.gradient_step_per_epoch
 
 
+def train_order(data: EpochData, seed: int,
+                order: Callable[[EpochData, torch.Generator], torch.Tensor | None] | None = None) -> torch.Tensor:
+    """The rows of this rank's epoch in training order: a seeded shuffle, or ``order``'s choice."""
+    g = torch.Generator().manual_seed(seed)
+    perm = order(data, g) if order is not None else None
+    return torch.randperm(data.advantages.shape[0], generator=g) if perm is None else perm
+
+
 def micro_batches(data: EpochData, batch_size: int, seed: int,
                   device: torch.device | str | None = None,
-                  order: Callable[[EpochData, torch.Generator], torch.Tensor | None] | None = None
-                  ) -> Iterator[TrainBatch]:
+                  order: Callable[[EpochData, torch.Generator], torch.Tensor | None] | None = None,
+                  rank: int = 0, world: int = 1) -> Iterator[TrainBatch]:
     """Shuffle this rank's samples (seeded) and cut them into training micro-batches on ``device``
     (None: where the rollout is; ``train.offload_samples_to_cpu`` keeps it in host memory). Each
     micro-batch is made (indexed out, copied over) only when the caller asks for it, so no more
     than the one in training is held beside the epoch. ``order`` (an algorithm's
     :meth:`~trainer.algorithms.base.Algorithm.train_order`) may choose the rows and their order
-    instead of the shuffle (DPO: each group's best and worst sample, side by side)."""
-    n = data.advantages.shape[0]
-    g = torch.Generator().manual_seed(seed)
-    perm = order(data, g) if order is not None else None
-    if perm is None:
-        perm = torch.randperm(n, generator=g)
+    instead of the shuffle (DPO: each group's best and worst sample, side by side). Each
+    micro-batch's ``seed`` (its re-noising draws in the decoupled trainers) is distinct per
+    ``rank`` of ``world`` processes, and the same as before for one process."""
+    perm = train_order(data, seed, order)
     n = perm.shape[0]
     r = data.rollout
     src = r.final_latents.device
@@ -154,7 +160,7 @@ def micro_batches(data: EpochData, batch_size: int, seed: int,
             final_latents=move(r.final_latents[j]), sigmas=grid, sde_steps=r.sde_steps,
             latents=move(r.latents[j]), next_latents=move(r.next_latents[j]), log_probs=move(r.log_probs[j]),
             stds=move(r.stds[j]), means=None if r.means is None else move(r.means[j]),
-            seed=seed * SEED_STRIDE + b, group_ids=data.group_ids[i],
+            seed=(seed * SEED_STRIDE + b) * world + rank, group_ids=data.group_ids[i],
             epoch_seed=seed)
 
 
@@ -170,23 +176,26 @@ def optimize(cfg: Config, accelerator: Accelerator, policy: Policy, algorithm: A
     sums: dict[str, torch.Tensor | float] = {}  # metric sums, kept on the device: no host sync per unit
     losses: list[tuple[int, torch.Tensor]] = []  # (unit, loss) since the last optimizer step
     count = 0
+    seeds = [(t.seed * SEED_STRIDE + epoch) * 131 + inner for inner in range(t.num_inner_epochs)]
+    # backward passes this epoch: fewer than planned when groups were dropped; the last one always
+    # synchronizes gradients, or each process would apply only its own to the final step
+    total = units * sum(-(-train_order(data, s, algorithm.train_order).shape[0] // geo.train_micro_batch)
+                        for s in seeds)
     policy.model.train()
-    for inner in range(t.num_inner_epochs):
-        seed = (t.seed * SEED_STRIDE + epoch) * 131 + inner
+    for seed in seeds:
         for batch in micro_batches(data, geo.train_micro_batch, seed, device=accelerator.device,
-                                   order=algorithm.train_order):
+                                   order=algorithm.train_order, rank=accelerator.process_index,
+                                   world=accelerator.num_processes):
             with torch.no_grad(), accelerator.autocast():
                 state = algorithm.prepare(batch, policy)
             for unit in range(units):
                 count += 1
-                sync = count % per_step == 0
+                sync = count % per_step == 0 or count == total
                 ctx = contextlib.nullcontext() if sync else accelerator.no_sync(policy.model)
                 with ctx, accelerator.autocast():
                     loss, metrics = algorithm.loss(batch, unit, state, policy)
                     if ptx is not None and unit == 0:
-                        # each rank draws its own pairs
-                        ptx_loss = ptx.loss(policy, batch.seed * accelerator.num_processes
-                                            + accelerator.process_index)
+                        ptx_loss = ptx.loss(policy, batch.seed)  # each rank draws its own pairs
                         loss = loss + ptx.coef * ptx_loss
                         # the epoch mean divides by every unit
                         metrics = {**metrics, "ptx_loss": ptx_loss.detach() * units}
@@ -198,13 +207,31 @@ def optimize(cfg: Config, accelerator: Accelerator, policy: Policy, algorithm: A
                     _check_finite(t, epoch, losses)
                     step = _optimizer_step(t, accelerator, policy, optimizer, lr_schedule, step,
                                            sums, per_step)
-    if count % per_step:  # fewer micro-batches than planned (groups dropped): apply what is there
-        _check_finite(t, epoch, losses)
-        step = _optimizer_step(t, accelerator, policy, optimizer, lr_schedule, step, sums, per_step)
-    policy.model.eval()
-    means = {f"train/{k}": float(v) / count for k, v in sums.items()}  # the epoch's one read-back
+    policy.model.eval()  # (fewer micro-batches than planned: the last, synchronized one applied what was there)
+    means = epoch_means(accelerator, sums, count)
     means["train/lr"] = lr_schedule.get_last_lr()[0]
     return step, means
+
+
+def epoch_means(accelerator: Accelerator, sums: dict, count: int) -> dict[str, float]:
+    """``train/{key}``: each metric's mean over the epoch's ``count`` backward passes on every
+    process (a metric a process did not report counts nothing there); the epoch's one read-back."""
+    keys = sorted(sums)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        keys = sorted({k for part in gather_object([keys]) for k in part})
+    if not keys:
+        return {}
+    totals = torch.stack([torch.as_tensor(sums.get(k, 0.0), dtype=torch.float64, device=accelerator.device)
+                          .reshape(()) for k in keys]
+                         + [torch.tensor(float(count if k in sums else 0), dtype=torch.float64,
+                                         device=accelerator.device) for k in keys])
+    if accelerator.num_processes > 1:
+        totals = accelerator.reduce(totals, reduction="sum")
+    totals = totals.cpu()
+    n = len(keys)
+    return {f"train/{k}": float(totals[i] / totals[n + i]) for i, k in enumerate(keys) if totals[n + i] > 0}
 
 
 def _check_finite(t, epoch: int, losses: list[tuple[int, torch.Tensor]]) -> None:
@@ -405,7 +432,7 @@ def train(cfg: Config, *, quiet: bool = False, stop: StopRequest | None = None) 
         unbilled = time.time() - t_dispatch
     else:  # the checkpoint's pending epoch: its saved samples (local) or dispatched again
         plan = plan_epoch(cfg, train_rows, progress.epoch, rank, world)
-        pending = load_rank_state(ckpt, rank, adapter, plan, cfg)  # also restores the RNG
+        pending = load_rank_state(ckpt, rank, adapter, plan, cfg, world)  # also restores the RNG
         if pending is None:
             t_dispatch = time.time()
             plan, pending = dispatch(progress.epoch, progress.pending_version)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import random
 from pathlib import Path
 
@@ -33,6 +34,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from shared.checkpoints import numbered_checkpoints
+
+log = logging.getLogger("flowrl.trainer")
 
 RESUME_DIR = "resume"
 
@@ -215,12 +218,14 @@ def load_resume(checkpoint: Path, optimizer, lr_schedule, scaler=None) -> Progre
     return Progress(**state["progress"])
 
 
-def load_rank_state(checkpoint: Path, rank: int, adapter=None, plan=None, cfg=None):
+def load_rank_state(checkpoint: Path, rank: int, adapter=None, plan=None, cfg=None, world: int | None = None):
     """Return this process's saved pending ``Samples`` (or None), then restore its RNG (last,
     so the generators continue exactly where the checkpoint left them).
 
     Rebuilding the samples needs ``adapter``/``plan``/``cfg``: the conditioning is re-encoded
-    from the plan's prompts (deterministic) instead of being stored.
+    from the plan's prompts (deterministic) instead of being stored. A checkpoint written by more
+    processes than ``world`` holds pending samples cut for its own layout: they are not used (the
+    caller samples that epoch again).
     """
     directory = Path(checkpoint) / RESUME_DIR
     rng = directory / f"rng-rank{rank}.json"
@@ -228,8 +233,13 @@ def load_rank_state(checkpoint: Path, rank: int, adapter=None, plan=None, cfg=No
         raise ResumeError(f"{rng} is missing: the checkpoint was written by a run with fewer "
                           f"processes. Fix: resume with the same number of processes.")
     pending_file = directory / f"pending-rank{rank}.safetensors"
+    written_by = len(list(directory.glob("rng-rank*.json")))
     samples = None
-    if pending_file.is_file() and adapter is not None:
+    if world is not None and written_by != world and pending_file.is_file():
+        if rank == 0:
+            log.warning("the checkpoint was written by %d processes and resumes on %d: the epoch it had already "
+                        "sampled is sampled again (the run continues, not bit for bit)", written_by, world)
+    elif pending_file.is_file() and adapter is not None:
         from shared.sampling import encode_batches, unpack_trajectory
         from trainer.collect import Samples
 

@@ -32,6 +32,19 @@ def _epoch_on(device: str, n: int = 4, steps: int = 2) -> EpochData:
                      rewards={}, advantages=torch.zeros(n), metrics={})
 
 
+def test_each_process_re_noises_its_micro_batches_with_its_own_seeds():
+    """The decoupled trainers draw timesteps and noise from ``batch.seed``: one process keeps its
+    seeds; on two, rank 0's and rank 1's micro-batches must not share them (they did, so N
+    processes drew 1/N as many distinct noises and different images shared noise)."""
+    from trainer.collect import SEED_STRIDE
+
+    one = [b.seed for b in micro_batches(_epoch_on("cpu", n=6), batch_size=2, seed=7)]
+    assert one == [7 * SEED_STRIDE + b for b in range(3)]
+    ranks = [[b.seed for b in micro_batches(_epoch_on("cpu", n=6), batch_size=2, seed=7, rank=r, world=2)]
+             for r in (0, 1)]
+    assert len(set(ranks[0] + ranks[1])) == 6
+
+
 def test_every_tensor_of_a_training_batch_is_on_the_latents_device():
     # the meta device stands in for a GPU: a tensor left behind on the CPU shows up as "cpu"
     for batch in micro_batches(_epoch_on("meta"), batch_size=2, seed=0):

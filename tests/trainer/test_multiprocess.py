@@ -85,16 +85,28 @@ def test_two_processes_match_one(tmp_path):
     assert abs(ones["param_abs_sum"] - ranks[0]["param_abs_sum"]) < 1e-3 * ones["param_abs_sum"]
 
 
+def test_training_metrics_are_means_over_every_process(tmp_path):
+    """trainer.loop.epoch_means on 2 processes: rank 0 sums loss 4 and only0 2 over 4 backward
+    passes, rank 1 sums loss 8 and no only0: loss (4 + 8) / 8, only0 2 / 4 on both ranks."""
+    run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "--main_process_port", str(free_port()), "-m", "tests.helpers.epoch_means_probe", str(tmp_path)])
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"means{rank}.json").read_text()) == {"train/loss": 1.5, "train/only0": 0.5}
+
+
 def test_two_processes_resume_exactly(tmp_path):
     """A 2-process run resumed (2 processes) from its epoch-1 checkpoint ends with the weights
-    of the uninterrupted 2-process run; each rank restored its own RNG file."""
+    of the uninterrupted 2-process run; each rank restored its own RNG file. With epochs
+    overlapping (max_staleness 1) the checkpoint also holds each rank's sampled next epoch; a
+    resume on ONE process samples that epoch again instead of reading rank-cut samples."""
     import shutil
 
     from safetensors.torch import load_file
 
     raw = tiny_raw(tmp_path, "grpo")
     raw["train"].update(max_epochs=3, save_freq=1, clip_range=1e-3, per_device_batch_size=8,
-                        gradient_step_per_epoch=1)
+                        gradient_step_per_epoch=1, max_staleness=1)
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(raw))
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -104,15 +116,19 @@ def test_two_processes_resume_exactly(tmp_path):
     full = tmp_path / "runs" / "full"
     ckpt = full / "checkpoints" / "checkpoint-1"
     assert sorted(p.name for p in (ckpt / "resume").glob("rng-rank*.json")) == ["rng-rank0.json", "rng-rank1.json"]
-    stopped = tmp_path / "runs" / "stopped"
+    assert (ckpt / "resume" / "pending-rank1.safetensors").is_file()
+    stopped, alone = tmp_path / "runs" / "stopped", tmp_path / "runs" / "alone"
     shutil.copytree(full, stopped)
     for extra in ("checkpoint-2", "final"):
         shutil.rmtree(stopped / "checkpoints" / extra)
+    shutil.copytree(stopped, alone)
     run(launch + ["--main_process_port", str(free_port()), "-m", "trainer.cli", "train", str(cfg_path),
                   "--set", "run_name=stopped", "--resume", "latest"])
     lora = "checkpoints/final/lora/pytorch_lora_weights.safetensors"
     a, b = load_file(full / lora), load_file(stopped / lora)
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    run([sys.executable, "-m", "trainer.cli", "train", str(cfg_path), "--set", "run_name=alone", "--resume", "latest"])
+    assert (alone / lora).is_file()  # finished: the pending epoch was sampled again on one process
 
 
 def test_two_processes_train_a_model_whose_last_block_leaves_weights_unused(tmp_path):

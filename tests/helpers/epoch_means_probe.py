@@ -1,0 +1,21 @@
+"""Run under ``accelerate launch`` with 2 processes: each writes ``trainer.loop.epoch_means`` of
+its own metric sums to ``OUT/means{rank}.json`` (tests/trainer/test_multiprocess.py)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from trainer.loop import epoch_means
+
+if __name__ == "__main__":
+    accelerator = Accelerator(cpu=True)
+    rank = accelerator.process_index
+    sums = {"loss": torch.tensor(4.0), "only0": 2.0} if rank == 0 else {"loss": torch.tensor(8.0)}
+    means = epoch_means(accelerator, sums, 4)
+    (Path(sys.argv[1]) / f"means{rank}.json").write_text(json.dumps(means))
+    accelerator.wait_for_everyone()
