@@ -86,6 +86,18 @@ class ChatJudge(RewardModel):
             self._client.close()
             self._client = None
 
+    def first_frames(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """RGB images ``[B, 3, H, W]`` to judge, one per prompt (a video ``[B, F, 3, H, W]`` is
+        judged on its first frame); ValueError on a count or channel mismatch."""
+        from shared.rewards.builtin import _check_rgb
+
+        if images.ndim == 5:
+            images = images[:, 0]
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"{self.name}: got {len(prompts)} prompts for {images.shape[0]} images")
+        _check_rgb(images, self.name)
+        return images
+
     def parallel(self, ask: Callable[..., float], *columns: Iterable) -> torch.Tensor:
         """``ask(*row)`` for each row of ``columns``, at most ``max_concurrent`` at once -> ``[B]``."""
         rows = list(zip(*columns))

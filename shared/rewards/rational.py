@@ -67,7 +67,6 @@ from typing import ClassVar, Sequence
 
 import torch
 
-from shared.rewards.builtin import _check_rgb
 from shared.rewards.chat import ChatJudge, cache_key, png_data_url
 from shared.rewards.remote import RemoteRewardError, encode_png, encode_pil_png
 
@@ -318,16 +317,8 @@ class RationalRewardsT2I(ChatJudge):
         return text
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        images = self._first_frames(images, prompts)
+        images = self.first_frames(images, prompts)
         return self.parallel(self._judge, prompts, [[png] for png in encode_png(images)])
-
-    def _first_frames(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        if images.ndim == 5:
-            images = images[:, 0]
-        if len(prompts) != images.shape[0]:
-            raise ValueError(f"{self.name}: got {len(prompts)} prompts for {images.shape[0]} images")
-        _check_rgb(images, self.name)
-        return images
 
     # --- one sample --------------------------------------------------------------------------------
 
@@ -394,7 +385,7 @@ class RationalRewardsEdit(RationalRewardsT2I):
         return 2 if self.sources == "first" else None
 
     def score(self, images: torch.Tensor, prompts: list[str], condition_images=None) -> torch.Tensor:
-        images = self._first_frames(images, prompts)
+        images = self.first_frames(images, prompts)
         if condition_images is None or len(condition_images) != len(prompts) or not all(condition_images):
             raise ValueError(f"{self.name}: every sample needs its source image (condition_images); got "
                              f"{None if condition_images is None else [len(c) for c in condition_images]} per "

@@ -48,7 +48,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from shared.rewards.builtin import _check_rgb
 from shared.rewards.chat import ChatJudge, cache_key, png_data_url
 from shared.rewards.remote import RemoteRewardError, encode_png
 
@@ -114,11 +113,7 @@ class VLMScore(ChatJudge):
         self.temperature, self.max_tokens = float(temperature), int(max_tokens)
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        if images.ndim == 5:
-            images = images[:, 0]
-        if len(prompts) != images.shape[0]:
-            raise ValueError(f"{self.name}: got {len(prompts)} prompts for {images.shape[0]} images")
-        _check_rgb(images, self.name)
+        images = self.first_frames(images, prompts)
         if self.image_size is not None and tuple(images.shape[-2:]) != (self.image_size,) * 2:
             images = F.interpolate(images.float(), size=(self.image_size,) * 2, mode="bicubic", antialias=True,
                                    align_corners=False).clamp(0.0, 1.0)

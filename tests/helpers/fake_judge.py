@@ -45,6 +45,18 @@ def scripted_failure(state: dict, text: str) -> JSONResponse | None:
     return None
 
 
+async def image_question(state: dict, request: Request, seconds: float):
+    """``(png bytes, question text, None)`` of a one-image request, recorded as :func:`recorded`
+    does, or ``(None, None, failure)`` when the question asks for one (:func:`scripted_failure`)."""
+    body = await recorded(state, request, seconds)
+    image_part, text_part = body["messages"][0]["content"]
+    question = text_part["text"]
+    failure = scripted_failure(state, question)
+    if failure is not None:
+        return None, None, failure
+    return base64.b64decode(image_part["image_url"]["url"].split(",", 1)[1]), question, None
+
+
 def judge_app(state: dict) -> FastAPI:
     """p(Yes) = the image's mean brightness, answered as " yes" and "Yes" halves (canonicalization
     must add them up); prompts containing "riddle" get neither answer; "flaky" fails twice with
@@ -53,13 +65,9 @@ def judge_app(state: dict) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def complete(request: Request):
-        body = await recorded(state, request, 0.05)
-        image_part, text_part = body["messages"][0]["content"]
-        question = text_part["text"]
-        failure = scripted_failure(state, question)
+        png, question, failure = await image_question(state, request, 0.05)
         if failure is not None:
             return failure
-        png = base64.b64decode(image_part["image_url"]["url"].split(",", 1)[1])
         b = float(np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float64).mean() / 255.0)
         if "riddle" in question:
             alternatives = [{"token": "Maybe", "logprob": -0.1}, {"token": "Perhaps", "logprob": -2.0}]
@@ -149,15 +157,12 @@ def score_app(state: dict) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def complete(request: Request):
-        body = await recorded(state, request, 0.02)
-        image_part, text_part = body["messages"][0]["content"]
-        question = text_part["text"]
-        failure = scripted_failure(state, question)
+        png, question, failure = await image_question(state, request, 0.02)
         if failure is not None:
             return failure
-        png = base64.b64decode(image_part["image_url"]["url"].split(",", 1)[1])
-        state.setdefault("sizes", []).append(Image.open(io.BytesIO(png)).size)
-        b = _brightness(image_part["image_url"]["url"])
+        image = Image.open(io.BytesIO(png)).convert("RGB")
+        state.setdefault("sizes", []).append(image.size)
+        b = float(np.asarray(image, dtype=np.float64).mean() / 255.0)
         if "riddle" in question:
             reply = "I cannot judge this image."
         elif "Rating:" in question:
