@@ -104,13 +104,14 @@ def evaluate(cfg: Config, accelerator, adapter, policy, rewards: dict, specs, ro
     # data.datasets: each reward scores only its sources' prompts, and is also reported per source
     sources = sorted({r.dataset for r in rows if r.dataset})
     per_source = torch.zeros(len(specs), len(sources), 2, dtype=torch.float64)
-    grid: dict[int, torch.Tensor] = {}  # position in mine -> its image, for the grid
+    grid: dict[int, torch.Tensor] = {}  # sample j -> its image, for the grid
     # prompts of sources with their own eval settings are sampled (and scored) apart; under FSDP
     # there is one group (the config refuses per-source settings there)
     groups: dict[EvalSettings, list[int]] = {}
     for pos, j in enumerate(mine):
         groups.setdefault(eval_settings(cfg, rows[j // k].dataset), []).append(pos)
-    shown_grid = set(grid_picks(mine[:n_mine], k))
+    # the grid's samples, the same for any number of processes (each sends its own to rank 0)
+    shown_grid = set(grid_picks(list(range(len(rows) * k)), k))
     for st, positions in groups.items():
         js = [mine[p] for p in positions]
         prompts = [rows[j // k].prompt for j in js]
@@ -125,7 +126,7 @@ def evaluate(cfg: Config, accelerator, adapter, policy, rewards: dict, specs, ro
         if not keep:
             continue
         js, prompts, images = [js[i] for i in keep], [prompts[i] for i in keep], roll.images[keep]
-        grid.update({positions[i]: images[n] for n, i in enumerate(keep) if positions[i] in shown_grid})
+        grid.update({j: images[n] for n, j in enumerate(js) if j in shown_grid})
         group_ids = torch.tensor([j // k for j in js], dtype=torch.long)  # a prompt's images
         datasets = [rows[j // k].dataset for j in js] if sources else None
         # parsed once here (score_specs passes dicts through) and only when some reward reads it
@@ -147,7 +148,11 @@ def evaluate(cfg: Config, accelerator, adapter, policy, rewards: dict, specs, ro
                                            None if metadata is None else sub(metadata)).items():
                 total = detail_sums.get((spec.label, key), torch.zeros(2, dtype=torch.float64))
                 detail_sums[(spec.label, key)] = total + nan_sum_count(values)
-    grid_images = same_size([grid[p] for p in sorted(grid)]) if grid else None
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        grid = {j: x for part in gather_object([{j: x.cpu() for j, x in grid.items()}]) for j, x in part.items()}
+    grid_images = same_size([grid[j] for j in sorted(grid)]) if grid else None
     sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
     out: dict = {"epoch": epoch}
     for j, spec in enumerate(specs):  # NaN: every sample abstained (e.g. a groupwise reward, 1 image a prompt)

@@ -79,6 +79,12 @@ def test_two_processes_match_one(tmp_path):
     e2 = [x["eval/reward/brightness"] for x in m2 if "eval/reward/brightness" in x]
     e1 = [x["eval/reward/brightness"] for x in m1 if "eval/reward/brightness" in x]
     assert abs(e2[0] - e1[0]) < 1e-5 and abs(e2[-1] - e1[-1]) < 1e-3
+    # the eval grid shows the same prompts and seeds whatever the number of processes
+    import numpy as np
+    from PIL import Image
+
+    grids = [np.asarray(Image.open(run / "images" / "eval_grid_epoch0000.png"), dtype=np.float64) for run in (one, two)]
+    assert grids[0].shape == grids[1].shape and np.abs(grids[0] - grids[1]).mean() < 1.0
     sizes = [x["eval/reward/group_size"] for m in (m1, m2) for x in m if "eval/reward/group_size" in x]
     assert sizes and all(size == 3 for size in sizes)  # every prompt's 3 images were scored together
     ones = json.loads((one / "rank0_state.json").read_text())
