@@ -231,6 +231,33 @@ def sample_locally(cfg: Config, adapter, policy, algorithm, rewards: dict, plan:
     return cond, roll, scores
 
 
+#: how a queue metric of each process combines into the run's: counts add up, extremes take the max,
+#: the rest (the mean policy lag, over equal numbers of samples) average
+_QUEUE_SUM = ("queue/duplicates_total", "queue/dropped_samples")
+_QUEUE_MAX = ("queue/policy_lag_max", "queue/collect_seconds", "queue/samplers")
+
+
+def across_processes(accelerator, metrics: dict[str, float]) -> dict[str, float]:
+    """This epoch's queue metrics over every process (:data:`_QUEUE_SUM`, :data:`_QUEUE_MAX`, else
+    the mean); every process reports the same keys (its transport's). One process: unchanged.
+    ``queue/samplers`` takes the largest count, a lower bound of the distinct sampler workers."""
+    if accelerator.num_processes == 1 or not metrics:
+        return metrics
+    import torch.distributed as dist
+
+    keys = sorted(metrics)
+    out = {}
+    for op, names in ((dist.ReduceOp.SUM, [k for k in keys if k not in _QUEUE_MAX]),
+                      (dist.ReduceOp.MAX, [k for k in keys if k in _QUEUE_MAX])):
+        if not names:
+            continue
+        values = torch.tensor([metrics[k] for k in names], dtype=torch.float64, device=accelerator.device)
+        dist.all_reduce(values, op=op)
+        for k, v in zip(names, values.tolist()):
+            out[k] = v if op == dist.ReduceOp.MAX or k in _QUEUE_SUM else v / accelerator.num_processes
+    return out
+
+
 def finish_epoch(cfg: Config, accelerator, plan: EpochPlan, samples: Samples, version: int) -> EpochData:
     """Advantages over the global batch (rewards gathered from every process), this rank's slice.
 
@@ -269,5 +296,6 @@ def finish_epoch(cfg: Config, accelerator, plan: EpochPlan, samples: Samples, ve
     metrics["queue/policy_lag"] = sum(lags) / len(lags)
     metrics["queue/policy_lag_max"] = float(max(lags))
     metrics.update(samples.metrics)
+    metrics.update(across_processes(accelerator, {k: v for k, v in metrics.items() if k.startswith("queue/")}))
     return EpochData(plan.prompts, group_ids, samples.cond, samples.rollout, local,
                      adv[r * n:(r + 1) * n], metrics)

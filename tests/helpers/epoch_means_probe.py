@@ -1,5 +1,6 @@
 """Run under ``accelerate launch`` with 2 processes: each writes ``trainer.loop.epoch_means`` of
-its own metric sums to ``OUT/means{rank}.json`` (tests/trainer/test_multiprocess.py)."""
+its own metric sums to ``OUT/means{rank}.json`` and ``trainer.collect.across_processes`` of its own
+queue metrics to ``OUT/queue{rank}.json`` (tests/trainer/test_multiprocess.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from trainer.collect import across_processes
 from trainer.loop import epoch_means
 
 if __name__ == "__main__":
@@ -18,4 +20,7 @@ if __name__ == "__main__":
     sums = {"loss": torch.tensor(4.0), "only0": 2.0} if rank == 0 else {"loss": torch.tensor(8.0)}
     means = epoch_means(accelerator, sums, 4)
     (Path(sys.argv[1]) / f"means{rank}.json").write_text(json.dumps(means))
+    queue = {"queue/policy_lag": 0.5 + rank, "queue/policy_lag_max": 1.0 + rank, "queue/dropped_samples": 2.0,
+             "queue/duplicates_total": float(rank), "queue/samplers": 3.0 - rank, "queue/collect_seconds": 4.0 * rank}
+    (Path(sys.argv[1]) / f"queue{rank}.json").write_text(json.dumps(across_processes(accelerator, queue)))
     accelerator.wait_for_everyone()

@@ -93,12 +93,17 @@ def test_two_processes_match_one(tmp_path):
 
 def test_training_metrics_are_means_over_every_process(tmp_path):
     """trainer.loop.epoch_means on 2 processes: rank 0 sums loss 4 and only0 2 over 4 backward
-    passes, rank 1 sums loss 8 and no only0: loss (4 + 8) / 8, only0 2 / 4 on both ranks."""
+    passes, rank 1 sums loss 8 and no only0: loss (4 + 8) / 8, only0 2 / 4 on both ranks; and
+    trainer.collect.across_processes combines each process's queue metrics."""
     run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
          "--main_process_port", str(free_port()), "-m", "tests.helpers.epoch_means_probe", str(tmp_path)])
     for rank in (0, 1):
         assert json.loads((tmp_path / f"means{rank}.json").read_text()) == {"train/loss": 1.5, "train/only0": 0.5}
+        # queue metrics: the mean lag, the largest lag / wait / sampler count, summed counts
+        assert json.loads((tmp_path / f"queue{rank}.json").read_text()) == {
+            "queue/policy_lag": 1.0, "queue/policy_lag_max": 2.0, "queue/dropped_samples": 4.0,
+            "queue/duplicates_total": 1.0, "queue/samplers": 3.0, "queue/collect_seconds": 4.0}
 
 
 def test_two_processes_resume_exactly(tmp_path):
