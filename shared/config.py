@@ -353,6 +353,12 @@ class TrainConfig(_Strict):
     # -- advantages
     advantage_aggregation: Literal["sum", "gdpo"] = "sum"
     global_std: bool | None = None
+    # false: A = R - mean_group(R), not divided by a std (GARDO's / Dr. GRPO's std-free advantages; sum only)
+    advantage_std: bool = True
+    # a rewards label whose scores scale each positive advantage by the sample's score over its group's
+    # mean instead of adding to the reward (GARDO's diversity-aware optimization: reward_model diversity,
+    # reduce: min); trainer/advantages.py diversity_scale
+    diversity_shaping: str | None = None
     adv_clip_range: float | None = Field(None, gt=0)
     # -- GRPO / GRPO-Guard / AWM surrogate
     clip_range: float | tuple[float, float] | None = None
@@ -832,6 +838,21 @@ def check_combinations(cfg: Config) -> None:
             f"rewards: names {labels} repeat; each reward needs a unique name for logging and "
             f"weighting. Fix: give duplicates a distinct `name:`."
         )
+    if t.diversity_shaping is not None:
+        if t.diversity_shaping not in labels:
+            raise ConfigError(
+                f"train.diversity_shaping: {t.diversity_shaping!r} is not the name of a reward in rewards "
+                f"({labels}). Fix: add one, e.g. {{name: diversity, reward_model: diversity, reduce: min}}, "
+                f"and give its name.")
+        if len(labels) < 2:
+            raise ConfigError(
+                f"train.diversity_shaping: {t.diversity_shaping!r} is the only reward; it scales the advantages "
+                f"the other rewards give and adds nothing itself. Fix: add the reward to train on.")
+    if not t.advantage_std and t.advantage_aggregation != "sum":
+        raise ConfigError(
+            f"train.advantage_std: false leaves group-centred rewards undivided, which needs "
+            f"train.advantage_aggregation: sum (gdpo's per-reward z-scores are its definition). Fix: set "
+            f"advantage_aggregation: sum, or keep advantage_std: true.")
 
 
 def check_reward_options(cfg: Config) -> None:

@@ -70,12 +70,38 @@ def _nan_std(r: torch.Tensor) -> torch.Tensor:
 
 
 def _normalize64(
-    r: torch.Tensor, inverse: torch.Tensor, num_groups: int, *, global_std: bool, eps: float
+    r: torch.Tensor, inverse: torch.Tensor, num_groups: int, *, global_std: bool, eps: float,
+    scale_by_std: bool = True,
 ) -> torch.Tensor:
-    """Group-centred, std-scaled ``r`` (float64); NaN stays NaN."""
+    """Group-centred, std-scaled ``r`` (float64; ``scale_by_std=False``: centred only); NaN stays NaN."""
     _, mean, std = _group_stats(r, inverse, num_groups)
+    if not scale_by_std:
+        return r - mean[inverse]
     scale = _nan_std(r) if global_std else std[inverse]
     return (r - mean[inverse]) / (scale + eps)
+
+
+def diversity_scale(adv: torch.Tensor, shaping: torch.Tensor, inverse: torch.Tensor,
+                    num_groups: int) -> torch.Tensor:
+    """GARDO's diversity-aware advantages: each positive advantage times its sample's diversity
+    over its group's mean diversity; negative and zero advantages unchanged.
+
+    Args:
+        adv: ``[N]`` float64 advantages.
+        shaping: ``[N]`` diversity scores ``d >= 0`` (e.g. the ``diversity`` reward with
+            ``reduce: min``, each image's distance to its nearest group member); NaN: no score.
+        inverse: ``[N]`` group index in ``[0, G)`` of each sample.
+        num_groups: ``G``.
+
+    Returns:
+        ``[N]`` float64: ``A_i * d_i / mean_group(d)`` where ``A_i > 0``, else ``A_i``. A sample
+        without a score, or in a group whose mean diversity is not positive, keeps ``A_i``.
+    """
+    d = shaping.detach().to(device=adv.device, dtype=torch.float64)
+    _, mean, _ = _group_stats(d, inverse, num_groups)
+    factor = d / mean[inverse]
+    factor = torch.where(torch.isfinite(factor) & (mean[inverse] > 0), factor, torch.ones_like(factor))
+    return torch.where(adv > 0, adv * factor, adv)
 
 
 def _batch_normalize64(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -119,6 +145,8 @@ def compute_advantages(
     global_std: bool = True,
     eps: float = 1e-4,
     applies: Mapping[str, torch.Tensor] | None = None,
+    scale_by_std: bool = True,
+    shaping: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Advantages from several named rewards.
 
@@ -141,6 +169,12 @@ def compute_advantages(
             routing): where False the reward does not apply, and instead of abstaining (NaN) it
             adds nothing to the sample's aggregate (``r_k = 0`` for ``sum``, ``z_k = 0`` for
             ``gdpo``). Routing is by prompt, so a group is either wholly in or wholly out.
+        scale_by_std: ``sum`` only; False leaves the group-centred rewards undivided,
+            ``A_i = R_i - mean_group(R)`` (GARDO's and Dr. GRPO's std-free advantages: a group
+            whose rewards barely differ is not blown up to unit scale).
+        shaping: ``[N]`` diversity scores, not a reward: :func:`diversity_scale` applies them to
+            the advantages (GARDO's diversity-aware optimization); metric ``diversity_scale_mean``,
+            the mean factor over positive advantages.
 
     Returns:
         ``(advantages [N] float32, metrics)`` with metrics (Python floats):
@@ -187,9 +221,12 @@ def compute_advantages(
     if applies:  # a routed reward adds nothing where it does not apply (a constant 0 normalizes to 0)
         for name, mask in applies.items():
             r64[name] = torch.where(mask.to(device="cpu", dtype=torch.bool), r64[name], torch.zeros_like(r64[name]))
+    if not scale_by_std and aggregation != "sum":
+        raise ValueError("scale_by_std=False needs aggregation 'sum' (gdpo's per-reward z-scores are its definition)")
     if aggregation == "sum":
         aggregated = sum(float(weights[name]) * r for name, r in r64.items())
-        adv = _normalize64(aggregated, inverse, num_groups, global_std=global_std, eps=eps)
+        adv = _normalize64(aggregated, inverse, num_groups, global_std=global_std, eps=eps,
+                           scale_by_std=scale_by_std)
     else:  # gdpo
         aggregated = sum(
             float(weights[name]) * _normalize64(r, inverse, num_groups, global_std=False, eps=eps)
@@ -197,6 +234,13 @@ def compute_advantages(
         )
         adv = _batch_normalize64(aggregated, eps)
     adv = torch.nan_to_num(adv, nan=0.0)
+    if shaping is not None:
+        if shaping.ndim != 1 or shaping.numel() != n:
+            raise ValueError(f"shaping has shape {tuple(shaping.shape)}, but group_ids has {n} entries; expected [{n}]")
+        shaped = diversity_scale(adv, shaping.cpu(), inverse, num_groups)
+        positive = adv > 0
+        metrics["diversity_scale_mean"] = float((shaped[positive] / adv[positive]).mean()) if positive.any() else 1.0
+        adv = shaped
 
     count, _, group_std = _group_stats(aggregated, inverse, num_groups)
     flat = (count < 2) | ~(group_std >= ZERO_STD)  # ~(>=) also catches NaN

@@ -278,9 +278,12 @@ def finish_epoch(cfg: Config, accelerator, plan: EpochPlan, samples: Samples, ve
                                                 device=accelerator.device)).cpu()
         applies = {s.label: torch.tensor([names[i] in s.datasets for i in which.tolist()])
                    for s in cfg.rewards if s.datasets}
-    adv, metrics = compute_advantages(gathered, weights, all_groups,
+    shaped = {k: v for k, v in gathered.items() if k != t.diversity_shaping}  # diversity_shaping: not a reward
+    adv, metrics = compute_advantages(shaped, {k: weights[k] for k in shaped}, all_groups,
                                       aggregation=t.advantage_aggregation,
-                                      global_std=bool(t.global_std), applies=applies)
+                                      global_std=bool(t.global_std), scale_by_std=t.advantage_std,
+                                      applies=applies and {k: v for k, v in applies.items() if k in shaped},
+                                      shaping=gathered.get(t.diversity_shaping))
     n, r = len(plan.prompts), accelerator.process_index
     metrics = {f"train/{k}": float(v) for k, v in metrics.items()}
     for k, v in gathered.items():

@@ -395,3 +395,12 @@ def test_example_config_is_valid():
     cfg = load_config(root / "examples" / "toy" / "tiny_grpo.yaml")
     assert cfg.train.trainer_type == "grpo"
     cfg.geometry(1)
+
+
+def test_diversity_shaping_names_one_of_several_rewards_and_std_free_needs_sum():
+    two = [{"reward_model": "brightness"}, {"reward_model": "diversity", "reduce": "min"}]
+    cfg = parse_config(raw(rewards=two, train={"diversity_shaping": "diversity", "advantage_std": False}))
+    assert cfg.train.diversity_shaping == "diversity" and cfg.train.advantage_std is False
+    assert "is not the name of a reward" in error(raw(rewards=two, train={"diversity_shaping": "diversty"}))
+    assert "is the only reward" in error(raw(rewards=two[1:], train={"diversity_shaping": "diversity"}))
+    assert "advantage_aggregation: sum" in error(raw(train={"advantage_std": False, "advantage_aggregation": "gdpo"}))

@@ -178,3 +178,30 @@ def test_errors():
         group_normalize(t([1, 2]), t([0, 0]), global_std=True)
     with pytest.raises(ValueError, match="inf"):
         group_normalize(t([1, float("inf")]), torch.tensor([0, 0]), global_std=True)
+
+
+def test_std_free_advantages_are_the_group_centred_rewards():
+    adv, _ = compute_advantages({"r": t([1, 2, 6, 10, 10, 10])}, {"r": 1.0}, IDS6, scale_by_std=False)
+    assert torch.allclose(adv, t([-2, -1, 3, 0, 0, 0]))
+    with pytest.raises(ValueError, match="aggregation 'sum'"):
+        compute_advantages({"r": t([1, 2, 6, 10, 10, 10])}, {"r": 1.0}, IDS6, aggregation="gdpo", scale_by_std=False)
+
+
+def test_diversity_scales_positive_advantages_by_the_groups_relative_diversity():
+    from trainer.advantages import diversity_scale
+
+    ids = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    inverse = torch.unique(ids, return_inverse=True)[1]
+    adv = torch.tensor([-1.5, -0.5, 0.5, 1.5, -1.0, 1.0, -1.0, 1.0], dtype=torch.float64)
+    d = torch.tensor([1.0, 2.0, 3.0, 2.0, 0.0, 0.0, 0.0, 0.0])  # group 0 mean 2; group 1 mean 0 (no scale)
+    out = diversity_scale(adv, d, inverse, 2)
+    assert torch.allclose(out, torch.tensor([-1.5, -0.5, 0.75, 1.5, -1.0, 1.0, -1.0, 1.0], dtype=torch.float64))
+    nan = diversity_scale(adv[:4], torch.tensor([1.0, 2.0, float("nan"), 3.0]), inverse[:4], 1)  # mean of 1, 2, 3 = 2
+    assert torch.allclose(nan, torch.tensor([-1.5, -0.5, 0.5, 2.25], dtype=torch.float64))
+    # through compute_advantages (std-free, as GARDO): only the positive ones change
+    rewards = {"r": t([1, 2, 3, 4, 5, 5, 5, 5])}
+    plain, _ = compute_advantages(rewards, {"r": 1.0}, ids, scale_by_std=False)
+    shaped, metrics = compute_advantages(rewards, {"r": 1.0}, ids, scale_by_std=False, shaping=d)
+    assert torch.allclose(shaped, t([-1.5, -0.5, 0.75, 1.5, 0, 0, 0, 0]))
+    assert torch.equal(plain[plain <= 0], shaped[plain <= 0])
+    assert metrics["diversity_scale_mean"] == pytest.approx((1.5 + 1.0) / 2)

@@ -139,6 +139,26 @@ def test_a_groupwise_reward_evaluated_on_one_image_a_prompt_reports_no_score_not
     assert not math.isnan(train(again, quiet=True)["base/pairwise_brightness"])
 
 
+def test_diversity_shaping_scales_advantages_and_is_not_summed_as_a_reward(tmp_path):
+    """GARDO's recipe end to end on the tiny model: brightness trained, std-free advantages, the
+    diversity reward (tiny CLIP features) scaling the positive ones; it is logged, not summed."""
+    from shared.config import parse_config
+    from tests.helpers.tiny import tiny_raw
+    from tests.helpers.tiny_clip import save_tiny_clip
+
+    clip = save_tiny_clip(tmp_path / "clip")
+    raw = tiny_raw(tmp_path, "nft")
+    raw["train"].update(max_epochs=1, diversity_shaping="diversity", advantage_std=False, num_inference_steps=4)
+    raw["rewards"] = [{"reward_model": "brightness"},
+                      {"reward_model": "diversity", "model_name_or_path": str(clip), "reduce": "min"}]
+    raw["eval_rewards"] = [{"reward_model": "brightness"}]
+    summary = train(parse_config(raw), quiet=True)
+    logged = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    epoch = next(m for m in logged if "train/diversity_scale_mean" in m)
+    assert abs(epoch["train/diversity_scale_mean"] - 1) > 1e-6 and epoch["train/reward/diversity"] > 0
+    assert "train/reward_diversity_mean" not in epoch  # not one of the rewards the advantages sum
+
+
 def test_progress_bar_shows_geneval_accuracy_when_the_reward_reports_one():
     from trainer.reporting import progress_postfix
 
