@@ -14,7 +14,7 @@ from shared.config import Config
 from shared.rewards.base import details_all
 from shared.rewards.multi import routed, row_metadata, score_specs
 from shared.sampling import as_hw, rollout_batches
-from trainer.reporting import save_grid
+from trainer.reporting import grid_frames, save_grid
 from trainer.sharding import equal_share
 
 GRID_MAX = 16
@@ -75,6 +75,14 @@ def prompt_samples(rank: int, world: int, num_prompts: int, k: int) -> list[int]
     return [j for p in range(rank, num_prompts, world) for j in range(p * k, (p + 1) * k)]
 
 
+def grid_entry(image: torch.Tensor) -> torch.Tensor:
+    """What the grid keeps of one sample: its 8-bit pixels on the CPU, of a video only the frames
+    the grid shows (:func:`~trainer.reporting.grid_frames`)."""
+    if image.ndim == 4:
+        image = image[grid_frames(image.shape[0])]
+    return (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+
+
 def grid_picks(samples: list[int], k: int) -> list[int]:
     """Positions in ``samples`` for the eval grid: the first image of up to ``GRID_MAX`` prompts
     spread evenly over the list (so every part of a category-ordered test split shows)."""
@@ -126,7 +134,7 @@ def evaluate(cfg: Config, accelerator, adapter, policy, rewards: dict, specs, ro
         if not keep:
             continue
         js, prompts, images = [js[i] for i in keep], [prompts[i] for i in keep], roll.images[keep]
-        grid.update({j: images[n] for n, j in enumerate(js) if j in shown_grid})
+        grid.update({j: grid_entry(images[n]) for n, j in enumerate(js) if j in shown_grid})
         group_ids = torch.tensor([j // k for j in js], dtype=torch.long)  # a prompt's images
         datasets = [rows[j // k].dataset for j in js] if sources else None
         # parsed once here (score_specs passes dicts through) and only when some reward reads it
@@ -148,11 +156,13 @@ def evaluate(cfg: Config, accelerator, adapter, policy, rewards: dict, specs, ro
                                            None if metadata is None else sub(metadata)).items():
                 total = detail_sums.get((spec.label, key), torch.zeros(2, dtype=torch.float64))
                 detail_sums[(spec.label, key)] = total + nan_sum_count(values)
-    if accelerator.num_processes > 1:
-        from accelerate.utils import gather_object
+    if accelerator.num_processes > 1:  # rank 0 writes the grid: the others send it their entries
+        import torch.distributed as dist
 
-        grid = {j: x for part in gather_object([{j: x.cpu() for j, x in grid.items()}]) for j, x in part.items()}
-    grid_images = same_size([grid[j] for j in sorted(grid)]) if grid else None
+        parts = [None] * accelerator.num_processes if accelerator.is_main_process else None
+        dist.gather_object(grid, parts, dst=0)
+        grid = {j: x for part in parts for j, x in part.items()} if parts is not None else {}
+    grid_images = same_size([grid[j].float() / 255 for j in sorted(grid)]) if grid else None
     sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
     out: dict = {"epoch": epoch}
     for j, spec in enumerate(specs):  # NaN: every sample abstained (e.g. a groupwise reward, 1 image a prompt)

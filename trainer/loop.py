@@ -204,7 +204,7 @@ def optimize(cfg: Config, accelerator: Accelerator, policy: Policy, algorithm: A
                 for k, v in {"loss": loss.detach(), **metrics}.items():
                     sums[k] = sums.get(k, 0.0) + (v.detach() if isinstance(v, torch.Tensor) else v)
                 if sync:
-                    _check_finite(t, epoch, losses)
+                    _check_finite(t, epoch, losses, accelerator)
                     step = _optimizer_step(t, accelerator, policy, optimizer, lr_schedule, step,
                                            sums, per_step)
     policy.model.eval()  # (fewer micro-batches than planned: the last, synchronized one applied what was there)
@@ -234,15 +234,27 @@ def epoch_means(accelerator: Accelerator, sums: dict, count: int) -> dict[str, f
     return {f"train/{k}": float(totals[i] / totals[n + i]) for i, k in enumerate(keys) if totals[n + i] > 0}
 
 
-def _check_finite(t, epoch: int, losses: list[tuple[int, torch.Tensor]]) -> None:
-    """Before an optimizer step: every loss accumulated into it is finite (one host sync for all),
-    else a FloatingPointError naming the first bad unit; the weights are not touched."""
+def _check_finite(t, epoch: int, losses: list[tuple[int, torch.Tensor]], accelerator=None) -> None:
+    """Before an optimizer step: every loss accumulated into it, on every process, is finite (one
+    host sync for all), else a FloatingPointError naming the first bad unit; the weights are not
+    touched. The processes agree first: gradients are averaged over them, so one process's NaN
+    is everyone's, and a process that stepped on while another stopped would wait for it forever."""
     finite = torch.isfinite(torch.stack([loss.float() for _, loss in losses]))
-    if not bool(finite.all()):
+    mine = bool(finite.all())
+    everyone = mine
+    if accelerator is not None and accelerator.num_processes > 1:
+        flags = accelerator.reduce(torch.tensor([0.0 if mine else 1.0], device=accelerator.device), reduction="sum")
+        everyone = float(flags.item()) == 0.0
+    if not mine:
         unit, loss = losses[int((~finite).nonzero()[0])]
         raise FloatingPointError(
             f"epoch {epoch}: {t.trainer_type} loss is {float(loss)} at unit {unit}; the optimizer step was not "
             f"applied. Lower train.learning_rate, check the rewards, or use mixed_precision: no.")
+    if not everyone:
+        raise FloatingPointError(
+            f"epoch {epoch}: another process's {t.trainer_type} loss is not finite (its log names the unit); the "
+            f"optimizer step was not applied here either. Lower train.learning_rate, check the rewards, or use "
+            f"mixed_precision: no.")
     losses.clear()
 
 
@@ -280,6 +292,8 @@ def train(cfg: Config, *, quiet: bool = False, stop: StopRequest | None = None) 
     eval_rows = (test_rows or train_rows)[: cfg.eval.num_prompts]
     check_reward_rows(cfg.rewards, train_rows)
     eval_section, eval_specs = cfg.evaluation_rewards()
+    # the reward the progress bar and sample grids show: the first one trained on (not diversity_shaping's)
+    trained_label = next(s.label for s in cfg.rewards if s.label != t.diversity_shaping)
     check_reward_rows(eval_specs, eval_rows, eval_section)
 
     # FSDP: the transformer stays on the CPU until sharding moves each process's pieces to its device
@@ -473,9 +487,9 @@ def train(cfg: Config, *, quiet: bool = False, stop: StopRequest | None = None) 
             prom.observe_epoch(metrics, data.advantages.shape[0] * world, transport)
         if main:
             logger.log(metrics, step=epoch + 1)
-            bar.set_postfix(progress_postfix(metrics, evals[-1], cfg.rewards[0].label, eval_specs[0].label))
+            bar.set_postfix(progress_postfix(metrics, evals[-1], trained_label, eval_specs[0].label))
             if t.log_samples_freq and (epoch + 1) % t.log_samples_freq == 0 and data.rollout.images is not None:
-                grid = save_group_grid(data.rollout.images, data.group_ids, data.rewards[cfg.rewards[0].label],
+                grid = save_group_grid(data.rollout.images, data.group_ids, data.rewards[trained_label],
                                        data.advantages, run_dir / "images" / f"train_samples_epoch{epoch + 1:04d}.png",
                                        prompts=data.prompts)
                 logger.log_image("train/samples", grid, epoch + 1)

@@ -100,13 +100,19 @@ def _import_or_explain(name: str):
 GRID_FRAMES = 8
 
 
+def grid_frames(num_frames: int) -> list[int]:
+    """The frames of a video a grid row shows: up to :data:`GRID_FRAMES`, evenly spread, first and last included."""
+    k = min(num_frames, GRID_FRAMES)
+    return sorted({round(i * (num_frames - 1) / max(k - 1, 1)) for i in range(k)})
+
+
 def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None, upscale: int = 4) -> Path:
-    """Save ``[N, 3, H, W]`` images in [0, 1] as one PNG grid (nearest upscaled for small images).
-    Videos ``[N, F, 3, H, W]``: one row per video, up to :data:`GRID_FRAMES` of its frames."""
+    """Save ``[N, 3, H, W]`` images in [0, 1] (or uint8) as one PNG grid (nearest upscaled for small
+    images). Videos ``[N, F, 3, H, W]``: one row per video, up to :data:`GRID_FRAMES` of its frames."""
+    if images.dtype == torch.uint8:
+        images = images.float() / 255
     if images.ndim == 5:
-        f = images.shape[1]
-        k = min(f, GRID_FRAMES)
-        picks = sorted({round(i * (f - 1) / max(k - 1, 1)) for i in range(k)})
+        picks = grid_frames(images.shape[1])
         images, nrow = images[:, picks].flatten(0, 1), len(picks)
     n, _, h, w = images.shape
     nrow = nrow or math.ceil(math.sqrt(n))

@@ -104,6 +104,9 @@ def test_training_metrics_are_means_over_every_process(tmp_path):
         assert json.loads((tmp_path / f"queue{rank}.json").read_text()) == {
             "queue/policy_lag": 1.0, "queue/policy_lag_max": 2.0, "queue/dropped_samples": 4.0,
             "queue/duplicates_total": 1.0, "queue/samplers": 3.0, "queue/collect_seconds": 4.0}
+    # a NaN loss on one process stops both before the step (the other would wait for it forever)
+    assert "another process's grpo loss is not finite" in json.loads((tmp_path / "finite0.json").read_text())
+    assert "loss is nan at unit 0" in json.loads((tmp_path / "finite1.json").read_text())
 
 
 def test_two_processes_resume_exactly(tmp_path):
