@@ -449,7 +449,9 @@ def train(cfg: Config, *, quiet: bool = False, stop: StopRequest | None = None) 
         pending = load_rank_state(ckpt, rank, adapter, plan, cfg, world)  # also restores the RNG
         if pending is None:
             t_dispatch = time.time()
-            plan, pending = dispatch(progress.epoch, progress.pending_version)
+            # local: sampled now, with the current weights (its saved samples were cut for another
+            # process count); a queue's samplers take the version the epoch was first dispatched with
+            plan, pending = dispatch(progress.epoch, None if cfg.transport == "local" else progress.pending_version)
             unbilled = time.time() - t_dispatch
         else:
             dispatched_with = progress.pending_version

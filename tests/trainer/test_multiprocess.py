@@ -143,6 +143,10 @@ def test_two_processes_resume_exactly(tmp_path):
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
     run([sys.executable, "-m", "trainer.cli", "train", str(cfg_path), "--set", "run_name=alone", "--resume", "latest"])
     assert (alone / lora).is_file()  # finished: the pending epoch was sampled again on one process
+    resampled = [m for m in metrics(alone) if m.get("epoch") == 2.0 and "queue/policy_lag" in m]
+    assert [m["queue/policy_lag"] for m in resampled] == [0.0]  # with the weights it is trained from
+    kept = [m for m in metrics(stopped) if m.get("epoch") == 2.0 and "queue/policy_lag" in m]
+    assert [m["queue/policy_lag"] for m in kept] == [1.0]  # the saved samples: one version behind
 
 
 def test_two_processes_train_a_model_whose_last_block_leaves_weights_unused(tmp_path):
