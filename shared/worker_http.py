@@ -73,6 +73,11 @@ def create_app(broker_url: str, title: str):
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     app = FastAPI(title=title, docs_url=None, redoc_url=None)
+    # what the handlers would import on first use, imported now: Celery forks its pool after the
+    # server starts, and a module half-imported by this thread at that moment stays locked in the child
+    import redis  # noqa: F401
+    if os.environ.get(MULTIPROC_ENV):
+        from prometheus_client import multiprocess  # noqa: F401
 
     @app.get("/health/live")
     def live() -> dict:
@@ -96,12 +101,28 @@ def create_app(broker_url: str, title: str):
     return app
 
 
-def serve_in_thread(app, host: str, port: int, name: str):
-    """Run ``app`` under uvicorn in a daemon thread called ``name``; returns the uvicorn server."""
+def serve_in_thread(app, host: str, port: int, name: str, startup_timeout: float = 60.0):
+    """Run ``app`` under uvicorn in a daemon thread called ``name`` and wait until it listens;
+    returns the uvicorn server.
+
+    Waiting matters: the caller forks Celery's pool next, and a fork while this thread is still
+    importing (uvicorn, the app's modules) can leave the child a module lock it never gets back,
+    so its first task hangs. :class:`RuntimeError` if the server stops (e.g. the port is taken)
+    or has not started after ``startup_timeout`` seconds."""
     import threading
+    import time
 
     import uvicorn
 
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
-    threading.Thread(target=server.run, name=name, daemon=True).start()
+    thread = threading.Thread(target=server.run, name=name, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + startup_timeout
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError(f"{name}: the HTTP server on {host}:{port} stopped while starting (is the port "
+                               f"taken?). Fix: pick another --http-port.")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{name}: the HTTP server on {host}:{port} did not start within {startup_timeout:g} s")
+        time.sleep(0.01)
     return server

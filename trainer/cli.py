@@ -137,9 +137,12 @@ def _worker(args) -> int:
         from shared.worker_http import prepare_multiprocess_dir
 
         prepare_multiprocess_dir()  # before prometheus_client is imported: the pool child's metrics, too
+    # the worker's modules first, then the HTTP thread, started before Celery forks its pool (a fork
+    # while another thread imports can hang the child: shared/worker_http.py serve_in_thread)
+    module = importlib.import_module(f"services.{args.kind}.worker")  # reads FLOWRL_QUEUE_* now
+    if args.http_port is not None:
         importlib.import_module(WORKER_HTTP[args.kind]).serve_in_thread(
             QueueSettings().broker_url, args.http_host, args.http_port)
-    module = importlib.import_module(f"services.{args.kind}.worker")  # reads FLOWRL_QUEUE_* now
     queue = QueueSettings().queue(QUEUE_SAMPLE if args.kind == "sampler" else QUEUE_REWARD)
     module.app.worker_main(worker_argv(queue, name, args.loglevel))
     return 0

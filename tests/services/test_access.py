@@ -209,3 +209,28 @@ def test_flowrl_serve_reward_binds_loopback_only_by_default():
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=30)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the second server's bind error
+def test_the_worker_http_side_listens_before_the_pool_forks():
+    """serve_in_thread returns once uvicorn listens (Celery forks its pool right after; a fork while
+    the thread is still importing can hang the child), and says so when the port is taken."""
+    import socket
+
+    import httpx
+
+    from shared import worker_http
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = worker_http.serve_in_thread(worker_http.create_app("redis://127.0.0.1:1/0", "t"), "127.0.0.1", port,
+                                         name="t-http")
+    try:
+        assert server.started
+        assert httpx.get(f"http://127.0.0.1:{port}/health/live", timeout=5).json() == {"live": True}
+        with pytest.raises(RuntimeError, match="port"):
+            worker_http.serve_in_thread(worker_http.create_app("redis://127.0.0.1:1/0", "t"), "127.0.0.1", port,
+                                        name="t-http-2")
+    finally:
+        server.should_exit = True
