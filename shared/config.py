@@ -876,8 +876,7 @@ def check_reward_options(cfg: Config) -> None:
                 raise ConfigError(f"{where}[{i}].reward_model: {e} Fix: correct the name.") from None
             if not (isinstance(cls, type) and issubclass(cls, RewardModel)):
                 continue  # build_reward says what a reward class must be
-            # the class's kind, or its `kind` option (a `remote` reward serving a groupwise model)
-            kind = spec.options.get("kind", cls.kind) if "kind" in cls.keyword_options() else cls.kind
+            kind = cls.declared("kind", spec.options)  # a `remote` reward's kind option included
             if where == "eval_rewards" and kind != "pointwise" and cfg.eval.images_per_prompt < 2:
                 raise ConfigError(
                     f"eval_rewards[{i}] ('{spec.label}') is {kind}: it compares the images of one prompt, "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from types import SimpleNamespace
 
 from services.reward.batching import DynamicBatcher
 from services.reward.errors import RequestError
@@ -30,10 +31,8 @@ class Slot:
         self.conditions = self.video = self.metadata = False
         cls = REWARDS.get(spec.reward_model)  # RegistryError names the choices
         # until the model is built: its class's flags, or the options of the same names it takes
-        accepted = cls.keyword_options()
-        self.read_capabilities(type("Declared", (), {
-            attr: spec.options[attr] if attr in accepted and attr in spec.options else getattr(cls, attr)
-            for attr in ("kind", "condition_images", "video", "metadata")}))
+        self.read_capabilities(SimpleNamespace(**{attr: cls.declared(attr, spec.options)
+                                                  for attr in ("kind", "condition_images", "video", "metadata")}))
         self.state = "loading"  # loading | ready | failed
         self.error: str | None = None
         self.batcher: DynamicBatcher | None = None

@@ -126,6 +126,13 @@ class RewardModel:
         return sorted(cls.keyword_options())
 
     @classmethod
+    def declared(cls, attr: str, options: Mapping[str, Any]) -> Any:
+        """Class flag ``attr`` (``kind``, ``condition_images``, ``video``, ``metadata``) as an entry
+        with ``options`` would set it before the model is built: the option of that name where the
+        reward takes one (a ``remote`` reward's ``kind: groupwise``), else the class's value."""
+        return options[attr] if attr in options and attr in cls.keyword_options() else getattr(cls, attr)
+
+    @classmethod
     def keyword_options(cls) -> dict[str, inspect.Parameter]:
         """The keyword-only ``__init__`` arguments along the class hierarchy, by name (the most
         derived class's declaration of each)."""
