@@ -136,7 +136,7 @@ def train_order(data: EpochData, seed: int,
 def micro_batches(data: EpochData, batch_size: int, seed: int,
                   device: torch.device | str | None = None,
                   order: Callable[[EpochData, torch.Generator], torch.Tensor | None] | None = None,
-                  rank: int = 0, world: int = 1) -> Iterator[TrainBatch]:
+                  rank: int = 0, world: int = 1, perm: torch.Tensor | None = None) -> Iterator[TrainBatch]:
     """Shuffle this rank's samples (seeded) and cut them into training micro-batches on ``device``
     (None: where the rollout is; ``train.offload_samples_to_cpu`` keeps it in host memory). Each
     micro-batch is made (indexed out, copied over) only when the caller asks for it, so no more
@@ -144,8 +144,9 @@ def micro_batches(data: EpochData, batch_size: int, seed: int,
     :meth:`~trainer.algorithms.base.Algorithm.train_order`) may choose the rows and their order
     instead of the shuffle (DPO: each group's best and worst sample, side by side). Each
     micro-batch's ``seed`` (its re-noising draws in the decoupled trainers) is distinct per
-    ``rank`` of ``world`` processes, and the same as before for one process."""
-    perm = train_order(data, seed, order)
+    ``rank`` of ``world`` processes, and the same as before for one process. ``perm``: the
+    order already drawn (:func:`train_order` of the same ``seed`` and ``order``)."""
+    perm = train_order(data, seed, order) if perm is None else perm
     n = perm.shape[0]
     r = data.rollout
     src = r.final_latents.device
@@ -177,15 +178,14 @@ def optimize(cfg: Config, accelerator: Accelerator, policy: Policy, algorithm: A
     losses: list[tuple[int, torch.Tensor]] = []  # (unit, loss) since the last optimizer step
     count = 0
     seeds = [(t.seed * SEED_STRIDE + epoch) * 131 + inner for inner in range(t.num_inner_epochs)]
+    orders = [train_order(data, seed, algorithm.train_order) for seed in seeds]  # each inner epoch's rows
     # backward passes this epoch: fewer than planned when groups were dropped; the last one always
     # synchronizes gradients, or each process would apply only its own to the final step
-    total = units * sum(-(-train_order(data, s, algorithm.train_order).shape[0] // geo.train_micro_batch)
-                        for s in seeds)
+    total = units * sum(-(-perm.shape[0] // geo.train_micro_batch) for perm in orders)
     policy.model.train()
-    for seed in seeds:
+    for seed, perm in zip(seeds, orders):
         for batch in micro_batches(data, geo.train_micro_batch, seed, device=accelerator.device,
-                                   order=algorithm.train_order, rank=accelerator.process_index,
-                                   world=accelerator.num_processes):
+                                   rank=accelerator.process_index, world=accelerator.num_processes, perm=perm):
             with torch.no_grad(), accelerator.autocast():
                 state = algorithm.prepare(batch, policy)
             for unit in range(units):
