@@ -10,8 +10,9 @@ toy-world verifier, :mod:`shared.rewards.toy_geneval`) and the learned models ``
 ``geneval`` (GenEval's check from row metadata, :mod:`shared.rewards.geneval`), ``hpsv2``
 (Human Preference Score v2.1, :mod:`shared.rewards.hps`) and ``imagereward`` (ImageReward v1.0,
 :mod:`shared.rewards.image_reward`) and ``diversity`` (distance to the group's other images,
-:mod:`shared.rewards.diversity`) are registered lazily by dotted path and imported on first
-lookup (names are case-insensitive). A ``reward_model`` that is a dotted path
+:mod:`shared.rewards.diversity`) and ``videoalign`` (VideoAlign's video reward,
+:mod:`shared.rewards.video_align`) are registered lazily by dotted path and imported on first lookup
+(names are case-insensitive). A ``reward_model`` that is a dotted path
 ``package.module.Class`` builds a user's own :class:`RewardModel` subclass.
 """
 
@@ -36,6 +37,7 @@ REWARDS.register("geneval", "shared.rewards.geneval.GenEval")
 REWARDS.register("hpsv2", "shared.rewards.hps.HPSv2")
 REWARDS.register("imagereward", "shared.rewards.image_reward.ImageReward")
 REWARDS.register("diversity", "shared.rewards.diversity.Diversity")
+REWARDS.register("videoalign", "shared.rewards.video_align.VideoAlign")
 REWARDS.register("pickscore", "shared.rewards.clip_rewards.PickScore")
 REWARDS.register("pickscore_rank", "shared.rewards.clip_rewards.PickScoreRank")
 REWARDS.register("clip", "shared.rewards.clip_rewards.CLIPScore")

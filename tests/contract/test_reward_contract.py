@@ -55,7 +55,12 @@ def assets(tmp_path_factory):
     from tests.helpers.tiny_image_reward import save_tiny_image_reward
 
     image_reward, bert = save_tiny_image_reward(root / "imagereward")
-    return {"clip": str(clip), "clip768": str(clip768), "head": str(root / "aesthetic_head.pth"),
+    from tests.helpers.tiny_video_align import build_base, write_checkpoint, write_template_py
+
+    write_checkpoint(root / "videoalign", build_base(root / "videoalign_base"))
+    return {"videoalign": str(root / "videoalign"),
+            "videoalign_template": str(write_template_py(root / "prompt_template.py")),
+            "clip": str(clip), "clip768": str(clip768), "head": str(root / "aesthetic_head.pth"),
             "detector": str(detector), "hps": str(root / "hps.pt"), "imagereward": str(image_reward),
             "bert": str(bert)}
 
@@ -138,6 +143,7 @@ class Case:
     build: Callable[..., RewardModel]  # (assets, exit_stack, **extra_options) -> model
     toy_prompts: bool = False  # needs prompts of the toy world (shared.toy)
     text_prompts: bool = False  # needs prompts that quote text, and images that show it (ocr)
+    videos: bool = False  # scores whole videos [N, F, 3, H, W] (video = "native" and refuses images)
 
     @property
     def id(self) -> str:
@@ -185,6 +191,9 @@ CASES = [
         "diversity", model_name_or_path=assets["clip"], **extra)),
     Case("imagereward", lambda assets, stack, **extra: build_reward(
         "imagereward", checkpoint=assets["imagereward"], tokenizer_name_or_path=assets["bert"], **extra)),
+    Case("videoalign", lambda assets, stack, **extra: build_reward(
+        "videoalign", checkpoint=assets["videoalign"], template=assets["videoalign_template"], **extra),
+        videos=True),
 ]
 
 
@@ -230,8 +239,12 @@ def built(assets):
 
 
 def inputs(case: Case, n: int = 6, size: int = 32):
-    """``n`` images ``[n, 3, size, size]`` in [0, 1] and prompts; groups of prompts alternate."""
+    """``n`` images ``[n, 3, size, size]`` (a video case: 5-frame videos) in [0, 1] and prompts;
+    groups of prompts alternate."""
     g = torch.Generator().manual_seed(0)
+    if case.videos:
+        return torch.rand(n, 5, 3, size, size, generator=g), [("a red circle", "two blue squares")[i % 2]
+                                                               for i in range(n)]
     if case.text_prompts:
         from tests.helpers.text_images import render_text
 
