@@ -70,10 +70,13 @@ class TrainerMetrics:
             if key.startswith("train/reward/"):
                 self.reward.labels(reward=key.removeprefix("train/reward/")).set(value)
         self.samples.inc(samples)
-        for name, counter, total in (("duplicates", self.duplicates, transport.duplicates),
+        # the run's duplicates: every trainer process's (queue/duplicates_total is summed over the
+        # processes, collect.across_processes); dead letters are one list per run, read by each process
+        duplicates = int(metrics.get("queue/duplicates_total", transport.duplicates))
+        for name, counter, total in (("duplicates", self.duplicates, duplicates),
                                      ("dead", self.dead, transport.dead_letters_seen)):
-            counter.inc(total - self._counted[name])
-            self._counted[name] = total
+            counter.inc(max(0, total - self._counted[name]))  # a counter never goes down
+            self._counted[name] = max(total, self._counted[name])
         for queue, depth in transport.queue_depths().items():
             self.queue_depth.labels(queue=queue).set(depth)
         self.gpu_memory.set(torch.cuda.memory_allocated() if torch.cuda.is_available() else 0)

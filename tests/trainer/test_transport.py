@@ -343,3 +343,21 @@ def test_jobs_and_their_trajectories_carry_each_samples_source(tmp_path, redis_u
         transport.state.clear()
         delete_namespace_queues(transport.state.redis, ns)
         transport.close()
+
+
+def test_prometheus_counts_every_trainer_process_duplicates():
+    """The duplicates counter follows the epoch's ``queue/duplicates_total`` (summed over trainer
+    processes), not the main process's own transport, and counts each duplicate once."""
+    from types import SimpleNamespace
+
+    from trainer.metrics import TrainerMetrics
+
+    prom = TrainerMetrics()
+    transport = SimpleNamespace(duplicates=1, dead_letters_seen=0, queue_depths=dict)  # rank 0's own count
+    row = {"train/policy_version": 1, "time/epoch_seconds": 1.0, "time/optimize_seconds": 0.5,
+           "train/optimizer_step": 1}
+    prom.observe_epoch({**row, "queue/duplicates_total": 3.0}, 4, transport)
+    prom.observe_epoch({**row, "train/optimizer_step": 2, "queue/duplicates_total": 5.0}, 4, transport)
+    assert prom.registry.get_sample_value("flowrl_trainer_duplicate_scores_total") == 5
+    prom.observe_epoch({**row, "train/optimizer_step": 3}, 4, transport)  # no queue metric: the transport's
+    assert prom.registry.get_sample_value("flowrl_trainer_duplicate_scores_total") == 5  # (1, already counted)
