@@ -163,3 +163,27 @@ def test_two_processes_train_a_model_whose_last_block_leaves_weights_unused(tmp_
          "--main_process_port", str(free_port()), "-m", "trainer.cli", "train", str(path)])
     states = [json.loads((tmp_path / "runs" / "qwen-image" / f"rank{r}_state.json").read_text()) for r in (0, 1)]
     assert states[0]["param_checksum"] == states[1]["param_checksum"]
+
+
+def test_an_epoch_with_dropped_groups_keeps_the_processes_in_step(tmp_path):
+    """Each process loses one of its two prompt groups in epoch 0 (a different one on each), so
+    that epoch has half the micro-batches one optimizer step plans for: the step it takes
+    synchronizes gradients like any other, and DDP keeps both processes' weights identical after
+    every epoch (an unsynchronized last step would leave each with its own gradient)."""
+    raw = tiny_raw(tmp_path, "grpo")
+    # per process: 2 groups of 8 in micro-batches of 4, one optimizer step over all of them
+    raw["train"].update(max_epochs=2, clip_range=1e-3, per_device_batch_size=4, gradient_step_per_epoch=1)
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "--main_process_port", str(free_port()), "-m", "tests.helpers.dropped_groups_probe", str(tmp_path),
+         str(cfg_path)])
+    ranks = [json.loads((tmp_path / f"params{r}.json").read_text()) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 2
+    for epoch in (0, 1):
+        assert ranks[0][epoch]["digest"] == ranks[1][epoch]["digest"], f"the processes' weights differ after epoch {epoch}"
+        assert ranks[0][epoch]["step"] == ranks[1][epoch]["step"] == epoch + 1  # one step each epoch
+    assert ranks[0][0]["sum"] != ranks[0][1]["sum"]
+    # the groups were really lost: 16 samples trained in epoch 0, 32 in epoch 1
+    assert json.loads((tmp_path / "runs" / "dropped" / "summary.json").read_text())["samples"] == 16 + 32
