@@ -14,7 +14,9 @@ Reproduced as VideoAlign runs it (``inference.py`` with transformers 4.45):
 * frames: sampled at ``fps`` (2 by the checkpoint's ``data_config``) from a video of ``video_fps``
   (the generator's frame rate, an option: 16 for Wan2.1, 24 for Wan2.2-TI2V-5B), at least 4 and an
   even count, evenly spaced (qwen-vl-utils' ``smart_nframes``; ``num_frames`` when the checkpoint
-  fixes it); resized (bicubic, antialiased) so each side is a multiple of 28 within
+  fixes it); taken as 8-bit pixels (VideoAlign reads videos from files; DanceGRPO writes its
+  rollouts to mp4 first, a lossy step not reproduced here) and resized as torchvision resizes
+  uint8 frames (bicubic, antialiased, rounded back to 8 bits) so each side is a multiple of 28 within
   ``[128 * 28^2, max_frame_pixels]`` pixels (``smart_resize``); normalized with the base model's
   image mean and std and cut into Qwen2-VL's 2 x 14 x 14 patches (:func:`patchify`);
 * text: the base model's chat template over one user turn (the video, then the filled prompt
@@ -30,7 +32,7 @@ The checkpoint (``checkpoint``: a local folder or hub id, default ``KwaiVGI/Vide
 with ``from_pretrained``, gains the three tokens, and takes the checkpoint's tensors with its LoRA
 merged. VideoAlign's prompt template is not shipped with flowrl: ``template`` points at its
 ``prompt_template.py`` (or a text file holding the prompt). The model runs in ``dtype``; the head
-and the standardization in float32. Not checked against the released weights (none can be
+and the standardization in float32 (VideoAlign's bf16 head rounds raw scores to bf16 steps). Not checked against the released weights (none can be
 downloaded here); tests compare with an unmerged peft model built from the same files.
 """
 
@@ -75,7 +77,7 @@ OUTPUTS = (*DIMENSIONS, "Overall")
 # --- frames ----------------------------------------------------------------------------------
 
 
-def frame_count(total: int, *, video_fps: float, fps: float | None = None, num_frames: int | None = None) -> int:
+def frame_count(total: int, *, video_fps: float, fps: float | None = None, num_frames: float | None = None) -> int:
     """How many frames of a ``total``-frame video at ``video_fps`` the model sees (qwen-vl-utils'
     ``smart_nframes``): ``num_frames`` rounded to even, or ``total / video_fps * fps`` clamped to
     ``[4, min(768, total)]`` (even bounds) and rounded to even (Python's round, halves to even);
@@ -117,18 +119,24 @@ def smart_resize(height: int, width: int, *, factor: int = SIZE_FACTOR, min_pixe
     return h, w
 
 
-def sample_frames(video: torch.Tensor, *, video_fps: float, fps: float | None, num_frames: int | None,
+def sample_frames(video: torch.Tensor, *, video_fps: float, fps: float | None, num_frames: float | None,
                   max_pixels: int) -> torch.Tensor:
-    """``video [F, 3, H, W]`` in ``[0, 1]`` -> the frames the model sees, ``[n, 3, h, w]`` float32 in
-    ``[0, 1]``: :func:`frame_indices` of :func:`frame_count`, resized to :func:`smart_resize`
-    (bicubic with antialiasing, as torchvision resizes tensors; clamped to ``[0, 1]`` as 8-bit
-    frames would be)."""
+    """``video [F, 3, H, W]`` in ``[0, 1]`` (any device) -> the frames the model sees, ``[n, 3, h, w]``
+    float32 on the CPU in ``[0, 1]``: :func:`frame_indices` of :func:`frame_count` (only those are
+    copied), as 8-bit frames (VideoAlign reads videos from files), resized to :func:`smart_resize`
+    the way torchvision resizes uint8 tensors (bicubic with antialiasing, then rounded and clamped
+    back to 8 bits)."""
     n = frame_count(video.shape[0], video_fps=video_fps, fps=fps, num_frames=num_frames)
-    frames = video[frame_indices(video.shape[0], n)].float()
+    frames = quantize(video.detach()[frame_indices(video.shape[0], n)].float().cpu())
     h, w = smart_resize(frames.shape[-2], frames.shape[-1], max_pixels=max_pixels)
     if (h, w) != tuple(frames.shape[-2:]):
-        frames = F.interpolate(frames, size=(h, w), mode="bicubic", antialias=True, align_corners=False)
-    return frames.clamp(0, 1)
+        frames = quantize(F.interpolate(frames, size=(h, w), mode="bicubic", antialias=True, align_corners=False))
+    return frames
+
+
+def quantize(frames: torch.Tensor) -> torch.Tensor:
+    """Values in ``[0, 1]`` rounded to the 256 levels of 8-bit pixels (clamped first)."""
+    return (frames.clamp(0, 1) * 255).round() / 255
 
 
 def patchify(frames: torch.Tensor, *, patch: int, merge: int, temporal: int) -> tuple[torch.Tensor, tuple[int, int, int]]:
@@ -216,7 +224,8 @@ class VideoAlignScorer:
                                     option="base_model", who=who)
         tokenizer.add_tokens(list(REWARD_TOKENS), special_tokens=True)  # appended: ids len(tokenizer)...
         self.token_ids = tuple(tokenizer.convert_tokens_to_ids(list(REWARD_TOKENS)))
-        self.chat_template = tokenizer.chat_template or _processor_chat_template(base_model)
+        # the processor's template, as VideoAlign's processor.apply_chat_template reads it, else the tokenizer's
+        self.chat_template = _processor_chat_template(base_model) or tokenizer.chat_template
         if not self.chat_template:
             raise ValueError(f"{who}: base_model '{base_model}' has no chat template (tokenizer or processor). Fix: "
                              f"use Qwen2-VL-2B-Instruct's folder as it is on the hub")
@@ -228,11 +237,12 @@ class VideoAlignScorer:
             raise ValueError(f"{who}: the checkpoint has no rm_head.weight (its tensors: {describe(weights)}), so it "
                              f"is not a VideoAlign reward model")
         embed = weights.get("model.language_model.embed_tokens.weight")
-        if embed is None or max(self.token_ids) >= embed.shape[0]:
+        if embed is None or embed.shape[0] != len(tokenizer):  # training resized it to len(tokenizer)
             raise ValueError(f"{who}: the checkpoint does not hold the embeddings of the reward tokens "
-                             f"{REWARD_TOKENS} (ids {self.token_ids}; its embedding table: "
+                             f"{REWARD_TOKENS} as base_model's tokenizer numbers them (ids {self.token_ids}, "
+                             f"{len(tokenizer)} tokens; the checkpoint's embedding table: "
                              f"{'none' if embed is None else embed.shape[0]} rows). Fix: use base_model = the "
-                             f"model it was trained from, whose tokenizer gives those ids")
+                             f"model it was trained from")
         vlm.resize_token_embeddings(embed.shape[0], mean_resizing=False)
         params = dict(vlm.named_parameters())  # tied weights appear once (the embedding)
         tied = getattr(vlm.config, "tie_word_embeddings", False)
@@ -248,7 +258,11 @@ class VideoAlignScorer:
                     raise ValueError(f"{who}: checkpoint tensor {key} is {tuple(value.shape)}, the base model's "
                                      f"{tuple(params[key].shape)}. Fix: use the base model it was trained from")
                 params[key].copy_(value.to(params[key].dtype))
-        merge_lora({k: p.data for k, p in params.items()}, lora, settings.lora_scale, who)
+        heads = {"rm_head.weight": head}
+        merge_lora({**{k: p.data for k, p in params.items()}, **heads},
+                   {k: v for k, v in lora.items() if not k.startswith("lm_head.")},  # (never reaches a score)
+                   settings.lora_scale, who)
+        head = heads["rm_head.weight"]
         vlm.config.pad_token_id = tokenizer.pad_token_id
         head_layer = nn.Linear(head.shape[1], head.shape[0], bias=False)
         head_layer.weight.data.copy_(head.float())
@@ -260,15 +274,22 @@ class VideoAlignScorer:
         self._seen: OrderedDict[bytes, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
 
-    def inputs(self, videos: torch.Tensor, prompts: list[str], video_fps: float) -> dict[str, torch.Tensor]:
-        """Model inputs for ``videos [B, F, 3, H, W]`` in ``[0, 1]`` and their prompts."""
+    def frames(self, videos: torch.Tensor, video_fps: float) -> list[torch.Tensor]:
+        """Each video's frames as the model sees them (:func:`sample_frames`)."""
         s = self.settings
+        return [sample_frames(v, video_fps=video_fps, fps=s.fps, num_frames=s.num_frames, max_pixels=s.max_pixels)
+                for v in videos]
+
+    def inputs(self, videos: torch.Tensor | list[torch.Tensor], prompts: list[str],
+               video_fps: float | None = None) -> dict[str, torch.Tensor]:
+        """Model inputs for ``videos [B, F, 3, H, W]`` in ``[0, 1]`` at ``video_fps`` (or for the
+        :meth:`frames` of each, a list, with ``video_fps`` None) and their prompts."""
+        if video_fps is not None:
+            videos = self.frames(videos, video_fps)
         patches, grids, texts = [], [], []
         mean = torch.tensor(self.mean).view(1, 3, 1, 1)
         std = torch.tensor(self.std).view(1, 3, 1, 1)
-        for video, prompt in zip(videos, prompts):
-            frames = sample_frames(video.detach().float().cpu(), video_fps=video_fps, fps=s.fps,
-                                   num_frames=s.num_frames, max_pixels=s.max_pixels)
+        for frames, prompt in zip(videos, prompts):
             flat, grid = patchify((frames - mean) / std, patch=self.patch, merge=self.merge, temporal=self.temporal)
             patches.append(flat)
             grids.append(grid)
@@ -282,17 +303,23 @@ class VideoAlignScorer:
             tokens = grid[0] * grid[1] * grid[2] // self.merge ** 2
             texts.append(text.replace("<|video_pad|>", "<|video_pad|>" * tokens))
         batch = self.tokenizer(texts, padding=True, return_tensors="pt")
+        for row, prompt in zip(batch["input_ids"], prompts):
+            counts = [int((row == t).sum()) for t in self.token_ids]
+            if counts != [1, 1, 1]:  # e.g. a prompt that spells out a reward token
+                raise ValueError(f"{self.who}: prompt {prompt!r} gives the reward tokens {REWARD_TOKENS} "
+                                 f"{counts} times; each must occur once. Fix: remove reward tokens from the prompt")
         return {"input_ids": batch["input_ids"].to(self.device), "attention_mask": batch["attention_mask"].to(self.device),
                 "pixel_values_videos": torch.cat(patches).to(self.device, self.dtype),
                 "video_grid_thw": torch.tensor(grids, device=self.device)}
 
     @torch.no_grad()
     def raw(self, videos: torch.Tensor, prompts: list[str], video_fps: float) -> torch.Tensor:
-        keys = [_key(v, p, video_fps) for v, p in zip(videos, prompts)]
+        frames = self.frames(videos, video_fps)  # the key: what the model sees, not the whole video
+        keys = [_key(f, p) for f, p in zip(frames, prompts)]
         with self._lock:
             todo = [i for i, k in enumerate(keys) if k not in self._seen]
             if todo:
-                fresh = self.net(**self.inputs(videos[todo], [prompts[i] for i in todo], video_fps)).float().cpu()
+                fresh = self.net(**self.inputs([frames[i] for i in todo], [prompts[i] for i in todo])).float().cpu()
                 for i, row in zip(todo, fresh):
                     self._seen[keys[i]] = row
                 while len(self._seen) > SEEN_MAX:
@@ -314,12 +341,13 @@ class VideoAlignScorer:
         return out
 
 
-def _key(video: torch.Tensor, prompt: str, video_fps: float) -> bytes:
+def _key(frames: torch.Tensor, prompt: str) -> bytes:
+    """A digest of the frames a model sees (float32 CPU ``[n, 3, h, w]``) and the prompt."""
     import hashlib
 
     h = hashlib.blake2b(digest_size=16)
-    h.update(repr((tuple(video.shape), float(video_fps))).encode())
-    h.update(video.detach().float().cpu().contiguous().numpy().tobytes())
+    h.update(repr(tuple(frames.shape)).encode())
+    h.update(frames.contiguous().numpy().tobytes())
     h.update(prompt.encode("utf-8"))
     return h.digest()
 

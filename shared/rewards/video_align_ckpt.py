@@ -34,8 +34,9 @@ DIMENSIONS = ("VQ", "MQ", "TA")
 #: ``data_config.prompt_template_type`` -> the name of its constant in VideoAlign's prompt_template.py
 TEMPLATE_NAMES = {"detailed_special": "DETAILED_PROMPT_WITH_SPECIAL_TOKEN"}
 TEMPLATE_FIELD = "{text_prompt}"
-DEFAULT_MAX_PIXELS = 448 * 448
+DEFAULT_MAX_PIXELS = 240 * 320  # VideoAlign's DataConfig defaults, for keys a model_config.json leaves out
 DEFAULT_FPS = 2.0
+DEFAULT_TEMPLATE_TYPE = "none"
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class VideoAlignSettings:
 
     base_model: str
     fps: float | None
-    num_frames: int | None
+    num_frames: float | None
     max_pixels: int
     template_type: str
     lora_scale: float
@@ -70,10 +71,13 @@ def read_settings(folder: Path, who: str) -> VideoAlignSettings:
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{who}: {path} is not a VideoAlign model_config.json ({type(e).__name__}: {e}); it "
                          f"needs 'data_config' and 'model_config'") from None
-    if not model.get("use_special_tokens") and model.get("reward_token", "special") != "special":
-        raise ValueError(f"{who}: {path}: model_config.reward_token is {model.get('reward_token')!r}; flowrl runs "
-                         f"VideoAlign models that read their scores at the reward tokens {', '.join(REWARD_TOKENS)} "
-                         f"(use_special_tokens: true), as the released VideoReward does")
+    if model.get("use_special_tokens") is not True:
+        raise ValueError(f"{who}: {path}: model_config.use_special_tokens is {model.get('use_special_tokens')!r}; "
+                         f"flowrl runs VideoAlign models that read their scores at the reward tokens "
+                         f"{', '.join(REWARD_TOKENS)} (use_special_tokens: true), as the released VideoReward does")
+    if data.get("sample_type", "uniform") != "uniform":
+        raise ValueError(f"{who}: {path}: data_config.sample_type is {data.get('sample_type')!r}; flowrl samples "
+                         f"frames 'uniform'ly, as the released VideoReward does")
     num_frames = data.get("num_frames")
     fps = None if num_frames is not None else float(data.get("fps") or DEFAULT_FPS)
     r, alpha = lora.get("lora_r", 16), lora.get("lora_alpha", 32)
@@ -87,9 +91,9 @@ def read_settings(folder: Path, who: str) -> VideoAlignSettings:
             raise ValueError(f"{who}: {path}: inference_config lacks {e.args[0]!r}") from None
     return VideoAlignSettings(
         base_model=str(model.get("model_name_or_path") or "Qwen/Qwen2-VL-2B-Instruct"),
-        fps=fps, num_frames=None if num_frames is None else int(num_frames),
+        fps=fps, num_frames=None if num_frames is None else float(num_frames),
         max_pixels=int(data.get("max_frame_pixels") or DEFAULT_MAX_PIXELS),
-        template_type=str(data.get("prompt_template_type") or "detailed_special"),
+        template_type=str(data.get("prompt_template_type") or DEFAULT_TEMPLATE_TYPE),
         lora_scale=float(scale), norm=norm)
 
 
@@ -119,7 +123,7 @@ def current_name(key: str) -> str | None:
     key = key.removeprefix("module.").removeprefix("base_model.model.")
     if ".original_module." in key:
         return None
-    key = key.replace(".modules_to_save.default.", ".").replace(".base_layer.", ".")
+    key = re.sub(r"\.modules_to_save(\.default)?\.", ".", key).replace(".base_layer.", ".")
     key = re.sub(r"\.(lora_(?:embedding_)?[AB])(?:\.default)?(\.weight)?$", r".\1", key)
     if key.startswith("model.") and not key.startswith(("model.language_model.", "model.visual.")):
         return "model.language_model." + key.removeprefix("model.")
@@ -211,6 +215,9 @@ def read_template(spec: str | None, name: str, who: str) -> str:
             raise ValueError(f"{who}: template '{spec}' assigns no string constant {name}. Fix: {how}")
         text = found.value
     problems = [f"'{t}' {text.count(t)} times" for t in (TEMPLATE_FIELD, *REWARD_TOKENS) if text.count(t) != 1]
+    if not problems and sorted(REWARD_TOKENS, key=text.index) != list(REWARD_TOKENS):
+        problems.append(f"the reward tokens in another order than {', '.join(REWARD_TOKENS)} (VideoAlign reads its "
+                        f"scores in the order the tokens appear)")
     if problems:
         raise ValueError(f"{who}: template '{spec}' must hold {TEMPLATE_FIELD} and each reward token once; it has "
                          f"{'; '.join(problems)}. Fix: {how}")

@@ -100,9 +100,10 @@ def test_sample_frames_picks_and_resizes():
     assert float(out.min()) >= 0 and float(out.max()) <= 1
     same = sample_frames(video, video_fps=16, fps=2.0, num_frames=None, max_pixels=336 * 336)
     assert torch.equal(out, same)
-    still = torch.full((4, 3, 64, 96), 0.25)  # a flat video stays flat through the bicubic resize
+    assert torch.equal((out * 255).round() / 255, out)  # 8-bit frames, as VideoAlign reads from video files
+    still = torch.full((4, 3, 64, 96), 0.25)  # a flat video stays flat through the bicubic resize, in 8 bits
     assert torch.allclose(sample_frames(still, video_fps=16, fps=None, num_frames=4, max_pixels=336 * 336),
-                          torch.full((4, 3, 280, 392), 0.25), atol=1e-6)
+                          torch.full((4, 3, 280, 392), 64 / 255), atol=1e-6)
 
 
 # --- patches ----------------------------------------------------------------------------------------
@@ -275,6 +276,27 @@ def test_a_full_model_file_loads(tmp_path, ckpt, base, template):
     assert torch.allclose(model.score(clip, PROMPTS), raw[:, 0], atol=1e-4)
 
 
+def test_a_peft_wrapped_model_file_loads(tmp_path, ckpt, template):
+    """``model.pth`` as VideoAlign's trainer saves a LoRA run whole: the peft-wrapped, unmerged state
+    dict (``base_model.model.`` names, ``lora_A.default.weight``, ``base_layer``, the tied output
+    head), in transformers 4.45's layout."""
+    from tests.helpers.tiny_video_align import old_name
+
+    folder, peft_model, head, token_ids = ckpt
+    whole = tmp_path / "whole"
+    (whole / "checkpoint-3").mkdir(parents=True)
+    shutil.copy(folder / "model_config.json", whole / "model_config.json")
+    state = {old_name("base_model.model." + k.removeprefix("base_model.model.")): v
+             for k, v in peft_model.state_dict().items()}
+    assert any(k.endswith("lora_A.default.weight") for k in state) and "base_model.model.lm_head.weight" in state
+    state["base_model.model.rm_head.weight"] = head
+    torch.save(state, whole / "checkpoint-3" / "model.pth")
+    model = build_reward("videoalign", checkpoint=str(whole), template=template, normalize=False, dimension="MQ")
+    clip = videos(seed=6)
+    raw = reference(peft_model, head, token_ids, model.scorer.inputs(clip, PROMPTS, 16.0))
+    assert torch.allclose(model.score(clip, PROMPTS), raw[:, 1], atol=1e-4)
+
+
 def test_current_names():
     assert current_name("base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight") == \
         "model.language_model.layers.3.self_attn.q_proj.lora_A"
@@ -284,6 +306,7 @@ def test_current_names():
         "model.language_model.embed_tokens.weight"
     assert current_name("base_model.model.visual.merger.mlp.0.weight") == "model.visual.merger.mlp.0.weight"
     assert current_name("base_model.model.rm_head.modules_to_save.default.weight") == "rm_head.weight"
+    assert current_name("base_model.model.rm_head.modules_to_save.weight") == "rm_head.weight"  # peft's saved name
     assert current_name("base_model.model.rm_head.original_module.weight") is None
     assert current_name("model.norm.weight") == "model.language_model.norm.weight"
 
@@ -308,8 +331,23 @@ def test_errors(tmp_path, ckpt, template, base):
     text.write_text(TEMPLATE.replace("<|MQ_reward|>", ""))
     with pytest.raises(ValueError, match=r"'<\|MQ_reward\|>' 0 times.*Fix"):
         build_reward("videoalign", checkpoint=str(folder), template=str(text))
+    text.write_text(TEMPLATE.replace("<|VQ_reward|>", "@").replace("<|MQ_reward|>", "<|VQ_reward|>")
+                    .replace("@", "<|MQ_reward|>"))
+    with pytest.raises(ValueError, match="another order"):
+        build_reward("videoalign", checkpoint=str(folder), template=str(text))
+    with pytest.raises(ValueError, match="prompt .* reward tokens.*Fix"):
+        model.score(videos(1), ["a video <|TA_reward|>"])
     with pytest.raises(ValueError, match="no string constant NOPE"):
         build_reward("videoalign", checkpoint=str(folder), template=template, template_name="NOPE")
+    for key, value, message in (("model_config", {"use_special_tokens": False}, "use_special_tokens is False"),
+                                ("data_config", {"sample_type": "multi_pts"}, "sample_type is 'multi_pts'")):
+        other = tmp_path / key
+        shutil.copytree(folder, other)
+        config = json.loads((other / "model_config.json").read_text())
+        config[key].update(value)
+        (other / "model_config.json").write_text(json.dumps(config))
+        with pytest.raises(ValueError, match=message):
+            build_reward("videoalign", checkpoint=str(other), template=template)
     # a checkpoint without the reward tokens' embeddings
     broken = tmp_path / "broken"
     shutil.copytree(folder, broken)
