@@ -517,6 +517,10 @@ class EvalConfig(_Strict):
     num_prompts: int | None = Field(None, gt=0)  # None = the whole test split
     images_per_prompt: int = Field(1, gt=0)  # seeds per prompt (GenEval uses 4)
     seed: int = 0
+    # video models: how many of the grid's eval videos are also written as looping GIFs (and logged)
+    # at video_fps frames a second (Wan2.1: 16, Wan2.2-TI2V-5B: 24); 0 = none
+    num_videos: int = Field(4, ge=0)
+    video_fps: float = Field(16.0, gt=0)
 
 
 class RewardEntry(BaseModel):

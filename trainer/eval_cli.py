@@ -45,4 +45,6 @@ def eval_checkpoint(cfg: Config, checkpoint: str | Path | None) -> dict:
     result = evaluate(cfg, accelerator, adapter, policy, build_rewards(specs, accelerator.device),
                       specs, rows, out_dir, epoch=0)
     result["grid"] = str(out_dir / result["grid"]) if result.get("grid") else None
+    for video in result.get("videos", []):
+        video["path"] = str(out_dir / video["path"])
     return result

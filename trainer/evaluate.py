@@ -14,7 +14,7 @@ from shared.config import Config
 from shared.rewards.base import details_all
 from shared.rewards.multi import routed, row_metadata, score_specs
 from shared.sampling import as_hw, rollout_batches
-from trainer.reporting import grid_frames, save_grid
+from trainer.reporting import grid_frames, save_grid, save_video
 from trainer.sharding import equal_share
 
 GRID_MAX = 16
@@ -80,7 +80,18 @@ def grid_entry(image: torch.Tensor) -> torch.Tensor:
     the grid shows (:func:`~trainer.reporting.grid_frames`)."""
     if image.ndim == 4:
         image = image[grid_frames(image.shape[0])]
+    return to_uint8(image)
+
+
+def to_uint8(image: torch.Tensor) -> torch.Tensor:
     return (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+
+
+def spread(items: list[int], n: int) -> list[int]:
+    """Up to ``n`` of ``items``, evenly spread (first and last included)."""
+    if len(items) <= n:
+        return list(items)
+    return [items[round(i * (len(items) - 1) / max(n - 1, 1))] for i in range(n)] if n else []
 
 
 def grid_picks(samples: list[int], k: int) -> list[int]:
@@ -120,6 +131,8 @@ def evaluate(cfg: Config, accelerator, adapter, policy, rewards: dict, specs, ro
         groups.setdefault(eval_settings(cfg, rows[j // k].dataset), []).append(pos)
     # the grid's samples, the same for any number of processes (each sends its own to rank 0)
     shown_grid = set(grid_picks(list(range(len(rows) * k)), k))
+    videos: dict[int, torch.Tensor] = {}  # sample j -> its whole video (8-bit), written as a GIF
+    shown_videos = set(spread(sorted(shown_grid), e.num_videos))
     for st, positions in groups.items():
         js = [mine[p] for p in positions]
         prompts = [rows[j // k].prompt for j in js]
@@ -135,6 +148,8 @@ def evaluate(cfg: Config, accelerator, adapter, policy, rewards: dict, specs, ro
             continue
         js, prompts, images = [js[i] for i in keep], [prompts[i] for i in keep], roll.images[keep]
         grid.update({j: grid_entry(images[n]) for n, j in enumerate(js) if j in shown_grid})
+        if images.ndim == 5:  # video models
+            videos.update({j: to_uint8(images[n]) for n, j in enumerate(js) if j in shown_videos})
         group_ids = torch.tensor([j // k for j in js], dtype=torch.long)  # a prompt's images
         datasets = [rows[j // k].dataset for j in js] if sources else None
         # parsed once here (score_specs passes dicts through) and only when some reward reads it
@@ -160,8 +175,9 @@ def evaluate(cfg: Config, accelerator, adapter, policy, rewards: dict, specs, ro
         import torch.distributed as dist
 
         parts = [None] * accelerator.num_processes if accelerator.is_main_process else None
-        dist.gather_object(grid, parts, dst=0)
-        grid = {j: x for part in parts for j, x in part.items()} if parts is not None else {}
+        dist.gather_object((grid, videos), parts, dst=0)
+        grid = {j: x for part in parts for j, x in part[0].items()} if parts is not None else {}
+        videos = {j: x for part in parts for j, x in part[1].items()} if parts is not None else {}
     grid_images = same_size([grid[j].float() / 255 for j in sorted(grid)]) if grid else None
     sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
     out: dict = {"epoch": epoch}
@@ -187,4 +203,10 @@ def evaluate(cfg: Config, accelerator, adapter, policy, rewards: dict, specs, ro
         name = f"eval_grid_epoch{epoch:04d}.png"
         save_grid(grid_images, run_dir / "images" / name)
         out["grid"] = f"images/{name}"
+    if accelerator.is_main_process and videos:
+        folder = f"images/eval_videos_epoch{epoch:04d}"
+        out["videos"] = []
+        for n, j in enumerate(sorted(videos)):
+            save_video(videos[j], run_dir / folder / f"{n:02d}.gif", e.video_fps)
+            out["videos"].append({"path": f"{folder}/{n:02d}.gif", "prompt": rows[j // k].prompt})
     return out

@@ -403,9 +403,11 @@ def train(cfg: Config, *, quiet: bool = False, stop: StopRequest | None = None) 
                       run_dir, epoch)
         ev["time/train_seconds"] = train_seconds
         if main:
-            logger.log({k: v for k, v in ev.items() if k != "grid"}, step=epoch)
+            logger.log({k: v for k, v in ev.items() if k not in ("grid", "videos")}, step=epoch)
             if ev.get("grid"):
                 logger.log_image("eval/images", run_dir / ev["grid"], epoch)
+            if ev.get("videos"):
+                logger.log_videos("eval/videos", [(run_dir / v["path"], v["prompt"]) for v in ev["videos"]], epoch)
         return ev
 
     dispatched_with = version  # the policy version the pending epoch was dispatched with

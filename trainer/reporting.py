@@ -76,6 +76,24 @@ class MetricLogger:
         if self._swan is not None:
             self._swan.log({tag: self._swan.Image(str(path))}, step=step)
 
+    def log_videos(self, tag: str, videos: list[tuple[Path, str]], step: int) -> None:
+        """Animated GIFs (:func:`save_video`) with their captions: wandb / swanlab videos; TensorBoard
+        shows each under ``{tag}/{i}`` in its image tab (the GIF's own bytes, as its add_video does)."""
+        if self._tb is not None:
+            from tensorboard.compat.proto.summary_pb2 import Summary
+
+            for i, (path, _) in enumerate(videos):
+                with Image.open(path) as first:
+                    w, h = first.size
+                image = Summary.Image(height=h, width=w, colorspace=3, encoded_image_string=Path(path).read_bytes())
+                self._tb._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=f"{tag}/{i}", image=image)]),
+                                                        step)
+        if self._wandb is not None:
+            self._wandb.log({tag: [self._wandb.Video(str(p), caption=c, format="gif") for p, c in videos]}, step=step)
+        if self._swan is not None:
+            media = getattr(self._swan, "Video", None) or self._swan.Image
+            self._swan.log({tag: [media(str(p), caption=c) for p, c in videos]}, step=step)
+
     def close(self) -> None:
         self.jsonl.close()
         if self._tb is not None:
@@ -128,6 +146,18 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None, upscale
         img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
+    return path
+
+
+def save_video(frames: torch.Tensor, path: Path, fps: float) -> Path:
+    """Save a video ``[F, 3, H, W]`` (uint8, or float in [0, 1]) as a looping animated GIF at ``fps``
+    (PIL alone: no video codec to install; wandb and swanlab play it, TensorBoard's image tab and
+    Markdown viewers animate it). GIF keeps 256 colours a frame: a preview, not the samples."""
+    if frames.dtype != torch.uint8:
+        frames = (frames.float().clamp(0, 1) * 255).round().to(torch.uint8)
+    pictures = [Image.fromarray(f) for f in frames.permute(0, 2, 3, 1).cpu().numpy()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=max(1, round(1000 / fps)), loop=0)
     return path
 
 
@@ -279,6 +309,9 @@ def write_report(run_dir: Path, history: list[dict[str, float]], evals: list[dic
         lines += ["## Before and after (same prompts, same seeds)", "",
                   "| before (base model) | after |", "|---|---|",
                   f"| ![before]({evals[0]['grid']}) | ![after]({evals[-1]['grid']}) |", ""]
+    if evals and evals[-1].get("videos"):
+        lines += ["## Videos of the last evaluation", ""]
+        lines += [f"![{v['prompt']}]({v['path']}) {v['prompt']}" for v in evals[-1]["videos"]] + [""]
     lines += ["## Every evaluation", ""]
     for e in evals:
         grid = e.get("grid")

@@ -103,3 +103,48 @@ def test_trainer_refuses_frames_for_an_image_model(tmp_path):
                                   "unique_sample_num_per_epoch": 1, "per_device_batch_size": 2}})
     with pytest.raises(ValueError, match="generates images.*num_frames"):
         train(cfg, quiet=True)
+
+
+def test_save_video_writes_a_looping_gif(tmp_path):
+    from trainer.reporting import save_video
+
+    clip = torch.zeros(5, 3, 8, 12)
+    for f in range(5):
+        clip[f, 0] = f / 4  # the red channel brightens frame by frame
+    path = save_video(clip, tmp_path / "v.gif", fps=8)
+    with Image.open(path) as gif:
+        assert gif.n_frames == 5 and gif.size == (12, 8) and gif.info["loop"] == 0
+        reds = []
+        for f in range(5):
+            gif.seek(f)
+            assert gif.info["duration"] in (120, 130)  # 8 frames a second (GIF keeps 1/100 s)
+            reds.append(gif.convert("RGB").getpixel((0, 0))[0])
+    assert reds == sorted(reds) and reds[0] == 0 and reds[-1] == 255
+
+
+def test_eval_writes_and_logs_videos_of_a_video_model(tmp_path):
+    """A tiny wan2_t2v run: each evaluation writes ``eval.num_videos`` of its grid's videos as GIFs
+    (all ``eval.num_frames`` frames at ``eval.video_fps``), TensorBoard gets them under
+    ``eval/videos/{i}`` and the report shows the last evaluation's."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.helpers.tiny_pipelines import TINY_PIPELINES, tiny_train_config
+    from trainer.loop import train
+
+    spec = TINY_PIPELINES["wan2_t2v"]
+    cfg = tiny_train_config(spec, spec.save(tmp_path / "pipe"), tmp_path, train={"num_frames": 5})
+    cfg.logging_backend = "tensorboard"
+    cfg.eval.num_frames, cfg.eval.num_videos, cfg.eval.video_fps, cfg.eval.num_prompts = 9, 2, 8.0, 3
+    train(cfg, quiet=True)
+    run = tmp_path / "runs" / spec.model_type
+    for epoch in (0, 1):  # before and after training
+        gifs = sorted((run / "images" / f"eval_videos_epoch{epoch:04d}").glob("*.gif"))
+        assert [g.name for g in gifs] == ["00.gif", "01.gif"]
+        with Image.open(gifs[0]) as gif:
+            assert gif.n_frames == 9 and gif.info["duration"] in (120, 130)
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert {"eval/videos/0", "eval/videos/1"} <= set(events.Tags()["images"])
+    assert len(events.Images("eval/videos/0")) == 2  # epochs 0 and 1
+    report = (run / "report.md").read_text()
+    assert "images/eval_videos_epoch0001/00.gif" in report
