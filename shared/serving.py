@@ -3,21 +3,31 @@ warning for a server listening beyond the loopback without one."""
 
 from __future__ import annotations
 
+import base64
 import hmac
 import ipaddress
 import logging
 import sys
 
 BEARER_HELP = ("missing or wrong bearer token: send the header 'Authorization: Bearer <token>' with the "
-               "server's token (FLOWRL_API_TOKEN)")
+               "server's token (FLOWRL_API_TOKEN); a client that sends no headers of its own (Flow-Factory's "
+               "remote reward) can put the token in the URL as the password: http://flowrl:<token>@host:port")
 
 
 def bearer_ok(authorization: str | None, token: bytes | None) -> bool:
-    """Whether an ``Authorization`` header carries ``token`` (constant-time compare); any request
-    passes when no token is configured."""
+    """Whether an ``Authorization`` header carries ``token`` (constant-time compare): ``Bearer
+    <token>``, or HTTP Basic with the token as the password (any user name), which is what clients
+    send for a URL ``http://user:<token>@host`` (requests, httpx, aiohttp); any request passes when
+    no token is configured."""
     if token is None:
         return True
     scheme, _, value = (authorization or "").partition(" ")
+    if scheme.lower() == "basic":
+        try:
+            _, _, value = base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")
+        except (ValueError, UnicodeDecodeError):
+            return False
+        return hmac.compare_digest(value.encode(), token)
     return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token)
 
 

@@ -100,6 +100,40 @@ def test_unicode_and_odd_headers_get_401_not_500():
             assert code == (200 if value.strip().lower() == "bearer s3cret" else 401), value[:20]
 
 
+def test_basic_auth_with_the_token_as_password():
+    """HTTP Basic with the token as the password (any user name) passes; a wrong password, a
+    missing one or a malformed header gets 401, never 500."""
+    def basic(text: bytes) -> str:
+        return "Basic " + base64.b64encode(text).decode()
+
+    with TestClient(create_app(RewardServerSettings(rewards="brightness", token="s3cret"))) as c:
+        for value, ok in ((basic(b"flowrl:s3cret"), True), (basic(b":s3cret"), True), (basic(b"s3cret:x"), False),
+                          (basic(b"flowrl:s3cre"), False), (basic(b"s3cret"), False), ("Basic !!not-base64", False),
+                          (basic(b"flowrl:\xff\xfe"), False), ("Basic", False)):
+            code = c.get("/metrics", headers={"Authorization": value}).status_code
+            assert code == (200 if ok else 401), value
+
+
+def test_flow_factory_client_reaches_a_token_protected_server_through_its_url():
+    """Flow-Factory's remote reward sends no headers of its own (a requests.Session posting to
+    ``{server_url}/compute``): with the token as the URL's password, requests sends it as Basic
+    auth and the protected server answers; without it, 401 with a message saying how."""
+    import requests
+
+    from tests.services.live_server import running_server
+
+    settings = RewardServerSettings(rewards=["brightness"], token="s3cret", max_queue_delay_ms=0, log_level="warning")
+    image = _body()["inputs"][0]["data"][0]
+    with running_server(settings) as url:
+        session = requests.Session()
+        open_url = url.replace("http://", "http://flowrl:s3cret@")
+        assert session.get(f"{open_url}/health", timeout=5).status_code == 200
+        reply = session.post(f"{open_url}/compute", json={"prompt": ["p"], "image": [image]}, timeout=30)
+        assert reply.status_code == 200 and len(reply.json()["rewards"]) == 1
+        refused = session.post(f"{url}/compute", json={"prompt": ["p"], "image": [image]}, timeout=30)
+        assert refused.status_code == 401 and "http://flowrl:<token>@host:port" in refused.text
+
+
 # --- binding ----------------------------------------------------------------------------------------
 
 
