@@ -37,6 +37,7 @@ from shared.condition_images import ImageSource, condition_count_error
 from shared.embedding_cache import encode_cached
 from shared.flow import sde_step
 from shared.flow.sde import check_sigma_grid
+from shared.flow.solvers import dpm_solver_pp_step, tail_grid
 from shared.models.base import Conditioning, FlowModelAdapter
 from shared.models.prompt_length import check_prompt_lengths
 
@@ -89,6 +90,10 @@ def step_noise(generators: list[torch.Generator], shape: tuple[int, ...], steps:
     return host.to(device)
 
 
+#: how a rollout's deterministic tail after its last SDE step may run (``rollout(tail_solver=...)``)
+TAIL_SOLVERS = ("euler", "dpm_solver++")
+
+
 @torch.no_grad()
 def rollout(
     adapter: FlowModelAdapter,
@@ -109,6 +114,8 @@ def rollout(
     state_dtype: str = "float32",
     noise_device: str = "cpu",
     init_seeds: list[int] | None = None,
+    tail_solver: str | None = None,
+    tail_ratio: float = 1.0,
 ) -> Rollout:
     """Denoise ``len(seeds)`` samples; see the module docstring.
 
@@ -129,6 +136,11 @@ def rollout(
             the same initial seed and conditioning are in the same state until the first SDE step,
             so that ODE prefix runs once for them (:func:`shared_prefix_rows`; TempFlow-GRPO's
             branching from a shared prefix).
+        tail_solver: the deterministic steps after the last SDE step (MixGRPO-Flash,
+            :mod:`shared.flow.solvers`): ``None`` = Euler on the grid as given; ``"euler"`` or
+            ``"dpm_solver++"`` (second-order multistep) on the tail cut to ``tail_ratio`` of its
+            steps (:func:`~shared.flow.solvers.tail_grid`). The returned rollout's ``sigmas`` is the
+            grid actually run; the SDE steps and their sigmas are the same either way.
     """
     device = next(adapter.transformer.parameters()).device
     make = lambda s: torch.Generator(device=noise_generator_device(noise_device, device)).manual_seed(int(s))  # noqa: E731
@@ -139,6 +151,14 @@ def rollout(
         x = per_sample_noise([make(s) for s in init_seeds], shape, device)
     x = x.to(state_torch_dtype(state_dtype))
     stochastic = set() if dynamics == "ODE" else set(sde_steps)
+    last = max(stochastic) if stochastic else None
+    if tail_solver is not None and last is not None:
+        if tail_solver not in TAIL_SOLVERS:
+            raise ValueError(f"tail_solver {tail_solver!r}: choose one of {', '.join(TAIL_SOLVERS)}")
+        sigmas = tail_grid(sigmas, last, tail_ratio)
+    dpm = tail_solver == "dpm_solver++" and last is not None
+    host_grid = sigmas.tolist() if dpm else None
+    prev_x0 = None  # (x0 prediction, sigma) of the step before, for the second-order tail
     kept: dict[str, list[torch.Tensor]] = {k: [] for k in ("x", "next", "logp", "std", "mean")}
     batch = len(seeds)
     # everything the loop reads from the host goes to the device once, before it: no copy (and
@@ -158,6 +178,13 @@ def rollout(
         sigma = grid[i].expand(rows)
         sigma_next = grid[i + 1].expand(rows)
         v = adapter.velocity(x.float(), sigma, rows_cond, guidance_scale, transformer=transformer)
+        if dpm and i > last:  # the deterministic tail, second order
+            x0 = x.float() - host_grid[i] * v.float()
+            x = dpm_solver_pp_step(x, x0, host_grid[i], host_grid[i + 1], *(prev_x0 or (None, None)))
+            prev_x0 = (x0, host_grid[i])
+            continue
+        if dpm:  # history for the tail: every step's data prediction (MixGRPO-Flash keeps the SDE steps')
+            prev_x0 = (x.float() - host_grid[i] * v.float(), host_grid[i])
         if i in stochastic:
             noise = noises[len(kept["x"])]
             out = sde_step(x, v, sigma, sigma_next, dynamics=dynamics, noise_level=noise_level,
@@ -276,8 +303,10 @@ def rollout_batches(adapter: FlowModelAdapter, prompts: list[str], negatives: li
                     images: Sequence[Sequence[ImageSource]] | None = None,
                     on_batch: Callable[[slice, Rollout], None] | None = None,
                     encode_guidance_scale: float | None = None,
-                    init_seeds: list[int] | None = None, offload: bool = False) -> tuple[Conditioning, Rollout]:
+                    init_seeds: list[int] | None = None, offload: bool = False,
+                    tail_solver: str | None = None, tail_ratio: float = 1.0) -> tuple[Conditioning, Rollout]:
     """Roll out ``prompts`` in micro-batches and concatenate (conditioning and rollout).
+    ``tail_solver`` / ``tail_ratio``: the steps after the last SDE step (:func:`rollout`).
     ``offload``: each micro-batch's rollout and conditioning move to host memory as soon as it is
     done (and scored, with ``on_batch``), so the device holds one micro-batch's, not the epoch's.
     ``init_seeds``: per prompt, the seed of its initial noise alone (:func:`rollout`).
@@ -299,7 +328,8 @@ def rollout_batches(adapter: FlowModelAdapter, prompts: list[str], negatives: li
                             noise_level=noise_level, sde_steps=sde_steps, keep_means=keep_means,
                             log_prob_reduction=log_prob_reduction, state_dtype=state_dtype,
                             noise_device=noise_device, transformer=transformer,
-                            num_frames=num_frames, init_seeds=None if init_seeds is None else init_seeds[sl]))
+                            num_frames=num_frames, init_seeds=None if init_seeds is None else init_seeds[sl],
+                            tail_solver=tail_solver, tail_ratio=tail_ratio))
         conds.append(cond)
         if on_batch is not None:
             on_batch(slice(s, s + len(prompts[sl])), outs[-1])
@@ -308,7 +338,7 @@ def rollout_batches(adapter: FlowModelAdapter, prompts: list[str], negatives: li
         if progress is not None:
             progress(len(prompts[sl]))
     cat = lambda f: None if getattr(outs[0], f) is None else torch.cat([getattr(o, f) for o in outs])  # noqa: E731
-    merged = Rollout(final_latents=cat("final_latents"), images=cat("images"), sigmas=sigmas,
+    merged = Rollout(final_latents=cat("final_latents"), images=cat("images"), sigmas=outs[0].sigmas,  # as run
                      sde_steps=outs[0].sde_steps, latents=cat("latents"),
                      next_latents=cat("next_latents"), log_probs=cat("log_probs"),
                      stds=cat("stds"), means=cat("means"))
@@ -449,4 +479,4 @@ def rollout_with(adapter: FlowModelAdapter, prompts: list[str], negatives: list[
         state_dtype=params.state_dtype, noise_device=params.noise_device,
         transformer=transformer, progress=progress, num_frames=params.num_frames, images=images,
         on_batch=on_batch, encode_guidance_scale=encode_guidance_scale, init_seeds=init_seeds,
-        offload=offload)
+        offload=offload, tail_solver=params.tail_solver, tail_ratio=params.tail_ratio)

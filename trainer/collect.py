@@ -194,7 +194,9 @@ def sampling_params(cfg: Config, plan: EpochPlan, keep_means: bool) -> SamplingP
         guidance_scale=t.sampling_guidance_scale, dynamics=t.dynamics_type, noise_level=t.noise_level,
         sde_steps=plan.sde_steps, keep_means=keep_means, log_prob_reduction=t.log_prob_reduction,
         batch_size=t.rollout_batch_size or t.per_device_batch_size, num_frames=t.num_frames,
-        state_dtype=t.rollout_state_dtype, noise_device=t.rollout_noise_device, autocast=t.mixed_precision)
+        state_dtype=t.rollout_state_dtype, noise_device=t.rollout_noise_device, autocast=t.mixed_precision,
+        tail_solver=t.ode_tail.solver if t.ode_tail else None,
+        tail_ratio=t.ode_tail.compress_ratio if t.ode_tail else 1.0)
 
 
 def sample_locally(cfg: Config, adapter, policy, algorithm, rewards: dict, plan: EpochPlan,

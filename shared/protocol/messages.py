@@ -102,6 +102,10 @@ class SamplingParams(Message):
     # the trainer recomputes match theirs (a PPO ratio of 1 before any update; float32 rollouts
     # replayed under bf16 autocast start ~1e-4 off, as much as Flow-GRPO's whole clip range)
     autocast: Literal["no", "fp16", "bf16"] = "no"
+    # the deterministic steps after the last SDE step (MixGRPO-Flash, train.ode_tail): None = Euler on
+    # the whole grid; else that solver on the tail cut to tail_ratio of its steps (shared.sampling.rollout)
+    tail_solver: Literal["euler", "dpm_solver++"] | None = None
+    tail_ratio: float = Field(1.0, gt=0, le=1)
 
 
 class SampleJob(Message):

@@ -34,15 +34,17 @@ def state(redis_url):
     s.clear()
 
 
-def make_job(store_url: str, version: int = 1) -> SampleJob:
+def make_job(store_url: str, version: int = 1, params: SamplingParams = PARAMS) -> SampleJob:
     items = [SampleItem(sample_id=f"samplerun/e0/g{i // 2}/k{i % 2}", prompt=p, group_id=i // 2, seed=100 + i)
              for i, p in enumerate(["a red circle", "a red circle", "two squares", "two squares"])]
     return SampleJob(run_id="samplerun", job_id="samplerun/e0/j0", epoch=0, min_policy_version=version,
-                     items=items, params=PARAMS, model=CFG.model.model_dump(mode="json"), model_seed=0,
+                     items=items, params=params, model=CFG.model.model_dump(mode="json"), model_seed=0,
                      store_url=store_url, rewards=[{"reward_model": "brightness"}])
 
 
-def test_sampler_with_published_weights_reproduces_the_trainers_rollout(state):
+@pytest.mark.parametrize("tail", [None, ("dpm_solver++", 0.5)], ids=["plain", "ode_tail"])
+def test_sampler_with_published_weights_reproduces_the_trainers_rollout(state, tail):
+    """(``ode_tail``: the job's params carry train.ode_tail; the sampler runs the same short tail.)"""
     # the trainer side: LoRA attached and moved away from its zero-output init
     adapter = load_adapter(CFG.model, device=torch.device("cpu"), seed=0)
     trainable = attach_trainable(adapter, CFG)
@@ -55,7 +57,8 @@ def test_sampler_with_published_weights_reproduces_the_trainers_rollout(state):
     state.publish(PolicyPublished(run_id="samplerun", version=1, weights=ref, finetune_type="lora",
                                   published_at=0.0))
 
-    job = make_job(store.url)
+    params = PARAMS if tail is None else PARAMS.model_copy(update={"tail_solver": tail[0], "tail_ratio": tail[1]})
+    job = make_job(store.url, params=params)
     traj = SamplerRuntime(device=torch.device("cpu")).run(job, state, attempt=2)
     assert traj.policy_version == 1 and traj.sample_ids == [i.sample_id for i in job.items]
     assert traj.tensors.uri.startswith(f"{store.url}/samplerun/e0/j0/a2/")
@@ -64,7 +67,9 @@ def test_sampler_with_published_weights_reproduces_the_trainers_rollout(state):
     _, expect = rollout_batches(
         adapter, [i.prompt for i in job.items], [None] * 4, [i.seed for i in job.items], batch_size=3,
         resolution=(16, 16), num_steps=6, guidance_scale=1.0, dynamics="Flow-SDE", noise_level=0.7,
-        sde_steps=[1, 3], keep_means=True, log_prob_reduction="mean", transformer=adapter.transformer)
+        sde_steps=[1, 3], keep_means=True, log_prob_reduction="mean", transformer=adapter.transformer,
+        tail_solver=None if tail is None else tail[0], tail_ratio=1.0 if tail is None else tail[1])
+    assert expect.sigmas.shape[0] == (7 if tail is None else 5 + 1)  # 6 steps; with the tail: 4 + ceil(0.5 * 2)
     for key in ("final_latents", "latents", "next_latents", "log_probs", "stds", "means", "sigmas"):
         torch.testing.assert_close(getattr(got, key), getattr(expect, key).float(), rtol=0, atol=1e-6,
                                    msg=key)
