@@ -1,4 +1,4 @@
-"""The small HTTP side of a Celery worker (sampler or reward): liveness, readiness, metrics.
+"""The small HTTP side of a Celery worker (sampler or reward): liveness, readiness, metrics, admin.
 
 ``flowrl worker sampler|reward --http-port P`` serves it from a thread of the worker's main
 process, next to the Celery consumer:
@@ -9,7 +9,12 @@ process, next to the Celery consumer:
 * ``GET /metrics``: the worker's Prometheus metrics, collected across its processes. Celery
   forks a pool child that runs the tasks, so metrics live in prometheus-client's multiprocess
   mode: every process writes to ``PROMETHEUS_MULTIPROC_DIR`` (:func:`prepare_multiprocess_dir`
-  creates one before anything imports prometheus_client) and ``/metrics`` merges the files.
+  creates one before anything imports prometheus_client) and ``/metrics`` merges the files;
+* ``GET /admin/status``: the worker's name, its queue, whether it is consuming it and the tasks it
+  is running; ``POST /admin/drain``: stop taking tasks from the queue (the running one finishes;
+  a node to maintain, or a preStop hook); ``POST /admin/resume``: take them again. Celery's remote
+  control (:class:`WorkerControl`) carries them to the worker's main process. With a token
+  (``FLOWRL_API_TOKEN``) the admin routes need it (``Authorization: Bearer <token>``).
 
 The metric definitions stay with each service (``services/sampler/app.py``,
 ``services/reward/worker_app.py``); this module only serves them.
@@ -66,11 +71,48 @@ def gpu_memory_bytes() -> int:
 
 
 
-def create_app(broker_url: str, title: str):
-    """The FastAPI app of the module docstring, for a worker called ``title``."""
-    from fastapi import FastAPI
+class WorkerControl:
+    """Celery's remote control, aimed at one worker: ``app`` its Celery app, ``name`` its hostname
+    (``--hostname``), ``queue`` the queue it consumes. Each call waits up to ``timeout`` seconds
+    for the worker's reply (its main process answers while the pool child runs a task)."""
+
+    def __init__(self, app, name: str, queue: str, timeout: float = 5.0) -> None:
+        self.app, self.name, self.queue, self.timeout = app, name, queue, timeout
+
+    def _reply(self, replies) -> dict:
+        for reply in replies or []:
+            if self.name in reply:
+                return reply[self.name]
+        raise TimeoutError(f"worker {self.name} did not answer the broker within {self.timeout:g} s")
+
+    def status(self) -> dict:
+        inspect = self.app.control.inspect(destination=[self.name], timeout=self.timeout)
+        queues = (inspect.active_queues() or {}).get(self.name)
+        if queues is None:
+            raise TimeoutError(f"worker {self.name} did not answer the broker within {self.timeout:g} s")
+        active = (inspect.active() or {}).get(self.name) or []
+        return {"worker": self.name, "queue": self.queue, "consuming": any(q.get("name") == self.queue for q in queues),
+                "active_tasks": [t.get("id") for t in active]}
+
+    def drain(self) -> dict:
+        self._reply(self.app.control.cancel_consumer(self.queue, destination=[self.name], reply=True,
+                                                     timeout=self.timeout))
+        return self.status()
+
+    def resume(self) -> dict:
+        self._reply(self.app.control.add_consumer(self.queue, destination=[self.name], reply=True,
+                                                  timeout=self.timeout))
+        return self.status()
+
+
+def create_app(broker_url: str, title: str, control: WorkerControl | None = None):
+    """The FastAPI app of the module docstring, for a worker called ``title`` (``control``: its
+    admin routes; none without)."""
+    from fastapi import Depends, FastAPI, Header, HTTPException
     from fastapi.responses import JSONResponse, Response
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    from shared.serving import BEARER_HELP, bearer_ok
 
     app = FastAPI(title=title, docs_url=None, redoc_url=None)
     # what the handlers would import on first use, imported now: Celery forks its pool after the
@@ -97,6 +139,33 @@ def create_app(broker_url: str, title: str):
     @app.get("/metrics")
     def metrics() -> Response:
         return Response(generate_latest(metrics_registry()), media_type=CONTENT_TYPE_LATEST)
+
+    if control is None:
+        return app
+    token = os.environ.get("FLOWRL_API_TOKEN") or None
+    token = token.encode() if token else None
+
+    def authorize(authorization: str | None = Header(None)) -> None:
+        if not bearer_ok(authorization, token):
+            raise HTTPException(401, BEARER_HELP, {"WWW-Authenticate": "Bearer"})
+
+    def answer(call):
+        try:
+            return call()
+        except TimeoutError as e:
+            return JSONResponse({"error": str(e)}, status_code=504)
+
+    @app.get("/admin/status", dependencies=[Depends(authorize)])
+    def status():
+        return answer(control.status)
+
+    @app.post("/admin/drain", dependencies=[Depends(authorize)])
+    def drain():
+        return answer(control.drain)
+
+    @app.post("/admin/resume", dependencies=[Depends(authorize)])
+    def resume():
+        return answer(control.resume)
 
     return app
 

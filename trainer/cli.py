@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     w.add_argument("--name", help="worker name (default {kind}-{pid}@{host})")
     w.add_argument("--loglevel", default="INFO")
-    w.add_argument("--http-port", type=int, help="serve /health/live, /health/ready and /metrics on this port "
+    w.add_argument("--http-port", type=int, help="serve /health/live, /health/ready, /metrics and /admin/status|drain|resume on this port "
                    "(conventionally 9101 for samplers, 9102 for reward workers)")
     w.add_argument("--http-host", default="127.0.0.1", help="interface for --http-port (default loopback)")
     ls = sub.add_parser("list", help="list the registered rewards, models or trainers (or describe one)")
@@ -140,10 +140,15 @@ def _worker(args) -> int:
     # the worker's modules first, then the HTTP thread, started before Celery forks its pool (a fork
     # while another thread imports can hang the child: shared/worker_http.py serve_in_thread)
     module = importlib.import_module(f"services.{args.kind}.worker")  # reads FLOWRL_QUEUE_* now
-    if args.http_port is not None:
-        importlib.import_module(WORKER_HTTP[args.kind]).serve_in_thread(
-            QueueSettings().broker_url, args.http_host, args.http_port)
     queue = QueueSettings().queue(QUEUE_SAMPLE if args.kind == "sampler" else QUEUE_REWARD)
+    if args.http_port is not None:
+        from shared.serving import warn_if_open
+        from shared.worker_http import WorkerControl
+
+        warn_if_open(f"flowrl worker {args.kind}", args.http_host, args.http_port,
+                     os.environ.get("FLOWRL_API_TOKEN") or None, "drain this worker (POST /admin/drain)")
+        importlib.import_module(WORKER_HTTP[args.kind]).serve_in_thread(
+            QueueSettings().broker_url, args.http_host, args.http_port, WorkerControl(module.app, name, queue))
     module.app.worker_main(worker_argv(queue, name, args.loglevel))
     return 0
 

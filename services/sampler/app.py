@@ -42,10 +42,10 @@ def observe_dead_letter() -> None:
     DEAD_LETTERS.inc()
 
 
-def create_app(broker_url: str):
-    return worker_http.create_app(broker_url, title="flowrl sampler")
+def create_app(broker_url: str, control: worker_http.WorkerControl | None = None):
+    return worker_http.create_app(broker_url, title="flowrl sampler", control=control)
 
 
-def serve_in_thread(broker_url: str, host: str, port: int):
+def serve_in_thread(broker_url: str, host: str, port: int, control: worker_http.WorkerControl | None = None):
     """Start the app under uvicorn in a daemon thread; returns the uvicorn server."""
-    return worker_http.serve_in_thread(create_app(broker_url), host, port, name="sampler-http")
+    return worker_http.serve_in_thread(create_app(broker_url, control), host, port, name="sampler-http")
