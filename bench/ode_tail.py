@@ -4,7 +4,8 @@ sees, against the plain rollout, on the shipped toy SD3 pipeline.
 Each setting rolls out the toy world's held-out prompts (``examples/data/toy/test.jsonl``) x ``--seeds``
 seeds at 64 px, 10 Flow-SDE steps (noise 0.7), CFG 4.5 as ``examples/toy/grpo.yaml``, with the SDE
 window at ``--window`` (the trained steps); the steps after the window run as given (plain: Euler on
-the whole grid) or on ``ceil(ratio * n)`` of them with Euler or DPM-Solver++ (order 2). The SDE steps
+the whole grid) or cut by ``ratio`` as MixGRPO-Flash cuts them (``shared.flow.solvers.tail_grid``) with
+Euler or DPM-Solver++ (order 2). The SDE steps
 are the same in every setting (same seeds), so the rollouts differ only in the tail. Reported per
 setting: median seconds over ``--repeats`` (settings interleaved), transformer forwards, the mean
 ``toy_geneval`` reward of the final images, and their mean absolute pixel difference to the plain
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from shared.config import ModelConfig  # noqa: E402
+from shared.flow.solvers import tail_grid  # noqa: E402
 from shared.models import load_adapter  # noqa: E402
 from shared.rewards import build_reward  # noqa: E402
 from shared.sampling import rollout_batches  # noqa: E402
@@ -81,7 +82,7 @@ def main(argv=None) -> dict:
                 images[name] = imgs
     rows = []
     for name, solver, ratio in SETTINGS:
-        kept = tail if solver is None else max(1, math.ceil(ratio * tail))
+        kept = tail if solver is None else tail_grid(torch.linspace(1, 0, STEPS + 1), max(args.window), ratio).shape[0] - 1 - (max(args.window) + 1)
         score = reward.score(images[name], prompts).float().mean().item()
         diff = (images[name] - images["plain"]).abs().mean().item()
         rows.append({"setting": name, "seconds": round(statistics.median(times[name]), 3),

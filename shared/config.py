@@ -261,8 +261,8 @@ class SdeWindow(_Strict):
 
 class OdeTail(_Strict):
     """``train.ode_tail``: MixGRPO-Flash's faster sampling of the steps after a rollout's last SDE step
-    (nothing there is trained): ``solver`` on a grid cut to ``compress_ratio`` of those steps
-    (:mod:`shared.flow.solvers`; MixGRPO-Flash: DPM-Solver++ order 2 at 0.4, Flash*: 0.2)."""
+    (nothing there is trained): ``solver`` on a grid cut by ``compress_ratio`` as MixGRPO cuts it
+    (:func:`shared.flow.solvers.tail_grid`; MixGRPO-Flash: DPM-Solver++ order 2 at 0.4, Flash*: 0.2)."""
 
     solver: Literal["dpm_solver++", "euler"] = "dpm_solver++"
     compress_ratio: float = Field(0.4, gt=0, le=1)

@@ -183,7 +183,7 @@ def rollout(
             x = dpm_solver_pp_step(x, x0, host_grid[i], host_grid[i + 1], *(prev_x0 or (None, None)))
             prev_x0 = (x0, host_grid[i])
             continue
-        if dpm:  # history for the tail: every step's data prediction (MixGRPO-Flash keeps the SDE steps')
+        if dpm and i == last:  # the tail's history: the last SDE step's data prediction (MixGRPO-Flash keeps it)
             prev_x0 = (x.float() - host_grid[i] * v.float(), host_grid[i])
         if i in stochastic:
             noise = noises[len(kept["x"])]

@@ -22,12 +22,16 @@ def bearer_ok(authorization: str | None, token: bytes | None) -> bool:
     if token is None:
         return True
     scheme, _, value = (authorization or "").partition(" ")
-    if scheme.lower() == "basic":
+    if scheme.lower() == "basic":  # the password's bytes as UTF-8 (httpx) or Latin-1 (requests) would send them
         try:
-            _, _, value = base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")
-        except (ValueError, UnicodeDecodeError):
+            _, _, password = base64.b64decode(value.strip(), validate=True).partition(b":")
+        except ValueError:
             return False
-        return hmac.compare_digest(value.encode(), token)
+        try:
+            latin = token.decode("utf-8").encode("latin-1")
+        except (UnicodeDecodeError, UnicodeEncodeError):
+            latin = token
+        return hmac.compare_digest(password, token) | hmac.compare_digest(password, latin)
     return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token)
 
 

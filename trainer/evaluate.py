@@ -5,6 +5,7 @@ writes an image grid."""
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 import torch
@@ -87,6 +88,22 @@ def to_uint8(image: torch.Tensor) -> torch.Tensor:
     return (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
 
 
+#: the longest side of an eval video's GIF (a preview: a Wan clip at full size would be tens of MB a file,
+#: and gathered to rank 0 whole)
+VIDEO_MAX_SIDE = 320
+
+
+def video_entry(video: torch.Tensor) -> torch.Tensor:
+    """A video ``[F, 3, H, W]`` in ``[0, 1]`` as its GIF keeps it: 8-bit, the longest side at most
+    :data:`VIDEO_MAX_SIDE` (antialiased)."""
+    h, w = video.shape[-2:]
+    scale = VIDEO_MAX_SIDE / max(h, w)
+    if scale < 1:
+        video = torch.nn.functional.interpolate(video.float(), size=(max(1, round(h * scale)), max(1, round(w * scale))),
+                                                mode="bilinear", antialias=True, align_corners=False)
+    return to_uint8(video)
+
+
 def spread(items: list[int], n: int) -> list[int]:
     """Up to ``n`` of ``items``, evenly spread (first and last included)."""
     if len(items) <= n:
@@ -149,7 +166,7 @@ def evaluate(cfg: Config, accelerator, adapter, policy, rewards: dict, specs, ro
         js, prompts, images = [js[i] for i in keep], [prompts[i] for i in keep], roll.images[keep]
         grid.update({j: grid_entry(images[n]) for n, j in enumerate(js) if j in shown_grid})
         if images.ndim == 5:  # video models
-            videos.update({j: to_uint8(images[n]) for n, j in enumerate(js) if j in shown_videos})
+            videos.update({j: video_entry(images[n]) for n, j in enumerate(js) if j in shown_videos})
         group_ids = torch.tensor([j // k for j in js], dtype=torch.long)  # a prompt's images
         datasets = [rows[j // k].dataset for j in js] if sources else None
         # parsed once here (score_specs passes dicts through) and only when some reward reads it
@@ -205,6 +222,7 @@ def evaluate(cfg: Config, accelerator, adapter, policy, rewards: dict, specs, ro
         out["grid"] = f"images/{name}"
     if accelerator.is_main_process and videos:
         folder = f"images/eval_videos_epoch{epoch:04d}"
+        shutil.rmtree(run_dir / folder, ignore_errors=True)  # an epoch evaluated again (a resumed run): its own files only
         out["videos"] = []
         for n, j in enumerate(sorted(videos)):
             save_video(videos[j], run_dir / folder / f"{n:02d}.gif", e.video_fps)

@@ -149,10 +149,19 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None, upscale
     return path
 
 
+def markdown_text(text: str) -> str:
+    """``text`` on one Markdown line, its markup characters escaped."""
+    out = " ".join(text.split())
+    for ch in "\\`*_[]<>|#":
+        out = out.replace(ch, "\\" + ch)
+    return out
+
+
 def save_video(frames: torch.Tensor, path: Path, fps: float) -> Path:
     """Save a video ``[F, 3, H, W]`` (uint8, or float in [0, 1]) as a looping animated GIF at ``fps``
     (PIL alone: no video codec to install; wandb and swanlab play it, TensorBoard's image tab and
-    Markdown viewers animate it). GIF keeps 256 colours a frame: a preview, not the samples."""
+    Markdown viewers animate it). GIF keeps 256 colours a frame and frame times in 1/100 s (16 fps
+    plays at 16.7): a preview, not the samples."""
     if frames.dtype != torch.uint8:
         frames = (frames.float().clamp(0, 1) * 255).round().to(torch.uint8)
     pictures = [Image.fromarray(f) for f in frames.permute(0, 2, 3, 1).cpu().numpy()]
@@ -311,7 +320,8 @@ def write_report(run_dir: Path, history: list[dict[str, float]], evals: list[dic
                   f"| ![before]({evals[0]['grid']}) | ![after]({evals[-1]['grid']}) |", ""]
     if evals and evals[-1].get("videos"):
         lines += ["## Videos of the last evaluation", ""]
-        lines += [f"![{v['prompt']}]({v['path']}) {v['prompt']}" for v in evals[-1]["videos"]] + [""]
+        lines += [f"![video {n}]({v['path']}) {markdown_text(v['prompt'])}"
+                  for n, v in enumerate(evals[-1]["videos"])] + [""]
     lines += ["## Every evaluation", ""]
     for e in evals:
         grid = e.get("grid")

@@ -19,9 +19,12 @@ import torch
 
 
 def tail_grid(sigmas: torch.Tensor, last_sde: int, ratio: float) -> torch.Tensor:
-    """The grid with its steps after step ``last_sde`` cut to ``max(1, ceil(ratio * n))`` of the
-    ``n = N - last_sde - 1`` there, at evenly spaced grid points (by index; the first and the last,
-    0, kept). Steps up to ``last_sde`` (and so every SDE step and its sigmas) are unchanged.
+    """The grid with its ``n = N - last_sde - 1`` steps after step ``last_sde`` cut to
+    ``max(1, floor(ratio * (n + 1)) - 1)``, MixGRPO-Flash's count (``dpm_post_compress_ratio`` scales
+    the tail's ``n + 1`` grid points; where that leaves none, MixGRPO stops short of sigma 0 and this
+    keeps one step), at evenly spaced grid points by index (the first and 0 kept; MixGRPO rebuilds
+    an evenly spaced SD3-shifted grid instead, which is not every family's schedule). Steps up to
+    ``last_sde`` (and so every SDE step and its sigmas) are unchanged.
 
     Args:
         sigmas: ``[N + 1]`` descending grid, 1 -> 0.
@@ -36,7 +39,7 @@ def tail_grid(sigmas: torch.Tensor, last_sde: int, ratio: float) -> torch.Tensor
     if not 0 < ratio <= 1:
         raise ValueError(f"tail compress ratio must be in (0, 1], got {ratio}")
     tail = n_steps - last_sde - 1  # steps after the last SDE step
-    keep = max(1, math.ceil(ratio * tail)) if tail else 0
+    keep = max(1, math.floor(ratio * (tail + 1)) - 1) if tail else 0
     if keep >= tail:
         return sigmas
     points = torch.linspace(last_sde + 1, n_steps, keep + 1).round().long()

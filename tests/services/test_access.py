@@ -112,6 +112,10 @@ def test_basic_auth_with_the_token_as_password():
                           (basic(b"flowrl:\xff\xfe"), False), ("Basic", False)):
             code = c.get("/metrics", headers={"Authorization": value}).status_code
             assert code == (200 if ok else 401), value
+    with TestClient(create_app(RewardServerSettings(rewards="brightness", token="s3crét"))) as c:
+        for password, ok in (("s3crét".encode("utf-8"), True), ("s3crét".encode("latin-1"), True), (b"s3cret", False)):
+            code = c.get("/metrics", headers={"Authorization": basic(b"u:" + password)}).status_code
+            assert code == (200 if ok else 401), password
 
 
 def test_flow_factory_client_reaches_a_token_protected_server_through_its_url():

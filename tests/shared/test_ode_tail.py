@@ -62,8 +62,11 @@ def test_dpm_solver_pp_step_special_cases():
 
 def test_tail_grid():
     grid = torch.linspace(1, 0, 11)  # 10 steps
-    cut = tail_grid(grid, 3, 0.4)  # 6 steps after step 3 -> ceil(2.4) = 3, at indices 4, 6, 8, 10
+    cut = tail_grid(grid, 3, 0.7)  # 6 steps (7 points) after step 3 -> floor(4.9) - 1 = 3 steps: indices 4, 6, 8, 10
     assert torch.equal(cut, torch.cat([grid[:4], grid[[4, 6, 8, 10]]]))
+    # MixGRPO-Flash's counts on its 25-step grid at 0.4 (int(max((N - last) * r, 1)) points), never below one step
+    assert [tail_grid(torch.linspace(1, 0, 26), last, 0.4).shape[0] - last - 2 for last in (3, 10, 20, 22)] == [
+        7, 5, 1, 1]
     assert torch.equal(tail_grid(grid, 3, 1.0), grid)
     assert torch.equal(tail_grid(grid, 9, 0.2), grid)  # no step after the last SDE step
     assert torch.equal(tail_grid(grid, 0, 0.01), torch.cat([grid[:1], grid[[1, 10]]]))  # at least one step
@@ -75,7 +78,7 @@ def test_tail_grid():
 
 def test_rollout_tail_keeps_the_sde_steps_and_runs_fewer_forwards():
     """The SDE steps (states, log-probs, stds, sigmas) are those of the full rollout; the tail runs
-    ceil(0.4 * 6) = 3 forwards instead of 6; Euler at ratio 1 is the plain rollout exactly."""
+    floor(0.6 * 7) - 1 = 3 forwards instead of 6; Euler at ratio 1 is the plain rollout exactly."""
     from shared.models import load_adapter
     from shared.config import ModelConfig
     from shared.sampling import rollout, encode
@@ -95,7 +98,7 @@ def test_rollout_tail_keeps_the_sde_steps_and_runs_fewer_forwards():
                   sde_steps=[2, 3])
     full = rollout(adapter, cond, [1, 2], **common)
     n_full = len(calls)
-    fast = rollout(adapter, cond, [1, 2], tail_solver="dpm_solver++", tail_ratio=0.4, **common)
+    fast = rollout(adapter, cond, [1, 2], tail_solver="dpm_solver++", tail_ratio=0.6, **common)
     assert n_full == 10 and len(calls) - n_full == 4 + 3
     for name in ("latents", "next_latents", "log_probs", "stds"):
         assert torch.equal(getattr(fast, name), getattr(full, name)), name

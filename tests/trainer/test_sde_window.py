@@ -43,7 +43,7 @@ def test_window_config_errors(tmp_path, extra, message):
 
 def test_ode_tail_trains_the_same_steps_on_shorter_rollouts(tmp_path, monkeypatch):
     """``train.ode_tail`` (MixGRPO-Flash) with the window: each epoch's rollouts run the steps after
-    the window's last one on ceil(0.4 * n) steps, and GRPO replays the window steps' log-probs
+    the window's last one on fewer steps (MixGRPO's count), and GRPO replays the window steps' log-probs
     exactly (ratio 1 before the update), as without it."""
     import shared.sampling as sampling
     from trainer.loop import train
@@ -59,12 +59,12 @@ def test_ode_tail_trains_the_same_steps_on_shorter_rollouts(tmp_path, monkeypatc
 
     monkeypatch.setattr(sampling, "rollout", recording)
     cfg = tiny_config(tmp_path, overrides=WINDOW + ["train.max_epochs=2", "train.num_inference_steps=8",
-                                                    "train.ode_tail={compress_ratio: 0.4}",
+                                                    "train.ode_tail={compress_ratio: 0.6}",
                                                     "train.group_size=2", "train.unique_sample_num_per_epoch=2",
                                                     "train.per_device_batch_size=4", "train.gradient_step_per_epoch=1"])
     assert cfg.train.ode_tail.solver == "dpm_solver++"
     train(cfg, quiet=True)
-    # window [0, 1]: 6 steps after it -> 3; window [2, 3]: 4 after it -> 2
+    # window [0, 1]: 6 steps after it -> floor(0.6 * 7) - 1 = 3; window [2, 3]: 4 after it -> floor(3) - 1 = 2
     assert sorted(set((tuple(s), n) for s, n in grids)) == [((0, 1), 2 + 3), ((2, 3), 4 + 2)]
     metrics = [json.loads(x) for x in (tmp_path / "runs" / "tiny_grpo" / "metrics.jsonl").read_text().splitlines()]
     ratios = [m["train/ratio_mean"] for m in metrics if "train/ratio_mean" in m]

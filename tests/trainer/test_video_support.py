@@ -148,3 +148,14 @@ def test_eval_writes_and_logs_videos_of_a_video_model(tmp_path):
     assert len(events.Images("eval/videos/0")) == 2  # epochs 0 and 1
     report = (run / "report.md").read_text()
     assert "images/eval_videos_epoch0001/00.gif" in report
+
+
+def test_eval_gifs_are_previews_and_prompts_stay_plain_text():
+    from trainer.evaluate import VIDEO_MAX_SIDE, video_entry
+    from trainer.reporting import markdown_text
+
+    big = video_entry(torch.rand(3, 3, 480, 832))
+    assert big.dtype == torch.uint8 and big.shape == (3, 3, round(480 * VIDEO_MAX_SIDE / 832), VIDEO_MAX_SIDE)
+    small = torch.rand(2, 3, 32, 48)
+    assert torch.equal(video_entry(small), (small * 255).round().to(torch.uint8))
+    assert markdown_text("a [red] *cat*\non a `mat`") == r"a \[red\] \*cat\* on a \`mat\`"

@@ -28,7 +28,7 @@ class TrainBatch:
     cond: Conditioning
     advantages: torch.Tensor  # [B]
     final_latents: torch.Tensor  # [B, ...]
-    sigmas: torch.Tensor  # [N + 1] rollout grid
+    sigmas: torch.Tensor  # [N + 1] rollout grid as run (train.ode_tail: fewer points after the last SDE step)
     sde_steps: list[int]  # step indices recorded in the columns of the tensors below
     latents: torch.Tensor  # [B, S, ...]
     next_latents: torch.Tensor  # [B, S, ...]
