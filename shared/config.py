@@ -268,6 +268,22 @@ class OdeTail(_Strict):
     compress_ratio: float = Field(0.4, gt=0, le=1)
 
 
+class KLGate(_Strict):
+    """``train.kl_gate``: GARDO's gated and adaptive KL (He et al. 2025), as flow_grpo's
+    ``scripts/train_sd3_gardo.py`` runs it (:mod:`trainer.kl_gate`). The KL term (``kl_beta``) applies only
+    to the samples whose ``reward`` disagrees most with the ``auxiliary`` rewards (the top ``fraction``
+    of rank gaps, adapted epoch by epoch when ``adaptive``), and it anchors to a copy of the policy that
+    is reset to the current weights after an epoch whose KL exceeds ``reset_kl``, and at least every
+    ``reset_every`` epochs."""
+
+    reward: str | None = None  # the proxy reward's name (None: the first reward with a nonzero weight)
+    auxiliary: list[str] = Field(min_length=1)  # rewards' names judging the same images (weight 0: not trained on)
+    fraction: float = Field(0.1, gt=0, le=1)  # share of the rank gaps >= 0 gated (GARDO: 0.1)
+    adaptive: bool = True  # GARDO's RiskCompensator: x1.1 / x0.9 as the gap grows / shrinks, within [0.02, 0.2]
+    reset_kl: float | None = Field(5e-4, gt=0)  # GARDO's kl_thres; None: no KL-triggered reset
+    reset_every: int | None = Field(None, gt=0)  # GARDO's reset_freq (epochs); None: never on a clock
+
+
 class TrainConfig(_Strict):
     """``train:`` — rollout, algorithm and optimizer settings. ``None`` = algorithm default."""
 
@@ -369,6 +385,8 @@ class TrainConfig(_Strict):
     # mean instead of adding to the reward (GARDO's diversity-aware optimization: reward_model diversity,
     # reduce: min); trainer/advantages.py diversity_scale
     diversity_shaping: str | None = None
+    # GARDO's gated KL against a resettable copy of the policy (grpo with kl_beta > 0): KLGate above
+    kl_gate: KLGate | None = None
     adv_clip_range: float | None = Field(None, gt=0)
     # -- GRPO / GRPO-Guard / AWM surrogate
     clip_range: float | tuple[float, float] | None = None
@@ -500,7 +518,8 @@ class TrainConfig(_Strict):
         algorithm whose loss is defined against it (``dpo``, ``dgpo``; ``crd`` without its ``old``
         snapshot, ``crd_use_old: false``). A full fine-tune keeps a copy of the base only then."""
         trainer = self.trainer_type.lower()
-        return (bool(self.kl_beta) or trainer in REFERENCE_TRAINERS
+        # (train.kl_gate anchors the KL to a copy of the policy, not to the base)
+        return ((bool(self.kl_beta) and self.kl_gate is None) or trainer in REFERENCE_TRAINERS
                 or (trainer == "crd" and not self.crd_use_old))
 
     @property
@@ -871,11 +890,33 @@ def check_combinations(cfg: Config) -> None:
             raise ConfigError(
                 f"train.diversity_shaping: {t.diversity_shaping!r} is the only reward; it scales the advantages "
                 f"the other rewards give and adds nothing itself. Fix: add the reward to train on.")
+    if t.kl_gate is not None:
+        check_kl_gate(t, labels, {r.label: r.weight for r in cfg.rewards})
     if not t.advantage_std and t.advantage_aggregation != "sum":
         raise ConfigError(
             f"train.advantage_std: false leaves group-centred rewards undivided, which needs "
             f"train.advantage_aggregation: sum (gdpo's per-reward z-scores are its definition). Fix: set "
             f"advantage_aggregation: sum, or keep advantage_std: true.")
+
+
+def check_kl_gate(t: TrainConfig, labels: list[str], weights: dict[str, float]) -> None:
+    """``train.kl_gate`` names rewards of this run, and there is a KL term to gate (grpo, kl_beta > 0)."""
+    g = t.kl_gate
+    if t.trainer_type != "grpo" or not t.kl_beta:
+        raise ConfigError(
+            f"train.kl_gate gates GRPO's KL term, but this run is trainer_type={t.trainer_type!r} with kl_beta "
+            f"{t.kl_beta!r}. Fix: use trainer_type: grpo with kl_beta > 0 (GARDO: 0.04), or drop kl_gate.")
+    proxy = g.reward or next((k for k in labels if weights[k] and k != t.diversity_shaping), None)
+    unknown = [n for n in [proxy, *g.auxiliary] if n not in labels]
+    if unknown:
+        raise ConfigError(
+            f"train.kl_gate names {unknown}, which are not rewards of this run ({labels}). Fix: add them to "
+            f"rewards (auxiliary ones with weight: 0, scored but not trained on; GARDO uses aesthetic and "
+            f"imagereward), or name existing ones.")
+    if proxy in g.auxiliary or len(set(g.auxiliary)) != len(g.auxiliary):
+        raise ConfigError(
+            f"train.kl_gate: the proxy reward {proxy!r} and the auxiliary ones {g.auxiliary} must be distinct "
+            f"rewards: the gate is how far the proxy's ranking of a sample strays from theirs. Fix: name others.")
 
 
 def check_reward_options(cfg: Config) -> None:

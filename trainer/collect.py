@@ -40,6 +40,7 @@ class EpochData:
     rewards: dict[str, torch.Tensor]  # [n] per reward, this rank
     advantages: torch.Tensor  # [n]
     metrics: dict[str, float]
+    kl_gate: torch.Tensor | None = None  # [n] bool: the samples train.kl_gate's KL applies to (None: all)
 
 
 def apportion(total: int, weights: list[int]) -> list[int]:
@@ -260,8 +261,11 @@ def across_processes(accelerator, metrics: dict[str, float]) -> dict[str, float]
     return out
 
 
-def finish_epoch(cfg: Config, accelerator, plan: EpochPlan, samples: Samples, version: int) -> EpochData:
+def finish_epoch(cfg: Config, accelerator, plan: EpochPlan, samples: Samples, version: int,
+                 gate=None) -> EpochData:
     """Advantages over the global batch (rewards gathered from every process), this rank's slice.
+    ``gate``: ``train.kl_gate``'s :class:`~trainer.kl_gate.KLGateState`, which picks this epoch's
+    gated samples from the same global batch.
 
     ``version`` is the policy version about to be trained; ``version - sample version`` is the
     staleness each sample is trained with (reported as ``queue/policy_lag``).
@@ -302,5 +306,12 @@ def finish_epoch(cfg: Config, accelerator, plan: EpochPlan, samples: Samples, ve
     metrics["queue/policy_lag_max"] = float(max(lags))
     metrics.update(samples.metrics)
     metrics.update(across_processes(accelerator, {k: v for k, v in metrics.items() if k.startswith("queue/")}))
+    mask = None
+    if gate is not None:  # the same on every rank: the global batch's rewards
+        labels = [s.label for s in cfg.rewards]
+        proxy = t.kl_gate.reward or next(k for k in labels if weights[k] and k != t.diversity_shaping)
+        mask, gate_metrics = gate.mask(gathered[proxy], [gathered[a] for a in t.kl_gate.auxiliary])
+        metrics.update(gate_metrics)
+        mask = mask[r * n:(r + 1) * n]
     return EpochData(plan.prompts, group_ids, samples.cond, samples.rollout, local,
-                     adv[r * n:(r + 1) * n], metrics)
+                     adv[r * n:(r + 1) * n], metrics, mask)

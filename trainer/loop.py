@@ -42,6 +42,7 @@ from trainer.evaluate import eval_settings, evaluate
 from trainer.policy import DTYPES, Policy, attach_trainable, trainable_params
 from trainer import optim
 from trainer.ptx import PretrainMix
+from trainer.kl_gate import KL_REFERENCE, KLGateState
 from trainer.reporting import MetricLogger, detail_keys, progress_postfix, save_group_grid, write_report
 from trainer.metrics import TrainerMetrics
 from trainer.schedule import follow_budget, set_budget_fraction
@@ -162,7 +163,7 @@ def micro_batches(data: EpochData, batch_size: int, seed: int,
             latents=move(r.latents[j]), next_latents=move(r.next_latents[j]), log_probs=move(r.log_probs[j]),
             stds=move(r.stds[j]), means=None if r.means is None else move(r.means[j]),
             seed=(seed * SEED_STRIDE + b) * world + rank, group_ids=data.group_ids[i],
-            epoch_seed=seed)
+            epoch_seed=seed, kl_gate=None if data.kl_gate is None else data.kl_gate[i].to(dev))
 
 
 def optimize(cfg: Config, accelerator: Accelerator, policy: Policy, algorithm: Algorithm,
@@ -392,6 +393,10 @@ def train(cfg: Config, *, quiet: bool = False, stop: StopRequest | None = None) 
     step, version, samples_used = progress.step, progress.version, progress.samples_used
     policy.optimizer_step = step  # sample_from_ema_after counts from the run's start, not the resume
     train_seconds, history, evals = progress.train_seconds, progress.history, progress.evals
+    gate = None
+    if t.kl_gate is not None:  # GARDO's gated KL: its state, rebuilt from the epochs already trained
+        gate = KLGateState(t.kl_gate)
+        gate.restore(history)
     agreed_seconds = train_seconds  # the same on every rank: one saved Progress
     prom = None
     if main and cfg.metrics_port is not None:
@@ -466,7 +471,10 @@ def train(cfg: Config, *, quiet: bool = False, stop: StopRequest | None = None) 
             samples = transport.collect(pending)
         if samples.rows is not None:  # prompt groups dropped after dead-lettered tasks
             plan = plan.subset(samples.rows)
-        data = finish_epoch(cfg, accelerator, plan, samples, version)
+        data = finish_epoch(cfg, accelerator, plan, samples, version, gate)
+        if gate is not None and gate.reset_due(epoch):  # the KL's anchor moves to the current weights
+            policy.blend_snapshot(KL_REFERENCE, 0.0)
+            data.metrics["train/kl_gate/reset"] = 1.0
         samples_used += data.advantages.shape[0] * world
         more = epoch + 1 < t.max_epochs
         if more and t.max_staleness >= 1:  # sample epoch k+1 while training on k
@@ -477,6 +485,8 @@ def train(cfg: Config, *, quiet: bool = False, stop: StopRequest | None = None) 
         step, opt_metrics = optimize(cfg, accelerator, policy, algorithm, optimizer, lr_schedule,
                                      data, epoch, step, ptx)
         opt_metrics.update(algorithm.after_epoch(policy, step))  # e.g. CRD's snapshots, before publishing
+        if gate is not None:
+            gate.after(opt_metrics.get("train/kl"))
         optimize_seconds = time.time() - t_opt
         version += 1
         transport.publish(version)

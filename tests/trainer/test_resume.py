@@ -63,6 +63,10 @@ def same_tensors(a: dict, b: dict) -> list[str]:
     ("grpo", ["train.optimizer=muon"]),  # Muon's momentum buffers resume too
     # samples drawn with a half-blended snapshot, implicit rewards against another
     ("crd", ["train.crd_sampling_decay=0-0.5-0.0-0.5"]),
+    # GARDO's gated KL: its anchor (a snapshot), the adaptive fraction and the reset rule, rebuilt from metrics
+    ("grpo", ["train.kl_beta=0.04", "rewards=[{reward_model: brightness}, {reward_model: jpeg_incompressibility, "
+              "weight: 0}, {name: dim, reward_model: brightness, target: 0.2, weight: 0}]",
+              "train.kl_gate={auxiliary: [jpeg_incompressibility, dim], reset_kl: 1.0e-6, reset_every: 2}"]),
 ])
 def test_resumed_run_is_bit_identical(tmp_path, trainer_type, extra):
     cfg = tiny_config(tmp_path / "a", trainer_type, FAST + extra)

@@ -38,6 +38,7 @@ class TrainBatch:
     seed: int  # for the training noise / timesteps of this micro-batch
     group_ids: torch.Tensor | None = None  # [B] CPU int64 global group ids (group_shared_noise)
     epoch_seed: int = 0  # shared by the micro-batches of one inner epoch (group_shared_noise)
+    kl_gate: torch.Tensor | None = None  # [B] bool: the samples the KL term applies to (train.kl_gate)
 
     @property
     def size(self) -> int:

@@ -9,6 +9,9 @@ How this differs from the paper / flow_grpo code:
 * trained steps come from ``train.train_steps`` / ``num_train_steps`` (all but the last by
   default, as the paper; a subset gives the MixGRPO / Flow-GRPO-Fast window);
 * zero-advantage samples are kept (their loss is zero) instead of being re-sampled;
+* ``train.kl_gate`` (GARDO, :mod:`trainer.kl_gate`): the KL term is the mean over the epoch's gated
+  samples only, against a resettable copy of the policy (the ``kl_reference`` snapshot) instead of
+  the base;
 * ``train.noise_aware_weighting`` multiplies each step's policy term by TempFlow-GRPO's noise-aware
   weight (with ``shared_initial_noise`` and one SDE step per epoch this is TempFlow-GRPO's
   branching: a group shares its ODE prefix, which rollouts compute once, and differs only by that
@@ -24,11 +27,17 @@ from shared.flow.sde import check_sigma_grid, noise_aware_weights
 from trainer.algorithms.base import ALGORITHMS, Algorithm, TrainBatch, expand
 from trainer.algorithms.losses import (clip_advantages, clipped_surrogate, kl_v_based,
                                        kl_x_based, policy_ratio)
+from trainer.kl_gate import KL_REFERENCE
 
 
 @ALGORITHMS.register("grpo")
 class GRPO(Algorithm):
     needs_log_probs = True
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        if self.t.kl_gate is not None:  # GARDO: the KL anchors to a copy of the policy, reset now and then
+            self.snapshots = (KL_REFERENCE,)
 
     def num_units(self, num_sde_steps: int) -> int:
         return num_sde_steps
@@ -56,7 +65,12 @@ class GRPO(Algorithm):
 
     def kl(self, batch, unit, policy, out, v, x, sigma, sigma_next) -> torch.Tensor:
         t = self.t
-        v_ref = policy.ref_velocity(x, sigma, batch.cond)
+        if t.kl_gate is not None:  # the resettable copy of the policy (trainer/kl_gate.py)
+            with torch.no_grad():
+                v_ref = policy.adapter.velocity(x, sigma, batch.cond, policy.ref_guidance_scale,
+                                                transformer=policy.snapshot_view(KL_REFERENCE))
+        else:
+            v_ref = policy.ref_velocity(x, sigma, batch.cond)
         if t.kl_type == "v-based":
             return kl_v_based(v, v_ref)
         ref = sde_step(x, v_ref, sigma, sigma_next, dynamics=t.dynamics_type,
@@ -79,7 +93,11 @@ class GRPO(Algorithm):
             loss = loss * weight
             metrics["step_weight"] = weight
         if self.t.kl_beta:
-            kl = self.kl(batch, unit, policy, out, v, x, sigma, sigma_next).mean()
+            kl = self.kl(batch, unit, policy, out, v, x, sigma, sigma_next)
+            if batch.kl_gate is not None:  # GARDO: the gated samples' mean; none gated, no term
+                kl = kl[batch.kl_gate].mean() if bool(batch.kl_gate.any()) else kl.sum() * 0.0
+            else:
+                kl = kl.mean()
             loss = loss + self.t.kl_beta * kl
             metrics["kl"] = kl.detach()
         return loss, metrics
