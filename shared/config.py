@@ -273,15 +273,15 @@ class KLGate(_Strict):
     ``scripts/train_sd3_gardo.py`` runs it (:mod:`trainer.kl_gate`). The KL term (``kl_beta``) applies only
     to the samples whose ``reward`` disagrees most with the ``auxiliary`` rewards (the top ``fraction``
     of rank gaps, adapted epoch by epoch when ``adaptive``), and it anchors to a copy of the policy that
-    is reset to the current weights after an epoch whose KL exceeds ``reset_kl``, and at least every
-    ``reset_every`` epochs."""
+    is reset to the current weights after an epoch with an optimizer step whose KL exceeds ``reset_kl``,
+    and once more than ``reset_every`` epochs passed since the last reset."""
 
     reward: str | None = None  # the proxy reward's name (None: the first reward with a nonzero weight)
     auxiliary: list[str] = Field(min_length=1)  # rewards' names judging the same images (weight 0: not trained on)
     fraction: float = Field(0.1, gt=0, le=1)  # share of the rank gaps >= 0 gated (GARDO: 0.1)
     adaptive: bool = True  # GARDO's RiskCompensator: x1.1 / x0.9 as the gap grows / shrinks, within [0.02, 0.2]
-    reset_kl: float | None = Field(5e-4, gt=0)  # GARDO's kl_thres; None: no KL-triggered reset
-    reset_every: int | None = Field(None, gt=0)  # GARDO's reset_freq (epochs); None: never on a clock
+    reset_kl: float | None = Field(3e-4, gt=0)  # GARDO's kl_thres (config/grpo_gardo.py); None: no KL-triggered reset
+    reset_every: int | None = Field(15, gt=0)  # GARDO's reset_freq: a reset once more than this many epochs passed
 
 
 class TrainConfig(_Strict):
@@ -902,11 +902,18 @@ def check_combinations(cfg: Config) -> None:
 def check_kl_gate(t: TrainConfig, labels: list[str], weights: dict[str, float]) -> None:
     """``train.kl_gate`` names rewards of this run, and there is a KL term to gate (grpo, kl_beta > 0)."""
     g = t.kl_gate
-    if t.trainer_type != "grpo" or not t.kl_beta:
+    if t.trainer_type.lower() != "grpo" or not t.kl_beta:
         raise ConfigError(
             f"train.kl_gate gates GRPO's KL term, but this run is trainer_type={t.trainer_type!r} with kl_beta "
             f"{t.kl_beta!r}. Fix: use trainer_type: grpo with kl_beta > 0 (GARDO: 0.04), or drop kl_gate.")
     proxy = g.reward or next((k for k in labels if weights[k] and k != t.diversity_shaping), None)
+    if proxy is None:
+        raise ConfigError("train.kl_gate: no reward has a nonzero weight to be the proxy reward. Fix: give the "
+                          "reward you train on a weight, or name it in kl_gate.reward.")
+    if g.adaptive and not 0.02 <= g.fraction <= 0.2:
+        raise ConfigError(
+            f"train.kl_gate.fraction: {g.fraction} is outside [0.02, 0.2], where the adaptive fraction stays "
+            f"(GARDO's RiskCompensator). Fix: a fraction in that range (GARDO: 0.1), or adaptive: false.")
     unknown = [n for n in [proxy, *g.auxiliary] if n not in labels]
     if unknown:
         raise ConfigError(

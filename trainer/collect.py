@@ -310,7 +310,8 @@ def finish_epoch(cfg: Config, accelerator, plan: EpochPlan, samples: Samples, ve
     if gate is not None:  # the same on every rank: the global batch's rewards
         labels = [s.label for s in cfg.rewards]
         proxy = t.kl_gate.reward or next(k for k in labels if weights[k] and k != t.diversity_shaping)
-        mask, gate_metrics = gate.mask(gathered[proxy], [gathered[a] for a in t.kl_gate.auxiliary])
+        mask, gate_metrics = gate.mask(gathered[proxy], [gathered[a] for a in t.kl_gate.auxiliary],
+                                       seed=t.seed * 1_000_003 + plan.epoch)
         metrics.update(gate_metrics)
         mask = mask[r * n:(r + 1) * n]
     return EpochData(plan.prompts, group_ids, samples.cond, samples.rollout, local,

@@ -10,9 +10,11 @@
   0.1; an epoch whose mean non-negative gap exceeds the largest of the last 20 epochs' multiplies it by
   1.1, one below the smallest by 0.9; it stays within ``[0.02, 0.2]``.
 * **Reference resets** (:class:`KLGateState`): the KL anchors to a copy of the policy, reset to the
-  current weights at the start of an epoch when the previous epoch's KL exceeded ``reset_kl``, or when
-  more than ``reset_every`` epochs passed since the last reset. flow_grpo checks the KL after every
-  optimizer step; flowrl checks the epoch's mean KL (the same with one optimizer step an epoch).
+  current weights at the start of an epoch when one of the previous epoch's optimizer steps had a KL
+  (its units' mean, averaged over processes) above ``reset_kl``, or when more than ``reset_every``
+  epochs passed since the last reset. flow_grpo drops zero-advantage samples before training; flowrl
+  keeps them (their policy term is 0), so a step's KL averages over them too.
+* Ties in a reward's scores rank in a random order seeded by the run's seed and the epoch.
 
 The state lives in the run's per-epoch metrics (``train/kl_gate/*``) and is rebuilt from them on resume.
 """
@@ -25,24 +27,35 @@ FRACTION_MIN, FRACTION_MAX, STEP, WINDOW = 0.02, 0.2, 0.1, 20
 KL_REFERENCE = "kl_reference"  # the policy's snapshot the gated KL anchors to
 
 
-def batch_ranks(scores: torch.Tensor) -> torch.Tensor:
-    """``[N]`` scores -> ranks ``1 .. N`` (1 = the highest; ties in batch order; NaN = abstained ranks last)."""
-    values = torch.nan_to_num(scores.double(), nan=float("-inf"))
-    order = torch.sort(values, descending=True, stable=True).indices
+def batch_ranks(scores: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``[N]`` finite scores -> ranks ``1 .. N`` (1 = the highest). Ties: in a random order drawn from
+    ``generator`` (flow_grpo's unstable sort leaves them in no particular order), else in batch order."""
+    values = scores.double()
+    shuffle = (torch.randperm(len(values), generator=generator) if generator is not None
+               else torch.arange(len(values)))
+    order = shuffle[torch.sort(values[shuffle], descending=True, stable=True).indices]
     ranks = torch.empty_like(order)
     ranks[order] = torch.arange(1, len(order) + 1)
     return ranks.double()
 
 
-def uncertainty(proxy: torch.Tensor, auxiliary: list[torch.Tensor]) -> torch.Tensor:
+def uncertainty(proxy: torch.Tensor, auxiliary: list[torch.Tensor],
+                generator: torch.Generator | None = None) -> torch.Tensor:
     """``rank(proxy) - mean_k rank(auxiliary_k)`` per sample (``[N]`` float64): positive where the proxy
-    ranks the sample lower than the auxiliary rewards do. The gaps sum to 0 over the batch."""
-    return batch_ranks(proxy) - torch.stack([batch_ranks(a) for a in auxiliary]).mean(0)
+    ranks the sample lower than the auxiliary rewards do. Ranks are over the samples every one of these
+    rewards scored; a sample any of them abstained on (NaN) gets a NaN gap (never gated). The gaps
+    sum to 0 over the ranked samples."""
+    valid = torch.isfinite(proxy) & torch.stack([torch.isfinite(a) for a in auxiliary]).all(0)
+    u = torch.full(proxy.shape, float("nan"), dtype=torch.float64)
+    if valid.any():
+        u[valid] = (batch_ranks(proxy[valid], generator)
+                    - torch.stack([batch_ranks(a[valid], generator) for a in auxiliary]).mean(0))
+    return u
 
 
 def gate_mask(u: torch.Tensor, fraction: float) -> torch.Tensor:
     """``[N]`` bool: ``u`` above the ``1 - fraction`` quantile (linear interpolation, numpy's
-    percentile) of its non-negative values -- about ``fraction`` of those."""
+    percentile) of its non-negative values -- about ``fraction`` of those (NaN: never)."""
     nonneg = u[u >= 0]
     if nonneg.numel() == 0:
         return torch.zeros_like(u, dtype=torch.bool)
@@ -91,9 +104,10 @@ class KLGateState:
             self.pending, self.last_reset = False, epoch
         return due
 
-    def mask(self, proxy: torch.Tensor, auxiliary: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        """The global batch's gate (``[N]`` bool) and its metrics."""
-        u = uncertainty(proxy, auxiliary)
+    def mask(self, proxy: torch.Tensor, auxiliary: list[torch.Tensor],
+             seed: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
+        """The global batch's gate (``[N]`` bool) and its metrics; ``seed`` orders tied scores."""
+        u = uncertainty(proxy, auxiliary, torch.Generator().manual_seed(seed))
         nonneg = u[u >= 0]
         mean_gap = float(nonneg.mean()) if nonneg.numel() else 0.0
         fraction = self.compensator.update(mean_gap)
@@ -102,6 +116,7 @@ class KLGateState:
                       "train/kl_gate/gap_mean": mean_gap}
 
     def after(self, kl: float | None) -> None:
+        """``kl``: the largest process-mean KL of the epoch's optimizer steps (``train/kl_step_max``)."""
         if self.cfg.reset_kl is not None and kl is not None and kl > self.cfg.reset_kl:
             self.pending = True
 
@@ -113,4 +128,4 @@ class KLGateState:
                 self.last_reset, self.pending = epoch, False
             if "train/kl_gate/gap_mean" in row:
                 self.compensator.update(row["train/kl_gate/gap_mean"])
-            self.after(row.get("train/kl"))
+            self.after(row.get("train/kl_step_max"))

@@ -177,6 +177,8 @@ def optimize(cfg: Config, accelerator: Accelerator, policy: Policy, algorithm: A
     per_step = geo.batches_per_grad_step * units  # backward passes per optimizer step
     sums: dict[str, torch.Tensor | float] = {}  # metric sums, kept on the device: no host sync per unit
     losses: list[tuple[int, torch.Tensor]] = []  # (unit, loss) since the last optimizer step
+    step_kls: list[torch.Tensor] = []  # each optimizer step's mean KL over its units (train.kl_gate's reset rule)
+    kl_sum, kl_units = 0.0, 0
     count = 0
     seeds = [(t.seed * SEED_STRIDE + epoch) * 131 + inner for inner in range(t.num_inner_epochs)]
     orders = [train_order(data, seed, algorithm.train_order) for seed in seeds]  # each inner epoch's rows
@@ -204,12 +206,22 @@ def optimize(cfg: Config, accelerator: Accelerator, policy: Policy, algorithm: A
                 losses.append((unit, loss.detach()))
                 for k, v in {"loss": loss.detach(), **metrics}.items():
                     sums[k] = sums.get(k, 0.0) + (v.detach() if isinstance(v, torch.Tensor) else v)
+                if "kl" in metrics:
+                    kl_sum, kl_units = kl_sum + metrics["kl"], kl_units + 1
                 if sync:
+                    if kl_units:
+                        step_kls.append(torch.as_tensor(kl_sum / kl_units, dtype=torch.float64, device=accelerator.device))
+                        kl_sum, kl_units = 0.0, 0
                     _check_finite(t, epoch, losses, accelerator)
                     step = _optimizer_step(t, accelerator, policy, optimizer, lr_schedule, step,
                                            sums, per_step)
     policy.model.eval()  # (fewer micro-batches than planned: the last, synchronized one applied what was there)
     means = epoch_means(accelerator, sums, count)
+    if step_kls:  # the largest of the steps' KL, each averaged over the processes (as flow_grpo's GARDO logs it)
+        kls = torch.stack(step_kls)
+        if accelerator.num_processes > 1:
+            kls = accelerator.reduce(kls, reduction="mean")
+        means["train/kl_step_max"] = float(kls.max())
     means["train/lr"] = lr_schedule.get_last_lr()[0]
     return step, means
 
@@ -486,7 +498,7 @@ def train(cfg: Config, *, quiet: bool = False, stop: StopRequest | None = None) 
                                      data, epoch, step, ptx)
         opt_metrics.update(algorithm.after_epoch(policy, step))  # e.g. CRD's snapshots, before publishing
         if gate is not None:
-            gate.after(opt_metrics.get("train/kl"))
+            gate.after(opt_metrics.get("train/kl_step_max"))
         optimize_seconds = time.time() - t_opt
         version += 1
         transport.publish(version)

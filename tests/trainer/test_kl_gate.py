@@ -17,15 +17,26 @@ from trainer.kl_gate import KLGateState, RiskCompensator, batch_ranks, gate_mask
 # the proxy (brightness) and two auxiliary rewards scored but not trained on (weight 0)
 GATE_REWARDS = ("rewards=[{reward_model: brightness}, {reward_model: jpeg_incompressibility, weight: 0}, "
                 "{name: dim, reward_model: brightness, target: 0.2, weight: 0}]")
-GATE = ["train.kl_beta=0.04", GATE_REWARDS, "train.kl_gate={auxiliary: [jpeg_incompressibility, dim], fraction: 0.5}"]
+GATE = ["train.kl_beta=0.04", GATE_REWARDS, "train.kl_gate={auxiliary: [jpeg_incompressibility, dim], fraction: 0.2}"]
 
 
 def test_ranks_gaps_and_gate():
-    assert batch_ranks(torch.tensor([0.2, 0.9, float("nan"), 0.5, 0.9])).tolist() == [4, 1, 5, 3, 2]
+    assert batch_ranks(torch.tensor([0.2, 0.9, 0.1, 0.5, 0.9])).tolist() == [4, 1, 5, 3, 2]
+    # ties in a seeded random order (flow_grpo's unstable sort): both orders occur, each reproducible
+    orders = {tuple(batch_ranks(torch.tensor([0.9, 0.9]), torch.Generator().manual_seed(s)).tolist()) for s in range(20)}
+    assert orders == {(1.0, 2.0), (2.0, 1.0)}
+    g = lambda: torch.Generator().manual_seed(7)  # noqa: E731
+    assert torch.equal(batch_ranks(torch.tensor([3.0, 3.0, 1.0]), g()), batch_ranks(torch.tensor([3.0, 3.0, 1.0]), g()))
     proxy = torch.tensor([4.0, 3.0, 2.0, 1.0])  # ranks 1 2 3 4
     aux = [torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([1.0, 3.0, 2.0, 4.0])]  # ranks 4 3 2 1 / 4 2 3 1
     u = uncertainty(proxy, aux)
     assert u.tolist() == [1 - 4, 2 - 2.5, 3 - 2.5, 4 - 1] and float(u.sum()) == 0
+    # a sample any of the rewards abstained on (NaN) is left out of the ranks and never gated
+    nan = float("nan")
+    u = uncertainty(torch.tensor([4.0, nan, 3.0, 2.0, 1.0]), [torch.tensor([1.0, 2.0, 2.0, 3.0, 4.0]),
+                                                              torch.tensor([1.0, 5.0, 3.0, 2.0, nan])])
+    assert torch.isnan(u[[1, 4]]).all() and u[[0, 2, 3]].tolist() == [1 - 3, 2 - 1.5, 3 - 1.5]
+    assert gate_mask(u, 0.5).tolist() == [False, False, False, True, False]
     gaps = torch.tensor([-3.0, -1.0, 0.0, 0.5, 1.0, 2.0, 4.0, 8.0])
     threshold = np.percentile(gaps[gaps >= 0].numpy(), 100 - 40)  # flow_grpo's numpy call
     assert gate_mask(gaps, 0.4).tolist() == (gaps.numpy() > threshold).tolist()
@@ -58,7 +69,7 @@ def test_reset_rule_and_restore_from_metrics():
             row["train/kl_gate/reset"] = 1.0
             resets.append(epoch)
         _, metrics = live.mask(torch.rand(16, generator=g), [torch.rand(16, generator=g) for _ in range(2)])
-        row.update(metrics, **{"train/kl": kl})
+        row.update(metrics, **{"train/kl_step_max": kl})
         live.after(kl)
         rows.append(row)
     # after epoch 1's KL > 0.01: reset at 2; then more than 3 epochs after 2: at 6; epoch 6's KL: at 7
@@ -75,6 +86,9 @@ def test_reset_rule_and_restore_from_metrics():
     (["train.kl_gate={auxiliary: [aesthetic]}"], r"\['aesthetic'\].*not rewards of this run"),
     (["train.kl_gate={reward: dim, auxiliary: [dim]}"], "must be distinct"),
     (["train.trainer_type=nft"], "trainer_type='nft'"),
+    (["train.kl_gate={auxiliary: [dim], fraction: 0.5}"], r"fraction: 0.5 is outside \[0.02, 0.2\]"),
+    (["rewards=[{reward_model: brightness, weight: 0}, {name: dim, reward_model: brightness, target: 0.2, weight: 0}]",
+      "train.kl_gate={auxiliary: [dim]}"], "no reward has a nonzero weight"),
 ])
 def test_config_errors(tmp_path, extra, message):
     with pytest.raises(ConfigError, match=message):

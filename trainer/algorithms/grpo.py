@@ -9,8 +9,8 @@ How this differs from the paper / flow_grpo code:
 * trained steps come from ``train.train_steps`` / ``num_train_steps`` (all but the last by
   default, as the paper; a subset gives the MixGRPO / Flow-GRPO-Fast window);
 * zero-advantage samples are kept (their loss is zero) instead of being re-sampled;
-* ``train.kl_gate`` (GARDO, :mod:`trainer.kl_gate`): the KL term is the mean over the epoch's gated
-  samples only, against a resettable copy of the policy (the ``kl_reference`` snapshot) instead of
+* ``train.kl_gate`` (GARDO, :mod:`trainer.kl_gate`): the KL term is the mean over each micro-batch's
+  gated samples only, against a resettable copy of the policy (the ``kl_reference`` snapshot) instead of
   the base;
 * ``train.noise_aware_weighting`` multiplies each step's policy term by TempFlow-GRPO's noise-aware
   weight (with ``shared_initial_noise`` and one SDE step per epoch this is TempFlow-GRPO's
@@ -47,6 +47,8 @@ class GRPO(Algorithm):
         steps then read nothing back per unit."""
         grid = self.host_sigmas(batch)
         check_sigma_grid(grid, batch.sde_steps, self.t.dynamics_type)
+        if self.t.kl_gate is not None and self.t.kl_beta:  # the anchor's view, once per micro-batch
+            self._anchor = policy.snapshot_view(KL_REFERENCE)
         if self.t.noise_aware_weighting:  # one weight per step of the grid, host floats
             return {"step_weights": noise_aware_weights(grid, self.t.dynamics_type, self.t.noise_level).tolist()}
         return {}
@@ -67,8 +69,10 @@ class GRPO(Algorithm):
         t = self.t
         if t.kl_gate is not None:  # the resettable copy of the policy (trainer/kl_gate.py)
             with torch.no_grad():
+                anchor = getattr(self, "_anchor", None)
                 v_ref = policy.adapter.velocity(x, sigma, batch.cond, policy.ref_guidance_scale,
-                                                transformer=policy.snapshot_view(KL_REFERENCE))
+                                                transformer=anchor if anchor is not None
+                                                else policy.snapshot_view(KL_REFERENCE))
         else:
             v_ref = policy.ref_velocity(x, sigma, batch.cond)
         if t.kl_type == "v-based":
@@ -94,8 +98,9 @@ class GRPO(Algorithm):
             metrics["step_weight"] = weight
         if self.t.kl_beta:
             kl = self.kl(batch, unit, policy, out, v, x, sigma, sigma_next)
-            if batch.kl_gate is not None:  # GARDO: the gated samples' mean; none gated, no term
-                kl = kl[batch.kl_gate].mean() if bool(batch.kl_gate.any()) else kl.sum() * 0.0
+            if batch.kl_gate is not None:  # GARDO: the micro-batch's gated samples' mean; none gated, no term
+                gate = batch.kl_gate.to(kl.device)
+                kl = torch.where(gate, kl, torch.zeros_like(kl)).sum() / gate.sum().clamp_min(1)
             else:
                 kl = kl.mean()
             loss = loss + self.t.kl_beta * kl
