@@ -899,6 +899,12 @@ def check_combinations(cfg: Config) -> None:
             f"advantage_aggregation: sum, or keep advantage_std: true.")
 
 
+def kl_gate_proxy(t: TrainConfig, labels: list[str], weights: dict[str, float]) -> str | None:
+    """The reward ``train.kl_gate`` gates by: its ``reward``, else the first reward with a nonzero
+    weight that is not ``diversity_shaping``'s (None: there is none)."""
+    return t.kl_gate.reward or next((k for k in labels if weights[k] and k != t.diversity_shaping), None)
+
+
 def check_kl_gate(t: TrainConfig, labels: list[str], weights: dict[str, float]) -> None:
     """``train.kl_gate`` names rewards of this run, and there is a KL term to gate (grpo, kl_beta > 0)."""
     g = t.kl_gate
@@ -906,7 +912,7 @@ def check_kl_gate(t: TrainConfig, labels: list[str], weights: dict[str, float]) 
         raise ConfigError(
             f"train.kl_gate gates GRPO's KL term, but this run is trainer_type={t.trainer_type!r} with kl_beta "
             f"{t.kl_beta!r}. Fix: use trainer_type: grpo with kl_beta > 0 (GARDO: 0.04), or drop kl_gate.")
-    proxy = g.reward or next((k for k in labels if weights[k] and k != t.diversity_shaping), None)
+    proxy = kl_gate_proxy(t, labels, weights)
     if proxy is None:
         raise ConfigError("train.kl_gate: no reward has a nonzero weight to be the proxy reward. Fix: give the "
                           "reward you train on a weight, or name it in kl_gate.reward.")

@@ -178,13 +178,12 @@ def rollout(
         sigma = grid[i].expand(rows)
         sigma_next = grid[i + 1].expand(rows)
         v = adapter.velocity(x.float(), sigma, rows_cond, guidance_scale, transformer=transformer)
-        if dpm and i > last:  # the deterministic tail, second order
-            x0 = x.float() - host_grid[i] * v.float()
-            x = dpm_solver_pp_step(x, x0, host_grid[i], host_grid[i + 1], *(prev_x0 or (None, None)))
+        if dpm and i >= last:  # the tail's history starts at the last SDE step (MixGRPO-Flash keeps its prediction)
+            x0, before = x.float() - host_grid[i] * v.float(), prev_x0
             prev_x0 = (x0, host_grid[i])
-            continue
-        if dpm and i == last:  # the tail's history: the last SDE step's data prediction (MixGRPO-Flash keeps it)
-            prev_x0 = (x.float() - host_grid[i] * v.float(), host_grid[i])
+            if i > last:  # the deterministic tail, second order
+                x = dpm_solver_pp_step(x, x0, host_grid[i], host_grid[i + 1], *(before or (None, None)))
+                continue
         if i in stochastic:
             noise = noises[len(kept["x"])]
             out = sde_step(x, v, sigma, sigma_next, dynamics=dynamics, noise_level=noise_level,

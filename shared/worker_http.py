@@ -80,16 +80,15 @@ class WorkerControl:
         self.app, self.name, self.queue, self.timeout = app, name, queue, timeout
 
     def _reply(self, replies) -> dict:
+        """This worker's entry of the replies (a list of ``{hostname: reply}``); TimeoutError without one."""
         for reply in replies or []:
-            if self.name in reply:
+            if reply and self.name in reply:
                 return reply[self.name]
         raise TimeoutError(f"worker {self.name} did not answer the broker within {self.timeout:g} s")
 
     def status(self) -> dict:
         inspect = self.app.control.inspect(destination=[self.name], timeout=self.timeout)
-        queues = (inspect.active_queues() or {}).get(self.name)
-        if queues is None:
-            raise TimeoutError(f"worker {self.name} did not answer the broker within {self.timeout:g} s")
+        queues = self._reply([inspect.active_queues()])
         active = (inspect.active() or {}).get(self.name) or []
         return {"worker": self.name, "queue": self.queue, "consuming": any(q.get("name") == self.queue for q in queues),
                 "active_tasks": [t.get("id") for t in active]}

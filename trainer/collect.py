@@ -16,7 +16,7 @@ import math
 import torch
 
 from shared.condition_images import open_rows
-from shared.config import Config, BatchGeometry
+from shared.config import Config, BatchGeometry, kl_gate_proxy
 from shared.flow import progressive_window, select_sde_steps
 from shared.models import Conditioning
 from shared.rewards.multi import score_specs
@@ -308,8 +308,7 @@ def finish_epoch(cfg: Config, accelerator, plan: EpochPlan, samples: Samples, ve
     metrics.update(across_processes(accelerator, {k: v for k, v in metrics.items() if k.startswith("queue/")}))
     mask = None
     if gate is not None:  # the same on every rank: the global batch's rewards
-        labels = [s.label for s in cfg.rewards]
-        proxy = t.kl_gate.reward or next(k for k in labels if weights[k] and k != t.diversity_shaping)
+        proxy = kl_gate_proxy(t, [s.label for s in cfg.rewards], weights)
         mask, gate_metrics = gate.mask(gathered[proxy], [gathered[a] for a in t.kl_gate.auxiliary],
                                        seed=t.seed * 1_000_003 + plan.epoch)
         metrics.update(gate_metrics)

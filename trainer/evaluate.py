@@ -15,6 +15,7 @@ from shared.config import Config
 from shared.rewards.base import details_all
 from shared.rewards.multi import routed, row_metadata, score_specs
 from shared.sampling import as_hw, rollout_batches
+from shared.store import to_uint8
 from trainer.reporting import grid_frames, save_grid, save_video
 from trainer.sharding import equal_share
 
@@ -81,11 +82,7 @@ def grid_entry(image: torch.Tensor) -> torch.Tensor:
     the grid shows (:func:`~trainer.reporting.grid_frames`)."""
     if image.ndim == 4:
         image = image[grid_frames(image.shape[0])]
-    return to_uint8(image)
-
-
-def to_uint8(image: torch.Tensor) -> torch.Tensor:
-    return (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    return to_uint8(image).cpu()
 
 
 #: the longest side of an eval video's GIF (a preview: a Wan clip at full size would be tens of MB a file,
@@ -101,7 +98,7 @@ def video_entry(video: torch.Tensor) -> torch.Tensor:
     if scale < 1:
         video = torch.nn.functional.interpolate(video.float(), size=(max(1, round(h * scale)), max(1, round(w * scale))),
                                                 mode="bilinear", antialias=True, align_corners=False)
-    return to_uint8(video)
+    return to_uint8(video).cpu()
 
 
 def spread(items: list[int], n: int) -> list[int]:
@@ -114,10 +111,7 @@ def spread(items: list[int], n: int) -> list[int]:
 def grid_picks(samples: list[int], k: int) -> list[int]:
     """Positions in ``samples`` for the eval grid: the first image of up to ``GRID_MAX`` prompts
     spread evenly over the list (so every part of a category-ordered test split shows)."""
-    firsts = [pos for pos, j in enumerate(samples) if j % k == 0]
-    if len(firsts) <= GRID_MAX:
-        return firsts
-    return [firsts[round(i * (len(firsts) - 1) / (GRID_MAX - 1))] for i in range(GRID_MAX)]
+    return spread([pos for pos, j in enumerate(samples) if j % k == 0], GRID_MAX)
 
 
 @torch.no_grad()

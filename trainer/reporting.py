@@ -163,7 +163,9 @@ def save_video(frames: torch.Tensor, path: Path, fps: float) -> Path:
     Markdown viewers animate it). GIF keeps 256 colours a frame and frame times in 1/100 s (16 fps
     plays at 16.7): a preview, not the samples."""
     if frames.dtype != torch.uint8:
-        frames = (frames.float().clamp(0, 1) * 255).round().to(torch.uint8)
+        from shared.store import to_uint8
+
+        frames = to_uint8(frames)
     pictures = [Image.fromarray(f) for f in frames.permute(0, 2, 3, 1).cpu().numpy()]
     path.parent.mkdir(parents=True, exist_ok=True)
     pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=max(1, round(1000 / fps)), loop=0)
