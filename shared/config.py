@@ -376,6 +376,10 @@ class TrainConfig(_Strict):
     # shard within groups of this many processes (e.g. one node's GPUs) and replicate across the
     # groups (hybrid sharding, HSDP: gradients cross nodes once, reduced, not per block); None = all
     fsdp_shard_size: int | None = Field(None, gt=0)
+    # Ulysses context (sequence) parallelism for video models (trainer/context_parallel.py): each sample's
+    # tokens are split over this many processes, which run it together (rollout, training, evaluation);
+    # the processes form world / context_parallel data-parallel ranks (with fsdp too). 1 = off
+    context_parallel: int = Field(1, ge=1)
     # -- advantages
     advantage_aggregation: Literal["sum", "gdpo"] = "sum"
     global_std: bool | None = None
@@ -605,7 +609,15 @@ class Config(_Strict):
         return ("eval_rewards", self.eval_rewards) if self.eval_rewards else ("rewards", self.rewards)
 
     def geometry(self, world_size: int) -> "BatchGeometry":
-        return BatchGeometry.derive(self.train, world_size)
+        """The batch geometry on ``world_size`` processes: over ``world_size / train.context_parallel``
+        data-parallel ranks (each group of ``context_parallel`` processes runs the same samples)."""
+        cp = self.train.context_parallel
+        if world_size % cp:
+            raise ConfigError(
+                f"train.context_parallel={cp} does not divide the {world_size} processes: each sample runs on "
+                f"{cp} of them together. Fix: launch a multiple of {cp} processes (--processes), or lower "
+                f"train.context_parallel.")
+        return BatchGeometry.derive(self.train, world_size // cp)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -757,6 +769,11 @@ def check_combinations(cfg: Config) -> None:
             f"data.datasets {own}: eval settings of their own (resolution / num_inference_steps / guidance_scale), "
             f"but train.fsdp runs every process's evaluation forwards in lockstep, one setting for all. Fix: move "
             f"them to the eval: section, or train without fsdp.")
+    if t.context_parallel > 1 and cfg.transport != "local":
+        raise ConfigError(
+            f"train.context_parallel: {t.context_parallel} runs rollouts inside the trainer processes, but "
+            f"transport: {cfg.transport} takes them from sampler workers, each its own. Fix: transport: local, "
+            f"or context_parallel: 1 with the queue.")
     if t.optimizer == "muon" and t.fsdp:
         raise ConfigError(
             "train.optimizer: muon orthogonalizes each whole weight matrix, but train.fsdp shards them over the "

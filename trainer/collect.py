@@ -23,6 +23,7 @@ from shared.rewards.multi import score_specs
 from shared.rewards.overlap import BackgroundScorer, can_overlap
 from shared.protocol import SamplingParams
 from shared.sampling import Rollout, as_hw, rollout_with
+from trainer import context_parallel
 from trainer.advantages import compute_advantages
 from trainer.data import PromptRow
 
@@ -135,8 +136,9 @@ class EpochPlan:
 
 def plan_epoch(cfg: Config, rows: list[PromptRow], epoch: int, rank: int, world_size: int) -> EpochPlan:
     t = cfg.train
-    idx, groups, seeds = epoch_plan(len(rows), cfg.geometry(world_size), t.seed, epoch, rank,
-                                    source_spans(cfg, rows))
+    # a context-parallel group's processes plan the same samples (their data rank's)
+    idx, groups, seeds = epoch_plan(len(rows), cfg.geometry(world_size), t.seed, epoch,
+                                    context_parallel.data_rank(cfg, rank), source_spans(cfg, rows))
     if t.dynamics_type == "ODE":
         sde_steps = []
     elif t.sde_window is not None:  # MixGRPO: the window moves with the epoch
@@ -274,14 +276,16 @@ def finish_epoch(cfg: Config, accelerator, plan: EpochPlan, samples: Samples, ve
     group_ids = torch.tensor(plan.group_ids, dtype=torch.long)
     local = samples.rewards
     # gather over processes: every rank computes the same global advantages
-    gathered = {k: accelerator.gather(v.to(accelerator.device)).cpu() for k, v in local.items()}
-    all_groups = accelerator.gather(group_ids.to(accelerator.device)).cpu()
+    # (context parallelism: one copy of each group's samples, which its processes all hold)
+    world, cp = accelerator.num_processes, context_parallel.degree(cfg)
+    once = lambda x: context_parallel.one_per_group(accelerator.gather(x.to(accelerator.device)).cpu(), world, cp)  # noqa: E731
+    gathered = {k: once(v) for k, v in local.items()}
+    all_groups = once(group_ids)
     weights = {s.label: s.weight for s in cfg.rewards}
     applies = None
     if plan.datasets:  # data.datasets: the source of every sample of the global batch
         names = [src.name for src in cfg.data.datasets if src.train is not None]
-        which = accelerator.gather(torch.tensor([names.index(d) for d in plan.datasets],
-                                                device=accelerator.device)).cpu()
+        which = once(torch.tensor([names.index(d) for d in plan.datasets]))
         applies = {s.label: torch.tensor([names[i] in s.datasets for i in which.tolist()])
                    for s in cfg.rewards if s.datasets}
     shaped = {k: v for k, v in gathered.items() if k != t.diversity_shaping}  # diversity_shaping: not a reward
@@ -290,7 +294,7 @@ def finish_epoch(cfg: Config, accelerator, plan: EpochPlan, samples: Samples, ve
                                       global_std=bool(t.global_std), scale_by_std=t.advantage_std,
                                       applies=applies and {k: v for k, v in applies.items() if k in shaped},
                                       shaping=gathered.get(t.diversity_shaping))
-    n, r = len(plan.prompts), accelerator.process_index
+    n, r = len(plan.prompts), context_parallel.data_rank(cfg, accelerator.process_index)
     metrics = {f"train/{k}": float(v) for k, v in metrics.items()}
     for k, v in gathered.items():
         metrics[f"train/reward/{k}"] = float(torch.nanmean(v))

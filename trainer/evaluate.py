@@ -16,6 +16,7 @@ from shared.rewards.base import details_all
 from shared.rewards.multi import routed, row_metadata, score_specs
 from shared.sampling import as_hw, rollout_batches
 from shared.store import to_uint8
+from trainer import context_parallel
 from trainer.reporting import grid_frames, save_grid, save_video
 from trainer.sharding import equal_share
 
@@ -121,7 +122,10 @@ def evaluate(cfg: Config, accelerator, adapter, policy, rewards: dict, specs, ro
     of each reward's ``details`` (``eval/{label}/{key}``) and the reward's aggregates of those
     means (``summarize_details``, e.g. toy_geneval's GenEval overall accuracy); rank 0 writes
     the grid."""
-    e, rank, world = cfg.eval, accelerator.process_index, accelerator.num_processes
+    e = cfg.eval
+    # a context-parallel group's processes evaluate the same prompts (their data rank's) together
+    rank = context_parallel.data_rank(cfg, accelerator.process_index)
+    world = context_parallel.data_world(cfg, accelerator.num_processes)
     k = e.images_per_prompt
     # sample j is prompt j // k with seed e.seed + j, whatever the number of processes; a prompt's
     # k images stay on one process (rewards that compare them see the whole group)

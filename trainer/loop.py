@@ -40,7 +40,7 @@ from trainer.data import check_condition_images, check_reward_rows, load_dataset
 from trainer.embeddings import offload_mode, warm_embeddings
 from trainer.evaluate import eval_settings, evaluate
 from trainer.policy import DTYPES, Policy, attach_trainable, trainable_params
-from trainer import optim
+from trainer import context_parallel, optim
 from trainer.ptx import PretrainMix
 from trainer.kl_gate import KL_REFERENCE, KLGateState
 from trainer.reporting import MetricLogger, detail_keys, progress_postfix, save_group_grid, write_report
@@ -188,7 +188,8 @@ def optimize(cfg: Config, accelerator: Accelerator, policy: Policy, algorithm: A
     policy.model.train()
     for seed, perm in zip(seeds, orders):
         for batch in micro_batches(data, geo.train_micro_batch, seed, device=accelerator.device,
-                                   rank=accelerator.process_index, world=accelerator.num_processes, perm=perm):
+                                   rank=context_parallel.data_rank(cfg, accelerator.process_index),
+                                   world=geo.world_size, perm=perm):
             with torch.no_grad(), accelerator.autocast():
                 state = algorithm.prepare(batch, policy)
             for unit in range(units):
@@ -202,7 +203,7 @@ def optimize(cfg: Config, accelerator: Accelerator, policy: Policy, algorithm: A
                         loss = loss + ptx.coef * ptx_loss
                         # the epoch mean divides by every unit
                         metrics = {**metrics, "ptx_loss": ptx_loss.detach() * units}
-                    accelerator.backward(loss / per_step)
+                    accelerator.backward(loss * context_parallel.loss_scale(cfg) / per_step)
                 losses.append((unit, loss.detach()))
                 for k, v in {"loss": loss.detach(), **metrics}.items():
                     sums[k] = sums.get(k, 0.0) + (v.detach() if isinstance(v, torch.Tensor) else v)
@@ -313,6 +314,7 @@ def train(cfg: Config, *, quiet: bool = False, stop: StopRequest | None = None) 
     adapter = load_adapter(cfg.model, device=accelerator.device, seed=t.seed,
                            transformer_device="cpu" if t.fsdp else None)
     check_media_geometry(cfg, adapter)
+    context_parallel.check(cfg, adapter, accelerator.num_processes)
     check_rows(adapter, train_rows, eval_rows)
     if t.fsdp:
         check_fsdp(cfg, adapter, accelerator.num_processes)
@@ -363,6 +365,8 @@ def train(cfg: Config, *, quiet: bool = False, stop: StopRequest | None = None) 
     model.eval()
     algorithm = ALGORITHMS.get(t.trainer_type)(cfg)
     policy = Policy(adapter, model, cfg, trainable, snapshots=algorithm.snapshots)
+    # after the LoRA (peft may wrap proj_out, where diffusers gathers the tokens) and the reference copy
+    context_parallel.enable(cfg, [adapter.transformer, *policy.frozen_copies()], accelerator.device.type)
     ptx = PretrainMix(cfg, adapter) if t.ptx_coef else None
     built: dict = {}  # an eval reward configured like a training one is the same model, loaded once
     rewards = build_rewards(cfg.rewards, accelerator.device, built)

@@ -168,6 +168,11 @@ class Policy:
             else:
                 self._ref = copy.deepcopy(adapter.transformer).requires_grad_(False).to(ref_device)
 
+    def frozen_copies(self) -> list[nn.Module]:
+        """Modules of their own that run forwards besides the transformer: a full fine-tune's frozen
+        reference copy (``train.context_parallel`` splits its forwards too)."""
+        return [self._ref] if self._ref is not None and not isinstance(self._ref, SwapView) else []
+
     def _pieces(self) -> dict[str, torch.Tensor]:
         """The trainable parameters as this process holds them (pieces under FSDP), detached."""
         return {n: local(p.detach()) for n, p in self.trainable.items()}
