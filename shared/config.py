@@ -615,8 +615,8 @@ class Config(_Strict):
         if world_size % cp:
             raise ConfigError(
                 f"train.context_parallel={cp} does not divide the {world_size} processes: each sample runs on "
-                f"{cp} of them together. Fix: launch a multiple of {cp} processes (--processes), or lower "
-                f"train.context_parallel.")
+                f"{cp} of them together. Fix: launch a multiple of {cp} processes (--processes; flowrl check: "
+                f"--world-size), or lower train.context_parallel.")
         return BatchGeometry.derive(self.train, world_size // cp)
 
 

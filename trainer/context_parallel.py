@@ -112,7 +112,8 @@ def check(cfg: Config, adapter: Any, world: int) -> None:
 
 def enable(cfg: Config, modules: list[torch.nn.Module], device_type: str) -> None:
     """Split every forward of ``modules`` (transformers, e.g. the policy's and a full fine-tune's
-    frozen reference; both experts of Wan2.2-A14B) over the context-parallel groups. A collective:
+    frozen reference; both experts of Wan2.2-A14B) over the context-parallel groups; one on another
+    device than ``device_type`` (a reference copy on the CPU) is left whole. A collective:
     every process calls it, with the same modules in the same order. Call it after LoRA is attached
     (peft may replace ``proj_out``, where the output is gathered)."""
     from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
@@ -126,6 +127,8 @@ def enable(cfg: Config, modules: list[torch.nn.Module], device_type: str) -> Non
     mesh = init_device_mesh(device_type, (world // cp, 1, cp), mesh_dim_names=("data", "ring", "ulysses"))
     cp_mesh = mesh["ring", "ulysses"]
     for module in modules:
+        if next(module.parameters()).device.type != device_type:
+            continue  # a reference copy kept on the CPU (ref_param_device: cpu) runs whole: NCCL takes GPU tensors only
         for _, transformer in denoiser_parts(module):
             config = ContextParallelConfig(ulysses_degree=cp, mesh=cp_mesh)
             if device_type == "cpu":

@@ -11,6 +11,7 @@ from accelerate import Accelerator
 
 from shared.config import Config
 from shared.models import load_adapter
+from trainer import context_parallel
 from trainer.checkpoint import load_checkpoint_weights
 from trainer.data import check_condition_images, check_reward_rows, load_dataset
 from trainer.evaluate import evaluate
@@ -25,17 +26,21 @@ def eval_checkpoint(cfg: Config, checkpoint: str | Path | None) -> dict:
     ``<checkpoint>/eval`` (``None``: ``<output_dir>/<run_name>/base_eval``)."""
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
                               cpu=not torch.cuda.is_available())
+    if accelerator.num_processes % cfg.train.context_parallel:  # e.g. one process: each video whole, the same numbers
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"context_parallel": 1})})
     train_rows, test_rows = load_dataset(cfg.data)
     rows = (test_rows or train_rows)[: cfg.eval.num_prompts]
     section, specs = cfg.evaluation_rewards()
     check_reward_rows(specs, rows, section)
     adapter = load_adapter(cfg.model, device=accelerator.device, seed=cfg.train.seed)
     check_media_geometry(cfg, adapter)
+    context_parallel.check(cfg, adapter, accelerator.num_processes)
     check_condition_images(rows, adapter.model_type, adapter.condition_images)
     warm_start(cfg.model, adapter, "before")  # model.init_from: the run's base, as the trainer built it
     trainable = attach_trainable(adapter, cfg)
     warm_start(cfg.model, adapter, "after")
     policy = Policy(adapter, adapter.transformer, cfg, trainable)
+    context_parallel.enable(cfg, [adapter.transformer, *policy.frozen_copies()], accelerator.device.type)
     if checkpoint is None:
         out_dir = Path(cfg.output_dir) / cfg.run_name / "base_eval"
     else:

@@ -392,7 +392,9 @@ def train(cfg: Config, *, quiet: bool = False, stop: StopRequest | None = None) 
         logger = MetricLogger(cfg.logging_backend, run_dir, cfg.project, name, cfg.model_dump(),
                               resume=ckpt is not None)
         if not quiet:
-            print(f"flowrl: {t.trainer_type} on {cfg.model.model_type}, {geo.world_size} process(es), "
+            layout = (f"{accelerator.num_processes} processes ({geo.world_size} data ranks x context_parallel "
+                      f"{t.context_parallel})" if t.context_parallel > 1 else f"{geo.world_size} process(es)")
+            print(f"flowrl: {t.trainer_type} on {cfg.model.model_type}, {layout}, "
                   f"{geo.groups_per_epoch} groups x {geo.group_size} samples per epoch -> {run_dir}"
                   + (f" (resumed from {ckpt}, epoch {progress.epoch})" if ckpt is not None else ""))
 
@@ -491,7 +493,7 @@ def train(cfg: Config, *, quiet: bool = False, stop: StopRequest | None = None) 
         if gate is not None and gate.reset_due(epoch):  # the KL's anchor moves to the current weights
             policy.blend_snapshot(KL_REFERENCE, 0.0)
             data.metrics["train/kl_gate/reset"] = 1.0
-        samples_used += data.advantages.shape[0] * world
+        samples_used += data.advantages.shape[0] * geo.world_size  # data ranks (a context-parallel group's once)
         more = epoch + 1 < t.max_epochs
         if more and t.max_staleness >= 1:  # sample epoch k+1 while training on k
             plan, pending = dispatch(epoch + 1)
@@ -514,7 +516,7 @@ def train(cfg: Config, *, quiet: bool = False, stop: StopRequest | None = None) 
                    "time/train_seconds": train_seconds}
         history.append(metrics)
         if prom is not None:
-            prom.observe_epoch(metrics, data.advantages.shape[0] * world, transport)
+            prom.observe_epoch(metrics, data.advantages.shape[0] * geo.world_size, transport)
         if main:
             logger.log(metrics, step=epoch + 1)
             bar.set_postfix(progress_postfix(metrics, evals[-1], trained_label, eval_specs[0].label))
@@ -566,7 +568,7 @@ def train(cfg: Config, *, quiet: bool = False, stop: StopRequest | None = None) 
                "samples": samples_used, "duplicates_dropped": duplicates,
                "optimizer_steps": step, "seconds": time.time() - start,
                "train_seconds": train_seconds,
-               "world_size": geo.world_size, "run_dir": str(run_dir), "checkpoint": str(final_dir)}
+               "world_size": accelerator.num_processes, "context_parallel": t.context_parallel, "run_dir": str(run_dir), "checkpoint": str(final_dir)}
     for spec in eval_specs:
         summary[f"base/{spec.label}"] = evals[0][f"eval/reward/{spec.label}"]
         summary[f"final/{spec.label}"] = evals[-1][f"eval/reward/{spec.label}"]

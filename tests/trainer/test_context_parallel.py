@@ -4,7 +4,8 @@ attention (trainer/context_parallel.py).
 Checks: the split itself against one process (``tests/helpers/context_parallel_probe.py``: each process
 holds half the tokens inside the blocks, the gathered output is the same, and the processes' gradients
 sum to one process's); whole runs on 2 processes as one context-parallel group train the same weights
-as one process (LoRA GRPO with a KL reference and an EMA evaluation; a full fine-tune of Wan2.2-A14B's
+as one process (LoRA GRPO with a KL reference and an EMA evaluation, text- and image-to-video, with and
+without gradient checkpointing; a full fine-tune of Wan2.2-A14B's
 two experts with NFT, whose KL reference is a frozen copy that is split too; LoRA on both experts
 sharded with FSDP as well); on 4 processes, 2 data ranks of 2 follow 2 plain data-parallel processes;
 the layout's arithmetic; and what it refuses, with the fix."""
@@ -69,9 +70,12 @@ def test_the_split_against_one_process(tmp_path):
         assert res["grad_local_vs_one"] > 1e-3 * res["grad_scale"], res  # one process alone has only its share
 
 
-def test_lora_grpo_as_one_group_trains_what_one_process_does(tmp_path):
-    path = family_config(tmp_path, "wan2_t2v", {}, trainer_type="grpo", max_epochs=2, kl_beta=0.1,
-                         ema_decay=0.5, learning_rate=1e-2)
+@pytest.mark.parametrize("family, checkpointing", [("wan2_t2v", False), ("wan2_i2v", True)])
+def test_lora_grpo_as_one_group_trains_what_one_process_does(tmp_path, family, checkpointing):
+    """Text-to-video; image-to-video (the first frame's image tokens in cross-attention, not split) with
+    gradient checkpointing (each block split again when it is recomputed)."""
+    path = family_config(tmp_path, family, {"gradient_checkpointing": checkpointing}, trainer_type="grpo",
+                         max_epochs=2, kl_beta=0.1, ema_decay=0.5, learning_rate=1e-2)
     evals = ["eval.eval_freq=1", "eval.num_prompts=2", "eval.images_per_prompt=1"]
     launch(path, 2, "run_name=cp", "train.context_parallel=2", *evals)
     launch(path, 1, "run_name=one", *evals)
@@ -90,6 +94,15 @@ def test_lora_grpo_as_one_group_trains_what_one_process_does(tmp_path):
             if k in x:
                 assert abs(x[k] - y[k]) <= 1e-4 * max(1.0, abs(y[k])), (k, x[k], y[k])
     assert any(m.get("train/kl", 0) > 0 for m in mc)  # the reference was evaluated
+    sc, so = (json.loads((runs / r / "summary.json").read_text()) for r in ("cp", "one"))
+    assert sc["samples"] == so["samples"] and (sc["world_size"], sc["context_parallel"]) == (2, 2)
+    # `flowrl eval` of the run on one process (its config says context_parallel: 2): each video whole
+    from shared.config import load_config
+    from trainer.eval_cli import eval_checkpoint
+
+    again = eval_checkpoint(load_config(path, ["run_name=cp", "train.context_parallel=2", *evals]),
+                            runs / "cp" / "checkpoints" / "final")
+    assert again["eval/reward/brightness"] == pytest.approx(mc[-1]["eval/reward/brightness"], rel=1e-5)
 
 
 def test_two_experts_full_finetune_with_a_frozen_copy(tmp_path):
