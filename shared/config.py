@@ -184,6 +184,9 @@ class ModelConfig(_Strict):
     # recompute the transformer blocks' activations in backward: true (every block), or which
     # blocks ({fraction: 0.5} | {every_n: 2} | {layers: [0, 1]}; CheckpointPolicy)
     gradient_checkpointing: bool | CheckpointPolicy = False
+    # the training forward's saved activations wait in page-locked host memory until backward
+    # (trainer/offload.py); with gradient_checkpointing only the blocks' inputs, so the GPU holds ~one block's
+    activation_offload: bool = False
     # torch.compile the transformer (trainer and samplers; in place, so parameter names, LoRA files
     # and published weights are unchanged): true = the default mode, or a torch.compile mode name
     compile: bool | Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = False

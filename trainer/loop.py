@@ -41,6 +41,7 @@ from trainer.embeddings import offload_mode, warm_embeddings
 from trainer.evaluate import eval_settings, evaluate
 from trainer.policy import DTYPES, Policy, attach_trainable, trainable_params
 from trainer import context_parallel, optim
+from trainer.offload import OffloadActivations
 from trainer.ptx import PretrainMix
 from trainer.kl_gate import KL_REFERENCE, KLGateState
 from trainer.reporting import MetricLogger, detail_keys, progress_postfix, save_group_grid, write_report
@@ -196,13 +197,17 @@ def optimize(cfg: Config, accelerator: Accelerator, policy: Policy, algorithm: A
                 count += 1
                 sync = count % per_step == 0 or count == total
                 ctx = contextlib.nullcontext() if sync else accelerator.no_sync(policy.model)
+                offload = OffloadActivations() if cfg.model.activation_offload else contextlib.nullcontext()
                 with ctx, accelerator.autocast():
-                    loss, metrics = algorithm.loss(batch, unit, state, policy)
-                    if ptx is not None and unit == 0:
-                        ptx_loss = ptx.loss(policy, batch.seed)  # each rank draws its own pairs
-                        loss = loss + ptx.coef * ptx_loss
-                        # the epoch mean divides by every unit
-                        metrics = {**metrics, "ptx_loss": ptx_loss.detach() * units}
+                    with offload:  # (model.activation_offload) what the forward saves waits in host memory
+                        loss, metrics = algorithm.loss(batch, unit, state, policy)
+                        if ptx is not None and unit == 0:
+                            ptx_loss = ptx.loss(policy, batch.seed)  # each rank draws its own pairs
+                            loss = loss + ptx.coef * ptx_loss
+                            # the epoch mean divides by every unit
+                            metrics = {**metrics, "ptx_loss": ptx_loss.detach() * units}
+                    if cfg.model.activation_offload:
+                        metrics = {**metrics, "offloaded_mib": offload.counts["bytes"] / 2**20}
                     accelerator.backward(loss * context_parallel.loss_scale(cfg) / per_step)
                 losses.append((unit, loss.detach()))
                 for k, v in {"loss": loss.detach(), **metrics}.items():

@@ -280,7 +280,7 @@ MAY_CHANGE = {"train": {"resume_from", "max_epochs", "max_train_seconds", "save_
                         "fsdp", "fsdp_reshard_after_forward", "fsdp_shard_size"},
               "data": {"dataset_dir"},
               # memory / speed options (same math; attn_backend may differ in the last bits)
-              "model": {"attn_backend", "gradient_checkpointing", "embedding_cache_mb", "embedding_cache_dir",
+              "model": {"attn_backend", "gradient_checkpointing", "activation_offload", "embedding_cache_mb", "embedding_cache_dir",
                         "offload_text_encoders"}}
 CHECKED = ("model", "train", "rewards", "data")
 
