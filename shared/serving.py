@@ -13,6 +13,9 @@ BEARER_HELP = ("missing or wrong bearer token: send the header 'Authorization: B
                "server's token (FLOWRL_API_TOKEN); a client that sends no headers of its own (Flow-Factory's "
                "remote reward) can put the token in the URL as the password: http://flowrl:<token>@host:port")
 
+#: the ``WWW-Authenticate`` of a 401: both schemes :func:`bearer_ok` accepts (RFC 7235 allows a list)
+CHALLENGE = {"WWW-Authenticate": 'Bearer, Basic realm="flowrl"'}
+
 
 def bearer_ok(authorization: str | None, token: bytes | None) -> bool:
     """Whether an ``Authorization`` header carries ``token`` (constant-time compare): ``Bearer

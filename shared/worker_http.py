@@ -111,7 +111,7 @@ def create_app(broker_url: str, title: str, control: WorkerControl | None = None
     from fastapi.responses import JSONResponse, Response
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    from shared.serving import BEARER_HELP, bearer_ok
+    from shared.serving import BEARER_HELP, CHALLENGE, bearer_ok
 
     app = FastAPI(title=title, docs_url=None, redoc_url=None)
     # what the handlers would import on first use, imported now: Celery forks its pool after the
@@ -146,7 +146,7 @@ def create_app(broker_url: str, title: str, control: WorkerControl | None = None
 
     def authorize(authorization: str | None = Header(None)) -> None:
         if not bearer_ok(authorization, token):
-            raise HTTPException(401, BEARER_HELP, {"WWW-Authenticate": "Bearer"})
+            raise HTTPException(401, BEARER_HELP, CHALLENGE)
 
     def answer(call):
         try:

@@ -160,16 +160,27 @@ def markdown_text(text: str) -> str:
 def save_video(frames: torch.Tensor, path: Path, fps: float) -> Path:
     """Save a video ``[F, 3, H, W]`` (uint8, or float in [0, 1]) as a looping animated GIF at ``fps``
     (PIL alone: no video codec to install; wandb and swanlab play it, TensorBoard's image tab and
-    Markdown viewers animate it). GIF keeps 256 colours a frame and frame times in 1/100 s (16 fps
-    plays at 16.7): a preview, not the samples."""
+    Markdown viewers animate it). GIF keeps 256 colours a frame and frame times in 1/100 s, so the
+    frames' times alternate (:func:`gif_frame_times`; 16 fps: 60, 60, 70, 60 ms, ...) to keep the clip's
+    pace: a preview, not the samples."""
     if frames.dtype != torch.uint8:
         from shared.store import to_uint8
 
         frames = to_uint8(frames)
     pictures = [Image.fromarray(f) for f in frames.permute(0, 2, 3, 1).cpu().numpy()]
     path.parent.mkdir(parents=True, exist_ok=True)
-    pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=max(1, round(1000 / fps)), loop=0)
+    pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=gif_frame_times(len(pictures), fps),
+                     loop=0)
     return path
+
+
+def gif_frame_times(n: int, fps: float) -> list[int]:
+    """Milliseconds each of ``n`` frames shows at ``fps``, in the whole 1/100 s a GIF stores: frame
+    ``i`` ends at ``i + 1`` frame periods rounded to 1/100 s, so no frame is more than 5 ms off its
+    time and the clip lasts ``n / fps`` seconds to 1/100 s. At least 2/100 s a frame (browsers show a
+    shorter delay as 1/10 s), which caps the pace at 50 fps."""
+    ends = [round((i + 1) * 100 / fps) for i in range(n)]
+    return [10 * max(2, end - start) for start, end in zip([0] + ends[:-1], ends)]
 
 
 def save_group_grid(images: torch.Tensor, group_ids: torch.Tensor, rewards: torch.Tensor,

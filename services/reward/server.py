@@ -44,7 +44,7 @@ from services.reward.metrics import Metrics
 from services.reward.openapi import json_body
 from services.reward.settings import RewardServerSettings
 from services.reward.state import Models, Slot
-from shared.serving import BEARER_HELP, bearer_ok
+from shared.serving import BEARER_HELP, CHALLENGE, bearer_ok
 
 log = logging.getLogger("flowrl.reward")
 
@@ -58,7 +58,7 @@ async def _authorize(request: Request) -> None:
     ``async`` on purpose: FastAPI runs a plain ``def`` dependency in its thread pool, a thread
     hop per request for a few microseconds of work (measured under load: bench/reward_load.py)."""
     if not bearer_ok(request.headers.get("authorization"), request.app.state.token):
-        raise RequestError(401, BEARER_HELP, {"WWW-Authenticate": "Bearer"})
+        raise RequestError(401, BEARER_HELP, CHALLENGE)
 
 
 async def read_body(request: Request, limit: int) -> bytes:

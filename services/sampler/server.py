@@ -49,7 +49,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.sampler.settings import SamplerServerSettings
-from shared.serving import BEARER_HELP, bearer_ok
+from shared.serving import BEARER_HELP, CHALLENGE, bearer_ok
 
 
 class GenerateRequest(BaseModel):
@@ -246,7 +246,7 @@ def _decode_image(b64: str, where: str):
 
 async def _authorize(request: Request) -> None:
     if not bearer_ok(request.headers.get("authorization"), request.app.state.token):
-        raise RequestError(401, BEARER_HELP, {"WWW-Authenticate": "Bearer"})
+        raise RequestError(401, BEARER_HELP, CHALLENGE)
 
 
 class ServeMetrics:

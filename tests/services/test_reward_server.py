@@ -376,7 +376,7 @@ def test_bearer_token_guards_everything_but_liveness():
             for method, path in calls:
                 r = c.request(method, path, headers=headers, json=v2_body(pngs, ["p"]))
                 assert r.status_code == 401, (path, headers)
-                assert "Bearer" in r.json()["error"] and r.headers["WWW-Authenticate"] == "Bearer"
+                assert "Bearer" in r.json()["error"] and r.headers["WWW-Authenticate"] == 'Bearer, Basic realm="flowrl"'
         ok = {"Authorization": "Bearer s3cret"}
         assert c.post("/v2/models/brightness/infer", json=v2_body(pngs, ["p"]), headers=ok).status_code == 200
         assert c.get("/metrics", headers=ok).status_code == 200

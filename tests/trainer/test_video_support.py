@@ -117,9 +117,20 @@ def test_save_video_writes_a_looping_gif(tmp_path):
         reds = []
         for f in range(5):
             gif.seek(f)
-            assert gif.info["duration"] in (120, 130)  # 8 frames a second (GIF keeps 1/100 s)
+            assert gif.info["duration"] == [120, 130, 130, 120, 120][f]  # 8 fps: ends at 12, 25, 38, 50, 62 cs
             reds.append(gif.convert("RGB").getpixel((0, 0))[0])
     assert reds == sorted(reds) and reds[0] == 0 and reds[-1] == 255
+
+
+def test_gif_frame_times_keep_the_pace():
+    from trainer.reporting import gif_frame_times
+
+    assert gif_frame_times(4, 16) == [60, 60, 70, 60]  # frames end at 6.25, 12.5, 18.75, 25 cs: 6, 12, 19, 25
+    for fps in (8, 12, 16, 24, 30):
+        times = gif_frame_times(48, fps)
+        assert abs(sum(times) - 48 * 1000 / fps) <= 5  # the whole clip to 1/100 s
+        assert all(abs(sum(times[:i + 1]) - (i + 1) * 1000 / fps) <= 5 for i in range(48))  # each frame
+    assert gif_frame_times(3, 100) == [20, 20, 20]  # at least 1/50 s a frame
 
 
 def test_eval_writes_and_logs_videos_of_a_video_model(tmp_path):
@@ -141,7 +152,7 @@ def test_eval_writes_and_logs_videos_of_a_video_model(tmp_path):
         gifs = sorted((run / "images" / f"eval_videos_epoch{epoch:04d}").glob("*.gif"))
         assert [g.name for g in gifs] == ["00.gif", "01.gif"]
         with Image.open(gifs[0]) as gif:
-            assert gif.n_frames == 9 and gif.info["duration"] in (120, 130)
+            assert gif.n_frames == 9 and gif.info["duration"] in (120, 130)  # (the first frame's)
     events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0})
     events.Reload()
     assert {"eval/videos/0", "eval/videos/1"} <= set(events.Tags()["images"])
