@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import math
 import re
 from pathlib import Path
@@ -30,6 +31,32 @@ from shared.queue import QueueSettings
 
 DYNAMICS = ("Flow-SDE", "Dance-SDE", "CPS", "ODE")
 TRAINER_TYPES = ("grpo", "grpo-guard", "dppo", "nft", "awm", "dpo", "dgpo", "crd")
+#: each built-in trainer_type's class (trainer/algorithms registers them from here)
+TRAINER_CLASSES = {"grpo": "trainer.algorithms.grpo.GRPO", "grpo-guard": "trainer.algorithms.grpo_guard.GRPOGuard",
+                   "dppo": "trainer.algorithms.dppo.DPPO", "nft": "trainer.algorithms.nft.NFT",
+                   "awm": "trainer.algorithms.awm.AWM", "dpo": "trainer.algorithms.dpo.DPO",
+                   "dgpo": "trainer.algorithms.dgpo.DGPO", "crd": "trainer.algorithms.crd.CRD"}
+
+
+def trainer_kind(trainer_type: str) -> str:
+    """The built-in algorithm ``train.trainer_type`` is or derives from: a built-in's name (lower case);
+    for a dotted path to a user's class, the nearest built-in among its bases, whose defaults and config
+    checks then apply (a GRPO subclass needs stochastic rollouts too); else the path itself (an algorithm
+    of its own: grpo's defaults, no algorithm-specific checks). A class that does not import here (a
+    service without the user's module) counts as its own; the trainer imports it and says why."""
+    if "." not in trainer_type:
+        return trainer_type.lower()
+    module, _, name = trainer_type.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except Exception:  # noqa: BLE001  (reported where the trainer loads it)
+        return trainer_type
+    builtin = {path: kind for kind, path in TRAINER_CLASSES.items()}
+    for base in getattr(cls, "__mro__", ()):
+        kind = builtin.get(f"{base.__module__}.{base.__qualname__}")
+        if kind is not None:
+            return kind
+    return trainer_type
 # always evaluate the frozen reference model, whatever kl_beta says
 REFERENCE_TRAINERS = ("dpo", "dgpo")  # (and crd without its old snapshot: TrainConfig.uses_reference)
 # train on whole prompt groups a micro-batch (their losses compare a group's samples)
@@ -524,7 +551,7 @@ class TrainConfig(_Strict):
         """Whether the frozen reference model is evaluated: a KL term (``kl_beta > 0``) or an
         algorithm whose loss is defined against it (``dpo``, ``dgpo``; ``crd`` without its ``old``
         snapshot, ``crd_use_old: false``). A full fine-tune keeps a copy of the base only then."""
-        trainer = self.trainer_type.lower()
+        trainer = trainer_kind(self.trainer_type)
         # (train.kl_gate anchors the KL to a copy of the policy, not to the base)
         return ((bool(self.kl_beta) and self.kl_gate is None) or trainer in REFERENCE_TRAINERS
                 or (trainer == "crd" and not self.crd_use_old))
@@ -664,9 +691,9 @@ class BatchGeometry:
                 f"group_size={K} / {W}). Fix: pick a per_device_batch_size that divides {per_rank}."
             )
         batches = per_rank // B
-        if t.trainer_type.lower() == "dpo":
+        if trainer_kind(t.trainer_type) == "dpo":
             return cls._dpo(t, W, per_rank, batches)
-        if t.trainer_type.lower() in WHOLE_GROUP_TRAINERS:
+        if trainer_kind(t.trainer_type) in WHOLE_GROUP_TRAINERS:
             return cls._whole_groups(t, W, per_rank, batches)
         if batches % G:
             raise ConfigError(
@@ -712,7 +739,7 @@ class BatchGeometry:
 
 def _fill_algorithm_defaults(cfg: Config) -> Config:
     t = cfg.train
-    defaults = ALGORITHM_DEFAULTS.get(t.trainer_type.lower(), ALGORITHM_DEFAULTS["grpo"])
+    defaults = ALGORITHM_DEFAULTS.get(trainer_kind(t.trainer_type), ALGORITHM_DEFAULTS["grpo"])
     for key, value in defaults.items():
         if getattr(t, key) is None:
             setattr(t, key, value)
@@ -736,7 +763,7 @@ def _fill_algorithm_defaults(cfg: Config) -> Config:
 def check_combinations(cfg: Config) -> None:
     """Reject settings that cannot work together, before any model is loaded."""
     t = cfg.train
-    kind = t.trainer_type.lower()
+    kind = trainer_kind(t.trainer_type)  # a user's subclass of a built-in: that built-in's checks
     if kind not in TRAINER_TYPES and "." not in kind:
         hint = difflib.get_close_matches(kind, TRAINER_TYPES, n=1)
         raise ConfigError(
@@ -806,8 +833,8 @@ def check_combinations(cfg: Config) -> None:
                 f"num_inference_steps={n} (the last step is never trained). Fix: list indices "
                 f"from 0 (noisiest) to {n - 2}."
             )
-    if t.noise_aware_weighting and (t.trainer_type != "grpo" or t.dynamics_type == "ODE" or t.noise_level == 0):
-        guard = (" GRPO-Guard already reweights each step (its loss over |dt|)." if t.trainer_type == "grpo-guard"
+    if t.noise_aware_weighting and (kind != "grpo" or t.dynamics_type == "ODE" or t.noise_level == 0):
+        guard = (" GRPO-Guard already reweights each step (its loss over |dt|)." if kind == "grpo-guard"
                  else "")
         raise ConfigError(
             f"train.noise_aware_weighting weighs GRPO's per-step policy terms by each SDE step's noise, but "
@@ -928,7 +955,7 @@ def kl_gate_proxy(t: TrainConfig, labels: list[str], weights: dict[str, float]) 
 def check_kl_gate(t: TrainConfig, labels: list[str], weights: dict[str, float]) -> None:
     """``train.kl_gate`` names rewards of this run, and there is a KL term to gate (grpo, kl_beta > 0)."""
     g = t.kl_gate
-    if t.trainer_type.lower() != "grpo" or not t.kl_beta:
+    if trainer_kind(t.trainer_type) != "grpo" or not t.kl_beta:
         raise ConfigError(
             f"train.kl_gate gates GRPO's KL term, but this run is trainer_type={t.trainer_type!r} with kl_beta "
             f"{t.kl_beta!r}. Fix: use trainer_type: grpo with kl_beta > 0 (GARDO: 0.04), or drop kl_gate.")
