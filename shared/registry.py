@@ -61,11 +61,14 @@ class Registry(Generic[T]):
 
     Args:
         kind: what is registered (used in error messages), e.g. ``"reward"``.
+
+    ``base``: when set (after the base class exists), a dotted plugin path must name a subclass of it.
     """
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._entries: dict[str, T | str] = {}
+        self.base: type | None = None
 
     def register(self, name: str, obj: T | str | None = None) -> Callable[[T], T] | T | str:
         """Register ``obj`` under ``name``; without ``obj``, return a decorator."""
@@ -106,11 +109,17 @@ class Registry(Generic[T]):
             return entry  # type: ignore[return-value]
         if "." in name:
             try:
-                return import_dotted(name)  # type: ignore[return-value]
+                found = import_dotted(name)
             except ImportError as e:
                 raise RegistryError(
                     f"{self.kind} '{name}' looks like a plugin path but could not be imported: {e}"
                 ) from e
+            if self.base is not None and not (isinstance(found, type) and issubclass(found, self.base)):
+                raise RegistryError(
+                    f"{self.kind} '{name}' is {found!r}, not a subclass of {self.base.__module__}."
+                    f"{self.base.__qualname__}. Fix: point it at your subclass of {self.base.__qualname__} "
+                    f"(docs/extending.md).")
+            return found  # type: ignore[return-value]
         hint = nearest(name, self.names())
         did_you_mean = f" Did you mean '{hint}'?" if hint else ""
         raise RegistryError(

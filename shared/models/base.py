@@ -212,3 +212,6 @@ class FlowModelAdapter(ABC):
         if target_modules == "all":
             return "all-linear"
         return [target_modules] if isinstance(target_modules, str) else list(target_modules)
+
+
+MODELS.base = FlowModelAdapter  # a dotted model_type must name a subclass

@@ -94,6 +94,9 @@ class Algorithm(ABC):
         the device and reads them back once per epoch)."""
 
 
+ALGORITHMS.base = Algorithm  # a dotted trainer_type must name a subclass
+
+
 def expand(value: torch.Tensor, batch: int) -> torch.Tensor:
     """A 0-d sigma -> ``[B]``."""
     return value.reshape(()).expand(batch)
