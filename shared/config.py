@@ -799,11 +799,6 @@ def check_combinations(cfg: Config) -> None:
             f"data.datasets {own}: eval settings of their own (resolution / num_inference_steps / guidance_scale), "
             f"but train.fsdp runs every process's evaluation forwards in lockstep, one setting for all. Fix: move "
             f"them to the eval: section, or train without fsdp.")
-    if t.context_parallel > 1 and cfg.transport != "local":
-        raise ConfigError(
-            f"train.context_parallel: {t.context_parallel} runs rollouts inside the trainer processes, but "
-            f"transport: {cfg.transport} takes them from sampler workers, each its own. Fix: transport: local, "
-            f"or context_parallel: 1 with the queue.")
     if t.optimizer == "muon" and t.fsdp:
         raise ConfigError(
             "train.optimizer: muon orthogonalizes each whole weight matrix, but train.fsdp shards them over the "

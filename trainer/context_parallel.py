@@ -22,6 +22,8 @@ reductions of ``(sum, count)`` pairs and means need nothing (each group counts `
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from typing import Any
 
 import torch
@@ -110,7 +112,19 @@ def check(cfg: Config, adapter: Any, world: int) -> None:
                 f"context_parallel.")
 
 
-def enable(cfg: Config, modules: list[torch.nn.Module], device_type: str) -> None:
+@dataclasses.dataclass(frozen=True)
+class Groups:
+    """This process's process groups under context parallelism: ``cp``, its group's ``C`` processes
+    (the first, global rank ``src``, is the group's ``leader``); ``data``, the processes with its
+    context rank, one per data rank (for a leader: the leaders, who talk to the queue)."""
+
+    cp: Any
+    data: Any
+    src: int
+    leader: bool
+
+
+def enable(cfg: Config, modules: list[torch.nn.Module], device_type: str) -> Groups | None:
     """Split every forward of ``modules`` (transformers, e.g. the policy's and a full fine-tune's
     frozen reference; both experts of Wan2.2-A14B) over the context-parallel groups; one on another
     device than ``device_type`` (a reference copy on the CPU) is left whole. A collective:
@@ -121,7 +135,7 @@ def enable(cfg: Config, modules: list[torch.nn.Module], device_type: str) -> Non
 
     cp = degree(cfg)
     if cp == 1:
-        return
+        return None
     world, rank = dist.get_world_size(), dist.get_rank()
     # (data, ring, ulysses): each process's ulysses group is the cp consecutive processes of its data rank
     mesh = init_device_mesh(device_type, (world // cp, 1, cp), mesh_dim_names=("data", "ring", "ulysses"))
@@ -143,3 +157,126 @@ def enable(cfg: Config, modules: list[torch.nn.Module], device_type: str) -> Non
 
                 transformer._resolve_parallel_config = resolve
             transformer.enable_parallelism(config=config)
+    return Groups(cp=mesh.get_group("ulysses"), data=mesh.get_group("data"), src=rank - rank % cp,
+                  leader=rank % cp == 0)
+
+
+# --------------------------------------------------------------------------- the queue (transport: celery)
+# The group's leader runs the CeleryTransport as data rank ``rank // C`` of ``world / C``; its other
+# processes get each epoch's samples from it, as bytes (safetensors and JSON: no pickle) over ``cp``.
+
+
+def agree_among_leaders(groups: Groups, device) -> Any:
+    """The CeleryTransport's ``agree``: the smallest count over the leaders (the data ranks)."""
+    def agree(n: int) -> int:
+        value = torch.tensor([n], dtype=torch.long, device=device)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN, group=groups.data)
+        return int(value)
+    return agree
+
+
+def broadcast_bytes(data: bytes | None, groups: Groups, device) -> bytes:
+    """``data`` from the group's leader to every process of ``groups.cp`` (``None`` there)."""
+    size = torch.tensor([0 if data is None else len(data)], dtype=torch.long, device=device)
+    dist.broadcast(size, src=groups.src, group=groups.cp)
+    if data is None:
+        buf = torch.empty(int(size), dtype=torch.uint8, device=device)
+    else:
+        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+    dist.broadcast(buf, src=groups.src, group=groups.cp)
+    return data if data is not None else buf.cpu().numpy().tobytes()
+
+
+def pack_samples(samples) -> bytes:
+    """A :class:`~trainer.collect.Samples` but its conditioning (re-encoded from the plan where it
+    arrives, as a resumed run does) as safetensors bytes with JSON metadata."""
+    from safetensors.torch import save
+
+    from shared.sampling import pack_trajectory
+
+    tensors = {f"rollout/{k}": v.detach().contiguous().cpu() for k, v in pack_trajectory(samples.rollout).items()}
+    tensors.update({f"reward/{k}": v.detach().contiguous().cpu() for k, v in samples.rewards.items()})
+    meta = {"policy_versions": samples.policy_versions, "metrics": samples.metrics, "rows": samples.rows}
+    return save(tensors, metadata={"flowrl": json.dumps(meta)})
+
+
+def unpack_samples(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+    """Inverse of :func:`pack_samples` but the rollout: ``(trajectory tensors, rewards, metadata)``."""
+    from safetensors.torch import load
+
+    tensors = load(data)
+    header = int.from_bytes(data[:8], "little")  # safetensors: the header's length, then the header (JSON)
+    meta = json.loads(json.loads(data[8:8 + header])["__metadata__"]["flowrl"])
+    return ({k.removeprefix("rollout/"): v for k, v in tensors.items() if k.startswith("rollout/")},
+            {k.removeprefix("reward/"): v for k, v in tensors.items() if k.startswith("reward/")}, meta)
+
+
+#: the first byte of what a leader sends: samples follow, or the error that stopped its collect
+_SAMPLES, _ERROR = b"S", b"E"
+
+
+class ShareSamples:
+    """A leader's transport: its CeleryTransport (``inner``), whose collected samples (or the error
+    that stopped the collect) it also sends to the rest of its context-parallel group."""
+
+    def __init__(self, inner, groups: Groups, device) -> None:
+        self.inner, self.groups, self.device = inner, groups, device
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def collect(self, pending):
+        try:
+            samples = self.inner.collect(pending)
+        except Exception as e:  # the others would wait for the samples forever
+            broadcast_bytes(_ERROR + f"{type(e).__name__}: {e}".encode(), self.groups, self.device)
+            raise
+        broadcast_bytes(_SAMPLES + pack_samples(samples), self.groups, self.device)
+        return samples
+
+
+class GroupMember:
+    """The transport of a context-parallel group's other processes with ``transport: celery``: they
+    dispatch nothing; each epoch's samples come from the group's leader (:class:`ShareSamples`), the
+    conditioning re-encoded here from the same plan."""
+
+    duplicates = 0  # (the leader counts them)
+
+    def __init__(self, cfg: Config, adapter, policy, groups: Groups, device, barrier) -> None:
+        self.cfg, self.adapter, self.policy, self.groups, self.device = cfg, adapter, policy, groups, device
+        barrier()  # the one in CeleryTransport.__init__: every process waits for rank 0's clearing
+
+    def publish(self, version: int) -> None:
+        if self.policy.sharded:  # every process takes part in gathering the weights rank 0 publishes
+            self.policy.sampling_weights()
+
+    def dispatch(self, plan, version: int):
+        return plan
+
+    def collect(self, plan):
+        from shared.sampling import unpack_trajectory
+        from trainer.collect import Samples
+        from trainer.transport import CollectError, encode_plan, sample_device
+
+        data = broadcast_bytes(None, self.groups, self.device)
+        if data[:1] == _ERROR:
+            raise CollectError(f"the group's first process (rank {self.groups.src}) stopped collecting: "
+                               f"{data[1:].decode()}")
+        trajectory, rewards, meta = unpack_samples(data[1:])
+        device = sample_device(self.cfg, self.adapter)
+        roll = unpack_trajectory({k: v.to(device) for k, v in trajectory.items()})
+        rows = meta["rows"]
+        # counts are the leader's to report (the run's sums would count every process of the group)
+        metrics = {k: (0.0 if k in ("queue/duplicates_total", "queue/dropped_samples") else v)
+                   for k, v in meta["metrics"].items()}
+        return Samples(encode_plan(self.cfg, self.adapter, plan if rows is None else plan.subset(rows)), roll,
+                       rewards, meta["policy_versions"], metrics, rows)
+
+    def epoch_done(self, epoch: int) -> int:
+        return 0
+
+    def queue_depths(self) -> dict[str, int]:
+        return {}
+
+    def close(self) -> None:
+        pass

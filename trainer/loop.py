@@ -371,7 +371,7 @@ def train(cfg: Config, *, quiet: bool = False, stop: StopRequest | None = None) 
     algorithm = ALGORITHMS.get(t.trainer_type)(cfg)
     policy = Policy(adapter, model, cfg, trainable, snapshots=algorithm.snapshots)
     # after the LoRA (peft may wrap proj_out, where diffusers gathers the tokens) and the reference copy
-    context_parallel.enable(cfg, [adapter.transformer, *policy.frozen_copies()], accelerator.device.type)
+    groups = context_parallel.enable(cfg, [adapter.transformer, *policy.frozen_copies()], accelerator.device.type)
     ptx = PretrainMix(cfg, adapter) if t.ptx_coef else None
     built: dict = {}  # an eval reward configured like a training one is the same model, loaded once
     rewards = build_rewards(cfg.rewards, accelerator.device, built)
@@ -403,12 +403,18 @@ def train(cfg: Config, *, quiet: bool = False, stop: StopRequest | None = None) 
                   f"{geo.groups_per_epoch} groups x {geo.group_size} samples per epoch -> {run_dir}"
                   + (f" (resumed from {ckpt}, epoch {progress.epoch})" if ckpt is not None else ""))
 
-    if cfg.transport == "celery":
-        transport = CeleryTransport(cfg, adapter, policy, algorithm, name,
-                                    world_size=accelerator.num_processes, rank=accelerator.process_index,
+    if cfg.transport == "celery" and groups is not None and not groups.leader:  # its leader talks to the queue
+        transport = context_parallel.GroupMember(cfg, adapter, policy, groups, accelerator.device,
+                                                 barrier=accelerator.wait_for_everyone)
+    elif cfg.transport == "celery":  # (context parallelism: one per group, as its data rank)
+        transport = CeleryTransport(cfg, adapter, policy, algorithm, name, world_size=geo.world_size,
+                                    rank=context_parallel.data_rank(cfg, accelerator.process_index),
                                     barrier=accelerator.wait_for_everyone,
-                                    agree=lambda n: fewest(accelerator, n), run_dir=run_dir,
-                                    resume_epoch=None if ckpt is None else progress.epoch)
+                                    agree=(lambda n: fewest(accelerator, n)) if groups is None else
+                                    context_parallel.agree_among_leaders(groups, accelerator.device),
+                                    run_dir=run_dir, resume_epoch=None if ckpt is None else progress.epoch)
+        if groups is not None:
+            transport = context_parallel.ShareSamples(transport, groups, accelerator.device)
     else:
         transport = LocalTransport(cfg, adapter, policy, algorithm, rewards)
     rank, world = accelerator.process_index, accelerator.num_processes

@@ -90,6 +90,23 @@ class CollectError(RuntimeError):
     """Samples of an epoch could not be collected (dead-lettered tasks, or a timeout)."""
 
 
+def sample_device(cfg: Config, adapter) -> torch.device:
+    """Where an epoch's received samples wait: the transformer's device, or the CPU with
+    ``train.offload_samples_to_cpu`` (each micro-batch goes over to train)."""
+    if cfg.train.offload_samples_to_cpu:
+        return torch.device("cpu")
+    return next(adapter.transformer.parameters()).device
+
+
+def encode_plan(cfg: Config, adapter, plan: EpochPlan):
+    """The conditioning of ``plan``'s rows (re-encoded: deterministic, and cached), where
+    :func:`sample_device` puts the samples."""
+    t = cfg.train
+    cond = encode_batches(adapter, plan.prompts, plan.negatives, t.encode_guidance_scale, t.per_device_batch_size,
+                          images=plan.condition_images, resolution=t.resolution, num_frames=t.num_frames)
+    return cond.to("cpu") if t.offload_samples_to_cpu else cond
+
+
 class CeleryTransport:
     """Sample and score through the Celery queues (see the module docstring).
 
@@ -405,9 +422,7 @@ class CeleryTransport:
         picks = [(self._trajectory(got[sid][0].trajectory.tensors), got[sid][1])
                  for sid in ids]  # (trajectory, row) per sample, in plan order
         uris = {got[sid][0].trajectory.tensors.uri for sid in ids}
-        device = next(self.adapter.transformer.parameters()).device
-        if t.offload_samples_to_cpu:  # the epoch waits in host memory, each micro-batch goes over to train
-            device = torch.device("cpu")
+        device = sample_device(self.cfg, self.adapter)
         stack = lambda f: torch.stack([getattr(p, f)[r] for p, r in picks]).to(device)  # noqa: E731
         first = picks[0][0]
         if first.sde_steps != list(pending.plan.sde_steps):
@@ -422,12 +437,7 @@ class CeleryTransport:
                                         else v for sid in ids], dtype=torch.float32)
                    for label in labels}
         versions = [got[sid][0].trajectory.policy_version for sid in ids]
-        plan = pending.plan.subset(rows)
-        cond = encode_batches(self.adapter, plan.prompts, plan.negatives,
-                              t.encode_guidance_scale, t.per_device_batch_size,
-                              images=plan.condition_images, resolution=t.resolution, num_frames=t.num_frames)
-        if t.offload_samples_to_cpu:
-            cond = cond.to("cpu")
+        cond = encode_plan(self.cfg, self.adapter, pending.plan.subset(rows))
         workers = {got[sid][0].trajectory.worker for sid in ids}
         for uri in uris:
             self.loaded.pop(uri, None)

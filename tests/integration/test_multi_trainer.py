@@ -104,3 +104,56 @@ def test_two_trainer_processes_share_the_epoch_and_match_one(tmp_path, redis_url
     assert abs(ones["param_abs_sum"] - ranks[0]["param_abs_sum"]) < 1e-3 * ones["param_abs_sum"]
     if fsdp:  # each trainer process held half of the transformer
         assert all(r["transformer_bytes"] <= 0.55 * ones["transformer_bytes"] for r in ranks)
+
+
+def test_a_context_parallel_group_trains_from_the_queue_as_one_process(tmp_path, redis_url):
+    """``train.context_parallel: 2`` on 2 trainer processes (one data rank) against a sampler and a reward
+    worker: the group's first process dispatches and collects (one ledger), sends each epoch's samples to
+    the other, and the run trains what one trainer process trains from the same queue."""
+    from safetensors.torch import load_file
+
+    from tests.trainer.test_context_parallel import adam_rounding
+    from tests.trainer.test_fsdp import family_config
+
+    ns = f"cp-{uuid.uuid4().hex[:8]}"
+    config = family_config(tmp_path, "wan2_t2v", {}, trainer_type="grpo", max_epochs=2, kl_beta=0.1)
+    raw = yaml.safe_load(config.read_text())
+    del raw["queue"]  # (the dump's defaults): the FLOWRL_QUEUE_* settings below, as the workers have them
+    config.write_text(yaml.safe_dump(raw))
+    env = {"FLOWRL_QUEUE_BROKER_URL": redis_url, "FLOWRL_QUEUE_NAMESPACE": ns, "FLOWRL_QUEUE_KEY_PREFIX": ns,
+           "FLOWRL_QUEUE_STORE_URL": f"file://{tmp_path}/blobs", "FLOWRL_QUEUE_TASK_TIME_LIMIT_S": "300",
+           "FLOWRL_QUEUE_COLLECT_TIMEOUT_S": "400", "FLOWRL_QUEUE_POLICY_WAIT_S": "300", "OMP_NUM_THREADS": "1"}
+    try:
+        with ProcessGroup(tmp_path, env) as procs:
+            procs.start("sampler", FLOWRL + ["worker", "sampler", "--name", f"s-{ns}"])
+            procs.start("reward-worker", FLOWRL + ["worker", "reward", "--name", f"r-{ns}"])
+            for name in ("sampler", "reward-worker"):
+                procs.wait_log(name, "ready.")
+            trainer = procs.start("trainer", [
+                sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(free_port()), "-m", "trainer.cli", "trainer", str(config),
+                "--set", "run_name=cp", "--set", "train.context_parallel=2"])
+            assert trainer.wait(timeout=800) == 0, procs.logs()
+            one = procs.start("one", FLOWRL + ["trainer", str(config), "--set", "run_name=one"])
+            assert one.wait(timeout=800) == 0, procs.logs()
+    finally:
+        for name in ("cp", "one"):
+            RunState.connect(redis_url, name, ns).clear()
+        delete_namespace_queues(RunState.connect(redis_url, "cp", ns).redis, ns)
+
+    run = tmp_path / "runs" / "cp"
+    assert not (run / "scored_samples.rank1.jsonl").exists()  # the group's one data rank talks to the queue
+    used = [row["sample_id"] for row in ledger(run / "scored_samples.jsonl")]
+    assert len(used) == len(set(used)) == 2 * 2 * 2  # epochs x groups x group size, each once
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["transport"] == "celery" and summary["samples"] == 8 and summary["duplicates_dropped"] == 0
+
+    name = "checkpoints/final/lora/pytorch_lora_weights.safetensors"
+    a, b = load_file(run / name), load_file(tmp_path / "runs" / "one" / name)
+    assert max(float(v.abs().max()) for k, v in a.items() if "lora_B" in k) > 1e-3  # it trained
+    assert adam_rounding(a, b, lr=1e-2) is None
+    for key in ("train/reward/brightness", "train/grad_norm", "train/kl"):
+        cp_m, one_m = ([m[key] for m in ledger(r / "metrics.jsonl") if key in m] for r in (run, tmp_path / "runs" / "one"))
+        assert len(cp_m) == len(one_m) == 2, key
+        assert all(abs(a - b) <= 1e-4 * max(abs(b), 1e-3) for a, b in zip(cp_m, one_m)), (key, cp_m, one_m)

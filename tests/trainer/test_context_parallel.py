@@ -8,7 +8,9 @@ as one process (LoRA GRPO with a KL reference and an EMA evaluation, text- and i
 without gradient checkpointing; a full fine-tune of Wan2.2-A14B's
 two experts with NFT, whose KL reference is a frozen copy that is split too; LoRA on both experts
 sharded with FSDP as well); on 4 processes, 2 data ranks of 2 follow 2 plain data-parallel processes;
-the layout's arithmetic; and what it refuses, with the fix."""
+the layout's arithmetic; what it refuses, with the fix; and with the queue transport, the samples a
+group's leader sends the others, and its failure reaching them (the whole run through the queue:
+``tests/integration/test_multi_trainer.py``)."""
 
 from __future__ import annotations
 
@@ -156,13 +158,6 @@ def test_layout_arithmetic(tmp_path):
     assert context_parallel.one_per_group(gathered, 4, 1) is gathered
 
 
-def test_config_refuses_the_queue(tmp_path):
-    from tests.helpers.tiny import tiny_config
-
-    with pytest.raises(ConfigError, match="takes them from sampler workers"):
-        tiny_config(tmp_path, overrides=["train.context_parallel=2", "transport=celery"])
-
-
 def test_check_names_what_cannot_be_split(tmp_path):
     from shared.config import load_config
     from shared.models import load_adapter
@@ -182,3 +177,38 @@ def test_check_names_what_cannot_be_split(tmp_path):
     odd = load_config(path, ["train.context_parallel=2", "train.resolution=[24,24]", "train.num_frames=1"])
     with pytest.raises(ValueError, match="tokens of a train rollout"):
         context_parallel.check(odd, adapter, 2)
+
+
+def test_the_queue_leaders_failure_reaches_the_group():
+    """With ``transport: celery`` a group's leader collects; when that fails, the others raise too,
+    naming the leader and its error, instead of waiting for samples that will not come."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run_probe("cp_transport_probe.py", Path(tmp))
+        leader, member = (json.loads((Path(tmp) / f"probe-rank{r}.json").read_text()) for r in (0, 1))
+    assert leader["raised"].startswith("epoch 0: 3 of 4 samples not scored")
+    assert member["raised"] == f"the group's first process (rank 0) stopped collecting: CollectError: {leader['raised']}"
+    assert member["duplicates"] == 0 and leader["duplicates"] == 0
+
+
+def test_samples_travel_to_the_group_whole():
+    """What a leader sends (:func:`pack_samples`) is what a member rebuilds (but the conditioning,
+    re-encoded there): the trajectory bit for bit, the rewards, versions, metrics and kept rows."""
+    from shared.sampling import Rollout, unpack_trajectory
+    from trainer.collect import Samples
+
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(4, 4, 4, 2, 2, generator=g)  # [B, states, C, h, w]: steps 1-3 and the state after
+    roll = Rollout(final_latents=torch.randn(4, 4, 2, 2, generator=g), images=None, sigmas=torch.linspace(1, 0, 5),
+                   sde_steps=[1, 2, 3], latents=latents[:, :3], next_latents=latents[:, 1:],
+                   log_probs=torch.randn(4, 3, generator=g), stds=torch.rand(4, 3, generator=g), means=None)
+    sent = Samples(None, roll, {"brightness": torch.tensor([0.1, float("nan"), 0.3, 0.4])}, [3, 3, 2, 3],
+                   {"queue/policy_lag": 0.25, "queue/samplers": 1.0}, rows=[0, 1, 2, 3])
+    trajectory, rewards, meta = context_parallel.unpack_samples(context_parallel.pack_samples(sent))
+    got = unpack_trajectory(trajectory)
+    for name in ("final_latents", "latents", "next_latents", "log_probs", "stds", "sigmas"):
+        assert torch.equal(getattr(got, name), getattr(roll, name)), name
+    assert got.sde_steps == roll.sde_steps and got.means is None
+    assert torch.allclose(rewards["brightness"], sent.rewards["brightness"], equal_nan=True)
+    assert meta == {"policy_versions": [3, 3, 2, 3], "metrics": sent.metrics, "rows": [0, 1, 2, 3]}
