@@ -33,6 +33,29 @@ def ledger(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def queue_env(redis_url: str, ns: str, tmp_path) -> dict[str, str]:
+    """The FLOWRL_QUEUE_* settings of a test's workers and trainers: namespace ``ns``, blobs under ``tmp_path``."""
+    return {"FLOWRL_QUEUE_BROKER_URL": redis_url, "FLOWRL_QUEUE_NAMESPACE": ns, "FLOWRL_QUEUE_KEY_PREFIX": ns,
+            "FLOWRL_QUEUE_STORE_URL": f"file://{tmp_path}/blobs", "FLOWRL_QUEUE_TASK_TIME_LIMIT_S": "300",
+            "FLOWRL_QUEUE_COLLECT_TIMEOUT_S": "400", "FLOWRL_QUEUE_POLICY_WAIT_S": "300", "OMP_NUM_THREADS": "1"}
+
+
+def start_workers(procs: ProcessGroup, ns: str) -> None:
+    """A sampler and a reward worker, ready."""
+    procs.start("sampler", FLOWRL + ["worker", "sampler", "--name", f"s-{ns}"])
+    procs.start("reward-worker", FLOWRL + ["worker", "reward", "--name", f"r-{ns}"])
+    for name in ("sampler", "reward-worker"):
+        procs.wait_log(name, "ready.")
+
+
+def launch(processes: int, config, *sets: str) -> list[str]:
+    """``flowrl trainer config`` on ``processes`` CPU processes (accelerate launch), with ``--set``s."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(free_port()), "-m", "trainer.cli", "trainer", str(config),
+            *[a for s in sets for a in ("--set", s)]]
+
+
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
 def test_two_trainer_processes_share_the_epoch_and_match_one(tmp_path, redis_url, fsdp):
     """With ``fsdp`` the trainer processes shard the transformer (``train.fsdp``): every process
@@ -43,20 +66,10 @@ def test_two_trainer_processes_share_the_epoch_and_match_one(tmp_path, redis_url
     raw["train"].update(max_epochs=EPOCHS, clip_range=1e-3, per_device_batch_size=K, gradient_step_per_epoch=1)
     config = tmp_path / "cfg.yaml"
     config.write_text(yaml.safe_dump(raw))
-    env = {"FLOWRL_QUEUE_BROKER_URL": redis_url, "FLOWRL_QUEUE_NAMESPACE": ns, "FLOWRL_QUEUE_KEY_PREFIX": ns,
-           "FLOWRL_QUEUE_STORE_URL": f"file://{tmp_path}/blobs", "FLOWRL_QUEUE_TASK_TIME_LIMIT_S": "300",
-           "FLOWRL_QUEUE_COLLECT_TIMEOUT_S": "400", "FLOWRL_QUEUE_POLICY_WAIT_S": "300", "OMP_NUM_THREADS": "1"}
     try:
-        with ProcessGroup(tmp_path, env) as procs:
-            procs.start("sampler", FLOWRL + ["worker", "sampler", "--name", f"s-{ns}"])
-            procs.start("reward-worker", FLOWRL + ["worker", "reward", "--name", f"r-{ns}"])
-            for name in ("sampler", "reward-worker"):
-                procs.wait_log(name, "ready.")
-            trainer = procs.start("trainer", [
-                sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(WORLD),
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--main_process_port", str(free_port()), "-m", "trainer.cli", "trainer", str(config),
-                "--set", "run_name=two", "--set", f"train.fsdp={str(fsdp).lower()}"])
+        with ProcessGroup(tmp_path, queue_env(redis_url, ns, tmp_path)) as procs:
+            start_workers(procs, ns)
+            trainer = procs.start("trainer", launch(WORLD, config, "run_name=two", f"train.fsdp={str(fsdp).lower()}"))
             assert trainer.wait(timeout=800) == 0, procs.logs()
             logs = procs.logs()
     finally:
@@ -120,20 +133,10 @@ def test_a_context_parallel_group_trains_from_the_queue_as_one_process(tmp_path,
     raw = yaml.safe_load(config.read_text())
     del raw["queue"]  # (the dump's defaults): the FLOWRL_QUEUE_* settings below, as the workers have them
     config.write_text(yaml.safe_dump(raw))
-    env = {"FLOWRL_QUEUE_BROKER_URL": redis_url, "FLOWRL_QUEUE_NAMESPACE": ns, "FLOWRL_QUEUE_KEY_PREFIX": ns,
-           "FLOWRL_QUEUE_STORE_URL": f"file://{tmp_path}/blobs", "FLOWRL_QUEUE_TASK_TIME_LIMIT_S": "300",
-           "FLOWRL_QUEUE_COLLECT_TIMEOUT_S": "400", "FLOWRL_QUEUE_POLICY_WAIT_S": "300", "OMP_NUM_THREADS": "1"}
     try:
-        with ProcessGroup(tmp_path, env) as procs:
-            procs.start("sampler", FLOWRL + ["worker", "sampler", "--name", f"s-{ns}"])
-            procs.start("reward-worker", FLOWRL + ["worker", "reward", "--name", f"r-{ns}"])
-            for name in ("sampler", "reward-worker"):
-                procs.wait_log(name, "ready.")
-            trainer = procs.start("trainer", [
-                sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--main_process_port", str(free_port()), "-m", "trainer.cli", "trainer", str(config),
-                "--set", "run_name=cp", "--set", "train.context_parallel=2"])
+        with ProcessGroup(tmp_path, queue_env(redis_url, ns, tmp_path)) as procs:
+            start_workers(procs, ns)
+            trainer = procs.start("trainer", launch(2, config, "run_name=cp", "train.context_parallel=2"))
             assert trainer.wait(timeout=800) == 0, procs.logs()
             one = procs.start("one", FLOWRL + ["trainer", str(config), "--set", "run_name=one"])
             assert one.wait(timeout=800) == 0, procs.logs()
