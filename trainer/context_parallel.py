@@ -116,12 +116,16 @@ def check(cfg: Config, adapter: Any, world: int) -> None:
 class Groups:
     """This process's process groups under context parallelism: ``cp``, its group's ``C`` processes
     (the first, global rank ``src``, is the group's ``leader``); ``data``, the processes with its
-    context rank, one per data rank (for a leader: the leaders, who talk to the queue)."""
+    context rank, one per data rank (for a leader: the leaders, who talk to the queue); ``share``
+    (``transport: celery``): its group again, on gloo (host memory) with a timeout longer than
+    ``queue.collect_timeout_s``, over which the leader sends each epoch's samples: the others wait
+    in it for as long as the leader collects."""
 
     cp: Any
     data: Any
     src: int
     leader: bool
+    share: Any = None
 
 
 def enable(cfg: Config, modules: list[torch.nn.Module], device_type: str) -> Groups | None:
@@ -158,12 +162,27 @@ def enable(cfg: Config, modules: list[torch.nn.Module], device_type: str) -> Gro
                 transformer._resolve_parallel_config = resolve
             transformer.enable_parallelism(config=config)
     return Groups(cp=mesh.get_group("ulysses"), data=mesh.get_group("data"), src=rank - rank % cp,
-                  leader=rank % cp == 0)
+                  leader=rank % cp == 0, share=share_group(cfg) if cfg.transport == "celery" else None)
+
+
+def share_group(cfg: Config):
+    """This process's context-parallel group on gloo, whose timeout outlasts the leader's longest
+    collect (``queue.collect_timeout_s``) by 10 minutes: :attr:`Groups.share`. A collective: every
+    process creates every group."""
+    from datetime import timedelta
+
+    cp, world, rank = degree(cfg), dist.get_world_size(), dist.get_rank()
+    wait = timedelta(seconds=cfg.queue.collect_timeout_s + 600)
+    mine = None
+    for first in range(0, world, cp):
+        group = dist.new_group(list(range(first, first + cp)), timeout=wait, backend="gloo")
+        mine = group if first == rank - rank % cp else mine
+    return mine
 
 
 # --------------------------------------------------------------------------- the queue (transport: celery)
 # The group's leader runs the CeleryTransport as data rank ``rank // C`` of ``world / C``; its other
-# processes get each epoch's samples from it, as bytes (safetensors and JSON: no pickle) over ``cp``.
+# processes get each epoch's samples from it, as bytes (safetensors and JSON: no pickle) over ``share``.
 
 
 def agree_among_leaders(groups: Groups, device) -> Any:
@@ -175,16 +194,21 @@ def agree_among_leaders(groups: Groups, device) -> Any:
     return agree
 
 
-def broadcast_bytes(data: bytes | None, groups: Groups, device) -> bytes:
-    """``data`` from the group's leader to every process of ``groups.cp`` (``None`` there)."""
-    size = torch.tensor([0 if data is None else len(data)], dtype=torch.long, device=device)
-    dist.broadcast(size, src=groups.src, group=groups.cp)
+def broadcast_bytes(kind: bytes, data: bytes | None, groups: Groups) -> tuple[bytes, bytes]:
+    """``(kind, data)`` from the group's leader to every process of ``groups.share`` (the others pass
+    ``data=None``), in host memory. ``kind``: one byte saying what ``data`` is."""
+    import warnings
+
+    header = torch.tensor([kind[0] if data is not None else 0, 0 if data is None else len(data)], dtype=torch.long)
+    dist.broadcast(header, src=groups.src, group=groups.share)
     if data is None:
-        buf = torch.empty(int(size), dtype=torch.uint8, device=device)
+        buf = torch.empty(int(header[1]), dtype=torch.uint8)
     else:
-        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
-    dist.broadcast(buf, src=groups.src, group=groups.cp)
-    return data if data is not None else buf.cpu().numpy().tobytes()
+        with warnings.catch_warnings():  # (read-only bytes: the sender's buffer is only read)
+            warnings.simplefilter("ignore", UserWarning)
+            buf = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+    dist.broadcast(buf, src=groups.src, group=groups.share)
+    return bytes([int(header[0])]), (data if data is not None else buf.numpy().tobytes())
 
 
 def pack_samples(samples) -> bytes:
@@ -194,7 +218,10 @@ def pack_samples(samples) -> bytes:
 
     from shared.sampling import pack_trajectory
 
-    tensors = {f"rollout/{k}": v.detach().contiguous().cpu() for k, v in pack_trajectory(samples.rollout).items()}
+    roll = samples.rollout  # to the host first: packing allocates its states where the rollout is
+    roll = dataclasses.replace(roll, **{f.name: getattr(roll, f.name).cpu() for f in dataclasses.fields(roll)
+                                        if isinstance(getattr(roll, f.name), torch.Tensor)})
+    tensors = {f"rollout/{k}": v.detach().contiguous() for k, v in pack_trajectory(roll).items()}
     tensors.update({f"reward/{k}": v.detach().contiguous().cpu() for k, v in samples.rewards.items()})
     meta = {"policy_versions": samples.policy_versions, "metrics": samples.metrics, "rows": samples.rows}
     return save(tensors, metadata={"flowrl": json.dumps(meta)})
@@ -219,8 +246,8 @@ class ShareSamples:
     """A leader's transport: its CeleryTransport (``inner``), whose collected samples (or the error
     that stopped the collect) it also sends to the rest of its context-parallel group."""
 
-    def __init__(self, inner, groups: Groups, device) -> None:
-        self.inner, self.groups, self.device = inner, groups, device
+    def __init__(self, inner, groups: Groups) -> None:
+        self.inner, self.groups = inner, groups
 
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
@@ -228,10 +255,11 @@ class ShareSamples:
     def collect(self, pending):
         try:
             samples = self.inner.collect(pending)
-        except Exception as e:  # the others would wait for the samples forever
-            broadcast_bytes(_ERROR + f"{type(e).__name__}: {e}".encode(), self.groups, self.device)
+            payload = pack_samples(samples)
+        except Exception as e:  # the others would wait for the samples until the group's timeout
+            broadcast_bytes(_ERROR, f"{type(e).__name__}: {e}".encode(), self.groups)
             raise
-        broadcast_bytes(_SAMPLES + pack_samples(samples), self.groups, self.device)
+        broadcast_bytes(_SAMPLES, payload, self.groups)
         return samples
 
 
@@ -242,8 +270,8 @@ class GroupMember:
 
     duplicates = 0  # (the leader counts them)
 
-    def __init__(self, cfg: Config, adapter, policy, groups: Groups, device, barrier) -> None:
-        self.cfg, self.adapter, self.policy, self.groups, self.device = cfg, adapter, policy, groups, device
+    def __init__(self, cfg: Config, adapter, policy, groups: Groups, barrier) -> None:
+        self.cfg, self.adapter, self.policy, self.groups = cfg, adapter, policy, groups
         barrier()  # the one in CeleryTransport.__init__: every process waits for rank 0's clearing
 
     def publish(self, version: int) -> None:
@@ -258,11 +286,11 @@ class GroupMember:
         from trainer.collect import Samples
         from trainer.transport import CollectError, encode_plan, sample_device
 
-        data = broadcast_bytes(None, self.groups, self.device)
-        if data[:1] == _ERROR:
+        kind, data = broadcast_bytes(b"\0", None, self.groups)
+        if kind == _ERROR:
             raise CollectError(f"the group's first process (rank {self.groups.src}) stopped collecting: "
-                               f"{data[1:].decode()}")
-        trajectory, rewards, meta = unpack_samples(data[1:])
+                               f"{data.decode()}")
+        trajectory, rewards, meta = unpack_samples(data)
         device = sample_device(self.cfg, self.adapter)
         roll = unpack_trajectory({k: v.to(device) for k, v in trajectory.items()})
         rows = meta["rows"]

@@ -404,8 +404,7 @@ def train(cfg: Config, *, quiet: bool = False, stop: StopRequest | None = None) 
                   + (f" (resumed from {ckpt}, epoch {progress.epoch})" if ckpt is not None else ""))
 
     if cfg.transport == "celery" and groups is not None and not groups.leader:  # its leader talks to the queue
-        transport = context_parallel.GroupMember(cfg, adapter, policy, groups, accelerator.device,
-                                                 barrier=accelerator.wait_for_everyone)
+        transport = context_parallel.GroupMember(cfg, adapter, policy, groups, barrier=accelerator.wait_for_everyone)
     elif cfg.transport == "celery":  # (context parallelism: one per group, as its data rank)
         transport = CeleryTransport(cfg, adapter, policy, algorithm, name, world_size=geo.world_size,
                                     rank=context_parallel.data_rank(cfg, accelerator.process_index),
@@ -414,7 +413,7 @@ def train(cfg: Config, *, quiet: bool = False, stop: StopRequest | None = None) 
                                     context_parallel.agree_among_leaders(groups, accelerator.device),
                                     run_dir=run_dir, resume_epoch=None if ckpt is None else progress.epoch)
         if groups is not None:
-            transport = context_parallel.ShareSamples(transport, groups, accelerator.device)
+            transport = context_parallel.ShareSamples(transport, groups)
     else:
         transport = LocalTransport(cfg, adapter, policy, algorithm, rewards)
     rank, world = accelerator.process_index, accelerator.num_processes

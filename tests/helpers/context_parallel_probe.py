@@ -31,7 +31,7 @@ def flat_grad(model) -> torch.Tensor:
 def main(out: Path) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    cfg = SimpleNamespace(train=SimpleNamespace(context_parallel=2))  # all enable() reads
+    cfg = SimpleNamespace(train=SimpleNamespace(context_parallel=2), transport="local")  # all enable() reads
     g = torch.Generator().manual_seed(1)
     x, t, text = torch.randn(1, 4, 3, 8, 8, generator=g), torch.tensor([500.0]), torch.randn(1, 7, 16, generator=g)
 

@@ -180,8 +180,9 @@ def test_check_names_what_cannot_be_split(tmp_path):
 
 
 def test_the_queue_leaders_failure_reaches_the_group():
-    """With ``transport: celery`` a group's leader collects; when that fails, the others raise too,
-    naming the leader and its error, instead of waiting for samples that will not come."""
+    """With ``transport: celery`` a group's leader collects while the others wait (longer than the
+    process groups' timeout); when that fails, the others raise too, naming the leader and its error,
+    instead of waiting for samples that will not come."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
