@@ -163,9 +163,9 @@ class CeleryTransport:
             if rank == 0:
                 self.state.clear()
                 for old in ([] if run_dir is None else Path(run_dir).glob("scored_samples.rank*.jsonl")):
-                    old.unlink()  # an earlier run's other processes (this one may have fewer)
-            if self.ledger is not None and self.ledger.exists():
-                self.ledger.unlink()
+                    old.unlink(missing_ok=True)  # an earlier run's other processes (this one may have fewer;
+            if self.ledger is not None:                       # and they may be removing their own now)
+                self.ledger.unlink(missing_ok=True)
         elif self.ledger is not None:
             from trainer.resume import truncate_jsonl
 
