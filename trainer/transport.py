@@ -163,8 +163,8 @@ class CeleryTransport:
             if rank == 0:
                 self.state.clear()
                 for old in ([] if run_dir is None else Path(run_dir).glob("scored_samples.rank*.jsonl")):
-                    old.unlink(missing_ok=True)  # an earlier run's other processes (this one may have fewer;
-            if self.ledger is not None:                       # and they may be removing their own now)
+                    old.unlink(missing_ok=True)  # an earlier run's other processes (this one may have fewer)
+            if self.ledger is not None:  # (missing_ok: rank 0 may be removing it at the same moment)
                 self.ledger.unlink(missing_ok=True)
         elif self.ledger is not None:
             from trainer.resume import truncate_jsonl
