@@ -211,9 +211,10 @@ def broadcast_bytes(kind: bytes, data: bytes | None, groups: Groups) -> tuple[by
     return bytes([int(header[0])]), (data if data is not None else buf.numpy().tobytes())
 
 
-def pack_samples(samples) -> bytes:
+def pack_samples(samples, state_dtype: str = "float32") -> bytes:
     """A :class:`~trainer.collect.Samples` but its conditioning (re-encoded from the plan where it
-    arrives, as a resumed run does) as safetensors bytes with JSON metadata."""
+    arrives, as a resumed run does) as safetensors bytes with JSON metadata; the latent states in
+    ``state_dtype`` (``train.rollout_state_dtype``: bfloat16 states are exact in it, half the bytes)."""
     from safetensors.torch import save
 
     from shared.sampling import pack_trajectory
@@ -221,7 +222,7 @@ def pack_samples(samples) -> bytes:
     roll = samples.rollout  # to the host first: packing allocates its states where the rollout is
     roll = dataclasses.replace(roll, **{f.name: getattr(roll, f.name).cpu() for f in dataclasses.fields(roll)
                                         if isinstance(getattr(roll, f.name), torch.Tensor)})
-    tensors = {f"rollout/{k}": v.detach().contiguous() for k, v in pack_trajectory(roll).items()}
+    tensors = {f"rollout/{k}": v.detach().contiguous() for k, v in pack_trajectory(roll, state_dtype).items()}
     tensors.update({f"reward/{k}": v.detach().contiguous().cpu() for k, v in samples.rewards.items()})
     meta = {"policy_versions": samples.policy_versions, "metrics": samples.metrics, "rows": samples.rows}
     return save(tensors, metadata={"flowrl": json.dumps(meta)})
@@ -255,7 +256,7 @@ class ShareSamples:
     def collect(self, pending):
         try:
             samples = self.inner.collect(pending)
-            payload = pack_samples(samples)
+            payload = pack_samples(samples, self.inner.cfg.train.rollout_state_dtype)
         except Exception as e:  # the others would wait for the samples until the group's timeout
             broadcast_bytes(_ERROR, f"{type(e).__name__}: {e}".encode(), self.groups)
             raise
