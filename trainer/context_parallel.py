@@ -81,6 +81,15 @@ def check(cfg: Config, adapter: Any, world: int) -> None:
             f"train.context_parallel: {cp} splits a video's tokens over processes; model_type "
             f"{adapter.model_type} generates images, whose sequence fits one GPU. Fix: train.context_parallel: 1 "
             f"(data parallelism over the processes).")
+    backend = cfg.model.attn_backend
+    if backend is not None:  # (unset: diffusers' native dispatch, which splits)
+        from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+        splitting = sorted(getattr(_AttentionBackendRegistry, "_supports_context_parallel", ()))
+        if splitting and backend not in splitting:
+            raise ValueError(
+                f"train.context_parallel: {cp} needs an attention backend diffusers can split over processes, "
+                f"but model.attn_backend is {backend!r}. Fix: one of {', '.join(splitting)} (or leave it unset).")
     for name, transformer in denoiser_parts(adapter.transformer):
         if getattr(type(transformer), "_cp_plan", None) is None:
             raise ValueError(

@@ -171,6 +171,9 @@ def test_check_names_what_cannot_be_split(tmp_path):
     cfg = load_config(path, ["train.context_parallel=2"])
     adapter = load_adapter(cfg.model, device="cpu", seed=0)
     context_parallel.check(cfg, adapter, 2)  # 2 heads, even token counts: fine
+    with pytest.raises(ValueError, match="attention backend diffusers can split.*'_native_math'.*Fix: one of .*native"):
+        context_parallel.check(load_config(path, ["train.context_parallel=2", "model.attn_backend=_native_math"]),
+                               adapter, 2)
     with pytest.raises(ValueError, match="does not divide the 2 attention heads"):
         context_parallel.check(load_config(path, ["train.context_parallel=4"]), adapter, 4)
     # 24 px: 6 x 6 latent pixels, 3 x 3 patches of 2 x 2; one frame: 9 tokens, which 2 does not divide
