@@ -40,7 +40,7 @@ from trainer.data import check_condition_images, check_reward_rows, load_dataset
 from trainer.embeddings import offload_mode, warm_embeddings
 from trainer.evaluate import eval_settings, evaluate
 from trainer.policy import DTYPES, Policy, attach_trainable, trainable_params
-from trainer import context_parallel, optim
+from trainer import context_parallel, cp_queue, optim
 from trainer.offload import OffloadActivations
 from trainer.ptx import PretrainMix
 from trainer.kl_gate import KL_REFERENCE, KLGateState
@@ -404,16 +404,16 @@ def train(cfg: Config, *, quiet: bool = False, stop: StopRequest | None = None) 
                   + (f" (resumed from {ckpt}, epoch {progress.epoch})" if ckpt is not None else ""))
 
     if cfg.transport == "celery" and groups is not None and not groups.leader:  # its leader talks to the queue
-        transport = context_parallel.GroupMember(cfg, adapter, policy, groups, barrier=accelerator.wait_for_everyone)
+        transport = cp_queue.GroupMember(cfg, adapter, policy, groups, barrier=accelerator.wait_for_everyone)
     elif cfg.transport == "celery":  # (context parallelism: one per group, as its data rank)
         transport = CeleryTransport(cfg, adapter, policy, algorithm, name, world_size=geo.world_size,
                                     rank=context_parallel.data_rank(cfg, accelerator.process_index),
                                     barrier=accelerator.wait_for_everyone,
                                     agree=(lambda n: fewest(accelerator, n)) if groups is None else
-                                    context_parallel.agree_among_leaders(groups, accelerator.device),
+                                    cp_queue.agree_among_leaders(groups, accelerator.device),
                                     run_dir=run_dir, resume_epoch=None if ckpt is None else progress.epoch)
         if groups is not None:
-            transport = context_parallel.ShareSamples(transport, groups)
+            transport = cp_queue.ShareSamples(transport, groups)
     else:
         transport = LocalTransport(cfg, adapter, policy, algorithm, rewards)
     rank, world = accelerator.process_index, accelerator.num_processes

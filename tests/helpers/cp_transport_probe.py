@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from trainer.context_parallel import GroupMember, Groups, ShareSamples, share_group
+from trainer.context_parallel import Groups
+from trainer.cp_queue import GroupMember, ShareSamples, share_group
 from trainer.transport import CollectError
 
 

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from shared.config import ConfigError
 from tests.trainer.test_fsdp import adam_close, family_config, run_probe
 from tests.trainer.test_multiprocess import free_port, metrics, run
-from trainer import context_parallel
+from trainer import context_parallel, cp_queue
 
 
 
@@ -209,20 +209,20 @@ def test_samples_travel_to_the_group_whole():
                    log_probs=torch.randn(4, 3, generator=g), stds=torch.rand(4, 3, generator=g), means=None)
     sent = Samples(None, roll, {"brightness": torch.tensor([0.1, float("nan"), 0.3, 0.4])}, [3, 3, 2, 3],
                    {"queue/policy_lag": 0.25, "queue/samplers": 1.0}, rows=[0, 1, 2, 3])
-    data = context_parallel.pack_samples(sent)
-    trajectory, rewards, meta = context_parallel.unpack_samples(data)
+    data = cp_queue.pack_samples(sent)
+    trajectory, rewards, meta = cp_queue.unpack_samples(data)
     got = unpack_trajectory(trajectory)
     for name in ("final_latents", "latents", "next_latents", "log_probs", "stds", "sigmas"):
         assert torch.equal(getattr(got, name), getattr(roll, name)), name
     assert got.sde_steps == roll.sde_steps and got.means is None
     # a bfloat16 rollout's states (exact in bf16) travel in half the bytes, and arrive the same
     roll.latents, roll.next_latents = latents.bfloat16().float()[:, :3], latents.bfloat16().float()[:, 1:]
-    half = context_parallel.pack_samples(sent, "bfloat16")
+    half = cp_queue.pack_samples(sent, "bfloat16")
     assert abs((len(data) - len(half)) - latents.numel() * 2) < 16  # 2 bytes a state element fewer (header aside)
-    back = unpack_trajectory(context_parallel.unpack_samples(half)[0])
+    back = unpack_trajectory(cp_queue.unpack_samples(half)[0])
     assert torch.equal(back.latents, roll.latents) and torch.equal(back.next_latents, roll.next_latents)
     with pytest.raises(ValueError, match="not exact in bfloat16"):  # a float32 rollout's are refused
         roll.latents = latents[:, :3]
-        context_parallel.pack_samples(sent, "bfloat16")
+        cp_queue.pack_samples(sent, "bfloat16")
     assert torch.allclose(rewards["brightness"], sent.rewards["brightness"], equal_nan=True)
     assert meta == {"policy_versions": [3, 3, 2, 3], "metrics": sent.metrics, "rows": [0, 1, 2, 3]}
