@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib
 import math
 import re
 from pathlib import Path
@@ -28,6 +27,7 @@ from pydantic import (BaseModel, ConfigDict, Field, StrictInt, ValidationError, 
                       model_validator)
 
 from shared.queue import QueueSettings
+from shared.registry import import_dotted
 
 DYNAMICS = ("Flow-SDE", "Dance-SDE", "CPS", "ODE")
 TRAINER_TYPES = ("grpo", "grpo-guard", "dppo", "nft", "awm", "dpo", "dgpo", "crd")
@@ -36,27 +36,6 @@ TRAINER_CLASSES = {"grpo": "trainer.algorithms.grpo.GRPO", "grpo-guard": "traine
                    "dppo": "trainer.algorithms.dppo.DPPO", "nft": "trainer.algorithms.nft.NFT",
                    "awm": "trainer.algorithms.awm.AWM", "dpo": "trainer.algorithms.dpo.DPO",
                    "dgpo": "trainer.algorithms.dgpo.DGPO", "crd": "trainer.algorithms.crd.CRD"}
-
-
-def trainer_kind(trainer_type: str) -> str:
-    """The built-in algorithm ``train.trainer_type`` is or derives from: a built-in's name (lower case);
-    for a dotted path to a user's class, the nearest built-in among its bases, whose defaults and config
-    checks then apply (a GRPO subclass needs stochastic rollouts too); else the path itself (an algorithm
-    of its own: grpo's defaults, no algorithm-specific checks). A class that does not import here (a
-    service without the user's module) counts as its own; the trainer imports it and says why."""
-    if "." not in trainer_type:
-        return trainer_type.lower()
-    module, _, name = trainer_type.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except Exception:  # noqa: BLE001  (reported where the trainer loads it)
-        return trainer_type
-    builtin = {path: kind for kind, path in TRAINER_CLASSES.items()}
-    for base in getattr(cls, "__mro__", ()):
-        kind = builtin.get(f"{base.__module__}.{base.__qualname__}")
-        if kind is not None:
-            return kind
-    return trainer_type
 # always evaluate the frozen reference model, whatever kl_beta says
 REFERENCE_TRAINERS = ("dpo", "dgpo")  # (and crd without its old snapshot: TrainConfig.uses_reference)
 # train on whole prompt groups a micro-batch (their losses compare a group's samples)
@@ -110,6 +89,26 @@ ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 NOISE_LEVEL_DEFAULTS = {"Flow-SDE": 0.7, "Dance-SDE": 0.3, "CPS": 0.8, "ODE": 0.0}
 SDE_TRAINERS = ("grpo", "grpo-guard", "dppo")  # need per-step log-probs from a stochastic rollout
+
+
+def trainer_kind(trainer_type: str) -> str:
+    """The built-in algorithm ``train.trainer_type`` is or derives from: a built-in's name (lower case);
+    for a dotted path to a user's class, the nearest built-in among its bases, whose defaults and config
+    checks then apply (a GRPO subclass needs stochastic rollouts too); else the path itself (an algorithm
+    of its own: grpo's defaults, no algorithm-specific checks). A class that does not import here (a
+    service without the user's module) counts as its own; the trainer imports it and says why."""
+    if "." not in trainer_type:
+        return trainer_type.lower()
+    try:
+        cls = import_dotted(trainer_type)
+    except Exception:  # noqa: BLE001  (reported where the trainer loads it)
+        return trainer_type
+    builtin = {path: kind for kind, path in TRAINER_CLASSES.items()}
+    for base in getattr(cls, "__mro__", ()):
+        kind = builtin.get(f"{base.__module__}.{base.__qualname__}")
+        if kind is not None:
+            return kind
+    return trainer_type
 
 
 #: named snapshot decay schedules (Flow-Factory's CRD presets): (start_step, start_value, slope, end_value)

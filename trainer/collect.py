@@ -189,6 +189,28 @@ class Samples:
     rows: list[int] | None = None  # plan rows these are (None = all; fewer when groups were dropped)
 
 
+def samples_tensors(samples: Samples, state_dtype: str = "float32") -> dict[str, torch.Tensor]:
+    """``samples``' trajectory (:func:`~shared.sampling.pack_trajectory`'s tensors under ``rollout/``,
+    states in ``state_dtype``) and rewards (under ``reward/``), on the host: what a checkpoint's pending
+    epoch and a context-parallel group's leader store or send (the conditioning is re-encoded from the
+    plan where they are read). Inverse: :func:`tensors_parts`."""
+    from shared.sampling import pack_trajectory
+
+    roll = samples.rollout  # to the host first: packing allocates its states where the rollout is
+    roll = dataclasses.replace(roll, **{f.name: getattr(roll, f.name).cpu() for f in dataclasses.fields(roll)
+                                        if isinstance(getattr(roll, f.name), torch.Tensor)})
+    tensors = {f"rollout/{k}": v.contiguous() for k, v in pack_trajectory(roll, state_dtype).items()}
+    tensors.update({f"reward/{k}": v.detach().contiguous().cpu() for k, v in samples.rewards.items()})
+    return tensors
+
+
+def tensors_parts(flat: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """:func:`samples_tensors`' output as ``(trajectory tensors, rewards)``; ``unpack_trajectory``
+    rebuilds the rollout from the first."""
+    return ({k.removeprefix("rollout/"): v for k, v in flat.items() if k.startswith("rollout/")},
+            {k.removeprefix("reward/"): v for k, v in flat.items() if k.startswith("reward/")})
+
+
 def sampling_params(cfg: Config, plan: EpochPlan, keep_means: bool) -> SamplingParams:
     """How ``plan`` is rolled out (``train.*``), as the message samplers receive it."""
     t = cfg.train
@@ -238,12 +260,12 @@ def sample_locally(cfg: Config, adapter, policy, algorithm, rewards: dict, plan:
 
 #: how a queue metric of each process combines into the run's: counts add up, extremes take the max,
 #: the rest (the mean policy lag, over equal numbers of samples) average
-_QUEUE_SUM = ("queue/duplicates_total", "queue/dropped_samples")
-_QUEUE_MAX = ("queue/policy_lag_max", "queue/collect_seconds", "queue/samplers")
+QUEUE_SUM = ("queue/duplicates_total", "queue/dropped_samples")
+QUEUE_MAX = ("queue/policy_lag_max", "queue/collect_seconds", "queue/samplers")
 
 
 def across_processes(accelerator, metrics: dict[str, float]) -> dict[str, float]:
-    """This epoch's queue metrics over every process (:data:`_QUEUE_SUM`, :data:`_QUEUE_MAX`, else
+    """This epoch's queue metrics over every process (:data:`QUEUE_SUM`, :data:`QUEUE_MAX`, else
     the mean); every process reports the same keys (its transport's). One process: unchanged.
     ``queue/samplers`` takes the largest count, a lower bound of the distinct sampler workers."""
     if accelerator.num_processes == 1 or not metrics:
@@ -252,14 +274,14 @@ def across_processes(accelerator, metrics: dict[str, float]) -> dict[str, float]
 
     keys = sorted(metrics)
     out = {}
-    for op, names in ((dist.ReduceOp.SUM, [k for k in keys if k not in _QUEUE_MAX]),
-                      (dist.ReduceOp.MAX, [k for k in keys if k in _QUEUE_MAX])):
+    for op, names in ((dist.ReduceOp.SUM, [k for k in keys if k not in QUEUE_MAX]),
+                      (dist.ReduceOp.MAX, [k for k in keys if k in QUEUE_MAX])):
         if not names:
             continue
         values = torch.tensor([metrics[k] for k in names], dtype=torch.float64, device=accelerator.device)
         dist.all_reduce(values, op=op)
         for k, v in zip(names, values.tolist()):
-            out[k] = v if op == dist.ReduceOp.MAX or k in _QUEUE_SUM else v / accelerator.num_processes
+            out[k] = v if op == dist.ReduceOp.MAX or k in QUEUE_SUM else v / accelerator.num_processes
     return out
 
 

@@ -6,15 +6,13 @@ plan (:class:`GroupMember`). See :mod:`trainer.context_parallel` for the layout.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from shared.config import Config
-from trainer.context_parallel import Groups, degree
+from trainer.context_parallel import Groups, data_rank, data_world, degree
 
 
 def share_group(cfg: Config):
@@ -32,13 +30,26 @@ def share_group(cfg: Config):
     return mine
 
 
-def agree_among_leaders(groups: Groups, device) -> Any:
-    """The CeleryTransport's ``agree``: the smallest count over the leaders (the data ranks)."""
-    def agree(n: int) -> int:
-        value = torch.tensor([n], dtype=torch.long, device=device)
+def group_transport(cfg: Config, adapter, policy, algorithm, run_id: str, groups: Groups, accelerator, run_dir,
+                    resume_epoch: int | None):
+    """This process's transport with ``transport: celery``: a leader's :class:`ShareSamples` over a
+    CeleryTransport as data rank ``rank // C`` of ``world / C`` (agreeing counts with the other leaders),
+    the others' :class:`GroupMember`."""
+    from trainer.transport import CeleryTransport
+
+    if not groups.leader:
+        return GroupMember(cfg, adapter, policy, groups, barrier=accelerator.wait_for_everyone)
+
+    def agree(n: int) -> int:  # the smallest count over the leaders (the data ranks)
+        value = torch.tensor([n], dtype=torch.long, device=accelerator.device)
         dist.all_reduce(value, op=dist.ReduceOp.MIN, group=groups.data)
         return int(value)
-    return agree
+
+    inner = CeleryTransport(cfg, adapter, policy, algorithm, run_id,
+                            world_size=data_world(cfg, accelerator.num_processes),
+                            rank=data_rank(cfg, accelerator.process_index), barrier=accelerator.wait_for_everyone,
+                            agree=agree, run_dir=run_dir, resume_epoch=resume_epoch)
+    return ShareSamples(inner, groups)
 
 
 def broadcast_bytes(kind: bytes, data: bytes | None, groups: Groups) -> tuple[bytes, bytes]:
@@ -64,26 +75,21 @@ def pack_samples(samples, state_dtype: str = "float32") -> bytes:
     ``state_dtype`` (``train.rollout_state_dtype``: bfloat16 states are exact in it, half the bytes)."""
     from safetensors.torch import save
 
-    from shared.sampling import pack_trajectory
+    from trainer.collect import samples_tensors
 
-    roll = samples.rollout  # to the host first: packing allocates its states where the rollout is
-    roll = dataclasses.replace(roll, **{f.name: getattr(roll, f.name).cpu() for f in dataclasses.fields(roll)
-                                        if isinstance(getattr(roll, f.name), torch.Tensor)})
-    tensors = {f"rollout/{k}": v.detach().contiguous() for k, v in pack_trajectory(roll, state_dtype).items()}
-    tensors.update({f"reward/{k}": v.detach().contiguous().cpu() for k, v in samples.rewards.items()})
     meta = {"policy_versions": samples.policy_versions, "metrics": samples.metrics, "rows": samples.rows}
-    return save(tensors, metadata={"flowrl": json.dumps(meta)})
+    return save(samples_tensors(samples, state_dtype), metadata={"flowrl": json.dumps(meta)})
 
 
 def unpack_samples(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
     """Inverse of :func:`pack_samples` but the rollout: ``(trajectory tensors, rewards, metadata)``."""
     from safetensors.torch import load
 
-    tensors = load(data)
+    from trainer.collect import tensors_parts
+
     header = int.from_bytes(data[:8], "little")  # safetensors: the header's length, then the header (JSON)
     meta = json.loads(json.loads(data[8:8 + header])["__metadata__"]["flowrl"])
-    return ({k.removeprefix("rollout/"): v for k, v in tensors.items() if k.startswith("rollout/")},
-            {k.removeprefix("reward/"): v for k, v in tensors.items() if k.startswith("reward/")}, meta)
+    return (*tensors_parts(load(data)), meta)
 
 
 #: the first byte of what a leader sends: samples follow, or the error that stopped its collect
@@ -131,7 +137,7 @@ class GroupMember:
 
     def collect(self, plan):
         from shared.sampling import unpack_trajectory
-        from trainer.collect import Samples
+        from trainer.collect import QUEUE_SUM, Samples
         from trainer.transport import CollectError, encode_plan, sample_device
 
         kind, data = broadcast_bytes(b"\0", None, self.groups)
@@ -143,8 +149,7 @@ class GroupMember:
         roll = unpack_trajectory({k: v.to(device) for k, v in trajectory.items()})
         rows = meta["rows"]
         # counts are the leader's to report (the run's sums would count every process of the group)
-        metrics = {k: (0.0 if k in ("queue/duplicates_total", "queue/dropped_samples") else v)
-                   for k, v in meta["metrics"].items()}
+        metrics = {k: (0.0 if k in QUEUE_SUM else v) for k, v in meta["metrics"].items()}
         return Samples(encode_plan(self.cfg, self.adapter, plan if rows is None else plan.subset(rows)), roll,
                        rewards, meta["policy_versions"], metrics, rows)
 

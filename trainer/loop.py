@@ -403,17 +403,15 @@ def train(cfg: Config, *, quiet: bool = False, stop: StopRequest | None = None) 
                   f"{geo.groups_per_epoch} groups x {geo.group_size} samples per epoch -> {run_dir}"
                   + (f" (resumed from {ckpt}, epoch {progress.epoch})" if ckpt is not None else ""))
 
-    if cfg.transport == "celery" and groups is not None and not groups.leader:  # its leader talks to the queue
-        transport = cp_queue.GroupMember(cfg, adapter, policy, groups, barrier=accelerator.wait_for_everyone)
-    elif cfg.transport == "celery":  # (context parallelism: one per group, as its data rank)
-        transport = CeleryTransport(cfg, adapter, policy, algorithm, name, world_size=geo.world_size,
-                                    rank=context_parallel.data_rank(cfg, accelerator.process_index),
+    if cfg.transport == "celery" and groups is not None:  # context parallelism: a group's leader talks to the queue
+        transport = cp_queue.group_transport(cfg, adapter, policy, algorithm, name, groups, accelerator, run_dir,
+                                             resume_epoch=None if ckpt is None else progress.epoch)
+    elif cfg.transport == "celery":
+        transport = CeleryTransport(cfg, adapter, policy, algorithm, name,
+                                    world_size=accelerator.num_processes, rank=accelerator.process_index,
                                     barrier=accelerator.wait_for_everyone,
-                                    agree=(lambda n: fewest(accelerator, n)) if groups is None else
-                                    cp_queue.agree_among_leaders(groups, accelerator.device),
-                                    run_dir=run_dir, resume_epoch=None if ckpt is None else progress.epoch)
-        if groups is not None:
-            transport = cp_queue.ShareSamples(transport, groups)
+                                    agree=lambda n: fewest(accelerator, n), run_dir=run_dir,
+                                    resume_epoch=None if ckpt is None else progress.epoch)
     else:
         transport = LocalTransport(cfg, adapter, policy, algorithm, rewards)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -578,7 +576,8 @@ def train(cfg: Config, *, quiet: bool = False, stop: StopRequest | None = None) 
                "samples": samples_used, "duplicates_dropped": duplicates,
                "optimizer_steps": step, "seconds": time.time() - start,
                "train_seconds": train_seconds,
-               "world_size": accelerator.num_processes, "context_parallel": t.context_parallel, "run_dir": str(run_dir), "checkpoint": str(final_dir)}
+               "world_size": accelerator.num_processes, "context_parallel": t.context_parallel,
+               "run_dir": str(run_dir), "checkpoint": str(final_dir)}
     for spec in eval_specs:
         summary[f"base/{spec.label}"] = evals[0][f"eval/reward/{spec.label}"]
         summary[f"final/{spec.label}"] = evals[-1][f"eval/reward/{spec.label}"]

@@ -198,11 +198,9 @@ def save_rank_state(directory: Path, rank: int, pending=None) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / f"rng-rank{rank}.json").write_text(json.dumps(rng_state()))
     if pending is not None:
-        from shared.sampling import pack_trajectory
+        from trainer.collect import samples_tensors
 
-        tensors = {f"rollout/{k}": v.contiguous().cpu() for k, v in pack_trajectory(pending.rollout).items()}
-        tensors.update({f"reward/{k}": v.contiguous().cpu() for k, v in pending.rewards.items()})
-        save_file(tensors, directory / f"pending-rank{rank}.safetensors")
+        save_file(samples_tensors(pending), directory / f"pending-rank{rank}.safetensors")
         (directory / f"pending-rank{rank}.json").write_text(json.dumps(
             {"policy_versions": pending.policy_versions, "metrics": pending.metrics}))
 
@@ -241,14 +239,12 @@ def load_rank_state(checkpoint: Path, rank: int, adapter=None, plan=None, cfg=No
                         "sampled is sampled again (the run continues, not bit for bit)", written_by, world)
     elif pending_file.is_file() and adapter is not None:
         from shared.sampling import encode_batches, unpack_trajectory
-        from trainer.collect import Samples
+        from trainer.collect import Samples, tensors_parts
 
-        flat = load_file(pending_file)
+        trajectory, rewards = tensors_parts(load_file(pending_file))
         meta = json.loads((directory / f"pending-rank{rank}.json").read_text())
         device = next(adapter.transformer.parameters()).device
-        roll = unpack_trajectory({k.removeprefix("rollout/"): v.to(device)
-                                  for k, v in flat.items() if k.startswith("rollout/")})
-        rewards = {k.removeprefix("reward/"): v for k, v in flat.items() if k.startswith("reward/")}
+        roll = unpack_trajectory({k: v.to(device) for k, v in trajectory.items()})
         cond = encode_batches(adapter, plan.prompts, plan.negatives, cfg.train.encode_guidance_scale,
                               cfg.train.per_device_batch_size,
                               images=plan.condition_images, resolution=cfg.train.resolution,
