@@ -4,9 +4,10 @@ them (PyTorch's saved-tensor hooks, as ``torch.autograd.graph.save_on_cpu``, wit
 
 With ``model.gradient_checkpointing`` a block saves only its input, so the GPU holds about one block's
 activations (its recomputation) plus the inputs of the others in host memory; without it, every
-activation of the forward goes to the host. What stays: tensors already on the CPU, weights (:func:`is_weight`: parameters, their views and
-autocast's copies, frozen leaves; they would otherwise cross the bus at every call), and tensors under
-``min_bytes`` (scales, masks, timesteps: not worth a copy).
+activation of the forward goes to the host. What stays: tensors already on the CPU, weights
+(:func:`is_weight`: parameters, their views and autocast's copies, frozen leaves; they would otherwise
+cross the bus at every call), and tensors under ``min_bytes`` (scales, masks, timesteps: not worth a
+copy).
 """
 
 from __future__ import annotations
