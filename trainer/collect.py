@@ -300,7 +300,10 @@ def finish_epoch(cfg: Config, accelerator, plan: EpochPlan, samples: Samples, ve
     # gather over processes: every rank computes the same global advantages
     # (context parallelism: one copy of each group's samples, which its processes all hold)
     world, cp = accelerator.num_processes, context_parallel.degree(cfg)
-    once = lambda x: context_parallel.one_per_group(accelerator.gather(x.to(accelerator.device)).cpu(), world, cp)  # noqa: E731
+
+    def once(x: torch.Tensor) -> torch.Tensor:
+        return context_parallel.one_per_group(accelerator.gather(x.to(accelerator.device)).cpu(), world, cp)
+
     gathered = {k: once(v) for k, v in local.items()}
     all_groups = once(group_ids)
     weights = {s.label: s.weight for s in cfg.rewards}
