@@ -128,13 +128,15 @@ class Groups:
     context rank, one per data rank (for a leader: the leaders, who talk to the queue); ``share``
     (``transport: celery``): its group again, on gloo (host memory) with a timeout longer than
     ``queue.collect_timeout_s``, over which the leader sends each epoch's samples: the others wait
-    in it for as long as the leader collects."""
+    in it for as long as the leader collects; ``leaders`` (``transport: celery``): the leaders, on gloo
+    with as long a timeout, over which they agree on what they collected."""
 
     cp: Any
     data: Any
     src: int
     leader: bool
     share: Any = None
+    leaders: Any = None
 
 
 def enable(cfg: Config, modules: list[torch.nn.Module], device_type: str) -> Groups | None:
@@ -170,7 +172,8 @@ def enable(cfg: Config, modules: list[torch.nn.Module], device_type: str) -> Gro
 
                 transformer._resolve_parallel_config = resolve
             transformer.enable_parallelism(config=config)
-    from trainer.cp_queue import share_group
+    from trainer.cp_queue import share_groups
 
+    share, leaders = share_groups(cfg) if cfg.transport == "celery" else (None, None)
     return Groups(cp=mesh.get_group("ulysses"), data=mesh.get_group("data"), src=rank - rank % cp,
-                  leader=rank % cp == 0, share=None if cfg.transport != "celery" else share_group(cfg))
+                  leader=rank % cp == 0, share=share, leaders=leaders)

@@ -1,12 +1,13 @@
 """``train.context_parallel`` with ``transport: celery``: each context-parallel group's first process
 (its leader) runs the queue transport as its data rank, ``rank // C`` of ``world / C``, and sends
 each epoch's samples to the rest of its group, as bytes (safetensors and JSON: no pickle) over a
-gloo group of their own (:func:`share_group`); the others re-encode the conditioning from the same
+gloo group of their own (:func:`share_groups`); the others re-encode the conditioning from the same
 plan (:class:`GroupMember`). See :mod:`trainer.context_parallel` for the layout."""
 
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -15,19 +16,19 @@ from shared.config import Config
 from trainer.context_parallel import Groups, data_rank, data_world, degree
 
 
-def share_group(cfg: Config):
-    """This process's context-parallel group on gloo, whose timeout outlasts the leader's longest
-    collect (``queue.collect_timeout_s``) by 10 minutes: :attr:`Groups.share`. A collective: every
-    process creates every group."""
-    from datetime import timedelta
+def share_groups(cfg: Config):
+    """(This process's context-parallel group, the leaders' group), on gloo with timeouts that outlast
+    the leaders' longest collect (``queue.collect_timeout_s``) by 10 minutes
+    (:func:`trainer.transport.patient_group`): :attr:`Groups.share` and :attr:`Groups.leaders`. A
+    collective: every process creates every group."""
+    from trainer.transport import patient_group
 
     cp, world, rank = degree(cfg), dist.get_world_size(), dist.get_rank()
-    wait = timedelta(seconds=cfg.queue.collect_timeout_s + 600)
     mine = None
     for first in range(0, world, cp):
-        group = dist.new_group(list(range(first, first + cp)), timeout=wait, backend="gloo")
+        group = patient_group(cfg, list(range(first, first + cp)))
         mine = group if first == rank - rank % cp else mine
-    return mine
+    return mine, patient_group(cfg, list(range(0, world, cp)))
 
 
 def group_transport(cfg: Config, adapter, policy, algorithm, run_id: str, groups: Groups, accelerator, run_dir,
@@ -35,20 +36,16 @@ def group_transport(cfg: Config, adapter, policy, algorithm, run_id: str, groups
     """This process's transport with ``transport: celery``: a leader's :class:`ShareSamples` over a
     CeleryTransport as data rank ``rank // C`` of ``world / C`` (agreeing counts with the other leaders),
     the others' :class:`GroupMember`."""
-    from trainer.transport import CeleryTransport
+    from trainer.transport import CeleryTransport, fewest_over
 
     if not groups.leader:
         return GroupMember(cfg, adapter, policy, groups, barrier=accelerator.wait_for_everyone)
 
-    def agree(n: int) -> int:  # the smallest count over the leaders (the data ranks)
-        value = torch.tensor([n], dtype=torch.long, device=accelerator.device)
-        dist.all_reduce(value, op=dist.ReduceOp.MIN, group=groups.data)
-        return int(value)
-
     inner = CeleryTransport(cfg, adapter, policy, algorithm, run_id,
                             world_size=data_world(cfg, accelerator.num_processes),
                             rank=data_rank(cfg, accelerator.process_index), barrier=accelerator.wait_for_everyone,
-                            agree=agree, run_dir=run_dir, resume_epoch=resume_epoch)
+                            agree=partial(fewest_over, groups.leaders),  # the smallest count over the data ranks
+                            run_dir=run_dir, resume_epoch=resume_epoch)
     return ShareSamples(inner, groups)
 
 

@@ -20,6 +20,7 @@ import json
 import shutil
 import time
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -50,23 +51,32 @@ from trainer.schedule import follow_budget, set_budget_fraction
 from trainer.preempt import Stopped, StopRequest
 from trainer.resume import (RESUME_DIR, Progress, ResumeError, check_same_experiment, find_checkpoint,
                             finished_summary, load_rank_state, load_resume, newest_checkpoint,
-                            optimizer_tensors, run_dir_of, save_rank_state, save_resume,
+                            optimizer_tensors, run_dir_of, save_rank_state, save_resume, set_aside,
                             stale_checkpoints, truncate_jsonl)
 from trainer.sharding import (agree_on_experts, check_fsdp, device_mesh, gather, local, param_bytes,
                               shard_transformer)
-from trainer.transport import CeleryTransport, LocalTransport
+from trainer.transport import CeleryTransport, LocalTransport, fewest_over, patient_group
 
 
-def run_name(cfg: Config) -> str:
-    return cfg.run_name or (f"{cfg.model.model_type}_{cfg.train.trainer_type}_"
-                            f"{datetime.now().strftime('%Y%m%d_%H%M%S')}")
+def run_name(cfg: Config, accelerator: Accelerator | None = None) -> str:
+    """``run_name``, else ``<model_type>_<trainer_type>_<time>``: the main process's time, so that
+    every process (on every machine) writes into the same folder and queue keys."""
+    if cfg.run_name:
+        return cfg.run_name
+    stamp = torch.tensor([int(time.time())], dtype=torch.long)
+    if accelerator is not None and accelerator.num_processes > 1:
+        from accelerate.utils import broadcast
+
+        stamp = broadcast(stamp.to(accelerator.device), from_process=0).cpu()
+    when = datetime.fromtimestamp(int(stamp))
+    return f"{cfg.model.model_type}_{cfg.train.trainer_type}_{when.strftime('%Y%m%d_%H%M%S')}"
 
 
-def _locate_run(cfg: Config) -> tuple[str, Path, Path | None]:
+def _locate_run(cfg: Config, accelerator: Accelerator | None = None) -> tuple[str, Path, Path | None]:
     """(run name, run folder, checkpoint to resume from or None)."""
     spec = cfg.train.resume_from
     if spec is None:
-        name = run_name(cfg)
+        name = run_name(cfg, accelerator)
         return name, Path(cfg.output_dir) / name, None
     if spec in ("latest", "auto"):
         if not cfg.run_name:
@@ -98,13 +108,6 @@ def check_rows(adapter, *row_lists) -> None:
     for rows in row_lists:
         if rows:
             check_condition_images(rows, adapter.model_type, adapter.condition_images)
-
-
-def fewest(accelerator: Accelerator, n: int) -> int:
-    """The smallest ``n`` over the processes (``n`` itself on one)."""
-    if accelerator.num_processes == 1:
-        return n
-    return int(accelerator.gather(torch.tensor([n], device=accelerator.device)).min())
 
 
 def build_optimizer(cfg: Config, trainable: dict):
@@ -332,7 +335,7 @@ def train(cfg: Config, *, quiet: bool = False, stop: StopRequest | None = None) 
     warmed_from.append(warm_start(cfg.model, adapter, "after"))
     if main and not quiet and any(warmed_from):
         print(f"flowrl: {next(w for w in warmed_from if w)}")
-    name, run_dir, ckpt = _locate_run(cfg)
+    name, run_dir, ckpt = _locate_run(cfg, accelerator)
     if ckpt is not None:
         check_same_experiment(ckpt, cfg)
     # LoRA under FSDP: the checkpoint's LoRA before sharding (the KL reference is the model with
@@ -388,6 +391,10 @@ def train(cfg: Config, *, quiet: bool = False, stop: StopRequest | None = None) 
                               f"{t.max_epochs}. Fix: raise train.max_epochs to train further.")
     logger = None
     if main:
+        aside = set_aside(run_dir) if t.resume_from is None else None
+        if aside is not None and not quiet:
+            print(f"flowrl: {run_dir} held an earlier run; it is now {aside} (to continue a run instead: "
+                  f"--set train.resume_from=latest with its run_name)")
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
         if ckpt is not None:  # forget what a crashed run logged after its checkpoint
@@ -402,15 +409,18 @@ def train(cfg: Config, *, quiet: bool = False, stop: StopRequest | None = None) 
             print(f"flowrl: {t.trainer_type} on {cfg.model.model_type}, {layout}, "
                   f"{geo.groups_per_epoch} groups x {geo.group_size} samples per epoch -> {run_dir}"
                   + (f" (resumed from {ckpt}, epoch {progress.epoch})" if ckpt is not None else ""))
+    if accelerator.num_processes > 1:
+        accelerator.wait_for_everyone()  # no process writes into run_dir before an earlier run is set aside
 
     if cfg.transport == "celery" and groups is not None:  # context parallelism: a group's leader talks to the queue
         transport = cp_queue.group_transport(cfg, adapter, policy, algorithm, name, groups, accelerator, run_dir,
                                              resume_epoch=None if ckpt is None else progress.epoch)
     elif cfg.transport == "celery":
+        patient = None if accelerator.num_processes == 1 else patient_group(cfg, list(range(accelerator.num_processes)))
         transport = CeleryTransport(cfg, adapter, policy, algorithm, name,
                                     world_size=accelerator.num_processes, rank=accelerator.process_index,
                                     barrier=accelerator.wait_for_everyone,
-                                    agree=lambda n: fewest(accelerator, n), run_dir=run_dir,
+                                    agree=None if patient is None else partial(fewest_over, patient), run_dir=run_dir,
                                     resume_epoch=None if ckpt is None else progress.epoch)
     else:
         transport = LocalTransport(cfg, adapter, policy, algorithm, rewards)

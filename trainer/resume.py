@@ -107,6 +107,30 @@ def finished_summary(run_dir: Path, max_epochs: int) -> dict | None:
     return summary if summary.get("epochs", 0) >= max_epochs else None
 
 
+# what makes a folder a run's: a fresh run does not write into a folder holding these
+RUN_MARKS = ("metrics.jsonl", "summary.json", "checkpoints")
+
+
+def set_aside(run_dir: Path) -> Path | None:
+    """Move an earlier run out of ``run_dir`` before a fresh run (no ``train.resume_from``) of the
+    same name starts there; returns where it went (``<run_dir>.previous-<k>``, the first free
+    ``k``), or None when ``run_dir`` holds no run (:data:`RUN_MARKS`; e.g. only a ``flowrl eval``
+    of the base model).
+
+    Writing into it instead mixes two runs: their ``metrics.jsonl`` and event files interleave,
+    ``train.resume_from: latest`` finds the earlier run's newest checkpoint, and
+    ``train.keep_checkpoints`` deletes the new run's checkpoints as older than the earlier run's
+    higher-numbered ones."""
+    run_dir = Path(run_dir)
+    if not any((run_dir / mark).exists() for mark in RUN_MARKS):
+        return None
+    k = 1
+    while (aside := run_dir.with_name(f"{run_dir.name}.previous-{k}")).exists():
+        k += 1
+    run_dir.rename(aside)
+    return aside
+
+
 def run_dir_of(checkpoint: Path) -> Path:
     """``runs/<run>/checkpoints/checkpoint-N`` -> ``runs/<run>``."""
     return Path(checkpoint).resolve().parent.parent

@@ -107,6 +107,28 @@ def encode_plan(cfg: Config, adapter, plan: EpochPlan):
     return cond.to("cpu") if t.offload_samples_to_cpu else cond
 
 
+def patient_group(cfg: Config, ranks: list[int]):
+    """A gloo group (host memory) of the global ``ranks`` whose timeout outlasts the longest collect
+    (``queue.collect_timeout_s``) by 10 minutes: trainer processes agree over it on what they
+    collected, so one that waits for its samples (a dead sampler's tasks being redelivered, busy reward
+    workers) is waited for, where the default group (NCCL: 10 minutes) would stop the run. A
+    collective: every process creates every group, with the same ``ranks``."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    return dist.new_group(ranks, timeout=timedelta(seconds=cfg.queue.collect_timeout_s + 600), backend="gloo")
+
+
+def fewest_over(group, n: int) -> int:
+    """The smallest ``n`` over the processes of ``group`` (a :func:`patient_group`)."""
+    import torch.distributed as dist
+
+    value = torch.tensor([n], dtype=torch.long)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN, group=group)
+    return int(value)
+
+
 class CeleryTransport:
     """Sample and score through the Celery queues (see the module docstring).
 
@@ -115,7 +137,7 @@ class CeleryTransport:
     ``trainer_rank``), and pops their scores from its own Redis list; rank 0 alone clears a fresh
     run's keys and publishes the weights (DDP keeps them identical on every rank). A rank that
     lost prompt groups to dead-lettered tasks trains fewer samples, so every rank trims to the
-    fewest any rank has (``agree``), keeping the DDP steps in lockstep.
+    fewest any rank has (``agree``, over a :func:`patient_group`), keeping the DDP steps in lockstep.
     """
 
     def __init__(self, cfg: Config, adapter, policy, algorithm, run_id: str, *, world_size: int = 1,

@@ -220,6 +220,39 @@ def test_keep_checkpoints_rotates_and_the_newest_still_resumes(tmp_path):
     assert sorted(p.name for p in (ckpt.parent).iterdir()) == ["checkpoint-3", "final"]
 
 
+def test_a_fresh_run_sets_an_earlier_run_of_its_name_aside(tmp_path):
+    """A fresh run whose folder holds an earlier run moves that run to ``<name>.previous-<k>``: nothing of
+    either is lost or mixed (before, the new run's checkpoint-1 was deleted by keep_checkpoints as older
+    than the earlier run's checkpoint-3, and metrics.jsonl held both runs)."""
+    keep = FAST + ["train.save_freq=1", "train.keep_checkpoints=1"]
+    run = Path(train(tiny_config(tmp_path, "grpo", keep), quiet=True)["run_dir"])
+    (run / "base_eval").mkdir()  # a `flowrl eval` of the base model, say
+    again = train(tiny_config(tmp_path, "grpo", keep + ["train.max_epochs=2"]), quiet=True)
+    assert Path(again["run_dir"]) == run
+    aside = run.with_name(f"{run.name}.previous-1")
+    assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == ["checkpoint-3", "final"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-1", "final"]
+    assert (aside / "base_eval").is_dir() and not (run / "base_eval").exists()
+    steps = lambda d: [json.loads(line)["step"] for line in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert sorted(set(steps(aside))) == [0, 1, 2, 3, 4] and sorted(set(steps(run))) == [0, 1, 2]
+    assert json.loads((aside / "summary.json").read_text())["epochs"] == 4
+    # a third run takes the next free name; the second is kept as it was
+    train(tiny_config(tmp_path, "grpo", keep + ["train.max_epochs=1"]), quiet=True)
+    assert json.loads((run.with_name(f"{run.name}.previous-2") / "summary.json").read_text())["epochs"] == 2
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 1
+
+
+def test_set_aside_leaves_a_folder_without_a_run(tmp_path):
+    from trainer.resume import set_aside
+
+    assert set_aside(tmp_path / "missing") is None
+    (tmp_path / "run" / "base_eval").mkdir(parents=True)
+    assert set_aside(tmp_path / "run") is None and (tmp_path / "run" / "base_eval").is_dir()
+    (tmp_path / "run" / "checkpoints").mkdir()
+    assert set_aside(tmp_path / "run") == tmp_path / "run.previous-1"
+    assert (tmp_path / "run.previous-1" / "base_eval").is_dir() and not (tmp_path / "run").exists()
+
+
 def test_a_checkpoint_written_before_a_config_key_existed_still_resumes(tmp_path):
     """Keys added in a later flowrl version are absent from an older checkpoint's trainer_state.json;
     at their defaults they are no difference (a set one is)."""
