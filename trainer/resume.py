@@ -262,18 +262,15 @@ def load_rank_state(checkpoint: Path, rank: int, adapter=None, plan=None, cfg=No
             log.warning("the checkpoint was written by %d processes and resumes on %d: the epoch it had already "
                         "sampled is sampled again (the run continues, not bit for bit)", written_by, world)
     elif pending_file.is_file() and adapter is not None:
-        from shared.sampling import encode_batches, unpack_trajectory
+        from shared.sampling import unpack_trajectory
         from trainer.collect import Samples, tensors_parts
+        from trainer.transport import encode_plan, sample_device
 
         trajectory, rewards = tensors_parts(load_file(pending_file))
         meta = json.loads((directory / f"pending-rank{rank}.json").read_text())
-        device = next(adapter.transformer.parameters()).device
+        device = sample_device(cfg, adapter)  # the host with train.offload_samples_to_cpu, as when sampled
         roll = unpack_trajectory({k: v.to(device) for k, v in trajectory.items()})
-        cond = encode_batches(adapter, plan.prompts, plan.negatives, cfg.train.encode_guidance_scale,
-                              cfg.train.per_device_batch_size,
-                              images=plan.condition_images, resolution=cfg.train.resolution,
-                              num_frames=cfg.train.num_frames)
-        samples = Samples(cond, roll, rewards, meta["policy_versions"], meta["metrics"])
+        samples = Samples(encode_plan(cfg, adapter, plan), roll, rewards, meta["policy_versions"], meta["metrics"])
     set_rng_state(json.loads(rng.read_text()))
     return samples
 

@@ -270,3 +270,32 @@ def test_a_checkpoint_written_before_a_config_key_existed_still_resumes(tmp_path
     changed = tiny_config(tmp_path / "a", "grpo", FAST + [f"model.init_from={tmp_path}"])
     with pytest.raises(ResumeError, match="model.init_from: checkpoint None"):
         check_same_experiment(ckpt, changed)
+
+
+def test_a_resumed_epochs_samples_wait_on_the_host_with_offload_samples_to_cpu(tmp_path, monkeypatch):
+    """The epoch a checkpoint had sampled (``max_staleness: 1``) comes back where that epoch's samples
+    waited: on the host with ``train.offload_samples_to_cpu`` (it came back to the model's device, which
+    a run that needs the offload to fit cannot hold). The model's "device" here is PyTorch's meta
+    device, so the CPU can tell the two apart."""
+    import types
+
+    import trainer.transport
+    from shared.sampling import Rollout
+    from trainer.collect import Samples
+    from trainer.resume import load_rank_state, save_rank_state
+
+    g = torch.Generator().manual_seed(0)
+    states = torch.randn(2, 3, 4, 2, 2, generator=g)  # [B, states, C, h, w]: steps 0-1 and the state after
+    roll = Rollout(final_latents=torch.randn(2, 4, 2, 2, generator=g), images=None, sigmas=torch.linspace(1, 0, 3),
+                   sde_steps=[0, 1], latents=states[:, :2], next_latents=states[:, 1:],
+                   log_probs=torch.randn(2, 2, generator=g), stds=torch.rand(2, 2, generator=g), means=None)
+    save_rank_state(tmp_path / "ckpt" / "resume", 0, Samples(None, roll, {"r": torch.tensor([0.5, 1.0])}, [1, 1], {}))
+    adapter = types.SimpleNamespace(transformer=torch.nn.Linear(1, 1, device="meta"))
+    cfg = tiny_config(tmp_path, "grpo", ["train.offload_samples_to_cpu=true"])
+    encoded = torch.zeros(2)
+    monkeypatch.setattr(trainer.transport, "encode_batches", lambda *a, **k: encoded)
+    samples = load_rank_state(tmp_path / "ckpt", 0, adapter, types.SimpleNamespace(
+        prompts=["a", "b"], negatives=[None, None], condition_images=None), cfg, world=1)
+    for name in ("latents", "next_latents", "log_probs", "stds", "final_latents"):
+        assert torch.equal(getattr(samples.rollout, name), getattr(roll, name)), name  # on the host, whole
+    assert samples.cond is encoded and samples.policy_versions == [1, 1]
