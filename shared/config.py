@@ -914,6 +914,7 @@ def check_combinations(cfg: Config) -> None:
             f"from the centre (ratio kept in [1 - lo, 1 + hi]), where Flow-Factory writes signed offsets. "
             f"Fix: write [{abs(lo):g}, {abs(hi):g}] (or `flowrl convert` the Flow-Factory config).")
     check_datasets(cfg)
+    check_model_type(cfg)
     check_reward_options(cfg)
     labels = [r.label for r in cfg.rewards]
     if len(set(labels)) != len(labels):
@@ -971,6 +972,25 @@ def check_kl_gate(t: TrainConfig, labels: list[str], weights: dict[str, float]) 
         raise ConfigError(
             f"train.kl_gate: the proxy reward {proxy!r} and the auxiliary ones {g.auxiliary} must be distinct "
             f"rewards: the gate is how far the proxy's ranking of a sample strays from theirs. Fix: name others.")
+
+
+def check_model_type(cfg: Config) -> None:
+    """``model.model_type`` is a registered family (not imported here: a family's module imports
+    diffusers) or a dotted path to a ``FlowModelAdapter`` subclass; a dotted path that does not
+    import here is left to the process that loads the model, as for rewards."""
+    from shared.models import MODELS  # lazy: imports torch
+    from shared.registry import RegistryError
+
+    name = cfg.model.model_type
+    if name in MODELS:
+        return
+    try:
+        MODELS.get(name)
+    except RegistryError as e:
+        if "." in name and isinstance(e.__cause__, ImportError):
+            return
+        fix = "" if "Fix:" in str(e) else " Fix: correct the name (`flowrl list models`)."
+        raise ConfigError(f"model.model_type: {e}{fix}") from None
 
 
 def check_reward_options(cfg: Config) -> None:

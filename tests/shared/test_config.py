@@ -63,6 +63,14 @@ def test_unknown_nested_key_suggests_nearest():
     assert "Did you mean `train.clip_range`?" in msg
 
 
+def test_model_type_is_a_family_or_a_dotted_adapter():
+    msg = error(raw(model={"model_type": "Flux1-Dev"}))
+    assert msg.startswith("model.model_type: unknown model_type 'Flux1-Dev'. Did you mean 'flux1'?") and "Fix:" in msg
+    assert "not a subclass of shared.models.base.FlowModelAdapter" in error(raw(model={"model_type": "shared.config.Config"}))
+    for ok in ("SD3-5", "wan2_i2v", "not_installed_here.Family"):  # registered (any case), or left to the loader
+        assert parse_config(raw(model={"model_type": ok})).model.model_type == ok
+
+
 def test_unknown_key_in_list_item_section():
     # rewards items allow extra keys (reward options), but model/eval sections are strict
     msg = error(raw(eval={"num_inferance_steps": 4}))
