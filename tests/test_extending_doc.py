@@ -27,14 +27,13 @@ import torch
 import yaml
 
 from shared.config import ALGORITHM_DEFAULTS, ConfigError, load_config
-from shared.registry import RegistryError
 from tests.helpers.tiny import tiny_raw
 from trainer import loop
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "extending.md"
 MARKED = re.compile(r"<!-- test: (\S+) -->\n```(\w+)\n(.*?)\n```", re.S)
-PLUGIN_MODULES = ("my_rewards", "my_algorithms", "my_models", "my_contract")
+PLUGIN_MODULES = ("my_rewards", "my_algorithms", "my_models", "my_contract", "my_suites")
 #: one small epoch on the tiny model (the algorithm contract suite's settings)
 SMALL = ["train.max_epochs=1", "train.num_inference_steps=4", "train.resolution=8", "train.group_size=2",
          "train.unique_sample_num_per_epoch=2", "train.per_device_batch_size=2",
@@ -335,12 +334,16 @@ def test_adapter_subclass_trains_by_its_dotted_path(plugins, tmp_path, sd3_pipel
     assert summary["optimizer_steps"] == 1 and seen["changed"]
 
 
-def test_model_type_is_not_checked_at_load(tmp_path):
-    from shared.models import load_adapter
-
-    cfg = load_config(_write(tmp_path, {**tiny_raw(tmp_path), "model": {"model_type": "sd35"}}))
-    with pytest.raises(RegistryError, match="unknown model_type 'sd35'"):
-        load_adapter(cfg.model, device="cpu", seed=0)
+def test_model_type_is_checked_at_load(plugins, tmp_path):
+    """A misspelled family stops at load naming the nearest; a dotted path imports there and must be an
+    adapter; one that does not import is left to the process that loads the model."""
+    model = lambda model_type: {**tiny_raw(tmp_path), "model": {"model_type": model_type}}  # noqa: E731
+    with pytest.raises(ConfigError, match="unknown model_type 'sd35'. Did you mean 'sd3-5'"):
+        load_config(_write(tmp_path, model("sd35")))
+    with pytest.raises(ConfigError, match="not a subclass of shared.models.base.FlowModelAdapter"):
+        load_config(_write(tmp_path, model("my_rewards.ChannelMean")))
+    assert load_config(_write(tmp_path, model("my_models.PrefixedSD3"))).model.model_type == "my_models.PrefixedSD3"
+    assert load_config(_write(tmp_path, model("not_installed_here.Family"))).model.model_type == "not_installed_here.Family"
 
 
 def _write(tmp_path: Path, raw: dict) -> Path:
@@ -384,3 +387,21 @@ def test_contract_suite_runs_on_the_plugin(plugins):
     assert f"{count.group(1)}/" in collected and "[prefixed-sd3" in collected, collected[-2000:]
     two = [*argv[:k], f"{argv[k]} and (loads_from_a_local or load_errors)", *argv[k + 1:]]
     assert "2 passed" in run(two)
+
+
+def test_reward_and_algorithm_suites_run_on_the_plugins(plugins):
+    """The documented commands, with the plugin folder on PYTHONPATH: each runs the number of tests
+    the guide names for the plugin's reward / algorithm, and they pass."""
+    text = " ".join(section("## 4. The reward and algorithm contract suites").split())
+    counts = re.search(r"The first ran (\d+) tests for `ChannelMean` and the second (\d+) for", text)
+    assert counts, "the guide no longer says how many contract tests ran"
+    lines = block("suites", "bash").splitlines()
+    assert len(lines) == 2
+    for line, count in zip(lines, counts.groups()):
+        tokens = shlex.split(line)
+        argv = [sys.executable, *tokens[tokens.index("python") + 1:], "-p", "no:cacheprovider", "-q"]
+        done = subprocess.run(argv, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(plugins)}, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert re.search(rf"\b{count} passed, \d+ deselected", done.stdout), done.stdout[-1000:]
+

@@ -1,6 +1,8 @@
 """Contract suite: every registered algorithm, with every rollout dynamics it accepts, and its
 optional terms (KL, EMA anchor, full fine-tuning), runs one epoch on the tiny model with a
-finite loss and changes the trainable parameters; rejected combinations fail at config time."""
+finite loss and changes the trainable parameters; rejected combinations fail at config time. A
+plugin's algorithm runs it through a pytest plugin that adds its cases to ``ALGORITHM_CASES``
+(tests/helpers/contract_cases.py, docs/extending.md)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import pytest
 import torch
 
 from shared.config import ConfigError, DYNAMICS, SDE_TRAINERS
+from tests.helpers.contract_cases import ALGORITHM_CASES
 from tests.helpers.tiny import tiny_config
 from trainer.algorithms import ALGORITHMS
 from trainer import loop
@@ -34,6 +37,7 @@ CASES += [("grpo", "Flow-SDE", ["train.kl_beta=0.04", "train.kl_type=x-based"]),
           ("grpo", "Flow-SDE", ["model.finetune_type=full", "train.kl_beta=0.04"]),
           ("nft", "ODE", ["model.finetune_type=full"]),
           ("grpo", "Flow-SDE", ["train.train_steps=[0,1,2]", "train.num_train_steps=1"])]
+CASES += ALGORITHM_CASES  # a plugin's (tests/helpers/contract_cases.py)
 
 
 @pytest.mark.parametrize("algorithm,dynamics,extra", CASES,
@@ -66,4 +70,4 @@ def test_sde_trainers_reject_ode(tmp_path, algorithm):
 
 
 def test_every_registered_algorithm_is_covered():
-    assert {a for a, _, _ in CASES} == set(ALGORITHMS.names())
+    assert {a for a, _, _ in CASES if a not in {p for p, _, _ in ALGORITHM_CASES}} == set(ALGORITHMS.names())

@@ -14,19 +14,21 @@ server) honours the RewardModel contract of ``shared/rewards/base.py``:
   likewise a reward that reads row metadata (``metadata = True``, GenEval rows here).
 
 A reward registered without a case here fails ``test_every_registered_reward_has_a_case``:
-add a case to CASES (a factory building it with tiny weights).
+add a case to CASES (a factory building it with tiny weights). A plugin's reward runs the suite
+through a pytest plugin that adds its case to ``REWARD_CASES`` (tests/helpers/contract_cases.py,
+docs/extending.md).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-from typing import Callable
 
 import pytest
 import torch
 
 from shared.rewards import KINDS, REWARDS, RewardModel, build_reward, score_all
+from tests.helpers.contract_cases import REWARD_CASES
+from tests.helpers.contract_cases import RewardCase as Case
 
 METHOD = {"pointwise": "score", "groupwise": "score_group", "pairwise": "compare"}
 
@@ -137,19 +139,6 @@ def _rational(name: str):
     return build
 
 
-@dataclasses.dataclass(frozen=True)
-class Case:
-    name: str  # the registry name
-    build: Callable[..., RewardModel]  # (assets, exit_stack, **extra_options) -> model
-    toy_prompts: bool = False  # needs prompts of the toy world (shared.toy)
-    text_prompts: bool = False  # needs prompts that quote text, and images that show it (ocr)
-    videos: bool = False  # scores whole videos [N, F, 3, H, W] (video = "native" and refuses images)
-
-    @property
-    def id(self) -> str:
-        return self.name
-
-
 def _plain(name: str, **fixed):
     return lambda assets, stack, **extra: build_reward(name, **fixed, **extra)
 
@@ -194,7 +183,7 @@ CASES = [
     Case("videoalign", lambda assets, stack, **extra: build_reward(
         "videoalign", checkpoint=assets["videoalign"], template=assets["videoalign_template"], **extra),
         videos=True),
-]
+] + REWARD_CASES  # a plugin's (tests/helpers/contract_cases.py)
 
 
 def _remote_sources(assets, stack: contextlib.ExitStack, **extra) -> RewardModel:
