@@ -936,9 +936,9 @@ def check_combinations(cfg: Config) -> None:
         check_kl_gate(t, labels, {r.label: r.weight for r in cfg.rewards})
     if not t.advantage_std and t.advantage_aggregation != "sum":
         raise ConfigError(
-            f"train.advantage_std: false leaves group-centred rewards undivided, which needs "
-            f"train.advantage_aggregation: sum (gdpo's per-reward z-scores are its definition). Fix: set "
-            f"advantage_aggregation: sum, or keep advantage_std: true.")
+            "train.advantage_std: false leaves group-centred rewards undivided, which needs "
+            "train.advantage_aggregation: sum (gdpo's per-reward z-scores are its definition). Fix: set "
+            "advantage_aggregation: sum, or keep advantage_std: true.")
 
 
 def kl_gate_proxy(t: TrainConfig, labels: list[str], weights: dict[str, float]) -> str | None:

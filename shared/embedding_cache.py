@@ -41,7 +41,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
-import io
 import json
 import os
 import threading

@@ -264,8 +264,6 @@ def test_algorithm_interface_table_matches_the_base_class():
 
 def test_dotted_trainer_type_config_handling(plugins, tmp_path):
     """What the guide says about a dotted trainer_type's config."""
-    from trainer.algorithms import ALGORITHMS
-
     dotted = doc_config(tmp_path, "algorithm.yaml")
     grpo = doc_config(tmp_path, "algorithm.yaml", ["train.trainer_type=grpo"])
     assert {k: getattr(dotted.train, k) for k in ALGORITHM_DEFAULTS["grpo"]} == \

@@ -439,7 +439,6 @@ class CeleryTransport:
 
     def _assemble(self, pending: _Pending, got: dict[str, tuple], rows: list[int]) -> Samples:
         """The scored trajectories of plan ``rows``, in plan order, as one Rollout + rewards."""
-        t = self.cfg.train
         ids = [pending.ids[r] for r in rows]
         picks = [(self._trajectory(got[sid][0].trajectory.tensors), got[sid][1])
                  for sid in ids]  # (trajectory, row) per sample, in plan order

@@ -86,8 +86,8 @@ class WanT2VAdapter(PipelineAdapter):
             raise ValueError(f"the {self.pipeline_class} folder has no transformer. Fix: point "
                              f"model.model_name_or_path at a complete Wan pipeline folder.")
         if options.get("guidance_scale_2") is not None and not isinstance(denoiser, TwoExperts):
-            raise ValueError(f"model.options.guidance_scale_2 is the low-noise expert's CFG weight of a two-expert "
-                             f"Wan (Wan2.2-A14B); this pipeline has one transformer. Fix: remove the option.")
+            raise ValueError("model.options.guidance_scale_2 is the low-noise expert's CFG weight of a two-expert "
+                             "Wan (Wan2.2-A14B); this pipeline has one transformer. Fix: remove the option.")
         super().__init__(pipeline, options)
         self.transformer = denoiser
         config = pipeline.scheduler.config

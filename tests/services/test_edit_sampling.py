@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from services.sampler.runtime import SamplerRuntime
-from shared.protocol import PolicyPublished, SampleJob
+from shared.protocol import SampleJob
 from shared.queue import RunState, delete_namespace_queues
 from shared.sampling import encode_batches, rollout_batches, unpack_trajectory
 from tests.helpers.tiny_pipelines import TINY_PIPELINES, tiny_train_config

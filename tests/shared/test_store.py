@@ -123,6 +123,7 @@ def test_files_are_standard_safetensors_both_ways(tmp_path):
                "d": torch.randn(2, 2).half()}
     ref = s.put_tensors("x.safetensors", tensors, digest="xxh3_128")
     back = st_load((tmp_path / "x.safetensors").read_bytes())
+    assert ref.nbytes == (tmp_path / "x.safetensors").stat().st_size
     assert all(torch.equal(back[k], v) for k, v in tensors.items())
     theirs = s.put_bytes("y.safetensors", st_save(tensors), digest="xxh3_128")
     mine = s.get_tensors(theirs)
