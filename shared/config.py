@@ -409,6 +409,11 @@ class TrainConfig(_Strict):
     # tokens are split over this many processes, which run it together (rollout, training, evaluation);
     # the processes form world / context_parallel data-parallel ranks (with fsdp too). 1 = off
     context_parallel: int = Field(1, ge=1)
+    # how long a process waits in a collective (all-reduce, barrier) for the others before the run
+    # stops with an error: long enough for the main process to write a full fine-tune's checkpoint while
+    # the others wait; short enough that a hung process ends the run. PyTorch's default for NCCL is 600
+    # s. (What the trainer processes of a queue run agree on waits as long as queue.collect_timeout_s.)
+    dist_timeout_s: float = Field(1800.0, gt=0)
     # -- advantages
     advantage_aggregation: Literal["sum", "gdpo"] = "sum"
     global_std: bool | None = None

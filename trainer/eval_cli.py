@@ -6,16 +6,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-from accelerate import Accelerator
-
 from shared.config import Config
 from shared.models import load_adapter
 from trainer import context_parallel
 from trainer.checkpoint import load_checkpoint_weights
 from trainer.data import check_condition_images, check_reward_rows, load_dataset
 from trainer.evaluate import evaluate
-from trainer.loop import check_media_geometry
+from trainer.loop import check_media_geometry, make_accelerator
 from shared.rewards.multi import build_rewards
 from trainer.policy import Policy, attach_trainable
 from shared.models.warm_start import warm_start
@@ -24,8 +21,7 @@ from shared.models.warm_start import warm_start
 def eval_checkpoint(cfg: Config, checkpoint: str | Path | None) -> dict:
     """Evaluate ``checkpoint`` (``None``: the untrained model); eval grids go to
     ``<checkpoint>/eval`` (``None``: ``<output_dir>/<run_name>/base_eval``)."""
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
-                              cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator(cfg)
     if accelerator.num_processes % cfg.train.context_parallel:  # e.g. one process: each video whole, the same numbers
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"context_parallel": 1})})
     train_rows, test_rows = load_dataset(cfg.data)

@@ -110,6 +110,18 @@ def check_rows(adapter, *row_lists) -> None:
             check_condition_images(rows, adapter.model_type, adapter.condition_images)
 
 
+def make_accelerator(cfg: Config) -> Accelerator:
+    """The run's Accelerator: ``train.mixed_precision``, the CPU where there is no GPU, and process
+    groups that wait ``train.dist_timeout_s`` in a collective (several processes)."""
+    from datetime import timedelta
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    wait = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.dist_timeout_s))
+    return Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available(),
+                       kwargs_handlers=[wait])
+
+
 def build_optimizer(cfg: Config, trainable: dict):
     from diffusers.optimization import get_scheduler
 
@@ -306,7 +318,7 @@ def train(cfg: Config, *, quiet: bool = False, stop: StopRequest | None = None) 
                 print(f"flowrl: run {cfg.run_name} already trained {done['epochs']} epochs "
                       f"(train.max_epochs={t.max_epochs}); nothing to do. Its report: {done.get('report')}")
             return done
-    accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator(cfg)
     geo = cfg.geometry(accelerator.num_processes)
     main = accelerator.is_main_process
     set_seed(t.seed)  # identical initial weights (and LoRA init) on every rank

@@ -294,7 +294,7 @@ MAY_CHANGE = {"train": {"resume_from", "max_epochs", "max_train_seconds", "save_
                         "offload_samples_to_cpu",  # where the epoch's samples wait: the same numbers
                         "log_samples_freq",
                         # DDP <-> FSDP: the same math; a checkpoint holds whole tensors either way
-                        "fsdp", "fsdp_reshard_after_forward", "fsdp_shard_size"},
+                        "fsdp", "fsdp_reshard_after_forward", "fsdp_shard_size", "dist_timeout_s"},
               "data": {"dataset_dir"},
               # memory / speed options (same math; attn_backend may differ in the last bits)
               "model": {"attn_backend", "gradient_checkpointing", "activation_offload", "embedding_cache_mb", "embedding_cache_dir",

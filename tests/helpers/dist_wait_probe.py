@@ -1,37 +1,34 @@
-"""Run under ``torch.distributed.run --nproc_per_node 2`` (CPU, gloo, default groups timing out after
-2 s): what the trainer processes of a queue run wait on. Writes ``argv[1]/probe-rank{r}.json``:
+"""Run under ``torch.distributed.run --nproc_per_node 2`` (CPU, gloo, the run's Accelerator with
+``train.dist_timeout_s`` = 2 s): what the trainer processes wait on. Writes ``argv[1]/probe-rank{r}.json``:
 
 * ``name``: the run name each process takes without ``run_name``, rank 1 asking 1.5 s later (the
   default name holds the time; every process must write into one folder and one set of queue keys);
 * ``agreed``: the smallest count over the processes (:func:`trainer.transport.fewest_over`, over a
   :func:`~trainer.transport.patient_group`; ``queue.collect_timeout_s`` = 1 s) where rank 1 collects
   4 s longer than rank 0: rank 0 must wait for it;
-* ``default_group``: what the same wait does in the default group (the premise: it gives up)."""
+* ``default_group``: what the same wait does in the default group: it gives up after
+  ``train.dist_timeout_s``."""
 
 from __future__ import annotations
 
 import json
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs
-
-from trainer.loop import run_name
+from trainer.loop import make_accelerator, run_name
 from trainer.transport import fewest_over, patient_group
 
 
 def main(out: Path) -> None:
-    accelerator = Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo",
-                                                                                timeout=timedelta(seconds=2))])
-    rank = accelerator.process_index
     cfg = SimpleNamespace(run_name=None, model=SimpleNamespace(model_type="sd3-5"),
-                          train=SimpleNamespace(trainer_type="grpo"), queue=SimpleNamespace(collect_timeout_s=1))
+                          train=SimpleNamespace(trainer_type="grpo", mixed_precision="no", dist_timeout_s=2),
+                          queue=SimpleNamespace(collect_timeout_s=1))
+    accelerator = make_accelerator(cfg)
+    rank = accelerator.process_index
     if rank == 1:
         time.sleep(1.5)
     name = run_name(cfg, accelerator)
