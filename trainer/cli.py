@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             from trainer.launch import LaunchError, launched_world_size, relaunch_if_asked
 
             try:
-                relaunch_if_asked(args)  # returns here only when this process trains itself
+                relaunch_if_asked(args, cfg)  # returns here only when this process trains itself
             except LaunchError as e:
                 print(f"flowrl: {e}", file=sys.stderr)
                 return 2

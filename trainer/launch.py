@@ -136,10 +136,12 @@ def launch_argv(command: str, config: str, overrides: list[str], resume: str | N
     return argv
 
 
-def relaunch_if_asked(args) -> None:
+def relaunch_if_asked(args, cfg=None) -> None:
     """Replace this process by the launcher when ``args.processes`` asks for more than one process
     and none runs yet; return when this process should train itself. Raises :class:`LaunchError`
-    when the value cannot run here or disagrees with the launcher it already runs under."""
+    when the value cannot run here or disagrees with the launcher it already runs under; with the
+    run's ``cfg``, its batch geometry is checked for the whole process count first (a
+    ``ConfigError``: once here, instead of once per started process under the launcher's traceback)."""
     nodes_flag = getattr(args, "nodes", None)
     if args.processes is None and nodes_flag is None:
         return
@@ -157,6 +159,8 @@ def relaunch_if_asked(args) -> None:
     n = resolve_processes(processes, visible_gpus())
     if n == 1 and nodes.count == 1:
         return
+    if cfg is not None:
+        cfg.geometry(n * nodes.count)
     port = int(os.environ.get("MASTER_PORT") or free_port())
     argv = launch_argv(args.command, args.config, args.overrides, args.resume, n, port, nodes=nodes)
     # on SIGTERM the launcher gives its processes this long to finish the epoch and write a

@@ -75,6 +75,21 @@ def test_a_bad_value_exits_2_before_anything_starts(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_geometry_the_process_count_cannot_split_exits_2_before_anything_starts(tmp_path):
+    """One clear config error from the command itself, not one per started process under torch
+    elastic's ChildFailedError traceback."""
+    cfg = tmp_path / "cfg.yaml"
+    raw = tiny_raw(tmp_path, "grpo")
+    raw["train"].update(per_device_batch_size=16, gradient_step_per_epoch=2)  # 32 samples: 1 micro-batch on each of 2
+    cfg.write_text(yaml.safe_dump(raw))
+    proc = subprocess.run([sys.executable, "-m", "trainer.cli", "train", str(cfg), "--processes", "2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.count("config error") == 1 and "gradient_step_per_epoch=2 does not divide" in proc.stderr
+    assert "starting 2 trainer processes" not in proc.stderr and "ChildFailedError" not in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 def one_epoch_config(tmp_path: Path) -> Path:
     """The tiny GRPO run, one epoch of one optimizer step, as a YAML file."""
     raw = tiny_raw(tmp_path, "grpo")
