@@ -29,7 +29,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
 
-from shared.config import Config
+from shared.config import Config, ConfigError
 from shared.models import load_adapter
 from shared.models.experts import TwoExperts
 from shared.models.warm_start import warm_start
@@ -63,13 +63,13 @@ def run_name(cfg: Config, accelerator: Accelerator | None = None) -> str:
     every process (on every machine) writes into the same folder and queue keys."""
     if cfg.run_name:
         return cfg.run_name
-    stamp = torch.tensor([int(time.time())], dtype=torch.long)
+    stamp = torch.tensor([int(datetime.now().strftime("%Y%m%d%H%M%S"))], dtype=torch.long)  # as the main one writes it
     if accelerator is not None and accelerator.num_processes > 1:
         from accelerate.utils import broadcast
 
         stamp = broadcast(stamp.to(accelerator.device), from_process=0).cpu()
-    when = datetime.fromtimestamp(int(stamp))
-    return f"{cfg.model.model_type}_{cfg.train.trainer_type}_{when.strftime('%Y%m%d_%H%M%S')}"
+    digits = str(int(stamp))
+    return f"{cfg.model.model_type}_{cfg.train.trainer_type}_{digits[:8]}_{digits[8:]}"
 
 
 def _locate_run(cfg: Config, accelerator: Accelerator | None = None) -> tuple[str, Path, Path | None]:
@@ -89,6 +89,38 @@ def _locate_run(cfg: Config, accelerator: Accelerator | None = None) -> tuple[st
     ckpt = find_checkpoint(spec, Path(cfg.output_dir))
     run_dir = run_dir_of(ckpt)
     return run_dir.name, run_dir, ckpt
+
+
+def fresh_folder(cfg: Config, accelerator: Accelerator, run_dir: Path, quiet: bool) -> None:
+    """Before a fresh run writes into ``run_dir``: the main process moves an earlier run there aside
+    (:func:`trainer.resume.set_aside`), and every process returns only once it has (or raises, on
+    every process, when it could not). A ``model.init_from`` inside that folder is an error: the run
+    would start from weights that are about to move (and a resume or a sampler would read the new
+    run's files under that name)."""
+    init = cfg.model.init_from
+    if init is not None and Path(init).expanduser().resolve().is_relative_to(run_dir.resolve()):
+        raise ConfigError(f"model.init_from: {init} lies in {run_dir}, an earlier run of run_name "
+                          f"{run_dir.name!r}, which this fresh run would move aside before writing there. Fix: "
+                          f"give this run its own name (--set run_name=...), or continue that run instead "
+                          f"(--resume latest).")
+    failed = ""
+    if accelerator.is_main_process:
+        try:
+            aside = set_aside(run_dir)
+        except OSError as e:  # e.g. the run folder is itself a mount point
+            failed = (f"{run_dir} holds an earlier run, which could not be moved aside ({e}). Fix: give this run "
+                      f"another run_name, or move the folder's contents away yourself.")
+        else:
+            if aside is not None and not quiet:
+                print(f"flowrl: {run_dir} held an earlier run; it is now {aside} (to continue it instead: "
+                      f"--set run_name={aside.name} --resume latest)")
+    if accelerator.num_processes > 1:  # the others wait here until the folder is free
+        from accelerate.utils import broadcast
+
+        flag = broadcast(torch.tensor([1 if failed else 0], device=accelerator.device), from_process=0)
+        failed = failed or ("the main process could not move an earlier run aside" if int(flag) else "")
+    if failed:
+        raise ConfigError(failed)
 
 
 def check_media_geometry(cfg: Config, adapter) -> None:
@@ -401,12 +433,10 @@ def train(cfg: Config, *, quiet: bool = False, stop: StopRequest | None = None) 
         if progress.epoch >= t.max_epochs:
             raise ResumeError(f"{ckpt} is already at epoch {progress.epoch} >= train.max_epochs="
                               f"{t.max_epochs}. Fix: raise train.max_epochs to train further.")
+    if t.resume_from is None:
+        fresh_folder(cfg, accelerator, run_dir, quiet)
     logger = None
     if main:
-        aside = set_aside(run_dir) if t.resume_from is None else None
-        if aside is not None and not quiet:
-            print(f"flowrl: {run_dir} held an earlier run; it is now {aside} (to continue a run instead: "
-                  f"--set train.resume_from=latest with its run_name)")
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
         if ckpt is not None:  # forget what a crashed run logged after its checkpoint
@@ -421,8 +451,6 @@ def train(cfg: Config, *, quiet: bool = False, stop: StopRequest | None = None) 
             print(f"flowrl: {t.trainer_type} on {cfg.model.model_type}, {layout}, "
                   f"{geo.groups_per_epoch} groups x {geo.group_size} samples per epoch -> {run_dir}"
                   + (f" (resumed from {ckpt}, epoch {progress.epoch})" if ckpt is not None else ""))
-    if accelerator.num_processes > 1:
-        accelerator.wait_for_everyone()  # no process writes into run_dir before an earlier run is set aside
 
     if cfg.transport == "celery" and groups is not None:  # context parallelism: a group's leader talks to the queue
         transport = cp_queue.group_transport(cfg, adapter, policy, algorithm, name, groups, accelerator, run_dir,

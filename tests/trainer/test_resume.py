@@ -242,6 +242,31 @@ def test_a_fresh_run_sets_an_earlier_run_of_its_name_aside(tmp_path):
     assert json.loads((run / "summary.json").read_text())["epochs"] == 1
 
 
+def test_a_fresh_run_does_not_start_from_weights_it_would_move_aside(tmp_path, monkeypatch):
+    """``model.init_from`` inside the earlier run's folder is refused (the weights would move, and a
+    resume or a sampler would read the new run's checkpoint of that name); so is a folder that
+    cannot be moved, before anything is written."""
+    import trainer.loop
+    from shared.config import ConfigError
+
+    run = Path(train(tiny_config(tmp_path, "grpo", FAST + ["train.save_freq=1", "train.max_epochs=1"]),
+                     quiet=True)["run_dir"])
+    warm = run / "checkpoints" / "final"
+    with pytest.raises(ConfigError, match=f"model.init_from: {warm} lies in {run}.*Fix: give this run its own name"):
+        train(tiny_config(tmp_path, "grpo", FAST + [f"model.init_from={warm}"]), quiet=True)
+    elsewhere = train(tiny_config(tmp_path, "grpo", FAST + [f"model.init_from={warm}", "run_name=warm",
+                                                          "train.max_epochs=1"]), quiet=True)
+    assert Path(elsewhere["run_dir"]).name == "warm" and warm.is_dir()
+
+    def cannot(run_dir):
+        raise OSError(16, "Device or resource busy", str(run_dir))
+
+    monkeypatch.setattr(trainer.loop, "set_aside", cannot)
+    with pytest.raises(ConfigError, match="could not be moved aside.*Device or resource busy.*Fix: give this run"):
+        train(tiny_config(tmp_path, "grpo", FAST), quiet=True)
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 1  # untouched
+
+
 def test_set_aside_leaves_a_folder_without_a_run(tmp_path):
     from trainer.resume import set_aside
 
