@@ -419,6 +419,11 @@ class TrainConfig(_Strict):
     global_std: bool | None = None
     # false: A = R - mean_group(R), not divided by a std (GARDO's / Dr. GRPO's std-free advantages; sum only)
     advantage_std: bool = True
+    # grpo / grpo-guard / dppo: train only the samples with a nonzero advantage (|A| > 1e-6), as flow_grpo's
+    # scripts do; a group whose samples all scored the same adds no policy gradient, only compute (and its KL
+    # term, which goes with it). Each process keeps its number of micro-batches, now smaller; logged as
+    # train/kept_fraction
+    skip_zero_advantage: bool = False
     # a rewards label whose scores scale each positive advantage by the sample's score over its group's
     # mean instead of adding to the reward (GARDO's diversity-aware optimization: reward_model diversity,
     # reduce: min); trainer/advantages.py diversity_scale
@@ -939,6 +944,11 @@ def check_combinations(cfg: Config) -> None:
                 f"the other rewards give and adds nothing itself. Fix: add the reward to train on.")
     if t.kl_gate is not None:
         check_kl_gate(t, labels, {r.label: r.weight for r in cfg.rewards})
+    if t.skip_zero_advantage and kind not in SDE_TRAINERS:
+        raise ConfigError(
+            f"train.skip_zero_advantage: {t.trainer_type} learns from every sample (a zero advantage still sets "
+            f"its target), so none can be skipped; only the policy-gradient trainers ({', '.join(SDE_TRAINERS)}) "
+            f"get nothing from them. Fix: remove train.skip_zero_advantage.")
     if not t.advantage_std and t.advantage_aggregation != "sum":
         raise ConfigError(
             "train.advantage_std: false leaves group-centred rewards undivided, which needs "

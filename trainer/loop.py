@@ -182,10 +182,23 @@ def train_order(data: EpochData, seed: int,
     return torch.randperm(data.advantages.shape[0], generator=g) if perm is None else perm
 
 
+def informative_rows(perm: torch.Tensor, advantages: torch.Tensor, minimum: int) -> torch.Tensor:
+    """``perm`` (row indices, training order) without the rows whose advantage is zero (``|A| <= 1e-6``:
+    a group whose samples all scored the same; its policy-gradient term is 0), in the same order. When
+    fewer than ``minimum`` remain, the first zero-advantage rows of ``perm`` stay too, up to ``minimum``
+    rows (or all of them): each micro-batch keeps at least one row (``train.skip_zero_advantage``)."""
+    keep = advantages[perm].abs() > 1e-6
+    short = minimum - int(keep.sum())
+    if short > 0:
+        keep[(~keep).nonzero().flatten()[:short]] = True
+    return perm[keep]
+
+
 def micro_batches(data: EpochData, batch_size: int, seed: int,
                   device: torch.device | str | None = None,
                   order: Callable[[EpochData, torch.Generator], torch.Tensor | None] | None = None,
-                  rank: int = 0, world: int = 1, perm: torch.Tensor | None = None) -> Iterator[TrainBatch]:
+                  rank: int = 0, world: int = 1, perm: torch.Tensor | None = None,
+                  splits: int | None = None) -> Iterator[TrainBatch]:
     """Shuffle this rank's samples (seeded) and cut them into training micro-batches on ``device``
     (None: where the rollout is; ``train.offload_samples_to_cpu`` keeps it in host memory). Each
     micro-batch is made (indexed out, copied over) only when the caller asks for it, so no more
@@ -194,16 +207,19 @@ def micro_batches(data: EpochData, batch_size: int, seed: int,
     instead of the shuffle (DPO: each group's best and worst sample, side by side). Each
     micro-batch's ``seed`` (its re-noising draws in the decoupled trainers) is distinct per
     ``rank`` of ``world`` processes, and the same as before for one process. ``perm``: the
-    order already drawn (:func:`train_order` of the same ``seed`` and ``order``)."""
+    order already drawn (:func:`train_order` of the same ``seed`` and ``order``). ``splits``: cut the
+    rows into that many micro-batches of near-equal sizes instead (``train.skip_zero_advantage``: the
+    planned number, fewer rows)."""
     perm = train_order(data, seed, order) if perm is None else perm
     n = perm.shape[0]
+    bounds = ([*range(0, n, batch_size), n] if n else [0]) if splits is None else [n * b // splits for b in range(splits + 1)]
     r = data.rollout
     src = r.final_latents.device
     dev = src if device is None else torch.device(device)
     grid = r.sigmas.to(dev)  # one copy for all micro-batches (the algorithms check it once)
     move = lambda x: None if x is None else x.to(dev, non_blocking=True)  # noqa: E731  (no-op where it is)
-    for b, s in enumerate(range(0, n, batch_size)):
-        i = perm[s:s + batch_size]
+    for b, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+        i = perm[s:e]
         j = i.to(src)
         yield TrainBatch(
             cond=data.cond.select(j).to(dev), advantages=data.advantages[i].to(dev),
@@ -230,14 +246,19 @@ def optimize(cfg: Config, accelerator: Accelerator, policy: Policy, algorithm: A
     count = 0
     seeds = [(t.seed * SEED_STRIDE + epoch) * 131 + inner for inner in range(t.num_inner_epochs)]
     orders = [train_order(data, seed, algorithm.train_order) for seed in seeds]  # each inner epoch's rows
+    planned = [-(-perm.shape[0] // geo.train_micro_batch) for perm in orders]  # micro-batches per inner epoch
+    rows = sum(perm.shape[0] for perm in orders)
+    if t.skip_zero_advantage:  # the same number of (smaller) micro-batches: the processes stay in step
+        orders = [informative_rows(perm, data.advantages, k) for perm, k in zip(orders, planned)]
+    kept = sum(perm.shape[0] for perm in orders) / max(rows, 1)
     # backward passes this epoch: fewer than planned when groups were dropped; the last one always
     # synchronizes gradients, or each process would apply only its own to the final step
-    total = units * sum(-(-perm.shape[0] // geo.train_micro_batch) for perm in orders)
+    total = units * sum(planned)
     policy.model.train()
-    for seed, perm in zip(seeds, orders):
+    for seed, perm, splits in zip(seeds, orders, planned):
         for batch in micro_batches(data, geo.train_micro_batch, seed, device=accelerator.device,
                                    rank=context_parallel.data_rank(cfg, accelerator.process_index),
-                                   world=geo.world_size, perm=perm):
+                                   world=geo.world_size, perm=perm, splits=splits if t.skip_zero_advantage else None):
             with torch.no_grad(), accelerator.autocast():
                 state = algorithm.prepare(batch, policy)
             for unit in range(units):
@@ -276,6 +297,10 @@ def optimize(cfg: Config, accelerator: Accelerator, policy: Policy, algorithm: A
             kls = accelerator.reduce(kls, reduction="mean")
         means["train/kl_step_max"] = float(kls.max())
     means["train/lr"] = lr_schedule.get_last_lr()[0]
+    if t.skip_zero_advantage:  # the fraction of the epoch's samples trained, over every process
+        share = torch.tensor([kept], dtype=torch.float64, device=accelerator.device)
+        means["train/kept_fraction"] = float(accelerator.reduce(share, reduction="mean")
+                                             if accelerator.num_processes > 1 else share)
     return step, means
 
 

@@ -81,3 +81,12 @@ class GroupSize(Brightness):
 
     def score_group(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         return torch.full((images.shape[0],), float(images.shape[0]))
+
+
+class BrightnessForRed(Brightness):
+    """Brightness for prompts naming red, a constant 0.5 for the others: their prompt groups all
+    score the same (zero advantage), as a verifier's all-right or all-wrong groups do."""
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        red = torch.tensor(["red" in p for p in prompts])
+        return torch.where(red, super().score(images, prompts), torch.full((len(prompts),), 0.5))
