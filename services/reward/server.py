@@ -154,6 +154,30 @@ class _Timed:
         self.metrics.request_seconds.labels(self.model, self.protocol).observe(time.perf_counter() - self.start)
 
 
+async def until_client_leaves(request: Request, scoring):
+    """The result of ``scoring`` (a batcher's ``submit``), or :class:`RequestError` 499 as soon as the
+    client disconnects: the request is then cancelled, so the batcher skips its samples instead of
+    scoring them for nobody (uvicorn does not cancel a handler whose client left, and a client that
+    times out and retries would otherwise queue the same work again and again)."""
+    task = asyncio.ensure_future(scoring)
+
+    async def gone() -> None:  # the body is read: the next message is the disconnect
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()  # (cancels the queued request's future: the batcher skips it)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise RequestError(499, "the client disconnected before its scores were ready")
+    return task.result()
+
+
 # --- routes ----------------------------------------------------------------------------------
 
 
@@ -217,7 +241,8 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
                                        settings.max_image_pixels))
 
         inputs, images, conditions = await asyncio.to_thread(decode)
-        scores = (await batcher.submit(images, inputs.prompts, inputs.group_ids, conditions, inputs.metadata)
+        scores = (await until_client_leaves(request, batcher.submit(images, inputs.prompts, inputs.group_ids,
+                                                                    conditions, inputs.metadata))
                   if images else torch.zeros(0))
         payload, headers, media_type = v2.infer_response(slot.name, inputs, scores.numpy())
         return Response(payload, headers=headers, media_type=media_type)
@@ -247,7 +272,8 @@ def _flow_factory_routes(router: APIRouter) -> None:
                         _decode_conditions(req.condition_images, "'condition_images'", settings.max_image_pixels))
 
             req, images, conditions = await asyncio.to_thread(decode)
-            scores = (await batcher.submit(images, req.prompt, None, conditions, flow_factory.row_metadata(req))
+            scores = (await until_client_leaves(request, batcher.submit(images, req.prompt, None, conditions,
+                                                                        flow_factory.row_metadata(req)))
                       if images else torch.zeros(0))
             return JSONResponse({"rewards": [float(s) for s in scores]})
 

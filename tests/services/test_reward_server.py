@@ -521,6 +521,28 @@ def test_live_server_merges_concurrent_requests():
     assert merged == 8 and batches < 8, f"8 concurrent requests were scored in {batches} batches"
 
 
+@pytest.mark.integration
+def test_a_request_whose_client_left_is_not_scored():
+    """A client that times out (and would retry, as Flow-Factory's does) leaves: its request is cancelled
+    and answered 499 in the metrics, and the requests queued behind the one being scored are skipped, so
+    a fresh request waits for that one batch only (before: for every abandoned request's 0.5 s)."""
+    _, pngs = sample(4)
+    slow = '[{"name": "slow", "reward_model": "tests.services.reward_models.CountingBrightness", "delay": 0.5}]'
+    with running_server(RewardServerSettings(rewards=slow, max_batch_size=4, max_queue_delay_ms=0)) as url:
+        for _ in range(4):
+            with pytest.raises(httpx.TimeoutException):
+                httpx.post(f"{url}/v2/models/slow/infer", json=v2_body(pngs, ["p"] * 4), timeout=0.2)
+        start = time.monotonic()
+        fresh = httpx.post(f"{url}/v2/models/slow/infer", json=v2_body(pngs[:1], ["p"]), timeout=30)
+        waited = time.monotonic() - start
+        m = metric_samples(httpx.get(f"{url}/metrics").text)
+    assert fresh.status_code == 200
+    codes = {labels["code"]: v for labels, v in m["flowrl_reward_requests_total"]}
+    assert codes == {"499": 4, "200": 1}, codes
+    (scored,) = [v for _, v in m["flowrl_reward_samples_total"]]
+    assert scored < 4 * 4 + 1 and waited < 4 * 0.5, (scored, waited)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
