@@ -17,18 +17,20 @@ from typing import Sequence, Union
 
 from PIL import Image
 
+from shared.images import rgb
+
 ImageSource = Union[str, Path, bytes, Image.Image]
 
 
 def open_image(source: ImageSource) -> Image.Image:
     """One source as a fully loaded RGB PIL image (the file is closed again)."""
     if isinstance(source, Image.Image):
-        return source if source.mode == "RGB" else source.convert("RGB")
+        return rgb(source)
     if isinstance(source, bytes):
         with Image.open(io.BytesIO(source)) as im:
-            return im.convert("RGB")
+            return rgb(im)
     with Image.open(source) as im:
-        return im.convert("RGB")
+        return rgb(im)
 
 
 def _key(source: ImageSource):

@@ -29,8 +29,24 @@ def encode_png(image: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
+#: integer modes wider than 8 bits (16-bit grayscale PNGs open as one of them)
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB. PIL's ``convert("RGB")`` clips a 16-bit grayscale image (``I;16``) to 255
+    instead of scaling it, so mid-gray came out white; those are scaled from 16 bits (``v / 257``)."""
+    if image.mode in WIDE_MODES:
+        gray = np.asarray(image).astype(np.float64)
+        gray = np.clip(np.round(gray / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.repeat(gray[..., None], 3, axis=2))
+    if image.mode == "F":
+        raise ValueError("a 32-bit floating-point image (PIL mode F) has no agreed range; send 8- or 16-bit images")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
 def decode_image(data: bytes) -> torch.Tensor:
-    """PNG/JPEG/... bytes -> ``[3, H, W]`` float32 in [0, 1] (RGB)."""
+    """PNG/JPEG/... bytes -> ``[3, H, W]`` float32 in [0, 1] (RGB; 16-bit images scaled, :func:`rgb`)."""
     with Image.open(io.BytesIO(data)) as im:
-        array = np.asarray(im.convert("RGB"), dtype=np.uint8)
+        array = np.asarray(rgb(im), dtype=np.uint8)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255.0

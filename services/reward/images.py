@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from shared.images import rgb
+
 # magic numbers of the formats PIL decodes that make sense for rewards
 MAGIC = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"RIFF": "WEBP", b"BM": "BMP"}
 
@@ -88,7 +90,7 @@ def decode_rgb(element: bytes | str, where: str, *, max_pixels: int) -> np.ndarr
                         f"{where} is {image.width}x{image.height} = {image.width * image.height} pixels; "
                         f"the server accepts at most {max_pixels} (setting max_image_pixels)"
                     )
-                array = np.array(image.convert("RGB"), dtype=np.uint8)  # a writable copy
+                array = np.array(rgb(image), dtype=np.uint8)  # a writable copy; 16-bit images scaled
     except ImageTooLarge:
         raise
     except Exception as e:  # PIL raises many types for corrupt files

@@ -287,6 +287,8 @@ def json_object(value: Any, where: str) -> dict:
         obj = json.loads(value)
     except json.JSONDecodeError as e:
         raise RequestError(422, f"{where} is not valid JSON ({e.msg}); send one JSON object per sample") from None
+    except RecursionError:
+        raise RequestError(422, f"{where} is nested too deeply to read; send a flat JSON object per sample") from None
     if not isinstance(obj, dict):
         raise RequestError(422, f"{where} must be a JSON object, got {type(obj).__name__}")
     return obj
@@ -313,13 +315,23 @@ def _text(value: Any, index: int) -> str:
     return value
 
 
+def _flag(value: Any, where: str) -> bool:
+    """A boolean request parameter: JSON true / false (or their text, any case); anything else is refused
+    (``bool("false")`` is True)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise RequestError(422, f"{where} must be true or false, got {value!r}")
+
+
 def _binary_output(req: InferRequest) -> bool:
-    binary = bool((req.parameters or {}).get("binary_data_output", False))
+    binary = _flag((req.parameters or {}).get("binary_data_output", False), "parameter 'binary_data_output'")
     for out in req.outputs or []:
         if out.name != SCORE:
             raise RequestError(422, f"unknown output '{out.name}'; this model has one output, '{SCORE}' (FP32)")
         if out.parameters and "binary_data" in out.parameters:
-            binary = bool(out.parameters["binary_data"])
+            binary = _flag(out.parameters["binary_data"], f"output '{SCORE}' parameter 'binary_data'")
     return binary
 
 

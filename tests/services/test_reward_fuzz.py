@@ -181,6 +181,33 @@ def test_inputs_the_fuzzing_found_are_4xx(server):
         assert r.status_code == 422 and message in r.json()["error"], r.text
 
 
+def test_metadata_nested_past_the_recursion_limit_and_text_flags(server):
+    """Row metadata nested past Python's recursion limit is a 422 (it was a 500, on every reward, since
+    /compute reads kwargs.metadata for all of them); a flag given as text means what it says ("false"
+    returned binary output) and a flag that is neither true nor false is a 422."""
+    png = base64.b64encode(_png()).decode()
+    deep = "[" * 20_000 + "]" * 20_000  # 40 kB: under the fixture's max_request_bytes
+    r = httpx.post(f"{server}/compute", headers=AUTH, json={"prompt": ["p"], "image": [png], "kwargs": {"metadata": [deep]}})
+    assert r.status_code == 422 and "nested too deeply" in r.json()["error"], r.text
+    infer = f"{server}/v2/models/brightness/infer"
+    body = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [png]},
+                       {"name": "prompt", "shape": [1], "datatype": "BYTES", "data": ["p"]}]}
+    r = httpx.post(infer, headers=AUTH, json=body | {"parameters": {"binary_data_output": "false"}})
+    assert r.status_code == 200 and "data" in r.json()["outputs"][0]
+    r = httpx.post(infer, headers=AUTH, json=body | {"parameters": {"binary_data_output": "yes"}})
+    assert r.status_code == 422 and "must be true or false, got 'yes'" in r.json()["error"]
+
+
+def test_16_bit_images_are_scaled_not_clipped(server):
+    """A 16-bit grayscale PNG (PIL mode I;16) at mid-gray scores as mid-gray (PIL's convert clipped it
+    to white: brightness 1.0)."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((8, 8), 32768, np.uint16)).save(buffer, format="PNG")
+    r = httpx.post(f"{server}/compute", headers=AUTH,
+                   json={"prompt": ["p"], "image": [base64.b64encode(buffer.getvalue()).decode()]})
+    assert r.status_code == 200 and abs(r.json()["rewards"][0] - 128 / 255) < 1e-3, r.text
+
+
 def test_schema_of_a_fresh_app_matches_the_served_one():
     """The document comes from the app, not from a file that could drift."""
     app = create_app(_settings())
