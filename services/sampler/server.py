@@ -23,8 +23,9 @@ Endpoints (all but liveness require ``Authorization: Bearer <token>`` when a tok
 ``GET  /admin/status``   the model, checkpoint, weights (ema / live / base) and counters
 ``POST /admin/load``     ``{"checkpoint": DIR, "latest" or null, "ema": true}``: serve another checkpoint
                          (``latest``: the run's newest, ``final`` or ``checkpoint-N``; null or "": the
-                         base); a LoRA run's is swapped in place, a full fine-tune's model is built
-                         again (the old one serves until the new one is ready)
+                         base); a LoRA run's is swapped in place (requests wait for it), a full
+                         fine-tune's model is built again while the old one serves (both are in memory
+                         until the new one is ready)
 
 The model loads in the background once the server starts, so liveness and readiness answer (and
 ``/health/ready`` says 503) while a large model loads.
@@ -38,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import logging
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -49,7 +51,13 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.sampler.settings import SamplerServerSettings
+from shared.images import rgb
 from shared.serving import BEARER_HELP, CHALLENGE, bearer_ok
+
+log = logging.getLogger("flowrl.sampler")
+
+
+MAX_SIDE = 4096  # pixels a requested resolution's side may have (a larger one is an out-of-memory, not an image)
 
 
 class GenerateRequest(BaseModel):
@@ -60,8 +68,17 @@ class GenerateRequest(BaseModel):
     seed: int = 0
     num_inference_steps: int | None = Field(None, ge=1, le=1000)
     guidance_scale: float | None = Field(None, ge=0)
-    resolution: int | tuple[int, int] | None = None
+    resolution: int | tuple[int, int] | None = None  # each side in [8, MAX_SIDE]
     condition_images: list[list[str]] | None = None  # per prompt, base64 PNG/JPEG (edit / image-to-video models)
+
+
+    @field_validator("resolution")
+    @classmethod
+    def _sides(cls, value):
+        sides = (value,) if isinstance(value, int) else value or ()
+        if any(not 8 <= side <= MAX_SIDE for side in sides):
+            raise ValueError(f"each side of the resolution must be in [8, {MAX_SIDE}] pixels, got {value}")
+        return value
 
 
 class LoadRequest(BaseModel):
@@ -90,7 +107,8 @@ class Served:
 
         self.settings = settings
         self.cfg = load_config(settings.config, settings.overrides)
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # the served model: generation, swapping it, loading into it
+        self.loading = threading.Lock()  # one /admin/load at a time
         self.adapter = None
         self.checkpoint: str | None = None
         self.weights = "base"
@@ -126,7 +144,8 @@ class Served:
             self.error = f"{type(e).__name__}: {e}"
 
     def build(self, checkpoint: str | None, ema: bool) -> None:
-        """Build the model as the run did, then load ``checkpoint`` (None: the base)."""
+        """Build the model as the run did, then load ``checkpoint`` (None: the base); the old one serves
+        meanwhile, and is swapped out (under :attr:`lock`) once the new one is ready."""
         import torch
 
         from shared.models import load_adapter
@@ -141,7 +160,8 @@ class Served:
         # no checkpoint: the new LoRA's B is 0, so the model computes the base (and its init_from)
         weights = load_checkpoint_into(m, adapter, checkpoint, ema=ema) if checkpoint else "base"
         adapter.transformer.eval()
-        self.adapter, self.checkpoint, self.weights, self.loaded_at = adapter, checkpoint, weights, time.time()
+        with self.lock:
+            self.adapter, self.checkpoint, self.weights, self.loaded_at = adapter, checkpoint, weights, time.time()
 
     def load(self, checkpoint: str | None, ema: bool) -> None:
         """Serve another checkpoint: a LoRA run's in place, otherwise a new model."""
@@ -150,13 +170,14 @@ class Served:
         checkpoint = self.resolve(checkpoint)
         lora = self.cfg.model.finetune_type == "lora"
         if lora and checkpoint is not None and self.adapter is not None:
-            before = (self.checkpoint, self.weights != "live")
-            try:
-                self.weights = load_checkpoint_into(self.cfg.model, self.adapter, checkpoint, ema=ema)
-            except Exception:
-                self.build(*before)  # a load that failed half way: back to what was served
-                raise
-            self.checkpoint, self.loaded_at = checkpoint, time.time()
+            with self.lock:  # into the served model: requests wait
+                before = (self.checkpoint, self.weights != "live")
+                try:
+                    self.weights = load_checkpoint_into(self.cfg.model, self.adapter, checkpoint, ema=ema)
+                except Exception:
+                    self.build(*before)  # a load that failed half way: back to what was served
+                    raise
+                self.checkpoint, self.loaded_at = checkpoint, time.time()
         else:
             self.build(checkpoint, ema)
         self.error = None
@@ -241,7 +262,10 @@ def _decode_image(b64: str, where: str):
         image.load()
     except Exception as e:  # noqa: BLE001 - any decoding failure is the client's
         raise RequestError(422, f"{where} is not a base64 PNG/JPEG image ({type(e).__name__})") from None
-    return image.convert("RGB")
+    try:
+        return rgb(image)  # 16-bit images scaled, not clipped
+    except ValueError as e:
+        raise RequestError(422, f"{where}: {e}") from None
 
 
 async def _authorize(request: Request) -> None:
@@ -273,13 +297,14 @@ def create_app(settings: SamplerServerSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         def start():
-            with served.lock:
+            with served.loading:
                 served.start(settings.checkpoint, not settings.live)
         loading = asyncio.create_task(asyncio.to_thread(start))
         yield
         await asyncio.shield(loading)  # a load in progress finishes (its thread cannot be stopped)
 
-    app = FastAPI(title="flowrl sampler", lifespan=lifespan)
+    # no /docs, /redoc, /openapi.json: they would answer without the token
+    app = FastAPI(title="flowrl sampler", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.token = settings.token.get_secret_value().encode() if settings.token else None
     app.state.served = served
 
@@ -301,25 +326,33 @@ def create_app(settings: SamplerServerSettings) -> FastAPI:
 
     @router.post("/v1/generate")
     async def generate(req: GenerateRequest) -> dict:
-        if served.adapter is None:
-            if served.error is not None:
-                raise RequestError(503, f"no model is loaded: the start-up load failed ({served.error}); "
-                                        f"POST /admin/load loads another checkpoint")
-            raise RequestError(503, "the model is still loading (GET /health/ready says when it is done)")
-        start = time.perf_counter()
+        start, status = time.perf_counter(), "500"
 
         def run():
             with served.lock:
+                if served.adapter is None:
+                    if served.error is not None:
+                        raise RequestError(503, f"no model is loaded: the start-up load failed ({served.error}); "
+                                                f"POST /admin/load loads another checkpoint")
+                    raise RequestError(503, "the model is still loading (GET /health/ready says when it is done)")
                 return served.generate(req)
         try:
-            out = await asyncio.to_thread(run)
+            try:
+                out = await asyncio.to_thread(run)
+            except RequestError:
+                raise
+            except Exception as e:  # noqa: BLE001 - answered as JSON, counted, and logged with its traceback
+                log.exception("generation failed")
+                raise RequestError(500, f"generation failed: {type(e).__name__}: {e}") from None
+            status = "200"
+            images.inc(len(req.prompts))
+            seconds.observe(time.perf_counter() - start)
+            return out
         except RequestError as e:
-            requests.labels(status=str(e.status)).inc()
+            status = str(e.status)
             raise
-        requests.labels(status="200").inc()
-        images.inc(len(req.prompts))
-        seconds.observe(time.perf_counter() - start)
-        return out
+        finally:
+            requests.labels(status=status).inc()
 
     @router.get("/admin/status")
     async def status() -> dict:
@@ -333,7 +366,7 @@ def create_app(settings: SamplerServerSettings) -> FastAPI:
             raise RequestError(400, f"checkpoint {req.checkpoint!r} does not exist on the server's machine")
 
         def run():
-            with served.lock:
+            with served.loading:  # the model is swapped under served.lock once the new one is ready
                 served.load(req.checkpoint, req.ema)
         try:
             await asyncio.to_thread(run)

@@ -190,3 +190,66 @@ def test_an_empty_checkpoint_setting_is_the_base_and_latest_needs_a_checkpoint(t
     (numbered / "checkpoint-14").mkdir()
     (numbered / "checkpoint-14" / "trainer_state.json").write_text(json.dumps({"optimizer_step": 28}))
     assert Served(settings).resolve("latest") == str(numbered / "checkpoint-14")
+
+
+def test_resolutions_the_model_cannot_make_and_failures_are_json_and_counted(run, monkeypatch):
+    """A side outside [8, 4096] is a 422 naming the bound (0 or -16 was a plain-text 500); an unexpected
+    failure is a JSON 500; the metrics count every answer, 503s and 500s included; no API document is
+    served without the token."""
+    from fastapi.testclient import TestClient
+
+    _, path, ckpt = run
+    app = create_app(SamplerServerSettings(config=str(path), checkpoint=str(ckpt), token=TOKEN))
+    with TestClient(app) as c:
+        assert c.get("/openapi.json").status_code == 404 and c.get("/docs").status_code == 404
+        for bad in (0, -16, [16, 0], 5000):
+            r = c.post("/v1/generate", json={"prompts": ["x"], "resolution": bad}, headers=AUTH)
+            assert r.status_code == 422 and "must be in [8, 4096]" in r.text, r.text
+        while c.get("/health/ready", headers=AUTH).status_code != 200:
+            time.sleep(0.05)
+
+        def broken(req):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+        monkeypatch.setattr(app.state.served, "generate", broken)
+        r = c.post("/v1/generate", json={"prompts": ["x"]}, headers=AUTH)
+        assert r.status_code == 500 and r.json()["error"] == ("generation failed: RuntimeError: CUDA error: an "
+                                                              "illegal memory access was encountered")
+        monkeypatch.setattr(app.state.served, "adapter", None)
+        assert c.post("/v1/generate", json={"prompts": ["x"]}, headers=AUTH).status_code == 503
+        text = c.get("/metrics", headers=AUTH).text
+    assert 'flowrl_serve_sampler_requests_total{status="500"} 1.0' in text
+    assert 'flowrl_serve_sampler_requests_total{status="503"} 1.0' in text
+
+
+def test_a_model_built_again_serves_the_old_one_meanwhile(run, monkeypatch):
+    """/admin/load of a model built anew (here: the base, slowed by 2 s) leaves the old model serving
+    until the new one is ready (requests waited for the whole rebuild)."""
+    import threading
+
+    import shared.models
+    from fastapi.testclient import TestClient
+
+    _, path, ckpt = run
+    app = create_app(SamplerServerSettings(config=str(path), checkpoint=str(ckpt), token=TOKEN))
+    with TestClient(app) as c:
+        while c.get("/health/ready", headers=AUTH).status_code != 200:
+            time.sleep(0.05)
+        real = shared.models.load_adapter
+
+        def slow(*args, **kwargs):
+            time.sleep(2)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(shared.models, "load_adapter", slow)
+        loaded = {}
+        loader = threading.Thread(target=lambda: loaded.update(
+            c.post("/admin/load", json={"checkpoint": None}, headers=AUTH).json()))
+        loader.start()
+        time.sleep(0.3)
+        start = time.monotonic()
+        r = c.post("/v1/generate", json={"prompts": ["a red square"]}, headers=AUTH)
+        waited = time.monotonic() - start
+        loader.join()
+    assert r.status_code == 200 and r.json()["weights"] == "ema" and waited < 1.5, waited
+    assert loaded["weights"] == "base"
