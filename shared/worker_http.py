@@ -113,7 +113,7 @@ def create_app(broker_url: str, title: str, control: WorkerControl | None = None
 
     from shared.serving import BEARER_HELP, CHALLENGE, bearer_ok
 
-    app = FastAPI(title=title, docs_url=None, redoc_url=None)
+    app = FastAPI(title=title, docs_url=None, redoc_url=None, openapi_url=None)  # (no document without the token)
     # what the handlers would import on first use, imported now: Celery forks its pool after the
     # server starts, and a module half-imported by this thread at that moment stays locked in the child
     import redis  # noqa: F401

@@ -13,7 +13,6 @@ A reward that returns NaN abstains (``None`` in the message); an infinite value 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import socket
@@ -49,12 +48,9 @@ def score_job(job: RewardJob, *, worker: str = "") -> ScoredBatch:
         _stores[traj.store_url] = BlobStore(traj.store_url)
     store = _stores[traj.store_url]
     specs = [RewardSpec(**s) for s in job.rewards]
-    models = {}
-    for spec, raw in zip(specs, job.rewards):
-        key = json.dumps(raw, sort_keys=True)
-        if key not in _models:
-            _models[key] = build_rewards([spec], _device())[spec.label]
-        models[spec.label] = _models[key]
+    # one model per reward, dtype, device and options (shared.rewards.multi.reward_identity): entries that
+    # differ only in name, weight, batch size or routing, in this job or another run's, share it
+    models = build_rewards(specs, _device(), built=_models)
     # rewards score synchronously and keep no reference, so the next job may refill the buffer
     images = _pixels.buf = store.get_images(traj.images, out=getattr(_pixels, "buf", None))
     scores = score_specs(models, specs, images, traj.prompts, torch.tensor(traj.group_ids),

@@ -29,6 +29,12 @@ def test_health_and_readiness(redis_url):
     assert r.status_code == 503 and "s3cret" not in r.text and ":***@127.0.0.1" in r.text
 
 
+def test_no_api_document_is_served():
+    """/openapi.json answered an unauthenticated 500 (a locally imported annotation); there is none."""
+    client = TestClient(create_app("redis://127.0.0.1:1/0"))
+    assert [client.get(p).status_code for p in ("/openapi.json", "/docs", "/redoc")] == [404, 404, 404]
+
+
 def test_metrics_count_batches_samples_scores_and_dead_letters(redis_url):
     client = TestClient(create_app(redis_url))
     before = samples(client.get("/metrics").text)

@@ -108,3 +108,25 @@ def test_reward_worker_error_names_the_sample_id():
     job = RewardJob(trajectory=traj, rewards=[s.model_dump(mode="json") for s in _specs()])
     with pytest.raises(RewardOutputError, match=r"rewards\['aesthetic_v2'\].*sample id 'run/e0/g2/k0'"):
         score_job(job)
+
+
+def test_reward_worker_builds_one_model_per_reward_and_options():
+    """Entries differing only in name or weight (another run's, say) share the worker's model; other
+    options get their own (the cache was keyed by the whole entry: a copy per name and weight)."""
+    import services.reward.worker as worker
+
+    store = BlobStore("memory://flowrl-test-worker-cache")
+    ref = store.put_images("run/e0/j0/images", images(2))
+    traj = Trajectory(run_id="run", job_id="run/e0/j0", epoch=0, policy_version=0, sample_ids=["a", "b"],
+                      group_ids=[0, 0], prompts=PROMPTS[:2], sde_steps=[],
+                      store_url="memory://flowrl-test-worker-cache", tensors=ref, images=ref)
+    worker._models.clear()
+    for entries in ([{"reward_model": "brightness", "name": "b1"}],
+                    [{"reward_model": "brightness", "name": "b2", "weight": 0.5},
+                     {"reward_model": "brightness", "name": "b3", "weight": 2.0}]):
+        scored = worker.score_job(RewardJob(trajectory=traj, rewards=entries))
+        assert set(scored.rewards) == {e["name"] for e in entries}
+    assert len(worker._models) == 1
+    worker.score_job(RewardJob(trajectory=traj, rewards=[{"reward_model": "toy_shape_quality", "name": "q"}]))
+    assert len(worker._models) == 2
+    worker._models.clear()
