@@ -586,7 +586,8 @@ class EvalConfig(_Strict):
     guidance_scale: float | None = None  # None = train.guidance_scale
     eval_freq: int = Field(10, ge=0)  # epochs; 0 = only before and after training
     per_device_batch_size: int = Field(16, gt=0)
-    num_prompts: int | None = Field(None, gt=0)  # None = the whole test split
+    # None = the whole test split; with data.datasets, shared among the evaluated sources (trainer.data.eval_subset)
+    num_prompts: int | None = Field(None, gt=0)
     images_per_prompt: int = Field(1, gt=0)  # seeds per prompt (GenEval uses 4)
     seed: int = 0
     # video models: how many of the grid's eval videos are also written as looping GIFs (and logged)

@@ -199,6 +199,11 @@ def _load_whole(transformer, state: dict) -> None:
                 buffers[key].copy_(value)
 
 
+def checkpoint_epoch(path: Path) -> int:
+    """The epochs trained when the checkpoint was written (its ``trainer_state.json``)."""
+    return int(json.loads((Path(path) / "trainer_state.json").read_text())["epoch"])
+
+
 def load_checkpoint_ema(path: Path, policy) -> None:
     """The checkpoint's EMA shadow and the algorithm's snapshots into ``policy`` (this process's
     pieces under FSDP), where both have them; FileNotFoundError for a snapshot the checkpoint lacks."""

@@ -277,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
                 except FileNotFoundError as e:  # --checkpoint is not a flowrl checkpoint
                     print(f"flowrl: {e}", file=sys.stderr)
                     return 2
-                print(json.dumps(result, indent=2))
+                if os.environ.get("RANK", "0") == "0":  # one result, from the process that wrote the grid
+                    print(json.dumps(result, indent=2))
         except DatasetError as e:
             print(f"flowrl: dataset error: {e}", file=sys.stderr)
             return 2

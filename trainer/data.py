@@ -278,3 +278,20 @@ def load_dataset(data_cfg) -> tuple[list[PromptRow], list[PromptRow] | None]:
                                    f"{split}.txt|jsonl to evaluate on. Fix: add one, or set eval.split.")
             held += tag(rows[:src.eval.max_dataset_size] if src.eval.max_dataset_size else rows)
     return train, held or None
+
+
+def eval_subset(rows: list[PromptRow], n: int | None) -> list[PromptRow]:
+    """The held-out rows ``eval.num_prompts`` = ``n`` evaluates (None: all): the first ``n``; with
+    several ``data.datasets`` sources, ``n`` shared among them in turn (each source's first rows), so no
+    evaluated source drops out (the first source's rows alone filled ``n``). The rows keep their order."""
+    if n is None or n >= len(rows):
+        return rows
+    sources = list(dict.fromkeys(r.dataset for r in rows))
+    if len(sources) < 2:
+        return rows[:n]
+    queues = [[i for i, r in enumerate(rows) if r.dataset == s] for s in sources]
+    picked: list[int] = []
+    for k in range(max(len(q) for q in queues)):
+        picked += [q[k] for q in queues if k < len(q)][: n - len(picked)]
+    return [rows[i] for i in sorted(picked)]
+

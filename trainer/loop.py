@@ -37,7 +37,7 @@ from shared.rewards.multi import build_rewards
 from trainer.algorithms import ALGORITHMS, Algorithm, TrainBatch
 from trainer.checkpoint import load_checkpoint_ema, load_checkpoint_weights, save_checkpoint
 from trainer.collect import SEED_STRIDE, EpochData, finish_epoch, plan_epoch
-from trainer.data import check_condition_images, check_reward_rows, load_dataset
+from trainer.data import check_condition_images, check_reward_rows, eval_subset, load_dataset
 from trainer.embeddings import offload_mode, warm_embeddings
 from trainer.evaluate import eval_settings, evaluate
 from trainer.policy import DTYPES, Policy, attach_trainable, trainable_params
@@ -380,7 +380,7 @@ def train(cfg: Config, *, quiet: bool = False, stop: StopRequest | None = None) 
     main = accelerator.is_main_process
     set_seed(t.seed)  # identical initial weights (and LoRA init) on every rank
     train_rows, test_rows = load_dataset(cfg.data)
-    eval_rows = (test_rows or train_rows)[: cfg.eval.num_prompts]
+    eval_rows = eval_subset(test_rows or train_rows, cfg.eval.num_prompts)
     check_reward_rows(cfg.rewards, train_rows)
     eval_section, eval_specs = cfg.evaluation_rewards()
     # the reward the progress bar and sample grids show: the first one trained on (not diversity_shaping's)
@@ -667,15 +667,20 @@ def train(cfg: Config, *, quiet: bool = False, stop: StopRequest | None = None) 
         logger.close()
         if not quiet:
             for spec in eval_specs:
-                print(f"eval reward '{spec.label}': base {summary[f'base/{spec.label}']:.4f} -> "
-                      f"final {summary[f'final/{spec.label}']:.4f}")
+                print(f"eval reward '{spec.label}': base {_score(summary[f'base/{spec.label}'])} -> "
+                      f"final {_score(summary[f'final/{spec.label}'])}")
             for key in detail_keys(evals[-1]):
-                print(f"  {key}: base {summary[f'base/{key}']:.4f} -> final {summary[f'final/{key}']:.4f}")
+                print(f"  {key}: base {_score(summary[f'base/{key}'])} -> final {_score(summary[f'final/{key}'])}")
             print(f"report: {report}  (reward curve: {run_dir / 'reward_curve.png'})")
     _write_rank_state(run_dir, accelerator, policy, data, optimizer)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+def _score(value: float | None) -> str:
+    """A score for the closing lines: 4 decimals, or n/a where no sample had one (None, NaN)."""
+    return "n/a" if value is None or value != value else f"{value:.4f}"
 
 
 def _write_rank_state(run_dir: Path, accelerator: Accelerator, policy: Policy, data: EpochData,
