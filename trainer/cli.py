@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if args.command in ("train", "trainer"):
                 from trainer.loop import train
-                from trainer.preempt import EXIT_STOPPED, Stopped, StopRequest
+                from trainer.preempt import EXIT_INTERRUPTED, EXIT_STOPPED, Stopped, StopRequest
 
                 _enable_faulthandler()
                 code, first = 0, os.environ.get("RANK", "0") == "0"  # the one process that speaks
@@ -265,6 +265,12 @@ def main(argv: list[str] | None = None) -> int:
                             print(f"flowrl: {e}. Continue with: flowrl {args.command} {args.config} "
                                   "--resume auto (same run_name)", file=sys.stderr)
                         code = EXIT_STOPPED
+                    except KeyboardInterrupt:  # Ctrl-C: stop now, one line instead of a traceback per process
+                        if first:
+                            print(f"flowrl: interrupted (Ctrl-C). Continue from the run's newest checkpoint with: "
+                                  f"flowrl {args.command} {args.config} --resume latest (same run_name); SIGTERM "
+                                  f"instead finishes the epoch and writes a checkpoint first", file=sys.stderr)
+                        code = EXIT_INTERRUPTED
                 if (launched_world_size() or 1) > 1:
                     _exit_finished_process(code)
                 if code:

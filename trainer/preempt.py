@@ -22,6 +22,7 @@ import threading
 from pathlib import Path
 
 EXIT_STOPPED = 128 + signal.SIGTERM  # 143
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130: Ctrl-C, as a shell reports it
 
 
 class Stopped(Exception):

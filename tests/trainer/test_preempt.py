@@ -17,7 +17,7 @@ import yaml
 
 from tests.helpers.tiny import tiny_raw
 from tests.trainer.test_resume import FAST, same_tensors, weights
-from trainer.preempt import EXIT_STOPPED, StopRequest
+from trainer.preempt import EXIT_INTERRUPTED, EXIT_STOPPED, StopRequest
 
 ROOT = Path(__file__).resolve().parents[2]
 FLOWRL = [sys.executable, "-m", "trainer.cli"]
@@ -53,13 +53,13 @@ def trained_epochs(run_dir: Path) -> int:
     return sum("train/loss" in json.loads(x) for x in path.read_text().splitlines())
 
 
-def stop_after(cmd: list[str], run_dir: Path, epochs: int) -> subprocess.CompletedProcess:
-    """Run ``cmd`` and send it SIGTERM once ``run_dir`` has logged ``epochs`` trained epochs."""
+def stop_after(cmd: list[str], run_dir: Path, epochs: int, sig: int = signal.SIGTERM) -> subprocess.CompletedProcess:
+    """Run ``cmd`` and send it ``sig`` once ``run_dir`` has logged ``epochs`` trained epochs."""
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while trained_epochs(run_dir) < epochs and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
@@ -86,6 +86,16 @@ def test_sigterm_checkpoints_the_epoch_and_auto_resume_finishes_the_same_run(tmp
     assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 20
     a = weights(tmp_path / "ref" / "runs" / "tiny_grpo" / "checkpoints" / "final")
     assert same_tensors(a, weights(run_dir / "checkpoints" / "final")) == []
+
+
+def test_ctrl_c_stops_at_once_with_one_line_and_status_130(tmp_path):
+    """SIGINT (Ctrl-C) is not a graceful stop: the run ends at once, saying how to continue, without
+    a traceback (under a launcher, one per process)."""
+    run_dir = tmp_path / "runs" / "tiny_grpo"
+    stopped = stop_after(FLOWRL + ["train", str(config(tmp_path, 50))], run_dir, 1, signal.SIGINT)
+    assert stopped.returncode == EXIT_INTERRUPTED == 130, stopped.stderr[-3000:]
+    assert "flowrl: interrupted (Ctrl-C)" in stopped.stderr and "--resume latest" in stopped.stderr
+    assert "Traceback" not in stopped.stderr and trained_epochs(run_dir) < 50
 
 
 def test_sigterm_to_the_launcher_stops_both_processes_after_the_same_epoch(tmp_path):
