@@ -1169,13 +1169,26 @@ def _model_at(loc: list[str]) -> type[BaseModel] | None:
 
 
 class _YamlLoader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-4`` (no dot) as a float, as YAML 1.2 does; plain
-    PyYAML returns the string '1e-4', which would reach ``dict[str, Any]`` options untyped."""
+    """SafeLoader that reads numbers as YAML 1.2 does: ``1e-4`` (no dot) is a float (plain PyYAML returns
+    the string '1e-4', which would reach ``dict[str, Any]`` options untyped), and an integer is decimal
+    unless written ``0o...`` / ``0x...`` (YAML 1.1 read ``0123`` as octal 83 and ``1:30`` as 90)."""
 
 
 _YamlLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
     list("-+0123456789"))
+_INT_12 = re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7_]+|0x[0-9a-fA-F_]+)$")  # (digit separators as YAML 1.1 had them)
+for _first, _resolvers in list(_YamlLoader.yaml_implicit_resolvers.items()):  # (the class's own copy)
+    _YamlLoader.yaml_implicit_resolvers[_first] = [(t, r) for t, r in _resolvers if t != "tag:yaml.org,2002:int"]
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:int", _INT_12, list("-+0123456789"))
+
+
+def _yaml_int(loader: yaml.SafeLoader, node: yaml.Node) -> int:
+    text = loader.construct_scalar(node).replace("_", "")
+    return int(text, 0) if text[:2] in ("0o", "0x") else int(text, 10)
+
+
+_YamlLoader.add_constructor("tag:yaml.org,2002:int", _yaml_int)
 
 
 def _yaml_load(text: str) -> Any:

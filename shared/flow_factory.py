@@ -165,6 +165,7 @@ FF_DEFAULTS: dict[str, Any] = {
     "scheduler.noise_level": 0.7,
     "scheduler.num_sde_steps": 1,
     "train.per_device_batch_size": 1,
+    "train.max_epochs": None,  # runs until stopped (the null handling below)
     "train.gradient_step_per_epoch": 2,
     "train.learning_rate": 1e-5,
     "train.guidance_scale": 3.5,
@@ -353,6 +354,13 @@ def convert(ff: dict) -> tuple[dict, list[str]]:
         flat["model.master_weight_dtype"] = _dtype_name("model.master_weight_dtype", flat["model.master_weight_dtype"])
     _optimizers(ff.get("optimizers"), flat, notes)
     _acceleration(ff.get("acceleration"), flat, notes)
+    if "train.group_size" not in flat:  # Flow-Factory's default, 1, is a group that compares nothing
+        from shared.config import TrainConfig
+
+        flat["train.group_size"] = TrainConfig.model_fields["group_size"].default
+        notes.append(f"train.group_size: absent; Flow-Factory's default is 1, a group of one sample, which no "
+                     f"group-relative advantage can use: flowrl's default {flat['train.group_size']} is written "
+                     f"instead. Set the group size you mean (Flow-GRPO: 24).")
     filled = [k for k in FF_DEFAULTS if k not in flat and not (k == "data.dataset_dir" and "data.datasets" in flat)]
     algo = {f"train.{k}": v for k, v in FF_ALGORITHM_DEFAULTS.get(trainer, {}).items()}
     filled += [k for k in algo if k not in flat]

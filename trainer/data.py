@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 from shared.condition_images import condition_count_error, unreadable_reason
@@ -27,6 +28,7 @@ from shared.registry import edit_distance
 
 ALLOWED_KEYS = {"prompt", "negative_prompt", "image", "images", "video", "videos", "metadata"}
 ROW_KEYS = ALLOWED_KEYS - {"metadata"}  # the columns flowrl itself reads; the rest is metadata
+log = logging.getLogger("flowrl.trainer")
 
 
 class DatasetError(ValueError):
@@ -44,13 +46,27 @@ class PromptRow:
     metadata: str = ""  # its other JSONL columns, as one JSON object text (sorted keys); "" = none
 
 
+def _swapped(a: str, b: str) -> bool:
+    """``a`` is ``b`` with two neighbouring letters swapped (``vidoe``, ``imgae``)."""
+    diff = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
+    return len(a) == len(b) and len(diff) == 2 and diff[1] == diff[0] + 1 and a[diff[0]] == b[diff[1]] \
+        and a[diff[1]] == b[diff[0]]
+
+
 def misspelt(key: str) -> str | None:
-    """The known row key ``key`` looks like a misspelling of (a different case, or at most two
-    edits away, one for keys under six letters), else None. A known key with a prefix or suffix
-    (``prompt_id``, ``videoid``) is a column of its own, not a misspelling."""
+    """The known row key ``key`` looks like a misspelling of (a different case, a plural of a singular
+    key, two neighbouring letters swapped, or at most two edits away, one for keys under six letters),
+    else None. A known key with another prefix or suffix (``prompt_id``, ``videoid``) is a column of its
+    own, not a misspelling."""
     low = key.lower()
     if low in ALLOWED_KEYS:
         return low
+    plural = [k for k in sorted(ALLOWED_KEYS) if low == k + "s"]  # negative_prompts, prompts
+    if plural:
+        return plural[0]
+    swapped = [k for k in sorted(ALLOWED_KEYS) if _swapped(low, k)]
+    if swapped:
+        return swapped[0]
     if any(low.startswith(k) or low.endswith(k) for k in ALLOWED_KEYS):
         return None
     close = [(edit_distance(low, k), k) for k in sorted(ALLOWED_KEYS)]
@@ -208,6 +224,8 @@ def read_split(dataset_dir: str | Path, split: str, max_size: int | None = None,
     jsonl, txt = root / f"{split}.jsonl", root / f"{split}.txt"
     if not jsonl.is_file() and not txt.is_file() and (root / f"{split}_metadata.jsonl").is_file():
         jsonl = root / f"{split}_metadata.jsonl"  # Flow-GRPO's GenEval folder names its splits so
+    if jsonl.is_file() and txt.is_file():
+        log.warning("%s and %s both exist: reading %s only", jsonl, txt.name, jsonl.name)
     if jsonl.is_file():
         rows = [_parse_jsonl_line(ln, f"{jsonl}:{n}") for n, ln in enumerate(_lines(jsonl), 1) if ln.strip()]
     elif txt.is_file():
@@ -265,8 +283,8 @@ def load_dataset(data_cfg) -> tuple[list[PromptRow], list[PromptRow] | None]:
                 raise DatasetError(f"{where}: {str(src.dataset_dir)!r} has no {split}.txt or {split}.jsonl. Fix: add "
                                    f"one, or set train.split to the file's name without its extension.")
             train += tag(mine)
-        if src.eval is not None:
-            rows = read_split(src.dataset_dir, src.eval.split, **media)
+        if src.eval is not None:  # (only the rows evaluated are resolved and checked)
+            rows = read_split(src.dataset_dir, src.eval.split, src.eval.max_dataset_size, **media)
             if rows is None and "split" in src.eval.model_fields_set:  # named on purpose: not a fallback
                 raise DatasetError(f"{where}: {str(src.dataset_dir)!r} has no {src.eval.split}.txt or "
                                    f"{src.eval.split}.jsonl, which eval.split names. Fix: add it, or drop eval.split "

@@ -412,3 +412,13 @@ def test_diversity_shaping_names_one_of_several_rewards_and_std_free_needs_sum()
     assert "is not the name of a reward" in error(raw(rewards=two, train={"diversity_shaping": "diversty"}))
     assert "is the only reward" in error(raw(rewards=two[1:], train={"diversity_shaping": "diversity"}))
     assert "advantage_aggregation: sum" in error(raw(train={"advantage_std": False, "advantage_aggregation": "gdpo"}))
+
+
+def test_numbers_read_as_yaml_1_2():
+    """A leading zero is decimal (YAML 1.1 read --set train.seed=0123 as octal 83), 0o / 0x are octal /
+    hex, 1:30 stays text, digit separators and 1e-4 still work."""
+    from shared.config import _yaml_load
+
+    assert [_yaml_load(t) for t in ("0123", "08", "0o17", "0x1f", "1_000", "1e-4", "1:30", "-7")] == \
+        [123, 8, 15, 31, 1000, 1e-4, "1:30", -7]
+    assert apply_overrides(raw(), ["train.seed=0123"])["train"]["seed"] == 123

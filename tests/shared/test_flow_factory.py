@@ -521,3 +521,16 @@ def test_flow_factory_sections_left_in_a_flowrl_config_are_named():
     assert "ref_guidance_scale" in hint("train.kl_guidance_scale")
     assert "train.keep_checkpoints" in hint("log.checkpoint_retention")
     assert "train.learning_rate" in hint("optimizers") and "model.attn_backend" in hint("acceleration")
+
+
+def test_absent_group_size_and_max_epochs_keep_flow_factorys_meaning():
+    """Left out, Flow-Factory's group_size is 1 (no group to compare: flowrl's 8, with a note) and its
+    max_epochs None (until stopped); both were changed without a note (K=8 for 100 epochs)."""
+    from shared.flow_factory import convert
+
+    ff = {"model": {"model_type": "sd3-5", "model_name_or_path": "x"},
+          "train": {"trainer_type": "grpo", "unique_sample_num_per_epoch": 4, "per_device_batch_size": 4},
+          "rewards": [{"reward_model": "PickScore"}]}
+    out, notes = convert(ff)
+    assert out["train"]["group_size"] == 8 and out["train"]["max_epochs"] == 1_000_000
+    assert any("train.group_size" in n for n in notes) and any("runs until stopped" in n for n in notes)

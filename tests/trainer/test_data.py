@@ -123,10 +123,12 @@ def test_condition_images_checked_against_the_model(tmp_path):
     check_condition_images([rows[1]], "flux1", (0, 0))
 
 
-def test_jsonl_preferred_over_txt(tmp_path):
+def test_jsonl_preferred_over_txt(tmp_path, caplog):
     write(tmp_path / "train.txt", "from txt\n")
     write(tmp_path / "train.jsonl", '{"prompt": "from jsonl"}\n')
-    assert read_split(tmp_path, "train") == [PromptRow("from jsonl")]
+    with caplog.at_level("WARNING", logger="flowrl.trainer"):
+        assert read_split(tmp_path, "train") == [PromptRow("from jsonl")]
+    assert "train.txt both exist: reading train.jsonl only" in caplog.text
 
 
 def test_test_split_read_when_present(tmp_path):
@@ -155,6 +157,8 @@ def test_max_dataset_size_truncates_train_only(tmp_path):
         ('{"prompt": 3}', 'missing or empty "prompt"'),
         ('{"prompt": "x", "promt": "y"}', "unknown key 'promt' (did you mean 'prompt'?)"),
         ('{"prompt": "x", "imges": ["a.png"]}', "unknown key 'imges' (did you mean 'images'?)"),
+        ('{"prompt": "x", "negative_prompts": "ugly"}', "unknown key 'negative_prompts' (did you mean 'negative_prompt'?)"),
+        ('{"prompt": "x", "vidoe": "a.mp4"}', "unknown key 'vidoe' (did you mean 'video'?)"),
         ('{"prompt": "x", "metadata": [1]}', '"metadata" must be a JSON object, got list'),
         ('{"prompt": "x", "tag": "a", "metadata": {"tag": "b"}}', "['tag'] given both as a column and inside"),
         ('["a prompt"]', "expected a JSON object, got list"),

@@ -18,7 +18,7 @@ from shared.rewards.multi import build_rewards, score_specs
 from tests.helpers.tiny import PROMPTS, tiny_raw
 from trainer.advantages import compute_advantages
 from trainer.collect import apportion, plan_epoch
-from trainer.data import load_dataset
+from trainer.data import DatasetError, load_dataset
 
 TOY = ["a photo of a red circle", "a photo of a blue square", "a photo of a green triangle"]
 
@@ -130,6 +130,34 @@ def test_sources_load_tagged_and_each_evaluates_its_test_or_train_split(tmp_path
     assert [r.dataset for r in train] == ["free"] * len(PROMPTS) + ["toy"] * len(TOY)
     # free has a test split (6 prompts); toy has none, so its train prompts are evaluated
     assert [(r.prompt, r.dataset) for r in held] == [(p, "free") for p in PROMPTS[:6]] + [(p, "toy") for p in TOY]
+
+
+def test_apportion_with_a_generator_gives_each_source_its_quota_over_epochs():
+    """Weights 3:1 and 2 groups an epoch: the largest remainder alone gave the second source nothing,
+    ever; drawn with the epoch's generator each source gets its exact quota in expectation."""
+    g = torch.Generator().manual_seed(0)
+    for weights, total in (([3, 1], 2), ([1, 1, 1], 2), ([5, 4], 1)):
+        assert apportion(total, weights)[-1] == 0  # without a generator: never
+        counts = [apportion(total, weights, g) for _ in range(3000)]
+        assert all(sum(c) == total for c in counts)
+        share = [sum(c[i] for c in counts) / (3000 * total) for i in range(len(weights))]
+        assert all(abs(s - w / sum(weights)) < 0.02 for s, w in zip(share, weights)), (weights, share)
+    assert apportion(4, [2, 2], g) == [2, 2]  # exact quotas draw nothing
+
+
+def test_only_the_evaluated_rows_of_a_source_are_checked(tmp_path):
+    """eval.max_dataset_size cuts a source's held-out rows before their media are checked: a bad row
+    that is not evaluated does not stop the run (it did)."""
+    from shared.config import parse_config
+
+    raw = two_sources(tmp_path).model_dump(mode="json", exclude_unset=True)
+    (tmp_path / "toy" / "test.jsonl").write_text('{"prompt": "kept"}\n{"prompt": "cut", "video": "missing.mp4"}\n')
+    raw["data"]["datasets"][1]["eval"] = {"max_dataset_size": 1}
+    _, held = load_dataset(parse_config(raw).data)
+    assert [r.prompt for r in held if r.dataset == "toy"] == ["kept"]
+    raw["data"]["datasets"][1]["eval"] = {"max_dataset_size": 2}
+    with pytest.raises(DatasetError, match="test.jsonl:2"):
+        load_dataset(parse_config(raw).data)
 
 
 def test_train_null_and_eval_null_and_size_caps(tmp_path):

@@ -116,3 +116,11 @@ def test_two_processes_with_different_kept_counts_stay_in_step(tmp_path):
     assert ranks[0]["param_checksum"] == ranks[1]["param_checksum"]
     kept = [m["train/kept_fraction"] for m in metrics(run_dir) if "train/kept_fraction" in m]
     assert len(kept) == 4 and min(kept) < 1, kept
+
+
+@pytest.mark.parametrize("trainer_type", ["grpo", "nft"])
+def test_a_date_like_seed_trains(tmp_path, trainer_type):
+    """Derived sample and re-noising seeds exceed 2**64 from train.seed 18283 on: they are reduced
+    (a seed such as 20240101 stopped the first rollout with an overflow)."""
+    summary = train(tiny_config(tmp_path, trainer_type, ["train.seed=20240101", "train.max_epochs=1"]), quiet=True)
+    assert summary["epochs"] == 1
