@@ -125,6 +125,9 @@ def celery_config(settings: QueueSettings) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "task_time_limit": settings.task_time_limit_s,
+        # before the hard limit kills the task (and Celery acks it: lost without a word), the soft one raises
+        # SoftTimeLimitExceeded inside it, which guarded_task dead-letters: the trainer hears of it
+        "task_soft_time_limit": max(settings.task_time_limit_s - 60, 0.9 * settings.task_time_limit_s),
         "task_routes": {TASK_SAMPLE: {"queue": settings.queue(QUEUE_SAMPLE)},
                         TASK_REWARD: {"queue": settings.queue(QUEUE_REWARD)}},
         "task_default_queue": settings.queue(QUEUE_SAMPLE),

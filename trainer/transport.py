@@ -312,6 +312,7 @@ class CeleryTransport:
         if self.state.marked(self.token):
             return  # the data survived (persistence, or only the connection dropped)
         self.state.mark(self.token)
+        self.dead_letters_seen = 0  # the run's dead-letter list starts again, empty (those seen are kept)
         if self.published is not None:
             self.state.publish(self.published)
         resent = 0
@@ -388,6 +389,8 @@ class CeleryTransport:
         self.outstanding.pop(pending.plan.epoch, None)
         self._record(pending, got, rows)
         samples = self._assemble(pending, got, rows)
+        for batch, _ in got.values():  # (also the rows another process's losses cut: read, not trained)
+            self.loaded.pop(batch.trajectory.tensors.uri, None)
         samples.metrics.update({"queue/collect_seconds": time.monotonic() - pending.sent_at,
                                 "queue/duplicates_total": float(self.duplicates),
                                 "queue/dropped_samples": float(len(dropped))})

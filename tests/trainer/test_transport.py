@@ -361,3 +361,36 @@ def test_prometheus_counts_every_trainer_process_duplicates():
     assert prom.registry.get_sample_value("flowrl_trainer_duplicate_scores_total") == 5
     prom.observe_epoch({**row, "train/optimizer_step": 3}, 4, transport)  # no queue metric: the transport's
     assert prom.registry.get_sample_value("flowrl_trainer_duplicate_scores_total") == 5  # (1, already counted)
+
+
+def test_dead_letters_written_after_redis_lost_the_run_are_read(celery_setup, capture):
+    """Redis restarted empty: the run's dead-letter list starts again, and the letters written after it
+    are read (the count of letters seen before was used as an offset into the new list, so the first
+    ones were skipped and the epoch waited queue.collect_timeout_s)."""
+    cfg, adapter, transport, rows = celery_setup
+    capture(transport)
+    first = transport.dispatch(plan_epoch(cfg, rows, 0, 0, 1), 0)
+    dead_letter(transport, first, "run1/e0/j1")
+    transport.state.push_scored(scored_for(cfg, adapter, transport, first, "run1/e0/j0"))
+    assert transport.collect(first).rows == [0, 1] and transport.dead_letters_seen == 1
+    second = transport.dispatch(plan_epoch(cfg, rows, 1, 0, 1), 1)
+    transport.state.clear()  # Redis restarted without persistence (this run's keys only)
+    transport._recover()  # (what the first Redis call after the outage runs)
+    dead_letter(transport, second, "run1/e1/j1")
+    transport.state.push_scored(scored_for(cfg, adapter, transport, second, "run1/e1/j0"))
+    assert transport.collect(second).rows == [0, 1]
+
+
+def test_rows_another_process_cut_are_not_kept_loaded(celery_setup, capture):
+    """Rows trimmed to the fewest any process has are read but not trained: their trajectories are let
+    go with the epoch's (they stayed loaded, one more per epoch)."""
+    cfg, adapter, transport, rows = celery_setup
+    capture(transport)
+    transport.agree = lambda n: n - 2  # another trainer process lost a group
+    for epoch in range(3):
+        pending = transport.dispatch(plan_epoch(cfg, rows, epoch, 0, 1), epoch)
+        for job in pending.jobs:
+            transport.state.push_scored(scored_for(cfg, adapter, transport, pending, job))
+        transport.collect(pending)
+        transport.epoch_done(epoch)
+        assert transport.loaded == {}
