@@ -217,6 +217,14 @@ class RunState:
         self.redis.expire(key, 7 * 24 * 3600)
         return n
 
+    # -- the trainer's start (see RunKeys.generation)
+    def set_generation(self, generation: str) -> None:
+        self.redis.set(self.keys.generation, generation)
+
+    def generation(self) -> str:
+        raw = self.redis.get(self.keys.generation)
+        return "" if raw is None else raw.decode()
+
     # -- data-loss detection (see RunKeys.alive)
     def mark(self, token: str) -> None:
         self.redis.set(self.keys.alive_for(self.rank), token)

@@ -51,13 +51,15 @@ def _transient(exc: BaseException) -> bool:
 
 def guarded_task(app, settings: QueueSettings, name: str, message_type, body: Callable, *,
                  job_id: Callable, sample_ids: Callable, run_id: Callable,
-                 delivery_key: Callable | None = None, on_dead_letter: Callable[[], None] | None = None):
+                 delivery_key: Callable | None = None, on_dead_letter: Callable[[], None] | None = None,
+                 generation: Callable = lambda message: ""):
     """Register ``body`` as task ``name`` with the failure policy of the module docstring.
 
     ``job_id`` / ``sample_ids`` / ``run_id`` read the job id, its sample ids and
     ``(run_id, key_prefix)`` from a parsed message (for dead letters); ``delivery_key`` (default
     ``job_id``) names what one delivery is of, for the redelivery cap; ``on_dead_letter()`` runs
-    after every dead letter written.
+    after every dead letter written; ``generation`` reads the trainer start the job is of (for the
+    letter: a resumed trainer ignores an earlier start's).
     """
     delivery_key = delivery_key or job_id
     counted = on_dead_letter or (lambda: None)
@@ -85,7 +87,7 @@ def guarded_task(app, settings: QueueSettings, name: str, message_type, body: Ca
             log.error("%s %s: giving up: %s", name, job_id(message), error)
             state.dead_letter(DeadLetter(run_id=run_id(message)[0], task=name,
                                          job_id=job_id(message), sample_ids=sample_ids(message),
-                                         error=error, attempts=attempt + starts))
+                                         error=error, attempts=attempt + starts, generation=generation(message)))
             counted()
 
         if starts > settings.max_deliveries:

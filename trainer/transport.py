@@ -192,8 +192,15 @@ class CeleryTransport:
             from trainer.resume import truncate_jsonl
 
             truncate_jsonl(self.ledger, lambda r: r["epoch"] < resume_epoch)
+        # this start's id, on every job, policy, trajectory and dead letter: what an earlier start of the
+        # trainer left in the queue (it died; this one resumes) is told apart and ignored
+        self.generation = self.token[:12] if rank == 0 else ""
+        if rank == 0:
+            self._redis(lambda: self.state.set_generation(self.generation), "writing the trainer's start")
         if barrier is not None:
             barrier()  # rank 0 has cleared a fresh run's keys before any rank marks or sends
+        if rank != 0:
+            self.generation = self._redis(self.state.generation, "reading the trainer's start")
         self._redis(lambda: self.state.mark(self.token), "marking the run alive")
 
     # ------------------------------------------------------------------ weights
@@ -212,7 +219,7 @@ class CeleryTransport:
                                      durable=True)
         message = PolicyPublished(run_id=self.run_id, version=version, weights=ref,
                                   finetune_type=self.cfg.model.finetune_type,
-                                  published_at=time.time())
+                                  published_at=time.time(), generation=self.generation)
         self.published = message
         self._redis(lambda: self.state.publish(message), f"publishing policy v{version}")
         if version >= 2:  # keep the previous version: samplers may still be loading it
@@ -244,7 +251,7 @@ class CeleryTransport:
                 model=self.cfg.model.model_dump(mode="json"), model_seed=t.seed,
                 store_url=self.store.url,
                 rewards=spec_dicts(self.cfg.rewards), key_prefix=self.cfg.queue.key_prefix,
-                trainer_rank=self.rank)
+                trainer_rank=self.rank, generation=self.generation)
             pending_messages[job.job_id] = job.model_dump_json()
             jobs[job.job_id] = [ids[r] for r in rows]
         pending = _Pending(plan, ids, jobs, time.monotonic(), pending_messages)
@@ -312,6 +319,8 @@ class CeleryTransport:
         if self.state.marked(self.token):
             return  # the data survived (persistence, or only the connection dropped)
         self.state.mark(self.token)
+        if self.rank == 0:
+            self.state.set_generation(self.generation)
         self.dead_letters_seen = 0  # the run's dead-letter list starts again, empty (those seen are kept)
         if self.published is not None:
             self.state.publish(self.published)
@@ -356,7 +365,8 @@ class CeleryTransport:
                         f"on {q.broker_url}?")
                 continue
             kept = False
-            stale = batch.trajectory.epoch < self.first_epoch  # trained before a resume
+            # trained before a resume, or sampled for an earlier start of the trainer (its plan and weights)
+            stale = batch.trajectory.epoch < self.first_epoch or self._foreign(batch.trajectory.generation)
             for row, sid in enumerate(batch.trajectory.sample_ids):
                 if stale or sid in got or sid in self.scored_ids or sid in self.buffer:
                     self.duplicates += 1  # a redelivered task scored it again: keep the first
@@ -411,6 +421,10 @@ class CeleryTransport:
                     "sampler": batch.trajectory.worker, "scorer": batch.worker,
                     "rewards": {k: v[row] for k, v in batch.rewards.items()}}) + "\n")
 
+    def _foreign(self, generation: str) -> bool:
+        """Of another start of the trainer (an empty id, from an older flowrl, counts as this one's)."""
+        return bool(generation) and bool(self.generation) and generation != self.generation
+
     def _check_dead_letters(self, pending: _Pending, missing: set[str]) -> list[str]:
         """Sample ids of ``pending`` to drop: every member of each prompt group that lost a
         sample to a dead-lettered task (or raise, with ``queue.on_dead_letter: stop``)."""
@@ -420,6 +434,8 @@ class CeleryTransport:
         drop: list[str] = []
         group_of = dict(zip(pending.ids, pending.plan.group_ids))
         for letter in self.letters:
+            if self._foreign(letter.generation):  # an earlier start's task: this one dispatched its work anew
+                continue
             lost = missing.intersection(letter.sample_ids) - set(drop)
             if not lost:  # (a dead copy of a job whose other delivery arrived loses nothing)
                 continue

@@ -88,7 +88,7 @@ def _dead_letter() -> None:
 
 
 reward = guarded_task(app, settings, TASK_REWARD, RewardJob, _reward,
-                      job_id=lambda j: j.trajectory.job_id,
+                      job_id=lambda j: j.trajectory.job_id, generation=lambda j: j.trajectory.generation,
                       sample_ids=lambda j: j.trajectory.sample_ids,
                       run_id=lambda j: (j.trajectory.run_id, j.key_prefix),
                       # a re-sampled job is a new trajectory: count deliveries per trajectory

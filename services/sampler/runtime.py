@@ -83,10 +83,12 @@ class SamplerRuntime:
         self.adapter, self.model_key, self.version = adapter, key, None
 
     def ensure_policy(self, state: RunState, job: SampleJob) -> PolicyPublished:
-        """Wait until a version >= ``job.min_policy_version`` is published; load it if newer."""
+        """Wait until a version >= ``job.min_policy_version`` is published; load it if newer.
+        :class:`StaleJob` when the run's policy comes from another start of the trainer than the job."""
         deadline = time.monotonic() + self.policy_wait_s
         while True:
             published = state.policy()
+            stale_check(job, published)
             if published is not None and published.version >= job.min_policy_version:
                 break
             if time.monotonic() > deadline:
@@ -114,6 +116,7 @@ class SamplerRuntime:
 
     def run(self, job: SampleJob, state: RunState, attempt: int = 0) -> Trajectory:
         t0 = time.perf_counter()
+        stale_check(job, state.policy())  # before loading anything for it
         self.ensure_model(job.model, job.model_seed)
         published = self.ensure_policy(state, job)
         items, bs = job.items, job.params.batch_size
@@ -132,6 +135,19 @@ class SamplerRuntime:
             writer.abort()
             raise
         return writer.finish(published.version, worker=self.name, seconds=time.perf_counter() - t0)
+
+
+class StaleJob(Exception):
+    """The job was dispatched by an earlier start of the run's trainer (it died; a resumed one now
+    publishes): its plan and weights are gone, and the resumed trainer dispatches that work again."""
+
+
+def stale_check(job: SampleJob, published: PolicyPublished | None) -> None:
+    """Raise :class:`StaleJob` when ``published`` comes from another trainer start than ``job``."""
+    if published is not None and job.generation and published.generation and published.generation != job.generation:
+        raise StaleJob(f"job {job.job_id} of run {job.run_id!r} was dispatched by an earlier start of its trainer "
+                       f"(generation {job.generation}; the run's trainer now is {published.generation}): skipped, "
+                       f"the resumed trainer dispatches its samples again")
 
 
 _END, _ABORT = object(), object()
@@ -196,6 +212,7 @@ class TrajectoryWriter:
             group_ids=[i.group_id for i in items], prompts=[i.prompt for i in items],
             sde_steps=self.sde_steps, store_url=self.job.store_url, tensors=self._refs["tensors"],
             images=self._refs["images"], worker=worker, seconds=seconds, trainer_rank=self.job.trainer_rank,
+            generation=self.job.generation,
             datasets=[i.dataset for i in items] if any(i.dataset for i in items) else [],
             metadata=[i.metadata for i in items] if any(i.metadata for i in items) else [],
             condition_images=[list(i.images) for i in items] if any(i.images for i in items) else [])

@@ -18,12 +18,14 @@ trainer reads and reports: nothing fails silently.
 
 from __future__ import annotations
 
+import logging
 import os
 
 from shared.protocol import QUEUE_REWARD, TASK_REWARD, TASK_SAMPLE, RewardJob, SampleJob
 from shared.queue import QueueSettings, make_celery
 from shared.tasks import guarded_task
 
+log = logging.getLogger("flowrl.sampler")
 settings = QueueSettings()
 app = make_celery(settings, name="flowrl-sampler")
 _runtime = None
@@ -42,8 +44,13 @@ def runtime():
 
 def _sample(task, job: SampleJob, state, attempt: int) -> None:
     from services.sampler.app import observe_job
+    from services.sampler.runtime import StaleJob
 
-    trajectory = runtime().run(job, state, attempt=attempt)
+    try:
+        trajectory = runtime().run(job, state, attempt=attempt)
+    except StaleJob as e:  # a dead trainer's job: acknowledged, nothing sampled
+        log.warning("%s", e)
+        return
     observe_job(len(trajectory.sample_ids), trajectory.seconds, trajectory.policy_version)
     reward_job = RewardJob(trajectory=trajectory, rewards=job.rewards, key_prefix=job.key_prefix)
     task.app.send_task(TASK_REWARD, args=[reward_job.model_dump_json()],
@@ -58,4 +65,5 @@ def _dead_letter() -> None:
 
 sample = guarded_task(app, settings, TASK_SAMPLE, SampleJob, _sample,
                       job_id=lambda j: j.job_id, sample_ids=lambda j: [i.sample_id for i in j.items],
+                      generation=lambda j: j.generation,
                       run_id=lambda j: (j.run_id, j.key_prefix), on_dead_letter=_dead_letter)

@@ -130,6 +130,9 @@ class SampleJob(Message):
     # the trainer process (accelerate rank) that dispatched the job: its scores go to that process's
     # list (``RunKeys.scored_for``)
     trainer_rank: int = Field(0, ge=0)
+    # the trainer start that dispatched it (its PolicyPublished.generation; "" = unknown): a job left in
+    # the queue by a trainer that died is skipped once a resumed one has published
+    generation: str = ""
 
 
 class Trajectory(Message):
@@ -158,6 +161,7 @@ class Trajectory(Message):
     worker: str = ""
     seconds: float = 0.0
     trainer_rank: int = Field(0, ge=0)  # the job's (where its scores go)
+    generation: str = ""  # the job's (SampleJob.generation): a trainer discards another start's trajectories
     datasets: list[str] = Field(default_factory=list)  # [] or each sample's data.datasets source
     metadata: list[str] = Field(default_factory=list)  # [] or each sample's SampleItem.metadata
 
@@ -224,6 +228,9 @@ class PolicyPublished(Message):
     weights: BlobRef
     finetune_type: Literal["lora", "full"]
     published_at: float
+    # which start of the trainer published it (a fresh id each start, a resume included; "" = unknown):
+    # samplers skip jobs of another start (SampleJob.generation)
+    generation: str = ""
 
 
 class DeadLetter(Message):
@@ -235,3 +242,4 @@ class DeadLetter(Message):
     sample_ids: list[str]
     error: str
     attempts: int
+    generation: str = ""  # the task's job's (SampleJob.generation): a resumed trainer ignores an earlier start's

@@ -35,7 +35,9 @@ class RunKeys:
     * ``deliveries:{job_id}``: how many times a task for that job was started (redelivery cap);
     * ``alive``: a token the trainer writes at start; its absence later means Redis lost the
       run's data (restarted without persistence), so the trainer re-publishes and re-dispatches
-      (one per trainer process, :meth:`alive_for`).
+      (one per trainer process, :meth:`alive_for`);
+    * ``generation``: the id of the trainer's current start (rank 0 writes it, the other processes
+      read it), which its jobs, policies and their trajectories and dead letters carry.
     """
 
     def __init__(self, run_id: str, prefix: str = DEFAULT_KEY_PREFIX) -> None:
@@ -48,6 +50,7 @@ class RunKeys:
         self.policy = f"{base}:policy"
         self.dead = f"{base}:dead"
         self.alive = f"{base}:alive"
+        self.generation = f"{base}:generation"
         self.base = base
 
     def scored_for(self, rank: int) -> str:

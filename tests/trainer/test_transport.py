@@ -394,3 +394,55 @@ def test_rows_another_process_cut_are_not_kept_loaded(celery_setup, capture):
         transport.collect(pending)
         transport.epoch_done(epoch)
         assert transport.loaded == {}
+
+
+def test_a_resumed_trainer_ignores_what_its_earlier_start_left(celery_setup, capture, tmp_path):
+    """The trainer died after a task was dead-lettered (on_dead_letter: stop) and another finished; the
+    resumed one (a new start: a new generation) dispatches the epoch again. The earlier start's letter
+    stopped the resumed run at once, and its trajectory (the dead trainer's weights) was trained."""
+    cfg, adapter, transport, rows = celery_setup
+    capture(transport)
+    cfg.queue.on_dead_letter = "stop"
+    first = transport.dispatch(plan_epoch(cfg, rows, 0, 0, 1), 0)
+    late = scored_for(cfg, adapter, transport, first, "run1/e0/j0", reward=0.9)
+    transport.state.dead_letter(DeadLetter(run_id="run1", task="flowrl.sample", job_id="run1/e0/j1",
+                                           sample_ids=first.jobs["run1/e0/j1"], attempts=3,
+                                           error="reward server unreachable", generation=transport.generation))
+    again = CeleryTransport(cfg, adapter, transport.policy, ALGORITHMS.get("grpo")(cfg), "run1", run_dir=tmp_path,
+                            resume_epoch=0)
+    capture(again)
+    assert again.generation and again.generation != transport.generation
+    pending = again.dispatch(plan_epoch(cfg, rows, 0, 0, 1), 0)
+    assert all(SampleJob.model_validate_json(m).generation == again.generation for m in again.sent)
+    again.state.push_scored(late)
+    for job in pending.jobs:
+        again.state.push_scored(scored_for(cfg, adapter, again, pending, job, reward=0.2))
+    samples = again.collect(pending)
+    assert samples.rows is None and torch.equal(samples.rewards["brightness"], torch.full((len(pending.ids),), 0.2))
+    assert again.duplicates == len(first.jobs["run1/e0/j0"])  # the earlier start's samples, not trained
+
+
+def test_a_sampler_skips_a_job_of_an_earlier_start_of_the_trainer(monkeypatch):
+    """Once a resumed trainer has published, a job its dead predecessor left in the queue is skipped
+    before anything is loaded for it (it waited for a policy version that never came, 600 s a job)."""
+    from services.sampler.runtime import SamplerRuntime, StaleJob, stale_check
+    from shared.protocol import BlobRef, PolicyPublished
+
+    def job(generation):
+        return SampleJob.model_validate({"run_id": "run1", "job_id": "run1/e3/j0", "epoch": 3, "min_policy_version": 5,
+                                         "items": [{"sample_id": "run1/e3/g0/k0", "prompt": "p", "group_id": 0, "seed": 1}],
+                                         "params": {"num_inference_steps": 4, "guidance_scale": 1.0, "resolution": [16, 16],
+                                                    "dynamics": "ODE", "noise_level": 0.0, "sde_steps": [], "batch_size": 1},
+                                         "model": {}, "store_url": "memory://x",
+                                         "rewards": [{"reward_model": "brightness"}], "generation": generation})
+
+    published = PolicyPublished(run_id="run1", version=3, weights=BlobRef(uri="memory://x/v3", sha256="0" * 64, nbytes=1),
+                                finetune_type="lora", published_at=0.0, generation="new")
+    runtime = SamplerRuntime(policy_wait_s=1)
+    monkeypatch.setattr(runtime, "ensure_model", lambda *a: pytest.fail("loaded a model for a stale job"))
+    state = type("State", (), {"policy": staticmethod(lambda: published)})()
+    with pytest.raises(StaleJob, match="dispatched by an earlier start of its trainer"):
+        runtime.run(job("old"), state)
+    for same in ("new", ""):  # its own start's job, or one from an older flowrl: not skipped
+        stale_check(job(same), published)
+    stale_check(job("old"), None)  # nothing published yet: it waits, as before
