@@ -1177,7 +1177,7 @@ class _YamlLoader(yaml.SafeLoader):
 _YamlLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
     list("-+0123456789"))
-_INT_12 = re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7_]+|0x[0-9a-fA-F_]+)$")  # (digit separators as YAML 1.1 had them)
+_INT_12 = re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7][0-7_]*|0x[0-9a-fA-F][0-9a-fA-F_]*)$")  # (digit separators as YAML 1.1 had them)
 for _first, _resolvers in list(_YamlLoader.yaml_implicit_resolvers.items()):  # (the class's own copy)
     _YamlLoader.yaml_implicit_resolvers[_first] = [(t, r) for t, r in _resolvers if t != "tag:yaml.org,2002:int"]
 _YamlLoader.add_implicit_resolver("tag:yaml.org,2002:int", _INT_12, list("-+0123456789"))

@@ -34,15 +34,16 @@ WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 def rgb(image: Image.Image) -> Image.Image:
-    """``image`` as 8-bit RGB. PIL's ``convert("RGB")`` clips a 16-bit grayscale image (``I;16``) to 255
-    instead of scaling it, so mid-gray came out white; those are scaled from 16 bits (``v / 257``)."""
+    """``image`` as a new, loaded 8-bit RGB image (its pixels outlive the file it was opened from). PIL's
+    ``convert("RGB")`` clips a 16-bit grayscale image (``I;16``) to 255 instead of scaling it, so mid-gray
+    came out white; those are scaled from 16 bits (``v / 257``)."""
     if image.mode in WIDE_MODES:
         gray = np.asarray(image).astype(np.float64)
         gray = np.clip(np.round(gray / 257.0), 0, 255).astype(np.uint8)
         return Image.fromarray(np.repeat(gray[..., None], 3, axis=2))
     if image.mode == "F":
         raise ValueError("a 32-bit floating-point image (PIL mode F) has no agreed range; send 8- or 16-bit images")
-    return image if image.mode == "RGB" else image.convert("RGB")
+    return image.convert("RGB")  # (a copy for an RGB image too)
 
 
 def decode_image(data: bytes) -> torch.Tensor:

@@ -99,7 +99,7 @@ def epoch_plan(num_prompts: int, geo: BatchGeometry, seed: int, epoch: int, rank
     more groups than there are prompts), so duplicate prompt texts still form separate groups.
     ``sources`` (``data.datasets``): the rows come from several sources by weight (:func:`mixed_order`).
     """
-    g = torch.Generator().manual_seed((seed * SEED_STRIDE + epoch) % 2**63)
+    g = torch.Generator().manual_seed((seed * SEED_STRIDE + epoch) % 2**64)
     if sources is None:
         order = repeated_permutation(num_prompts, geo.groups_per_epoch, g)
     else:

@@ -107,7 +107,7 @@ class KLGateState:
     def mask(self, proxy: torch.Tensor, auxiliary: list[torch.Tensor],
              seed: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
         """The global batch's gate (``[N]`` bool) and its metrics; ``seed`` orders tied scores."""
-        u = uncertainty(proxy, auxiliary, torch.Generator().manual_seed(seed % 2**63))
+        u = uncertainty(proxy, auxiliary, torch.Generator().manual_seed(seed % 2**64))
         nonneg = u[u >= 0]
         mean_gap = float(nonneg.mean()) if nonneg.numel() else 0.0
         fraction = self.compensator.update(mean_gap)

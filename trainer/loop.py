@@ -177,7 +177,7 @@ def schedule_steps(cfg: Config) -> int:
 def train_order(data: EpochData, seed: int,
                 order: Callable[[EpochData, torch.Generator], torch.Tensor | None] | None = None) -> torch.Tensor:
     """The rows of this rank's epoch in training order: a seeded shuffle, or ``order``'s choice."""
-    g = torch.Generator().manual_seed(seed % 2**63)
+    g = torch.Generator().manual_seed(seed % 2**64)
     perm = order(data, g) if order is not None else None
     return torch.randperm(data.advantages.shape[0], generator=g) if perm is None else perm
 

@@ -72,7 +72,7 @@ class PretrainMix:
     def loss(self, policy, seed: int) -> torch.Tensor:
         """The flow-matching loss of the current policy on ``ptx_batch_size`` pairs drawn with
         ``seed`` (with gradients; the training loop weights it by ``ptx_coef``)."""
-        g = torch.Generator().manual_seed(seed % 2**63)
+        g = torch.Generator().manual_seed(seed % 2**64)
         idx = torch.randint(len(self), (self.batch_size,), generator=g)
         x0 = self.latents[idx]
         sigma = logit_normal_sigmas(self.batch_size, g)

@@ -168,6 +168,9 @@ async def until_client_leaves(request: Request, scoring):
     watcher = asyncio.ensure_future(gone())
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # the handler itself was cancelled (shutdown): so is its request
+        task.cancel()
+        raise
     finally:
         watcher.cancel()
     if not task.done():

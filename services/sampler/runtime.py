@@ -88,8 +88,10 @@ class SamplerRuntime:
         deadline = time.monotonic() + self.policy_wait_s
         while True:
             published = state.policy()
-            stale_check(job, published)
-            if published is not None and published.version >= job.min_policy_version:
+            stale_check(job, state.generation())  # (each poll: a resumed trainer may start meanwhile)
+            mine = not (job.generation and published is not None and published.generation
+                        and published.generation != job.generation)  # (else its trainer has not published yet)
+            if published is not None and mine and published.version >= job.min_policy_version:
                 break
             if time.monotonic() > deadline:
                 have = None if published is None else published.version
@@ -116,7 +118,7 @@ class SamplerRuntime:
 
     def run(self, job: SampleJob, state: RunState, attempt: int = 0) -> Trajectory:
         t0 = time.perf_counter()
-        stale_check(job, state.policy())  # before loading anything for it
+        stale_check(job, state.generation())  # before loading anything for it
         self.ensure_model(job.model, job.model_seed)
         published = self.ensure_policy(state, job)
         items, bs = job.items, job.params.batch_size
@@ -142,12 +144,15 @@ class StaleJob(Exception):
     publishes): its plan and weights are gone, and the resumed trainer dispatches that work again."""
 
 
-def stale_check(job: SampleJob, published: PolicyPublished | None) -> None:
-    """Raise :class:`StaleJob` when ``published`` comes from another trainer start than ``job``."""
-    if published is not None and job.generation and published.generation and published.generation != job.generation:
+def stale_check(job: SampleJob, current: str) -> None:
+    """Raise :class:`StaleJob` when the run's trainer start now (``current``, :meth:`RunState.generation`:
+    written before that start dispatches anything) is another than the one that dispatched ``job``. A
+    policy published by another start than the job's is not stale but early: the job's trainer (a
+    resumed one whose first process has not published yet) is waited for."""
+    if job.generation and current and job.generation != current:
         raise StaleJob(f"job {job.job_id} of run {job.run_id!r} was dispatched by an earlier start of its trainer "
-                       f"(generation {job.generation}; the run's trainer now is {published.generation}): skipped, "
-                       f"the resumed trainer dispatches its samples again")
+                       f"(generation {job.generation}; the run's trainer now is {current}): skipped, the resumed "
+                       f"trainer dispatches its samples again")
 
 
 _END, _ABORT = object(), object()

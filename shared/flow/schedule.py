@@ -147,7 +147,7 @@ def select_sde_steps(
         if num < 1:
             raise ValueError(f"num must be >= 1 (or None for all candidates), got {num}")
         if num < len(chosen):
-            gen = torch.Generator().manual_seed(int(seed) % 2**63)
+            gen = torch.Generator().manual_seed(int(seed) % 2**64)
             perm = torch.randperm(len(chosen), generator=gen)[:num].tolist()
             chosen = [chosen[j] for j in perm]
     return sorted(chosen)

@@ -7,12 +7,13 @@ one Redis without touching each other's data.
 
 from __future__ import annotations
 
-PROTOCOL_VERSION = 8  # 2: BlobRef digests may be xxh3_128 instead of sha256; 3: SampleItem.images; 4: Trajectory.condition_images;
+PROTOCOL_VERSION = 9  # 2: BlobRef digests may be xxh3_128 instead of sha256; 3: SampleItem.images; 4: Trajectory.condition_images;
 # 5: SampleJob / Trajectory.trainer_rank (the trainer process a job's scores go back to), SampleItem.dataset /
 # Trajectory.datasets (each sample's data.datasets source, for rewards[].datasets), SampleItem.init_seed
 # 6: SamplingParams.autocast (samplers roll out under the trainer's mixed precision)
 # 7: SampleItem.metadata / Trajectory.metadata (each sample's dataset row metadata, for rewards that read it)
 # 8: SamplingParams.tail_solver / tail_ratio (the ODE steps after the last SDE step on a coarser grid)
+# 9: SampleJob / Trajectory / PolicyPublished / DeadLetter.generation (the trainer start they are of)
 
 # Celery queues and task names
 QUEUE_SAMPLE = "sample"

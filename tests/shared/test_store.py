@@ -166,3 +166,25 @@ def test_get_images_refills_a_buffer_that_fits(store):
     assert again is buf and torch.equal(buf, (b * 255).round() / 255)
     other = store.get_images(store.put_images("run/c.safetensors", torch.rand(1, 3, 4, 5)), out=buf)
     assert other is not buf and other.shape == (1, 3, 4, 5)
+
+
+def test_images_open_whole_from_a_path_bytes_or_pil_whatever_their_mode(tmp_path):
+    """Condition images open as loaded RGB copies that outlive their file (an RGB file came back closed
+    and unloaded for a moment: unreadable), and a 16-bit grayscale one is scaled, not clipped to white."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from shared.condition_images import open_image
+
+    rgb = np.random.default_rng(0).integers(0, 256, (6, 5, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "a.png")
+    Image.fromarray(rgb).save(tmp_path / "a.jpg", quality=95)
+    Image.fromarray(np.full((4, 4), 32768, np.uint16)).save(tmp_path / "gray16.png")
+    assert np.array_equal(np.asarray(open_image(tmp_path / "a.png")), rgb)
+    assert np.asarray(open_image((tmp_path / "a.png").read_bytes())).shape == (6, 5, 3)
+    assert np.asarray(open_image(str(tmp_path / "a.jpg"))).shape == (6, 5, 3)
+    pil = Image.open(io.BytesIO((tmp_path / "a.png").read_bytes()))
+    assert np.array_equal(np.asarray(open_image(pil)), rgb)
+    assert np.asarray(open_image(tmp_path / "gray16.png")).tolist()[0][0] == [128, 128, 128]

@@ -423,26 +423,47 @@ def test_a_resumed_trainer_ignores_what_its_earlier_start_left(celery_setup, cap
 
 
 def test_a_sampler_skips_a_job_of_an_earlier_start_of_the_trainer(monkeypatch):
-    """Once a resumed trainer has published, a job its dead predecessor left in the queue is skipped
-    before anything is loaded for it (it waited for a policy version that never came, 600 s a job)."""
+    """Once a resumed trainer has started (its id in Redis, written before it dispatches), a job its dead
+    predecessor left in the queue is skipped before anything is loaded for it (it waited for a policy
+    version that never came, 600 s a job). A job of the new start that arrives while the old start's
+    policy is still the published one (the first process still writing the weights) waits for its own."""
     from services.sampler.runtime import SamplerRuntime, StaleJob, stale_check
     from shared.protocol import BlobRef, PolicyPublished
 
     def job(generation):
-        return SampleJob.model_validate({"run_id": "run1", "job_id": "run1/e3/j0", "epoch": 3, "min_policy_version": 5,
+        return SampleJob.model_validate({"run_id": "run1", "job_id": "run1/e3/j0", "epoch": 3, "min_policy_version": 3,
                                          "items": [{"sample_id": "run1/e3/g0/k0", "prompt": "p", "group_id": 0, "seed": 1}],
                                          "params": {"num_inference_steps": 4, "guidance_scale": 1.0, "resolution": [16, 16],
                                                     "dynamics": "ODE", "noise_level": 0.0, "sde_steps": [], "batch_size": 1},
                                          "model": {}, "store_url": "memory://x",
                                          "rewards": [{"reward_model": "brightness"}], "generation": generation})
 
-    published = PolicyPublished(run_id="run1", version=3, weights=BlobRef(uri="memory://x/v3", sha256="0" * 64, nbytes=1),
-                                finetune_type="lora", published_at=0.0, generation="new")
-    runtime = SamplerRuntime(policy_wait_s=1)
+    def published(version, generation):
+        return PolicyPublished(run_id="run1", version=version, finetune_type="lora", published_at=0.0,
+                               weights=BlobRef(uri=f"memory://x/v{version}", sha256="0" * 64, nbytes=1),
+                               generation=generation)
+
+    class State:
+        def __init__(self, policies):
+            self.policies = policies
+
+        def generation(self):
+            return "new"
+
+        def policy(self):
+            return self.policies.pop(0) if len(self.policies) > 1 else self.policies[0]
+
+    runtime = SamplerRuntime(policy_wait_s=5)
     monkeypatch.setattr(runtime, "ensure_model", lambda *a: pytest.fail("loaded a model for a stale job"))
-    state = type("State", (), {"policy": staticmethod(lambda: published)})()
     with pytest.raises(StaleJob, match="dispatched by an earlier start of its trainer"):
-        runtime.run(job("old"), state)
+        runtime.run(job("old"), State([published(9, "old")]))
     for same in ("new", ""):  # its own start's job, or one from an older flowrl: not skipped
-        stale_check(job(same), published)
-    stale_check(job("old"), None)  # nothing published yet: it waits, as before
+        stale_check(job(same), "new")
+    stale_check(job("old"), "")  # no start recorded (an older trainer): as before
+    # the new start's job sees the old start's v9 three times, then its own v3 (which it loads)
+    loaded = []
+    monkeypatch.setattr(runtime, "store", lambda url: type("S", (), {"get_tensors": lambda self, ref: loaded.append(ref.uri) or {}})())
+    monkeypatch.setattr("services.sampler.runtime.load_named_parameters", lambda *a: None)
+    runtime.adapter = type("A", (), {"transformer": None})()
+    got = runtime.ensure_policy(State([published(9, "old")] * 3 + [published(3, "new")]), job("new"))
+    assert (got.version, got.generation, loaded) == (3, "new", ["memory://x/v3"])

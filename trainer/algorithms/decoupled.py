@@ -28,7 +28,7 @@ class Decoupled(Algorithm):
         if t.group_shared_noise if shared is None else shared:
             sig, eps = self.group_noise(batch, T, tuple(x0.shape[1:]))
         else:
-            g = torch.Generator().manual_seed(batch.seed % 2**63)
+            g = torch.Generator().manual_seed(batch.seed % 2**64)
             sig = self.draw_sigmas(batch, T, batch.size, g)
             eps = torch.randn((T, *x0.shape), generator=g)
         sig, eps = sig.to(x0.device), eps.to(x0.device)
