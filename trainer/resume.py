@@ -128,6 +128,15 @@ def set_aside(run_dir: Path) -> Path | None:
     while (aside := run_dir.with_name(f"{run_dir.name}.previous-{k}")).exists():
         k += 1
     run_dir.rename(aside)
+    summary = aside / "summary.json"  # its paths (run_dir, checkpoint, report) follow it
+    if summary.is_file():
+        try:
+            data = json.loads(summary.read_text())
+        except ValueError:
+            return aside
+        moved = lambda v: str(aside) + v[len(str(run_dir)):] if isinstance(v, str) and (  # noqa: E731
+            v == str(run_dir) or v.startswith(str(run_dir) + "/")) else v
+        summary.write_text(json.dumps({key: moved(value) for key, value in data.items()}, indent=2))
     return aside
 
 

@@ -235,7 +235,9 @@ def test_a_fresh_run_sets_an_earlier_run_of_its_name_aside(tmp_path):
     assert (aside / "base_eval").is_dir() and not (run / "base_eval").exists()
     steps = lambda d: [json.loads(line)["step"] for line in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert sorted(set(steps(aside))) == [0, 1, 2, 3, 4] and sorted(set(steps(run))) == [0, 1, 2]
-    assert json.loads((aside / "summary.json").read_text())["epochs"] == 4
+    summary = json.loads((aside / "summary.json").read_text())
+    assert summary["epochs"] == 4 and summary["run_dir"] == str(aside)
+    assert summary["checkpoint"] == str(aside / "checkpoints" / "final") and summary["report"] == str(aside / "report.md")
     # a third run takes the next free name; the second is kept as it was
     train(tiny_config(tmp_path, "grpo", keep + ["train.max_epochs=1"]), quiet=True)
     assert json.loads((run.with_name(f"{run.name}.previous-2") / "summary.json").read_text())["epochs"] == 2
