@@ -6,8 +6,11 @@ keeps it for later jobs, and before every job makes sure it holds the newest pub
 version that the job allows: it waits for ``min_policy_version`` to be published, then copies
 the published weights in by parameter name (LoRA hot-swap, or full weights).
 
-Outputs go to the blob store under ``{job_id}/a{attempt}/`` (a redelivered task never
-overwrites what an earlier attempt may already have handed on): the trajectory tensors
+Outputs go to the blob store under ``{job_id}/a{attempt}-{delivery}/``, ``delivery`` a fresh id per
+start of the task (a retried or redelivered task never overwrites what an earlier start may already
+have handed on: a redelivery keeps the retry count, and a worker that died after sending the
+reward job but before its ack was re-run into the same path, which a GPU's non-deterministic
+re-roll then replaced under the queued reward job): the trajectory tensors
 (:func:`shared.sampling.pack_trajectory`) and the 8-bit images, one safetensors blob each.
 
 Writing overlaps sampling: a job is rolled out one micro-batch (``params.batch_size``) at a
@@ -25,6 +28,7 @@ import queue
 import socket
 import threading
 import time
+import uuid
 from typing import Any
 
 import torch
@@ -171,7 +175,8 @@ class TrajectoryWriter:
     (its temporary files are removed). Blobs carry XXH3-128 digests (:mod:`shared.store`)."""
 
     def __init__(self, store: BlobStore, job: SampleJob, *, attempt: int = 0) -> None:
-        self.store, self.job, self.base = store, job, f"{job.job_id}/a{attempt}"
+        self.store, self.job = store, job
+        self.base = f"{job.job_id}/a{attempt}-{uuid.uuid4().hex[:8]}"  # (module docstring)
         self.n = len(job.items)
         self.sde_steps: list[int] | None = None
         self._queues = {"tensors": queue.Queue(), "images": queue.Queue()}

@@ -61,7 +61,7 @@ def test_sampler_with_published_weights_reproduces_the_trainers_rollout(state, t
     job = make_job(store.url, params=params)
     traj = SamplerRuntime(device=torch.device("cpu")).run(job, state, attempt=2)
     assert traj.policy_version == 1 and traj.sample_ids == [i.sample_id for i in job.items]
-    assert traj.tensors.uri.startswith(f"{store.url}/samplerun/e0/j0/a2/")
+    assert traj.tensors.uri.startswith(f"{store.url}/samplerun/e0/j0/a2-")  # attempt 2, its own delivery
     got = unpack_trajectory(store.get_tensors(traj.tensors))
 
     _, expect = rollout_batches(
@@ -231,3 +231,17 @@ def test_a_failed_job_leaves_no_blob_and_writer_errors_reach_the_caller(tmp_path
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]
     with pytest.raises(ValueError, match="at least one micro-batch"):
         TrajectoryWriter(store, job).finish(1)
+
+
+def test_a_redelivered_job_writes_beside_the_first_delivery_not_over_it(tmp_path):
+    """The same job and retry count started twice (a redelivery after the worker died: Celery keeps the
+    retry count) writes two blobs: the first, which a queued reward job may reference, stays as it was."""
+    from services.sampler.runtime import write_trajectory
+
+    store = BlobStore(f"file://{tmp_path}")
+    job = make_job(store.url)
+    first = write_trajectory(store, job, _fake_roll(4, [1, 3], 1), 0)
+    again = write_trajectory(store, job, _fake_roll(4, [1, 3], 2), 0)  # a GPU re-roll differs
+    assert first.tensors.uri != again.tensors.uri and first.images.uri != again.images.uri
+    assert f"/{job.job_id}/a0-" in first.tensors.uri
+    assert not torch.equal(store.get_tensors(first.tensors)["states"], store.get_tensors(again.tensors)["states"])
