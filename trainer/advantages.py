@@ -7,7 +7,8 @@ Conventions:
       the same prompt stay separate.
     * A NaN reward means "this reward abstained for this sample". NaNs are left out of every
       statistic (means, stds, counts), and a sample whose aggregated reward is NaN gets
-      advantage 0 (it contributes no policy gradient).
+      advantage 0 (no policy gradient in the GRPO family; DiffusionNFT still pulls it halfway, r = 1/2,
+      as its official code does for any zero advantage).
     * Statistics are computed in float64; results are float32.
     * Stds are population stds (``unbiased=False``), as in flow_grpo's ``np.std``.
 

@@ -177,3 +177,14 @@ def test_fraction_rounding_is_robust():
     s = draw("discrete", num=29, batch=1, grid=grid, timestep_fraction=0.29)
     assert int(_grid_index(s, grid).max()) == 28
     assert math.isclose(float(s.max()), 1.0)
+
+
+def test_the_decoupled_trainers_train_as_many_timesteps_as_there_are_candidates(tmp_path):
+    """100 steps x timestep_fraction 0.29: 29 candidate steps, and 29 trained units (int() of the float
+    product 28.999... gave 28 units for strata built over 29)."""
+    from tests.helpers.tiny import tiny_config
+    from trainer.algorithms import ALGORITHMS
+
+    cfg = tiny_config(tmp_path, "nft", ["train.num_inference_steps=100", "train.timestep_fraction=0.29",
+                                        "train.num_train_timesteps=null"])
+    assert ALGORITHMS.get("nft")(cfg).num_units(0) == 29

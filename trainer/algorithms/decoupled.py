@@ -18,7 +18,8 @@ from trainer.timesteps import sample_train_sigmas
 class Decoupled(Algorithm):
     def num_units(self, num_sde_steps: int) -> int:
         t = self.t
-        return t.num_train_timesteps or max(1, int(t.num_inference_steps * t.timestep_fraction))
+        # (+ 1e-9 as trainer.timesteps' candidate count: 100 * 0.29 is 28.999...)
+        return t.num_train_timesteps or max(1, int(t.num_inference_steps * t.timestep_fraction + 1e-9))
 
     def noised(self, batch: TrainBatch, shared: bool | None = None) -> dict[str, torch.Tensor]:
         """Timesteps ``[T, B]``, noise ``eps [T, B, ...]`` and ``x_t [T, B, ...]`` (seeded); ``shared``
