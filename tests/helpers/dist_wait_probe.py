@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -45,6 +46,9 @@ def main(out: Path) -> None:
         default_group = f"{type(e).__name__}: {str(e)[:200]}"
     (out / f"probe-rank{rank}.json").write_text(json.dumps({"name": name, "agreed": agreed,
                                                             "default_group": default_group}))
+    # the default group is broken now (it timed out on purpose): tearing it down at exit can abort the
+    # process (SIGABRT, "terminate called without an active exception"), so leave without teardown
+    os._exit(0)
 
 
 if __name__ == "__main__":
