@@ -40,6 +40,7 @@ from shared.flow.sde import check_sigma_grid
 from shared.flow.solvers import dpm_solver_pp_step, tail_grid
 from shared.models.base import Conditioning, FlowModelAdapter
 from shared.models.prompt_length import check_prompt_lengths
+from shared.seeds import seeded
 
 
 @dataclasses.dataclass
@@ -143,8 +144,7 @@ def rollout(
             grid actually run; the SDE steps and their sigmas are the same either way.
     """
     device = next(adapter.transformer.parameters()).device
-    # (a derived seed may exceed what a generator takes, below 2**64: reduced, which leaves the others as they are)
-    make = lambda s: torch.Generator(device=noise_generator_device(noise_device, device)).manual_seed(int(s) % 2**64)  # noqa: E731
+    make = lambda s: seeded(s, noise_generator_device(noise_device, device))  # noqa: E731
     generators = [make(s) for s in seeds]
     shape = adapter.sample_shape(resolution, num_frames)
     x = per_sample_noise(generators, shape, device)  # drawn either way: the SDE noise that follows is the same

@@ -23,6 +23,7 @@ from shared.rewards.multi import score_specs
 from shared.rewards.overlap import BackgroundScorer, can_overlap
 from shared.protocol import SamplingParams
 from shared.sampling import Rollout, as_hw, rollout_with
+from shared.seeds import seeded
 from trainer import context_parallel
 from trainer.advantages import compute_advantages
 from trainer.data import PromptRow
@@ -99,7 +100,7 @@ def epoch_plan(num_prompts: int, geo: BatchGeometry, seed: int, epoch: int, rank
     more groups than there are prompts), so duplicate prompt texts still form separate groups.
     ``sources`` (``data.datasets``): the rows come from several sources by weight (:func:`mixed_order`).
     """
-    g = torch.Generator().manual_seed((seed * SEED_STRIDE + epoch) % 2**64)
+    g = seeded(seed * SEED_STRIDE + epoch)
     if sources is None:
         order = repeated_permutation(num_prompts, geo.groups_per_epoch, g)
     else:

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from shared.seeds import seeded
+
 FRACTION_MIN, FRACTION_MAX, STEP, WINDOW = 0.02, 0.2, 0.1, 20
 KL_REFERENCE = "kl_reference"  # the policy's snapshot the gated KL anchors to
 
@@ -107,7 +109,7 @@ class KLGateState:
     def mask(self, proxy: torch.Tensor, auxiliary: list[torch.Tensor],
              seed: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
         """The global batch's gate (``[N]`` bool) and its metrics; ``seed`` orders tied scores."""
-        u = uncertainty(proxy, auxiliary, torch.Generator().manual_seed(seed % 2**64))
+        u = uncertainty(proxy, auxiliary, seeded(seed))
         nonneg = u[u >= 0]
         mean_gap = float(nonneg.mean()) if nonneg.numel() else 0.0
         fraction = self.compensator.update(mean_gap)

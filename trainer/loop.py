@@ -34,6 +34,7 @@ from shared.models import load_adapter
 from shared.models.experts import TwoExperts
 from shared.models.warm_start import warm_start
 from shared.rewards.multi import build_rewards
+from shared.seeds import seeded
 from trainer.algorithms import ALGORITHMS, Algorithm, TrainBatch
 from trainer.checkpoint import load_checkpoint_ema, load_checkpoint_weights, save_checkpoint
 from trainer.collect import SEED_STRIDE, EpochData, finish_epoch, plan_epoch
@@ -177,7 +178,7 @@ def schedule_steps(cfg: Config) -> int:
 def train_order(data: EpochData, seed: int,
                 order: Callable[[EpochData, torch.Generator], torch.Tensor | None] | None = None) -> torch.Tensor:
     """The rows of this rank's epoch in training order: a seeded shuffle, or ``order``'s choice."""
-    g = torch.Generator().manual_seed(seed % 2**64)
+    g = seeded(seed)
     perm = order(data, g) if order is not None else None
     return torch.randperm(data.advantages.shape[0], generator=g) if perm is None else perm
 

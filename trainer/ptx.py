@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from shared.condition_images import open_image
 from shared.embedding_cache import adapter_device
 from shared.sampling import as_hw, encode
+from shared.seeds import seeded
 from trainer.data import DatasetError, read_split
 from trainer.timesteps import SIGMA_MIN, logit_normal_draws
 
@@ -72,7 +73,7 @@ class PretrainMix:
     def loss(self, policy, seed: int) -> torch.Tensor:
         """The flow-matching loss of the current policy on ``ptx_batch_size`` pairs drawn with
         ``seed`` (with gradients; the training loop weights it by ``ptx_coef``)."""
-        g = torch.Generator().manual_seed(seed % 2**64)
+        g = seeded(seed)
         idx = torch.randint(len(self), (self.batch_size,), generator=g)
         x0 = self.latents[idx]
         sigma = logit_normal_sigmas(self.batch_size, g)

@@ -14,6 +14,8 @@ import operator
 
 import torch
 
+from shared.seeds import seeded
+
 
 def time_shift(t, shift: float):
     """SD3-style timestep shift ``t' = shift * t / (1 + (shift - 1) * t)``.
@@ -147,7 +149,7 @@ def select_sde_steps(
         if num < 1:
             raise ValueError(f"num must be >= 1 (or None for all candidates), got {num}")
         if num < len(chosen):
-            gen = torch.Generator().manual_seed(int(seed) % 2**64)
+            gen = seeded(seed)
             perm = torch.randperm(len(chosen), generator=gen)[:num].tolist()
             chosen = [chosen[j] for j in perm]
     return sorted(chosen)

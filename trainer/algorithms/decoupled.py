@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from shared.seeds import seeded
 from trainer.algorithms.base import Algorithm, TrainBatch
 from trainer.algorithms.losses import group_index, kl_v_based, mean_d
 from trainer.collect import SEED_STRIDE
@@ -29,7 +30,7 @@ class Decoupled(Algorithm):
         if t.group_shared_noise if shared is None else shared:
             sig, eps = self.group_noise(batch, T, tuple(x0.shape[1:]))
         else:
-            g = torch.Generator().manual_seed(batch.seed % 2**64)
+            g = seeded(batch.seed)
             sig = self.draw_sigmas(batch, T, batch.size, g)
             eps = torch.randn((T, *x0.shape), generator=g)
         sig, eps = sig.to(x0.device), eps.to(x0.device)
