@@ -131,7 +131,7 @@ class SampleJob(Message):
     # list (``RunKeys.scored_for``)
     trainer_rank: int = Field(0, ge=0)
     # the trainer start that dispatched it (its PolicyPublished.generation; "" = unknown): a job left in
-    # the queue by a trainer that died is skipped once a resumed one has published
+    # the queue by a trainer that died is skipped once a resumed one has started (RunKeys.generation)
     generation: str = ""
 
 
@@ -229,7 +229,7 @@ class PolicyPublished(Message):
     finetune_type: Literal["lora", "full"]
     published_at: float
     # which start of the trainer published it (a fresh id each start, a resume included; "" = unknown):
-    # samplers skip jobs of another start (SampleJob.generation)
+    # a sampler waits for its job's start's policy (SampleJob.generation)
     generation: str = ""
 
 
