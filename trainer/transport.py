@@ -34,7 +34,7 @@ import torch
 
 from shared.config import Config
 from shared.protocol import (QUEUE_REWARD, QUEUE_SAMPLE, TASK_SAMPLE, PolicyPublished, SampleItem,
-                             SampleJob, sample_id)
+                             SampleJob, other_start, sample_id)
 from shared.queue import redact
 from shared.rewards.multi import spec_dicts
 from shared.sampling import Rollout, encode_batches, unpack_trajectory
@@ -422,8 +422,8 @@ class CeleryTransport:
                     "rewards": {k: v[row] for k, v in batch.rewards.items()}}) + "\n")
 
     def _foreign(self, generation: str) -> bool:
-        """Of another start of the trainer (an empty id, from an older flowrl, counts as this one's)."""
-        return bool(generation) and bool(self.generation) and generation != self.generation
+        """Of another start of the trainer than this one (:func:`shared.protocol.other_start`)."""
+        return other_start(generation, self.generation)
 
     def _check_dead_letters(self, pending: _Pending, missing: set[str]) -> list[str]:
         """Sample ids of ``pending`` to drop: every member of each prompt group that lost a
@@ -461,7 +461,6 @@ class CeleryTransport:
         ids = [pending.ids[r] for r in rows]
         picks = [(self._trajectory(got[sid][0].trajectory.tensors), got[sid][1])
                  for sid in ids]  # (trajectory, row) per sample, in plan order
-        uris = {got[sid][0].trajectory.tensors.uri for sid in ids}
         device = sample_device(self.cfg, self.adapter)
         stack = lambda f: torch.stack([getattr(p, f)[r] for p, r in picks]).to(device)  # noqa: E731
         first = picks[0][0]
@@ -479,8 +478,6 @@ class CeleryTransport:
         versions = [got[sid][0].trajectory.policy_version for sid in ids]
         cond = encode_plan(self.cfg, self.adapter, pending.plan.subset(rows))
         workers = {got[sid][0].trajectory.worker for sid in ids}
-        for uri in uris:
-            self.loaded.pop(uri, None)
         return Samples(cond, roll, rewards, versions, {"queue/samplers": float(len(workers))})
 
     def _trajectory(self, ref) -> Rollout:

@@ -38,7 +38,7 @@ from shared.config import ModelConfig
 from shared.models import load_adapter
 from shared.models.lora import compile_transformer, load_named_parameters, prepare_transformer
 from shared.models.warm_start import warm_start
-from shared.protocol import PolicyPublished, SampleJob, Trajectory
+from shared.protocol import PolicyPublished, SampleJob, Trajectory, other_start
 from shared.queue import RunState
 from shared.sampling import pack_trajectory, rollout_autocast, rollout_with
 from shared.store import BlobStore, Entry, to_uint8, uint8_chunks
@@ -93,9 +93,9 @@ class SamplerRuntime:
         while True:
             published = state.policy()
             stale_check(job, state.generation())  # (each poll: a resumed trainer may start meanwhile)
-            mine = not (job.generation and published is not None and published.generation
-                        and published.generation != job.generation)  # (else its trainer has not published yet)
-            if published is not None and mine and published.version >= job.min_policy_version:
+            # (a policy of another start than the job's: its trainer has not published yet)
+            mine = published is not None and not other_start(published.generation, job.generation)
+            if mine and published.version >= job.min_policy_version:
                 break
             if time.monotonic() > deadline:
                 have = None if published is None else published.version
@@ -153,7 +153,7 @@ def stale_check(job: SampleJob, current: str) -> None:
     written before that start dispatches anything) is another than the one that dispatched ``job``. A
     policy published by another start than the job's is not stale but early: the job's trainer (a
     resumed one whose first process has not published yet) is waited for."""
-    if job.generation and current and job.generation != current:
+    if other_start(job.generation, current):
         raise StaleJob(f"job {job.job_id} of run {job.run_id!r} was dispatched by an earlier start of its trainer "
                        f"(generation {job.generation}; the run's trainer now is {current}): skipped, the resumed "
                        f"trainer dispatches its samples again")

@@ -62,6 +62,12 @@ def sample_id(run_id: str, epoch: int, group: int, member: int) -> str:
     return f"{run_id}/e{epoch}/g{group}/k{member}"
 
 
+def other_start(generation: str, current: str) -> bool:
+    """``generation`` (a message's ``generation``) names another start of the trainer than ``current``;
+    an empty id (unknown: a message from an older flowrl, or no start recorded) never counts as another."""
+    return bool(generation) and bool(current) and generation != current
+
+
 class SampleItem(Message):
     """One sample to roll out: its prompt, its group, its own noise seed and, for image-conditioned
     (edit) models, its condition images: the dataset's files, uploaded once per run unchanged
