@@ -134,8 +134,11 @@ def set_aside(run_dir: Path) -> Path | None:
             data = json.loads(summary.read_text())
         except ValueError:
             return aside
-        moved = lambda v: str(aside) + v[len(str(run_dir)):] if isinstance(v, str) and (  # noqa: E731
-            v == str(run_dir) or v.startswith(str(run_dir) + "/")) else v
+
+        def moved(value):
+            inside = isinstance(value, str) and (value == str(run_dir) or value.startswith(f"{run_dir}/"))
+            return str(aside) + value[len(str(run_dir)):] if inside else value
+
         summary.write_text(json.dumps({key: moved(value) for key, value in data.items()}, indent=2))
     return aside
 
