@@ -140,6 +140,11 @@ def _worker(args) -> int:
     # the worker's modules first, then the HTTP thread, started before Celery forks its pool (a fork
     # while another thread imports can hang the child: shared/worker_http.py serve_in_thread)
     module = importlib.import_module(f"services.{args.kind}.worker")  # reads FLOWRL_QUEUE_* now
+    try:  # a worker's own environment (FLOWRL_REWARD_WORKER_MAX_MODELS), checked before it takes tasks
+        getattr(module, "check_environment", lambda: None)()
+    except ValueError as e:
+        print(f"flowrl: {e}", file=sys.stderr)
+        return 2
     queue = QueueSettings().queue(QUEUE_SAMPLE if args.kind == "sampler" else QUEUE_REWARD)
     if args.http_port is not None:
         from shared.serving import warn_if_open

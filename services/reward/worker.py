@@ -8,16 +8,21 @@ Failures follow :func:`shared.tasks.guarded_task` (retry transient errors, dead-
 Metrics: :mod:`services.reward.worker_app` (served with ``flowrl worker reward --http-port``).
 A reward that returns NaN abstains (``None`` in the message); an infinite value is an error.
 
+A worker that serves several runs keeps at most ``FLOWRL_REWARD_WORKER_MAX_MODELS`` (default 4)
+reward models: the least recently used one is let go first, never one the current job needs.
+
     FLOWRL_QUEUE_BROKER_URL=redis://redis:6379/0 flowrl worker reward
 """
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import socket
 import threading
 import time
+from collections import OrderedDict
 
 import torch
 
@@ -28,7 +33,9 @@ from shared.tasks import guarded_task
 
 settings = QueueSettings()
 app = make_celery(settings, name="flowrl-reward")
-_models: dict[str, object] = {}
+_models: OrderedDict[str, object] = OrderedDict()  # by shared.rewards.multi.reward_identity, oldest use first
+_models_lock = threading.Lock()  # a thread-pool worker builds and evicts one job at a time
+MAX_MODELS_ENV = "FLOWRL_REWARD_WORKER_MAX_MODELS"
 _stores: dict[str, object] = {}
 _pixels = threading.local()  # each thread's float image buffer, refilled by its next job
 
@@ -39,7 +46,7 @@ def _device() -> str:
 
 def score_job(job: RewardJob, *, worker: str = "") -> ScoredBatch:
     """Score one trajectory with the job's rewards (models cached per process)."""
-    from shared.rewards.multi import build_rewards, score_specs
+    from shared.rewards.multi import score_specs
     from shared.store import BlobStore
 
     t0 = time.perf_counter()
@@ -48,9 +55,7 @@ def score_job(job: RewardJob, *, worker: str = "") -> ScoredBatch:
         _stores[traj.store_url] = BlobStore(traj.store_url)
     store = _stores[traj.store_url]
     specs = [RewardSpec(**s) for s in job.rewards]
-    # one model per reward, dtype, device and options (shared.rewards.multi.reward_identity): entries that
-    # differ only in name, weight, batch size or routing, in this job or another run's, share it
-    models = build_rewards(specs, _device(), built=_models)
+    models = job_models(specs, _device())
     # rewards score synchronously and keep no reference, so the next job may refill the buffer
     images = _pixels.buf = store.get_images(traj.images, out=getattr(_pixels, "buf", None))
     scores = score_specs(models, specs, images, traj.prompts, torch.tensor(traj.group_ids),
@@ -61,6 +66,51 @@ def score_job(job: RewardJob, *, worker: str = "") -> ScoredBatch:
     as_list = lambda t: [None if math.isnan(x) else x for x in t.tolist()]  # noqa: E731
     return ScoredBatch(trajectory=traj, rewards={k: as_list(v) for k, v in scores.items()},
                        worker=worker, seconds=time.perf_counter() - t0)
+
+
+def max_models() -> int:
+    """How many reward models one worker process keeps (``FLOWRL_REWARD_WORKER_MAX_MODELS``, >= 1)."""
+    raw = os.environ.get(MAX_MODELS_ENV, "4")
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"{MAX_MODELS_ENV}={raw!r} must be a whole number >= 1 (how many reward models "
+                         f"a worker keeps loaded). Fix: unset it (4) or set e.g. {MAX_MODELS_ENV}=2.")
+    return n
+
+
+def check_environment() -> None:
+    """Called by ``flowrl worker reward`` before it takes tasks: a bad setting stops it at once."""
+    max_models()
+
+
+def job_models(specs, device: str) -> dict[str, object]:
+    """``{label: model}`` for one job's reward entries, from this process's cache.
+
+    One model per reward, dtype, device and options (:func:`shared.rewards.multi.reward_identity`):
+    entries that differ only in name, weight, batch size or routing, in this job or another run's,
+    share it. Beyond :func:`max_models` the least recently used models are dropped (a worker serving
+    run after run with other rewards kept every one, until the GPU ran out); those this job uses
+    stay, however many."""
+    from shared.rewards.multi import build_rewards, reward_identity, resolve_device
+
+    cap = max_models()
+    with _models_lock:
+        models = build_rewards(specs, device, built=_models)
+        used = [reward_identity(s, resolve_device(s.device, device)) for s in specs]
+        for key in used:
+            _models.move_to_end(key)
+        dropped = 0
+        while len(_models) > max(cap, len(set(used))):
+            _models.popitem(last=False)
+            dropped += 1
+    if dropped:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return models
 
 
 def condition_images(store, traj) -> list[list]:

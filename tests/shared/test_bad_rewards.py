@@ -130,3 +130,42 @@ def test_reward_worker_builds_one_model_per_reward_and_options():
     worker.score_job(RewardJob(trajectory=traj, rewards=[{"reward_model": "toy_shape_quality", "name": "q"}]))
     assert len(worker._models) == 2
     worker._models.clear()
+
+
+def test_reward_worker_keeps_at_most_its_cap_of_models(monkeypatch):
+    """A worker serving run after run with other rewards lets the least recently used model go
+    beyond FLOWRL_REWARD_WORKER_MAX_MODELS (it kept every one); a job needing more keeps all of its."""
+    import services.reward.worker as worker
+    from shared.rewards.multi import reward_identity
+    from shared.config import RewardSpec
+
+    store = BlobStore("memory://flowrl-test-worker-cap")
+    ref = store.put_images("run/e0/j0/images", images(2))
+    traj = Trajectory(run_id="run", job_id="run/e0/j0", epoch=0, policy_version=0, sample_ids=["a", "b"],
+                      group_ids=[0, 0], prompts=PROMPTS[:2], sde_steps=[],
+                      store_url="memory://flowrl-test-worker-cap", tensors=ref, images=ref)
+    monkeypatch.setenv(worker.MAX_MODELS_ENV, "2")
+    worker._models.clear()
+    key = lambda e: reward_identity(RewardSpec(**e), "cpu")  # noqa: E731
+    a, b, c = ({"reward_model": "brightness", "name": f"b{t}", "target": t} for t in (0.1, 0.5, 0.9))
+    for entries in ([a], [b], [a], [c]):  # a used again after b: b is the least recent when c comes
+        worker.score_job(RewardJob(trajectory=traj, rewards=entries))
+    assert list(worker._models) == [key(a), key(c)]
+    worker.score_job(RewardJob(trajectory=traj, rewards=[a, b, c]))  # one job needs three: all stay
+    assert set(worker._models) == {key(a), key(b), key(c)}
+    worker._models.clear()
+    monkeypatch.setenv(worker.MAX_MODELS_ENV, "0")
+    with pytest.raises(ValueError, match="FLOWRL_REWARD_WORKER_MAX_MODELS='0' must be a whole number >= 1"):
+        worker.check_environment()
+
+
+def test_flowrl_worker_reward_stops_on_a_bad_model_cap(monkeypatch, capsys):
+    """``flowrl worker reward`` with FLOWRL_REWARD_WORKER_MAX_MODELS=two stops before taking tasks,
+    exit 2, one line naming the variable and the fix (each job would have failed instead)."""
+    from trainer.cli import main
+
+    monkeypatch.setenv("FLOWRL_REWARD_WORKER_MAX_MODELS", "two")
+    monkeypatch.setenv("FLOWRL_WORKER_NAME", "unset-by-test")
+    assert main(["worker", "reward", "--name", "cap-test"]) == 2
+    err = capsys.readouterr().err
+    assert "FLOWRL_REWARD_WORKER_MAX_MODELS='two'" in err and "Fix:" in err
