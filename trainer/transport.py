@@ -165,7 +165,9 @@ class CeleryTransport:
         store_url = q.store_url or f"file://{Path(cfg.output_dir).resolve()}/blobs"
         self.store = BlobStore(store_url)
         self.buffer: dict[str, tuple] = {}  # sample id -> (ScoredBatch, row) popped early
-        self.scored_ids: set[str] = set()  # every sample id already used (exactly once)
+        # epochs already trained: a sample of one arriving again (a redelivered task) is a duplicate; their
+        # numbers, not every sample id (a set that grew by a batch of ids an epoch for the whole run)
+        self.collected: set[int] = set()
         self.duplicates = 0
         self.dead_letters_seen = 0
         self.loaded: dict[str, Rollout] = {}  # trajectory blobs read ahead of their epoch's end
@@ -368,7 +370,7 @@ class CeleryTransport:
             # trained before a resume, or sampled for an earlier start of the trainer (its plan and weights)
             stale = batch.trajectory.epoch < self.first_epoch or self._foreign(batch.trajectory.generation)
             for row, sid in enumerate(batch.trajectory.sample_ids):
-                if stale or sid in got or sid in self.scored_ids or sid in self.buffer:
+                if stale or batch.trajectory.epoch in self.collected or sid in got or sid in self.buffer:
                     self.duplicates += 1  # a redelivered task scored it again: keep the first
                 elif sid in need:
                     got[sid], kept = (batch, row), True
@@ -394,7 +396,7 @@ class CeleryTransport:
             raise CollectError(f"epoch {pending.plan.epoch}: every prompt group{whose} was dropped after "
                                f"dead-lettered tasks (see {self.dead_letter_log} and any dead_letters.rank*.jsonl "
                                f"beside it); nothing to train on.")
-        self.scored_ids.update(pending.ids)
+        self.collected.add(pending.plan.epoch)
         self.received.difference_update(pending.ids)
         self.outstanding.pop(pending.plan.epoch, None)
         self._record(pending, got, rows)
