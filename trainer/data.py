@@ -208,9 +208,9 @@ def _lines(path: Path) -> list[str]:
         except UnicodeDecodeError as e:
             raise DatasetError(f"{path}:{n}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}). "
                                f"Fix: save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8).") from None
-    if lines and lines[0].startswith("\ufeff"):  # a byte-order mark some editors write
-        lines[0] = lines[0][1:]
-    return lines
+    # a byte-order mark some editors write, also where files were concatenated (cat a.txt b.txt): the
+    # mark is invisible in an editor, and it would begin that prompt or fail that JSON row
+    return [line[1:] if line.startswith("\ufeff") else line for line in lines]
 
 
 def read_split(dataset_dir: str | Path, split: str, max_size: int | None = None, *,

@@ -36,6 +36,16 @@ def test_bom_and_crlf_are_fine(tmp_path):
     assert [r.prompt for r in train] == ["a", "b\u2028c"]  # U+2028 inside a JSON string is not a line break
 
 
+@pytest.mark.parametrize("name, first, second", [("train.txt", "a red cube\n", "a blue ball\n"),
+                                                 ("train.jsonl", '{"prompt": "a red cube"}\n', '{"prompt": "a blue ball"}\n')])
+def test_a_bom_where_two_files_were_joined_is_dropped(tmp_path, name, first, second):
+    """``cat a.txt b.txt > train.txt`` with a byte-order mark on each: the second mark sits mid-file,
+    invisible; it began a prompt (.txt) or failed the row as not JSON (.jsonl)."""
+    (tmp_path / name).write_bytes(("\ufeff" + first + "\ufeff" + second).encode())
+    train, _ = load_prompts(tmp_path)
+    assert [r.prompt for r in train] == ["a red cube", "a blue ball"]
+
+
 def test_a_json_value_that_is_not_an_object_says_how_to_write_it(tmp_path):
     (tmp_path / "train.jsonl").write_text('{"prompt": "ok"}\n"just a prompt"\n')
     with pytest.raises(DatasetError, match=r'train.jsonl:2: expected a JSON object, got str. Fix: .*"prompt"'):
