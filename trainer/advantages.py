@@ -153,7 +153,8 @@ def compute_advantages(
 
     Args:
         rewards: ``{name: [N] rewards}``; NaN entries abstain.
-        weights: ``{name: w}``, one weight per reward (no more, no fewer).
+        weights: ``{name: w}``, one weight per reward (no more, no fewer). A reward of weight 0
+            is reported in the metrics and left out of the aggregate (its NaN abstains from nothing).
         group_ids: ``[N]`` int64 group ids.
         aggregation:
             * ``sum``: ``R = sum_k w_k r_k``, then :func:`group_normalize` (with
@@ -224,15 +225,19 @@ def compute_advantages(
             r64[name] = torch.where(mask.to(device="cpu", dtype=torch.bool), r64[name], torch.zeros_like(r64[name]))
     if not scale_by_std and aggregation != "sum":
         raise ValueError("scale_by_std=False needs aggregation 'sum' (gdpo's per-reward z-scores are its definition)")
+    # a weight-0 reward (a train.kl_gate monitor, say) is scored and reported, not trained on: left out
+    # here, so its NaN (an abstaining judge) does not make the sample's sum NaN (0 * NaN), zero its
+    # advantage and drop it from its group's statistics
+    trained = {name: r for name, r in r64.items() if float(weights[name]) != 0.0}
+    nothing = torch.zeros(n, dtype=torch.float64)
     if aggregation == "sum":
-        aggregated = sum(float(weights[name]) * r for name, r in r64.items())
+        aggregated = sum((float(weights[name]) * r for name, r in trained.items()), nothing)
         adv = _normalize64(aggregated, inverse, num_groups, global_std=global_std, eps=eps,
                            scale_by_std=scale_by_std)
     else:  # gdpo
         aggregated = sum(
-            float(weights[name]) * _normalize64(r, inverse, num_groups, global_std=False, eps=eps)
-            for name, r in r64.items()
-        )
+            (float(weights[name]) * _normalize64(r, inverse, num_groups, global_std=False, eps=eps)
+             for name, r in trained.items()), nothing)
         adv = _batch_normalize64(aggregated, eps)
     adv = torch.nan_to_num(adv, nan=0.0)
     if shaping is not None:

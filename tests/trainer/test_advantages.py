@@ -155,6 +155,24 @@ def test_multi_reward_nan_handling(aggregation):
     assert metrics["reward_b_std"] == pytest.approx(math.sqrt(0.8))  # std of (0, 1, 2, 2, 0)
 
 
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_a_weight_zero_reward_that_abstains_changes_no_advantage(aggregation):
+    """A weight-0 reward (a kl_gate monitor, a judge that abstains now and then) is reported, not
+    trained on: its NaN made the sample's aggregate 0 * NaN = NaN, zeroed the advantage of group 0's
+    best sample and moved the rest of its group."""
+    nan = float("nan")
+    ids = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    main = t([0.1, 0.9, 0.3, 0.5, 0.2, 0.8, 0.4, 0.6])
+    alone, _ = compute_advantages({"main": main}, {"main": 1.0}, ids, aggregation=aggregation)
+    both, metrics = compute_advantages({"main": main, "monitor": t([1, nan, 2, 3, 4, 5, nan, 6])},
+                                       {"main": 1.0, "monitor": 0.0}, ids, aggregation=aggregation)
+    assert torch.allclose(both, alone, atol=1e-6) and bool((alone != 0).all())
+    assert metrics["reward_monitor_nan_count"] == 2.0 and metrics["reward_monitor_mean"] == pytest.approx(3.5)
+    nothing, _ = compute_advantages({"monitor": t([1, nan, 2, 3, 4, 5, nan, 6])}, {"monitor": 0.0}, ids,
+                                    aggregation=aggregation)
+    assert bool((nothing == 0).all())  # only weight-0 rewards: no signal, and no error
+
+
 def test_metrics():
     ids = torch.tensor([0, 0, 1, 1, 2, 2, 3])
     rewards = {"r": t([1, 3, 2, 2, 0, 4, 9])}
