@@ -255,6 +255,10 @@ def optimize(cfg: Config, accelerator: Accelerator, policy: Policy, algorithm: A
     # backward passes this epoch: fewer than planned when groups were dropped; the last one always
     # synchronizes gradients, or each process would apply only its own to the final step
     total = units * sum(planned)
+    # the EMA drew this epoch's samples (off_policy, sample_from_ema_after): it is their "old" policy
+    # (nft's v_old, awm's and dgpo's old terms) for the whole epoch and moves once, at its end; moved
+    # after every step, a second optimizer step's v_old was already about the current weights
+    hold_ema, first_step = policy.ema_is_sampling(), step
     policy.model.train()
     for seed, perm, splits in zip(seeds, orders, planned):
         for batch in micro_batches(data, geo.train_micro_batch, seed, device=accelerator.device,
@@ -289,7 +293,9 @@ def optimize(cfg: Config, accelerator: Accelerator, policy: Policy, algorithm: A
                         kl_sum, kl_units = 0.0, 0
                     _check_finite(t, epoch, losses, accelerator)
                     step = _optimizer_step(t, accelerator, policy, optimizer, lr_schedule, step,
-                                           sums, per_step)
+                                           sums, per_step, ema=not hold_ema)
+    if hold_ema:
+        policy.update_ema(step, since=first_step)
     policy.model.eval()  # (fewer micro-batches than planned: the last, synchronized one applied what was there)
     means = epoch_means(accelerator, sums, count)
     if step_kls:  # the largest of the steps' KL, each averaged over the processes (as flow_grpo's GARDO logs it)
@@ -351,8 +357,9 @@ def _check_finite(t, epoch: int, losses: list[tuple[int, torch.Tensor]], acceler
 
 
 def _optimizer_step(t, accelerator, policy, optimizer, lr_schedule, step: int, sums: dict,
-                    per_step: int) -> int:
-    """Clip, step, schedule, zero, EMA; returns the new optimizer step count."""
+                    per_step: int, ema: bool = True) -> int:
+    """Clip, step, schedule, zero, EMA (unless ``ema`` is False: held to the epoch's end); returns the
+    new optimizer step count."""
     if t.max_grad_norm:
         norm = gather(accelerator.clip_grad_norm_(list(policy.trainable.values()), t.max_grad_norm))
         sums["grad_norm"] = sums.get("grad_norm", 0.0) + norm.detach() * per_step
@@ -360,7 +367,10 @@ def _optimizer_step(t, accelerator, policy, optimizer, lr_schedule, step: int, s
     lr_schedule.step()
     optimizer.zero_grad(set_to_none=True)
     step += 1
-    policy.update_ema(step)
+    if ema:
+        policy.update_ema(step)
+    else:
+        policy.optimizer_step = step
     return step
 
 

@@ -267,11 +267,23 @@ class Policy:
         return self.frozen_velocity(self.ema_view(), x, sigma, cond)
 
     # -------------------------------------------------------------- EMA
-    def update_ema(self, optimizer_step: int) -> float | None:
-        """Called after each optimizer step; returns the decay used (None if skipped)."""
+    def ema_is_sampling(self) -> bool:
+        """Whether the EMA is the policy rollouts draw from (and the algorithm's "old" policy): then it
+        must not move under samples it drew until their epoch's training ends (:meth:`update_ema`)."""
+        return "sampling" not in self.snapshots and self.samples_from_ema()
+
+    def update_ema(self, optimizer_step: int, *, since: int | None = None) -> float | None:
+        """Called after each optimizer step; returns the decay used (None if skipped).
+
+        ``since``: the step count before a run of steps whose updates were held back (the EMA drew the
+        epoch's samples, :meth:`ema_is_sampling`; trainer.loop.optimize calls this once at the epoch's end
+        as DiffusionNFT moves its "old" model once an iteration): one update at ``optimizer_step``'s decay
+        if those steps passed a multiple of ``train.ema_update_interval``."""
         t = self.cfg.train
         self.optimizer_step = optimizer_step
-        if self.ema is None or optimizer_step % t.ema_update_interval:
+        k = t.ema_update_interval
+        due = optimizer_step % k == 0 if since is None else optimizer_step // k > since // k
+        if self.ema is None or not due:
             return None
         decay = ema_decay(optimizer_step, t.ema_decay_schedule, t.ema_decay,
                           initial_decay=t.initial_decay, warmup_steps=t.ema_warmup_steps,

@@ -161,3 +161,69 @@ def test_name_mismatch_raises():
         ema.update({"w": torch.zeros(3, 4)}, 0.5)
     with pytest.raises(KeyError):
         ema.as_params({"w": torch.zeros(3, 4)})
+
+
+def _ema_updates(monkeypatch) -> list[int]:
+    """The optimizer step of every EMA update a run applies."""
+    from trainer.policy import Policy
+
+    steps: list[int] = []
+    real = EMA.update
+
+    def update(self, *args, **kwargs):
+        steps.append(policy_step[0])
+        return real(self, *args, **kwargs)
+
+    policy_step = [0]
+    real_update_ema = Policy.update_ema
+
+    def update_ema(self, optimizer_step, **kwargs):
+        policy_step[0] = optimizer_step
+        return real_update_ema(self, optimizer_step, **kwargs)
+
+    monkeypatch.setattr(EMA, "update", update)
+    monkeypatch.setattr(Policy, "update_ema", update_ema)
+    return steps
+
+
+def test_an_ema_that_drew_the_samples_holds_still_until_their_epoch_is_trained(tmp_path, monkeypatch):
+    """nft samples from its EMA and takes v_old from it: with 2 optimizer steps an epoch the second step's
+    v_old was the EMA already moved by the first (about the current weights early on), not the policy that
+    drew the samples. It now moves once an epoch, at its end (DiffusionNFT's old model, once an iteration);
+    grpo's EMA (eval weights only) still moves after every step."""
+    from tests.helpers.tiny import tiny_config
+    from trainer.algorithms.nft import NFT
+    from trainer.loop import train
+
+    v_old_from: list[float] = []
+    real_prepare = NFT.prepare
+
+    def prepare(self, batch, policy):
+        v_old_from.append(sum(float(s.double().sum()) for s in policy.ema.shadow.values()))
+        return real_prepare(self, batch, policy)
+
+    monkeypatch.setattr(NFT, "prepare", prepare)
+    steps = _ema_updates(monkeypatch)
+    train(tiny_config(tmp_path / "nft", "nft", ["train.max_epochs=3"]), quiet=True)
+    assert steps == [2, 4, 6]  # 2 optimizer steps an epoch, one update at each epoch's end
+    assert len(v_old_from) == 6 and all(v_old_from[i] == v_old_from[i + 1] for i in (0, 2, 4))
+    assert len(set(v_old_from[::2])) == 3  # and it does move from epoch to epoch
+    steps.clear()
+    train(tiny_config(tmp_path / "grpo", "grpo", ["train.max_epochs=2"]), quiet=True)
+    assert steps == [1, 2, 3, 4]
+
+
+def test_held_ema_updates_follow_the_interval():
+    """``since``: one update when the held steps passed a multiple of ema_update_interval."""
+    from types import SimpleNamespace
+
+    from trainer.policy import Policy
+
+    calls = []
+    fake = SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(
+        ema_update_interval=3, ema_decay_schedule="constant", ema_decay=0.5, initial_decay=0.0,
+        ema_warmup_steps=0, total_steps=0, flat_steps=0, ramp_rate=0.0)),
+        ema=SimpleNamespace(update=lambda pieces, decay: calls.append(decay)), _pieces=lambda: None)
+    assert [Policy.update_ema(fake, end, since=start) is not None
+            for start, end in ((0, 2), (2, 4), (4, 5), (5, 6), (6, 12))] == [False, True, False, True, True]
+    assert len(calls) == 3
