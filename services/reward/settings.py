@@ -64,7 +64,7 @@ class RewardServerSettings(BaseSettings):
     max_request_bytes: int = Field(64 * 2**20, gt=0, description="largest request body (after decompression)")
     max_image_pixels: int = Field(4096 * 4096, gt=0, description="largest decoded image (width x height)")
     token: SecretStr | None = Field(
-        None, validation_alias=AliasChoices("token", "FLOWRL_REWARD_TOKEN", "FLOWRL_API_TOKEN")
+        None, validation_alias=AliasChoices("FLOWRL_REWARD_TOKEN", "FLOWRL_API_TOKEN")
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     torch_threads: int | None = Field(

@@ -33,7 +33,7 @@ class SamplerServerSettings(BaseSettings):
     batch_size: int | None = Field(None, gt=0, description="images per model call; None = eval.per_device_batch_size")
     max_images_per_request: int = Field(64, gt=0)
     token: SecretStr | None = Field(
-        None, validation_alias=AliasChoices("token", "FLOWRL_SAMPLER_TOKEN", "FLOWRL_API_TOKEN"))
+        None, validation_alias=AliasChoices("FLOWRL_SAMPLER_TOKEN", "FLOWRL_API_TOKEN"))
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     @field_validator("checkpoint")

@@ -93,6 +93,20 @@ def test_token_from_the_environment_and_empty_means_none(monkeypatch):
     assert RewardServerSettings(rewards="brightness").token is None
 
 
+def test_a_plain_token_variable_is_not_the_servers_token(monkeypatch):
+    """A TOKEN (or token) variable some other tool set does not replace FLOWRL_API_TOKEN: the field's
+    name was also an environment alias, so the server wanted another token than its health check,
+    Prometheus and the remote reward sent."""
+    from services.sampler.settings import SamplerServerSettings
+
+    monkeypatch.setenv("FLOWRL_API_TOKEN", "the-token")
+    monkeypatch.setenv("TOKEN", "something-else")
+    monkeypatch.setenv("token", "something-else")
+    assert RewardServerSettings(rewards="brightness").token.get_secret_value() == "the-token"
+    assert SamplerServerSettings(config="x.yaml").token.get_secret_value() == "the-token"
+    assert RewardServerSettings(rewards="brightness", token="given").token.get_secret_value() == "given"
+
+
 def test_unicode_and_odd_headers_get_401_not_500():
     with TestClient(create_app(RewardServerSettings(rewards="brightness", token="s3cret"))) as c:
         for value in ("Bearer", "Bearer ", "bearer s3cret ", "Bearer s3cr\u00e9t", "Bearer " + "x" * 10_000):
