@@ -246,6 +246,9 @@ def test_commands_and_environment_match_the_code(rendered, overlay):
                 assert key in sampler_keys, f"{name}: {key} is not a SamplerServerSettings field"
             else:
                 assert key in {"FLOWRL_API_TOKEN", "REDIS_PASSWORD"}, f"{name}: {key} is read by nothing"
+        if args.command in ("worker", "serve"):  # admin routes (drain, load) and /metrics need the token
+            assert env.get("FLOWRL_API_TOKEN") == "secret:flowrl-secrets/api-token", \
+                f"{name}: without FLOWRL_API_TOKEN its admin routes answer anyone"
         assert _pod(workload).get("enableServiceLinks") is False, \
             f"{name}: service links would inject FLOWRL_REWARD_PORT=tcp://... into the reward server's settings"
         if args.command == "serve":
@@ -321,6 +324,8 @@ def test_keda_scales_samplers_on_the_sample_queue(rendered):
     (ref,) = auth["spec"]["secretTargetRef"]
     assert ref["parameter"] == "password" and ref["key"] in _by(docs, "Secret")[ref["name"]]["stringData"]
     assert scaled["spec"]["minReplicaCount"] >= 1, "scale-to-zero would add a model load to every idle period"
+    assert "replicas" not in _workloads(docs)[target["name"]]["spec"], \
+        "KEDA owns the sampler count: a Deployment naming replicas is scaled back to it by every kubectl apply"
     policies = {n: p for n, p in _by(docs, "NetworkPolicy").items() if p["spec"]["podSelector"].get("matchLabels", {}).get(
         "app.kubernetes.io/component") == "redis"}
     sources = [s for p in policies.values() for rule in p["spec"].get("ingress", []) for s in rule["from"]]
