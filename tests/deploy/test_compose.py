@@ -261,6 +261,28 @@ def test_trainer_experiment_is_a_valid_config_scored_by_the_reward_server(varian
         assert reward in REWARDS, f"the reward server would fail: {reward} is not a registered reward"
 
 
+def test_every_config_the_cpu_file_offers_loads_and_is_served(merged_raw):
+    """The configs docker-compose.cpu.yml's header offers for FLOWRL_CONFIG, each with the variables
+    its line sets, load with the trainer command's overrides and call a reward the server serves
+    (tiny_grpo was offered bare: the server's toy_geneval rejected its brightness prompts, every
+    reward task was dead-lettered and the trainer restarted in a loop)."""
+    from shared.config import load_config
+    from trainer.cli import _parser
+
+    offers = [dict(pair.split("=", 1) for pair in line.removeprefix("#").split())
+              for line in (ROOT / CPU).read_text().splitlines() if line.startswith("#   FLOWRL_CONFIG=")]
+    assert len(offers) >= 4 and {"examples/toy/tiny_grpo.yaml"} <= {o["FLOWRL_CONFIG"] for o in offers}
+    for offer in offers:
+        compose = interpolate(merged_raw, {**SECRETS, **offer})
+        args = _parser().parse_args(compose["services"]["trainer"]["command"][1:])
+        assert args.config == offer["FLOWRL_CONFIG"]
+        cfg = load_config(ROOT / args.config, args.overrides)
+        served = environment(compose["services"]["reward"])["FLOWRL_REWARD_REWARDS"].split(",")
+        assert cfg.rewards[0].model in served, f"{offer}: the trainer asks for {cfg.rewards[0].model}, served: {served}"
+        local = load_config(ROOT / args.config).rewards[0].reward_model
+        assert local in served, f"{offer}: the config was written for {local}, the server scores with {served}"
+
+
 def test_trainer_runs_one_process_per_visible_gpu_with_shared_memory_for_nccl(variants):
     from trainer.cli import _parser
     from trainer.launch import resolve_processes
