@@ -165,6 +165,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(b'{"ready": %s}' % (b"true" if status == 200 else b"false"))
 
+    def do_POST(self):  # noqa: N802  (a worker's admin route)
+        ok = self.path == "/admin/drain" and self.headers.get("Authorization") == "Bearer s3cret"
+        self.send_response(200 if ok else 401)
+        self.end_headers()
+        self.wfile.write(b'{"worker": "w", "consuming": false}' if ok else b'{"error": "token"}')
+
     def log_message(self, *args):
         pass
 
@@ -177,10 +183,22 @@ def server():
     httpd.shutdown()
 
 
-def _check(url: str, token: str | None = None) -> int:
+def _check(url: str, token: str | None = None, *extra: str) -> int:
+    return _run(url, token, *extra).returncode
+
+
+def _run(url: str, token: str | None = None, *extra: str) -> subprocess.CompletedProcess:
     env = {"PATH": "/usr/bin:/bin"} | ({"FLOWRL_API_TOKEN": token} if token else {})
-    return subprocess.run([sys.executable, str(ROOT / "deploy/healthcheck.py"), url, "--timeout", "5"],
-                          env=env, capture_output=True, timeout=30).returncode
+    return subprocess.run([sys.executable, str(ROOT / "deploy/healthcheck.py"), url, "--timeout", "5", *extra],
+                          env=env, capture_output=True, text=True, timeout=30)
+
+
+def test_healthcheck_posts_to_a_workers_admin_route(server):
+    """The images have no curl and compose publishes no worker port: operations.md drains a sampler
+    with ``docker compose exec sampler python deploy/healthcheck.py --post .../admin/drain``."""
+    done = _run(f"{server}/admin/drain", "s3cret", "--post")
+    assert done.returncode == 0 and '"consuming": false' in done.stdout
+    assert _check(f"{server}/admin/drain", None, "--post") == 1
 
 
 def test_healthcheck_exit_codes(server):
