@@ -7,7 +7,8 @@ optimality probability ``r = clip(A)/(2c) + 1/2`` (adaptive x0-space weighting a
 How this differs from the official code (NVlabs/DiffusionNFT):
 * one EMA serves as the off-policy "old" model and as the eval EMA (the official code keeps
   an "old" adapter and a separate eval EMA); its default schedule is the paper's
-  ``eta_i = min(0.001 i, 0.5)`` (``piecewise_linear``);
+  ``eta_i = min(0.001 i, 0.5)`` (``piecewise_linear``), and like the official old adapter it moves
+  once an epoch, after the epoch's last optimizer step (trainer.loop.optimize);
 * every sample draws its own training timesteps; ``kl_beta`` is the paper's ``beta`` on
   ``||v_theta - v_ref||^2`` (1e-4 by default).
 """
