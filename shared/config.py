@@ -484,7 +484,7 @@ class TrainConfig(_Strict):
     awm_weighting: Literal["Uniform", "t", "t**2", "huber", "ghuber"] = "ghuber"
     ghuber_power: float = Field(0.25, gt=0)
     ema_kl_beta: float | None = Field(None, ge=0)
-    # -- training timesteps for nft / awm
+    # -- training timesteps of the trainers that re-noise clean images (nft, awm, dpo, dgpo, crd)
     time_sampling_strategy: Literal[
         "uniform", "logit_normal", "discrete", "discrete_with_init", "discrete_wo_init"
     ] | None = None
@@ -1234,9 +1234,38 @@ def parse_config(raw: dict) -> Config:
         cfg = Config.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, raw)) from None
+    _check_unread(cfg)  # before the defaults: only what the user wrote
     cfg = _fill_algorithm_defaults(cfg)
     check_combinations(cfg)
     return cfg
+
+
+def _check_unread(cfg: Config) -> None:
+    """Keys the user set that the chosen algorithm never reads: an error naming the key that does
+    the job, instead of a run that silently trains otherwise."""
+    t = cfg.train
+    kind = trainer_kind(t.trainer_type)
+    given = t.model_fields_set
+    if kind in SDE_TRAINERS:
+        # (num_train_timesteps is let pass: no peer's GRPO has it, and a protocol shared by every algorithm,
+        # bench/toy_cfgfree.set, sets it for the ones that read it)
+        keys = [k for k in ("timestep_fraction", "time_sampling_strategy", "time_shift")
+                if k in given and getattr(t, k) is not None]
+        if keys:
+            n = t.num_inference_steps
+            hint = (f" (flow_grpo's timestep_fraction {t.timestep_fraction} of {n} steps is "
+                    f"train.num_train_steps: {max(1, int(n * t.timestep_fraction))})"
+                    if t.timestep_fraction is not None else "")
+            raise ConfigError(
+                f"train.{', train.'.join(keys)}: these choose the training timesteps of the trainers that "
+                f"re-noise clean images (nft, awm, dpo, dgpo, crd); trainer_type '{t.trainer_type}' trains the "
+                f"rollout's own SDE steps and would ignore them. Fix: choose those steps with "
+                f"train.num_train_steps or train.train_steps{hint}, and drop {', '.join(keys)}.")
+    if t.ema_kl_beta and kind != "awm" and "." not in kind:
+        raise ConfigError(
+            f"train.ema_kl_beta: {t.ema_kl_beta} pulls the policy toward its EMA in AWM's loss only; "
+            f"trainer_type '{t.trainer_type}' would ignore it. Fix: drop ema_kl_beta, or use trainer_type awm "
+            f"(kl_beta anchors every trainer to the frozen reference).")
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:

@@ -422,3 +422,22 @@ def test_numbers_read_as_yaml_1_2():
     assert [_yaml_load(t) for t in ("0123", "08", "0o17", "0x1f", "1_000", "1e-4", "1:30", "-7")] == \
         [123, 8, 15, 31, 1000, 1e-4, "1:30", -7]
     assert apply_overrides(raw(), ["train.seed=0123"])["train"]["seed"] == 123
+
+
+@pytest.mark.parametrize("trainer", ["grpo", "grpo-guard", "dppo"])
+def test_timestep_keys_an_sde_trainer_ignores_are_errors(trainer):
+    """A flow_grpo user's timestep_fraction on grpo trained every SDE step without a word: the SDE
+    trainers choose steps with num_train_steps / train_steps."""
+    msg = error(raw(train={"trainer_type": trainer, "timestep_fraction": 0.6}))
+    assert "train.timestep_fraction" in msg and "train.num_train_steps: 4" in msg  # int(8 * 0.6)
+    msg = error(raw(train={"trainer_type": trainer, "time_sampling_strategy": "uniform", "time_shift": 3.0}))
+    assert "train.time_sampling_strategy, train.time_shift" in msg and "train_steps" in msg
+    for fine in ("nft", "awm", "dgpo"):  # the trainers that read them
+        parse_config(raw(train={"trainer_type": fine, "timestep_fraction": 0.6, "num_train_timesteps": 2}))
+
+
+def test_ema_kl_beta_outside_awm_is_an_error():
+    assert "AWM's loss only" in error(raw(train={"trainer_type": "nft", "ema_kl_beta": 1.0}))
+    assert "AWM's loss only" in error(raw(train={"trainer_type": "grpo", "ema_kl_beta": 0.5}))
+    parse_config(raw(train={"trainer_type": "grpo", "ema_kl_beta": 0.0}))  # zero asks for nothing
+    assert parse_config(raw(train={"trainer_type": "awm", "ema_kl_beta": 0.5})).train.ema_kl_beta == 0.5
