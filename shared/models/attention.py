@@ -61,6 +61,24 @@ def backend_names() -> list[str]:
     return [b.value for b in AttentionBackendName]
 
 
+def backends_without_mask() -> list[str]:
+    """The backends of the installed diffusers that cannot take an attention mask (their function has no
+    ``attn_mask`` argument or refuses one): flash, sage, xla, ..."""
+    import inspect
+
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry as registry
+
+    out = []
+    for name, fn in registry._backends.items():
+        try:
+            refuses = "`attn_mask` is not supported" in inspect.getsource(fn)
+        except (OSError, TypeError):  # no source to read: trust the signature alone
+            refuses = False
+        if refuses or "attn_mask" not in registry._supported_arg_names.get(name, ()):
+            out.append(getattr(name, "value", str(name)))
+    return sorted(out)
+
+
 def _install_hint(name: str) -> str:
     if name.endswith("_hub"):
         return ("pip install -U kernels (the kernel itself is downloaded from the Hugging Face Hub on "
@@ -186,11 +204,13 @@ def avoid_cudnn_attention(transformer: nn.Module) -> bool:
     return True
 
 
-def apply_attention_backend(transformer: nn.Module, backend: str | None) -> None:
+def apply_attention_backend(transformer: nn.Module, backend: str | None, *, masked: str | None = None) -> None:
     """Set ``transformer``'s attention backend to ``backend`` (``model.attn_backend``; ``None``:
     diffusers' default, with PyTorch's cuDNN SDPA kernel turned off on CUDA,
-    :func:`avoid_cudnn_attention`). Raises :class:`ValueError` naming the backend, what is wrong
-    and the fix (module docstring)."""
+    :func:`avoid_cudnn_attention`). ``masked``: the model type, when its transformer attends with a
+    padding mask (a backend that cannot take one is refused here, not on the first batch of prompts
+    of different lengths). Raises :class:`ValueError` naming the backend, what is wrong and the fix
+    (module docstring)."""
     if backend is None:
         avoid_cudnn_attention(transformer)
         return
@@ -207,6 +227,13 @@ def apply_attention_backend(transformer: nn.Module, backend: str | None) -> None
             + " Fix: use 'native' (PyTorch scaled_dot_product_attention, needs nothing), 'flash' (flash-attn), "
               "'flash_hub' / '_flash_3_hub' (kernels from the Hub), 'xformers', 'sage', ... (all: "
             + ", ".join(names) + "), or remove the key.")
+    if masked and name in backends_without_mask():
+        takes = [b for b in ("native", "_native_efficient", "flex", "flash_varlen", "_flash_varlen_3")
+                 if b in names and b not in backends_without_mask()]
+        raise ValueError(
+            f"model.attn_backend: {name!r} cannot take an attention mask, and {masked} attends with one (prompts "
+            f"of different token lengths are padded and masked), so the first such batch would fail mid-run. "
+            f"Fix: use one of {', '.join(takes)}, or remove the key.")
     try:
         _check_attention_backend_requirements(AttentionBackendName(name))
     except (RuntimeError, ImportError) as e:

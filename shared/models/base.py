@@ -93,6 +93,10 @@ class FlowModelAdapter(ABC):
     #: ``resolution=`` (the rollout's ``(H, W)``) in :meth:`encode_prompts` (:mod:`shared.models.edit`)
     condition_images: ClassVar[tuple[int, int | None]] = (0, 0)
 
+    #: True when the transformer attends with a padding mask (prompts of different token lengths in one
+    #: batch, or prompt vs negative prompt): attention backends without mask support are refused at load
+    attention_mask: ClassVar[bool] = False
+
     #: True when some trainable weights get no gradient in a step (Qwen-Image's last block computes
     #: a text stream nothing reads): DDP must then look for unused parameters every step
     unused_parameters: ClassVar[bool] = False

@@ -23,7 +23,8 @@ def prepare_transformer(adapter: FlowModelAdapter, model_cfg: Any) -> None:
 
     transformer = adapter.transformer
     transformer.requires_grad_(False)
-    apply_attention_backend(transformer, getattr(model_cfg, "attn_backend", None))
+    apply_attention_backend(transformer, getattr(model_cfg, "attn_backend", None),
+                            masked=adapter.model_type if adapter.attention_mask else None)
     if model_cfg.finetune_type == "lora":
         transformer.add_adapter(lora_config(type(adapter), model_cfg))
 

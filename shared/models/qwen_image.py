@@ -60,6 +60,7 @@ def _token_norm(x: torch.Tensor) -> torch.Tensor:
 @MODELS.register("qwen-image")
 class QwenImageAdapter(PipelineAdapter):
     model_type = "qwen-image"
+    attention_mask = True  # padded prompts attend with a mask (flash / sage backends cannot take one)
     pipeline_class = "QwenImagePipeline"
     option_defaults = QWEN_IMAGE_OPTIONS
     hub_examples = "Qwen/Qwen-Image or Qwen/Qwen-Image-2512"

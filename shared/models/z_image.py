@@ -63,6 +63,7 @@ def _pad(embeds: list[torch.Tensor], length: int) -> tuple[torch.Tensor, torch.T
 @MODELS.register("z-image")
 class ZImageAdapter(PipelineAdapter):
     model_type = "z-image"
+    attention_mask = True  # padded prompts attend with a mask (flash / sage backends cannot take one)
     pipeline_class = "ZImagePipeline"
     option_defaults = Z_IMAGE_OPTIONS
     hub_examples = "Tongyi-MAI/Z-Image or Tongyi-MAI/Z-Image-Turbo"

@@ -340,6 +340,30 @@ def test_attention_backend_native(spec, adapter, pipeline_dir):
                                    adapter.velocity(x, sigma, cond, spec.guidance_scale), rtol=0, atol=1e-6)
 
 
+def test_a_masked_family_refuses_a_backend_without_masks_at_load(spec, adapter, pipeline_dir):
+    """Qwen-Image (and its edit model) and Z-Image attend with a padding mask: ``_native_flash`` (the
+    FLUX.1 cuDNN workaround) passed the load and failed on the first batch of prompts of different
+    lengths. Now the load says so; a family without masks takes it, and ``native`` works for all."""
+    from shared.models.attention import backends_without_mask
+    from shared.models.lora import prepare_transformer
+
+    assert "_native_flash" in backends_without_mask() and "native" not in backends_without_mask()
+    cfg = ModelConfig(model_type=spec.model_type, model_name_or_path=str(pipeline_dir), options=spec.options,
+                      finetune_type="full", attn_backend="_native_flash")
+    fresh = load_tiny(spec, pipeline_dir)
+    if type(adapter).attention_mask:
+        with pytest.raises(ValueError, match=rf"'_native_flash' cannot take an attention mask, and {spec.model_type} "
+                                             r"attends with one.*Fix: use one of native"):
+            prepare_transformer(fresh, cfg)
+        return
+    prepare_transformer(fresh, cfg)  # (runs on the CPU: no mask, so flash-style kernels are fine)
+    x, sigma = inputs(spec, adapter)
+    cond = conditioning(spec, adapter)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.velocity(x, sigma, cond, spec.guidance_scale),
+                                   adapter.velocity(x, sigma, cond, spec.guidance_scale), rtol=1e-4, atol=1e-5)
+
+
 def test_lora_step_with_gradient_checkpointing(spec, pipeline_dir, tmp_path):
     """``model.gradient_checkpointing``: the blocks are recomputed in backward (the checkpoint
     function runs) and the loss and LoRA gradients equal those without it."""
