@@ -53,6 +53,7 @@ class Source:
     kind: str  # "lora" | "full"
     files: dict[str, list[Path]]  # per denoiser component ("transformer", "transformer_2"): its files
     lora_shape: tuple[int, float] | None = None  # (rank, alpha) when known (a flowrl checkpoint)
+    inferred: bool = False  # lora_shape read off the tensors (a file without metadata: alpha = rank)
 
 
 def find_source(path: str | Path, components: list[str], ema: bool = False) -> Source:
@@ -79,7 +80,11 @@ def find_source(path: str | Path, components: list[str], ema: bool = False) -> S
             raise WarmStartError(f"model.init_from: {str(p)!r} is one LoRA file, but this model has two experts "
                                  f"({', '.join(components)}). Fix: pass a flowrl checkpoint folder (lora/, lora_2/).")
         file = p if p.is_file() else p / LORA_FILE
-        return Source("lora", {"transformer": [file]}, _lora_metadata(file))
+        shape = _lora_metadata(file)
+        if shape is None:  # diffusers applies such a file at alpha = rank (scale 1)
+            shape = _lora_rank(file)
+            return Source("lora", {"transformer": [file]}, shape and (shape, float(shape)), inferred=True)
+        return Source("lora", {"transformer": [file]}, shape)
     folder = p / "transformer" if (p / "transformer" / "config.json").is_file() else p
     shards = sorted(folder.glob("diffusion_pytorch_model*.safetensors"))
     if (folder / "config.json").is_file() and shards and single:
@@ -104,6 +109,15 @@ def _lora_metadata(file: Path) -> tuple[int, float] | None:
             rank = int(config[f"{prefix}r"])
             return rank, float(config.get(f"{prefix}lora_alpha") or rank)
     return None
+
+
+def _lora_rank(file: Path) -> int | None:
+    """The rank of a LoRA file's ``lora_A`` matrices when they all share one (None otherwise)."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), "pt") as f:
+        ranks = {f.get_slice(k).get_shape()[0] for k in f.keys() if "lora_A" in k or "lora_down" in k}
+    return ranks.pop() if len(ranks) == 1 else None
 
 
 def _existing(files: dict[str, list[Path]], root: Path) -> dict[str, list[Path]]:
@@ -196,9 +210,12 @@ def _load_into_adapter(module, source: Source, state: dict, model_cfg, path) -> 
 
     rank, alpha = model_cfg.lora_rank, model_cfg.lora_alpha or 2 * model_cfg.lora_rank
     if source.lora_shape is not None and tuple(source.lora_shape) != (rank, alpha):
+        why = (" (its file has no lora_adapter_metadata: diffusers' load_lora_weights applies it at alpha = "
+               "rank, and so does this run once its alpha matches; at another alpha it would start from another "
+               "model than the one the LoRA was trained as)") if source.inferred else ""
         raise WarmStartError(
             f"model.init_from: {str(path)!r} is a LoRA of rank {source.lora_shape[0]} and alpha "
-            f"{source.lora_shape[1]:g}; this run's is rank {rank}, alpha {alpha:g}. Fix: set model.lora_rank: "
+            f"{source.lora_shape[1]:g}{why}; this run's is rank {rank}, alpha {alpha:g}. Fix: set model.lora_rank: "
             f"{source.lora_shape[0]} and model.lora_alpha: {source.lora_shape[1]:g}.")
     try:
         result = set_peft_model_state_dict(module, state, adapter_name="default")

@@ -111,11 +111,29 @@ def test_a_lora_of_another_rank_is_refused_with_the_fix(runs, tmp_path):
     cfg = tiny_config(tmp_path, overrides=FAST + ["model.lora_rank=4", f"model.init_from={ckpt}"])
     with pytest.raises(WarmStartError, match=r"rank 8 and alpha 16; this run's is rank 4, alpha 8\. Fix: set model.lora_rank: 8"):
         built(cfg)
-    # a bare file without metadata: peft's size check speaks
+    # a bare file without metadata: its rank is read off its tensors
     file = tmp_path / "bare.safetensors"
     save_file(load_file(ckpt / "lora" / "pytorch_lora_weights.safetensors"), file)
-    with pytest.raises(WarmStartError, match="does not fit this run's LoRA"):
+    with pytest.raises(WarmStartError, match=r"rank 8 and alpha 8 \(its file has no lora_adapter_metadata"):
         built(tiny_config(tmp_path, overrides=FAST + ["model.lora_rank=4", f"model.init_from={file}"]))
+
+
+def test_a_lora_file_without_metadata_starts_where_diffusers_puts_it(runs, tmp_path):
+    """diffusers applies a LoRA file without lora_adapter_metadata at alpha = rank (scale 1); a run at its
+    default alpha 2 x rank loaded it at twice that strength, silently. Now it is told to set the alpha,
+    and with it starts from the model diffusers' own loader makes."""
+    file = tmp_path / "sft.safetensors"  # e.g. an SFT LoRA saved by a diffusers training script
+    save_file(load_file(Path(runs["lora"]["checkpoint"]) / "lora" / "pytorch_lora_weights.safetensors"), file)
+    with pytest.raises(WarmStartError, match=r"rank 8 and alpha 8 .*this run's is rank 8, alpha 16\. Fix: set "
+                                             r"model.lora_rank: 8 and model.lora_alpha: 8"):
+        built(tiny_config(tmp_path / "a", overrides=FAST + [f"model.init_from={file}"]))
+    cfg = tiny_config(tmp_path / "b", overrides=FAST + ["model.lora_alpha=8", f"model.init_from={file}"])
+    ours, _ = built(cfg)
+    theirs = load_adapter(cfg.model, device=torch.device("cpu"), seed=cfg.train.seed)
+    theirs.transformer.load_lora_adapter(str(file), prefix="transformer", adapter_name="sft")
+    base = load_adapter(cfg.model, device=torch.device("cpu"), seed=cfg.train.seed)
+    assert not torch.allclose(velocity(theirs), velocity(base), atol=1e-4)  # the LoRA does something
+    torch.testing.assert_close(velocity(ours), velocity(theirs), rtol=1e-5, atol=1e-5)
 
 
 def test_what_init_from_cannot_be(tmp_path):
