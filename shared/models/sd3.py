@@ -77,7 +77,8 @@ class SD3Adapter(PipelineAdapter):
                 cond: dict[str, torch.Tensor]) -> torch.Tensor:
         dtype = self.transformer.dtype
         return transformer(
-            hidden_states=latents.to(dtype), timestep=(sigma * 1000.0).to(dtype),
+            # float32 as the pipeline passes it (scheduler.timesteps): bf16 rounded 964.29 to 964, 818.18 to 820
+            hidden_states=latents.to(dtype), timestep=sigma.float() * 1000.0,
             encoder_hidden_states=cond["prompt_embeds"], pooled_projections=cond["pooled"],
             return_dict=False)[0]
 

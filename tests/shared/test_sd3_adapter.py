@@ -111,6 +111,23 @@ def test_cfg_velocity_is_one_batched_call(adapter):
     torch.testing.assert_close(v, v_u + 3.0 * (v_c - v_u), rtol=1e-5, atol=1e-5)
 
 
+def test_a_bf16_transformer_gets_the_pipelines_float32_timestep(pipeline_dir):
+    """StableDiffusion3Pipeline passes the scheduler's float32 timesteps to a bf16 transformer; the
+    adapter rounded 1000 * sigma to bf16 first (964.29 -> 964, 818.18 -> 820): another noise level."""
+    cfg = ModelConfig(model_type="sd3-5", model_name_or_path=str(pipeline_dir), options={"transformer_dtype": "bfloat16"})
+    a = load_adapter(cfg, device=torch.device("cpu"), seed=0)
+    assert a.transformer.dtype == torch.bfloat16
+    seen = []
+    handle = a.transformer.register_forward_pre_hook(lambda m, args, kw: seen.append(kw["timestep"]), with_kwargs=True)
+    sigma = torch.tensor([0.9642857, 0.8181818])
+    try:
+        with torch.no_grad():
+            a.velocity(torch.randn(2, 4, 4, 4), sigma, a.encode_prompts(PROMPTS[:2], cfg=False), 1.0)
+    finally:
+        handle.remove()
+    assert seen[0].dtype == torch.float32 and torch.equal(seen[0], sigma * 1000.0)
+
+
 def test_decode_inverts_encode_normalization(adapter):
     images = torch.rand(2, 3, 32, 32)
     z = adapter.encode_latents(images)
