@@ -1137,9 +1137,10 @@ def _format_validation_error(err: ValidationError, raw: dict) -> str:
         elif e["type"] == "missing":
             lines.append(f"config key `{key}` is required but missing. Fix: add it.")
         else:
-            got = e.get("input")
+            got, msg = e.get("input"), e["msg"]
+            msg = msg[:1].lower() + msg[1:]  # (only the first letter: the allowed values keep their case)
             lines.append(
-                f"config key `{key}`: got {got!r} ({type(got).__name__}); {e['msg'].lower()}. "
+                f"config key `{key}`: got {got!r} ({type(got).__name__}); {msg}. "
                 f"Fix: set `{key}` to a valid value."
             )
     return "\n".join(lines)

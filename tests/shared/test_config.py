@@ -441,3 +441,10 @@ def test_ema_kl_beta_outside_awm_is_an_error():
     assert "AWM's loss only" in error(raw(train={"trainer_type": "grpo", "ema_kl_beta": 0.5}))
     parse_config(raw(train={"trainer_type": "grpo", "ema_kl_beta": 0.0}))  # zero asks for nothing
     assert parse_config(raw(train={"trainer_type": "awm", "ema_kl_beta": 0.5})).train.ema_kl_beta == 0.5
+
+
+def test_an_invalid_choice_lists_the_choices_as_spelt():
+    """The whole message was lower-cased: 'flow-sde' was refused, then offered as a valid value."""
+    msg = error(raw(train={"dynamics_type": "flow-sde"}))
+    assert "'Flow-SDE', 'Dance-SDE', 'CPS' or 'ODE'" in msg
+    assert "'Uniform'" in error(raw(train={"trainer_type": "awm", "awm_weighting": "uniform"}))
