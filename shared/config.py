@@ -991,22 +991,31 @@ def check_kl_gate(t: TrainConfig, labels: list[str], weights: dict[str, float]) 
 
 
 def check_model_type(cfg: Config) -> None:
-    """``model.model_type`` is a registered family (not imported here: a family's module imports
-    diffusers) or a dotted path to a ``FlowModelAdapter`` subclass; a dotted path that does not
-    import here is left to the process that loads the model, as for rewards."""
+    """``model.model_type`` is a registered family or a dotted path to a ``FlowModelAdapter`` subclass
+    (a dotted path that does not import here is left to the process that loads the model, as for
+    rewards), and what its class can check of ``model:`` without loading (``check_config``: the path
+    given, the option names) and ``model.attn_backend``'s name hold."""
     from shared.models import MODELS  # lazy: imports torch
     from shared.registry import RegistryError
 
     name = cfg.model.model_type
-    if name in MODELS:
-        return
     try:
-        MODELS.get(name)
+        cls = MODELS.get(name)
     except RegistryError as e:
         if "." in name and isinstance(e.__cause__, ImportError):
             return
         fix = "" if "Fix:" in str(e) else " Fix: correct the name (`flowrl list models`)."
         raise ConfigError(f"model.model_type: {e}{fix}") from None
+    # what the model's loading would refuse, said now (flowrl check passed a missing model_name_or_path, an
+    # unknown model.options key or attn_backend name, and the run stopped with a traceback after start-up)
+    try:
+        cls.check_config(cfg.model)
+        if cfg.model.attn_backend is not None:
+            from shared.models.attention import check_backend_name
+
+            check_backend_name(cfg.model.attn_backend, masked=name if cls.attention_mask else None)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(str(e)) from None
 
 
 def check_reward_options(cfg: Config) -> None:

@@ -204,19 +204,10 @@ def avoid_cudnn_attention(transformer: nn.Module) -> bool:
     return True
 
 
-def apply_attention_backend(transformer: nn.Module, backend: str | None, *, masked: str | None = None) -> None:
-    """Set ``transformer``'s attention backend to ``backend`` (``model.attn_backend``; ``None``:
-    diffusers' default, with PyTorch's cuDNN SDPA kernel turned off on CUDA,
-    :func:`avoid_cudnn_attention`). ``masked``: the model type, when its transformer attends with a
-    padding mask (a backend that cannot take one is refused here, not on the first batch of prompts
-    of different lengths). Raises :class:`ValueError` naming the backend, what is wrong and the fix
-    (module docstring)."""
-    if backend is None:
-        avoid_cudnn_attention(transformer)
-        return
-    from diffusers.models.attention_dispatch import (AttentionBackendName, _AttentionBackendRegistry,
-                                                     _check_attention_backend_requirements)
-
+def check_backend_name(backend: str, *, masked: str | None = None) -> str:
+    """``backend`` normalized, when the installed diffusers knows it and (``masked``: the model type,
+    when its transformer attends with a padding mask) it can take a mask; else ``ValueError`` naming
+    the fix. What can be checked without a model (config load, ``flowrl check``)."""
     names = backend_names()
     name = backend.strip().lower()
     if name not in names:
@@ -234,6 +225,23 @@ def apply_attention_backend(transformer: nn.Module, backend: str | None, *, mask
             f"model.attn_backend: {name!r} cannot take an attention mask, and {masked} attends with one (prompts "
             f"of different token lengths are padded and masked), so the first such batch would fail mid-run. "
             f"Fix: use one of {', '.join(takes)}, or remove the key.")
+    return name
+
+
+def apply_attention_backend(transformer: nn.Module, backend: str | None, *, masked: str | None = None) -> None:
+    """Set ``transformer``'s attention backend to ``backend`` (``model.attn_backend``; ``None``:
+    diffusers' default, with PyTorch's cuDNN SDPA kernel turned off on CUDA,
+    :func:`avoid_cudnn_attention`). ``masked``: the model type, when its transformer attends with a
+    padding mask (a backend that cannot take one is refused here, not on the first batch of prompts
+    of different lengths). Raises :class:`ValueError` naming the backend, what is wrong and the fix
+    (module docstring)."""
+    if backend is None:
+        avoid_cudnn_attention(transformer)
+        return
+    from diffusers.models.attention_dispatch import (AttentionBackendName, _AttentionBackendRegistry,
+                                                     _check_attention_backend_requirements)
+
+    name = check_backend_name(backend, masked=masked)
     try:
         _check_attention_backend_requirements(AttentionBackendName(name))
     except (RuntimeError, ImportError) as e:

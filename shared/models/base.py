@@ -105,6 +105,12 @@ class FlowModelAdapter(ABC):
     scheduler_shift: float = 1.0  # SD3-style sigma shift of the default sampling grid (:meth:`sigmas`)
 
     @classmethod
+    def check_config(cls, model_cfg: Any) -> None:
+        """What can be checked of ``model:`` without loading anything (the path given, the option
+        names), called when the config is read (``flowrl check`` too); raises ``ValueError`` naming the
+        fix. The default checks nothing."""
+
+    @classmethod
     @abstractmethod
     def load(cls, model_cfg: Any, *, device: torch.device, seed: int) -> "FlowModelAdapter":
         """Build from ``model:`` config (``model_name_or_path`` hub id or local dir). The built-in

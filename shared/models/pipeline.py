@@ -153,6 +153,10 @@ class PipelineAdapter(FlowModelAdapter):
         return cls(pipeline, o)
 
     @classmethod
+    def check_config(cls, model_cfg: Any) -> None:
+        cls.check_source(model_cfg)
+
+    @classmethod
     def check_source(cls, model_cfg: Any) -> str:
         """``model.model_name_or_path`` and ``model.options`` checked before anything loads."""
         path = model_cfg.model_name_or_path

@@ -48,13 +48,22 @@ class TinyAdapter(FlowModelAdapter):
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def build(cls, options: dict[str, Any], seed: int) -> "TinyAdapter":
+    def check_config(cls, model_cfg: Any) -> None:
+        if model_cfg.model_name_or_path is None:
+            cls._check_options(model_cfg.options)
+
+    @staticmethod
+    def _check_options(options: dict[str, Any]) -> None:
         unknown = set(options) - set(TINY_DEFAULTS)
         if unknown:
             raise ValueError(
                 f"model.options: unknown tiny-model option(s) {sorted(unknown)}; "
                 f"valid: {sorted(TINY_DEFAULTS)}."
             )
+
+    @classmethod
+    def build(cls, options: dict[str, Any], seed: int) -> "TinyAdapter":
+        cls._check_options(options)
         o = {**TINY_DEFAULTS, **options}
         torch.manual_seed(seed)
         inner = o["attention_head_dim"] * o["num_attention_heads"]

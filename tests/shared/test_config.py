@@ -68,7 +68,21 @@ def test_model_type_is_a_family_or_a_dotted_adapter():
     assert msg.startswith("model.model_type: unknown model_type 'Flux1-Dev'. Did you mean 'flux1'?") and "Fix:" in msg
     assert "not a subclass of shared.models.base.FlowModelAdapter" in error(raw(model={"model_type": "shared.config.Config"}))
     for ok in ("SD3-5", "wan2_i2v", "not_installed_here.Family"):  # registered (any case), or left to the loader
-        assert parse_config(raw(model={"model_type": ok})).model.model_type == ok
+        assert parse_config(raw(model={"model_type": ok, "model_name_or_path": "org/model"})).model.model_type == ok
+
+
+def test_what_loading_the_model_would_refuse_is_a_config_error():
+    """flowrl check passed these and the run stopped after start-up with a traceback (exit 1: a k8s Job
+    retried the typo three times, loading the model each time)."""
+    assert "model.model_name_or_path is required for model_type 'sd3-5'" in error(raw(model={"model_type": "sd3-5"}))
+    msg = error(raw(model={"model_type": "sd3-5", "model_name_or_path": "org/m", "options": {"foo": 1}}))
+    assert "unknown sd3-5 option(s) ['foo']" in msg
+    assert "unknown tiny-model option(s) ['foo']" in error(raw(model={"model_type": "tiny", "options": {"foo": 1}}))
+    msg = error(raw(model={"model_type": "tiny", "attn_backend": "flashh"}))
+    assert "'flashh' is not an attention backend" in msg and "Did you mean 'flash'?" in msg
+    msg = error(raw(model={"model_type": "qwen-image", "model_name_or_path": "org/m", "attn_backend": "sage"}))
+    assert "'sage' cannot take an attention mask, and qwen-image attends with one" in msg
+    parse_config(raw(model={"model_type": "sd3-5", "model_name_or_path": "org/m", "attn_backend": "sage"}))
 
 
 def test_unknown_key_in_list_item_section():
