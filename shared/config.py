@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -635,7 +636,7 @@ class Config(_Strict):
     transport: Literal["local", "celery"] = "local"
     metrics_port: int | None = Field(None, ge=0, le=65535)  # serve the trainer's Prometheus /metrics
     metrics_host: str = "127.0.0.1"  # interface for metrics_port (loopback unless opened on purpose)
-    queue: QueueSettings = Field(default_factory=QueueSettings)  # transport: celery only
+    queue: QueueSettings = Field(default_factory=lambda: _queue_from_environment())  # transport: celery only
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -1118,6 +1119,17 @@ _SCALAR_BRANCH_ERRORS = ("bool_type", "bool_parsing", "literal_error", "int_type
                          "float_parsing", "string_type")
 
 
+def _queue_from_environment() -> QueueSettings:
+    """``queue:`` when the YAML has none: the environment's FLOWRL_QUEUE_* over the defaults; a bad
+    variable is a config error naming it (it was reported as the YAML's key ``broker_url``)."""
+    from shared.queue import QueueEnvironmentError, from_environment
+
+    try:
+        return from_environment()
+    except QueueEnvironmentError as e:
+        raise ConfigError(str(e)) from None
+
+
 def _format_validation_error(err: ValidationError, raw: dict) -> str:
     lines = []
     for e in err.errors():
@@ -1148,6 +1160,12 @@ def _format_validation_error(err: ValidationError, raw: dict) -> str:
         else:
             got, msg = e.get("input"), e["msg"]
             msg = msg[:1].lower() + msg[1:]  # (only the first letter: the allowed values keep their case)
+            var = f"FLOWRL_QUEUE_{loc[-1].upper()}"
+            if (len(loc) == 2 and loc[0] == "queue" and loc[1] not in (raw.get("queue") or {})
+                    and var in os.environ):  # the environment filled it in, not the YAML
+                lines.append(f"environment variable {var}={os.environ[var]!r} (config key `{key}`): {msg}. "
+                             f"Fix: correct or unset it, or set `{key}` in the YAML (it wins).")
+                continue
             lines.append(
                 f"config key `{key}`: got {got!r} ({type(got).__name__}); {msg}. "
                 f"Fix: set `{key}` to a valid value."

@@ -108,6 +108,35 @@ class QueueSettings(BaseSettings):
         return f"{self.namespace}.{name}" if self.namespace else name
 
 
+class QueueEnvironmentError(ValueError):
+    """A ``FLOWRL_QUEUE_*`` environment variable holds a value :class:`QueueSettings` refuses."""
+
+
+def from_environment(**given: Any) -> QueueSettings:
+    """:class:`QueueSettings` from ``given`` and the environment; a bad value that came from a
+    ``FLOWRL_QUEUE_*`` variable is a :class:`QueueEnvironmentError` naming the variable (pydantic named
+    only the field, so the message blamed the experiment's YAML, or a worker printed a traceback)."""
+    import os
+
+    from pydantic import ValidationError
+
+    try:
+        return QueueSettings(**given)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            field = str(e["loc"][0]) if e["loc"] else ""
+            var = f"FLOWRL_QUEUE_{field.upper()}"
+            if field and field not in given and var in os.environ:
+                msg = e["msg"][:1].lower() + e["msg"][1:]
+                fix = "Or" if "Fix:" in msg else "Fix:"
+                lines.append(f"environment variable {var}={os.environ[var]!r}: {msg}. {fix} correct or unset it "
+                             f"(queue.{field} in the experiment's YAML wins over it).")
+        if not lines:
+            raise
+        raise QueueEnvironmentError("\n".join(lines)) from None
+
+
 def celery_config(settings: QueueSettings) -> dict[str, Any]:
     """The Celery settings every flowrl process uses (see the module docstring)."""
     return {

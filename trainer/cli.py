@@ -139,7 +139,13 @@ def _worker(args) -> int:
         prepare_multiprocess_dir()  # before prometheus_client is imported: the pool child's metrics, too
     # the worker's modules first, then the HTTP thread, started before Celery forks its pool (a fork
     # while another thread imports can hang the child: shared/worker_http.py serve_in_thread)
-    module = importlib.import_module(f"services.{args.kind}.worker")  # reads FLOWRL_QUEUE_* now
+    from shared.queue import QueueEnvironmentError
+
+    try:
+        module = importlib.import_module(f"services.{args.kind}.worker")  # reads FLOWRL_QUEUE_* now
+    except QueueEnvironmentError as e:
+        print(f"flowrl: {e}", file=sys.stderr)
+        return 2
     try:  # a worker's own environment (FLOWRL_REWARD_WORKER_MAX_MODELS), checked before it takes tasks
         getattr(module, "check_environment", lambda: None)()
     except ValueError as e:

@@ -28,10 +28,10 @@ import torch
 
 from shared.config import RewardSpec
 from shared.protocol import TASK_REWARD, RewardJob, ScoredBatch
-from shared.queue import QueueSettings, make_celery
+from shared.queue import from_environment, make_celery
 from shared.tasks import guarded_task
 
-settings = QueueSettings()
+settings = from_environment()  # a bad FLOWRL_QUEUE_* value: an error naming it
 app = make_celery(settings, name="flowrl-reward")
 _models: OrderedDict[str, object] = OrderedDict()  # by shared.rewards.multi.reward_identity, oldest use first
 _models_lock = threading.Lock()  # a thread-pool worker builds and evicts one job at a time

@@ -22,11 +22,11 @@ import logging
 import os
 
 from shared.protocol import QUEUE_REWARD, TASK_REWARD, TASK_SAMPLE, RewardJob, SampleJob
-from shared.queue import QueueSettings, make_celery
+from shared.queue import from_environment, make_celery
 from shared.tasks import guarded_task
 
 log = logging.getLogger("flowrl.sampler")
-settings = QueueSettings()
+settings = from_environment()  # a bad FLOWRL_QUEUE_* value: an error naming it
 app = make_celery(settings, name="flowrl-sampler")
 _runtime = None
 

@@ -39,6 +39,26 @@ def test_environment_fills_in_and_yaml_wins(monkeypatch):
     assert env["FLOWRL_QUEUE_MAX_RETRIES"] == "1" and "FLOWRL_QUEUE_STORE_URL" not in env
 
 
+def test_a_bad_queue_variable_is_named(monkeypatch, capsys):
+    """A stale FLOWRL_QUEUE_* value was reported as the YAML's key `broker_url` (even for a local run),
+    and a worker died on it with a pydantic traceback."""
+    from shared.config import ConfigError
+    from trainer.cli import main
+
+    monkeypatch.setenv("FLOWRL_QUEUE_BROKER_URL", "http://x")
+    for queue in ({}, {"queue": {"max_retries": 1}}):  # without a queue: section, and with one
+        with pytest.raises(ConfigError, match=r"environment variable FLOWRL_QUEUE_BROKER_URL='http://x'.*Redis URL"):
+            parse_config({"rewards": [{"reward_model": "brightness"}], **queue})
+    assert parse_config({"rewards": [{"reward_model": "brightness"}],
+                         "queue": {"broker_url": "redis://h:6379/0"}}).queue.broker_url == "redis://h:6379/0"
+    monkeypatch.setenv("FLOWRL_WORKER_NAME", "unset-by-test")
+    import sys
+    for name in ("services.reward.worker",):
+        monkeypatch.delitem(sys.modules, name, raising=False)  # imported anew: it reads the variable
+    assert main(["worker", "reward", "--name", "env-test"]) == 2
+    assert "FLOWRL_QUEUE_BROKER_URL='http://x'" in capsys.readouterr().err
+
+
 def test_retry_delay_doubles_and_caps():
     assert [retry_delay(a, 1.0) for a in range(8)] == [1, 2, 4, 8, 16, 32, 60, 60]
 
