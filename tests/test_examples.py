@@ -79,3 +79,25 @@ def check_example_dataset(cfg, adapter) -> None:
     for rows in (train, test or []):
         check_condition_images(rows, adapter.model_type, adapter.condition_images)
     assert all(row.images for row in train)
+
+
+def test_the_readmes_memory_options_are_shown_at_their_defaults():
+    """README "Memory and speed options" says its block shows the defaults: each value is the schema's
+    (it showed ema_device: cpu, ref_param_device: cpu, mixed_precision: bf16, which a run gets only when set)."""
+    import re
+
+    import yaml
+
+    from shared.config import ModelConfig, TrainConfig
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"## Memory and speed options\n.*?```yaml\n(.*?)```", text, re.S).group(1)
+    shown = yaml.safe_load(block)
+    for section, schema in (("model", ModelConfig), ("train", TrainConfig)):
+        for key, value in shown[section].items():
+            if key == "options":
+                continue
+            default = schema.model_fields[key].get_default(call_default_factory=True)
+            if key == "mixed_precision":
+                value = {"no": "no", False: "no"}.get(value, value)
+            assert value == default, f"README shows {section}.{key}: {value!r}, the default is {default!r}"
