@@ -345,7 +345,7 @@ def convert(ff: dict) -> tuple[dict, list[str]]:
             f"train.trainer_type: '{trainer}' has no flowrl implementation (flowrl trains grpo, grpo-guard, dppo, "
             f"nft, awm, dpo, dgpo and crd online; not Flow-Factory's offline (sft, offline-dpo) or distillation "
             f"(dmd2, tdm, tdm-r1, diffusion-opd) trainers). Fix: pick one of those, or port the trainer as a "
-            f"dotted-path plugin (README, 'Adding an algorithm').")
+            f"dotted-path plugin (docs/extending.md, section 2 'A training algorithm').")
     if "data.datasets" in flat and not flat["data.datasets"]:  # null or []: one folder, as there
         del flat["data.datasets"]
     if "model.trainable_parameters_dtype" in flat:  # the newer name wins over master_weight_dtype
