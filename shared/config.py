@@ -1277,8 +1277,10 @@ def _check_unread(cfg: Config) -> None:
     if kind in SDE_TRAINERS:
         # (num_train_timesteps is let pass: no peer's GRPO has it, and a protocol shared by every algorithm,
         # bench/toy_cfgfree.set, sets it for the ones that read it)
-        keys = [k for k in ("timestep_fraction", "time_sampling_strategy", "time_shift")
-                if k in given and getattr(t, k) is not None]
+        # (the values a loaded config is filled with pass: a config written back out, as checkpoints and
+        # tools do, must load again)
+        filled = {"timestep_fraction": 0.99, "time_sampling_strategy": "discrete", "time_shift": 1.0}
+        keys = [k for k, v in filled.items() if k in given and getattr(t, k) not in (None, v)]
         if keys:
             n = t.num_inference_steps
             hint = (f" (flow_grpo's timestep_fraction {t.timestep_fraction} of {n} steps is "

@@ -448,6 +448,10 @@ def test_timestep_keys_an_sde_trainer_ignores_are_errors(trainer):
     assert "train.time_sampling_strategy, train.time_shift" in msg and "train_steps" in msg
     for fine in ("nft", "awm", "dgpo"):  # the trainers that read them
         parse_config(raw(train={"trainer_type": fine, "timestep_fraction": 0.6, "num_train_timesteps": 2}))
+    # a loaded config written back out (checkpoints, tools) loads again: it holds the filled values
+    cfg = parse_config(raw(train={"trainer_type": trainer}))
+    again = parse_config(cfg.model_dump(mode="json"))
+    assert again.train.timestep_fraction == cfg.train.timestep_fraction
 
 
 def test_ema_kl_beta_outside_awm_is_an_error():
