@@ -258,8 +258,9 @@ def load_rank_state(checkpoint: Path, rank: int, adapter=None, plan=None, cfg=No
 
     Rebuilding the samples needs ``adapter``/``plan``/``cfg``: the conditioning is re-encoded
     from the plan's prompts (deterministic) instead of being stored. A checkpoint written by more
-    processes than ``world`` holds pending samples cut for its own layout: they are not used (the
-    caller samples that epoch again).
+    processes than ``world`` holds pending samples cut for its own layout, and one resumed through the
+    queue (``flowrl trainer``) holds them in the embedded run's form: they are not used (the caller
+    samples that epoch again).
     """
     directory = Path(checkpoint) / RESUME_DIR
     rng = directory / f"rng-rank{rank}.json"
@@ -273,6 +274,10 @@ def load_rank_state(checkpoint: Path, rank: int, adapter=None, plan=None, cfg=No
         if rank == 0:
             log.warning("the checkpoint was written by %d processes and resumes on %d: the epoch it had already "
                         "sampled is sampled again (the run continues, not bit for bit)", written_by, world)
+    elif pending_file.is_file() and cfg is not None and cfg.transport != "local":
+        if rank == 0:  # (a flowrl train checkpoint resumed by flowrl trainer: its samples are not queue messages)
+            log.warning("the checkpoint's epoch sampled ahead was sampled by an embedded run (transport: local) and "
+                        "this run uses the queue: the samplers sample it again (the run continues, not bit for bit)")
     elif pending_file.is_file() and adapter is not None:
         from shared.sampling import unpack_trajectory
         from trainer.collect import Samples, tensors_parts
@@ -293,7 +298,17 @@ def truncate_jsonl(path: Path, keep) -> int:
     if not path.is_file():
         return 0
     lines = path.read_text().splitlines()
-    kept = [line for line in lines if line.strip() and keep(json.loads(line))]
+    kept = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short when the run died (disk full, power): dropped
+            log.warning("%s:%d is not a whole JSON line (cut short when the run stopped?); dropped", path, n)
+            continue
+        if keep(record):
+            kept.append(line)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(path)

@@ -326,3 +326,40 @@ def test_a_resumed_epochs_samples_wait_on_the_host_with_offload_samples_to_cpu(t
     for name in ("latents", "next_latents", "log_probs", "stds", "final_latents"):
         assert torch.equal(getattr(samples.rollout, name), getattr(roll, name)), name  # on the host, whole
     assert samples.cond is encoded and samples.policy_versions == [1, 1]
+
+
+def test_a_queue_run_resuming_an_embedded_checkpoint_samples_its_pending_epoch_again(tmp_path, caplog):
+    """A flowrl train checkpoint (max_staleness 1: the epoch sampled ahead is in it) resumed by flowrl
+    trainer (transport celery): the saved samples are not queue messages (collect died with an
+    AttributeError), so the queue samples that epoch again, with a warning."""
+    import logging
+    import types
+
+    from shared.sampling import Rollout
+    from trainer.collect import Samples
+    from trainer.resume import load_rank_state, save_rank_state
+
+    g = torch.Generator().manual_seed(0)
+    states = torch.randn(2, 3, 4, 2, 2, generator=g)
+    roll = Rollout(final_latents=torch.randn(2, 4, 2, 2, generator=g), images=None, sigmas=torch.linspace(1, 0, 3),
+                   sde_steps=[0, 1], latents=states[:, :2], next_latents=states[:, 1:],
+                   log_probs=torch.randn(2, 2, generator=g), stds=torch.rand(2, 2, generator=g), means=None)
+    save_rank_state(tmp_path / "ckpt" / "resume", 0, Samples(None, roll, {"r": torch.tensor([0.5, 1.0])}, [1, 1], {}))
+    cfg = tiny_config(tmp_path, "grpo")
+    cfg.transport = "celery"  # what flowrl trainer does with the same YAML
+    adapter = types.SimpleNamespace(transformer=torch.nn.Linear(1, 1))
+    plan = types.SimpleNamespace(prompts=["a", "b"], negatives=[None, None], condition_images=None)
+    with caplog.at_level(logging.WARNING, logger="flowrl.trainer"):
+        assert load_rank_state(tmp_path / "ckpt", 0, adapter, plan, cfg, world=1) is None
+    assert "sampled by an embedded run" in caplog.text
+
+
+def test_a_line_cut_short_does_not_stop_the_resume(tmp_path):
+    """A run that died mid-write (disk full, power) left half a line in metrics.jsonl: every resume
+    then failed on a JSONDecodeError, and a restart policy retried it until it gave up."""
+    from trainer.resume import truncate_jsonl
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "train/rew')
+    assert truncate_jsonl(path, lambda r: r["step"] <= 2) == 1
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
