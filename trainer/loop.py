@@ -480,7 +480,9 @@ def train(cfg: Config, *, quiet: bool = False, stop: StopRequest | None = None) 
         elif t.resume_from == "auto":  # restarted before its first checkpoint: it starts over
             truncate_jsonl(run_dir / "metrics.jsonl", lambda r: False)
         logger = MetricLogger(cfg.logging_backend, run_dir, cfg.project, name, cfg.model_dump(),
-                              resume=ckpt is not None)
+                              resume=ckpt is not None,  # (TensorBoard forgets what metrics.jsonl forgot)
+                              purge_step=progress.epoch + 1 if ckpt is not None
+                              else 0 if t.resume_from == "auto" else None)
         if not quiet:
             layout = (f"{accelerator.num_processes} processes ({geo.world_size} data ranks x context_parallel "
                       f"{t.context_parallel})" if t.context_parallel > 1 else f"{geo.world_size} process(es)")

@@ -17,10 +17,12 @@ class MetricLogger:
     """Writes every metric to ``{run_dir}/metrics.jsonl`` and to the chosen backend."""
 
     def __init__(self, backend: str, run_dir: Path, project: str, run_name: str,
-                 config: dict[str, Any], resume: bool = False) -> None:
+                 config: dict[str, Any], resume: bool = False, purge_step: int | None = None) -> None:
         """``resume``: the run continues from a checkpoint; a wandb / swanlab run then continues the
         online run this folder logged to before (its id is kept in ``logger_run.json``), instead of
-        opening a second one. Without it a new online run is opened and its id kept."""
+        opening a second one. Without it a new online run is opened and its id kept.
+        ``purge_step``: TensorBoard forgets this folder's events from that step on (what a crashed run
+        logged after the checkpoint being resumed, as ``metrics.jsonl`` forgets it)."""
         self.run_dir = run_dir
         self.jsonl = (run_dir / "metrics.jsonl").open("a")
         self.backend = backend
@@ -28,7 +30,7 @@ class MetricLogger:
         if backend == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step)
         elif backend == "wandb":
             self._wandb = _import_or_explain("wandb")
             run = self._wandb.init(project=project, name=run_name, config=config, dir=str(run_dir),

@@ -260,3 +260,22 @@ def test_training_sample_grids_are_written_every_n_epochs(tmp_path):
                                          "train.num_inference_steps=4", "eval.num_inference_steps=4"])
     run_dir = Path(train(cfg, quiet=True)["run_dir"])
     assert sorted(p.name for p in (run_dir / "images").glob("train_samples_*")) == ["train_samples_epoch0002.png"]
+
+
+def test_tensorboard_forgets_what_a_crashed_run_logged_after_the_checkpoint(tmp_path):
+    """metrics.jsonl is cut back to the checkpoint on resume; TensorBoard showed the epochs after it twice."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from trainer.reporting import MetricLogger
+
+    first = MetricLogger("tensorboard", tmp_path, "p", "r", {})
+    for step in (1, 2, 3):  # the run dies after logging epoch 3, its checkpoint is at 2
+        first.log({"train/loss": float(step)}, step)
+    first.close()
+    again = MetricLogger("tensorboard", tmp_path, "p", "r", {}, resume=True, purge_step=3)
+    for step in (3, 4):
+        again.log({"train/loss": 10.0 * step}, step)
+    again.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
