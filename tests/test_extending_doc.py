@@ -321,9 +321,8 @@ def test_adapter_subclass_loads_and_prefixes_prompts(plugins, tmp_path, sd3_pipe
     assert all(torch.equal(mine.tensors[k], plain.tensors[k]) for k in plain.tensors)
     assert not torch.equal(mine.tensors["prompt_embeds"],
                            SD3Adapter.encode_prompts(adapter, ["a red circle"], cfg=False).tensors["prompt_embeds"])
-    bad = model_config(tmp_path, sd3_pipeline, ["model.options.prompt_prefx=x"])
-    with pytest.raises(ValueError, match="unknown .*option.*prompt_prefx"):
-        load_adapter(bad.model, device="cpu", seed=0)
+    with pytest.raises(ConfigError, match="unknown .*option.*prompt_prefx"):  # said when the config loads
+        model_config(tmp_path, sd3_pipeline, ["model.options.prompt_prefx=x"])
 
 
 def test_adapter_subclass_trains_by_its_dotted_path(plugins, tmp_path, sd3_pipeline, monkeypatch):
@@ -340,7 +339,10 @@ def test_model_type_is_checked_at_load(plugins, tmp_path):
         load_config(_write(tmp_path, model("sd35")))
     with pytest.raises(ConfigError, match="not a subclass of shared.models.base.FlowModelAdapter"):
         load_config(_write(tmp_path, model("my_rewards.ChannelMean")))
-    assert load_config(_write(tmp_path, model("my_models.PrefixedSD3"))).model.model_type == "my_models.PrefixedSD3"
+    sd3 = {**tiny_raw(tmp_path), "model": {"model_type": "my_models.PrefixedSD3", "model_name_or_path": "org/sd3"}}
+    assert load_config(_write(tmp_path, sd3)).model.model_type == "my_models.PrefixedSD3"
+    with pytest.raises(ConfigError, match="model_name_or_path is required"):  # what its loader would refuse
+        load_config(_write(tmp_path, model("my_models.PrefixedSD3")))
     assert load_config(_write(tmp_path, model("not_installed_here.Family"))).model.model_type == "not_installed_here.Family"
 
 
