@@ -380,11 +380,13 @@ def train(cfg: Config, *, quiet: bool = False, stop: StopRequest | None = None) 
     writes a resumable checkpoint and raises :class:`~trainer.preempt.Stopped`."""
     t = cfg.train
     if t.resume_from == "auto" and cfg.run_name:
-        done = finished_summary(Path(cfg.output_dir) / cfg.run_name, t.max_epochs)
+        done = finished_summary(Path(cfg.output_dir) / cfg.run_name, t.max_epochs, t.max_train_seconds)
         if done is not None:  # e.g. `docker compose up` again after the run ended
             if not quiet:
+                why = (f"train.max_train_seconds={t.max_train_seconds:g}" if done.get("stopped_by") == "budget"
+                       else f"train.max_epochs={t.max_epochs}")
                 print(f"flowrl: run {cfg.run_name} already trained {done['epochs']} epochs "
-                      f"(train.max_epochs={t.max_epochs}); nothing to do. Its report: {done.get('report')}")
+                      f"({why}); nothing to do. Its report: {done.get('report')}")
             return done
     accelerator = make_accelerator(cfg)
     geo = cfg.geometry(accelerator.num_processes)
@@ -577,6 +579,7 @@ def train(cfg: Config, *, quiet: bool = False, stop: StopRequest | None = None) 
         else:
             dispatched_with = progress.pending_version
     stopped_at = None  # the epoch a stop request ended the run after
+    over = False  # the training-time budget ran out
     bar = tqdm(range(progress.epoch, t.max_epochs), desc="epochs", initial=progress.epoch,
                total=t.max_epochs, disable=not main or quiet, dynamic_ncols=True)
     for epoch in bar:
@@ -664,6 +667,9 @@ def train(cfg: Config, *, quiet: bool = False, stop: StopRequest | None = None) 
                "samples": samples_used, "duplicates_dropped": duplicates,
                "optimizer_steps": step, "seconds": time.time() - start,
                "train_seconds": train_seconds,
+               # what ended it: resume_from auto leaves a run alone that a budget ended (unless raised)
+               "stopped_by": "budget" if over and epochs_done < t.max_epochs else "max_epochs",
+               "max_train_seconds": t.max_train_seconds,
                "world_size": accelerator.num_processes, "context_parallel": t.context_parallel,
                "run_dir": str(run_dir), "checkpoint": str(final_dir)}
     for spec in eval_specs:

@@ -98,13 +98,22 @@ def stale_checkpoints(run_dir: Path, keep: int | None) -> list[Path]:
     return found[:-keep] if len(found) > keep else []
 
 
-def finished_summary(run_dir: Path, max_epochs: int) -> dict | None:
-    """The ``summary.json`` of ``run_dir`` when that run already trained ``max_epochs`` epochs."""
+def finished_summary(run_dir: Path, max_epochs: int, max_train_seconds: float | None = None) -> dict | None:
+    """The ``summary.json`` of ``run_dir`` when that run already trained ``max_epochs`` epochs, or
+    ended on its ``train.max_train_seconds`` budget and the budget was not raised since (``resume_from:
+    auto`` trained such a run again, from its last periodic checkpoint or from scratch, and replaced
+    its final weights, summary and metrics)."""
     path = run_dir / "summary.json"
     if not path.is_file():
         return None
     summary = json.loads(path.read_text())
-    return summary if summary.get("epochs", 0) >= max_epochs else None
+    if summary.get("epochs", 0) >= max_epochs:
+        return summary
+    budget = summary.get("max_train_seconds")
+    if (summary.get("stopped_by") == "budget" and budget is not None and max_train_seconds is not None
+            and max_train_seconds <= budget):
+        return summary
+    return None
 
 
 # what makes a folder a run's: a fresh run does not write into a folder holding these

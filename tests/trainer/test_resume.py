@@ -363,3 +363,18 @@ def test_a_line_cut_short_does_not_stop_the_resume(tmp_path):
     path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "train/rew')
     assert truncate_jsonl(path, lambda r: r["step"] <= 2) == 1
     assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+def test_resume_auto_leaves_a_run_its_budget_ended_alone_until_the_budget_is_raised(tmp_path):
+    """A run that train.max_train_seconds ended was trained again by resume_from auto (docker compose up
+    once more): from scratch or its last periodic checkpoint, replacing its final weights and history."""
+    auto = FAST + ["train.resume_from=auto", "train.max_train_seconds=0.001"]  # over budget after epoch 1
+    first = train(tiny_config(tmp_path, "grpo", auto), quiet=True)
+    assert first["epochs"] == 1 and first["stopped_by"] == "budget"
+    final = Path(first["checkpoint"])
+    mtime = final.stat().st_mtime_ns
+    assert train(tiny_config(tmp_path, "grpo", auto), quiet=True) == first  # nothing runs
+    assert final.stat().st_mtime_ns == mtime
+    raised = train(tiny_config(tmp_path, "grpo", FAST + ["train.resume_from=auto", "train.max_train_seconds=1000"]),
+                   quiet=True)
+    assert raised["epochs"] == 4 and raised["stopped_by"] == "max_epochs"
