@@ -51,7 +51,7 @@ from trainer.metrics import TrainerMetrics
 from trainer.schedule import follow_budget, set_budget_fraction
 from trainer.preempt import Stopped, StopRequest
 from trainer.resume import (RESUME_DIR, Progress, ResumeError, check_same_experiment, find_checkpoint,
-                            finished_summary, load_rank_state, load_resume, newest_checkpoint,
+                            finished_summary, load_rank_state, load_resume, newest_checkpoint, supersede_later,
                             optimizer_tensors, run_dir_of, save_rank_state, save_resume, set_aside,
                             stale_checkpoints, truncate_jsonl)
 from trainer.sharding import (agree_on_experts, check_fsdp, device_mesh, gather, local, param_bytes,
@@ -477,6 +477,8 @@ def train(cfg: Config, *, quiet: bool = False, stop: StopRequest | None = None) 
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+        if ckpt is not None:  # going back to an earlier checkpoint: the later ones step aside
+            supersede_later(run_dir, ckpt)
         if ckpt is not None:  # forget what a crashed run logged after its checkpoint
             truncate_jsonl(run_dir / "metrics.jsonl", lambda r: r.get("step", 0) <= progress.epoch)
         elif t.resume_from == "auto":  # restarted before its first checkpoint: it starts over

@@ -116,6 +116,34 @@ def finished_summary(run_dir: Path, max_epochs: int, max_train_seconds: float | 
     return None
 
 
+def supersede_later(run_dir: Path, checkpoint: Path) -> Path | None:
+    """A run resumed from its own ``checkpoint-N`` while later checkpoints exist (going back to try
+    something else): those, ``final/`` and ``summary.json`` move into ``checkpoints/superseded-<k>``
+    (the first free ``k``); returns it, or None when nothing is later.
+
+    Left in place, ``--resume latest`` after a crash continued the abandoned ``checkpoint-M``,
+    ``--resume auto`` read the old summary and did nothing, and ``train.keep_checkpoints`` deleted the
+    new run's checkpoints as older than the abandoned ones."""
+    run_dir, checkpoint = Path(run_dir).resolve(), Path(checkpoint).resolve()
+    folder = run_dir / "checkpoints"
+    if checkpoint.parent != folder or not checkpoint.name.rsplit("-", 1)[-1].isdigit():
+        return None  # another run's checkpoint, or final/
+    n = int(checkpoint.name.rsplit("-", 1)[1])
+    later = [p for p in numbered_checkpoints(folder) if int(p.name.rsplit("-", 1)[1]) > n]
+    if not later:
+        return None
+    k = 1
+    while (dest := folder / f"superseded-{k}").exists():
+        k += 1
+    dest.mkdir()
+    for path in [*later, folder / "final", run_dir / "summary.json"]:
+        if path.exists():
+            path.rename(dest / path.name)
+    log.warning("resumed from %s: the later checkpoints (%s), final/ and summary.json of the run it left "
+                "were moved to %s", checkpoint.name, ", ".join(p.name for p in later), dest)
+    return dest
+
+
 # what makes a folder a run's: a fresh run does not write into a folder holding these
 RUN_MARKS = ("metrics.jsonl", "summary.json", "checkpoints")
 

@@ -378,3 +378,20 @@ def test_resume_auto_leaves_a_run_its_budget_ended_alone_until_the_budget_is_rai
     raised = train(tiny_config(tmp_path, "grpo", FAST + ["train.resume_from=auto", "train.max_train_seconds=1000"]),
                    quiet=True)
     assert raised["epochs"] == 4 and raised["stopped_by"] == "max_epochs"
+
+
+def test_going_back_to_an_earlier_checkpoint_moves_the_later_ones_aside(tmp_path):
+    """Resumed from checkpoint-2 of a run that went on to checkpoint-5 and final: the later ones stayed,
+    so keep_checkpoints deleted the new checkpoint-3 (older than 4 and 5), --resume latest after a crash
+    took the abandoned checkpoint-5 and --resume auto read the old summary and did nothing."""
+    six = FAST + ["train.max_epochs=6", "train.save_freq=1"]
+    run = Path(train(tiny_config(tmp_path, "grpo", six), quiet=True)["run_dir"])
+    ckpts = run / "checkpoints"
+    branch = train(tiny_config(tmp_path, "grpo", six + ["train.keep_checkpoints=2", "train.learning_rate=3e-3",
+                                                        f"train.resume_from={ckpts / 'checkpoint-2'}"]), quiet=True)
+    assert branch["epochs"] == 6
+    assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint-4", "checkpoint-5", "final", "superseded-1"]
+    aside = ckpts / "superseded-1"
+    assert sorted(p.name for p in aside.iterdir()) == ["checkpoint-3", "checkpoint-4", "checkpoint-5", "final",
+                                                       "summary.json"]
+    assert json.loads((run / "summary.json").read_text())["checkpoint"] == branch["checkpoint"]
