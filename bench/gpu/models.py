@@ -384,7 +384,8 @@ def run_family(fam: Family, args: argparse.Namespace, device: torch.device) -> d
     adapter = MODELS.get(fam.model_type).from_pipeline(pipe, options, device)
     from shared.models.attention import apply_attention_backend
 
-    apply_attention_backend(adapter.transformer, args.attn_backend)  # None: flowrl's default, as trainer and sampler
+    apply_attention_backend(adapter.transformer, args.attn_backend,  # None: flowrl's default, as trainer and sampler
+                            masked=adapter.model_type if adapter.attention_mask else None)
     if args.attn_backend:
         row["attn_backend"] = args.attn_backend
     row["cudnn_attention"] = torch.backends.cuda.cudnn_sdp_enabled()

@@ -136,7 +136,8 @@ def main(argv=None) -> dict:
     if args.smoke:
         args.resolution, args.steps, args.iters, args.warmup = 64, 3, 1, 1
     adapter = build_adapter(args.model, smoke=args.smoke, device=device, dtype=dtype)
-    apply_attention_backend(adapter.transformer, args.attn_backend)  # flowrl's default when None
+    apply_attention_backend(adapter.transformer, args.attn_backend,  # flowrl's default when None
+                            masked=adapter.model_type if adapter.attention_mask else None)
     cfg = args.model == "sd3-5"
     guidance = args.guidance if args.guidance is not None else (4.5 if cfg else 3.5)
     res = (args.resolution, args.resolution)
