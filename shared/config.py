@@ -1268,6 +1268,15 @@ def parse_config(raw: dict) -> Config:
     return cfg
 
 
+def unread_train_keys(trainer_type: str) -> set[str]:
+    """The ``train:`` keys ``trainer_type`` never reads (a resume ignores a difference in them: a run
+    written before :func:`_check_unread` may hold any value there)."""
+    kind = trainer_kind(trainer_type)
+    out = {"timestep_fraction", "time_sampling_strategy", "time_shift", "num_train_timesteps"} \
+        if kind in SDE_TRAINERS else set()
+    return out | ({"ema_kl_beta"} if kind != "awm" and "." not in kind else set())
+
+
 def _check_unread(cfg: Config) -> None:
     """Keys the user set that the chosen algorithm never reads: an error naming the key that does
     the job, instead of a run that silently trains otherwise."""

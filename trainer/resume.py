@@ -130,7 +130,8 @@ def supersede_later(run_dir: Path, checkpoint: Path) -> Path | None:
         return None  # another run's checkpoint, or final/
     n = int(checkpoint.name.rsplit("-", 1)[1])
     later = [p for p in numbered_checkpoints(folder) if int(p.name.rsplit("-", 1)[1]) > n]
-    if not later:
+    final = folder / "final" / "trainer_state.json"  # (a finished run's last epoch has final/ only)
+    if not later and not (final.is_file() and int(json.loads(final.read_text()).get("epoch", 0)) > n):
         return None
     k = 1
     while (dest := folder / f"superseded-{k}").exists():
@@ -139,8 +140,8 @@ def supersede_later(run_dir: Path, checkpoint: Path) -> Path | None:
     for path in [*later, folder / "final", run_dir / "summary.json"]:
         if path.exists():
             path.rename(dest / path.name)
-    log.warning("resumed from %s: the later checkpoints (%s), final/ and summary.json of the run it left "
-                "were moved to %s", checkpoint.name, ", ".join(p.name for p in later), dest)
+    log.warning("resumed from %s: what the run it left wrote later (%s) was moved to %s", checkpoint.name,
+                ", ".join(p.name for p in dest.iterdir()), dest)
     return dest
 
 
@@ -383,11 +384,16 @@ def check_same_experiment(checkpoint: Path, cfg) -> None:
     """Raise :class:`ResumeError` naming the keys where ``cfg`` differs from the checkpoint's run."""
     saved = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["config"]
     now = json.loads(json.dumps(cfg.model_dump()))  # as trainer_state.json stores it
+    from shared.config import unread_train_keys
+
     diffs = []
+    unread = {"train": unread_train_keys(cfg.train.trainer_type)}  # whatever a checkpoint holds there
     for section in CHECKED:
         a, b = saved.get(section), now.get(section)
         if isinstance(a, dict) and isinstance(b, dict):
             for key in sorted(set(a) | set(b)):
+                if key in unread.get(section, ()):
+                    continue
                 # a key newer than the checkpoint counts as its default there (written before it existed)
                 before = a[key] if key in a else _default(section, key)
                 if key not in MAY_CHANGE.get(section, set()) and before != b.get(key):

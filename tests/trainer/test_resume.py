@@ -395,3 +395,28 @@ def test_going_back_to_an_earlier_checkpoint_moves_the_later_ones_aside(tmp_path
     assert sorted(p.name for p in aside.iterdir()) == ["checkpoint-3", "checkpoint-4", "checkpoint-5", "final",
                                                        "summary.json"]
     assert json.loads((run / "summary.json").read_text())["checkpoint"] == branch["checkpoint"]
+
+
+def test_going_back_from_a_finished_run_moves_its_final_aside(tmp_path):
+    """A finished run's last epoch has final/ only, so going back to its newest checkpoint-N found no later
+    numbered one and left final/ and summary.json: a crash of the new branch, then --resume auto, read the
+    old summary and trained nothing."""
+    run = Path(train(tiny_config(tmp_path, "grpo", FAST), quiet=True)["run_dir"])  # checkpoint-2, final (4)
+    branch = tiny_config(tmp_path, "grpo", FAST + [f"train.resume_from={run / 'checkpoints' / 'checkpoint-2'}",
+                                                   "train.max_epochs=3"])
+    assert train(branch, quiet=True)["epochs"] == 3
+    aside = run / "checkpoints" / "superseded-1"
+    assert sorted(p.name for p in aside.iterdir()) == ["final", "summary.json"]
+    assert json.loads((aside / "summary.json").read_text())["epochs"] == 4
+
+
+def test_a_checkpoint_holding_a_key_its_trainer_ignores_still_resumes(tmp_path):
+    """A grpo run written before timestep_fraction on grpo became an error holds 0.9 there: with the key
+    dropped from the YAML (as the error says) the resume compared 0.9 with the filled 0.99 and refused."""
+    run = Path(train(tiny_config(tmp_path, "grpo", FAST), quiet=True)["run_dir"])
+    ckpt = run / "checkpoints" / "checkpoint-2"
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    state["config"]["train"]["timestep_fraction"] = 0.9  # what the older version let it write
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    resumed = train(tiny_config(tmp_path, "grpo", FAST + [f"train.resume_from={ckpt}"]), quiet=True)
+    assert resumed["epochs"] == 4
