@@ -98,18 +98,21 @@ def job_models(specs, device: str) -> dict[str, object]:
 
     cap = max_models()
     with _models_lock:
+        used = {reward_identity(s, resolve_device(s.device, device)) for s in specs}
+        # room first: the models this job lacks load after the least recently used others left (loaded
+        # next to a full cache, the new one was where the GPU ran out)
+        missing = len(used - set(_models))
+        others = [key for key in _models if key not in used]  # oldest use first
+        dropped = others[:max(0, len(_models) + missing - max(cap, len(used)))]
+        for key in dropped:
+            del _models[key]
+        if dropped:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         models = build_rewards(specs, device, built=_models)
-        used = [reward_identity(s, resolve_device(s.device, device)) for s in specs]
         for key in used:
             _models.move_to_end(key)
-        dropped = 0
-        while len(_models) > max(cap, len(set(used))):
-            _models.popitem(last=False)
-            dropped += 1
-    if dropped:
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
     return models
 
 

@@ -148,9 +148,16 @@ def test_reward_worker_keeps_at_most_its_cap_of_models(monkeypatch):
     worker._models.clear()
     key = lambda e: reward_identity(RewardSpec(**e), "cpu")  # noqa: E731
     a, b, c = ({"reward_model": "brightness", "name": f"b{t}", "target": t} for t in (0.1, 0.5, 0.9))
+    from shared.rewards import multi
+
+    resident: list[int] = []  # models held when each one is built: the cap holds while loading too
+    real_build = multi.build_reward
+    monkeypatch.setattr(multi, "build_reward", lambda *args, **kw: (resident.append(len(worker._models)),
+                                                                    real_build(*args, **kw))[1])
     for entries in ([a], [b], [a], [c]):  # a used again after b: b is the least recent when c comes
         worker.score_job(RewardJob(trajectory=traj, rewards=entries))
     assert list(worker._models) == [key(a), key(c)]
+    assert resident == [0, 1, 1]  # a, b, c built: c after b left, never 3 held
     worker.score_job(RewardJob(trajectory=traj, rewards=[a, b, c]))  # one job needs three: all stay
     assert set(worker._models) == {key(a), key(b), key(c)}
     worker._models.clear()
