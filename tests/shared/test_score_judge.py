@@ -56,6 +56,12 @@ def test_the_reward_is_the_judges_score_over_five(judge):
     assert state["sizes"][-1] == (40, 40)
     video = torch.stack([x[:2], 1 - x[:2]], dim=1)  # [B, F, 3, H, W]: judged on the first frame
     torch.testing.assert_close(as_generated.score(video, ["a", "b"]), got[:2], rtol=0, atol=1e-4)
+    # through score_all, as training scores: one request per video, not one per frame averaged
+    fresh = build_reward("unifiedreward", url=url, image_size=None)  # (its own cache: every frame is new to it)
+    asked = len(state["bodies"])
+    torch.testing.assert_close(score_all(fresh, video, ["a", "b"], torch.arange(2), batch_size=2),
+                               got[:2], rtol=0, atol=1e-4)
+    assert len(state["bodies"]) - asked == 2
 
 
 def test_another_judge_and_scale(judge):
