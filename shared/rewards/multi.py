@@ -81,9 +81,25 @@ def score_specs(rewards: dict[str, RewardModel], specs, images: torch.Tensor, pr
             label and the sample: its id (``sample_ids``, the distributed mode's ids) or else its
             position and group id, and its prompt.
     """
-    out = {}
+    import contextlib
+
     if callable(condition_images):
         condition_images = condition_images() if any(r.condition_images for r in rewards.values()) else None
+    # each reward in its own dtype (spec.dtype; geneval's detector in float32), as evaluation and the reward
+    # workers score: training called this under the rollout's mixed-precision autocast, so its matmuls ran
+    # in bf16 whatever the reward's dtype said (scores moved by ~0.01 on a tiny PickScore)
+    no_autocast = contextlib.ExitStack()
+    for device_type in ("cpu", "cuda"):
+        if torch.is_autocast_enabled(device_type):
+            no_autocast.enter_context(torch.autocast(device_type, enabled=False))
+    with no_autocast:
+        return _score_specs(rewards, specs, images, prompts, group_ids, sample_ids, condition_images,
+                            first_index, datasets, metadata)
+
+
+def _score_specs(rewards, specs, images, prompts, group_ids, sample_ids, condition_images, first_index,
+                 datasets, metadata) -> dict[str, torch.Tensor]:
+    out = {}
     metadata = row_metadata(metadata) if metadata and any(r.metadata for r in rewards.values()) else None
     for spec in specs:
         picks = routed(spec, datasets, len(prompts))

@@ -11,9 +11,9 @@ Only pointwise rewards can be scored a micro-batch at a time: a groupwise or pai
 needs whole groups, which micro-batches may split (:func:`can_overlap`). On a GPU the scoring
 thread runs on its own CUDA stream, ordered after the kernels that made the images, so reward
 kernels, host syncs and the reward's CPU work (preprocessing, HTTP to a reward server) overlap
-the next micro-batch's denoising. Grad mode and autocast are per thread: the scoring thread
-uses the ones in effect where the scorer was made (the trainer's dispatch runs under
-``accelerator.autocast()``), as scoring in the caller's thread did.
+the next micro-batch's denoising. Grad mode is per thread: the scoring thread uses the one in
+effect where the scorer was made, as scoring in the caller's thread did; autocast is off in both
+(:func:`shared.rewards.multi.score_specs`: each reward runs in its own dtype).
 """
 
 from __future__ import annotations
@@ -61,7 +61,6 @@ class BackgroundScorer:
         self._parts: list[tuple[int, Future]] = []
         self._stream = None  # the scoring thread's CUDA stream, made on first use
         self._grad = torch.is_grad_enabled()
-        self._autocast = [(d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
 
     def __enter__(self) -> "BackgroundScorer":
         return self
@@ -87,8 +86,6 @@ class BackgroundScorer:
         conditions = (lambda: self.condition_images(rows)) if self.condition_images else None
         with contextlib.ExitStack() as modes:
             modes.enter_context(torch.set_grad_enabled(self._grad))
-            for device_type, dtype in self._autocast:
-                modes.enter_context(torch.autocast(device_type, dtype=dtype))
             if ready is not None:
                 if self._stream is None:
                     self._stream = torch.cuda.Stream(device=images.device)

@@ -128,7 +128,11 @@ def test_groupwise_rewards_are_scored_after_the_rollout_in_the_callers_thread(tm
         BackgroundScorer(rewards, cfg.rewards, plan.prompts, torch.zeros(16, dtype=torch.long))
 
 
-def test_the_scoring_thread_keeps_the_callers_grad_and_autocast_modes(tmp_path):
+def test_the_scoring_thread_keeps_the_callers_grad_mode_and_scores_without_autocast(tmp_path):
+    """Rewards run in their own dtype in training as in evaluation and the reward workers: the rollout's
+    mixed-precision autocast ran their matmuls in bf16 whatever their dtype said."""
+    from shared.rewards.multi import score_specs
+
     cfg = tiny_config(tmp_path)
     recording = Recording()
     images = torch.rand(6, 3, 8, 8)
@@ -137,9 +141,10 @@ def test_the_scoring_thread_keeps_the_callers_grad_and_autocast_modes(tmp_path):
             s.submit(slice(0, 3), type("Roll", (), {"images": images[:3]})())
             s.submit(slice(3, 6), type("Roll", (), {"images": images[3:]})())
             out = s.result()
-        expected = Brightness().score(images, ["p"] * 6)  # in this thread, same modes (bf16 here)
-    assert torch.equal(out["brightness"], expected.float())
-    assert [(c["grad"], c["autocast"]) for c in recording.calls] == [(False, True), (False, True)]
+        inline = score_specs({"brightness": recording}, cfg.rewards, images, ["p"] * 6, torch.zeros(6, dtype=torch.long))
+    expected = Brightness().score(images, ["p"] * 6)  # float32, no autocast
+    assert torch.equal(out["brightness"], expected.float()) and torch.equal(inline["brightness"], expected.float())
+    assert [(c["grad"], c["autocast"]) for c in recording.calls] == [(False, False)] * 3
 
 
 def test_by_default_a_cpu_rollout_scores_after_sampling(tmp_path):
