@@ -296,17 +296,30 @@ def load_rank_state(checkpoint: Path, rank: int, adapter=None, plan=None, cfg=No
 
     Rebuilding the samples needs ``adapter``/``plan``/``cfg``: the conditioning is re-encoded
     from the plan's prompts (deterministic) instead of being stored. A checkpoint written by more
-    processes than ``world`` holds pending samples cut for its own layout, and one resumed through the
+    processes than ``world`` holds pending samples cut for its own layout (a process it did not have
+    seeds its generators from ``train.seed`` and its rank), and one resumed through the
     queue (``flowrl trainer``) holds them in the embedded run's form: they are not used (the caller
     samples that epoch again).
     """
     directory = Path(checkpoint) / RESUME_DIR
     rng = directory / f"rng-rank{rank}.json"
-    if not rng.is_file():
-        raise ResumeError(f"{rng} is missing: the checkpoint was written by a run with fewer "
-                          f"processes. Fix: resume with the same number of processes.")
     pending_file = directory / f"pending-rank{rank}.safetensors"
     written_by = len(list(directory.glob("rng-rank*.json")))
+    if not rng.is_file():
+        if not written_by:
+            raise ResumeError(f"{rng} is missing, and every other process's too: {checkpoint} holds no resume "
+                              f"state. Fix: resume from a checkpoint-N folder written by flowrl train.")
+        # a process the checkpoint's run did not have (continued on more GPUs): every draw of the run is
+        # seeded from train.seed, epoch and rank; its global generators start from a seed of its own
+        seed = (((cfg.train.seed if cfg is not None else 0) * 1_000_003 + rank) * 1_000_003) % 2**32
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        if rank == written_by:
+            log.warning("the checkpoint was written by %d process(es) and resumes on more: the new processes "
+                        "start their generators from the run's seed (the run continues, not bit for bit)",
+                        written_by)
+        return None
     samples = None
     if world is not None and written_by != world and pending_file.is_file():
         if rank == 0:

@@ -420,3 +420,27 @@ def test_a_checkpoint_holding_a_key_its_trainer_ignores_still_resumes(tmp_path):
     (ckpt / "trainer_state.json").write_text(json.dumps(state))
     resumed = train(tiny_config(tmp_path, "grpo", FAST + [f"train.resume_from={ckpt}"]), quiet=True)
     assert resumed["epochs"] == 4
+
+
+def test_a_process_the_checkpoints_run_did_not_have_seeds_its_generators(tmp_path):
+    """Continuing a 1-process run on 2 processes: rank 1 has no rng-rank1.json; it stopped the resume
+    (after rank 0 had already cut metrics.jsonl and moved later checkpoints aside). Now it seeds its
+    generators from the run's seed and its rank, and the epoch is sampled again."""
+    import random
+
+    from trainer.resume import load_rank_state, save_rank_state
+
+    save_rank_state(tmp_path / "ckpt" / "resume", 0)  # written by one process
+    cfg = tiny_config(tmp_path, "grpo")
+    draws = []
+    for _ in range(2):
+        random.seed(123)
+        torch.manual_seed(123)  # whatever state the process had
+        assert load_rank_state(tmp_path / "ckpt", 1, None, None, cfg, world=2) is None
+        draws.append((torch.rand(3), random.random()))
+    assert torch.equal(draws[0][0], draws[1][0]) and draws[0][1] == draws[1][1]  # from the run's seed
+    torch.manual_seed(123)
+    assert not torch.equal(torch.rand(3), draws[0][0])  # ... not from whatever state the process had
+    assert load_rank_state(tmp_path / "ckpt", 0, None, None, cfg, world=2) is None  # rank 0 restores its own
+    with pytest.raises(ResumeError, match="holds no resume state"):
+        load_rank_state(tmp_path / "empty", 0, None, None, cfg, world=1)
