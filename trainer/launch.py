@@ -1,9 +1,12 @@
 """``flowrl train|trainer CONFIG --processes N``: start N data-parallel trainer processes on this
 machine without writing the ``accelerate launch`` line by hand.
 
-The command replaces itself (``exec``) with ``python -m accelerate.commands.launch --multi_gpu
---num_processes N --num_machines 1 --main_process_port P -m trainer.cli <the same command>``,
-so a container's stop signal reaches the launcher, which passes it on to every process. ``auto``
+The command replaces itself (``exec``) with ``python -m trainer.launch --multi_gpu --num_processes N
+--num_machines 1 --main_process_port P -m trainer.cli <the same command>``: accelerate's launcher
+(``accelerate.commands.launch``) in this module's :func:`run_launcher`, so a container's stop signal
+reaches the launcher, which passes it on to every process, and the launcher exits with the first
+failed process's status (2 for a config, dataset or resume error, 143 after SIGTERM; torch elastic's
+``ChildFailedError`` made it 1, and a k8s Job retried a config error). ``auto``
 is the number of GPUs this process sees (``CUDA_VISIBLE_DEVICES``, the container's devices), 1
 without a GPU.
 
@@ -124,7 +127,7 @@ def launch_argv(command: str, config: str, overrides: list[str], resume: str | N
     if nodes.count > 1:
         machines = ["--num_machines", str(nodes.count), "--machine_rank", str(nodes.rank),
                     "--main_process_ip", nodes.address, "--main_process_port", str(nodes.port)]
-    argv = [python, "-m", "accelerate.commands.launch", "--multi_gpu",
+    argv = [python, "-m", "trainer.launch", "--multi_gpu",
             "--num_processes", str(processes * nodes.count), *machines,
             # the trainer's Accelerator takes these from the config (train.mixed_precision, model.compile)
             "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -169,3 +172,27 @@ def relaunch_if_asked(args, cfg=None) -> None:
     where = f" (machine {nodes.rank} of {nodes.count})" if nodes.count > 1 else ""
     print(f"flowrl: starting {n} trainer processes{where}: {' '.join(argv[1:])}", file=sys.stderr, flush=True)
     os.execv(argv[0], argv)
+
+
+def run_launcher(argv: list[str]) -> int:
+    """accelerate's launcher on ``argv`` (its command line); the first failed process's exit status
+    when one failed (its own message is already on stderr), else 0."""
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    args = launch_command_parser().parse_args(argv)
+    try:
+        launch_command(args)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        code = failure.exitcode if isinstance(failure.exitcode, int) and failure.exitcode > 0 else 1
+        if failure.exitcode is not None and failure.exitcode < 0:  # killed by a signal: the shell's 128 + n
+            code = 128 - failure.exitcode
+        print(f"flowrl: trainer process {rank} exited with status {failure.exitcode}; stopping with {code}",
+              file=sys.stderr)
+        return code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_launcher(sys.argv[1:]))

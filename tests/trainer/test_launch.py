@@ -37,7 +37,7 @@ def test_values_that_cannot_run_say_why(value, gpus, words):
 def test_the_launcher_line_runs_the_same_command():
     argv = launch_argv("trainer", "cfg.yaml", ["train.fsdp=true", "run_name=a b"], "latest", 4, 29511,
                        python="/py")
-    assert argv[:3] == ["/py", "-m", "accelerate.commands.launch"]
+    assert argv[:3] == ["/py", "-m", "trainer.launch"]  # accelerate's launcher, keeping a child's exit status
     head = argv[: argv.index("trainer.cli") + 1]
     assert head[head.index("--num_processes") + 1] == "4" and "--multi_gpu" in head
     assert head[head.index("--main_process_port") + 1] == "29511"
@@ -111,6 +111,17 @@ def test_two_processes_from_the_flag(tmp_path):
     assert ranks[0]["param_checksum"] == ranks[1]["param_checksum"]
     groups = [set(r["last_epoch_group_ids"]) for r in ranks]
     assert groups[0] and groups[1] and not groups[0] & groups[1]
+
+
+def test_a_resume_error_in_the_processes_exits_2_through_the_launcher(tmp_path):
+    """Errors the processes find (resume, dataset, a config clash with the run folder) exit 2 in each; the
+    launcher exited 1 (torch elastic's ChildFailedError), so a k8s Job retried the error 3 times."""
+    cfg = one_epoch_config(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "trainer.cli", "train", str(cfg), "--processes", "2",
+                           "--set", "run_name=none", "--resume", "latest"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    assert "flowrl: cannot resume" in proc.stderr and "exited with status 2; stopping with 2" in proc.stderr
 
 
 class _Exited(Exception):
