@@ -178,11 +178,15 @@ def run_launcher(argv: list[str]) -> int:
     """accelerate's launcher on ``argv`` (its command line); the first failed process's exit status
     when one failed (its own message is already on stderr), else 0."""
     from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = launch_command_parser().parse_args(argv)
     try:
         launch_command(args)
+    except SignalException as e:  # SIGTERM to the launcher: its processes checkpointed and stopped
+        print(f"flowrl: the launcher got {e.sigval.name}; its processes stopped", file=sys.stderr)
+        return 128 + int(e.sigval)
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         code = failure.exitcode if isinstance(failure.exitcode, int) and failure.exitcode > 0 else 1
