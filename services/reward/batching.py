@@ -41,6 +41,7 @@ class Work:
     enqueued: float = field(default_factory=time.monotonic)
     conditions: list[list[Any]] | None = None  # per sample its condition images (RGB PIL), if sent
     metadata: list[dict] | None = None  # per sample its dataset row metadata, if sent (to a reward that reads it)
+    abstain: bool = False  # the protocol carries NaN (v2: JSON null or FP32 NaN), the reward contract's abstention
 
     @property
     def n(self) -> int:
@@ -112,8 +113,10 @@ def failure(name: str, model: RewardModel, work: Work, error: Exception, batch_s
 
 
 def check_finite(name: str, work: Work, scores: torch.Tensor) -> RequestError | None:
-    """An error naming the first NaN/inf score, or None."""
-    bad = torch.nonzero(~torch.isfinite(scores)).flatten()
+    """An error naming the first inf score (and NaN, unless the request's protocol carries the reward
+    contract's abstention, ``work.abstain``), or None."""
+    wrong = torch.isinf(scores) if work.abstain else ~torch.isfinite(scores)
+    bad = torch.nonzero(wrong).flatten()
     if bad.numel() == 0:
         return None
     i = int(bad[0])
@@ -121,7 +124,8 @@ def check_finite(name: str, work: Work, scores: torch.Tensor) -> RequestError | 
     return RequestError(
         500,
         f"reward '{name}' returned {float(scores[i])} for sample {i} of this request (prompt {work.prompts[i]!r})"
-        f"{hint}; scores served over HTTP must be finite",
+        f"{hint}; scores served over HTTP must be finite" + ("" if work.abstain else " (NaN, the abstention, "
+                                                          "travels over the v2 protocol only)"),
     )
 
 
@@ -166,7 +170,7 @@ class DynamicBatcher:
 
     async def submit(self, images: list[torch.Tensor], prompts: list[str], group_ids: list[int] | None,
                      conditions: list[list[Any]] | None = None,
-                     metadata: list[dict] | None = None) -> torch.Tensor:
+                     metadata: list[dict] | None = None, abstain: bool = False) -> torch.Tensor:
         """Queue one request and wait for its ``[n]`` float32 scores. ``conditions``: per sample
         its condition images (RGB PIL), required by a reward that reads them and refused by others.
         ``metadata``: per sample its dataset row metadata, for a reward that reads it (dropped for
@@ -192,7 +196,7 @@ class DynamicBatcher:
         if metadata is not None and len(metadata) != n:
             raise RequestError(422, f"got metadata for {len(metadata)} samples and {n} prompts; they must align")
         work = Work(images, prompts, group_ids, asyncio.get_running_loop().create_future(), conditions=conditions,
-                    metadata=metadata if self.model.metadata else None)
+                    metadata=metadata if self.model.metadata else None, abstain=abstain)
         self._pending.append(work)
         self._queued += n
         self.metrics.queue_samples.labels(self.name).set(self._queued)

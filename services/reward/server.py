@@ -245,9 +245,9 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
 
         inputs, images, conditions = await asyncio.to_thread(decode)
         scores = (await until_client_leaves(request, batcher.submit(images, inputs.prompts, inputs.group_ids,
-                                                                    conditions, inputs.metadata))
+                                                                    conditions, inputs.metadata, abstain=True))
                   if images else torch.zeros(0))
-        payload, headers, media_type = v2.infer_response(slot.name, inputs, scores.numpy())
+        payload, headers, media_type = v2.infer_response(slot.name, inputs, scores.numpy(), batcher.model.kind)
         return Response(payload, headers=headers, media_type=media_type)
 
 

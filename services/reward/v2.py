@@ -31,6 +31,7 @@ or the output's ``parameters.binary_data``), as raw little-endian float32.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -335,16 +336,20 @@ def _binary_output(req: InferRequest) -> bool:
     return binary
 
 
-def infer_response(model_name: str, inputs: Inputs, scores: np.ndarray) -> tuple[bytes, dict[str, str], str]:
-    """``(body, headers, media_type)`` of the infer response for ``scores`` ``[B]`` float32."""
+def infer_response(model_name: str, inputs: Inputs, scores: np.ndarray,
+                   kind: str = "pointwise") -> tuple[bytes, dict[str, str], str]:
+    """``(body, headers, media_type)`` of the infer response for ``scores`` ``[B]`` float32. Its
+    ``parameters.kind`` (our addition, as in the model metadata) lets a client tell that a pairwise or
+    groupwise model compared the request's samples as one group."""
     scores = np.asarray(scores, dtype="<f4")
     output: dict[str, Any] = {"name": SCORE, "datatype": "FP32", "shape": [int(scores.shape[0])]}
-    body: dict[str, Any] = {"model_name": model_name, "model_version": VERSION}
+    body: dict[str, Any] = {"model_name": model_name, "model_version": VERSION, "parameters": {"kind": kind}}
     if inputs.request_id is not None:
         body["id"] = inputs.request_id
     body["outputs"] = [output]
     if not inputs.binary_output:
-        output["data"] = [float(s) for s in scores]  # finite: the batcher rejects NaN/inf
+        # no inf (the batcher rejects it); NaN, a reward abstaining on a sample, is JSON null
+        output["data"] = [None if math.isnan(s) else float(s) for s in scores]
         return json.dumps(body).encode(), {}, "application/json"
     raw = scores.tobytes()
     output["parameters"] = {"binary_data_size": len(raw)}

@@ -44,6 +44,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import logging
 import os
 import struct
@@ -137,17 +138,24 @@ def encode_pil_png(image) -> bytes:
     return buffer.getvalue()
 
 
+def v2_head(response: httpx.Response) -> dict:
+    """The JSON part of a v2 infer response (all of it, or the part before the binary outputs)."""
+    head_len = response.headers.get(HEADER_LENGTH)
+    return json.loads(response.content[: int(head_len)] if head_len else response.content)
+
+
 def v2_scores(response: httpx.Response) -> list[float]:
     """The ``score`` output of a v2 infer response (JSON data or binary FP32)."""
     body = response.content
     head_len = response.headers.get(HEADER_LENGTH)
-    head = json.loads(body[: int(head_len)] if head_len else body)
+    head = v2_head(response)
     tail, offset = body[int(head_len):] if head_len else b"", 0
     for output in head.get("outputs", []):
         size = (output.get("parameters") or {}).get("binary_data_size")
         if output.get("name") == "score":
-            if size is None:
-                return [float(x) for x in np.asarray(output["data"], dtype=np.float64).ravel()]
+            if size is None:  # (null: the reward abstained on that sample, NaN)
+                data = np.asarray(output["data"], dtype=object).ravel()
+                return [math.nan if x is None else float(x) for x in data]
             if output.get("datatype") != "FP32":
                 raise ValueError(f"binary output 'score' has datatype {output.get('datatype')}, expected FP32")
             return np.frombuffer(tail[offset : offset + size], dtype="<f4").astype(float).tolist()
@@ -250,6 +258,7 @@ class RemoteReward(RewardModel):
         if self.protocol == "v2":
             body, headers = v2_request(pngs, list(prompts), conditions, metadata)
             response = self._post(f"/v2/models/{self._model_name()}/infer", body, headers)
+            self._check_kind(response)
             parse = v2_scores
         else:
             b64 = lambda x: base64.b64encode(x).decode("ascii")  # noqa: E731
@@ -288,6 +297,23 @@ class RemoteReward(RewardModel):
                     f"set the remote reward's 'model' option to one of them")
             self.model = names[0]
         return self.model
+
+    def _check_kind(self, response: httpx.Response) -> None:
+        """A server whose model compares a request's samples as one group (pairwise / groupwise: the
+        response's ``parameters.kind``) needs ``kind: groupwise`` here, or each batch of ``batch_size``
+        samples from several prompt groups is compared as one group. A server that does not say is trusted."""
+        if self.kind != "pointwise":
+            return
+        try:
+            served = (v2_head(response).get("parameters") or {}).get("kind")
+        except (ValueError, AttributeError):
+            return
+        if served in ("pairwise", "groupwise"):
+            raise RemoteRewardError(
+                f"{self.name}: the server's model is {served} (it compares the samples of one request as a "
+                f"group), but this remote reward sends batches of batch_size samples across prompt groups "
+                f"(kind: pointwise), so its scores would compare other prompts' images. Fix: set the remote "
+                f"reward's kind: groupwise (one request per prompt group).")
 
     def _post(self, path: str, content: bytes, headers: dict[str, str]) -> httpx.Response:
         """POST with retries on connection errors, timeouts, 429 and 5xx; raise after the last try."""

@@ -307,10 +307,17 @@ def test_pointwise_mixed_image_sizes_are_scored_per_size():
 def test_non_finite_scores_and_model_errors_name_reward_and_sample():
     _, pngs = sample(3)
     with client(rewards=f"{M}.BadAt,{M}.Crashes,toy_geneval") as c:
-        for bad in ("nan", "inf"):
-            r = c.post(f"/v2/models/{M}.BadAt/infer", json=v2_body(pngs, ["ok", bad, "ok"]))
-            assert r.status_code == 500, r.text
-            assert f"reward '{M}.BadAt'" in r.json()["error"] and "sample 1" in r.json()["error"]
+        r = c.post(f"/v2/models/{M}.BadAt/infer", json=v2_body(pngs, ["ok", "inf", "ok"]))
+        assert r.status_code == 500, r.text
+        assert f"reward '{M}.BadAt'" in r.json()["error"] and "sample 1" in r.json()["error"]
+        # NaN is the reward contract's abstention: JSON null over v2 (FP32 NaN when binary); /compute
+        # (Flow-Factory's protocol, a list of floats) has no way to say it
+        r = c.post(f"/v2/models/{M}.BadAt/infer", json=v2_body(pngs, ["ok", "nan", "ok"]))
+        assert r.status_code == 200 and r.json()["outputs"][0]["data"][1] is None, r.text
+        assert r.json()["parameters"] == {"kind": "pointwise"}
+        r = c.post(f"/rewards/{M}.BadAt/compute",
+                   json={"prompt": ["ok", "nan", "ok"], "image": [base64.b64encode(p).decode() for p in pngs]})
+        assert r.status_code == 500 and "travels over the v2 protocol only" in r.json()["error"], r.text
         r = c.post(f"/v2/models/{M}.Crashes/infer", json=v2_body(pngs, ["a"] * 3))
         assert r.status_code == 500 and "device-side assert" in r.json()["error"]
         r = c.post("/v2/models/toy_geneval/infer", json=v2_body(pngs[:1], ["not a toy prompt"]))

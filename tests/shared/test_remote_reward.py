@@ -210,6 +210,32 @@ def test_remote_groupwise_sends_whole_groups(server):
 
 
 @pytest.mark.integration
+def test_a_pointwise_remote_of_a_pairwise_model_is_refused(server):
+    """Left at kind: pointwise, batches of batch_size spanning prompt groups were compared as one group on
+    the server (a dark group's images against a bright group's), and nothing said so."""
+    reward = build_reward("remote", url=server, model="pairwise_brightness", token="tok")
+    with pytest.raises(RemoteRewardError, match="model is pairwise.*Fix: set the remote reward's kind: groupwise"):
+        score_all(reward, images(4), ["p"] * 4, ids(0, 0, 1, 1), batch_size=4)
+
+
+@pytest.mark.integration
+def test_a_served_reward_that_abstains_abstains_remotely_too():
+    """NaN is the reward contract's abstention (an OCR prompt without text, a judge's unreadable answer):
+    served, it was a 500 for the whole batch, retried as if the server were down, then the run's error."""
+    from services.reward import RewardServerSettings
+    from tests.services.live_server import running_server
+
+    x, prompts = images(3, seed=3), ["ok", "nan", "ok"]
+    want = local("tests.services.reward_models.BadAt", x, prompts, ids(0, 1, 2))
+    assert bool(torch.isnan(want[1])) and not bool(torch.isnan(want[::2]).any())
+    with running_server(RewardServerSettings(rewards="tests.services.reward_models.BadAt")) as url:
+        reward = build_reward("remote", url=url, retries=0)
+        got = score_all(reward, x, prompts, ids(0, 1, 2), batch_size=3)
+        assert torch.allclose(got, want, atol=1e-6, equal_nan=True)
+        reward.close()
+
+
+@pytest.mark.integration
 def test_remote_against_live_server_errors(server, monkeypatch):
     monkeypatch.delenv("FLOWRL_API_TOKEN", raising=False)
     with pytest.raises(RemoteRewardError, match="HTTP 401"):
