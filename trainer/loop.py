@@ -675,7 +675,7 @@ def train(cfg: Config, *, quiet: bool = False, stop: StopRequest | None = None) 
                "world_size": accelerator.num_processes, "context_parallel": t.context_parallel,
                "run_dir": str(run_dir), "checkpoint": str(final_dir)}
     for spec in eval_specs:
-        summary[f"base/{spec.label}"] = evals[0][f"eval/reward/{spec.label}"]
+        summary[f"base/{spec.label}"] = evals[0].get(f"eval/reward/{spec.label}")  # (None: not measured then)
         summary[f"final/{spec.label}"] = evals[-1][f"eval/reward/{spec.label}"]
     for key in detail_keys(evals[-1]):  # e.g. eval/toy_geneval/accuracy/position
         summary[f"base/{key}"], summary[f"final/{key}"] = evals[0].get(f"eval/{key}"), evals[-1][f"eval/{key}"]

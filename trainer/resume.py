@@ -376,8 +376,11 @@ MAY_CHANGE = {"train": {"resume_from", "max_epochs", "max_train_seconds", "save_
               "data": {"dataset_dir"},
               # memory / speed options (same math; attn_backend may differ in the last bits)
               "model": {"attn_backend", "gradient_checkpointing", "activation_offload", "embedding_cache_mb", "embedding_cache_dir",
-                        "offload_text_encoders"}}
-CHECKED = ("model", "train", "rewards", "data")
+                        "offload_text_encoders"},
+              # how often and in what batches; not what is measured: the base evaluation, in the checkpoint,
+              # and the final one must be the same prompts, seeds and settings to compare
+              "eval": {"eval_freq", "per_device_batch_size", "num_videos", "video_fps"}}
+CHECKED = ("model", "train", "rewards", "data", "eval", "eval_rewards")
 
 
 def _default(section: str, key: str):
@@ -418,4 +421,7 @@ def check_same_experiment(checkpoint: Path, cfg) -> None:
             f"cannot resume from {checkpoint}: the config differs from the run that wrote it in "
             f"{len(diffs)} setting(s): " + "; ".join(diffs[:6]) + (" ..." if len(diffs) > 6 else "")
             + ". Only train.max_epochs, train.max_train_seconds, train.save_freq, train.keep_checkpoints, train.log_samples_freq, train.fsdp, data.dataset_dir, the "
-            "model's memory and speed options (and eval, logging, queue settings) may change. Fix: use the run's config, or start a new run.")
+            "model's memory and speed options, eval.eval_freq and eval.per_device_batch_size (and logging, queue settings) may change; "
+            "what the evaluation measures may not (its base score is in the checkpoint: another prompt set or seeds would "
+            "be reported as a gain; `flowrl eval` measures a checkpoint any way you like). Fix: use the run's config, or "
+            "start a new run.")

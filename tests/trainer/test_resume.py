@@ -131,6 +131,16 @@ def test_resume_refuses_another_experiment(tmp_path):
     with pytest.raises(ResumeError, match="raise train.max_epochs"):
         train(tiny_config(tmp_path, "grpo", FAST + ["train.max_epochs=1", f"train.resume_from={ckpt}"]),
               quiet=True)
+    # what the evaluation measures: the base score is in the checkpoint, so another prompt set, seeds or
+    # reward was reported as a gain (a new eval reward ended the run with a KeyError after its last epoch)
+    for change, named in (("eval.num_prompts=2", r"eval\.num_prompts: checkpoint None, now 2"),
+                          ("eval_rewards=[{reward_model: brightness}, {reward_model: toy_shape_quality}]",
+                           "eval_rewards: checkpoint None")):
+        with pytest.raises(ResumeError, match=named):
+            train(tiny_config(tmp_path, "grpo", FAST + [change, f"train.resume_from={ckpt}"]), quiet=True)
+    resumed = train(tiny_config(tmp_path, "grpo", FAST + ["eval.eval_freq=1", "eval.per_device_batch_size=3",
+                                                          f"train.resume_from={ckpt}"]), quiet=True)
+    assert resumed["epochs"] == 4  # how often and in what batches may change
 
 
 def test_resume_latest_needs_a_run_and_finds_its_newest_checkpoint(tmp_path):
