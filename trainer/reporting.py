@@ -310,8 +310,8 @@ def write_report(run_dir: Path, history: list[dict[str, float]], evals: list[dic
                 f"{summary.get('trainer_type')} on {summary.get('model_type')}")
     lines = [f"# flowrl run `{summary.get('run_name')}`", "",
              f"- algorithm: {summary.get('trainer_type')}, model: {summary.get('model_type')}",
-             f"- epochs: {summary.get('epochs')}, training time: {summary.get('train_seconds', 0):.1f} s, "
-             f"wall time: {summary.get('seconds', 0):.1f} s", ""]
+             f"- epochs: {summary.get('epochs')}, training time: {summary.get('train_seconds', 0):.1f} s (all starts), "
+             f"wall time of this start: {summary.get('seconds', 0):.1f} s", ""]
     for name in reward_names:
         base, final = summary.get(f"base/{name}"), summary.get(f"final/{name}")
         if base is not None and final is not None:
