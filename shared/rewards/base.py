@@ -58,7 +58,7 @@ import torch
 from shared.registry import Registry, RegistryError, nearest
 
 KINDS = ("pointwise", "pairwise", "groupwise")
-VIDEO_MODES = ("frames", "native")
+VIDEO_MODES = ("frames", "native", "first_frame")
 
 REWARDS: Registry = Registry("reward")
 
@@ -87,7 +87,8 @@ class RewardModel:
 
     kind: ClassVar[str] = "pointwise"
     required_fields: ClassVar[tuple[str, ...]] = ("image", "prompt")
-    #: how videos ``[B, F, 3, H, W]`` are scored: "frames" (per frame, averaged) or "native"
+    #: how videos ``[B, F, 3, H, W]`` are scored: "frames" (per frame, averaged), "native" (whole
+    #: videos; served, such a reward takes videos only) or "first_frame" (the first frame, as an image)
     video: ClassVar[str] = "frames"
     #: True: score / score_group / compare also get ``condition_images=`` (see the module docstring)
     condition_images: ClassVar[bool] = False
@@ -333,6 +334,8 @@ def score_all(
     if images.ndim == 5 and model.video == "frames":
         return _frame_mean([score_all(model, images[:, f], prompts, group_ids, batch_size, condition_images,
                                       metadata) for f in range(images.shape[1])])
+    if images.ndim == 5 and model.video == "first_frame":
+        images = images[:, 0]
     n = images.shape[0]
     if len(prompts) != n:
         raise ValueError(f"got {len(prompts)} prompts for {n} images")
@@ -409,6 +412,8 @@ def details_all(model: RewardModel, images: torch.Tensor, prompts: list[str],
     if metadata is not None and len(metadata) != len(prompts):
         raise ValueError(f"got metadata for {len(metadata)} samples and {len(prompts)} prompts; one dict per sample")
     extra = {"metadata": list(metadata) if metadata is not None else [{}] * len(prompts)} if model.metadata else {}
+    if images.ndim == 5 and model.video == "first_frame":
+        images = images[:, 0]
     if images.ndim != 5 or model.video == "native":
         return model.details(images, prompts, **extra)
     frames = [model.details(images[:, f], prompts, **extra) for f in range(images.shape[1])]

@@ -271,7 +271,7 @@ class RationalRewardsT2I(ChatJudge):
     """The judge's rubric scores of a generated image against its prompt, mapped onto [0, 1]."""
 
     required_fields = ("image", "prompt")
-    video = "native"  # judged on the first frame
+    video = "first_frame"  # judged on the first frame, and served for images ("native" took videos only)
     label = "rational_rewards_t2i"
     ASPECTS: ClassVar[tuple[str, ...]] = T2I_ASPECTS
     RUBRIC: ClassVar[str] = T2I_RUBRIC

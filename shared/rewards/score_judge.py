@@ -81,7 +81,7 @@ class VLMScore(ChatJudge):
 
     required_fields = ("image", "prompt")
     label = "vlm_score"
-    video = "native"  # judged on the first frame (the default, "frames", asked once per frame and averaged)
+    video = "first_frame"  # a video is judged on its first frame ("frames" asked once per frame and averaged)
 
     def __init__(self, *, url: str, model: str, question: str = UNIFIED_QUESTION, question_file: str | None = None,
                  score_pattern: str = SCORE_PATTERN, min_score: float = 1.0, max_score: float = 5.0,

@@ -115,3 +115,31 @@ def test_the_question_can_come_from_a_file(judge, tmp_path):
 def test_bad_options_say_what_to_do(options, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         build_reward("unifiedreward", **{"url": "http://127.0.0.1:9/v1", **options})
+
+
+def test_a_served_judge_takes_images(judge):
+    """Judging a video on its first frame ("first_frame") leaves the judge an image reward when served:
+    marked "native" (whole videos), the reward server took only videos and refused every image (422)."""
+    import base64
+
+    from fastapi.testclient import TestClient
+
+    from services.reward import RewardServerSettings
+    from services.reward.server import create_app
+    from shared.rewards.remote import encode_png
+
+    url, _ = judge
+    x = flat(2, seed=4)
+    local = build_reward("unifiedreward", url=url, image_size=None).score(x, ["a", "b"])
+    served = RewardServerSettings(rewards=f'[{{"name": "judge", "reward_model": "unifiedreward", "url": "{url}", '
+                                          f'"image_size": null}}]')
+    with TestClient(create_app(served)) as c:
+        inputs = c.get("/v2/models/judge").json()["inputs"]
+        assert [i["name"] for i in inputs] == ["image", "prompt"]
+        pngs = encode_png(x)
+        body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2],
+                            "data": [base64.b64encode(p).decode() for p in pngs]},
+                           {"name": "prompt", "datatype": "BYTES", "shape": [2], "data": ["a", "b"]}]}
+        r = c.post("/v2/models/judge/infer", json=body)
+        assert r.status_code == 200, r.text
+        torch.testing.assert_close(torch.tensor(r.json()["outputs"][0]["data"]), local, rtol=0, atol=1e-4)
