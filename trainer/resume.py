@@ -396,6 +396,16 @@ def _default(section: str, key: str):
     return json.loads(json.dumps(value, default=str))
 
 
+def _reward_default(key: str):
+    """A ``rewards`` entry's default for ``key`` as trainer_state.json would store it (None if none)."""
+    from shared.config import RewardSpec
+
+    spec = RewardSpec.model_fields.get(key)
+    if spec is None or spec.is_required():
+        return None
+    return json.loads(json.dumps(spec.get_default(call_default_factory=True), default=str))
+
+
 def check_same_experiment(checkpoint: Path, cfg) -> None:
     """Raise :class:`ResumeError` naming the keys where ``cfg`` differs from the checkpoint's run."""
     saved = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["config"]
@@ -414,6 +424,11 @@ def check_same_experiment(checkpoint: Path, cfg) -> None:
                 before = a[key] if key in a else _default(section, key)
                 if key not in MAY_CHANGE.get(section, set()) and before != b.get(key):
                     diffs.append(f"{section}.{key}: checkpoint {a.get(key)!r}, now {b.get(key)!r}")
+        elif section == "eval_rewards" and isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            for i, (x, y) in enumerate(zip(a, b)):  # entry by entry: how it is batched or placed may change
+                for key in sorted((set(x) | set(y)) - {"batch_size", "device", "weight"}):
+                    if x.get(key, _reward_default(key)) != y.get(key, _reward_default(key)):
+                        diffs.append(f"eval_rewards[{i}].{key}: checkpoint {x.get(key)!r}, now {y.get(key)!r}")
         elif a != b:
             diffs.append(f"{section}: checkpoint {a!r}, now {b!r}")
     if diffs:

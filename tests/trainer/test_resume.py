@@ -138,9 +138,19 @@ def test_resume_refuses_another_experiment(tmp_path):
                            "eval_rewards: checkpoint None")):
         with pytest.raises(ResumeError, match=named):
             train(tiny_config(tmp_path, "grpo", FAST + [change, f"train.resume_from={ckpt}"]), quiet=True)
+    from trainer.resume import check_same_experiment
+
     resumed = train(tiny_config(tmp_path, "grpo", FAST + ["eval.eval_freq=1", "eval.per_device_batch_size=3",
                                                           f"train.resume_from={ckpt}"]), quiet=True)
     assert resumed["epochs"] == 4  # how often and in what batches may change
+    two = "eval_rewards=[{reward_model: brightness, batch_size: %d}]"
+    first = train(tiny_config(tmp_path / "e", "grpo", FAST + ["train.max_epochs=1", "train.save_freq=1",
+                                                              two % 16]), quiet=True)
+    first_ckpt = Path(first["checkpoint"])  # (final/: its trainer_state.json holds the config)
+    check_same_experiment(first_ckpt, tiny_config(tmp_path / "e", "grpo", FAST + [two % 4]))  # a smaller batch: fine
+    with pytest.raises(ResumeError, match=r"eval_rewards\[0\]\.target: checkpoint None, now 0\.5"):
+        check_same_experiment(first_ckpt, tiny_config(tmp_path / "e", "grpo", FAST + [
+            "eval_rewards=[{reward_model: brightness, target: 0.5}]"]))
 
 
 def test_resume_latest_needs_a_run_and_finds_its_newest_checkpoint(tmp_path):
