@@ -19,7 +19,8 @@ Config::
         metadata: false         # true: also send each sample's dataset row metadata, for a
                                 # served reward that reads it (e.g. geneval)
         video: frames           # videos: frames = score each frame remotely and average here;
-                                # native = send whole videos (a served reward that scores videos)
+                                # native = send whole videos (a served reward that scores videos);
+                                # first_frame = send each video's first frame (a served judge)
 
 With ``condition_images: true``, v2 requests carry the input ``condition_images`` (BYTES
 ``[B, M]``, PNG; every sample of a request needs the same number ``M``) and Flow-Factory
@@ -189,8 +190,8 @@ class RemoteReward(RewardModel):
                  condition_images: bool = False, video: str = "frames", metadata: bool = False,
                  **options) -> None:
         super().__init__(**options)
-        if video not in ("frames", "native"):
-            raise ValueError(f"remote reward: video must be 'frames' or 'native', got {video!r}")
+        if video not in ("frames", "native", "first_frame"):
+            raise ValueError(f"remote reward: video must be 'frames', 'native' or 'first_frame', got {video!r}")
         self.condition_images = bool(condition_images)  # instance attributes over the class defaults
         self.metadata = bool(metadata)
         self.video = video

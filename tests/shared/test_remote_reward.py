@@ -252,3 +252,18 @@ def test_remote_finds_the_only_model(single_model_server):
     x = images(2)
     assert torch.equal(reward.score(x, PROMPTS[:2]), local("toy_geneval", x, PROMPTS[:2], ids(0, 1)))
     assert reward.model == "toy_geneval"
+
+
+def test_first_frame_sends_each_videos_first_frame_once():
+    """video: first_frame, for a served judge: one image per video (frames sent every frame and averaged)."""
+    reward = build_reward("remote", url="http://h", model="m", video="first_frame")
+    seen = mocked(reward, lambda request, n: ok_scores(3))
+    videos = torch.stack([images(3, seed=s) for s in range(4)], dim=1)  # [3, 4 frames, 3, H, W]
+    assert score_all(reward, videos, PROMPTS[:3], ids(0, 1, 2), batch_size=8).tolist() == [0.25] * 3
+    assert len(seen) == 1
+    frames = build_reward("remote", url="http://h", model="m")
+    every = mocked(frames, lambda request, n: ok_scores(3))
+    score_all(frames, videos, PROMPTS[:3], ids(0, 1, 2), batch_size=8)
+    assert len(every) == 4  # one request per frame
+    with pytest.raises(ValueError, match="'frames', 'native' or 'first_frame'"):
+        build_reward("remote", url="http://h", video="last_frame")
