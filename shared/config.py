@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -27,7 +26,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator,
                       model_validator)
 
-from shared.queue import QueueSettings
+from shared.queue import QueueSettings, environment_problem
 from shared.registry import import_dotted
 
 DYNAMICS = ("Flow-SDE", "Dance-SDE", "CPS", "ODE")
@@ -1160,11 +1159,10 @@ def _format_validation_error(err: ValidationError, raw: dict) -> str:
         else:
             got, msg = e.get("input"), e["msg"]
             msg = msg[:1].lower() + msg[1:]  # (only the first letter: the allowed values keep their case)
-            var = f"FLOWRL_QUEUE_{loc[-1].upper()}"
-            if (len(loc) == 2 and loc[0] == "queue" and loc[1] not in (raw.get("queue") or {})
-                    and var in os.environ):  # the environment filled it in, not the YAML
-                lines.append(f"environment variable {var}={os.environ[var]!r} (config key `{key}`): {msg}. "
-                             f"Fix: correct or unset it, or set `{key}` in the YAML (it wins).")
+            from_env = environment_problem(loc[1], e["msg"], raw.get("queue") or {}) \
+                if len(loc) == 2 and loc[0] == "queue" else None
+            if from_env:  # the environment filled it in, not the YAML
+                lines.append(from_env)
                 continue
             lines.append(
                 f"config key `{key}`: got {got!r} ({type(got).__name__}); {msg}. "
@@ -1281,26 +1279,23 @@ def _check_unread(cfg: Config) -> None:
     """Keys the user set that the chosen algorithm never reads: an error naming the key that does
     the job, instead of a run that silently trains otherwise."""
     t = cfg.train
-    kind = trainer_kind(t.trainer_type)
-    given = t.model_fields_set
-    if kind in SDE_TRAINERS:
-        # (num_train_timesteps is let pass: no peer's GRPO has it, and a protocol shared by every algorithm,
-        # bench/toy_cfgfree.set, sets it for the ones that read it)
-        # (the values a loaded config is filled with pass: a config written back out, as checkpoints and
-        # tools do, must load again)
-        filled = {"timestep_fraction": 0.99, "time_sampling_strategy": "discrete", "time_shift": 1.0}
-        keys = [k for k, v in filled.items() if k in given and getattr(t, k) not in (None, v)]
-        if keys:
-            n = t.num_inference_steps
-            hint = (f" (flow_grpo's timestep_fraction {t.timestep_fraction} of {n} steps is "
-                    f"train.num_train_steps: {max(1, int(n * t.timestep_fraction))})"
-                    if t.timestep_fraction is not None else "")
-            raise ConfigError(
-                f"train.{', train.'.join(keys)}: these choose the training timesteps of the trainers that "
-                f"re-noise clean images (nft, awm, dpo, dgpo, crd); trainer_type '{t.trainer_type}' trains the "
-                f"rollout's own SDE steps and would ignore them. Fix: choose those steps with "
-                f"train.num_train_steps or train.train_steps{hint}, and drop {', '.join(keys)}.")
-    if t.ema_kl_beta and kind != "awm" and "." not in kind:
+    unread, given = unread_train_keys(t.trainer_type), t.model_fields_set
+    # (num_train_timesteps is let pass: no peer's GRPO has it, and a protocol shared by every algorithm,
+    # bench/toy_cfgfree.set, sets it for the ones that read it; the values a loaded config is filled with
+    # pass: a config written back out, as checkpoints and tools do, must load again)
+    filled = {"timestep_fraction": 0.99, "time_sampling_strategy": "discrete", "time_shift": 1.0}
+    keys = [k for k, v in filled.items() if k in unread and k in given and getattr(t, k) not in (None, v)]
+    if keys:
+        n = t.num_inference_steps
+        hint = (f" (flow_grpo's timestep_fraction {t.timestep_fraction} of {n} steps is "
+                f"train.num_train_steps: {max(1, int(n * t.timestep_fraction))})"
+                if t.timestep_fraction is not None else "")
+        raise ConfigError(
+            f"train.{', train.'.join(keys)}: these choose the training timesteps of the trainers that "
+            f"re-noise clean images (nft, awm, dpo, dgpo, crd); trainer_type '{t.trainer_type}' trains the "
+            f"rollout's own SDE steps and would ignore them. Fix: choose those steps with "
+            f"train.num_train_steps or train.train_steps{hint}, and drop {', '.join(keys)}.")
+    if t.ema_kl_beta and "ema_kl_beta" in unread:
         raise ConfigError(
             f"train.ema_kl_beta: {t.ema_kl_beta} pulls the policy toward its EMA in AWM's loss only; "
             f"trainer_type '{t.trainer_type}' would ignore it. Fix: drop ema_kl_beta, or use trainer_type awm "

@@ -112,26 +112,31 @@ class QueueEnvironmentError(ValueError):
     """A ``FLOWRL_QUEUE_*`` environment variable holds a value :class:`QueueSettings` refuses."""
 
 
+def environment_problem(field: str, msg: str, given=()) -> str | None:
+    """The line naming ``FLOWRL_QUEUE_<FIELD>`` when that variable, not ``given`` (the YAML's
+    ``queue:`` keys), supplied the value pydantic refused with ``msg``; None otherwise."""
+    import os
+
+    var = f"FLOWRL_QUEUE_{field.upper()}"
+    if not field or field in given or var not in os.environ:
+        return None
+    msg = msg[:1].lower() + msg[1:]  # (only the first letter: allowed values keep their case)
+    fix = "Or" if "Fix:" in msg else "Fix:"
+    return (f"environment variable {var}={os.environ[var]!r}: {msg}. {fix} correct or unset it "
+            f"(queue.{field} in the experiment's YAML wins over it).")
+
+
 def from_environment(**given: Any) -> QueueSettings:
     """:class:`QueueSettings` from ``given`` and the environment; a bad value that came from a
     ``FLOWRL_QUEUE_*`` variable is a :class:`QueueEnvironmentError` naming the variable (pydantic named
     only the field, so the message blamed the experiment's YAML, or a worker printed a traceback)."""
-    import os
-
     from pydantic import ValidationError
 
     try:
         return QueueSettings(**given)
     except ValidationError as err:
-        lines = []
-        for e in err.errors():
-            field = str(e["loc"][0]) if e["loc"] else ""
-            var = f"FLOWRL_QUEUE_{field.upper()}"
-            if field and field not in given and var in os.environ:
-                msg = e["msg"][:1].lower() + e["msg"][1:]
-                fix = "Or" if "Fix:" in msg else "Fix:"
-                lines.append(f"environment variable {var}={os.environ[var]!r}: {msg}. {fix} correct or unset it "
-                             f"(queue.{field} in the experiment's YAML wins over it).")
+        lines = [line for e in err.errors()
+                 if (line := environment_problem(str(e["loc"][0]) if e["loc"] else "", e["msg"], given))]
         if not lines:
             raise
         raise QueueEnvironmentError("\n".join(lines)) from None
