@@ -477,9 +477,8 @@ def train(cfg: Config, *, quiet: bool = False, stop: StopRequest | None = None) 
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
-        if ckpt is not None:  # going back to an earlier checkpoint: the later ones step aside
-            supersede_later(run_dir, ckpt)
-        if ckpt is not None:  # forget what a crashed run logged after its checkpoint
+        if ckpt is not None:  # going back to an earlier checkpoint: the later ones step aside, and what a
+            supersede_later(run_dir, ckpt)  # crashed run logged after its checkpoint is forgotten
             truncate_jsonl(run_dir / "metrics.jsonl", lambda r: r.get("step", 0) <= progress.epoch)
         elif t.resume_from == "auto":  # restarted before its first checkpoint: it starts over
             truncate_jsonl(run_dir / "metrics.jsonl", lambda r: False)

@@ -124,14 +124,16 @@ def supersede_later(run_dir: Path, checkpoint: Path) -> Path | None:
     Left in place, ``--resume latest`` after a crash continued the abandoned ``checkpoint-M``,
     ``--resume auto`` read the old summary and did nothing, and ``train.keep_checkpoints`` deleted the
     new run's checkpoints as older than the abandoned ones."""
+    from trainer.checkpoint import checkpoint_epoch
+
     run_dir, checkpoint = Path(run_dir).resolve(), Path(checkpoint).resolve()
     folder = run_dir / "checkpoints"
     if checkpoint.parent != folder or not checkpoint.name.rsplit("-", 1)[-1].isdigit():
         return None  # another run's checkpoint, or final/
     n = int(checkpoint.name.rsplit("-", 1)[1])
     later = [p for p in numbered_checkpoints(folder) if int(p.name.rsplit("-", 1)[1]) > n]
-    final = folder / "final" / "trainer_state.json"  # (a finished run's last epoch has final/ only)
-    if not later and not (final.is_file() and int(json.loads(final.read_text()).get("epoch", 0)) > n):
+    final = folder / "final"  # (a finished run's last epoch has final/ only)
+    if not later and not ((final / "trainer_state.json").is_file() and checkpoint_epoch(final) > n):
         return None
     k = 1
     while (dest := folder / f"superseded-{k}").exists():
@@ -383,27 +385,21 @@ MAY_CHANGE = {"train": {"resume_from", "max_epochs", "max_train_seconds", "save_
 CHECKED = ("model", "train", "rewards", "data", "eval", "eval_rewards")
 
 
-def _default(section: str, key: str):
-    """The default of config key ``section.key`` as trainer_state.json would store it (None if unknown)."""
-    from shared.config import Config
-
-    field = Config.model_fields.get(section)
-    sub = getattr(field, "annotation", None)
-    spec = getattr(sub, "model_fields", {}).get(key)
+def _field_default(model, key: str):
+    """The default of ``model``'s field ``key`` as trainer_state.json would store it (None if unknown)."""
+    spec = getattr(model, "model_fields", {}).get(key)
     if spec is None or spec.is_required():
         return None
     value = spec.get_default(call_default_factory=True)
     return json.loads(json.dumps(value, default=str))
 
 
-def _reward_default(key: str):
-    """A ``rewards`` entry's default for ``key`` as trainer_state.json would store it (None if none)."""
-    from shared.config import RewardSpec
+def _default(section: str, key: str):
+    """The default of config key ``section.key`` (a ``rewards`` entry's for ``eval_rewards``)."""
+    from shared.config import Config, RewardSpec
 
-    spec = RewardSpec.model_fields.get(key)
-    if spec is None or spec.is_required():
-        return None
-    return json.loads(json.dumps(spec.get_default(call_default_factory=True), default=str))
+    model = RewardSpec if section == "eval_rewards" else getattr(Config.model_fields.get(section), "annotation", None)
+    return _field_default(model, key)
 
 
 def check_same_experiment(checkpoint: Path, cfg) -> None:
@@ -427,7 +423,7 @@ def check_same_experiment(checkpoint: Path, cfg) -> None:
         elif section == "eval_rewards" and isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
             for i, (x, y) in enumerate(zip(a, b)):  # entry by entry: how it is batched or placed may change
                 for key in sorted((set(x) | set(y)) - {"batch_size", "device", "weight"}):
-                    if x.get(key, _reward_default(key)) != y.get(key, _reward_default(key)):
+                    if x.get(key, _default(section, key)) != y.get(key, _default(section, key)):
                         diffs.append(f"eval_rewards[{i}].{key}: checkpoint {x.get(key)!r}, now {y.get(key)!r}")
         elif a != b:
             diffs.append(f"{section}: checkpoint {a!r}, now {b!r}")
