@@ -145,11 +145,12 @@ def v2_head(response: httpx.Response) -> dict:
     return json.loads(response.content[: int(head_len)] if head_len else response.content)
 
 
-def v2_scores(response: httpx.Response) -> list[float]:
-    """The ``score`` output of a v2 infer response (JSON data or binary FP32)."""
+def v2_scores(response: httpx.Response, head: dict | None = None) -> list[float]:
+    """The ``score`` output of a v2 infer response (JSON data or binary FP32); ``head``: its
+    :func:`v2_head`, when already read."""
     body = response.content
     head_len = response.headers.get(HEADER_LENGTH)
-    head = v2_head(response)
+    head = v2_head(response) if head is None else head
     tail, offset = body[int(head_len):] if head_len else b"", 0
     for output in head.get("outputs", []):
         size = (output.get("parameters") or {}).get("binary_data_size")
@@ -259,8 +260,7 @@ class RemoteReward(RewardModel):
         if self.protocol == "v2":
             body, headers = v2_request(pngs, list(prompts), conditions, metadata)
             response = self._post(f"/v2/models/{self._model_name()}/infer", body, headers)
-            self._check_kind(response)
-            parse = v2_scores
+            parse = self._v2_scores
         else:
             b64 = lambda x: base64.b64encode(x).decode("ascii")  # noqa: E731
             videos = images.ndim == 5
@@ -299,22 +299,22 @@ class RemoteReward(RewardModel):
             self.model = names[0]
         return self.model
 
-    def _check_kind(self, response: httpx.Response) -> None:
-        """A server whose model compares a request's samples as one group (pairwise / groupwise: the
+    def _v2_scores(self, response: httpx.Response) -> list[float]:
+        """The scores of a v2 answer, after checking the kind of model that gave them.
+
+        A server whose model compares a request's samples as one group (pairwise / groupwise: the
         response's ``parameters.kind``) needs ``kind: groupwise`` here, or each batch of ``batch_size``
         samples from several prompt groups is compared as one group. A server that does not say is trusted."""
-        if self.kind != "pointwise":
-            return
-        try:
-            served = (v2_head(response).get("parameters") or {}).get("kind")
-        except (ValueError, AttributeError):
-            return
-        if served in ("pairwise", "groupwise"):
+        head = v2_head(response)
+        params = head.get("parameters") if isinstance(head, dict) else None
+        served = params.get("kind") if isinstance(params, dict) else None
+        if self.kind == "pointwise" and served in ("pairwise", "groupwise"):
             raise RemoteRewardError(
                 f"{self.name}: the server's model is {served} (it compares the samples of one request as a "
                 f"group), but this remote reward sends batches of batch_size samples across prompt groups "
                 f"(kind: pointwise), so its scores would compare other prompts' images. Fix: set the remote "
                 f"reward's kind: groupwise (one request per prompt group).")
+        return v2_scores(response, head)
 
     def _post(self, path: str, content: bytes, headers: dict[str, str]) -> httpx.Response:
         """POST with retries on connection errors, timeouts, 429 and 5xx; raise after the last try."""
