@@ -218,9 +218,10 @@ def check_backend_name(backend: str, *, masked: str | None = None) -> str:
             + " Fix: use 'native' (PyTorch scaled_dot_product_attention, needs nothing), 'flash' (flash-attn), "
               "'flash_hub' / '_flash_3_hub' (kernels from the Hub), 'xformers', 'sage', ... (all: "
             + ", ".join(names) + "), or remove the key.")
-    if masked and name in backends_without_mask():
+    without = backends_without_mask() if masked else []  # (reads every backend's source: once)
+    if name in without:
         takes = [b for b in ("native", "_native_efficient", "flex", "flash_varlen", "_flash_varlen_3")
-                 if b in names and b not in backends_without_mask()]
+                 if b in names and b not in without]
         raise ValueError(
             f"model.attn_backend: {name!r} cannot take an attention mask, and {masked} attends with one (prompts "
             f"of different token lengths are padded and masked), so the first such batch would fail mid-run. "
